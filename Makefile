@@ -1,0 +1,121 @@
+# ep: build libep.so (C11 host code + CUDA kernels for sm_90, NVSHMEM device-linked inside), the tests, the
+# launcher and the benchmark. `make` works without a GPU; `make test` runs what this machine can run.
+#
+# Finds: CUDA through CUDA_HOME (else nvcc on PATH); NVSHMEM 3.4 through NVSHMEM_HOME (else the Python package
+# nvidia.nvshmem); NCCL, for the benchmark's baseline only, through NCCL_HOME (else nvidia.nccl, else CUDA_HOME).
+
+CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(shell command -v nvcc 2>/dev/null))
+ifeq ($(CUDA_HOME),)
+$(error CUDA not found: put nvcc on PATH or set CUDA_HOME)
+endif
+PYTHON ?= python3
+NVSHMEM_HOME ?= $(shell $(PYTHON) -c "import nvidia.nvshmem as m; print(list(m.__path__)[0])" 2>/dev/null)
+ifeq ($(wildcard $(NVSHMEM_HOME)/include/nvshmem.h),)
+$(error NVSHMEM not found: set NVSHMEM_HOME, or pip install nvidia-nvshmem-cu13==3.4.5)
+endif
+NCCL_HOME ?= $(shell $(PYTHON) -c "import nvidia.nccl as m; print(list(m.__path__)[0])" 2>/dev/null)
+ifeq ($(wildcard $(NCCL_HOME)/include/nccl.h),)
+NCCL_HOME := $(CUDA_HOME)
+endif
+NCCL_LIB := $(firstword $(wildcard $(NCCL_HOME)/lib/libnccl.so.2 $(NCCL_HOME)/lib64/libnccl.so.2 $(NCCL_HOME)/lib/x86_64-linux-gnu/libnccl.so.2 /usr/lib/x86_64-linux-gnu/libnccl.so.2))
+
+CUDA_ARCH ?= sm_90
+BUILD ?= build
+NVCC := $(CUDA_HOME)/bin/nvcc
+CC ?= gcc
+CUDA_LIB := $(CUDA_HOME)/lib64
+NVSHMEM_LIB := $(NVSHMEM_HOME)/lib
+
+INCLUDES := -Iinclude -Isrc -I$(CUDA_HOME)/include
+CFLAGS_LIB := -std=c11 -O2 -g -fPIC -fvisibility=hidden -Wall -Wextra -Werror -D_POSIX_C_SOURCE=200809L $(INCLUDES)
+NVCCFLAGS := -O3 -g -std=c++17 -arch=$(CUDA_ARCH) -rdc=true -Xcompiler -fPIC,-Wall,-fvisibility=hidden -Iinclude -Isrc \
+             -I$(NVSHMEM_HOME)/include --expt-relaxed-constexpr
+SANITIZE ?= -fsanitize=address,undefined -fno-omit-frame-pointer
+CFLAGS_TEST := -std=c11 -O1 -g -Wall -Wextra -Werror -D_POSIX_C_SOURCE=200809L $(INCLUDES) -Itests
+
+HEADERS := $(wildcard include/*.h src/*/*.h src/*/*.cuh tests/common/*.h tests/ref/*.h tests/gpu/*.h)
+CORE_SRC := $(wildcard src/core/*.c)
+CUDA_SRC := $(wildcard src/transport/*.cu src/kernels/*.cu)
+CORE_OBJ := $(CORE_SRC:%.c=$(BUILD)/obj/%.o)
+CUDA_OBJ := $(CUDA_SRC:%.cu=$(BUILD)/obj/%.o)
+LIB := $(BUILD)/lib/libep.so
+
+REF_SRC := $(wildcard tests/ref/*.c)
+HOST_TESTS := $(patsubst tests/host/%.c,$(BUILD)/tests/host/%,$(wildcard tests/host/test_*.c))
+GPU_TESTS := $(patsubst tests/gpu/%.c,$(BUILD)/tests/gpu/%,$(wildcard tests/gpu/test_*.c))
+LAUNCH := $(BUILD)/bin/ep_launch
+BENCH := $(BUILD)/bin/ep_bench
+
+.PHONY: all lib tests bench test test-host test-gpu clean
+all: lib tests $(LAUNCH) $(if $(NCCL_LIB),bench)
+lib: $(LIB)
+tests: $(HOST_TESTS) $(GPU_TESTS) $(LAUNCH)
+bench: $(BENCH) $(LAUNCH)
+
+$(BUILD)/obj/%.o: %.c $(HEADERS)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_LIB) -c $< -o $@
+
+$(BUILD)/obj/%.o: %.cu $(HEADERS)
+	@mkdir -p $(dir $@)
+	$(NVCC) $(NVCCFLAGS) -c $< -o $@
+
+# NVSHMEM's device code joins ours in one device link, so users of libep.so never need -rdc.
+$(BUILD)/obj/device_link.o: $(CUDA_OBJ)
+	$(NVCC) -arch=$(CUDA_ARCH) -dlink -Xcompiler -fPIC $(CUDA_OBJ) $(NVSHMEM_LIB)/libnvshmem_device.a -o $@
+
+# The wheel ships only libnvshmem_host.so.3: link by that exact name and find it at run time through the rpath.
+$(LIB): $(CORE_OBJ) $(CUDA_OBJ) $(BUILD)/obj/device_link.o src/libep.map
+	@mkdir -p $(dir $@)
+	$(CC) -shared -o $@ $(CORE_OBJ) $(CUDA_OBJ) $(BUILD)/obj/device_link.o $(NVSHMEM_LIB)/libnvshmem_device.a \
+	  $(NVSHMEM_LIB)/libnvshmem_host.so.3 -L$(CUDA_LIB) -lcudart -lstdc++ -lpthread -ldl -lrt \
+	  -Wl,--version-script=src/libep.map -Wl,-rpath,$(NVSHMEM_LIB) -Wl,-rpath,$(CUDA_LIB) -Wl,--no-undefined
+
+$(BUILD)/obj/ref/%.o: tests/ref/%.c $(HEADERS)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_TEST) $(SANITIZE) -c $< -o $@
+
+REF_OBJ := $(REF_SRC:tests/ref/%.c=$(BUILD)/obj/ref/%.o)
+REF_OBJ_PLAIN := $(REF_SRC:tests/ref/%.c=$(BUILD)/obj/ref_plain/%.o)
+
+$(BUILD)/obj/ref_plain/%.o: tests/ref/%.c $(HEADERS)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_TEST) -O2 -c $< -o $@
+
+# CPU tests: under ASan and UBSan. They link the library's objects rather than libep.so, so that white-box tests
+# can reach internal functions (a host-only group object for argument validation).
+LIB_LINK := $(CORE_OBJ) $(CUDA_OBJ) $(BUILD)/obj/device_link.o $(NVSHMEM_LIB)/libnvshmem_device.a \
+  $(NVSHMEM_LIB)/libnvshmem_host.so.3 -L$(CUDA_LIB) -lcudart -lstdc++ -lpthread -ldl -lrt -lm \
+  -Wl,-rpath,$(NVSHMEM_LIB) -Wl,-rpath,$(CUDA_LIB)
+$(BUILD)/tests/host/%: tests/host/%.c $(REF_OBJ) $(LIB) $(HEADERS)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_TEST) $(SANITIZE) $< $(REF_OBJ) -o $@ $(LIB_LINK)
+
+# GPU tests: one program, run once per rank by ep_launch.
+$(BUILD)/tests/gpu/%: tests/gpu/%.c tests/gpu/harness.c $(REF_OBJ_PLAIN) $(LIB) $(HEADERS)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_TEST) -O2 $< tests/gpu/harness.c $(REF_OBJ_PLAIN) -o $@ -L$(BUILD)/lib -lep -L$(CUDA_LIB) \
+	  -lcudart -lm -Wl,-rpath,$(abspath $(BUILD)/lib) -Wl,-rpath,$(CUDA_LIB)
+
+$(LAUNCH): tools/ep_launch.c
+	@mkdir -p $(dir $@)
+	$(CC) -std=c11 -O2 -Wall -Wextra -Werror -D_GNU_SOURCE $< -o $@
+
+$(BENCH): $(wildcard bench/*.cu bench/*.h) tests/gpu/harness.c $(LIB) $(HEADERS)
+	@mkdir -p $(dir $@)
+	$(NVCC) -O3 -std=c++17 -arch=$(CUDA_ARCH) -Iinclude -Itests -I$(NCCL_HOME)/include $(filter %.cu,$^) \
+	  -x c tests/gpu/harness.c -o $@ -L$(BUILD)/lib -lep $(NCCL_LIB) \
+	  -Xlinker -rpath,$(abspath $(BUILD)/lib) -Xlinker -rpath,$(dir $(NCCL_LIB))
+
+# `make test`: CPU tests always, GPU tests on 2 and 4 GPUs where there are GPUs; one summary line at the end.
+test: all
+	@bash tests/run_tests.sh $(BUILD)
+
+test-host: tests
+	@bash tests/run_tests.sh $(BUILD) host
+
+test-gpu: tests
+	@bash tests/run_tests.sh $(BUILD) gpu
+
+clean:
+	rm -rf $(BUILD)

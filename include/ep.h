@@ -1,0 +1,207 @@
+/*
+ * ep.h: the public C API of `ep`, an expert-parallel communication library for Mixture-of-Experts models.
+ *
+ * `ep` moves tokens to the GPUs that hold their top-k experts (dispatch) and brings the expert outputs back,
+ * summed (combine). It runs on NVSHMEM (symmetric memory, NVLink loads/stores, GPU-initiated puts).
+ *
+ * Conventions that hold for every call in this header:
+ *  - Every function returns an `ep_status_t`. `ep_status_string()` names the code; `ep_last_error()` gives a
+ *    message that names the argument and value (or the peer) that made the call fail.
+ *  - The library never exits, aborts or prints on success or on failure.
+ *  - Tensors are device pointers plus sizes; rows are contiguous (row-major, no strides).
+ *  - A call that takes a `cudaStream_t` takes it last; its device work is ordered on that stream, and it never
+ *    synchronises the device behind the caller's back (a call that waits on the host says so).
+ *  - Argument structs open with `size` and `magic`; initialise them with their `_INIT` macro so that a struct
+ *    from another version of this header, or an uninitialised one, is rejected instead of misread.
+ *  - Doc blocks end with: Collective (every rank of the group must make the call), Allocates (device or host
+ *    memory), Graph-capturable (may be recorded into a CUDA graph).
+ *
+ * Device-side faults are not lost: a kernel that sees bad data (an expert index out of range) or whose wait on
+ * a peer runs out of its time budget records it in the group's error word, stops, and the next call on the
+ * group returns that status (`EP_STATUS_DEVICE_ERROR` or `EP_STATUS_TIMEOUT`) with a message naming the token
+ * or the peer. `ep_get_async_error()` reads the word without making a call.
+ */
+#ifndef EP_H
+#define EP_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <cuda_runtime_api.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Marks the functions libep.so exports; everything else in the library is hidden. */
+#if defined(__GNUC__)
+#define EP_API __attribute__((visibility("default")))
+#else
+#define EP_API
+#endif
+
+#define EP_VERSION_MAJOR 0
+#define EP_VERSION_MINOR 1
+#define EP_VERSION_PATCH 0
+#define EP_VERSION_CODE (EP_VERSION_MAJOR * 10000 + EP_VERSION_MINOR * 100 + EP_VERSION_PATCH)
+
+/* ------------------------------------------------------------------------------------------------------------
+ * Status codes
+ * ------------------------------------------------------------------------------------------------------------ */
+typedef enum ep_status {
+  EP_STATUS_SUCCESS = 0,
+  EP_STATUS_INVALID_ARGUMENT = 1, /* an argument is null, out of range, or inconsistent with another */
+  EP_STATUS_INVALID_USAGE = 2,    /* the call is not allowed in this state (e.g. group already failed) */
+  EP_STATUS_UNSUPPORTED = 3,      /* valid request this build or this machine cannot serve */
+  EP_STATUS_OUT_OF_MEMORY = 4,    /* device or host memory could not be allocated */
+  EP_STATUS_CUDA_ERROR = 5,       /* a CUDA runtime call failed; the message carries CUDA's text */
+  EP_STATUS_SUBSTRATE_ERROR = 6,  /* NVSHMEM failed (init, allocation, bootstrap) */
+  EP_STATUS_DEVICE_ERROR = 7,     /* a kernel saw bad data (e.g. expert index out of range) */
+  EP_STATUS_TIMEOUT = 8,          /* a device-side wait on a peer ran out of its time budget */
+  EP_STATUS_INTERNAL_ERROR = 9,   /* a self-check of the library failed: a bug, please report */
+  EP_STATUS_COUNT                 /* number of codes, not a code */
+} ep_status_t;
+
+/* A constant, never-NULL name for a status ("EP_STATUS_TIMEOUT"), or "EP_STATUS_<unknown>". */
+EP_API const char* ep_status_string(ep_status_t status);
+
+/* ------------------------------------------------------------------------------------------------------------
+ * Types
+ * ------------------------------------------------------------------------------------------------------------ */
+typedef enum ep_dtype {
+  EP_DTYPE_INVALID = 0,
+  EP_BF16 = 1,     /* bfloat16, 2 bytes */
+  EP_FP8_E4M3 = 2, /* float8 e4m3fn, 1 byte; travels with fp32 scales, one per 128 channels */
+  EP_FP32 = 3,
+  EP_INT32 = 4,
+  EP_INT64 = 5,
+} ep_dtype_t;
+
+/* A group of ranks that exchange tokens; owns the NVSHMEM state, symmetric buffers and tuning config. */
+typedef struct ep_group* ep_group_t;
+
+/* Bytes that bootstrap a group: rank 0 makes them, the caller copies them to every rank (pipe, file,
+ * torch.distributed broadcast), every rank passes them to ep_group_create(). */
+#define EP_UNIQUE_ID_BYTES 128
+typedef struct ep_unique_id {
+  unsigned char bytes[EP_UNIQUE_ID_BYTES];
+} ep_unique_id_t;
+
+/* ------------------------------------------------------------------------------------------------------------
+ * Group
+ * ------------------------------------------------------------------------------------------------------------ */
+#define EP_GROUP_CONFIG_MAGIC 0x45504731u /* "EPG1" */
+
+/* How a group is laid out and sized. Start from EP_GROUP_CONFIG_INIT and change what you need.
+ * Buffer sizes derive from the shape hints (the largest shape any later call will use); a call whose shape
+ * exceeds them is rejected with EP_STATUS_INVALID_ARGUMENT naming the hint to raise. */
+typedef struct ep_group_config {
+  uint32_t size;               /* sizeof(ep_group_config_t) */
+  uint32_t magic;              /* EP_GROUP_CONFIG_MAGIC */
+  int ranks_per_node;          /* ranks per NVLink domain; 0 = all ranks in one domain. Smaller values make
+                                  virtual nodes (e.g. 2 on a 4-GPU host) whose traffic takes the internode path */
+  int num_experts;             /* hint: largest number of experts, a multiple of the number of ranks */
+  int hidden;                  /* hint: largest hidden size (channels per token) */
+  int max_tokens_per_rank;     /* hint: largest number of tokens one rank dispatches in one call */
+  int max_topk;                /* hint: largest top-k (experts per token), 1..32 */
+  int num_sms;                 /* SMs a normal-mode dispatch or combine may use; 0 = the measured default */
+  double timeout_seconds;      /* budget of every device-side wait on a peer, in seconds (> 0) */
+} ep_group_config_t;
+
+#define EP_GROUP_CONFIG_INIT \
+  { (uint32_t)sizeof(ep_group_config_t), EP_GROUP_CONFIG_MAGIC, 0, 256, 7168, 4096, 8, 0, 20.0 }
+
+/* Facts about a created group, filled by ep_group_get_info(). */
+typedef struct ep_group_info {
+  int rank;                   /* this rank, 0..num_ranks-1 */
+  int num_ranks;
+  int ranks_per_node;
+  int num_nodes;              /* num_ranks / ranks_per_node */
+  int node;                   /* rank / ranks_per_node */
+  int local_rank;             /* rank % ranks_per_node */
+  int cuda_device;
+  int num_nvlink_peers;       /* ranks whose memory this rank reaches by loads/stores (itself included) */
+  int num_sms;                /* SMs the normal-mode kernels use */
+  size_t symmetric_heap_bytes; /* NVSHMEM heap reserved for this group on this GPU */
+} ep_group_info_t;
+
+/* Fill `unique_id` with fresh bootstrap bytes. Call it on rank 0 only, before ep_group_create().
+ *   unique_id  [OUT] host memory
+ * Collective: no. Allocates: no. Graph-capturable: no. */
+EP_API ep_status_t ep_get_unique_id(ep_unique_id_t* unique_id);
+
+/* Create a group: bootstrap NVSHMEM from the unique id, reserve the symmetric heap the config asks for, map
+ * the NVLink peers, and allocate the group's buffers on `cuda_device`.
+ *   group        [OUT] the new group, or NULL on failure
+ *   unique_id    [IN]  the bytes rank 0 got from ep_get_unique_id()
+ *   rank         [IN]  0..num_ranks-1
+ *   num_ranks    [IN]  >= 1
+ *   cuda_device  [IN]  CUDA device ordinal this rank uses; becomes the current device of the calling thread
+ *   config       [IN]  EP_GROUP_CONFIG_INIT-initialised; NULL means all defaults
+ * Checks what it can before NVSHMEM starts (device exists, sizes, free memory) so that a bad request returns a
+ * status instead of ending the process. One group per process at a time; after ep_group_destroy() a new group
+ * may be created.
+ * Collective: yes (all ranks, same config). Allocates: yes (device, pinned host). Graph-capturable: no. */
+EP_API ep_status_t ep_group_create(ep_group_t* group, const ep_unique_id_t* unique_id, int rank, int num_ranks,
+                            int cuda_device, const ep_group_config_t* config);
+
+/* Free everything the group owns and shut NVSHMEM down. Waits for the group's device work to finish.
+ *   group  [IN] may be NULL (then nothing happens)
+ * Collective: yes. Allocates: no. Graph-capturable: no. */
+EP_API ep_status_t ep_group_destroy(ep_group_t group);
+
+/* Facts about the group (rank, nodes, NVLink peers, heap size).
+ * Collective: no. Allocates: no. Graph-capturable: yes (host only). */
+EP_API ep_status_t ep_group_get_info(ep_group_t group, ep_group_info_t* info);
+
+/* The message of the last failed call on `group`, or of the last failed call of this thread that had no group
+ * (e.g. ep_group_create) when `group` is NULL. Never NULL; "" when nothing failed. Valid until the next call. */
+EP_API const char* ep_last_error(ep_group_t group);
+
+/* Read the group's device error word without launching anything: EP_STATUS_SUCCESS, or the status that the
+ * next call will return (EP_STATUS_DEVICE_ERROR, EP_STATUS_TIMEOUT), with its message in ep_last_error().
+ * Only kernels that have finished are seen; synchronise the stream first to see a given call's outcome.
+ *   async_status [OUT]
+ * Collective: no. Allocates: no. Graph-capturable: no. */
+EP_API ep_status_t ep_get_async_error(ep_group_t group, ep_status_t* async_status);
+
+/* Check the group's data paths end to end: every rank sends a tagged block to every other rank through the
+ * transport (put with signal, and NVLink stores where the peer is reachable), waits for all blocks with the
+ * group's timeout, and verifies them. Returns EP_STATUS_INTERNAL_ERROR naming the first bad (source, target)
+ * pair, or EP_STATUS_TIMEOUT naming the peer that never delivered. Synchronises `stream`.
+ * Collective: yes. Allocates: no. Graph-capturable: no. */
+EP_API ep_status_t ep_group_check(ep_group_t group, cudaStream_t stream);
+
+/* ------------------------------------------------------------------------------------------------------------
+ * Layout: from the routing, who receives what
+ * ------------------------------------------------------------------------------------------------------------ */
+#define EP_LAYOUT_ARGS_MAGIC 0x45504c31u /* "EPL1" */
+
+typedef struct ep_layout_args {
+  uint32_t size;                /* sizeof(ep_layout_args_t) */
+  uint32_t magic;               /* EP_LAYOUT_ARGS_MAGIC */
+  const int64_t* topk_idx;      /* [IN]  [num_tokens, num_topk] int64 device; -1 = no expert */
+  int num_tokens;               /* >= 0; 0 is allowed (all outputs become zero) */
+  int num_topk;                 /* 1..32 */
+  int num_experts;              /* multiple of the group's num_ranks */
+  int* num_tokens_per_rank;     /* [OUT] [num_ranks] int32 device: tokens with >= 1 expert on that rank */
+  int* num_tokens_per_node;     /* [OUT] [num_nodes] int32 device, or NULL when not wanted */
+  int* num_tokens_per_expert;   /* [OUT] [num_experts] int32 device: (token, expert) selections */
+  uint8_t* is_token_in_rank;    /* [OUT] [num_tokens, num_ranks] bool (0/1 bytes) device */
+} ep_layout_args_t;
+
+#define EP_LAYOUT_ARGS_INIT \
+  { (uint32_t)sizeof(ep_layout_args_t), EP_LAYOUT_ARGS_MAGIC, NULL, 0, 0, 0, NULL, NULL, NULL, NULL }
+
+/* Count, from `topk_idx`, the tokens each rank, node and expert receives, and which ranks each token goes to.
+ * A token counts once per rank (and node) even when several of its experts live there. An index outside
+ * [-1, num_experts) is not counted: it is recorded in the group's error word and the next call returns
+ * EP_STATUS_DEVICE_ERROR naming the token. Local: no data leaves this GPU.
+ * Collective: no. Allocates: no. Graph-capturable: yes. */
+EP_API ep_status_t ep_get_dispatch_layout(ep_group_t group, const ep_layout_args_t* args, cudaStream_t stream);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* EP_H */

@@ -1,0 +1,231 @@
+/* group.c: group lifecycle (create, destroy, info) and the end-to-end self-check. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/internal.h"
+#include "transport/transport.h"
+
+/* Room NVSHMEM needs in the heap beyond what the group asks for (its own signals and teams). */
+#define EP_HEAP_SLACK_BYTES ((size_t)64 << 20)
+
+ep_status_t ep_get_unique_id(ep_unique_id_t* unique_id) {
+  if (!unique_id) return ep_fail(NULL, EP_STATUS_INVALID_ARGUMENT, "ep_get_unique_id: unique_id is NULL");
+  char err[256];
+  if (ep_tp_get_unique_id(unique_id->bytes, err, sizeof(err)) != 0)
+    return ep_fail(NULL, EP_STATUS_SUBSTRATE_ERROR, "ep_get_unique_id: %s", err);
+  return EP_STATUS_SUCCESS;
+}
+
+/* Validate a config and fill its defaults. Shared with the CPU tests through ep_group_create's early exits. */
+static ep_status_t check_config(const ep_group_config_t* c, int num_ranks) {
+  const char* fn = "ep_group_create";
+  EP_TRY(ep_check_header(NULL, fn, "ep_group_config_t", c, c->size, sizeof(ep_group_config_t), c->magic,
+                         EP_GROUP_CONFIG_MAGIC));
+  if (c->ranks_per_node < 0 || (c->ranks_per_node > 0 && num_ranks % c->ranks_per_node != 0))
+    return ep_fail(NULL, EP_STATUS_INVALID_ARGUMENT,
+                   "%s: config.ranks_per_node is %d; it must be 0 or divide num_ranks (%d)", fn, c->ranks_per_node,
+                   num_ranks);
+  if (c->num_experts <= 0 || c->num_experts % num_ranks != 0)
+    return ep_fail(NULL, EP_STATUS_INVALID_ARGUMENT,
+                   "%s: config.num_experts is %d; it must be a positive multiple of num_ranks (%d)", fn,
+                   c->num_experts, num_ranks);
+  if (c->hidden <= 0 || c->hidden % 128 != 0)
+    return ep_fail(NULL, EP_STATUS_INVALID_ARGUMENT,
+                   "%s: config.hidden is %d; it must be a positive multiple of 128", fn, c->hidden);
+  if (c->max_tokens_per_rank <= 0)
+    return ep_fail(NULL, EP_STATUS_INVALID_ARGUMENT, "%s: config.max_tokens_per_rank is %d; it must be > 0", fn,
+                   c->max_tokens_per_rank);
+  if (c->max_topk < 1 || c->max_topk > EP_MAX_TOPK)
+    return ep_fail(NULL, EP_STATUS_INVALID_ARGUMENT, "%s: config.max_topk is %d; it must be in [1, %d]", fn,
+                   c->max_topk, EP_MAX_TOPK);
+  if (c->num_sms < 0 || c->num_sms > 1024)
+    return ep_fail(NULL, EP_STATUS_INVALID_ARGUMENT, "%s: config.num_sms is %d; it must be in [0, 1024]", fn,
+                   c->num_sms);
+  if (!(c->timeout_seconds > 0.0) || c->timeout_seconds > 3600.0)
+    return ep_fail(NULL, EP_STATUS_INVALID_ARGUMENT,
+                   "%s: config.timeout_seconds is %g; it must be in (0, 3600]", fn, c->timeout_seconds);
+  return EP_STATUS_SUCCESS;
+}
+
+static void free_group(ep_group_t g) {
+  if (!g) return;
+  if (g->peer_bases_dev) cudaFree(g->peer_bases_dev);
+  if (g->layout_scratch) cudaFree(g->layout_scratch);
+  if (g->error_word) cudaFreeHost(g->error_word);
+  if (ep_tp_is_initialized()) {
+    if (g->workspace) ep_tp_free(g->workspace);
+    ep_tp_finalize();
+  }
+  free(g->peer_bases);
+  free(g);
+}
+
+ep_status_t ep_group_create(ep_group_t* group, const ep_unique_id_t* unique_id, int rank, int num_ranks,
+                            int cuda_device, const ep_group_config_t* config) {
+  const char* fn = "ep_group_create";
+  if (!group) return ep_fail(NULL, EP_STATUS_INVALID_ARGUMENT, "%s: group is NULL", fn);
+  *group = NULL;
+  if (!unique_id) return ep_fail(NULL, EP_STATUS_INVALID_ARGUMENT, "%s: unique_id is NULL", fn);
+  if (num_ranks < 1 || num_ranks > EP_MAX_RANKS)
+    return ep_fail(NULL, EP_STATUS_INVALID_ARGUMENT, "%s: num_ranks is %d; it must be in [1, %d]", fn, num_ranks,
+                   EP_MAX_RANKS);
+  if (rank < 0 || rank >= num_ranks)
+    return ep_fail(NULL, EP_STATUS_INVALID_ARGUMENT, "%s: rank is %d; it must be in [0, num_ranks=%d)", fn, rank,
+                   num_ranks);
+  if (cuda_device < 0)
+    return ep_fail(NULL, EP_STATUS_INVALID_ARGUMENT, "%s: cuda_device is %d; it must be >= 0", fn, cuda_device);
+  ep_group_config_t cfg = EP_GROUP_CONFIG_INIT;
+  if (config) cfg = *config;
+  EP_TRY(check_config(&cfg, num_ranks));
+  if (ep_tp_is_initialized())
+    return ep_fail(NULL, EP_STATUS_INVALID_USAGE, "%s: a group already exists in this process; destroy it first",
+                   fn);
+
+  /* What can be checked before NVSHMEM starts (it may end the process on some failures). */
+  int num_devices = 0;
+  cudaError_t ce = cudaGetDeviceCount(&num_devices);
+  if (ce != cudaSuccess || num_devices == 0)
+    return ep_fail(NULL, EP_STATUS_UNSUPPORTED, "%s: no usable CUDA device on this machine (%s)", fn,
+                   ce != cudaSuccess ? cudaGetErrorString(ce) : "device count is 0");
+  if (cuda_device >= num_devices)
+    return ep_fail(NULL, EP_STATUS_INVALID_ARGUMENT, "%s: cuda_device is %d but this machine has %d devices", fn,
+                   cuda_device, num_devices);
+  EP_CUDA_TRY(NULL, cudaSetDevice(cuda_device));
+  struct cudaDeviceProp prop;
+  EP_CUDA_TRY(NULL, cudaGetDeviceProperties(&prop, cuda_device));
+  if (prop.major < 9)
+    return ep_fail(NULL, EP_STATUS_UNSUPPORTED,
+                   "%s: device %d (%s) has compute capability %d.%d; this build needs 9.0 (Hopper)", fn, cuda_device,
+                   prop.name, prop.major, prop.minor);
+
+  ep_group_t g = (ep_group_t)calloc(1, sizeof(*g));
+  if (!g) return ep_fail(NULL, EP_STATUS_OUT_OF_MEMORY, "%s: host allocation of the group failed", fn);
+  g->rank = rank;
+  g->num_ranks = num_ranks;
+  g->ranks_per_node = cfg.ranks_per_node ? cfg.ranks_per_node : num_ranks;
+  g->num_nodes = num_ranks / g->ranks_per_node;
+  g->node = rank / g->ranks_per_node;
+  g->local_rank = rank % g->ranks_per_node;
+  g->cuda_device = cuda_device;
+  g->config = cfg;
+  g->num_sms = cfg.num_sms ? cfg.num_sms : EP_DEFAULT_NUM_SMS;
+  if (g->num_sms > prop.multiProcessorCount) g->num_sms = prop.multiProcessorCount;
+  g->timeout_ns = (unsigned long long)(cfg.timeout_seconds * 1e9);
+  g->workspace_bytes = ep_check_workspace_bytes(num_ranks);
+  g->heap_bytes = g->workspace_bytes + EP_HEAP_SLACK_BYTES;
+
+  size_t free_bytes = 0, total_bytes = 0;
+  ce = cudaMemGetInfo(&free_bytes, &total_bytes);
+  if (ce != cudaSuccess) {
+    free_group(g);
+    return ep_fail_cuda(NULL, ce, "cudaMemGetInfo");
+  }
+  if (free_bytes < g->heap_bytes) {
+    free_group(g);
+    return ep_fail(NULL, EP_STATUS_OUT_OF_MEMORY,
+                   "%s: the group needs a %zu-byte symmetric heap but device %d has %zu bytes free; lower the shape "
+                   "hints in the config",
+                   fn, g->heap_bytes, cuda_device, free_bytes);
+  }
+
+  char err[EP_ERROR_MESSAGE_BYTES];
+  if (ep_tp_init(rank, num_ranks, unique_id->bytes, g->heap_bytes, err, sizeof(err)) != 0) {
+    free_group(g);
+    return ep_fail(NULL, EP_STATUS_SUBSTRATE_ERROR, "%s: %s", fn, err);
+  }
+  ep_status_t st = EP_STATUS_SUCCESS;
+  g->workspace = ep_tp_calloc(g->workspace_bytes);
+  if (!g->workspace) {
+    st = ep_fail(NULL, EP_STATUS_OUT_OF_MEMORY, "%s: symmetric allocation of %zu bytes failed", fn,
+                 g->workspace_bytes);
+    goto fail;
+  }
+
+  /* NVLink reachability: every rank of this node must be mapped, or the node is not one NVLink domain. */
+  g->peer_bases = (void**)calloc((size_t)num_ranks, sizeof(void*));
+  if (!g->peer_bases) {
+    st = ep_fail(NULL, EP_STATUS_OUT_OF_MEMORY, "%s: host allocation failed", fn);
+    goto fail;
+  }
+  for (int r = 0; r < num_ranks; ++r) {
+    g->peer_bases[r] = ep_tp_peer_ptr(g->workspace, r);
+    g->num_nvlink_peers += g->peer_bases[r] != NULL;
+    if (!g->peer_bases[r] && r / g->ranks_per_node == g->node) {
+      st = ep_fail(NULL, EP_STATUS_UNSUPPORTED,
+                   "%s: rank %d and rank %d are in the same node (ranks_per_node=%d) but rank %d cannot reach rank "
+                   "%d's memory over NVLink; lower config.ranks_per_node",
+                   fn, rank, r, g->ranks_per_node, rank, r);
+      goto fail;
+    }
+  }
+  ce = cudaMalloc((void**)&g->peer_bases_dev, sizeof(void*) * (size_t)num_ranks);
+  if (ce == cudaSuccess)
+    ce = cudaMemcpy(g->peer_bases_dev, g->peer_bases, sizeof(void*) * (size_t)num_ranks, cudaMemcpyHostToDevice);
+  if (ce == cudaSuccess) ce = cudaHostAlloc((void**)&g->error_word, sizeof(ep_device_error_t), cudaHostAllocMapped);
+  if (ce == cudaSuccess) {
+    memset(g->error_word, 0, sizeof(ep_device_error_t));
+    ce = cudaHostGetDevicePointer((void**)&g->error_word_dev, g->error_word, 0);
+  }
+  if (ce == cudaSuccess) {
+    size_t scratch = ep_layout_scratch_ints(cfg.num_experts, num_ranks) * sizeof(int);
+    ce = cudaMalloc((void**)&g->layout_scratch, scratch);
+    if (ce == cudaSuccess) ce = cudaMemset(g->layout_scratch, 0, scratch);
+  }
+  if (ce == cudaSuccess) ce = cudaDeviceSynchronize();
+  if (ce != cudaSuccess) {
+    st = ep_fail_cuda(NULL, ce, "group buffer setup");
+    goto fail;
+  }
+  ep_tp_barrier_all();
+  *group = g;
+  return EP_STATUS_SUCCESS;
+
+fail:
+  free_group(g);
+  return st;
+}
+
+ep_status_t ep_group_destroy(ep_group_t group) {
+  if (!group) return EP_STATUS_SUCCESS;
+  cudaError_t ce = cudaSetDevice(group->cuda_device);
+  if (ce == cudaSuccess) ce = cudaDeviceSynchronize();
+  /* Peers may still read our buffers until everyone arrives here. NVSHMEM's finalize is collective as well, so
+   * every rank takes the same steps, failed group or not: a peer that died leaves both to hang in NVSHMEM. */
+  if (ep_tp_is_initialized()) ep_tp_barrier_all();
+  free_group(group);
+  if (ce != cudaSuccess) return ep_fail_cuda(NULL, ce, "ep_group_destroy: synchronising the device");
+  return EP_STATUS_SUCCESS;
+}
+
+ep_status_t ep_group_get_info(ep_group_t group, ep_group_info_t* info) {
+  if (!group) return ep_fail(NULL, EP_STATUS_INVALID_ARGUMENT, "ep_group_get_info: group is NULL");
+  if (!info) return ep_fail(group, EP_STATUS_INVALID_ARGUMENT, "ep_group_get_info: info is NULL");
+  info->rank = group->rank;
+  info->num_ranks = group->num_ranks;
+  info->ranks_per_node = group->ranks_per_node;
+  info->num_nodes = group->num_nodes;
+  info->node = group->node;
+  info->local_rank = group->local_rank;
+  info->cuda_device = group->cuda_device;
+  info->num_nvlink_peers = group->num_nvlink_peers;
+  info->num_sms = group->num_sms;
+  info->symmetric_heap_bytes = group->heap_bytes;
+  return EP_STATUS_SUCCESS;
+}
+
+ep_status_t ep_group_check(ep_group_t group, cudaStream_t stream) {
+  EP_TRY(ep_enter(group, "ep_group_check"));
+  EP_CUDA_TRY(group, cudaSetDevice(group->cuda_device));
+  ep_check_launch_t p;
+  p.workspace = group->workspace;
+  p.peer_bases = group->peer_bases_dev;
+  p.rank = group->rank;
+  p.num_ranks = group->num_ranks;
+  p.epoch = ++group->check_epoch;
+  p.timeout_ns = group->timeout_ns;
+  p.error = group->error_word_dev;
+  EP_CUDA_TRY(group, ep_launch_check(&p, stream));
+  EP_CUDA_TRY(group, cudaStreamSynchronize(stream));
+  EP_TRY(ep_enter(group, "ep_group_check"));
+  return EP_STATUS_SUCCESS;
+}

@@ -1,0 +1,67 @@
+/* internal.h: the group object and the error plumbing shared by the host sources (C11, no NVSHMEM here). */
+#ifndef EP_CORE_INTERNAL_H
+#define EP_CORE_INTERNAL_H
+
+#include <stdarg.h>
+#include <stdbool.h>
+
+#include "ep.h"
+#include "kernels/api.h"
+
+#define EP_MAX_RANKS 1024
+#define EP_MAX_TOPK 32
+#define EP_DEFAULT_NUM_SMS 24
+#define EP_ERROR_MESSAGE_BYTES 512
+
+struct ep_group {
+  int rank, num_ranks;
+  int ranks_per_node, num_nodes, node, local_rank;
+  int cuda_device;
+  int num_sms;                       /* SMs for normal-mode kernels */
+  ep_group_config_t config;          /* as given, defaults filled in */
+  unsigned long long timeout_ns;     /* device wait budget */
+  size_t heap_bytes;                 /* symmetric heap reserved at init */
+
+  void** peer_bases;                 /* [num_ranks] host: peer's mapping of `workspace`, NULL if not NVLink */
+  void** peer_bases_dev;             /* the same table in device memory */
+  int num_nvlink_peers;
+  unsigned long long check_epoch;    /* ep_group_check calls so far */
+  int* layout_scratch;               /* device: ep_get_dispatch_layout's per-block histograms */
+
+  ep_device_error_t* error_word;     /* pinned host memory, mapped into the device */
+  ep_device_error_t* error_word_dev; /* the device's view of it */
+
+  void* workspace;                   /* symmetric, group-owned: signals and check blocks */
+  size_t workspace_bytes;
+
+  bool failed;                       /* a sticky fault (timeout) was reported: only destroy is allowed */
+  char last_error[EP_ERROR_MESSAGE_BYTES];
+};
+
+/* Record a message for `group` (or the thread when group is NULL) and return `status`. printf-style. */
+ep_status_t ep_fail(ep_group_t group, ep_status_t status, const char* fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+/* Turn a CUDA error into EP_STATUS_CUDA_ERROR with the call's text and CUDA's message. */
+ep_status_t ep_fail_cuda(ep_group_t group, cudaError_t err, const char* what);
+
+/* Entry check every group call makes first: group not NULL, not failed, no pending device error. */
+ep_status_t ep_enter(ep_group_t group, const char* fn);
+
+/* Validate the size/magic header of an args struct; names the struct type in the message. */
+ep_status_t ep_check_header(ep_group_t group, const char* fn, const char* type_name, const void* args,
+                            uint32_t size, uint32_t want_size, uint32_t magic, uint32_t want_magic);
+
+#define EP_CUDA_TRY(group, call)                                  \
+  do {                                                            \
+    cudaError_t ep_cuda_err_ = (call);                            \
+    if (ep_cuda_err_ != cudaSuccess) return ep_fail_cuda((group), ep_cuda_err_, #call); \
+  } while (0)
+
+#define EP_TRY(call)                          \
+  do {                                        \
+    ep_status_t ep_try_st_ = (call);          \
+    if (ep_try_st_ != EP_STATUS_SUCCESS) return ep_try_st_; \
+  } while (0)
+
+#endif /* EP_CORE_INTERNAL_H */

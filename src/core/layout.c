@@ -1,0 +1,50 @@
+/* layout.c: ep_get_dispatch_layout, the public face of the layout kernel. */
+#include "core/internal.h"
+
+ep_status_t ep_get_dispatch_layout(ep_group_t group, const ep_layout_args_t* args, cudaStream_t stream) {
+  const char* fn = "ep_get_dispatch_layout";
+  EP_TRY(ep_enter(group, fn));
+  EP_TRY(ep_check_header(group, fn, "ep_layout_args_t", args, args ? args->size : 0, sizeof(ep_layout_args_t),
+                         args ? args->magic : 0, EP_LAYOUT_ARGS_MAGIC));
+  const ep_layout_args_t* a = args;
+  if (a->num_tokens < 0)
+    return ep_fail(group, EP_STATUS_INVALID_ARGUMENT, "%s: num_tokens is %d; it must be >= 0", fn, a->num_tokens);
+  if (a->num_topk < 1 || a->num_topk > EP_MAX_TOPK)
+    return ep_fail(group, EP_STATUS_INVALID_ARGUMENT, "%s: num_topk is %d; it must be in [1, %d]", fn, a->num_topk,
+                   EP_MAX_TOPK);
+  if (a->num_experts <= 0 || a->num_experts % group->num_ranks != 0)
+    return ep_fail(group, EP_STATUS_INVALID_ARGUMENT,
+                   "%s: num_experts is %d; it must be a positive multiple of num_ranks (%d)", fn, a->num_experts,
+                   group->num_ranks);
+  if (a->num_experts > group->config.num_experts)
+    return ep_fail(group, EP_STATUS_INVALID_ARGUMENT,
+                   "%s: num_experts is %d but the group was sized for config.num_experts=%d; raise the hint", fn,
+                   a->num_experts, group->config.num_experts);
+  if (a->num_tokens > 0 && !a->topk_idx)
+    return ep_fail(group, EP_STATUS_INVALID_ARGUMENT, "%s: topk_idx is NULL with num_tokens=%d", fn, a->num_tokens);
+  if (!a->num_tokens_per_rank)
+    return ep_fail(group, EP_STATUS_INVALID_ARGUMENT, "%s: num_tokens_per_rank is NULL", fn);
+  if (!a->num_tokens_per_expert)
+    return ep_fail(group, EP_STATUS_INVALID_ARGUMENT, "%s: num_tokens_per_expert is NULL", fn);
+  if (a->num_tokens > 0 && !a->is_token_in_rank)
+    return ep_fail(group, EP_STATUS_INVALID_ARGUMENT, "%s: is_token_in_rank is NULL with num_tokens=%d", fn,
+                   a->num_tokens);
+  EP_CUDA_TRY(group, cudaSetDevice(group->cuda_device));
+
+  ep_layout_launch_t p;
+  p.topk_idx = a->topk_idx;
+  p.num_tokens = a->num_tokens;
+  p.num_topk = a->num_topk;
+  p.num_experts = a->num_experts;
+  p.num_ranks = group->num_ranks;
+  p.ranks_per_node = group->ranks_per_node;
+  p.num_tokens_per_rank = a->num_tokens_per_rank;
+  p.num_tokens_per_node = a->num_tokens_per_node;
+  p.num_tokens_per_expert = a->num_tokens_per_expert;
+  p.is_token_in_rank = a->is_token_in_rank;
+  p.scratch = group->layout_scratch;
+  p.error = group->error_word_dev;
+  p.rank = group->rank;
+  EP_CUDA_TRY(group, ep_launch_layout(&p, stream));
+  return EP_STATUS_SUCCESS;
+}

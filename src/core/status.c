@@ -1,0 +1,114 @@
+/* status.c: status names, error messages (per group and per thread), and the entry checks every call makes. */
+#include <stdio.h>
+#include <string.h>
+
+#include "core/internal.h"
+
+static _Thread_local char t_last_error[EP_ERROR_MESSAGE_BYTES];
+
+const char* ep_status_string(ep_status_t status) {
+  switch (status) {
+    case EP_STATUS_SUCCESS: return "EP_STATUS_SUCCESS";
+    case EP_STATUS_INVALID_ARGUMENT: return "EP_STATUS_INVALID_ARGUMENT";
+    case EP_STATUS_INVALID_USAGE: return "EP_STATUS_INVALID_USAGE";
+    case EP_STATUS_UNSUPPORTED: return "EP_STATUS_UNSUPPORTED";
+    case EP_STATUS_OUT_OF_MEMORY: return "EP_STATUS_OUT_OF_MEMORY";
+    case EP_STATUS_CUDA_ERROR: return "EP_STATUS_CUDA_ERROR";
+    case EP_STATUS_SUBSTRATE_ERROR: return "EP_STATUS_SUBSTRATE_ERROR";
+    case EP_STATUS_DEVICE_ERROR: return "EP_STATUS_DEVICE_ERROR";
+    case EP_STATUS_TIMEOUT: return "EP_STATUS_TIMEOUT";
+    case EP_STATUS_INTERNAL_ERROR: return "EP_STATUS_INTERNAL_ERROR";
+    case EP_STATUS_COUNT: break;
+  }
+  return "EP_STATUS_<unknown>";
+}
+
+const char* ep_fault_site_name(int site) {
+  switch (site) {
+    case EP_SITE_CHECK_SIGNAL: return "group check, waiting for a put-with-signal";
+    case EP_SITE_CHECK_NVLINK: return "group check, waiting for NVLink stores";
+    case EP_SITE_BARRIER: return "device barrier";
+    default: return "device wait";
+  }
+}
+
+const char* ep_last_error(ep_group_t group) { return group ? group->last_error : t_last_error; }
+
+ep_status_t ep_fail(ep_group_t group, ep_status_t status, const char* fmt, ...) {
+  char* buf = group ? group->last_error : t_last_error;
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(buf, EP_ERROR_MESSAGE_BYTES, fmt, ap);
+  va_end(ap);
+  if (group) memcpy(t_last_error, buf, EP_ERROR_MESSAGE_BYTES);  // the thread sees it too
+  return status;
+}
+
+ep_status_t ep_fail_cuda(ep_group_t group, cudaError_t err, const char* what) {
+  ep_status_t st = err == cudaErrorMemoryAllocation ? EP_STATUS_OUT_OF_MEMORY : EP_STATUS_CUDA_ERROR;
+  return ep_fail(group, st, "%s failed: %s (%s)", what, cudaGetErrorString(err), cudaGetErrorName(err));
+}
+
+/* Turn a recorded device fault into a status and message. Data faults are cleared once reported; timeouts and
+ * corrupted transfers leave the group failed (peers may be mid-protocol), so only destroy is allowed after. */
+static ep_status_t take_device_fault(ep_group_t group) {
+  volatile ep_device_error_t* w = group->error_word;
+  int code = w->code;
+  if (code == EP_FAULT_NONE || code == -1) return EP_STATUS_SUCCESS;
+  ep_status_t st;
+  switch (code) {
+    case EP_FAULT_BAD_EXPERT:
+      st = ep_fail(group, EP_STATUS_DEVICE_ERROR,
+                   "rank %d: topk_idx of token %lld holds expert %lld, outside [-1, num_experts); the token was not "
+                   "counted",
+                   w->rank, w->value0, w->value1);
+      memset((void*)group->error_word, 0, sizeof(*group->error_word));
+      return st;
+    case EP_FAULT_TIMEOUT:
+      st = ep_fail(group, EP_STATUS_TIMEOUT,
+                   "rank %d timed out after %.3f s waiting for rank %d (node %d) in %s; the group must be destroyed",
+                   w->rank, (double)w->value0 * 1e-9, w->peer, w->peer / group->ranks_per_node,
+                   ep_fault_site_name(w->site));
+      break;
+    case EP_FAULT_BAD_DATA:
+      st = ep_fail(group, EP_STATUS_INTERNAL_ERROR,
+                   "rank %d received wrong data from rank %d over the %s path (word %lld = %lld); the group must be "
+                   "destroyed",
+                   w->rank, w->peer, w->site == 0 ? "transport put" : "NVLink store", w->value0, w->value1);
+      break;
+    default:
+      st = ep_fail(group, EP_STATUS_INTERNAL_ERROR, "rank %d: unknown device fault code %d", w->rank, code);
+      break;
+  }
+  group->failed = true;
+  return st;
+}
+
+ep_status_t ep_enter(ep_group_t group, const char* fn) {
+  if (!group) return ep_fail(NULL, EP_STATUS_INVALID_ARGUMENT, "%s: group is NULL", fn);
+  if (group->failed)
+    return ep_fail(group, EP_STATUS_INVALID_USAGE, "%s: the group failed earlier (%s); destroy it", fn,
+                   group->last_error[0] ? "see the previous error" : "device fault");
+  return take_device_fault(group);
+}
+
+ep_status_t ep_get_async_error(ep_group_t group, ep_status_t* async_status) {
+  if (!group) return ep_fail(NULL, EP_STATUS_INVALID_ARGUMENT, "ep_get_async_error: group is NULL");
+  if (!async_status) return ep_fail(group, EP_STATUS_INVALID_ARGUMENT, "ep_get_async_error: async_status is NULL");
+  *async_status = group->failed ? EP_STATUS_INVALID_USAGE : take_device_fault(group);
+  return EP_STATUS_SUCCESS;
+}
+
+ep_status_t ep_check_header(ep_group_t group, const char* fn, const char* type_name, const void* args,
+                            uint32_t size, uint32_t want_size, uint32_t magic, uint32_t want_magic) {
+  if (!args) return ep_fail(group, EP_STATUS_INVALID_ARGUMENT, "%s: args is NULL", fn);
+  if (magic != want_magic)
+    return ep_fail(group, EP_STATUS_INVALID_ARGUMENT,
+                   "%s: args.magic is 0x%08x, want 0x%08x: initialise %s with its _INIT macro", fn, magic,
+                   want_magic, type_name);
+  if (size != want_size)
+    return ep_fail(group, EP_STATUS_INVALID_ARGUMENT,
+                   "%s: args.size is %u, want %u (sizeof(%s)): header and library versions differ", fn, size,
+                   want_size, type_name);
+  return EP_STATUS_SUCCESS;
+}

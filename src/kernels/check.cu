@@ -1,0 +1,98 @@
+// check.cu: ep_group_check's kernel. Every rank sends a tagged block to every rank (itself included) twice:
+// through the transport's put-with-signal, and by NVLink stores where the peer is mapped. Then it waits for the
+// blocks addressed to it and verifies every word. Block b of the grid talks to rank b.
+#include "kernels/api.h"
+#include "kernels/common.cuh"
+#include "transport/transport.cuh"
+
+namespace ep {
+
+constexpr int kCheckInts = 2048;  // 8 KiB per (source, target) block
+constexpr int kCheckThreads = 256;
+
+// Per-rank symmetric layout:
+//   uint64 put_signal[R] | uint64 nvl_signal[R] | int put_block[R][kCheckInts] | int nvl_block[R][kCheckInts]
+//   | int staging[R][kCheckInts]
+struct CheckLayout {
+  uint64_t* put_signal;
+  uint64_t* nvl_signal;
+  int* put_block;
+  int* nvl_block;
+  int* staging;
+  __host__ __device__ CheckLayout(void* base, int num_ranks) {
+    char* p = (char*)base;
+    put_signal = (uint64_t*)p;
+    p += sizeof(uint64_t) * num_ranks;
+    nvl_signal = (uint64_t*)p;
+    p += sizeof(uint64_t) * num_ranks;
+    put_block = (int*)p;
+    p += sizeof(int) * (size_t)num_ranks * kCheckInts;
+    nvl_block = (int*)p;
+    p += sizeof(int) * (size_t)num_ranks * kCheckInts;
+    staging = (int*)p;
+  }
+  static __host__ __device__ size_t bytes(int num_ranks) {
+    return 2 * sizeof(uint64_t) * num_ranks + 3 * sizeof(int) * (size_t)num_ranks * kCheckInts;
+  }
+};
+
+__device__ __forceinline__ int check_word(int src, int dst, unsigned long long epoch, int i, int path) {
+  return (int)((src * 7919 + dst * 104729 + (int)epoch * 31 + i * 3 + path) ^ 0x5bd1e995);
+}
+
+__global__ void __launch_bounds__(kCheckThreads) check_kernel(ep_check_launch_t p) {
+  const int peer = blockIdx.x;
+  const int me = p.rank;
+  CheckLayout mine(p.workspace, p.num_ranks);
+
+  // Send: through the transport...
+  int* staged = mine.staging + (size_t)peer * kCheckInts;
+  for (int i = threadIdx.x; i < kCheckInts; i += blockDim.x) staged[i] = check_word(me, peer, p.epoch, i, 0);
+  __syncthreads();
+  tp::put_signal_block(mine.put_block + (size_t)me * kCheckInts, staged, kCheckInts * sizeof(int),
+                       mine.put_signal + me, p.epoch, /*add=*/false, peer);
+  // ...and by NVLink stores into the peer's mapping, published with a release store of the signal.
+  char* peer_base = (char*)p.peer_bases[peer];
+  if (peer_base) {
+    CheckLayout theirs(peer_base, p.num_ranks);
+    int* dst = theirs.nvl_block + (size_t)me * kCheckInts;
+    for (int i = threadIdx.x; i < kCheckInts; i += blockDim.x) dst[i] = check_word(me, peer, p.epoch, i, 1);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      __threadfence_system();
+      st_release_sys_u64(theirs.nvl_signal + me, p.epoch);
+    }
+  }
+
+  // Receive what `peer` sent to me, then verify it.
+  __shared__ bool s_ok;
+  if (threadIdx.x == 0) {
+    s_ok = wait_until([&] { return ld_acquire_sys_u64(mine.put_signal + peer) >= p.epoch; }, p.timeout_ns,
+                      p.error, me, peer, EP_SITE_CHECK_SIGNAL);
+    if (s_ok && peer_base)
+      s_ok = wait_until([&] { return ld_acquire_sys_u64(mine.nvl_signal + peer) >= p.epoch; }, p.timeout_ns,
+                        p.error, me, peer, EP_SITE_CHECK_NVLINK);
+  }
+  __syncthreads();
+  if (!s_ok) return;
+  for (int path = 0; path < (peer_base ? 2 : 1); ++path) {
+    const int* got = (path == 0 ? mine.put_block : mine.nvl_block) + (size_t)peer * kCheckInts;
+    for (int i = threadIdx.x; i < kCheckInts; i += blockDim.x) {
+      int want = check_word(peer, me, p.epoch, i, path);
+      if (((volatile const int*)got)[i] != want) {
+        record_fault(p.error, EP_FAULT_BAD_DATA, me, peer, path, i, got[i]);
+        break;
+      }
+    }
+  }
+  if (threadIdx.x == 0) tp::quiet();
+}
+
+}  // namespace ep
+
+extern "C" size_t ep_check_workspace_bytes(int num_ranks) { return ep::CheckLayout::bytes(num_ranks); }
+
+extern "C" cudaError_t ep_launch_check(const ep_check_launch_t* p, cudaStream_t stream) {
+  ep::check_kernel<<<p->num_ranks, ep::kCheckThreads, 0, stream>>>(*p);
+  return cudaGetLastError();
+}

@@ -1,0 +1,76 @@
+// common.cuh: device helpers every kernel family uses: the error word, bounded waits, PTX loads/stores.
+#pragma once
+
+#include <stdint.h>
+
+#include "kernels/api.h"
+
+namespace ep {
+
+constexpr int kMaxTopk = 32;  // the API's limit on experts per token
+
+// Nanoseconds from the GPU's global timer (same clock on every SM).
+__device__ __forceinline__ unsigned long long global_timer_ns() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+// Record a fault in the error word; the first fault wins, later ones are dropped.
+__device__ __forceinline__ void record_fault(ep_device_error_t* err, int code, int rank, int peer, int site,
+                                             long long value0, long long value1) {
+  if (atomicCAS(&err->code, 0, -1) == 0) {  // -1 = being written
+    err->peer = peer;
+    err->site = site;
+    err->rank = rank;
+    err->value0 = value0;
+    err->value1 = value1;
+    __threadfence_system();
+    atomicExch(&err->code, code);
+  }
+}
+
+__device__ __forceinline__ bool has_fault(const ep_device_error_t* err) {
+  return *(volatile const int*)&err->code != 0;
+}
+
+__device__ __forceinline__ int ld_acquire_sys(const int* p) {
+  int v;
+  asm volatile("ld.acquire.sys.global.s32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ uint64_t ld_acquire_sys_u64(const uint64_t* p) {
+  uint64_t v;
+  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ void st_release_sys(int* p, int v) {
+  asm volatile("st.release.sys.global.s32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
+__device__ __forceinline__ void st_release_sys_u64(uint64_t* p, uint64_t v) {
+  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+// A bounded spin: call `poll()` until it returns true. If `timeout_ns` passes first, or another thread already
+// recorded a fault, record a timeout naming `peer` and `site` and return false. Callers must then stop.
+template <typename Poll>
+__device__ __forceinline__ bool wait_until(Poll poll, unsigned long long timeout_ns, ep_device_error_t* err,
+                                           int rank, int peer, int site) {
+  unsigned long long start = global_timer_ns();
+  uint32_t spins = 0;
+  while (!poll()) {
+    if ((++spins & 1023u) == 0) {
+      if (has_fault(err)) return false;
+      if (global_timer_ns() - start > timeout_ns) {
+        record_fault(err, EP_FAULT_TIMEOUT, rank, peer, site, (long long)timeout_ns, 0);
+        return false;
+      }
+    }
+  }
+  return true;
+}
+
+}  // namespace ep

@@ -1,0 +1,50 @@
+/* harness.h: what a GPU test (or the benchmark) needs to run as one rank of ep_launch.
+ *
+ * ep_launch (tools/ep_launch.c) starts the same program once per rank with EP_LAUNCH_RANK,
+ * EP_LAUNCH_NUM_RANKS and EP_LAUNCH_DIR set. Ranks swap small blobs (unique ids, seeds) through files in that
+ * directory: the root writes NAME atomically, the others wait for it. */
+#ifndef EP_TESTS_HARNESS_H
+#define EP_TESTS_HARNESS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "ep.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct harness {
+  int rank, num_ranks;
+  int cuda_device;      /* rank % number of visible devices */
+  int num_devices;
+  const char* dir;      /* EP_LAUNCH_DIR */
+} harness_t;
+
+/* Read the launcher's environment, pick this rank's GPU. Returns 0, or 77 when there are fewer GPUs than ranks
+ * (the test should exit with it: a skip), or 1 on a bad environment. */
+int harness_init(harness_t* h);
+
+/* `root` publishes `bytes`; every other rank waits (up to 120 s) and reads them. Returns 0 on success. */
+int harness_share(const harness_t* h, const char* name, void* bytes, size_t len, int root);
+
+/* All ranks arrive before any leaves (file based, slow: for setup only). Returns 0 on success. */
+int harness_barrier(const harness_t* h, const char* name);
+
+/* Rank 0 makes a unique id, shares it, and every rank creates the group on its GPU. */
+ep_status_t harness_group_create(const harness_t* h, const ep_group_config_t* config, ep_group_t* group);
+
+/* A fresh seed for this run, the same on every rank: EP_TEST_SEED if set, else from the clock on rank 0. Printed
+ * so a failure can be replayed. */
+uint64_t harness_seed(const harness_t* h, const char* name);
+
+/* Deterministic random numbers (splitmix64), the same on every rank for the same state. */
+uint64_t harness_rand(uint64_t* state);
+double harness_uniform(uint64_t* state); /* [0, 1) */
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* EP_TESTS_HARNESS_H */

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Run every test this machine can run and end with one line: `N passed, N failed, N skipped`.
+#   tests/run_tests.sh BUILD_DIR [host|gpu|all]
+# Host tests: each program in BUILD/tests/host. GPU tests: each program in BUILD/tests/gpu under ep_launch, on 2
+# and on 4 ranks (EP_TEST_RANKS overrides the list); a run that needs more GPUs than exist is a skip. Without a
+# GPU, the GPU tests are skipped with one line that says so.
+set -u
+build=${1:-build}
+which=${2:-all}
+pass=0; fail=0; skip=0; failed_names=()
+
+record() { # name exit_code
+  case $2 in
+    0) pass=$((pass + 1)); echo "PASS $1" ;;
+    77) skip=$((skip + 1)); echo "SKIP $1" ;;
+    *) fail=$((fail + 1)); failed_names+=("$1"); echo "FAIL $1 (exit $2)" ;;
+  esac
+}
+
+if [[ $which == all || $which == host ]]; then
+  for t in "$build"/tests/host/test_*; do
+    [[ -x $t ]] || continue
+    out=$(ASAN_OPTIONS=detect_leaks=0 timeout 300 "$t" 2>&1); rc=$?
+    [[ $rc -ne 0 && $rc -ne 77 ]] && echo "$out"
+    record "host/$(basename "$t")" $rc
+  done
+fi
+
+if [[ $which == all || $which == gpu ]]; then
+  num_gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+  if [[ ${num_gpus:-0} -eq 0 ]]; then
+    echo "GPU tests skipped: no GPU on this machine (nvidia-smi lists none)"
+  else
+    export NVSHMEM_REMOTE_TRANSPORT=${NVSHMEM_REMOTE_TRANSPORT:-none} NVSHMEM_DISABLE_NVLS=1
+    logs=${EP_TEST_LOG_DIR:-$build/test-logs}
+    for n in ${EP_TEST_RANKS:-2 4}; do
+      for t in "$build"/tests/gpu/test_*; do
+        [[ -x $t ]] || continue
+        name="gpu/$(basename "$t")@$n"
+        if [[ $n -gt $num_gpus ]]; then
+          skip=$((skip + 1)); echo "SKIP $name: needs $n GPUs, this machine has $num_gpus"; continue
+        fi
+        mkdir -p "$logs/$name"
+        out=$("$build/bin/ep_launch" -n "$n" -t 300 -q -l "$logs/$name" -- "$t" 2>&1); rc=$?
+        [[ $rc -ne 0 && $rc -ne 77 ]] && echo "$out"
+        record "$name" $rc
+      done
+    done
+  fi
+fi
+
+[[ $fail -gt 0 ]] && echo "failed: ${failed_names[*]}"
+echo "$pass passed, $fail failed, $skip skipped"
+[[ $fail -eq 0 ]]
