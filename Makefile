@@ -31,7 +31,7 @@ CFLAGS_LIB := -std=c11 -O2 -g -fPIC -fvisibility=hidden -Wall -Wextra -Werror -D
 NVCCFLAGS := -O3 -g -std=c++17 -arch=$(CUDA_ARCH) -rdc=true -Xcompiler -fPIC,-Wall,-fvisibility=hidden -Iinclude -Isrc \
              -I$(NVSHMEM_HOME)/include --expt-relaxed-constexpr
 SANITIZE ?= -fsanitize=address,undefined -fno-omit-frame-pointer
-CFLAGS_TEST := -std=c11 -O1 -g -Wall -Wextra -Werror -D_POSIX_C_SOURCE=200809L $(INCLUDES) -Itests
+CFLAGS_TEST := -std=c11 -O1 -g -Wall -Wextra -Werror -D_POSIX_C_SOURCE=200809L $(INCLUDES) -Itests -Itests/ref
 
 HEADERS := $(wildcard include/*.h src/*/*.h src/*/*.cuh tests/common/*.h tests/ref/*.h tests/gpu/*.h)
 CORE_SRC := $(wildcard src/core/*.c)

@@ -186,7 +186,7 @@ typedef struct ep_layout_args {
   int num_experts;              /* multiple of the group's num_ranks */
   int* num_tokens_per_rank;     /* [OUT] [num_ranks] int32 device: tokens with >= 1 expert on that rank */
   int* num_tokens_per_node;     /* [OUT] [num_nodes] int32 device, or NULL when not wanted */
-  int* num_tokens_per_expert;   /* [OUT] [num_experts] int32 device: (token, expert) selections */
+  int* num_tokens_per_expert;   /* [OUT] [num_experts] int32 device: tokens that select the expert */
   uint8_t* is_token_in_rank;    /* [OUT] [num_tokens, num_ranks] bool (0/1 bytes) device */
 } ep_layout_args_t;
 
@@ -194,7 +194,8 @@ typedef struct ep_layout_args {
   { (uint32_t)sizeof(ep_layout_args_t), EP_LAYOUT_ARGS_MAGIC, NULL, 0, 0, 0, NULL, NULL, NULL, NULL }
 
 /* Count, from `topk_idx`, the tokens each rank, node and expert receives, and which ranks each token goes to.
- * A token counts once per rank (and node) even when several of its experts live there. An index outside
+ * A token counts once per rank, node and expert, even when several of its experts live on one rank or its
+ * top-k names one expert twice. An index outside
  * [-1, num_experts) is not counted: it is recorded in the group's error word and the next call returns
  * EP_STATUS_DEVICE_ERROR naming the token. Local: no data leaves this GPU.
  * Collective: no. Allocates: no. Graph-capturable: yes. */

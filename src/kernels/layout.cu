@@ -45,7 +45,7 @@ __global__ void __launch_bounds__(kLayoutThreads) layout_kernel(ep_layout_launch
   }
   __syncthreads();
 
-  // One thread per token: a token counts once per rank and node, once per selection for experts.
+  // One thread per token: a token counts once per rank, node and expert.
   for (int t = t_begin + threadIdx.x; t < t_end; t += blockDim.x) {
     const int64_t* row = p.topk_idx + (size_t)t * p.num_topk;
     int ranks_seen[kMaxTopk];
@@ -57,6 +57,10 @@ __global__ void __launch_bounds__(kLayoutThreads) layout_kernel(ep_layout_launch
         record_fault(p.error, EP_FAULT_BAD_EXPERT, p.rank, -1, 0, t, e);
         continue;
       }
+      // A token counts once per expert, even if its top-k names that expert twice.
+      bool repeat = false;
+      for (int j = 0; j < k; ++j) repeat |= row[j] == e;
+      if (repeat) continue;
       atomicAdd(&s_expert[e], 1);
       int r = (int)(e / experts_per_rank);
       bool dup = false;

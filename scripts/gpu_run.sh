@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One call on a GPU machine: build, run the GPU tests on every rank count the machine allows, run the benchmark,
+# keep full logs under $OUT (or ./gpu-out), and print a short summary last.
+#   scripts/gpu_run.sh [tests|bench|all] [extra ep_bench args...]
+set -uo pipefail
+what=${1:-all}; shift || true
+out=${OUT:-gpu-out}; mkdir -p "$out"
+export PATH=/usr/local/cuda/bin:$PATH NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0
+export NVSHMEM_REMOTE_TRANSPORT=${NVSHMEM_REMOTE_TRANSPORT:-none}
+num_gpus=$(nvidia-smi -L | grep -c '^GPU')
+nvidia-smi -L > "$out/gpus.txt"
+start=$(date +%s)
+make -j"$(nproc)" lib tests > "$out/build.log" 2>&1 || { tail -40 "$out/build.log"; echo "BUILD FAILED"; exit 1; }
+echo "build: $(( $(date +%s) - start )) s"
+summary=()
+if [[ $what == all || $what == tests ]]; then
+  ranks=""; for n in 2 4 8; do [[ $n -le $num_gpus ]] && ranks="$ranks $n"; done
+  EP_TEST_RANKS="$ranks" EP_TEST_LOG_DIR="$out/test-logs" bash tests/run_tests.sh build all > "$out/tests.log" 2>&1
+  grep -E "^(FAIL|SKIP)" "$out/tests.log" | head -20
+  summary+=("tests: $(tail -1 "$out/tests.log")")
+  (cd "$out" && tar czf test-logs.tgz test-logs && rm -rf test-logs)
+fi
+if [[ $what == all || $what == bench ]]; then
+  make -j"$(nproc)" bench >> "$out/build.log" 2>&1 || { tail -30 "$out/build.log"; echo "BENCH BUILD FAILED"; }
+  build/bin/ep_launch -n "$num_gpus" -t 500 -l "$out/bench-logs" -- build/bin/ep_bench "$@" > "$out/bench.log" 2>&1
+  summary+=("bench exit $?")
+  cat "$out/bench.log" | grep -v "^-----" | tail -40
+fi
+echo "== $(head -1 "$out/gpus.txt") x$num_gpus"
+for s in "${summary[@]}"; do echo "$s"; done
