@@ -101,10 +101,11 @@ $(LAUNCH): tools/ep_launch.c
 	@mkdir -p $(dir $@)
 	$(CC) -std=c11 -O2 -Wall -Wextra -Werror -D_GNU_SOURCE $< -o $@
 
-$(BENCH): $(wildcard bench/*.cu bench/*.h) tests/gpu/harness.c $(LIB) $(HEADERS)
+# nvcc compiles .c inputs as C by itself, and takes a versioned .so only through the linker.
+$(BENCH): $(wildcard bench/*.cu bench/*.h) tests/gpu/harness.c $(REF_OBJ_PLAIN) $(LIB) $(HEADERS)
 	@mkdir -p $(dir $@)
-	$(NVCC) -O3 -std=c++17 -arch=$(CUDA_ARCH) -Iinclude -Itests -I$(NCCL_HOME)/include $(filter %.cu,$^) \
-	  -x c tests/gpu/harness.c -o $@ -L$(BUILD)/lib -lep $(NCCL_LIB) \
+	$(NVCC) -O3 -std=c++17 -arch=$(CUDA_ARCH) -Xcompiler -Wall,-Wextra -Iinclude -Itests -I$(NCCL_HOME)/include \
+	  $(filter %.cu,$^) tests/gpu/harness.c $(REF_OBJ_PLAIN) -o $@ -L$(BUILD)/lib -lep -Xlinker $(NCCL_LIB) \
 	  -Xlinker -rpath,$(abspath $(BUILD)/lib) -Xlinker -rpath,$(dir $(NCCL_LIB))
 
 # `make test`: CPU tests always, GPU tests on 2 and 4 GPUs where there are GPUs; one summary line at the end.

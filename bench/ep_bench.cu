@@ -1,0 +1,361 @@
+/* ep_bench: the benchmark of ep, run as one process per GPU:
+ *
+ *   build/bin/ep_launch -n NUM_GPUS build/bin/ep_bench [--tokens N] [--hidden N] [--topk N] [--experts N]
+ *                                                      [--iters N] [--warmup N] [--family LIST] [--seed N]
+ *
+ * Rank 0 prints one fixed-width table (see bench/README.md). Exits 0 when every row ran and validated, 1 on any
+ * error or failed check, 77 when there are fewer GPUs than ranks. */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <vector>
+
+#include "bench.h"
+
+extern "C" {
+#include "ref/ep_ref.h"
+}
+
+static const struct {
+  const char* name;
+  bench_family_fn run;
+} kFamilies[] = {
+    {"layout", family_layout}, /* ep_get_dispatch_layout */
+    {"nccl", family_nccl},     /* rows nccl-a2a and nccl-user: the baseline alone */
+};
+
+static int g_rank = -1; /* for bench_die's message */
+
+void bench_die(const char* file, int line, const char* call, const char* why, const char* detail) {
+  fprintf(stderr, "ep_bench rank %d: %s:%d: %s failed: %s%s%s\n", g_rank, file, line, call, why,
+          detail && *detail ? ": " : "", detail ? detail : "");
+  exit(1);
+}
+
+/* ------------------------------------------------------------------------------------------------------------
+ * Options
+ * ------------------------------------------------------------------------------------------------------------ */
+static void usage(FILE* f) {
+  fprintf(f,
+          "usage: ep_launch -n NUM_GPUS ep_bench [options]\n"
+          "  --tokens N    tokens per rank (4096)\n"
+          "  --hidden N    channels per token (7168)\n"
+          "  --topk N      experts per token (8)\n"
+          "  --experts N   experts in all, a multiple of the number of ranks (256)\n"
+          "  --iters N     timed iterations (50)\n"
+          "  --warmup N    untimed iterations before them (10)\n"
+          "  --family L    comma list of: layout, nccl (layout,nccl)\n"
+          "  --seed N      routing seed (default: EP_TEST_SEED, else from the clock)\n");
+}
+
+static long parse_int(const char* name, const char* value, long min, long max) {
+  char* end = NULL;
+  long v = value ? strtol(value, &end, 0) : 0;
+  if (!value || *value == '\0' || *end != '\0' || v < min || v > max) {
+    fprintf(stderr, "ep_bench: %s needs an integer in [%ld, %ld], got '%s'\n", name, min, max, value ? value : "");
+    exit(1);
+  }
+  return v;
+}
+
+static bench_options_t parse_options(int argc, char** argv) {
+  bench_options_t o = {4096, 7168, 8, 256, 50, 10, "layout,nccl", 0, 0};
+  for (int i = 1; i < argc; ++i) {
+    const char* arg = argv[i];
+    if (!strcmp(arg, "--help") || !strcmp(arg, "-h")) {
+      usage(stdout);
+      exit(0);
+    }
+    /* Both "--name value" and "--name=value". */
+    char name[64];
+    const char* value;
+    const char* eq = strchr(arg, '=');
+    if (eq && (size_t)(eq - arg) < sizeof(name)) {
+      memcpy(name, arg, eq - arg);
+      name[eq - arg] = '\0';
+      value = eq + 1;
+    } else {
+      snprintf(name, sizeof(name), "%s", arg);
+      value = i + 1 < argc ? argv[++i] : NULL;
+    }
+    if (!strcmp(name, "--tokens")) o.tokens = (int)parse_int(name, value, 0, 1 << 20);
+    else if (!strcmp(name, "--hidden")) o.hidden = (int)parse_int(name, value, 1, 1 << 16);
+    else if (!strcmp(name, "--topk")) o.topk = (int)parse_int(name, value, 1, 32);
+    else if (!strcmp(name, "--experts")) o.experts = (int)parse_int(name, value, 1, 1 << 16);
+    else if (!strcmp(name, "--iters")) o.iters = (int)parse_int(name, value, 1, 100000);
+    else if (!strcmp(name, "--warmup")) o.warmup = (int)parse_int(name, value, 0, 100000);
+    else if (!strcmp(name, "--family") && value) o.family = value;
+    else if (!strcmp(name, "--seed") && value) {
+      char* end = NULL;
+      o.seed = strtoull(value, &end, 0);
+      if (*value == '\0' || *end != '\0') {
+        fprintf(stderr, "ep_bench: --seed needs an integer, got '%s'\n", value);
+        exit(1);
+      }
+      o.seed_given = 1;
+    } else {
+      fprintf(stderr, "ep_bench: unknown option or missing value: %s\n", arg);
+      usage(stderr);
+      exit(1);
+    }
+  }
+  if (o.topk > o.experts) {
+    fprintf(stderr, "ep_bench: --topk %d exceeds --experts %d\n", o.topk, o.experts);
+    exit(1);
+  }
+  return o;
+}
+
+/* ------------------------------------------------------------------------------------------------------------
+ * Routing, as DeepEP's tests draw it: scores = |randn| + 1 per (token, expert), the top-k distinct experts of
+ * each token. Rank r's routing comes from its own stream of the shared seed, so every rank can draw all of them.
+ * ------------------------------------------------------------------------------------------------------------ */
+static void draw_routing(uint64_t seed, int rank, int tokens, int experts, int topk, int64_t* topk_idx) {
+  uint64_t start = seed + 0x632be59bd9b4e019ull * (uint64_t)(rank + 1);
+  uint64_t state = harness_rand(&start);
+  std::vector<double> score(experts + 1), best_score(topk);
+  std::vector<int> best(topk);
+  for (int t = 0; t < tokens; ++t) {
+    for (int e = 0; e < experts; e += 2) { /* Box-Muller: two normals per pair of uniforms */
+      const double radius = sqrt(-2.0 * log(1.0 - harness_uniform(&state)));
+      const double angle = 6.283185307179586 * harness_uniform(&state);
+      score[e] = fabs(radius * cos(angle)) + 1.0;
+      score[e + 1] = fabs(radius * sin(angle)) + 1.0;
+    }
+    int n = 0; /* best[0..n) sorted by descending score */
+    for (int e = 0; e < experts; ++e) {
+      if (n == topk && score[e] <= best_score[n - 1]) continue;
+      int i = n < topk ? n++ : n - 1;
+      for (; i > 0 && best_score[i - 1] < score[e]; --i) {
+        best_score[i] = best_score[i - 1];
+        best[i] = best[i - 1];
+      }
+      best_score[i] = score[e];
+      best[i] = e;
+    }
+    for (int k = 0; k < topk; ++k) topk_idx[(size_t)t * topk + k] = best[k];
+  }
+}
+
+__global__ void fill_tokens(__nv_bfloat16* x, int rank, int tokens, int hidden) {
+  const size_t n = (size_t)tokens * hidden;
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+    x[i] = __float2bfloat16_rn(bench_value(rank, (int)(i / hidden), (int)(i % hidden)));
+}
+
+/* ------------------------------------------------------------------------------------------------------------
+ * Setup and teardown
+ * ------------------------------------------------------------------------------------------------------------ */
+static void setup(bench_t* b) {
+  const bench_options_t* o = &b->opt;
+  if (o->experts % b->num_ranks != 0) {
+    fprintf(stderr, "ep_bench: --experts %d is not a multiple of the %d ranks\n", o->experts, b->num_ranks);
+    exit(1);
+  }
+  if (!o->seed_given) b->opt.seed = harness_seed(&b->h, "bench");
+
+  ep_group_config_t config = EP_GROUP_CONFIG_INIT;
+  config.num_experts = o->experts;
+  config.hidden = o->hidden;
+  config.max_tokens_per_rank = o->tokens > 0 ? o->tokens : 1;
+  config.max_topk = o->topk;
+  EP_OK(NULL, harness_group_create(&b->h, &config, &b->group));
+  EP_OK(b->group, ep_group_get_info(b->group, &b->info));
+
+  ncclUniqueId nccl_id;
+  memset(&nccl_id, 0, sizeof(nccl_id));
+  if (b->rank == 0) NCCL_OK(ncclGetUniqueId(&nccl_id));
+  if (harness_share(&b->h, "nccl_id", &nccl_id, sizeof(nccl_id), 0) != 0)
+    bench_die(__FILE__, __LINE__, "harness_share(nccl_id)", "no NCCL id from rank 0", "");
+  NCCL_OK(ncclCommInitRank(&b->comm, b->num_ranks, nccl_id, b->rank));
+
+  CUDA_OK(cudaStreamCreateWithFlags(&b->stream, cudaStreamNonBlocking));
+  CUDA_OK(cudaMalloc(&b->flush_buf, BENCH_FLUSH_BYTES));
+  CUDA_OK(cudaMalloc(&b->barrier_buf, sizeof(float)));
+  CUDA_OK(cudaMemsetAsync(b->barrier_buf, 0, sizeof(float), b->stream));
+
+  const int R = b->num_ranks, T = o->tokens;
+  const int ranks_per_node = b->info.ranks_per_node > 0 ? b->info.ranks_per_node : R;
+  b->topk_idx = (int64_t**)calloc(R, sizeof(int64_t*));
+  b->is_token_in_rank = (uint8_t**)calloc(R, sizeof(uint8_t*));
+  if (!b->topk_idx || !b->is_token_in_rank) bench_die(__FILE__, __LINE__, "calloc", "out of host memory", "");
+  for (int r = 0; r < R; ++r) {
+    b->topk_idx[r] = (int64_t*)malloc(((size_t)T * o->topk + 1) * sizeof(int64_t));
+    b->is_token_in_rank[r] = (uint8_t*)malloc((size_t)T * R + 1);
+    if (!b->topk_idx[r] || !b->is_token_in_rank[r]) bench_die(__FILE__, __LINE__, "malloc", "out of host memory", "");
+    draw_routing(b->opt.seed, r, T, o->experts, o->topk, b->topk_idx[r]);
+    int bad_token = -1;
+    if (ep_ref_layout(R, ranks_per_node, o->experts, T, o->topk, b->topk_idx[r], NULL, NULL, NULL,
+                      b->is_token_in_rank[r], &bad_token) != 0)
+      bench_die(__FILE__, __LINE__, "ep_ref_layout", "the reference rejected the routing", "");
+  }
+  CUDA_OK(cudaMalloc(&b->d_topk_idx, ((size_t)T * o->topk + 1) * sizeof(int64_t)));
+  CUDA_OK(cudaMemcpyAsync(b->d_topk_idx, b->topk_idx[b->rank], (size_t)T * o->topk * sizeof(int64_t),
+                          cudaMemcpyHostToDevice, b->stream));
+  CUDA_OK(cudaMalloc(&b->d_x, ((size_t)T + 1) * o->hidden * sizeof(__nv_bfloat16)));
+  if (T > 0) {
+    fill_tokens<<<1024, 256, 0, b->stream>>>(b->d_x, b->rank, T, o->hidden);
+    LAUNCH_OK();
+  }
+  CUDA_OK(cudaStreamSynchronize(b->stream));
+
+  if (b->rank == 0) {
+    cudaDeviceProp prop;
+    CUDA_OK(cudaGetDeviceProperties(&prop, b->h.cuda_device));
+    int nccl_version = 0;
+    NCCL_OK(ncclGetVersion(&nccl_version));
+    printf("ep_bench: %d ranks on %s, NCCL %d, seed 0x%016llx, %d warm-up + %d timed iterations (median), "
+           "slowest rank shown\n",
+           R, prop.name, nccl_version, (unsigned long long)b->opt.seed, o->warmup, o->iters);
+  }
+}
+
+static void teardown(bench_t* b) {
+  CUDA_OK(cudaStreamSynchronize(b->stream));
+  for (int r = 0; r < b->num_ranks; ++r) {
+    free(b->topk_idx[r]);
+    free(b->is_token_in_rank[r]);
+  }
+  free(b->topk_idx);
+  free(b->is_token_in_rank);
+  CUDA_OK(cudaFree(b->d_topk_idx));
+  CUDA_OK(cudaFree(b->d_x));
+  CUDA_OK(cudaFree(b->flush_buf));
+  CUDA_OK(cudaFree(b->barrier_buf));
+  CUDA_OK(cudaStreamDestroy(b->stream));
+  NCCL_OK(ncclCommDestroy(b->comm));
+  EP_OK(b->group, ep_group_destroy(b->group));
+}
+
+/* ------------------------------------------------------------------------------------------------------------
+ * The table
+ * ------------------------------------------------------------------------------------------------------------ */
+bench_row_t bench_row_make(const char* family, const char* dtype) {
+  bench_row_t row;
+  memset(&row, 0, sizeof(row));
+  row.family = family;
+  row.dtype = dtype;
+  row.sms = -1;
+  row.dispatch_us = row.combine_us = -1;
+  row.baseline_dispatch_us = row.baseline_combine_us = -1;
+  return row;
+}
+
+/* "-", "a" or "a/b" with `decimals` digits: the dispatch value, then the combine one where the row has it. */
+static const char* pair(char* buf, size_t len, int decimals, double a, double b) {
+  if (a < 0 && b < 0) snprintf(buf, len, "-");
+  else if (b < 0) snprintf(buf, len, "%.*f", decimals, a);
+  else if (a < 0) snprintf(buf, len, "-/%.*f", decimals, b);
+  else snprintf(buf, len, "%.*f/%.*f", decimals, a, decimals, b);
+  return buf;
+}
+
+/* The fields of a row that the ranks swap. */
+enum { F_DISPATCH, F_COMBINE, F_BYTES, F_BASE_DISPATCH, F_BASE_COMBINE, F_VALIDATED, F_MISMATCHES, F_COUNT };
+
+/* Sums up every rank's row (`all`: [R][F_COUNT]) into one line, printed by rank 0. */
+static void print_row(bench_t* b, const bench_row_t* row, const double* all) {
+  const int R = b->num_ranks;
+  /* The slowest rank's median of each time; GB/s are that rank's bytes over that rank's time. */
+  int slow[F_COUNT] = {0};
+  int validated = 1;
+  double mismatches = 0;
+  for (int r = 0; r < R; ++r) {
+    const double* v = &all[(size_t)r * F_COUNT];
+    for (int f = F_DISPATCH; f <= F_BASE_COMBINE; ++f)
+      if (v[f] > all[(size_t)slow[f] * F_COUNT + f]) slow[f] = r;
+    validated &= v[F_VALIDATED] != 0;
+    mismatches += v[F_MISMATCHES];
+  }
+  const double* slowest_dispatch = &all[(size_t)slow[F_DISPATCH] * F_COUNT];
+  const double* slowest_combine = &all[(size_t)slow[F_COMBINE] * F_COUNT];
+  const double dispatch_us = slowest_dispatch[F_DISPATCH], combine_us = slowest_combine[F_COMBINE];
+  const double base_dispatch_us = all[(size_t)slow[F_BASE_DISPATCH] * F_COUNT + F_BASE_DISPATCH];
+  const double base_combine_us = all[(size_t)slow[F_BASE_COMBINE] * F_COUNT + F_BASE_COMBINE];
+  const double dispatch_gbs = dispatch_us > 0 && slowest_dispatch[F_BYTES] > 0
+                                  ? slowest_dispatch[F_BYTES] / (dispatch_us * 1e3) : -1;
+  const double combine_gbs = combine_us > 0 && slowest_combine[F_BYTES] > 0
+                                 ? slowest_combine[F_BYTES] / (combine_us * 1e3) : -1;
+  const double speedup_dispatch = dispatch_us > 0 && base_dispatch_us > 0 ? base_dispatch_us / dispatch_us : -1;
+  const double speedup_combine = combine_us > 0 && base_combine_us > 0 ? base_combine_us / combine_us : -1;
+  const char* check = mismatches > 0 ? "FAIL" : validated ? "ok" : "-";
+  if (mismatches > 0 || !validated) b->failed_rows++;
+  if (b->rank != 0) return;
+
+  const char* format = "%-10s %5s %6s %6s %4s %7s %-5s %4s %11s %10s %11s %15s %11s %-5s %s\n";
+  if (!b->header_printed) {
+    printf(format, "family", "ranks", "tokens", "hidden", "topk", "experts", "dtype", "SMs", "dispatch_us",
+           "combine_us", "GB/s", "baseline_us", "speedup", "check", "slowest");
+    b->header_printed = 1;
+  }
+  char ranks[16], tokens[16], hidden[16], topk[16], experts[16], sms[16] = "-";
+  char disp[32], comb[32], gbs[64], base[64], speed[64], slowest[32];
+  snprintf(ranks, sizeof(ranks), "%d", R);
+  snprintf(tokens, sizeof(tokens), "%d", b->opt.tokens);
+  snprintf(hidden, sizeof(hidden), "%d", b->opt.hidden);
+  snprintf(topk, sizeof(topk), "%d", b->opt.topk);
+  snprintf(experts, sizeof(experts), "%d", b->opt.experts);
+  if (row->sms >= 0) snprintf(sms, sizeof(sms), "%d", row->sms);
+  pair(disp, sizeof(disp), 1, dispatch_us, -1);
+  pair(comb, sizeof(comb), 1, combine_us, -1);
+  pair(gbs, sizeof(gbs), 1, dispatch_gbs, combine_gbs);
+  pair(base, sizeof(base), 1, base_dispatch_us, base_combine_us);
+  pair(speed, sizeof(speed), 2, speedup_dispatch, speedup_combine);
+  if (dispatch_us >= 0 && combine_us >= 0) snprintf(slowest, sizeof(slowest), "r%d/r%d", slow[F_DISPATCH], slow[F_COMBINE]);
+  else if (combine_us >= 0) snprintf(slowest, sizeof(slowest), "-/r%d", slow[F_COMBINE]);
+  else if (dispatch_us >= 0) snprintf(slowest, sizeof(slowest), "r%d", slow[F_DISPATCH]);
+  else snprintf(slowest, sizeof(slowest), "-");
+  printf(format, row->family, ranks, tokens, hidden, topk, experts, row->dtype, sms, disp, comb, gbs, base, speed, check,
+         slowest);
+  fflush(stdout);
+}
+
+void bench_report_row(bench_t* b, const bench_row_t* row) {
+  const double mine[F_COUNT] = {row->dispatch_us, row->combine_us, row->bytes, row->baseline_dispatch_us,
+                                row->baseline_combine_us, (double)row->validated, (double)row->mismatches};
+  std::vector<double> all((size_t)b->num_ranks * F_COUNT);
+  double *d_mine, *d_all;
+  CUDA_OK(cudaMalloc(&d_mine, sizeof(mine)));
+  CUDA_OK(cudaMalloc(&d_all, all.size() * sizeof(double)));
+  CUDA_OK(cudaMemcpyAsync(d_mine, mine, sizeof(mine), cudaMemcpyHostToDevice, b->stream));
+  NCCL_OK(ncclAllGather(d_mine, d_all, F_COUNT, ncclDouble, b->comm, b->stream));
+  CUDA_OK(cudaMemcpyAsync(all.data(), d_all, all.size() * sizeof(double), cudaMemcpyDeviceToHost, b->stream));
+  CUDA_OK(cudaStreamSynchronize(b->stream));
+  CUDA_OK(cudaFree(d_mine));
+  CUDA_OK(cudaFree(d_all));
+  print_row(b, row, all.data());
+}
+
+/* ------------------------------------------------------------------------------------------------------------
+ * main
+ * ------------------------------------------------------------------------------------------------------------ */
+int main(int argc, char** argv) {
+  static bench_t bench;
+  bench_t* b = &bench;
+  b->opt = parse_options(argc, argv);
+
+  /* Check the family list before any GPU work. */
+  std::vector<bench_family_fn> families;
+  std::vector<char> list(b->opt.family, b->opt.family + strlen(b->opt.family) + 1);
+  for (char *save = NULL, *name = strtok_r(list.data(), ",", &save); name; name = strtok_r(NULL, ",", &save)) {
+    size_t f = 0;
+    while (f < sizeof(kFamilies) / sizeof(kFamilies[0]) && strcmp(kFamilies[f].name, name)) ++f;
+    if (f == sizeof(kFamilies) / sizeof(kFamilies[0])) {
+      fprintf(stderr, "ep_bench: unknown family '%s'\n", name);
+      usage(stderr);
+      return 1;
+    }
+    families.push_back(kFamilies[f].run);
+  }
+
+  const int init = harness_init(&b->h);
+  if (init != 0) return init; /* 77: too few GPUs (a skip) */
+  b->rank = g_rank = b->h.rank;
+  b->num_ranks = b->h.num_ranks;
+
+  setup(b);
+  for (bench_family_fn run : families) run(b);
+  teardown(b);
+  return b->failed_rows ? 1 : 0;
+}
