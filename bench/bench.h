@@ -14,6 +14,8 @@
 #include "ep.h"
 #include "gpu/harness.h"
 
+#define BENCH_MAX_SMS_LIST 32 /* entries of --sms */
+
 typedef struct bench_options {
   int tokens;          /* per rank */
   int hidden;
@@ -24,6 +26,9 @@ typedef struct bench_options {
   const char* family;  /* comma list of families to run */
   uint64_t seed;
   int seed_given;
+  int sms[BENCH_MAX_SMS_LIST]; /* per-call num_sms of the dispatch/combine rows, in order */
+  int num_sms_list;            /* entries of sms[] */
+  int max_sms;                 /* the largest of them: the group's config.num_sms */
 } bench_options_t;
 
 typedef struct bench {
@@ -91,6 +96,13 @@ static inline uint16_t bench_exact_bf16(float x) {
   return (uint16_t)(bits >> 16);
 }
 
+/* The fp32 scale of channel group `group` (128 channels) of token `token` of rank `rank` in the FP8 inputs: a
+ * multiple of 1/16 in [1/16, 31/16], exact in fp32, different from group to group so that a misplaced scale is
+ * caught. The FP8 payload is e4m3(bench_value(rank, token, col)) (exact: |value| <= 15). */
+__host__ __device__ inline float bench_fp8_scale(int rank, int token, int group) {
+  return (16.0f + bench_value(rank, token, -1 - group)) / 16.0f;
+}
+
 /* One line of the table. Times are this rank's medians in microseconds; < 0 means not measured ("-"). */
 typedef struct bench_row {
   const char* family;
@@ -98,6 +110,8 @@ typedef struct bench_row {
   int sms;                     /* SMs the operation uses; < 0 prints "-" */
   double dispatch_us, combine_us;
   double bytes;                /* this rank's bytes for GB/s (see README); 0 = no GB/s */
+  double combine_bytes;        /* the combine's bytes when they differ from `bytes` (FP8 dispatch, BF16
+                                  combine); 0 = the same as `bytes` */
   double baseline_dispatch_us, baseline_combine_us; /* the NCCL user path on the same shape, or < 0 */
   int validated;               /* the row's outputs were compared with the expected ones */
   long mismatches;             /* how many compared values differed, on this rank */
@@ -115,5 +129,6 @@ typedef void (*bench_family_fn)(bench_t* b);
 
 void family_layout(bench_t* b);
 void family_nccl(bench_t* b);
+void family_intranode(bench_t* b);
 
 #endif /* EP_BENCH_H */

@@ -2,6 +2,7 @@
  *
  *   build/bin/ep_launch -n NUM_GPUS build/bin/ep_bench [--tokens N] [--hidden N] [--topk N] [--experts N]
  *                                                      [--iters N] [--warmup N] [--family LIST] [--seed N]
+ *                                                      [--sms LIST]
  *
  * Rank 0 prints one fixed-width table (see bench/README.md). Exits 0 when every row ran and validated, 1 on any
  * error or failed check, 77 when there are fewer GPUs than ranks. */
@@ -23,6 +24,7 @@ static const struct {
 } kFamilies[] = {
     {"layout", family_layout}, /* ep_get_dispatch_layout */
     {"nccl", family_nccl},     /* rows nccl-a2a and nccl-user: the baseline alone */
+    {"intranode", family_intranode}, /* rows prepare and intranode: the normal path, next to nccl-user */
 };
 
 static int g_rank = -1; /* for bench_die's message */
@@ -45,8 +47,10 @@ static void usage(FILE* f) {
           "  --experts N   experts in all, a multiple of the number of ranks (256)\n"
           "  --iters N     timed iterations (50)\n"
           "  --warmup N    untimed iterations before them (10)\n"
-          "  --family L    comma list of: layout, nccl (layout,nccl)\n"
-          "  --seed N      routing seed (default: EP_TEST_SEED, else from the clock)\n");
+          "  --family L    comma list of: layout, intranode, nccl (layout,intranode)\n"
+          "  --seed N      routing seed (default: EP_TEST_SEED, else from the clock)\n"
+          "  --sms L       comma list of SMs per dispatch/combine call, one intranode row each (8,16,24,32);\n"
+          "                --num-sms-list L is the same option\n");
 }
 
 static long parse_int(const char* name, const char* value, long min, long max) {
@@ -59,8 +63,38 @@ static long parse_int(const char* name, const char* value, long min, long max) {
   return v;
 }
 
+/* "8,16,24,32" -> o->sms; each entry in [1, 1024] (the group's limit), at most BENCH_MAX_SMS_LIST of them. */
+static void parse_sms_list(const char* name, const char* value, bench_options_t* o) {
+  if (!value || *value == '\0') {
+    fprintf(stderr, "ep_bench: %s needs a comma list of SM counts\n", name);
+    exit(1);
+  }
+  std::vector<char> list(value, value + strlen(value) + 1);
+  o->num_sms_list = 0;
+  for (char *save = NULL, *item = strtok_r(list.data(), ",", &save); item; item = strtok_r(NULL, ",", &save)) {
+    if (o->num_sms_list == BENCH_MAX_SMS_LIST) {
+      fprintf(stderr, "ep_bench: %s takes at most %d entries\n", name, BENCH_MAX_SMS_LIST);
+      exit(1);
+    }
+    o->sms[o->num_sms_list++] = (int)parse_int(name, item, 1, 1024);
+  }
+  if (o->num_sms_list == 0) {
+    fprintf(stderr, "ep_bench: %s needs a comma list of SM counts, got '%s'\n", name, value);
+    exit(1);
+  }
+}
+
 static bench_options_t parse_options(int argc, char** argv) {
-  bench_options_t o = {4096, 7168, 8, 256, 50, 10, "layout,nccl", 0, 0};
+  bench_options_t o;
+  memset(&o, 0, sizeof(o));
+  o.tokens = 4096;
+  o.hidden = 7168;
+  o.topk = 8;
+  o.experts = 256;
+  o.iters = 50;
+  o.warmup = 10;
+  o.family = "layout,intranode";
+  parse_sms_list("--sms", "8,16,24,32", &o);
   for (int i = 1; i < argc; ++i) {
     const char* arg = argv[i];
     if (!strcmp(arg, "--help") || !strcmp(arg, "-h")) {
@@ -86,6 +120,7 @@ static bench_options_t parse_options(int argc, char** argv) {
     else if (!strcmp(name, "--iters")) o.iters = (int)parse_int(name, value, 1, 100000);
     else if (!strcmp(name, "--warmup")) o.warmup = (int)parse_int(name, value, 0, 100000);
     else if (!strcmp(name, "--family") && value) o.family = value;
+    else if (!strcmp(name, "--sms") || !strcmp(name, "--num-sms-list")) parse_sms_list(name, value, &o);
     else if (!strcmp(name, "--seed") && value) {
       char* end = NULL;
       o.seed = strtoull(value, &end, 0);
@@ -100,6 +135,9 @@ static bench_options_t parse_options(int argc, char** argv) {
       exit(1);
     }
   }
+  o.max_sms = 0;
+  for (int i = 0; i < o.num_sms_list; ++i)
+    if (o.sms[i] > o.max_sms) o.max_sms = o.sms[i];
   if (o.topk > o.experts) {
     fprintf(stderr, "ep_bench: --topk %d exceeds --experts %d\n", o.topk, o.experts);
     exit(1);
@@ -160,6 +198,9 @@ static void setup(bench_t* b) {
   config.hidden = o->hidden;
   config.max_tokens_per_rank = o->tokens > 0 ? o->tokens : 1;
   config.max_topk = o->topk;
+  /* The group's num_sms bounds what one call may ask for (each call passes its own num_sms): cover the largest
+   * entry of --sms. */
+  config.num_sms = o->max_sms;
   EP_OK(NULL, harness_group_create(&b->h, &config, &b->group));
   EP_OK(b->group, ep_group_get_info(b->group, &b->info));
 
@@ -252,7 +293,10 @@ static const char* pair(char* buf, size_t len, int decimals, double a, double b)
 }
 
 /* The fields of a row that the ranks swap. */
-enum { F_DISPATCH, F_COMBINE, F_BYTES, F_BASE_DISPATCH, F_BASE_COMBINE, F_VALIDATED, F_MISMATCHES, F_COUNT };
+enum {
+  F_DISPATCH, F_COMBINE, F_BYTES, F_BASE_DISPATCH, F_BASE_COMBINE, F_VALIDATED, F_MISMATCHES, F_COMBINE_BYTES,
+  F_COUNT
+};
 
 /* Sums up every rank's row (`all`: [R][F_COUNT]) into one line, printed by rank 0. */
 static void print_row(bench_t* b, const bench_row_t* row, const double* all) {
@@ -275,8 +319,8 @@ static void print_row(bench_t* b, const bench_row_t* row, const double* all) {
   const double base_combine_us = all[(size_t)slow[F_BASE_COMBINE] * F_COUNT + F_BASE_COMBINE];
   const double dispatch_gbs = dispatch_us > 0 && slowest_dispatch[F_BYTES] > 0
                                   ? slowest_dispatch[F_BYTES] / (dispatch_us * 1e3) : -1;
-  const double combine_gbs = combine_us > 0 && slowest_combine[F_BYTES] > 0
-                                 ? slowest_combine[F_BYTES] / (combine_us * 1e3) : -1;
+  const double combine_gbs = combine_us > 0 && slowest_combine[F_COMBINE_BYTES] > 0
+                                 ? slowest_combine[F_COMBINE_BYTES] / (combine_us * 1e3) : -1;
   const double speedup_dispatch = dispatch_us > 0 && base_dispatch_us > 0 ? base_dispatch_us / dispatch_us : -1;
   const double speedup_combine = combine_us > 0 && base_combine_us > 0 ? base_combine_us / combine_us : -1;
   const char* check = mismatches > 0 ? "FAIL" : validated ? "ok" : "-";
@@ -313,7 +357,8 @@ static void print_row(bench_t* b, const bench_row_t* row, const double* all) {
 
 void bench_report_row(bench_t* b, const bench_row_t* row) {
   const double mine[F_COUNT] = {row->dispatch_us, row->combine_us, row->bytes, row->baseline_dispatch_us,
-                                row->baseline_combine_us, (double)row->validated, (double)row->mismatches};
+                                row->baseline_combine_us, (double)row->validated, (double)row->mismatches,
+                                row->combine_bytes > 0 ? row->combine_bytes : row->bytes};
   std::vector<double> all((size_t)b->num_ranks * F_COUNT);
   double *d_mine, *d_all;
   CUDA_OK(cudaMalloc(&d_mine, sizeof(mine)));

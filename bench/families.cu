@@ -6,6 +6,8 @@
  * for the baseline columns, and ends with bench_report_row. */
 #include <vector>
 
+#include <cuda_fp8.h>
+
 #include "nccl_baseline.h"
 #include "timing.h"
 
@@ -206,4 +208,274 @@ void family_nccl(bench_t* b) {
                     check_combined(b, "nccl-user combine", u.out);
   bench_report_row(b, &user);
   nccl_user_destroy(&u);
+}
+
+/* ------------------------------------------------------------------------------------------------------------
+ * intranode: the normal path (ep_dispatch_prepare, ep_dispatch, ep_combine) in BF16 and FP8, per SM count,
+ * next to the NCCL user path on the same shape
+ * ------------------------------------------------------------------------------------------------------------ */
+
+/* Ends the run when a kernel of `what` recorded a device fault (bad data, a peer that timed out). */
+static void check_async(bench_t* b, const char* what) {
+  CUDA_OK(cudaStreamSynchronize(b->stream));
+  ep_status_t async_status;
+  EP_OK(b->group, ep_get_async_error(b->group, &async_status));
+  if (async_status != EP_STATUS_SUCCESS)
+    bench_die(__FILE__, __LINE__, what, ep_status_string(async_status), ep_last_error(b->group));
+}
+
+/* This rank's tokens as FP8: e4m3(bench_value(rank, t, c)) and the scales bench_fp8_scale(rank, t, g). */
+__global__ void fill_fp8_tokens(uint8_t* x, float* scales, int rank, int tokens, int hidden) {
+  const size_t n = (size_t)tokens * hidden;
+  const int groups = hidden / 128;
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+    const int t = (int)(i / hidden), c = (int)(i % hidden);
+    x[i] = (uint8_t)__nv_cvt_float_to_fp8(bench_value(rank, t, c), __NV_SATFINITE, __NV_E4M3);
+    if (c % 128 == 0) scales[(size_t)t * groups + c / 128] = bench_fp8_scale(rank, t, c / 128);
+  }
+}
+
+/* Where a received row comes from. */
+typedef struct src_row {
+  int rank, token;
+} src_row_t;
+
+/* The rows this rank receives, in dispatch order (source rank, then source token), from every rank's routing. */
+static std::vector<src_row_t> expected_recv_rows(const bench_t* b) {
+  const int R = b->num_ranks, T = b->opt.tokens;
+  std::vector<src_row_t> rows;
+  for (int s = 0; s < R; ++s)
+    for (int t = 0; t < T; ++t)
+      if (b->is_token_in_rank[s][(size_t)t * R + b->rank]) rows.push_back(src_row_t{s, t});
+  return rows;
+}
+
+/* BF16 rows [rows.size(), hidden]: row i holds bench_value(rows[i].rank, rows[i].token, c). */
+static long check_bf16_rows(bench_t* b, const char* what, const std::vector<src_row_t>& rows, const void* d_rows) {
+  const int H = b->opt.hidden;
+  const std::vector<uint16_t> got = to_host(b, (const uint16_t*)d_rows, rows.size() * H);
+  long bad = 0;
+  for (size_t i = 0; i < rows.size(); ++i)
+    for (int c = 0; c < H; ++c) {
+      const uint16_t want = bench_exact_bf16(bench_value(rows[i].rank, rows[i].token, c));
+      const uint16_t have = got[i * H + c];
+      if (have != want && bad++ == 0)
+        fprintf(stderr, "ep_bench rank %d: %s: row %zu (rank %d token %d) channel %d = 0x%04x, want 0x%04x\n",
+                b->rank, what, i, rows[i].rank, rows[i].token, c, have, want);
+    }
+  if (bad) fprintf(stderr, "ep_bench rank %d: %s: %ld values differ\n", b->rank, what, bad);
+  return bad;
+}
+
+/* FP8 rows [rows.size(), hidden] e4m3 and their scales [rows.size(), hidden / 128], as fill_fp8_tokens made them
+ * on the source rank (expected bytes from the reference's conversion). */
+static long check_fp8_rows(bench_t* b, const char* what, const std::vector<src_row_t>& rows, const void* d_rows,
+                           const float* d_scales) {
+  const int H = b->opt.hidden, G = H / 128;
+  const std::vector<uint8_t> got = to_host(b, (const uint8_t*)d_rows, rows.size() * H);
+  const std::vector<float> got_scales = to_host(b, d_scales, rows.size() * G);
+  long bad = 0;
+  for (size_t i = 0; i < rows.size(); ++i) {
+    const int s = rows[i].rank, t = rows[i].token;
+    for (int c = 0; c < H; ++c) {
+      const uint8_t want = ep_ref_f32_to_e4m3(bench_value(s, t, c));
+      const uint8_t have = got[i * H + c];
+      if (have != want && bad++ == 0)
+        fprintf(stderr, "ep_bench rank %d: %s: row %zu (rank %d token %d) channel %d = 0x%02x, want 0x%02x\n",
+                b->rank, what, i, s, t, c, have, want);
+    }
+    for (int g = 0; g < G; ++g) {
+      const float want = bench_fp8_scale(s, t, g), have = got_scales[i * G + g];
+      if (!(have == want) && bad++ == 0)
+        fprintf(stderr, "ep_bench rank %d: %s: row %zu (rank %d token %d) scale %d = %g, want %g\n", b->rank, what,
+                i, s, t, g, have, want);
+    }
+  }
+  if (bad) fprintf(stderr, "ep_bench rank %d: %s: %ld values differ\n", b->rank, what, bad);
+  return bad;
+}
+
+/* The prepare's device counts against the reference dispatch of every rank's routing. */
+static long check_prepare_counts(bench_t* b, const int* d_num_recv, const int* d_expert_counts,
+                                 int expected_num_recv) {
+  const int R = b->num_ranks, T = b->opt.tokens, E = b->opt.experts, E_loc = E / R;
+  const int ranks_per_node = b->info.ranks_per_node > 0 ? b->info.ranks_per_node : R;
+  std::vector<int> num_tokens(R, T);
+  ep_ref_world_t world;
+  memset(&world, 0, sizeof(world));
+  world.num_ranks = R;
+  world.ranks_per_node = ranks_per_node;
+  world.num_experts = E;
+  world.num_topk = b->opt.topk;
+  world.num_tokens = num_tokens.data();
+  world.topk_idx = (const int64_t* const*)b->topk_idx;
+  world.is_token_in_rank = (const uint8_t* const*)b->is_token_in_rank;
+  ep_ref_dispatch_t ref;
+  if (ep_ref_dispatch(&world, 1, &ref) != 0)
+    bench_die(__FILE__, __LINE__, "ep_ref_dispatch", "the reference rejected the routing", "");
+  const ep_ref_recv_t* mine = &ref.recv[b->rank];
+  long bad = 0;
+  if (mine->num_recv != expected_num_recv) { /* the bench's own row list disagrees with the reference */
+    fprintf(stderr, "ep_bench rank %d: reference receives %d rows, the row list %d\n", b->rank, mine->num_recv,
+            expected_num_recv);
+    ++bad;
+  }
+  bad += count_mismatches(b, "prepare num_recv_tokens_dev", to_host(b, d_num_recv, 1).data(), &mine->num_recv, 1);
+  bad += count_mismatches(b, "prepare num_recv_tokens_per_expert_dev", to_host(b, d_expert_counts, E_loc).data(),
+                          mine->num_recv_tokens_per_expert, E_loc);
+  ep_ref_dispatch_free(&ref);
+  return bad;
+}
+
+void family_intranode(bench_t* b) {
+  const int R = b->num_ranks, T = b->opt.tokens, H = b->opt.hidden, K = b->opt.topk, E = b->opt.experts;
+  const int G = H / 128;
+  if (H % 8 != 0)
+    bench_die(__FILE__, __LINE__, "family intranode", "--hidden must be a multiple of 8 for BF16 dispatch", "");
+  const int with_fp8 = H % 128 == 0;
+  if (!with_fp8 && b->rank == 0)
+    fprintf(stderr, "ep_bench: intranode fp8 rows skipped: --hidden %d is not a multiple of 128\n", H);
+  const std::vector<src_row_t> recv_rows = expected_recv_rows(b);
+  const int num_recv = (int)recv_rows.size();
+  const size_t bf16_row = (size_t)H * 2, fp8_row = (size_t)H, scale_row = (size_t)G * sizeof(float);
+
+  /* FP8 inputs, derived from the same (rank, token, column) as the BF16 ones. */
+  uint8_t* d_x_fp8 = NULL;
+  float* d_x_scales = NULL;
+  if (with_fp8) {
+    CUDA_OK(cudaMalloc(&d_x_fp8, ((size_t)T + 1) * fp8_row));
+    CUDA_OK(cudaMalloc(&d_x_scales, ((size_t)T + 1) * scale_row));
+    if (T > 0) {
+      fill_fp8_tokens<<<1024, 256, 0, b->stream>>>(d_x_fp8, d_x_scales, b->rank, T, H);
+      LAUNCH_OK();
+    }
+  }
+
+  /* The baseline first: the NCCL user path on this shape (BF16 dispatch, BF16 combine, FP8 dispatch), validated.
+   * Its mismatches count in every row that shows its times. */
+  double base_us[3] = {-1, -1, -1}; /* bf16 dispatch, combine, fp8 dispatch */
+  long base_bad;
+  {
+    nccl_user_t u;
+    nccl_user_create(&u, b->is_token_in_rank[b->rank], T, H, b->rank, R, b->comm, b->stream);
+    nccl_user_fp8_t u8;
+    memset(&u8, 0, sizeof(u8));
+    if (with_fp8) nccl_user_fp8_create(&u8, &u.plan, H);
+    poison(b, u.recv_rows, (size_t)u.plan.num_recv_rows * bf16_row);
+    poison(b, u.out, (size_t)T * bf16_row);
+    if (with_fp8) {
+      poison(b, u8.recv_rows, (size_t)u.plan.num_recv_rows * fp8_row);
+      poison(b, u8.recv_scales, (size_t)u.plan.num_recv_rows * scale_row);
+    }
+    const bench_phase_fn phases[3] = {
+        [&] { nccl_user_dispatch(&u, b->d_x, b->comm, b->stream); },
+        [&] { nccl_user_combine(&u, u.recv_rows, b->comm, b->stream); },
+        [&] { nccl_user_fp8_dispatch(&u8, d_x_fp8, d_x_scales, b->comm, b->stream); },
+    };
+    bench_time_phases(b, with_fp8 ? 3 : 2, phases, base_us);
+    base_bad = check_recv_counts(b, &u.plan) + check_bf16_rows(b, "nccl-user dispatch", recv_rows, u.recv_rows) +
+               check_combined(b, "nccl-user combine", u.out);
+    if (with_fp8) {
+      base_bad += check_fp8_rows(b, "nccl-user fp8 dispatch", recv_rows, u8.recv_rows, u8.recv_scales);
+      nccl_user_fp8_destroy(&u8);
+    }
+    nccl_user_destroy(&u);
+  }
+
+  /* prepare: the graph-safe form (counts in device memory, no host wait), the routing of this run. Every timed
+   * call refills the handle with the same routing, so the handle is ready for the dispatch rows below. */
+  ep_handle_t handle = NULL;
+  EP_OK(b->group, ep_handle_create(b->group, &handle));
+  int *d_num_recv, *d_expert_counts;
+  CUDA_OK(cudaMalloc(&d_num_recv, sizeof(int)));
+  CUDA_OK(cudaMalloc(&d_expert_counts, (size_t)(E / R) * sizeof(int)));
+  poison(b, d_num_recv, sizeof(int));
+  poison(b, d_expert_counts, (size_t)(E / R) * sizeof(int));
+  ep_dispatch_prepare_args_t prep = EP_DISPATCH_PREPARE_ARGS_INIT;
+  prep.topk_idx = b->d_topk_idx;
+  prep.num_tokens = T;
+  prep.num_topk = K;
+  prep.num_experts = E;
+  prep.expert_alignment = 1;
+  prep.num_recv_tokens_dev = d_num_recv;
+  prep.num_recv_tokens_per_expert_dev = d_expert_counts;
+  const bench_phase_fn prepare = [&] { EP_OK(b->group, ep_dispatch_prepare(b->group, handle, &prep, b->stream)); };
+  bench_row_t prep_row = bench_row_make("prepare", "-");
+  bench_time_phases(b, 1, &prepare, &prep_row.dispatch_us);
+  check_async(b, "ep_dispatch_prepare (device)");
+  prep_row.validated = 1;
+  prep_row.mismatches = check_prepare_counts(b, d_num_recv, d_expert_counts, num_recv);
+  bench_report_row(b, &prep_row);
+
+  /* Outputs sized for the graph-safe form's worst-case bound: every token of every rank. */
+  const int capacity = R * T;
+  void *recv_bf16, *recv_fp8 = NULL, *combined;
+  float* recv_scales = NULL;
+  CUDA_OK(cudaMalloc(&recv_bf16, ((size_t)capacity + 1) * bf16_row));
+  CUDA_OK(cudaMalloc(&combined, ((size_t)T + 1) * bf16_row));
+  if (with_fp8) {
+    CUDA_OK(cudaMalloc(&recv_fp8, ((size_t)capacity + 1) * fp8_row));
+    CUDA_OK(cudaMalloc(&recv_scales, ((size_t)capacity + 1) * scale_row));
+  }
+
+  /* BF16 rows, then FP8 rows; one per SM count. The FP8 rows' combine takes the BF16 rows of the last BF16
+   * dispatch (validated) as the experts' outputs: combine is BF16 in both. */
+  for (int fp8 = 0; fp8 <= with_fp8; ++fp8) {
+    for (int i = 0; i < b->opt.num_sms_list; ++i) {
+      const int sms = b->opt.sms[i];
+      ep_dispatch_args_t disp = EP_DISPATCH_ARGS_INIT;
+      disp.x = fp8 ? (const void*)d_x_fp8 : (const void*)b->d_x;
+      disp.x_dtype = fp8 ? EP_FP8_E4M3 : EP_BF16;
+      disp.hidden = H;
+      disp.x_scales = fp8 ? d_x_scales : NULL;
+      disp.recv_capacity = capacity;
+      disp.recv_x = fp8 ? recv_fp8 : recv_bf16;
+      disp.recv_x_scales = fp8 ? recv_scales : NULL;
+      disp.num_sms = sms;
+      ep_combine_args_t comb = EP_COMBINE_ARGS_INIT;
+      comb.x = recv_bf16;
+      comb.hidden = H;
+      comb.combined_x = combined;
+      comb.num_sms = sms;
+
+      if (fp8) {
+        poison(b, recv_fp8, (size_t)capacity * fp8_row);
+        poison(b, recv_scales, (size_t)capacity * scale_row);
+      } else {
+        poison(b, recv_bf16, (size_t)capacity * bf16_row);
+      }
+      poison(b, combined, (size_t)T * bf16_row);
+      const bench_phase_fn phases[2] = {
+          [&] { EP_OK(b->group, ep_dispatch(b->group, handle, &disp, b->stream)); },
+          [&] { EP_OK(b->group, ep_combine(b->group, handle, &comb, b->stream)); },
+      };
+      double us[2];
+      bench_time_phases(b, 2, phases, us);
+      check_async(b, fp8 ? "intranode fp8 dispatch/combine (device)" : "intranode bf16 dispatch/combine (device)");
+
+      bench_row_t row = bench_row_make("intranode", fp8 ? "fp8" : "bf16");
+      row.sms = sms;
+      row.dispatch_us = us[0];
+      row.combine_us = us[1];
+      row.bytes = (double)num_recv * (fp8 ? (double)(fp8_row + scale_row) : (double)bf16_row);
+      row.combine_bytes = (double)num_recv * (double)bf16_row;
+      row.baseline_dispatch_us = fp8 ? base_us[2] : base_us[0];
+      row.baseline_combine_us = base_us[1];
+      row.validated = 1;
+      row.mismatches = base_bad + check_combined(b, "intranode combine", (const __nv_bfloat16*)combined);
+      row.mismatches += fp8 ? check_fp8_rows(b, "intranode fp8 dispatch", recv_rows, recv_fp8, recv_scales)
+                            : check_bf16_rows(b, "intranode bf16 dispatch", recv_rows, recv_bf16);
+      bench_report_row(b, &row);
+    }
+  }
+
+  EP_OK(b->group, ep_handle_destroy(handle));
+  CUDA_OK(cudaFree(d_num_recv));
+  CUDA_OK(cudaFree(d_expert_counts));
+  CUDA_OK(cudaFree(recv_bf16));
+  CUDA_OK(cudaFree(combined));
+  CUDA_OK(cudaFree(recv_fp8));
+  CUDA_OK(cudaFree(recv_scales));
+  CUDA_OK(cudaFree(d_x_fp8));
+  CUDA_OK(cudaFree(d_x_scales));
 }

@@ -219,3 +219,38 @@ void nccl_user_combine(nccl_user_t* u, const __nv_bfloat16* y, ncclComm_t comm, 
   nccl_exchange(&u->plan, y, u->back_rows, row_bytes, 1, comm, stream);
   nccl_combine_reduce(&u->plan, u->back_rows, u->hidden, u->out, stream);
 }
+
+/* ------------------------------------------------------------------------------------------------------------
+ * The FP8 dispatch of the user path
+ * ------------------------------------------------------------------------------------------------------------ */
+static void* alloc_bytes(int rows, size_t row_bytes) {
+  void* p = NULL;
+  CUDA_OK(cudaMalloc(&p, ((size_t)rows + 1) * row_bytes));
+  return p;
+}
+
+void nccl_user_fp8_create(nccl_user_fp8_t* u, const nccl_plan_t* plan, int hidden) {
+  const size_t scale_bytes = (size_t)hidden / 128 * sizeof(float);
+  u->plan = plan;
+  u->hidden = hidden;
+  u->send_rows = (uint8_t*)alloc_bytes(plan->num_send_rows, hidden);
+  u->recv_rows = (uint8_t*)alloc_bytes(plan->num_recv_rows, hidden);
+  u->send_scales = (float*)alloc_bytes(plan->num_send_rows, scale_bytes);
+  u->recv_scales = (float*)alloc_bytes(plan->num_recv_rows, scale_bytes);
+}
+
+void nccl_user_fp8_destroy(nccl_user_fp8_t* u) {
+  CUDA_OK(cudaFree(u->send_rows));
+  CUDA_OK(cudaFree(u->recv_rows));
+  CUDA_OK(cudaFree(u->send_scales));
+  CUDA_OK(cudaFree(u->recv_scales));
+}
+
+void nccl_user_fp8_dispatch(nccl_user_fp8_t* u, const uint8_t* x, const float* x_scales, ncclComm_t comm,
+                            cudaStream_t stream) {
+  const size_t row_bytes = (size_t)u->hidden, scale_bytes = (size_t)u->hidden / 128 * sizeof(float);
+  nccl_permute(u->plan, x, u->send_rows, row_bytes, stream);
+  nccl_permute(u->plan, x_scales, u->send_scales, scale_bytes, stream);
+  nccl_exchange(u->plan, u->send_rows, u->recv_rows, row_bytes, 0, comm, stream);
+  nccl_exchange(u->plan, u->send_scales, u->recv_scales, scale_bytes, 0, comm, stream);
+}

@@ -63,4 +63,22 @@ void nccl_user_dispatch(nccl_user_t* u, const __nv_bfloat16* x, ncclComm_t comm,
 /* Inverse exchange + reduce: y [num_recv_rows, hidden] (expert outputs in receive order) -> u->out. Collective. */
 void nccl_user_combine(nccl_user_t* u, const __nv_bfloat16* y, ncclComm_t comm, cudaStream_t stream);
 
+/* The FP8 dispatch of the user path on the plan of a BF16 one: e4m3 rows [num_tokens, hidden] and their fp32 scales
+ * [num_tokens, hidden / 128] are each permuted and exchanged (two tensors, as a user sends them). The combine stays
+ * BF16 (nccl_user_combine). */
+typedef struct nccl_user_fp8 {
+  const nccl_plan_t* plan;    /* borrowed from the BF16 path */
+  int hidden;
+  uint8_t* send_rows;         /* [num_send_rows, hidden] */
+  uint8_t* recv_rows;         /* [num_recv_rows, hidden] dispatch output */
+  float* send_scales;         /* [num_send_rows, hidden / 128] */
+  float* recv_scales;         /* [num_recv_rows, hidden / 128] dispatch output */
+} nccl_user_fp8_t;
+
+void nccl_user_fp8_create(nccl_user_fp8_t* u, const nccl_plan_t* plan, int hidden);
+void nccl_user_fp8_destroy(nccl_user_fp8_t* u);
+/* Permute + exchange of the rows, then of the scales. Collective. */
+void nccl_user_fp8_dispatch(nccl_user_fp8_t* u, const uint8_t* x, const float* x_scales, ncclComm_t comm,
+                            cudaStream_t stream);
+
 #endif /* EP_BENCH_NCCL_BASELINE_H */
