@@ -201,6 +201,124 @@ typedef struct ep_layout_args {
  * Collective: no. Allocates: no. Graph-capturable: yes. */
 EP_API ep_status_t ep_get_dispatch_layout(ep_group_t group, const ep_layout_args_t* args, cudaStream_t stream);
 
+/* ------------------------------------------------------------------------------------------------------------
+ * Normal (high-throughput) dispatch and combine: training and prefill, thousands of tokens per rank
+ *
+ * Three steps, all on the caller's stream:
+ *   1. ep_dispatch_prepare(): from `topk_idx`, agree with every rank on who sends what to whom, and store that
+ *      routing in a handle. Eager form: it waits on the host for the number of rows this rank receives, so
+ *      the caller can size the outputs exactly. Graph-safe form: no host wait; the counts land in device memory
+ *      and the caller gives outputs sized for a worst-case bound.
+ *   2. ep_dispatch(): move the rows (and their scales, top-k ids made local, weights) to the ranks that own the
+ *      experts. Output rows are ordered by source rank, then source token: deterministic. Calling it again on
+ *      the same handle moves other data along the same routing ("cached dispatch"), with no prepare.
+ *   3. ep_combine(): send expert outputs back along the handle's routing and sum each token's copies in fp32,
+ *      in ascending rank order (deterministic), plus up to two biases.
+ * Combine is the backward of dispatch and dispatch the backward of combine: both take the same handle.
+ * Calls on one group must be ordered (one stream, or events between streams), and every rank makes the same
+ * sequence of prepare / dispatch / combine calls.
+ * ------------------------------------------------------------------------------------------------------------ */
+
+/* The routing of one dispatch: which rows go where. Created once, refilled by every ep_dispatch_prepare(). */
+typedef struct ep_handle* ep_handle_t;
+
+/* Allocate a handle sized for the group's largest shape (config hints).
+ * Collective: no. Allocates: yes (device, about max_tokens_per_rank * num_ranks * 8 bytes). Graph-capturable: no. */
+EP_API ep_status_t ep_handle_create(ep_group_t group, ep_handle_t* handle);
+
+/* Free a handle. Waits for the device work of its group. `handle` may be NULL.
+ * Collective: no. Allocates: no. Graph-capturable: no. */
+EP_API ep_status_t ep_handle_destroy(ep_handle_t handle);
+
+#define EP_DISPATCH_PREPARE_ARGS_MAGIC 0x45505031u /* "EPP1" */
+
+typedef struct ep_dispatch_prepare_args {
+  uint32_t size;                       /* sizeof(ep_dispatch_prepare_args_t) */
+  uint32_t magic;                      /* EP_DISPATCH_PREPARE_ARGS_MAGIC */
+  const int64_t* topk_idx;             /* [IN] [num_tokens, num_topk] int64 device; -1 = no expert */
+  int num_tokens;                      /* 0..config.max_tokens_per_rank; may differ between ranks */
+  int num_topk;                        /* 1..config.max_topk */
+  int num_experts;                     /* multiple of num_ranks, <= config.num_experts; same on every rank */
+  int expert_alignment;                /* >= 1: per-expert received counts are rounded up to a multiple */
+  /* Eager form: when `num_recv_tokens` is not NULL the call waits on the host (synchronises `stream`) and fills: */
+  int* num_recv_tokens;                /* [OUT] host int: rows this rank will receive */
+  int* num_recv_tokens_per_expert;     /* [OUT] host [num_experts / num_ranks], aligned; may be NULL */
+  /* Graph-safe form (and also filled in the eager form when not NULL): */
+  int* num_recv_tokens_dev;            /* [OUT] device int */
+  int* num_recv_tokens_per_expert_dev; /* [OUT] device [num_experts / num_ranks], aligned */
+} ep_dispatch_prepare_args_t;
+
+#define EP_DISPATCH_PREPARE_ARGS_INIT \
+  { (uint32_t)sizeof(ep_dispatch_prepare_args_t), EP_DISPATCH_PREPARE_ARGS_MAGIC, NULL, 0, 0, 0, 1, NULL, NULL, NULL, NULL }
+
+/* Agree on the routing of the next dispatch and store it in `handle` (the handle's previous routing is replaced).
+ * Exchanges per-destination and per-expert counts with every rank over NVLink. An expert index outside
+ * [-1, num_experts) is reported as EP_STATUS_DEVICE_ERROR by the next call and that token is not sent.
+ * Collective: yes. Allocates: no. Graph-capturable: yes in the graph-safe form (num_recv_tokens == NULL);
+ * the eager form waits on the host. */
+EP_API ep_status_t ep_dispatch_prepare(ep_group_t group, ep_handle_t handle, const ep_dispatch_prepare_args_t* args,
+                                       cudaStream_t stream);
+
+#define EP_DISPATCH_ARGS_MAGIC 0x45504431u /* "EPD1" */
+
+typedef struct ep_dispatch_args {
+  uint32_t size;               /* sizeof(ep_dispatch_args_t) */
+  uint32_t magic;              /* EP_DISPATCH_ARGS_MAGIC */
+  const void* x;               /* [IN] [num_tokens, hidden] device, 16-byte aligned; num_tokens from the prepare */
+  ep_dtype_t x_dtype;          /* EP_BF16, or EP_FP8_E4M3 (then x_scales is required) */
+  int hidden;                  /* <= config.hidden; multiple of 8 (BF16) or 128 (FP8) */
+  const float* x_scales;       /* [IN] [num_tokens, hidden / 128] fp32 device, FP8 only */
+  const int64_t* topk_idx;     /* [IN] [num_tokens, num_topk] the routing given to the prepare; needed only for
+                                  recv_topk_idx / recv_topk_weights */
+  const float* topk_weights;   /* [IN] [num_tokens, num_topk] fp32 device, or NULL */
+  int recv_capacity;           /* rows available in the outputs (>= received rows; the worst-case bound in the
+                                  graph-safe form is num_ranks * max tokens per rank) */
+  void* recv_x;                /* [OUT] [recv_capacity, hidden] same dtype as x, 16-byte aligned */
+  float* recv_x_scales;        /* [OUT] [recv_capacity, hidden / 128] fp32, FP8 only */
+  int64_t* recv_topk_idx;      /* [OUT] [recv_capacity, num_topk] local expert ids (others -1), or NULL; rows past
+                                  the received count are set to -1 */
+  float* recv_topk_weights;    /* [OUT] [recv_capacity, num_topk] (0 where the id is -1), or NULL; needs
+                                  topk_weights */
+  int* recv_src_idx;           /* [OUT] [recv_capacity] index of each row's token on its source rank, or NULL;
+                                  -1 past the received count */
+  int num_sms;                 /* SMs this call may use; 0 = the group's config.num_sms */
+} ep_dispatch_args_t;
+
+#define EP_DISPATCH_ARGS_INIT \
+  { (uint32_t)sizeof(ep_dispatch_args_t), EP_DISPATCH_ARGS_MAGIC, NULL, EP_BF16, 0, NULL, NULL, NULL, 0, NULL, \
+    NULL, NULL, NULL, NULL, 0 }
+
+/* Move rows to the ranks that hold their experts, along the handle's routing. More received rows than
+ * recv_capacity is reported as EP_STATUS_DEVICE_ERROR by the next call (the extra rows are dropped).
+ * Collective: yes. Allocates: no. Graph-capturable: yes. */
+EP_API ep_status_t ep_dispatch(ep_group_t group, ep_handle_t handle, const ep_dispatch_args_t* args,
+                               cudaStream_t stream);
+
+#define EP_COMBINE_ARGS_MAGIC 0x45504331u /* "EPC1" */
+
+typedef struct ep_combine_args {
+  uint32_t size;               /* sizeof(ep_combine_args_t) */
+  uint32_t magic;              /* EP_COMBINE_ARGS_MAGIC */
+  const void* x;               /* [IN] [received rows, hidden] bf16 device, in the handle's dispatch order */
+  int hidden;                  /* <= config.hidden, multiple of 8 */
+  const float* topk_weights;   /* [IN] [received rows, num_topk] fp32, or NULL: summed back like x */
+  const void* bias0;           /* [IN] [num_tokens, hidden] bf16, or NULL: added to the output */
+  const void* bias1;           /* [IN] [num_tokens, hidden] bf16, or NULL */
+  void* combined_x;            /* [OUT] [num_tokens, hidden] bf16 */
+  float* combined_topk_weights; /* [OUT] [num_tokens, num_topk] fp32, or NULL; needs topk_weights */
+  int num_sms;                 /* SMs this call may use; 0 = the group's config.num_sms */
+} ep_combine_args_t;
+
+#define EP_COMBINE_ARGS_INIT \
+  { (uint32_t)sizeof(ep_combine_args_t), EP_COMBINE_ARGS_MAGIC, NULL, 0, NULL, NULL, NULL, NULL, NULL, 0 }
+
+/* Sum each token's expert outputs back on its source rank: out[t] = bias0[t] + bias1[t] + sum over the ranks r
+ * that token t went to, ascending, of x_r[row of t on r], accumulated in fp32 and rounded once to bf16.
+ * Tokens sent nowhere get bias0 + bias1 (or zeros).
+ * Collective: yes. Allocates: no. Graph-capturable: yes. */
+EP_API ep_status_t ep_combine(ep_group_t group, ep_handle_t handle, const ep_combine_args_t* args,
+                              cudaStream_t stream);
+
 #ifdef __cplusplus
 }
 #endif

@@ -51,6 +51,8 @@ static void free_group(ep_group_t g) {
   if (!g) return;
   if (g->peer_bases_dev) cudaFree(g->peer_bases_dev);
   if (g->layout_scratch) cudaFree(g->layout_scratch);
+  if (g->normal_state) cudaFree(g->normal_state);
+  if (g->expert_sum) cudaFree(g->expert_sum);
   if (g->error_word) cudaFreeHost(g->error_word);
   if (ep_tp_is_initialized()) {
     if (g->workspace) ep_tp_free(g->workspace);
@@ -111,7 +113,9 @@ ep_status_t ep_group_create(ep_group_t* group, const ep_unique_id_t* unique_id, 
   g->num_sms = cfg.num_sms ? cfg.num_sms : EP_DEFAULT_NUM_SMS;
   if (g->num_sms > prop.multiProcessorCount) g->num_sms = prop.multiProcessorCount;
   g->timeout_ns = (unsigned long long)(cfg.timeout_seconds * 1e9);
-  g->workspace_bytes = ep_check_workspace_bytes(num_ranks);
+  g->normal_offset = ep_align_up(ep_check_workspace_bytes(num_ranks), 128);
+  g->normal_layout = ep_normal_layout(num_ranks, cfg.num_experts, cfg.max_tokens_per_rank, cfg.hidden, cfg.max_topk);
+  g->workspace_bytes = g->normal_offset + g->normal_layout.total_bytes;
   g->heap_bytes = g->workspace_bytes + EP_HEAP_SLACK_BYTES;
 
   size_t free_bytes = 0, total_bytes = 0;
@@ -171,6 +175,10 @@ ep_status_t ep_group_create(ep_group_t* group, const ep_unique_id_t* unique_id, 
     ce = cudaMalloc((void**)&g->layout_scratch, scratch);
     if (ce == cudaSuccess) ce = cudaMemset(g->layout_scratch, 0, scratch);
   }
+  if (ce == cudaSuccess) ce = cudaMalloc((void**)&g->normal_state, sizeof(ep_normal_state_t));
+  if (ce == cudaSuccess) ce = cudaMemset(g->normal_state, 0, sizeof(ep_normal_state_t));
+  if (ce == cudaSuccess) ce = cudaMalloc((void**)&g->expert_sum, sizeof(int) * (size_t)(cfg.num_experts / num_ranks));
+  if (ce == cudaSuccess) ce = cudaMemset(g->expert_sum, 0, sizeof(int) * (size_t)(cfg.num_experts / num_ranks));
   if (ce == cudaSuccess) ce = cudaDeviceSynchronize();
   if (ce != cudaSuccess) {
     st = ep_fail_cuda(NULL, ce, "group buffer setup");

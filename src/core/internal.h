@@ -34,6 +34,12 @@ struct ep_group {
   void* workspace;                   /* symmetric, group-owned: signals and check blocks */
   size_t workspace_bytes;
 
+  /* Normal (high-throughput) path. */
+  size_t normal_offset;              /* the normal region's offset inside `workspace` */
+  ep_normal_layout_t normal_layout;
+  ep_normal_state_t* normal_state;   /* device: call epochs */
+  int* expert_sum;                   /* device scratch [config.num_experts / num_ranks] */
+
   bool failed;                       /* a sticky fault (timeout) was reported: only destroy is allowed */
   char last_error[EP_ERROR_MESSAGE_BYTES];
 };
@@ -63,5 +69,21 @@ ep_status_t ep_check_header(ep_group_t group, const char* fn, const char* type_n
     ep_status_t ep_try_st_ = (call);          \
     if (ep_try_st_ != EP_STATUS_SUCCESS) return ep_try_st_; \
   } while (0)
+
+struct ep_handle {
+  ep_group_t group;
+  void* memory;          /* one device allocation holding the arrays below */
+  int* send_pos;         /* [max_tokens][R] */
+  int* matrix;           /* [R][R] */
+  int* num_tokens_of;    /* [R] */
+  int* recv_src;         /* [R][max_tokens] */
+  int* recv_offset;      /* [R + 1] */
+  int* num_recv;         /* [1] */
+  int* expert_counts;    /* [config.num_experts / R] */
+  /* What the last prepare was given, for validating the calls that use it. */
+  bool prepared;
+  int num_tokens, num_topk, num_experts;
+  int num_recv_host;     /* received rows when the prepare was eager, else -1 */
+};
 
 #endif /* EP_CORE_INTERNAL_H */

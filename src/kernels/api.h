@@ -8,6 +8,8 @@
 
 #include <cuda_runtime_api.h>
 
+#include "kernels/normal_layout.h"
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -18,6 +20,7 @@ typedef enum ep_device_fault {
   EP_FAULT_BAD_EXPERT = 1, /* value0 = token, value1 = the bad expert index */
   EP_FAULT_TIMEOUT = 2,    /* peer = the rank waited on, site = which wait */
   EP_FAULT_BAD_DATA = 3,   /* a self-check found wrong bytes: peer = source rank, value0 = offset */
+  EP_FAULT_RECV_OVERFLOW = 4, /* value0 = rows received, value1 = recv_capacity */
 } ep_device_fault_t;
 
 /* Where a device wait happens; ep_fault_site_name() gives the words used in messages. */
@@ -26,6 +29,12 @@ typedef enum ep_wait_site {
   EP_SITE_CHECK_SIGNAL = 1,  /* ep_group_check: waiting for a peer's put-with-signal */
   EP_SITE_CHECK_NVLINK = 2,  /* ep_group_check: waiting for a peer's NVLink stores */
   EP_SITE_BARRIER = 3,       /* device barrier across the group */
+  EP_SITE_PREPARE_ACK = 4,   /* prepare: waiting for a peer to release our previous send lists */
+  EP_SITE_PREPARE_COUNTS = 5, /* prepare: waiting for a peer's counts */
+  EP_SITE_DISPATCH_ACK = 6,  /* dispatch: waiting for a peer to release our previous staged rows */
+  EP_SITE_DISPATCH_STAGED = 7, /* dispatch: waiting for a peer's staged rows */
+  EP_SITE_COMBINE_ACK = 8,   /* combine: waiting for a peer to release our previous staged rows */
+  EP_SITE_COMBINE_STAGED = 9, /* combine: waiting for a peer's staged expert outputs */
   EP_SITE_COUNT
 } ep_wait_site_t;
 
@@ -68,6 +77,62 @@ typedef struct ep_check_launch {
 
 size_t ep_check_workspace_bytes(int num_ranks);
 cudaError_t ep_launch_check(const ep_check_launch_t* p, cudaStream_t stream);
+
+/* ---- Normal (high-throughput) intranode path: prepare, dispatch, combine ---- */
+
+/* Device-side call counters of the group (device memory, zeroed at create). */
+typedef struct ep_normal_state {
+  unsigned long long prepare_epoch, dispatch_epoch, combine_epoch; /* completed calls */
+  unsigned int prepare_done, dispatch_done, combine_done;          /* blocks finished in the running call */
+  unsigned int pad;
+} ep_normal_state_t;
+
+typedef struct ep_normal_launch {
+  /* group */
+  int rank, num_ranks;
+  char* normal_base;              /* this rank's normal region (symmetric) */
+  void* const* peer_workspace;    /* device [num_ranks]: peer's mapping of the group workspace */
+  size_t normal_offset;           /* normal region's offset inside the workspace */
+  ep_normal_layout_t layout;
+  ep_normal_state_t* state;
+  int* expert_sum;                /* device [num_local_experts] scratch, zero between calls */
+  unsigned long long timeout_ns;
+  ep_device_error_t* error;
+  int num_blocks;
+  /* handle (device) */
+  int* send_pos;                  /* [max_tokens][R]: row of my token on each rank, counted within my segment; -1 */
+  int* matrix;                    /* [R][R]: tokens rank s sends to rank d */
+  int* num_tokens_of;             /* [R] */
+  int* recv_src;                  /* [R][max_tokens]: token index on source s of my j-th row from s */
+  int* recv_offset;               /* [R+1]: where rows from s start in my output */
+  int* num_recv;                  /* [1] */
+  int* expert_counts;             /* [E_loc] aligned */
+  /* call */
+  int num_tokens, num_topk, num_experts, expert_alignment;
+  const int64_t* topk_idx;
+  int* out_num_recv;              /* optional */
+  int* out_expert_counts;         /* optional */
+  int hidden, is_fp8;
+  const void* x;
+  const float* x_scales;
+  const float* topk_weights;
+  int recv_capacity;
+  void* recv_x;
+  float* recv_scales;
+  int64_t* recv_topk_idx;
+  float* recv_topk_weights;
+  int* recv_src_idx;
+  const void* y;
+  const float* y_weights;
+  const void* bias0;
+  const void* bias1;
+  void* combined_x;
+  float* combined_weights;
+} ep_normal_launch_t;
+
+cudaError_t ep_launch_prepare(const ep_normal_launch_t* p, cudaStream_t stream);
+cudaError_t ep_launch_dispatch(const ep_normal_launch_t* p, cudaStream_t stream);
+cudaError_t ep_launch_combine(const ep_normal_launch_t* p, cudaStream_t stream);
 
 #ifdef __cplusplus
 }

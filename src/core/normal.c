@@ -1,0 +1,234 @@
+/* normal.c: the normal (high-throughput) path's public calls: handles, prepare, dispatch, combine.
+ * Everything here validates and fills a launch struct; the kernels are in src/kernels/intranode.cu. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/internal.h"
+
+#define EP_MAX_NVLINK_RANKS 8
+
+#define FAIL_ARG(g, ...) ep_fail((g), EP_STATUS_INVALID_ARGUMENT, __VA_ARGS__)
+
+ep_status_t ep_handle_create(ep_group_t group, ep_handle_t* handle) {
+  const char* fn = "ep_handle_create";
+  EP_TRY(ep_enter(group, fn));
+  if (!handle) return FAIL_ARG(group, "%s: handle is NULL", fn);
+  *handle = NULL;
+  const size_t R = (size_t)group->num_ranks, T = (size_t)group->config.max_tokens_per_rank;
+  const size_t E_loc = (size_t)(group->config.num_experts / group->num_ranks);
+  const size_t ints = T * R + R * R + R + R * T + (R + 1) + 1 + E_loc;
+  ep_handle_t h = (ep_handle_t)calloc(1, sizeof(*h));
+  if (!h) return ep_fail(group, EP_STATUS_OUT_OF_MEMORY, "%s: host allocation failed", fn);
+  EP_CUDA_TRY(group, cudaSetDevice(group->cuda_device));
+  cudaError_t ce = cudaMalloc(&h->memory, ints * sizeof(int));
+  if (ce != cudaSuccess) {
+    free(h);
+    return ep_fail_cuda(group, ce, "cudaMalloc of the handle");
+  }
+  int* p = (int*)h->memory;
+  h->send_pos = p;      p += T * R;
+  h->matrix = p;        p += R * R;
+  h->num_tokens_of = p; p += R;
+  h->recv_src = p;      p += R * T;
+  h->recv_offset = p;   p += R + 1;
+  h->num_recv = p;      p += 1;
+  h->expert_counts = p;
+  h->group = group;
+  h->num_recv_host = -1;
+  *handle = h;
+  return EP_STATUS_SUCCESS;
+}
+
+ep_status_t ep_handle_destroy(ep_handle_t handle) {
+  if (!handle) return EP_STATUS_SUCCESS;
+  ep_group_t g = handle->group;
+  cudaError_t ce = cudaSetDevice(g->cuda_device);
+  if (ce == cudaSuccess) ce = cudaDeviceSynchronize();
+  cudaFree(handle->memory);
+  free(handle);
+  if (ce != cudaSuccess) return ep_fail_cuda(g, ce, "ep_handle_destroy: synchronising the device");
+  return EP_STATUS_SUCCESS;
+}
+
+/* Checks shared by the three calls: a live group the intranode path serves, and a handle of this group. */
+static ep_status_t enter_normal(ep_group_t group, ep_handle_t handle, const char* fn, bool need_prepared) {
+  EP_TRY(ep_enter(group, fn));
+  if (!handle) return FAIL_ARG(group, "%s: handle is NULL", fn);
+  if (handle->group != group) return FAIL_ARG(group, "%s: handle belongs to another group", fn);
+  if (need_prepared && !handle->prepared)
+    return ep_fail(group, EP_STATUS_INVALID_USAGE, "%s: handle has no routing yet; call ep_dispatch_prepare first",
+                   fn);
+  if (group->num_nodes > 1)
+    return ep_fail(group, EP_STATUS_UNSUPPORTED,
+                   "%s: the group has %d nodes (ranks_per_node=%d); the internode normal path is NOT YET SUPPORTED",
+                   fn, group->num_nodes, group->ranks_per_node);
+  if (group->num_ranks > EP_MAX_NVLINK_RANKS)
+    return ep_fail(group, EP_STATUS_UNSUPPORTED, "%s: %d ranks in one NVLink domain; the intranode path serves up to %d",
+                   fn, group->num_ranks, EP_MAX_NVLINK_RANKS);
+  return EP_STATUS_SUCCESS;
+}
+
+/* The parts of the launch struct that come from the group and the handle. */
+static ep_normal_launch_t base_launch(ep_group_t g, ep_handle_t h, int num_sms) {
+  ep_normal_launch_t p;
+  memset(&p, 0, sizeof(p));
+  p.rank = g->rank;
+  p.num_ranks = g->num_ranks;
+  p.normal_base = (char*)g->workspace + g->normal_offset;
+  p.peer_workspace = g->peer_bases_dev;
+  p.normal_offset = g->normal_offset;
+  p.layout = g->normal_layout;
+  p.state = g->normal_state;
+  p.expert_sum = g->expert_sum;
+  p.timeout_ns = g->timeout_ns;
+  p.error = g->error_word_dev;
+  p.num_blocks = num_sms > 0 ? num_sms : g->num_sms;
+  p.send_pos = h->send_pos;
+  p.matrix = h->matrix;
+  p.num_tokens_of = h->num_tokens_of;
+  p.recv_src = h->recv_src;
+  p.recv_offset = h->recv_offset;
+  p.num_recv = h->num_recv;
+  p.expert_counts = h->expert_counts;
+  p.num_tokens = h->num_tokens;
+  p.num_topk = h->num_topk;
+  p.num_experts = h->num_experts;
+  return p;
+}
+
+static bool misaligned(const void* ptr) { return ((uintptr_t)ptr & 15) != 0; }
+
+ep_status_t ep_dispatch_prepare(ep_group_t group, ep_handle_t handle, const ep_dispatch_prepare_args_t* args,
+                                cudaStream_t stream) {
+  const char* fn = "ep_dispatch_prepare";
+  EP_TRY(enter_normal(group, handle, fn, false));
+  EP_TRY(ep_check_header(group, fn, "ep_dispatch_prepare_args_t", args, args ? args->size : 0,
+                         sizeof(ep_dispatch_prepare_args_t), args ? args->magic : 0, EP_DISPATCH_PREPARE_ARGS_MAGIC));
+  const ep_dispatch_prepare_args_t* a = args;
+  const ep_group_config_t* c = &group->config;
+  if (a->num_tokens < 0 || a->num_tokens > c->max_tokens_per_rank)
+    return FAIL_ARG(group, "%s: num_tokens is %d; it must be in [0, config.max_tokens_per_rank=%d]", fn, a->num_tokens,
+                    c->max_tokens_per_rank);
+  if (a->num_topk < 1 || a->num_topk > c->max_topk)
+    return FAIL_ARG(group, "%s: num_topk is %d; it must be in [1, config.max_topk=%d]", fn, a->num_topk, c->max_topk);
+  if (a->num_experts <= 0 || a->num_experts % group->num_ranks != 0 || a->num_experts > c->num_experts)
+    return FAIL_ARG(group,
+                    "%s: num_experts is %d; it must be a positive multiple of num_ranks (%d) and <= "
+                    "config.num_experts=%d",
+                    fn, a->num_experts, group->num_ranks, c->num_experts);
+  if (a->expert_alignment < 1)
+    return FAIL_ARG(group, "%s: expert_alignment is %d; it must be >= 1", fn, a->expert_alignment);
+  if (a->num_tokens > 0 && !a->topk_idx) return FAIL_ARG(group, "%s: topk_idx is NULL with num_tokens=%d", fn, a->num_tokens);
+  if (a->num_recv_tokens_per_expert && !a->num_recv_tokens)
+    return FAIL_ARG(group, "%s: num_recv_tokens_per_expert (host) needs num_recv_tokens (the eager form)", fn);
+  EP_CUDA_TRY(group, cudaSetDevice(group->cuda_device));
+
+  handle->num_tokens = a->num_tokens;
+  handle->num_topk = a->num_topk;
+  handle->num_experts = a->num_experts;
+  handle->num_recv_host = -1;
+  ep_normal_launch_t p = base_launch(group, handle, 0);
+  p.expert_alignment = a->expert_alignment;
+  p.topk_idx = a->topk_idx;
+  p.out_num_recv = a->num_recv_tokens_dev;
+  p.out_expert_counts = a->num_recv_tokens_per_expert_dev;
+  EP_CUDA_TRY(group, ep_launch_prepare(&p, stream));
+  handle->prepared = true;
+  if (!a->num_recv_tokens) return EP_STATUS_SUCCESS;
+
+  /* Eager form: wait for the kernel (it has its own timeouts, so this wait ends), then read the counts. */
+  EP_CUDA_TRY(group, cudaStreamSynchronize(stream));
+  EP_TRY(ep_enter(group, fn));
+  EP_CUDA_TRY(group, cudaMemcpy(a->num_recv_tokens, handle->num_recv, sizeof(int), cudaMemcpyDeviceToHost));
+  handle->num_recv_host = *a->num_recv_tokens;
+  if (a->num_recv_tokens_per_expert)
+    EP_CUDA_TRY(group, cudaMemcpy(a->num_recv_tokens_per_expert, handle->expert_counts,
+                                  sizeof(int) * (size_t)(a->num_experts / group->num_ranks), cudaMemcpyDeviceToHost));
+  return EP_STATUS_SUCCESS;
+}
+
+static ep_status_t check_num_sms(ep_group_t group, const char* fn, int num_sms) {
+  if (num_sms < 0 || num_sms > 1024)
+    return FAIL_ARG(group, "%s: num_sms is %d; it must be in [0, 1024] (0 = config.num_sms)", fn, num_sms);
+  return EP_STATUS_SUCCESS;
+}
+
+ep_status_t ep_dispatch(ep_group_t group, ep_handle_t handle, const ep_dispatch_args_t* args, cudaStream_t stream) {
+  const char* fn = "ep_dispatch";
+  EP_TRY(enter_normal(group, handle, fn, true));
+  EP_TRY(ep_check_header(group, fn, "ep_dispatch_args_t", args, args ? args->size : 0, sizeof(ep_dispatch_args_t),
+                         args ? args->magic : 0, EP_DISPATCH_ARGS_MAGIC));
+  const ep_dispatch_args_t* a = args;
+  const int n = handle->num_tokens;
+  if (a->x_dtype != EP_BF16 && a->x_dtype != EP_FP8_E4M3)
+    return FAIL_ARG(group, "%s: x_dtype is %d; it must be EP_BF16 (%d) or EP_FP8_E4M3 (%d)", fn, (int)a->x_dtype,
+                    (int)EP_BF16, (int)EP_FP8_E4M3);
+  const bool fp8 = a->x_dtype == EP_FP8_E4M3;
+  if (a->hidden <= 0 || a->hidden > group->config.hidden || a->hidden % (fp8 ? 128 : 8) != 0)
+    return FAIL_ARG(group, "%s: hidden is %d; it must be a positive multiple of %d, <= config.hidden=%d", fn,
+                    a->hidden, fp8 ? 128 : 8, group->config.hidden);
+  if (n > 0 && !a->x) return FAIL_ARG(group, "%s: x is NULL with %d tokens", fn, n);
+  if (misaligned(a->x)) return FAIL_ARG(group, "%s: x (%p) is not 16-byte aligned", fn, a->x);
+  if (fp8 && n > 0 && !a->x_scales) return FAIL_ARG(group, "%s: x_scales is NULL with x_dtype EP_FP8_E4M3", fn);
+  if (a->recv_capacity < 0) return FAIL_ARG(group, "%s: recv_capacity is %d; it must be >= 0", fn, a->recv_capacity);
+  if (handle->num_recv_host >= 0 && a->recv_capacity < handle->num_recv_host)
+    return FAIL_ARG(group, "%s: recv_capacity is %d but this rank receives %d rows", fn, a->recv_capacity,
+                    handle->num_recv_host);
+  if (a->recv_capacity > 0 && !a->recv_x) return FAIL_ARG(group, "%s: recv_x is NULL", fn);
+  if (misaligned(a->recv_x)) return FAIL_ARG(group, "%s: recv_x (%p) is not 16-byte aligned", fn, a->recv_x);
+  if (fp8 && a->recv_capacity > 0 && !a->recv_x_scales)
+    return FAIL_ARG(group, "%s: recv_x_scales is NULL with x_dtype EP_FP8_E4M3", fn);
+  if ((a->recv_topk_idx || a->recv_topk_weights) && n > 0 && !a->topk_idx)
+    return FAIL_ARG(group, "%s: recv_topk_idx or recv_topk_weights is set but topk_idx is NULL", fn);
+  if (a->recv_topk_weights && n > 0 && !a->topk_weights)
+    return FAIL_ARG(group, "%s: recv_topk_weights is set but topk_weights is NULL", fn);
+  EP_TRY(check_num_sms(group, fn, a->num_sms));
+  EP_CUDA_TRY(group, cudaSetDevice(group->cuda_device));
+
+  ep_normal_launch_t p = base_launch(group, handle, a->num_sms);
+  p.hidden = a->hidden;
+  p.is_fp8 = fp8;
+  p.x = a->x;
+  p.x_scales = a->x_scales;
+  p.topk_idx = a->topk_idx;
+  p.topk_weights = a->topk_weights;
+  p.recv_capacity = a->recv_capacity;
+  p.recv_x = a->recv_x;
+  p.recv_scales = a->recv_x_scales;
+  p.recv_topk_idx = a->recv_topk_idx;
+  p.recv_topk_weights = a->recv_topk_weights;
+  p.recv_src_idx = a->recv_src_idx;
+  EP_CUDA_TRY(group, ep_launch_dispatch(&p, stream));
+  return EP_STATUS_SUCCESS;
+}
+
+ep_status_t ep_combine(ep_group_t group, ep_handle_t handle, const ep_combine_args_t* args, cudaStream_t stream) {
+  const char* fn = "ep_combine";
+  EP_TRY(enter_normal(group, handle, fn, true));
+  EP_TRY(ep_check_header(group, fn, "ep_combine_args_t", args, args ? args->size : 0, sizeof(ep_combine_args_t),
+                         args ? args->magic : 0, EP_COMBINE_ARGS_MAGIC));
+  const ep_combine_args_t* a = args;
+  if (a->hidden <= 0 || a->hidden > group->config.hidden || a->hidden % 8 != 0)
+    return FAIL_ARG(group, "%s: hidden is %d; it must be a positive multiple of 8, <= config.hidden=%d", fn, a->hidden,
+                    group->config.hidden);
+  if (handle->num_recv_host != 0 && !a->x) return FAIL_ARG(group, "%s: x is NULL", fn);
+  if (misaligned(a->x)) return FAIL_ARG(group, "%s: x (%p) is not 16-byte aligned", fn, a->x);
+  if (handle->num_tokens > 0 && !a->combined_x) return FAIL_ARG(group, "%s: combined_x is NULL", fn);
+  if (misaligned(a->combined_x)) return FAIL_ARG(group, "%s: combined_x (%p) is not 16-byte aligned", fn, a->combined_x);
+  if (misaligned(a->bias0) || misaligned(a->bias1)) return FAIL_ARG(group, "%s: a bias is not 16-byte aligned", fn);
+  if (a->combined_topk_weights && !a->topk_weights)
+    return FAIL_ARG(group, "%s: combined_topk_weights is set but topk_weights is NULL", fn);
+  EP_TRY(check_num_sms(group, fn, a->num_sms));
+  EP_CUDA_TRY(group, cudaSetDevice(group->cuda_device));
+
+  ep_normal_launch_t p = base_launch(group, handle, a->num_sms);
+  p.hidden = a->hidden;
+  p.y = a->x;
+  p.y_weights = a->topk_weights;
+  p.bias0 = a->bias0;
+  p.bias1 = a->bias1;
+  p.combined_x = a->combined_x;
+  p.combined_weights = a->combined_topk_weights;
+  EP_CUDA_TRY(group, ep_launch_combine(&p, stream));
+  return EP_STATUS_SUCCESS;
+}

@@ -1,0 +1,477 @@
+// intranode.cu: the normal (high-throughput) path inside one NVLink domain: prepare, dispatch, combine.
+// The protocol and the symmetric layout are drawn in normal_layout.h. Data moves by pulls: a receiver reads the
+// rows it needs straight from its sources' staged copies over NVLink, so each row crosses the link once and
+// lands directly in the caller's output, in a fixed order.
+#include "kernels/api.h"
+#include <cuda_bf16.h>
+
+#include "kernels/common.cuh"
+
+namespace ep {
+
+constexpr int kMaxNvlRanks = 8;  // ranks of one NVLink domain this path serves
+constexpr int kPrepareThreads = 256;
+constexpr int kNormalThreads = 768;
+constexpr int kNormalWarps = kNormalThreads / 32;
+constexpr int kChunk = EP_STAGE_CHUNK_ROWS;
+
+__device__ __forceinline__ uint64_t tagged(uint64_t epoch, int value) { return (epoch << 32) | (uint32_t)value; }
+__device__ __forceinline__ int tag_value(uint64_t v) { return (int)(uint32_t)v; }
+
+template <typename T>
+__device__ __forceinline__ T* at(char* base, size_t offset) {
+  return reinterpret_cast<T*>(base + offset);
+}
+
+__device__ __forceinline__ char* peer_normal(const ep_normal_launch_t& p, int rank) {
+  return (char*)p.peer_workspace[rank] + p.normal_offset;
+}
+
+// Bulk loads of data another GPU wrote before a flag we acquired: skip L1 so nothing stale is reused.
+__device__ __forceinline__ int4 ld_nc_na(const int4* ptr) {
+  int4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.s32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(ptr));
+  return v;
+}
+
+__device__ __forceinline__ int ld_relaxed_sys(const int* ptr) {
+  int v;
+  asm volatile("ld.relaxed.sys.global.s32 %0, [%1];" : "=r"(v) : "l"(ptr) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ float ld_relaxed_sys_f32(const float* ptr) {
+  float v;
+  asm volatile("ld.relaxed.sys.global.f32 %0, [%1];" : "=f"(v) : "l"(ptr) : "memory");
+  return v;
+}
+
+// One warp copies n16 16-byte words; `kRemote` sources are read around L1. Eight loads in flight per lane.
+template <bool kRemote>
+__device__ __forceinline__ void warp_copy(void* dst, const void* src, int n16, int lane) {
+  const int4* s = reinterpret_cast<const int4*>(src);
+  int4* d = reinterpret_cast<int4*>(dst);
+  int i = lane;
+  for (; i + 7 * 32 < n16; i += 8 * 32) {
+    int4 v[8];
+#pragma unroll
+    for (int u = 0; u < 8; ++u) v[u] = kRemote ? ld_nc_na(s + i + u * 32) : s[i + u * 32];
+#pragma unroll
+    for (int u = 0; u < 8; ++u) d[i + u * 32] = v[u];
+  }
+  for (; i < n16; i += 32) d[i] = kRemote ? ld_nc_na(s + i) : s[i];
+}
+
+// Exactly one block returns true: the last to arrive, once every block's earlier writes are visible to it.
+__device__ __forceinline__ bool arrive_last(unsigned int* counter) {
+  __shared__ bool s_last;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    s_last = atomicAdd(counter, 1u) == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (s_last) __threadfence();
+  return s_last;
+}
+
+// Where the parts of a staged dispatch row sit, for this call's hidden size and top-k.
+struct StagedRow {
+  int row_bytes, num_scales, scales_off, topk_off, weights_off;
+  __device__ StagedRow(int hidden, int is_fp8, int num_topk) {
+    row_bytes = is_fp8 ? hidden : hidden * 2;
+    num_scales = is_fp8 ? hidden / 128 : 0;
+    scales_off = (row_bytes + 15) / 16 * 16;
+    topk_off = scales_off + num_scales * 4;
+    weights_off = topk_off + num_topk * 4;
+  }
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+// prepare: block d compacts my tokens for rank d (destination role) and reads rank d's list for me (source role).
+// ---------------------------------------------------------------------------------------------------------------
+__global__ void __launch_bounds__(kPrepareThreads) prepare_kernel(ep_normal_launch_t p) {
+  extern __shared__ int s_expert[];  // [E_loc]: my tokens per local expert of rank d
+  __shared__ int s_warp_count[kPrepareThreads / 32];
+  __shared__ int s_failed;
+  const int d = blockIdx.x, R = p.num_ranks, me = p.rank, tid = threadIdx.x;
+  const int lane = tid & 31, warp = tid >> 5;
+  const int E = p.num_experts, E_loc = E / R;
+  const ep_normal_layout_t& L = p.layout;
+  const uint64_t epoch = p.state->prepare_epoch + 1;
+  char* mine = p.normal_base;
+  char* peer = peer_normal(p, d);
+  int* send_list = at<int>(mine, L.send_list) + (size_t)d * L.max_tokens;
+
+  // Rank d must have finished reading the list I wrote for it last time.
+  if (tid == 0) {
+    s_failed = !wait_until([&] { return ld_acquire_sys_u64(at<uint64_t>(mine, L.prepare_ack) + d) >= epoch - 1; },
+                           p.timeout_ns, p.error, me, d, EP_SITE_PREPARE_ACK);
+  }
+  for (int e = tid; e < E_loc; e += blockDim.x) s_expert[e] = 0;
+  __syncthreads();
+  if (s_failed) return;
+
+  // Destination role: my tokens for rank d, in token order (block-wide scan per 256 tokens).
+  int count = 0;
+  for (int base = 0; base < p.num_tokens; base += blockDim.x) {
+    const int t = base + tid;
+    bool goes = false;
+    if (t < p.num_tokens) {
+      const int64_t* row = p.topk_idx + (size_t)t * p.num_topk;
+      for (int k = 0; k < p.num_topk; ++k) {
+        const int64_t e = row[k];
+        if (e < -1 || e >= E) {
+          if (d == 0) record_fault(p.error, EP_FAULT_BAD_EXPERT, me, -1, 0, t, e);
+          continue;
+        }
+        if (e < 0 || e / E_loc != d) continue;
+        bool repeat = false;
+        for (int j = 0; j < k; ++j) repeat |= row[j] == e;
+        if (!repeat) atomicAdd(&s_expert[e - (int64_t)d * E_loc], 1);
+        goes = true;
+      }
+    }
+    const unsigned ballot = __ballot_sync(0xffffffffu, goes);
+    if (lane == 0) s_warp_count[warp] = __popc(ballot);
+    __syncthreads();
+    int before = 0, total = 0;
+    for (int w = 0; w < kPrepareThreads / 32; ++w) {
+      before += w < warp ? s_warp_count[w] : 0;
+      total += s_warp_count[w];
+    }
+    if (t < p.num_tokens) {
+      const int pos = goes ? count + before + __popc(ballot & ((1u << lane) - 1)) : -1;
+      if (goes) send_list[pos] = t;
+      p.send_pos[(size_t)t * R + d] = pos;
+    }
+    count += total;
+    __syncthreads();
+  }
+
+  // Publish, after the list: my count for d into every rank's matrix, my per-expert counts to rank d.
+  if (tid < R || tid < E_loc) __threadfence_system();
+  for (int r = tid; r < R; r += blockDim.x) {
+    uint64_t* row = at<uint64_t>(peer_normal(p, r), L.count_matrix) + (size_t)me * (R + 1);
+    st_release_sys_u64(row + d, tagged(epoch, count));
+    if (d == 0) st_release_sys_u64(row + R, tagged(epoch, p.num_tokens));
+  }
+  for (int e = tid; e < E_loc; e += blockDim.x)
+    st_release_sys_u64(at<uint64_t>(peer, L.expert_counts) + (size_t)me * E_loc + e, tagged(epoch, s_expert[e]));
+
+  // Source role: rank d's counts row, its list for me, its per-expert counts for me.
+  const uint64_t* their_row = at<uint64_t>(mine, L.count_matrix) + (size_t)d * (R + 1);
+  for (int i = tid; i <= R; i += blockDim.x) {
+    uint64_t v = 0;
+    bool ok = wait_until([&] { return ((v = ld_acquire_sys_u64(their_row + i)) >> 32) >= epoch; }, p.timeout_ns,
+                         p.error, me, d, EP_SITE_PREPARE_COUNTS);
+    if (!ok) s_failed = 1;
+    else if (i < R) p.matrix[d * R + i] = tag_value(v);
+    else p.num_tokens_of[d] = tag_value(v);
+  }
+  for (int e = tid; e < E_loc; e += blockDim.x) {
+    uint64_t v = 0;
+    const uint64_t* slot = at<uint64_t>(mine, L.expert_counts) + (size_t)d * E_loc + e;
+    bool ok = wait_until([&] { return ((v = ld_acquire_sys_u64(slot)) >> 32) >= epoch; }, p.timeout_ns, p.error, me,
+                         d, EP_SITE_PREPARE_COUNTS);
+    if (!ok) s_failed = 1;
+    else atomicAdd(&p.expert_sum[e], tag_value(v));
+  }
+  __syncthreads();
+  if (s_failed) return;
+  const int from_d = p.matrix[d * R + me];
+  const int* their_list = at<int>(peer, L.send_list) + (size_t)me * L.max_tokens;
+  for (int j = tid; j < from_d; j += blockDim.x)
+    p.recv_src[(size_t)d * L.max_tokens + j] = ld_relaxed_sys(their_list + j);
+  __syncthreads();
+  if (tid == 0) st_release_sys_u64(at<uint64_t>(peer, L.prepare_ack) + me, epoch);
+
+  // The last block turns the counts into offsets and totals.
+  if (!arrive_last(&p.state->prepare_done)) return;
+  if (tid == 0) {
+    int offset = 0;
+    for (int s = 0; s < R; ++s) {
+      p.recv_offset[s] = offset;
+      offset += p.matrix[s * R + me];
+    }
+    p.recv_offset[R] = offset;
+    *p.num_recv = offset;
+    if (p.out_num_recv) *p.out_num_recv = offset;
+  }
+  for (int e = tid; e < E_loc; e += blockDim.x) {
+    const int a = p.expert_alignment;
+    const int c = (p.expert_sum[e] + a - 1) / a * a;
+    p.expert_counts[e] = c;
+    if (p.out_expert_counts) p.out_expert_counts[e] = c;
+    p.expert_sum[e] = 0;
+  }
+  __syncthreads();
+  if (tid == 0) {
+    p.state->prepare_done = 0;
+    p.state->prepare_epoch = epoch;
+  }
+}
+
+// Every rank must have released the staging buffer we are about to overwrite (previous call's epoch).
+__device__ __forceinline__ bool wait_released(const ep_normal_launch_t& p, const uint64_t* acks, uint64_t epoch,
+                                              int site) {
+  __shared__ int s_failed;
+  if (threadIdx.x == 0) s_failed = 0;
+  __syncthreads();
+  if (threadIdx.x < p.num_ranks) {
+    const int r = threadIdx.x;
+    if (!wait_until([&] { return ld_acquire_sys_u64(acks + r) >= epoch - 1; }, p.timeout_ns, p.error, p.rank, r,
+                    site))
+      s_failed = 1;
+  }
+  __syncthreads();
+  return !s_failed;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// dispatch: stage my rows, then pull the rows routed to me from every source's stage, in output order.
+// ---------------------------------------------------------------------------------------------------------------
+__global__ void __launch_bounds__(kNormalThreads, 1) dispatch_kernel(ep_normal_launch_t p) {
+  const int R = p.num_ranks, me = p.rank, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int K = p.num_topk, E_loc = p.num_experts / R;
+  const ep_normal_layout_t& L = p.layout;
+  const uint64_t epoch = p.state->dispatch_epoch + 1;
+  char* mine = p.normal_base;
+  const StagedRow row(p.hidden, p.is_fp8, K);
+  const int n16 = row.row_bytes / 16;
+
+  // Stage: chunks of my tokens, row | scales | global expert ids | weights; one flag per chunk.
+  if (!wait_released(p, at<uint64_t>(mine, L.dispatch_ack), epoch, EP_SITE_DISPATCH_ACK)) return;
+  const int num_chunks = (p.num_tokens + kChunk - 1) / kChunk;
+  for (int c = blockIdx.x; c < num_chunks; c += gridDim.x) {
+    const int end = min(p.num_tokens, (c + 1) * kChunk);
+    for (int t = c * kChunk + warp; t < end; t += kNormalWarps) {
+      char* dst = mine + L.x_stage + (size_t)t * L.x_row_bytes;
+      warp_copy<false>(dst, (const char*)p.x + (size_t)t * row.row_bytes, n16, lane);
+      for (int i = lane; i < row.num_scales; i += 32)
+        reinterpret_cast<float*>(dst + row.scales_off)[i] = p.x_scales[(size_t)t * row.num_scales + i];
+      if (lane < K) {
+        const int64_t e = p.topk_idx ? p.topk_idx[(size_t)t * K + lane] : -1;
+        reinterpret_cast<int*>(dst + row.topk_off)[lane] = (e >= 0 && e < p.num_experts) ? (int)e : -1;
+        reinterpret_cast<float*>(dst + row.weights_off)[lane] =
+            p.topk_weights ? p.topk_weights[(size_t)t * K + lane] : 0.0f;
+      }
+    }
+    __syncthreads();
+    if (tid == 0) {
+      __threadfence_system();
+      st_release_sys_u64(at<uint64_t>(mine, L.x_staged) + c, epoch);
+    }
+  }
+
+  // Pull: this block's share of my output rows. Row i comes from source s, as its j-th row for me.
+  __shared__ int s_offset[kMaxNvlRanks + 1];
+  __shared__ int s_failed;
+  if (tid <= R) s_offset[tid] = p.recv_offset[tid];
+  if (tid == 0) s_failed = 0;
+  __syncthreads();
+  const int num_recv = s_offset[R];
+  if (blockIdx.x == 0 && tid == 0 && num_recv > p.recv_capacity)
+    record_fault(p.error, EP_FAULT_RECV_OVERFLOW, me, -1, 0, num_recv, p.recv_capacity);
+  const int per_block = (num_recv + gridDim.x - 1) / gridDim.x;
+  const int begin = blockIdx.x * per_block, end = min(num_recv, begin + per_block);
+  int ready_src = -1, ready_chunk = -1;  // the last chunk this warp saw staged
+  for (int i = begin + warp; i < end; i += kNormalWarps) {
+    int s = 0;
+    while (s + 1 < R && s_offset[s + 1] <= i) ++s;
+    const int t = p.recv_src[(size_t)s * L.max_tokens + (i - s_offset[s])];
+    char* src = peer_normal(p, s);
+    if (s != ready_src || t / kChunk != ready_chunk) {
+      bool ok = true;
+      if (lane == 0) {
+        const uint64_t* flag = at<uint64_t>(src, L.x_staged) + t / kChunk;
+        ok = wait_until([&] { return ld_acquire_sys_u64(flag) >= epoch; }, p.timeout_ns, p.error, me, s,
+                        EP_SITE_DISPATCH_STAGED);
+      }
+      if (!__shfl_sync(0xffffffffu, ok, 0)) {
+        s_failed = 1;
+        break;
+      }
+      ready_src = s;
+      ready_chunk = t / kChunk;
+    }
+    if (i >= p.recv_capacity) continue;
+    const char* staged = src + L.x_stage + (size_t)t * L.x_row_bytes;
+    warp_copy<true>((char*)p.recv_x + (size_t)i * row.row_bytes, staged, n16, lane);
+    for (int c = lane; c < row.num_scales; c += 32)
+      p.recv_scales[(size_t)i * row.num_scales + c] = ld_relaxed_sys_f32(reinterpret_cast<const float*>(staged + row.scales_off) + c);
+    if (lane < K && (p.recv_topk_idx || p.recv_topk_weights)) {
+      const int e = ld_relaxed_sys(reinterpret_cast<const int*>(staged + row.topk_off) + lane);
+      const int local = (e >= me * E_loc && e < (me + 1) * E_loc) ? e - me * E_loc : -1;
+      if (p.recv_topk_idx) p.recv_topk_idx[(size_t)i * K + lane] = local;
+      if (p.recv_topk_weights)
+        p.recv_topk_weights[(size_t)i * K + lane] =
+            local >= 0 ? ld_relaxed_sys_f32(reinterpret_cast<const float*>(staged + row.weights_off) + lane) : 0.0f;
+    }
+    if (lane == 0 && p.recv_src_idx) p.recv_src_idx[i] = t;
+  }
+
+  // Graph-safe tail: rows past the received count say "nothing here".
+  const size_t stride = (size_t)gridDim.x * blockDim.x;
+  const size_t first = (size_t)blockIdx.x * blockDim.x + tid;
+  if (num_recv < p.recv_capacity) {
+    if (p.recv_topk_idx)
+      for (size_t f = (size_t)num_recv * K + first; f < (size_t)p.recv_capacity * K; f += stride) p.recv_topk_idx[f] = -1;
+    if (p.recv_topk_weights)
+      for (size_t f = (size_t)num_recv * K + first; f < (size_t)p.recv_capacity * K; f += stride)
+        p.recv_topk_weights[f] = 0.0f;
+    if (p.recv_src_idx)
+      for (size_t f = num_recv + first; f < (size_t)p.recv_capacity; f += stride) p.recv_src_idx[f] = -1;
+  }
+  __syncthreads();
+  if (s_failed) return;
+
+  // Once every block has read what it needs, release every source's stage.
+  if (!arrive_last(&p.state->dispatch_done)) return;
+  if (tid < R) st_release_sys_u64(at<uint64_t>(peer_normal(p, tid), L.dispatch_ack) + me, epoch);
+  if (tid == 0) {
+    p.state->dispatch_done = 0;
+    p.state->dispatch_epoch = epoch;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// combine: stage my expert outputs, then each token's source rank pulls its copies and sums them in rank order.
+// ---------------------------------------------------------------------------------------------------------------
+__device__ __forceinline__ void add_bf16x8(float (&acc)[8], const int4& v) {
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+  for (int u = 0; u < 4; ++u) {
+    const float2 f = __bfloat1622float2(h[u]);
+    acc[2 * u] += f.x;
+    acc[2 * u + 1] += f.y;
+  }
+}
+
+__global__ void __launch_bounds__(kNormalThreads, 1) combine_kernel(ep_normal_launch_t p) {
+  const int R = p.num_ranks, me = p.rank, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int K = p.num_topk, H = p.hidden;
+  const ep_normal_layout_t& L = p.layout;
+  const uint64_t epoch = p.state->combine_epoch + 1;
+  char* mine = p.normal_base;
+  const int n16 = H * 2 / 16;
+  const bool with_weights = p.y_weights != nullptr;
+
+  // Stage my received rows (expert outputs) with their weights; one flag per chunk of rows.
+  if (!wait_released(p, at<uint64_t>(mine, L.combine_ack), epoch, EP_SITE_COMBINE_ACK)) return;
+  const int num_recv = *p.num_recv;
+  const int num_chunks = (num_recv + kChunk - 1) / kChunk;
+  for (int c = blockIdx.x; c < num_chunks; c += gridDim.x) {
+    const int end = min(num_recv, (c + 1) * kChunk);
+    for (int i = c * kChunk + warp; i < end; i += kNormalWarps) {
+      char* dst = mine + L.y_stage + (size_t)i * L.y_row_bytes;
+      warp_copy<false>(dst, (const char*)p.y + (size_t)i * H * 2, n16, lane);
+      if (with_weights && lane < K) reinterpret_cast<float*>(dst + H * 2)[lane] = p.y_weights[(size_t)i * K + lane];
+    }
+    __syncthreads();
+    if (tid == 0) {
+      __threadfence_system();
+      st_release_sys_u64(at<uint64_t>(mine, L.y_staged) + c, epoch);
+    }
+  }
+
+  // Where my rows start in each rank's received order.
+  __shared__ int s_base[kMaxNvlRanks];
+  __shared__ int s_failed;
+  if (tid < R) {
+    int base = 0;
+    for (int s = 0; s < me; ++s) base += p.matrix[s * R + tid];
+    s_base[tid] = base;
+  }
+  if (tid == 0) s_failed = 0;
+  __syncthreads();
+
+  // Reduce: one warp per token, lanes across the hidden dimension.
+  const int per_block = (p.num_tokens + gridDim.x - 1) / gridDim.x;
+  const int begin = blockIdx.x * per_block, end = min(p.num_tokens, begin + per_block);
+  for (int t = begin + warp; t < end; t += kNormalWarps) {
+    int my_row = -1;
+    if (lane < R) {
+      const int pos = p.send_pos[(size_t)t * R + lane];
+      my_row = pos >= 0 ? s_base[lane] + pos : -1;
+    }
+    bool ok = true;
+    if (my_row >= 0) {
+      const uint64_t* flag = at<uint64_t>(peer_normal(p, lane), L.y_staged) + my_row / kChunk;
+      ok = wait_until([&] { return ld_acquire_sys_u64(flag) >= epoch; }, p.timeout_ns, p.error, me, lane,
+                      EP_SITE_COMBINE_STAGED);
+    }
+    if (!__all_sync(0xffffffffu, ok)) {
+      s_failed = 1;
+      break;
+    }
+    // One source pointer per rank (NULL where the token did not go), indexed by constants only so that the
+    // array stays in registers; summing r = 0, 1, ... keeps the rank order.
+    const char* src[kMaxNvlRanks];
+#pragma unroll
+    for (int r = 0; r < kMaxNvlRanks; ++r) {
+      const int row_r = __shfl_sync(0xffffffffu, my_row, r);
+      src[r] = (r < R && row_r >= 0) ? peer_normal(p, r) + L.y_stage + (size_t)row_r * L.y_row_bytes : nullptr;
+    }
+    const int4* bias0 = reinterpret_cast<const int4*>((const char*)p.bias0 + (size_t)t * H * 2);
+    const int4* bias1 = reinterpret_cast<const int4*>((const char*)p.bias1 + (size_t)t * H * 2);
+    int4* out = reinterpret_cast<int4*>((char*)p.combined_x + (size_t)t * H * 2);
+    for (int c = lane; c < n16; c += 32) {
+      float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      if (p.bias0) add_bf16x8(acc, bias0[c]);
+      if (p.bias1) add_bf16x8(acc, bias1[c]);
+      int4 v[kMaxNvlRanks];
+#pragma unroll
+      for (int r = 0; r < kMaxNvlRanks; ++r)
+        if (src[r]) v[r] = ld_nc_na(reinterpret_cast<const int4*>(src[r]) + c);
+#pragma unroll
+      for (int r = 0; r < kMaxNvlRanks; ++r)
+        if (src[r]) add_bf16x8(acc, v[r]);
+      int4 packed;
+      __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&packed);
+#pragma unroll
+      for (int u = 0; u < 4; ++u) h[u] = __floats2bfloat162_rn(acc[2 * u], acc[2 * u + 1]);
+      out[c] = packed;
+    }
+    if (p.combined_weights && lane < K) {
+      float w = 0.0f;
+#pragma unroll
+      for (int r = 0; r < kMaxNvlRanks; ++r)
+        if (src[r]) w += ld_relaxed_sys_f32(reinterpret_cast<const float*>(src[r] + H * 2) + lane);
+      p.combined_weights[(size_t)t * K + lane] = w;
+    }
+  }
+  __syncthreads();
+  if (s_failed) return;
+
+  if (!arrive_last(&p.state->combine_done)) return;
+  if (tid < R) st_release_sys_u64(at<uint64_t>(peer_normal(p, tid), L.combine_ack) + me, epoch);
+  if (tid == 0) {
+    p.state->combine_done = 0;
+    p.state->combine_epoch = epoch;
+  }
+}
+
+}  // namespace ep
+
+extern "C" cudaError_t ep_launch_prepare(const ep_normal_launch_t* p, cudaStream_t stream) {
+  const size_t smem = sizeof(int) * (size_t)(p->num_experts / p->num_ranks);
+  if (smem > 48 * 1024) {
+    cudaError_t e = cudaFuncSetAttribute(ep::prepare_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    if (e != cudaSuccess) return e;
+  }
+  ep::prepare_kernel<<<p->num_ranks, ep::kPrepareThreads, smem, stream>>>(*p);
+  return cudaGetLastError();
+}
+
+extern "C" cudaError_t ep_launch_dispatch(const ep_normal_launch_t* p, cudaStream_t stream) {
+  ep::dispatch_kernel<<<p->num_blocks, ep::kNormalThreads, 0, stream>>>(*p);
+  return cudaGetLastError();
+}
+
+extern "C" cudaError_t ep_launch_combine(const ep_normal_launch_t* p, cudaStream_t stream) {
+  ep::combine_kernel<<<p->num_blocks, ep::kNormalThreads, 0, stream>>>(*p);
+  return cudaGetLastError();
+}
