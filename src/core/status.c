@@ -28,6 +28,12 @@ const char* ep_fault_site_name(int site) {
     case EP_SITE_CHECK_SIGNAL: return "group check, waiting for a put-with-signal";
     case EP_SITE_CHECK_NVLINK: return "group check, waiting for NVLink stores";
     case EP_SITE_BARRIER: return "device barrier";
+    case EP_SITE_PREPARE_ACK: return "dispatch prepare, waiting for the peer to release our previous send lists";
+    case EP_SITE_PREPARE_COUNTS: return "dispatch prepare, waiting for the peer's counts";
+    case EP_SITE_DISPATCH_ACK: return "dispatch, waiting for the peer to release our previous staged rows";
+    case EP_SITE_DISPATCH_STAGED: return "dispatch, waiting for the peer's staged rows";
+    case EP_SITE_COMBINE_ACK: return "combine, waiting for the peer to release our previous staged rows";
+    case EP_SITE_COMBINE_STAGED: return "combine, waiting for the peer's staged expert outputs";
     default: return "device wait";
   }
 }
@@ -61,6 +67,12 @@ static ep_status_t take_device_fault(ep_group_t group) {
       st = ep_fail(group, EP_STATUS_DEVICE_ERROR,
                    "rank %d: topk_idx of token %lld holds expert %lld, outside [-1, num_experts); the token was not "
                    "counted",
+                   w->rank, w->value0, w->value1);
+      memset((void*)group->error_word, 0, sizeof(*group->error_word));
+      return st;
+    case EP_FAULT_RECV_OVERFLOW:
+      st = ep_fail(group, EP_STATUS_DEVICE_ERROR,
+                   "rank %d: dispatch received %lld rows but recv_capacity is %lld; the rows past it were dropped",
                    w->rank, w->value0, w->value1);
       memset((void*)group->error_word, 0, sizeof(*group->error_word));
       return st;
