@@ -16,7 +16,10 @@ ep_status_t ep_handle_create(ep_group_t group, ep_handle_t* handle) {
   *handle = NULL;
   const size_t R = (size_t)group->num_ranks, T = (size_t)group->config.max_tokens_per_rank;
   const size_t E_loc = (size_t)(group->config.num_experts / group->num_ranks);
-  const size_t ints = T * R + R * R + R + R * T + (R + 1) + 1 + E_loc;
+  /* Each array starts on a 16-byte boundary, so that kernels may move them four ints at a time. */
+  const size_t sizes[7] = {T * R, R * R, R, R * T, R + 1, 1, E_loc};
+  size_t ints = 0;
+  for (int i = 0; i < 7; ++i) ints += (sizes[i] + 3) / 4 * 4;
   ep_handle_t h = (ep_handle_t)calloc(1, sizeof(*h));
   if (!h) return ep_fail(group, EP_STATUS_OUT_OF_MEMORY, "%s: host allocation failed", fn);
   EP_CUDA_TRY(group, cudaSetDevice(group->cuda_device));
@@ -25,14 +28,19 @@ ep_status_t ep_handle_create(ep_group_t group, ep_handle_t* handle) {
     free(h);
     return ep_fail_cuda(group, ce, "cudaMalloc of the handle");
   }
+  int* arrays[7];
   int* p = (int*)h->memory;
-  h->send_pos = p;      p += T * R;
-  h->matrix = p;        p += R * R;
-  h->num_tokens_of = p; p += R;
-  h->recv_src = p;      p += R * T;
-  h->recv_offset = p;   p += R + 1;
-  h->num_recv = p;      p += 1;
-  h->expert_counts = p;
+  for (int i = 0; i < 7; ++i) {
+    arrays[i] = p;
+    p += (sizes[i] + 3) / 4 * 4;
+  }
+  h->send_pos = arrays[0];
+  h->matrix = arrays[1];
+  h->num_tokens_of = arrays[2];
+  h->recv_src = arrays[3];
+  h->recv_offset = arrays[4];
+  h->num_recv = arrays[5];
+  h->expert_counts = arrays[6];
   h->group = group;
   h->num_recv_host = -1;
   *handle = h;

@@ -64,6 +64,7 @@ static inline EP_HD ep_normal_layout_t ep_normal_layout(int num_ranks, int num_e
   l.combine_ack = off;   off += R * 8;
   l.x_staged = off;      off += (T + EP_STAGE_CHUNK_ROWS - 1) / EP_STAGE_CHUNK_ROWS * 8;
   l.y_staged = off;      off += (R * T + EP_STAGE_CHUNK_ROWS - 1) / EP_STAGE_CHUNK_ROWS * 8;
+  off = ep_align_up(off, 16);
   l.send_list = off;     off += ep_align_up(R * T * 4, 16);
   off = ep_align_up(off, 128);
   l.x_stage = off;       off += T * l.x_row_bytes;
