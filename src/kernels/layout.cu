@@ -1,14 +1,15 @@
 // layout.cu: from `topk_idx`, count tokens per rank, node and expert, and mark which ranks each token goes to.
 //
-// One launch, no memset: every block counts its slice of tokens into shared-memory histograms and writes them
-// to its own row of a scratch matrix; the last block to finish sums the rows in block order (deterministic) and
-// writes the outputs, then resets the arrival counter for the next call.
+// One launch, no memset: every block counts its slice of tokens (up to 4096) into shared-memory histograms and
+// writes them to its own row of a scratch matrix; the last block to finish sums the rows in block order
+// (deterministic) and writes the outputs, then resets the arrival counter for the next call.
 #include "kernels/api.h"
 #include "kernels/common.cuh"
 
 namespace ep {
 
-constexpr int kLayoutThreads = 256;
+constexpr int kLayoutThreads = 1024;
+constexpr int kLayoutTokensPerBlock = 4096;  // a DeepSeek-V3 batch is one block: no cross-block reduction to wait for
 constexpr int kLayoutMaxBlocks = 64;
 
 // Scratch: [0] arrival counter | [1..] per block: experts, ranks, nodes.
@@ -108,8 +109,7 @@ extern "C" size_t ep_layout_scratch_ints(int num_experts, int num_ranks) {
 }
 
 extern "C" cudaError_t ep_launch_layout(const ep_layout_launch_t* p, cudaStream_t stream) {
-  // About 64 tokens per block keeps every block short; small inputs use fewer blocks.
-  int blocks = (p->num_tokens + 63) / 64;
+  int blocks = (p->num_tokens + ep::kLayoutTokensPerBlock - 1) / ep::kLayoutTokensPerBlock;
   if (blocks < 1) blocks = 1;
   if (blocks > ep::kLayoutMaxBlocks) blocks = ep::kLayoutMaxBlocks;
   size_t smem = ep::layout_row_ints(p->num_experts, p->num_ranks) * sizeof(int);
