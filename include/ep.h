@@ -226,7 +226,19 @@ typedef struct ep_handle* ep_handle_t;
  * Collective: no. Allocates: yes (device, about max_tokens_per_rank * num_ranks * 8 bytes). Graph-capturable: no. */
 EP_API ep_status_t ep_handle_create(ep_group_t group, ep_handle_t* handle);
 
-/* Free a handle. Waits for the device work of its group. `handle` may be NULL.
+/* Bytes of device memory a handle of this group needs (for ep_handle_create_in).
+ * Collective: no. Allocates: no. Graph-capturable: yes (host only). */
+EP_API ep_status_t ep_handle_memory_bytes(ep_group_t group, size_t* bytes);
+
+/* Make a handle in device memory the caller owns (e.g. from a framework's caching allocator), so that creating
+ * and dropping handles never synchronises the device. `memory` must hold ep_handle_memory_bytes() bytes,
+ * 256-byte aligned, and outlive the handle.
+ * Collective: no. Allocates: host memory only (the handle struct). Graph-capturable: no. */
+EP_API ep_status_t ep_handle_create_in(ep_group_t group, void* memory, size_t bytes, ep_handle_t* handle);
+
+/* Free a handle. One made by ep_handle_create waits for the device work of its group and frees its memory;
+ * one made by ep_handle_create_in frees only the host struct (the caller frees the memory once no call that
+ * uses the handle is in flight). `handle` may be NULL.
  * Collective: no. Allocates: no. Graph-capturable: no. */
 EP_API ep_status_t ep_handle_destroy(ep_handle_t handle);
 

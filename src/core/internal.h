@@ -73,6 +73,7 @@ ep_status_t ep_check_header(ep_group_t group, const char* fn, const char* type_n
 struct ep_handle {
   ep_group_t group;
   void* memory;          /* one device allocation holding the arrays below */
+  bool owns_memory;      /* made by ep_handle_create (not _in): destroy frees `memory` */
   int* send_pos;         /* [max_tokens][R] */
   int* matrix;           /* [R][R] */
   int* num_tokens_of;    /* [R] */

@@ -9,31 +9,50 @@
 
 #define FAIL_ARG(g, ...) ep_fail((g), EP_STATUS_INVALID_ARGUMENT, __VA_ARGS__)
 
-ep_status_t ep_handle_create(ep_group_t group, ep_handle_t* handle) {
-  const char* fn = "ep_handle_create";
+/* The handle's arrays, each starting on a 16-byte boundary so that kernels may move them four ints at a time. */
+#define EP_HANDLE_ARRAYS 7
+static void handle_array_sizes(ep_group_t g, size_t sizes[EP_HANDLE_ARRAYS]) {
+  const size_t R = (size_t)g->num_ranks, T = (size_t)g->config.max_tokens_per_rank;
+  const size_t E_loc = (size_t)(g->config.num_experts / g->num_ranks);
+  const size_t s[EP_HANDLE_ARRAYS] = {T * R, R * R, R, R * T, R + 1, 1, E_loc};
+  for (int i = 0; i < EP_HANDLE_ARRAYS; ++i) sizes[i] = (s[i] + 3) / 4 * 4;
+}
+
+static size_t handle_bytes(ep_group_t g) {
+  size_t sizes[EP_HANDLE_ARRAYS], ints = 0;
+  handle_array_sizes(g, sizes);
+  for (int i = 0; i < EP_HANDLE_ARRAYS; ++i) ints += sizes[i];
+  return ints * sizeof(int);
+}
+
+ep_status_t ep_handle_memory_bytes(ep_group_t group, size_t* bytes) {
+  EP_TRY(ep_enter(group, "ep_handle_memory_bytes"));
+  if (!bytes) return FAIL_ARG(group, "ep_handle_memory_bytes: bytes is NULL");
+  *bytes = handle_bytes(group);
+  return EP_STATUS_SUCCESS;
+}
+
+ep_status_t ep_handle_create_in(ep_group_t group, void* memory, size_t bytes, ep_handle_t* handle) {
+  const char* fn = "ep_handle_create_in";
   EP_TRY(ep_enter(group, fn));
   if (!handle) return FAIL_ARG(group, "%s: handle is NULL", fn);
   *handle = NULL;
-  const size_t R = (size_t)group->num_ranks, T = (size_t)group->config.max_tokens_per_rank;
-  const size_t E_loc = (size_t)(group->config.num_experts / group->num_ranks);
-  /* Each array starts on a 16-byte boundary, so that kernels may move them four ints at a time. */
-  const size_t sizes[7] = {T * R, R * R, R, R * T, R + 1, 1, E_loc};
-  size_t ints = 0;
-  for (int i = 0; i < 7; ++i) ints += (sizes[i] + 3) / 4 * 4;
+  if (!memory) return FAIL_ARG(group, "%s: memory is NULL", fn);
+  if ((uintptr_t)memory % 256 != 0) return FAIL_ARG(group, "%s: memory (%p) is not 256-byte aligned", fn, memory);
+  if (bytes < handle_bytes(group))
+    return FAIL_ARG(group, "%s: bytes is %zu; the handle needs %zu (ep_handle_memory_bytes)", fn, bytes,
+                    handle_bytes(group));
   ep_handle_t h = (ep_handle_t)calloc(1, sizeof(*h));
   if (!h) return ep_fail(group, EP_STATUS_OUT_OF_MEMORY, "%s: host allocation failed", fn);
-  EP_CUDA_TRY(group, cudaSetDevice(group->cuda_device));
-  cudaError_t ce = cudaMalloc(&h->memory, ints * sizeof(int));
-  if (ce != cudaSuccess) {
-    free(h);
-    return ep_fail_cuda(group, ce, "cudaMalloc of the handle");
-  }
-  int* arrays[7];
-  int* p = (int*)h->memory;
-  for (int i = 0; i < 7; ++i) {
+  size_t sizes[EP_HANDLE_ARRAYS];
+  handle_array_sizes(group, sizes);
+  int* arrays[EP_HANDLE_ARRAYS];
+  int* p = (int*)memory;
+  for (int i = 0; i < EP_HANDLE_ARRAYS; ++i) {
     arrays[i] = p;
-    p += (sizes[i] + 3) / 4 * 4;
+    p += sizes[i];
   }
+  h->memory = memory;
   h->send_pos = arrays[0];
   h->matrix = arrays[1];
   h->num_tokens_of = arrays[2];
@@ -47,12 +66,34 @@ ep_status_t ep_handle_create(ep_group_t group, ep_handle_t* handle) {
   return EP_STATUS_SUCCESS;
 }
 
+ep_status_t ep_handle_create(ep_group_t group, ep_handle_t* handle) {
+  const char* fn = "ep_handle_create";
+  EP_TRY(ep_enter(group, fn));
+  if (!handle) return FAIL_ARG(group, "%s: handle is NULL", fn);
+  *handle = NULL;
+  EP_CUDA_TRY(group, cudaSetDevice(group->cuda_device));
+  void* memory = NULL;
+  const size_t bytes = handle_bytes(group);
+  cudaError_t ce = cudaMalloc(&memory, bytes);
+  if (ce != cudaSuccess) return ep_fail_cuda(group, ce, "cudaMalloc of the handle");
+  ep_status_t st = ep_handle_create_in(group, memory, bytes, handle);
+  if (st != EP_STATUS_SUCCESS) {
+    cudaFree(memory);
+    return st;
+  }
+  (*handle)->owns_memory = true;
+  return EP_STATUS_SUCCESS;
+}
+
 ep_status_t ep_handle_destroy(ep_handle_t handle) {
   if (!handle) return EP_STATUS_SUCCESS;
   ep_group_t g = handle->group;
-  cudaError_t ce = cudaSetDevice(g->cuda_device);
-  if (ce == cudaSuccess) ce = cudaDeviceSynchronize();
-  cudaFree(handle->memory);
+  cudaError_t ce = cudaSuccess;
+  if (handle->owns_memory) {
+    ce = cudaSetDevice(g->cuda_device);
+    if (ce == cudaSuccess) ce = cudaDeviceSynchronize();
+    cudaFree(handle->memory);
+  }
   free(handle);
   if (ce != cudaSuccess) return ep_fail_cuda(g, ce, "ep_handle_destroy: synchronising the device");
   return EP_STATUS_SUCCESS;

@@ -108,12 +108,17 @@ __global__ void __launch_bounds__(kPrepareThreads) prepare_kernel(ep_normal_laun
   char* peer = peer_normal(p, d);
   int* send_list = at<int>(mine, L.send_list) + (size_t)d * L.max_tokens;
 
-  // Rank d must have finished reading the list I wrote for it last time.
-  if (tid == 0) {
-    s_failed = !wait_until([&] { return ld_acquire_sys_u64(at<uint64_t>(mine, L.prepare_ack) + d) >= epoch - 1; },
-                           p.timeout_ns, p.error, me, d, EP_SITE_PREPARE_ACK);
-  }
+  // Every rank must have finished reading what I published last time: this block rewrites the list for rank d
+  // and my counts entry d in every rank's matrix, which a slow rank may not have read yet.
+  if (tid == 0) s_failed = 0;
   for (int e = tid; e < E_loc; e += blockDim.x) s_expert[e] = 0;
+  __syncthreads();
+  if (tid < R) {
+    const uint64_t* ack = at<uint64_t>(mine, L.prepare_ack) + tid;
+    if (!wait_until([&] { return ld_acquire_sys_u64(ack) >= epoch - 1; }, p.timeout_ns, p.error, me, tid,
+                    EP_SITE_PREPARE_ACK))
+      s_failed = 1;
+  }
   __syncthreads();
   if (s_failed) return;
 
