@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: build, run the GPU tests on every rank count the machine allows, run the benchmark,
 # keep full logs under $OUT (or ./gpu-out), and print a short summary last.
-#   scripts/gpu_run.sh [tests|bench|all] [extra ep_bench args...]
+#   scripts/gpu_run.sh [tests|bench|sanitize|all] [extra ep_bench args...]
+# `sanitize` runs the small GPU cases under compute-sanitizer (memcheck; racecheck for the layout kernel).
 set -uo pipefail
 what=${1:-all}; shift || true
 out=${OUT:-gpu-out}; mkdir -p "$out"
@@ -19,6 +20,14 @@ if [[ $what == all || $what == tests ]]; then
   grep -E "^(FAIL|SKIP)" "$out/tests.log" | head -20
   summary+=("tests: $(tail -1 "$out/tests.log")")
   (cd "$out" && tar czf test-logs.tgz test-logs && rm -rf test-logs)
+fi
+if [[ $what == sanitize ]]; then
+  for run in "memcheck test_layout" "racecheck test_layout" "memcheck test_group" "memcheck test_intranode"; do
+    set -- $run
+    EP_TEST_SMALL=1 build/bin/ep_launch -n 2 -t 400 -q -l "$out/san-$2-$1" -- \
+      compute-sanitizer --tool "$1" --error-exitcode 9 "build/tests/gpu/$2" > "$out/san-$2-$1.log" 2>&1
+    rc=$?; summary+=("compute-sanitizer $1 $2: exit $rc"); grep -m3 -E "ERROR SUMMARY|Invalid|Race" "$out/san-$2-$1.log"
+  done
 fi
 if [[ $what == all || $what == bench ]]; then
   make -j"$(nproc)" bench >> "$out/build.log" 2>&1 || { tail -30 "$out/build.log"; echo "BENCH BUILD FAILED"; }

@@ -1060,10 +1060,14 @@ int main(void) {
 
   t0 = now_s();
   failed = 0;
-  for (int i = 0; i < NUM_CASES; ++i) failed += run_case(&c, &k_cases[i], i);
+  /* EP_TEST_SMALL=1 keeps the small cases only (for compute-sanitizer, which is slow). */
+  const int small_only = getenv("EP_TEST_SMALL") != NULL;
+  for (int i = 0; i < NUM_CASES; ++i)
+    if (!small_only || k_cases[i].tokens <= 64) failed += run_case(&c, &k_cases[i], i);
   printf("rank %d: dispatch/combine: %d cases (eager + graph-safe each), %d failed (%.1f s)\n", c.me, NUM_CASES,
          failed, now_s() - t0);
 
+  if (small_only) goto done;
   t0 = now_s();
   failed = run_cuda_graph(&c);
   printf("rank %d: CUDA graph, 2 replays: %s (%.1f s)\n", c.me, failed ? "FAILED" : "ok", now_s() - t0);
@@ -1075,6 +1079,7 @@ int main(void) {
   printf("rank %d: recv_capacity overflow, then a normal case: %s (%.1f s)\n", c.me, failed ? "FAILED" : "ok",
          now_s() - t0);
 
+done:
   CHECK(ep_handle_destroy(c.handle) == EP_STATUS_SUCCESS, "handle destroy: %s", ep_last_error(c.g));
   cudaStreamDestroy(c.s);
   CHECK(ep_group_destroy(c.g) == EP_STATUS_SUCCESS, "destroy: %s", ep_last_error(NULL));
