@@ -104,12 +104,15 @@ typedef struct ep_group_config {
   int hidden;                  /* hint: largest hidden size (channels per token) */
   int max_tokens_per_rank;     /* hint: largest number of tokens one rank dispatches in one call */
   int max_topk;                /* hint: largest top-k (experts per token), 1..32 */
+  int ll_max_tokens_per_rank;  /* low-latency path: largest max_tokens_per_rank of any ep_ll_dispatch (1..8192);
+                                  0 = no low-latency buffer. The group reserves ep_ll_buffer_size_hint() bytes of
+                                  symmetric memory for it, sized with num_experts, hidden and max_topk above */
   int num_sms;                 /* SMs a normal-mode dispatch or combine may use; 0 = the measured default */
   double timeout_seconds;      /* budget of every device-side wait on a peer, in seconds (> 0) */
 } ep_group_config_t;
 
 #define EP_GROUP_CONFIG_INIT \
-  { (uint32_t)sizeof(ep_group_config_t), EP_GROUP_CONFIG_MAGIC, 0, 256, 7168, 4096, 8, 0, 20.0 }
+  { (uint32_t)sizeof(ep_group_config_t), EP_GROUP_CONFIG_MAGIC, 0, 256, 7168, 4096, 8, 0, 0, 20.0 }
 
 /* Facts about a created group, filled by ep_group_get_info(). */
 typedef struct ep_group_info {
@@ -330,6 +333,147 @@ typedef struct ep_combine_args {
  * Collective: yes. Allocates: no. Graph-capturable: yes. */
 EP_API ep_status_t ep_combine(ep_group_t group, ep_handle_t handle, const ep_combine_args_t* args,
                               cudaStream_t stream);
+
+/* ------------------------------------------------------------------------------------------------------------
+ * Low-latency (LL) dispatch and combine: decoding, up to a few hundred tokens per rank
+ *
+ * Every token goes in one hop straight into a packed per-expert buffer on the rank that owns the expert: NVLink
+ * stores for peers of this node, NVSHMEM put-with-signal for peers of other nodes (real or virtual). FP8 casting
+ * happens inside the dispatch kernel. Nothing on this path synchronises the host or allocates: a dispatch,
+ * the expert computation and a combine can be captured in one CUDA graph and replayed with new inputs.
+ *
+ *   ep_ll_dispatch():  x [num_tokens, hidden] bf16 -> recv_x [num_local_experts, num_ranks * max_tokens_per_rank,
+ *                      hidden] (FP8 e4m3 + scales, or BF16) and recv_count [num_local_experts]. Row i of local
+ *                      expert e is valid for i < recv_count[e]; rows are ordered by source rank, then source token
+ *                      (deterministic); a token that lists an expert twice appears once.
+ *   ep_ll_combine():   y [num_local_experts, num_ranks * max_tokens_per_rank, hidden] bf16 (the experts' outputs in
+ *                      the dispatch layout) -> out [num_tokens, hidden] bf16 with
+ *                      out[t] = bf16(sum over k in top-k order, topk_idx[t][k] != -1, of w[t][k] * y[expert_k][row]),
+ *                      accumulated in fp32 with one fused multiply-add per term (deterministic).
+ *
+ * Receive hook: with return_after_send = 1 a call only issues its sends (no SM waits for peers) and returns;
+ * ep_ll_dispatch_recv() / ep_ll_combine_recv() later launch the receive phase on the caller's stream.
+ *
+ * Buffers: the LL region has two identical halves. Each dispatch takes the next half (alternating) and its
+ * handle's combine uses the same half, so micro-batch B can be dispatched while micro-batch A is combined. The
+ * two-buffer rule (as in DeepEP): at most two dispatches may be outstanding; a handle's combine must come before
+ * the dispatch after next (otherwise its half has been reused and the combine returns EP_STATUS_INVALID_USAGE).
+ * Before data enters a peer's half the sender waits until that peer has finished receiving the previous call on
+ * that half, so reuse is safe whatever the timing; a peer that never gets there times out with its rank named.
+ * Calls on one group must be ordered (one stream, or events), and every rank makes the same sequence of LL calls.
+ * ------------------------------------------------------------------------------------------------------------ */
+
+/* Bytes of symmetric memory the LL buffer needs for a shape: both halves, each with signals, a send staging area
+ * for one rank's messages, a combine staging area (the zero-copy buffer) and the receive area. Never more than
+ * DeepEP's LowLatencyLayout for E >= 64 (for fewer experts, up to T * (2 * hidden + 16) bytes more).
+ *   max_tokens_per_rank [IN] >= 1;  hidden [IN] positive multiple of 128;  num_ranks [IN] >= 1;
+ *   num_experts [IN] positive multiple of num_ranks;  max_topk [IN] 1..32;  bytes [OUT]
+ * Collective: no. Allocates: no. Graph-capturable: yes (host only). */
+EP_API ep_status_t ep_ll_buffer_size_hint(int max_tokens_per_rank, int hidden, int num_ranks, int num_experts,
+                                          int max_topk, size_t* bytes);
+
+/* The routing of one LL dispatch, reused by its combine. Created once, refilled by every ep_ll_dispatch(). */
+typedef struct ep_ll_handle* ep_ll_handle_t;
+
+/* Allocate an LL handle sized for the group's config (config.ll_max_tokens_per_rank must be > 0).
+ * Collective: no. Allocates: yes (device, about num_experts * ll_max_tokens_per_rank * 4 bytes). Graph-capturable: no. */
+EP_API ep_status_t ep_ll_handle_create(ep_group_t group, ep_ll_handle_t* handle);
+
+/* Free an LL handle. Waits for the device work of its group. `handle` may be NULL.
+ * Collective: no. Allocates: no. Graph-capturable: no. */
+EP_API ep_status_t ep_ll_handle_destroy(ep_ll_handle_t handle);
+
+#define EP_LL_DISPATCH_ARGS_MAGIC 0x45504c44u /* "EPLD" */
+
+typedef struct ep_ll_dispatch_args {
+  uint32_t size;               /* sizeof(ep_ll_dispatch_args_t) */
+  uint32_t magic;              /* EP_LL_DISPATCH_ARGS_MAGIC */
+  const void* x;               /* [IN] [num_tokens, hidden] bf16 device, 16-byte aligned */
+  int num_tokens;              /* 0..max_tokens_per_rank; may differ between ranks */
+  int hidden;                  /* <= config.hidden; multiple of 128 (FP8; 512 with use_ue8m0) or of 8 (BF16);
+                                  the same on every rank */
+  const int64_t* topk_idx;     /* [IN] [num_tokens, num_topk] int64 device; -1 = no expert */
+  int num_topk;                /* 1..config.max_topk */
+  int num_experts;             /* multiple of num_ranks, <= config.num_experts; the same on every rank */
+  int max_tokens_per_rank;     /* T: 1..config.ll_max_tokens_per_rank, the same on every rank; sets the shapes */
+  ep_dtype_t recv_dtype;       /* EP_FP8_E4M3 (cast in the kernel) or EP_BF16 */
+  int round_scale;             /* FP8: round each scale up to a power of two */
+  int use_ue8m0;               /* FP8: scales as packed UE8M0 bytes (needs round_scale and hidden % 512 == 0) */
+  void* recv_x;                /* [OUT] [E_loc, R * T, hidden] e4m3 or bf16 device, 16-byte aligned */
+  void* recv_x_scales;         /* [OUT] FP8 only. fp32 [E_loc, hidden / 128, R * T]: scale of group g of row i of
+                                  expert e at (e * (hidden / 128) + g) * R * T + i, i.e. [E_loc, R * T, hidden / 128]
+                                  column-major in the last two dims, as DeepEP returns it. With use_ue8m0: int32
+                                  [E_loc, hidden / 512, R * T] likewise, 4 UE8M0 bytes per int (group 4j in the low
+                                  byte), as DeepGEMM consumes them */
+  int* recv_count;             /* [OUT] [E_loc] int32 device: valid rows per local expert */
+  int return_after_send;       /* 1: only issue the sends; ep_ll_dispatch_recv() completes the call */
+} ep_ll_dispatch_args_t;
+
+#define EP_LL_DISPATCH_ARGS_INIT \
+  { (uint32_t)sizeof(ep_ll_dispatch_args_t), EP_LL_DISPATCH_ARGS_MAGIC, NULL, 0, 0, NULL, 0, 0, 0, EP_FP8_E4M3, 0, 0, \
+    NULL, NULL, NULL, 0 }
+
+/* Send this rank's tokens to the experts they select and (unless return_after_send) receive the tokens routed
+ * to this rank's experts, into recv_x / recv_x_scales / recv_count; the handle keeps the routing for the
+ * combine. FP8 cast per 128 channels: scale = max(amax, 1e-4) / 448 (rounded up to a power of two with
+ * round_scale), q = e4m3(x * (1 / scale)) with saturation. An expert index outside [-1, num_experts) is
+ * treated as -1 and reported as EP_STATUS_DEVICE_ERROR by the next call.
+ * Collective: yes. Allocates: no. Graph-capturable: yes. */
+EP_API ep_status_t ep_ll_dispatch(ep_group_t group, ep_ll_handle_t handle, const ep_ll_dispatch_args_t* args,
+                                  cudaStream_t stream);
+
+/* The receive phase of a dispatch made with return_after_send = 1: waits (on the device) for every rank's
+ * tokens and fills the outputs given to that dispatch.
+ * Collective: yes. Allocates: no. Graph-capturable: yes. */
+EP_API ep_status_t ep_ll_dispatch_recv(ep_group_t group, ep_ll_handle_t handle, cudaStream_t stream);
+
+/* Device pointers to the handle's routing, valid after its dispatch's receive phase (stream-ordered):
+ *   src_info     [OUT] [E_loc, R * T] int32: source token index of each received row
+ *   layout_range [OUT] [E_loc, R] int64: (first row << 32) | rows, per (local expert, source rank)
+ * Either may be NULL. Collective: no. Allocates: no. Graph-capturable: yes (host only). */
+EP_API ep_status_t ep_ll_get_routing(ep_ll_handle_t handle, const int** src_info, const int64_t** layout_range);
+
+/* The zero-copy combine buffer of the handle's half: bf16 [E_loc, R * T, hidden] (the shape of its dispatch),
+ * in symmetric memory. Write the experts' outputs there, then call ep_ll_combine with zero_copy = 1. Valid from
+ * the end of the handle's dispatch until its combine; the next-but-one dispatch reuses it.
+ * Collective: no. Allocates: no. Graph-capturable: yes (host only). */
+EP_API ep_status_t ep_ll_get_combine_buffer(ep_group_t group, ep_ll_handle_t handle, void** buffer);
+
+#define EP_LL_COMBINE_ARGS_MAGIC 0x45504c43u /* "EPLC" */
+
+typedef struct ep_ll_combine_args {
+  uint32_t size;               /* sizeof(ep_ll_combine_args_t) */
+  uint32_t magic;              /* EP_LL_COMBINE_ARGS_MAGIC */
+  const void* x;               /* [IN] [E_loc, R * T, hidden] bf16 device, 16-byte aligned: the experts' outputs in
+                                  the handle's dispatch layout (only the first recv_count[e] rows are read); NULL
+                                  with zero_copy */
+  const float* topk_weights;   /* [IN] [num_tokens, num_topk] fp32 device: this rank's weights (num_tokens and
+                                  num_topk of the handle's dispatch) */
+  void* out;                   /* [OUT] [num_tokens, hidden] bf16 device, 16-byte aligned */
+  int zero_copy;               /* 1: the outputs are already in ep_ll_get_combine_buffer(); x is ignored */
+  int return_after_send;       /* 1: only issue the sends; ep_ll_combine_recv() completes the call */
+} ep_ll_combine_args_t;
+
+#define EP_LL_COMBINE_ARGS_INIT \
+  { (uint32_t)sizeof(ep_ll_combine_args_t), EP_LL_COMBINE_ARGS_MAGIC, NULL, NULL, NULL, 0, 0 }
+
+/* Send each expert output row back to the rank its token came from and (unless return_after_send) sum each
+ * token's rows there: out[t] = bf16(sum_k fmaf(w[t][k], y_k, acc)) in top-k order, skipping -1 entries. A token
+ * with no expert gets zeros. Uses the routing of the handle's last dispatch, whose receive phase must have run.
+ * Collective: yes. Allocates: no. Graph-capturable: yes. */
+EP_API ep_status_t ep_ll_combine(ep_group_t group, ep_ll_handle_t handle, const ep_ll_combine_args_t* args,
+                                 cudaStream_t stream);
+
+/* The receive phase of a combine made with return_after_send = 1: waits for every rank's rows, writes `out`.
+ * Collective: yes. Allocates: no. Graph-capturable: yes. */
+EP_API ep_status_t ep_ll_combine_recv(ep_group_t group, ep_ll_handle_t handle, cudaStream_t stream);
+
+/* Zero the LL buffer's signals and acknowledgements in both halves and restart its call counters, so that the
+ * next LL call starts from a known state (DeepEP's clean_low_latency_buffer). Shapes up to the config's may change
+ * between calls without it. No LL call may be in flight on any rank, and no receive phase may be pending. Synchronises `stream` and
+ * the device, then waits for every rank (host barrier).
+ * Collective: yes. Allocates: no. Graph-capturable: no. */
+EP_API ep_status_t ep_ll_clean(ep_group_t group, cudaStream_t stream);
 
 #ifdef __cplusplus
 }

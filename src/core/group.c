@@ -38,6 +38,9 @@ static ep_status_t check_config(const ep_group_config_t* c, int num_ranks) {
   if (c->max_topk < 1 || c->max_topk > EP_MAX_TOPK)
     return ep_fail(NULL, EP_STATUS_INVALID_ARGUMENT, "%s: config.max_topk is %d; it must be in [1, %d]", fn,
                    c->max_topk, EP_MAX_TOPK);
+  if (c->ll_max_tokens_per_rank < 0 || c->ll_max_tokens_per_rank > EP_LL_MAX_TOKENS)
+    return ep_fail(NULL, EP_STATUS_INVALID_ARGUMENT, "%s: config.ll_max_tokens_per_rank is %d; it must be in [0, %d]",
+                   fn, c->ll_max_tokens_per_rank, EP_LL_MAX_TOKENS);
   if (c->num_sms < 0 || c->num_sms > 1024)
     return ep_fail(NULL, EP_STATUS_INVALID_ARGUMENT, "%s: config.num_sms is %d; it must be in [0, 1024]", fn,
                    c->num_sms);
@@ -53,6 +56,7 @@ static void free_group(ep_group_t g) {
   if (g->layout_scratch) cudaFree(g->layout_scratch);
   if (g->normal_state) cudaFree(g->normal_state);
   if (g->expert_sum) cudaFree(g->expert_sum);
+  if (g->ll_state) cudaFree(g->ll_state);
   if (g->error_word) cudaFreeHost(g->error_word);
   if (ep_tp_is_initialized()) {
     if (g->workspace) ep_tp_free(g->workspace);
@@ -116,6 +120,12 @@ ep_status_t ep_group_create(ep_group_t* group, const ep_unique_id_t* unique_id, 
   g->normal_offset = ep_align_up(ep_check_workspace_bytes(num_ranks), 128);
   g->normal_layout = ep_normal_layout(num_ranks, cfg.num_experts, cfg.max_tokens_per_rank, cfg.hidden, cfg.max_topk);
   g->workspace_bytes = g->normal_offset + g->normal_layout.total_bytes;
+  g->device_sms = prop.multiProcessorCount;
+  if (cfg.ll_max_tokens_per_rank > 0) {
+    g->ll_offset = ep_align_up(g->workspace_bytes, 128);
+    g->ll_layout = ep_ll_layout(num_ranks, cfg.num_experts, cfg.ll_max_tokens_per_rank, cfg.hidden, cfg.max_topk);
+    g->workspace_bytes = g->ll_offset + g->ll_layout.total_bytes;
+  }
   g->heap_bytes = g->workspace_bytes + EP_HEAP_SLACK_BYTES;
 
   size_t free_bytes = 0, total_bytes = 0;
@@ -179,6 +189,8 @@ ep_status_t ep_group_create(ep_group_t* group, const ep_unique_id_t* unique_id, 
   if (ce == cudaSuccess) ce = cudaMemset(g->normal_state, 0, sizeof(ep_normal_state_t));
   if (ce == cudaSuccess) ce = cudaMalloc((void**)&g->expert_sum, sizeof(int) * (size_t)(cfg.num_experts / num_ranks));
   if (ce == cudaSuccess) ce = cudaMemset(g->expert_sum, 0, sizeof(int) * (size_t)(cfg.num_experts / num_ranks));
+  if (ce == cudaSuccess) ce = cudaMalloc((void**)&g->ll_state, sizeof(ep_ll_state_t));
+  if (ce == cudaSuccess) ce = cudaMemset(g->ll_state, 0, sizeof(ep_ll_state_t));
   if (ce == cudaSuccess) ce = cudaDeviceSynchronize();
   if (ce != cudaSuccess) {
     st = ep_fail_cuda(NULL, ce, "group buffer setup");

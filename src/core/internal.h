@@ -12,6 +12,7 @@
 #define EP_MAX_TOPK 32
 #define EP_DEFAULT_NUM_SMS 24
 #define EP_ERROR_MESSAGE_BYTES 512
+#define EP_LL_MAX_TOKENS 8192 /* largest config.ll_max_tokens_per_rank */
 
 struct ep_group {
   int rank, num_ranks;
@@ -39,6 +40,16 @@ struct ep_group {
   ep_normal_layout_t normal_layout;
   ep_normal_state_t* normal_state;   /* device: call epochs */
   int* expert_sum;                   /* device scratch [config.num_experts / num_ranks] */
+
+  /* Low-latency path (absent when config.ll_max_tokens_per_rank is 0). */
+  int device_sms;                    /* SMs of the device; the LL grids use them all */
+  size_t ll_offset;                  /* the LL region's offset inside `workspace` */
+  ep_ll_layout_t ll_layout;
+  ep_ll_state_t* ll_state;           /* device: call counters per half */
+  int ll_next_half;                  /* the half the next dispatch takes */
+  unsigned long long ll_dispatches;  /* dispatches so far: the serial number of the next one is this + 1 */
+  unsigned long long ll_half_serial[2]; /* serial of the dispatch that owns each half */
+  bool ll_half_pending[2];           /* a send phase on the half waits for its receive phase */
 
   bool failed;                       /* a sticky fault (timeout) was reported: only destroy is allowed */
   char last_error[EP_ERROR_MESSAGE_BYTES];
@@ -85,6 +96,28 @@ struct ep_handle {
   bool prepared;
   int num_tokens, num_topk, num_experts;
   int num_recv_host;     /* received rows when the prepare was eager, else -1 */
+};
+
+struct ep_ll_handle {
+  ep_group_t group;
+  void* memory;                /* one device allocation holding the arrays below */
+  int* slot_of;                /* [T_cfg][K_cfg] */
+  int* src_info;               /* [E_loc_cfg][R * T_cfg] */
+  int64_t* layout_range;       /* [E_loc_cfg][R] */
+  unsigned long long* ops;     /* [2] */
+  /* The last dispatch, for validating and launching the calls that use it. */
+  bool dispatched;             /* a dispatch's send phase was issued */
+  bool dispatch_recv_pending;  /* ...and its receive phase not yet */
+  bool combine_recv_pending;   /* a combine's send phase waits for its receive phase */
+  int half;
+  unsigned long long serial;   /* which dispatch of the group */
+  int num_tokens, num_topk, num_experts, hidden, max_tokens;
+  int fp8, round_scale, ue8m0;
+  void* recv_x;
+  void* recv_x_scales;
+  int* recv_count;
+  const float* topk_weights;   /* the pending combine's */
+  void* out;
 };
 
 #endif /* EP_CORE_INTERNAL_H */

@@ -8,6 +8,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include "kernels/ll_layout.h"
 #include "kernels/normal_layout.h"
 
 #ifdef __cplusplus
@@ -35,6 +36,10 @@ typedef enum ep_wait_site {
   EP_SITE_DISPATCH_STAGED = 7, /* dispatch: waiting for a peer's staged rows */
   EP_SITE_COMBINE_ACK = 8,   /* combine: waiting for a peer to release our previous staged rows */
   EP_SITE_COMBINE_STAGED = 9, /* combine: waiting for a peer's staged expert outputs */
+  EP_SITE_LL_DISPATCH_ACK = 10,  /* LL dispatch send: waiting for a peer to finish receiving the half's last call */
+  EP_SITE_LL_DISPATCH_RECV = 11, /* LL dispatch receive: waiting for a peer's token count */
+  EP_SITE_LL_COMBINE_ACK = 12,   /* LL combine send: waiting for a peer to finish receiving the half's last call */
+  EP_SITE_LL_COMBINE_RECV = 13,  /* LL combine receive: waiting for a peer's expert outputs */
   EP_SITE_COUNT
 } ep_wait_site_t;
 
@@ -133,6 +138,51 @@ typedef struct ep_normal_launch {
 cudaError_t ep_launch_prepare(const ep_normal_launch_t* p, cudaStream_t stream);
 cudaError_t ep_launch_dispatch(const ep_normal_launch_t* p, cudaStream_t stream);
 cudaError_t ep_launch_combine(const ep_normal_launch_t* p, cudaStream_t stream);
+
+/* ---- Low-latency path: dispatch and combine, each a send phase and a receive phase (ll_layout.h) ---- */
+
+/* Device-side counters of the group (device memory, zeroed at create and by ep_ll_clean). */
+typedef struct ep_ll_state {
+  unsigned long long seq[2]; /* calls started on each half (the call number of the next one is seq + 1) */
+  unsigned int done[4];      /* blocks finished in the running kernel: dispatch send, dispatch recv, combine
+                                send, combine recv */
+} ep_ll_state_t;
+
+typedef struct ep_ll_launch {
+  /* group */
+  int rank, num_ranks, ranks_per_node;
+  char* ll_base;                  /* this rank's LL region (symmetric), both halves */
+  void* const* peer_workspace;    /* device [num_ranks]: peer's mapping of the group workspace, NULL if none */
+  size_t ll_offset;               /* LL region's offset inside the workspace */
+  ep_ll_layout_t layout;
+  ep_ll_state_t* state;
+  unsigned long long timeout_ns;
+  ep_device_error_t* error;
+  int num_sms;                    /* SMs of the device: the grids are sized from it */
+  int half;                       /* 0 or 1: the half this call uses */
+  /* handle (device) */
+  int* slot_of;                   /* [T_cfg][K_cfg]: combine receive row (e * T_cfg + j) of my (t, k), or -1 */
+  int* src_info;                  /* [E_loc][R * T] */
+  int64_t* layout_range;          /* [E_loc][R] (begin << 32) | count */
+  unsigned long long* ops;        /* [2] call numbers of the handle's dispatch and combine */
+  /* call */
+  int num_tokens, num_topk, num_experts, hidden, max_tokens; /* max_tokens: the call's T (output shapes) */
+  int fp8, round_scale, ue8m0;
+  const void* x;
+  const int64_t* topk_idx;
+  void* recv_x;
+  void* recv_scales;
+  int* recv_count;
+  const void* y;                  /* combine input, or NULL with zero_copy */
+  int zero_copy;
+  const float* topk_weights;
+  void* out;
+} ep_ll_launch_t;
+
+cudaError_t ep_launch_ll_dispatch_send(const ep_ll_launch_t* p, cudaStream_t stream);
+cudaError_t ep_launch_ll_dispatch_recv(const ep_ll_launch_t* p, cudaStream_t stream);
+cudaError_t ep_launch_ll_combine_send(const ep_ll_launch_t* p, cudaStream_t stream);
+cudaError_t ep_launch_ll_combine_recv(const ep_ll_launch_t* p, cudaStream_t stream);
 
 #ifdef __cplusplus
 }

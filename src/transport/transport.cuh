@@ -42,6 +42,11 @@ __device__ __forceinline__ void signal_add(uint64_t* signal, uint64_t value, int
   nvshmemx_signal_op(signal, value, NVSHMEM_SIGNAL_ADD, pe);
 }
 
+// Atomically set the 64-bit signal on `pe` to `value` (one thread).
+__device__ __forceinline__ void signal_set(uint64_t* signal, uint64_t value, int pe) {
+  nvshmemx_signal_op(signal, value, NVSHMEM_SIGNAL_SET, pe);
+}
+
 // Order earlier puts to each peer before later ones (one thread).
 __device__ __forceinline__ void fence() { nvshmem_fence(); }
 

@@ -71,6 +71,13 @@ static void test_group_create_args(void) {
   c.max_topk = 33;
   EXPECT_FAIL(ep_group_create(&g, &id, 0, 4, 0, &c), NULL, EP_STATUS_INVALID_ARGUMENT, "max_topk is 33");
   c = (ep_group_config_t)EP_GROUP_CONFIG_INIT;
+  c.ll_max_tokens_per_rank = -1;
+  EXPECT_FAIL(ep_group_create(&g, &id, 0, 4, 0, &c), NULL, EP_STATUS_INVALID_ARGUMENT, "ll_max_tokens_per_rank is -1");
+  c = (ep_group_config_t)EP_GROUP_CONFIG_INIT;
+  c.ll_max_tokens_per_rank = 9000;
+  EXPECT_FAIL(ep_group_create(&g, &id, 0, 4, 0, &c), NULL, EP_STATUS_INVALID_ARGUMENT,
+              "ll_max_tokens_per_rank is 9000");
+  c = (ep_group_config_t)EP_GROUP_CONFIG_INIT;
   c.num_sms = -1;
   EXPECT_FAIL(ep_group_create(&g, &id, 0, 4, 0, &c), NULL, EP_STATUS_INVALID_ARGUMENT, "num_sms is -1");
   c = (ep_group_config_t)EP_GROUP_CONFIG_INIT;
@@ -167,11 +174,187 @@ static void test_layout_args(void) {
   EXPECT_FAIL(ep_get_dispatch_layout(g, &a, 0), g, EP_STATUS_INVALID_ARGUMENT, "is_token_in_rank is NULL");
 }
 
+/* DeepEP's LowLatencyLayout total for the same shape (docs/deepep-reference.md 2.6). */
+static size_t deepep_ll_bytes(size_t T, size_t H, size_t E) {
+  const size_t d = 16 + (2 * H > H + H / 128 * 4 ? 2 * H : H + H / 128 * 4), c = H / 128 * 4 + 2 * H;
+  const size_t send = T * d > E * T * c ? T * d : E * T * c;
+  const size_t recv = E * T * d > E * T * c ? E * T * d : E * T * c;
+  const size_t sig = (4 * E + 127) / 128 * 128;
+  return (2 * (send + recv + sig) + 127) / 128 * 128;
+}
+
+static void test_ll_size_hint(void) {
+  size_t bytes = 1;
+  EXPECT_FAIL(ep_ll_buffer_size_hint(128, 7168, 4, 256, 8, NULL), NULL, EP_STATUS_INVALID_ARGUMENT, "bytes is NULL");
+  EXPECT_FAIL(ep_ll_buffer_size_hint(0, 7168, 4, 256, 8, &bytes), NULL, EP_STATUS_INVALID_ARGUMENT,
+              "max_tokens_per_rank is 0");
+  EXPECT_FAIL(ep_ll_buffer_size_hint(128, 7000, 4, 256, 8, &bytes), NULL, EP_STATUS_INVALID_ARGUMENT,
+              "hidden is 7000");
+  EXPECT_FAIL(ep_ll_buffer_size_hint(128, 7168, 0, 256, 8, &bytes), NULL, EP_STATUS_INVALID_ARGUMENT,
+              "num_ranks is 0");
+  EXPECT_FAIL(ep_ll_buffer_size_hint(128, 7168, 3, 256, 8, &bytes), NULL, EP_STATUS_INVALID_ARGUMENT,
+              "num_experts is 256");
+  EXPECT_FAIL(ep_ll_buffer_size_hint(128, 7168, 4, 256, 33, &bytes), NULL, EP_STATUS_INVALID_ARGUMENT,
+              "max_topk is 33");
+  CHECK(bytes == 0, "bytes not cleared on failure");
+  /* No larger than DeepEP's buffer for the shapes it serves (E >= 64), over ranks and top-k. */
+  const int tokens[] = {1, 128, 256, 1024}, hiddens[] = {2048, 2560, 4096, 7168, 8192}, experts[] = {64, 256, 288};
+  const int ranks[] = {1, 2, 4, 8, 16, 32};
+  for (size_t a = 0; a < sizeof(tokens) / sizeof(tokens[0]); ++a)
+    for (size_t b = 0; b < sizeof(hiddens) / sizeof(hiddens[0]); ++b)
+      for (size_t e = 0; e < sizeof(experts) / sizeof(experts[0]); ++e)
+        for (size_t r = 0; r < sizeof(ranks) / sizeof(ranks[0]); ++r) {
+          if (experts[e] % ranks[r] != 0) continue;
+          CHECK(ep_ll_buffer_size_hint(tokens[a], hiddens[b], ranks[r], experts[e], 16, &bytes) == EP_STATUS_SUCCESS,
+                "size hint: %s", ep_last_error(NULL));
+          const size_t theirs = deepep_ll_bytes((size_t)tokens[a], (size_t)hiddens[b], (size_t)experts[e]);
+          CHECK(bytes <= theirs, "T=%d H=%d E=%d R=%d: %zu bytes > DeepEP's %zu", tokens[a], hiddens[b], experts[e],
+                ranks[r], bytes, theirs);
+        }
+  CHECK(ep_ll_buffer_size_hint(128, 7168, 4, 256, 8, &bytes) == EP_STATUS_SUCCESS, "hint");
+  printf("LL buffer, T=128 H=7168 E=256 (4 ranks): %zu bytes (DeepEP %zu)\n", bytes, deepep_ll_bytes(128, 7168, 256));
+}
+
+static void test_ll_args(void) {
+  struct ep_group no_ll = make_host_group(4);
+  ep_ll_handle_t h = NULL;
+  EXPECT_FAIL(ep_ll_handle_create(&no_ll, &h), &no_ll, EP_STATUS_INVALID_USAGE, "ll_max_tokens_per_rank is 0");
+  EXPECT_FAIL(ep_ll_handle_create(NULL, &h), NULL, EP_STATUS_INVALID_ARGUMENT, "group is NULL");
+
+  struct ep_group host_group = make_host_group(4);
+  host_group.config.ll_max_tokens_per_rank = 128;
+  host_group.ll_layout = ep_ll_layout(4, 256, 128, 7168, 8);
+  ep_group_t g = &host_group;
+  EXPECT_FAIL(ep_ll_handle_create(g, NULL), g, EP_STATUS_INVALID_ARGUMENT, "handle is NULL");
+  /* A handle object with no device memory: enough for validation. */
+  struct ep_ll_handle handle;
+  memset(&handle, 0, sizeof(handle));
+  handle.group = g;
+  struct ep_ll_handle other = handle;
+  other.group = &no_ll;
+
+  static uint16_t x[64];
+  static int64_t idx[64];
+  static uint8_t recv[64];
+  static float scales[64];
+  static int count[64];
+  ep_ll_dispatch_args_t good = EP_LL_DISPATCH_ARGS_INIT;
+  good.x = x;
+  good.num_tokens = 4;
+  good.hidden = 7168;
+  good.topk_idx = idx;
+  good.num_topk = 8;
+  good.num_experts = 256;
+  good.max_tokens_per_rank = 128;
+  good.recv_x = recv;
+  good.recv_x_scales = scales;
+  good.recv_count = count;
+  ep_ll_dispatch_args_t a;
+
+  EXPECT_FAIL(ep_ll_dispatch(g, &handle, NULL, 0), g, EP_STATUS_INVALID_ARGUMENT, "args is NULL");
+  EXPECT_FAIL(ep_ll_dispatch(NULL, &handle, &good, 0), NULL, EP_STATUS_INVALID_ARGUMENT, "group is NULL");
+  EXPECT_FAIL(ep_ll_dispatch(g, NULL, &good, 0), g, EP_STATUS_INVALID_ARGUMENT, "handle is NULL");
+  EXPECT_FAIL(ep_ll_dispatch(g, &other, &good, 0), g, EP_STATUS_INVALID_ARGUMENT, "another group");
+  EXPECT_FAIL(ep_ll_dispatch(&no_ll, &other, &good, 0), &no_ll, EP_STATUS_INVALID_USAGE, "no low-latency buffer");
+  a = good; a.magic = 7;
+  EXPECT_FAIL(ep_ll_dispatch(g, &handle, &a, 0), g, EP_STATUS_INVALID_ARGUMENT, "magic is 0x00000007");
+  a = good; a.size = 12;
+  EXPECT_FAIL(ep_ll_dispatch(g, &handle, &a, 0), g, EP_STATUS_INVALID_ARGUMENT, "size is 12");
+  a = good; a.max_tokens_per_rank = 0;
+  EXPECT_FAIL(ep_ll_dispatch(g, &handle, &a, 0), g, EP_STATUS_INVALID_ARGUMENT, "max_tokens_per_rank is 0");
+  a = good; a.max_tokens_per_rank = 129;
+  EXPECT_FAIL(ep_ll_dispatch(g, &handle, &a, 0), g, EP_STATUS_INVALID_ARGUMENT, "max_tokens_per_rank is 129");
+  a = good; a.num_tokens = 129;
+  EXPECT_FAIL(ep_ll_dispatch(g, &handle, &a, 0), g, EP_STATUS_INVALID_ARGUMENT, "num_tokens is 129");
+  a = good; a.num_tokens = -1;
+  EXPECT_FAIL(ep_ll_dispatch(g, &handle, &a, 0), g, EP_STATUS_INVALID_ARGUMENT, "num_tokens is -1");
+  a = good; a.num_topk = 0;
+  EXPECT_FAIL(ep_ll_dispatch(g, &handle, &a, 0), g, EP_STATUS_INVALID_ARGUMENT, "num_topk is 0");
+  a = good; a.num_topk = 9;
+  EXPECT_FAIL(ep_ll_dispatch(g, &handle, &a, 0), g, EP_STATUS_INVALID_ARGUMENT, "num_topk is 9");
+  a = good; a.num_experts = 250;
+  EXPECT_FAIL(ep_ll_dispatch(g, &handle, &a, 0), g, EP_STATUS_INVALID_ARGUMENT, "num_experts is 250");
+  a = good; a.num_experts = 512;
+  EXPECT_FAIL(ep_ll_dispatch(g, &handle, &a, 0), g, EP_STATUS_INVALID_ARGUMENT, "num_experts is 512");
+  a = good; a.recv_dtype = EP_FP32;
+  EXPECT_FAIL(ep_ll_dispatch(g, &handle, &a, 0), g, EP_STATUS_INVALID_ARGUMENT, "recv_dtype is 3");
+  a = good; a.hidden = 2000;
+  EXPECT_FAIL(ep_ll_dispatch(g, &handle, &a, 0), g, EP_STATUS_INVALID_ARGUMENT, "hidden is 2000");
+  a = good; a.hidden = 7296;
+  EXPECT_FAIL(ep_ll_dispatch(g, &handle, &a, 0), g, EP_STATUS_INVALID_ARGUMENT, "hidden is 7296");
+  a = good; a.hidden = 2688; a.round_scale = 1; a.use_ue8m0 = 1;
+  EXPECT_FAIL(ep_ll_dispatch(g, &handle, &a, 0), g, EP_STATUS_INVALID_ARGUMENT, "hidden is 2688");
+  a = good; a.use_ue8m0 = 1;
+  EXPECT_FAIL(ep_ll_dispatch(g, &handle, &a, 0), g, EP_STATUS_INVALID_ARGUMENT, "use_ue8m0 is 1");
+  a = good; a.round_scale = 2;
+  EXPECT_FAIL(ep_ll_dispatch(g, &handle, &a, 0), g, EP_STATUS_INVALID_ARGUMENT, "round_scale is 2");
+  a = good; a.recv_dtype = EP_BF16; a.hidden = 100;
+  EXPECT_FAIL(ep_ll_dispatch(g, &handle, &a, 0), g, EP_STATUS_INVALID_ARGUMENT, "hidden is 100");
+  a = good; a.x = NULL;
+  EXPECT_FAIL(ep_ll_dispatch(g, &handle, &a, 0), g, EP_STATUS_INVALID_ARGUMENT, "x is NULL");
+  a = good; a.x = (const char*)x + 2;
+  EXPECT_FAIL(ep_ll_dispatch(g, &handle, &a, 0), g, EP_STATUS_INVALID_ARGUMENT, "16-byte aligned");
+  a = good; a.topk_idx = NULL;
+  EXPECT_FAIL(ep_ll_dispatch(g, &handle, &a, 0), g, EP_STATUS_INVALID_ARGUMENT, "topk_idx is NULL");
+  a = good; a.recv_x = NULL;
+  EXPECT_FAIL(ep_ll_dispatch(g, &handle, &a, 0), g, EP_STATUS_INVALID_ARGUMENT, "recv_x is NULL");
+  a = good; a.recv_x_scales = NULL;
+  EXPECT_FAIL(ep_ll_dispatch(g, &handle, &a, 0), g, EP_STATUS_INVALID_ARGUMENT, "recv_x_scales is NULL");
+  a = good; a.recv_count = NULL;
+  EXPECT_FAIL(ep_ll_dispatch(g, &handle, &a, 0), g, EP_STATUS_INVALID_ARGUMENT, "recv_count is NULL");
+  a = good; a.return_after_send = 3;
+  EXPECT_FAIL(ep_ll_dispatch(g, &handle, &a, 0), g, EP_STATUS_INVALID_ARGUMENT, "return_after_send is 3");
+
+  EXPECT_FAIL(ep_ll_dispatch_recv(g, &handle, 0), g, EP_STATUS_INVALID_USAGE, "no dispatch waiting");
+  EXPECT_FAIL(ep_ll_combine_recv(g, &handle, 0), g, EP_STATUS_INVALID_USAGE, "no combine waiting");
+  void* buffer = (void*)1;
+  EXPECT_FAIL(ep_ll_get_combine_buffer(g, &handle, NULL), g, EP_STATUS_INVALID_ARGUMENT, "buffer is NULL");
+  EXPECT_FAIL(ep_ll_get_combine_buffer(g, &handle, &buffer), g, EP_STATUS_INVALID_USAGE, "no dispatch yet");
+  CHECK(buffer == NULL, "combine buffer not cleared on failure");
+  EXPECT_FAIL(ep_ll_get_routing(NULL, NULL, NULL), NULL, EP_STATUS_INVALID_ARGUMENT, "handle is NULL");
+
+  static uint16_t y[64], out[64];
+  static float w[64];
+  ep_ll_combine_args_t cgood = EP_LL_COMBINE_ARGS_INIT;
+  cgood.x = y;
+  cgood.topk_weights = w;
+  cgood.out = out;
+  ep_ll_combine_args_t ca;
+  EXPECT_FAIL(ep_ll_combine(g, &handle, NULL, 0), g, EP_STATUS_INVALID_ARGUMENT, "args is NULL");
+  ca = cgood; ca.magic = 0;
+  EXPECT_FAIL(ep_ll_combine(g, &handle, &ca, 0), g, EP_STATUS_INVALID_ARGUMENT, "magic");
+  ca = cgood; ca.x = NULL;
+  EXPECT_FAIL(ep_ll_combine(g, &handle, &ca, 0), g, EP_STATUS_INVALID_ARGUMENT, "x is NULL");
+  ca = cgood; ca.zero_copy = 2;
+  EXPECT_FAIL(ep_ll_combine(g, &handle, &ca, 0), g, EP_STATUS_INVALID_ARGUMENT, "zero_copy is 2");
+  EXPECT_FAIL(ep_ll_combine(g, &handle, &cgood, 0), g, EP_STATUS_INVALID_USAGE, "no dispatch yet");
+  /* A handle whose half a later dispatch took (two-buffer rule). */
+  handle.dispatched = true;
+  handle.serial = 1;
+  handle.num_tokens = 4;
+  host_group.ll_half_serial[0] = 3;
+  EXPECT_FAIL(ep_ll_combine(g, &handle, &cgood, 0), g, EP_STATUS_INVALID_USAGE, "two-buffer rule");
+  host_group.ll_half_serial[0] = 1;
+  ca = cgood; ca.topk_weights = NULL;
+  EXPECT_FAIL(ep_ll_combine(g, &handle, &ca, 0), g, EP_STATUS_INVALID_ARGUMENT, "topk_weights is NULL");
+  ca = cgood; ca.out = NULL;
+  EXPECT_FAIL(ep_ll_combine(g, &handle, &ca, 0), g, EP_STATUS_INVALID_ARGUMENT, "out is NULL");
+  handle.dispatch_recv_pending = true;
+  EXPECT_FAIL(ep_ll_combine(g, &handle, &cgood, 0), g, EP_STATUS_INVALID_USAGE, "ep_ll_dispatch_recv first");
+  EXPECT_FAIL(ep_ll_dispatch(g, &handle, &good, 0), g, EP_STATUS_INVALID_USAGE, "receive phase");
+  handle.dispatch_recv_pending = false;
+  host_group.ll_half_pending[0] = true;
+  EXPECT_FAIL(ep_ll_dispatch(g, &handle, &good, 0), g, EP_STATUS_INVALID_USAGE, "two-buffer rule");
+  host_group.ll_half_pending[0] = false;
+}
+
 int main(void) {
   test_status_strings();
   test_group_create_args();
   test_group_calls();
   test_layout_args();
+  test_ll_size_hint();
+  test_ll_args();
   printf("test_api: %d failed checks\n", g_check_failures);
   return TEST_RESULT();
 }

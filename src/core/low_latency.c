@@ -1,0 +1,373 @@
+/* low_latency.c: the low-latency path's public calls: size hint, handles, dispatch, combine (each with its
+ * receive hook), the zero-copy buffer and the clean. Everything here validates and fills a launch struct; the
+ * kernels are in src/kernels/low_latency.cu and the buffer layout in src/kernels/ll_layout.h. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/internal.h"
+#include "transport/transport.h"
+
+#define FAIL_ARG(g, ...) ep_fail((g), EP_STATUS_INVALID_ARGUMENT, __VA_ARGS__)
+
+static bool misaligned(const void* ptr) { return ((uintptr_t)ptr & 15) != 0; }
+
+ep_status_t ep_ll_buffer_size_hint(int max_tokens_per_rank, int hidden, int num_ranks, int num_experts, int max_topk,
+                                   size_t* bytes) {
+  const char* fn = "ep_ll_buffer_size_hint";
+  if (!bytes) return FAIL_ARG(NULL, "%s: bytes is NULL", fn);
+  *bytes = 0;
+  if (max_tokens_per_rank < 1 || max_tokens_per_rank > EP_LL_MAX_TOKENS)
+    return FAIL_ARG(NULL, "%s: max_tokens_per_rank is %d; it must be in [1, %d]", fn, max_tokens_per_rank,
+                    EP_LL_MAX_TOKENS);
+  if (hidden <= 0 || hidden % 128 != 0)
+    return FAIL_ARG(NULL, "%s: hidden is %d; it must be a positive multiple of 128", fn, hidden);
+  if (num_ranks < 1 || num_ranks > EP_MAX_RANKS)
+    return FAIL_ARG(NULL, "%s: num_ranks is %d; it must be in [1, %d]", fn, num_ranks, EP_MAX_RANKS);
+  if (num_experts <= 0 || num_experts % num_ranks != 0)
+    return FAIL_ARG(NULL, "%s: num_experts is %d; it must be a positive multiple of num_ranks (%d)", fn, num_experts,
+                    num_ranks);
+  if (max_topk < 1 || max_topk > EP_MAX_TOPK)
+    return FAIL_ARG(NULL, "%s: max_topk is %d; it must be in [1, %d]", fn, max_topk, EP_MAX_TOPK);
+  *bytes = ep_ll_layout(num_ranks, num_experts, max_tokens_per_rank, hidden, max_topk).total_bytes;
+  return EP_STATUS_SUCCESS;
+}
+
+/* Every LL call on a group: live, and configured with an LL buffer. */
+static ep_status_t enter_ll(ep_group_t group, const char* fn) {
+  EP_TRY(ep_enter(group, fn));
+  if (group->config.ll_max_tokens_per_rank <= 0)
+    return ep_fail(group, EP_STATUS_INVALID_USAGE,
+                   "%s: the group has no low-latency buffer (config.ll_max_tokens_per_rank is 0); create it with "
+                   "config.ll_max_tokens_per_rank > 0",
+                   fn);
+  return EP_STATUS_SUCCESS;
+}
+
+static ep_status_t check_handle(ep_group_t group, ep_ll_handle_t handle, const char* fn) {
+  if (!handle) return FAIL_ARG(group, "%s: handle is NULL", fn);
+  if (handle->group != group) return FAIL_ARG(group, "%s: handle belongs to another group", fn);
+  return EP_STATUS_SUCCESS;
+}
+
+ep_status_t ep_ll_handle_create(ep_group_t group, ep_ll_handle_t* handle) {
+  const char* fn = "ep_ll_handle_create";
+  if (handle) *handle = NULL;
+  EP_TRY(enter_ll(group, fn));
+  if (!handle) return FAIL_ARG(group, "%s: handle is NULL", fn);
+  const ep_ll_layout_t* L = &group->ll_layout;
+  const size_t R = (size_t)group->num_ranks, T = (size_t)L->max_tokens, E_loc = (size_t)L->num_local_experts;
+  const size_t K = (size_t)group->config.max_topk;
+  /* Arrays start on 16-byte boundaries. */
+  const size_t bytes_slot = ep_align_up(T * K * sizeof(int), 16);
+  const size_t bytes_src = ep_align_up(E_loc * R * T * sizeof(int), 16);
+  const size_t bytes_range = ep_align_up(E_loc * R * sizeof(int64_t), 16);
+  const size_t bytes_ops = 16;
+  ep_ll_handle_t h = (ep_ll_handle_t)calloc(1, sizeof(*h));
+  if (!h) return ep_fail(group, EP_STATUS_OUT_OF_MEMORY, "%s: host allocation failed", fn);
+  EP_CUDA_TRY(group, cudaSetDevice(group->cuda_device));
+  const size_t total = bytes_slot + bytes_src + bytes_range + bytes_ops;
+  cudaError_t ce = cudaMalloc(&h->memory, total);
+  if (ce == cudaSuccess) ce = cudaMemset(h->memory, 0, total);
+  if (ce != cudaSuccess) {
+    if (h->memory) cudaFree(h->memory);
+    free(h);
+    return ep_fail_cuda(group, ce, "cudaMalloc of the LL handle");
+  }
+  char* p = (char*)h->memory;
+  h->slot_of = (int*)p;
+  p += bytes_slot;
+  h->src_info = (int*)p;
+  p += bytes_src;
+  h->layout_range = (int64_t*)p;
+  p += bytes_range;
+  h->ops = (unsigned long long*)p;
+  h->group = group;
+  *handle = h;
+  return EP_STATUS_SUCCESS;
+}
+
+ep_status_t ep_ll_handle_destroy(ep_ll_handle_t handle) {
+  if (!handle) return EP_STATUS_SUCCESS;
+  ep_group_t g = handle->group;
+  cudaError_t ce = cudaSetDevice(g->cuda_device);
+  if (ce == cudaSuccess) ce = cudaDeviceSynchronize();
+  cudaFree(handle->memory);
+  free(handle);
+  if (ce != cudaSuccess) return ep_fail_cuda(g, ce, "ep_ll_handle_destroy: synchronising the device");
+  return EP_STATUS_SUCCESS;
+}
+
+/* The launch struct: group, handle and the call shape of the handle's dispatch. */
+static ep_ll_launch_t base_launch(ep_group_t g, ep_ll_handle_t h) {
+  ep_ll_launch_t p;
+  memset(&p, 0, sizeof(p));
+  p.rank = g->rank;
+  p.num_ranks = g->num_ranks;
+  p.ranks_per_node = g->ranks_per_node;
+  p.ll_base = (char*)g->workspace + g->ll_offset;
+  p.peer_workspace = g->peer_bases_dev;
+  p.ll_offset = g->ll_offset;
+  p.layout = g->ll_layout;
+  p.state = g->ll_state;
+  p.timeout_ns = g->timeout_ns;
+  p.error = g->error_word_dev;
+  p.num_sms = g->device_sms > 0 ? g->device_sms : 1;
+  p.half = h->half;
+  p.slot_of = h->slot_of;
+  p.src_info = h->src_info;
+  p.layout_range = h->layout_range;
+  p.ops = h->ops;
+  p.num_tokens = h->num_tokens;
+  p.num_topk = h->num_topk;
+  p.num_experts = h->num_experts;
+  p.hidden = h->hidden;
+  p.max_tokens = h->max_tokens;
+  p.fp8 = h->fp8;
+  p.round_scale = h->round_scale;
+  p.ue8m0 = h->ue8m0;
+  p.recv_x = h->recv_x;
+  p.recv_scales = h->recv_x_scales;
+  p.recv_count = h->recv_count;
+  p.topk_weights = h->topk_weights;
+  p.out = h->out;
+  return p;
+}
+
+static ep_status_t check_dispatch_args(ep_group_t group, const ep_ll_dispatch_args_t* a, const char* fn) {
+  const ep_group_config_t* c = &group->config;
+  if (a->max_tokens_per_rank < 1 || a->max_tokens_per_rank > c->ll_max_tokens_per_rank)
+    return FAIL_ARG(group, "%s: max_tokens_per_rank is %d; it must be in [1, config.ll_max_tokens_per_rank=%d]", fn,
+                    a->max_tokens_per_rank, c->ll_max_tokens_per_rank);
+  if (a->num_tokens < 0 || a->num_tokens > a->max_tokens_per_rank)
+    return FAIL_ARG(group, "%s: num_tokens is %d; it must be in [0, max_tokens_per_rank=%d]", fn, a->num_tokens,
+                    a->max_tokens_per_rank);
+  if (a->num_topk < 1 || a->num_topk > c->max_topk)
+    return FAIL_ARG(group, "%s: num_topk is %d; it must be in [1, config.max_topk=%d]", fn, a->num_topk, c->max_topk);
+  if (a->num_experts <= 0 || a->num_experts % group->num_ranks != 0 || a->num_experts > c->num_experts)
+    return FAIL_ARG(group,
+                    "%s: num_experts is %d; it must be a positive multiple of num_ranks (%d) and <= "
+                    "config.num_experts=%d",
+                    fn, a->num_experts, group->num_ranks, c->num_experts);
+  if (a->recv_dtype != EP_FP8_E4M3 && a->recv_dtype != EP_BF16)
+    return FAIL_ARG(group, "%s: recv_dtype is %d; it must be EP_FP8_E4M3 (%d) or EP_BF16 (%d)", fn,
+                    (int)a->recv_dtype, (int)EP_FP8_E4M3, (int)EP_BF16);
+  const bool fp8 = a->recv_dtype == EP_FP8_E4M3;
+  if (a->round_scale != 0 && a->round_scale != 1)
+    return FAIL_ARG(group, "%s: round_scale is %d; it must be 0 or 1", fn, a->round_scale);
+  if (a->use_ue8m0 != 0 && a->use_ue8m0 != 1)
+    return FAIL_ARG(group, "%s: use_ue8m0 is %d; it must be 0 or 1", fn, a->use_ue8m0);
+  if (a->use_ue8m0 && (!fp8 || !a->round_scale))
+    return FAIL_ARG(group, "%s: use_ue8m0 is 1; it needs recv_dtype EP_FP8_E4M3 and round_scale 1 (got %d, %d)", fn,
+                    (int)a->recv_dtype, a->round_scale);
+  if (!fp8 && a->round_scale)
+    return FAIL_ARG(group, "%s: round_scale is 1 but recv_dtype is EP_BF16 (no scales)", fn);
+  const int multiple = a->use_ue8m0 ? 512 : fp8 ? 128 : 8;
+  if (a->hidden <= 0 || a->hidden > c->hidden || a->hidden % multiple != 0)
+    return FAIL_ARG(group, "%s: hidden is %d; it must be a positive multiple of %d (%s), <= config.hidden=%d", fn,
+                    a->hidden, multiple, a->use_ue8m0 ? "UE8M0 scales" : fp8 ? "FP8" : "BF16", c->hidden);
+  if (a->num_tokens > 0 && !a->x) return FAIL_ARG(group, "%s: x is NULL with num_tokens=%d", fn, a->num_tokens);
+  if (misaligned(a->x)) return FAIL_ARG(group, "%s: x (%p) is not 16-byte aligned", fn, a->x);
+  if (a->num_tokens > 0 && !a->topk_idx)
+    return FAIL_ARG(group, "%s: topk_idx is NULL with num_tokens=%d", fn, a->num_tokens);
+  if (!a->recv_x) return FAIL_ARG(group, "%s: recv_x is NULL", fn);
+  if (misaligned(a->recv_x)) return FAIL_ARG(group, "%s: recv_x (%p) is not 16-byte aligned", fn, a->recv_x);
+  if (fp8 && !a->recv_x_scales) return FAIL_ARG(group, "%s: recv_x_scales is NULL with recv_dtype EP_FP8_E4M3", fn);
+  if (misaligned(a->recv_x_scales))
+    return FAIL_ARG(group, "%s: recv_x_scales (%p) is not 16-byte aligned", fn, a->recv_x_scales);
+  if (!a->recv_count) return FAIL_ARG(group, "%s: recv_count is NULL", fn);
+  if (a->return_after_send != 0 && a->return_after_send != 1)
+    return FAIL_ARG(group, "%s: return_after_send is %d; it must be 0 or 1", fn, a->return_after_send);
+  return EP_STATUS_SUCCESS;
+}
+
+ep_status_t ep_ll_dispatch(ep_group_t group, ep_ll_handle_t handle, const ep_ll_dispatch_args_t* args,
+                           cudaStream_t stream) {
+  const char* fn = "ep_ll_dispatch";
+  EP_TRY(enter_ll(group, fn));
+  EP_TRY(check_handle(group, handle, fn));
+  EP_TRY(ep_check_header(group, fn, "ep_ll_dispatch_args_t", args, args ? args->size : 0,
+                         sizeof(ep_ll_dispatch_args_t), args ? args->magic : 0, EP_LL_DISPATCH_ARGS_MAGIC));
+  EP_TRY(check_dispatch_args(group, args, fn));
+  if (handle->dispatch_recv_pending || handle->combine_recv_pending)
+    return ep_fail(group, EP_STATUS_INVALID_USAGE, "%s: the handle's %s receive phase has not been launched yet", fn,
+                   handle->dispatch_recv_pending ? "dispatch" : "combine");
+  const int half = group->ll_next_half;
+  if (group->ll_half_pending[half])
+    return ep_fail(group, EP_STATUS_INVALID_USAGE,
+                   "%s: buffer half %d still waits for the receive phase of an earlier call (two-buffer rule: at most "
+                   "two LL calls outstanding)",
+                   fn, half);
+  EP_CUDA_TRY(group, cudaSetDevice(group->cuda_device));
+
+  const ep_ll_dispatch_args_t* a = args;
+  handle->half = half;
+  handle->serial = group->ll_dispatches + 1;
+  handle->num_tokens = a->num_tokens;
+  handle->num_topk = a->num_topk;
+  handle->num_experts = a->num_experts;
+  handle->hidden = a->hidden;
+  handle->max_tokens = a->max_tokens_per_rank;
+  handle->fp8 = a->recv_dtype == EP_FP8_E4M3;
+  handle->round_scale = a->round_scale;
+  handle->ue8m0 = a->use_ue8m0;
+  handle->recv_x = a->recv_x;
+  handle->recv_x_scales = a->recv_x_scales;
+  handle->recv_count = a->recv_count;
+  ep_ll_launch_t p = base_launch(group, handle);
+  p.x = a->x;
+  p.topk_idx = a->topk_idx;
+  EP_CUDA_TRY(group, ep_launch_ll_dispatch_send(&p, stream));
+  /* The send is issued: the half now belongs to this dispatch. */
+  group->ll_dispatches++;
+  group->ll_next_half ^= 1;
+  group->ll_half_serial[half] = handle->serial;
+  handle->dispatched = true;
+  if (a->return_after_send) {
+    handle->dispatch_recv_pending = true;
+    group->ll_half_pending[half] = true;
+    return EP_STATUS_SUCCESS;
+  }
+  EP_CUDA_TRY(group, ep_launch_ll_dispatch_recv(&p, stream));
+  return EP_STATUS_SUCCESS;
+}
+
+ep_status_t ep_ll_dispatch_recv(ep_group_t group, ep_ll_handle_t handle, cudaStream_t stream) {
+  const char* fn = "ep_ll_dispatch_recv";
+  EP_TRY(enter_ll(group, fn));
+  EP_TRY(check_handle(group, handle, fn));
+  if (!handle->dispatch_recv_pending)
+    return ep_fail(group, EP_STATUS_INVALID_USAGE,
+                   "%s: the handle has no dispatch waiting for its receive phase (call ep_ll_dispatch with "
+                   "return_after_send = 1 first)",
+                   fn);
+  EP_CUDA_TRY(group, cudaSetDevice(group->cuda_device));
+  ep_ll_launch_t p = base_launch(group, handle);
+  EP_CUDA_TRY(group, ep_launch_ll_dispatch_recv(&p, stream));
+  handle->dispatch_recv_pending = false;
+  group->ll_half_pending[handle->half] = false;
+  return EP_STATUS_SUCCESS;
+}
+
+ep_status_t ep_ll_get_routing(ep_ll_handle_t handle, const int** src_info, const int64_t** layout_range) {
+  if (!handle) return FAIL_ARG(NULL, "ep_ll_get_routing: handle is NULL");
+  if (src_info) *src_info = handle->src_info;
+  if (layout_range) *layout_range = handle->layout_range;
+  return EP_STATUS_SUCCESS;
+}
+
+/* A combine needs its handle's dispatch received, and the half not yet taken by a later dispatch. */
+static ep_status_t check_combinable(ep_group_t group, ep_ll_handle_t handle, const char* fn) {
+  if (!handle->dispatched)
+    return ep_fail(group, EP_STATUS_INVALID_USAGE, "%s: the handle has no dispatch yet; call ep_ll_dispatch first",
+                   fn);
+  if (handle->dispatch_recv_pending)
+    return ep_fail(group, EP_STATUS_INVALID_USAGE,
+                   "%s: the handle's dispatch waits for its receive phase; call ep_ll_dispatch_recv first", fn);
+  if (group->ll_half_serial[handle->half] != handle->serial)
+    return ep_fail(group, EP_STATUS_INVALID_USAGE,
+                   "%s: the handle's buffer half %d was taken by a later dispatch (two-buffer rule: combine a "
+                   "handle before the dispatch after next)",
+                   fn, handle->half);
+  return EP_STATUS_SUCCESS;
+}
+
+ep_status_t ep_ll_get_combine_buffer(ep_group_t group, ep_ll_handle_t handle, void** buffer) {
+  const char* fn = "ep_ll_get_combine_buffer";
+  if (buffer) *buffer = NULL;
+  EP_TRY(enter_ll(group, fn));
+  EP_TRY(check_handle(group, handle, fn));
+  if (!buffer) return FAIL_ARG(group, "%s: buffer is NULL", fn);
+  if (!handle->dispatched)
+    return ep_fail(group, EP_STATUS_INVALID_USAGE, "%s: the handle has no dispatch yet; call ep_ll_dispatch first",
+                   fn);
+  if (group->ll_half_serial[handle->half] != handle->serial)
+    return ep_fail(group, EP_STATUS_INVALID_USAGE,
+                   "%s: the handle's buffer half %d was taken by a later dispatch (two-buffer rule)", fn,
+                   handle->half);
+  const ep_ll_layout_t* L = &group->ll_layout;
+  *buffer = (char*)group->workspace + group->ll_offset + (size_t)handle->half * L->half_bytes + L->combine_stage;
+  return EP_STATUS_SUCCESS;
+}
+
+ep_status_t ep_ll_combine(ep_group_t group, ep_ll_handle_t handle, const ep_ll_combine_args_t* args,
+                          cudaStream_t stream) {
+  const char* fn = "ep_ll_combine";
+  EP_TRY(enter_ll(group, fn));
+  EP_TRY(check_handle(group, handle, fn));
+  EP_TRY(ep_check_header(group, fn, "ep_ll_combine_args_t", args, args ? args->size : 0,
+                         sizeof(ep_ll_combine_args_t), args ? args->magic : 0, EP_LL_COMBINE_ARGS_MAGIC));
+  const ep_ll_combine_args_t* a = args;
+  if (a->zero_copy != 0 && a->zero_copy != 1)
+    return FAIL_ARG(group, "%s: zero_copy is %d; it must be 0 or 1", fn, a->zero_copy);
+  if (a->return_after_send != 0 && a->return_after_send != 1)
+    return FAIL_ARG(group, "%s: return_after_send is %d; it must be 0 or 1", fn, a->return_after_send);
+  if (!a->zero_copy && !a->x) return FAIL_ARG(group, "%s: x is NULL (and zero_copy is 0)", fn);
+  if (!a->zero_copy && misaligned(a->x)) return FAIL_ARG(group, "%s: x (%p) is not 16-byte aligned", fn, a->x);
+  EP_TRY(check_combinable(group, handle, fn));
+  if (handle->combine_recv_pending)
+    return ep_fail(group, EP_STATUS_INVALID_USAGE,
+                   "%s: the handle's previous combine waits for its receive phase; call ep_ll_combine_recv first", fn);
+  if (handle->num_tokens > 0 && !a->topk_weights)
+    return FAIL_ARG(group, "%s: topk_weights is NULL with num_tokens=%d", fn, handle->num_tokens);
+  if (handle->num_tokens > 0 && !a->out) return FAIL_ARG(group, "%s: out is NULL with num_tokens=%d", fn,
+                                                         handle->num_tokens);
+  if (misaligned(a->out)) return FAIL_ARG(group, "%s: out (%p) is not 16-byte aligned", fn, a->out);
+  if (group->ll_half_pending[handle->half])
+    return ep_fail(group, EP_STATUS_INVALID_USAGE,
+                   "%s: buffer half %d still waits for the receive phase of an earlier call", fn, handle->half);
+  EP_CUDA_TRY(group, cudaSetDevice(group->cuda_device));
+
+  handle->topk_weights = a->topk_weights;
+  handle->out = a->out;
+  ep_ll_launch_t p = base_launch(group, handle);
+  p.y = a->x;
+  p.zero_copy = a->zero_copy;
+  EP_CUDA_TRY(group, ep_launch_ll_combine_send(&p, stream));
+  if (a->return_after_send) {
+    handle->combine_recv_pending = true;
+    group->ll_half_pending[handle->half] = true;
+    return EP_STATUS_SUCCESS;
+  }
+  EP_CUDA_TRY(group, ep_launch_ll_combine_recv(&p, stream));
+  return EP_STATUS_SUCCESS;
+}
+
+ep_status_t ep_ll_combine_recv(ep_group_t group, ep_ll_handle_t handle, cudaStream_t stream) {
+  const char* fn = "ep_ll_combine_recv";
+  EP_TRY(enter_ll(group, fn));
+  EP_TRY(check_handle(group, handle, fn));
+  if (!handle->combine_recv_pending)
+    return ep_fail(group, EP_STATUS_INVALID_USAGE,
+                   "%s: the handle has no combine waiting for its receive phase (call ep_ll_combine with "
+                   "return_after_send = 1 first)",
+                   fn);
+  EP_CUDA_TRY(group, cudaSetDevice(group->cuda_device));
+  ep_ll_launch_t p = base_launch(group, handle);
+  EP_CUDA_TRY(group, ep_launch_ll_combine_recv(&p, stream));
+  handle->combine_recv_pending = false;
+  group->ll_half_pending[handle->half] = false;
+  return EP_STATUS_SUCCESS;
+}
+
+ep_status_t ep_ll_clean(ep_group_t group, cudaStream_t stream) {
+  const char* fn = "ep_ll_clean";
+  EP_TRY(enter_ll(group, fn));
+  if (group->ll_half_pending[0] || group->ll_half_pending[1])
+    return ep_fail(group, EP_STATUS_INVALID_USAGE, "%s: an LL call still waits for its receive phase", fn);
+  EP_CUDA_TRY(group, cudaSetDevice(group->cuda_device));
+  const ep_ll_layout_t* L = &group->ll_layout;
+  char* base = (char*)group->workspace + group->ll_offset;
+  /* Every rank must be done with the buffer before anyone zeroes theirs, and done zeroing before anyone uses it. */
+  EP_CUDA_TRY(group, cudaStreamSynchronize(stream));
+  EP_CUDA_TRY(group, cudaDeviceSynchronize());
+  EP_TRY(ep_enter(group, fn));
+  ep_tp_barrier_all();
+  for (int h = 0; h < 2; ++h)
+    EP_CUDA_TRY(group, cudaMemsetAsync(base + (size_t)h * L->half_bytes, 0, L->signal_bytes, stream));
+  EP_CUDA_TRY(group, cudaMemsetAsync(group->ll_state, 0, sizeof(ep_ll_state_t), stream));
+  EP_CUDA_TRY(group, cudaStreamSynchronize(stream));
+  ep_tp_barrier_all();
+  group->ll_next_half = 0;
+  group->ll_half_serial[0] = group->ll_half_serial[1] = 0;
+  return EP_STATUS_SUCCESS;
+}
