@@ -29,6 +29,7 @@ typedef struct bench_options {
   int sms[BENCH_MAX_SMS_LIST]; /* per-call num_sms of the dispatch/combine rows, in order */
   int num_sms_list;            /* entries of sms[] */
   int max_sms;                 /* the largest of them: the group's config.num_sms */
+  int ll_tokens;               /* tokens per rank of the ll family (its max_tokens_per_rank); <= tokens */
 } bench_options_t;
 
 typedef struct bench {
@@ -113,6 +114,7 @@ typedef struct bench_row {
   double combine_bytes;        /* the combine's bytes when they differ from `bytes` (FP8 dispatch, BF16
                                   combine); 0 = the same as `bytes` */
   double baseline_dispatch_us, baseline_combine_us; /* the NCCL user path on the same shape, or < 0 */
+  int tokens;                  /* tokens per rank of the row; 0 = opt.tokens */
   int validated;               /* the row's outputs were compared with the expected ones */
   long mismatches;             /* how many compared values differed, on this rank */
 } bench_row_t;
@@ -130,5 +132,6 @@ typedef void (*bench_family_fn)(bench_t* b);
 void family_layout(bench_t* b);
 void family_nccl(bench_t* b);
 void family_intranode(bench_t* b);
+void family_ll(bench_t* b);
 
 #endif /* EP_BENCH_H */

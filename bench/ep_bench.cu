@@ -25,6 +25,7 @@ static const struct {
     {"layout", family_layout}, /* ep_get_dispatch_layout */
     {"nccl", family_nccl},     /* rows nccl-a2a and nccl-user: the baseline alone */
     {"intranode", family_intranode}, /* rows prepare and intranode: the normal path, next to nccl-user */
+    {"ll", family_ll},               /* rows ll and ll-send: the low-latency path, next to nccl-user */
 };
 
 static int g_rank = -1; /* for bench_die's message */
@@ -47,7 +48,8 @@ static void usage(FILE* f) {
           "  --experts N   experts in all, a multiple of the number of ranks (256)\n"
           "  --iters N     timed iterations (50)\n"
           "  --warmup N    untimed iterations before them (10)\n"
-          "  --family L    comma list of: layout, intranode, nccl (layout,intranode)\n"
+          "  --family L    comma list of: layout, intranode, ll, nccl (layout,intranode,ll)\n"
+          "  --ll-tokens N tokens per rank of the ll family, at most --tokens (128)\n"
           "  --seed N      routing seed (default: EP_TEST_SEED, else from the clock)\n"
           "  --sms L       comma list of SMs per dispatch/combine call, one intranode row each (8,16,24,32);\n"
           "                --num-sms-list L is the same option\n");
@@ -93,7 +95,8 @@ static bench_options_t parse_options(int argc, char** argv) {
   o.experts = 256;
   o.iters = 50;
   o.warmup = 10;
-  o.family = "layout,intranode";
+  o.family = "layout,intranode,ll";
+  o.ll_tokens = 128;
   parse_sms_list("--sms", "8,16,24,32", &o);
   for (int i = 1; i < argc; ++i) {
     const char* arg = argv[i];
@@ -120,6 +123,7 @@ static bench_options_t parse_options(int argc, char** argv) {
     else if (!strcmp(name, "--iters")) o.iters = (int)parse_int(name, value, 1, 100000);
     else if (!strcmp(name, "--warmup")) o.warmup = (int)parse_int(name, value, 0, 100000);
     else if (!strcmp(name, "--family") && value) o.family = value;
+    else if (!strcmp(name, "--ll-tokens")) o.ll_tokens = (int)parse_int(name, value, 1, 8192);
     else if (!strcmp(name, "--sms") || !strcmp(name, "--num-sms-list")) parse_sms_list(name, value, &o);
     else if (!strcmp(name, "--seed") && value) {
       char* end = NULL;
@@ -201,6 +205,8 @@ static void setup(bench_t* b) {
   /* The group's num_sms bounds what one call may ask for (each call passes its own num_sms): cover the largest
    * entry of --sms. */
   config.num_sms = o->max_sms;
+  /* The low-latency buffer only when the ll family runs (it is large: see ep_ll_buffer_size_hint). */
+  if (strstr(o->family, "ll")) config.ll_max_tokens_per_rank = o->ll_tokens < o->tokens ? o->ll_tokens : o->tokens;
   EP_OK(NULL, harness_group_create(&b->h, &config, &b->group));
   EP_OK(b->group, ep_group_get_info(b->group, &b->info));
 
@@ -336,7 +342,7 @@ static void print_row(bench_t* b, const bench_row_t* row, const double* all) {
   char ranks[16], tokens[16], hidden[16], topk[16], experts[16], sms[16] = "-";
   char disp[32], comb[32], gbs[64], base[64], speed[64], slowest[32];
   snprintf(ranks, sizeof(ranks), "%d", R);
-  snprintf(tokens, sizeof(tokens), "%d", b->opt.tokens);
+  snprintf(tokens, sizeof(tokens), "%d", row->tokens > 0 ? row->tokens : b->opt.tokens);
   snprintf(hidden, sizeof(hidden), "%d", b->opt.hidden);
   snprintf(topk, sizeof(topk), "%d", b->opt.topk);
   snprintf(experts, sizeof(experts), "%d", b->opt.experts);

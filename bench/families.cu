@@ -127,6 +127,15 @@ static long check_recv_counts(const bench_t* b, const nccl_plan_t* plan) {
   return count_mismatches(b, "nccl recv_count", plan->recv_count, want.data(), R);
 }
 
+/* The same for the first `tokens` tokens of every rank. */
+static long check_recv_counts_n(const bench_t* b, const nccl_plan_t* plan, int tokens) {
+  const int R = b->num_ranks;
+  std::vector<int> want(R, 0);
+  for (int s = 0; s < R; ++s)
+    for (int t = 0; t < tokens; ++t) want[s] += b->is_token_in_rank[s][(size_t)t * R + b->rank] != 0;
+  return count_mismatches(b, "nccl recv_count", plan->recv_count, want.data(), R);
+}
+
 /* Received rows: from each source rank s, in s's token order, the tokens t routed here, holding
  * bench_value(s, t, c). */
 static long check_dispatched_rows(bench_t* b, const char* what, const nccl_plan_t* plan,
@@ -478,4 +487,200 @@ void family_intranode(bench_t* b) {
   CUDA_OK(cudaFree(recv_scales));
   CUDA_OK(cudaFree(d_x_fp8));
   CUDA_OK(cudaFree(d_x_scales));
+}
+
+/* ------------------------------------------------------------------------------------------------------------
+ * ll: the low-latency path (ep_ll_dispatch FP8, ep_ll_combine BF16) on the first --ll-tokens tokens of each rank,
+ * without and with the receive hook, next to the NCCL user path on the same tokens. Bytes as DeepEP's LL test
+ * counts them, per selected (token, expert) pair of this rank: dispatch hidden + hidden / 128 * 4 + 16, combine
+ * 2 * hidden.
+ * ------------------------------------------------------------------------------------------------------------ */
+void family_ll(bench_t* b) {
+  const int R = b->num_ranks, H = b->opt.hidden, K = b->opt.topk, E = b->opt.experts, me = b->rank;
+  const int T = b->opt.ll_tokens < b->opt.tokens ? b->opt.ll_tokens : b->opt.tokens;
+  if (T <= 0 || H % 128 != 0) {
+    if (me == 0) fprintf(stderr, "ep_bench: ll rows skipped: need --tokens > 0 and --hidden a multiple of 128\n");
+    return;
+  }
+  const int E_loc = E / R, G = H / 128;
+  const size_t RT = (size_t)R * T;
+
+  /* The reference: every rank's first T tokens (bench_value rows, exact in bf16) through ep_ref_ll_dispatch. */
+  std::vector<std::vector<uint16_t>> xs(R, std::vector<uint16_t>((size_t)T * H));
+  std::vector<std::vector<float>> ws(R, std::vector<float>((size_t)T * K, 1.0f));
+  std::vector<const uint16_t*> x_ptr(R);
+  std::vector<const int64_t*> idx_ptr(R);
+  std::vector<const float*> w_ptr(R);
+  std::vector<int> num_tokens(R, T);
+  for (int r = 0; r < R; ++r) {
+    for (int t = 0; t < T; ++t)
+      for (int c = 0; c < H; ++c) xs[r][(size_t)t * H + c] = bench_exact_bf16(bench_value(r, t, c));
+    x_ptr[r] = xs[r].data();
+    idx_ptr[r] = b->topk_idx[r];
+    w_ptr[r] = ws[r].data();
+  }
+  ep_ref_ll_world_t world;
+  memset(&world, 0, sizeof(world));
+  world.num_ranks = R;
+  world.num_experts = E;
+  world.num_topk = K;
+  world.hidden = H;
+  world.max_tokens_per_rank = T;
+  world.num_tokens = num_tokens.data();
+  world.x = x_ptr.data();
+  world.topk_idx = idx_ptr.data();
+  world.topk_weights = w_ptr.data();
+  ep_ref_ll_dispatch_t ref;
+  if (ep_ref_ll_dispatch(&world, 1, 0, 0, &ref) != 0)
+    bench_die(__FILE__, __LINE__, "ep_ref_ll_dispatch", "the reference rejected the routing", "");
+  const ep_ref_ll_recv_t* mine = &ref.recv[me];
+  long selections = 0; /* this rank's (token, expert) pairs */
+  for (size_t i = 0; i < (size_t)T * K; ++i) selections += b->topk_idx[me][i] >= 0;
+
+  /* The experts hand back their input rows as bf16: y[e][i] = the i-th received token's bf16 row, so that the
+   * combined row is x[t] * (valid top-k entries) with weights 1, exact. */
+  std::vector<uint16_t> y_host((size_t)E_loc * RT * H, 0);
+  for (int e = 0; e < E_loc; ++e)
+    for (int i = 0; i < mine->count[e]; ++i) {
+      const int row = mine->expert_offset[e] + i;
+      memcpy(&y_host[((size_t)e * RT + i) * H], &xs[mine->src_rank[row]][(size_t)mine->src_idx[row] * H],
+             (size_t)H * 2);
+    }
+
+  /* The baseline on the same tokens: the NCCL user path, BF16 both ways. */
+  double base_us[2] = {-1, -1};
+  long base_bad;
+  {
+    nccl_user_t u;
+    nccl_user_create(&u, b->is_token_in_rank[me], T, H, me, R, b->comm, b->stream);
+    poison(b, u.recv_rows, (size_t)u.plan.num_recv_rows * H * 2);
+    time_nccl_user(b, &u, &base_us[0], &base_us[1]);
+    base_bad = check_recv_counts_n(b, &u.plan, T);
+    nccl_user_destroy(&u);
+  }
+
+  ep_ll_handle_t handle = NULL;
+  EP_OK(b->group, ep_ll_handle_create(b->group, &handle));
+  void *recv_x, *recv_scales, *y, *out;
+  int* recv_count;
+  float* weights;
+  CUDA_OK(cudaMalloc(&recv_x, (size_t)E_loc * RT * H));
+  CUDA_OK(cudaMalloc(&recv_scales, (size_t)E_loc * RT * G * 4));
+  CUDA_OK(cudaMalloc(&recv_count, (size_t)E_loc * 4));
+  CUDA_OK(cudaMalloc(&y, y_host.size() * 2));
+  CUDA_OK(cudaMalloc(&out, (size_t)T * H * 2));
+  CUDA_OK(cudaMalloc(&weights, (size_t)T * K * 4));
+  CUDA_OK(cudaMemcpyAsync(y, y_host.data(), y_host.size() * 2, cudaMemcpyHostToDevice, b->stream));
+  CUDA_OK(cudaMemcpyAsync(weights, ws[me].data(), (size_t)T * K * 4, cudaMemcpyHostToDevice, b->stream));
+
+  ep_ll_dispatch_args_t da = EP_LL_DISPATCH_ARGS_INIT;
+  da.x = b->d_x;
+  da.num_tokens = T;
+  da.hidden = H;
+  da.topk_idx = b->d_topk_idx;
+  da.num_topk = K;
+  da.num_experts = E;
+  da.max_tokens_per_rank = T;
+  da.recv_dtype = EP_FP8_E4M3;
+  da.recv_x = recv_x;
+  da.recv_x_scales = recv_scales;
+  da.recv_count = recv_count;
+  ep_ll_combine_args_t ca = EP_LL_COMBINE_ARGS_INIT;
+  ca.x = y;
+  ca.topk_weights = weights;
+  ca.out = out;
+
+  /* The outputs of the last timed call of each row against the reference. */
+  auto check = [&](const char* what) -> long {
+    check_async(b, what);
+    long bad = count_mismatches(b, "ll recv_count", to_host(b, recv_count, E_loc).data(), mine->count, E_loc);
+    const std::vector<uint8_t> q = to_host(b, (const uint8_t*)recv_x, (size_t)E_loc * RT * H);
+    const std::vector<float> sc = to_host(b, (const float*)recv_scales, (size_t)E_loc * RT * G);
+    for (int e = 0; e < E_loc; ++e)
+      for (int i = 0; i < mine->count[e]; ++i) {
+        const size_t row = (size_t)mine->expert_offset[e] + i;
+        if (memcmp(&q[((size_t)e * RT + i) * H], mine->x_fp8 + row * H, H) != 0 && bad++ == 0)
+          fprintf(stderr, "ep_bench rank %d: %s: fp8 row %d of expert %d differs\n", me, what, i, e);
+        for (int g = 0; g < G; ++g)
+          if (!(sc[((size_t)e * G + g) * RT + i] == mine->scales[row * G + g]) && bad++ == 0)
+            fprintf(stderr, "ep_bench rank %d: %s: scale %d of row %d of expert %d differs\n", me, what, g, i, e);
+      }
+    const std::vector<uint16_t> got = to_host(b, (const uint16_t*)out, (size_t)T * H);
+    for (int t = 0; t < T; ++t) {
+      int copies = 0;
+      for (int k = 0; k < K; ++k) copies += b->topk_idx[me][(size_t)t * K + k] >= 0;
+      for (int c = 0; c < H; ++c) {
+        const uint16_t want = ep_ref_f32_to_bf16(bench_value(me, t, c) * (float)copies);
+        if (got[(size_t)t * H + c] != want && bad++ == 0)
+          fprintf(stderr, "ep_bench rank %d: %s: out[%d][%d] = 0x%04x, want 0x%04x\n", me, what, t, c,
+                  got[(size_t)t * H + c], want);
+      }
+    }
+    return bad;
+  };
+
+  size_t footprint = 0;
+  EP_OK(b->group, ep_ll_buffer_size_hint(T, H, R, E, K, &footprint));
+
+  /* No hook: each call sends and receives. */
+  poison(b, recv_x, (size_t)E_loc * RT * H);
+  poison(b, out, (size_t)T * H * 2);
+  {
+    const bench_phase_fn phases[2] = {
+        [&] { EP_OK(b->group, ep_ll_dispatch(b->group, handle, &da, b->stream)); },
+        [&] { EP_OK(b->group, ep_ll_combine(b->group, handle, &ca, b->stream)); },
+    };
+    double us[2];
+    bench_time_phases(b, 2, phases, us);
+    bench_row_t row = bench_row_make("ll", "fp8");
+    row.tokens = T;
+    row.dispatch_us = us[0];
+    row.combine_us = us[1];
+    row.bytes = (double)selections * (H + H / 128 * 4 + 16);
+    row.combine_bytes = (double)selections * 2 * H;
+    row.baseline_dispatch_us = base_us[0];
+    row.baseline_combine_us = base_us[1];
+    row.validated = 1;
+    row.mismatches = base_bad + check("ll dispatch/combine");
+    bench_report_row(b, &row);
+  }
+
+  /* Hook: the send phases alone (the receive phases run too, timed apart and not shown). */
+  poison(b, recv_x, (size_t)E_loc * RT * H);
+  poison(b, out, (size_t)T * H * 2);
+  {
+    ep_ll_dispatch_args_t dh = da;
+    dh.return_after_send = 1;
+    ep_ll_combine_args_t ch = ca;
+    ch.return_after_send = 1;
+    const bench_phase_fn phases[4] = {
+        [&] { EP_OK(b->group, ep_ll_dispatch(b->group, handle, &dh, b->stream)); },
+        [&] { EP_OK(b->group, ep_ll_dispatch_recv(b->group, handle, b->stream)); },
+        [&] { EP_OK(b->group, ep_ll_combine(b->group, handle, &ch, b->stream)); },
+        [&] { EP_OK(b->group, ep_ll_combine_recv(b->group, handle, b->stream)); },
+    };
+    double us[4];
+    bench_time_phases(b, 4, phases, us);
+    bench_row_t row = bench_row_make("ll-send", "fp8");
+    row.tokens = T;
+    row.dispatch_us = us[0];
+    row.combine_us = us[2];
+    row.bytes = (double)selections * (H + H / 128 * 4 + 16);
+    row.combine_bytes = (double)selections * 2 * H;
+    row.validated = 1;
+    row.mismatches = check("ll hook dispatch/combine");
+    bench_report_row(b, &row);
+    if (me == 0)
+      printf("ll: receive phases alone %.1f / %.1f us (rank 0); LL buffer %.3f GB for T=%d H=%d E=%d (%d ranks)\n",
+             us[1], us[3], (double)footprint * 1e-9, T, H, E, R);
+  }
+
+  ep_ref_ll_dispatch_free(&ref);
+  EP_OK(b->group, ep_ll_handle_destroy(handle));
+  CUDA_OK(cudaFree(recv_x));
+  CUDA_OK(cudaFree(recv_scales));
+  CUDA_OK(cudaFree(recv_count));
+  CUDA_OK(cudaFree(y));
+  CUDA_OK(cudaFree(out));
+  CUDA_OK(cudaFree(weights));
 }
