@@ -4,6 +4,9 @@
 # Host tests: each program in BUILD/tests/host. GPU tests: each program in BUILD/tests/gpu under ep_launch, on 2
 # and on 4 ranks (EP_TEST_RANKS overrides the list); a run that needs more GPUs than exist is a skip. Without a
 # GPU, the GPU tests are skipped with one line that says so.
+# Python tests (tests/python/test_*.py, run with $PYTHON or python3, package from python/, library from BUILD):
+# the host section runs those whose name does not end in _gpu.py, the GPU section runs the *_gpu.py ones once
+# each (they start their own ranks). Each script counts as one test.
 set -u
 build=${1:-build}
 which=${2:-all}
@@ -17,12 +20,30 @@ record() { # name exit_code
   esac
 }
 
+tests_dir=$(cd "$(dirname "$0")" && pwd)
+python=${PYTHON:-python3}
+export PYTHONPATH="$(dirname "$tests_dir")/python${PYTHONPATH:+:$PYTHONPATH}"
+[[ -f $build/lib/libep.so ]] && export EP_LIBRARY_PATH=${EP_LIBRARY_PATH:-$(cd "$build/lib" && pwd)/libep.so}
+run_py() { # script timeout_seconds [log_file]
+  local name="python/$(basename "$1")" out rc
+  if ! command -v "$python" > /dev/null; then
+    skip=$((skip + 1)); echo "SKIP $name: $python not found"; return
+  fi
+  out=$(timeout "$2" "$python" "$1" 2>&1); rc=$?
+  [[ -n ${3:-} ]] && printf '%s\n' "$out" > "$3"
+  [[ $rc -ne 0 && $rc -ne 77 ]] && echo "$out"
+  record "$name" $rc
+}
+
 if [[ $which == all || $which == host ]]; then
   for t in "$build"/tests/host/test_*; do
     [[ -x $t ]] || continue
     out=$(ASAN_OPTIONS=detect_leaks=0 timeout 300 "$t" 2>&1); rc=$?
     [[ $rc -ne 0 && $rc -ne 77 ]] && echo "$out"
     record "host/$(basename "$t")" $rc
+  done
+  for t in "$tests_dir"/python/test_*.py; do
+    [[ $t == *_gpu.py ]] || run_py "$t" 300
   done
 fi
 
@@ -45,6 +66,10 @@ if [[ $which == all || $which == gpu ]]; then
         [[ $rc -ne 0 && $rc -ne 77 ]] && echo "$out"
         record "$name" $rc
       done
+    done
+    mkdir -p "$logs/python"
+    for t in "$tests_dir"/python/test_*_gpu.py; do
+      [[ -f $t ]] && run_py "$t" 1200 "$logs/python/$(basename "$t" .py).log"
     done
   fi
 fi

@@ -1,0 +1,314 @@
+"""ctypes binding of libep.so: the structs of include/ep.h, the function prototypes, and status checking.
+
+This module imports nothing but the standard library, so it works (and its CPU tests run) without PyTorch.
+The library is loaded on first use (`load()`), not at import:
+
+  1. `EP_LIBRARY_PATH`, when set, names the file to load (and nothing else is tried);
+  2. else `<repository>/build/lib/libep.so`, found relative to this package (python/ep/ -> ../../build/lib);
+  3. else `ctypes.util.find_library("ep")` (an installed libep.so on the loader's path).
+
+Every struct below mirrors its C twin field for field, in the header's order; tests/python/test_capi_layout.py
+compiles a small C program against include/ep.h and compares every size and offset.
+"""
+
+import ctypes
+import ctypes.util
+import os
+import threading
+
+__all__ = [
+    "EpError", "EpLibraryError", "load", "library_path", "check", "status_name", "last_error",
+    "UniqueId", "GroupConfig", "GroupInfo", "LayoutArgs", "DispatchPrepareArgs", "DispatchArgs", "CombineArgs",
+]
+
+# ---- Constants of include/ep.h -------------------------------------------------------------------------------
+EP_VERSION_MAJOR, EP_VERSION_MINOR, EP_VERSION_PATCH = 0, 1, 0
+EP_UNIQUE_ID_BYTES = 128
+
+EP_GROUP_CONFIG_MAGIC = 0x45504731  # "EPG1"
+EP_LAYOUT_ARGS_MAGIC = 0x45504C31  # "EPL1"
+EP_DISPATCH_PREPARE_ARGS_MAGIC = 0x45505031  # "EPP1"
+EP_DISPATCH_ARGS_MAGIC = 0x45504431  # "EPD1"
+EP_COMBINE_ARGS_MAGIC = 0x45504331  # "EPC1"
+
+# ep_status_t, in the header's order.
+STATUS_NAMES = (
+    "EP_STATUS_SUCCESS",
+    "EP_STATUS_INVALID_ARGUMENT",
+    "EP_STATUS_INVALID_USAGE",
+    "EP_STATUS_UNSUPPORTED",
+    "EP_STATUS_OUT_OF_MEMORY",
+    "EP_STATUS_CUDA_ERROR",
+    "EP_STATUS_SUBSTRATE_ERROR",
+    "EP_STATUS_DEVICE_ERROR",
+    "EP_STATUS_TIMEOUT",
+    "EP_STATUS_INTERNAL_ERROR",
+)
+for _i, _name in enumerate(STATUS_NAMES):
+    globals()[_name] = _i
+EP_STATUS_COUNT = len(STATUS_NAMES)
+
+# ep_dtype_t
+EP_DTYPE_INVALID, EP_BF16, EP_FP8_E4M3, EP_FP32, EP_INT32, EP_INT64 = 0, 1, 2, 3, 4, 5
+
+
+# ---- Errors ----------------------------------------------------------------------------------------------------
+class EpLibraryError(ImportError):
+    """libep.so could not be found or loaded. The message names every path tried and how to fix it."""
+
+
+class EpError(RuntimeError):
+    """A call into libep.so failed.
+
+    Attributes: `status` (the ep_status_t value), `status_name` ("EP_STATUS_TIMEOUT"), `message` (the library's
+    ep_last_error() text, which names the bad argument or the peer that stalled)."""
+
+    def __init__(self, status_name, message, status=None):
+        self.status_name = status_name
+        self.message = message
+        self.status = STATUS_NAMES.index(status_name) if status is None and status_name in STATUS_NAMES else status
+        super().__init__(f"{status_name}: {message}" if message else status_name)
+
+
+# ---- Structs (field order EXACTLY as in include/ep.h) ---------------------------------------------------------
+_u32, _int, _dbl, _size, _ptr = ctypes.c_uint32, ctypes.c_int, ctypes.c_double, ctypes.c_size_t, ctypes.c_void_p
+
+
+class UniqueId(ctypes.Structure):
+    _fields_ = [("bytes", ctypes.c_ubyte * EP_UNIQUE_ID_BYTES)]
+
+
+class _Args(ctypes.Structure):
+    """Base of the size/magic-headed argument structs: `init()` gives the struct its _INIT macro's values."""
+
+    _MAGIC = 0
+    _DEFAULTS = {}
+
+    @classmethod
+    def init(cls, **fields):
+        s = cls()
+        s.size = ctypes.sizeof(cls)
+        s.magic = cls._MAGIC
+        for k, v in {**cls._DEFAULTS, **fields}.items():
+            if not hasattr(s, k):
+                raise AttributeError(f"{cls.__name__} has no field {k!r}")
+            setattr(s, k, v)
+        return s
+
+
+class GroupConfig(_Args):
+    _fields_ = [
+        ("size", _u32),
+        ("magic", _u32),
+        ("ranks_per_node", _int),
+        ("num_experts", _int),
+        ("hidden", _int),
+        ("max_tokens_per_rank", _int),
+        ("max_topk", _int),
+        ("ll_max_tokens_per_rank", _int),
+        ("num_sms", _int),
+        ("timeout_seconds", _dbl),
+    ]
+    _MAGIC = EP_GROUP_CONFIG_MAGIC
+    # EP_GROUP_CONFIG_INIT
+    _DEFAULTS = dict(ranks_per_node=0, num_experts=256, hidden=7168, max_tokens_per_rank=4096, max_topk=8,
+                     ll_max_tokens_per_rank=0, num_sms=0, timeout_seconds=20.0)
+
+
+class GroupInfo(ctypes.Structure):
+    _fields_ = [
+        ("rank", _int),
+        ("num_ranks", _int),
+        ("ranks_per_node", _int),
+        ("num_nodes", _int),
+        ("node", _int),
+        ("local_rank", _int),
+        ("cuda_device", _int),
+        ("num_nvlink_peers", _int),
+        ("num_sms", _int),
+        ("symmetric_heap_bytes", _size),
+    ]
+
+
+class LayoutArgs(_Args):
+    _fields_ = [
+        ("size", _u32),
+        ("magic", _u32),
+        ("topk_idx", _ptr),
+        ("num_tokens", _int),
+        ("num_topk", _int),
+        ("num_experts", _int),
+        ("num_tokens_per_rank", _ptr),
+        ("num_tokens_per_node", _ptr),
+        ("num_tokens_per_expert", _ptr),
+        ("is_token_in_rank", _ptr),
+    ]
+    _MAGIC = EP_LAYOUT_ARGS_MAGIC
+
+
+class DispatchPrepareArgs(_Args):
+    _fields_ = [
+        ("size", _u32),
+        ("magic", _u32),
+        ("topk_idx", _ptr),
+        ("num_tokens", _int),
+        ("num_topk", _int),
+        ("num_experts", _int),
+        ("expert_alignment", _int),
+        ("num_recv_tokens", _ptr),             # host int*
+        ("num_recv_tokens_per_expert", _ptr),  # host int*
+        ("num_recv_tokens_dev", _ptr),
+        ("num_recv_tokens_per_expert_dev", _ptr),
+    ]
+    _MAGIC = EP_DISPATCH_PREPARE_ARGS_MAGIC
+    _DEFAULTS = dict(expert_alignment=1)
+
+
+class DispatchArgs(_Args):
+    _fields_ = [
+        ("size", _u32),
+        ("magic", _u32),
+        ("x", _ptr),
+        ("x_dtype", _int),  # ep_dtype_t
+        ("hidden", _int),
+        ("x_scales", _ptr),
+        ("topk_idx", _ptr),
+        ("topk_weights", _ptr),
+        ("recv_capacity", _int),
+        ("recv_x", _ptr),
+        ("recv_x_scales", _ptr),
+        ("recv_topk_idx", _ptr),
+        ("recv_topk_weights", _ptr),
+        ("recv_src_idx", _ptr),
+        ("num_sms", _int),
+    ]
+    _MAGIC = EP_DISPATCH_ARGS_MAGIC
+    _DEFAULTS = dict(x_dtype=EP_BF16)
+
+
+class CombineArgs(_Args):
+    _fields_ = [
+        ("size", _u32),
+        ("magic", _u32),
+        ("x", _ptr),
+        ("hidden", _int),
+        ("topk_weights", _ptr),
+        ("bias0", _ptr),
+        ("bias1", _ptr),
+        ("combined_x", _ptr),
+        ("combined_topk_weights", _ptr),
+        ("num_sms", _int),
+    ]
+    _MAGIC = EP_COMBINE_ARGS_MAGIC
+
+
+# Every mirrored struct, by its C type name (the layout test walks this table).
+STRUCTS = {
+    "ep_unique_id_t": UniqueId,
+    "ep_group_config_t": GroupConfig,
+    "ep_group_info_t": GroupInfo,
+    "ep_layout_args_t": LayoutArgs,
+    "ep_dispatch_prepare_args_t": DispatchPrepareArgs,
+    "ep_dispatch_args_t": DispatchArgs,
+    "ep_combine_args_t": CombineArgs,
+}
+
+# ---- Function prototypes ---------------------------------------------------------------------------------------
+_S = ctypes.c_int  # ep_status_t
+_P = ctypes.POINTER
+_PROTOTYPES = {
+    "ep_status_string": (ctypes.c_char_p, [ctypes.c_int]),
+    "ep_get_unique_id": (_S, [_P(UniqueId)]),
+    "ep_group_create": (_S, [_P(_ptr), _P(UniqueId), _int, _int, _int, _P(GroupConfig)]),
+    "ep_group_destroy": (_S, [_ptr]),
+    "ep_group_get_info": (_S, [_ptr, _P(GroupInfo)]),
+    "ep_last_error": (ctypes.c_char_p, [_ptr]),
+    "ep_get_async_error": (_S, [_ptr, _P(ctypes.c_int)]),
+    "ep_group_check": (_S, [_ptr, _ptr]),
+    "ep_get_dispatch_layout": (_S, [_ptr, _P(LayoutArgs), _ptr]),
+    "ep_handle_create": (_S, [_ptr, _P(_ptr)]),
+    "ep_handle_memory_bytes": (_S, [_ptr, _P(_size)]),
+    "ep_handle_create_in": (_S, [_ptr, _ptr, _size, _P(_ptr)]),
+    "ep_handle_destroy": (_S, [_ptr]),
+    "ep_dispatch_prepare": (_S, [_ptr, _ptr, _P(DispatchPrepareArgs), _ptr]),
+    "ep_dispatch": (_S, [_ptr, _ptr, _P(DispatchArgs), _ptr]),
+    "ep_combine": (_S, [_ptr, _ptr, _P(CombineArgs), _ptr]),
+}
+
+_lock = threading.Lock()
+_lib = None
+_lib_path = None
+
+
+def _candidates():
+    """(path or None, origin) pairs, in the order load() tries them."""
+    env = os.environ.get("EP_LIBRARY_PATH")
+    if env:
+        yield env, "EP_LIBRARY_PATH"
+        return
+    here = os.path.dirname(os.path.abspath(__file__))
+    yield os.path.normpath(os.path.join(here, "..", "..", "build", "lib", "libep.so")), "the repository's build directory"
+    yield ctypes.util.find_library("ep"), "ctypes.util.find_library('ep')"  # asked only if the above failed
+
+
+def load():
+    """Load libep.so once (thread-safe) and return the ctypes.CDLL. Raises EpLibraryError naming what it tried.
+
+    ctypes.CDLL releases the GIL during every call, so a call that waits (an eager dispatch waiting for counts, a
+    collective group creation) does not block other Python threads."""
+    global _lib, _lib_path
+    if _lib is not None:
+        return _lib
+    with _lock:
+        if _lib is not None:
+            return _lib
+        tried = []
+        for path, origin in _candidates():
+            if path is None:
+                tried.append(f"{origin}: found nothing")
+                continue
+            if os.sep in path and not os.path.exists(path):
+                tried.append(f"{path} ({origin}): no such file")
+                continue
+            try:
+                lib = ctypes.CDLL(path)
+            except OSError as e:
+                tried.append(f"{path} ({origin}): {e}")
+                continue
+            missing = [n for n in _PROTOTYPES if not hasattr(lib, n)]
+            if missing:
+                tried.append(f"{path} ({origin}): not a libep.so of this version (lacks {', '.join(missing)})")
+                continue
+            for name, (restype, argtypes) in _PROTOTYPES.items():
+                fn = getattr(lib, name)
+                fn.restype = restype
+                fn.argtypes = argtypes
+            _lib, _lib_path = lib, path
+            return lib
+        detail = "; ".join(tried)
+        raise EpLibraryError(
+            f"cannot load libep.so: {detail}. Build it with `make` in the repository root (it produces "
+            f"build/lib/libep.so), or set EP_LIBRARY_PATH to the full path of a built libep.so.")
+
+
+def library_path():
+    """The path of the loaded library (loads it if needed)."""
+    load()
+    return _lib_path
+
+
+def status_name(status):
+    """The library's name for a status code ("EP_STATUS_TIMEOUT")."""
+    return load().ep_status_string(int(status)).decode()
+
+
+def last_error(group=None):
+    """ep_last_error(group) as str; group is a raw ep_group_t (int or None)."""
+    msg = load().ep_last_error(group)
+    return msg.decode(errors="replace") if msg else ""
+
+
+def check(status, group=None):
+    """Raise EpError(status_name, ep_last_error(group)) unless status is EP_STATUS_SUCCESS."""
+    if status != 0:
+        raise EpError(status_name(status), last_error(group), status=int(status))

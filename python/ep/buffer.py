@@ -1,0 +1,722 @@
+"""`ep.Buffer`: DeepEP V1's `deep_ep.Buffer` API (normal path) on top of libep.so.
+
+Code written against `deep_ep.Buffer` runs with `import ep as deep_ep`, with these differences:
+
+* Sizes come from shape hints, not bytes. `num_nvl_bytes` / `num_rdma_bytes` are accepted and ignored; the
+  keyword-only hints `num_experts`, `hidden`, `max_tokens_per_rank`, `max_topk` (the largest shapes any later
+  call will use) size every buffer. A call that exceeds a hint raises ValueError naming the hint to raise.
+* One stream. Every kernel runs on the caller's current CUDA stream; there is no separate communication stream
+  yet. `previous_event` is waited on by the current stream, `async_finish=True` returns an `EventOverlap`
+  recorded after the call, `allocate_on_comm_stream` is accepted and has no effect, and `get_comm_stream()`
+  returns the current stream. Overlap of communication with computation therefore comes from the caller's own
+  streams, not from ours.
+* The handle is an opaque `DispatchHandle` object (DeepEP: a tuple of tensors). Pass it back, do not index it.
+* Errors are exceptions, never process aborts: arguments are checked before any kernel runs (ValueError /
+  TypeError naming the argument, its expected dtype, shape and device, and what was given), and a library
+  failure raises `ep.EpError` with the library's message. Every device-side wait has a time budget
+  (`timeout_seconds`): a peer that never arrives becomes `EpError("EP_STATUS_TIMEOUT", "... waiting for rank
+  N ...")` on the next call, naming the peer, instead of a hang.
+* Low-latency methods (`low_latency_dispatch`, `low_latency_combine`, ...) are NOT YET SUPPORTED and raise
+  NotImplementedError; `low_latency_mode=True` is accepted so that a buffer built for both modes still serves
+  the normal path.
+* The internode normal path is NOT YET SUPPORTED: every rank must be in one NVLink domain (up to 8 GPUs).
+
+PyTorch is imported when a Buffer is made, not when `ep` is imported.
+"""
+
+import ctypes
+import weakref
+
+from . import _capi
+
+_torch = None
+
+
+def _require_torch(what):
+    """Import torch on first use; without it, say plainly that `what` needs PyTorch."""
+    global _torch
+    if _torch is None:
+        try:
+            import torch
+        except ImportError as e:
+            raise ImportError(
+                f"{what} needs PyTorch with CUDA (import torch failed: {e}). Install PyTorch; without it only "
+                "ep._capi (the ctypes binding of libep.so) is usable.") from e
+        _torch = torch
+    return _torch
+
+
+def _int_arg(fn, name, value, lo, hi=None, hint=None):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{fn}: {name} must be an int, got {type(value).__name__} ({value!r})")
+    if value < lo or (hi is not None and value > hi):
+        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ValueError(f"{fn}: {name} is {value}; it must be {rng}" + (f" ({hint})" if hint else ""))
+    return value
+
+
+class Config:
+    """Per-call tuning, DeepEP's `Config` signature. Only `num_sms` (SMs a dispatch or combine may use) is used;
+    the chunk sizes describe DeepEP's ring buffers, which `ep` does not have, and are kept only so that code
+    that builds a Config keeps working. DeepEP requires an even num_sms; `ep` takes any value in [1, 1024]."""
+
+    def __init__(self, num_sms=24, num_max_nvl_chunked_send_tokens=6, num_max_nvl_chunked_recv_tokens=256,
+                 num_max_rdma_chunked_send_tokens=6, num_max_rdma_chunked_recv_tokens=256):
+        self.num_sms = _int_arg("Config", "num_sms", num_sms, 1, 1024)
+        self.num_max_nvl_chunked_send_tokens = _int_arg(
+            "Config", "num_max_nvl_chunked_send_tokens", num_max_nvl_chunked_send_tokens, 1)
+        self.num_max_nvl_chunked_recv_tokens = _int_arg(
+            "Config", "num_max_nvl_chunked_recv_tokens", num_max_nvl_chunked_recv_tokens, 1)
+        self.num_max_rdma_chunked_send_tokens = _int_arg(
+            "Config", "num_max_rdma_chunked_send_tokens", num_max_rdma_chunked_send_tokens, 1)
+        self.num_max_rdma_chunked_recv_tokens = _int_arg(
+            "Config", "num_max_rdma_chunked_recv_tokens", num_max_rdma_chunked_recv_tokens, 1)
+
+    def get_nvl_buffer_size_hint(self, hidden_bytes, num_ranks):
+        """0: `ep` sizes its buffers from the Buffer's shape hints, so no byte count is needed."""
+        return 0
+
+    def get_rdma_buffer_size_hint(self, hidden_bytes, num_ranks):
+        """0: `ep` sizes its buffers from the Buffer's shape hints, so no byte count is needed."""
+        return 0
+
+    def __repr__(self):
+        return (f"Config(num_sms={self.num_sms}, num_max_nvl_chunked_send_tokens="
+                f"{self.num_max_nvl_chunked_send_tokens}, num_max_nvl_chunked_recv_tokens="
+                f"{self.num_max_nvl_chunked_recv_tokens}, num_max_rdma_chunked_send_tokens="
+                f"{self.num_max_rdma_chunked_send_tokens}, num_max_rdma_chunked_recv_tokens="
+                f"{self.num_max_rdma_chunked_recv_tokens})")
+
+
+class EventOverlap:
+    """A `torch.cuda.Event` (or None) plus tensors to keep alive, DeepEP's EventOverlap.
+
+    `current_stream_wait()` makes the current stream wait for the event (nothing to do when the event is None:
+    `ep`'s work is already on the current stream). As a context manager, it waits on exit:
+    `with event: ...`."""
+
+    def __init__(self, event=None, extra_tensors=None):
+        self.event = event
+        self.extra_tensors = extra_tensors
+
+    def current_stream_wait(self):
+        if self.event is not None:
+            _require_torch("EventOverlap").cuda.current_stream().wait_event(self.event)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc_value, traceback):
+        self.current_stream_wait()
+        return False
+
+
+def _not_yet(name):
+    raise NotImplementedError(
+        f"ep.Buffer.{name}: the low-latency path is NOT YET SUPPORTED by the ep Python package (the C library is "
+        "gaining it; the Python methods come next). Use the normal path: dispatch / combine, with "
+        "num_worst_tokens for CUDA graphs.")
+
+
+def _destroy_group(lib, group_ptr):
+    """weakref.finalize target: must not reference the Buffer."""
+    try:
+        lib.ep_group_destroy(group_ptr)
+    except Exception:  # interpreter teardown: nothing sensible left to do
+        pass
+
+
+class DispatchHandle:
+    """The routing of one non-cached `Buffer.dispatch`, for `combine` and cached dispatches (DeepEP's `handle`).
+
+    Wraps an `ep_handle_t` whose device memory is a torch uint8 CUDA tensor held by this object, so making and
+    dropping handles never synchronises the device. Keep it alive as long as a call or a captured CUDA graph that
+    uses it may run.
+
+    Attributes (read-only by convention):
+      num_tokens, num_topk, num_experts, hidden -- of the dispatch that made it
+      num_recv_rows         -- rows of its outputs: the received count (eager) or num_worst_tokens (graph-safe)
+      num_recv_tokens       -- rows this rank received, an int; None in the graph-safe form (count on device)
+      is_graph_safe         -- made with num_worst_tokens > 0
+      num_recv_tokens_dev   -- int32 [1] CUDA tensor of the received count (graph-safe form), else None
+      num_recv_tokens_per_expert -- list (eager) or int32 [num_local_experts] CUDA tensor (graph-safe)
+      recv_src_idx          -- int32 [num_recv_rows] CUDA tensor: each received row's token index on its source
+                               rank (-1 past the count)
+    """
+
+    def __init__(self, buffer, memory, ptr, num_tokens, num_topk, num_experts, hidden, stream):
+        self._buffer = buffer
+        self._memory = memory
+        self._ptr = ptr
+        self._stream = stream
+        self.num_tokens = num_tokens
+        self.num_topk = num_topk
+        self.num_experts = num_experts
+        self.hidden = hidden
+        self.num_recv_rows = 0
+        self.num_recv_tokens = None
+        self.is_graph_safe = False
+        self.num_recv_tokens_dev = None
+        self.num_recv_tokens_per_expert = None
+        self.recv_src_idx = None
+
+    def _use(self, fn, buffer, stream):
+        if self._ptr is None:
+            raise ValueError(f"{fn}: handle was destroyed")
+        if self._buffer is not buffer:
+            raise ValueError(f"{fn}: handle belongs to another Buffer")
+        if stream != self._stream:  # memory allocated on another stream: keep the allocator from reusing it early
+            self._memory.record_stream(_torch.cuda.ExternalStream(stream, device=self._memory.device))
+            self._stream = stream
+        return self._ptr
+
+    def destroy(self):
+        """Free the host struct now (the device memory goes with this object). Later use raises ValueError."""
+        ptr, self._ptr = self._ptr, None
+        if ptr is not None:
+            _capi.load().ep_handle_destroy(ptr)
+
+    def __del__(self):
+        try:
+            self.destroy()
+        except Exception:
+            pass
+
+    def __repr__(self):
+        count = self.num_recv_tokens if not self.is_graph_safe else f"<device>, capacity {self.num_recv_rows}"
+        return (f"DispatchHandle(num_tokens={self.num_tokens}, num_topk={self.num_topk}, num_experts="
+                f"{self.num_experts}, num_recv_tokens={count})")
+
+
+class Buffer:
+    """Expert-parallel dispatch and combine over one group of GPUs, DeepEP V1's `Buffer` API (normal path).
+
+    Buffer(group, num_nvl_bytes=0, num_rdma_bytes=0, low_latency_mode=False, num_qps_per_rank=24,
+           allow_nvlink_for_low_latency_mode=True, allow_mnnvl=False, explicitly_destroy=False, *,
+           num_experts=256, hidden=7168, max_tokens_per_rank=4096, max_topk=8, ranks_per_node=0,
+           timeout_seconds=20.0, comm=None)
+
+    group: a torch.distributed ProcessGroup (None = the default group); it is used once, to broadcast the
+      128-byte bootstrap id from rank 0. `comm` (an mpi4py communicator) may replace it.
+    num_nvl_bytes, num_rdma_bytes: accepted and IGNORED (DeepEP sizes its buffers in bytes; `ep` from shapes).
+    low_latency_mode, num_qps_per_rank, allow_nvlink_for_low_latency_mode, allow_mnnvl: accepted and ignored
+      (the low-latency path is not yet in the Python package).
+    explicitly_destroy: False -> the group is destroyed when the Buffer is garbage-collected or at interpreter
+      exit; True -> only `destroy()` does it (recommended: destroy is collective, and a rank that died would
+      leave the others waiting at exit).
+    num_experts, hidden, max_tokens_per_rank, max_topk: the largest shapes any call will use; they size the
+      symmetric buffers (the group reports its heap in `info["symmetric_heap_bytes"]`).
+    ranks_per_node: ranks per NVLink domain, 0 = all (only one domain is served by the normal path today).
+    timeout_seconds: budget of every device-side wait on a peer; past it the next call raises EpError naming
+      the peer (DeepEP: a printf and a trap that kills the process).
+
+    The device is `torch.cuda.current_device()` at construction. One Buffer per process at a time (the library
+    holds one group per process); `destroy()` frees it so that another can be made.
+    """
+
+    num_sms = 24  # SMs of a normal dispatch / combine (class-level, as in DeepEP; ep's measured default)
+
+    def __init__(self, group=None, num_nvl_bytes=0, num_rdma_bytes=0, low_latency_mode=False, num_qps_per_rank=24,
+                 allow_nvlink_for_low_latency_mode=True, allow_mnnvl=False, explicitly_destroy=False, *,
+                 num_experts=256, hidden=7168, max_tokens_per_rank=4096, max_topk=8, ranks_per_node=0,
+                 timeout_seconds=20.0, use_fabric=False, enable_shrink=False, comm=None):
+        fn = "Buffer"
+        self._group_ptr = None
+        self._finalizer = None
+        # Checks that need neither torch nor the library.
+        _int_arg(fn, "num_experts", num_experts, 1)
+        _int_arg(fn, "hidden", hidden, 128)
+        if hidden % 128:
+            raise ValueError(f"{fn}: hidden is {hidden}; it must be a positive multiple of 128")
+        _int_arg(fn, "max_tokens_per_rank", max_tokens_per_rank, 1)
+        _int_arg(fn, "max_topk", max_topk, 1, 32)
+        _int_arg(fn, "ranks_per_node", ranks_per_node, 0)
+        if not isinstance(timeout_seconds, (int, float)) or not 0 < timeout_seconds <= 3600:
+            raise ValueError(f"{fn}: timeout_seconds is {timeout_seconds!r}; it must be in (0, 3600]")
+        for name, v in (("num_nvl_bytes", num_nvl_bytes), ("num_rdma_bytes", num_rdma_bytes)):
+            _int_arg(fn, name, v, 0)
+        if enable_shrink:
+            raise NotImplementedError(f"{fn}: enable_shrink (masking failed ranks) is NOT YET SUPPORTED")
+
+        torch = _require_torch("ep.Buffer")
+        lib = _capi.load()
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"{fn}: PyTorch sees no CUDA device")
+
+        # Ranks and the bootstrap id.
+        if comm is not None:
+            rank, size = comm.Get_rank(), comm.Get_size()
+        else:
+            import torch.distributed as dist
+            if not dist.is_initialized():
+                raise RuntimeError(f"{fn}: torch.distributed is not initialised; call "
+                                   "dist.init_process_group() first (or pass an mpi4py comm=)")
+            rank, size = dist.get_rank(group), dist.get_world_size(group)
+            if rank < 0:
+                raise ValueError(f"{fn}: this process is not a member of group")
+        if num_experts % size:
+            raise ValueError(f"{fn}: num_experts is {num_experts}; it must be a multiple of the group size ({size})")
+        uid = _capi.UniqueId()
+        payload = None
+        if rank == 0:
+            st = lib.ep_get_unique_id(ctypes.byref(uid))
+            payload = bytes(uid.bytes) if st == 0 else f"{_capi.status_name(st)}: {_capi.last_error(None)}"
+        if comm is not None:
+            payload = comm.bcast(payload, root=0)
+        else:
+            obj = [payload]
+            src = 0 if group is None else dist.get_global_rank(group, 0)
+            dist.broadcast_object_list(obj, src=src, group=group)
+            payload = obj[0]
+        if isinstance(payload, str):
+            raise _capi.EpError(payload.split(":", 1)[0], f"rank 0 could not make the bootstrap id: {payload}")
+        ctypes.memmove(uid.bytes, payload, _capi.EP_UNIQUE_ID_BYTES)
+
+        self.device = torch.cuda.current_device()
+        cfg = _capi.GroupConfig.init(ranks_per_node=ranks_per_node, num_experts=num_experts, hidden=hidden,
+                                     max_tokens_per_rank=max_tokens_per_rank, max_topk=max_topk, num_sms=0,
+                                     timeout_seconds=float(timeout_seconds))
+        g = ctypes.c_void_p()
+        _capi.check(lib.ep_group_create(ctypes.byref(g), ctypes.byref(uid), rank, size, self.device,
+                                        ctypes.byref(cfg)), None)
+        self._lib = lib
+        self._group_ptr = g.value
+        if not explicitly_destroy:
+            self._finalizer = weakref.finalize(self, _destroy_group, lib, g.value)
+
+        info = _capi.GroupInfo()
+        _capi.check(lib.ep_group_get_info(self._group_ptr, ctypes.byref(info)), self._group_ptr)
+        self.info = {name: getattr(info, name) for name, _ in _capi.GroupInfo._fields_}
+        hb = ctypes.c_size_t()
+        _capi.check(lib.ep_handle_memory_bytes(self._group_ptr, ctypes.byref(hb)), self._group_ptr)
+        self._handle_bytes = hb.value
+
+        # DeepEP's attributes, then ours.
+        self.rank, self.group_size, self.group, self.comm = rank, size, group, comm
+        self.num_nvl_bytes, self.num_rdma_bytes = num_nvl_bytes, num_rdma_bytes
+        self.low_latency_mode = low_latency_mode
+        self.explicitly_destroy = explicitly_destroy
+        self.num_experts, self.hidden = num_experts, hidden
+        self.max_tokens_per_rank, self.max_topk = max_tokens_per_rank, max_topk
+        self.num_nodes = info.num_nodes
+        self.timeout_seconds = float(timeout_seconds)
+        self._device_str = f"cuda:{self.device}"
+
+    # ---- lifecycle ------------------------------------------------------------------------------------------
+    def destroy(self):
+        """Destroy the group (collective: every rank calls it). Idempotent; later calls on the Buffer raise.
+        Unlike DeepEP, allowed whether or not explicitly_destroy was set."""
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
+        ptr, self._group_ptr = self._group_ptr, None
+        if ptr is not None:
+            _capi.check(self._lib.ep_group_destroy(ptr), None)
+
+    def _alive(self, fn):
+        if self._group_ptr is None:
+            raise RuntimeError(f"{fn}: this Buffer was destroyed")
+        return self._group_ptr
+
+    # ---- class-level settings and small utilities -----------------------------------------------------------
+    @classmethod
+    def set_num_sms(cls, new_num_sms):
+        """SMs each normal dispatch / combine uses unless a Config says otherwise (default 24). Any value in
+        [1, 1024]; DeepEP requires an even one."""
+        cls.num_sms = _int_arg("set_num_sms", "new_num_sms", new_num_sms, 1, 1024)
+
+    @staticmethod
+    def get_dispatch_config(num_ranks):
+        """Config(num_sms=Buffer.num_sms) for any group size (DeepEP: tuned tables for listed sizes only)."""
+        _int_arg("get_dispatch_config", "num_ranks", num_ranks, 1)
+        return Config(Buffer.num_sms)
+
+    @staticmethod
+    def get_combine_config(num_ranks):
+        """Config(num_sms=Buffer.num_sms) for any group size (DeepEP: tuned tables for listed sizes only)."""
+        _int_arg("get_combine_config", "num_ranks", num_ranks, 1)
+        return Config(Buffer.num_sms)
+
+    @staticmethod
+    def is_sm90_compiled():
+        return True
+
+    @staticmethod
+    def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts):
+        _not_yet("get_low_latency_rdma_size_hint")
+
+    def get_comm_stream(self):
+        """The current stream: `ep` runs every kernel on the caller's current stream (no separate comm stream
+        yet), so waiting on this stream or running on it changes nothing."""
+        self._alive("get_comm_stream")
+        return _torch.cuda.current_stream(self.device)
+
+    def get_local_buffer_tensor(self, dtype, size=None, offset=0, use_rdma_buffer=False):
+        raise NotImplementedError("ep.Buffer.get_local_buffer_tensor is NOT SUPPORTED: ep's symmetric buffers are "
+                                  "internal to the library and laid out per call")
+
+    def capture(self):
+        """An EventOverlap of an event recorded now on the current stream."""
+        ev = _torch.cuda.Event()
+        ev.record(_torch.cuda.current_stream(self.device))
+        return EventOverlap(ev)
+
+    def get_async_error(self):
+        """(ep only) Raise EpError if a finished kernel recorded a fault (bad expert id, timeout naming the peer,
+        receive overflow); otherwise return None. Synchronise the stream first to see a given call's outcome."""
+        g = self._alive("get_async_error")
+        st = ctypes.c_int()
+        _capi.check(self._lib.ep_get_async_error(g, ctypes.byref(st)), g)
+        _capi.check(st.value, g)
+
+    def check(self):
+        """(ep only) End-to-end self-check of every data path between the ranks (collective; synchronises)."""
+        g = self._alive("check")
+        _capi.check(self._lib.ep_group_check(g, self._stream()), g)
+
+    # ---- helpers --------------------------------------------------------------------------------------------
+    def _stream(self):
+        return _torch.cuda.current_stream(self.device).cuda_stream
+
+    def _tensor(self, fn, name, t, dtype, shape, desc, *, align16=True):
+        """Check dtype, shape (ints or None for any), device and contiguity; raise naming the argument."""
+        torch = _torch
+        want = f"{dtype} {desc} contiguous on {self._device_str}"
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{fn}: {name} must be a torch.Tensor ({want}), got {type(t).__name__}")
+        got = f"{t.dtype} {list(t.shape)}{'' if t.is_contiguous() else ' non-contiguous'} on {t.device}"
+        if t.dtype != dtype:
+            raise TypeError(f"{fn}: {name} must be {want}, got {got}")
+        if t.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, t.shape)):
+            raise ValueError(f"{fn}: {name} must be {want}, got {got}")
+        if t.device.type != "cuda" or t.device.index != self.device:
+            raise ValueError(f"{fn}: {name} must be {want}, got {got}")
+        if not t.is_contiguous():
+            raise ValueError(f"{fn}: {name} must be {want}, got {got}")
+        if align16 and t.data_ptr() % 16:
+            raise ValueError(f"{fn}: {name} must start on a 16-byte boundary (data_ptr {t.data_ptr():#x}); "
+                             "pass a fresh tensor or .clone() the view")
+        return t
+
+    def _config_sms(self, fn, config, default_getter):
+        if config is None:
+            return default_getter(self.group_size).num_sms
+        if not hasattr(config, "num_sms"):
+            raise TypeError(f"{fn}: config must be an ep.Config (or None), got {type(config).__name__}")
+        return _int_arg(fn, "config.num_sms", config.num_sms, 1, 1024)
+
+    @staticmethod
+    def _wait_previous(fn, previous_event):
+        if previous_event is None:
+            return
+        if isinstance(previous_event, EventOverlap):
+            previous_event.current_stream_wait()
+        elif isinstance(previous_event, _torch.cuda.Event):
+            _torch.cuda.current_stream().wait_event(previous_event)
+        else:
+            raise TypeError(f"{fn}: previous_event must be an EventOverlap, a torch.cuda.Event or None, got "
+                            f"{type(previous_event).__name__}")
+
+    def _finish(self, async_finish, tensors):
+        if not async_finish:
+            return EventOverlap(None)
+        ev = _torch.cuda.Event()
+        ev.record(_torch.cuda.current_stream(self.device))
+        return EventOverlap(ev, extra_tensors=tuple(t for t in tensors if t is not None))
+
+    def _unpack_x(self, fn, x, num_tokens=None):
+        """x as bf16 tensor or (fp8 tensor, fp32 scales). Returns (data, scales or None)."""
+        torch = _torch
+        n = num_tokens
+        if isinstance(x, (tuple, list)):
+            if len(x) != 2:
+                raise ValueError(f"{fn}: x as a tuple must be (x_fp8 [num_tokens, hidden] torch.float8_e4m3fn, "
+                                 f"scales [num_tokens, hidden / 128] torch.float32), got {len(x)} items")
+            data, scales = x
+            self._tensor(fn, "x[0]", data, torch.float8_e4m3fn, (n, None), "[num_tokens, hidden]")
+            n, h = data.shape
+            if h % 128 or h > self.hidden:
+                raise ValueError(f"{fn}: x[0] has hidden {h}; FP8 dispatch needs a multiple of 128, <= the "
+                                 f"Buffer's hidden hint ({self.hidden})")
+            if not isinstance(scales, torch.Tensor):
+                raise TypeError(f"{fn}: x[1] (scales) must be a torch.Tensor, got {type(scales).__name__}")
+            if scales.dtype != torch.float32:
+                raise TypeError(f"{fn}: x[1] (scales) must be torch.float32 [num_tokens, hidden / 128] = "
+                                f"[{n}, {h // 128}], got {scales.dtype} (packed UE8M0 int32 scales are NOT YET "
+                                "SUPPORTED)")
+            if not scales.is_contiguous() and tuple(scales.shape) == (n, h // 128):
+                scales = scales.contiguous()  # DeepEP accepts strided scales; ours copies them to rows first
+            self._tensor(fn, "x[1] (scales)", scales, torch.float32, (n, h // 128), f"[{n}, {h // 128}]",
+                         align16=False)
+            return data, scales
+        self._tensor(fn, "x", x, torch.bfloat16, (n, None), "[num_tokens, hidden]")
+        h = x.shape[1]
+        if h % 8 or h > self.hidden:
+            raise ValueError(f"{fn}: x has hidden {h}; it must be a multiple of 8, <= the Buffer's hidden hint "
+                             f"({self.hidden}; raise Buffer(hidden=...))")
+        return x, None
+
+    def _new_handle(self, fn, stream, num_tokens, num_topk, num_experts, hidden):
+        torch = _torch
+        nbytes = self._handle_bytes
+        raw = torch.empty(nbytes + 256, dtype=torch.uint8, device=self._device_str)
+        off = (-raw.data_ptr()) % 256
+        memory = raw[off:off + nbytes]
+        h = ctypes.c_void_p()
+        g = self._group_ptr
+        _capi.check(self._lib.ep_handle_create_in(g, memory.data_ptr(), nbytes, ctypes.byref(h)), g)
+        return DispatchHandle(self, raw, h.value, num_tokens, num_topk, num_experts, hidden, stream)
+
+    # ---- layout ---------------------------------------------------------------------------------------------
+    def get_dispatch_layout(self, topk_idx, num_experts, previous_event=None, async_finish=False,
+                            allocate_on_comm_stream=False):
+        """Count, from topk_idx ([num_tokens, num_topk] int64, -1 = none), the tokens each rank, node and expert
+        receives. Returns (num_tokens_per_rank [R] int32, num_tokens_per_rdma_rank [num_nodes] int32 or None
+        with one node, num_tokens_per_expert [num_experts] int32, is_token_in_rank [num_tokens, R] bool,
+        EventOverlap). A token counts once per rank and expert. An expert id outside [-1, num_experts) raises
+        EpError(EP_STATUS_DEVICE_ERROR) naming the token on the next call (DeepEP: undefined)."""
+        fn = "get_dispatch_layout"
+        g = self._alive(fn)
+        torch = _torch
+        self._tensor(fn, "topk_idx", topk_idx, torch.int64, (None, None), "[num_tokens, num_topk]", align16=False)
+        n, k = topk_idx.shape
+        _int_arg(fn, "topk_idx.shape[1] (num_topk)", k, 1, 32)
+        self._check_num_experts(fn, num_experts)
+        self._wait_previous(fn, previous_event)
+        dev, R = self._device_str, self.group_size
+        per_rank = torch.empty(R, dtype=torch.int32, device=dev)
+        per_node = torch.empty(self.num_nodes, dtype=torch.int32, device=dev) if self.num_nodes > 1 else None
+        per_expert = torch.empty(num_experts, dtype=torch.int32, device=dev)
+        in_rank = torch.empty((n, R), dtype=torch.bool, device=dev)
+        a = _capi.LayoutArgs.init(topk_idx=topk_idx.data_ptr(), num_tokens=n, num_topk=k, num_experts=num_experts,
+                                  num_tokens_per_rank=per_rank.data_ptr(),
+                                  num_tokens_per_node=per_node.data_ptr() if per_node is not None else None,
+                                  num_tokens_per_expert=per_expert.data_ptr(), is_token_in_rank=in_rank.data_ptr())
+        _capi.check(self._lib.ep_get_dispatch_layout(g, ctypes.byref(a), self._stream()), g)
+        event = self._finish(async_finish, (topk_idx, per_rank, per_node, per_expert, in_rank))
+        return per_rank, per_node, per_expert, in_rank, event
+
+    def _check_num_experts(self, fn, num_experts, name="num_experts"):
+        _int_arg(fn, name, num_experts, 1)
+        if num_experts % self.group_size:
+            raise ValueError(f"{fn}: {name} is {num_experts}; it must be a multiple of the group size "
+                             f"({self.group_size})")
+        if num_experts > self.num_experts:
+            raise ValueError(f"{fn}: {name} is {num_experts} but the Buffer was sized for {self.num_experts}; "
+                             "raise Buffer(num_experts=...)")
+
+    # ---- dispatch -------------------------------------------------------------------------------------------
+    def dispatch(self, x, handle=None, num_tokens_per_rank=None, num_tokens_per_rdma_rank=None,
+                 is_token_in_rank=None, num_tokens_per_expert=None, topk_idx=None, topk_weights=None,
+                 expert_alignment=1, num_worst_tokens=0, config=None, previous_event=None, async_finish=False,
+                 allocate_on_comm_stream=False, *, num_experts=None):
+        """Send each token to the ranks that hold its experts. DeepEP V1's signature and results:
+
+        returns (recv_x, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert_list, handle, event)
+
+        x: bf16 [num_tokens, hidden], or (x_fp8 [num_tokens, hidden] float8_e4m3fn, scales [num_tokens,
+          hidden / 128] float32) -- then recv_x is the same kind of tuple.
+        topk_idx: int64 [num_tokens, num_topk], -1 = none (required unless `handle` is given: ep computes the
+          routing from it; num_tokens_per_rank / num_tokens_per_rdma_rank / is_token_in_rank are accepted and
+          unused). topk_weights: float32 [num_tokens, num_topk] or None.
+        num_experts (ep only, keyword): defaults to num_tokens_per_expert.numel() when that is given, else to the
+          Buffer's num_experts hint.
+        Received rows are ordered by source rank, then by token index on the source (deterministic).
+        recv_topk_idx holds local expert ids (0 .. num_experts / R - 1), -1 for experts on other ranks;
+        recv_topk_weights is 0.0 there. num_recv_tokens_per_expert_list: per local expert, rounded up to
+        expert_alignment.
+
+        Eager (num_worst_tokens == 0): waits on the host for the received count and returns exactly sized outputs.
+        Graph-safe (num_worst_tokens > 0): no host wait, capturable in a CUDA graph; outputs have num_worst_tokens
+          rows (a receive beyond it raises EP_STATUS_DEVICE_ERROR on the next call), recv_topk_idx rows past the
+          count are -1, the list is [] and the counts are on the device: handle.num_recv_tokens_dev and
+          handle.num_recv_tokens_per_expert.
+        Cached (handle given, no topk_idx / topk_weights): moves new x along the handle's routing, no counting;
+          returns (recv_x, None, None, None, None, event).
+        config / set_num_sms: SMs used. previous_event: waited on by the current stream first. async_finish:
+          return an EventOverlap recorded after the call (the work is on the current stream either way).
+        """
+        fn = "dispatch"
+        g = self._alive(fn)
+        torch = _torch
+        num_sms = self._config_sms(fn, config, Buffer.get_dispatch_config)
+        stream = self._stream()
+        cached = handle is not None
+
+        if cached:
+            if not isinstance(handle, DispatchHandle):
+                raise TypeError(f"{fn}: handle must be a DispatchHandle returned by dispatch, got "
+                                f"{type(handle).__name__}")
+            if topk_idx is not None or topk_weights is not None:
+                raise ValueError(f"{fn}: a cached dispatch (handle given) takes no topk_idx / topk_weights; the "
+                                 "routing is the handle's")
+            data, scales = self._unpack_x(fn, x, num_tokens=handle.num_tokens)
+            hptr = handle._use(fn, self, stream)
+            n, k = handle.num_tokens, handle.num_topk
+        else:
+            data, scales = self._unpack_x(fn, x)
+            n = data.shape[0]
+            if n > self.max_tokens_per_rank:
+                raise ValueError(f"{fn}: x has {n} tokens but the Buffer was sized for max_tokens_per_rank="
+                                 f"{self.max_tokens_per_rank}; raise Buffer(max_tokens_per_rank=...)")
+            if topk_idx is None:
+                raise ValueError(f"{fn}: topk_idx is required for a non-cached dispatch (ep derives the routing "
+                                 "from it; is_token_in_rank alone is not enough)")
+            self._tensor(fn, "topk_idx", topk_idx, torch.int64, (n, None), f"[num_tokens={n}, num_topk]",
+                         align16=False)
+            k = topk_idx.shape[1]
+            if not 1 <= k <= self.max_topk:
+                raise ValueError(f"{fn}: topk_idx has num_topk {k}; it must be in [1, max_topk={self.max_topk}] "
+                                 "(raise Buffer(max_topk=...))")
+            if topk_weights is not None:
+                self._tensor(fn, "topk_weights", topk_weights, torch.float32, (n, k), f"[{n}, {k}]",
+                             align16=False)
+            if num_experts is None:
+                num_experts = num_tokens_per_expert.numel() if num_tokens_per_expert is not None else self.num_experts
+            self._check_num_experts(fn, num_experts)
+            _int_arg(fn, "expert_alignment", expert_alignment, 1)
+            _int_arg(fn, "num_worst_tokens", num_worst_tokens, 0)
+            if num_worst_tokens == 0 and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(f"{fn}: the eager form waits on the host for the received count and cannot be "
+                                   "captured in a CUDA graph; pass num_worst_tokens > 0 (e.g. num_ranks * "
+                                   "max tokens per rank)")
+        self._wait_previous(fn, previous_event)
+        dev, R = self._device_str, self.group_size
+
+        if not cached:
+            handle = self._new_handle(fn, stream, n, k, num_experts, data.shape[1])
+            hptr = handle._ptr
+            e_loc = num_experts // R
+            pa = _capi.DispatchPrepareArgs.init(topk_idx=topk_idx.data_ptr(), num_tokens=n, num_topk=k,
+                                                num_experts=num_experts, expert_alignment=expert_alignment)
+            if num_worst_tokens == 0:
+                count = ctypes.c_int(-1)
+                per_expert = (ctypes.c_int * max(e_loc, 1))()
+                pa.num_recv_tokens = ctypes.addressof(count)
+                pa.num_recv_tokens_per_expert = ctypes.addressof(per_expert)
+            else:
+                count_dev = torch.empty(1, dtype=torch.int32, device=dev)
+                per_expert_dev = torch.empty(e_loc, dtype=torch.int32, device=dev)
+                pa.num_recv_tokens_dev = count_dev.data_ptr()
+                pa.num_recv_tokens_per_expert_dev = per_expert_dev.data_ptr()
+            _capi.check(self._lib.ep_dispatch_prepare(g, hptr, ctypes.byref(pa), stream), g)
+            if num_worst_tokens == 0:
+                handle.num_recv_tokens = count.value
+                handle.num_recv_rows = count.value
+                handle.num_recv_tokens_per_expert = list(per_expert)[:e_loc]
+            else:
+                handle.is_graph_safe = True
+                handle.num_recv_rows = num_worst_tokens
+                handle.num_recv_tokens_dev = count_dev
+                handle.num_recv_tokens_per_expert = per_expert_dev
+
+        rows, h = handle.num_recv_rows, data.shape[1]
+        recv_x = torch.empty((rows, h), dtype=data.dtype, device=dev)
+        recv_scales = torch.empty((rows, h // 128), dtype=torch.float32, device=dev) if scales is not None else None
+        recv_topk_idx = recv_topk_weights = None
+        recv_src_idx = None
+        if not cached:
+            recv_topk_idx = torch.empty((rows, k), dtype=torch.int64, device=dev)
+            if topk_weights is not None:
+                recv_topk_weights = torch.empty((rows, k), dtype=torch.float32, device=dev)
+            recv_src_idx = torch.empty(rows, dtype=torch.int32, device=dev)
+        da = _capi.DispatchArgs.init(
+            x=data.data_ptr(), x_dtype=_capi.EP_FP8_E4M3 if scales is not None else _capi.EP_BF16, hidden=h,
+            x_scales=scales.data_ptr() if scales is not None else None,
+            topk_idx=topk_idx.data_ptr() if not cached else None,
+            topk_weights=topk_weights.data_ptr() if topk_weights is not None else None,
+            recv_capacity=rows, recv_x=recv_x.data_ptr(),
+            recv_x_scales=recv_scales.data_ptr() if recv_scales is not None else None,
+            recv_topk_idx=recv_topk_idx.data_ptr() if recv_topk_idx is not None else None,
+            recv_topk_weights=recv_topk_weights.data_ptr() if recv_topk_weights is not None else None,
+            recv_src_idx=recv_src_idx.data_ptr() if recv_src_idx is not None else None, num_sms=num_sms)
+        _capi.check(self._lib.ep_dispatch(g, hptr, ctypes.byref(da), stream), g)
+
+        out_x = (recv_x, recv_scales) if scales is not None else recv_x
+        event = self._finish(async_finish, (data, scales, topk_idx, topk_weights, recv_x, recv_scales,
+                                            recv_topk_idx, recv_topk_weights))
+        if cached:
+            return out_x, None, None, None, None, event
+        handle.recv_src_idx = recv_src_idx
+        counts = [] if handle.is_graph_safe else list(handle.num_recv_tokens_per_expert)
+        return out_x, recv_topk_idx, recv_topk_weights, counts, handle, event
+
+    # ---- combine --------------------------------------------------------------------------------------------
+    def combine(self, x, handle, topk_weights=None, bias=None, config=None, previous_event=None, async_finish=False,
+                allocate_on_comm_stream=False):
+        """Sum each token's expert outputs back on its source rank. DeepEP V1's signature and results:
+
+        returns (combined_x [num_tokens, hidden] bf16, combined_topk_weights [num_tokens, num_topk] float32 or
+        None, event)
+
+        x: bf16 [handle.num_recv_rows, hidden], rows in the order dispatch returned them. The sum is unweighted
+          (apply weights before combine), accumulated in fp32 in ascending rank order and rounded once to bf16:
+          deterministic. topk_weights: float32 [handle.num_recv_rows, num_topk] or None; summed back the same way.
+        bias: None, a bf16 [num_tokens, hidden] tensor, or a tuple of up to two (None entries allowed), added.
+        Tokens sent nowhere get the biases (or zeros).
+        """
+        fn = "combine"
+        g = self._alive(fn)
+        torch = _torch
+        if not isinstance(handle, DispatchHandle):
+            raise TypeError(f"{fn}: handle must be the DispatchHandle returned by dispatch, got "
+                            f"{type(handle).__name__}")
+        num_sms = self._config_sms(fn, config, Buffer.get_combine_config)
+        stream = self._stream()
+        hptr = handle._use(fn, self, stream)
+        rows, n, k = handle.num_recv_rows, handle.num_tokens, handle.num_topk
+        self._tensor(fn, "x", x, torch.bfloat16, (rows, None), f"[num_recv_rows={rows}, hidden]")
+        h = x.shape[1]
+        if h % 8 or h > self.hidden:
+            raise ValueError(f"{fn}: x has hidden {h}; it must be a multiple of 8, <= the Buffer's hidden hint "
+                             f"({self.hidden})")
+        if topk_weights is not None:
+            self._tensor(fn, "topk_weights", topk_weights, torch.float32, (rows, k), f"[{rows}, {k}]",
+                         align16=False)
+        if bias is None:
+            biases = ()
+        elif isinstance(bias, torch.Tensor):
+            biases = (bias,)
+        elif isinstance(bias, (tuple, list)) and len(bias) <= 2:
+            biases = tuple(bias)
+        else:
+            raise TypeError(f"{fn}: bias must be None, a tensor, or a tuple of up to two tensors, got "
+                            f"{type(bias).__name__}" + (f" of {len(bias)}" if isinstance(bias, (tuple, list)) else ""))
+        biases = [b for b in biases if b is not None]
+        for i, b in enumerate(biases):
+            self._tensor(fn, f"bias[{i}]" if not isinstance(bias, torch.Tensor) else "bias", b, torch.bfloat16,
+                         (n, h), f"[num_tokens={n}, hidden={h}]")
+        self._wait_previous(fn, previous_event)
+        dev = self._device_str
+        out = torch.empty((n, h), dtype=torch.bfloat16, device=dev)
+        out_w = torch.empty((n, k), dtype=torch.float32, device=dev) if topk_weights is not None else None
+        ca = _capi.CombineArgs.init(
+            x=x.data_ptr(), hidden=h, topk_weights=topk_weights.data_ptr() if topk_weights is not None else None,
+            bias0=biases[0].data_ptr() if len(biases) > 0 else None,
+            bias1=biases[1].data_ptr() if len(biases) > 1 else None, combined_x=out.data_ptr(),
+            combined_topk_weights=out_w.data_ptr() if out_w is not None else None, num_sms=num_sms)
+        _capi.check(self._lib.ep_combine(g, hptr, ctypes.byref(ca), stream), g)
+        event = self._finish(async_finish, (x, topk_weights, *biases, out, out_w))
+        return out, out_w, event
+
+    # ---- low-latency path: not yet ---------------------------------------------------------------------------
+    def low_latency_dispatch(self, *args, **kwargs):
+        _not_yet("low_latency_dispatch")
+
+    def low_latency_combine(self, *args, **kwargs):
+        _not_yet("low_latency_combine")
+
+    def clean_low_latency_buffer(self, *args, **kwargs):
+        _not_yet("clean_low_latency_buffer")
+
+    def get_next_low_latency_combine_buffer(self, *args, **kwargs):
+        _not_yet("get_next_low_latency_combine_buffer")
+
+    def low_latency_update_mask_buffer(self, *args, **kwargs):
+        _not_yet("low_latency_update_mask_buffer")
+
+    def low_latency_query_mask_buffer(self, *args, **kwargs):
+        _not_yet("low_latency_query_mask_buffer")
+
+    def low_latency_clean_mask_buffer(self, *args, **kwargs):
+        _not_yet("low_latency_clean_mask_buffer")

@@ -1,0 +1,246 @@
+#!/usr/bin/env python3
+"""test_loader (CPU): loading libep.so, status names and errors, the package without PyTorch, Config defaults,
+and the argument checks that need no tensor.
+
+Runs whether or not PyTorch is installed: the "without torch" checks run in a child process where `import torch`
+is made to fail. The library checks use EP_LIBRARY_PATH when set, else <repo>/build/lib/libep.so; without a built
+library they are skipped with a line that says so (the rest still runs)."""
+
+import ctypes
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import eptest
+
+eptest.use_package()
+import ep  # noqa: E402
+from ep import _capi  # noqa: E402
+
+# A child process whose `import torch` fails, as on a machine without PyTorch.
+NO_TORCH_PRELUDE = r"""
+import sys
+class _NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("No module named 'torch' (blocked by test_loader)")
+        return None
+sys.meta_path.insert(0, _NoTorch())
+"""
+
+
+def child(code, env_extra=None, env_drop=(), no_torch=False):
+    """Run python code in a child with python/ on sys.path; return (exit code, stdout, stderr)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = eptest.PYTHON_DIR + os.pathsep + env.get("PYTHONPATH", "")
+    for k in env_drop:
+        env.pop(k, None)
+    env.update(env_extra or {})
+    src = (NO_TORCH_PRELUDE if no_torch else "") + code
+    r = subprocess.run([sys.executable, "-c", src], capture_output=True, text=True, env=env, timeout=120)
+    return r.returncode, r.stdout, r.stderr
+
+
+def child_json(ck, name, code, **kw):
+    rc, out, err = child(code, **kw)
+    if rc != 0:
+        ck.check(name, False, f"child exited {rc}: {err.strip()[-1500:]}")
+        return None
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def loader_checks(ck):
+    missing = "/nonexistent/ep-test/libep.so"
+    code = """
+import json, ep
+from ep import _capi
+try:
+    _capi.load(); print(json.dumps({"raised": None}))
+except Exception as e:
+    print(json.dumps({"raised": type(e).__name__, "import_error": isinstance(e, ImportError),
+                      "ep_library_error": isinstance(e, ep.EpLibraryError), "msg": str(e)}))
+"""
+    r = child_json(ck, "missing EP_LIBRARY_PATH: child ran", code, env_extra={"EP_LIBRARY_PATH": missing})
+    if r:
+        ck.check("missing EP_LIBRARY_PATH raises EpLibraryError (an ImportError)",
+                 r["raised"] == "EpLibraryError" and r["import_error"] and r["ep_library_error"], str(r))
+        msg = r.get("msg") or ""
+        ck.check("its message names the path, `make` and EP_LIBRARY_PATH",
+                 missing in msg and "make" in msg and "EP_LIBRARY_PATH" in msg, msg)
+    with tempfile.NamedTemporaryFile("w", suffix=".so", delete=False) as f:
+        f.write("not a shared library\n")
+        bogus = f.name
+    try:
+        r = child_json(ck, "bogus EP_LIBRARY_PATH: child ran", code, env_extra={"EP_LIBRARY_PATH": bogus})
+        if r:
+            ck.check("a file that is not a library raises EpLibraryError naming it",
+                     r["raised"] == "EpLibraryError" and bogus in r["msg"], str(r))
+    finally:
+        os.unlink(bogus)
+    code = "import ep, sys, json; print(json.dumps({'torch': 'torch' in sys.modules, 'lib': ep._capi._lib is not None}))"
+    r = child_json(ck, "plain import: child ran", code)
+    if r:
+        ck.check("`import ep` loads neither torch nor libep.so", not r["torch"] and not r["lib"], str(r))
+
+
+def library_checks(ck):
+    try:
+        lib = _capi.load()
+    except _capi.EpLibraryError as e:
+        print(f"SKIP library checks: {e}")
+        return
+    print(f"library: {_capi.library_path()}")
+    names = [_capi.status_name(i) for i in range(_capi.EP_STATUS_COUNT)]
+    ck.check("ep_status_string names round-trip for every status", names == list(_capi.STATUS_NAMES), str(names))
+    ck.check("ep_status_string of an unknown code", _capi.status_name(99) == "EP_STATUS_<unknown>",
+             _capi.status_name(99))
+    if not os.environ.get("EP_LIBRARY_PATH"):
+        want = os.path.join(eptest.REPO, "build", "lib", "libep.so")
+        ck.check("without EP_LIBRARY_PATH the repository's build/lib/libep.so is loaded",
+                 os.path.realpath(_capi.library_path()) == os.path.realpath(want), _capi.library_path())
+    ck.check("ep_last_error(NULL) is a str", isinstance(_capi.last_error(None), str))
+    ck.check("ep_handle_destroy(NULL) succeeds", lib.ep_handle_destroy(None) == 0)
+
+    # Failures that the library reports before touching a GPU, through check() -> EpError.
+    def create(num_ranks=2, rank=0, cfg=None):
+        g = ctypes.c_void_p()
+        uid = _capi.UniqueId()
+        st = lib.ep_group_create(ctypes.byref(g), ctypes.byref(uid), rank, num_ranks, 0,
+                                 ctypes.byref(cfg) if cfg is not None else None)
+        _capi.check(st, None)
+
+    def expect_ep_error(name, fn, status_name, *words):
+        try:
+            fn()
+        except _capi.EpError as e:
+            missing = [w for w in words if w not in e.message]
+            ck.check(name, e.status_name == status_name and e.status == _capi.STATUS_NAMES.index(status_name)
+                     and not missing and str(e).startswith(status_name + ": "),
+                     f"{e.status_name} ({e.status}) {e.message!r}")
+            return
+        except Exception as e:
+            ck.check(name, False, f"raised {type(e).__name__}: {e}")
+            return
+        ck.check(name, False, "did not raise")
+
+    expect_ep_error("ep_group_create(num_ranks=0) -> EpError naming num_ranks", lambda: create(num_ranks=0),
+                    "EP_STATUS_INVALID_ARGUMENT", "num_ranks")
+    expect_ep_error("ep_group_create(rank=5 of 2) -> EpError naming rank", lambda: create(rank=5),
+                    "EP_STATUS_INVALID_ARGUMENT", "rank")
+    bad = _capi.GroupConfig.init(hidden=100)
+    expect_ep_error("GroupConfig.init(hidden=100) passes the size/magic check and fails on config.hidden",
+                    lambda: create(cfg=bad), "EP_STATUS_INVALID_ARGUMENT", "config.hidden")
+    bad = _capi.GroupConfig.init(num_experts=7)
+    expect_ep_error("GroupConfig.init(num_experts=7) on 2 ranks fails on config.num_experts",
+                    lambda: create(cfg=bad), "EP_STATUS_INVALID_ARGUMENT", "config.num_experts")
+    wrong = _capi.GroupConfig()  # no size, no magic: what an uninitialised struct looks like
+    expect_ep_error("an uninitialised config is rejected naming its _INIT macro", lambda: create(cfg=wrong),
+                    "EP_STATUS_INVALID_ARGUMENT", "ep_group_config_t", "_INIT")
+
+    def layout_null_group():
+        a = _capi.LayoutArgs.init()
+        _capi.check(lib.ep_get_dispatch_layout(None, ctypes.byref(a), None), None)
+    expect_ep_error("ep_get_dispatch_layout(NULL group) -> EpError 'group is NULL'", layout_null_group,
+                    "EP_STATUS_INVALID_ARGUMENT", "group is NULL")
+    e = _capi.EpError("EP_STATUS_TIMEOUT", "rank 0 timed out waiting for rank 1")
+    ck.check("EpError(status_name, message) fills status, str", e.status == 8 and
+             str(e) == "EP_STATUS_TIMEOUT: rank 0 timed out waiting for rank 1" and isinstance(e, RuntimeError),
+             str(e))
+
+
+def no_torch_checks(ck):
+    code = """
+import json, sys, ep
+out = {"torch_loaded": "torch" in sys.modules}
+def grab(f):
+    try:
+        f(); return None
+    except Exception as e:
+        return [type(e).__name__, isinstance(e, ImportError), str(e)]
+out["buffer"] = grab(lambda: ep.Buffer(None))
+out["topk_idx_t"] = grab(lambda: ep.topk_idx_t)
+out["dispatch"] = grab(lambda: ep.dispatch)
+out["config"] = ep.Config().num_sms
+ev = ep.EventOverlap()
+ev.current_stream_wait()
+with ev:
+    pass
+out["event"] = True
+print(json.dumps(out))
+"""
+    r = child_json(ck, "without torch: child ran", code, no_torch=True)
+    if not r:
+        return
+    ck.check("without torch: `import ep` works", not r["torch_loaded"], str(r))
+    b = r["buffer"]
+    ck.check("without torch: Buffer(...) raises ImportError saying PyTorch is needed",
+             b is not None and b[1] and "needs PyTorch" in b[2], str(b))
+    ck.check("without torch: ep.topk_idx_t raises ImportError saying PyTorch is needed",
+             r["topk_idx_t"] is not None and r["topk_idx_t"][1] and "PyTorch" in r["topk_idx_t"][2],
+             str(r["topk_idx_t"]))
+    ck.check("without torch: ep.dispatch (autograd) raises ImportError saying PyTorch is needed",
+             r["dispatch"] is not None and r["dispatch"][1] and "PyTorch" in r["dispatch"][2], str(r["dispatch"]))
+    ck.check("without torch: Config and EventOverlap(None) work", r["config"] == 24 and r["event"], str(r))
+
+
+def python_checks(ck):
+    c = ep.Config()
+    ck.check("Config() defaults: num_sms 24, chunks (6, 256, 6, 256)",
+             (c.num_sms, c.num_max_nvl_chunked_send_tokens, c.num_max_nvl_chunked_recv_tokens,
+              c.num_max_rdma_chunked_send_tokens, c.num_max_rdma_chunked_recv_tokens) == (24, 6, 256, 6, 256), repr(c))
+    ck.check("Config(20, 6, 256, 6, 128) positional like DeepEP", ep.Config(20, 6, 256, 6, 128).num_sms == 20)
+    ck.check("Config size hints are 0 (sizes come from shape hints)",
+             c.get_nvl_buffer_size_hint(7168 * 2, 8) == 0 and c.get_rdma_buffer_size_hint(7168 * 2, 8) == 0)
+    ck.raises("Config(num_sms=0) -> ValueError naming num_sms", ValueError, lambda: ep.Config(num_sms=0), "num_sms")
+    ck.raises("Config(num_sms=2.5) -> TypeError naming num_sms", TypeError, lambda: ep.Config(num_sms=2.5),
+              "num_sms")
+    ck.check("Buffer.num_sms defaults to 24", ep.Buffer.num_sms == 24, str(ep.Buffer.num_sms))
+    ck.raises("set_num_sms(0) -> ValueError naming new_num_sms", ValueError, lambda: ep.Buffer.set_num_sms(0),
+              "new_num_sms")
+    ep.Buffer.set_num_sms(7)
+    ck.check("set_num_sms(7) (odd is fine) feeds get_dispatch_config / get_combine_config",
+             ep.Buffer.num_sms == 7 and ep.Buffer.get_dispatch_config(8).num_sms == 7
+             and ep.Buffer.get_combine_config(2).num_sms == 7)
+    ep.Buffer.set_num_sms(24)
+    ck.raises("get_dispatch_config(0) -> ValueError naming num_ranks", ValueError,
+              lambda: ep.Buffer.get_dispatch_config(0), "num_ranks")
+    ck.check("is_sm90_compiled()", ep.Buffer.is_sm90_compiled() is True)
+
+    # Constructor checks that run before torch is imported.
+    for kw, word in ((dict(hidden=100), "hidden"), (dict(hidden=0), "hidden"), (dict(num_experts=0), "num_experts"),
+                     (dict(max_tokens_per_rank=0), "max_tokens_per_rank"), (dict(max_topk=33), "max_topk"),
+                     (dict(timeout_seconds=0), "timeout_seconds"), (dict(ranks_per_node=-1), "ranks_per_node"),
+                     (dict(num_nvl_bytes=-1), "num_nvl_bytes")):
+        ck.raises(f"Buffer({kw}) -> ValueError naming {word}", ValueError, lambda kw=kw: ep.Buffer(None, **kw), word)
+    ck.raises("Buffer(hidden='7168') -> TypeError naming hidden", TypeError, lambda: ep.Buffer(None, hidden="7168"),
+              "hidden")
+    ck.raises("Buffer(enable_shrink=True) -> NotImplementedError", NotImplementedError,
+              lambda: ep.Buffer(None, enable_shrink=True), "NOT YET SUPPORTED")
+
+    # Low-latency stubs: loud, named, and pointing at what works.
+    for name in ("low_latency_dispatch", "low_latency_combine", "clean_low_latency_buffer",
+                 "get_next_low_latency_combine_buffer", "low_latency_update_mask_buffer",
+                 "low_latency_query_mask_buffer", "low_latency_clean_mask_buffer"):
+        ck.raises(f"Buffer.{name} raises NotImplementedError (NOT YET SUPPORTED)", NotImplementedError,
+                  lambda name=name: getattr(ep.Buffer, name)(None), "NOT YET SUPPORTED", name)
+    ck.raises("Buffer.get_low_latency_rdma_size_hint raises NotImplementedError", NotImplementedError,
+              lambda: ep.Buffer.get_low_latency_rdma_size_hint(128, 7168, 8, 256), "NOT YET SUPPORTED")
+    ck.raises("Buffer.get_local_buffer_tensor raises NotImplementedError", NotImplementedError,
+              lambda: ep.Buffer.get_local_buffer_tensor(None, None), "NOT SUPPORTED")
+    ck.check("ep exports the DeepEP names", all(hasattr(ep, n) for n in ("Buffer", "Config", "EventOverlap",
+                                                                         "EpError", "EpLibraryError")))
+
+
+def main():
+    ck = eptest.Checker()
+    loader_checks(ck)
+    library_checks(ck)
+    no_torch_checks(ck)
+    python_checks(ck)
+    ck.exit()
+
+
+if __name__ == "__main__":
+    main()
