@@ -22,9 +22,9 @@ if [[ $what == all || $what == tests ]]; then
   (cd "$out" && tar czf test-logs.tgz test-logs && rm -rf test-logs)
 fi
 if [[ $what == sanitize ]]; then
-  for run in "memcheck test_layout" "racecheck test_layout" "memcheck test_group" "memcheck test_intranode"; do
+  for run in "memcheck test_layout" "racecheck test_layout" "memcheck test_intranode"; do
     set -- $run
-    EP_TEST_SMALL=1 build/bin/ep_launch -n 2 -t 400 -q -l "$out/san-$2-$1" -- \
+    EP_TEST_SMALL=1 build/bin/ep_launch -n 2 -t 120 -q -l "$out/san-$2-$1" -- \
       compute-sanitizer --tool "$1" --error-exitcode 9 "build/tests/gpu/$2" > "$out/san-$2-$1.log" 2>&1
     rc=$?; summary+=("compute-sanitizer $1 $2: exit $rc"); grep -m3 -E "ERROR SUMMARY|Invalid|Race" "$out/san-$2-$1.log"
   done

@@ -1,15 +1,15 @@
 // layout.cu: from `topk_idx`, count tokens per rank, node and expert, and mark which ranks each token goes to.
 //
-// One launch, no memset: every block counts its slice of tokens (up to 4096) into shared-memory histograms and
-// writes them to its own row of a scratch matrix; the last block to finish sums the rows in block order
-// (deterministic) and writes the outputs, then resets the arrival counter for the next call.
+// One launch, no memset: every block counts its slice of tokens into shared-memory histograms, one thread per
+// (token, top-k slot) so that loads are coalesced and no thread walks a chain of dependent loads; it writes the
+// histograms to its own row of a scratch matrix, and the last block to finish sums the rows in block order
+// (deterministic), writes the outputs and resets the arrival counter for the next call.
 #include "kernels/api.h"
 #include "kernels/common.cuh"
 
 namespace ep {
 
-constexpr int kLayoutThreads = 1024;
-constexpr int kLayoutTokensPerBlock = 4096;  // a DeepSeek-V3 batch is one block: no cross-block reduction to wait for
+constexpr int kLayoutThreads = 512;
 constexpr int kLayoutMaxBlocks = 64;
 
 // Scratch: [0] arrival counter | [1..] per block: experts, ranks, nodes.
@@ -46,35 +46,34 @@ __global__ void __launch_bounds__(kLayoutThreads) layout_kernel(ep_layout_launch
   }
   __syncthreads();
 
-  // One thread per token: a token counts once per rank, node and expert.
-  for (int t = t_begin + threadIdx.x; t < t_end; t += blockDim.x) {
-    const int64_t* row = p.topk_idx + (size_t)t * p.num_topk;
-    int ranks_seen[kMaxTopk];
-    int num_seen = 0;
-    for (int k = 0; k < p.num_topk; ++k) {
-      int64_t e = row[k];
-      if (e == -1) continue;
-      if (e < -1 || e >= p.num_experts) {
-        record_fault(p.error, EP_FAULT_BAD_EXPERT, p.rank, -1, 0, t, e);
-        continue;
-      }
-      // A token counts once per expert, even if its top-k names that expert twice.
-      bool repeat = false;
-      for (int j = 0; j < k; ++j) repeat |= row[j] == e;
-      if (repeat) continue;
-      atomicAdd(&s_expert[e], 1);
-      int r = (int)(e / experts_per_rank);
-      bool dup = false;
-      for (int j = 0; j < num_seen; ++j) dup |= ranks_seen[j] == r;
-      if (dup) continue;
-      ranks_seen[num_seen++] = r;
+  // One thread per (token, slot). A token counts once per expert, rank and node: only the first slot that names
+  // an expert (rank, node) counts it, and every slot of a rank marks is_token_in_rank (the same byte, 1).
+  const int K = p.num_topk;
+  for (int i = t_begin * K + threadIdx.x; i < t_end * K; i += blockDim.x) {
+    const int t = i / K, k = i - t * K;
+    const int64_t* row = p.topk_idx + (size_t)t * K;
+    const int64_t e = row[k];
+    if (e == -1) continue;
+    if (e < -1 || e >= p.num_experts) {
+      record_fault(p.error, EP_FAULT_BAD_EXPERT, p.rank, -1, 0, t, e);
+      continue;
+    }
+    const int r = (int)(e / experts_per_rank), n = r / p.ranks_per_node;
+    bool first_expert = true, first_rank = true, first_node = true;
+    for (int j = 0; j < k; ++j) {  // earlier slots of the same token: L1 hits
+      const int64_t f = row[j];
+      if (f < 0 || f >= p.num_experts) continue;
+      const int fr = (int)(f / experts_per_rank);
+      first_expert &= f != e;
+      first_rank &= fr != r;
+      first_node &= fr / p.ranks_per_node != n;
+    }
+    if (first_expert) atomicAdd(&s_expert[e], 1);
+    if (first_rank) {
       atomicAdd(&s_rank[r], 1);
       p.is_token_in_rank[(size_t)t * p.num_ranks + r] = 1;
-      int n = r / p.ranks_per_node;
-      bool node_dup = false;
-      for (int j = 0; j + 1 < num_seen; ++j) node_dup |= ranks_seen[j] / p.ranks_per_node == n;
-      if (!node_dup) atomicAdd(&s_node[n], 1);
     }
+    if (first_node) atomicAdd(&s_node[n], 1);
   }
   __syncthreads();
 
@@ -109,7 +108,8 @@ extern "C" size_t ep_layout_scratch_ints(int num_experts, int num_ranks) {
 }
 
 extern "C" cudaError_t ep_launch_layout(const ep_layout_launch_t* p, cudaStream_t stream) {
-  int blocks = (p->num_tokens + ep::kLayoutTokensPerBlock - 1) / ep::kLayoutTokensPerBlock;
+  // About one (token, slot) pair per thread.
+  int blocks = (int)(((long long)p->num_tokens * p->num_topk + ep::kLayoutThreads - 1) / ep::kLayoutThreads);
   if (blocks < 1) blocks = 1;
   if (blocks > ep::kLayoutMaxBlocks) blocks = ep::kLayoutMaxBlocks;
   size_t smem = ep::layout_row_ints(p->num_experts, p->num_ranks) * sizeof(int);
