@@ -54,6 +54,59 @@ __device__ __forceinline__ void st_release_sys_u64(uint64_t* p, uint64_t v) {
   asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
 
+// Bulk loads of data another GPU wrote before a flag we acquired: skip L1 so nothing stale is reused.
+__device__ __forceinline__ int4 ld_nc_na(const int4* ptr) {
+  int4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.s32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(ptr));
+  return v;
+}
+
+__device__ __forceinline__ int ld_relaxed_sys(const int* ptr) {
+  int v;
+  asm volatile("ld.relaxed.sys.global.s32 %0, [%1];" : "=r"(v) : "l"(ptr) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ float ld_relaxed_sys_f32(const float* ptr) {
+  float v;
+  asm volatile("ld.relaxed.sys.global.f32 %0, [%1];" : "=f"(v) : "l"(ptr) : "memory");
+  return v;
+}
+
+// One warp copies the 16-byte words [begin, end); `kRemote` sources are read around L1. Each lane issues kBatch
+// loads before its first store, so a row costs a few round trips rather than one per load.
+template <bool kRemote, int kBatch>
+__device__ __forceinline__ void warp_copy(void* dst, const void* src, int begin, int end, int lane) {
+  const int4* s = reinterpret_cast<const int4*>(src);
+  int4* d = reinterpret_cast<int4*>(dst);
+  for (int base = begin + lane; base < end; base += kBatch * 32) {
+    int4 v[kBatch];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u)
+      if (base + u * 32 < end) v[u] = kRemote ? ld_nc_na(s + base + u * 32) : s[base + u * 32];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u)
+      if (base + u * 32 < end) d[base + u * 32] = v[u];
+  }
+}
+
+// Exactly one block returns true: the last to arrive, once every block's earlier writes, to this GPU or to peers,
+// are ordered before whatever it does next (it typically publishes a flag that peers act on).
+__device__ __forceinline__ bool arrive_last(unsigned int* counter) {
+  __shared__ bool s_last;
+  __threadfence_system();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    s_last = atomicAdd(counter, 1u) == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (s_last) __threadfence();
+  return s_last;
+}
+
 // A bounded spin: call `poll()` until it returns true. If `timeout_ns` passes first, or another thread already
 // recorded a fault, record a timeout naming `peer` and `site` and return false. Callers must then stop.
 template <typename Poll>

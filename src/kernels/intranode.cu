@@ -29,57 +29,6 @@ __device__ __forceinline__ char* peer_normal(const ep_normal_launch_t& p, int ra
   return (char*)p.peer_workspace[rank] + p.normal_offset;
 }
 
-// Bulk loads of data another GPU wrote before a flag we acquired: skip L1 so nothing stale is reused.
-__device__ __forceinline__ int4 ld_nc_na(const int4* ptr) {
-  int4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.s32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(ptr));
-  return v;
-}
-
-__device__ __forceinline__ int ld_relaxed_sys(const int* ptr) {
-  int v;
-  asm volatile("ld.relaxed.sys.global.s32 %0, [%1];" : "=r"(v) : "l"(ptr) : "memory");
-  return v;
-}
-
-__device__ __forceinline__ float ld_relaxed_sys_f32(const float* ptr) {
-  float v;
-  asm volatile("ld.relaxed.sys.global.f32 %0, [%1];" : "=f"(v) : "l"(ptr) : "memory");
-  return v;
-}
-
-// One warp copies n16 16-byte words; `kRemote` sources are read around L1. Each lane issues kBatch loads before
-// its first store, so a row costs a few round trips over NVLink rather than one per load.
-template <bool kRemote, int kBatch>
-__device__ __forceinline__ void warp_copy(void* dst, const void* src, int n16, int lane) {
-  const int4* s = reinterpret_cast<const int4*>(src);
-  int4* d = reinterpret_cast<int4*>(dst);
-  for (int base = lane; base < n16; base += kBatch * 32) {
-    int4 v[kBatch];
-#pragma unroll
-    for (int u = 0; u < kBatch; ++u)
-      if (base + u * 32 < n16) v[u] = kRemote ? ld_nc_na(s + base + u * 32) : s[base + u * 32];
-#pragma unroll
-    for (int u = 0; u < kBatch; ++u)
-      if (base + u * 32 < n16) d[base + u * 32] = v[u];
-  }
-}
-
-// Exactly one block returns true: the last to arrive, once every block's earlier writes are visible to it.
-__device__ __forceinline__ bool arrive_last(unsigned int* counter) {
-  __shared__ bool s_last;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence();
-    s_last = atomicAdd(counter, 1u) == gridDim.x - 1;
-  }
-  __syncthreads();
-  if (s_last) __threadfence();
-  return s_last;
-}
-
 // Where the parts of a staged dispatch row sit, for this call's hidden size and top-k.
 struct StagedRow {
   int row_bytes, num_scales, scales_off, topk_off, weights_off;
@@ -263,7 +212,7 @@ __global__ void __launch_bounds__(kDispatchThreads, 1) dispatch_kernel(ep_normal
     const int end = min(p.num_tokens, (c + 1) * kChunk);
     for (int t = c * kChunk + warp; t < end; t += kDispatchWarps) {
       char* dst = mine + L.x_stage + (size_t)t * L.x_row_bytes;
-      warp_copy<false, 8>(dst, (const char*)p.x + (size_t)t * row.row_bytes, n16, lane);
+      warp_copy<false, 8>(dst, (const char*)p.x + (size_t)t * row.row_bytes, 0, n16, lane);
       for (int i = lane; i < row.num_scales; i += 32)
         reinterpret_cast<float*>(dst + row.scales_off)[i] = p.x_scales[(size_t)t * row.num_scales + i];
       if (lane < K) {
@@ -313,7 +262,7 @@ __global__ void __launch_bounds__(kDispatchThreads, 1) dispatch_kernel(ep_normal
     }
     if (i >= p.recv_capacity) continue;
     const char* staged = src + L.x_stage + (size_t)t * L.x_row_bytes;
-    warp_copy<true, 8>((char*)p.recv_x + (size_t)i * row.row_bytes, staged, n16, lane);
+    warp_copy<true, 8>((char*)p.recv_x + (size_t)i * row.row_bytes, staged, 0, n16, lane);
     for (int c = lane; c < row.num_scales; c += 32)
       p.recv_scales[(size_t)i * row.num_scales + c] = ld_relaxed_sys_f32(reinterpret_cast<const float*>(staged + row.scales_off) + c);
     if (lane < K && (p.recv_topk_idx || p.recv_topk_weights)) {
@@ -387,7 +336,7 @@ __global__ void __launch_bounds__(kCombineThreads, 1) combine_kernel(ep_normal_l
     for (int i = c * kChunk + warp; i < end; i += kCombineWarps) {
       if (i >= own_begin && i < own_end) continue;
       char* dst = mine + L.y_stage + (size_t)i * L.y_row_bytes;
-      warp_copy<false, 16>(dst, (const char*)p.y + (size_t)i * H * 2, n16, lane);
+      warp_copy<false, 16>(dst, (const char*)p.y + (size_t)i * H * 2, 0, n16, lane);
       if (with_weights && lane < K) reinterpret_cast<float*>(dst + H * 2)[lane] = p.y_weights[(size_t)i * K + lane];
     }
     __syncthreads();

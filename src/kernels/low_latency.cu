@@ -64,47 +64,6 @@ __device__ __forceinline__ bool wait_acks(const ep_ll_launch_t& p, uint64_t op, 
   return !s_failed;
 }
 
-// Exactly one block returns true: the last to arrive, once every block's earlier writes (also those to peers)
-// are visible to it.
-__device__ __forceinline__ bool arrive_last(unsigned int* counter) {
-  __shared__ bool s_last;
-  __threadfence_system();
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence();
-    s_last = atomicAdd(counter, 1u) == gridDim.x - 1;
-  }
-  __syncthreads();
-  if (s_last) __threadfence();
-  return s_last;
-}
-
-// Loads of data another GPU wrote before a signal we acquired: around L1.
-__device__ __forceinline__ int4 ld_nc_na(const int4* ptr) {
-  int4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.s32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(ptr));
-  return v;
-}
-
-// A warp (or part of a group of warps: words [begin, end)) copies 16-byte words, 4 loads in flight per lane.
-template <bool kNc>
-__device__ __forceinline__ void copy16(void* dst, const void* src, int begin, int end, int lane) {
-  const int4* s = reinterpret_cast<const int4*>(src);
-  int4* d = reinterpret_cast<int4*>(dst);
-  constexpr int kBatch = 4;
-  for (int base = begin + lane; base < end; base += kBatch * 32) {
-    int4 v[kBatch];
-#pragma unroll
-    for (int u = 0; u < kBatch; ++u)
-      if (base + u * 32 < end) v[u] = kNc ? ld_nc_na(s + base + u * 32) : s[base + u * 32];
-#pragma unroll
-    for (int u = 0; u < kBatch; ++u)
-      if (base + u * 32 < end) d[base + u * 32] = v[u];
-  }
-}
-
 // Is expert index e valid? (bad ones were reported where the token is sent and count as -1)
 __device__ __forceinline__ bool valid_expert(int64_t e, int E) { return e >= 0 && e < E; }
 
@@ -224,7 +183,7 @@ __global__ void __launch_bounds__(kSendThreads, 1) dispatch_send_kernel(ep_ll_la
       char* peer = nvlink_peer(p, d);
       if (peer) {
         const int w0 = (int)((long long)msg_words * part / parts), w1 = (int)((long long)msg_words * (part + 1) / parts);
-        copy16<false>(peer + offset, msg, w0, w1, lane);
+        warp_copy<false, 4>(peer + offset, msg, w0, w1, lane);
       } else if (part == 0) {
         uint64_t* count = reinterpret_cast<uint64_t*>(p.ll_base + half + L.dispatch_count + (size_t)(le * R + me) * 8);
         tp::put_signal_warp(p.ll_base + offset, msg, (size_t)msg_words * 16, count, 1, /*add=*/true, d);
@@ -298,7 +257,7 @@ __global__ void __launch_bounds__(kRecvThreads) dispatch_recv_kernel(ep_ll_launc
       const size_t row = (size_t)le * RT + row0 + j;
       if (lane == 0) p.src_info[row] = ld_nc_na(reinterpret_cast<const int4*>(msg)).x;
       if (p.fp8) {
-        copy16<true>((uint8_t*)p.recv_x + row * H, msg + 16, 0, H / 16, lane);
+        warp_copy<true, 4>((uint8_t*)p.recv_x + row * H, msg + 16, 0, H / 16, lane);
         const float* scales = reinterpret_cast<const float*>(msg + 16 + H);
         const size_t col = (size_t)row0 + j;
         if (!p.ue8m0) {
@@ -314,7 +273,7 @@ __global__ void __launch_bounds__(kRecvThreads) dispatch_recv_kernel(ep_ll_launc
           }
         }
       } else {
-        copy16<true>((char*)p.recv_x + row * 2 * H, msg + 16, 0, 2 * H / 16, lane);
+        warp_copy<true, 4>((char*)p.recv_x + row * 2 * H, msg + 16, 0, 2 * H / 16, lane);
       }
     }
     __syncthreads();
@@ -361,10 +320,10 @@ __global__ void __launch_bounds__(kSendThreads, 1) combine_send_kernel(ep_ll_lau
       char* peer = nvlink_peer(p, s);
       if (peer) {
         const int w0 = (int)((long long)row_words * part / parts), w1 = (int)((long long)row_words * (part + 1) / parts);
-        copy16<false>(peer + offset, src, w0, w1, lane);
+        warp_copy<false, 4>(peer + offset, src, w0, w1, lane);
       } else if (part == 0) {
         if (!p.zero_copy) {
-          copy16<false>(stage + src_off, src, 0, row_words, lane);
+          warp_copy<false, 4>(stage + src_off, src, 0, row_words, lane);
           __syncwarp();
         }
         uint64_t* signal = reinterpret_cast<uint64_t*>(p.ll_base + half + L.combine_signal + (size_t)me * 8);
