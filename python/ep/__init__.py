@@ -4,10 +4,12 @@
     buffer = deep_ep.Buffer(group, num_experts=256, hidden=7168, max_tokens_per_rank=4096, max_topk=8)
 
 Importing `ep` imports neither PyTorch nor libep.so: PyTorch is imported when a Buffer (or `ep.topk_idx_t`, or
-the autograd functions `ep.dispatch` / `ep.combine`) is first used, and the library is loaded then too
-(EP_LIBRARY_PATH, else <repo>/build/lib/libep.so, else the loader's path). See ep.buffer for what differs from
-DeepEP.
+the autograd functions `ep.dispatch` / `ep.combine`, or the submodule `ep.autograd`) is first used, and the
+library is loaded then too (EP_LIBRARY_PATH, else <repo>/build/lib/libep.so, else the loader's path). See
+ep.buffer for what differs from DeepEP.
 """
+
+import importlib
 
 from ._capi import EpError, EpLibraryError
 from .buffer import Buffer, Config, DispatchHandle, EventOverlap
@@ -17,19 +19,38 @@ __version__ = "0.1.0"
 __all__ = ["Buffer", "Config", "EventOverlap", "DispatchHandle", "EpError", "EpLibraryError", "topk_idx_t",
            "dispatch", "combine", "DispatchFunction", "CombineFunction", "__version__"]
 
+# Names resolved on first access (they need torch), and the submodules that provide them.
 _AUTOGRAD_NAMES = ("dispatch", "combine", "DispatchFunction", "CombineFunction")
+_LAZY_SUBMODULES = ("autograd",)
+
+
+def _load_submodule(name):
+    """Import ep.<name> without going through this module's __getattr__.
+
+    `from . import name` inside __getattr__ recurses: importlib's _handle_fromlist first asks
+    hasattr(ep, name), which calls __getattr__ again before the submodule is ever imported.
+    importlib.import_module imports it directly and binds it as an attribute of the package."""
+    from .buffer import _require_torch
+    _require_torch(f"ep.{name}")
+    module = importlib.import_module(f"{__name__}.{name}")
+    globals()[name] = module  # import_module already binds it; make that explicit
+    return module
 
 
 def __getattr__(name):
-    # Names that need torch resolve on first access, so that `import ep` works without it.
+    # Only reached for names not (yet) in the module dict. Never import here with `from . import ...`.
     if name == "topk_idx_t":
         from .buffer import _require_torch
-        return _require_torch("ep.topk_idx_t").int64
-    if name in _AUTOGRAD_NAMES or name == "autograd":
-        from .buffer import _require_torch
-        _require_torch(f"ep.{name}")
-        from . import autograd
+        value = _require_torch("ep.topk_idx_t").int64
+        globals()[name] = value
+        return value
+    if name in _AUTOGRAD_NAMES or name in _LAZY_SUBMODULES:
+        autograd = _load_submodule("autograd")
         for n in _AUTOGRAD_NAMES:
             globals()[n] = getattr(autograd, n)
-        return autograd if name == "autograd" else getattr(autograd, name)
-    raise AttributeError(f"module 'ep' has no attribute {name!r}")
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__) | set(_LAZY_SUBMODULES))

@@ -520,7 +520,8 @@ class Buffer:
           routing from it; num_tokens_per_rank / num_tokens_per_rdma_rank / is_token_in_rank are accepted and
           unused). topk_weights: float32 [num_tokens, num_topk] or None.
         num_experts (ep only, keyword): defaults to num_tokens_per_expert.numel() when that is given, else to the
-          Buffer's num_experts hint.
+          Buffer's num_experts hint. Pass one of them whenever the model has fewer experts than the hint: with the
+          hint, expert e lives on rank e // (hint / R), so a smaller model's experts all land on the first ranks.
         Received rows are ordered by source rank, then by token index on the source (deterministic).
         recv_topk_idx holds local expert ids (0 .. num_experts / R - 1), -1 for experts on other ranks;
         recv_topk_weights is 0.0 there. num_recv_tokens_per_expert_list: per local expert, rounded up to
@@ -665,7 +666,10 @@ class Buffer:
         stream = self._stream()
         hptr = handle._use(fn, self, stream)
         rows, n, k = handle.num_recv_rows, handle.num_tokens, handle.num_topk
-        self._tensor(fn, "x", x, torch.bfloat16, (rows, None), f"[num_recv_rows={rows}, hidden]")
+        self._tensor(fn, "x", x, torch.bfloat16, (rows, None),
+                     f"[num_recv_rows={rows}, hidden] (the rows of this handle's dispatch: "
+                     + (f"num_worst_tokens={rows}" if handle.is_graph_safe else
+                        f"{rows} received for num_experts={handle.num_experts}") + ")")
         h = x.shape[1]
         if h % 8 or h > self.hidden:
             raise ValueError(f"{fn}: x has hidden {h}; it must be a multiple of 8, <= the Buffer's hidden hint "

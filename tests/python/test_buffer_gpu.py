@@ -201,7 +201,9 @@ def run_checks(ck, c):
     xf = (torch.randn((c.n, H), generator=c.gen, device=dev) * 4).to(torch.float8_e4m3fn)
     sc = torch.rand((H // 128, c.n), generator=c.gen, device=dev).t() + 0.5  # [n, H/128], non-contiguous
     xfs, scs = all_gather_rows(xf, c.ns), all_gather_rows(sc.contiguous(), c.ns)
-    (fx, fs), fidx, fw, fcounts, fh, _ = buf.dispatch((xf, sc), topk_idx=c.idx, topk_weights=c.w)
+    # num_experts=E: without it (and without num_tokens_per_expert) dispatch routes for the Buffer's hint
+    # (E_HINT = 2 * E here), which would put every expert of this routing on rank 0.
+    (fx, fs), fidx, fw, fcounts, fh, _ = buf.dispatch((xf, sc), topk_idx=c.idx, topk_weights=c.w, num_experts=E)
     ck.check("fp8: recv is a (float8_e4m3fn [rows, H], float32 [rows, H/128]) tuple",
              fx.dtype == torch.float8_e4m3fn and fs.dtype == torch.float32 and tuple(fs.shape) == (cnt, H // 128))
     want_f = torch.cat([xfs[s][tok[src == s]].view(torch.uint8) for s in range(R)])
@@ -240,7 +242,7 @@ def run_checks(ck, c):
     # Events.
     prev = buf.capture()
     out = buf.dispatch(c.x, topk_idx=c.idx, topk_weights=c.w, previous_event=prev, async_finish=True,
-                       allocate_on_comm_stream=True)
+                       allocate_on_comm_stream=True, num_experts=E)
     ev = out[5]
     ck.check("async_finish: EventOverlap holding a torch.cuda.Event",
              isinstance(ev, ep.EventOverlap) and isinstance(ev.event, torch.cuda.Event))

@@ -162,6 +162,10 @@ def grab(f):
 out["buffer"] = grab(lambda: ep.Buffer(None))
 out["topk_idx_t"] = grab(lambda: ep.topk_idx_t)
 out["dispatch"] = grab(lambda: ep.dispatch)
+def from_autograd():
+    from ep import autograd
+out["from_autograd"] = grab(from_autograd)
+out["unknown"] = grab(lambda: ep.no_such_name)
 out["config"] = ep.Config().num_sms
 ev = ep.EventOverlap()
 ev.current_stream_wait()
@@ -182,7 +186,94 @@ print(json.dumps(out))
              str(r["topk_idx_t"]))
     ck.check("without torch: ep.dispatch (autograd) raises ImportError saying PyTorch is needed",
              r["dispatch"] is not None and r["dispatch"][1] and "PyTorch" in r["dispatch"][2], str(r["dispatch"]))
+    ck.check("without torch: `from ep import autograd` raises ImportError (not RecursionError)",
+             r["from_autograd"] is not None and r["from_autograd"][1] and "PyTorch" in r["from_autograd"][2],
+             str(r["from_autograd"]))
+    ck.check("without torch: an unknown attribute raises AttributeError",
+             r["unknown"] is not None and r["unknown"][0] == "AttributeError", str(r["unknown"]))
     ck.check("without torch: Config and EventOverlap(None) work", r["config"] == 24 and r["event"], str(r))
+
+
+# A child process whose `torch` is a stub module with just what ep.autograd needs at import time, so that the
+# package's lazy attributes (which import ep.autograd on first use) can be exercised on a machine without torch.
+STUB_TORCH_PRELUDE = r"""
+import sys, types
+_torch = types.ModuleType("torch")
+_torch.__path__ = []
+_torch.int64 = "stub-int64"
+_torch.autograd = types.ModuleType("torch.autograd")
+class _Function:
+    @classmethod
+    def apply(cls, *args):
+        return ("applied", cls.__name__)
+_torch.autograd.Function = _Function
+sys.modules["torch"] = _torch
+sys.modules["torch.autograd"] = _torch.autograd
+"""
+
+
+def lazy_attribute_checks(ck):
+    """ep.__getattr__ resolves topk_idx_t, the autograd names and the autograd submodule without recursing
+    (`from . import autograd` inside a module __getattr__ re-enters it through importlib's _handle_fromlist),
+    in every spelling, and raises AttributeError for anything else."""
+    forms = {
+        "attr_dispatch": "import ep; r = ep.dispatch",
+        "attr_autograd": "import ep; r = ep.autograd",
+        "from_autograd": "from ep import autograd as r",
+        "from_names": "from ep import dispatch, combine, DispatchFunction, CombineFunction; r = dispatch",
+        "import_submodule": "import ep.autograd; r = ep.autograd",
+        "from_submodule": "from ep.autograd import dispatch as r",
+        "topk_idx_t": "import ep; r = ep.topk_idx_t",
+    }
+    code = STUB_TORCH_PRELUDE + """
+import json, sys
+sys.setrecursionlimit(200)  # a recursion shows up at once
+out = {}
+for name, stmt in FORMS.items():
+    for k in [m for m in sys.modules if m == "ep" or m.startswith("ep.")]:
+        del sys.modules[k]
+    try:
+        ns = {}
+        exec(stmt, ns)
+        import ep
+        r = ns["r"]
+        out[name] = {"ok": True, "type": type(r).__name__, "is_autograd": r is sys.modules.get("ep.autograd"),
+                     "same_dispatch": getattr(ep, "dispatch", None) is sys.modules["ep.autograd"].dispatch
+                     if "ep.autograd" in sys.modules else None, "value": r if isinstance(r, str) else None}
+    except BaseException as e:
+        out[name] = {"ok": False, "error": type(e).__name__ + ": " + str(e)[:300]}
+import ep
+def grab(f):
+    try:
+        f(); return None
+    except BaseException as e:
+        return type(e).__name__
+out["unknown"] = grab(lambda: ep.no_such_name)
+out["hasattr_unknown"] = hasattr(ep, "no_such_name")
+out["from_unknown"] = grab(lambda: exec("from ep import no_such_name", {}))
+out["dir"] = all(n in dir(ep) for n in ("dispatch", "autograd", "topk_idx_t", "Buffer"))
+out["all_resolve"] = [n for n in ep.__all__ if not hasattr(ep, n)]
+print(json.dumps(out))
+""".replace("FORMS", repr(forms))
+    r = child_json(ck, "lazy attributes (stub torch): child ran", code)
+    if not r:
+        return
+    for name in forms:
+        v = r.get(name, {})
+        ck.check(f"lazy attributes: `{forms[name]}` resolves without recursion", v.get("ok"), str(v))
+    ck.check("lazy attributes: ep.autograd / from ep import autograd give the submodule",
+             r["attr_autograd"].get("is_autograd") and r["from_autograd"].get("is_autograd")
+             and r["import_submodule"].get("is_autograd"), str(r))
+    ck.check("lazy attributes: ep.dispatch is ep.autograd.dispatch (a function)",
+             r["attr_dispatch"].get("same_dispatch") and r["attr_dispatch"].get("type") == "function",
+             str(r["attr_dispatch"]))
+    ck.check("lazy attributes: ep.topk_idx_t is torch.int64", r["topk_idx_t"].get("value") == "stub-int64",
+             str(r["topk_idx_t"]))
+    ck.check("lazy attributes: an unknown name raises AttributeError (hasattr False, `from ep import` "
+             "ImportError)", r["unknown"] == "AttributeError" and r["hasattr_unknown"] is False
+             and r["from_unknown"] == "ImportError", str(r))
+    ck.check("lazy attributes: dir(ep) lists them, every name in __all__ resolves",
+             r["dir"] and r["all_resolve"] == [], str(r))
 
 
 def python_checks(ck):
@@ -238,6 +329,7 @@ def main():
     loader_checks(ck)
     library_checks(ck)
     no_torch_checks(ck)
+    lazy_attribute_checks(ck)
     python_checks(ck)
     ck.exit()
 
