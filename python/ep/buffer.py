@@ -573,7 +573,10 @@ class Buffer:
                 self._tensor(fn, "topk_weights", topk_weights, torch.float32, (n, k), f"[{n}, {k}]",
                              align16=False)
             if num_experts is None:
-                num_experts = num_tokens_per_expert.numel() if num_tokens_per_expert is not None else self.num_experts
+                if num_tokens_per_expert is None:
+                    raise ValueError(f"{fn}: a non-cached dispatch needs num_tokens_per_expert (from "
+                                     "get_dispatch_layout) or num_experts=..., to know how experts map to ranks")
+                num_experts = num_tokens_per_expert.numel()
             self._check_num_experts(fn, num_experts)
             _int_arg(fn, "expert_alignment", expert_alignment, 1)
             _int_arg(fn, "num_worst_tokens", num_worst_tokens, 0)

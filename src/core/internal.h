@@ -69,6 +69,10 @@ ep_status_t ep_enter(ep_group_t group, const char* fn);
 ep_status_t ep_check_header(ep_group_t group, const char* fn, const char* type_name, const void* args,
                             uint32_t size, uint32_t want_size, uint32_t magic, uint32_t want_magic);
 
+/* Shared by the dispatch calls: num_topk in [1, config.max_topk], num_experts a positive multiple of num_ranks
+ * and <= config.num_experts. */
+ep_status_t ep_check_topk_and_experts(ep_group_t group, const char* fn, int num_topk, int num_experts);
+
 #define EP_CUDA_TRY(group, call)                                  \
   do {                                                            \
     cudaError_t ep_cuda_err_ = (call);                            \

@@ -141,13 +141,7 @@ static ep_status_t check_dispatch_args(ep_group_t group, const ep_ll_dispatch_ar
   if (a->num_tokens < 0 || a->num_tokens > a->max_tokens_per_rank)
     return FAIL_ARG(group, "%s: num_tokens is %d; it must be in [0, max_tokens_per_rank=%d]", fn, a->num_tokens,
                     a->max_tokens_per_rank);
-  if (a->num_topk < 1 || a->num_topk > c->max_topk)
-    return FAIL_ARG(group, "%s: num_topk is %d; it must be in [1, config.max_topk=%d]", fn, a->num_topk, c->max_topk);
-  if (a->num_experts <= 0 || a->num_experts % group->num_ranks != 0 || a->num_experts > c->num_experts)
-    return FAIL_ARG(group,
-                    "%s: num_experts is %d; it must be a positive multiple of num_ranks (%d) and <= "
-                    "config.num_experts=%d",
-                    fn, a->num_experts, group->num_ranks, c->num_experts);
+  EP_TRY(ep_check_topk_and_experts(group, fn, a->num_topk, a->num_experts));
   if (a->recv_dtype != EP_FP8_E4M3 && a->recv_dtype != EP_BF16)
     return FAIL_ARG(group, "%s: recv_dtype is %d; it must be EP_FP8_E4M3 (%d) or EP_BF16 (%d)", fn,
                     (int)a->recv_dtype, (int)EP_FP8_E4M3, (int)EP_BF16);

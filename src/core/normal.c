@@ -158,13 +158,7 @@ ep_status_t ep_dispatch_prepare(ep_group_t group, ep_handle_t handle, const ep_d
   if (a->num_tokens < 0 || a->num_tokens > c->max_tokens_per_rank)
     return FAIL_ARG(group, "%s: num_tokens is %d; it must be in [0, config.max_tokens_per_rank=%d]", fn, a->num_tokens,
                     c->max_tokens_per_rank);
-  if (a->num_topk < 1 || a->num_topk > c->max_topk)
-    return FAIL_ARG(group, "%s: num_topk is %d; it must be in [1, config.max_topk=%d]", fn, a->num_topk, c->max_topk);
-  if (a->num_experts <= 0 || a->num_experts % group->num_ranks != 0 || a->num_experts > c->num_experts)
-    return FAIL_ARG(group,
-                    "%s: num_experts is %d; it must be a positive multiple of num_ranks (%d) and <= "
-                    "config.num_experts=%d",
-                    fn, a->num_experts, group->num_ranks, c->num_experts);
+  EP_TRY(ep_check_topk_and_experts(group, fn, a->num_topk, a->num_experts));
   if (a->expert_alignment < 1)
     return FAIL_ARG(group, "%s: expert_alignment is %d; it must be >= 1", fn, a->expert_alignment);
   if (a->num_tokens > 0 && !a->topk_idx) return FAIL_ARG(group, "%s: topk_idx is NULL with num_tokens=%d", fn, a->num_tokens);

@@ -130,3 +130,16 @@ ep_status_t ep_check_header(ep_group_t group, const char* fn, const char* type_n
                    want_size, type_name);
   return EP_STATUS_SUCCESS;
 }
+
+ep_status_t ep_check_topk_and_experts(ep_group_t group, const char* fn, int num_topk, int num_experts) {
+  const ep_group_config_t* c = &group->config;
+  if (num_topk < 1 || num_topk > c->max_topk)
+    return ep_fail(group, EP_STATUS_INVALID_ARGUMENT, "%s: num_topk is %d; it must be in [1, config.max_topk=%d]", fn,
+                   num_topk, c->max_topk);
+  if (num_experts <= 0 || num_experts % group->num_ranks != 0 || num_experts > c->num_experts)
+    return ep_fail(group, EP_STATUS_INVALID_ARGUMENT,
+                   "%s: num_experts is %d; it must be a positive multiple of num_ranks (%d) and <= "
+                   "config.num_experts=%d",
+                   fn, num_experts, group->num_ranks, c->num_experts);
+  return EP_STATUS_SUCCESS;
+}

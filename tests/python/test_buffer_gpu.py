@@ -304,6 +304,8 @@ def check_errors(ck, c, handle, y):
               lambda: buf.dispatch(x.half(), topk_idx=idx), "dispatch: x must be torch.bfloat16", "torch.float16")
     ck.raises("error: dispatch x on the CPU -> ValueError naming x and the device", ValueError,
               lambda: buf.dispatch(x.cpu(), topk_idx=idx), "x must be", f"cuda:{c.dev.index}", "cpu")
+    ck.raises("error: fresh dispatch with neither num_tokens_per_expert nor num_experts -> ValueError", ValueError,
+              lambda: buf.dispatch(x, topk_idx=idx), "num_tokens_per_expert", "num_experts")
     xnc = torch.empty((c.n, 2 * H), dtype=torch.bfloat16, device=dev)[:, ::2]
     ck.raises("error: dispatch x non-contiguous -> ValueError", ValueError,
               lambda: buf.dispatch(xnc, topk_idx=idx), "x must be", "non-contiguous")
