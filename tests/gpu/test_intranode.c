@@ -33,6 +33,7 @@
 
 #include "common/check.h"
 #include "gpu/harness.h"
+#include "gpu/test_util.h"
 #include "ref/ep_ref.h"
 
 #define MAX_RANKS 64
@@ -103,78 +104,6 @@ typedef struct {
  * Small helpers
  * ------------------------------------------------------------------------------------------------------------ */
 
-static double now_s(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
-static void* xmalloc(size_t bytes) {
-  void* p = malloc(bytes ? bytes : 1);
-  if (!p) {
-    fprintf(stderr, "FAIL: out of host memory (%zu bytes)\n", bytes);
-    exit(TEST_FAIL);
-  }
-  return p;
-}
-
-static void* xcalloc(size_t count, size_t size) {
-  void* p = calloc(count ? count : 1, size ? size : 1);
-  if (!p) {
-    fprintf(stderr, "FAIL: out of host memory (%zu x %zu bytes)\n", count, size);
-    exit(TEST_FAIL);
-  }
-  return p;
-}
-
-/* Device memory, at least 16 bytes, so that no buffer of an empty case is NULL. */
-static void* dev_alloc(size_t bytes) {
-  void* p = NULL;
-  cudaError_t e = cudaMalloc(&p, bytes < 16 ? 16 : bytes);
-  if (e != cudaSuccess) {
-    fprintf(stderr, "FAIL: cudaMalloc(%zu): %s\n", bytes, cudaGetErrorString(e));
-    exit(TEST_FAIL);
-  }
-  return p;
-}
-
-static void dev_free(void* p) {
-  if (p) cudaFree(p);
-}
-
-#define CUDA_CHECK(call)                                                                      \
-  do {                                                                                        \
-    cudaError_t cuda_check_err_ = (call);                                                     \
-    CHECK(cuda_check_err_ == cudaSuccess, "%s: %s", #call, cudaGetErrorString(cuda_check_err_)); \
-  } while (0)
-
-/* Every ep_* status is checked; the message of a failure is printed. Returns 1 on success. */
-#define EP_CHECK(c, call) ep_ok((c), (call), #call, __LINE__)
-static int ep_ok(const ctx_t* c, ep_status_t st, const char* what, int line) {
-  CHECK(st == EP_STATUS_SUCCESS, "line %d: %s gave %s: %s", line, what, ep_status_string(st), ep_last_error(c->g));
-  return st == EP_STATUS_SUCCESS;
-}
-
-/* Copy `bytes` of device memory to a fresh host buffer (the caller frees it). */
-static void* download(const void* dev, size_t bytes) {
-  void* host = xmalloc(bytes);
-  cudaError_t e = bytes ? cudaMemcpy(host, dev, bytes, cudaMemcpyDeviceToHost) : cudaSuccess;
-  CHECK(e == cudaSuccess, "download of %zu bytes: %s", bytes, cudaGetErrorString(e));
-  if (e != cudaSuccess) memset(host, 0xEE, bytes);
-  return host;
-}
-
-static void upload(void* dev, const void* host, size_t bytes) {
-  if (bytes) CUDA_CHECK(cudaMemcpy(dev, host, bytes, cudaMemcpyHostToDevice));
-}
-
-/* The group's device error word must be clean once the stream has drained. */
-static void check_async_clean(const ctx_t* c, const char* when) {
-  CUDA_CHECK(cudaStreamSynchronize(c->s));
-  ep_status_t async = EP_STATUS_INTERNAL_ERROR;
-  CHECK(ep_get_async_error(c->g, &async) == EP_STATUS_SUCCESS && async == EP_STATUS_SUCCESS,
-        "ep_get_async_error after %s: %s: %s", when, ep_status_string(async), ep_last_error(c->g));
-}
 
 /* Whether `msg` contains `name` as a whole identifier ("x" matches "args.x is NULL", not "x_dtype" or "0x1"). */
 static int is_ident_char(char ch) { return isalnum((unsigned char)ch) || ch == '_'; }
@@ -847,7 +776,7 @@ static int run_case(const ctx_t* c, const case_t* k, int index) {
     run_cached(c, k, &w, &e, &b);
   }
   run_graph_safe(c, k, &w, &e, &b); /* with the cached payload when there was one */
-  check_async_clean(c, "a case");
+  CHECK_ASYNC_CLEAN(c, "a case");
   bufs_free(&b);
   int failed = g_check_failures != before;
   if (failed) print_case(c, "case", index, k, &w);
@@ -908,7 +837,7 @@ static int run_validation(const ctx_t* c) {
 
   /* The template itself is valid: the handle still dispatches after the rejected calls. */
   EP_CHECK(c, ep_dispatch(c->g, c->handle, &good, c->s));
-  check_async_clean(c, "the valid dispatch after rejected ones");
+  CHECK_ASYNC_CLEAN(c, "the valid dispatch after rejected ones");
 
   if (c->R > 1 && 8 * c->R + 1 <= c->max_experts) {
     ep_dispatch_prepare_args_t q = prepare_args(&w, c->me, &b, 1, &num_recv, NULL, 0);
@@ -1003,7 +932,7 @@ static int run_cuda_graph(const ctx_t* c) {
     check_combine(path, &wr, c->me, &e, &b);
     free(n);
     free(counts);
-    check_async_clean(c, "a graph replay");
+    CHECK_ASYNC_CLEAN(c, "a graph replay");
     if (g_check_failures != replay_before) print_case(c, "graph replay", replay, &k, &wr);
     expect_free(&e);
     free(bias0);

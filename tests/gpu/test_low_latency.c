@@ -19,6 +19,7 @@
 
 #include "common/check.h"
 #include "gpu/harness.h"
+#include "gpu/test_util.h"
 #include "ref/ep_ref.h"
 
 #define MAX_RANKS 16
@@ -70,53 +71,6 @@ typedef struct {
   const char* shape; /* "one node" / "virtual nodes of 1 rank" */
 } ctx_t;
 
-static void* xmalloc(size_t bytes) {
-  void* p = calloc(1, bytes ? bytes : 1);
-  if (!p) {
-    fprintf(stderr, "FAIL: out of host memory (%zu bytes)\n", bytes);
-    exit(TEST_FAIL);
-  }
-  return p;
-}
-
-static void* dev_alloc(size_t bytes) {
-  void* p = NULL;
-  cudaError_t e = cudaMalloc(&p, bytes < 16 ? 16 : bytes);
-  if (e != cudaSuccess) {
-    fprintf(stderr, "FAIL: cudaMalloc(%zu): %s\n", bytes, cudaGetErrorString(e));
-    exit(TEST_FAIL);
-  }
-  return p;
-}
-
-#define CUDA_CHECK(call)                                                                          \
-  do {                                                                                            \
-    cudaError_t cuda_check_err_ = (call);                                                         \
-    CHECK(cuda_check_err_ == cudaSuccess, "%s: %s", #call, cudaGetErrorString(cuda_check_err_)); \
-  } while (0)
-
-#define EP_CHECK(c, call) ep_ok((c), (call), #call, __LINE__)
-static int ep_ok(const ctx_t* c, ep_status_t st, const char* what, int line) {
-  CHECK(st == EP_STATUS_SUCCESS, "line %d: %s gave %s: %s", line, what, ep_status_string(st), ep_last_error(c->g));
-  return st == EP_STATUS_SUCCESS;
-}
-
-static void* download(const void* dev, size_t bytes) {
-  void* host = xmalloc(bytes);
-  if (bytes) CUDA_CHECK(cudaMemcpy(host, dev, bytes, cudaMemcpyDeviceToHost));
-  return host;
-}
-
-static void upload(void* dev, const void* host, size_t bytes) {
-  if (bytes) CUDA_CHECK(cudaMemcpy(dev, host, bytes, cudaMemcpyHostToDevice));
-}
-
-static void check_async_clean(const ctx_t* c, const char* when) {
-  CUDA_CHECK(cudaStreamSynchronize(c->s));
-  ep_status_t async = EP_STATUS_INTERNAL_ERROR;
-  CHECK(ep_get_async_error(c->g, &async) == EP_STATUS_SUCCESS && async == EP_STATUS_SUCCESS,
-        "ep_get_async_error after %s: %s: %s", when, ep_status_string(async), ep_last_error(c->g));
-}
 
 /* ------------------------------------------------------------------------------------------------------------
  * The world: every rank's inputs, the same on every rank for one seed
@@ -430,7 +384,7 @@ static int run_case(const ctx_t* c, const case_t* k, int idx) {
     for (int b = 0; b < nmb; ++b) do_dispatch(c, &m[b], &w[b], k->hook);
     if (k->hook)
       for (int b = 0; b < nmb; ++b) EP_CHECK(c, ep_ll_dispatch_recv(c->g, m[b].h, c->s));
-    check_async_clean(c, "dispatch");
+    CHECK_ASYNC_CLEAN(c, "dispatch");
     for (int b = 0; b < nmb; ++b) {
       const int bad_before = g_check_failures;
       const long bad = check_dispatch(c, &m[b], &w[b], &ref[b]);
@@ -440,7 +394,7 @@ static int run_case(const ctx_t* c, const case_t* k, int idx) {
     for (int b = 0; b < nmb; ++b) do_combine(c, &m[b], &w[b], y[b], k->hook);
     if (k->hook)
       for (int b = 0; b < nmb; ++b) EP_CHECK(c, ep_ll_combine_recv(c->g, m[b].h, c->s));
-    check_async_clean(c, "combine");
+    CHECK_ASYNC_CLEAN(c, "combine");
     for (int b = 0; b < nmb; ++b) {
       const long bad = check_combine(c, &m[b], &w[b]);
       CHECK(bad == 0, "combine: %ld mismatches", bad);
@@ -490,7 +444,7 @@ static int run_graph(const ctx_t* c) {
       if (graph) CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
     }
     if (exec) CUDA_CHECK(cudaGraphLaunch(exec, c->s));
-    check_async_clean(c, "graph replay");
+    CHECK_ASYNC_CLEAN(c, "graph replay");
     const long bad = check_dispatch(c, &m, &w, &ref) + check_combine(c, &m, &w);
     CHECK(bad == 0, "graph replay %d: %ld mismatches", round, bad);
     if (bad) print_case(c, "graph replay", round, &w);
@@ -505,11 +459,6 @@ static int run_graph(const ctx_t* c) {
   return g_check_failures != before;
 }
 
-static double now_s(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
 
 static void run_shape(const harness_t* h, int ranks_per_node, const char* name) {
   ctx_t c;
@@ -604,7 +553,7 @@ static void run_timeout(const harness_t* h) {
   harness_barrier(h, "ll_timed_out");
   if (c.me == absent) {
     do_dispatch(&c, &m, &w, 0);
-    check_async_clean(&c, "the late dispatch");
+    CHECK_ASYNC_CLEAN(&c, "the late dispatch");
   }
   world_free(&w);
   mb_free(&m);
