@@ -73,6 +73,9 @@ ep_status_t ep_check_header(ep_group_t group, const char* fn, const char* type_n
  * and <= config.num_experts. */
 ep_status_t ep_check_topk_and_experts(ep_group_t group, const char* fn, int num_topk, int num_experts);
 
+/* Device pointers the kernels move 16 bytes at a time must be 16-byte aligned (NULL counts as aligned). */
+static inline bool ep_misaligned16(const void* ptr) { return ((uintptr_t)ptr & 15) != 0; }
+
 #define EP_CUDA_TRY(group, call)                                  \
   do {                                                            \
     cudaError_t ep_cuda_err_ = (call);                            \

@@ -9,8 +9,6 @@
 
 #define FAIL_ARG(g, ...) ep_fail((g), EP_STATUS_INVALID_ARGUMENT, __VA_ARGS__)
 
-static bool misaligned(const void* ptr) { return ((uintptr_t)ptr & 15) != 0; }
-
 ep_status_t ep_ll_buffer_size_hint(int max_tokens_per_rank, int hidden, int num_ranks, int num_experts, int max_topk,
                                    size_t* bytes) {
   const char* fn = "ep_ll_buffer_size_hint";
@@ -160,13 +158,13 @@ static ep_status_t check_dispatch_args(ep_group_t group, const ep_ll_dispatch_ar
     return FAIL_ARG(group, "%s: hidden is %d; it must be a positive multiple of %d (%s), <= config.hidden=%d", fn,
                     a->hidden, multiple, a->use_ue8m0 ? "UE8M0 scales" : fp8 ? "FP8" : "BF16", c->hidden);
   if (a->num_tokens > 0 && !a->x) return FAIL_ARG(group, "%s: x is NULL with num_tokens=%d", fn, a->num_tokens);
-  if (misaligned(a->x)) return FAIL_ARG(group, "%s: x (%p) is not 16-byte aligned", fn, a->x);
+  if (ep_misaligned16(a->x)) return FAIL_ARG(group, "%s: x (%p) is not 16-byte aligned", fn, a->x);
   if (a->num_tokens > 0 && !a->topk_idx)
     return FAIL_ARG(group, "%s: topk_idx is NULL with num_tokens=%d", fn, a->num_tokens);
   if (!a->recv_x) return FAIL_ARG(group, "%s: recv_x is NULL", fn);
-  if (misaligned(a->recv_x)) return FAIL_ARG(group, "%s: recv_x (%p) is not 16-byte aligned", fn, a->recv_x);
+  if (ep_misaligned16(a->recv_x)) return FAIL_ARG(group, "%s: recv_x (%p) is not 16-byte aligned", fn, a->recv_x);
   if (fp8 && !a->recv_x_scales) return FAIL_ARG(group, "%s: recv_x_scales is NULL with recv_dtype EP_FP8_E4M3", fn);
-  if (misaligned(a->recv_x_scales))
+  if (ep_misaligned16(a->recv_x_scales))
     return FAIL_ARG(group, "%s: recv_x_scales (%p) is not 16-byte aligned", fn, a->recv_x_scales);
   if (!a->recv_count) return FAIL_ARG(group, "%s: recv_count is NULL", fn);
   if (a->return_after_send != 0 && a->return_after_send != 1)
@@ -296,7 +294,7 @@ ep_status_t ep_ll_combine(ep_group_t group, ep_ll_handle_t handle, const ep_ll_c
   if (a->return_after_send != 0 && a->return_after_send != 1)
     return FAIL_ARG(group, "%s: return_after_send is %d; it must be 0 or 1", fn, a->return_after_send);
   if (!a->zero_copy && !a->x) return FAIL_ARG(group, "%s: x is NULL (and zero_copy is 0)", fn);
-  if (!a->zero_copy && misaligned(a->x)) return FAIL_ARG(group, "%s: x (%p) is not 16-byte aligned", fn, a->x);
+  if (!a->zero_copy && ep_misaligned16(a->x)) return FAIL_ARG(group, "%s: x (%p) is not 16-byte aligned", fn, a->x);
   EP_TRY(check_combinable(group, handle, fn));
   if (handle->combine_recv_pending)
     return ep_fail(group, EP_STATUS_INVALID_USAGE,
@@ -305,7 +303,7 @@ ep_status_t ep_ll_combine(ep_group_t group, ep_ll_handle_t handle, const ep_ll_c
     return FAIL_ARG(group, "%s: topk_weights is NULL with num_tokens=%d", fn, handle->num_tokens);
   if (handle->num_tokens > 0 && !a->out) return FAIL_ARG(group, "%s: out is NULL with num_tokens=%d", fn,
                                                          handle->num_tokens);
-  if (misaligned(a->out)) return FAIL_ARG(group, "%s: out (%p) is not 16-byte aligned", fn, a->out);
+  if (ep_misaligned16(a->out)) return FAIL_ARG(group, "%s: out (%p) is not 16-byte aligned", fn, a->out);
   if (group->ll_half_pending[handle->half])
     return ep_fail(group, EP_STATUS_INVALID_USAGE,
                    "%s: buffer half %d still waits for the receive phase of an earlier call", fn, handle->half);

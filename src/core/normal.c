@@ -145,8 +145,6 @@ static ep_normal_launch_t base_launch(ep_group_t g, ep_handle_t h, int num_sms) 
   return p;
 }
 
-static bool misaligned(const void* ptr) { return ((uintptr_t)ptr & 15) != 0; }
-
 ep_status_t ep_dispatch_prepare(ep_group_t group, ep_handle_t handle, const ep_dispatch_prepare_args_t* args,
                                 cudaStream_t stream) {
   const char* fn = "ep_dispatch_prepare";
@@ -211,14 +209,14 @@ ep_status_t ep_dispatch(ep_group_t group, ep_handle_t handle, const ep_dispatch_
     return FAIL_ARG(group, "%s: hidden is %d; it must be a positive multiple of %d, <= config.hidden=%d", fn,
                     a->hidden, fp8 ? 128 : 8, group->config.hidden);
   if (n > 0 && !a->x) return FAIL_ARG(group, "%s: x is NULL with %d tokens", fn, n);
-  if (misaligned(a->x)) return FAIL_ARG(group, "%s: x (%p) is not 16-byte aligned", fn, a->x);
+  if (ep_misaligned16(a->x)) return FAIL_ARG(group, "%s: x (%p) is not 16-byte aligned", fn, a->x);
   if (fp8 && n > 0 && !a->x_scales) return FAIL_ARG(group, "%s: x_scales is NULL with x_dtype EP_FP8_E4M3", fn);
   if (a->recv_capacity < 0) return FAIL_ARG(group, "%s: recv_capacity is %d; it must be >= 0", fn, a->recv_capacity);
   if (handle->num_recv_host >= 0 && a->recv_capacity < handle->num_recv_host)
     return FAIL_ARG(group, "%s: recv_capacity is %d but this rank receives %d rows", fn, a->recv_capacity,
                     handle->num_recv_host);
   if (a->recv_capacity > 0 && !a->recv_x) return FAIL_ARG(group, "%s: recv_x is NULL", fn);
-  if (misaligned(a->recv_x)) return FAIL_ARG(group, "%s: recv_x (%p) is not 16-byte aligned", fn, a->recv_x);
+  if (ep_misaligned16(a->recv_x)) return FAIL_ARG(group, "%s: recv_x (%p) is not 16-byte aligned", fn, a->recv_x);
   if (fp8 && a->recv_capacity > 0 && !a->recv_x_scales)
     return FAIL_ARG(group, "%s: recv_x_scales is NULL with x_dtype EP_FP8_E4M3", fn);
   if ((a->recv_topk_idx || a->recv_topk_weights) && n > 0 && !a->topk_idx)
@@ -255,10 +253,10 @@ ep_status_t ep_combine(ep_group_t group, ep_handle_t handle, const ep_combine_ar
     return FAIL_ARG(group, "%s: hidden is %d; it must be a positive multiple of 8, <= config.hidden=%d", fn, a->hidden,
                     group->config.hidden);
   if (handle->num_recv_host != 0 && !a->x) return FAIL_ARG(group, "%s: x is NULL", fn);
-  if (misaligned(a->x)) return FAIL_ARG(group, "%s: x (%p) is not 16-byte aligned", fn, a->x);
+  if (ep_misaligned16(a->x)) return FAIL_ARG(group, "%s: x (%p) is not 16-byte aligned", fn, a->x);
   if (handle->num_tokens > 0 && !a->combined_x) return FAIL_ARG(group, "%s: combined_x is NULL", fn);
-  if (misaligned(a->combined_x)) return FAIL_ARG(group, "%s: combined_x (%p) is not 16-byte aligned", fn, a->combined_x);
-  if (misaligned(a->bias0) || misaligned(a->bias1)) return FAIL_ARG(group, "%s: a bias is not 16-byte aligned", fn);
+  if (ep_misaligned16(a->combined_x)) return FAIL_ARG(group, "%s: combined_x (%p) is not 16-byte aligned", fn, a->combined_x);
+  if (ep_misaligned16(a->bias0) || ep_misaligned16(a->bias1)) return FAIL_ARG(group, "%s: a bias is not 16-byte aligned", fn);
   if (a->combined_topk_weights && !a->topk_weights)
     return FAIL_ARG(group, "%s: combined_topk_weights is set but topk_weights is NULL", fn);
   EP_TRY(check_num_sms(group, fn, a->num_sms));
