@@ -12,12 +12,12 @@ ep.buffer for what differs from DeepEP.
 import importlib
 
 from ._capi import EpError, EpLibraryError
-from .buffer import Buffer, Config, DispatchHandle, EventOverlap
+from .buffer import Buffer, Config, DispatchHandle, EventOverlap, LowLatencyHandle
 
 __version__ = "0.1.0"
 
-__all__ = ["Buffer", "Config", "EventOverlap", "DispatchHandle", "EpError", "EpLibraryError", "topk_idx_t",
-           "dispatch", "combine", "DispatchFunction", "CombineFunction", "__version__"]
+__all__ = ["Buffer", "Config", "EventOverlap", "DispatchHandle", "LowLatencyHandle", "EpError", "EpLibraryError",
+           "topk_idx_t", "dispatch", "combine", "DispatchFunction", "CombineFunction", "__version__"]
 
 # Names resolved on first access (they need torch), and the submodules that provide them.
 _AUTOGRAD_NAMES = ("dispatch", "combine", "DispatchFunction", "CombineFunction")

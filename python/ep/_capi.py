@@ -19,6 +19,7 @@ import threading
 __all__ = [
     "EpError", "EpLibraryError", "load", "library_path", "check", "status_name", "last_error",
     "UniqueId", "GroupConfig", "GroupInfo", "LayoutArgs", "DispatchPrepareArgs", "DispatchArgs", "CombineArgs",
+    "LLDispatchArgs", "LLCombineArgs", "ll_buffer_size_hint",
 ]
 
 # ---- Constants of include/ep.h -------------------------------------------------------------------------------
@@ -30,6 +31,8 @@ EP_LAYOUT_ARGS_MAGIC = 0x45504C31  # "EPL1"
 EP_DISPATCH_PREPARE_ARGS_MAGIC = 0x45505031  # "EPP1"
 EP_DISPATCH_ARGS_MAGIC = 0x45504431  # "EPD1"
 EP_COMBINE_ARGS_MAGIC = 0x45504331  # "EPC1"
+EP_LL_DISPATCH_ARGS_MAGIC = 0x45504C44  # "EPLD"
+EP_LL_COMBINE_ARGS_MAGIC = 0x45504C43  # "EPLC"
 
 # ep_status_t, in the header's order.
 STATUS_NAMES = (
@@ -202,6 +205,42 @@ class CombineArgs(_Args):
     _MAGIC = EP_COMBINE_ARGS_MAGIC
 
 
+class LLDispatchArgs(_Args):
+    _fields_ = [
+        ("size", _u32),
+        ("magic", _u32),
+        ("x", _ptr),
+        ("num_tokens", _int),
+        ("hidden", _int),
+        ("topk_idx", _ptr),
+        ("num_topk", _int),
+        ("num_experts", _int),
+        ("max_tokens_per_rank", _int),
+        ("recv_dtype", _int),  # ep_dtype_t
+        ("round_scale", _int),
+        ("use_ue8m0", _int),
+        ("recv_x", _ptr),
+        ("recv_x_scales", _ptr),
+        ("recv_count", _ptr),
+        ("return_after_send", _int),
+    ]
+    _MAGIC = EP_LL_DISPATCH_ARGS_MAGIC
+    _DEFAULTS = dict(recv_dtype=EP_FP8_E4M3)
+
+
+class LLCombineArgs(_Args):
+    _fields_ = [
+        ("size", _u32),
+        ("magic", _u32),
+        ("x", _ptr),
+        ("topk_weights", _ptr),
+        ("out", _ptr),
+        ("zero_copy", _int),
+        ("return_after_send", _int),
+    ]
+    _MAGIC = EP_LL_COMBINE_ARGS_MAGIC
+
+
 # Every mirrored struct, by its C type name (the layout test walks this table).
 STRUCTS = {
     "ep_unique_id_t": UniqueId,
@@ -211,6 +250,8 @@ STRUCTS = {
     "ep_dispatch_prepare_args_t": DispatchPrepareArgs,
     "ep_dispatch_args_t": DispatchArgs,
     "ep_combine_args_t": CombineArgs,
+    "ep_ll_dispatch_args_t": LLDispatchArgs,
+    "ep_ll_combine_args_t": LLCombineArgs,
 }
 
 # ---- Function prototypes ---------------------------------------------------------------------------------------
@@ -233,6 +274,16 @@ _PROTOTYPES = {
     "ep_dispatch_prepare": (_S, [_ptr, _ptr, _P(DispatchPrepareArgs), _ptr]),
     "ep_dispatch": (_S, [_ptr, _ptr, _P(DispatchArgs), _ptr]),
     "ep_combine": (_S, [_ptr, _ptr, _P(CombineArgs), _ptr]),
+    "ep_ll_buffer_size_hint": (_S, [_int, _int, _int, _int, _int, _P(_size)]),
+    "ep_ll_handle_create": (_S, [_ptr, _P(_ptr)]),
+    "ep_ll_handle_destroy": (_S, [_ptr]),
+    "ep_ll_dispatch": (_S, [_ptr, _ptr, _P(LLDispatchArgs), _ptr]),
+    "ep_ll_dispatch_recv": (_S, [_ptr, _ptr, _ptr]),
+    "ep_ll_get_routing": (_S, [_ptr, _P(_ptr), _P(_ptr)]),
+    "ep_ll_get_combine_buffer": (_S, [_ptr, _ptr, _P(_ptr)]),
+    "ep_ll_combine": (_S, [_ptr, _ptr, _P(LLCombineArgs), _ptr]),
+    "ep_ll_combine_recv": (_S, [_ptr, _ptr, _ptr]),
+    "ep_ll_clean": (_S, [_ptr, _ptr]),
 }
 
 _lock = threading.Lock()
@@ -312,3 +363,12 @@ def check(status, group=None):
     """Raise EpError(status_name, ep_last_error(group)) unless status is EP_STATUS_SUCCESS."""
     if status != 0:
         raise EpError(status_name(status), last_error(group), status=int(status))
+
+
+def ll_buffer_size_hint(max_tokens_per_rank, hidden, num_ranks, num_experts, max_topk):
+    """ep_ll_buffer_size_hint(): bytes of symmetric memory the low-latency buffer needs for this shape (both
+    halves). Raises EpError (EP_STATUS_INVALID_ARGUMENT naming the argument) for a shape the library rejects."""
+    n = ctypes.c_size_t(0)
+    check(load().ep_ll_buffer_size_hint(int(max_tokens_per_rank), int(hidden), int(num_ranks), int(num_experts),
+                                        int(max_topk), ctypes.byref(n)), None)
+    return n.value

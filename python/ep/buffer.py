@@ -1,4 +1,4 @@
-"""`ep.Buffer`: DeepEP V1's `deep_ep.Buffer` API (normal path) on top of libep.so.
+"""`ep.Buffer`: DeepEP V1's `deep_ep.Buffer` API (normal and low-latency paths) on top of libep.so.
 
 Code written against `deep_ep.Buffer` runs with `import ep as deep_ep`, with these differences:
 
@@ -16,9 +16,15 @@ Code written against `deep_ep.Buffer` runs with `import ep as deep_ep`, with the
   failure raises `ep.EpError` with the library's message. Every device-side wait has a time budget
   (`timeout_seconds`): a peer that never arrives becomes `EpError("EP_STATUS_TIMEOUT", "... waiting for rank
   N ...")` on the next call, naming the peer, instead of a hang.
-* Low-latency methods (`low_latency_dispatch`, `low_latency_combine`, ...) are NOT YET SUPPORTED and raise
-  NotImplementedError; `low_latency_mode=True` is accepted so that a buffer built for both modes still serves
-  the normal path.
+* Low-latency path: `low_latency_mode=True` reserves the LL buffer at construction, sized by the keyword-only
+  hint `ll_max_tokens_per_rank` (default 128): the largest `num_max_dispatch_tokens_per_rank` any
+  `low_latency_dispatch` will pass (DeepEP sizes it from `num_rdma_bytes` instead). The LL handle is a
+  `LowLatencyHandle` object; indexing it gives DeepEP's tuple (src_info, layout_range, T, hidden, num_experts).
+  `low_latency_combine` uses the routing kept in the handle: its `topk_idx` is checked for shape, not read.
+  Hooks launch the receive phase on the stream that was current at the call, as DeepEP's do. NOT YET
+  SUPPORTED (NotImplementedError): `use_logfmt=True`, `dispatch_wait_recv_cost_stats`,
+  `combine_wait_recv_cost_stats`, and the shrink-mode mask calls. See `low_latency_dispatch` for the
+  two-buffer rule.
 * The internode normal path is NOT YET SUPPORTED: every rank must be in one NVLink domain (up to 8 GPUs).
 
 PyTorch is imported when a Buffer is made, not when `ep` is imported.
@@ -113,14 +119,15 @@ class EventOverlap:
 
 def _not_yet(name):
     raise NotImplementedError(
-        f"ep.Buffer.{name}: the low-latency path is NOT YET SUPPORTED by the ep Python package (the C library is "
-        "gaining it; the Python methods come next). Use the normal path: dispatch / combine, with "
-        "num_worst_tokens for CUDA graphs.")
+        f"ep.Buffer.{name}: shrink mode (masking failed ranks) is NOT YET SUPPORTED by ep. A peer that stops "
+        "responding makes the next call raise EpError(EP_STATUS_TIMEOUT) naming it instead.")
 
 
-def _destroy_group(lib, group_ptr):
-    """weakref.finalize target: must not reference the Buffer."""
+def _destroy_group(lib, group_ptr, ll_handles):
+    """weakref.finalize target: must not reference the Buffer. LL handles go first (they point into the group)."""
     try:
+        while ll_handles:
+            lib.ep_ll_handle_destroy(ll_handles.pop())
         lib.ep_group_destroy(group_ptr)
     except Exception:  # interpreter teardown: nothing sensible left to do
         pass
@@ -188,24 +195,138 @@ class DispatchHandle:
                 f"{self.num_experts}, num_recv_tokens={count})")
 
 
+class _DeviceArray:
+    """A CUDA array interface over library-owned device memory, for torch.as_tensor (no copy, no stream sync)."""
+
+    def __init__(self, ptr, shape, typestr):
+        self.__cuda_array_interface__ = {"shape": tuple(shape), "typestr": typestr, "data": (ptr, False),
+                                         "strides": None, "version": 3}
+
+
+class LowLatencyHandle:
+    """The routing of one `Buffer.low_latency_dispatch`, for its `low_latency_combine` (DeepEP's LL `handle`).
+
+    Indexing or unpacking it gives DeepEP's tuple: (src_info, layout_range, num_max_dispatch_tokens_per_rank,
+    hidden, num_experts).
+      src_info      int32 [E_loc, R * T]: the source token index of each received row
+      layout_range  int64 [E_loc, R]: (first row << 32) | rows, per (local expert, source rank)
+    Both are views of memory the library owns (one of the Buffer's two LL handles), not copies: they are valid
+    from the dispatch's receive phase until the dispatch after next takes the same memory (DeepEP's rule: at most
+    two LL results alive), and while the Buffer lives. `.clone()` them to keep them longer.
+
+    Attributes: num_tokens, num_topk, num_experts, hidden, num_max_dispatch_tokens_per_rank, use_fp8 (of the
+    dispatch); `is_current()` (ep only) says whether the two-buffer rule still lets its combine run.
+    """
+
+    def __init__(self, buffer, slot, serial, num_tokens, num_topk, num_experts, hidden, max_tokens, use_fp8):
+        self._buffer = buffer
+        self._slot = slot
+        self._serial = serial
+        self.num_tokens = num_tokens
+        self.num_topk = num_topk
+        self.num_experts = num_experts
+        self.hidden = hidden
+        self.num_max_dispatch_tokens_per_rank = max_tokens
+        self.use_fp8 = use_fp8
+        self._dispatch_pending = False  # receive hook of the dispatch not called yet
+        self._combine_pending = False   # receive hook of a combine not called yet
+
+    @property
+    def num_local_experts(self):
+        return self.num_experts // self._buffer.group_size
+
+    def is_current(self):
+        """True while the Buffer lives and no later dispatch has taken this handle's memory (and half)."""
+        b = self._buffer
+        return b._group_ptr is not None and b._ll_serial[self._slot] == self._serial
+
+    def _routing(self, which):
+        b = self._buffer
+        if not self.is_current():
+            raise RuntimeError(f"LowLatencyHandle.{which}: stale handle: a later low_latency_dispatch (or "
+                               "clean_low_latency_buffer) has reused its memory (two-buffer rule: at most two LL "
+                               "results alive)")
+        src, rng = ctypes.c_void_p(), ctypes.c_void_p()
+        _capi.check(b._lib.ep_ll_get_routing(b._ll_slots[self._slot], ctypes.byref(src), ctypes.byref(rng)),
+                    b._group_ptr)
+        e_loc, R = self.num_local_experts, b.group_size
+        if which == "src_info":
+            return b._device_view(src.value, (e_loc, R * self.num_max_dispatch_tokens_per_rank), _torch.int32)
+        return b._device_view(rng.value, (e_loc, R), _torch.int64)
+
+    @property
+    def src_info(self):
+        return self._routing("src_info")
+
+    @property
+    def layout_range(self):
+        return self._routing("layout_range")
+
+    def _astuple(self):
+        return (self.src_info, self.layout_range, self.num_max_dispatch_tokens_per_rank, self.hidden,
+                self.num_experts)
+
+    def __getitem__(self, i):
+        return self._astuple()[i]
+
+    def __len__(self):
+        return 5
+
+    def __iter__(self):
+        return iter(self._astuple())
+
+    def __repr__(self):
+        return (f"LowLatencyHandle(num_tokens={self.num_tokens}, num_topk={self.num_topk}, num_experts="
+                f"{self.num_experts}, hidden={self.hidden}, T={self.num_max_dispatch_tokens_per_rank}, "
+                f"fp8={self.use_fp8}, current={self.is_current()})")
+
+
+class _RecvHook:
+    """The receive phase of an LL call made with return_recv_hook=True: calling it launches the phase (once) on
+    the stream that was current at the call. Holds the call's tensors so that they outlive the phase."""
+
+    def __init__(self, what, run, keep):
+        self._what = what
+        self._run = run
+        self._keep = keep
+
+    def __call__(self):
+        if self._run is None:
+            raise RuntimeError(f"the receive hook of {self._what} was already called (it runs once)")
+        run, self._run = self._run, None
+        try:
+            run()
+        finally:
+            self._keep = None
+
+    def __repr__(self):
+        return f"<receive hook of {self._what}{' (called)' if self._run is None else ''}>"
+
+
 class Buffer:
-    """Expert-parallel dispatch and combine over one group of GPUs, DeepEP V1's `Buffer` API (normal path).
+    """Expert-parallel dispatch and combine over one group of GPUs, DeepEP V1's `Buffer` API (normal and
+    low-latency paths).
 
     Buffer(group, num_nvl_bytes=0, num_rdma_bytes=0, low_latency_mode=False, num_qps_per_rank=24,
            allow_nvlink_for_low_latency_mode=True, allow_mnnvl=False, explicitly_destroy=False, *,
            num_experts=256, hidden=7168, max_tokens_per_rank=4096, max_topk=8, ranks_per_node=0,
-           timeout_seconds=20.0, comm=None)
+           timeout_seconds=20.0, ll_max_tokens_per_rank=128, comm=None)
 
     group: a torch.distributed ProcessGroup (None = the default group); it is used once, to broadcast the
       128-byte bootstrap id from rank 0. `comm` (an mpi4py communicator) may replace it.
     num_nvl_bytes, num_rdma_bytes: accepted and IGNORED (DeepEP sizes its buffers in bytes; `ep` from shapes).
-    low_latency_mode, num_qps_per_rank, allow_nvlink_for_low_latency_mode, allow_mnnvl: accepted and ignored
-      (the low-latency path is not yet in the Python package).
+    low_latency_mode: True reserves the low-latency buffer (symmetric memory, get_low_latency_rdma_size_hint()
+      bytes for the shape hints) and two LL handles, so that the low_latency_* methods work; the normal path works
+      either way.
+    num_qps_per_rank, allow_nvlink_for_low_latency_mode, allow_mnnvl: accepted and ignored.
     explicitly_destroy: False -> the group is destroyed when the Buffer is garbage-collected or at interpreter
       exit; True -> only `destroy()` does it (recommended: destroy is collective, and a rank that died would
       leave the others waiting at exit).
     num_experts, hidden, max_tokens_per_rank, max_topk: the largest shapes any call will use; they size the
       symmetric buffers (the group reports its heap in `info["symmetric_heap_bytes"]`).
+    ll_max_tokens_per_rank (ep only, keyword, used with low_latency_mode=True): the largest
+      num_max_dispatch_tokens_per_rank any low_latency_dispatch will pass, 1..8192 (default 128). The group is
+      created here, so this hint, not the first call, sizes the LL buffer; a larger call raises ValueError.
     ranks_per_node: ranks per NVLink domain, 0 = all (only one domain is served by the normal path today).
     timeout_seconds: budget of every device-side wait on a peer; past it the next call raises EpError naming
       the peer (DeepEP: a printf and a trap that kills the process).
@@ -219,10 +340,11 @@ class Buffer:
     def __init__(self, group=None, num_nvl_bytes=0, num_rdma_bytes=0, low_latency_mode=False, num_qps_per_rank=24,
                  allow_nvlink_for_low_latency_mode=True, allow_mnnvl=False, explicitly_destroy=False, *,
                  num_experts=256, hidden=7168, max_tokens_per_rank=4096, max_topk=8, ranks_per_node=0,
-                 timeout_seconds=20.0, use_fabric=False, enable_shrink=False, comm=None):
+                 timeout_seconds=20.0, use_fabric=False, enable_shrink=False, ll_max_tokens_per_rank=128, comm=None):
         fn = "Buffer"
         self._group_ptr = None
         self._finalizer = None
+        self._ll_slots = []  # the two ep_ll_handle_t of the LL path (shared with the finalizer)
         # Checks that need neither torch nor the library.
         _int_arg(fn, "num_experts", num_experts, 1)
         _int_arg(fn, "hidden", hidden, 128)
@@ -237,6 +359,10 @@ class Buffer:
             _int_arg(fn, name, v, 0)
         if enable_shrink:
             raise NotImplementedError(f"{fn}: enable_shrink (masking failed ranks) is NOT YET SUPPORTED")
+        low_latency_mode = bool(low_latency_mode)
+        if low_latency_mode:
+            _int_arg(fn, "ll_max_tokens_per_rank", ll_max_tokens_per_rank, 1, 8192,
+                     "the largest num_max_dispatch_tokens_per_rank of any low_latency_dispatch")
 
         torch = _require_torch("ep.Buffer")
         lib = _capi.load()
@@ -275,6 +401,7 @@ class Buffer:
         self.device = torch.cuda.current_device()
         cfg = _capi.GroupConfig.init(ranks_per_node=ranks_per_node, num_experts=num_experts, hidden=hidden,
                                      max_tokens_per_rank=max_tokens_per_rank, max_topk=max_topk, num_sms=0,
+                                     ll_max_tokens_per_rank=ll_max_tokens_per_rank if low_latency_mode else 0,
                                      timeout_seconds=float(timeout_seconds))
         g = ctypes.c_void_p()
         _capi.check(lib.ep_group_create(ctypes.byref(g), ctypes.byref(uid), rank, size, self.device,
@@ -282,7 +409,17 @@ class Buffer:
         self._lib = lib
         self._group_ptr = g.value
         if not explicitly_destroy:
-            self._finalizer = weakref.finalize(self, _destroy_group, lib, g.value)
+            self._finalizer = weakref.finalize(self, _destroy_group, lib, g.value, self._ll_slots)
+        if low_latency_mode:
+            # Two handles, made now: making one allocates (not capturable); each LL dispatch takes the next.
+            try:
+                for _ in range(2):
+                    h = ctypes.c_void_p()
+                    _capi.check(lib.ep_ll_handle_create(g.value, ctypes.byref(h)), g.value)
+                    self._ll_slots.append(h.value)
+            except Exception:
+                self.destroy()
+                raise
 
         info = _capi.GroupInfo()
         _capi.check(lib.ep_group_get_info(self._group_ptr, ctypes.byref(info)), self._group_ptr)
@@ -295,6 +432,11 @@ class Buffer:
         self.rank, self.group_size, self.group, self.comm = rank, size, group, comm
         self.num_nvl_bytes, self.num_rdma_bytes = num_nvl_bytes, num_rdma_bytes
         self.low_latency_mode = low_latency_mode
+        self.ll_max_tokens_per_rank = ll_max_tokens_per_rank if low_latency_mode else 0
+        self._ll_next = 0            # the slot (ep_ll_handle_t) the next LL dispatch takes
+        self._ll_serial = [0, 0]     # per slot: the serial of the LowLatencyHandle that holds it now
+        self._ll_dispatches = 0      # LL dispatches so far (serials)
+        self._ll_views = {}          # (pointer, shape, dtype) -> tensor view of library-owned device memory
         self.explicitly_destroy = explicitly_destroy
         self.num_experts, self.hidden = num_experts, hidden
         self.max_tokens_per_rank, self.max_topk = max_tokens_per_rank, max_topk
@@ -311,6 +453,9 @@ class Buffer:
             self._finalizer = None
         ptr, self._group_ptr = self._group_ptr, None
         if ptr is not None:
+            self._ll_views = {}
+            while self._ll_slots:
+                self._lib.ep_ll_handle_destroy(self._ll_slots.pop())
             _capi.check(self._lib.ep_group_destroy(ptr), None)
 
     def _alive(self, fn):
@@ -342,8 +487,24 @@ class Buffer:
         return True
 
     @staticmethod
-    def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts):
-        _not_yet("get_low_latency_rdma_size_hint")
+    def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts, *,
+                                       max_topk=8):
+        """Bytes of symmetric memory the LL buffer takes for this shape (ep_ll_buffer_size_hint: both halves).
+        Informational: ep sizes the buffer itself from the Buffer's hints (num_rdma_bytes is ignored). ep's size
+        also depends on the largest top-k (keyword max_topk, default 8, the Buffer's default). Needs libep.so,
+        not PyTorch."""
+        fn = "get_low_latency_rdma_size_hint"
+        for name, v in (("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank), ("hidden", hidden),
+                        ("num_ranks", num_ranks), ("num_experts", num_experts), ("max_topk", max_topk)):
+            _int_arg(fn, name, v, 1)
+        try:
+            return _capi.ll_buffer_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts,
+                                             max_topk)
+        except _capi.EpError as e:
+            if e.status_name != "EP_STATUS_INVALID_ARGUMENT":
+                raise
+            msg = e.message.replace("max_tokens_per_rank", "num_max_dispatch_tokens_per_rank")
+            raise ValueError(f"{fn}: {msg.split(': ', 1)[-1]}") from None
 
     def get_comm_stream(self):
         """The current stream: `ep` runs every kernel on the caller's current stream (no separate comm stream
@@ -706,18 +867,279 @@ class Buffer:
         event = self._finish(async_finish, (x, topk_weights, *biases, out, out_w))
         return out, out_w, event
 
-    # ---- low-latency path: not yet ---------------------------------------------------------------------------
-    def low_latency_dispatch(self, *args, **kwargs):
-        _not_yet("low_latency_dispatch")
+    # ---- low-latency path -------------------------------------------------------------------------------------
+    def _ll_alive(self, fn):
+        g = self._alive(fn)
+        if not self._ll_slots:
+            raise RuntimeError(f"{fn}: this Buffer has no low-latency buffer; create it with low_latency_mode=True "
+                               "(and ll_max_tokens_per_rank=... >= num_max_dispatch_tokens_per_rank)")
+        return g
 
-    def low_latency_combine(self, *args, **kwargs):
-        _not_yet("low_latency_combine")
+    def _device_view(self, ptr, shape, dtype):
+        """A tensor over library-owned device memory (no copy), cached per (pointer, shape, dtype)."""
+        torch = _torch
+        key = (ptr, tuple(shape), dtype)
+        t = self._ll_views.get(key)
+        if t is None:
+            raw_dtype, typestr = {torch.int32: (torch.int32, "<i4"), torch.int64: (torch.int64, "<i8"),
+                                  torch.bfloat16: (torch.int16, "<i2")}[dtype]
+            t = torch.as_tensor(_DeviceArray(ptr, shape, typestr), device=self._device_str)
+            if t.dtype != raw_dtype or t.data_ptr() != ptr:
+                raise RuntimeError(f"ep: wrapping device memory {ptr:#x} as a tensor gave {t.dtype} at "
+                                   f"{t.data_ptr():#x}")
+            if dtype != raw_dtype:
+                t = t.view(dtype)
+            self._ll_views[key] = t
+        return t
 
-    def clean_low_latency_buffer(self, *args, **kwargs):
-        _not_yet("clean_low_latency_buffer")
+    def _ll_handle(self, fn, handle, for_combine):
+        """The ep_ll_handle_t of a LowLatencyHandle of this Buffer that the two-buffer rule still allows."""
+        if not isinstance(handle, LowLatencyHandle):
+            raise TypeError(f"{fn}: handle must be the LowLatencyHandle returned by low_latency_dispatch, got "
+                            f"{type(handle).__name__}")
+        if handle._buffer is not self:
+            raise ValueError(f"{fn}: handle belongs to another Buffer")
+        if not handle.is_current():
+            raise RuntimeError(f"{fn}: stale handle: its buffer half was reused by a later low_latency_dispatch or "
+                               "reset by clean_low_latency_buffer (two-buffer rule: combine a handle before the "
+                               "dispatch after next)")
+        if for_combine and handle._dispatch_pending:
+            raise RuntimeError(f"{fn}: the handle's dispatch was made with return_recv_hook=True and its hook has "
+                               "not been called yet; call the hook first")
+        if for_combine and handle._combine_pending:
+            raise RuntimeError(f"{fn}: the handle's previous combine was made with return_recv_hook=True and its "
+                               "hook has not been called yet; call it first")
+        return self._ll_slots[handle._slot]
 
-    def get_next_low_latency_combine_buffer(self, *args, **kwargs):
-        _not_yet("get_next_low_latency_combine_buffer")
+    @staticmethod
+    def _flag(fn, name, value):
+        if not isinstance(value, bool) and value not in (0, 1):
+            raise TypeError(f"{fn}: {name} must be a bool, got {value!r}")
+        return bool(value)
+
+    def low_latency_dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
+                             cumulative_local_expert_recv_stats=None, dispatch_wait_recv_cost_stats=None,
+                             use_fp8=True, round_scale=False, use_ue8m0=False, async_finish=False,
+                             return_recv_hook=False):
+        """Send each token straight to the experts it selects (decoding: up to a few hundred tokens per rank).
+        DeepEP V1's signature and results:
+
+        returns (recv_x, recv_count, handle, event, hook)
+
+        x: bf16 [num_tokens, hidden], num_tokens <= num_max_dispatch_tokens_per_rank (T). topk_idx: int64
+          [num_tokens, num_topk], -1 = none. T and num_experts must be the same on every rank; T <= the Buffer's
+          ll_max_tokens_per_rank, num_experts <= its num_experts, hidden <= its hidden.
+        recv_x: with use_fp8, (float8_e4m3fn [E_loc, R * T, hidden], scales), the scales float32
+          [E_loc, R * T, hidden / 128] (with use_ue8m0, which needs round_scale and hidden % 512 == 0: int32
+          [E_loc, R * T, hidden / 512], four UE8M0 bytes each) as a column-major view (the transpose of a
+          contiguous [E_loc, hidden / 128, R * T] tensor), exactly as DeepEP returns them. The cast, per 128
+          channels: scale = max(amax, 1e-4) / 448 (rounded up to a power of two with round_scale),
+          q = e4m3(x * (1 / scale)). Without use_fp8: bf16 [E_loc, R * T, hidden].
+        recv_count: int32 [E_loc]; rows i < recv_count[e] of expert e are valid, ordered by source rank, then
+          source token (deterministic). A token that lists an expert twice arrives once.
+        handle: a LowLatencyHandle (src_info, layout_range, T, hidden, num_experts when indexed).
+        cumulative_local_expert_recv_stats: int32 [E_loc] or None; recv_count is added to it (after the receive
+          phase). dispatch_wait_recv_cost_stats: NOT YET SUPPORTED.
+        async_finish: event is an EventOverlap holding an event recorded after the call (the work is on the
+          current stream either way). return_recv_hook: only the send phase is launched; `hook()` launches the
+          receive phase on the stream that was current here; recv_x / recv_count are valid after it. The two
+          are exclusive. Without the hook, hook is None.
+
+        Two-buffer rule (as DeepEP): the LL buffer has two halves, taken in turn by each dispatch, and the
+        Buffer's two LL handles likewise. At most two LL results may be alive: combine a handle before the
+        dispatch after next (a stale handle raises RuntimeError; its src_info / layout_range views then show the
+        newer dispatch). recv_x / recv_count / the scales are fresh tensors per call and are not reused.
+        Capturable in a CUDA graph (with the combine and the experts between them); the hook may be called
+        inside the capture too.
+        """
+        fn = "low_latency_dispatch"
+        g = self._ll_alive(fn)
+        torch = _torch
+        if dispatch_wait_recv_cost_stats is not None:
+            raise NotImplementedError(f"{fn}: dispatch_wait_recv_cost_stats (per-rank wait clocks) is NOT YET "
+                                      "SUPPORTED by ep; pass None")
+        use_fp8 = self._flag(fn, "use_fp8", use_fp8)
+        round_scale = self._flag(fn, "round_scale", round_scale)
+        use_ue8m0 = self._flag(fn, "use_ue8m0", use_ue8m0)
+        async_finish = self._flag(fn, "async_finish", async_finish)
+        return_recv_hook = self._flag(fn, "return_recv_hook", return_recv_hook)
+        if async_finish and return_recv_hook:
+            raise ValueError(f"{fn}: async_finish and return_recv_hook are exclusive (as in DeepEP)")
+        T = _int_arg(fn, "num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank, 1,
+                     self.ll_max_tokens_per_rank, "raise Buffer(ll_max_tokens_per_rank=...)")
+        self._check_num_experts(fn, num_experts)
+        self._tensor(fn, "x", x, torch.bfloat16, (None, None), f"[num_tokens <= {T}, hidden]")
+        n, h = x.shape
+        if n > T:
+            raise ValueError(f"{fn}: x has {n} tokens, more than num_max_dispatch_tokens_per_rank={T}")
+        if use_fp8 and use_ue8m0 and not round_scale:
+            raise ValueError(f"{fn}: use_ue8m0=True needs round_scale=True (UE8M0 scales are powers of two)")
+        mult = (512 if use_ue8m0 else 128) if use_fp8 else 8
+        if h % mult or h > self.hidden:
+            what = "use_ue8m0" if use_fp8 and use_ue8m0 else "FP8" if use_fp8 else "BF16"
+            raise ValueError(f"{fn}: x has hidden {h}; with {what} it must be a multiple of {mult}, <= the Buffer's "
+                             f"hidden hint ({self.hidden})")
+        self._tensor(fn, "topk_idx", topk_idx, torch.int64, (n, None), f"[num_tokens={n}, num_topk]",
+                     align16=False)
+        k = topk_idx.shape[1]
+        if not 1 <= k <= self.max_topk:
+            raise ValueError(f"{fn}: topk_idx has num_topk {k}; it must be in [1, max_topk={self.max_topk}] "
+                             "(raise Buffer(max_topk=...))")
+        R = self.group_size
+        e_loc = num_experts // R
+        stats = cumulative_local_expert_recv_stats
+        if stats is not None:
+            self._tensor(fn, "cumulative_local_expert_recv_stats", stats, torch.int32, (e_loc,),
+                         f"[num_local_experts={e_loc}]", align16=False)
+
+        dev, RT = self._device_str, R * T
+        slot = self._ll_next
+        hptr = self._ll_slots[slot]
+        stream = self._stream()
+        tstream = torch.cuda.current_stream(self.device)
+        recv_x = torch.empty((e_loc, RT, h), dtype=torch.float8_e4m3fn if use_fp8 else torch.bfloat16, device=dev)
+        scales_store = scales = None
+        if use_fp8:
+            if use_ue8m0:
+                scales_store = torch.empty((e_loc, h // 512, RT), dtype=torch.int32, device=dev)
+            else:
+                scales_store = torch.empty((e_loc, h // 128, RT), dtype=torch.float32, device=dev)
+            scales = scales_store.transpose(1, 2)
+        recv_count = torch.empty(e_loc, dtype=torch.int32, device=dev)
+        a = _capi.LLDispatchArgs.init(
+            x=x.data_ptr() if n else None, num_tokens=n, hidden=h, topk_idx=topk_idx.data_ptr() if n else None,
+            num_topk=k, num_experts=num_experts, max_tokens_per_rank=T,
+            recv_dtype=_capi.EP_FP8_E4M3 if use_fp8 else _capi.EP_BF16, round_scale=int(use_fp8 and round_scale),
+            use_ue8m0=int(use_fp8 and use_ue8m0), recv_x=recv_x.data_ptr(),
+            recv_x_scales=scales_store.data_ptr() if use_fp8 else None, recv_count=recv_count.data_ptr(),
+            return_after_send=int(return_recv_hook))
+        _capi.check(self._lib.ep_ll_dispatch(g, hptr, ctypes.byref(a), stream), g)
+        # The send is issued: the slot now belongs to this dispatch.
+        self._ll_dispatches += 1
+        self._ll_serial[slot] = self._ll_dispatches
+        self._ll_next = slot ^ 1
+        handle = LowLatencyHandle(self, slot, self._ll_dispatches, n, k, num_experts, h, T, use_fp8)
+
+        def add_stats():
+            if stats is not None:
+                with torch.cuda.stream(tstream):
+                    stats.add_(recv_count)
+
+        hook = None
+        if return_recv_hook:
+            handle._dispatch_pending = True
+
+            def recv():
+                gg = self._alive(fn + " hook")
+                _capi.check(self._lib.ep_ll_dispatch_recv(gg, hptr, stream), gg)
+                handle._dispatch_pending = False
+                add_stats()
+            hook = _RecvHook(fn, recv, (x, topk_idx, recv_x, scales_store, recv_count, stats))
+        else:
+            add_stats()
+        event = self._finish(async_finish, (x, topk_idx, recv_x, scales_store, recv_count))
+        return ((recv_x, scales) if use_fp8 else recv_x), recv_count, handle, event, hook
+
+    def low_latency_combine(self, x, topk_idx, topk_weights, handle, use_logfmt=False, zero_copy=False,
+                            async_finish=False, return_recv_hook=False, out=None, combine_wait_recv_cost_stats=None):
+        """Send the experts' outputs back and sum each token's top-k outputs, weighted, on its source rank.
+        DeepEP V1's signature and results:
+
+        returns (combined_x bf16 [num_tokens, hidden], event, hook)
+
+        x: bf16 [E_loc, R * T, hidden], the experts' outputs in the layout low_latency_dispatch returned (only the
+          first recv_count[e] rows of expert e are read). topk_idx int64 / topk_weights float32
+          [num_tokens, num_topk]: this rank's routing given to the dispatch. ep takes the routing from the handle:
+          topk_idx is checked for dtype and shape only. combined_x[t] = bf16(sum over k in top-k order, skipping
+          -1, of w[t][k] * y), accumulated in fp32 (deterministic); a token with no expert gets zeros.
+        zero_copy: the outputs were written into get_next_low_latency_combine_buffer(handle); x is not read (it
+          may be that buffer, or None). out: a bf16 [num_tokens, hidden] tensor to write into, or None.
+        async_finish / return_recv_hook: as in low_latency_dispatch (exclusive); combined_x is valid after the
+          hook. use_logfmt and combine_wait_recv_cost_stats: NOT YET SUPPORTED.
+        The handle must be current (two-buffer rule) and its dispatch's receive hook called.
+        """
+        fn = "low_latency_combine"
+        g = self._ll_alive(fn)
+        torch = _torch
+        if use_logfmt:
+            raise NotImplementedError(f"{fn}: use_logfmt (10-bit log-format combine payload) is NOT YET SUPPORTED "
+                                      "by ep; pass use_logfmt=False (combine sends bf16)")
+        if combine_wait_recv_cost_stats is not None:
+            raise NotImplementedError(f"{fn}: combine_wait_recv_cost_stats (per-rank wait clocks) is NOT YET "
+                                      "SUPPORTED by ep; pass None")
+        zero_copy = self._flag(fn, "zero_copy", zero_copy)
+        async_finish = self._flag(fn, "async_finish", async_finish)
+        return_recv_hook = self._flag(fn, "return_recv_hook", return_recv_hook)
+        if async_finish and return_recv_hook:
+            raise ValueError(f"{fn}: async_finish and return_recv_hook are exclusive (as in DeepEP)")
+        hptr = self._ll_handle(fn, handle, for_combine=True)
+        R = self.group_size
+        e_loc, RT, h = handle.num_local_experts, R * handle.num_max_dispatch_tokens_per_rank, handle.hidden
+        n, k = handle.num_tokens, handle.num_topk
+        xdesc = f"[E_loc={e_loc}, R*T={RT}, hidden={h}] (the layout of the handle's dispatch)"
+        if zero_copy:
+            if x is not None:
+                if not isinstance(x, torch.Tensor):
+                    raise TypeError(f"{fn}: x must be a torch.Tensor or None with zero_copy, got {type(x).__name__}")
+                if x.dtype != torch.bfloat16 or tuple(x.shape) != (e_loc, RT, h):
+                    raise ValueError(f"{fn}: x must be torch.bfloat16 {xdesc} (or None with zero_copy), got "
+                                     f"{x.dtype} {list(x.shape)}")
+        else:
+            self._tensor(fn, "x", x, torch.bfloat16, (e_loc, RT, h), xdesc)
+        self._tensor(fn, "topk_idx", topk_idx, torch.int64, (n, k), f"[num_tokens={n}, num_topk={k}] (the "
+                     "handle's dispatch)", align16=False)
+        self._tensor(fn, "topk_weights", topk_weights, torch.float32, (n, k), f"[num_tokens={n}, num_topk={k}]",
+                     align16=False)
+        if out is None:
+            out = torch.empty((n, h), dtype=torch.bfloat16, device=self._device_str)
+        else:
+            self._tensor(fn, "out", out, torch.bfloat16, (n, h), f"[num_tokens={n}, hidden={h}]")
+        stream = self._stream()
+        a = _capi.LLCombineArgs.init(
+            x=None if zero_copy else x.data_ptr(), topk_weights=topk_weights.data_ptr() if n else None,
+            out=out.data_ptr() if n else None, zero_copy=int(zero_copy), return_after_send=int(return_recv_hook))
+        _capi.check(self._lib.ep_ll_combine(g, hptr, ctypes.byref(a), stream), g)
+        hook = None
+        if return_recv_hook:
+            handle._combine_pending = True
+
+            def recv():
+                gg = self._alive(fn + " hook")
+                _capi.check(self._lib.ep_ll_combine_recv(gg, hptr, stream), gg)
+                handle._combine_pending = False
+            hook = _RecvHook(fn, recv, (x, topk_idx, topk_weights, out))
+        event = self._finish(async_finish, (x, topk_idx, topk_weights, out))
+        return out, event, hook
+
+    def get_next_low_latency_combine_buffer(self, handle):
+        """The zero-copy combine buffer of the handle: a bf16 [E_loc, R * T, hidden] view of symmetric memory
+        (contiguous). Write the experts' outputs into it, then call low_latency_combine(..., zero_copy=True).
+        Valid from the handle's dispatch until its combine; the dispatch after next reuses it."""
+        fn = "get_next_low_latency_combine_buffer"
+        g = self._ll_alive(fn)
+        hptr = self._ll_handle(fn, handle, for_combine=False)
+        p = ctypes.c_void_p()
+        _capi.check(self._lib.ep_ll_get_combine_buffer(g, hptr, ctypes.byref(p)), g)
+        shape = (handle.num_local_experts, self.group_size * handle.num_max_dispatch_tokens_per_rank, handle.hidden)
+        return self._device_view(p.value, shape, _torch.bfloat16)
+
+    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank, hidden, num_experts):
+        """Zero the LL buffer's signals in both halves and restart its turn-taking (collective; synchronises the
+        device and waits for every rank; not capturable). No LL receive hook may be outstanding. Every
+        LowLatencyHandle made before becomes stale. The arguments are checked against the Buffer's hints (ep's
+        buffer serves every shape up to them, so a clean is not needed to change shape)."""
+        fn = "clean_low_latency_buffer"
+        g = self._ll_alive(fn)
+        _int_arg(fn, "num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank, 1,
+                 self.ll_max_tokens_per_rank, "raise Buffer(ll_max_tokens_per_rank=...)")
+        _int_arg(fn, "hidden", hidden, 1, self.hidden, "the Buffer's hidden hint")
+        self._check_num_experts(fn, num_experts)
+        if _torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"{fn}: synchronises the device and all ranks, so it cannot be captured in a CUDA "
+                               "graph")
+        _capi.check(self._lib.ep_ll_clean(g, self._stream()), g)
+        self._ll_next = 0
+        self._ll_serial = [0, 0]
 
     def low_latency_update_mask_buffer(self, *args, **kwargs):
         _not_yet("low_latency_update_mask_buffer")

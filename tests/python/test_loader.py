@@ -310,18 +310,60 @@ def python_checks(ck):
     ck.raises("Buffer(enable_shrink=True) -> NotImplementedError", NotImplementedError,
               lambda: ep.Buffer(None, enable_shrink=True), "NOT YET SUPPORTED")
 
-    # Low-latency stubs: loud, named, and pointing at what works.
-    for name in ("low_latency_dispatch", "low_latency_combine", "clean_low_latency_buffer",
-                 "get_next_low_latency_combine_buffer", "low_latency_update_mask_buffer",
-                 "low_latency_query_mask_buffer", "low_latency_clean_mask_buffer"):
+    # Shrink-mode stubs: loud and named.
+    for name in ("low_latency_update_mask_buffer", "low_latency_query_mask_buffer", "low_latency_clean_mask_buffer"):
         ck.raises(f"Buffer.{name} raises NotImplementedError (NOT YET SUPPORTED)", NotImplementedError,
                   lambda name=name: getattr(ep.Buffer, name)(None), "NOT YET SUPPORTED", name)
-    ck.raises("Buffer.get_low_latency_rdma_size_hint raises NotImplementedError", NotImplementedError,
-              lambda: ep.Buffer.get_low_latency_rdma_size_hint(128, 7168, 8, 256), "NOT YET SUPPORTED")
+    for name in ("low_latency_dispatch", "low_latency_combine", "clean_low_latency_buffer",
+                 "get_next_low_latency_combine_buffer"):
+        ck.check(f"Buffer.{name} is implemented (not the shrink-mode stub)",
+                 "_not_yet" not in getattr(ep.Buffer, name).__code__.co_names)
+    ck.check("ep.LowLatencyHandle is exported", hasattr(ep, "LowLatencyHandle") and "LowLatencyHandle" in ep.__all__)
+    for kw, word in ((dict(ll_max_tokens_per_rank=0), "ll_max_tokens_per_rank"),
+                     (dict(ll_max_tokens_per_rank=8193), "ll_max_tokens_per_rank")):
+        ck.raises(f"Buffer(low_latency_mode=True, {kw}) -> ValueError naming {word}", ValueError,
+                  lambda kw=kw: ep.Buffer(None, low_latency_mode=True, **kw), word)
+    ck.raises("Buffer(low_latency_mode=True, ll_max_tokens_per_rank=1.5) -> TypeError", TypeError,
+              lambda: ep.Buffer(None, low_latency_mode=True, ll_max_tokens_per_rank=1.5), "ll_max_tokens_per_rank")
+    ll_size_hint_checks(ck)
     ck.raises("Buffer.get_local_buffer_tensor raises NotImplementedError", NotImplementedError,
               lambda: ep.Buffer.get_local_buffer_tensor(None, None), "NOT SUPPORTED")
     ck.check("ep exports the DeepEP names", all(hasattr(ep, n) for n in ("Buffer", "Config", "EventOverlap",
                                                                          "EpError", "EpLibraryError")))
+
+
+def ll_size_hint_checks(ck):
+    """Buffer.get_low_latency_rdma_size_hint: a static call through ctypes to ep_ll_buffer_size_hint (no torch)."""
+    hint = ep.Buffer.get_low_latency_rdma_size_hint
+    ck.raises("get_low_latency_rdma_size_hint(hidden='7168') -> TypeError naming hidden", TypeError,
+              lambda: hint(128, "7168", 8, 256), "hidden")
+    ck.raises("get_low_latency_rdma_size_hint(T=0) -> ValueError naming num_max_dispatch_tokens_per_rank",
+              ValueError, lambda: hint(0, 7168, 8, 256), "num_max_dispatch_tokens_per_rank")
+    try:
+        _capi.load()
+    except _capi.EpLibraryError as e:
+        print(f"SKIP size-hint library checks: {e}")
+        return
+    b = hint(128, 7168, 8, 256)
+    ck.check("get_low_latency_rdma_size_hint(128, 7168, 8, 256) == ep_ll_buffer_size_hint(..., max_topk=8) > 0",
+             isinstance(b, int) and b > 0 and b == _capi.ll_buffer_size_hint(128, 7168, 8, 256, 8), str(b))
+    ck.check("the size hint grows with T and hidden",
+             hint(256, 7168, 8, 256) > b and hint(128, 4096, 8, 256) < b)
+    ck.check("the size hint takes max_topk (keyword)", hint(128, 7168, 8, 256, max_topk=1) > 0)
+    for args, word in (((128, 100, 8, 256), "hidden"), ((9000, 7168, 8, 256), "num_max_dispatch_tokens_per_rank"),
+                       ((128, 7168, 2, 7), "num_experts"), ((128, 7168, 8, 256, 33), "max_topk")):
+        kw = {} if len(args) == 4 else {"max_topk": args[4]}
+        ck.raises(f"get_low_latency_rdma_size_hint{args} -> ValueError naming {word}", ValueError,
+                  lambda args=args, kw=kw: hint(*args[:4], **kw), word)
+    code = """
+import json, sys, ep
+b = ep.Buffer.get_low_latency_rdma_size_hint(128, 7168, 8, 256)
+print(json.dumps({"bytes": b, "torch_loaded": "torch" in sys.modules}))
+"""
+    r = child_json(ck, "size hint without torch: child ran", code, no_torch=True)
+    if r:
+        ck.check("get_low_latency_rdma_size_hint works without PyTorch", r["bytes"] == b and not r["torch_loaded"],
+                 str(r))
 
 
 def main():

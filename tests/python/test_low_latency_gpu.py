@@ -1,0 +1,525 @@
+#!/usr/bin/env python3
+"""test_low_latency_gpu (2 GPUs, PyTorch): the low-latency methods of ep.Buffer against a plain PyTorch
+computation of the same result, on 2 ranks (torch.multiprocessing spawn, NCCL process group on 127.0.0.1).
+
+Each rank draws its own inputs from the printed seed (EP_TEST_SEED replays); the ranks all_gather x and topk_idx,
+and each rank computes with torch what each of its local experts must receive: the rows of the tokens that
+select it, ordered by source rank, then token (ep's LL order is deterministic).
+  bf16        recv_x rows, recv_count, handle src_info / layout_range (and DeepEP's tuple indexing), exact
+  fp8         dequantised with the returned scales == x within e4m3 rounding; bytes and scales == a torch
+              re-quantisation (scale = max(amax over 128 channels, 1e-4) / 448, q = e4m3(x * (1 / scale)));
+              scales are a column-major view [E_loc, R*T, H/128]; round_scale (powers of two); use_ue8m0 (packed
+              int32 [E_loc, R*T, H/512])
+  combine     y = received rows * (local expert + 1) in bf16; out == sum_k w * y in fp32, rounded to bf16;
+              out= preallocated; zero-copy (get_next_low_latency_combine_buffer) == the copying combine
+  hooks       return_recv_hook for dispatch and combine == the plain calls; two micro-batches in flight; a hook
+              runs once; a stale handle (dispatch after next) is refused
+  events      async_finish -> EventOverlap with an event
+  stats       cumulative_local_expert_recv_stats accumulates recv_count (with and without the hook)
+  errors      wrong dtype / shape / sizes raise naming the argument; unsupported options raise
+              NotImplementedError naming the argument and "NOT YET SUPPORTED"
+  graph       dispatch + an expert op + combine captured in a CUDA graph, replayed with new data == eager
+  clean       clean_low_latency_buffer, then another dispatch + combine; handles from before are stale
+  empty rank  a rank with no tokens
+Skips (77) without PyTorch, CUDA or 2 GPUs."""
+
+import os
+import socket
+import sys
+import time
+import traceback
+
+import eptest
+
+eptest.use_package()
+
+WORLD = 2
+E_HINT, H_HINT, K_HINT, T_HINT = 16, 2048, 8, 64  # Buffer shape hints (ll_max_tokens_per_rank = T_HINT)
+TIMEOUT_S = 600
+
+torch = dist = ep = None
+
+
+# ---- helpers ------------------------------------------------------------------------------------------------
+def all_gather_rows(t, ns):
+    """Every rank's t (first dim ns[r]) as a list; rows padded for the collective."""
+    m = max(max(ns), 1)
+    pad = torch.zeros((m, *t.shape[1:]), dtype=t.dtype, device=t.device)
+    pad[: t.shape[0]] = t
+    out = [torch.empty_like(pad) for _ in ns]
+    dist.all_gather(out, pad)
+    return [o[:n] for o, n in zip(out, ns)]
+
+
+def make_inputs(gen, n, H, E, K, dev, dup=False):
+    """x bf16 [n, H] with a different magnitude per 128-channel group (some groups all zero: the amax floor),
+    topk_idx [n, K] (distinct experts, ~10% -1; with dup some tokens list an expert twice), weights [n, K]."""
+    G = H // 128
+    mag = torch.exp2(torch.randint(-6, 6, (n, G, 1), generator=gen, device=dev).float())
+    mag = mag.masked_fill(torch.rand((n, G, 1), generator=gen, device=dev) < 0.05, 0.0)
+    x = ((torch.rand((n, G, 128), generator=gen, device=dev) * 2 - 1) * mag).reshape(n, H).to(torch.bfloat16)
+    scores = torch.rand((n, E), generator=gen, device=dev)
+    idx = scores.topk(K, dim=1).indices if n else torch.empty((0, K), dtype=torch.int64, device=dev)
+    if dup and n and K > 1:
+        d = torch.rand((n,), generator=gen, device=dev) < 0.2
+        idx[:, 1] = torch.where(d, idx[:, 0], idx[:, 1])
+    idx = idx.masked_fill(torch.rand((n, K), generator=gen, device=dev) < 0.1, -1).contiguous()
+    w = (torch.rand((n, K), generator=gen, device=dev) + 0.1).contiguous()
+    return x.contiguous(), idx, w
+
+
+class World:
+    """Every rank's inputs (gathered) and, for this rank, what each local expert must receive."""
+
+    def __init__(self, c, x, idx, ns):
+        self.ns, self.x, self.idx = ns, x, idx
+        self.xs, self.idxs = all_gather_rows(x, ns), all_gather_rows(idx, ns)
+        R, E, me = c.R, c.E, c.rank
+        e_loc = E // R
+        self.tok, self.rows, self.range = [], [], []
+        for e in range(e_loc):
+            gid = me * e_loc + e
+            toks, rows, rng, begin = [], [], [], 0
+            for s in range(R):
+                t = (self.idxs[s] == gid).any(1).nonzero().flatten()
+                toks.append(t)
+                rows.append(self.xs[s][t])
+                rng.append((begin << 32) | t.numel())
+                begin += t.numel()
+            self.tok.append(torch.cat(toks))
+            self.rows.append(torch.cat(rows))
+            self.range.append(rng)
+        self.count = [t.numel() for t in self.tok]
+
+
+def quantise(rows, round_scale):
+    """torch re-quantisation of bf16 rows [n, H]: (fp8 bytes [n, H] uint8, scales [n, H/128] fp32)."""
+    n, H = rows.shape
+    xf = rows.float().view(n, H // 128, 128)
+    scale = xf.abs().amax(-1).clamp_min(1e-4) / 448.0
+    if round_scale:  # the next power of two at or above (bit manipulation: exact)
+        bits = scale.view(torch.int32)
+        exp = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).int()
+        scale = (exp << 23).view(torch.float32)
+    q = (xf * (1.0 / scale).unsqueeze(-1)).to(torch.float8_e4m3fn).view(n, H)
+    return q.view(torch.uint8), scale
+
+
+def expected_combine(x, idx, w, E_loc):
+    """out[t] = bf16(sum over k, idx != -1, of w[t][k] * bf16(x[t] * (local expert + 1))) in fp32."""
+    acc = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for k in range(idx.shape[1]):
+        e = idx[:, k]
+        mult = torch.where(e >= 0, e % E_loc + 1, torch.zeros_like(e)).float().unsqueeze(1)
+        y = (x.float() * mult).to(torch.bfloat16).float()
+        acc = acc + torch.where((e >= 0).unsqueeze(1), w[:, k:k + 1] * y, torch.zeros((), device=x.device))
+    return acc.to(torch.bfloat16)
+
+
+def expert_op(recv_x, E_loc):
+    """The experts: y = received rows * (local expert + 1), as bf16 (recv_x bf16 [E_loc, R*T, H])."""
+    mult = torch.arange(1, E_loc + 1, device=recv_x.device, dtype=torch.float32).view(E_loc, 1, 1)
+    return (recv_x.float() * mult).to(torch.bfloat16)
+
+
+def close_bf16(a, b):
+    d = (a.float() - b.float()).abs()
+    ok = bool((d <= b.float().abs() * 2 ** -7 + 1e-6).all().item()) if d.numel() else True
+    return ok, (d.max().item() if d.numel() else 0.0)
+
+
+class Ctx:
+    pass
+
+
+# ---- the checks (every rank, same order) ---------------------------------------------------------------------
+def dispatch(c, w, **kw):
+    return c.buf.low_latency_dispatch(w.x, w.idx, c.T, c.E, **kw)
+
+
+def check_routing(ck, c, w, recv_count, handle, tag):
+    E_loc, R = c.E // c.R, c.R
+    ck.check(f"{tag}: recv_count == torch", recv_count.tolist() == w.count, f"{recv_count.tolist()} vs {w.count}")
+    src_info, layout_range = handle.src_info, handle.layout_range
+    ok_src = all(torch.equal(src_info[e, :w.count[e]].long(), w.tok[e]) for e in range(E_loc))
+    ck.check(f"{tag}: handle.src_info == source token index", ok_src)
+    ck.check(f"{tag}: handle.layout_range == (begin << 32) | count per source rank",
+             layout_range.tolist() == w.range, f"{layout_range.tolist()} vs {w.range}")
+    ck.check(f"{tag}: handle shapes and dtypes (int32 [E_loc, R*T], int64 [E_loc, R])",
+             tuple(src_info.shape) == (E_loc, R * c.T) and src_info.dtype == torch.int32
+             and tuple(layout_range.shape) == (E_loc, R) and layout_range.dtype == torch.int64)
+
+
+def check_bf16_dispatch(ck, c, w, hook=False):
+    tag = "bf16 dispatch" + (" (hook)" if hook else "")
+    E_loc = c.E // c.R
+    recv_x, recv_count, handle, ev, hk = dispatch(c, w, use_fp8=False, return_recv_hook=hook)
+    if hook:
+        ck.check(f"{tag}: a callable hook", callable(hk))
+        hk()
+        ck.raises(f"{tag}: the hook runs once", RuntimeError, hk, "already called")
+    else:
+        ck.check(f"{tag}: hook is None, event an EventOverlap without an event",
+                 hk is None and isinstance(ev, ep.EventOverlap) and ev.event is None)
+    ck.check(f"{tag}: recv_x bf16 [E_loc, R*T, H]", recv_x.dtype == torch.bfloat16
+             and tuple(recv_x.shape) == (E_loc, c.R * c.T, c.H))
+    ok = all(torch.equal(recv_x[e, :w.count[e]], w.rows[e]) for e in range(E_loc))
+    ck.check(f"{tag}: recv_x rows == gathered rows in (source rank, token) order", ok)
+    check_routing(ck, c, w, recv_count, handle, tag)
+    t = tuple(handle)
+    ck.check(f"{tag}: handle indexes as DeepEP's (src_info, layout_range, T, H, E)",
+             len(handle) == 5 and torch.equal(t[0], handle.src_info) and torch.equal(handle[1], handle.layout_range)
+             and t[2:] == (c.T, c.H, c.E))
+    return recv_x, recv_count, handle
+
+
+def check_fp8_dispatch(ck, c, w, round_scale=False, ue8m0=False, hook=False):
+    tag = "fp8 dispatch" + (" round_scale" if round_scale else "") + (" ue8m0" if ue8m0 else "") + \
+        (" (hook)" if hook else "")
+    E_loc, RT, H, G = c.E // c.R, c.R * c.T, c.H, c.H // 128
+    (q, s), recv_count, handle, _, hk = dispatch(c, w, use_fp8=True, round_scale=round_scale, use_ue8m0=ue8m0,
+                                                 return_recv_hook=hook)
+    if hook:
+        hk()
+    ck.check(f"{tag}: recv_x float8_e4m3fn [E_loc, R*T, H]", q.dtype == torch.float8_e4m3fn
+             and tuple(q.shape) == (E_loc, RT, H))
+    if ue8m0:
+        ck.check(f"{tag}: scales int32 [E_loc, R*T, H/512], column-major in the last two dims",
+                 s.dtype == torch.int32 and tuple(s.shape) == (E_loc, RT, H // 512)
+                 and s.stride() == (H // 512 * RT, 1, RT))
+    else:
+        ck.check(f"{tag}: scales float32 [E_loc, R*T, H/128], column-major in the last two dims",
+                 s.dtype == torch.float32 and tuple(s.shape) == (E_loc, RT, G) and s.stride() == (G * RT, 1, RT))
+    check_routing(ck, c, w, recv_count, handle, tag)
+    bad_bytes = bad_scales = 0
+    worst = 0.0
+    for e in range(E_loc):
+        n = w.count[e]
+        if n == 0:
+            continue
+        want_q, want_s = quantise(w.rows[e], round_scale or ue8m0)
+        got_q = q[e, :n].contiguous().view(torch.uint8)
+        if ue8m0:
+            b = s[e, :n].contiguous().view(torch.uint8).view(n, G).int()  # group 4j in the low byte
+            got_s = (b << 23).view(torch.float32)
+        else:
+            got_s = s[e, :n].contiguous()
+        bad_bytes += int((got_q != want_q).sum().item())
+        bad_scales += int((got_s != want_s).sum().item())
+        deq = got_q.view(torch.float8_e4m3fn).float() * got_s.repeat_interleave(128, dim=1)
+        ref = w.rows[e].float()
+        # e4m3: 3 mantissa bits (relative error <= 2^-4), subnormals below 2^-6 * scale (absolute 2^-10 * scale).
+        tol = ref.abs() * 2 ** -4 + got_s.repeat_interleave(128, dim=1) * 2 ** -9
+        worst = max(worst, float(((deq - ref).abs() / tol.clamp_min(1e-30)).max().item()))
+    ck.check(f"{tag}: dequantised (fp8 * scale) == x within e4m3 rounding (worst {worst:.3f} of tolerance)",
+             worst <= 1.0)
+    ck.check(f"{tag}: fp8 bytes == torch re-quantisation", bad_bytes == 0, f"{bad_bytes} bytes differ")
+    ck.check(f"{tag}: scales == torch (max(amax, 1e-4) / 448" + (", power of two)" if round_scale else ")"),
+             bad_scales == 0, f"{bad_scales} scales differ")
+
+
+def check_combine(ck, c, w, recv_x, handle, tag, **kw):
+    E_loc = c.E // c.R
+    y = expert_op(recv_x, E_loc)
+    out, ev, hk = c.buf.low_latency_combine(y, w.idx, w.w, handle, **kw)
+    if hk is not None:
+        hk()
+    if ev.event is not None:
+        ev.current_stream_wait()
+    ok, d = close_bf16(out, expected_combine(w.x, w.idx, w.w, E_loc))
+    ck.check(f"{tag}: == sum_k w * y in fp32 (max diff {d:g})", ok and tuple(out.shape) == (len(w.x), c.H))
+    return out, y
+
+
+def run_checks(ck, c):
+    buf, E_loc = c.buf, c.E // c.R
+    w = c.world
+
+    recv_x, recv_count, handle = check_bf16_dispatch(ck, c, w)
+    out, y = check_combine(ck, c, w, recv_x, handle, "combine")
+
+    # out= and zero-copy, on fresh dispatches.
+    recv_x, _, handle = check_bf16_dispatch(ck, c, w, hook=True)
+    pre = torch.empty((len(w.x), c.H), dtype=torch.bfloat16, device=c.dev)
+    got, _, _ = buf.low_latency_combine(expert_op(recv_x, E_loc), w.idx, w.w, handle, out=pre)
+    ck.check("combine out=: writes and returns the given tensor", got is pre and torch.equal(pre, out))
+    recv_x, _, handle, _, _ = dispatch(c, w, use_fp8=False)
+    zc = buf.get_next_low_latency_combine_buffer(handle)
+    ck.check("zero-copy buffer: bf16 [E_loc, R*T, H] contiguous", zc.dtype == torch.bfloat16
+             and tuple(zc.shape) == (E_loc, c.R * c.T, c.H) and zc.is_contiguous())
+    zc.copy_(expert_op(recv_x, E_loc))
+    got, _, _ = buf.low_latency_combine(zc, w.idx, w.w, handle, zero_copy=True)
+    ck.check("zero-copy combine == the copying combine", torch.equal(got, out))
+    recv_x, _, handle, _, _ = dispatch(c, w, use_fp8=False)
+    buf.get_next_low_latency_combine_buffer(handle).copy_(expert_op(recv_x, E_loc))
+    got, _, hk = buf.low_latency_combine(None, w.idx, w.w, handle, zero_copy=True, return_recv_hook=True)
+    hk()
+    ck.check("zero-copy combine with x=None and the hook == the copying combine", torch.equal(got, out))
+
+    # FP8 modes.
+    check_fp8_dispatch(ck, c, w)
+    check_fp8_dispatch(ck, c, w, hook=True)
+    check_fp8_dispatch(ck, c, w, round_scale=True)
+    check_fp8_dispatch(ck, c, w, round_scale=True, ue8m0=True)
+
+    # Two micro-batches in flight, hooks everywhere: D(A) D(B) recv A, B; C(A) C(B) recv A, B.
+    xb, idxb, wb = make_inputs(c.gen, c.n, c.H, c.E, c.K, c.dev, dup=True)
+    wB = World(c, xb, idxb, c.ns)
+    wB.w = wb
+    ra, ca, ha, _, hka = dispatch(c, w, use_fp8=False, return_recv_hook=True)
+    rb, cb, hb, _, hkb = dispatch(c, wB, use_fp8=False, return_recv_hook=True)
+    ck.raises("combine before the dispatch hook ran -> RuntimeError", RuntimeError,
+              lambda: buf.low_latency_combine(expert_op(ra, E_loc), w.idx, w.w, ha), "hook")
+    hka()
+    hkb()
+    ok = all(torch.equal(ra[e, :w.count[e]], w.rows[e]) and torch.equal(rb[e, :wB.count[e]], wB.rows[e])
+             for e in range(E_loc))
+    ck.check("two micro-batches in flight: both dispatches == torch", ok and ca.tolist() == w.count
+             and cb.tolist() == wB.count)
+    oa, _, hca = buf.low_latency_combine(expert_op(ra, E_loc), w.idx, w.w, ha, return_recv_hook=True)
+    ob, _, hcb = buf.low_latency_combine(expert_op(rb, E_loc), wB.idx, wB.w, hb, return_recv_hook=True)
+    hca()
+    hcb()
+    ok_b, d = close_bf16(ob, expected_combine(wB.x, wB.idx, wB.w, E_loc))
+    ck.check(f"two micro-batches in flight: both combines == torch (B has repeated experts; max diff {d:g})",
+             torch.equal(oa, out) and ok_b)
+    dispatch(c, w, use_fp8=False)  # takes A's half: A is now stale
+    ck.check("a handle becomes stale at the dispatch after next (is_current)", not ha.is_current() and hb.is_current())
+    ck.raises("combine of a stale handle -> RuntimeError naming the two-buffer rule", RuntimeError,
+              lambda: buf.low_latency_combine(expert_op(ra, E_loc), w.idx, w.w, ha), "stale", "two-buffer")
+
+    # async_finish and stats.
+    recv_x, _, handle, ev, hk = dispatch(c, w, use_fp8=False, async_finish=True)
+    ck.check("async_finish: EventOverlap with a torch.cuda.Event, no hook",
+             isinstance(ev.event, torch.cuda.Event) and hk is None)
+    ev.current_stream_wait()
+    check_combine(ck, c, w, recv_x, handle, "async_finish combine", async_finish=True)
+    stats = torch.zeros(E_loc, dtype=torch.int32, device=c.dev)
+    dispatch(c, w, use_fp8=False, cumulative_local_expert_recv_stats=stats)
+    _, _, _, _, hk = dispatch(c, w, cumulative_local_expert_recv_stats=stats, return_recv_hook=True)
+    hk()
+    ck.check("cumulative_local_expert_recv_stats += recv_count (plain and hook)",
+             stats.tolist() == [2 * n for n in w.count], f"{stats.tolist()} vs 2 * {w.count}")
+
+    check_errors(ck, c, w)
+    check_graph(ck, c)
+    check_clean(ck, c, w)
+    check_empty_rank(ck, c)
+
+
+def check_errors(ck, c, w):
+    buf, E_loc, dev = c.buf, c.E // c.R, c.dev
+    x, idx, wt, T, E = w.x, w.idx, w.w, c.T, c.E
+    nyi = NotImplementedError
+    ck.raises("dispatch_wait_recv_cost_stats -> NotImplementedError naming it", nyi,
+              lambda: buf.low_latency_dispatch(x, idx, T, E, dispatch_wait_recv_cost_stats=torch.zeros(
+                  c.R, dtype=torch.int64, device=dev)), "dispatch_wait_recv_cost_stats", "NOT YET SUPPORTED")
+    ck.raises("dispatch x float32 -> TypeError naming x", TypeError,
+              lambda: buf.low_latency_dispatch(x.float(), idx, T, E), "x must be torch.bfloat16")
+    ck.raises("dispatch T above ll_max_tokens_per_rank -> ValueError naming the hint", ValueError,
+              lambda: buf.low_latency_dispatch(x, idx, T_HINT + 1, E), "ll_max_tokens_per_rank")
+    xl = torch.zeros((T + 1, c.H), dtype=torch.bfloat16, device=dev)
+    il = torch.zeros((T + 1, c.K), dtype=torch.int64, device=dev)
+    ck.raises("dispatch more tokens than T -> ValueError", ValueError,
+              lambda: buf.low_latency_dispatch(xl, il, T, E), "num_max_dispatch_tokens_per_rank")
+    ck.raises("dispatch topk_idx int32 -> TypeError naming topk_idx", TypeError,
+              lambda: buf.low_latency_dispatch(x, idx.int(), T, E), "topk_idx")
+    ck.raises("dispatch num_experts not a multiple of ranks -> ValueError", ValueError,
+              lambda: buf.low_latency_dispatch(x, idx, T, E + 1), "num_experts")
+    xh = torch.zeros((len(x), 384), dtype=torch.bfloat16, device=dev)
+    ck.raises("dispatch use_ue8m0 with hidden 384 -> ValueError naming hidden and 512", ValueError,
+              lambda: buf.low_latency_dispatch(xh, idx, T, E, round_scale=True, use_ue8m0=True), "hidden", "512")
+    ck.raises("dispatch use_ue8m0 without round_scale -> ValueError", ValueError,
+              lambda: buf.low_latency_dispatch(x, idx, T, E, use_ue8m0=True), "round_scale")
+    ck.raises("dispatch async_finish with return_recv_hook -> ValueError", ValueError,
+              lambda: buf.low_latency_dispatch(x, idx, T, E, async_finish=True, return_recv_hook=True), "exclusive")
+    ck.raises("dispatch stats of the wrong shape -> ValueError naming them", ValueError,
+              lambda: buf.low_latency_dispatch(x, idx, T, E, cumulative_local_expert_recv_stats=torch.zeros(
+                  E_loc + 1, dtype=torch.int32, device=dev)), "cumulative_local_expert_recv_stats")
+    recv_x, _, handle, _, _ = dispatch(c, w, use_fp8=False)
+    y = expert_op(recv_x, E_loc)
+    ck.raises("combine use_logfmt -> NotImplementedError naming it", nyi,
+              lambda: buf.low_latency_combine(y, idx, wt, handle, use_logfmt=True), "use_logfmt", "NOT YET SUPPORTED")
+    ck.raises("combine combine_wait_recv_cost_stats -> NotImplementedError naming it", nyi,
+              lambda: buf.low_latency_combine(y, idx, wt, handle, combine_wait_recv_cost_stats=torch.zeros(
+                  c.R, dtype=torch.int64, device=dev)), "combine_wait_recv_cost_stats", "NOT YET SUPPORTED")
+    ck.raises("combine x of the wrong shape -> ValueError naming x", ValueError,
+              lambda: buf.low_latency_combine(y[:, :-1], idx, wt, handle), "low_latency_combine: x must be")
+    ck.raises("combine topk_weights bf16 -> TypeError naming topk_weights", TypeError,
+              lambda: buf.low_latency_combine(y, idx, wt.bfloat16(), handle), "topk_weights")
+    ck.raises("combine out of the wrong shape -> ValueError naming out", ValueError,
+              lambda: buf.low_latency_combine(y, idx, wt, handle, out=torch.empty(
+                  (len(x) + 1, c.H), dtype=torch.bfloat16, device=dev)), "out")
+    ck.raises("combine with a normal-path handle -> TypeError", TypeError,
+              lambda: buf.low_latency_combine(y, idx, wt, (1, 2, 3, 4, 5)), "LowLatencyHandle")
+    ck.raises("clean with T above the hint -> ValueError", ValueError,
+              lambda: buf.clean_low_latency_buffer(T_HINT + 1, c.H, E), "num_max_dispatch_tokens_per_rank")
+    got, _, _ = buf.low_latency_combine(y, idx, wt, handle)  # the group still works after the refusals
+    ok, d = close_bf16(got, expected_combine(x, idx, wt, E_loc))
+    ck.check(f"errors: the path works after the refused calls (max diff {d:g})", ok)
+
+
+def check_graph(ck, c):
+    """dispatch + expert op + combine captured in one CUDA graph, replayed with new data == eager."""
+    buf, E_loc, dev = c.buf, c.E // c.R, c.dev
+    sx, sidx, sw = c.world.x.clone(), c.world.idx.clone(), c.world.w.clone()
+    for fp8 in (False, True):
+        tag = f"graph ({'fp8' if fp8 else 'bf16'})"
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            grx, gcount, gh, _, _ = buf.low_latency_dispatch(sx, sidx, c.T, c.E, use_fp8=fp8)
+            if fp8:
+                q, s = grx
+                deq = (q.float() * s.repeat_interleave(128, dim=2)).to(torch.bfloat16)
+                gy = expert_op(deq, E_loc)
+            else:
+                gy = expert_op(grx, E_loc)
+            gout, _, _ = buf.low_latency_combine(gy, sidx, sw, gh)
+        for trial in range(2):
+            nx, nidx, nw = make_inputs(c.gen, c.n, c.H, c.E, c.K, dev)
+            sx.copy_(nx)
+            sidx.copy_(nidx)
+            sw.copy_(nw)
+            graph.replay()
+            torch.cuda.synchronize()
+            got_count, got_out = gcount.clone(), gout.clone()
+            got_rx = tuple(t.clone() for t in grx) if fp8 else grx.clone()
+            erx, ecount, eh, _, _ = buf.low_latency_dispatch(nx, nidx, c.T, c.E, use_fp8=fp8)
+            ey = expert_op((erx[0].float() * erx[1].repeat_interleave(128, dim=2)).to(torch.bfloat16)
+                           if fp8 else erx, E_loc)
+            eout, _, _ = buf.low_latency_combine(ey, nidx, nw, eh)
+            cnt = ecount.tolist()
+            if fp8:
+                same_rx = all(torch.equal(got_rx[0][e, :cnt[e]].view(torch.uint8), erx[0][e, :cnt[e]].view(torch.uint8))
+                              and torch.equal(got_rx[1][e, :cnt[e]], erx[1][e, :cnt[e]]) for e in range(E_loc))
+            else:
+                same_rx = all(torch.equal(got_rx[e, :cnt[e]], erx[e, :cnt[e]]) for e in range(E_loc))
+            ck.check(f"{tag} replay {trial}: recv_count and received rows == eager",
+                     got_count.tolist() == cnt and same_rx)
+            ck.check(f"{tag} replay {trial}: combined == eager", torch.equal(got_out, eout))
+            if not fp8:
+                ok, d = close_bf16(got_out, expected_combine(nx, nidx, nw, E_loc))
+                ck.check(f"{tag} replay {trial}: combined == torch (max diff {d:g})", ok)
+        torch.cuda.synchronize()
+        del graph
+
+
+def check_clean(ck, c, w):
+    buf, E_loc = c.buf, c.E // c.R
+    recv_x, _, old, _, _ = dispatch(c, w, use_fp8=False)
+    torch.cuda.synchronize()
+    buf.clean_low_latency_buffer(c.T, c.H, c.E)
+    ck.check("clean: handles from before are stale", not old.is_current())
+    ck.raises("clean: combine of a handle from before -> RuntimeError", RuntimeError,
+              lambda: buf.low_latency_combine(expert_op(recv_x, E_loc), w.idx, w.w, old), "stale")
+    recv_x, _, handle = check_bf16_dispatch(ck, c, w)
+    check_combine(ck, c, w, recv_x, handle, "clean: combine after the clean")
+    T2 = c.T // 2  # a smaller T after the clean (any T up to the hint works)
+    n2 = min(len(w.x), T2)
+    recv_x, count, h2, _, _ = buf.low_latency_dispatch(w.x[:n2], w.idx[:n2], T2, c.E, use_fp8=False)
+    ck.check("clean: a dispatch with a smaller T has shape [E_loc, R*T/2, H]",
+             tuple(recv_x.shape) == (E_loc, c.R * T2, c.H) and tuple(h2.src_info.shape) == (E_loc, c.R * T2))
+    out, _, _ = buf.low_latency_combine(expert_op(recv_x, E_loc), w.idx[:n2], w.w[:n2], h2)
+    ok, d = close_bf16(out, expected_combine(w.x[:n2], w.idx[:n2], w.w[:n2], E_loc))
+    ck.check(f"clean: combine with the smaller T == torch (max diff {d:g})", ok)
+
+
+def check_empty_rank(ck, c):
+    ns = [c.T] * (c.R - 1) + [0]
+    n = ns[c.rank]
+    x, idx, wt = make_inputs(c.gen, n, c.H, c.E, c.K, c.dev)
+    w = World(c, x, idx, ns)
+    w.w = wt
+    recv_x, _, handle = check_bf16_dispatch(ck, c, w)
+    out, _ = check_combine(ck, c, w, recv_x, handle, f"empty rank (tokens per rank {ns}): combine")
+    ck.check("empty rank: combined shape [n, H]", tuple(out.shape) == (n, c.H))
+
+
+# ---- per-rank process ---------------------------------------------------------------------------------------
+def worker(rank, world, port, seed):
+    global torch, dist, ep
+    import torch as _torch
+    import torch.distributed as _dist
+    import ep as _ep
+    torch, dist, ep = _torch, _dist, _ep
+    ck = eptest.Checker(prefix=f"[rank {rank}] ")
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    buf = None
+    try:
+        buf = ep.Buffer(dist.group.WORLD, low_latency_mode=True, num_experts=E_HINT, hidden=H_HINT,
+                        max_tokens_per_rank=16, max_topk=K_HINT, ll_max_tokens_per_rank=T_HINT,
+                        explicitly_destroy=True)
+        ck.check("Buffer(low_latency_mode=True): created", buf.low_latency_mode and
+                 buf.ll_max_tokens_per_rank == T_HINT)
+        c = Ctx()
+        c.buf, c.R, c.rank, c.dev = buf, world, rank, torch.device("cuda", rank)
+        c.E, c.H, c.K, c.T = E_HINT, H_HINT, 6, T_HINT
+        c.ns = [c.T - 13 * r for r in range(world)]  # different token counts per rank
+        c.n = c.ns[rank]
+        c.gen = torch.Generator(device=c.dev)
+        c.gen.manual_seed(seed * 1000003 + rank)
+        x, idx, wt = make_inputs(c.gen, c.n, c.H, c.E, c.K, c.dev)
+        c.world = World(c, x, idx, c.ns)
+        c.world.w = wt
+        run_checks(ck, c)
+        torch.cuda.synchronize()
+        buf.get_async_error()
+        ck.check("no pending device error at the end", True)
+    except Exception:
+        ck.check("ran every check without an exception", False, traceback.format_exc())
+    finally:
+        try:
+            if buf is not None:
+                torch.cuda.synchronize()
+                dist.barrier()
+                buf.destroy()
+            dist.destroy_process_group()
+        except Exception:
+            ck.check("teardown", False, traceback.format_exc())
+    sys.stdout.flush()
+    sys.exit(ck.result())
+
+
+def free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main():
+    try:
+        import torch as _torch
+        import torch.multiprocessing as mp
+    except ImportError:
+        eptest.skip("PyTorch is not installed")
+    if not _torch.cuda.is_available() or _torch.cuda.device_count() < WORLD:
+        eptest.skip(f"needs {WORLD} GPUs, PyTorch sees "
+                    f"{_torch.cuda.device_count() if _torch.cuda.is_available() else 0}")
+    os.environ.setdefault("NVSHMEM_REMOTE_TRANSPORT", "none")  # one machine: NVLink only
+    seed = int(os.environ.get("EP_TEST_SEED", "0"), 0) or (int(time.time() * 1e6) & 0xFFFFFFFF)
+    print(f"seed = {seed:#x} (replay with EP_TEST_SEED={seed:#x})", flush=True)
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=worker, args=(r, WORLD, port, seed)) for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    deadline = time.time() + TIMEOUT_S
+    for p in procs:
+        p.join(max(0.0, deadline - time.time()))
+    codes = []
+    for r, p in enumerate(procs):
+        if p.is_alive():
+            print(f"FAIL rank {r} still running after {TIMEOUT_S} s: killed")
+            p.kill()
+            p.join()
+            codes.append(1)
+        else:
+            codes.append(p.exitcode)
+    print(f"rank exit codes: {codes}")
+    sys.exit(0 if all(code == 0 for code in codes) else 1)
+
+
+if __name__ == "__main__":
+    main()
