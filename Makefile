@@ -46,11 +46,19 @@ GPU_TESTS := $(patsubst tests/gpu/%.c,$(BUILD)/tests/gpu/%,$(wildcard tests/gpu/
 LAUNCH := $(BUILD)/bin/ep_launch
 BENCH := $(BUILD)/bin/ep_bench
 
-.PHONY: all lib tests bench test test-host test-gpu clean
-all: lib tests $(LAUNCH) $(if $(NCCL_LIB),bench)
+.PHONY: all lib tests bench bench-build test test-host test-gpu clean
+all: lib tests $(LAUNCH) $(if $(NCCL_LIB),bench-build)
 lib: $(LIB)
 tests: $(HOST_TESTS) $(GPU_TESTS) $(LAUNCH)
-bench: $(BENCH) $(LAUNCH)
+bench-build: $(BENCH) $(LAUNCH)
+
+# `make bench`: the main job: ep_bench on every local GPU with the default (DeepSeek-V3) shape; BENCH_ARGS adds
+# options (e.g. BENCH_ARGS="--family intranode --sms 16,24"). The table is also kept in $(BUILD)/bench.log.
+bench: bench-build
+	@n=$$(nvidia-smi -L 2>/dev/null | grep -c '^GPU'); \
+	if [ "$$n" -lt 1 ]; then echo "make bench: no GPU on this machine (nvidia-smi lists none)"; exit 1; fi; \
+	NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0 NVSHMEM_REMOTE_TRANSPORT=$${NVSHMEM_REMOTE_TRANSPORT:-none} \
+	  $(LAUNCH) -n $$n -t 900 -l $(BUILD)/bench-logs -- $(BENCH) $(BENCH_ARGS) | tee $(BUILD)/bench.log
 
 $(BUILD)/obj/%.o: %.c $(HEADERS)
 	@mkdir -p $(dir $@)

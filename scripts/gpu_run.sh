@@ -30,7 +30,7 @@ if [[ $what == sanitize ]]; then
   done
 fi
 if [[ $what == all || $what == bench ]]; then
-  make -j"$(nproc)" bench >> "$out/build.log" 2>&1 || { tail -30 "$out/build.log"; echo "BENCH BUILD FAILED"; }
+  make -j"$(nproc)" bench-build >> "$out/build.log" 2>&1 || { tail -30 "$out/build.log"; echo "BENCH BUILD FAILED"; }
   build/bin/ep_launch -n "$num_gpus" -t 500 -l "$out/bench-logs" -- build/bin/ep_bench "$@" > "$out/bench.log" 2>&1
   summary+=("bench exit $?")
   cat "$out/bench.log" | grep -v "^-----" | tail -40
