@@ -57,7 +57,8 @@ int main(void) {
 
   run_shape(&h, 0);
   run_shape(&h, 1);
-  if (h.num_ranks >= 4 && h.num_ranks % 2 == 0) run_shape(&h, h.num_ranks / 2);
+  if (h.num_ranks >= 4 && h.num_ranks % 2 == 0) run_shape(&h, h.num_ranks / 2); /* 2 nodes: 2x2, 2x4 */
+  if (h.num_ranks >= 8 && h.num_ranks % 2 == 0) run_shape(&h, 2);                 /* nodes of 2: 4x2 */
   run_shape(&h, 0); /* and once more after all that */
 
   /* A device this machine lacks is refused before NVSHMEM starts. */
