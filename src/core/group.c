@@ -126,6 +126,12 @@ ep_status_t ep_group_create(ep_group_t* group, const ep_unique_id_t* unique_id, 
     g->ll_layout = ep_ll_layout(num_ranks, cfg.num_experts, cfg.ll_max_tokens_per_rank, cfg.hidden, cfg.max_topk);
     g->workspace_bytes = g->ll_offset + g->ll_layout.total_bytes;
   }
+  if (g->num_nodes > 1) { /* one-node groups keep exactly the heap and offsets they had before */
+    g->internode_offset = ep_align_up(g->workspace_bytes, 128);
+    g->internode_layout = ep_internode_layout(num_ranks, g->ranks_per_node, cfg.num_experts, cfg.max_tokens_per_rank,
+                                              cfg.hidden, cfg.max_topk);
+    g->workspace_bytes = g->internode_offset + g->internode_layout.total_bytes;
+  }
   g->heap_bytes = g->workspace_bytes + EP_HEAP_SLACK_BYTES;
 
   size_t free_bytes = 0, total_bytes = 0;

@@ -40,6 +40,9 @@ struct ep_group {
   ep_normal_layout_t normal_layout;
   ep_normal_state_t* normal_state;   /* device: call epochs */
   int* expert_sum;                   /* device scratch [config.num_experts / num_ranks] */
+  /* Normal path across nodes (num_nodes > 1 only; 0 / unset otherwise). */
+  size_t internode_offset;           /* the internode region's offset inside `workspace` */
+  ep_internode_layout_t internode_layout;
 
   /* Low-latency path (absent when config.ll_max_tokens_per_rank is 0). */
   int device_sms;                    /* SMs of the device; the LL grids use them all */
@@ -99,6 +102,13 @@ struct ep_handle {
   int* recv_offset;      /* [R + 1] */
   int* num_recv;         /* [1] */
   int* expert_counts;    /* [config.num_experts / R] */
+  /* Appended when the group has num_nodes > 1 (NULL otherwise); see ep_internode_launch_t. */
+  int* recv_slot;        /* [R][max_tokens] */
+  int* send_slot;        /* [max_tokens][N] */
+  int* node_tokens;      /* [N][max_tokens] */
+  int* node_count;       /* [N] */
+  int* fwd_count;        /* [N] */
+  int* fwd_row;          /* [N][max_tokens][ranks_per_node] */
   /* What the last prepare was given, for validating the calls that use it. */
   bool prepared;
   int num_tokens, num_topk, num_experts;

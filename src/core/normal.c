@@ -6,6 +6,7 @@
 #include "core/internal.h"
 
 #define EP_MAX_NVLINK_RANKS 8
+#define EP_MAX_INTERNODE_NODES 24 /* internode.cu: kMaxNodes */
 
 #define FAIL_ARG(g, ...) ep_fail((g), EP_STATUS_INVALID_ARGUMENT, __VA_ARGS__)
 
@@ -18,10 +19,25 @@ static void handle_array_sizes(ep_group_t g, size_t sizes[EP_HANDLE_ARRAYS]) {
   for (int i = 0; i < EP_HANDLE_ARRAYS; ++i) sizes[i] = (s[i] + 3) / 4 * 4;
 }
 
+/* Arrays appended after those when the group has several nodes (none for one node): recv_slot, send_slot,
+ * node_tokens, node_count, fwd_count, fwd_row (see ep_internode_launch_t). */
+#define EP_HANDLE_INTERNODE_ARRAYS 6
+static int handle_internode_array_sizes(ep_group_t g, size_t sizes[EP_HANDLE_INTERNODE_ARRAYS]) {
+  if (g->num_nodes <= 1) return 0;
+  const size_t R = (size_t)g->num_ranks, T = (size_t)g->config.max_tokens_per_rank;
+  const size_t N = (size_t)g->num_nodes, P = (size_t)g->ranks_per_node;
+  const size_t s[EP_HANDLE_INTERNODE_ARRAYS] = {R * T, T * N, N * T, N, N, N * T * P};
+  for (int i = 0; i < EP_HANDLE_INTERNODE_ARRAYS; ++i) sizes[i] = (s[i] + 3) / 4 * 4;
+  return EP_HANDLE_INTERNODE_ARRAYS;
+}
+
 static size_t handle_bytes(ep_group_t g) {
   size_t sizes[EP_HANDLE_ARRAYS], ints = 0;
   handle_array_sizes(g, sizes);
   for (int i = 0; i < EP_HANDLE_ARRAYS; ++i) ints += sizes[i];
+  size_t extra[EP_HANDLE_INTERNODE_ARRAYS];
+  const int num_extra = handle_internode_array_sizes(g, extra);
+  for (int i = 0; i < num_extra; ++i) ints += extra[i];
   return ints * sizeof(int);
 }
 
@@ -60,6 +76,19 @@ ep_status_t ep_handle_create_in(ep_group_t group, void* memory, size_t bytes, ep
   h->recv_offset = arrays[4];
   h->num_recv = arrays[5];
   h->expert_counts = arrays[6];
+  size_t extra_sizes[EP_HANDLE_INTERNODE_ARRAYS];
+  int* extra[EP_HANDLE_INTERNODE_ARRAYS] = {NULL, NULL, NULL, NULL, NULL, NULL};
+  const int num_extra = handle_internode_array_sizes(group, extra_sizes);
+  for (int i = 0; i < num_extra; ++i) {
+    extra[i] = p;
+    p += extra_sizes[i];
+  }
+  h->recv_slot = extra[0];
+  h->send_slot = extra[1];
+  h->node_tokens = extra[2];
+  h->node_count = extra[3];
+  h->fwd_count = extra[4];
+  h->fwd_row = extra[5];
   h->group = group;
   h->num_recv_host = -1;
   *handle = h;
@@ -107,10 +136,13 @@ static ep_status_t enter_normal(ep_group_t group, ep_handle_t handle, const char
   if (need_prepared && !handle->prepared)
     return ep_fail(group, EP_STATUS_INVALID_USAGE, "%s: handle has no routing yet; call ep_dispatch_prepare first",
                    fn);
-  if (group->num_nodes > 1)
-    return ep_fail(group, EP_STATUS_UNSUPPORTED,
-                   "%s: the group has %d nodes (ranks_per_node=%d); the internode normal path is NOT YET SUPPORTED",
-                   fn, group->num_nodes, group->ranks_per_node);
+  if (group->num_nodes > 1) {
+    if (group->ranks_per_node > EP_MAX_NVLINK_RANKS || group->num_nodes > EP_MAX_INTERNODE_NODES)
+      return ep_fail(group, EP_STATUS_UNSUPPORTED,
+                     "%s: the group has %d nodes of %d ranks; the internode path serves up to %d nodes of up to %d",
+                     fn, group->num_nodes, group->ranks_per_node, EP_MAX_INTERNODE_NODES, EP_MAX_NVLINK_RANKS);
+    return EP_STATUS_SUCCESS;
+  }
   if (group->num_ranks > EP_MAX_NVLINK_RANKS)
     return ep_fail(group, EP_STATUS_UNSUPPORTED, "%s: %d ranks in one NVLink domain; the intranode path serves up to %d",
                    fn, group->num_ranks, EP_MAX_NVLINK_RANKS);
@@ -145,6 +177,33 @@ static ep_normal_launch_t base_launch(ep_group_t g, ep_handle_t h, int num_sms) 
   return p;
 }
 
+/* num_nodes > 1: the intranode launch plus the internode region and handle arrays. `which`: 0 prepare,
+ * 1 dispatch, 2 combine. The dispatch and combine grids are clamped to the device's SMs: their blocks wait on
+ * each other, so all must be resident at once (internode.cu). */
+static cudaError_t launch_internode(ep_group_t g, ep_handle_t h, const ep_normal_launch_t* n, int which,
+                                    cudaStream_t stream) {
+  ep_internode_launch_t p;
+  memset(&p, 0, sizeof(p));
+  p.n = *n;
+  if (p.n.num_blocks > g->device_sms) p.n.num_blocks = g->device_sms;
+  p.ranks_per_node = g->ranks_per_node;
+  p.num_nodes = g->num_nodes;
+  p.node = g->node;
+  p.local_rank = g->local_rank;
+  p.inter_base = (char*)g->workspace + g->internode_offset;
+  p.inter_offset = g->internode_offset;
+  p.il = g->internode_layout;
+  p.recv_slot = h->recv_slot;
+  p.send_slot = h->send_slot;
+  p.node_tokens = h->node_tokens;
+  p.node_count = h->node_count;
+  p.fwd_count = h->fwd_count;
+  p.fwd_row = h->fwd_row;
+  if (which == 0) return ep_launch_internode_prepare(&p, stream);
+  if (which == 1) return ep_launch_internode_dispatch(&p, stream);
+  return ep_launch_internode_combine(&p, stream);
+}
+
 ep_status_t ep_dispatch_prepare(ep_group_t group, ep_handle_t handle, const ep_dispatch_prepare_args_t* args,
                                 cudaStream_t stream) {
   const char* fn = "ep_dispatch_prepare";
@@ -173,7 +232,8 @@ ep_status_t ep_dispatch_prepare(ep_group_t group, ep_handle_t handle, const ep_d
   p.topk_idx = a->topk_idx;
   p.out_num_recv = a->num_recv_tokens_dev;
   p.out_expert_counts = a->num_recv_tokens_per_expert_dev;
-  EP_CUDA_TRY(group, ep_launch_prepare(&p, stream));
+  if (group->num_nodes > 1) EP_CUDA_TRY(group, launch_internode(group, handle, &p, 0, stream));
+  else EP_CUDA_TRY(group, ep_launch_prepare(&p, stream));
   handle->prepared = true;
   if (!a->num_recv_tokens) return EP_STATUS_SUCCESS;
 
@@ -239,7 +299,8 @@ ep_status_t ep_dispatch(ep_group_t group, ep_handle_t handle, const ep_dispatch_
   p.recv_topk_idx = a->recv_topk_idx;
   p.recv_topk_weights = a->recv_topk_weights;
   p.recv_src_idx = a->recv_src_idx;
-  EP_CUDA_TRY(group, ep_launch_dispatch(&p, stream));
+  if (group->num_nodes > 1) EP_CUDA_TRY(group, launch_internode(group, handle, &p, 1, stream));
+  else EP_CUDA_TRY(group, ep_launch_dispatch(&p, stream));
   return EP_STATUS_SUCCESS;
 }
 
@@ -270,6 +331,7 @@ ep_status_t ep_combine(ep_group_t group, ep_handle_t handle, const ep_combine_ar
   p.bias1 = a->bias1;
   p.combined_x = a->combined_x;
   p.combined_weights = a->combined_topk_weights;
-  EP_CUDA_TRY(group, ep_launch_combine(&p, stream));
+  if (group->num_nodes > 1) EP_CUDA_TRY(group, launch_internode(group, handle, &p, 2, stream));
+  else EP_CUDA_TRY(group, ep_launch_combine(&p, stream));
   return EP_STATUS_SUCCESS;
 }

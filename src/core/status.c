@@ -40,6 +40,15 @@ const char* ep_fault_site_name(int site) {
     case EP_SITE_LL_COMBINE_ACK:
       return "low-latency combine send, waiting for the peer to finish receiving the last call on this buffer half";
     case EP_SITE_LL_COMBINE_RECV: return "low-latency combine receive, waiting for the peer's expert outputs";
+    case EP_SITE_PREPARE_META: return "internode prepare, waiting for the rail peer's metadata (RDMA)";
+    case EP_SITE_PREPARE_RELAY: return "internode prepare, waiting for the forwarder to relay a remote source's metadata";
+    case EP_SITE_META_FREE: return "internode prepare, waiting for the rail peer to release our previous metadata";
+    case EP_SITE_DISPATCH_RDMA: return "internode dispatch, waiting for the rail peer's rows (RDMA)";
+    case EP_SITE_DISPATCH_RELAY: return "internode dispatch, waiting for the forwarder to relay a remote chunk";
+    case EP_SITE_RDMA_FREE: return "internode dispatch, waiting for the rail peer to release its receive region";
+    case EP_SITE_FWD_ACK: return "internode dispatch, waiting for a local rank to finish pulling relayed rows";
+    case EP_SITE_COMBINE_PARTIAL: return "internode combine, waiting for the forwarder's partial sums (RDMA)";
+    case EP_SITE_PARTIAL_FREE: return "internode combine, waiting for the rail peer to release our previous partials";
     default: return "device wait";
   }
 }
@@ -84,8 +93,10 @@ static ep_status_t take_device_fault(ep_group_t group) {
       return st;
     case EP_FAULT_TIMEOUT:
       st = ep_fail(group, EP_STATUS_TIMEOUT,
-                   "rank %d timed out after %.3f s waiting for rank %d (node %d) in %s; the group must be destroyed",
+                   "rank %d timed out after %.3f s waiting for rank %d (node %d, local %d) in %s; the group must be "
+                   "destroyed",
                    w->rank, (double)w->value0 * 1e-9, w->peer, w->peer / group->ranks_per_node,
+                   w->peer % group->ranks_per_node,
                    ep_fault_site_name(w->site));
       break;
     case EP_FAULT_BAD_DATA:

@@ -8,6 +8,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include "kernels/internode_layout.h"
 #include "kernels/ll_layout.h"
 #include "kernels/normal_layout.h"
 
@@ -40,6 +41,15 @@ typedef enum ep_wait_site {
   EP_SITE_LL_DISPATCH_RECV = 11, /* LL dispatch receive: waiting for a peer's token count */
   EP_SITE_LL_COMBINE_ACK = 12,   /* LL combine send: waiting for a peer to finish receiving the half's last call */
   EP_SITE_LL_COMBINE_RECV = 13,  /* LL combine receive: waiting for a peer's expert outputs */
+  EP_SITE_PREPARE_META = 14,     /* internode prepare: metadata of the rail peer (source) never arrived */
+  EP_SITE_PREPARE_RELAY = 15,    /* internode prepare: the forwarder (peer) never relayed a remote source's metadata */
+  EP_SITE_META_FREE = 16,        /* internode prepare: the rail peer never released our previous metadata */
+  EP_SITE_DISPATCH_RDMA = 17,    /* internode dispatch: rows of the rail peer (source) never arrived at me */
+  EP_SITE_DISPATCH_RELAY = 18,   /* internode dispatch: the forwarder (peer) never relayed a remote chunk */
+  EP_SITE_RDMA_FREE = 19,        /* internode dispatch: the rail peer never released its receive region */
+  EP_SITE_FWD_ACK = 20,          /* internode dispatch: a local rank never finished pulling relayed rows */
+  EP_SITE_COMBINE_PARTIAL = 21,  /* internode combine: a partial from the forwarder (peer) never arrived */
+  EP_SITE_PARTIAL_FREE = 22,     /* internode combine: the rail peer (source) never released its partials */
   EP_SITE_COUNT
 } ep_wait_site_t;
 
@@ -138,6 +148,29 @@ typedef struct ep_normal_launch {
 cudaError_t ep_launch_prepare(const ep_normal_launch_t* p, cudaStream_t stream);
 cudaError_t ep_launch_dispatch(const ep_normal_launch_t* p, cudaStream_t stream);
 cudaError_t ep_launch_combine(const ep_normal_launch_t* p, cudaStream_t stream);
+
+/* ---- Normal path across nodes (num_nodes > 1): internode_layout.h, internode.cu, docs/internode.md ---- */
+
+typedef struct ep_internode_launch {
+  ep_normal_launch_t n;           /* everything of the intranode launch (global rank indices) */
+  int ranks_per_node, num_nodes, node, local_rank;
+  char* inter_base;               /* this rank's internode region (symmetric) */
+  size_t inter_offset;            /* its offset inside the workspace */
+  ep_internode_layout_t il;
+  /* handle arrays used only with num_nodes > 1 (device) */
+  int* recv_slot;                 /* [R][max_tokens]: remote source s: slot (in the forwarder's rdma_recv) of my
+                                     j-th row from s */
+  int* send_slot;                 /* [max_tokens][N]: slot of my token t in node_list[m], or -1 */
+  int* node_tokens;               /* [N][max_tokens]: node_list[m], my tokens for node m in token order */
+  int* node_count;                /* [N]: |node_list[m]| */
+  int* fwd_count;                 /* [N]: slots the rail peer of node n sent me (|its node_list[my node]|) */
+  int* fwd_row;                   /* [N][max_tokens][P]: forwarder: row of slot j of source node n in local rank
+                                     i's received order, or -1 */
+} ep_internode_launch_t;
+
+cudaError_t ep_launch_internode_prepare(const ep_internode_launch_t* p, cudaStream_t stream);
+cudaError_t ep_launch_internode_dispatch(const ep_internode_launch_t* p, cudaStream_t stream);
+cudaError_t ep_launch_internode_combine(const ep_internode_launch_t* p, cudaStream_t stream);
 
 /* ---- Low-latency path: dispatch and combine, each a send phase and a receive phase (ll_layout.h) ---- */
 

@@ -1,0 +1,818 @@
+// internode.cu: the normal (high-throughput) path when the group spans several nodes (num_nodes > 1): prepare,
+// dispatch, combine. Design: docs/internode.md; symmetric layout: internode_layout.h (and normal_layout.h for the
+// same-node part). A token crosses between nodes at most once per destination node, on its rail: source (n, l)
+// puts it into forwarder (m, l)'s receive region, the forwarder relays the chunk flag, and every rank of node m
+// pulls the rows it needs from there over NVLink, exactly as it pulls same-node rows from a source's stage.
+// Combine mirrors it: the forwarder sums its node's copies of a remote token in fp32, rounds once to bf16 and puts
+// that partial back; the source adds its own node's copies and the remote partials in a fixed order.
+//
+// Inter-node traffic uses only the transport seam (tp::put_warp / tp::signal_set / tp::signal_load); same-node
+// traffic uses loads and stores through the peer table. A remote (even virtual) node is never touched by loads or
+// stores, so a one-host run exercises the put path.
+//
+// Progress assumption: inside one kernel, blocks wait on flags that other blocks of the same kernel set (a puller
+// on the stage flags of another block, the forwarder's last block on its local peers). Every block of a grid must
+// therefore be resident at once: the host clamps the dispatch and combine grids to the device's SM count and these
+// kernels use one block per SM (__launch_bounds__(..., 1)); prepare uses num_ranks blocks (<= 2 per SM).
+#include "kernels/api.h"
+#include <cuda_bf16.h>
+
+#include "kernels/common.cuh"
+#include "transport/transport.cuh"
+
+namespace ep {
+namespace {
+
+constexpr int kMaxLocal = 8;         // ranks per node this path serves
+constexpr int kMaxNodes = 24;        // lanes kMaxLocal.. of a warp carry one node each in the combine
+constexpr int kMaxSources = 32;      // kMaxLocal + kMaxNodes
+static_assert(kMaxLocal + kMaxNodes == kMaxSources && kMaxSources == 32, "one lane per source in the combine");
+constexpr int kPrepThreads = 1024;
+constexpr int kDispThreads = 512;
+constexpr int kDispWarps = kDispThreads / 32;
+constexpr int kCombThreads = 512;
+constexpr int kCombWarps = kCombThreads / 32;
+constexpr int kChunk = EP_STAGE_CHUNK_ROWS;
+constexpr int kMaxRanksShared = 1024;  // recv offsets kept in shared memory
+
+__device__ __forceinline__ uint64_t tag(uint64_t epoch, int value) { return (epoch << 32) | (uint32_t)value; }
+__device__ __forceinline__ int untag(uint64_t v) { return (int)(uint32_t)v; }
+
+template <typename T>
+__device__ __forceinline__ T* at(char* base, size_t offset) {
+  return reinterpret_cast<T*>(base + offset);
+}
+
+__device__ __forceinline__ char* peer_normal(const ep_internode_launch_t& p, int rank) {
+  return (char*)p.n.peer_workspace[rank] + p.n.normal_offset;
+}
+__device__ __forceinline__ char* peer_inter(const ep_internode_launch_t& p, int rank) {
+  return (char*)p.n.peer_workspace[rank] + p.inter_offset;
+}
+// Index of node `other` in the node-indexed arrays of a rank on node `self`.
+__device__ __forceinline__ int node_dist(int self, int other, int N) { return (other - self + N) % N - 1; }
+// The node at distance index `d` from `self` (inverse of node_dist).
+__device__ __forceinline__ int node_at(int self, int d, int N) { return (self + 1 + d) % N; }
+
+// Where the parts of a staged dispatch row sit (same format as intranode.cu).
+struct Row {
+  int row_bytes, num_scales, scales_off, topk_off, weights_off, extent;
+  __device__ Row(int hidden, int is_fp8, int num_topk) {
+    row_bytes = is_fp8 ? hidden : hidden * 2;
+    num_scales = is_fp8 ? hidden / 128 : 0;
+    scales_off = (row_bytes + 15) / 16 * 16;
+    topk_off = scales_off + num_scales * 4;
+    weights_off = topk_off + num_topk * 4;
+    extent = (weights_off + num_topk * 4 + 15) / 16 * 16;
+  }
+};
+
+// One thread waits for a 64-bit flag to reach `epoch`; false (fault recorded) on timeout.
+__device__ __forceinline__ bool wait_flag(const ep_internode_launch_t& p, const uint64_t* flag, uint64_t epoch,
+                                          int peer, int site) {
+  return wait_until([&] { return ld_acquire_sys_u64(flag) >= epoch; }, p.n.timeout_ns, p.n.error, p.n.rank, peer,
+                    site);
+}
+
+// Block-wide exclusive scan of one flag per thread, for one pass of blockDim.x items. Returns the position of
+// this thread's item (if `goes`) and adds the pass total to `count`. All threads must call it.
+__device__ __forceinline__ int block_compact(bool goes, int* s_warp_count, int& count) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const unsigned ballot = __ballot_sync(0xffffffffu, goes);
+  if (lane == 0) s_warp_count[warp] = __popc(ballot);
+  __syncthreads();
+  int before = 0, total = 0;
+  for (int w = 0; w < warps; ++w) {
+    before += w < warp ? s_warp_count[w] : 0;
+    total += s_warp_count[w];
+  }
+  const int pos = goes ? count + before + __popc(ballot & ((1u << lane) - 1)) : -1;
+  count += total;
+  __syncthreads();
+  return pos;
+}
+
+// Counts a token once per expert for the experts [first, first + span) (a top-k may repeat an expert).
+__device__ __forceinline__ void count_experts(const int64_t* row, int K, int64_t first, int span, int* s_expert) {
+  for (int k = 0; k < K; ++k) {
+    const int64_t e = row[k];
+    if (e < first || e >= first + span) continue;
+    bool repeat = false;
+    for (int j = 0; j < k; ++j) repeat |= row[j] == e;
+    if (!repeat) atomicAdd(&s_expert[e - first], 1);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// prepare: block b deals with global rank b.
+//   b on my node:        intranode prepare restricted to the node (my list for b; b's list for me).
+//   b my rail peer:      my node_list for b's node goes to b as one metadata put; as b's forwarder I relay the
+//                        metadata b put to me (meta_ready), then read it like any other remote source.
+//   b other remote rank: read b's metadata from its forwarder on my node (same local index as b), after the relay.
+// The last block computes the offsets and, as forwarder, where each relayed slot lands on each local rank.
+// ---------------------------------------------------------------------------------------------------------------
+__global__ void __launch_bounds__(kPrepThreads) inter_prepare_kernel(ep_internode_launch_t p) {
+  extern __shared__ int s_expert[];  // [E / N]
+  __shared__ int s_warp_count[kPrepThreads / 32];
+  __shared__ int s_count[kMaxLocal];
+  __shared__ int s_failed;
+  const ep_normal_launch_t& q = p.n;
+  const ep_normal_layout_t& L = q.layout;
+  const ep_internode_layout_t& IL = p.il;
+  const int b = blockIdx.x, R = q.num_ranks, me = q.rank, tid = threadIdx.x;
+  const int P = p.ranks_per_node, N = p.num_nodes, my_node = p.node, my_local = p.local_rank;
+  const int E = q.num_experts, E_loc = E / R, E_node = E / N, K = q.num_topk, T = L.max_tokens;
+  const int b_node = b / P, b_local = b % P;
+  const uint64_t epoch = q.state->prepare_epoch + 1;
+  char* mine = q.normal_base;
+  char* imine = p.inter_base;
+  if (tid == 0) s_failed = 0;
+  for (int e = tid; e < E_node; e += blockDim.x) s_expert[e] = 0;
+  if (tid < kMaxLocal) s_count[tid] = 0;
+  __syncthreads();
+
+  if (b_node == my_node) {
+    // ---- Same node: as intranode, over the P ranks of my node only.
+    if (tid < P && !wait_flag(p, at<uint64_t>(mine, L.prepare_ack) + my_node * P + tid, epoch - 1, my_node * P + tid,
+                              EP_SITE_PREPARE_ACK))
+      s_failed = 1;
+    __syncthreads();
+    if (s_failed) return;
+    int* send_list = at<int>(mine, L.send_list) + (size_t)b * T;
+    int count = 0;
+    for (int base = 0; base < q.num_tokens; base += blockDim.x) {
+      const int t = base + tid;
+      bool goes = false;
+      if (t < q.num_tokens) {
+        const int64_t* row = q.topk_idx + (size_t)t * K;
+        for (int k = 0; k < K; ++k) {
+          const int64_t e = row[k];
+          if (e < -1 || e >= E) {
+            if (b == me) record_fault(q.error, EP_FAULT_BAD_EXPERT, me, -1, 0, t, e);
+            continue;
+          }
+          goes |= e >= 0 && e / E_loc == b;
+        }
+        if (goes) count_experts(row, K, (int64_t)b * E_loc, E_loc, s_expert);
+      }
+      const int pos = block_compact(goes, s_warp_count, count);
+      if (t < q.num_tokens) {
+        if (goes) send_list[pos] = t;
+        q.send_pos[(size_t)t * R + b] = pos;
+      }
+    }
+    // Publish my count for b into every rank of my node, my per-expert counts for b's experts to b.
+    __threadfence_system();
+    __syncthreads();
+    char* peer_b = peer_normal(p, b);
+    if (tid < P) {
+      uint64_t* row = at<uint64_t>(peer_normal(p, my_node * P + tid), L.count_matrix) + (size_t)me * (R + 1);
+      st_release_sys_u64(row + b, tag(epoch, count));
+      if (b == me) st_release_sys_u64(row + R, tag(epoch, q.num_tokens));
+    }
+    for (int e = tid; e < E_loc; e += blockDim.x)
+      st_release_sys_u64(at<uint64_t>(peer_b, L.expert_counts) + (size_t)me * E_loc + e, tag(epoch, s_expert[e]));
+
+    // Source role: b's counts for the ranks of my node and its num_tokens, its expert counts and list for me.
+    const uint64_t* their_row = at<uint64_t>(mine, L.count_matrix) + (size_t)b * (R + 1);
+    if (tid <= P) {
+      const int col = tid < P ? my_node * P + tid : R;
+      uint64_t v = 0;
+      const bool ok = wait_until([&] { return ((v = ld_acquire_sys_u64(their_row + col)) >> 32) >= epoch; },
+                                 q.timeout_ns, q.error, me, b, EP_SITE_PREPARE_COUNTS);
+      if (!ok) s_failed = 1;
+      else if (col < R) q.matrix[(size_t)b * R + col] = untag(v);
+      else q.num_tokens_of[b] = untag(v);
+    }
+    for (int e = tid; e < E_loc; e += blockDim.x) {
+      uint64_t v = 0;
+      const uint64_t* slot = at<uint64_t>(mine, L.expert_counts) + (size_t)b * E_loc + e;
+      const bool ok = wait_until([&] { return ((v = ld_acquire_sys_u64(slot)) >> 32) >= epoch; }, q.timeout_ns,
+                                 q.error, me, b, EP_SITE_PREPARE_COUNTS);
+      if (!ok) s_failed = 1;
+      else atomicAdd(&q.expert_sum[e], untag(v));
+    }
+    __syncthreads();
+    if (s_failed) return;
+    const int from_b = q.matrix[(size_t)b * R + me];
+    const int* their_list = at<int>(peer_b, L.send_list) + (size_t)me * T;
+    int* my_copy = q.recv_src + (size_t)b * T;
+    for (int j = tid; j < from_b; j += blockDim.x) my_copy[j] = ld_relaxed_sys(their_list + j);
+    __syncthreads();
+    if (tid == 0) st_release_sys_u64(at<uint64_t>(peer_b, L.prepare_ack) + me, epoch);
+  } else {
+    const int dn = node_dist(my_node, b_node, N);       // b's node in my arrays (and in my node's ranks' arrays)
+    const int back = node_dist(b_node, my_node, N);     // my node in the arrays of b's node
+    if (b_local == my_local) {
+      // ---- Rail peer: my node_list for b's node, sent as one metadata block.
+      if (tid == 0 && !wait_flag(p, at<uint64_t>(imine, IL.meta_free) + dn, epoch - 1, b, EP_SITE_META_FREE))
+        s_failed = 1;
+      __syncthreads();
+      if (s_failed) return;
+      int* meta = reinterpret_cast<int*>(imine + IL.meta_send + (size_t)dn * IL.meta_bytes);
+      const int hdr = 2 + P + E_node;
+      int* node_list = p.node_tokens + (size_t)b_node * T;
+      int count = 0;
+      for (int base = 0; base < q.num_tokens; base += blockDim.x) {
+        const int t = base + tid;
+        int mask = 0;
+        if (t < q.num_tokens) {
+          const int64_t* row = q.topk_idx + (size_t)t * K;
+          for (int k = 0; k < K; ++k) {
+            const int64_t e = row[k];
+            if (e >= 0 && e < E && e / E_node == b_node) mask |= 1 << ((int)(e / E_loc) % P);
+          }
+          if (mask) {
+            count_experts(row, K, (int64_t)b_node * E_node, E_node, s_expert);
+            for (int i = 0; i < P; ++i)
+              if (mask >> i & 1) atomicAdd(&s_count[i], 1);
+          }
+        }
+        const int pos = block_compact(mask != 0, s_warp_count, count);
+        if (t < q.num_tokens) {
+          if (mask) {
+            meta[hdr + pos] = t << 8 | mask;
+            node_list[pos] = t;
+          }
+          p.send_slot[(size_t)t * N + b_node] = pos;
+        }
+      }
+      if (tid == 0) {
+        meta[0] = q.num_tokens;
+        meta[1] = count;
+        p.node_count[b_node] = count;
+      }
+      if (tid < P) meta[2 + tid] = s_count[tid];
+      for (int e = tid; e < E_node; e += blockDim.x) meta[2 + P + e] = s_expert[e];
+      __syncthreads();
+      if (tid < 32) {
+        __threadfence_system();
+        __syncwarp();
+        tp::put_signal_warp(imine + IL.meta_recv + (size_t)back * IL.meta_bytes, meta, (size_t)(hdr + count) * 4,
+                            at<uint64_t>(imine, IL.meta_arrived) + back, epoch, false, b);
+      }
+      // ---- As b's forwarder: b's metadata to me arrived; let my node read it.
+      if (tid == 0) {
+        const uint64_t* arrived = at<uint64_t>(imine, IL.meta_arrived) + dn;
+        if (!wait_until([&] { return tp::signal_load(arrived) >= epoch; }, q.timeout_ns, q.error, me, b,
+                        EP_SITE_PREPARE_META))
+          s_failed = 1;
+        else st_release_sys_u64(at<uint64_t>(imine, IL.meta_ready) + dn, epoch);
+      }
+      __syncthreads();
+      if (s_failed) return;
+    }
+    // ---- Remote source b: its metadata, from its forwarder f on my node.
+    const int f = my_node * P + b_local;
+    char* fbase = peer_inter(p, f);
+    if (tid == 0 &&
+        !wait_flag(p, at<uint64_t>(fbase, IL.meta_ready) + dn, epoch, f, EP_SITE_PREPARE_RELAY))
+      s_failed = 1;
+    __syncthreads();
+    if (s_failed) return;
+    const int* meta = reinterpret_cast<const int*>(fbase + IL.meta_recv + (size_t)dn * IL.meta_bytes);
+    const int hdr = 2 + P + E_node;
+    const int num_slots = ld_relaxed_sys(meta + 1);
+    if (tid < P) q.matrix[(size_t)b * R + my_node * P + tid] = ld_relaxed_sys(meta + 2 + tid);
+    if (tid == 0) q.num_tokens_of[b] = ld_relaxed_sys(meta);
+    for (int e = tid; e < E_loc; e += blockDim.x)
+      atomicAdd(&q.expert_sum[e], ld_relaxed_sys(meta + 2 + P + my_local * E_loc + e));
+    int count = 0;
+    for (int base = 0; base < num_slots; base += blockDim.x) {
+      const int j = base + tid;
+      const int word = j < num_slots ? ld_relaxed_sys(meta + hdr + j) : 0;
+      const bool goes = (word >> my_local) & 1;
+      const int pos = block_compact(goes, s_warp_count, count);
+      if (goes) {
+        q.recv_src[(size_t)b * T + pos] = word >> 8;
+        p.recv_slot[(size_t)b * T + pos] = j;
+      }
+    }
+    __syncthreads();
+    if (tid == 0) st_release_sys_u64(at<uint64_t>(fbase, IL.meta_ack) + (size_t)dn * P + my_local, epoch);
+  }
+
+  // The last block: offsets and totals; as forwarder, where each relayed slot lands on each local rank.
+  if (!arrive_last(&q.state->prepare_done)) return;
+  if (tid == 0) {
+    int offset = 0;
+    for (int s = 0; s < R; ++s) {
+      q.recv_offset[s] = offset;
+      offset += q.matrix[(size_t)s * R + me];
+    }
+    q.recv_offset[R] = offset;
+    *q.num_recv = offset;
+    if (q.out_num_recv) *q.out_num_recv = offset;
+  }
+  for (int e = tid; e < E_loc; e += blockDim.x) {
+    const int a = q.expert_alignment;
+    const int c = (q.expert_sum[e] + a - 1) / a * a;
+    q.expert_counts[e] = c;
+    if (q.out_expert_counts) q.out_expert_counts[e] = c;
+    q.expert_sum[e] = 0;
+  }
+  if (tid < (N - 1) * P) {
+    const int dn = tid / P, i = tid % P, n = node_at(my_node, dn, N), s = n * P + my_local, d = my_node * P + i;
+    const int* meta = reinterpret_cast<const int*>(imine + IL.meta_recv + (size_t)dn * IL.meta_bytes);
+    const int hdr = 2 + P + E_node, num_slots = ld_relaxed_sys(meta + 1);
+    int row = 0;
+    for (int s2 = 0; s2 < s; ++s2) row += q.matrix[(size_t)s2 * R + d];
+    int* out = p.fwd_row + (size_t)n * T * P + i;
+    for (int j = 0; j < num_slots; ++j) out[(size_t)j * P] = (ld_relaxed_sys(meta + hdr + j) >> i) & 1 ? row++ : -1;
+    if (i == 0) p.fwd_count[n] = num_slots;
+  }
+  __syncthreads();
+  // My node's ranks have read my meta_recv: the sources may overwrite it.
+  if (tid < (N - 1) * P &&
+      !wait_flag(p, at<uint64_t>(imine, IL.meta_ack) + tid, epoch, my_node * P + tid % P, EP_SITE_PREPARE_RELAY))
+    s_failed = 1;
+  __syncthreads();
+  if (s_failed) return;
+  if (tid < N - 1) {
+    const int n = node_at(my_node, tid, N);
+    tp::signal_set(at<uint64_t>(imine, IL.meta_free) + node_dist(n, my_node, N), epoch, n * P + my_local);
+  }
+  __syncthreads();
+  if (tid == 0) {
+    q.state->prepare_done = 0;
+    q.state->prepare_epoch = epoch;
+  }
+}
+
+// The (remote node, chunk) units of a node-indexed list of counts, flattened: unit u -> (dn, c). False if none.
+__device__ __forceinline__ bool unit_of(const int* counts_by_node, int my_node, int N, int u, int& dn, int& c) {
+  for (dn = 0; dn < N - 1; ++dn) {
+    const int chunks = (counts_by_node[node_at(my_node, dn, N)] + kChunk - 1) / kChunk;
+    if (u < chunks) {
+      c = u;
+      return true;
+    }
+    u -= chunks;
+  }
+  return false;
+}
+
+__device__ __forceinline__ int num_units(const int* counts_by_node, int my_node, int N) {
+  int total = 0;
+  for (int dn = 0; dn < N - 1; ++dn) total += (counts_by_node[node_at(my_node, dn, N)] + kChunk - 1) / kChunk;
+  return total;
+}
+
+// Source s of output row i: the largest s with offset[s] <= i (offset[R] > i).
+__device__ __forceinline__ int source_of(const int* offset, int R, int i) {
+  int lo = 0, hi = R - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (offset[mid] <= i) lo = mid;
+    else hi = mid - 1;
+  }
+  return lo;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// dispatch: stage, put my rows to the rail forwarders, relay what arrived for my node, pull my rows.
+// ---------------------------------------------------------------------------------------------------------------
+__global__ void __launch_bounds__(kDispThreads, 1) inter_dispatch_kernel(ep_internode_launch_t p) {
+  __shared__ int s_offset[kMaxRanksShared + 1];
+  __shared__ int s_failed;
+  const ep_normal_launch_t& q = p.n;
+  const ep_normal_layout_t& L = q.layout;
+  const ep_internode_layout_t& IL = p.il;
+  const int R = q.num_ranks, me = q.rank, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int P = p.ranks_per_node, N = p.num_nodes, my_node = p.node, my_local = p.local_rank;
+  const int K = q.num_topk, E_loc = q.num_experts / R, T = L.max_tokens, NC = IL.num_chunks;
+  const uint64_t epoch = q.state->dispatch_epoch + 1;
+  char* mine = q.normal_base;
+  char* imine = p.inter_base;
+  const Row row(q.hidden, q.is_fp8, K);
+  const int n16 = row.row_bytes / 16;
+
+  // Readers of my stage (my node) and the forwarders' receive regions (other nodes) are done with the last call.
+  if (tid == 0) s_failed = 0;
+  __syncthreads();
+  if (tid < P) {
+    if (!wait_flag(p, at<uint64_t>(mine, L.dispatch_ack) + my_node * P + tid, epoch - 1, my_node * P + tid,
+                   EP_SITE_DISPATCH_ACK))
+      s_failed = 1;
+  } else if (tid - P < N - 1) {
+    const int dn = tid - P;
+    const uint64_t* flag = at<uint64_t>(imine, IL.rdma_free) + dn;
+    if (!wait_until([&] { return tp::signal_load(flag) >= epoch - 1; }, q.timeout_ns, q.error, me,
+                    node_at(my_node, dn, N) * P + my_local, EP_SITE_RDMA_FREE))
+      s_failed = 1;
+  }
+  __syncthreads();
+  if (s_failed) return;
+
+  // 1. Stage every token once (as intranode).
+  const int num_chunks = (q.num_tokens + kChunk - 1) / kChunk;
+  for (int c = blockIdx.x; c < num_chunks; c += gridDim.x) {
+    const int end = min(q.num_tokens, (c + 1) * kChunk);
+    for (int t = c * kChunk + warp; t < end; t += kDispWarps) {
+      char* dst = mine + L.x_stage + (size_t)t * L.x_row_bytes;
+      warp_copy<false, 8>(dst, (const char*)q.x + (size_t)t * row.row_bytes, 0, n16, lane);
+      for (int i = lane; i < row.num_scales; i += 32)
+        reinterpret_cast<float*>(dst + row.scales_off)[i] = q.x_scales[(size_t)t * row.num_scales + i];
+      if (lane < K) {
+        const int64_t e = q.topk_idx ? q.topk_idx[(size_t)t * K + lane] : -1;
+        reinterpret_cast<int*>(dst + row.topk_off)[lane] = (e >= 0 && e < q.num_experts) ? (int)e : -1;
+        reinterpret_cast<float*>(dst + row.weights_off)[lane] =
+            q.topk_weights ? q.topk_weights[(size_t)t * K + lane] : 0.0f;
+      }
+    }
+    __syncthreads();
+    if (tid == 0) {
+      __threadfence_system();
+      st_release_sys_u64(at<uint64_t>(mine, L.x_staged) + c, epoch);
+    }
+  }
+
+  const int gwarp = blockIdx.x * kDispWarps + warp, nwarps = gridDim.x * kDispWarps;
+  bool ok = true;
+  // 2. Send: one warp per (remote node, chunk of slots). Each row is put once, then one signal per chunk.
+  const int send_units = num_units(p.node_count, my_node, N);
+  for (int u = gwarp; u < send_units && ok; u += nwarps) {
+    int dn, c;
+    unit_of(p.node_count, my_node, N, u, dn, c);
+    const int m = node_at(my_node, dn, N), pe = m * P + my_local, back = node_dist(m, my_node, N);
+    const int end = min(p.node_count[m], (c + 1) * kChunk);
+    int ready_chunk = -1;
+    for (int j = c * kChunk; j < end; ++j) {
+      const int t = p.node_tokens[(size_t)m * T + j];
+      if (t / kChunk != ready_chunk) {
+        bool w = true;
+        if (lane == 0) w = wait_flag(p, at<uint64_t>(mine, L.x_staged) + t / kChunk, epoch, me, EP_SITE_DISPATCH_STAGED);
+        if (!__shfl_sync(0xffffffffu, w, 0)) {
+          ok = false;
+          break;
+        }
+        ready_chunk = t / kChunk;
+      }
+      tp::put_warp(imine + IL.rdma_recv + ((size_t)back * T + j) * IL.x_row_bytes,
+                   mine + L.x_stage + (size_t)t * L.x_row_bytes, (size_t)row.extent, pe);
+    }
+    if (!ok) break;
+    tp::fence();
+    __syncwarp();
+    if (lane == 0) tp::signal_set(at<uint64_t>(imine, IL.rdma_arrived) + (size_t)back * NC + c, epoch, pe);
+    __syncwarp();
+  }
+
+  // 3. Relay (forwarder role): a chunk that arrived from the rail peer of node n may be pulled by my node.
+  const int relay_units = num_units(p.fwd_count, my_node, N);
+  for (int u = gwarp + lane * nwarps; ok; u += 32 * nwarps) {
+    if (!__any_sync(0xffffffffu, u < relay_units)) break;
+    bool w = true;
+    if (u < relay_units) {
+      int dn, c;
+      unit_of(p.fwd_count, my_node, N, u, dn, c);
+      const uint64_t* arrived = at<uint64_t>(imine, IL.rdma_arrived) + (size_t)dn * NC + c;
+      w = wait_until([&] { return tp::signal_load(arrived) >= epoch; }, q.timeout_ns, q.error, me,
+                     node_at(my_node, dn, N) * P + my_local, EP_SITE_DISPATCH_RDMA);
+      if (w) st_release_sys_u64(at<uint64_t>(imine, IL.fwd_ready) + (size_t)dn * NC + c, epoch);
+    }
+    if (!__all_sync(0xffffffffu, w)) ok = false;
+  }
+  if (!ok) s_failed = 1;
+
+  // 4. Pull this block's share of my output rows, in output order (source rank, then token).
+  if (tid <= R) s_offset[tid] = q.recv_offset[tid];
+  __syncthreads();
+  const int num_recv = s_offset[R];
+  if (blockIdx.x == 0 && tid == 0 && num_recv > q.recv_capacity)
+    record_fault(q.error, EP_FAULT_RECV_OVERFLOW, me, -1, 0, num_recv, q.recv_capacity);
+  const int per_block = (num_recv + gridDim.x - 1) / gridDim.x;
+  const int begin = blockIdx.x * per_block, end = min(num_recv, begin + per_block);
+  int ready_src = -1, ready_chunk = -1;
+  for (int i = begin + warp; i < end && ok; i += kDispWarps) {
+    const int s = source_of(s_offset, R, i), k = i - s_offset[s];
+    const int t = q.recv_src[(size_t)s * T + k];
+    const int s_node = s / P;
+    const char* staged;
+    const uint64_t* flag;
+    int chunk, peer, site;
+    if (s_node == my_node) {
+      char* src = peer_normal(p, s);
+      staged = src + L.x_stage + (size_t)t * L.x_row_bytes;
+      chunk = t / kChunk;
+      flag = at<uint64_t>(src, L.x_staged) + chunk;
+      peer = s;
+      site = EP_SITE_DISPATCH_STAGED;
+    } else {
+      const int f = my_node * P + s % P, dn = node_dist(my_node, s_node, N), j = p.recv_slot[(size_t)s * T + k];
+      char* fb = peer_inter(p, f);
+      staged = fb + IL.rdma_recv + ((size_t)dn * T + j) * IL.x_row_bytes;
+      chunk = j / kChunk;
+      flag = at<uint64_t>(fb, IL.fwd_ready) + (size_t)dn * NC + chunk;
+      peer = f;
+      site = EP_SITE_DISPATCH_RELAY;
+    }
+    if (s != ready_src || chunk != ready_chunk) {
+      bool w = true;
+      if (lane == 0) w = wait_flag(p, flag, epoch, peer, site);
+      if (!__shfl_sync(0xffffffffu, w, 0)) {
+        ok = false;
+        break;
+      }
+      ready_src = s;
+      ready_chunk = chunk;
+    }
+    if (i >= q.recv_capacity) continue;
+    warp_copy<true, 8>((char*)q.recv_x + (size_t)i * row.row_bytes, staged, 0, n16, lane);
+    for (int c = lane; c < row.num_scales; c += 32)
+      q.recv_scales[(size_t)i * row.num_scales + c] =
+          ld_relaxed_sys_f32(reinterpret_cast<const float*>(staged + row.scales_off) + c);
+    if (lane < K && (q.recv_topk_idx || q.recv_topk_weights)) {
+      const int e = ld_relaxed_sys(reinterpret_cast<const int*>(staged + row.topk_off) + lane);
+      const int local = (e >= me * E_loc && e < (me + 1) * E_loc) ? e - me * E_loc : -1;
+      if (q.recv_topk_idx) q.recv_topk_idx[(size_t)i * K + lane] = local;
+      if (q.recv_topk_weights)
+        q.recv_topk_weights[(size_t)i * K + lane] =
+            local >= 0 ? ld_relaxed_sys_f32(reinterpret_cast<const float*>(staged + row.weights_off) + lane) : 0.0f;
+    }
+    if (lane == 0 && q.recv_src_idx) q.recv_src_idx[i] = t;
+  }
+  if (!ok) s_failed = 1;
+
+  // Graph-safe tail: rows past the received count say "nothing here".
+  const size_t stride = (size_t)gridDim.x * blockDim.x;
+  const size_t first = (size_t)blockIdx.x * blockDim.x + tid;
+  if (num_recv < q.recv_capacity) {
+    if (q.recv_topk_idx)
+      for (size_t x = (size_t)num_recv * K + first; x < (size_t)q.recv_capacity * K; x += stride)
+        q.recv_topk_idx[x] = -1;
+    if (q.recv_topk_weights)
+      for (size_t x = (size_t)num_recv * K + first; x < (size_t)q.recv_capacity * K; x += stride)
+        q.recv_topk_weights[x] = 0.0f;
+    if (q.recv_src_idx)
+      for (size_t x = num_recv + first; x < (size_t)q.recv_capacity; x += stride) q.recv_src_idx[x] = -1;
+  }
+  __syncthreads();
+  if (s_failed) return;
+
+  // 5. Release: my node's stages (dispatch_ack), the forwarders' receive regions (fwd_ack), and as forwarder,
+  //    once my whole node has pulled, tell each remote source its region here is free (rdma_free).
+  if (!arrive_last(&q.state->dispatch_done)) return;
+  if (tid < P) st_release_sys_u64(at<uint64_t>(peer_normal(p, my_node * P + tid), L.dispatch_ack) + me, epoch);
+  if (tid < (N - 1) * P) {
+    const int dn = tid / P, l = tid % P;
+    st_release_sys_u64(at<uint64_t>(peer_inter(p, my_node * P + l), IL.fwd_ack) + (size_t)dn * P + my_local, epoch);
+  }
+  __syncthreads();
+  if (tid < (N - 1) * P &&
+      !wait_flag(p, at<uint64_t>(imine, IL.fwd_ack) + tid, epoch, my_node * P + tid % P, EP_SITE_FWD_ACK))
+    s_failed = 1;
+  __syncthreads();
+  if (s_failed) return;
+  if (tid < N - 1) {
+    const int n = node_at(my_node, tid, N);
+    tp::signal_set(at<uint64_t>(imine, IL.rdma_free) + node_dist(n, my_node, N), epoch, n * P + my_local);
+  }
+  __syncthreads();
+  if (tid == 0) {
+    q.state->dispatch_done = 0;
+    q.state->dispatch_epoch = epoch;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// combine
+// ---------------------------------------------------------------------------------------------------------------
+__device__ __forceinline__ void add_bf16x8(float (&acc)[8], const int4& v) {
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+  for (int u = 0; u < 4; ++u) {
+    const float2 f = __bfloat1622float2(h[u]);
+    acc[2 * u] += f.x;
+    acc[2 * u + 1] += f.y;
+  }
+}
+
+__device__ __forceinline__ int4 pack_bf16x8(const float (&acc)[8]) {
+  int4 packed;
+  __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&packed);
+#pragma unroll
+  for (int q = 0; q < 4; ++q) h[q] = __floats2bfloat162_rn(acc[2 * q], acc[2 * q + 1]);
+  return packed;
+}
+
+// One warp sums `count` bf16 rows (in the given order), plus optional biases, into `out` (bf16), and the fp32
+// weights at `wsrc[k] + lane` into `out_w` (lane < K). Sources are in shared memory, visible to the whole warp.
+__device__ __forceinline__ void warp_sum_rows(const char* const* src, const float* const* wsrc, int count,
+                                              const int4* bias0, const int4* bias1, int4* out, float* out_w, int K,
+                                              int n16, int lane) {
+  for (int c = lane; c < n16; c += 32) {
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    if (bias0) add_bf16x8(acc, bias0[c]);
+    if (bias1) add_bf16x8(acc, bias1[c]);
+    for (int r = 0; r < count; ++r) add_bf16x8(acc, ld_nc_na(reinterpret_cast<const int4*>(src[r]) + c));
+    out[c] = pack_bf16x8(acc);
+  }
+  if (out_w && lane < K) {
+    float w = 0.0f;
+    for (int r = 0; r < count; ++r) w += ld_relaxed_sys_f32(wsrc[r] + lane);
+    out_w[lane] = w;
+  }
+}
+
+__global__ void __launch_bounds__(kCombThreads, 1) inter_combine_kernel(ep_internode_launch_t p) {
+  __shared__ const char* s_src[kCombWarps][kMaxSources];
+  __shared__ const float* s_wsrc[kCombWarps][kMaxSources];
+  __shared__ int s_base[kMaxLocal];
+  __shared__ int s_failed;
+  const ep_normal_launch_t& q = p.n;
+  const ep_normal_layout_t& L = q.layout;
+  const ep_internode_layout_t& IL = p.il;
+  const int R = q.num_ranks, me = q.rank, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int P = p.ranks_per_node, N = p.num_nodes, my_node = p.node, my_local = p.local_rank;
+  const int K = q.num_topk, H = q.hidden, T = L.max_tokens, NC = IL.num_chunks;
+  const uint64_t epoch = q.state->combine_epoch + 1;
+  char* mine = q.normal_base;
+  char* imine = p.inter_base;
+  const int n16 = H * 2 / 16;
+  const bool with_weights = q.y_weights != nullptr;
+  const size_t part_bytes = ((size_t)H * 2 + (with_weights ? (size_t)K * 4 : 0) + 15) / 16 * 16;
+
+  // Readers of my y_stage (my node) are done with the last call, and so are the sources of my last partials.
+  if (tid == 0) s_failed = 0;
+  __syncthreads();
+  if (tid < P) {
+    if (!wait_flag(p, at<uint64_t>(mine, L.combine_ack) + my_node * P + tid, epoch - 1, my_node * P + tid,
+                   EP_SITE_COMBINE_ACK))
+      s_failed = 1;
+  } else if (tid - P < N - 1) {
+    const int dn = tid - P;
+    const uint64_t* flag = at<uint64_t>(imine, IL.partial_free) + dn;
+    if (!wait_until([&] { return tp::signal_load(flag) >= epoch - 1; }, q.timeout_ns, q.error, me,
+                    node_at(my_node, dn, N) * P + my_local, EP_SITE_PARTIAL_FREE))
+      s_failed = 1;
+  }
+  __syncthreads();
+  if (s_failed) return;
+
+  // 1. Stage the rows my node's ranks will read (rows I received from myself are read in place).
+  const int num_recv = *q.num_recv;
+  const int own_begin = q.recv_offset[me], own_end = q.recv_offset[me + 1];
+  const int num_chunks = (num_recv + kChunk - 1) / kChunk;
+  for (int c = blockIdx.x; c < num_chunks; c += gridDim.x) {
+    const int end = min(num_recv, (c + 1) * kChunk);
+    for (int i = c * kChunk + warp; i < end; i += kCombWarps) {
+      if (i >= own_begin && i < own_end) continue;
+      char* dst = mine + L.y_stage + (size_t)i * L.y_row_bytes;
+      warp_copy<false, 16>(dst, (const char*)q.y + (size_t)i * H * 2, 0, n16, lane);
+      if (with_weights && lane < K) reinterpret_cast<float*>(dst + H * 2)[lane] = q.y_weights[(size_t)i * K + lane];
+    }
+    __syncthreads();
+    if (tid == 0) {
+      __threadfence_system();
+      st_release_sys_u64(at<uint64_t>(mine, L.y_staged) + c, epoch);
+    }
+  }
+  if (tid < P) {
+    int base = 0;
+    for (int s = 0; s < me; ++s) base += q.matrix[(size_t)s * R + my_node * P + tid];
+    s_base[tid] = base;
+  }
+  __syncthreads();
+
+  const int gwarp = blockIdx.x * kCombWarps + warp, nwarps = gridDim.x * kCombWarps;
+  bool ok = true;
+  // Pointer to the copy of local rank i's row `row` (own rows in place), and its weights.
+  auto local_copy = [&](int i, int row, const float** w) -> const char* {
+    if (i == my_local) {
+      *w = with_weights ? q.y_weights + (size_t)row * K : nullptr;
+      return (const char*)q.y + (size_t)row * H * 2;
+    }
+    const char* r = peer_normal(p, my_node * P + i) + L.y_stage + (size_t)row * L.y_row_bytes;
+    *w = reinterpret_cast<const float*>(r + H * 2);
+    return r;
+  };
+
+  // 2. Forwarder: for each remote source node, chunk by chunk, the partial sum of my node's copies of each slot,
+  //    in ascending local rank, rounded once to bf16, put back to the source with one signal per chunk.
+  const int fwd_units = num_units(p.fwd_count, my_node, N);
+  for (int u = gwarp; u < fwd_units && ok; u += nwarps) {
+    int dn, c;
+    unit_of(p.fwd_count, my_node, N, u, dn, c);
+    const int n = node_at(my_node, dn, N), pe = n * P + my_local, back = node_dist(n, my_node, N);
+    const int end = min(p.fwd_count[n], (c + 1) * kChunk);
+    for (int j = c * kChunk; j < end; ++j) {
+      int my_row = lane < P ? p.fwd_row[((size_t)n * T + j) * P + lane] : -1;
+      bool w = true;
+      if (my_row >= 0 && lane != my_local) {
+        const uint64_t* flag = at<uint64_t>(peer_normal(p, my_node * P + lane), L.y_staged) + my_row / kChunk;
+        w = wait_flag(p, flag, epoch, my_node * P + lane, EP_SITE_COMBINE_STAGED);
+      }
+      if (!__all_sync(0xffffffffu, w)) {
+        ok = false;
+        break;
+      }
+      const unsigned have = __ballot_sync(0xffffffffu, my_row >= 0);
+      if (my_row >= 0) {
+        const int slot = __popc(have & ((1u << lane) - 1));
+        const float* wp = nullptr;
+        s_src[warp][slot] = local_copy(lane, my_row, &wp);
+        s_wsrc[warp][slot] = wp;
+      }
+      __syncwarp();
+      char* part = imine + IL.partial_stage + ((size_t)dn * T + j) * L.y_row_bytes;
+      warp_sum_rows(s_src[warp], s_wsrc[warp], __popc(have), nullptr, nullptr, reinterpret_cast<int4*>(part),
+                    with_weights ? reinterpret_cast<float*>(part + H * 2) : nullptr, K, n16, lane);
+      __syncwarp();
+      tp::put_warp(imine + IL.partial_recv + ((size_t)back * T + j) * L.y_row_bytes, part, part_bytes, pe);
+    }
+    if (!ok) break;
+    tp::fence();
+    __syncwarp();
+    if (lane == 0) tp::signal_set(at<uint64_t>(imine, IL.partial_arrived) + (size_t)back * NC + c, epoch, pe);
+    __syncwarp();
+  }
+  if (!ok) s_failed = 1;
+
+  // 3. Source: each of my tokens = biases + my node's copies (ascending local rank) + the remote partials
+  //    (ascending node), in fp32, rounded once.
+  for (int t = gwarp; t < q.num_tokens && ok; t += nwarps) {
+    int ref = -1;  // lanes [0, P): row on local rank `lane`; lanes [kMaxLocal, kMaxLocal + N): slot on node
+    bool w = true;
+    if (lane < P) {
+      const int pos = q.send_pos[(size_t)t * R + my_node * P + lane];
+      ref = pos >= 0 ? s_base[lane] + pos : -1;
+      if (ref >= 0 && lane != my_local)
+        w = wait_flag(p, at<uint64_t>(peer_normal(p, my_node * P + lane), L.y_staged) + ref / kChunk, epoch,
+                      my_node * P + lane, EP_SITE_COMBINE_STAGED);
+    } else if (lane >= kMaxLocal && lane - kMaxLocal < N && lane - kMaxLocal != my_node) {
+      const int n = lane - kMaxLocal, dn = node_dist(my_node, n, N);
+      ref = p.send_slot[(size_t)t * N + n];
+      if (ref >= 0)
+        w = wait_until([&] {
+              return tp::signal_load(at<uint64_t>(imine, IL.partial_arrived) + (size_t)dn * NC + ref / kChunk) >= epoch;
+            }, q.timeout_ns, q.error, me, n * P + my_local, EP_SITE_COMBINE_PARTIAL);
+    }
+    if (!__all_sync(0xffffffffu, w)) {
+      ok = false;
+      break;
+    }
+    const unsigned have = __ballot_sync(0xffffffffu, ref >= 0);
+    if (ref >= 0) {
+      const int slot = __popc(have & ((1u << lane) - 1));
+      const float* wp = nullptr;
+      const char* src;
+      if (lane < kMaxLocal) {
+        src = local_copy(lane, ref, &wp);
+      } else {
+        const int dn = node_dist(my_node, lane - kMaxLocal, N);
+        src = imine + IL.partial_recv + ((size_t)dn * T + ref) * L.y_row_bytes;
+        wp = reinterpret_cast<const float*>(src + H * 2);
+      }
+      s_src[warp][slot] = src;
+      s_wsrc[warp][slot] = wp;
+    }
+    __syncwarp();
+    const int4* bias0 = q.bias0 ? reinterpret_cast<const int4*>((const char*)q.bias0 + (size_t)t * H * 2) : nullptr;
+    const int4* bias1 = q.bias1 ? reinterpret_cast<const int4*>((const char*)q.bias1 + (size_t)t * H * 2) : nullptr;
+    warp_sum_rows(s_src[warp], s_wsrc[warp], __popc(have), bias0, bias1,
+                  reinterpret_cast<int4*>((char*)q.combined_x + (size_t)t * H * 2),
+                  q.combined_weights ? q.combined_weights + (size_t)t * K : nullptr, K, n16, lane);
+    __syncwarp();
+  }
+  if (!ok) s_failed = 1;
+  __syncthreads();
+  if (s_failed) return;
+
+  // 4. Release my node's stages and, at each forwarder, my partial receive region.
+  if (!arrive_last(&q.state->combine_done)) return;
+  if (tid < P) st_release_sys_u64(at<uint64_t>(peer_normal(p, my_node * P + tid), L.combine_ack) + me, epoch);
+  if (tid < N - 1) {
+    const int n = node_at(my_node, tid, N);
+    tp::signal_set(at<uint64_t>(imine, IL.partial_free) + node_dist(n, my_node, N), epoch, n * P + my_local);
+  }
+  __syncthreads();
+  if (tid == 0) {
+    q.state->combine_done = 0;
+    q.state->combine_epoch = epoch;
+  }
+}
+
+}  // namespace
+}  // namespace ep
+
+extern "C" cudaError_t ep_launch_internode_prepare(const ep_internode_launch_t* p, cudaStream_t stream) {
+  const size_t smem = sizeof(int) * (size_t)(p->n.num_experts / p->num_nodes);
+  if (smem > 48 * 1024) {
+    cudaError_t e =
+        cudaFuncSetAttribute(ep::inter_prepare_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    if (e != cudaSuccess) return e;
+  }
+  ep::inter_prepare_kernel<<<p->n.num_ranks, ep::kPrepThreads, smem, stream>>>(*p);
+  return cudaGetLastError();
+}
+
+extern "C" cudaError_t ep_launch_internode_dispatch(const ep_internode_launch_t* p, cudaStream_t stream) {
+  ep::inter_dispatch_kernel<<<p->n.num_blocks, ep::kDispThreads, 0, stream>>>(*p);
+  return cudaGetLastError();
+}
+
+extern "C" cudaError_t ep_launch_internode_combine(const ep_internode_launch_t* p, cudaStream_t stream) {
+  ep::inter_combine_kernel<<<p->n.num_blocks, ep::kCombThreads, 0, stream>>>(*p);
+  return cudaGetLastError();
+}

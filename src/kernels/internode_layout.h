@@ -1,0 +1,87 @@
+/* internode_layout.h: the extra symmetric region of the normal path when the group has more than one node
+ * (docs/internode.md). One function computes it, for the host (to size the heap) and for the kernels.
+ *
+ * The internode path also uses the intranode region (normal_layout.h) with global rank indices, but only for
+ * same-node peers: count_matrix / expert_counts / send_list / *_ack entries of ranks of my node, x_stage (every
+ * token staged once) and y_stage (every received row staged once). Everything that crosses nodes lives here.
+ * Rank r = (node r / P, local index r % P); traffic between nodes stays on one rail: local index l talks only
+ * to local index l of other nodes. Arrays indexed by another node use the node distance
+ * dist(n) = (n - my_node + N) mod N - 1, so they have N-1 entries ("[N-1]" below).
+ *
+ *   uint64 meta_arrived[N-1]        signal, set by the rail peer's metadata put: prepare epoch
+ *   uint64 meta_ready[N-1]          set by me (forwarder) after meta_arrived: my node's ranks may read meta_recv
+ *   uint64 meta_free[N-1]           signal, set by the rail peer of that node: its meta_recv from me is free
+ *   uint64 meta_ack[N-1][P]         from local rank i: epoch whose meta_recv[n] it has finished reading
+ *   uint64 rdma_free[N-1]           signal, from the rail peer of that node: its rdma_recv from me is free
+ *   uint64 fwd_ack[N-1][P]          from local rank i: dispatch epoch whose rdma_recv[n] rows it has pulled
+ *   uint64 partial_free[N-1]        signal, from the rail peer (source) of that node: its partial_recv is free
+ *   uint64 rdma_arrived[N-1][T/C]   signal per chunk of C slots, set by the source's put: dispatch epoch
+ *   uint64 fwd_ready[N-1][T/C]      set by me (forwarder) after rdma_arrived: local ranks may pull the chunk
+ *   uint64 partial_arrived[N-1][T/C] signal per chunk, set by the forwarder's partial put: combine epoch
+ *   int32  meta_send[N-1][M]        my metadata block for each remote node (the put source)
+ *   int32  meta_recv[N-1][M]        the metadata block of the rail peer of each remote node
+ *            M = 2 + P + E/N + T words: num_tokens, num_slots, count[P] (tokens to each rank of the node),
+ *            expert_counts[E/N] (for the node's experts), slot[T] = token << 8 | mask of the node's local ranks
+ *   bytes  rdma_recv[N-1][T][x_row_bytes]     rows put by the rail peer of each remote node, by slot
+ *   bytes  partial_stage[N-1][T][y_row_bytes] my bf16 partial sums for the rail peer of each remote node
+ *   bytes  partial_recv[N-1][T][y_row_bytes]  partials put by the rail peer of each remote node, by slot
+ * Row formats are those of normal_layout.h (x: row | scales | topk ids | weights; y: bf16 row | weights).
+ * partial_stage is a full-size put source (simplest correct choice; the doc's ring of [B][2][C] rows would
+ * save (N-1) * T * y_row_bytes and is left for tuning). */
+#ifndef EP_KERNELS_INTERNODE_LAYOUT_H
+#define EP_KERNELS_INTERNODE_LAYOUT_H
+
+#include "kernels/normal_layout.h"
+
+typedef struct ep_internode_layout {
+  int num_nodes, ranks_per_node, max_tokens, num_chunks; /* num_chunks = ceil(T / C) */
+  int meta_words;                                         /* M */
+  size_t meta_bytes;                                      /* stride of one metadata block: 4 M, 16-aligned */
+  size_t x_row_bytes, y_row_bytes;
+  size_t meta_arrived, meta_ready, meta_free, meta_ack, rdma_free, fwd_ack, partial_free;
+  size_t rdma_arrived, fwd_ready, partial_arrived;
+  size_t meta_send, meta_recv, rdma_recv, partial_stage, partial_recv;
+  size_t total_bytes;
+} ep_internode_layout_t;
+
+static inline EP_HD ep_internode_layout_t ep_internode_layout(int num_ranks, int ranks_per_node, int num_experts,
+                                                              int max_tokens, int hidden, int max_topk) {
+  ep_internode_layout_t l;
+  const ep_normal_layout_t n = ep_normal_layout(num_ranks, num_experts, max_tokens, hidden, max_topk);
+  const int N = num_ranks / ranks_per_node;
+  const size_t Nm = (size_t)(N - 1), P = (size_t)ranks_per_node, T = (size_t)max_tokens;
+  l.num_nodes = N;
+  l.ranks_per_node = ranks_per_node;
+  l.max_tokens = max_tokens;
+  l.num_chunks = (max_tokens + EP_STAGE_CHUNK_ROWS - 1) / EP_STAGE_CHUNK_ROWS;
+  l.meta_words = 2 + ranks_per_node + num_experts / N + max_tokens;
+  l.x_row_bytes = n.x_row_bytes;
+  l.y_row_bytes = n.y_row_bytes;
+  const size_t C = (size_t)l.num_chunks, M = ep_align_up((size_t)l.meta_words * 4, 16);
+  l.meta_bytes = M;
+  size_t off = 0;
+  l.meta_arrived = off;    off += Nm * 8;
+  l.meta_ready = off;      off += Nm * 8;
+  l.meta_free = off;       off += Nm * 8;
+  l.meta_ack = off;        off += Nm * P * 8;
+  l.rdma_free = off;       off += Nm * 8;
+  l.fwd_ack = off;         off += Nm * P * 8;
+  l.partial_free = off;    off += Nm * 8;
+  l.rdma_arrived = off;    off += Nm * C * 8;
+  l.fwd_ready = off;       off += Nm * C * 8;
+  l.partial_arrived = off; off += Nm * C * 8;
+  off = ep_align_up(off, 128);
+  l.meta_send = off;       off += Nm * M;
+  off = ep_align_up(off, 128);
+  l.meta_recv = off;       off += Nm * M;
+  off = ep_align_up(off, 128);
+  l.rdma_recv = off;       off += Nm * T * l.x_row_bytes;
+  off = ep_align_up(off, 128);
+  l.partial_stage = off;   off += Nm * T * l.y_row_bytes;
+  off = ep_align_up(off, 128);
+  l.partial_recv = off;    off += Nm * T * l.y_row_bytes;
+  l.total_bytes = ep_align_up(off, 128);
+  return l;
+}
+
+#endif /* EP_KERNELS_INTERNODE_LAYOUT_H */
