@@ -452,6 +452,7 @@ __global__ void __launch_bounds__(kDispThreads, 1) inter_dispatch_kernel(ep_inte
                    mine + L.x_stage + (size_t)t * L.x_row_bytes, (size_t)row.extent, pe);
     }
     if (!ok) break;
+    __threadfence_system();  // the puts are warp stores on NVLink peers: order them before the chunk signal
     tp::fence();
     __syncwarp();
     if (lane == 0) tp::signal_set(at<uint64_t>(imine, IL.rdma_arrived) + (size_t)back * NC + c, epoch, pe);
@@ -722,6 +723,7 @@ __global__ void __launch_bounds__(kCombThreads, 1) inter_combine_kernel(ep_inter
       tp::put_warp(imine + IL.partial_recv + ((size_t)back * T + j) * L.y_row_bytes, part, part_bytes, pe);
     }
     if (!ok) break;
+    __threadfence_system();  // the puts are warp stores on NVLink peers: order them before the chunk signal
     tp::fence();
     __syncwarp();
     if (lane == 0) tp::signal_set(at<uint64_t>(imine, IL.partial_arrived) + (size_t)back * NC + c, epoch, pe);
