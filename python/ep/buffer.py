@@ -24,7 +24,8 @@ Code written against `deep_ep.Buffer` runs with `import ep as deep_ep`, with the
   Hooks launch the receive phase on the stream that was current at the call, as DeepEP's do. NOT YET
   SUPPORTED (NotImplementedError): `use_logfmt=True`, `dispatch_wait_recv_cost_stats`,
   `combine_wait_recv_cost_stats`, and the shrink-mode mask calls. See `low_latency_dispatch` for the
-  two-buffer rule.
+  two-buffer rule. The handle's src_info / layout_range and the zero-copy combine buffer are views of
+  library-owned memory made with torch.as_tensor over __cuda_array_interface__, which needs NumPy installed.
 * The internode normal path is NOT YET SUPPORTED: every rank must be in one NVLink domain (up to 8 GPUs).
 
 PyTorch is imported when a Buffer is made, not when `ep` is imported.
@@ -210,7 +211,8 @@ class LowLatencyHandle:
     hidden, num_experts).
       src_info      int32 [E_loc, R * T]: the source token index of each received row
       layout_range  int64 [E_loc, R]: (first row << 32) | rows, per (local expert, source rank)
-    Both are views of memory the library owns (one of the Buffer's two LL handles), not copies: they are valid
+    Both are views of memory the library owns (one of the Buffer's two LL handles; made with torch.as_tensor
+    over __cuda_array_interface__, which needs NumPy installed), not copies: they are valid
     from the dispatch's receive phase until the dispatch after next takes the same memory (DeepEP's rule: at most
     two LL results alive), and while the Buffer lives. `.clone()` them to keep them longer.
 
@@ -876,14 +878,29 @@ class Buffer:
         return g
 
     def _device_view(self, ptr, shape, dtype):
-        """A tensor over library-owned device memory (no copy), cached per (pointer, shape, dtype)."""
+        """A tensor over library-owned device memory (no copy), cached per (pointer, shape, dtype).
+
+        RISK (not yet run on a GPU): the view is made by torch.as_tensor over a __cuda_array_interface__, which
+        PyTorch implements with NumPy's C API (it raises "Numpy is not available" without numpy installed) and,
+        in some versions, by asking cudaPointerGetAttributes for the pointer's device; the zero-copy buffer is
+        NVSHMEM symmetric memory (possibly cuMemMap'd), for which that query is believed, not proven, to work.
+        A copy instead of a view is detected below and raises. A numpy-free alternative is a DLPack capsule
+        built with ctypes and passed to torch.from_dlpack."""
         torch = _torch
         key = (ptr, tuple(shape), dtype)
         t = self._ll_views.get(key)
         if t is None:
             raw_dtype, typestr = {torch.int32: (torch.int32, "<i4"), torch.int64: (torch.int64, "<i8"),
                                   torch.bfloat16: (torch.int16, "<i2")}[dtype]
-            t = torch.as_tensor(_DeviceArray(ptr, shape, typestr), device=self._device_str)
+            try:
+                t = torch.as_tensor(_DeviceArray(ptr, shape, typestr), device=self._device_str)
+            except RuntimeError as e:
+                if "umpy" not in str(e):
+                    raise
+                raise RuntimeError(
+                    f"ep: wrapping library-owned device memory as a tensor (LowLatencyHandle.src_info / "
+                    f"layout_range, get_next_low_latency_combine_buffer) uses torch.as_tensor over "
+                    f"__cuda_array_interface__, which needs NumPy in PyTorch: `pip install numpy` ({e})") from e
             if t.dtype != raw_dtype or t.data_ptr() != ptr:
                 raise RuntimeError(f"ep: wrapping device memory {ptr:#x} as a tensor gave {t.dtype} at "
                                    f"{t.data_ptr():#x}")
@@ -950,7 +967,11 @@ class Buffer:
         dispatch after next (a stale handle raises RuntimeError; its src_info / layout_range views then show the
         newer dispatch). recv_x / recv_count / the scales are fresh tensors per call and are not reused.
         Capturable in a CUDA graph (with the combine and the experts between them); the hook may be called
-        inside the capture too.
+        inside the capture too. Graph hazard: the host-side turn-taking runs at capture, not at replay; a graph
+        always reuses the buffer half and the LL handle (routing memory) it captured. Do not keep an eager LL
+        result (handle, src_info view, zero-copy buffer) alive across a replay, and replay only graphs that
+        hold a complete dispatch + combine; stream-ordered eager calls between replays are expected to work (the
+        GPU test does this; not yet run).
         """
         fn = "low_latency_dispatch"
         g = self._ll_alive(fn)
@@ -1113,8 +1134,14 @@ class Buffer:
 
     def get_next_low_latency_combine_buffer(self, handle):
         """The zero-copy combine buffer of the handle: a bf16 [E_loc, R * T, hidden] view of symmetric memory
-        (contiguous). Write the experts' outputs into it, then call low_latency_combine(..., zero_copy=True).
-        Valid from the handle's dispatch until its combine; the dispatch after next reuses it."""
+        (contiguous; DeepEP's is strided). Write the experts' outputs into it, then call
+        low_latency_combine(..., zero_copy=True). Valid from the handle's dispatch until its combine; the dispatch
+        after next reuses it (and a non-zero-copy combine of the handle may stage its rows there for peers
+        reached over NVSHMEM).
+        The tensor does not own the memory: it dangles once the Buffer is destroyed.
+        RISK (not yet run on a GPU): the view of NVSHMEM memory is made with torch.as_tensor over
+        __cuda_array_interface__, which needs NumPy installed and relies on PyTorch accepting a pointer into the
+        NVSHMEM heap; a copy instead of a view raises RuntimeError rather than silently breaking zero-copy."""
         fn = "get_next_low_latency_combine_buffer"
         g = self._ll_alive(fn)
         hptr = self._ll_handle(fn, handle, for_combine=False)

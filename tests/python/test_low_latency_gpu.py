@@ -21,7 +21,11 @@ select it, ordered by source rank, then token (ep's LL order is deterministic).
   graph       dispatch + an expert op + combine captured in a CUDA graph, replayed with new data == eager
   clean       clean_low_latency_buffer, then another dispatch + combine; handles from before are stale
   empty rank  a rank with no tokens
-Skips (77) without PyTorch, CUDA or 2 GPUs."""
+Skips (77) without PyTorch, CUDA or 2 GPUs. Fails at once without NumPy: handle.src_info / layout_range and the
+zero-copy buffer (NVSHMEM memory) are views made by torch.as_tensor over __cuda_array_interface__, which PyTorch
+implements with NumPy. That wrapping is the fragile part of this path (never run yet): if the zero-copy checks
+fail with "gave ... at 0x..." or a pointer-attribute error, PyTorch did not accept the NVSHMEM pointer as
+device memory of this GPU."""
 
 import os
 import socket
@@ -93,15 +97,22 @@ class World:
 
 
 def quantise(rows, round_scale):
-    """torch re-quantisation of bf16 rows [n, H]: (fp8 bytes [n, H] uint8, scales [n, H/128] fp32)."""
+    """torch re-quantisation of bf16 rows [n, H]: (fp8 bytes [n, H] uint8, scales [n, H/128] fp32), the kernel's
+    operations one for one in fp32: scale = max(amax, 1e-4f) / 448.0f, inv = 1.0f / scale, q = e4m3 satfinite
+    (x * inv). Both divisions are tensor / tensor on purpose: on CUDA, `t / 448.0` (a Python scalar) computes
+    t * fl(1 / 448), which differs from the IEEE quotient in the last bit for some amax, and `1.0 / t` goes
+    through reciprocal(). The clamp to +-448 is the kernel's __NV_SATFINITE (torch's cast gives NaN from 464 up;
+    x * inv stays within a few ulp of 448 here, so it only documents the rule)."""
     n, H = rows.shape
     xf = rows.float().view(n, H // 128, 128)
-    scale = xf.abs().amax(-1).clamp_min(1e-4) / 448.0
+    amax = xf.abs().amax(-1).clamp_min(1e-4)
+    scale = amax / torch.full_like(amax, 448.0)
     if round_scale:  # the next power of two at or above (bit manipulation: exact)
         bits = scale.view(torch.int32)
         exp = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).int()
         scale = (exp << 23).view(torch.float32)
-    q = (xf * (1.0 / scale).unsqueeze(-1)).to(torch.float8_e4m3fn).view(n, H)
+    inv = torch.ones_like(scale) / scale
+    q = (xf * inv.unsqueeze(-1)).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).view(n, H)
     return q.view(torch.uint8), scale
 
 
@@ -497,6 +508,11 @@ def main():
     if not _torch.cuda.is_available() or _torch.cuda.device_count() < WORLD:
         eptest.skip(f"needs {WORLD} GPUs, PyTorch sees "
                     f"{_torch.cuda.device_count() if _torch.cuda.is_available() else 0}")
+    import importlib.util
+    if importlib.util.find_spec("numpy") is None:  # torch.as_tensor over __cuda_array_interface__ needs it
+        print("FAIL numpy is not installed: ep's LL views (handle.src_info / layout_range, the zero-copy buffer) "
+              "are made by torch.as_tensor over __cuda_array_interface__, which needs NumPy; pip install numpy")
+        sys.exit(1)
     os.environ.setdefault("NVSHMEM_REMOTE_TRANSPORT", "none")  # one machine: NVLink only
     seed = int(os.environ.get("EP_TEST_SEED", "0"), 0) or (int(time.time() * 1e6) & 0xFFFFFFFF)
     print(f"seed = {seed:#x} (replay with EP_TEST_SEED={seed:#x})", flush=True)
