@@ -479,9 +479,7 @@ __global__ void __launch_bounds__(kDispThreads, 1) inter_dispatch_kernel(ep_inte
   // 4. Pull this block's share of my output rows, in output order (source rank, then token).
   if (tid <= R) s_offset[tid] = q.recv_offset[tid];
   __syncthreads();
-  const int num_recv = s_offset[R];
-  if (blockIdx.x == 0 && tid == 0 && num_recv > q.recv_capacity)
-    record_fault(q.error, EP_FAULT_RECV_OVERFLOW, me, -1, 0, num_recv, q.recv_capacity);
+  const int num_recv = s_offset[R];  // an overflow is reported at the end (a recorded fault ends every wait)
   const int per_block = (num_recv + gridDim.x - 1) / gridDim.x;
   const int begin = blockIdx.x * per_block, end = min(num_recv, begin + per_block);
   int ready_src = -1, ready_chunk = -1;
@@ -573,6 +571,8 @@ __global__ void __launch_bounds__(kDispThreads, 1) inter_dispatch_kernel(ep_inte
   if (tid == 0) {
     q.state->dispatch_done = 0;
     q.state->dispatch_epoch = epoch;
+    if (num_recv > q.recv_capacity)
+      record_fault(q.error, EP_FAULT_RECV_OVERFLOW, me, -1, 0, num_recv, q.recv_capacity);
   }
 }
 
