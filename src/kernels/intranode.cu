@@ -236,8 +236,6 @@ __global__ void __launch_bounds__(kDispatchThreads, 1) dispatch_kernel(ep_normal
   if (tid == 0) s_failed = 0;
   __syncthreads();
   const int num_recv = s_offset[R];
-  if (blockIdx.x == 0 && tid == 0 && num_recv > p.recv_capacity)
-    record_fault(p.error, EP_FAULT_RECV_OVERFLOW, me, -1, 0, num_recv, p.recv_capacity);
   const int per_block = (num_recv + gridDim.x - 1) / gridDim.x;
   const int begin = blockIdx.x * per_block, end = min(num_recv, begin + per_block);
   int ready_src = -1, ready_chunk = -1;  // the last chunk this warp saw staged
@@ -297,6 +295,10 @@ __global__ void __launch_bounds__(kDispatchThreads, 1) dispatch_kernel(ep_normal
   if (tid == 0) {
     p.state->dispatch_done = 0;
     p.state->dispatch_epoch = epoch;
+    // Reported only now: a fault recorded earlier would make this rank's remaining waits give up, and the
+    // protocol (acks, epoch) would fall out of step with its peers. The rows past the capacity were skipped.
+    if (num_recv > p.recv_capacity)
+      record_fault(p.error, EP_FAULT_RECV_OVERFLOW, me, -1, 0, num_recv, p.recv_capacity);
   }
 }
 
