@@ -30,8 +30,12 @@ __device__ __forceinline__ void record_fault(ep_device_error_t* err, int code, i
   }
 }
 
+// A fault after which the group is failed (a timeout, corrupted data): every other wait gives up at once. Data
+// faults (a bad expert index, a receive overflow) are reported but do not stop the protocol, so the group keeps
+// working after them.
 __device__ __forceinline__ bool has_fault(const ep_device_error_t* err) {
-  return *(volatile const int*)&err->code != 0;
+  const int code = *(volatile const int*)&err->code;
+  return code == EP_FAULT_TIMEOUT || code == EP_FAULT_BAD_DATA;
 }
 
 __device__ __forceinline__ int ld_acquire_sys(const int* p) {
