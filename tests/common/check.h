@@ -12,8 +12,10 @@
 #define TEST_FAIL 1
 #define TEST_SKIP 77
 
-/* Failed checks in this program so far; a program exits TEST_FAIL when it is non-zero. */
-static int g_check_failures = 0;
+/* Failed checks in this program so far; a program exits TEST_FAIL when it is non-zero. One counter per program,
+ * not per file: a weak definition, which the linker merges, so that CHECKs in a shared file linked into a test
+ * (tests/gpu/normal_cases.c) count towards that test's result. */
+__attribute__((weak)) int g_check_failures = 0;
 
 /* CHECK(cond, fmt, ...): on failure print file:line, the condition and a message; keep going. */
 #define CHECK(cond, ...)                                                       \

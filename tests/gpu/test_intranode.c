@@ -33,34 +33,13 @@
 
 #include "common/check.h"
 #include "gpu/harness.h"
+#include "gpu/normal_cases.h"
 #include "gpu/test_util.h"
 #include "ref/ep_ref.h"
 
-#define MAX_RANKS 64
 #define MAX_TOKENS 4096 /* config hints: the largest case */
 #define MAX_HIDDEN 7168
 #define MAX_TOPK 8
-#define MAX_REPORTS 4 /* mismatches printed per buffer */
-#define REF_BYTES_BUDGET ((size_t)1 << 30) /* per-process reference receive bytes; big worlds get fewer tokens */
-
-enum routing { ROUTE_RANDOM, ROUTE_SKEWED };
-enum topk_out { TOPK_NONE, TOPK_IDX, TOPK_IDX_WEIGHTS }; /* what dispatch delivers besides rows */
-enum { BIAS0 = 1, BIAS1 = 2 };
-
-typedef struct {
-  int tokens;      /* per rank; with `vary`, the most any rank has */
-  int vary;        /* counts differ between ranks, the last rank has 0 */
-  int hidden;
-  int topk;
-  int fp8;         /* x is FP8 E4M3 with fp32 scales, else BF16 */
-  int topk_out;    /* enum topk_out */
-  int routing;     /* enum routing */
-  int few_experts; /* num_experts = 8 * num_ranks instead of the group's config.num_experts */
-  int sms;         /* num_sms of dispatch and combine; 0 = the group default */
-  int alignment;   /* expert_alignment */
-  int bias;        /* BIAS0 | BIAS1 for the combine */
-  int cached;      /* a second dispatch of new x through the handle, without prepare */
-} case_t;
 
 /* Short names for the table: top-k outputs none / ids / ids and weights; random / skewed routing. */
 enum { NO = TOPK_NONE, IDX = TOPK_IDX, IDW = TOPK_IDX_WEIGHTS, RND = ROUTE_RANDOM, SKW = ROUTE_SKEWED };
@@ -115,566 +94,19 @@ static int mentions(const char* msg, const char* name) {
 }
 
 /* ------------------------------------------------------------------------------------------------------------
- * The world: every rank's inputs, generated identically on every rank
+ * The combine tolerance
  * ------------------------------------------------------------------------------------------------------------ */
 
-typedef struct {
-  int R, hidden, topk, num_experts;
-  int fp8, deliver_idx, with_weights;
-  size_t row_bytes; /* bytes of one x row */
-  int num_scales;   /* hidden / 128 with FP8, else 0 */
-  int num_tokens[MAX_RANKS];
-  uint8_t* x[MAX_RANKS];      /* [N_r, row_bytes] */
-  float* scales[MAX_RANKS];   /* [N_r, num_scales], FP8 only */
-  int64_t* idx[MAX_RANKS];    /* [N_r, topk] global expert ids, -1 = none */
-  float* weights[MAX_RANKS];  /* [N_r, topk] */
-} world_t;
-
-/* An independent random stream per (seed, rank, purpose). */
-static uint64_t stream_of(uint64_t seed, int rank, uint64_t salt) {
-  uint64_t s = seed ^ (0x9e3779b97f4a7c15ull * (uint64_t)(rank + 1)) ^ (0xd1b54a32d192ed69ull * (salt + 1));
-  harness_rand(&s);
-  return s;
+/* combined_x within 2^-7 of |ref|: the inputs make every fp32 sum exact, so bit-identical is expected and the
+ * values this accepts are reported. */
+static int within_bf16_rounding(const world_t* w, const expect_t* e, size_t i, float got, float want) {
+  (void)w;
+  (void)e;
+  (void)i;
+  return fabsf(got - want) <= ldexpf(fabsf(want), -7);
 }
-
-/* Tokens of the case, fewer for big worlds so the reference fits in REF_BYTES_BUDGET (more than 4 ranks). */
-static int case_tokens(const case_t* k, int R) {
-  size_t row = (size_t)k->hidden * (k->fp8 ? 1 : 2);
-  int n = k->tokens;
-  while (n > 1024 && (size_t)R * (size_t)R * (size_t)n * row > REF_BYTES_BUDGET) n /= 2;
-  return n;
-}
-
-static void world_token_counts(world_t* w, const case_t* k, uint64_t seed) {
-  const int n = case_tokens(k, w->R);
-  uint64_t s = stream_of(seed, -1, 7);
-  for (int r = 0; r < w->R; ++r) {
-    if (!k->vary || n == 0) w->num_tokens[r] = n;
-    else if (r == w->R - 1 && w->R > 1) w->num_tokens[r] = 0; /* one rank with no tokens */
-    else w->num_tokens[r] = 1 + (int)(harness_rand(&s) % (uint64_t)n);
-  }
-}
-
-/* Distinct experts per token. Random: any expert, ~10% of the slots -1. Skewed: every token of every rank to
- * experts of rank `target`, no -1. */
-static void gen_routing(uint64_t* s, const world_t* w, int n, int routing, int target, int64_t* idx) {
-  const int K = w->topk, E = w->num_experts, E_loc = E / w->R;
-  for (int t = 0; t < n; ++t) {
-    int64_t* row = idx + (size_t)t * K;
-    for (int k = 0; k < K; ++k) {
-      int dup;
-      do {
-        row[k] = routing == ROUTE_SKEWED ? (int64_t)target * E_loc + (int64_t)(harness_rand(s) % (uint64_t)E_loc)
-                                         : (int64_t)(harness_rand(s) % (uint64_t)E);
-        dup = 0;
-        for (int j = 0; j < k; ++j) dup |= row[j] == row[k];
-      } while (dup && (routing == ROUTE_SKEWED ? K <= E_loc : K <= E));
-    }
-    if (routing == ROUTE_RANDOM)
-      for (int k = 0; k < K; ++k)
-        if (harness_uniform(s) < 0.1) row[k] = -1;
-  }
-}
-
-/* A bf16 with random sign, exponent in [-6, 3] and mantissa: every bit lies in [2^-13, 2^3], so a sum of up to
- * 64 of them plus two biases in [-8, 8] stays within 24 bits: exact in fp32, whatever the order. */
-static uint16_t random_bf16(uint64_t bits) {
-  uint16_t sign = (uint16_t)((bits >> 15) & 1), e = (uint16_t)(((bits >> 7) & 0xff) % 10), m = (uint16_t)(bits & 0x7f);
-  return (uint16_t)(sign << 15 | (uint16_t)(127 - 6 + e) << 7 | m);
-}
-
-/* A random e4m3 byte that is not NaN (0x7f / 0xff become +-448). Sums of up to 64 stay exact in fp32 too. */
-static uint8_t random_e4m3(uint64_t bits) {
-  uint8_t b = (uint8_t)bits;
-  return (b & 0x7f) == 0x7f ? (uint8_t)(b ^ 1) : b;
-}
-
-/* x, scales and weights of every rank, from stream `salt` (a cached dispatch uses another salt). */
-static void world_payload(world_t* w, uint64_t seed, uint64_t salt) {
-  for (int r = 0; r < w->R; ++r) {
-    uint64_t s = stream_of(seed, r, salt);
-    const size_t n = (size_t)w->num_tokens[r], vals = n * (size_t)w->hidden;
-    if (w->fp8) {
-      for (size_t i = 0; i < vals; i += 8) {
-        uint64_t bits = harness_rand(&s);
-        for (size_t j = 0; j < 8 && i + j < vals; ++j) w->x[r][i + j] = random_e4m3(bits >> (8 * j));
-      }
-      for (size_t i = 0; i < n * (size_t)w->num_scales; ++i)
-        w->scales[r][i] = (float)(1e-3 + 10.0 * harness_uniform(&s));
-    } else {
-      uint16_t* x = (uint16_t*)w->x[r];
-      for (size_t i = 0; i < vals; i += 4) {
-        uint64_t bits = harness_rand(&s);
-        for (size_t j = 0; j < 4 && i + j < vals; ++j) x[i + j] = random_bf16(bits >> (16 * j));
-      }
-    }
-    for (size_t i = 0; i < n * (size_t)w->topk; ++i) w->weights[r][i] = (float)harness_uniform(&s);
-  }
-}
-
-/* Shape and routing from `count_seed` / `data_seed`; payload from `data_seed`. */
-static void world_build(world_t* w, const case_t* k, const ctx_t* c, uint64_t count_seed, uint64_t data_seed) {
-  memset(w, 0, sizeof *w);
-  w->R = c->R;
-  w->hidden = k->hidden;
-  w->topk = k->topk;
-  w->num_experts = k->few_experts && 8 * c->R <= c->max_experts ? 8 * c->R : c->max_experts;
-  w->fp8 = k->fp8;
-  w->deliver_idx = k->topk_out != TOPK_NONE;
-  w->with_weights = k->topk_out == TOPK_IDX_WEIGHTS;
-  w->row_bytes = (size_t)k->hidden * (k->fp8 ? 1 : 2);
-  w->num_scales = k->fp8 ? k->hidden / EP_REF_FP8_GROUP : 0;
-  world_token_counts(w, k, count_seed);
-  const int target = (int)((data_seed >> 17) % (uint64_t)c->R);
-  for (int r = 0; r < w->R; ++r) {
-    const size_t n = (size_t)w->num_tokens[r];
-    w->x[r] = xmalloc(n * w->row_bytes);
-    w->scales[r] = xmalloc(n * (size_t)w->num_scales * sizeof(float));
-    w->idx[r] = xmalloc(n * (size_t)w->topk * sizeof(int64_t));
-    w->weights[r] = xmalloc(n * (size_t)w->topk * sizeof(float));
-    uint64_t s = stream_of(data_seed, r, 0);
-    gen_routing(&s, w, (int)n, k->routing, target, w->idx[r]);
-  }
-  world_payload(w, data_seed, 1);
-}
-
-static void world_free(world_t* w) {
-  for (int r = 0; r < w->R; ++r) {
-    free(w->x[r]);
-    free(w->scales[r]);
-    free(w->idx[r]);
-    free(w->weights[r]);
-  }
-  memset(w, 0, sizeof *w);
-}
-
-static int max_tokens_of(const world_t* w) {
-  int m = 0;
-  for (int r = 0; r < w->R; ++r) m = w->num_tokens[r] > m ? w->num_tokens[r] : m;
-  return m;
-}
-
-/* This rank's biases: small integers in [-8, 8] as bf16. */
-static uint16_t* make_bias(uint64_t seed, int me, int which, size_t count) {
-  uint16_t* b = xmalloc(count * sizeof(uint16_t));
-  uint64_t s = stream_of(seed, me, 10 + (uint64_t)which);
-  for (size_t i = 0; i < count; ++i) b[i] = ep_ref_f32_to_bf16((float)((int)(harness_rand(&s) % 17) - 8));
-  return b;
-}
-
-/* ------------------------------------------------------------------------------------------------------------
- * What this rank expects, from the reference run over the whole world
- * ------------------------------------------------------------------------------------------------------------ */
-
-typedef struct {
-  ep_ref_dispatch_t disp;
-  const uint16_t* y[MAX_RANKS];  /* rank d's combine input as the reference sees it */
-  uint16_t* y_owned[MAX_RANKS];  /* FP8: widened copies (rows of other ranks' tokens elsewhere stay 0) */
-  uint16_t* combined_x;          /* this rank's [num_tokens, hidden] */
-  float* combined_w;             /* this rank's [num_tokens, topk] */
-} expect_t;
-
-static void widen_fp8_rows(const ep_ref_recv_t* r, int hidden, int only_src_rank, uint16_t* y) {
-  uint16_t lut[256];
-  for (int b = 0; b < 256; ++b) lut[b] = ep_ref_f32_to_bf16(ep_ref_e4m3_to_f32((uint8_t)b));
-  for (int row = 0; row < r->num_recv; ++row) {
-    if (only_src_rank >= 0 && r->src_rank[row] != only_src_rank) continue;
-    const uint8_t* in = r->x + (size_t)row * (size_t)hidden;
-    uint16_t* out = y + (size_t)row * (size_t)hidden;
-    for (int c = 0; c < hidden; ++c) out[c] = lut[in[c]];
-  }
-}
-
-/* ep_ref_combine over a view of the dispatch in which only this rank has tokens: the same sums for this rank's
- * tokens, without computing every other rank's. */
-static int reference_combine_mine(expect_t* e, const world_t* w, int me, const uint16_t* bias0,
-                                  const uint16_t* bias1) {
-  ep_ref_dispatch_t view = e->disp;
-  int tokens[MAX_RANKS] = {0};
-  tokens[me] = w->num_tokens[me];
-  view.num_tokens = tokens;
-  const uint16_t *b0[MAX_RANKS] = {0}, *b1[MAX_RANKS] = {0};
-  const float* recv_w[MAX_RANKS] = {0};
-  uint16_t* out[MAX_RANKS] = {0};
-  float* out_w[MAX_RANKS] = {0};
-  b0[me] = bias0;
-  b1[me] = bias1;
-  out[me] = e->combined_x;
-  out_w[me] = e->combined_w;
-  for (int d = 0; d < w->R; ++d) recv_w[d] = e->disp.recv[d].topk_weights;
-  return ep_ref_combine(&view, w->hidden, e->y, w->with_weights ? recv_w : NULL, bias0 ? b0 : NULL,
-                        bias1 ? b1 : NULL, out, out_w);
-}
-
-/* The reference rejecting inputs this test made is a bug of the test: every rank stops the same way. */
-static void expect_build(expect_t* e, const world_t* w, int alignment, int me, const uint16_t* bias0,
-                         const uint16_t* bias1) {
-  memset(e, 0, sizeof *e);
-  ep_ref_world_t rw;
-  memset(&rw, 0, sizeof rw);
-  rw.num_ranks = w->R;
-  rw.ranks_per_node = w->R;
-  rw.num_experts = w->num_experts;
-  rw.num_topk = w->topk;
-  rw.num_tokens = w->num_tokens;
-  rw.x = (const void* const*)w->x;
-  rw.row_bytes = w->row_bytes;
-  rw.x_scales = w->fp8 ? (const float* const*)w->scales : NULL;
-  rw.num_scales = w->num_scales;
-  rw.topk_idx = (const int64_t* const*)w->idx;
-  rw.topk_weights = w->with_weights ? (const float* const*)w->weights : NULL;
-  if (ep_ref_dispatch(&rw, alignment, &e->disp) != 0) {
-    fprintf(stderr, "FAIL: ep_ref_dispatch rejected the test's inputs\n");
-    exit(TEST_FAIL);
-  }
-  for (int d = 0; d < w->R; ++d) {
-    const ep_ref_recv_t* r = &e->disp.recv[d];
-    if (!w->fp8) {
-      e->y[d] = (const uint16_t*)r->x;
-      continue;
-    }
-    e->y_owned[d] = xcalloc((size_t)r->num_recv * (size_t)w->hidden, sizeof(uint16_t));
-    widen_fp8_rows(r, w->hidden, d == me ? -1 : me, e->y_owned[d]);
-    e->y[d] = e->y_owned[d];
-  }
-  e->combined_x = xmalloc((size_t)w->num_tokens[me] * (size_t)w->hidden * sizeof(uint16_t));
-  e->combined_w = xcalloc((size_t)w->num_tokens[me] * (size_t)w->topk, sizeof(float));
-  if (reference_combine_mine(e, w, me, bias0, bias1) != 0) {
-    fprintf(stderr, "FAIL: ep_ref_combine rejected the test's inputs\n");
-    exit(TEST_FAIL);
-  }
-}
-
-static void expect_free(expect_t* e) {
-  for (int d = 0; d < e->disp.num_ranks; ++d) free(e->y_owned[d]);
-  ep_ref_dispatch_free(&e->disp);
-  free(e->combined_x);
-  free(e->combined_w);
-  memset(e, 0, sizeof *e);
-}
-
-/* ------------------------------------------------------------------------------------------------------------
- * Device buffers of one case
- * ------------------------------------------------------------------------------------------------------------ */
-
-typedef struct {
-  /* inputs: this rank's tokens */
-  void* x;
-  float* scales;
-  int64_t* idx;
-  float* weights;
-  uint16_t *bias0, *bias1;
-  int* num_recv;      /* prepare's device outputs */
-  int* expert_counts;
-  /* dispatch outputs and the combine's input, `capacity` rows */
-  int capacity;
-  void* recv_x;
-  float* recv_scales;
-  int64_t* recv_idx;
-  float* recv_w;
-  int* recv_src;
-  uint16_t* y; /* FP8 only: the received rows widened to bf16 */
-  /* combine outputs, this rank's tokens */
-  uint16_t* comb_x;
-  float* comb_w;
-} bufs_t;
-
-static void bufs_alloc_inputs(bufs_t* b, const world_t* w, int me) {
-  memset(b, 0, sizeof *b);
-  const size_t n = (size_t)w->num_tokens[me], K = (size_t)w->topk;
-  b->x = dev_alloc(n * w->row_bytes);
-  b->scales = dev_alloc(n * (size_t)w->num_scales * sizeof(float));
-  b->idx = dev_alloc(n * K * sizeof(int64_t));
-  b->weights = dev_alloc(n * K * sizeof(float));
-  b->bias0 = dev_alloc(n * (size_t)w->hidden * 2);
-  b->bias1 = dev_alloc(n * (size_t)w->hidden * 2);
-  b->num_recv = dev_alloc(sizeof(int));
-  b->expert_counts = dev_alloc((size_t)(w->num_experts / w->R) * sizeof(int));
-  b->comb_x = dev_alloc(n * (size_t)w->hidden * 2);
-  b->comb_w = dev_alloc(n * K * sizeof(float));
-}
-
-/* Copies this rank's inputs (synchronous: also orders them before a later graph launch). */
-static void bufs_upload_inputs(bufs_t* b, const world_t* w, int me, const uint16_t* bias0, const uint16_t* bias1) {
-  const size_t n = (size_t)w->num_tokens[me], K = (size_t)w->topk;
-  upload(b->x, w->x[me], n * w->row_bytes);
-  upload(b->scales, w->scales[me], n * (size_t)w->num_scales * sizeof(float));
-  upload(b->idx, w->idx[me], n * K * sizeof(int64_t));
-  upload(b->weights, w->weights[me], n * K * sizeof(float));
-  if (bias0) upload(b->bias0, bias0, n * (size_t)w->hidden * 2);
-  if (bias1) upload(b->bias1, bias1, n * (size_t)w->hidden * 2);
-}
-
-static void bufs_free_outputs(bufs_t* b) {
-  dev_free(b->recv_x);
-  dev_free(b->recv_scales);
-  dev_free(b->recv_idx);
-  dev_free(b->recv_w);
-  dev_free(b->recv_src);
-  dev_free(b->y);
-  b->recv_x = NULL;
-  b->recv_scales = NULL;
-  b->recv_idx = NULL;
-  b->recv_w = NULL;
-  b->recv_src = NULL;
-  b->y = NULL;
-  b->capacity = 0;
-}
-
-static void bufs_alloc_outputs(bufs_t* b, const world_t* w, int capacity) {
-  bufs_free_outputs(b);
-  const size_t rows = (size_t)capacity, K = (size_t)w->topk;
-  b->capacity = capacity;
-  b->recv_x = dev_alloc(rows * w->row_bytes);
-  b->recv_scales = dev_alloc(rows * (size_t)w->num_scales * sizeof(float));
-  b->recv_idx = dev_alloc(rows * K * sizeof(int64_t));
-  b->recv_w = dev_alloc(rows * K * sizeof(float));
-  b->recv_src = dev_alloc(rows * sizeof(int));
-  if (w->fp8) b->y = dev_alloc(rows * (size_t)w->hidden * 2);
-}
-
-static void bufs_free(bufs_t* b) {
-  bufs_free_outputs(b);
-  void* inputs[] = {b->x, b->scales, b->idx, b->weights, b->bias0, b->bias1,
-                    b->num_recv, b->expert_counts, b->comb_x, b->comb_w};
-  for (size_t i = 0; i < sizeof(inputs) / sizeof(inputs[0]); ++i) dev_free(inputs[i]);
-  memset(b, 0, sizeof *b);
-}
-
-/* Poison prepare's device counts (0xA5A5A5A5), before a prepare. */
-static void bufs_poison_counts(const bufs_t* b, const world_t* w, cudaStream_t s) {
-  CUDA_CHECK(cudaMemsetAsync(b->num_recv, 0xA5, sizeof(int), s));
-  CUDA_CHECK(cudaMemsetAsync(b->expert_counts, 0xA5, (size_t)(w->num_experts / w->R) * sizeof(int), s));
-}
-
-/* Poison the dispatch and combine outputs: integers 0xA5A5..., fp32 and bf16 NaN, so an unwritten one fails. */
-static void bufs_poison(const bufs_t* b, const world_t* w, int me, cudaStream_t s) {
-  const size_t rows = (size_t)b->capacity, K = (size_t)w->topk, n = (size_t)w->num_tokens[me];
-  if (rows) {
-    CUDA_CHECK(cudaMemsetAsync(b->recv_x, 0xA5, rows * w->row_bytes, s));
-    if (w->fp8) CUDA_CHECK(cudaMemsetAsync(b->recv_scales, 0xFF, rows * (size_t)w->num_scales * sizeof(float), s));
-    CUDA_CHECK(cudaMemsetAsync(b->recv_idx, 0xA5, rows * K * sizeof(int64_t), s));
-    CUDA_CHECK(cudaMemsetAsync(b->recv_w, 0xFF, rows * K * sizeof(float), s));
-    CUDA_CHECK(cudaMemsetAsync(b->recv_src, 0xA5, rows * sizeof(int), s));
-  }
-  if (n) {
-    CUDA_CHECK(cudaMemsetAsync(b->comb_x, 0xFF, n * (size_t)w->hidden * 2, s));
-    CUDA_CHECK(cudaMemsetAsync(b->comb_w, 0xFF, n * K * sizeof(float), s));
-  }
-}
-
-/* ------------------------------------------------------------------------------------------------------------
- * Library calls
- * ------------------------------------------------------------------------------------------------------------ */
-
-/* Graph-safe when host_num_recv is NULL; the device counts are asked for when `dev_counts`. */
-static ep_dispatch_prepare_args_t prepare_args(const world_t* w, int me, const bufs_t* b, int alignment,
-                                               int* host_num_recv, int* host_counts, int dev_counts) {
-  ep_dispatch_prepare_args_t p = EP_DISPATCH_PREPARE_ARGS_INIT;
-  p.topk_idx = b->idx;
-  p.num_tokens = w->num_tokens[me];
-  p.num_topk = w->topk;
-  p.num_experts = w->num_experts;
-  p.expert_alignment = alignment;
-  p.num_recv_tokens = host_num_recv;
-  p.num_recv_tokens_per_expert = host_counts;
-  if (dev_counts) {
-    p.num_recv_tokens_dev = b->num_recv;
-    p.num_recv_tokens_per_expert_dev = b->expert_counts;
-  }
-  return p;
-}
-
-static ep_dispatch_args_t dispatch_args(const world_t* w, const bufs_t* b, int sms) {
-  ep_dispatch_args_t a = EP_DISPATCH_ARGS_INIT;
-  a.x = b->x;
-  a.x_dtype = w->fp8 ? EP_FP8_E4M3 : EP_BF16;
-  a.hidden = w->hidden;
-  a.x_scales = w->fp8 ? b->scales : NULL;
-  a.topk_idx = w->deliver_idx ? b->idx : NULL; /* needed only for the top-k outputs */
-  a.topk_weights = w->with_weights ? b->weights : NULL;
-  a.recv_capacity = b->capacity;
-  a.recv_x = b->recv_x;
-  a.recv_x_scales = w->fp8 ? b->recv_scales : NULL;
-  a.recv_topk_idx = w->deliver_idx ? b->recv_idx : NULL;
-  a.recv_topk_weights = w->with_weights ? b->recv_w : NULL;
-  a.recv_src_idx = b->recv_src;
-  a.num_sms = sms;
-  return a;
-}
-
-/* y = the received rows (BF16: recv_x itself; FP8: b->y, filled by the caller), with the received weights. */
-static ep_combine_args_t combine_args(const world_t* w, const bufs_t* b, int bias, int sms) {
-  ep_combine_args_t a = EP_COMBINE_ARGS_INIT;
-  a.x = w->fp8 ? (const void*)b->y : b->recv_x;
-  a.hidden = w->hidden;
-  a.topk_weights = w->with_weights ? b->recv_w : NULL;
-  a.bias0 = (bias & BIAS0) ? b->bias0 : NULL;
-  a.bias1 = (bias & BIAS1) ? b->bias1 : NULL;
-  a.combined_x = b->comb_x;
-  a.combined_topk_weights = w->with_weights ? b->comb_w : NULL;
-  a.num_sms = sms;
-  return a;
-}
-
-/* FP8: the combine input, the reference's received rows of this rank widened to bf16. */
-static void upload_y(const bufs_t* b, const world_t* w, const expect_t* e, int me) {
-  if (!w->fp8) return;
-  int rows = e->disp.recv[me].num_recv < b->capacity ? e->disp.recv[me].num_recv : b->capacity;
-  upload(b->y, e->y[me], (size_t)rows * (size_t)w->hidden * 2);
-}
-
-/* ------------------------------------------------------------------------------------------------------------
- * Checks
- * ------------------------------------------------------------------------------------------------------------ */
-
-enum elem { ELEM_U8, ELEM_I32, ELEM_I64, ELEM_F32 };
-static const size_t k_elem_bytes[] = {1, 4, 8, 4};
-
-static void format_elem(enum elem type, const uint8_t* p, char* out, size_t len) {
-  int32_t i32;
-  int64_t i64;
-  float f;
-  uint32_t u;
-  switch (type) {
-    case ELEM_U8: snprintf(out, len, "0x%02x", p[0]); break;
-    case ELEM_I32: memcpy(&i32, p, 4); snprintf(out, len, "%d", i32); break;
-    case ELEM_I64: memcpy(&i64, p, 8); snprintf(out, len, "%lld", (long long)i64); break;
-    case ELEM_F32: memcpy(&f, p, 4); memcpy(&u, p, 4); snprintf(out, len, "%g (0x%08x)", f, u); break;
-  }
-}
-
-/* `rows` received rows of `row_elems` elements, bit for bit; the first bad rows are reported with their source. */
-static void compare_rows(const char* what, const void* got, const void* want, int rows, size_t row_elems,
-                         enum elem type, const ep_ref_recv_t* src) {
-  const size_t eb = k_elem_bytes[type], row_bytes = row_elems * eb;
-  int bad = 0;
-  for (int r = 0; r < rows; ++r) {
-    const uint8_t* g = (const uint8_t*)got + (size_t)r * row_bytes;
-    const uint8_t* w = (const uint8_t*)want + (size_t)r * row_bytes;
-    if (memcmp(g, w, row_bytes) == 0) continue;
-    if (bad++ >= MAX_REPORTS) continue;
-    size_t e = 0;
-    while (memcmp(g + e * eb, w + e * eb, eb) == 0) ++e;
-    char gs[48], ws[48];
-    format_elem(type, g + e * eb, gs, sizeof gs);
-    format_elem(type, w + e * eb, ws, sizeof ws);
-    fprintf(stderr, "  %s: row %d (token %d of rank %d), element %zu: got %s, want %s\n", what, r, src->src_idx[r],
-            src->src_rank[r], e, gs, ws);
-  }
-  CHECK(bad == 0, "%s: %d of %d rows differ from the reference", what, bad, rows);
-}
-
-/* Rows [from, to) past the received count must read -1. */
-static void check_tail(const char* what, const void* got, size_t row_elems, enum elem type, int from, int to) {
-  int bad = 0;
-  for (int r = from; r < to; ++r)
-    for (size_t e = 0; e < row_elems; ++e) {
-      size_t i = (size_t)r * row_elems + e;
-      long long v = type == ELEM_I64 ? (long long)((const int64_t*)got)[i] : (long long)((const int32_t*)got)[i];
-      if (v != -1 && bad++ < MAX_REPORTS)
-        fprintf(stderr, "  %s: row %d past the count (%d), element %zu is %lld, want -1\n", what, r, from, e, v);
-    }
-  CHECK(bad == 0, "%s: %d elements past the received count are not -1", what, bad);
-}
-
-/* The received count and the per-expert counts that prepare reported. */
-static void check_counts(const char* path, const world_t* w, const ep_ref_recv_t* want, const int* got_num_recv,
-                         const int* got_counts) {
-  CHECK(*got_num_recv == want->num_recv, "%s: received %d rows, want %d", path, *got_num_recv, want->num_recv);
-  for (int e = 0; e < w->num_experts / w->R; ++e)
-    if (got_counts[e] != want->num_recv_tokens_per_expert[e]) {
-      CHECK(0, "%s: num_recv_tokens_per_expert[%d] = %d, want %d", path, e, got_counts[e],
-            want->num_recv_tokens_per_expert[e]);
-      break;
-    }
-}
-
-/* This rank's dispatch outputs against the reference. `got_num_recv` / `got_counts` are what prepare reported
- * (NULL: not checked here); `tail`: check the rows past the count (graph-safe outputs). */
-static void check_dispatch(const char* path, const world_t* w, const ep_ref_recv_t* want, const bufs_t* b,
-                           const int* got_num_recv, const int* got_counts, int tail) {
-  char what[96];
-  const size_t K = (size_t)w->topk;
-  if (got_num_recv) check_counts(path, w, want, got_num_recv, got_counts);
-  const int n = want->num_recv < b->capacity ? want->num_recv : b->capacity;
-  CHECK(n == want->num_recv, "%s: capacity %d < %d received rows", path, b->capacity, want->num_recv);
-
-  void* x = download(b->recv_x, (size_t)n * w->row_bytes);
-  snprintf(what, sizeof what, "%s recv_x", path);
-  compare_rows(what, x, want->x, n, w->row_bytes, ELEM_U8, want);
-  free(x);
-  if (w->fp8) {
-    float* sc = download(b->recv_scales, (size_t)n * (size_t)w->num_scales * sizeof(float));
-    snprintf(what, sizeof what, "%s recv_x_scales", path);
-    compare_rows(what, sc, want->x_scales, n, (size_t)w->num_scales, ELEM_F32, want);
-    free(sc);
-  }
-  if (w->deliver_idx) {
-    int64_t* idx = download(b->recv_idx, (size_t)b->capacity * K * sizeof(int64_t));
-    snprintf(what, sizeof what, "%s recv_topk_idx", path);
-    compare_rows(what, idx, want->topk_idx, n, K, ELEM_I64, want);
-    if (tail) check_tail(what, idx, K, ELEM_I64, n, b->capacity);
-    free(idx);
-  }
-  if (w->with_weights) {
-    float* wt = download(b->recv_w, (size_t)n * K * sizeof(float));
-    snprintf(what, sizeof what, "%s recv_topk_weights", path);
-    compare_rows(what, wt, want->topk_weights, n, K, ELEM_F32, want);
-    free(wt);
-  }
-  int* src = download(b->recv_src, (size_t)b->capacity * sizeof(int));
-  snprintf(what, sizeof what, "%s recv_src_idx", path);
-  compare_rows(what, src, want->src_idx, n, 1, ELEM_I32, want);
-  if (tail) check_tail(what, src, 1, ELEM_I32, n, b->capacity);
-  free(src);
-}
-
-/* The prepare's device counts (graph-safe form, or eager with the device outputs asked for). */
-static void check_dev_counts(const char* path, const world_t* w, const ep_ref_recv_t* want, const bufs_t* b) {
-  const int E_loc = w->num_experts / w->R;
-  int* n = download(b->num_recv, sizeof(int));
-  int* counts = download(b->expert_counts, (size_t)E_loc * sizeof(int));
-  char what[96];
-  snprintf(what, sizeof what, "%s (device counts)", path);
-  check_counts(what, w, want, n, counts);
-  free(n);
-  free(counts);
-}
-
-/* combined_x within 2^-7 of |ref| (bit-identical expected: reported when not), weights within 1e-6 relative. */
-static void check_combine(const char* path, const world_t* w, int me, const expect_t* e, const bufs_t* b) {
-  const size_t n = (size_t)w->num_tokens[me], H = (size_t)w->hidden, K = (size_t)w->topk;
-  uint16_t* got = download(b->comb_x, n * H * 2);
-  size_t bad = 0, inexact = 0;
-  for (size_t i = 0; i < n * H; ++i) {
-    if (got[i] == e->combined_x[i]) continue;
-    float g = ep_ref_bf16_to_f32(got[i]), r = ep_ref_bf16_to_f32(e->combined_x[i]);
-    if (fabsf(g - r) <= ldexpf(fabsf(r), -7)) {
-      inexact++;
-      continue;
-    }
-    if (bad++ < MAX_REPORTS)
-      fprintf(stderr, "  %s combined_x: token %zu channel %zu: got %g (0x%04x), want %g (0x%04x)\n", path, i / H,
-              i % H, g, got[i], r, e->combined_x[i]);
-  }
-  CHECK(bad == 0, "%s combined_x: %zu of %zu values differ from the reference", path, bad, n * H);
-  if (inexact)
-    printf("  note: %s combined_x: %zu values within bf16 rounding but not bit-identical\n", path, inexact);
-  free(got);
-  if (!w->with_weights) return;
-  float* gw = download(b->comb_w, n * K * sizeof(float));
-  bad = 0;
-  for (size_t i = 0; i < n * K; ++i) {
-    float r = e->combined_w[i];
-    if (fabsf(gw[i] - r) <= 1e-6f * fabsf(r)) continue;
-    if (bad++ < MAX_REPORTS)
-      fprintf(stderr, "  %s combined_topk_weights: token %zu slot %zu: got %g, want %g\n", path, i / K, i % K,
-              gw[i], r);
-  }
-  CHECK(bad == 0, "%s combined_topk_weights: %zu of %zu values differ", path, bad, n * K);
-  free(gw);
-}
+static const combine_rule_t k_combine_rule = {within_bf16_rounding,
+                                              "values within bf16 rounding but not bit-identical"};
 
 /* ------------------------------------------------------------------------------------------------------------
  * One case: eager, cached, graph-safe
@@ -704,7 +136,7 @@ static void run_eager(const ctx_t* c, const case_t* k, int dev_counts, const wor
   CUDA_CHECK(cudaStreamSynchronize(c->s));
   check_dispatch("eager", w, want, b, &got_num_recv, counts, 0);
   if (dev_counts) check_dev_counts("eager", w, want, b);
-  check_combine("eager", w, c->me, e, b);
+  check_combine("eager", w, c->me, e, b, &k_combine_rule);
   free(counts);
 }
 
@@ -733,7 +165,7 @@ static void run_graph_safe(const ctx_t* c, const case_t* k, const world_t* w, co
   int* n = download(b->num_recv, sizeof(int));
   int* counts = download(b->expert_counts, (size_t)(w->num_experts / w->R) * sizeof(int));
   check_dispatch("graph-safe", w, want, b, n, counts, 1);
-  check_combine("graph-safe", w, c->me, e, b);
+  check_combine("graph-safe", w, c->me, e, b, &k_combine_rule);
   free(n);
   free(counts);
 }
@@ -758,12 +190,12 @@ static int run_case(const ctx_t* c, const case_t* k, int index) {
   const int before = g_check_failures;
   const uint64_t case_seed = c->seed + 0x9e3779b97f4a7c15ull * (uint64_t)(index + 1);
   world_t w;
-  world_build(&w, k, c, case_seed, case_seed);
+  world_build(&w, k, c->R, c->max_experts, case_seed, case_seed, 0);
   const size_t bias_elems = (size_t)w.num_tokens[c->me] * (size_t)w.hidden;
   uint16_t* bias0 = (k->bias & BIAS0) ? make_bias(case_seed, c->me, 0, bias_elems) : NULL;
   uint16_t* bias1 = (k->bias & BIAS1) ? make_bias(case_seed, c->me, 1, bias_elems) : NULL;
   expect_t e;
-  expect_build(&e, &w, k->alignment, c->me, bias0, bias1);
+  expect_build(&e, &w, k->alignment, c->me, bias0, bias1, 0);
   bufs_t b;
   bufs_alloc_inputs(&b, &w, c->me);
   bufs_upload_inputs(&b, &w, c->me, bias0, bias1);
@@ -771,7 +203,7 @@ static int run_case(const ctx_t* c, const case_t* k, int index) {
   if (k->cached) {
     world_payload(&w, case_seed, 2); /* same routing, new x, scales and weights */
     expect_free(&e);
-    expect_build(&e, &w, k->alignment, c->me, bias0, bias1);
+    expect_build(&e, &w, k->alignment, c->me, bias0, bias1, 0);
     bufs_upload_inputs(&b, &w, c->me, bias0, bias1);
     run_cached(c, k, &w, &e, &b);
   }
@@ -803,7 +235,7 @@ static int run_validation(const ctx_t* c) {
   const int before = g_check_failures;
   const case_t k = {16, 0, 2048, 4, 0, TOPK_IDX_WEIGHTS, ROUTE_RANDOM, 0, 16, 1, 0, 0};
   world_t w;
-  world_build(&w, &k, c, c->seed ^ 0x7a11d, c->seed ^ 0x7a11d);
+  world_build(&w, &k, c->R, c->max_experts, c->seed ^ 0x7a11d, c->seed ^ 0x7a11d, 0);
   bufs_t b;
   bufs_alloc_inputs(&b, &w, c->me);
   bufs_upload_inputs(&b, &w, c->me, NULL, NULL);
@@ -860,7 +292,7 @@ static int run_overflow(const ctx_t* c) {
   const int before = g_check_failures;
   const case_t k = {4 * c->R, 0, 2048, 1, 0, TOPK_IDX_WEIGHTS, ROUTE_RANDOM, 0, 16, 1, 0, 0};
   world_t w;
-  world_build(&w, &k, c, c->seed ^ 0x0f10, c->seed ^ 0x0f10);
+  world_build(&w, &k, c->R, c->max_experts, c->seed ^ 0x0f10, c->seed ^ 0x0f10, 0);
   const int E_loc = w.num_experts / w.R;
   for (int t = 0; t < w.num_tokens[c->me]; ++t) w.idx[c->me][t] = (int64_t)(t % w.R) * E_loc + (t / w.R) % E_loc;
   bufs_t b;
@@ -892,7 +324,8 @@ static int run_cuda_graph(const ctx_t* c) {
   case_t k = {1024, 1, 2560, 4, 0, TOPK_IDX_WEIGHTS, ROUTE_RANDOM, 0, 0, 128, BIAS0, 0};
   const uint64_t graph_seed = c->seed ^ 0x6a9f;
   world_t w;
-  world_build(&w, &k, c, graph_seed, graph_seed); /* shapes and buffers; data comes per replay */
+  /* shapes and buffers; data comes per replay */
+  world_build(&w, &k, c->R, c->max_experts, graph_seed, graph_seed, 0);
   bufs_t b;
   bufs_alloc_inputs(&b, &w, c->me);
   bufs_alloc_outputs(&b, &w, w.R * (max_tokens_of(&w) > 0 ? max_tokens_of(&w) : 1));
@@ -914,11 +347,11 @@ static int run_cuda_graph(const ctx_t* c) {
     /* Replay 1 moves every token to one rank: new routing as well as new rows. */
     k.routing = replay == 0 ? ROUTE_RANDOM : ROUTE_SKEWED;
     world_t wr;
-    world_build(&wr, &k, c, graph_seed, graph_seed + 1 + (uint64_t)replay);
+    world_build(&wr, &k, c->R, c->max_experts, graph_seed, graph_seed + 1 + (uint64_t)replay, 0);
     uint16_t* bias0 = make_bias(graph_seed + (uint64_t)replay, c->me, 0,
                                 (size_t)wr.num_tokens[c->me] * (size_t)wr.hidden);
     expect_t e;
-    expect_build(&e, &wr, k.alignment, c->me, bias0, NULL);
+    expect_build(&e, &wr, k.alignment, c->me, bias0, NULL, 0);
     bufs_upload_inputs(&b, &wr, c->me, bias0, NULL); /* cudaMemcpy into the captured buffers */
     bufs_poison_counts(&b, &wr, c->s);
     bufs_poison(&b, &wr, c->me, c->s);
@@ -929,7 +362,7 @@ static int run_cuda_graph(const ctx_t* c) {
     int* n = download(b.num_recv, sizeof(int));
     int* counts = download(b.expert_counts, (size_t)(wr.num_experts / wr.R) * sizeof(int));
     check_dispatch(path, &wr, &e.disp.recv[c->me], &b, n, counts, 1);
-    check_combine(path, &wr, c->me, &e, &b);
+    check_combine(path, &wr, c->me, &e, &b, &k_combine_rule);
     free(n);
     free(counts);
     CHECK_ASYNC_CLEAN(c, "a graph replay");
