@@ -15,6 +15,8 @@
 #include "gpu/harness.h"
 
 #define BENCH_MAX_SMS_LIST 32 /* entries of --sms */
+#define BENCH_MAX_SHAPES 8     /* entries of --shapes */
+#define BENCH_MAX_RECORDS 256  /* normal-path rows kept for the ratio lines at the end */
 
 typedef struct bench_options {
   int tokens;          /* per rank */
@@ -30,7 +32,19 @@ typedef struct bench_options {
   int num_sms_list;            /* entries of sms[] */
   int max_sms;                 /* the largest of them: the group's config.num_sms */
   int ll_tokens;               /* tokens per rank of the ll family (its max_tokens_per_rank); <= tokens */
+  int shapes[BENCH_MAX_SHAPES]; /* ranks_per_node of each group, in order (0 = all ranks in one NVLink domain);
+                                   --ranks-per-node N is --shapes N */
+  int num_shapes;
 } bench_options_t;
+
+/* GB/s of one normal-path row (intranode or internode), kept by rank 0 for the ratio lines printed at the end. */
+typedef struct bench_record {
+  int num_nodes, ranks_per_node; /* the group's shape */
+  const char* dtype;
+  int sms;
+  double dispatch_gbs, combine_gbs; /* DeepEP's NVL count (received rows), the same bytes for both paths */
+  int ok;                           /* the row's check passed */
+} bench_record_t;
 
 typedef struct bench {
   bench_options_t opt;
@@ -38,6 +52,8 @@ typedef struct bench {
   int rank, num_ranks;
   ep_group_t group;
   ep_group_info_t info;
+  int ranks_per_node, num_nodes; /* the current group's shape (ranks_per_node = num_ranks for one domain) */
+  int shape_index;               /* entry of opt.shapes the current group comes from */
   ncclComm_t comm;
   cudaStream_t stream;
   void* flush_buf;              /* BENCH_FLUSH_BYTES, overwritten before every timed operation to empty L2 */
@@ -48,7 +64,9 @@ typedef struct bench {
   int64_t* d_topk_idx;          /* [tokens, topk] device: this rank's */
   __nv_bfloat16* d_x;           /* [tokens, hidden] device: this rank's tokens, bench_value(rank, t, c) */
   int failed_rows;              /* rows whose check failed */
-  int header_printed;
+  int header_printed;           /* for the current group: each group's rows get a header of their own */
+  bench_record_t records[BENCH_MAX_RECORDS];
+  int num_records;
 } bench_t;
 
 #define BENCH_FLUSH_BYTES ((size_t)256 << 20)
@@ -113,6 +131,9 @@ typedef struct bench_row {
   double bytes;                /* this rank's bytes for GB/s (see README); 0 = no GB/s */
   double combine_bytes;        /* the combine's bytes when they differ from `bytes` (FP8 dispatch, BF16
                                   combine); 0 = the same as `bytes` */
+  double rdma_bytes;           /* internode rows: this rank's DeepEP "RDMA" bytes of the dispatch (its (token,
+                                  destination node) pairs, own node included, times the row bytes); 0 = none */
+  double rdma_combine_bytes;   /* the same for the combine (BF16); 0 = the same as `rdma_bytes` */
   double baseline_dispatch_us, baseline_combine_us; /* the NCCL user path on the same shape, or < 0 */
   int tokens;                  /* tokens per rank of the row; 0 = opt.tokens */
   int validated;               /* the row's outputs were compared with the expected ones */

@@ -221,6 +221,7 @@ void family_nccl(bench_t* b) {
 
 /* ------------------------------------------------------------------------------------------------------------
  * intranode: the normal path (ep_dispatch_prepare, ep_dispatch, ep_combine) in BF16 and FP8, per SM count,
+ * (rows `internode`, with DeepEP's RDMA byte count too, when the group has virtual nodes: same calls, same checks)
  * next to the NCCL user path on the same shape
  * ------------------------------------------------------------------------------------------------------------ */
 
@@ -336,6 +337,37 @@ static long check_prepare_counts(bench_t* b, const int* d_num_recv, const int* d
   return bad;
 }
 
+/* This rank's (token, destination node) pairs, its own node included: what DeepEP's internode test counts as
+ * RDMA traffic (ep_ref_internode_counts of every rank's routing). */
+static int count_node_sends(bench_t* b) {
+  const int R = b->num_ranks, T = b->opt.tokens;
+  std::vector<int> num_tokens(R, T), node_sends(R, 0), recv(R, 0);
+  ep_ref_world_t world;
+  memset(&world, 0, sizeof(world));
+  world.num_ranks = R;
+  world.ranks_per_node = b->ranks_per_node;
+  world.num_experts = b->opt.experts;
+  world.num_topk = b->opt.topk;
+  world.num_tokens = num_tokens.data();
+  world.topk_idx = (const int64_t* const*)b->topk_idx;
+  world.is_token_in_rank = (const uint8_t* const*)b->is_token_in_rank;
+  if (ep_ref_internode_counts(&world, NULL, node_sends.data(), recv.data()) != 0)
+    bench_die(__FILE__, __LINE__, "ep_ref_internode_counts", "the reference rejected the routing", "");
+  if (b->rank == 0) {
+    long sends = 0, rows = 0;
+    for (int r = 0; r < R; ++r) {
+      sends += node_sends[r];
+      rows += recv[r];
+    }
+    printf("internode %dx%d: per rank on average %.1f (token, node) pairs sent (RDMA count, own node included), "
+           "%.1f rows received (NVL count); %.3f nodes and %.3f ranks per token\n",
+           b->num_nodes, b->ranks_per_node, (double)sends / R, (double)rows / R,
+           T > 0 ? (double)sends / ((double)R * T) : 0.0, T > 0 ? (double)rows / ((double)R * T) : 0.0);
+    fflush(stdout);
+  }
+  return node_sends[b->rank];
+}
+
 void family_intranode(bench_t* b) {
   const int R = b->num_ranks, T = b->opt.tokens, H = b->opt.hidden, K = b->opt.topk, E = b->opt.experts;
   const int G = H / 128;
@@ -347,6 +379,11 @@ void family_intranode(bench_t* b) {
   const std::vector<src_row_t> recv_rows = expected_recv_rows(b);
   const int num_recv = (int)recv_rows.size();
   const size_t bf16_row = (size_t)H * 2, fp8_row = (size_t)H, scale_row = (size_t)G * sizeof(float);
+  /* On virtual nodes the same calls run the internode path; the rows say so. Their "RDMA" bytes (DeepEP's count)
+   * are this rank's (token, destination node) pairs, own node included, times the row bytes. */
+  const int internode = b->num_nodes > 1;
+  const char* family = internode ? "internode" : "intranode";
+  int node_sends = 0; /* counted after the prepare row, whose line comes first in the table */
 
   /* FP8 inputs, derived from the same (rank, token, column) as the BF16 ones. */
   uint8_t* d_x_fp8 = NULL;
@@ -415,6 +452,7 @@ void family_intranode(bench_t* b) {
   prep_row.validated = 1;
   prep_row.mismatches = check_prepare_counts(b, d_num_recv, d_expert_counts, num_recv);
   bench_report_row(b, &prep_row);
+  if (internode) node_sends = count_node_sends(b);
 
   /* Outputs sized for the graph-safe form's worst-case bound: every token of every rank. */
   const int capacity = R * T;
@@ -460,20 +498,28 @@ void family_intranode(bench_t* b) {
       };
       double us[2];
       bench_time_phases(b, 2, phases, us);
-      check_async(b, fp8 ? "intranode fp8 dispatch/combine (device)" : "intranode bf16 dispatch/combine (device)");
+      check_async(b, internode ? (fp8 ? "internode fp8 dispatch/combine (device)"
+                                      : "internode bf16 dispatch/combine (device)")
+                               : (fp8 ? "intranode fp8 dispatch/combine (device)"
+                                      : "intranode bf16 dispatch/combine (device)"));
 
-      bench_row_t row = bench_row_make("intranode", fp8 ? "fp8" : "bf16");
+      bench_row_t row = bench_row_make(family, fp8 ? "fp8" : "bf16");
       row.sms = sms;
       row.dispatch_us = us[0];
       row.combine_us = us[1];
       row.bytes = (double)num_recv * (fp8 ? (double)(fp8_row + scale_row) : (double)bf16_row);
       row.combine_bytes = (double)num_recv * (double)bf16_row;
+      row.rdma_bytes = (double)node_sends * (fp8 ? (double)(fp8_row + scale_row) : (double)bf16_row);
+      row.rdma_combine_bytes = (double)node_sends * (double)bf16_row;
       row.baseline_dispatch_us = fp8 ? base_us[2] : base_us[0];
       row.baseline_combine_us = base_us[1];
       row.validated = 1;
-      row.mismatches = base_bad + check_combined(b, "intranode combine", (const __nv_bfloat16*)combined);
-      row.mismatches += fp8 ? check_fp8_rows(b, "intranode fp8 dispatch", recv_rows, recv_fp8, recv_scales)
-                            : check_bf16_rows(b, "intranode bf16 dispatch", recv_rows, recv_bf16);
+      row.mismatches = base_bad + check_combined(b, internode ? "internode combine" : "intranode combine",
+                                                 (const __nv_bfloat16*)combined);
+      row.mismatches += fp8 ? check_fp8_rows(b, internode ? "internode fp8 dispatch" : "intranode fp8 dispatch",
+                                             recv_rows, recv_fp8, recv_scales)
+                            : check_bf16_rows(b, internode ? "internode bf16 dispatch" : "intranode bf16 dispatch",
+                                              recv_rows, recv_bf16);
       bench_report_row(b, &row);
     }
   }
@@ -671,8 +717,9 @@ void family_ll(bench_t* b) {
     row.mismatches = check("ll hook dispatch/combine");
     bench_report_row(b, &row);
     if (me == 0)
-      printf("ll: receive phases alone %.1f / %.1f us (rank 0); LL buffer %.3f GB for T=%d H=%d E=%d (%d ranks)\n",
-             us[1], us[3], (double)footprint * 1e-9, T, H, E, R);
+      printf("ll %dx%d: receive phases alone %.1f / %.1f us (rank 0); LL buffer %.3f GB for T=%d H=%d E=%d "
+             "(%d ranks)\n",
+             b->num_nodes, b->ranks_per_node, us[1], us[3], (double)footprint * 1e-9, T, H, E, R);
   }
 
   ep_ref_ll_dispatch_free(&ref);
