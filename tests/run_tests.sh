@@ -62,7 +62,7 @@ if [[ $which == all || $which == gpu ]]; then
           skip=$((skip + 1)); echo "SKIP $name: needs $n GPUs, this machine has $num_gpus"; continue
         fi
         mkdir -p "$logs/$name"
-        out=$("$build/bin/ep_launch" -n "$n" -t 180 -q -l "$logs/$name" -- "$t" 2>&1); rc=$?
+        out=$("$build/bin/ep_launch" -n "$n" -t 300 -q -l "$logs/$name" -- "$t" 2>&1); rc=$?
         [[ $rc -ne 0 && $rc -ne 77 ]] && echo "$out"
         record "$name" $rc
       done
