@@ -44,10 +44,11 @@ REF_SRC := $(wildcard tests/ref/*.c)
 HOST_TESTS := $(patsubst tests/host/%.c,$(BUILD)/tests/host/%,$(wildcard tests/host/test_*.c))
 GPU_TESTS := $(patsubst tests/gpu/%.c,$(BUILD)/tests/gpu/%,$(wildcard tests/gpu/test_*.c))
 LAUNCH := $(BUILD)/bin/ep_launch
+EXAMPLE := $(BUILD)/bin/example_dispatch_combine
 BENCH := $(BUILD)/bin/ep_bench
 
 .PHONY: all lib tests bench bench-build test test-host test-gpu clean
-all: lib tests $(LAUNCH) $(if $(NCCL_LIB),bench-build)
+all: lib tests $(LAUNCH) $(EXAMPLE) $(if $(NCCL_LIB),bench-build)
 lib: $(LIB)
 tests: $(HOST_TESTS) $(GPU_TESTS) $(LAUNCH)
 bench-build: $(BENCH) $(LAUNCH)
@@ -105,6 +106,12 @@ $(BUILD)/tests/gpu/%: tests/gpu/%.c tests/gpu/harness.c tests/gpu/normal_cases.c
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS_TEST) -O2 $< tests/gpu/harness.c tests/gpu/normal_cases.c $(REF_OBJ_PLAIN) -o $@ -L$(BUILD)/lib \
 	  -lep -L$(CUDA_LIB) -lcudart -lm -Wl,-rpath,$(abspath $(BUILD)/lib) -Wl,-rpath,$(CUDA_LIB)
+
+# The C example: plain C11 against the public header and libep.so (plus the harness that shares the unique id).
+$(EXAMPLE): examples/dispatch_combine.c tests/gpu/harness.c $(LIB) $(HEADERS)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_TEST) -O2 $< tests/gpu/harness.c -o $@ -L$(BUILD)/lib -lep -L$(CUDA_LIB) -lcudart \
+	  -Wl,-rpath,$(abspath $(BUILD)/lib) -Wl,-rpath,$(CUDA_LIB)
 
 $(LAUNCH): tools/ep_launch.c
 	@mkdir -p $(dir $@)
