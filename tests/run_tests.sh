@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Run every test this machine can run and end with one line: `N passed, N failed, N skipped`.
 #   tests/run_tests.sh BUILD_DIR [host|gpu|all]
-# Host tests: each program in BUILD/tests/host. GPU tests: each program in BUILD/tests/gpu under ep_launch, on 2,
-# 4 and 8 ranks (EP_TEST_RANKS overrides the list); a run that needs more GPUs than exist is a skip. Without a
-# GPU, the GPU tests are skipped with one line that says so.
+# Host tests: each program in BUILD/tests/host. GPU tests: each program in BUILD/tests/gpu, and the C examples in
+# BUILD/bin/example_*, under ep_launch on 2, 4 and 8 ranks (EP_TEST_RANKS overrides the list); a run that needs
+# more GPUs than exist is a skip. Without a GPU, the GPU tests are skipped with one line that says so.
 # Python tests (tests/python/test_*.py, run with $PYTHON or python3, package from python/, library from BUILD):
 # the host section runs those whose name does not end in _gpu.py, the GPU section runs the *_gpu.py ones once
 # each (they start their own ranks). Each script counts as one test.
@@ -55,9 +55,9 @@ if [[ $which == all || $which == gpu ]]; then
     export NVSHMEM_REMOTE_TRANSPORT=${NVSHMEM_REMOTE_TRANSPORT:-none} NVSHMEM_DISABLE_NVLS=1
     logs=${EP_TEST_LOG_DIR:-$build/test-logs}
     for n in ${EP_TEST_RANKS:-2 4 8}; do
-      for t in "$build"/tests/gpu/test_*; do
+      for t in "$build"/tests/gpu/test_* "$build"/bin/example_*; do
         [[ -x $t ]] || continue
-        name="gpu/$(basename "$t")@$n"
+        name="$(basename "$(dirname "$t")")/$(basename "$t")@$n"
         if [[ $n -gt $num_gpus ]]; then
           skip=$((skip + 1)); echo "SKIP $name: needs $n GPUs, this machine has $num_gpus"; continue
         fi
