@@ -32,8 +32,8 @@ const char* ep_fault_site_name(int site) {
     case EP_SITE_PREPARE_COUNTS: return "dispatch prepare, waiting for the peer's counts";
     case EP_SITE_DISPATCH_ACK: return "dispatch, waiting for the peer to release our previous staged rows";
     case EP_SITE_DISPATCH_STAGED: return "dispatch, waiting for the peer's staged rows";
-    case EP_SITE_COMBINE_ACK: return "combine, waiting for the peer to release our previous staged rows";
-    case EP_SITE_COMBINE_STAGED: return "combine, waiting for the peer's staged expert outputs";
+    case EP_SITE_COMBINE_ACK: return "combine, waiting for the peer to finish reading the previous combine's rows";
+    case EP_SITE_COMBINE_STAGED: return "combine, waiting for the peer's expert outputs";
     case EP_SITE_LL_DISPATCH_ACK:
       return "low-latency dispatch send, waiting for the peer to finish receiving the last call on this buffer half";
     case EP_SITE_LL_DISPATCH_RECV: return "low-latency dispatch receive, waiting for the peer's tokens";

@@ -35,8 +35,8 @@ typedef enum ep_wait_site {
   EP_SITE_PREPARE_COUNTS = 5, /* prepare: waiting for a peer's counts */
   EP_SITE_DISPATCH_ACK = 6,  /* dispatch: waiting for a peer to release our previous staged rows */
   EP_SITE_DISPATCH_STAGED = 7, /* dispatch: waiting for a peer's staged rows */
-  EP_SITE_COMBINE_ACK = 8,   /* combine: waiting for a peer to release our previous staged rows */
-  EP_SITE_COMBINE_STAGED = 9, /* combine: waiting for a peer's staged expert outputs */
+  EP_SITE_COMBINE_ACK = 8,   /* combine: waiting for a peer to finish reading the previous combine's rows */
+  EP_SITE_COMBINE_STAGED = 9, /* combine: waiting for a peer's expert outputs */
   EP_SITE_LL_DISPATCH_ACK = 10,  /* LL dispatch send: waiting for a peer to finish receiving the half's last call */
   EP_SITE_LL_DISPATCH_RECV = 11, /* LL dispatch receive: waiting for a peer's token count */
   EP_SITE_LL_COMBINE_ACK = 12,   /* LL combine send: waiting for a peer to finish receiving the half's last call */

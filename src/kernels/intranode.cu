@@ -14,7 +14,8 @@ constexpr int kPrepareThreads = 1024;
 constexpr int kDispatchThreads = 768;  // 24 warps, 8 loads in flight per lane (measured faster than 16 x 16)
 constexpr int kDispatchWarps = kDispatchThreads / 32;
 constexpr int kCombineThreads = 512;   // 16 warps, 16 loads in flight per lane, more registers per thread
-constexpr int kCombineWarps = kCombineThreads / 32;
+constexpr int kCombinePushWarps = 8;   // warps that store expert outputs to their token's source rank
+constexpr int kCombineReduceWarps = kCombineThreads / 32 - kCombinePushWarps;  // warps that sum arrived rows
 constexpr int kChunk = EP_STAGE_CHUNK_ROWS;
 
 __device__ __forceinline__ uint64_t tagged(uint64_t epoch, int value) { return (epoch << 32) | (uint32_t)value; }
@@ -315,8 +316,35 @@ __device__ __forceinline__ void add_bf16x8(float (&acc)[8], const int4& v) {
   }
 }
 
+// Push one chunk of my expert outputs for source rank s: rows [first, first + n) of s's list for me, from my
+// received order (`recv_row`), into s's receive area at my slot rows; then raise the chunk's flag on s. Run by the
+// kCombinePushWarps push warps of a block, which sync on their own named barrier.
+__device__ __forceinline__ void push_chunk(const ep_normal_launch_t& p, int s, int chunk, int recv_row, int n,
+                                           uint64_t epoch, int push_warp, int lane) {
+  const ep_normal_layout_t& L = p.layout;
+  const int H = p.hidden, K = p.num_topk, n16 = H * 2 / 16;
+  char* dst_base = peer_normal(p, s) + L.y_stage + ((size_t)p.rank * L.max_tokens + chunk * kChunk) * L.y_row_bytes;
+  for (int j = push_warp; j < n; j += kCombinePushWarps) {
+    char* dst = dst_base + (size_t)j * L.y_row_bytes;
+    warp_copy<true, 16>(dst, (const char*)p.y + (size_t)(recv_row + j) * H * 2, 0, n16, lane);
+    if (p.y_weights && lane < K) reinterpret_cast<float*>(dst + H * 2)[lane] = p.y_weights[(size_t)(recv_row + j) * K + lane];
+  }
+  asm volatile("bar.sync 1, %0;" ::"n"(kCombinePushWarps * 32) : "memory");
+  if (push_warp == 0 && lane == 0) {
+    __threadfence_system();
+    st_release_sys_u64(at<uint64_t>(peer_normal(p, s), L.y_staged) + (size_t)p.rank * L.y_chunks_per_rank + chunk,
+                       epoch);
+  }
+}
+
 // kMaxRanks (2, 4 or 8) bounds the group size at compile time so the per-source arrays stay in registers; each
 // lane keeps 16 loads in flight (kUnroll chunks of 8 channels from up to kMaxRanks sources).
+//
+// Push warps: every block takes chunks of (destination, 32 rows) in turn, destinations interleaved so that every
+// peer receives at all times, and stores them over NVLink into the destination's receive area (y_stage row
+// sender * T + position), raising one flag per chunk. Reduce warps: every block takes chunks of 32 of my tokens
+// in turn and sums each token's copies from local memory (my own copy in place in y) as their chunks arrive.
+// Both roles run at once, so the reduction hides under the NVLink transfer.
 template <int kMaxRanks>
 __global__ void __launch_bounds__(kCombineThreads, 1) combine_kernel(ep_normal_launch_t p) {
   constexpr int kUnroll = 16 / kMaxRanks;
@@ -326,111 +354,104 @@ __global__ void __launch_bounds__(kCombineThreads, 1) combine_kernel(ep_normal_l
   const uint64_t epoch = p.state->combine_epoch + 1;
   char* mine = p.normal_base;
   const int n16 = H * 2 / 16;
-  const bool with_weights = p.y_weights != nullptr;
 
-  // Stage the rows other ranks will pull (rows I received from myself are read in place), one flag per chunk.
+  // Every destination has finished reading what I pushed into it last time.
   if (!wait_released(p, at<uint64_t>(mine, L.combine_ack), epoch, EP_SITE_COMBINE_ACK)) return;
-  const int num_recv = *p.num_recv;
-  const int own_begin = p.recv_offset[me], own_end = p.recv_offset[me + 1];
-  const int num_chunks = (num_recv + kChunk - 1) / kChunk;
-  for (int c = blockIdx.x; c < num_chunks; c += gridDim.x) {
-    const int end = min(num_recv, (c + 1) * kChunk);
-    for (int i = c * kChunk + warp; i < end; i += kCombineWarps) {
-      if (i >= own_begin && i < own_end) continue;
-      char* dst = mine + L.y_stage + (size_t)i * L.y_row_bytes;
-      warp_copy<false, 16>(dst, (const char*)p.y + (size_t)i * H * 2, 0, n16, lane);
-      if (with_weights && lane < K) reinterpret_cast<float*>(dst + H * 2)[lane] = p.y_weights[(size_t)i * K + lane];
-    }
-    __syncthreads();
-    if (tid == 0) {
-      __threadfence_system();
-      st_release_sys_u64(at<uint64_t>(mine, L.y_staged) + c, epoch);
-    }
-  }
-
-  // Where my rows start in each rank's received order.
-  __shared__ int s_base[kMaxRanks];
+  __shared__ int s_offset[kMaxNvlRanks + 1];
   __shared__ int s_failed;
-  if (tid < R) {
-    int base = 0;
-    for (int s = 0; s < me; ++s) base += p.matrix[s * R + tid];
-    s_base[tid] = base;
-  }
+  if (tid <= R) s_offset[tid] = p.recv_offset[tid];
   if (tid == 0) s_failed = 0;
   __syncthreads();
 
-  // Reduce: one warp per token, lanes across the hidden dimension.
-  const int per_block = (p.num_tokens + gridDim.x - 1) / gridDim.x;
-  const int begin = blockIdx.x * per_block, end = min(p.num_tokens, begin + per_block);
-  for (int t = begin + warp; t < end; t += kCombineWarps) {
-    int my_row = -1;
-    if (lane < R) {
-      const int pos = p.send_pos[(size_t)t * R + lane];
-      my_row = pos >= 0 ? s_base[lane] + pos : -1;
+  if (warp < kCombinePushWarps) {
+    int max_chunks = 0;
+    for (int s = 0; s < R; ++s)
+      max_chunks = max(max_chunks, (s_offset[s + 1] - s_offset[s] + kChunk - 1) / kChunk);
+    const int num_items = (R - 1) * max_chunks;
+    for (int w = blockIdx.x; w < num_items; w += gridDim.x) {
+      const int s = (me + 1 + w % (R - 1)) % R, chunk = w / (R - 1);
+      const int count = s_offset[s + 1] - s_offset[s];
+      if (chunk * kChunk >= count) continue;  // the same for every push warp: no barrier is skipped by some
+      push_chunk(p, s, chunk, s_offset[s] + chunk * kChunk, min(kChunk, count - chunk * kChunk), epoch, warp, lane);
     }
-    bool ok = true;
-    if (my_row >= 0 && lane != me) {
-      const uint64_t* flag = at<uint64_t>(peer_normal(p, lane), L.y_staged) + my_row / kChunk;
-      ok = wait_until([&] { return ld_acquire_sys_u64(flag) >= epoch; }, p.timeout_ns, p.error, me, lane,
-                      EP_SITE_COMBINE_STAGED);
-    }
-    if (!__all_sync(0xffffffffu, ok)) {
-      s_failed = 1;
-      break;
-    }
-    // One source per rank (NULL where the token did not go); summing r = 0, 1, ... keeps the rank order.
-    const char* src[kMaxRanks];
+  } else {
+    const int reduce_warp = warp - kCombinePushWarps;
+    const int num_chunks = (p.num_tokens + kChunk - 1) / kChunk;
+    for (int c = blockIdx.x; c < num_chunks && !s_failed; c += gridDim.x) {
+      const int end = min(p.num_tokens, (c + 1) * kChunk);
+      for (int t = c * kChunk + reduce_warp; t < end; t += kCombineReduceWarps) {
+        int pos = -1;
+        if (lane < R) pos = p.send_pos[(size_t)t * R + lane];
+        bool ok = true;
+        if (pos >= 0 && lane != me) {
+          const uint64_t* flag = at<uint64_t>(mine, L.y_staged) + (size_t)lane * L.y_chunks_per_rank + pos / kChunk;
+          ok = wait_until([&] { return ld_acquire_sys_u64(flag) >= epoch; }, p.timeout_ns, p.error, me, lane,
+                          EP_SITE_COMBINE_STAGED);
+        }
+        if (!__all_sync(0xffffffffu, ok)) {
+          s_failed = 1;
+          break;
+        }
+        // One source per rank (NULL where the token did not go); summing r = 0, 1, ... keeps the rank order.
+        const char* src[kMaxRanks];
+        const float* wsrc[kMaxRanks];
 #pragma unroll
-    for (int r = 0; r < kMaxRanks; ++r) {
-      const int row_r = __shfl_sync(0xffffffffu, my_row, r);
-      src[r] = nullptr;
-      if (r < R && row_r >= 0) {
-        src[r] = r == me ? (const char*)p.y + (size_t)row_r * H * 2
-                         : peer_normal(p, r) + L.y_stage + (size_t)row_r * L.y_row_bytes;
+        for (int r = 0; r < kMaxRanks; ++r) {
+          const int pos_r = __shfl_sync(0xffffffffu, pos, r);
+          src[r] = nullptr;
+          wsrc[r] = nullptr;
+          if (r < R && pos_r >= 0) {
+            if (r == me) {
+              const size_t row = (size_t)s_offset[me] + pos_r;
+              src[r] = (const char*)p.y + row * H * 2;
+              if (p.y_weights) wsrc[r] = p.y_weights + row * K;
+            } else {
+              src[r] = mine + L.y_stage + ((size_t)r * L.max_tokens + pos_r) * L.y_row_bytes;
+              wsrc[r] = reinterpret_cast<const float*>(src[r] + H * 2);
+            }
+          }
+        }
+        const int4* bias0 = reinterpret_cast<const int4*>((const char*)p.bias0 + (size_t)t * H * 2);
+        const int4* bias1 = reinterpret_cast<const int4*>((const char*)p.bias1 + (size_t)t * H * 2);
+        int4* out = reinterpret_cast<int4*>((char*)p.combined_x + (size_t)t * H * 2);
+        for (int c0 = lane; c0 < n16; c0 += 32 * kUnroll) {
+          int4 v[kUnroll][kMaxRanks];
+#pragma unroll
+          for (int u = 0; u < kUnroll; ++u)
+#pragma unroll
+            for (int r = 0; r < kMaxRanks; ++r)
+              if (src[r] && c0 + u * 32 < n16) v[u][r] = ld_nc_na(reinterpret_cast<const int4*>(src[r]) + c0 + u * 32);
+#pragma unroll
+          for (int u = 0; u < kUnroll; ++u) {
+            const int ch = c0 + u * 32;
+            if (ch >= n16) break;
+            float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+            if (p.bias0) add_bf16x8(acc, bias0[ch]);
+            if (p.bias1) add_bf16x8(acc, bias1[ch]);
+#pragma unroll
+            for (int r = 0; r < kMaxRanks; ++r)
+              if (src[r]) add_bf16x8(acc, v[u][r]);
+            int4 packed;
+            __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&packed);
+#pragma unroll
+            for (int q = 0; q < 4; ++q) h[q] = __floats2bfloat162_rn(acc[2 * q], acc[2 * q + 1]);
+            out[ch] = packed;
+          }
+        }
+        if (p.combined_weights && lane < K) {
+          float w = 0.0f;
+#pragma unroll
+          for (int r = 0; r < kMaxRanks; ++r)
+            if (wsrc[r]) w += ld_relaxed_sys_f32(wsrc[r] + lane);
+          p.combined_weights[(size_t)t * K + lane] = w;
+        }
       }
-    }
-    const int4* bias0 = reinterpret_cast<const int4*>((const char*)p.bias0 + (size_t)t * H * 2);
-    const int4* bias1 = reinterpret_cast<const int4*>((const char*)p.bias1 + (size_t)t * H * 2);
-    int4* out = reinterpret_cast<int4*>((char*)p.combined_x + (size_t)t * H * 2);
-    for (int c0 = lane; c0 < n16; c0 += 32 * kUnroll) {
-      int4 v[kUnroll][kMaxRanks];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u)
-#pragma unroll
-        for (int r = 0; r < kMaxRanks; ++r)
-          if (src[r] && c0 + u * 32 < n16) v[u][r] = ld_nc_na(reinterpret_cast<const int4*>(src[r]) + c0 + u * 32);
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int c = c0 + u * 32;
-        if (c >= n16) break;
-        float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        if (p.bias0) add_bf16x8(acc, bias0[c]);
-        if (p.bias1) add_bf16x8(acc, bias1[c]);
-#pragma unroll
-        for (int r = 0; r < kMaxRanks; ++r)
-          if (src[r]) add_bf16x8(acc, v[u][r]);
-        int4 packed;
-        __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&packed);
-#pragma unroll
-        for (int q = 0; q < 4; ++q) h[q] = __floats2bfloat162_rn(acc[2 * q], acc[2 * q + 1]);
-        out[c] = packed;
-      }
-    }
-    const int own_row = __shfl_sync(0xffffffffu, my_row, me);  // all lanes: not inside the branch below
-    if (p.combined_weights && lane < K) {
-      float w = 0.0f;
-#pragma unroll
-      for (int r = 0; r < kMaxRanks; ++r) {
-        if (!src[r]) continue;
-        const float* wr = r == me ? p.y_weights + (size_t)own_row * K : reinterpret_cast<const float*>(src[r] + H * 2);
-        w += ld_relaxed_sys_f32(wr + lane);
-      }
-      p.combined_weights[(size_t)t * K + lane] = w;
     }
   }
   __syncthreads();
   if (s_failed) return;
 
+  // Once every block has read its tokens' rows, every peer may push into my receive area again.
   if (!arrive_last(&p.state->combine_done)) return;
   if (tid < R) st_release_sys_u64(at<uint64_t>(peer_normal(p, tid), L.combine_ack) + me, epoch);
   if (tid == 0) {
