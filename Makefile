@@ -29,7 +29,7 @@ NVSHMEM_LIB := $(NVSHMEM_HOME)/lib
 INCLUDES := -Iinclude -Isrc -I$(CUDA_HOME)/include
 CFLAGS_LIB := -std=c11 -O2 -g -fPIC -fvisibility=hidden -Wall -Wextra -Werror -D_POSIX_C_SOURCE=200809L $(INCLUDES)
 NVCCFLAGS := -O3 -g -std=c++17 -arch=$(CUDA_ARCH) -rdc=true -Xcompiler -fPIC,-Wall,-fvisibility=hidden -Iinclude -Isrc \
-             -I$(NVSHMEM_HOME)/include --expt-relaxed-constexpr
+             -I$(NVSHMEM_HOME)/include --expt-relaxed-constexpr $(EXTRA_NVCCFLAGS)
 SANITIZE ?= -fsanitize=address,undefined -fno-omit-frame-pointer
 CFLAGS_TEST := -std=c11 -O1 -g -Wall -Wextra -Werror -D_POSIX_C_SOURCE=200809L $(INCLUDES) -Itests -Itests/ref
 

@@ -113,6 +113,7 @@ struct ep_handle {
   bool prepared;
   int num_tokens, num_topk, num_experts;
   int num_recv_host;     /* received rows when the prepare was eager, else -1 */
+  int recv_rows_limit;   /* rows combine may read from its x: the last dispatch's recv_capacity (INT_MAX before) */
 };
 
 struct ep_ll_handle {

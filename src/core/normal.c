@@ -1,6 +1,7 @@
 /* normal.c: the normal (high-throughput) path's public calls: handles, prepare, dispatch, combine.
  * Everything here validates and fills a launch struct; the kernels are in src/kernels/intranode.cu. */
 #include <stdlib.h>
+#include <limits.h>
 #include <string.h>
 
 #include "core/internal.h"
@@ -227,6 +228,7 @@ ep_status_t ep_dispatch_prepare(ep_group_t group, ep_handle_t handle, const ep_d
   handle->num_topk = a->num_topk;
   handle->num_experts = a->num_experts;
   handle->num_recv_host = -1;
+  handle->recv_rows_limit = INT_MAX;
   ep_normal_launch_t p = base_launch(group, handle, 0);
   p.expert_alignment = a->expert_alignment;
   p.topk_idx = a->topk_idx;
@@ -294,6 +296,7 @@ ep_status_t ep_dispatch(ep_group_t group, ep_handle_t handle, const ep_dispatch_
   p.topk_idx = a->topk_idx;
   p.topk_weights = a->topk_weights;
   p.recv_capacity = a->recv_capacity;
+  handle->recv_rows_limit = a->recv_capacity;
   p.recv_x = a->recv_x;
   p.recv_scales = a->recv_x_scales;
   p.recv_topk_idx = a->recv_topk_idx;
@@ -327,6 +330,7 @@ ep_status_t ep_combine(ep_group_t group, ep_handle_t handle, const ep_combine_ar
   p.hidden = a->hidden;
   p.y = a->x;
   p.y_weights = a->topk_weights;
+  p.recv_capacity = handle->recv_rows_limit; /* after an overflowed dispatch, x has only this many rows */
   p.bias0 = a->bias0;
   p.bias1 = a->bias1;
   p.combined_x = a->combined_x;

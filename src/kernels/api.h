@@ -131,7 +131,7 @@ typedef struct ep_normal_launch {
   const void* x;
   const float* x_scales;
   const float* topk_weights;
-  int recv_capacity;
+  int recv_capacity;              /* dispatch: rows of recv_x; combine: rows of y (the last dispatch's capacity) */
   void* recv_x;
   float* recv_scales;
   int64_t* recv_topk_idx;

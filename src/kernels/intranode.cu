@@ -14,7 +14,10 @@ constexpr int kPrepareThreads = 1024;
 constexpr int kDispatchThreads = 768;  // 24 warps, 8 loads in flight per lane (measured faster than 16 x 16)
 constexpr int kDispatchWarps = kDispatchThreads / 32;
 constexpr int kCombineThreads = 512;   // 16 warps, 16 loads in flight per lane, more registers per thread
-constexpr int kCombinePushWarps = 8;   // warps that store expert outputs to their token's source rank
+#ifndef EP_COMBINE_PUSH_WARPS  // a tuning knob for experiments (make EXTRA_NVCCFLAGS=-DEP_COMBINE_PUSH_WARPS=n)
+#define EP_COMBINE_PUSH_WARPS 8
+#endif
+constexpr int kCombinePushWarps = EP_COMBINE_PUSH_WARPS;  // warps that store expert outputs to their token's source
 constexpr int kCombineReduceWarps = kCombineThreads / 32 - kCombinePushWarps;  // warps that sum arrived rows
 constexpr int kChunk = EP_STAGE_CHUNK_ROWS;
 
@@ -325,6 +328,7 @@ __device__ __forceinline__ void push_chunk(const ep_normal_launch_t& p, int s, i
   const int H = p.hidden, K = p.num_topk, n16 = H * 2 / 16;
   char* dst_base = peer_normal(p, s) + L.y_stage + ((size_t)p.rank * L.max_tokens + chunk * kChunk) * L.y_row_bytes;
   for (int j = push_warp; j < n; j += kCombinePushWarps) {
+    if (recv_row + j >= p.recv_capacity) break;  // past an overflowed dispatch's rows: y ends there (reported)
     char* dst = dst_base + (size_t)j * L.y_row_bytes;
     warp_copy<true, 16>(dst, (const char*)p.y + (size_t)(recv_row + j) * H * 2, 0, n16, lane);
     if (p.y_weights && lane < K) reinterpret_cast<float*>(dst + H * 2)[lane] = p.y_weights[(size_t)(recv_row + j) * K + lane];
@@ -403,6 +407,7 @@ __global__ void __launch_bounds__(kCombineThreads, 1) combine_kernel(ep_normal_l
           if (r < R && pos_r >= 0) {
             if (r == me) {
               const size_t row = (size_t)s_offset[me] + pos_r;
+              if (row >= (size_t)p.recv_capacity) continue;  // see push_chunk
               src[r] = (const char*)p.y + row * H * 2;
               if (p.y_weights) wsrc[r] = p.y_weights + row * K;
             } else {

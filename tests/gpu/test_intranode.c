@@ -310,6 +310,20 @@ static int run_overflow(const ctx_t* c) {
   CHECK(async == EP_STATUS_DEVICE_ERROR, "%d rows into recv_capacity 1 gave %s, want EP_STATUS_DEVICE_ERROR",
         4 * w.R, ep_status_string(async));
   printf("rank %d: overflow reported: %s: %s\n", c->me, ep_status_string(async), ep_last_error(c->g));
+  /* Combine along the overflowed handle with an input of exactly recv_capacity rows: it must read no row past
+   * it (compute-sanitizer memcheck, scripts/gpu_run.sh sanitize, sees any that it does) and finish. */
+  void* one_row = NULL;
+  CUDA_CHECK(cudaMalloc(&one_row, (size_t)w.hidden * 2));
+  CUDA_CHECK(cudaMemset(one_row, 0, (size_t)w.hidden * 2));
+  ep_combine_args_t cb = combine_args(&w, &b, 0, 16);
+  cb.x = one_row;
+  cb.topk_weights = NULL;
+  cb.combined_topk_weights = NULL;
+  EP_CHECK(c, ep_combine(c->g, c->handle, &cb, c->s));
+  CUDA_CHECK(cudaStreamSynchronize(c->s));
+  CHECK(ep_get_async_error(c->g, &async) == EP_STATUS_SUCCESS && async == EP_STATUS_SUCCESS,
+        "combine after the overflow: %s", ep_last_error(c->g));
+  CUDA_CHECK(cudaFree(one_row));
   bufs_free(&b);
   world_free(&w);
   return g_check_failures != before;
