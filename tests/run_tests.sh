@@ -5,8 +5,8 @@
 # BUILD/bin/example_*, under ep_launch on 2, 4 and 8 ranks (EP_TEST_RANKS overrides the list); a run that needs
 # more GPUs than exist is a skip. Without a GPU, the GPU tests are skipped with one line that says so.
 # Python tests (tests/python/test_*.py, run with $PYTHON or python3, package from python/, library from BUILD):
-# the host section runs those whose name does not end in _gpu.py, the GPU section runs the *_gpu.py ones once
-# each (they start their own ranks). Each script counts as one test.
+# the host section runs those whose name does not end in _gpu.py, the GPU section runs the *_gpu.py ones once per
+# rank count (EP_TEST_WORLD; they start their own ranks). Each script run counts as one test.
 set -u
 build=${1:-build}
 which=${2:-all}
@@ -24,8 +24,8 @@ tests_dir=$(cd "$(dirname "$0")" && pwd)
 python=${PYTHON:-python3}
 export PYTHONPATH="$(dirname "$tests_dir")/python${PYTHONPATH:+:$PYTHONPATH}"
 [[ -f $build/lib/libep.so ]] && export EP_LIBRARY_PATH=${EP_LIBRARY_PATH:-$(cd "$build/lib" && pwd)/libep.so}
-run_py() { # script timeout_seconds [log_file]
-  local name="python/$(basename "$1")" out rc
+run_py() { # script timeout_seconds [log_file [name_suffix]]
+  local name="python/$(basename "$1")${4:-}" out rc
   if ! command -v "$python" > /dev/null; then
     skip=$((skip + 1)); echo "SKIP $name: $python not found"; return
   fi
@@ -68,8 +68,14 @@ if [[ $which == all || $which == gpu ]]; then
       done
     done
     mkdir -p "$logs/python"
-    for t in "$tests_dir"/python/test_*_gpu.py; do
-      [[ -f $t ]] && run_py "$t" 1200 "$logs/python/$(basename "$t" .py).log"
+    for n in ${EP_TEST_RANKS:-2 4 8}; do
+      for t in "$tests_dir"/python/test_*_gpu.py; do
+        [[ -f $t ]] || continue
+        if [[ $n -gt $num_gpus ]]; then
+          skip=$((skip + 1)); echo "SKIP python/$(basename "$t")@$n: needs $n GPUs, this machine has $num_gpus"; continue
+        fi
+        EP_TEST_WORLD=$n run_py "$t" 1200 "$logs/python/$(basename "$t" .py)@$n.log" "@$n"
+      done
     done
   fi
 fi

@@ -1,10 +1,13 @@
 """Shared vocabulary of the Python tests (the counterpart of tests/common/check.h).
 
 A test is a standalone script: it prints one line per check ("PASS name" / "FAIL name: detail") and exits 0 (all
-passed), 1 (a check failed) or 77 (skipped: it says why). tests/run_tests.sh counts each script as one test."""
+passed), 1 (a check failed) or 77 (skipped: it says why). tests/run_tests.sh counts each script as one test.
+GPU tests run on EP_TEST_WORLD ranks (default 2; tests/run_tests.sh sets it to each rank count it tries)."""
 
 import os
+import socket
 import sys
+import time
 
 TEST_PASS, TEST_FAIL, TEST_SKIP = 0, 1, 77
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -56,3 +59,53 @@ def use_package():
     """Make `import ep` find python/ep whatever PYTHONPATH says."""
     if PYTHON_DIR not in sys.path:
         sys.path.insert(0, PYTHON_DIR)
+
+
+def world_size():
+    """Ranks a GPU test runs on: EP_TEST_WORLD, default 2."""
+    return int(os.environ.get("EP_TEST_WORLD", "2"))
+
+
+def run_ranks(worker, timeout_s, needs_numpy=False):
+    """Run worker(rank, world, port, seed) in one spawned process per rank (world_size() ranks, one GPU each) and
+    exit 0 if every rank exited 0. Skips (77) without PyTorch, CUDA or enough GPUs; a rank still alive after
+    timeout_s is killed and counts as a failure. The seed is fresh unless EP_TEST_SEED replays one."""
+    world = world_size()
+    try:
+        import torch
+        import torch.multiprocessing as mp
+    except ImportError:
+        skip("PyTorch is not installed")
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if visible < world:
+        skip(f"needs {world} GPUs, PyTorch sees {visible}")
+    if needs_numpy:
+        import importlib.util
+        if importlib.util.find_spec("numpy") is None:  # torch.as_tensor over __cuda_array_interface__ needs it
+            print("FAIL numpy is not installed: ep's views of device memory (handle arrays, the zero-copy buffer) "
+                  "are made by torch.as_tensor over __cuda_array_interface__, which needs NumPy; pip install numpy")
+            sys.exit(TEST_FAIL)
+    os.environ.setdefault("NVSHMEM_REMOTE_TRANSPORT", "none")  # one machine: NVLink only
+    seed = int(os.environ.get("EP_TEST_SEED", "0"), 0) or (int(time.time() * 1e6) & 0xFFFFFFFF)
+    print(f"{world} ranks, seed = {seed:#x} (replay with EP_TEST_SEED={seed:#x} EP_TEST_WORLD={world})", flush=True)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=worker, args=(r, world, port, seed)) for r in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.time() + timeout_s
+    for p in procs:
+        p.join(max(0.0, deadline - time.time()))
+    codes = []
+    for r, p in enumerate(procs):
+        if p.is_alive():
+            print(f"FAIL rank {r} still running after {timeout_s} s: killed")
+            p.kill()
+            p.join()
+            codes.append(TEST_FAIL)
+        else:
+            codes.append(p.exitcode)
+    print(f"rank exit codes: {codes}")
+    sys.exit(TEST_PASS if all(code == 0 for code in codes) else TEST_FAIL)

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""test_buffer_gpu (2 GPUs, PyTorch): every ep.Buffer method against a plain PyTorch computation of the same
-result, on 2 ranks (torch.multiprocessing spawn, NCCL process group on 127.0.0.1 with a free port).
+"""test_buffer_gpu (EP_TEST_WORLD GPUs, default 2; PyTorch): every ep.Buffer method against a plain PyTorch computation of the same
+result, on EP_TEST_WORLD ranks (torch.multiprocessing spawn, NCCL process group on 127.0.0.1 with a free port).
 
 Each rank draws its own inputs from the printed seed (EP_TEST_SEED replays), the ranks all_gather them, and each
 rank computes with torch what it must receive and what its tokens must combine to:
@@ -21,19 +21,15 @@ rank computes with torch what it must receive and what its tokens must combine t
               EpError(EP_STATUS_DEVICE_ERROR) naming the token
   graph       dispatch(num_worst_tokens) + combine captured in a CUDA graph, replayed twice with new data and
               new routing, == eager calls on the same data
-Skips (77) without PyTorch, CUDA or 2 GPUs."""
+Skips (77) without PyTorch, CUDA or enough GPUs."""
 
-import os
-import socket
 import sys
-import time
 import traceback
 
 import eptest
 
 eptest.use_package()
 
-WORLD = 2
 E_HINT, H_HINT, T_HINT, K_HINT = 64, 2048, 256, 8  # Buffer shape hints
 TIMEOUT_S = 600  # the whole run, both ranks
 
@@ -435,7 +431,7 @@ def worker(rank, world, port, seed):
         c = Ctx()
         c.buf, c.R, c.rank, c.dev = buf, world, rank, torch.device("cuda", rank)
         c.E, c.H, c.K = 32, 1024, 6
-        c.ns = [T_HINT - 37 * r for r in range(world)]  # different token counts per rank
+        c.ns = [max(0, T_HINT - 37 * r) for r in range(world)]  # different token counts per rank (0 at 8 ranks)
         c.n, c.n_max = c.ns[rank], max(c.ns)
         c.gen = torch.Generator(device=c.dev)
         c.gen.manual_seed(seed * 1000003 + rank)
@@ -462,43 +458,8 @@ def worker(rank, world, port, seed):
     sys.exit(ck.result())
 
 
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main():
-    try:
-        import torch as _torch
-        import torch.multiprocessing as mp
-    except ImportError:
-        eptest.skip("PyTorch is not installed")
-    if not _torch.cuda.is_available() or _torch.cuda.device_count() < WORLD:
-        eptest.skip(f"needs {WORLD} GPUs, PyTorch sees "
-                    f"{_torch.cuda.device_count() if _torch.cuda.is_available() else 0}")
-    os.environ.setdefault("NVSHMEM_REMOTE_TRANSPORT", "none")  # one machine: NVLink only
-    seed = int(os.environ.get("EP_TEST_SEED", "0"), 0) or (int(time.time() * 1e6) & 0xFFFFFFFF)
-    print(f"seed = {seed:#x} (replay with EP_TEST_SEED={seed:#x})", flush=True)
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [ctx.Process(target=worker, args=(r, WORLD, port, seed)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    deadline = time.time() + TIMEOUT_S
-    for p in procs:
-        p.join(max(0.0, deadline - time.time()))
-    codes = []
-    for r, p in enumerate(procs):
-        if p.is_alive():
-            print(f"FAIL rank {r} still running after {TIMEOUT_S} s: killed")
-            p.kill()
-            p.join()
-            codes.append(1)
-        else:
-            codes.append(p.exitcode)
-    print(f"rank exit codes: {codes}")
-    sys.exit(0 if all(code == 0 for code in codes) else 1)
+    eptest.run_ranks(worker, TIMEOUT_S)
 
 
 if __name__ == "__main__":

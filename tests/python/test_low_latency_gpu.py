@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""test_low_latency_gpu (2 GPUs, PyTorch): the low-latency methods of ep.Buffer against a plain PyTorch
-computation of the same result, on 2 ranks (torch.multiprocessing spawn, NCCL process group on 127.0.0.1).
+"""test_low_latency_gpu (EP_TEST_WORLD GPUs, default 2; PyTorch): the low-latency methods of ep.Buffer against a plain PyTorch
+computation of the same result, on EP_TEST_WORLD ranks (torch.multiprocessing spawn, NCCL process group on 127.0.0.1).
 
 Each rank draws its own inputs from the printed seed (EP_TEST_SEED replays); the ranks all_gather x and topk_idx,
 and each rank computes with torch what each of its local experts must receive: the rows of the tokens that
@@ -21,23 +21,19 @@ select it, ordered by source rank, then token (ep's LL order is deterministic).
   graph       dispatch + an expert op + combine captured in a CUDA graph, replayed with new data == eager
   clean       clean_low_latency_buffer, then another dispatch + combine; handles from before are stale
   empty rank  a rank with no tokens
-Skips (77) without PyTorch, CUDA or 2 GPUs. Fails at once without NumPy: handle.src_info / layout_range and the
+Skips (77) without PyTorch, CUDA or enough GPUs. Fails at once without NumPy: handle.src_info / layout_range and the
 zero-copy buffer (NVSHMEM memory) are views made by torch.as_tensor over __cuda_array_interface__, which PyTorch
 implements with NumPy. That wrapping is the fragile part of this path (never run yet): if the zero-copy checks
 fail with "gave ... at 0x..." or a pointer-attribute error, PyTorch did not accept the NVSHMEM pointer as
 device memory of this GPU."""
 
-import os
-import socket
 import sys
-import time
 import traceback
 
 import eptest
 
 eptest.use_package()
 
-WORLD = 2
 E_HINT, H_HINT, K_HINT, T_HINT = 16, 2048, 8, 64  # Buffer shape hints (ll_max_tokens_per_rank = T_HINT)
 TIMEOUT_S = 600
 
@@ -467,7 +463,7 @@ def worker(rank, world, port, seed):
         c = Ctx()
         c.buf, c.R, c.rank, c.dev = buf, world, rank, torch.device("cuda", rank)
         c.E, c.H, c.K, c.T = E_HINT, H_HINT, 6, T_HINT
-        c.ns = [c.T - 13 * r for r in range(world)]  # different token counts per rank
+        c.ns = [max(0, c.T - 13 * r) for r in range(world)]  # different token counts per rank (0 from 5 ranks on)
         c.n = c.ns[rank]
         c.gen = torch.Generator(device=c.dev)
         c.gen.manual_seed(seed * 1000003 + rank)
@@ -493,48 +489,8 @@ def worker(rank, world, port, seed):
     sys.exit(ck.result())
 
 
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main():
-    try:
-        import torch as _torch
-        import torch.multiprocessing as mp
-    except ImportError:
-        eptest.skip("PyTorch is not installed")
-    if not _torch.cuda.is_available() or _torch.cuda.device_count() < WORLD:
-        eptest.skip(f"needs {WORLD} GPUs, PyTorch sees "
-                    f"{_torch.cuda.device_count() if _torch.cuda.is_available() else 0}")
-    import importlib.util
-    if importlib.util.find_spec("numpy") is None:  # torch.as_tensor over __cuda_array_interface__ needs it
-        print("FAIL numpy is not installed: ep's LL views (handle.src_info / layout_range, the zero-copy buffer) "
-              "are made by torch.as_tensor over __cuda_array_interface__, which needs NumPy; pip install numpy")
-        sys.exit(1)
-    os.environ.setdefault("NVSHMEM_REMOTE_TRANSPORT", "none")  # one machine: NVLink only
-    seed = int(os.environ.get("EP_TEST_SEED", "0"), 0) or (int(time.time() * 1e6) & 0xFFFFFFFF)
-    print(f"seed = {seed:#x} (replay with EP_TEST_SEED={seed:#x})", flush=True)
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [ctx.Process(target=worker, args=(r, WORLD, port, seed)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    deadline = time.time() + TIMEOUT_S
-    for p in procs:
-        p.join(max(0.0, deadline - time.time()))
-    codes = []
-    for r, p in enumerate(procs):
-        if p.is_alive():
-            print(f"FAIL rank {r} still running after {TIMEOUT_S} s: killed")
-            p.kill()
-            p.join()
-            codes.append(1)
-        else:
-            codes.append(p.exitcode)
-    print(f"rank exit codes: {codes}")
-    sys.exit(0 if all(code == 0 for code in codes) else 1)
+    eptest.run_ranks(worker, TIMEOUT_S, needs_numpy=True)
 
 
 if __name__ == "__main__":

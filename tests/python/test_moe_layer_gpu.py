@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""test_moe_layer_gpu (2 GPUs, PyTorch): examples/moe_layer.py's check -- an MoE layer on ep (dispatch, experts,
+"""test_moe_layer_gpu (EP_TEST_WORLD GPUs, default 2; PyTorch): examples/moe_layer.py's check -- an MoE layer on ep (dispatch, experts,
 combine, backward) against the same layer computed densely on one GPU. Every reported difference (output, grad
 of the input, the router, both expert weights), relative to the dense value's largest magnitude, must be below
-1e-2 (bf16). Skips (77) without PyTorch, CUDA or 2 GPUs."""
+1e-2 (bf16). Skips (77) without PyTorch, CUDA or enough GPUs."""
 
 import os
 import re
@@ -20,8 +20,9 @@ def main():
         import torch
     except ImportError:
         eptest.skip("PyTorch is not installed")
-    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
-        eptest.skip(f"needs 2 GPUs, PyTorch sees {torch.cuda.device_count() if torch.cuda.is_available() else 0}")
+    world = eptest.world_size()
+    if not torch.cuda.is_available() or torch.cuda.device_count() < world:
+        eptest.skip(f"needs {world} GPUs, PyTorch sees {torch.cuda.device_count() if torch.cuda.is_available() else 0}")
     ck = eptest.Checker()
     env = dict(os.environ)
     env["PYTHONPATH"] = eptest.PYTHON_DIR + os.pathsep + env.get("PYTHONPATH", "")
@@ -31,7 +32,7 @@ def main():
     for extra in ([], ["--tokens", "300", "--hidden", "2048", "--experts", "8", "--topk", "2", "--seed", "7"]):
         label = " ".join(extra) or "defaults"
         try:
-            r = subprocess.run([sys.executable, script, "--num-gpus", "2", "--tolerance", str(TOLERANCE), *extra],
+            r = subprocess.run([sys.executable, script, "--num-gpus", str(world), "--tolerance", str(TOLERANCE), *extra],
                                capture_output=True, text=True, env=env, timeout=480)
         except subprocess.TimeoutExpired as e:
             ck.check(f"moe_layer ({label}) finishes", False, f"timed out after {e.timeout} s")
