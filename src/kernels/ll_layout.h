@@ -3,25 +3,32 @@
  *
  * The LL region is two identical halves. A dispatch takes the next half (the host alternates them) and its
  * handle's combine uses the same half. Inside one half (T = config.ll_max_tokens_per_rank, H = config.hidden,
- * E = config.num_experts, E_loc = E / R):
+ * E = config.num_experts, E_loc = E / R, K = config.max_topk):
  *
- *   uint64 dispatch_count[E_loc][R]  from source s for my local expert e: how many messages s sent (see below)
+ *   uint64 dispatch_count[R]         from source s: how many puts s made for this call's dispatch (see below)
  *   uint64 combine_signal[R]         from rank r: how many combine rows r sent me
  *   uint64 ack[R]                    from rank r: the last call number on this half whose receive phase r finished
- *   bytes  dispatch_stage[T][msg]    my tokens as messages (header + payload), the source of every send
+ *   int32  dispatch_meta[R][E_loc]   from source s: how many of its tokens select each of my local experts
+ *   bytes  dispatch_stage[T][msg]    my tokens as messages, the source of every put to another node
+ *   int32  meta_stage[R][E_loc]      my dispatch_meta rows for ranks of other nodes (source of their puts)
  *   bytes  combine_stage[E_loc*R*T][2H]  expert outputs on their way back; the zero-copy buffer
  *   bytes  recv                      the receive area, used by one call at a time:
- *            dispatch: [E_loc][R][T] messages, slot j of (e, s) = the j-th token of s that selects e
+ *            dispatch: [R][T] messages; slot p of source s = the p-th token of s that selects any expert of mine
+ *                      (a token crosses the link once per destination rank, not once per expert)
  *            combine:  [E][T] rows of 2H, row (e, j) = the output of global expert e for my j-th token that selects it
  *
- * A message is a 16-byte header (int32 source token index, 3 spare) and the payload: FP8 e4m3 [H] then fp32
- * scales [H / 128], or BF16 [H]; its stride `msg_bytes` = align16(16 + max(2H, H + H / 32)).
+ * A message is a header of `hdr_bytes` = align16(8 + 8K): int32 source token index, int32 npairs, then npairs
+ * pairs (int32 global expert e, int32 j) for every distinct valid expert of the token (all ranks' experts: the
+ * message is the same for every destination; a receiver keeps the pairs of its own experts), j = the token's
+ * position among the source's tokens that select e. Then the payload: FP8 e4m3 [H] then fp32 scales [H / 128],
+ * or BF16 [H]; its stride `msg_bytes` = align16(hdr_bytes + max(2H, H + H / 32)).
  *
- * Counts and signals need no reset between calls: a sender adds 1 per message put (put-with-signal, ADD) and,
- * once all are issued, adds (n + 1) << 32; over NVLink it stores that final value ((n + 1) << 32 | n) once,
- * with release semantics, after its stores. A receiver waits for hi >= 1 and lo == hi - 1, reads n = hi - 1,
- * and zeroes the word when the call's receive phase is done, before it acknowledges: no sender writes the word
- * again before that acknowledgement. Call numbers (acks) grow for ever (device counters, so graph replays count). */
+ * Counts and signals need no reset between calls: a sender adds 1 per put (put-with-signal, ADD) and, once all
+ * are issued, adds (n + 1) << 32; over NVLink it stores that final value ((n + 1) << 32 | n) once, with release
+ * semantics, after its stores. A receiver waits for hi >= 1 and lo == hi - 1, reads n = hi - 1, and zeroes the
+ * word when the call's receive phase is done, before it acknowledges: no sender writes the word again before
+ * that acknowledgement. For dispatch, n = messages + 1 (the dispatch_meta row is one more put). Call numbers
+ * (acks) grow for ever (device counters, so graph replays count). */
 #ifndef EP_KERNELS_LL_LAYOUT_H
 #define EP_KERNELS_LL_LAYOUT_H
 
@@ -32,11 +39,13 @@
 
 typedef struct ep_ll_layout {
   int num_ranks, max_tokens, hidden, num_experts, num_local_experts, max_topk;
+  size_t hdr_bytes;      /* header of a dispatch message; the payload starts there */
   size_t msg_bytes;      /* stride of a dispatch message */
   size_t row_bytes;      /* stride of a combine row: 2 * hidden */
   /* offsets inside one half */
-  size_t dispatch_count, combine_signal, ack, signal_bytes; /* signal_bytes: the words above, zeroed by a clean */
-  size_t dispatch_stage, combine_stage, recv;
+  size_t dispatch_count, combine_signal, ack, dispatch_meta, signal_bytes; /* signal_bytes: the words above,
+                                                                            zeroed by a clean */
+  size_t dispatch_stage, meta_stage, combine_stage, recv;
   size_t half_bytes;     /* one half, 128-aligned */
   size_t total_bytes;    /* both halves */
 } ep_ll_layout_t;
@@ -52,21 +61,24 @@ static inline EP_HD ep_ll_layout_t ep_ll_layout(int num_ranks, int num_experts, 
   l.num_experts = num_experts;
   l.num_local_experts = num_experts / num_ranks;
   l.max_topk = max_topk;
-  l.msg_bytes = ep_align_up(16 + (fp8_payload > bf16_payload ? fp8_payload : bf16_payload), 16);
+  l.hdr_bytes = ep_align_up(8 + 8 * (size_t)max_topk, 16);
+  l.msg_bytes = ep_align_up(l.hdr_bytes + (fp8_payload > bf16_payload ? fp8_payload : bf16_payload), 16);
   l.row_bytes = 2 * H;
   size_t off = 0;
-  l.dispatch_count = off; off += (size_t)l.num_local_experts * R * 8;
+  l.dispatch_count = off; off += R * 8;
   l.combine_signal = off; off += R * 8;
   l.ack = off;            off += R * 8;
+  l.dispatch_meta = off;  off += R * (size_t)l.num_local_experts * 4;
   l.signal_bytes = off;
   off = ep_align_up(off, 128);
   l.dispatch_stage = off; off += T * l.msg_bytes;
+  l.meta_stage = off;     off += R * (size_t)l.num_local_experts * 4;
   off = ep_align_up(off, 128);
   l.combine_stage = off;  off += (size_t)l.num_local_experts * R * T * l.row_bytes;
   off = ep_align_up(off, 128);
   l.recv = off;
   {
-    const size_t dispatch_recv = (size_t)l.num_local_experts * R * T * l.msg_bytes;
+    const size_t dispatch_recv = R * T * l.msg_bytes;
     const size_t combine_recv = E * T * l.row_bytes;
     off += dispatch_recv > combine_recv ? dispatch_recv : combine_recv;
   }

@@ -14,8 +14,6 @@
 namespace ep {
 namespace ll {
 
-constexpr int kSendThreads = 1024;
-constexpr int kSendWarps = kSendThreads / 32;
 constexpr int kRecvThreads = 512;
 constexpr int kRecvWarps = kRecvThreads / 32;
 constexpr int kChunk = 256;  // channels one warp combines per unit (8 per lane)
@@ -67,23 +65,6 @@ __device__ __forceinline__ bool wait_acks(const ep_ll_launch_t& p, uint64_t op, 
 // Is expert index e valid? (bad ones were reported where the token is sent and count as -1)
 __device__ __forceinline__ bool valid_expert(int64_t e, int E) { return e >= 0 && e < E; }
 
-// Slot k of a top-k row repeats an expert of an earlier slot.
-__device__ __forceinline__ int first_slot(const int64_t* row, int k) {
-  for (int j = 0; j < k; ++j)
-    if (row[j] == row[k]) return j;
-  return k;
-}
-
-// Tokens [begin, end) of this rank, counted once per distinct valid expert, into the block's histogram.
-__device__ __forceinline__ void count_tokens(const ep_ll_launch_t& p, int begin, int end, int* hist) {
-  const int K = p.num_topk;
-  for (int i = begin * K + threadIdx.x; i < end * K; i += blockDim.x) {
-    const int64_t* row = p.topk_idx + (size_t)(i / K) * K;
-    const int k = i % K;
-    if (valid_expert(row[k], p.num_experts) && first_slot(row, k) == k) atomicAdd(&hist[row[k]], 1);
-  }
-}
-
 // 2^ceil(log2(s)) for a positive normal float, exactly (s itself when it is a power of two).
 __device__ __forceinline__ float pow2_ceil(float s) {
   const uint32_t bits = __float_as_uint(s);
@@ -91,36 +72,113 @@ __device__ __forceinline__ float pow2_ceil(float s) {
   return __uint_as_float((bits & 0x7f800000u) + 0x00800000u);
 }
 
-// One warp casts 128 channels (4 per lane) of a bf16 row to e4m3 and returns the group's scale. Every lane calls.
-__device__ __forceinline__ float cast_group(const __nv_bfloat16* src, uint8_t* dst, int lane, int round_scale) {
-  const uint2 raw = *reinterpret_cast<const uint2*>(src + lane * 4);
-  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
-  const float2 a = __bfloat1622float2(h[0]), b = __bfloat1622float2(h[1]);
-  float amax = fmaxf(fmaxf(fabsf(a.x), fabsf(a.y)), fmaxf(fabsf(b.x), fabsf(b.y)));
+// Read-only inputs of the call (x, the expert outputs): through the non-coherent path, not kept in L1.
+__device__ __forceinline__ int4 ld_input(const void* p) { return ld_nc_na(reinterpret_cast<const int4*>(p)); }
+
+// Two int32 of a received message (written by a peer before the count we acquired): around L1, as ld_nc_na.
+__device__ __forceinline__ int2 ld_nc_v2(const void* ptr) {
+  int2 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v2.s32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(ptr));
+  return v;
+}
+
+// Lanes per token when a warp looks at top-k rows: the power of two >= K (K <= 32).
+__device__ __forceinline__ int topk_lanes(int K) {
+  int kp = 1;
+  while (kp < K) kp <<= 1;
+  return kp;
+}
+
+// One (token, slot) per lane: a warp sees 32 / kp tokens from `t0` (those below `t_end`) at once, one coalesced
+// load per lane, and finds repeated experts and repeated ranks inside each token with two warp matches.
+struct SlotInfo {
+  int t, k;
+  bool in;      // a real (token, slot)
+  int64_t e;    // the expert index as given (-1 for none; may be out of range)
+  bool first;   // valid, and no earlier slot of the token has the same expert
+  bool rfirst;  // valid, and no earlier valid slot of the token has an expert on the same rank
+  int first_k;  // for a valid slot: the first slot with the same expert; else -1
+};
+
+__device__ __forceinline__ SlotInfo slot_info(const ep_ll_launch_t& p, int t0, int t_end, int kp, int lane) {
+  const int K = p.num_topk, E = p.num_experts, E_loc = E / p.num_ranks;
+  SlotInfo si;
+  si.t = t0 + lane / kp;
+  si.k = lane % kp;
+  si.in = si.t < t_end && si.k < K;
+  si.e = si.in ? p.topk_idx[(size_t)si.t * K + si.k] : -1;
+  const bool valid = si.in && valid_expert(si.e, E);
+  // Keys: (token, expert) and (token, rank) for valid slots; a value no valid slot has (unique per lane) otherwise.
+  const unsigned long long tkey = (unsigned long long)(uint32_t)si.t << 32;
+  const unsigned long long key_e = tkey | (uint32_t)(valid ? (int)si.e : E + lane);
+  const unsigned long long key_r = tkey | (uint32_t)(valid ? (int)si.e / E_loc : p.num_ranks + lane);
+  const unsigned same_e = __match_any_sync(0xffffffffu, key_e);
+  const unsigned same_r = __match_any_sync(0xffffffffu, key_r);
+  si.first = valid && __ffs(same_e) - 1 == lane;
+  si.rfirst = valid && __ffs(same_r) - 1 == lane;
+  si.first_k = valid ? (__ffs(same_e) - 1) % kp : -1;
+  return si;
+}
+
+// One lane's 16 channels (two int4 of bf16) to e4m3, with the scale of its 128-channel group (8 lanes). Every
+// lane of the warp calls; lanes of an inactive group pass zeros and their result is ignored. The arithmetic is the
+// reference's: amax floored at 1e-4, scale = amax / 448 (optionally 2^ceil(log2)), value * (1 / scale), RN + SATFINITE.
+__device__ __forceinline__ int4 cast16(const int4 (&in)[2], int round_scale, float* scale_out) {
+  float f[16];
 #pragma unroll
-  for (int m = 16; m > 0; m >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, m));
+  for (int h = 0; h < 2; ++h) {
+    const __nv_bfloat162* b = reinterpret_cast<const __nv_bfloat162*>(&in[h]);
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const float2 v = __bfloat1622float2(b[u]);
+      f[8 * h + 2 * u] = v.x;
+      f[8 * h + 2 * u + 1] = v.y;
+    }
+  }
+  float amax = 0.0f;
+#pragma unroll
+  for (int i = 0; i < 16; ++i) amax = fmaxf(amax, fabsf(f[i]));
+#pragma unroll
+  for (int m = 4; m > 0; m >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, m));
   amax = fmaxf(amax, 1e-4f);
   float scale = amax / 448.0f;
   if (round_scale) scale = pow2_ceil(scale);
   const float inv = 1.0f / scale;
-  const float v[4] = {a.x * inv, a.y * inv, b.x * inv, b.y * inv};
-  uint32_t packed = 0;
+  *scale_out = scale;
+  uint32_t w[4];
 #pragma unroll
-  for (int i = 0; i < 4; ++i)
-    packed |= (uint32_t)__nv_cvt_float_to_fp8(v[i], __NV_SATFINITE, __NV_E4M3) << (8 * i);
-  *reinterpret_cast<uint32_t*>(dst + lane * 4) = packed;
-  return scale;
+  for (int q = 0; q < 4; ++q) {
+    uint32_t packed = 0;
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      packed |= (uint32_t)__nv_cvt_float_to_fp8(f[4 * q + i] * inv, __NV_SATFINITE, __NV_E4M3) << (8 * i);
+    w[q] = packed;
+  }
+  return make_int4((int)w[0], (int)w[1], (int)w[2], (int)w[3]);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Dispatch, send phase. Block b owns a contiguous range of my tokens. It first counts, per expert, the tokens
-// before its range (so the slot of token t for expert e is the number of my earlier tokens that select e), then
-// for each of its tokens: builds the message in the stage (FP8 cast or copy), and sends one copy per distinct
-// expert to its rank's receive slot. The last block to finish publishes every (expert, me) count.
+// Dispatch, send phase. Block b owns a contiguous range of at most kMaxRange of my tokens.
+//  1. It counts, per expert and per rank, my tokens before its range (one thread per (token, slot)), and notes the
+//     distinct experts and distinct ranks of its own tokens; then, from shared memory only, each token's slot j
+//     per expert (its position among my tokens that select the expert) and its message position per destination
+//     rank (its position among my tokens that go to that rank). Two block barriers in all, not two per token.
+//  2. Its warps split its tokens into (token, part) units of 512-channel steps: a warp loads its channels once
+//     (16 per lane, non-coherent loads), casts them to e4m3 in registers (a 128-channel group is 8 lanes; no block
+//     barrier) and stores them, 16 bytes per lane, straight into every NVLink destination's receive slot, once
+//     per destination rank; part 0 writes the header. Tokens with a destination in another node are also written
+//     to the local stage and, after one block barrier, put whole with put-with-signal, one put per (token, rank).
+//  3. The last block to finish completes the histograms and publishes, to every rank, its dispatch_meta row (my
+//     tokens per local expert of that rank) and the final count (messages + 1), released after all data.
 // ---------------------------------------------------------------------------------------------------------------
+constexpr int kSendThreads = 512;
+constexpr int kSendWarps = kSendThreads / 32;
+constexpr int kMaxRange = 64;   // tokens per send block at most
+constexpr int kStep = 512;      // channels per warp step: 16 per lane
+constexpr int kStepBatch = 4;   // steps whose loads a lane has in flight at once
+
 __global__ void __launch_bounds__(kSendThreads, 1) dispatch_send_kernel(ep_ll_launch_t p) {
-  extern __shared__ int s_hist[];  // [num_experts]
-  __shared__ int s_slot[kMaxTopk];
+  extern __shared__ int s_dyn[];
   const ep_ll_layout_t& L = p.layout;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int me = p.rank, R = p.num_ranks, K = p.num_topk, E = p.num_experts, E_loc = E / R, H = p.hidden;
@@ -130,75 +188,186 @@ __global__ void __launch_bounds__(kSendThreads, 1) dispatch_send_kernel(ep_ll_la
   const uint64_t op = p.state->seq[p.half] + 1;
   if (blockIdx.x == 0 && tid == 0) p.ops[0] = op;
 
-  for (int e = tid; e < E; e += blockDim.x) s_hist[e] = 0;
-  if (!wait_acks(p, op, EP_SITE_LL_DISPATCH_ACK)) return;  // (its __syncthreads also orders the zeroing)
+  const int per_block = (N + gridDim.x - 1) / gridDim.x;  // <= kMaxRange (the launcher sizes the grid)
+  const int begin = min(N, (int)blockIdx.x * per_block), end = min(N, begin + per_block), n_loc = end - begin;
+  int* s_hist = s_dyn;                     // [E] my tokens before the range (later: all), per distinct expert
+  int* s_rhist = s_hist + E;               // [R] the same per distinct rank
+  int* s_ent = s_rhist + R;                // [per_block * K] expert of (token, slot) if its first slot, else -1
+  int* s_rf = s_ent + per_block * K;       // [per_block * K] rank-first bit and first slot of the expert (1a)
+  int* s_slot = s_rf + per_block * K;      // [per_block * K] j of a first slot
+  int* s_pos = s_slot + per_block * K;     // [per_block * K] message position at its rank, for rank-first slots
 
-  const int per_block = (N + gridDim.x - 1) / gridDim.x;
-  const int begin = min(N, (int)blockIdx.x * per_block), end = min(N, begin + per_block);
-  count_tokens(p, 0, begin, s_hist);
+  for (int e = tid; e < E; e += blockDim.x) s_hist[e] = 0;
+  for (int r = tid; r < R; r += blockDim.x) s_rhist[r] = 0;
   __syncthreads();
 
-  const int payload = p.fp8 ? H + H / 128 * 4 : 2 * H;
-  const int msg_words = (16 + payload + 15) / 16;
-  const int parts = max(1, min(8, kSendWarps / K));  // warps per NVLink message copy
-  for (int t = begin; t < end; ++t) {
-    char* msg = mine + L.dispatch_stage + (size_t)t * L.msg_bytes;
-    const __nv_bfloat16* x = reinterpret_cast<const __nv_bfloat16*>(p.x) + (size_t)t * H;
-    if (tid == 0) *reinterpret_cast<int4*>(msg) = make_int4(t, 0, 0, 0);
-    if (p.fp8) {
-      float* scales = reinterpret_cast<float*>(msg + 16 + H);
-      for (int g = warp; g < H / 128; g += kSendWarps) {
-        const float scale = cast_group(x + g * 128, reinterpret_cast<uint8_t*>(msg + 16 + g * 128), lane,
-                                       p.round_scale);
-        if (lane == 0) scales[g] = scale;
+  // 1a. Earlier tokens into the histograms; my tokens' slots noted (s_rf: bit 0 = rank-first, bits 1.. = 1 + the
+  // first slot of the same expert, 0 for an invalid slot).
+  const int kp = topk_lanes(K), tokens_per_warp = 32 / kp;
+  for (int tb = warp * tokens_per_warp; tb < end; tb += kSendWarps * tokens_per_warp) {
+    const SlotInfo si = slot_info(p, tb, end, kp, lane);
+    if (si.t < begin) {
+      if (si.first) atomicAdd(&s_hist[si.e], 1);
+      if (si.rfirst) atomicAdd(&s_rhist[si.e / E_loc], 1);
+    } else if (si.in) {
+      if (si.e < -1 || si.e >= E) record_fault(p.error, EP_FAULT_BAD_EXPERT, me, -1, 0, si.t, si.e);
+      const int i = (si.t - begin) * K + si.k;
+      s_ent[i] = si.first ? (int)si.e : -1;
+      s_rf[i] = (si.first_k >= 0 ? (si.first_k + 1) << 1 : 0) | (si.rfirst ? 1 : 0);
+    }
+  }
+  __syncthreads();
+  // 1b. Slots and message positions inside the range (each earlier token lists an expert / a rank once at most).
+  for (int i = tid; i < n_loc * K; i += blockDim.x) {
+    const int e = s_ent[i];
+    if (e < 0) continue;
+    const int lt = i / K, d = e / E_loc;
+    int j = s_hist[e], pos = s_rhist[d];
+    for (int i2 = 0; i2 < lt * K; ++i2) {
+      const int e2 = s_ent[i2];
+      j += e2 == e;
+      pos += ((s_rf[i2] & 1) && e2 / E_loc == d) ? 1 : 0;
+    }
+    s_slot[i] = j;
+    s_pos[i] = pos;
+  }
+  __syncthreads();
+  // 1c. Combine's receive row of every (token, slot) (a repeated expert uses its first slot's row); the range
+  // joins the histograms (read again only by the last block, after barriers).
+  for (int i = tid; i < n_loc * K; i += blockDim.x) {
+    const int lt = i / K, k = i % K, first_k = (s_rf[i] >> 1) - 1;
+    p.slot_of[(size_t)(begin + lt) * L.max_topk + k] =
+        first_k >= 0 ? s_ent[lt * K + first_k] * L.max_tokens + s_slot[lt * K + first_k] : -1;
+    if (s_ent[i] >= 0) atomicAdd(&s_hist[s_ent[i]], 1);
+    if (s_rf[i] & 1) atomicAdd(&s_rhist[s_ent[i] / E_loc], 1);
+  }
+  if (!wait_acks(p, op, EP_SITE_LL_DISPATCH_ACK)) return;  // every rank is done with this half's last call
+
+  // 2. Data: (token, part) units.
+  const size_t hdr = L.hdr_bytes, msg_stride = L.msg_bytes;
+  const int steps = (H + kStep - 1) / kStep;
+  const int parts = n_loc > 0 ? max(1, min(steps, kSendWarps / n_loc)) : 1;
+  char* stage = mine + L.dispatch_stage;
+  for (int u = warp; u < n_loc * parts; u += kSendWarps) {
+    const int lt = u / parts, part = u % parts, t = begin + lt;
+    const int ek = lane < K ? s_ent[lt * K + lane] : -1;
+    const bool rf = lane < K && (s_rf[lt * K + lane] & 1);
+    const int posk = rf ? s_pos[lt * K + lane] : 0;
+    const unsigned dmask = __ballot_sync(0xffffffffu, rf);
+    const bool has_remote = __ballot_sync(0xffffffffu, rf && nvlink_peer(p, ek / E_loc) == nullptr) != 0;
+    char* my_msg = stage + (size_t)t * msg_stride;
+    if (part == 0) {  // header: (t, npairs, (e, j) for each distinct valid expert in slot order)
+      const int jk = ek >= 0 ? s_slot[lt * K + lane] : 0;
+      const unsigned fmask = __ballot_sync(0xffffffffu, ek >= 0);
+      const int idx = __popc(fmask & ((1u << lane) - 1u));
+      for (unsigned m = dmask;; m &= m - 1) {
+        char* dst;
+        if (m) {
+          const int b = __ffs(m) - 1;
+          const int d = __shfl_sync(0xffffffffu, ek, b) / E_loc, pos = __shfl_sync(0xffffffffu, posk, b);
+          char* peer = nvlink_peer(p, d);
+          if (!peer) continue;
+          dst = peer + half + L.recv + ((size_t)me * L.max_tokens + pos) * msg_stride;
+        } else {
+          if (!has_remote) break;
+          dst = my_msg;
+        }
+        if (lane == 0) *reinterpret_cast<int2*>(dst) = make_int2(t, __popc(fmask));
+        if (ek >= 0) *reinterpret_cast<int2*>(dst + 8 + 8 * idx) = make_int2(ek, jk);
+        if (!m) break;
       }
-    } else {
-      const int4* src = reinterpret_cast<const int4*>(x);
-      int4* dst = reinterpret_cast<int4*>(msg + 16);
-      for (int i = tid; i < 2 * H / 16; i += blockDim.x) dst[i] = src[i];
     }
-    // Slots of this token: its position among my tokens that select each of its experts.
-    if (tid < K) {
-      const int64_t* row = p.topk_idx + (size_t)t * K;
-      const int64_t e = row[tid];
-      if (e < -1 || e >= E) record_fault(p.error, EP_FAULT_BAD_EXPERT, me, -1, 0, t, e);
-      s_slot[tid] = valid_expert(e, E) && first_slot(row, tid) == tid ? s_hist[e] : -1;
-    }
-    __syncthreads();
-    if (tid < K) {
-      const int64_t* row = p.topk_idx + (size_t)t * K;
-      const int64_t e = row[tid];
-      const int first = valid_expert(e, E) ? first_slot(row, tid) : -1;
-      p.slot_of[(size_t)t * L.max_topk + tid] = first >= 0 ? (int)e * L.max_tokens + s_slot[first] : -1;
-      if (first == tid) s_hist[e] += 1;  // distinct experts within the token: no two threads share e
-    }
-    // Send: `parts` warps per copy over NVLink; one warp per put through the transport.
-    for (int u = warp; u < K * parts; u += kSendWarps) {
-      const int k = u / parts, part = u % parts;
-      const int slot = s_slot[k];
-      if (slot < 0) continue;
-      const int e = (int)p.topk_idx[(size_t)t * K + k];
-      const int d = e / E_loc, le = e % E_loc;
-      const size_t offset = half + L.recv + ((size_t)(le * R + me) * L.max_tokens + slot) * L.msg_bytes;
-      char* peer = nvlink_peer(p, d);
-      if (peer) {
-        const int w0 = (int)((long long)msg_words * part / parts), w1 = (int)((long long)msg_words * (part + 1) / parts);
-        warp_copy<false, 4>(peer + offset, msg, w0, w1, lane);
-      } else if (part == 0) {
-        uint64_t* count = reinterpret_cast<uint64_t*>(p.ll_base + half + L.dispatch_count + (size_t)(le * R + me) * 8);
-        tp::put_signal_warp(p.ll_base + offset, msg, (size_t)msg_words * 16, count, 1, /*add=*/true, d);
+    const int st0 = (int)((long long)steps * part / parts), st1 = (int)((long long)steps * (part + 1) / parts);
+    const char* xrow = reinterpret_cast<const char*>(p.x) + (size_t)t * H * 2;
+    for (int s0 = st0; s0 < st1; s0 += kStepBatch) {
+      int4 in[kStepBatch][2];
+#pragma unroll
+      for (int b = 0; b < kStepBatch; ++b) {
+        const int c = (s0 + b) * kStep + lane * 16;
+        in[b][0] = in[b][1] = make_int4(0, 0, 0, 0);
+        if (s0 + b < st1 && c < H) in[b][0] = ld_input(xrow + (size_t)c * 2);
+        if (s0 + b < st1 && c + 8 < H) in[b][1] = ld_input(xrow + (size_t)(c + 8) * 2);
+      }
+      int4 out[kStepBatch];
+      float scale[kStepBatch];
+      if (p.fp8) {
+#pragma unroll
+        for (int b = 0; b < kStepBatch; ++b) out[b] = cast16(in[b], p.round_scale, &scale[b]);
+      }
+      // Store the batch to every NVLink destination, then (if any rank is in another node) to the stage.
+      for (unsigned m = dmask;; m &= m - 1) {
+        char* dst;
+        if (m) {
+          const int bit = __ffs(m) - 1;
+          const int d = __shfl_sync(0xffffffffu, ek, bit) / E_loc, pos = __shfl_sync(0xffffffffu, posk, bit);
+          char* peer = nvlink_peer(p, d);
+          if (!peer) continue;
+          dst = peer + half + L.recv + ((size_t)me * L.max_tokens + pos) * msg_stride + hdr;
+        } else {
+          if (!has_remote) break;
+          dst = my_msg + hdr;
+        }
+#pragma unroll
+        for (int b = 0; b < kStepBatch; ++b) {
+          const int c = (s0 + b) * kStep + lane * 16;
+          if (s0 + b >= st1 || c >= H) continue;
+          if (p.fp8) {
+            *reinterpret_cast<int4*>(dst + c) = out[b];
+            if ((lane & 7) == 0) reinterpret_cast<float*>(dst + H)[c / 128] = scale[b];
+          } else {
+            *reinterpret_cast<int4*>(dst + (size_t)c * 2) = in[b][0];
+            if (c + 8 < H) *reinterpret_cast<int4*>(dst + (size_t)(c + 8) * 2) = in[b][1];
+          }
+        }
+        if (!m) break;
       }
     }
-    __syncthreads();  // s_slot and the stage row are reused by the next token
   }
 
-  // The last block publishes the counts: the histogram of all my tokens, per expert, to the expert's rank.
-  if (!arrive_last(&p.state->done[0])) return;
-  count_tokens(p, end, N, s_hist);
+  // Tokens going to another node: the whole message (header + payload) from the stage, one put per rank.
   __syncthreads();
-  for (int e = tid; e < E; e += blockDim.x) {
-    const int d = e / E_loc, le = e % E_loc;
-    publish_count(p, d, half + L.dispatch_count + (size_t)(le * R + me) * 8, s_hist[e]);
+  const size_t put_bytes = ep_align_up(hdr + (size_t)(p.fp8 ? H + H / 128 * 4 : 2 * H), 16);
+  uint64_t* count_word = reinterpret_cast<uint64_t*>(mine + L.dispatch_count + (size_t)me * 8);  // symmetric
+  for (int lt = warp; lt < n_loc; lt += kSendWarps) {
+    const int ek = lane < K ? s_ent[lt * K + lane] : -1;
+    const bool remote = lane < K && (s_rf[lt * K + lane] & 1) && nvlink_peer(p, ek / E_loc) == nullptr;
+    const int posk = remote ? s_pos[lt * K + lane] : 0;
+    for (unsigned m = __ballot_sync(0xffffffffu, remote); m; m &= m - 1) {
+      const int b = __ffs(m) - 1;
+      const int d = __shfl_sync(0xffffffffu, ek, b) / E_loc, pos = __shfl_sync(0xffffffffu, posk, b);
+      tp::put_signal_warp(mine + L.recv + ((size_t)me * L.max_tokens + pos) * msg_stride,
+                          stage + (size_t)(begin + lt) * msg_stride, put_bytes, count_word, 1, /*add=*/true, d);
+    }
+  }
+
+  // 3. The last block publishes, per rank: my tokens per local expert of that rank, then the final count.
+  if (!arrive_last(&p.state->done[0])) return;
+  for (int tb = end + warp * tokens_per_warp; tb < N; tb += kSendWarps * tokens_per_warp) {
+    const SlotInfo si = slot_info(p, tb, N, kp, lane);
+    if (si.first) atomicAdd(&s_hist[si.e], 1);
+    if (si.rfirst) atomicAdd(&s_rhist[si.e / E_loc], 1);
+  }
+  __syncthreads();
+  int* meta_out = reinterpret_cast<int*>(mine + L.meta_stage);  // [R][E_loc]
+  for (int i = tid; i < E; i += blockDim.x) {
+    const int d = i / E_loc, le = i % E_loc;
+    char* peer = nvlink_peer(p, d);
+    if (peer) reinterpret_cast<int*>(peer + half + L.dispatch_meta)[(size_t)me * E_loc + le] = s_hist[i];
+    else meta_out[i] = s_hist[i];
+  }
+  __threadfence_system();
+  __syncthreads();
+  for (int d = warp; d < R; d += kSendWarps) {
+    char* peer = nvlink_peer(p, d);
+    if (peer) {
+      if (lane == 0)
+        st_release_sys_u64(reinterpret_cast<uint64_t*>(peer + half + L.dispatch_count + (size_t)me * 8),
+                           final_count(s_rhist[d] + 1));
+    } else {
+      tp::put_signal_warp(mine + L.dispatch_meta + (size_t)me * E_loc * 4, meta_out + (size_t)d * E_loc,
+                          (size_t)E_loc * 4, count_word, 1, /*add=*/true, d);
+      if (lane == 0) tp::signal_add(count_word, (uint64_t)(s_rhist[d] + 2) << 32, d);
+    }
   }
   __syncthreads();
   if (tid == 0) {
@@ -208,11 +377,19 @@ __global__ void __launch_bounds__(kSendThreads, 1) dispatch_send_kernel(ep_ll_la
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Dispatch, receive phase. A block per (local expert, source) pair: wait for the counts of sources 0..s of the
-// expert (their sum places this source's rows), then one warp per row copies payload, scales and source index.
-// The last block zeroes the counts and acknowledges the call to every rank.
+// Dispatch, receive phase. Every block waits for every source's final count (one poll per source, in parallel),
+// reads the sources' dispatch_meta rows (my local experts' counts per source) into shared memory and places each
+// (expert, source) run of rows: begin = the sum over earlier sources. Then one warp per (message, part): it loads
+// the header and its share of the payload together (one round trip of local loads), keeps the header's pairs of
+// my experts, and stores its share into each of their rows (row = begin(expert, source) + j): a token that
+// selects several of my experts crossed the link once and is copied here from local memory. Part 0 also writes
+// the source index and the scales. Block 0 writes layout_range and recv_count. The last block zeroes the count
+// words and acknowledges the call to every rank.
 // ---------------------------------------------------------------------------------------------------------------
+constexpr int kCopyBatch = 8;  // 16-byte words a lane has in flight per batch
+
 __global__ void __launch_bounds__(kRecvThreads) dispatch_recv_kernel(ep_ll_launch_t p) {
+  extern __shared__ int s_dyn[];
   const ep_ll_layout_t& L = p.layout;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int me = p.rank, R = p.num_ranks, E_loc = p.num_experts / R, H = p.hidden, G = H / 128;
@@ -220,67 +397,115 @@ __global__ void __launch_bounds__(kRecvThreads) dispatch_recv_kernel(ep_ll_launc
   const size_t half = half_offset(p);
   char* mine = p.ll_base + half;
   uint64_t* counts = reinterpret_cast<uint64_t*>(mine + L.dispatch_count);
+  const int* meta = reinterpret_cast<const int*>(mine + L.dispatch_meta);  // [R][E_loc]
   const uint64_t op = p.ops[0];
-  __shared__ int s_begin, s_count, s_failed;
-
-  for (int pair = blockIdx.x; pair < E_loc * R; pair += gridDim.x) {
-    const int le = pair / R, s = pair % R;
-    if (tid == 0) {
-      s_begin = 0;
-      s_count = 0;
-      s_failed = 0;
+  int* s_row0 = s_dyn;           // [R][E_loc] first row of (source, expert); later the prefix
+  int* s_moff = s_row0 + R * E_loc;  // [R + 1] first message index of each source
+  __shared__ int s_failed;
+  if (tid == 0) s_failed = 0;
+  __syncthreads();
+  for (int s = tid; s < R; s += blockDim.x) {
+    uint64_t v = 0;
+    if (!wait_until([&] { return count_complete(v = ld_acquire_sys_u64(counts + s)); }, p.timeout_ns, p.error, me, s,
+                    EP_SITE_LL_DISPATCH_RECV)) {
+      s_failed = 1;
+      break;
     }
-    __syncthreads();
-    int before = 0;
-    for (int src = tid; src <= s; src += blockDim.x) {
-      uint64_t v = 0;
-      const uint64_t* word = counts + (size_t)le * R + src;
-      if (!wait_until([&] { return count_complete(v = ld_acquire_sys_u64(word)); }, p.timeout_ns, p.error, me, src,
-                      EP_SITE_LL_DISPATCH_RECV)) {
-        s_failed = 1;
-        break;
-      }
-      const int n = (int)(v >> 32) - 1;
-      if (src < s) before += n;
-      else s_count = n;
-    }
-    if (before) atomicAdd(&s_begin, before);
-    __syncthreads();
-    if (s_failed) return;
-    const int row0 = s_begin, n = s_count;
-    if (tid == 0) {
-      p.layout_range[(size_t)le * R + s] = ((int64_t)row0 << 32) | (uint32_t)n;
-      if (s == R - 1) p.recv_count[le] = row0 + n;
-    }
-    for (int j = warp; j < n; j += kRecvWarps) {
-      const char* msg = mine + L.recv + ((size_t)(le * R + s) * L.max_tokens + j) * L.msg_bytes;
-      const size_t row = (size_t)le * RT + row0 + j;
-      if (lane == 0) p.src_info[row] = ld_nc_na(reinterpret_cast<const int4*>(msg)).x;
-      if (p.fp8) {
-        warp_copy<true, 4>((uint8_t*)p.recv_x + row * H, msg + 16, 0, H / 16, lane);
-        const float* scales = reinterpret_cast<const float*>(msg + 16 + H);
-        const size_t col = (size_t)row0 + j;
-        if (!p.ue8m0) {
-          float* out = (float*)p.recv_scales + (size_t)le * G * RT;
-          for (int g = lane; g < G; g += 32) out[(size_t)g * RT + col] = scales[g];
-        } else {
-          int* out = (int*)p.recv_scales + (size_t)le * (G / 4) * RT;
-          for (int q = lane; q < G / 4; q += 32) {
-            uint32_t packed = 0;
+    s_moff[s + 1] = (int)(v >> 32) - 2;  // n = messages + 1 puts; hi = n + 1
+  }
+  __syncthreads();
+  if (s_failed) return;
+  for (int i = tid; i < R * E_loc; i += blockDim.x) s_row0[i] = ld_relaxed_sys(meta + i);
+  if (warp == 0) {  // message offsets: an exclusive scan over sources
+    int run = 0;
+    for (int base = 0; base < R; base += 32) {
+      int v = base + lane < R ? s_moff[base + lane + 1] : 0;
 #pragma unroll
-            for (int i = 0; i < 4; ++i) packed |= ((__float_as_uint(scales[4 * q + i]) >> 23) & 0xffu) << (8 * i);
-            out[(size_t)q * RT + col] = (int)packed;
-          }
-        }
-      } else {
-        warp_copy<true, 4>((char*)p.recv_x + row * 2 * H, msg + 16, 0, 2 * H / 16, lane);
+      for (int o = 1; o < 32; o <<= 1) {
+        const int n = __shfl_up_sync(0xffffffffu, v, o);
+        if (lane >= o) v += n;
+      }
+      if (base + lane < R) s_moff[base + lane + 1] = run + v;
+      run += __shfl_sync(0xffffffffu, v, 31);
+    }
+    if (lane == 0) s_moff[0] = 0;
+  }
+  __syncthreads();
+  for (int le = tid; le < E_loc; le += blockDim.x) {  // rows: sources in order, per expert
+    int run = 0;
+    for (int s = 0; s < R; ++s) {
+      const int n = s_row0[s * E_loc + le];
+      s_row0[s * E_loc + le] = run;
+      if (blockIdx.x == 0) p.layout_range[(size_t)le * R + s] = ((int64_t)run << 32) | (uint32_t)n;
+      run += n;
+    }
+    if (blockIdx.x == 0) p.recv_count[le] = run;
+  }
+  __syncthreads();
+
+  const int M = s_moff[R];
+  const int total_warps = gridDim.x * kRecvWarps;
+  const int parts = max(1, min(8, total_warps / max(M, 1)));
+  const int words = p.fp8 ? H / 16 : H / 8;  // payload without the scales, in 16-byte words
+  const int max_pairs = min(L.max_topk, 32);
+  for (int u = blockIdx.x * kRecvWarps + warp; u < M * parts; u += total_warps) {
+    const int m = u / parts, part = u % parts;
+    int lo = 0, hi = R - 1;  // the last source whose first message is <= m
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) >> 1;
+      if (s_moff[mid] <= m) lo = mid;
+      else hi = mid - 1;
+    }
+    const int s = lo;
+    const char* msg = mine + L.recv + ((size_t)s * L.max_tokens + (m - s_moff[s])) * L.msg_bytes;
+    // Header and payload share, loaded together.
+    const int2 head = ld_nc_v2(msg);
+    const int2 pair = lane < max_pairs ? ld_nc_v2(msg + 8 + 8 * lane) : make_int2(-1, 0);
+    const int w0 = (int)((long long)words * part / parts), w1 = (int)((long long)words * (part + 1) / parts);
+    const int4* src = reinterpret_cast<const int4*>(msg + L.hdr_bytes);
+    const bool mine_pair = lane < head.y && pair.x / E_loc == me && pair.x >= 0;
+    const unsigned pmask = __ballot_sync(0xffffffffu, mine_pair);
+    const int row0 = mine_pair ? s_row0[s * E_loc + (pair.x - me * E_loc)] + pair.y : 0;
+    const int le_l = mine_pair ? pair.x - me * E_loc : 0;
+    for (int base = w0; base < w1; base += kCopyBatch * 32) {
+      int4 v[kCopyBatch];
+#pragma unroll
+      for (int b = 0; b < kCopyBatch; ++b)
+        if (base + b * 32 + lane < w1) v[b] = ld_nc_na(src + base + b * 32 + lane);
+      for (unsigned pm = pmask; pm; pm &= pm - 1) {
+        const int bit = __ffs(pm) - 1;
+        const int le = __shfl_sync(0xffffffffu, le_l, bit), row = __shfl_sync(0xffffffffu, row0, bit);
+        int4* dst = reinterpret_cast<int4*>((char*)p.recv_x + ((size_t)le * RT + row) * (p.fp8 ? H : 2 * H));
+#pragma unroll
+        for (int b = 0; b < kCopyBatch; ++b)
+          if (base + b * 32 + lane < w1) dst[base + b * 32 + lane] = v[b];
       }
     }
-    __syncthreads();
+    if (part != 0) continue;
+    const float* scales = reinterpret_cast<const float*>(msg + L.hdr_bytes + H);
+    for (unsigned pm = pmask; pm; pm &= pm - 1) {
+      const int bit = __ffs(pm) - 1;
+      const int le = __shfl_sync(0xffffffffu, le_l, bit), col = __shfl_sync(0xffffffffu, row0, bit);
+      if (lane == 0) p.src_info[(size_t)le * RT + col] = head.x;
+      if (!p.fp8) continue;
+      if (!p.ue8m0) {
+        float* out = (float*)p.recv_scales + (size_t)le * G * RT;
+        for (int g = lane; g < G; g += 32) out[(size_t)g * RT + col] = scales[g];
+      } else {
+        int* out = (int*)p.recv_scales + (size_t)le * (G / 4) * RT;
+        for (int q = lane; q < G / 4; q += 32) {
+          const float4 f = *reinterpret_cast<const float4*>(scales + 4 * q);
+          const uint32_t packed = ((__float_as_uint(f.x) >> 23) & 0xffu) | (((__float_as_uint(f.y) >> 23) & 0xffu) << 8) |
+                                  (((__float_as_uint(f.z) >> 23) & 0xffu) << 16) |
+                                  (((__float_as_uint(f.w) >> 23) & 0xffu) << 24);
+          out[(size_t)q * RT + col] = (int)packed;
+        }
+      }
+    }
   }
 
   if (!arrive_last(&p.state->done[1])) return;
-  for (int i = tid; i < E_loc * R; i += blockDim.x) counts[i] = 0;
+  for (int i = tid; i < R; i += blockDim.x) counts[i] = 0;
   __threadfence_system();
   __syncthreads();
   for (int r = tid; r < R; r += blockDim.x) send_ack(p, r, op);
@@ -288,11 +513,14 @@ __global__ void __launch_bounds__(kRecvThreads) dispatch_recv_kernel(ep_ll_launc
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Combine, send phase. A block per local expert: one (or a few) warps per received row send it back to its
-// source rank's combine receive row (expert, position of the token among that rank's tokens for the expert).
-// The last block publishes, per rank, how many rows it was sent.
+// Combine, send phase. All received rows of all local experts form one flat list (experts in order, rows in
+// order), split over every warp of the grid in (row, part) units: a warp loads its part of the expert output with
+// non-coherent loads, kCopyBatch 16-byte words per lane in flight, and stores it into its source rank's combine
+// receive row (expert, position of the token among that rank's tokens for the expert). Rows for another node go
+// whole, through the stage, by put-with-signal. The last block publishes, per rank, how many rows it was sent.
 // ---------------------------------------------------------------------------------------------------------------
 __global__ void __launch_bounds__(kSendThreads, 1) combine_send_kernel(ep_ll_launch_t p) {
+  extern __shared__ int s_dyn[];
   const ep_ll_layout_t& L = p.layout;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int me = p.rank, R = p.num_ranks, E_loc = p.num_experts / R, H = p.hidden;
@@ -302,33 +530,72 @@ __global__ void __launch_bounds__(kSendThreads, 1) combine_send_kernel(ep_ll_lau
   char* stage = p.ll_base + half + L.combine_stage;  // [E_loc][RT][H] bf16: the zero-copy buffer
   const uint64_t op = p.state->seq[p.half] + 1;
   if (blockIdx.x == 0 && tid == 0) p.ops[1] = op;
-  if (!wait_acks(p, op, EP_SITE_LL_COMBINE_ACK)) return;
-
-  for (int le = blockIdx.x; le < E_loc; le += gridDim.x) {
-    const int64_t* range = p.layout_range + (size_t)le * R;
-    const int64_t last = range[R - 1];
-    const int total = (int)(last >> 32) + (int)(uint32_t)last;
-    const int parts = max(1, min(8, kSendWarps / max(total, 1)));
-    for (int u = warp; u < total * parts; u += kSendWarps) {
-      const int row = u / parts, part = u % parts;
-      int s = 0;
-      while (s + 1 < R && (int)(range[s + 1] >> 32) <= row) ++s;
-      const int j = row - (int)(range[s] >> 32);
-      const size_t src_off = ((size_t)le * RT + row) * row_bytes;
-      const char* src = p.zero_copy ? stage + src_off : (const char*)p.y + src_off;
-      const size_t offset = half + L.recv + ((size_t)(me * E_loc + le) * L.max_tokens + j) * L.row_bytes;
-      char* peer = nvlink_peer(p, s);
-      if (peer) {
-        const int w0 = (int)((long long)row_words * part / parts), w1 = (int)((long long)row_words * (part + 1) / parts);
-        warp_copy<false, 4>(peer + offset, src, w0, w1, lane);
-      } else if (part == 0) {
-        if (!p.zero_copy) {
-          warp_copy<false, 4>(stage + src_off, src, 0, row_words, lane);
-          __syncwarp();
-        }
-        uint64_t* signal = reinterpret_cast<uint64_t*>(p.ll_base + half + L.combine_signal + (size_t)me * 8);
-        tp::put_signal_warp(p.ll_base + offset, stage + src_off, row_bytes, signal, 1, /*add=*/true, s);
+  int* s_first = s_dyn;  // [E_loc + 1]: first flat row of each local expert
+  if (warp == 0) {       // rows per expert (begin + count of the last source), exclusive scan
+    int run = 0;
+    for (int base = 0; base < E_loc; base += 32) {
+      int v = 0;
+      if (base + lane < E_loc) {
+        const int64_t last = p.layout_range[(size_t)(base + lane) * R + R - 1];
+        v = (int)(last >> 32) + (int)(uint32_t)last;
       }
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const int n = __shfl_up_sync(0xffffffffu, v, o);
+        if (lane >= o) v += n;
+      }
+      if (base + lane < E_loc) s_first[base + lane + 1] = run + v;
+      run += __shfl_sync(0xffffffffu, v, 31);
+    }
+    if (lane == 0) s_first[0] = 0;
+  }
+  if (!wait_acks(p, op, EP_SITE_LL_COMBINE_ACK)) return;  // (its barriers also publish s_first)
+
+  const int total = s_first[E_loc];
+  const int total_warps = gridDim.x * kSendWarps;
+  const int parts = max(1, min(8, total_warps / max(total, 1)));
+  for (int u = blockIdx.x * kSendWarps + warp; u < total * parts; u += total_warps) {
+    const int flat = u / parts, part = u % parts;
+    int lo = 0, hi = E_loc - 1;  // the last expert whose first row is <= flat (empty experts are skipped)
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) >> 1;
+      if (s_first[mid] <= flat) lo = mid;
+      else hi = mid - 1;
+    }
+    const int le = lo, row = flat - s_first[le];
+    const int64_t* range = p.layout_range + (size_t)le * R;
+    int slo = 0, shi = R - 1;  // the last source whose first row is <= row
+    while (slo < shi) {
+      const int mid = (slo + shi + 1) >> 1;
+      if ((int)(range[mid] >> 32) <= row) slo = mid;
+      else shi = mid - 1;
+    }
+    const int s = slo;
+    const int j = row - (int)(range[s] >> 32);
+    const size_t src_off = ((size_t)le * RT + row) * row_bytes;
+    const char* src = p.zero_copy ? stage + src_off : (const char*)p.y + src_off;
+    const size_t offset = half + L.recv + ((size_t)(me * E_loc + le) * L.max_tokens + j) * L.row_bytes;
+    char* peer = nvlink_peer(p, s);
+    if (peer) {
+      const int w0 = (int)((long long)row_words * part / parts), w1 = (int)((long long)row_words * (part + 1) / parts);
+      const int4* sv = reinterpret_cast<const int4*>(src);
+      int4* dv = reinterpret_cast<int4*>(peer + offset);
+      for (int base = w0; base < w1; base += kCopyBatch * 32) {
+        int4 v[kCopyBatch];
+#pragma unroll
+        for (int b = 0; b < kCopyBatch; ++b)
+          if (base + b * 32 + lane < w1) v[b] = ld_input(sv + base + b * 32 + lane);
+#pragma unroll
+        for (int b = 0; b < kCopyBatch; ++b)
+          if (base + b * 32 + lane < w1) dv[base + b * 32 + lane] = v[b];
+      }
+    } else if (part == 0) {
+      if (!p.zero_copy) {
+        warp_copy<false, kCopyBatch>(stage + src_off, src, 0, row_words, lane);
+        __syncwarp();
+      }
+      uint64_t* signal = reinterpret_cast<uint64_t*>(p.ll_base + half + L.combine_signal + (size_t)me * 8);
+      tp::put_signal_warp(p.ll_base + offset, stage + src_off, row_bytes, signal, 1, /*add=*/true, s);
     }
   }
 
@@ -430,25 +697,37 @@ __global__ void __launch_bounds__(kRecvThreads) combine_recv_kernel(ep_ll_launch
 
 static int ll_grid(int sms, int work) { return work < 1 ? 1 : (work < sms ? work : sms); }
 
+static cudaError_t ll_smem(const void* fn, size_t smem) {
+  if (smem <= 48 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+}
+
 extern "C" cudaError_t ep_launch_ll_dispatch_send(const ep_ll_launch_t* p, cudaStream_t stream) {
-  const size_t smem = sizeof(int) * (size_t)p->num_experts;
-  if (smem > 48 * 1024) {
-    cudaError_t e =
-        cudaFuncSetAttribute(ep::ll::dispatch_send_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-    if (e != cudaSuccess) return e;
-  }
-  ep::ll::dispatch_send_kernel<<<ll_grid(p->num_sms, p->num_tokens), ep::ll::kSendThreads, smem, stream>>>(*p);
+  /* One block per token up to the SM count; more blocks when a block would own more than kMaxRange tokens. */
+  int grid = ll_grid(p->num_sms, p->num_tokens);
+  const int min_grid = (p->num_tokens + ep::ll::kMaxRange - 1) / ep::ll::kMaxRange;
+  if (grid < min_grid) grid = min_grid;
+  const int per_block = (p->num_tokens + grid - 1) / grid;
+  const size_t smem = sizeof(int) * ((size_t)p->num_experts + (size_t)p->num_ranks + 4 * (size_t)per_block * p->num_topk);
+  cudaError_t e = ll_smem((const void*)ep::ll::dispatch_send_kernel, smem);
+  if (e != cudaSuccess) return e;
+  ep::ll::dispatch_send_kernel<<<grid, ep::ll::kSendThreads, smem, stream>>>(*p);
   return cudaGetLastError();
 }
 
 extern "C" cudaError_t ep_launch_ll_dispatch_recv(const ep_ll_launch_t* p, cudaStream_t stream) {
-  ep::ll::dispatch_recv_kernel<<<ll_grid(p->num_sms, p->num_experts), ep::ll::kRecvThreads, 0, stream>>>(*p);
+  const size_t smem = sizeof(int) * ((size_t)p->num_experts + (size_t)p->num_ranks + 1);
+  cudaError_t e = ll_smem((const void*)ep::ll::dispatch_recv_kernel, smem);
+  if (e != cudaSuccess) return e;
+  ep::ll::dispatch_recv_kernel<<<p->num_sms, ep::ll::kRecvThreads, smem, stream>>>(*p);
   return cudaGetLastError();
 }
 
 extern "C" cudaError_t ep_launch_ll_combine_send(const ep_ll_launch_t* p, cudaStream_t stream) {
-  ep::ll::combine_send_kernel<<<ll_grid(p->num_sms, p->num_experts / p->num_ranks), ep::ll::kSendThreads, 0,
-                                 stream>>>(*p);
+  const size_t smem = sizeof(int) * ((size_t)(p->num_experts / p->num_ranks) + 1);
+  cudaError_t e = ll_smem((const void*)ep::ll::combine_send_kernel, smem);
+  if (e != cudaSuccess) return e;
+  ep::ll::combine_send_kernel<<<p->num_sms, ep::ll::kSendThreads, smem, stream>>>(*p);
   return cudaGetLastError();
 }
 

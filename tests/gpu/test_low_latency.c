@@ -6,8 +6,9 @@
  *
  * Shapes: one NVLink domain (peers by stores), then virtual nodes of one rank (every peer through the transport's
  * put-with-signal). For each, the cases of k_cases (FP8 with plain, power-of-two and UE8M0 scales, and BF16; hook
- * and no hook; zero-copy; -1 entries; repeated experts; ranks with 0 tokens; T = 1 .. 1024; hidden 2048, 2688,
- * 4096, 7168; top-k 1, 8, 9, 16), each repeated with fresh data; two micro-batches in flight (both halves);
+ * and no hook; zero-copy; -1 entries; repeated experts; ranks with 0 tokens; T = 1 .. 1024; hidden 2048, 2056 (BF16),
+ * 2688, 4096, 7168; top-k 1, 8, 9, 16; tokens whose experts cover several or all experts of a rank, and tokens with
+ * no destination), each repeated with fresh data; two micro-batches in flight (both halves);
  * dispatch + expert copy + combine captured in a CUDA graph and replayed with new inputs; many repetitions.
  * Checked: recv_count, layout_range, src_info, recv_x bytes, scales (fp32 column-major or packed UE8M0), the
  * combined output; every output is poisoned before every call. Last, a peer that never calls makes the call
@@ -60,6 +61,14 @@ static const case_t k_cases[] = {
     {  64, 4096,   8, 64, FP8_POW2,   0,  0, 30,  1,  0,   3},
     {1024, 2048,   8, 64, FP8,        1,  0, 10,  0,  0,   2},
     {1024, 4096,   1, 64, BF16,       0,  0,  0,  0,  1,   1},
+    /* A token crosses the link once per destination rank and carries its (expert, slot) list: every token on
+     * every rank with several experts each (top-k = experts), many tokens with no destination at all (top-1, half
+     * -1), a BF16 hidden that is a multiple of 8 but not of 16 (the last lane's second word), UE8M0 + zero-copy
+     * with all experts of a token on few ranks. */
+    { 128, 2688,  16, 16, FP8,        0,  0,  0,  1,  0,   2},
+    {  64, 2048,   1, 64, FP8,        1,  0, 50,  0,  1,   3},
+    { 128, 2056,   8, 64, BF16,       1,  0, 10,  1,  1,   2},
+    {  32, 4096,   8,  8, UE8M0,      0,  1, 10,  1,  0,   2},
 };
 #define NUM_CASES ((int)(sizeof(k_cases) / sizeof(k_cases[0])))
 
