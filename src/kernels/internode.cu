@@ -6,18 +6,23 @@
 // Combine mirrors it: the forwarder sums its node's copies of a remote token in fp32, rounds once to bf16 and puts
 // that partial back; the source adds its own node's copies and the remote partials in a fixed order.
 //
-// Inter-node traffic uses only the transport seam (tp::put_warp / tp::signal_set / tp::signal_load); same-node
-// traffic uses loads and stores through the peer table. A remote (even virtual) node is never touched by loads or
-// stores, so a one-host run exercises the put path.
+// The inter-node leg, per (remote node, chunk of kChunk slots), one thread block per chunk:
+//  - the remote region is NVLink-mapped (tp::peer_ptr != NULL: virtual nodes on one host, or a multi-node NVLink
+//    domain): the block's warps write the rows straight into it with wide stores (many loads in flight per lane),
+//    then one thread fences (system scope) and sets the chunk's signal through the seam. That is what NVSHMEM's
+//    own put-with-signal does for such a peer, minus its one-load-at-a-time copy loop.
+//  - otherwise (a NIC): one warp posts the chunk as puts from symmetric memory, consecutive rows merged into one
+//    put, then fence and a put-with-signal for the last run. Puts are completed (quiet) before the kernel ends.
+// Both ways the data is visible at the target before the signal, and only the target reads the signal.
 //
 // Progress assumption: inside one kernel, blocks wait on flags that other blocks of the same kernel set (a puller
 // on the stage flags of another block, the forwarder's last block on its local peers). Every block of a grid must
 // therefore be resident at once: the host clamps the dispatch and combine grids to the device's SM count and these
 // kernels use one block per SM (__launch_bounds__(..., 1)); prepare uses num_ranks blocks (<= 2 per SM).
 #include "kernels/api.h"
-#include <cuda_bf16.h>
 
 #include "kernels/common.cuh"
+#include "kernels/normal_rows.cuh"
 #include "transport/transport.cuh"
 
 namespace ep {
@@ -28,20 +33,16 @@ constexpr int kMaxNodes = 24;        // lanes kMaxLocal.. of a warp carry one no
 constexpr int kMaxSources = 32;      // kMaxLocal + kMaxNodes
 static_assert(kMaxLocal + kMaxNodes == kMaxSources && kMaxSources == 32, "one lane per source in the combine");
 constexpr int kPrepThreads = 1024;
-constexpr int kDispThreads = 512;
+constexpr int kDispThreads = 768;    // as intranode dispatch: 24 warps, 8 loads in flight per lane
 constexpr int kDispWarps = kDispThreads / 32;
-constexpr int kCombThreads = 512;
+constexpr int kCombThreads = 512;    // as intranode combine: 16 warps
 constexpr int kCombWarps = kCombThreads / 32;
 constexpr int kChunk = EP_STAGE_CHUNK_ROWS;
 constexpr int kMaxRanksShared = 1024;  // recv offsets kept in shared memory
 
-__device__ __forceinline__ uint64_t tag(uint64_t epoch, int value) { return (epoch << 32) | (uint32_t)value; }
-__device__ __forceinline__ int untag(uint64_t v) { return (int)(uint32_t)v; }
-
-template <typename T>
-__device__ __forceinline__ T* at(char* base, size_t offset) {
-  return reinterpret_cast<T*>(base + offset);
-}
+using rows::at;
+using rows::tag;
+using rows::untag;
 
 __device__ __forceinline__ char* peer_normal(const ep_internode_launch_t& p, int rank) {
   return (char*)p.n.peer_workspace[rank] + p.n.normal_offset;
@@ -53,19 +54,6 @@ __device__ __forceinline__ char* peer_inter(const ep_internode_launch_t& p, int 
 __device__ __forceinline__ int node_dist(int self, int other, int N) { return (other - self + N) % N - 1; }
 // The node at distance index `d` from `self` (inverse of node_dist).
 __device__ __forceinline__ int node_at(int self, int d, int N) { return (self + 1 + d) % N; }
-
-// Where the parts of a staged dispatch row sit (same format as intranode.cu).
-struct Row {
-  int row_bytes, num_scales, scales_off, topk_off, weights_off, extent;
-  __device__ Row(int hidden, int is_fp8, int num_topk) {
-    row_bytes = is_fp8 ? hidden : hidden * 2;
-    num_scales = is_fp8 ? hidden / 128 : 0;
-    scales_off = (row_bytes + 15) / 16 * 16;
-    topk_off = scales_off + num_scales * 4;
-    weights_off = topk_off + num_topk * 4;
-    extent = (weights_off + num_topk * 4 + 15) / 16 * 16;
-  }
-};
 
 // One thread waits for a 64-bit flag to reach `epoch`; false (fault recorded) on timeout.
 __device__ __forceinline__ bool wait_flag(const ep_internode_launch_t& p, const uint64_t* flag, uint64_t epoch,
@@ -244,13 +232,10 @@ __global__ void __launch_bounds__(kPrepThreads) inter_prepare_kernel(ep_internod
       }
       if (tid < P) meta[2 + tid] = s_count[tid];
       for (int e = tid; e < E_node; e += blockDim.x) meta[2 + P + e] = s_expert[e];
+      __threadfence_system();  // a NIC reads `meta`: every writer's stores first, then the whole block posts
       __syncthreads();
-      if (tid < 32) {
-        __threadfence_system();
-        __syncwarp();
-        tp::put_signal_warp(imine + IL.meta_recv + (size_t)back * IL.meta_bytes, meta, (size_t)(hdr + count) * 4,
-                            at<uint64_t>(imine, IL.meta_arrived) + back, epoch, false, b);
-      }
+      tp::put_signal_block(imine + IL.meta_recv + (size_t)back * IL.meta_bytes, meta, (size_t)(hdr + count) * 4,
+                           at<uint64_t>(imine, IL.meta_arrived) + back, epoch, false, b);
       // ---- As b's forwarder: b's metadata to me arrived; let my node read it.
       if (tid == 0) {
         const uint64_t* arrived = at<uint64_t>(imine, IL.meta_arrived) + dn;
@@ -311,15 +296,34 @@ __global__ void __launch_bounds__(kPrepThreads) inter_prepare_kernel(ep_internod
     if (q.out_expert_counts) q.out_expert_counts[e] = c;
     q.expert_sum[e] = 0;
   }
-  if (tid < (N - 1) * P) {
-    const int dn = tid / P, i = tid % P, n = node_at(my_node, dn, N), s = n * P + my_local, d = my_node * P + i;
+  // As forwarder: where slot j of each remote source node lands on each local rank i (its absolute row in i's
+  // received order, or -1), by a block-wide scan per local rank over the slots.
+  for (int dn = 0; dn < N - 1; ++dn) {
+    const int n = node_at(my_node, dn, N), s = n * P + my_local;
     const int* meta = reinterpret_cast<const int*>(imine + IL.meta_recv + (size_t)dn * IL.meta_bytes);
     const int hdr = 2 + P + E_node, num_slots = ld_relaxed_sys(meta + 1);
-    int row = 0;
-    for (int s2 = 0; s2 < s; ++s2) row += q.matrix[(size_t)s2 * R + d];
-    int* out = p.fwd_row + (size_t)n * T * P + i;
-    for (int j = 0; j < num_slots; ++j) out[(size_t)j * P] = (ld_relaxed_sys(meta + hdr + j) >> i) & 1 ? row++ : -1;
-    if (i == 0) p.fwd_count[n] = num_slots;
+    if (tid < P) {
+      int row = 0;  // rows of sources before s on local rank tid
+      for (int s2 = 0; s2 < s; ++s2) row += q.matrix[(size_t)s2 * R + my_node * P + tid];
+      s_count[tid] = row;
+    }
+    __syncthreads();
+    int next[kMaxLocal];
+#pragma unroll
+    for (int i = 0; i < kMaxLocal; ++i) next[i] = i < P ? s_count[i] : 0;
+    __syncthreads();
+    int* out = p.fwd_row + (size_t)n * T * P;
+    for (int base = 0; base < num_slots; base += blockDim.x) {
+      const int j = base + tid;
+      const int word = j < num_slots ? ld_relaxed_sys(meta + hdr + j) : 0;
+#pragma unroll
+      for (int i = 0; i < kMaxLocal; ++i) {
+        if (i >= P) break;
+        const int pos = block_compact((word >> i) & 1, s_warp_count, next[i]);
+        if (j < num_slots) out[(size_t)j * P + i] = pos;
+      }
+    }
+    if (tid == 0) p.fwd_count[n] = num_slots;
   }
   __syncthreads();
   // My node's ranks have read my meta_recv: the sources may overwrite it.
@@ -372,6 +376,67 @@ __device__ __forceinline__ int source_of(const int* offset, int R, int i) {
 // ---------------------------------------------------------------------------------------------------------------
 // dispatch: stage, put my rows to the rail forwarders, relay what arrived for my node, pull my rows.
 // ---------------------------------------------------------------------------------------------------------------
+
+// Lane 0 waits for x_staged[chunk] (my stage, written by another block) unless `ready` already is that chunk;
+// false on timeout. Warp-uniform.
+__device__ __forceinline__ bool wait_staged(const ep_internode_launch_t& p, uint64_t epoch, int chunk, int& ready,
+                                            int lane) {
+  if (chunk == ready) return true;
+  bool w = true;
+  if (lane == 0)
+    w = wait_flag(p, at<uint64_t>(p.n.normal_base, p.n.layout.x_staged) + chunk, epoch, p.n.rank,
+                  EP_SITE_DISPATCH_STAGED);
+  w = __shfl_sync(0xffffffffu, w, 0);
+  if (w) ready = chunk;
+  return w;
+}
+
+// The relay warp: lane i walks units i, i + 32, ... of the chunks my rail peers put to me (chunks arrive roughly in
+// order, so the lanes wait side by side) and republishes each as fwd_ready once its signal arrived. Warp-uniform
+// result: false after a timeout.
+__device__ __noinline__ bool relay(char* arrived_base, char* ready_base, const int* fwd_count, int my_node, int N,
+                                   int NC, uint64_t epoch, unsigned long long timeout_ns, ep_device_error_t* err,
+                                   int me, int P, int my_local, int lane) {
+  const int relay_units = num_units(fwd_count, my_node, N);
+  bool w = true;
+  for (int u = lane; u < relay_units && w; u += 32) {
+    int dn, c;
+    unit_of(fwd_count, my_node, N, u, dn, c);
+    const uint64_t* arrived = reinterpret_cast<const uint64_t*>(arrived_base) + (size_t)dn * NC + c;
+    w = wait_until([&] { return tp::signal_load(arrived) >= epoch; }, timeout_ns, err, me,
+                   node_at(my_node, dn, N) * P + my_local, EP_SITE_DISPATCH_RDMA);
+    if (w) st_release_sys_u64(reinterpret_cast<uint64_t*>(ready_base) + (size_t)dn * NC + c, epoch);
+  }
+  return __all_sync(0xffffffffu, w);
+}
+
+// One warp posts slots [first, end) of a chunk to `region` (symmetric, on pe) as puts from my x_stage, row j
+// being token tokens[j]'s staged row: consecutive tokens are consecutive in both, so each run is one put, and the
+// last run carries the chunk's signal after a fence. The rows must be staged. Out of line: a NIC-only path.
+__device__ __noinline__ void post_rows(char* region, const char* stage, const int* tokens, int first, int end,
+                                       size_t stride, int extent, uint64_t* signal, uint64_t epoch, int pe,
+                                       int lane) {
+  const int j = first + lane;
+  const int t = j < end ? tokens[j] : -1;
+  const int prev = __shfl_up_sync(0xffffffffu, t, 1);
+  unsigned starts = __ballot_sync(0xffffffffu, t >= 0 && (lane == 0 || prev + 1 != t));
+  while (starts) {
+    const int a = __ffs(starts) - 1;
+    starts &= starts - 1;
+    const int b = starts ? __ffs(starts) - 1 : end - first;  // the run is slots first + [a, b)
+    const int t0 = __shfl_sync(0xffffffffu, t, a);
+    const char* src = stage + (size_t)t0 * stride;
+    char* dst = region + (size_t)(first + a) * stride;
+    const size_t bytes = (size_t)(b - a - 1) * stride + extent;
+    if (starts) {
+      tp::put_warp(dst, src, bytes, pe);
+    } else {
+      tp::fence();  // the earlier runs of the chunk land before the signalled last one
+      tp::put_signal_warp(dst, src, bytes, signal, epoch, false, pe);
+    }
+  }
+}
+
 __global__ void __launch_bounds__(kDispThreads, 1) inter_dispatch_kernel(ep_internode_launch_t p) {
   __shared__ int s_offset[kMaxRanksShared + 1];
   __shared__ int s_failed;
@@ -380,12 +445,12 @@ __global__ void __launch_bounds__(kDispThreads, 1) inter_dispatch_kernel(ep_inte
   const ep_internode_layout_t& IL = p.il;
   const int R = q.num_ranks, me = q.rank, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int P = p.ranks_per_node, N = p.num_nodes, my_node = p.node, my_local = p.local_rank;
-  const int K = q.num_topk, E_loc = q.num_experts / R, T = L.max_tokens, NC = IL.num_chunks;
+  const int T = L.max_tokens, NC = IL.num_chunks;
+  const size_t xr = IL.x_row_bytes;
   const uint64_t epoch = q.state->dispatch_epoch + 1;
   char* mine = q.normal_base;
   char* imine = p.inter_base;
-  const Row row(q.hidden, q.is_fp8, K);
-  const int n16 = row.row_bytes / 16;
+  const rows::XRow row(q.hidden, q.is_fp8, q.num_topk);
 
   // Readers of my stage (my node) and the forwarders' receive regions (other nodes) are done with the last call.
   if (tid == 0) s_failed = 0;
@@ -405,76 +470,55 @@ __global__ void __launch_bounds__(kDispThreads, 1) inter_dispatch_kernel(ep_inte
   if (s_failed) return;
 
   // 1. Stage every token once (as intranode).
-  const int num_chunks = (q.num_tokens + kChunk - 1) / kChunk;
-  for (int c = blockIdx.x; c < num_chunks; c += gridDim.x) {
-    const int end = min(q.num_tokens, (c + 1) * kChunk);
-    for (int t = c * kChunk + warp; t < end; t += kDispWarps) {
-      char* dst = mine + L.x_stage + (size_t)t * L.x_row_bytes;
-      warp_copy<false, 8>(dst, (const char*)q.x + (size_t)t * row.row_bytes, 0, n16, lane);
-      for (int i = lane; i < row.num_scales; i += 32)
-        reinterpret_cast<float*>(dst + row.scales_off)[i] = q.x_scales[(size_t)t * row.num_scales + i];
-      if (lane < K) {
-        const int64_t e = q.topk_idx ? q.topk_idx[(size_t)t * K + lane] : -1;
-        reinterpret_cast<int*>(dst + row.topk_off)[lane] = (e >= 0 && e < q.num_experts) ? (int)e : -1;
-        reinterpret_cast<float*>(dst + row.weights_off)[lane] =
-            q.topk_weights ? q.topk_weights[(size_t)t * K + lane] : 0.0f;
-      }
-    }
-    __syncthreads();
-    if (tid == 0) {
-      __threadfence_system();
-      st_release_sys_u64(at<uint64_t>(mine, L.x_staged) + c, epoch);
-    }
-  }
+  rows::stage_x<kDispWarps>(q, row, epoch);
 
-  const int gwarp = blockIdx.x * kDispWarps + warp, nwarps = gridDim.x * kDispWarps;
-  bool ok = true;
-  // 2. Send: one warp per (remote node, chunk of slots). Each row is put once, then one signal per chunk.
+  // 2. Send: a block per (remote node m, chunk c of node_list[m]); each row once, then one signal per chunk.
+  bool ok = true, posted = false;  // posted: this warp issued NIC puts (completed by quiet before the end)
   const int send_units = num_units(p.node_count, my_node, N);
-  for (int u = gwarp; u < send_units && ok; u += nwarps) {
+  for (int u = blockIdx.x; u < send_units; u += gridDim.x) {
     int dn, c;
     unit_of(p.node_count, my_node, N, u, dn, c);
     const int m = node_at(my_node, dn, N), pe = m * P + my_local, back = node_dist(m, my_node, N);
-    const int end = min(p.node_count[m], (c + 1) * kChunk);
-    int ready_chunk = -1;
-    for (int j = c * kChunk; j < end; ++j) {
-      const int t = p.node_tokens[(size_t)m * T + j];
-      if (t / kChunk != ready_chunk) {
-        bool w = true;
-        if (lane == 0) w = wait_flag(p, at<uint64_t>(mine, L.x_staged) + t / kChunk, epoch, me, EP_SITE_DISPATCH_STAGED);
-        if (!__shfl_sync(0xffffffffu, w, 0)) {
-          ok = false;
-          break;
-        }
-        ready_chunk = t / kChunk;
+    const int first = c * kChunk, end = min(p.node_count[m], first + kChunk);
+    const int* tokens = p.node_tokens + (size_t)m * T;
+    char* region = imine + IL.rdma_recv + (size_t)back * T * xr;  // my rows' region on pe (symmetric address)
+    uint64_t* signal = at<uint64_t>(imine, IL.rdma_arrived) + (size_t)back * NC + c;
+    char* mapped = (char*)tp::peer_ptr(region, pe);
+    if (mapped) {
+      int ready = -1;
+      for (int j = first + warp; j < end && ok; j += kDispWarps) {
+        const int t = tokens[j];
+        ok = wait_staged(p, epoch, t / kChunk, ready, lane);
+        if (ok) warp_copy<false, 8>(mapped + (size_t)j * xr, mine + L.x_stage + (size_t)t * L.x_row_bytes, 0,
+                                    row.extent / 16, lane);
       }
-      tp::put_warp(imine + IL.rdma_recv + ((size_t)back * T + j) * IL.x_row_bytes,
-                   mine + L.x_stage + (size_t)t * L.x_row_bytes, (size_t)row.extent, pe);
+    } else if (warp == 0) {
+      // Lane i: slot first + i. Runs of consecutive tokens are consecutive in both x_stage and the region.
+      const int j = first + lane;
+      const int t = j < end ? tokens[j] : -1;
+      bool w = true;
+      if (t >= 0) w = wait_flag(p, at<uint64_t>(mine, L.x_staged) + t / kChunk, epoch, me, EP_SITE_DISPATCH_STAGED);
+      ok = __all_sync(0xffffffffu, w);
+      if (ok) {
+        post_rows(region, mine + L.x_stage, tokens, first, end, xr, row.extent, signal, epoch, pe, lane);
+        posted = true;
+      }
     }
-    if (!ok) break;
-    __threadfence_system();  // the puts are warp stores on NVLink peers: order them before the chunk signal
-    tp::fence();
-    __syncwarp();
-    if (lane == 0) tp::signal_set(at<uint64_t>(imine, IL.rdma_arrived) + (size_t)back * NC + c, epoch, pe);
-    __syncwarp();
+    if (__syncthreads_or(!ok)) {
+      ok = false;
+      break;
+    }
+    if (mapped && tid == 0) {
+      __threadfence_system();  // every warp's stores to pe, ordered by the barrier, before the signal
+      tp::signal_set(signal, epoch, pe);
+    }
   }
 
-  // 3. Relay (forwarder role): a chunk that arrived from the rail peer of node n may be pulled by my node.
-  const int relay_units = num_units(p.fwd_count, my_node, N);
-  for (int u = gwarp + lane * nwarps; ok; u += 32 * nwarps) {
-    if (!__any_sync(0xffffffffu, u < relay_units)) break;
-    bool w = true;
-    if (u < relay_units) {
-      int dn, c;
-      unit_of(p.fwd_count, my_node, N, u, dn, c);
-      const uint64_t* arrived = at<uint64_t>(imine, IL.rdma_arrived) + (size_t)dn * NC + c;
-      w = wait_until([&] { return tp::signal_load(arrived) >= epoch; }, q.timeout_ns, q.error, me,
-                     node_at(my_node, dn, N) * P + my_local, EP_SITE_DISPATCH_RDMA);
-      if (w) st_release_sys_u64(at<uint64_t>(imine, IL.fwd_ready) + (size_t)dn * NC + c, epoch);
-    }
-    if (!__all_sync(0xffffffffu, w)) ok = false;
-  }
-  if (!ok) s_failed = 1;
+  // 3. Relay (forwarder role), one warp: a chunk that arrived from the rail peer of node n may be pulled by my
+  //    node.
+  if (ok && blockIdx.x == gridDim.x - 1 && warp == kDispWarps - 1)
+    ok = relay(imine + IL.rdma_arrived, imine + IL.fwd_ready, p.fwd_count, my_node, N, NC, epoch, q.timeout_ns, q.error,
+               me, P, my_local, lane);
 
   // 4. Pull this block's share of my output rows, in output order (source rank, then token).
   if (tid <= R) s_offset[tid] = q.recv_offset[tid];
@@ -500,7 +544,7 @@ __global__ void __launch_bounds__(kDispThreads, 1) inter_dispatch_kernel(ep_inte
     } else {
       const int f = my_node * P + s % P, dn = node_dist(my_node, s_node, N), j = p.recv_slot[(size_t)s * T + k];
       char* fb = peer_inter(p, f);
-      staged = fb + IL.rdma_recv + ((size_t)dn * T + j) * IL.x_row_bytes;
+      staged = fb + IL.rdma_recv + ((size_t)dn * T + j) * xr;
       chunk = j / kChunk;
       flag = at<uint64_t>(fb, IL.fwd_ready) + (size_t)dn * NC + chunk;
       peer = f;
@@ -516,36 +560,11 @@ __global__ void __launch_bounds__(kDispThreads, 1) inter_dispatch_kernel(ep_inte
       ready_src = s;
       ready_chunk = chunk;
     }
-    if (i >= q.recv_capacity) continue;
-    warp_copy<true, 8>((char*)q.recv_x + (size_t)i * row.row_bytes, staged, 0, n16, lane);
-    for (int c = lane; c < row.num_scales; c += 32)
-      q.recv_scales[(size_t)i * row.num_scales + c] =
-          ld_relaxed_sys_f32(reinterpret_cast<const float*>(staged + row.scales_off) + c);
-    if (lane < K && (q.recv_topk_idx || q.recv_topk_weights)) {
-      const int e = ld_relaxed_sys(reinterpret_cast<const int*>(staged + row.topk_off) + lane);
-      const int local = (e >= me * E_loc && e < (me + 1) * E_loc) ? e - me * E_loc : -1;
-      if (q.recv_topk_idx) q.recv_topk_idx[(size_t)i * K + lane] = local;
-      if (q.recv_topk_weights)
-        q.recv_topk_weights[(size_t)i * K + lane] =
-            local >= 0 ? ld_relaxed_sys_f32(reinterpret_cast<const float*>(staged + row.weights_off) + lane) : 0.0f;
-    }
-    if (lane == 0 && q.recv_src_idx) q.recv_src_idx[i] = t;
+    if (i < q.recv_capacity) rows::pull_x_row(q, row, staged, i, t, lane);
   }
+  if (posted) tp::quiet();  // x_stage is rewritten next call: our puts from it are complete
   if (!ok) s_failed = 1;
-
-  // Graph-safe tail: rows past the received count say "nothing here".
-  const size_t stride = (size_t)gridDim.x * blockDim.x;
-  const size_t first = (size_t)blockIdx.x * blockDim.x + tid;
-  if (num_recv < q.recv_capacity) {
-    if (q.recv_topk_idx)
-      for (size_t x = (size_t)num_recv * K + first; x < (size_t)q.recv_capacity * K; x += stride)
-        q.recv_topk_idx[x] = -1;
-    if (q.recv_topk_weights)
-      for (size_t x = (size_t)num_recv * K + first; x < (size_t)q.recv_capacity * K; x += stride)
-        q.recv_topk_weights[x] = 0.0f;
-    if (q.recv_src_idx)
-      for (size_t x = num_recv + first; x < (size_t)q.recv_capacity; x += stride) q.recv_src_idx[x] = -1;
-  }
+  rows::graph_safe_tail(q, num_recv);
   __syncthreads();
   if (s_failed) return;
 
@@ -577,48 +596,17 @@ __global__ void __launch_bounds__(kDispThreads, 1) inter_dispatch_kernel(ep_inte
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// combine
+// combine: stage, forward (partial sums of my node's copies of remote tokens, put back once per (token, node)),
+// finalise my tokens.
 // ---------------------------------------------------------------------------------------------------------------
-__device__ __forceinline__ void add_bf16x8(float (&acc)[8], const int4& v) {
-  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
-#pragma unroll
-  for (int u = 0; u < 4; ++u) {
-    const float2 f = __bfloat1622float2(h[u]);
-    acc[2 * u] += f.x;
-    acc[2 * u + 1] += f.y;
-  }
-}
-
-__device__ __forceinline__ int4 pack_bf16x8(const float (&acc)[8]) {
-  int4 packed;
-  __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&packed);
-#pragma unroll
-  for (int q = 0; q < 4; ++q) h[q] = __floats2bfloat162_rn(acc[2 * q], acc[2 * q + 1]);
-  return packed;
-}
-
-// One warp sums `count` bf16 rows (in the given order), plus optional biases, into `out` (bf16), and the fp32
-// weights at `wsrc[k] + lane` into `out_w` (lane < K). Sources are in shared memory, visible to the whole warp.
-__device__ __forceinline__ void warp_sum_rows(const char* const* src, const float* const* wsrc, int count,
-                                              const int4* bias0, const int4* bias1, int4* out, float* out_w, int K,
-                                              int n16, int lane) {
-  for (int c = lane; c < n16; c += 32) {
-    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    if (bias0) add_bf16x8(acc, bias0[c]);
-    if (bias1) add_bf16x8(acc, bias1[c]);
-    for (int r = 0; r < count; ++r) add_bf16x8(acc, ld_nc_na(reinterpret_cast<const int4*>(src[r]) + c));
-    out[c] = pack_bf16x8(acc);
-  }
-  if (out_w && lane < K) {
-    float w = 0.0f;
-    for (int r = 0; r < count; ++r) w += ld_relaxed_sys_f32(wsrc[r] + lane);
-    out_w[lane] = w;
-  }
-}
-
+// kSrc: the most sources a reduction may have here (P local copies, and N - 1 partials at the source), rounded up
+// to 2, 4 or 8; each lane keeps 16 loads in flight up to that many (more go through rows::reduce_many).
+template <int kSrc>
 __global__ void __launch_bounds__(kCombThreads, 1) inter_combine_kernel(ep_internode_launch_t p) {
+  constexpr int kUnroll = 16 / kSrc;
   __shared__ const char* s_src[kCombWarps][kMaxSources];
   __shared__ const float* s_wsrc[kCombWarps][kMaxSources];
+  __shared__ int s_offset[kMaxRanksShared + 1];
   __shared__ int s_base[kMaxLocal];
   __shared__ int s_failed;
   const ep_normal_launch_t& q = p.n;
@@ -627,6 +615,7 @@ __global__ void __launch_bounds__(kCombThreads, 1) inter_combine_kernel(ep_inter
   const int R = q.num_ranks, me = q.rank, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int P = p.ranks_per_node, N = p.num_nodes, my_node = p.node, my_local = p.local_rank;
   const int K = q.num_topk, H = q.hidden, T = L.max_tokens, NC = IL.num_chunks;
+  const size_t yr = L.y_row_bytes;
   const uint64_t epoch = q.state->combine_epoch + 1;
   char* mine = q.normal_base;
   char* imine = p.inter_base;
@@ -636,6 +625,7 @@ __global__ void __launch_bounds__(kCombThreads, 1) inter_combine_kernel(ep_inter
 
   // Readers of my y_stage (my node) are done with the last call, and so are the sources of my last partials.
   if (tid == 0) s_failed = 0;
+  if (tid <= R) s_offset[tid] = q.recv_offset[tid];
   __syncthreads();
   if (tid < P) {
     if (!wait_flag(p, at<uint64_t>(mine, L.combine_ack) + my_node * P + tid, epoch - 1, my_node * P + tid,
@@ -651,24 +641,9 @@ __global__ void __launch_bounds__(kCombThreads, 1) inter_combine_kernel(ep_inter
   __syncthreads();
   if (s_failed) return;
 
-  // 1. Stage the rows my node's ranks will read (rows I received from myself are read in place).
-  const int num_recv = *q.num_recv;
-  const int own_begin = q.recv_offset[me], own_end = q.recv_offset[me + 1];
-  const int num_chunks = (num_recv + kChunk - 1) / kChunk;
-  for (int c = blockIdx.x; c < num_chunks; c += gridDim.x) {
-    const int end = min(num_recv, (c + 1) * kChunk);
-    for (int i = c * kChunk + warp; i < end; i += kCombWarps) {
-      if (i >= own_begin && i < own_end) continue;
-      char* dst = mine + L.y_stage + (size_t)i * L.y_row_bytes;
-      warp_copy<false, 16>(dst, (const char*)q.y + (size_t)i * H * 2, 0, n16, lane);
-      if (with_weights && lane < K) reinterpret_cast<float*>(dst + H * 2)[lane] = q.y_weights[(size_t)i * K + lane];
-    }
-    __syncthreads();
-    if (tid == 0) {
-      __threadfence_system();
-      st_release_sys_u64(at<uint64_t>(mine, L.y_staged) + c, epoch);
-    }
-  }
+  // 1. Stage the rows another rank of my node reads. Row i from source s is read by s's forwarder on my node,
+  //    local index s % P: when that is me (my own rows, and remote sources on my rail) it is read in place.
+  rows::stage_y<kCombWarps>(q, epoch, [&](int i) { return source_of(s_offset, R, i) % P == my_local; });
   if (tid < P) {
     int base = 0;
     for (int s = 0; s < me; ++s) base += q.matrix[(size_t)s * R + my_node * P + tid];
@@ -676,38 +651,40 @@ __global__ void __launch_bounds__(kCombThreads, 1) inter_combine_kernel(ep_inter
   }
   __syncthreads();
 
-  const int gwarp = blockIdx.x * kCombWarps + warp, nwarps = gridDim.x * kCombWarps;
-  bool ok = true;
+  bool ok = true, posted = false;
   // Pointer to the copy of local rank i's row `row` (own rows in place), and its weights.
   auto local_copy = [&](int i, int row, const float** w) -> const char* {
     if (i == my_local) {
       *w = with_weights ? q.y_weights + (size_t)row * K : nullptr;
       return (const char*)q.y + (size_t)row * H * 2;
     }
-    const char* r = peer_normal(p, my_node * P + i) + L.y_stage + (size_t)row * L.y_row_bytes;
+    const char* r = peer_normal(p, my_node * P + i) + L.y_stage + (size_t)row * yr;
     *w = reinterpret_cast<const float*>(r + H * 2);
     return r;
   };
 
-  // 2. Forwarder: for each remote source node, chunk by chunk, the partial sum of my node's copies of each slot,
-  //    in ascending local rank, rounded once to bf16, put back to the source with one signal per chunk.
+  // 2. Forwarder: a block per (remote source node n, chunk c of its slots). Slot j's partial is the sum of my
+  //    node's copies in ascending local rank, rounded once to bf16; one signal per chunk.
   const int fwd_units = num_units(p.fwd_count, my_node, N);
-  for (int u = gwarp; u < fwd_units && ok; u += nwarps) {
+  for (int u = blockIdx.x; u < fwd_units; u += gridDim.x) {
     int dn, c;
     unit_of(p.fwd_count, my_node, N, u, dn, c);
     const int n = node_at(my_node, dn, N), pe = n * P + my_local, back = node_dist(n, my_node, N);
-    const int end = min(p.fwd_count[n], (c + 1) * kChunk);
-    for (int j = c * kChunk; j < end; ++j) {
-      int my_row = lane < P ? p.fwd_row[((size_t)n * T + j) * P + lane] : -1;
+    const int first = c * kChunk, end = min(p.fwd_count[n], first + kChunk);
+    char* region = imine + IL.partial_recv + (size_t)back * T * yr;  // the partials for node n on pe (symmetric)
+    uint64_t* signal = at<uint64_t>(imine, IL.partial_arrived) + (size_t)back * NC + c;
+    char* mapped = (char*)tp::peer_ptr(region, pe);
+    // Mapped: write the partials straight into pe's region. Otherwise into my partial_stage, then one put.
+    char* out_base = mapped ? mapped : imine + IL.partial_stage + (size_t)dn * T * yr;
+    for (int j = first + warp; j < end && ok; j += kCombWarps) {
+      const int my_row = lane < P ? p.fwd_row[((size_t)n * T + j) * P + lane] : -1;
       bool w = true;
       if (my_row >= 0 && lane != my_local) {
         const uint64_t* flag = at<uint64_t>(peer_normal(p, my_node * P + lane), L.y_staged) + my_row / kChunk;
         w = wait_flag(p, flag, epoch, my_node * P + lane, EP_SITE_COMBINE_STAGED);
       }
-      if (!__all_sync(0xffffffffu, w)) {
-        ok = false;
-        break;
-      }
+      ok = __all_sync(0xffffffffu, w);
+      if (!ok) break;
       const unsigned have = __ballot_sync(0xffffffffu, my_row >= 0);
       if (my_row >= 0) {
         const int slot = __popc(have & ((1u << lane) - 1));
@@ -716,23 +693,32 @@ __global__ void __launch_bounds__(kCombThreads, 1) inter_combine_kernel(ep_inter
         s_wsrc[warp][slot] = wp;
       }
       __syncwarp();
-      char* part = imine + IL.partial_stage + ((size_t)dn * T + j) * L.y_row_bytes;
-      warp_sum_rows(s_src[warp], s_wsrc[warp], __popc(have), nullptr, nullptr, reinterpret_cast<int4*>(part),
-                    with_weights ? reinterpret_cast<float*>(part + H * 2) : nullptr, K, n16, lane);
+      char* part = out_base + (size_t)j * yr;
+      rows::reduce_rows<kSrc, kUnroll>(s_src[warp], s_wsrc[warp], __popc(have), nullptr, nullptr, reinterpret_cast<int4*>(part),
+                        with_weights ? reinterpret_cast<float*>(part + H * 2) : nullptr, K, n16, lane);
       __syncwarp();
-      tp::put_warp(imine + IL.partial_recv + ((size_t)back * T + j) * L.y_row_bytes, part, part_bytes, pe);
     }
-    if (!ok) break;
-    __threadfence_system();  // the puts are warp stores on NVLink peers: order them before the chunk signal
-    tp::fence();
-    __syncwarp();
-    if (lane == 0) tp::signal_set(at<uint64_t>(imine, IL.partial_arrived) + (size_t)back * NC + c, epoch, pe);
-    __syncwarp();
+    if (__syncthreads_or(!ok)) {
+      ok = false;
+      break;
+    }
+    if (mapped) {
+      if (tid == 0) {
+        __threadfence_system();  // every warp's stores to pe, ordered by the barrier, before the signal
+        tp::signal_set(signal, epoch, pe);
+      }
+    } else if (warp == 0) {
+      __threadfence_system();  // the NIC reads partial_stage
+      __syncwarp();
+      tp::put_signal_warp(region + (size_t)first * yr, out_base + (size_t)first * yr,
+                          (size_t)(end - first - 1) * yr + part_bytes, signal, epoch, false, pe);
+      posted = true;
+    }
   }
-  if (!ok) s_failed = 1;
 
   // 3. Source: each of my tokens = biases + my node's copies (ascending local rank) + the remote partials
   //    (ascending node), in fp32, rounded once.
+  const int gwarp = blockIdx.x * kCombWarps + warp, nwarps = gridDim.x * kCombWarps;
   for (int t = gwarp; t < q.num_tokens && ok; t += nwarps) {
     int ref = -1;  // lanes [0, P): row on local rank `lane`; lanes [kMaxLocal, kMaxLocal + N): slot on node
     bool w = true;
@@ -750,10 +736,8 @@ __global__ void __launch_bounds__(kCombThreads, 1) inter_combine_kernel(ep_inter
               return tp::signal_load(at<uint64_t>(imine, IL.partial_arrived) + (size_t)dn * NC + ref / kChunk) >= epoch;
             }, q.timeout_ns, q.error, me, n * P + my_local, EP_SITE_COMBINE_PARTIAL);
     }
-    if (!__all_sync(0xffffffffu, w)) {
-      ok = false;
-      break;
-    }
+    ok = __all_sync(0xffffffffu, w);
+    if (!ok) break;
     const unsigned have = __ballot_sync(0xffffffffu, ref >= 0);
     if (ref >= 0) {
       const int slot = __popc(have & ((1u << lane) - 1));
@@ -763,7 +747,7 @@ __global__ void __launch_bounds__(kCombThreads, 1) inter_combine_kernel(ep_inter
         src = local_copy(lane, ref, &wp);
       } else {
         const int dn = node_dist(my_node, lane - kMaxLocal, N);
-        src = imine + IL.partial_recv + ((size_t)dn * T + ref) * L.y_row_bytes;
+        src = imine + IL.partial_recv + ((size_t)dn * T + ref) * yr;
         wp = reinterpret_cast<const float*>(src + H * 2);
       }
       s_src[warp][slot] = src;
@@ -772,11 +756,12 @@ __global__ void __launch_bounds__(kCombThreads, 1) inter_combine_kernel(ep_inter
     __syncwarp();
     const int4* bias0 = q.bias0 ? reinterpret_cast<const int4*>((const char*)q.bias0 + (size_t)t * H * 2) : nullptr;
     const int4* bias1 = q.bias1 ? reinterpret_cast<const int4*>((const char*)q.bias1 + (size_t)t * H * 2) : nullptr;
-    warp_sum_rows(s_src[warp], s_wsrc[warp], __popc(have), bias0, bias1,
-                  reinterpret_cast<int4*>((char*)q.combined_x + (size_t)t * H * 2),
-                  q.combined_weights ? q.combined_weights + (size_t)t * K : nullptr, K, n16, lane);
+    rows::reduce_rows<kSrc, kUnroll>(s_src[warp], s_wsrc[warp], __popc(have), bias0, bias1,
+                      reinterpret_cast<int4*>((char*)q.combined_x + (size_t)t * H * 2),
+                      q.combined_weights ? q.combined_weights + (size_t)t * K : nullptr, K, n16, lane);
     __syncwarp();
   }
+  if (posted) tp::quiet();  // partial_stage is rewritten next call: our puts from it are complete
   if (!ok) s_failed = 1;
   __syncthreads();
   if (s_failed) return;
@@ -815,6 +800,9 @@ extern "C" cudaError_t ep_launch_internode_dispatch(const ep_internode_launch_t*
 }
 
 extern "C" cudaError_t ep_launch_internode_combine(const ep_internode_launch_t* p, cudaStream_t stream) {
-  ep::inter_combine_kernel<<<p->n.num_blocks, ep::kCombThreads, 0, stream>>>(*p);
+  const int max_sources = p->ranks_per_node + p->num_nodes - 1;
+  if (max_sources <= 2) ep::inter_combine_kernel<2><<<p->n.num_blocks, ep::kCombThreads, 0, stream>>>(*p);
+  else if (max_sources <= 4) ep::inter_combine_kernel<4><<<p->n.num_blocks, ep::kCombThreads, 0, stream>>>(*p);
+  else ep::inter_combine_kernel<8><<<p->n.num_blocks, ep::kCombThreads, 0, stream>>>(*p);
   return cudaGetLastError();
 }

@@ -23,7 +23,9 @@
  *            M = 2 + P + E/N + T words: num_tokens, num_slots, count[P] (tokens to each rank of the node),
  *            expert_counts[E/N] (for the node's experts), slot[T] = token << 8 | mask of the node's local ranks
  *   bytes  rdma_recv[N-1][T][x_row_bytes]     rows put by the rail peer of each remote node, by slot
- *   bytes  partial_stage[N-1][T][y_row_bytes] my bf16 partial sums for the rail peer of each remote node
+ *   bytes  partial_stage[N-1][T][y_row_bytes] my bf16 partial sums for the rail peer of each remote node (the put
+ *                                             source; unused when that peer is NVLink-mapped: the partials are
+ *                                             then stored straight into its partial_recv)
  *   bytes  partial_recv[N-1][T][y_row_bytes]  partials put by the rail peer of each remote node, by slot
  * Row formats are those of normal_layout.h (x: row | scales | topk ids | weights; y: bf16 row | weights).
  * partial_stage is a full-size put source (simplest correct choice; the doc's ring of [B][2][C] rows would

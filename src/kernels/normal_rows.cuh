@@ -1,0 +1,220 @@
+// normal_rows.cuh: device pieces of the normal (high-throughput) path that do not depend on where the peers are:
+// the staged dispatch row, staging my tokens (x_stage) and my expert outputs (y_stage) with one flag per chunk,
+// copying a staged row into the dispatch outputs, the graph-safe tail, and the fp32 reduction of bf16 rows that
+// combine does. internode.cu uses them; they are the same loops as intranode.cu's (which may include this header
+// once its combine rewrite lands). Formats: normal_layout.h.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+#include "kernels/common.cuh"
+
+namespace ep {
+namespace rows {
+
+constexpr int kChunk = EP_STAGE_CHUNK_ROWS;
+
+__device__ __forceinline__ uint64_t tag(uint64_t epoch, int value) { return (epoch << 32) | (uint32_t)value; }
+__device__ __forceinline__ int untag(uint64_t v) { return (int)(uint32_t)v; }
+
+template <typename T>
+__device__ __forceinline__ T* at(char* base, size_t offset) {
+  return reinterpret_cast<T*>(base + offset);
+}
+
+// Where the parts of a staged dispatch row sit, for this call's hidden size and top-k: row | scales [H/128] f32 |
+// global expert ids [K] i32 | weights [K] f32. `extent` is the used, 16-byte rounded part of the row.
+struct XRow {
+  int row_bytes, num_scales, scales_off, topk_off, weights_off, extent;
+  __device__ XRow(int hidden, int is_fp8, int num_topk) {
+    row_bytes = is_fp8 ? hidden : hidden * 2;
+    num_scales = is_fp8 ? hidden / 128 : 0;
+    scales_off = (row_bytes + 15) / 16 * 16;
+    topk_off = scales_off + num_scales * 4;
+    weights_off = topk_off + num_topk * 4;
+    extent = (weights_off + num_topk * 4 + 15) / 16 * 16;
+  }
+};
+
+// Stage every token once into my x_stage, a block per chunk of kChunk tokens, and publish x_staged[c] = epoch.
+template <int kWarps>
+__device__ __forceinline__ void stage_x(const ep_normal_launch_t& q, const XRow& row, uint64_t epoch) {
+  const ep_normal_layout_t& L = q.layout;
+  char* mine = q.normal_base;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, K = q.num_topk;
+  const int n16 = row.row_bytes / 16;
+  const int num_chunks = (q.num_tokens + kChunk - 1) / kChunk;
+  for (int c = blockIdx.x; c < num_chunks; c += gridDim.x) {
+    const int end = min(q.num_tokens, (c + 1) * kChunk);
+    for (int t = c * kChunk + warp; t < end; t += kWarps) {
+      char* dst = mine + L.x_stage + (size_t)t * L.x_row_bytes;
+      warp_copy<false, 8>(dst, (const char*)q.x + (size_t)t * row.row_bytes, 0, n16, lane);
+      for (int i = lane; i < row.num_scales; i += 32)
+        reinterpret_cast<float*>(dst + row.scales_off)[i] = q.x_scales[(size_t)t * row.num_scales + i];
+      if (lane < K) {
+        const int64_t e = q.topk_idx ? q.topk_idx[(size_t)t * K + lane] : -1;
+        reinterpret_cast<int*>(dst + row.topk_off)[lane] = (e >= 0 && e < q.num_experts) ? (int)e : -1;
+        reinterpret_cast<float*>(dst + row.weights_off)[lane] =
+            q.topk_weights ? q.topk_weights[(size_t)t * K + lane] : 0.0f;
+      }
+    }
+    __syncthreads();
+    if (tid == 0) {
+      __threadfence_system();
+      st_release_sys_u64(at<uint64_t>(mine, L.x_staged) + c, epoch);
+    }
+  }
+}
+
+// Stage my received expert outputs into my y_stage (bf16 row | weights), a block per chunk of kChunk rows, and
+// publish y_staged[c] = epoch. Rows for which `skip(i)` is true are read in place by their only reader (me).
+template <int kWarps, typename Skip>
+__device__ __forceinline__ void stage_y(const ep_normal_launch_t& q, uint64_t epoch, Skip skip) {
+  const ep_normal_layout_t& L = q.layout;
+  char* mine = q.normal_base;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, K = q.num_topk, H = q.hidden;
+  const int n16 = H * 2 / 16;
+  const int num_recv = *q.num_recv;
+  const int num_chunks = (num_recv + kChunk - 1) / kChunk;
+  for (int c = blockIdx.x; c < num_chunks; c += gridDim.x) {
+    const int end = min(num_recv, (c + 1) * kChunk);
+    for (int i = c * kChunk + warp; i < end; i += kWarps) {
+      if (skip(i)) continue;
+      char* dst = mine + L.y_stage + (size_t)i * L.y_row_bytes;
+      warp_copy<false, 16>(dst, (const char*)q.y + (size_t)i * H * 2, 0, n16, lane);
+      if (q.y_weights && lane < K) reinterpret_cast<float*>(dst + H * 2)[lane] = q.y_weights[(size_t)i * K + lane];
+    }
+    __syncthreads();
+    if (tid == 0) {
+      __threadfence_system();
+      st_release_sys_u64(at<uint64_t>(mine, L.y_staged) + c, epoch);
+    }
+  }
+}
+
+// One warp copies the staged row `staged` (another GPU's memory, or mine written by another GPU) into output row
+// i: the row, its scales, its top-k ids made local to me (others -1) with their weights, and the source token t.
+__device__ __forceinline__ void pull_x_row(const ep_normal_launch_t& q, const XRow& row, const char* staged, int i,
+                                           int t, int lane) {
+  const int K = q.num_topk, E_loc = q.num_experts / q.num_ranks, me = q.rank;
+  warp_copy<true, 8>((char*)q.recv_x + (size_t)i * row.row_bytes, staged, 0, row.row_bytes / 16, lane);
+  for (int c = lane; c < row.num_scales; c += 32)
+    q.recv_scales[(size_t)i * row.num_scales + c] =
+        ld_relaxed_sys_f32(reinterpret_cast<const float*>(staged + row.scales_off) + c);
+  if (lane < K && (q.recv_topk_idx || q.recv_topk_weights)) {
+    const int e = ld_relaxed_sys(reinterpret_cast<const int*>(staged + row.topk_off) + lane);
+    const int local = (e >= me * E_loc && e < (me + 1) * E_loc) ? e - me * E_loc : -1;
+    if (q.recv_topk_idx) q.recv_topk_idx[(size_t)i * K + lane] = local;
+    if (q.recv_topk_weights)
+      q.recv_topk_weights[(size_t)i * K + lane] =
+          local >= 0 ? ld_relaxed_sys_f32(reinterpret_cast<const float*>(staged + row.weights_off) + lane) : 0.0f;
+  }
+  if (lane == 0 && q.recv_src_idx) q.recv_src_idx[i] = t;
+}
+
+// Graph-safe tail: output rows past the received count say "nothing here". Whole grid.
+__device__ __forceinline__ void graph_safe_tail(const ep_normal_launch_t& q, int num_recv) {
+  if (num_recv >= q.recv_capacity) return;
+  const int K = q.num_topk;
+  const size_t stride = (size_t)gridDim.x * blockDim.x;
+  const size_t first = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (q.recv_topk_idx)
+    for (size_t x = (size_t)num_recv * K + first; x < (size_t)q.recv_capacity * K; x += stride) q.recv_topk_idx[x] = -1;
+  if (q.recv_topk_weights)
+    for (size_t x = (size_t)num_recv * K + first; x < (size_t)q.recv_capacity * K; x += stride)
+      q.recv_topk_weights[x] = 0.0f;
+  if (q.recv_src_idx)
+    for (size_t x = num_recv + first; x < (size_t)q.recv_capacity; x += stride) q.recv_src_idx[x] = -1;
+}
+
+// ---- combine: fp32 sums of bf16 rows ----
+
+__device__ __forceinline__ void add_bf16x8(float (&acc)[8], const int4& v) {
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+  for (int u = 0; u < 4; ++u) {
+    const float2 f = __bfloat1622float2(h[u]);
+    acc[2 * u] += f.x;
+    acc[2 * u + 1] += f.y;
+  }
+}
+
+__device__ __forceinline__ int4 pack_bf16x8(const float (&acc)[8]) {
+  int4 packed;
+  __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&packed);
+#pragma unroll
+  for (int u = 0; u < 4; ++u) h[u] = __floats2bfloat162_rn(acc[2 * u], acc[2 * u + 1]);
+  return packed;
+}
+
+// One pass over a row for at most kSrc sources: each lane issues kUnroll * count loads before its first add, so
+// a row costs a few round trips whatever the sources' latency.
+template <int kSrc, int kUnroll>
+__device__ __forceinline__ void reduce_pass(const char* const* srcs, int count, const int4* bias0, const int4* bias1,
+                                            int4* out, int n16, int lane) {
+  const int4* src[kSrc];
+#pragma unroll
+  for (int r = 0; r < kSrc; ++r) src[r] = r < count ? reinterpret_cast<const int4*>(srcs[r]) : nullptr;
+  for (int c0 = lane; c0 < n16; c0 += 32 * kUnroll) {
+    int4 v[kUnroll][kSrc];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+#pragma unroll
+      for (int r = 0; r < kSrc; ++r)
+        if (r < count && c0 + u * 32 < n16) v[u][r] = ld_nc_na(src[r] + c0 + u * 32);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int c = c0 + u * 32;
+      if (c >= n16) break;
+      float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      if (bias0) add_bf16x8(acc, bias0[c]);
+      if (bias1) add_bf16x8(acc, bias1[c]);
+#pragma unroll
+      for (int r = 0; r < kSrc; ++r)
+        if (r < count) add_bf16x8(acc, v[u][r]);
+      out[c] = pack_bf16x8(acc);
+    }
+  }
+}
+
+// Any number of sources, 8 loads in flight per lane. Out of line: it keeps the callers' register use down.
+__device__ __noinline__ void reduce_many(const char* const* srcs, int count, const int4* bias0, const int4* bias1,
+                                            int4* out, int n16, int lane) {
+  for (int c = lane; c < n16; c += 32) {
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    if (bias0) add_bf16x8(acc, bias0[c]);
+    if (bias1) add_bf16x8(acc, bias1[c]);
+    for (int g = 0; g < count; g += 8) {
+      int4 v[8];
+#pragma unroll
+      for (int r = 0; r < 8; ++r)
+        if (g + r < count) v[r] = ld_nc_na(reinterpret_cast<const int4*>(srcs[g + r]) + c);
+#pragma unroll
+      for (int r = 0; r < 8; ++r)
+        if (g + r < count) add_bf16x8(acc, v[r]);
+    }
+    out[c] = pack_bf16x8(acc);
+  }
+}
+
+// One warp: out = bf16(bias0 + bias1 + srcs[0] + srcs[1] + ...), summed in fp32 in exactly that order whatever
+// the count (so the result does not depend on which loop runs), and out_w[k] = sum of wsrcs[r][k] (lane < K).
+// `srcs` / `wsrcs` (shared memory, visible to the whole warp) hold `count` bf16 rows of n16 16-byte words.
+// Up to kSrc sources take the fast pass (kSrc * kUnroll loads in flight per lane); more take reduce_many. One pass
+// variant per kernel: several inlined side by side spill registers at 512 threads.
+template <int kSrc, int kUnroll>
+__device__ __forceinline__ void reduce_rows(const char* const* srcs, const float* const* wsrcs, int count,
+                                            const int4* bias0, const int4* bias1, int4* out, float* out_w, int K,
+                                            int n16, int lane) {
+  if (count <= kSrc) reduce_pass<kSrc, kUnroll>(srcs, count, bias0, bias1, out, n16, lane);
+  else reduce_many(srcs, count, bias0, bias1, out, n16, lane);
+  if (out_w && lane < K) {
+    float w = 0.0f;
+    for (int r = 0; r < count; ++r) w += ld_relaxed_sys_f32(wsrcs[r] + lane);
+    out_w[lane] = w;
+  }
+}
+
+}  // namespace rows
+}  // namespace ep
