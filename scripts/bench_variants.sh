@@ -16,12 +16,13 @@ for v in "${variants[@]}"; do
   name=${v%%=*} flags=${v#*=}
   make -j"$(nproc)" BUILD="build-$name" EXTRA_NVCCFLAGS="$flags" lib bench-build > "$out/build-$name.log" 2>&1 ||
     { echo "variant $name: build failed"; tail -20 "$out/build-$name.log"; continue; }
-  "build-$name/bin/ep_launch" -n "$num_gpus" -t 300 -q -l "$out/logs-$name" -- "build-$name/bin/ep_bench" "$@" \
+  "build-$name/bin/ep_launch" -n "$num_gpus" -t 300 -l "$out/logs-$name" -- "build-$name/bin/ep_bench" "$@" \
     > "$out/bench-$name.log" 2>&1
   echo "variant $name ($flags): exit $?"
 done
+(cd "$out" && tar czf variant-logs.tgz logs-* && rm -rf logs-*)  # few files come back from a GPU machine
 for v in "${variants[@]}"; do
   name=${v%%=*}
   echo "== $name: ${v#*=}"
-  grep -E "^(intranode|internode|ll|prepare|layout)" "$out/bench-$name.log" 2>/dev/null
+  grep -E "^(intranode|internode|ll|prepare|layout|ratio)" "$out/bench-$name.log" 2>/dev/null
 done
