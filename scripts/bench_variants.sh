@@ -2,7 +2,7 @@
 # A/B tuning on one GPU machine: build the library once per variant (compile-time knobs through EXTRA_NVCCFLAGS,
 # each in its own build directory) and run ep_bench on all GPUs for each, so every number comes from one machine.
 #   scripts/bench_variants.sh 'name=FLAGS' ['name=FLAGS' ...] -- [ep_bench args]
-# e.g. scripts/bench_variants.sh 'warp8=' 'tma4=-DEP_COMBINE_TMA=1 -DEP_COMBINE_PUSH_WARPS=4' -- --family intranode
+# e.g. scripts/bench_variants.sh 'warp8=' 'push4=-DEP_COMBINE_PUSH_WARPS=4' -- --family intranode
 # Logs go to $OUT (or ./gpu-out); the rows of every variant are printed last.
 set -uo pipefail
 variants=()

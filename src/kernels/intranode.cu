@@ -5,7 +5,6 @@
 #include "kernels/api.h"
 #include <cuda_bf16.h>
 
-#include "kernels/bulk_copy.cuh"
 #include "kernels/common.cuh"
 
 namespace ep {
@@ -20,12 +19,7 @@ constexpr int kCombineThreads = 512;   // 16 warps, 16 loads in flight per lane,
 #endif
 constexpr int kCombinePushWarps = EP_COMBINE_PUSH_WARPS;  // warps that store expert outputs to their token's source
 constexpr int kCombineReduceWarps = kCombineThreads / 32 - kCombinePushWarps;  // warps that sum arrived rows
-#ifndef EP_COMBINE_TMA
-#define EP_COMBINE_TMA 0
-#endif
-constexpr int kCombineStages = 4;          // EP_COMBINE_TMA: shared-memory stages per push warp
-constexpr int kCombineStageBytes = 8192;   // and their size
-using CombinePipe = BulkPipe<kCombineStages, kCombineStageBytes>;
+
 constexpr int kChunk = EP_STAGE_CHUNK_ROWS;
 
 __device__ __forceinline__ uint64_t tagged(uint64_t epoch, int value) { return (epoch << 32) | (uint32_t)value; }
@@ -328,33 +322,21 @@ __device__ __forceinline__ void add_bf16x8(float (&acc)[8], const int4& v) {
 
 // Push one chunk of my expert outputs for source rank s: rows [first, first + n) of s's list for me, from my
 // received order (`recv_row`), into s's receive area at my slot rows; then raise the chunk's flag on s. Run by the
-// kCombinePushWarps push warps of a block, which sync on their own named barrier. Rows move by warp-wide
-// 16-byte copies, or (EP_COMBINE_TMA) by lane 0 driving the bulk-copy engine through shared memory.
+// kCombinePushWarps push warps of a block, which sync on their own named barrier. (Rows moved by the bulk-copy
+// engine through shared memory measured slower: bench/RESULTS.md, 2026-11-28.)
 __device__ __forceinline__ void push_chunk(const ep_normal_launch_t& p, int s, int chunk, int recv_row, int n,
-                                           uint64_t epoch, int push_warp, int lane, CombinePipe* pipe) {
+                                           uint64_t epoch, int push_warp, int lane) {
   const ep_normal_layout_t& L = p.layout;
   const int H = p.hidden, K = p.num_topk;
   char* dst_base = peer_normal(p, s) + L.y_stage + ((size_t)p.rank * L.max_tokens + chunk * kChunk) * L.y_row_bytes;
   n = max(0, min(n, p.recv_capacity - recv_row));  // past an overflowed dispatch's rows y ends (reported)
-#if EP_COMBINE_TMA
-  if (lane == 0 && push_warp < n) {
-    pipe->copy_rows(dst_base + (size_t)push_warp * L.y_row_bytes, kCombinePushWarps * L.y_row_bytes,
-                    (const char*)p.y + (size_t)(recv_row + push_warp) * H * 2, (size_t)kCombinePushWarps * H * 2,
-                    (n - push_warp + kCombinePushWarps - 1) / kCombinePushWarps, H * 2, p, s);
-  }
-#else
-  (void)pipe;
   for (int j = push_warp; j < n; j += kCombinePushWarps)
     warp_copy<true, 16>(dst_base + (size_t)j * L.y_row_bytes, (const char*)p.y + (size_t)(recv_row + j) * H * 2, 0,
                         H * 2 / 16, lane);
-#endif
   if (p.y_weights && lane < K)
     for (int j = push_warp; j < n; j += kCombinePushWarps)
       reinterpret_cast<float*>(dst_base + (size_t)j * L.y_row_bytes + H * 2)[lane] =
           p.y_weights[(size_t)(recv_row + j) * K + lane];
-#if EP_COMBINE_TMA
-  if (lane == 0) bulk_wait_all();  // the bulk stores have landed before the flag below says so
-#endif
   asm volatile("bar.sync 1, %0;" ::"n"(kCombinePushWarps * 32) : "memory");
   if (push_warp == 0 && lane == 0) {
     __threadfence_system();
@@ -390,12 +372,6 @@ __global__ void __launch_bounds__(kCombineThreads, 1) combine_kernel(ep_normal_l
   __syncthreads();
 
   if (warp < kCombinePushWarps) {
-    CombinePipe pipe;
-#if EP_COMBINE_TMA
-    extern __shared__ __align__(128) char s_stages[];  // [push warps][stages][stage bytes]
-    __shared__ uint64_t s_bars[kCombinePushWarps][kCombineStages];
-    if (lane == 0) pipe.init(s_stages + (size_t)warp * kCombineStages * kCombineStageBytes, s_bars[warp]);
-#endif
     int max_chunks = 0;
     for (int s = 0; s < R; ++s)
       max_chunks = max(max_chunks, (s_offset[s + 1] - s_offset[s] + kChunk - 1) / kChunk);
@@ -404,8 +380,7 @@ __global__ void __launch_bounds__(kCombineThreads, 1) combine_kernel(ep_normal_l
       const int s = (me + 1 + w % (R - 1)) % R, chunk = w / (R - 1);
       const int count = s_offset[s + 1] - s_offset[s];
       if (chunk * kChunk >= count) continue;  // the same for every push warp: no barrier is skipped by some
-      push_chunk(p, s, chunk, s_offset[s] + chunk * kChunk, min(kChunk, count - chunk * kChunk), epoch, warp, lane,
-                 &pipe);
+      push_chunk(p, s, chunk, s_offset[s] + chunk * kChunk, min(kChunk, count - chunk * kChunk), epoch, warp, lane);
     }
   } else {
     const int reduce_warp = warp - kCombinePushWarps;
@@ -511,19 +486,9 @@ extern "C" cudaError_t ep_launch_dispatch(const ep_normal_launch_t* p, cudaStrea
   return cudaGetLastError();
 }
 
-template <int kMaxRanks>
-static cudaError_t launch_combine(const ep_normal_launch_t* p, cudaStream_t stream) {
-  const int smem = EP_COMBINE_TMA ? ep::kCombinePushWarps * ep::kCombineStages * ep::kCombineStageBytes : 0;
-  if (smem > 48 * 1024) {
-    cudaError_t e = cudaFuncSetAttribute(ep::combine_kernel<kMaxRanks>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    if (e != cudaSuccess) return e;
-  }
-  ep::combine_kernel<kMaxRanks><<<p->num_blocks, ep::kCombineThreads, smem, stream>>>(*p);
-  return cudaGetLastError();
-}
-
 extern "C" cudaError_t ep_launch_combine(const ep_normal_launch_t* p, cudaStream_t stream) {
-  if (p->num_ranks <= 2) return launch_combine<2>(p, stream);
-  if (p->num_ranks <= 4) return launch_combine<4>(p, stream);
-  return launch_combine<8>(p, stream);
+  if (p->num_ranks <= 2) ep::combine_kernel<2><<<p->num_blocks, ep::kCombineThreads, 0, stream>>>(*p);
+  else if (p->num_ranks <= 4) ep::combine_kernel<4><<<p->num_blocks, ep::kCombineThreads, 0, stream>>>(*p);
+  else ep::combine_kernel<8><<<p->num_blocks, ep::kCombineThreads, 0, stream>>>(*p);
+  return cudaGetLastError();
 }
