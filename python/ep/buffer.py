@@ -26,7 +26,9 @@ Code written against `deep_ep.Buffer` runs with `import ep as deep_ep`, with the
   `combine_wait_recv_cost_stats`, and the shrink-mode mask calls. See `low_latency_dispatch` for the
   two-buffer rule. The handle's src_info / layout_range and the zero-copy combine buffer are views of
   library-owned memory made with torch.as_tensor over __cuda_array_interface__, which needs NumPy installed.
-* The internode normal path is NOT YET SUPPORTED: every rank must be in one NVLink domain (up to 8 GPUs).
+* Groups of several nodes (`ranks_per_node` < group size) take the internode normal path (docs/internode.md): the
+  same calls and return values; combine rounds each node's partial sum to bf16 before the last hop, as DeepEP
+  does, so it is within bf16 rounding of the fp32 sum rather than bit-identical to the one-node order.
 
 PyTorch is imported when a Buffer is made, not when `ep` is imported.
 """
@@ -329,7 +331,8 @@ class Buffer:
     ll_max_tokens_per_rank (ep only, keyword, used with low_latency_mode=True): the largest
       num_max_dispatch_tokens_per_rank any low_latency_dispatch will pass, 1..8192 (default 128). The group is
       created here, so this hint, not the first call, sizes the LL buffer; a larger call raises ValueError.
-    ranks_per_node: ranks per NVLink domain, 0 = all (only one domain is served by the normal path today).
+    ranks_per_node: ranks per NVLink domain (node), 0 = all; a smaller divisor of the group size makes the
+      normal path run internode (on one host: virtual nodes, for testing).
     timeout_seconds: budget of every device-side wait on a peer; past it the next call raises EpError naming
       the peer (DeepEP: a printf and a trap that kills the process).
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""test_buffer_gpu (EP_TEST_WORLD GPUs, default 2; PyTorch): every ep.Buffer method against a plain PyTorch computation of the same
-result, on EP_TEST_WORLD ranks (torch.multiprocessing spawn, NCCL process group on 127.0.0.1 with a free port).
+"""test_buffer_gpu (EP_TEST_WORLD GPUs, default 2; PyTorch): every ep.Buffer method against a plain PyTorch
+computation of the same result, on EP_TEST_WORLD ranks (torch.multiprocessing spawn, NCCL process group on
+127.0.0.1 with a free port).
 
 Each rank draws its own inputs from the printed seed (EP_TEST_SEED replays), the ranks all_gather them, and each
 rank computes with torch what it must receive and what its tokens must combine to:
@@ -21,6 +22,8 @@ rank computes with torch what it must receive and what its tokens must combine t
               EpError(EP_STATUS_DEVICE_ERROR) naming the token
   graph       dispatch(num_worst_tokens) + combine captured in a CUDA graph, replayed twice with new data and
               new routing, == eager calls on the same data
+  internode   a second Buffer with ranks_per_node = world / 2 (virtual nodes): dispatch, cached, worst-case rows
+              exactly as torch gathers them; combine with a bias within bf16 rounding of the partial sums
 Skips (77) without PyTorch, CUDA or enough GPUs."""
 
 import sys
@@ -83,16 +86,17 @@ def expected_counts(local, e_loc, alignment):
             for e in range(e_loc)]
 
 
-def expected_combine(me, R, ys, rows_of, n_me, H, biases=()):
-    """fp32: bias0 + bias1 + sum over ranks r ascending of ys[r][rows of my tokens on r]; rounded to bf16."""
+def expected_combine(me, R, ys, rows_of, n_me, H, biases=(), term=lambda v: v, rounded=True):
+    """fp32: bias0 + bias1 + sum over ranks r ascending of ys[r][rows of my tokens on r]; rounded to bf16.
+    term=torch.abs, rounded=False gives the sum of the terms' magnitudes (a bound for reordered sums)."""
     acc = torch.zeros((n_me, H), dtype=torch.float32, device="cuda")
     for b in biases:
-        acc += b.float()
+        acc += term(b.float())
     for r in range(R):
         src, tok, _ = rows_of[r]
         sel = (src == me).nonzero().flatten()
-        acc[tok[sel]] += ys[r][sel].float()
-    return acc.to(torch.bfloat16)
+        acc[tok[sel]] += term(ys[r][sel].float())
+    return acc.to(torch.bfloat16) if rounded else acc
 
 
 def close_bf16(a, b):
@@ -133,7 +137,7 @@ def check_layout(ck, c):
     c.layout = (per_rank, per_expert, in_rank)
 
 
-def check_dispatch(ck, c, alignment=1):
+def check_dispatch(ck, c, alignment=1, tag=""):
     buf, R, E, me = c.buf, c.R, c.E, c.rank
     per_rank, per_expert, in_rank = c.layout
     recv_x, recv_idx, recv_w, counts, handle, ev = buf.dispatch(
@@ -143,7 +147,7 @@ def check_dispatch(ck, c, alignment=1):
     want_x = torch.cat([c.xs[s][tok[src == s]] for s in range(R)]) if tok.numel() else recv_x[:0]
     want_w = torch.where(local >= 0, torch.cat([c.ws[s][tok[src == s]] for s in range(R)]) if tok.numel()
                          else local.float(), torch.zeros((), device="cuda"))
-    sfx = f" (expert_alignment={alignment})"
+    sfx = f" (expert_alignment={alignment}){tag}"
     ck.check("dispatch: received count == torch" + sfx, recv_x.shape[0] == tok.numel() == handle.num_recv_tokens,
              f"{recv_x.shape[0]} vs {tok.numel()}")
     ck.check("dispatch: recv_x == gathered rows in (source rank, token) order" + sfx, torch.equal(recv_x, want_x))
@@ -412,6 +416,37 @@ def check_empty_rank(ck, c):
     ck.check(f"empty rank: combine == torch (max diff {d:g})", ok)
 
 
+def check_virtual_nodes(ck, c):
+    """The same routing on a Buffer whose ranks form virtual nodes (the internode path): dispatch rows exactly as
+    torch gathers them; combine within bf16 rounding of the partial sums (each node's partial is rounded to bf16
+    before the last hop, as DeepEP does), i.e. |got - sum| <= 2^-7 * (sum of |terms|) per element."""
+    buf, R, H, me, dev = c.buf, c.R, c.H, c.rank, c.dev
+    tag = f" [{R // buf.info['ranks_per_node']} virtual nodes]"
+    recv_x, recv_idx, recv_w, handle = check_dispatch(ck, c, tag=tag)
+    ck.check("cached dispatch" + tag, torch.equal(buf.dispatch(c.x, handle=handle)[0], recv_x))
+    W = R * max(c.ns)
+    wx, widx, ww, _, wh, _ = buf.dispatch(c.x, topk_idx=c.idx, topk_weights=c.w, num_worst_tokens=W, num_experts=c.E)
+    cnt = recv_x.shape[0]
+    ck.check("num_worst_tokens: first rows == eager" + tag, torch.equal(wx[:cnt], recv_x)
+             and torch.equal(widx[:cnt], recv_idx) and torch.equal(ww[:cnt], recv_w))
+    y = torch.randn((cnt, H), generator=c.gen, device=dev).to(torch.bfloat16)
+    ys = all_gather_rows(y, [c.rows_of[r][0].numel() for r in range(R)])
+    b0 = torch.randn((c.n, H), generator=c.gen, device=dev).to(torch.bfloat16)
+    cx, cw, _ = buf.combine(y, handle, topk_weights=recv_w, bias=b0)
+    want = expected_combine(me, R, ys, c.rows_of, c.n, H, (b0,), rounded=False)
+    bound = expected_combine(me, R, ys, c.rows_of, c.n, H, (b0,), term=torch.abs, rounded=False)
+    d = (cx.float() - want).abs()
+    ok = bool((d <= bound * 2 ** -7 + 1e-6).all().item()) if d.numel() else True
+    ck.check(f"combine with a bias{tag}: within bf16 rounding of the partial sums "
+             f"(max diff {d.max().item() if d.numel() else 0:g})", ok)
+    want_cw = torch.where(c.idx >= 0, c.w, torch.zeros((), device=dev))
+    ck.check("combine: combined_topk_weights" + tag, torch.allclose(cw, want_cw, rtol=1e-6, atol=1e-6))
+    yw = torch.zeros((W, H), device=dev, dtype=torch.bfloat16)
+    yw[:cnt] = y
+    ck.check("combine: graph-safe handle == eager" + tag,
+             torch.equal(buf.combine(yw, wh, topk_weights=ww, bias=b0)[0], cx))
+
+
 # ---- per-rank process ---------------------------------------------------------------------------------------
 def worker(rank, world, port, seed):
     global torch, dist, ep
@@ -443,6 +478,17 @@ def worker(rank, world, port, seed):
         torch.cuda.synchronize()
         buf.get_async_error()
         ck.check("no pending device error at the end", True)
+        # The internode path: the same ranks as virtual nodes (2 ranks: 2 nodes of 1; 4: 2 of 2; 8: 2 of 4).
+        dist.barrier()
+        buf.destroy()
+        buf = None
+        buf = ep.Buffer(dist.group.WORLD, num_experts=E_HINT, hidden=H_HINT, max_tokens_per_rank=T_HINT,
+                        max_topk=K_HINT, ranks_per_node=world // 2, explicitly_destroy=True)
+        c.buf = buf
+        check_virtual_nodes(ck, c)
+        torch.cuda.synchronize()
+        buf.get_async_error()
+        ck.check("no pending device error after the virtual-node checks", True)
     except Exception:
         ck.check("ran every check without an exception", False, traceback.format_exc())
     finally:
