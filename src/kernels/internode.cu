@@ -483,7 +483,7 @@ __global__ void __launch_bounds__(kDispThreads, 1) inter_dispatch_kernel(ep_inte
     const int* tokens = p.node_tokens + (size_t)m * T;
     char* region = imine + IL.rdma_recv + (size_t)back * T * xr;  // my rows' region on pe (symmetric address)
     uint64_t* signal = at<uint64_t>(imine, IL.rdma_arrived) + (size_t)back * NC + c;
-    char* mapped = (char*)tp::peer_ptr(region, pe);
+    char* mapped = p.force_put ? nullptr : (char*)tp::peer_ptr(region, pe);
     if (mapped) {
       int ready = -1;
       for (int j = first + warp; j < end && ok; j += kDispWarps) {
@@ -673,7 +673,7 @@ __global__ void __launch_bounds__(kCombThreads, 1) inter_combine_kernel(ep_inter
     const int first = c * kChunk, end = min(p.fwd_count[n], first + kChunk);
     char* region = imine + IL.partial_recv + (size_t)back * T * yr;  // the partials for node n on pe (symmetric)
     uint64_t* signal = at<uint64_t>(imine, IL.partial_arrived) + (size_t)back * NC + c;
-    char* mapped = (char*)tp::peer_ptr(region, pe);
+    char* mapped = p.force_put ? nullptr : (char*)tp::peer_ptr(region, pe);
     // Mapped: write the partials straight into pe's region. Otherwise into my partial_stage, then one put.
     char* out_base = mapped ? mapped : imine + IL.partial_stage + (size_t)dn * T * yr;
     for (int j = first + warp; j < end && ok; j += kCombWarps) {
