@@ -99,7 +99,10 @@ typedef struct ep_group_config {
   uint32_t size;               /* sizeof(ep_group_config_t) */
   uint32_t magic;              /* EP_GROUP_CONFIG_MAGIC */
   int ranks_per_node;          /* ranks per NVLink domain; 0 = all ranks in one domain. Smaller values make
-                                  virtual nodes (e.g. 2 on a 4-GPU host) whose traffic takes the internode path */
+                                  virtual nodes (e.g. 2 on a 4-GPU host) whose traffic takes the internode path.
+                                  Test/debug knob: with the environment variable EP_INTERNODE_FORCE_PUT=1 at
+                                  ep_group_create, every cross-node transfer of that group uses NVSHMEM puts
+                                  (the NIC path) even where the peer is NVLink-reachable; same results, slower */
   int num_experts;             /* hint: largest number of experts, a multiple of the number of ranks */
   int hidden;                  /* hint: largest hidden size (channels per token) */
   int max_tokens_per_rank;     /* hint: largest number of tokens one rank dispatches in one call */

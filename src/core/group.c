@@ -131,6 +131,12 @@ ep_status_t ep_group_create(ep_group_t* group, const ep_unique_id_t* unique_id, 
     g->internode_layout = ep_internode_layout(num_ranks, g->ranks_per_node, cfg.num_experts, cfg.max_tokens_per_rank,
                                               cfg.hidden, cfg.max_topk);
     g->workspace_bytes = g->internode_offset + g->internode_layout.total_bytes;
+    /* Test/debug knob, read once here: EP_INTERNODE_FORCE_PUT set to anything but "" or "0" sends every
+     * cross-node transfer through NVSHMEM's put / put-with-signal calls (the NIC branch of internode.cu) even
+     * when the rail peer is NVLink-mapped, so that branch runs on one host (NVSHMEM carries the puts over
+     * NVLink itself). Slower; results are the same. */
+    const char* force_put = getenv("EP_INTERNODE_FORCE_PUT");
+    g->internode_force_put = force_put && force_put[0] && strcmp(force_put, "0") != 0;
   }
   g->heap_bytes = g->workspace_bytes + EP_HEAP_SLACK_BYTES;
 

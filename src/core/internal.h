@@ -43,6 +43,7 @@ struct ep_group {
   /* Normal path across nodes (num_nodes > 1 only; 0 / unset otherwise). */
   size_t internode_offset;           /* the internode region's offset inside `workspace` */
   ep_internode_layout_t internode_layout;
+  int internode_force_put;           /* EP_INTERNODE_FORCE_PUT was set at create: cross-node legs always put */
 
   /* Low-latency path (absent when config.ll_max_tokens_per_rank is 0). */
   int device_sms;                    /* SMs of the device; the LL grids use them all */

@@ -200,6 +200,7 @@ static cudaError_t launch_internode(ep_group_t g, ep_handle_t h, const ep_normal
   p.node_count = h->node_count;
   p.fwd_count = h->fwd_count;
   p.fwd_row = h->fwd_row;
+  p.force_put = g->internode_force_put;
   if (which == 0) return ep_launch_internode_prepare(&p, stream);
   if (which == 1) return ep_launch_internode_dispatch(&p, stream);
   return ep_launch_internode_combine(&p, stream);

@@ -166,6 +166,8 @@ typedef struct ep_internode_launch {
   int* fwd_count;                 /* [N]: slots the rail peer of node n sent me (|its node_list[my node]|) */
   int* fwd_row;                   /* [N][max_tokens][P]: forwarder: row of slot j of source node n in local rank
                                      i's received order, or -1 */
+  int force_put;                  /* 1: cross-node transfers take the put (NIC) path even to NVLink-mapped rail
+                                     peers (EP_INTERNODE_FORCE_PUT, a test knob; see group.c) */
 } ep_internode_launch_t;
 
 cudaError_t ep_launch_internode_prepare(const ep_internode_launch_t* p, cudaStream_t stream);

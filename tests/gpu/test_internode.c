@@ -14,6 +14,10 @@
  *                  |out - ref| <= (2^-7 + 2^-8) * sum|terms| * 1.02 per element, where sum|terms| is the
  *                  reference combine of the absolute values (copies and biases);
  *              weights within 1e-6 relative; and a second combine with another num_sms must give the same bytes.
+ * Each shape runs twice: as the host finds it (rail peers NVLink-mapped, so the inter-node leg is warp stores),
+ * then in a second group created with EP_INTERNODE_FORCE_PUT=1, which makes every cross-node transfer take the
+ * NVSHMEM put / put-with-signal / quiet branch that a real NIC would use ("put-forced": the small cases and two
+ * 4096-token cases).
  * A failure prints the shape, the case and the seed; EP_TEST_SEED=<seed> replays it. */
 #include <ctype.h>
 #include <math.h>
@@ -67,6 +71,7 @@ typedef struct {
   cudaStream_t s;
   int R, me;
   int rpn;         /* ranks per (virtual) node of the current group */
+  int forced;      /* the group was created with EP_INTERNODE_FORCE_PUT=1 */
   int max_experts; /* config.num_experts */
   uint64_t seed;   /* this run's seed */
 } ctx_t;
@@ -178,9 +183,9 @@ static void print_case(const ctx_t* c, const char* label, int index, const case_
   size_t len = 0;
   for (int r = 0; r < w->R && len + 8 < sizeof counts; ++r)
     len += (size_t)snprintf(counts + len, sizeof counts - len, "%s%d", r ? "," : "", w->num_tokens[r]);
-  printf("rank %d: shape %dx%d: %s %d FAILED (seed 0x%016llx, replay with EP_TEST_SEED=0x%016llx): tokens=[%s] hidden=%d "
+  printf("rank %d: shape %dx%d%s: %s %d FAILED (seed 0x%016llx, replay with EP_TEST_SEED=0x%016llx): tokens=[%s] hidden=%d "
          "topk=%d dtype=%s topk_out=%s routing=%s experts=%d sms=%d alignment=%d bias=%d cached=%d\n",
-         c->me, c->R / c->rpn, c->rpn, label, index, (unsigned long long)c->seed, (unsigned long long)c->seed, counts, k->hidden, k->topk,
+         c->me, c->R / c->rpn, c->rpn, c->forced ? " put-forced" : "", label, index, (unsigned long long)c->seed, (unsigned long long)c->seed, counts, k->hidden, k->topk,
          k->fp8 ? "fp8" : "bf16", topk_out_name(k->topk_out), k->routing == ROUTE_SKEWED ? "skewed" : "random",
          w->num_experts, k->sms, k->alignment, k->bias, k->cached);
   fflush(stdout);
@@ -382,8 +387,13 @@ static int run_cuda_graph(const ctx_t* c) {
 
 /* ------------------------------------------------------------------------------------------------------------ */
 
-/* One group of `rpn` ranks per node: validation, the cases, a CUDA graph, the overflow. */
-static void run_shape(const harness_t* h, ctx_t* c, int rpn) {
+/* Cases the put-forced pass runs besides the small ones: 4096 tokens, BF16 top-8 (hidden 7168) and FP8 with
+ * differing token counts. */
+static int forced_case(int i) { return k_cases[i].tokens <= 64 || i == 12 || i == 17; }
+
+/* One group of `rpn` ranks per node: validation, the cases, a CUDA graph, the overflow. `forced`: create the group
+ * with EP_INTERNODE_FORCE_PUT=1 (read once at create) and run the small cases and two large ones. */
+static void run_shape(const harness_t* h, ctx_t* c, int rpn, int forced) {
   ep_group_config_t cfg = EP_GROUP_CONFIG_INIT;
   cfg.ranks_per_node = rpn;
   cfg.num_experts = 256 / c->R * c->R;
@@ -392,33 +402,45 @@ static void run_shape(const harness_t* h, ctx_t* c, int rpn) {
   cfg.max_topk = MAX_TOPK;
   c->max_experts = cfg.num_experts;
   c->rpn = rpn;
+  c->forced = forced;
+  if (forced) setenv("EP_INTERNODE_FORCE_PUT", "1", 1);
   ep_status_t st = harness_group_create(h, &cfg, &c->g);
-  CHECK(st == EP_STATUS_SUCCESS, "create (ranks_per_node=%d): %s: %s", rpn, ep_status_string(st),
-        ep_last_error(NULL));
+  if (forced) unsetenv("EP_INTERNODE_FORCE_PUT");
+  CHECK(st == EP_STATUS_SUCCESS, "create (ranks_per_node=%d%s): %s: %s", rpn, forced ? ", put-forced" : "",
+        ep_status_string(st), ep_last_error(NULL));
   if (st != EP_STATUS_SUCCESS) return;
   ep_group_info_t info;
   CHECK(ep_group_get_info(c->g, &info) == EP_STATUS_SUCCESS, "get_info: %s", ep_last_error(c->g));
   CHECK(info.num_nodes == c->R / rpn && info.num_nodes > 1, "shape %dx%d: the group has %d nodes", c->R / rpn, rpn,
         info.num_nodes);
   const int nodes = c->R / rpn;
-  printf("rank %d: shape %d nodes x %d ranks (node %d, local %d)\n", c->me, nodes, rpn, info.node, info.local_rank);
+  const char* mode = forced ? " put-forced" : "";
+  printf("rank %d: shape %d nodes x %d ranks%s (node %d, local %d)\n", c->me, nodes, rpn, mode, info.node,
+         info.local_rank);
   CUDA_CHECK(cudaStreamCreate(&c->s));
   CHECK(ep_handle_create(c->g, &c->handle) == EP_STATUS_SUCCESS, "handle: %s", ep_last_error(c->g));
 
   double t0 = now_s();
-  int failed = run_validation(c);
-  printf("rank %d: %dx%d validation: %s (%.1f s)\n", c->me, nodes, rpn, failed ? "FAILED" : "ok", now_s() - t0);
+  int failed = 0;
+  if (!forced) {
+    failed = run_validation(c);
+    printf("rank %d: %dx%d validation: %s (%.1f s)\n", c->me, nodes, rpn, failed ? "FAILED" : "ok", now_s() - t0);
+  }
 
   t0 = now_s();
   failed = 0;
   /* EP_TEST_SMALL=1 keeps the small cases only (for compute-sanitizer, which is slow). */
   const int small_only = getenv("EP_TEST_SMALL") != NULL;
+  int ran = 0;
   for (int i = 0; i < NUM_CASES; ++i)
-    if (!small_only || k_cases[i].tokens <= 64) failed += run_case(c, &k_cases[i], i);
-  printf("rank %d: %dx%d dispatch/combine: %d cases (eager + graph-safe each), %d failed (%.1f s)\n", c->me, nodes,
-         rpn, NUM_CASES, failed, now_s() - t0);
+    if (small_only ? k_cases[i].tokens <= 64 : !forced || forced_case(i)) {
+      failed += run_case(c, &k_cases[i], i);
+      ++ran;
+    }
+  printf("rank %d: %dx%d%s dispatch/combine: %d cases (eager + graph-safe each), %d failed (%.1f s)\n", c->me, nodes,
+         rpn, mode, ran, failed, now_s() - t0);
 
-  if (!small_only) {
+  if (!small_only && !forced) {
     t0 = now_s();
     failed = run_cuda_graph(c);
     printf("rank %d: %dx%d CUDA graph, 2 replays: %s (%.1f s)\n", c->me, nodes, rpn, failed ? "FAILED" : "ok",
@@ -461,6 +483,7 @@ int main(void) {
   c.R = h.num_ranks;
   c.me = h.rank;
   c.seed = harness_seed(&h, "internode");
-  for (int i = 0; i < num_shapes; ++i) run_shape(&h, &c, shapes[i]);
+  for (int i = 0; i < num_shapes; ++i) run_shape(&h, &c, shapes[i], 0);
+  for (int i = 0; i < num_shapes; ++i) run_shape(&h, &c, shapes[i], 1); /* the NIC branch */
   return TEST_RESULT();
 }
