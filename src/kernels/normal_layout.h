@@ -10,7 +10,7 @@
  * stores its expert outputs over NVLink into the source rank's `y_stage` (a receive area there: row
  * sender * T + the token's position in the sender's list, one `y_staged` flag per 32 rows and sender), and each
  * source sums its tokens' copies from local memory in rank order, then acknowledges (`combine_ack`) so senders may
- * push again. (The internode path stages into `y_stage` by received row instead; same size.) The epoch of a
+ * push again. (The internode path splits `y_stage` into its own push regions: internode_layout.h.) The epoch of a
  * call is a device-side counter, the same on every rank because every rank makes the same calls.
  *
  *   uint64 count_matrix[R][R+1]   row s from rank s: (epoch << 32 | tokens s sends to rank d), then s's num_tokens
