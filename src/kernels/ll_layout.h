@@ -23,12 +23,15 @@
  * position among the source's tokens that select e. Then the payload: FP8 e4m3 [H] then fp32 scales [H / 128],
  * or BF16 [H]; its stride `msg_bytes` = align16(hdr_bytes + max(2H, H + H / 32)).
  *
- * Counts and signals need no reset between calls: a sender adds 1 per put (put-with-signal, ADD) and, once all
- * are issued, adds (n + 1) << 32; over NVLink it stores that final value ((n + 1) << 32 | n) once, with release
- * semantics, after its stores. A receiver waits for hi >= 1 and lo == hi - 1, reads n = hi - 1, and zeroes the
- * word when the call's receive phase is done, before it acknowledges: no sender writes the word again before
- * that acknowledgement. For dispatch, n = messages + 1 (the dispatch_meta row is one more put). Call numbers
- * (acks) grow for ever (device counters, so graph replays count). */
+ * Counts and signals are zeroed by the receiver: the final value of a word is (n + 1) << 32 | n. To another node a
+ * sender adds 1 per put (put-with-signal, ADD), and one block of its send kernel adds (n + 1) << 32. Over NVLink
+ * each block of the send kernel adds, with one release add after its fenced stores, the number of its own units
+ * (dispatch: messages; combine: (row, part) pieces), and one block also adds (n + 1) << 32 (+ 1 for dispatch's
+ * meta row): every add is positive, so lo reaches n only once all blocks' adds have landed. A receiver waits for
+ * hi >= 1 and lo == hi - 1, reads n = hi - 1, and zeroes the word when the call's receive phase is done, before it
+ * acknowledges: no sender writes the word again before that acknowledgement. For dispatch, n = messages + 1 (the
+ * dispatch_meta row is one more put). Call numbers (acks) grow for ever (device counters, so graph replays count);
+ * the receive phase advances the half's call number. */
 #ifndef EP_KERNELS_LL_LAYOUT_H
 #define EP_KERNELS_LL_LAYOUT_H
 

@@ -1,7 +1,9 @@
 // low_latency.cu: the low-latency (LL) path: dispatch and combine, each as a send kernel and a receive kernel
 // (the receive hook launches the second one later). The buffer layout and the signal protocol are drawn in
-// ll_layout.h. Peers of this node are written with NVLink stores; others through the transport's
-// put-with-signal. Everything is ordered by data, never by atomics whose order varies: slots come from a
+// ll_layout.h. The send kernels have no grid-wide barrier: each block publishes its own part of the counts; the
+// receive kernels' last block acknowledges the call and advances the half's call number. Peers of this node are
+// written with NVLink stores; others through the transport's put-with-signal. Data is placed by data, never by
+// atomics whose order varies (the count words are sums, whatever the order of their adds): slots come from a
 // counting pass over topk_idx, rows of an expert are packed by source rank then token, and combine sums in top-k
 // order.
 #include "kernels/api.h"
@@ -13,6 +15,82 @@
 
 namespace ep {
 namespace ll {
+
+// ---------------------------------------------------------------------------------------------------------------
+// Profiling (off by default; build with EP_LL_PROFILE=1). Thread 0 of block 0 and of the last block stamp
+// %globaltimer at each kernel's phase boundaries; every EP_LL_PROFILE_EVERY-th call of a kernel prints one line
+// (device printf) with, for both blocks, the time of each stage since the previous stamp, in us. Never built into
+// a normal library: the library does not print.
+// ---------------------------------------------------------------------------------------------------------------
+#ifndef EP_LL_PROFILE
+#define EP_LL_PROFILE 0
+#endif
+#ifndef EP_LL_PROFILE_EVERY
+#define EP_LL_PROFILE_EVERY 30
+#endif
+enum { kProfDispatchSend = 0, kProfDispatchRecv = 1, kProfCombineSend = 2, kProfCombineRecv = 3 };
+#if EP_LL_PROFILE
+constexpr int kProfStamps = 5;  // stamp 0 = block start
+__device__ unsigned long long g_prof[4][2][kProfStamps];  // [kernel][block 0, last block][stamp]
+__device__ unsigned long long g_prof_kernel_end[4];       // when the kernel's last stamping block ended
+__device__ unsigned int g_prof_arrived[4], g_prof_calls[4];
+
+__device__ __forceinline__ void prof_stamp(int kernel, int i) {
+  if (threadIdx.x != 0) return;
+  const unsigned long long t = global_timer_ns();
+  if (blockIdx.x == 0) g_prof[kernel][0][i] = t;
+  if (blockIdx.x == gridDim.x - 1) g_prof[kernel][1][i] = t;
+}
+
+// Called by thread 0 of block 0 and of the last block when the block is done (tail_ns: a stamp after the block's
+// end, e.g. the acknowledgements of the block that finished the call; 0 if none). The second of the two prints.
+__device__ void prof_finish(int kernel, int rank, unsigned long long tail_ns) {
+  if (threadIdx.x != 0 || (blockIdx.x != 0 && blockIdx.x != gridDim.x - 1)) return;
+  const unsigned long long end = tail_ns ? tail_ns : global_timer_ns();
+  atomicMax(&g_prof_kernel_end[kernel], end);
+  __threadfence();
+  const unsigned int want = gridDim.x == 1 ? 1u : 2u;
+  if (atomicAdd(&g_prof_arrived[kernel], 1u) + 1u != want) return;
+  g_prof_arrived[kernel] = 0;
+  __threadfence();
+  const unsigned int call = atomicAdd(&g_prof_calls[kernel], 1u) + 1u;
+  const unsigned long long kend = atomicExch(&g_prof_kernel_end[kernel], 0ull);
+  if (call % EP_LL_PROFILE_EVERY != 0) return;
+  static const char* const names[4] = {"dispatch-send", "dispatch-recv", "combine-send", "combine-recv"};
+  static const char* const labels[4][kProfStamps - 1] = {
+      {"prologue+acks", "data", "signal", "-"},
+      {"counts-seen", "meta", "copy", "arrive"},
+      {"prologue+acks", "data", "signal", "-"},
+      {"counts-seen", "sum", "arrive", "-"}};
+  const unsigned long long(*s)[kProfStamps] = g_prof[kernel];
+  float d[2][kProfStamps - 1];
+  for (int b = 0; b < 2; ++b) {
+    unsigned long long prev = s[b][0];
+    for (int i = 1; i < kProfStamps; ++i) {
+      const bool used = labels[kernel][i - 1][0] != '-' && s[b][i] >= prev;
+      d[b][i - 1] = used ? (float)(s[b][i] - prev) * 1e-3f : 0.0f;
+      if (used) prev = s[b][i];
+    }
+  }
+  const float last_start = (float)((long long)(s[1][0] - s[0][0])) * 1e-3f;
+  const float total = (float)((long long)(kend - s[0][0])) * 1e-3f;
+  const float since_prev = kernel & 1 && g_prof[kernel - 1][0][0]
+                               ? (float)((long long)(s[0][0] - g_prof[kernel - 1][0][0])) * 1e-3f
+                               : 0.0f;
+  printf("ep_ll_prof rank %d %s call %u grid %d | b0: %s %.2f %s %.2f %s %.2f %s %.2f | last@%+.2f: %.2f %.2f %.2f "
+         "%.2f | end %.2f us after b0 start%s%.2f\n",
+         rank, names[kernel], call, gridDim.x, labels[kernel][0], d[0][0], labels[kernel][1], d[0][1],
+         labels[kernel][2], d[0][2], labels[kernel][3], d[0][3], last_start, d[1][0], d[1][1], d[1][2], d[1][3],
+         total, kernel & 1 ? "; b0 start after the send's b0 start: " : "", since_prev);
+}
+#define LL_PROF_STAMP(kernel, i) ::ep::ll::prof_stamp((kernel), (i))
+#define LL_PROF_FINISH(kernel, rank, tail) ::ep::ll::prof_finish((kernel), (rank), (tail))
+#define LL_PROF_NOW() ::ep::global_timer_ns()
+#else
+#define LL_PROF_STAMP(kernel, i) ((void)0)
+#define LL_PROF_FINISH(kernel, rank, tail) ((void)0)
+#define LL_PROF_NOW() 0ull
+#endif
 
 constexpr int kRecvThreads = 512;
 constexpr int kRecvWarps = kRecvThreads / 32;
@@ -27,19 +105,19 @@ __device__ __forceinline__ char* nvlink_peer(const ep_ll_launch_t& p, int r) {
   return base ? base + p.ll_offset : nullptr;
 }
 
-// The final value of a count word: (n + 1) << 32 | n (see ll_layout.h).
-__device__ __forceinline__ uint64_t final_count(int n) { return ((uint64_t)(n + 1) << 32) | (uint32_t)n; }
+// A count word is complete when its high half hi >= 1 and its low half is hi - 1 (see ll_layout.h).
 __device__ __forceinline__ bool count_complete(uint64_t v) {
   const uint32_t hi = (uint32_t)(v >> 32), lo = (uint32_t)v;
   return hi != 0 && lo == hi - 1;
 }
 
-// Publish to rank r, at `offset` inside the LL region, that n messages were sent (after all of them were issued).
-__device__ __forceinline__ void publish_count(const ep_ll_launch_t& p, int r, size_t offset, int n) {
-  char* peer = nvlink_peer(p, r);
-  if (peer) st_release_sys_u64(reinterpret_cast<uint64_t*>(peer + offset), final_count(n));
-  else tp::signal_add(reinterpret_cast<uint64_t*>(p.ll_base + offset), (uint64_t)(n + 1) << 32, r);
+// Add v to a 64-bit word of a peer's memory (an NVLink mapping), released after this thread's earlier writes.
+__device__ __forceinline__ void red_add_release_sys_u64(uint64_t* ptr, uint64_t v) {
+  asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(ptr), "l"(v) : "memory");
 }
+
+// The block that publishes the final count word (and, for dispatch, the dispatch_meta row) to rank r.
+__device__ __forceinline__ bool publishes_for(int r) { return (unsigned)r % gridDim.x == blockIdx.x; }
 
 // Tell rank r that this rank finished receiving call `op` on the current half.
 __device__ __forceinline__ void send_ack(const ep_ll_launch_t& p, int r, uint64_t op) {
@@ -49,17 +127,14 @@ __device__ __forceinline__ void send_ack(const ep_ll_launch_t& p, int r, uint64_
   else tp::signal_set(reinterpret_cast<uint64_t*>(p.ll_base + offset), op, r);
 }
 
-// Every rank must have finished receiving the previous call on this half before we write into its half.
-__device__ __forceinline__ bool wait_acks(const ep_ll_launch_t& p, uint64_t op, int site) {
-  __shared__ int s_failed;
-  if (threadIdx.x == 0) s_failed = 0;
-  __syncthreads();
+// Every rank must have finished receiving the previous call on this half before we write into its half. Threads
+// tid < R poll (no barrier: the caller overlaps this with other work and joins the result with __syncthreads_or).
+__device__ __forceinline__ bool poll_acks(const ep_ll_launch_t& p, uint64_t op, int site) {
   const uint64_t* acks = reinterpret_cast<const uint64_t*>(p.ll_base + half_offset(p) + p.layout.ack);
-  for (int r = threadIdx.x; r < p.num_ranks; r += blockDim.x)
-    if (!wait_until([&] { return ld_acquire_sys_u64(acks + r) + 1 >= op; }, p.timeout_ns, p.error, p.rank, r, site))
-      s_failed = 1;
-  __syncthreads();
-  return !s_failed;
+  bool ok = true;
+  for (int r = threadIdx.x; ok && r < p.num_ranks; r += blockDim.x)
+    ok = wait_until([&] { return ld_acquire_sys_u64(acks + r) + 1 >= op; }, p.timeout_ns, p.error, p.rank, r, site);
+  return ok;
 }
 
 // Is expert index e valid? (bad ones were reported where the token is sent and count as -1)
@@ -159,8 +234,9 @@ __device__ __forceinline__ int4 cast16(const int4 (&in)[2], int round_scale, flo
 
 // ---------------------------------------------------------------------------------------------------------------
 // Dispatch, send phase. Block b owns a contiguous range of at most kMaxRange of my tokens.
-//  1. It counts, per expert and per rank, my tokens before its range (one thread per (token, slot)), and notes the
-//     distinct experts and distinct ranks of its own tokens; then, from shared memory only, each token's slot j
+//  1. It counts, per expert and per rank, my tokens before its range and after it (one thread per (token, slot)),
+//     and notes the distinct experts and distinct ranks of its own tokens (threads tid < R meanwhile wait for the
+//     acknowledgements of the half's previous call); then, from shared memory only, each token's slot j
 //     per expert (its position among my tokens that select the expert) and its message position per destination
 //     rank (its position among my tokens that go to that rank). Two block barriers in all, not two per token.
 //  2. Its warps split its tokens into (token, part) units of 512-channel steps: a warp loads its channels once
@@ -168,8 +244,10 @@ __device__ __forceinline__ int4 cast16(const int4 (&in)[2], int round_scale, flo
 //     barrier) and stores them, 16 bytes per lane, straight into every NVLink destination's receive slot, once
 //     per destination rank; part 0 writes the header. Tokens with a destination in another node are also written
 //     to the local stage and, after one block barrier, put whole with put-with-signal, one put per (token, rank).
-//  3. The last block to finish completes the histograms and publishes, to every rank, its dispatch_meta row (my
-//     tokens per local expert of that rank) and the final count (messages + 1), released after all data.
+//  3. No grid-wide barrier: every block, once its stores are fenced, adds its own message count to each NVLink
+//     destination's count word (one release add per (block, rank)); block r % grid also writes rank r's
+//     dispatch_meta row (my tokens per local expert of r; every block knows all counts from step 1) and adds
+//     the word's high half, (messages + 1) + 1. Ranks of other nodes count the puts themselves (1 per put).
 // ---------------------------------------------------------------------------------------------------------------
 constexpr int kSendThreads = 512;
 constexpr int kSendWarps = kSendThreads / 32;
@@ -185,30 +263,39 @@ __global__ void __launch_bounds__(kSendThreads, 1) dispatch_send_kernel(ep_ll_la
   const int N = p.num_tokens;
   const size_t half = half_offset(p);
   char* mine = p.ll_base + half;
-  const uint64_t op = p.state->seq[p.half] + 1;
+  LL_PROF_STAMP(kProfDispatchSend, 0);
+  const uint64_t op = p.state->seq[p.half] + 1;  // seq is advanced by the receive phase, never during this kernel
   if (blockIdx.x == 0 && tid == 0) p.ops[0] = op;
 
   const int per_block = (N + gridDim.x - 1) / gridDim.x;  // <= kMaxRange (the launcher sizes the grid)
   const int begin = min(N, (int)blockIdx.x * per_block), end = min(N, begin + per_block), n_loc = end - begin;
-  int* s_hist = s_dyn;                     // [E] my tokens before the range (later: all), per distinct expert
+  int* s_hist = s_dyn;                     // [E] my tokens before the range (later: up to its end), per expert
   int* s_rhist = s_hist + E;               // [R] the same per distinct rank
-  int* s_ent = s_rhist + R;                // [per_block * K] expert of (token, slot) if its first slot, else -1
+  int* s_ahist = s_rhist + R;              // [E] my tokens after the range, per distinct expert
+  int* s_arhist = s_ahist + E;             // [R] the same per distinct rank
+  int* s_own = s_arhist + R;               // [R] messages of this block to each rank
+  int* s_ent = s_own + R;                  // [per_block * K] expert of (token, slot) if its first slot, else -1
   int* s_rf = s_ent + per_block * K;       // [per_block * K] rank-first bit and first slot of the expert (1a)
   int* s_slot = s_rf + per_block * K;      // [per_block * K] j of a first slot
   int* s_pos = s_slot + per_block * K;     // [per_block * K] message position at its rank, for rank-first slots
 
-  for (int e = tid; e < E; e += blockDim.x) s_hist[e] = 0;
-  for (int r = tid; r < R; r += blockDim.x) s_rhist[r] = 0;
+  for (int e = tid; e < E; e += blockDim.x) s_hist[e] = s_ahist[e] = 0;
+  for (int r = tid; r < R; r += blockDim.x) s_rhist[r] = s_arhist[r] = s_own[r] = 0;
   __syncthreads();
 
-  // 1a. Earlier tokens into the histograms; my tokens' slots noted (s_rf: bit 0 = rank-first, bits 1.. = 1 + the
-  // first slot of the same expert, 0 for an invalid slot).
+  // 1a. Earlier and later tokens into the histograms; my tokens' slots noted (s_rf: bit 0 = rank-first, bits 1.. =
+  // 1 + the first slot of the same expert, 0 for an invalid slot). Threads tid < R first wait for the acks: the
+  // other warps scan meanwhile, and the barrier after the scan joins the result (no store to a peer before it).
+  const bool acks_ok = poll_acks(p, op, EP_SITE_LL_DISPATCH_ACK);
   const int kp = topk_lanes(K), tokens_per_warp = 32 / kp;
-  for (int tb = warp * tokens_per_warp; tb < end; tb += kSendWarps * tokens_per_warp) {
-    const SlotInfo si = slot_info(p, tb, end, kp, lane);
+  for (int tb = warp * tokens_per_warp; tb < N; tb += kSendWarps * tokens_per_warp) {
+    const SlotInfo si = slot_info(p, tb, N, kp, lane);
     if (si.t < begin) {
       if (si.first) atomicAdd(&s_hist[si.e], 1);
       if (si.rfirst) atomicAdd(&s_rhist[si.e / E_loc], 1);
+    } else if (si.t >= end) {
+      if (si.first) atomicAdd(&s_ahist[si.e], 1);
+      if (si.rfirst) atomicAdd(&s_arhist[si.e / E_loc], 1);
     } else if (si.in) {
       if (si.e < -1 || si.e >= E) record_fault(p.error, EP_FAULT_BAD_EXPERT, me, -1, 0, si.t, si.e);
       const int i = (si.t - begin) * K + si.k;
@@ -216,7 +303,8 @@ __global__ void __launch_bounds__(kSendThreads, 1) dispatch_send_kernel(ep_ll_la
       s_rf[i] = (si.first_k >= 0 ? (si.first_k + 1) << 1 : 0) | (si.rfirst ? 1 : 0);
     }
   }
-  __syncthreads();
+  if (__syncthreads_or(!acks_ok)) return;  // every rank is done with this half's last call (or one timed out)
+  LL_PROF_STAMP(kProfDispatchSend, 1);
   // 1b. Slots and message positions inside the range (each earlier token lists an expert / a rank once at most).
   for (int i = tid; i < n_loc * K; i += blockDim.x) {
     const int e = s_ent[i];
@@ -239,9 +327,12 @@ __global__ void __launch_bounds__(kSendThreads, 1) dispatch_send_kernel(ep_ll_la
     p.slot_of[(size_t)(begin + lt) * L.max_topk + k] =
         first_k >= 0 ? s_ent[lt * K + first_k] * L.max_tokens + s_slot[lt * K + first_k] : -1;
     if (s_ent[i] >= 0) atomicAdd(&s_hist[s_ent[i]], 1);
-    if (s_rf[i] & 1) atomicAdd(&s_rhist[s_ent[i] / E_loc], 1);
+    if (s_rf[i] & 1) {
+      atomicAdd(&s_rhist[s_ent[i] / E_loc], 1);
+      atomicAdd(&s_own[s_ent[i] / E_loc], 1);
+    }
   }
-  if (!wait_acks(p, op, EP_SITE_LL_DISPATCH_ACK)) return;  // every rank is done with this half's last call
+  __syncthreads();  // s_hist + s_ahist, s_rhist + s_arhist: all my tokens; s_own: this block's messages
 
   // 2. Data: (token, part) units.
   const size_t hdr = L.hdr_bytes, msg_stride = L.msg_bytes;
@@ -324,8 +415,23 @@ __global__ void __launch_bounds__(kSendThreads, 1) dispatch_send_kernel(ep_ll_la
     }
   }
 
-  // Tokens going to another node: the whole message (header + payload) from the stage, one put per rank.
+  // dispatch_meta rows of the ranks this block publishes to: NVLink peers directly, others through the stage.
+  int* meta_out = reinterpret_cast<int*>(mine + L.meta_stage);  // [R][E_loc]
+  for (int i = tid; i < E; i += blockDim.x) {
+    const int d = i / E_loc, le = i % E_loc;
+    if (!publishes_for(d)) continue;
+    char* peer = nvlink_peer(p, d);
+    const int n = s_hist[i] + s_ahist[i];
+    if (peer) reinterpret_cast<int*>(peer + half + L.dispatch_meta)[(size_t)me * E_loc + le] = n;
+    else meta_out[i] = n;
+  }
+  // Every thread's stores (peers' receive slots, the stage, meta rows) are complete before the block's counts.
+  __threadfence_system();
   __syncthreads();
+  LL_PROF_STAMP(kProfDispatchSend, 2);
+
+  // Tokens going to another node: the whole message (header + payload) from the stage, one put per rank; and the
+  // dispatch_meta rows of the other-node ranks this block publishes to.
   const size_t put_bytes = ep_align_up(hdr + (size_t)(p.fp8 ? H + H / 128 * 4 : 2 * H), 16);
   uint64_t* count_word = reinterpret_cast<uint64_t*>(mine + L.dispatch_count + (size_t)me * 8);  // symmetric
   for (int lt = warp; lt < n_loc; lt += kSendWarps) {
@@ -339,54 +445,92 @@ __global__ void __launch_bounds__(kSendThreads, 1) dispatch_send_kernel(ep_ll_la
                           stage + (size_t)(begin + lt) * msg_stride, put_bytes, count_word, 1, /*add=*/true, d);
     }
   }
-
-  // 3. The last block publishes, per rank: my tokens per local expert of that rank, then the final count.
-  if (!arrive_last(&p.state->done[0])) return;
-  for (int tb = end + warp * tokens_per_warp; tb < N; tb += kSendWarps * tokens_per_warp) {
-    const SlotInfo si = slot_info(p, tb, N, kp, lane);
-    if (si.first) atomicAdd(&s_hist[si.e], 1);
-    if (si.rfirst) atomicAdd(&s_rhist[si.e / E_loc], 1);
-  }
-  __syncthreads();
-  int* meta_out = reinterpret_cast<int*>(mine + L.meta_stage);  // [R][E_loc]
-  for (int i = tid; i < E; i += blockDim.x) {
-    const int d = i / E_loc, le = i % E_loc;
-    char* peer = nvlink_peer(p, d);
-    if (peer) reinterpret_cast<int*>(peer + half + L.dispatch_meta)[(size_t)me * E_loc + le] = s_hist[i];
-    else meta_out[i] = s_hist[i];
-  }
-  __threadfence_system();
-  __syncthreads();
-  for (int d = warp; d < R; d += kSendWarps) {
-    char* peer = nvlink_peer(p, d);
-    if (peer) {
-      if (lane == 0)
-        st_release_sys_u64(reinterpret_cast<uint64_t*>(peer + half + L.dispatch_count + (size_t)me * 8),
-                           final_count(s_rhist[d] + 1));
-    } else {
+  for (int d = warp; d < R; d += kSendWarps)
+    if (publishes_for(d) && nvlink_peer(p, d) == nullptr)
       tp::put_signal_warp(mine + L.dispatch_meta + (size_t)me * E_loc * 4, meta_out + (size_t)d * E_loc,
                           (size_t)E_loc * 4, count_word, 1, /*add=*/true, d);
-      if (lane == 0) tp::signal_add(count_word, (uint64_t)(s_rhist[d] + 2) << 32, d);
+
+  // 3. Counts. NVLink rank d: this block's messages (+ 1 for the meta row and the high half (messages + 2) << 32
+  // if it publishes for d), in one release add after the fence above. Other nodes: the puts count themselves; the
+  // publishing block adds the high half.
+  for (int d = tid; d < R; d += blockDim.x) {
+    const bool pub = publishes_for(d);
+    const uint64_t hi = (uint64_t)(s_rhist[d] + s_arhist[d] + 2) << 32;  // (n + 1) << 32, n = messages + 1
+    char* peer = nvlink_peer(p, d);
+    if (peer) {
+      const uint64_t v = (uint64_t)s_own[d] + (pub ? hi + 1 : 0);
+      if (v) red_add_release_sys_u64(reinterpret_cast<uint64_t*>(peer + half + L.dispatch_count + (size_t)me * 8), v);
+    } else if (pub) {
+      tp::signal_add(count_word, hi, d);
     }
   }
-  __syncthreads();
-  if (tid == 0) {
-    p.state->done[0] = 0;
-    p.state->seq[p.half] = op;
-  }
+  LL_PROF_STAMP(kProfDispatchSend, 3);
+  LL_PROF_FINISH(kProfDispatchSend, me, 0);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Dispatch, receive phase. Every block waits for every source's final count (one poll per source, in parallel),
-// reads the sources' dispatch_meta rows (my local experts' counts per source) into shared memory and places each
-// (expert, source) run of rows: begin = the sum over earlier sources. Then one warp per (message, part): it loads
-// the header and its share of the payload together (one round trip of local loads), keeps the header's pairs of
-// my experts, and stores its share into each of their rows (row = begin(expert, source) + j): a token that
-// selects several of my experts crossed the link once and is copied here from local memory. Part 0 also writes
-// the source index and the scales. Block 0 writes layout_range and recv_count. The last block zeroes the count
-// words and acknowledges the call to every rank.
+// Dispatch, receive phase. In every block, warp 0 waits for every source's final count (one poll per source, in
+// parallel) and scans the message offsets. Then one warp per (message, part): each warp issues the loads of its
+// first unit (header, pairs, first batch of payload, scales) together with the block's loads of the sources'
+// dispatch_meta rows (my local experts' counts per source, into shared memory), so that they cost one round trip;
+// each (expert, source) run of rows begins at the sum over earlier sources. The warp keeps the header's pairs of
+// my experts and stores its share into each of their rows (row = begin(expert, source) + j): a token that selects
+// several of my experts crossed the link once and is copied here from local memory. Part 0 also writes the source
+// index and the scales. Block 0 writes layout_range and recv_count. The last block zeroes the count words,
+// acknowledges the call to every rank and advances the half's call number.
 // ---------------------------------------------------------------------------------------------------------------
 constexpr int kCopyBatch = 8;  // 16-byte words a lane has in flight per batch
+
+// One message unit of a receiving warp: where it is and what the warp loaded of it before placing it.
+struct RecvUnit {
+  const char* msg;
+  int s, part, w0, w1;
+  int2 head, pair;
+  int4 v[kCopyBatch];  // payload words [w0, w0 + kCopyBatch * 32) (those below w1)
+  float sc[2];         // fp32 scales lane and lane + 32 (part 0, FP8, non-UE8M0)
+  float4 sq;           // scales 4 * lane .. 4 * lane + 3 (part 0, UE8M0)
+};
+
+// Issue every load of unit u at once (header, pairs, the first batch of payload, the scales): one round trip.
+__device__ __forceinline__ void recv_unit_load(const ep_ll_launch_t& p, const char* recv, const int* s_moff, int u,
+                                               int parts, int words, RecvUnit& r) {
+  const ep_ll_layout_t& L = p.layout;
+  const int lane = threadIdx.x & 31, R = p.num_ranks, H = p.hidden, G = H / 128;
+  const int m = u / parts;
+  r.part = u % parts;
+  int lo = 0, hi = R - 1;  // the last source whose first message is <= m
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (s_moff[mid] <= m) lo = mid;
+    else hi = mid - 1;
+  }
+  r.s = lo;
+  r.msg = recv + ((size_t)r.s * L.max_tokens + (m - s_moff[r.s])) * L.msg_bytes;
+  r.head = ld_nc_v2(r.msg);
+  r.pair = lane < min(L.max_topk, 32) ? ld_nc_v2(r.msg + 8 + 8 * lane) : make_int2(-1, 0);
+  r.w0 = (int)((long long)words * r.part / parts);
+  r.w1 = (int)((long long)words * (r.part + 1) / parts);
+  const int4* src = reinterpret_cast<const int4*>(r.msg + L.hdr_bytes);
+#pragma unroll
+  for (int b = 0; b < kCopyBatch; ++b)
+    if (r.w0 + b * 32 + lane < r.w1) r.v[b] = ld_nc_na(src + r.w0 + b * 32 + lane);
+  r.sc[0] = r.sc[1] = 0.0f;
+  r.sq = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  if (r.part == 0 && p.fp8) {
+    const float* scales = reinterpret_cast<const float*>(r.msg + L.hdr_bytes + H);
+    if (!p.ue8m0) {
+      if (lane < G) r.sc[0] = scales[lane];
+      if (lane + 32 < G) r.sc[1] = scales[lane + 32];
+    } else if (lane < G / 4) {
+      r.sq = *reinterpret_cast<const float4*>(scales + 4 * lane);
+    }
+  }
+}
+
+__device__ __forceinline__ uint32_t ue8m0_pack(const float4& f) {
+  return ((__float_as_uint(f.x) >> 23) & 0xffu) | (((__float_as_uint(f.y) >> 23) & 0xffu) << 8) |
+         (((__float_as_uint(f.z) >> 23) & 0xffu) << 16) | (((__float_as_uint(f.w) >> 23) & 0xffu) << 24);
+}
 
 __global__ void __launch_bounds__(kRecvThreads) dispatch_recv_kernel(ep_ll_launch_t p) {
   extern __shared__ int s_dyn[];
@@ -398,38 +542,53 @@ __global__ void __launch_bounds__(kRecvThreads) dispatch_recv_kernel(ep_ll_launc
   char* mine = p.ll_base + half;
   uint64_t* counts = reinterpret_cast<uint64_t*>(mine + L.dispatch_count);
   const int* meta = reinterpret_cast<const int*>(mine + L.dispatch_meta);  // [R][E_loc]
+  LL_PROF_STAMP(kProfDispatchRecv, 0);
   const uint64_t op = p.ops[0];
   int* s_row0 = s_dyn;           // [R][E_loc] first row of (source, expert); later the prefix
   int* s_moff = s_row0 + R * E_loc;  // [R + 1] first message index of each source
   __shared__ int s_failed;
-  if (tid == 0) s_failed = 0;
-  __syncthreads();
-  for (int s = tid; s < R; s += blockDim.x) {
-    uint64_t v = 0;
-    if (!wait_until([&] { return count_complete(v = ld_acquire_sys_u64(counts + s)); }, p.timeout_ns, p.error, me, s,
-                    EP_SITE_LL_DISPATCH_RECV)) {
-      s_failed = 1;
-      break;
+  // Warp 0 waits for every source's final count and scans the message offsets; no block barrier in between.
+  if (warp == 0) {
+    bool ok = true;
+    for (int s = lane; ok && s < R; s += 32) {
+      uint64_t v = 0;
+      ok = wait_until([&] { return count_complete(v = ld_acquire_sys_u64(counts + s)); }, p.timeout_ns, p.error, me,
+                      s, EP_SITE_LL_DISPATCH_RECV);
+      if (ok) s_moff[s + 1] = (int)(v >> 32) - 2;  // n = messages + 1 puts; hi = n + 1
     }
-    s_moff[s + 1] = (int)(v >> 32) - 2;  // n = messages + 1 puts; hi = n + 1
+    const bool failed = __any_sync(0xffffffffu, !ok);
+    if (lane == 0) s_failed = failed;
+    if (!failed) {  // message offsets: an exclusive scan over sources
+      __syncwarp();
+      int run = 0;
+      for (int base = 0; base < R; base += 32) {
+        int v = base + lane < R ? s_moff[base + lane + 1] : 0;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+          const int n = __shfl_up_sync(0xffffffffu, v, o);
+          if (lane >= o) v += n;
+        }
+        __syncwarp();
+        if (base + lane < R) s_moff[base + lane + 1] = run + v;
+        run += __shfl_sync(0xffffffffu, v, 31);
+      }
+      if (lane == 0) s_moff[0] = 0;
+    }
   }
   __syncthreads();
   if (s_failed) return;
+  LL_PROF_STAMP(kProfDispatchRecv, 1);
+
+  // Each warp issues the loads of its first message unit now, so that they travel with the dispatch_meta loads.
+  const int M = s_moff[R];
+  const int total_warps = gridDim.x * kRecvWarps;
+  const int parts = max(1, min(8, total_warps / max(M, 1)));
+  const int words = p.fp8 ? H / 16 : H / 8;  // payload without the scales, in 16-byte words
+  const int units = M * parts;
+  const int u0 = blockIdx.x * kRecvWarps + warp;
+  RecvUnit r;
+  if (u0 < units) recv_unit_load(p, mine + L.recv, s_moff, u0, parts, words, r);
   for (int i = tid; i < R * E_loc; i += blockDim.x) s_row0[i] = ld_relaxed_sys(meta + i);
-  if (warp == 0) {  // message offsets: an exclusive scan over sources
-    int run = 0;
-    for (int base = 0; base < R; base += 32) {
-      int v = base + lane < R ? s_moff[base + lane + 1] : 0;
-#pragma unroll
-      for (int o = 1; o < 32; o <<= 1) {
-        const int n = __shfl_up_sync(0xffffffffu, v, o);
-        if (lane >= o) v += n;
-      }
-      if (base + lane < R) s_moff[base + lane + 1] = run + v;
-      run += __shfl_sync(0xffffffffu, v, 31);
-    }
-    if (lane == 0) s_moff[0] = 0;
-  }
   __syncthreads();
   for (int le = tid; le < E_loc; le += blockDim.x) {  // rows: sources in order, per expert
     int run = 0;
@@ -442,74 +601,71 @@ __global__ void __launch_bounds__(kRecvThreads) dispatch_recv_kernel(ep_ll_launc
     if (blockIdx.x == 0) p.recv_count[le] = run;
   }
   __syncthreads();
+  LL_PROF_STAMP(kProfDispatchRecv, 2);
 
-  const int M = s_moff[R];
-  const int total_warps = gridDim.x * kRecvWarps;
-  const int parts = max(1, min(8, total_warps / max(M, 1)));
-  const int words = p.fp8 ? H / 16 : H / 8;  // payload without the scales, in 16-byte words
-  const int max_pairs = min(L.max_topk, 32);
-  for (int u = blockIdx.x * kRecvWarps + warp; u < M * parts; u += total_warps) {
-    const int m = u / parts, part = u % parts;
-    int lo = 0, hi = R - 1;  // the last source whose first message is <= m
-    while (lo < hi) {
-      const int mid = (lo + hi + 1) >> 1;
-      if (s_moff[mid] <= m) lo = mid;
-      else hi = mid - 1;
-    }
-    const int s = lo;
-    const char* msg = mine + L.recv + ((size_t)s * L.max_tokens + (m - s_moff[s])) * L.msg_bytes;
-    // Header and payload share, loaded together.
-    const int2 head = ld_nc_v2(msg);
-    const int2 pair = lane < max_pairs ? ld_nc_v2(msg + 8 + 8 * lane) : make_int2(-1, 0);
-    const int w0 = (int)((long long)words * part / parts), w1 = (int)((long long)words * (part + 1) / parts);
-    const int4* src = reinterpret_cast<const int4*>(msg + L.hdr_bytes);
-    const bool mine_pair = lane < head.y && pair.x / E_loc == me && pair.x >= 0;
+  for (int u = u0; u < units; u += total_warps) {
+    if (u != u0) recv_unit_load(p, mine + L.recv, s_moff, u, parts, words, r);
+    const int s = r.s;
+    const int4* src = reinterpret_cast<const int4*>(r.msg + L.hdr_bytes);
+    const bool mine_pair = lane < r.head.y && r.pair.x / E_loc == me && r.pair.x >= 0;
     const unsigned pmask = __ballot_sync(0xffffffffu, mine_pair);
-    const int row0 = mine_pair ? s_row0[s * E_loc + (pair.x - me * E_loc)] + pair.y : 0;
-    const int le_l = mine_pair ? pair.x - me * E_loc : 0;
-    for (int base = w0; base < w1; base += kCopyBatch * 32) {
-      int4 v[kCopyBatch];
+    const int row0 = mine_pair ? s_row0[s * E_loc + (r.pair.x - me * E_loc)] + r.pair.y : 0;
+    const int le_l = mine_pair ? r.pair.x - me * E_loc : 0;
+    for (int base = r.w0; base < r.w1; base += kCopyBatch * 32) {
+      if (base != r.w0) {
 #pragma unroll
-      for (int b = 0; b < kCopyBatch; ++b)
-        if (base + b * 32 + lane < w1) v[b] = ld_nc_na(src + base + b * 32 + lane);
+        for (int b = 0; b < kCopyBatch; ++b)
+          if (base + b * 32 + lane < r.w1) r.v[b] = ld_nc_na(src + base + b * 32 + lane);
+      }
       for (unsigned pm = pmask; pm; pm &= pm - 1) {
         const int bit = __ffs(pm) - 1;
         const int le = __shfl_sync(0xffffffffu, le_l, bit), row = __shfl_sync(0xffffffffu, row0, bit);
         int4* dst = reinterpret_cast<int4*>((char*)p.recv_x + ((size_t)le * RT + row) * (p.fp8 ? H : 2 * H));
 #pragma unroll
         for (int b = 0; b < kCopyBatch; ++b)
-          if (base + b * 32 + lane < w1) dst[base + b * 32 + lane] = v[b];
+          if (base + b * 32 + lane < r.w1) dst[base + b * 32 + lane] = r.v[b];
       }
     }
-    if (part != 0) continue;
-    const float* scales = reinterpret_cast<const float*>(msg + L.hdr_bytes + H);
+    if (r.part != 0) continue;
+    const float* scales = reinterpret_cast<const float*>(r.msg + L.hdr_bytes + H);
     for (unsigned pm = pmask; pm; pm &= pm - 1) {
       const int bit = __ffs(pm) - 1;
       const int le = __shfl_sync(0xffffffffu, le_l, bit), col = __shfl_sync(0xffffffffu, row0, bit);
-      if (lane == 0) p.src_info[(size_t)le * RT + col] = head.x;
+      if (lane == 0) p.src_info[(size_t)le * RT + col] = r.head.x;
       if (!p.fp8) continue;
       if (!p.ue8m0) {
         float* out = (float*)p.recv_scales + (size_t)le * G * RT;
-        for (int g = lane; g < G; g += 32) out[(size_t)g * RT + col] = scales[g];
+        for (int g = lane; g < G; g += 32)
+          out[(size_t)g * RT + col] = g < 64 ? r.sc[g >> 5] : scales[g];
       } else {
         int* out = (int*)p.recv_scales + (size_t)le * (G / 4) * RT;
         for (int q = lane; q < G / 4; q += 32) {
-          const float4 f = *reinterpret_cast<const float4*>(scales + 4 * q);
-          const uint32_t packed = ((__float_as_uint(f.x) >> 23) & 0xffu) | (((__float_as_uint(f.y) >> 23) & 0xffu) << 8) |
-                                  (((__float_as_uint(f.z) >> 23) & 0xffu) << 16) |
-                                  (((__float_as_uint(f.w) >> 23) & 0xffu) << 24);
-          out[(size_t)q * RT + col] = (int)packed;
+          const float4 f = q < 32 ? r.sq : *reinterpret_cast<const float4*>(scales + 4 * q);
+          out[(size_t)q * RT + col] = (int)ue8m0_pack(f);
         }
       }
     }
   }
+  LL_PROF_STAMP(kProfDispatchRecv, 3);
 
-  if (!arrive_last(&p.state->done[1])) return;
-  for (int i = tid; i < R; i += blockDim.x) counts[i] = 0;
-  __threadfence_system();
-  __syncthreads();
-  for (int r = tid; r < R; r += blockDim.x) send_ack(p, r, op);
-  if (tid == 0) p.state->done[1] = 0;
+  // The last block zeroes the count words (each before the acknowledgement to the same rank, by the same thread)
+  // and acknowledges the call; it advances the half's call number (read by the next send on this half).
+  const bool last = arrive_last(&p.state->done[1]);
+  LL_PROF_STAMP(kProfDispatchRecv, 4);
+  if (!last) {
+    LL_PROF_FINISH(kProfDispatchRecv, me, 0);
+    return;
+  }
+  for (int i = tid; i < R; i += blockDim.x) {
+    counts[i] = 0;
+    __threadfence_system();
+    send_ack(p, i, op);
+  }
+  if (tid == 0) {
+    p.state->done[1] = 0;
+    p.state->seq[p.half] = op;
+  }
+  LL_PROF_FINISH(kProfDispatchRecv, me, LL_PROF_NOW());
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -517,7 +673,9 @@ __global__ void __launch_bounds__(kRecvThreads) dispatch_recv_kernel(ep_ll_launc
 // order), split over every warp of the grid in (row, part) units: a warp loads its part of the expert output with
 // non-coherent loads, kCopyBatch 16-byte words per lane in flight, and stores it into its source rank's combine
 // receive row (expert, position of the token among that rank's tokens for the expert). Rows for another node go
-// whole, through the stage, by put-with-signal. The last block publishes, per rank, how many rows it was sent.
+// whole, through the stage, by put-with-signal. No grid-wide barrier: each block, once its stores are fenced, adds
+// its number of units to each NVLink rank's signal word; block r % grid adds the high half ((units to r) + 1) << 32
+// (for another node: (rows to r) + 1, the puts counting themselves).
 // ---------------------------------------------------------------------------------------------------------------
 __global__ void __launch_bounds__(kSendThreads, 1) combine_send_kernel(ep_ll_launch_t p) {
   extern __shared__ int s_dyn[];
@@ -528,16 +686,28 @@ __global__ void __launch_bounds__(kSendThreads, 1) combine_send_kernel(ep_ll_lau
   const int row_words = H * 2 / 16;
   const size_t half = half_offset(p);
   char* stage = p.ll_base + half + L.combine_stage;  // [E_loc][RT][H] bf16: the zero-copy buffer
-  const uint64_t op = p.state->seq[p.half] + 1;
+  LL_PROF_STAMP(kProfCombineSend, 0);
+  const uint64_t op = p.state->seq[p.half] + 1;  // seq is advanced by the receive phase, never during this kernel
   if (blockIdx.x == 0 && tid == 0) p.ops[1] = op;
-  int* s_first = s_dyn;  // [E_loc + 1]: first flat row of each local expert
-  if (warp == 0) {       // rows per expert (begin + count of the last source), exclusive scan
+  int2* s_range = reinterpret_cast<int2*>(s_dyn);           // [E_loc][R] (begin, count) of layout_range
+  int* s_first = reinterpret_cast<int*>(s_range + E_loc * R);  // [E_loc + 1]: first flat row of each local expert
+  int* s_rows = s_first + E_loc + 1;                         // [R] rows to each rank
+  int* s_units = s_rows + R;                                 // [R] units of this block to each NVLink rank
+  for (int r = tid; r < R; r += blockDim.x) s_rows[r] = s_units[r] = 0;
+  for (int i = tid; i < E_loc * R; i += blockDim.x) {
+    const int64_t v = p.layout_range[i];
+    s_range[i] = make_int2((int)(v >> 32), (int)(uint32_t)v);
+  }
+  const bool acks_ok = poll_acks(p, op, EP_SITE_LL_COMBINE_ACK);  // overlaps the loads above
+  if (__syncthreads_or(!acks_ok)) return;
+  LL_PROF_STAMP(kProfCombineSend, 1);
+  if (warp == 0) {  // rows per expert (begin + count of the last source), exclusive scan
     int run = 0;
     for (int base = 0; base < E_loc; base += 32) {
       int v = 0;
       if (base + lane < E_loc) {
-        const int64_t last = p.layout_range[(size_t)(base + lane) * R + R - 1];
-        v = (int)(last >> 32) + (int)(uint32_t)last;
+        const int2 last = s_range[(base + lane) * R + R - 1];
+        v = last.x + last.y;
       }
 #pragma unroll
       for (int o = 1; o < 32; o <<= 1) {
@@ -549,7 +719,9 @@ __global__ void __launch_bounds__(kSendThreads, 1) combine_send_kernel(ep_ll_lau
     }
     if (lane == 0) s_first[0] = 0;
   }
-  if (!wait_acks(p, op, EP_SITE_LL_COMBINE_ACK)) return;  // (its barriers also publish s_first)
+  for (int i = tid; i < E_loc * R; i += blockDim.x)
+    if (publishes_for(i % R) && s_range[i].y) atomicAdd(&s_rows[i % R], s_range[i].y);
+  __syncthreads();
 
   const int total = s_first[E_loc];
   const int total_warps = gridDim.x * kSendWarps;
@@ -563,15 +735,15 @@ __global__ void __launch_bounds__(kSendThreads, 1) combine_send_kernel(ep_ll_lau
       else hi = mid - 1;
     }
     const int le = lo, row = flat - s_first[le];
-    const int64_t* range = p.layout_range + (size_t)le * R;
+    const int2* range = s_range + (size_t)le * R;
     int slo = 0, shi = R - 1;  // the last source whose first row is <= row
     while (slo < shi) {
       const int mid = (slo + shi + 1) >> 1;
-      if ((int)(range[mid] >> 32) <= row) slo = mid;
+      if (range[mid].x <= row) slo = mid;
       else shi = mid - 1;
     }
     const int s = slo;
-    const int j = row - (int)(range[s] >> 32);
+    const int j = row - range[s].x;
     const size_t src_off = ((size_t)le * RT + row) * row_bytes;
     const char* src = p.zero_copy ? stage + src_off : (const char*)p.y + src_off;
     const size_t offset = half + L.recv + ((size_t)(me * E_loc + le) * L.max_tokens + j) * L.row_bytes;
@@ -589,6 +761,7 @@ __global__ void __launch_bounds__(kSendThreads, 1) combine_send_kernel(ep_ll_lau
         for (int b = 0; b < kCopyBatch; ++b)
           if (base + b * 32 + lane < w1) dv[base + b * 32 + lane] = v[b];
       }
+      if (lane == 0) atomicAdd(&s_units[s], 1);
     } else if (part == 0) {
       if (!p.zero_copy) {
         warp_copy<false, kCopyBatch>(stage + src_off, src, 0, row_words, lane);
@@ -598,24 +771,31 @@ __global__ void __launch_bounds__(kSendThreads, 1) combine_send_kernel(ep_ll_lau
       tp::put_signal_warp(p.ll_base + offset, stage + src_off, row_bytes, signal, 1, /*add=*/true, s);
     }
   }
-
-  if (!arrive_last(&p.state->done[2])) return;
-  for (int s = tid; s < R; s += blockDim.x) {
-    int n = 0;
-    for (int le = 0; le < E_loc; ++le) n += (int)(uint32_t)p.layout_range[(size_t)le * R + s];
-    publish_count(p, s, half + L.combine_signal + (size_t)me * 8, n);
-  }
+  // Every thread's stores are complete before the block's counts.
+  __threadfence_system();
   __syncthreads();
-  if (tid == 0) {
-    p.state->done[2] = 0;
-    p.state->seq[p.half] = op;
+  LL_PROF_STAMP(kProfCombineSend, 2);
+
+  // NVLink rank r: lo counts (row, part) units, rows * parts in all; another node: lo counts rows (one per put).
+  for (int r = tid; r < R; r += blockDim.x) {
+    const bool pub = publishes_for(r);
+    const size_t offset = half + L.combine_signal + (size_t)me * 8;
+    char* peer = nvlink_peer(p, r);
+    if (peer) {
+      const uint64_t v = (uint64_t)s_units[r] + (pub ? (uint64_t)((long long)s_rows[r] * parts + 1) << 32 : 0);
+      if (v) red_add_release_sys_u64(reinterpret_cast<uint64_t*>(peer + offset), v);
+    } else if (pub) {
+      tp::signal_add(reinterpret_cast<uint64_t*>(p.ll_base + offset), (uint64_t)(s_rows[r] + 1) << 32, r);
+    }
   }
+  LL_PROF_STAMP(kProfCombineSend, 3);
+  LL_PROF_FINISH(kProfCombineSend, me, 0);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Combine, receive phase. Wait for every rank's rows, then one warp per (token, 256 channels):
-// out = bf16(sum over k in order of fmaf(w[t][k], row_k, acc)), skipping -1 slots. The last block zeroes the
-// signals and acknowledges the call.
+// Combine, receive phase. Wait for every rank's rows (the warps' first slots and weights load meanwhile), then one
+// warp per (token, 256 channels): out = bf16(sum over k in order of fmaf(w[t][k], row_k, acc)), skipping -1 slots.
+// The last block zeroes the signals, acknowledges the call and advances the half's call number.
 // ---------------------------------------------------------------------------------------------------------------
 __device__ __forceinline__ void fma_bf16x8(float (&acc)[8], float w, const int4& v) {
   const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
@@ -634,27 +814,34 @@ __global__ void __launch_bounds__(kRecvThreads) combine_recv_kernel(ep_ll_launch
   const size_t half = half_offset(p);
   char* mine = p.ll_base + half;
   uint64_t* signals = reinterpret_cast<uint64_t*>(mine + L.combine_signal);
+  LL_PROF_STAMP(kProfCombineRecv, 0);
   const uint64_t op = p.ops[1];
-  __shared__ int s_failed;
-  if (tid == 0) s_failed = 0;
-  __syncthreads();
-  for (int r = tid; r < R; r += blockDim.x)
-    if (!wait_until([&] { return count_complete(ld_acquire_sys_u64(signals + r)); }, p.timeout_ns, p.error, me, r,
-                    EP_SITE_LL_COMBINE_RECV))
-      s_failed = 1;
-  __syncthreads();
-  if (s_failed) return;
-
   const char* rows = mine + L.recv;
   const int chunks = (H + kChunk - 1) / kChunk;
   const int units = p.num_tokens * chunks;
-  for (int u = blockIdx.x * kRecvWarps + warp; u < units; u += gridDim.x * kRecvWarps) {
+  const int u0 = blockIdx.x * kRecvWarps + warp;
+  // The first unit's slots and weights (this rank's own data) are loaded while the signals are awaited.
+  int pre_slot = -1;
+  float pre_w = 0.0f;
+  if (u0 < units && lane < K) {
+    const int t = u0 / chunks;
+    pre_slot = p.slot_of[(size_t)t * L.max_topk + lane];
+    pre_w = p.topk_weights[(size_t)t * K + lane];
+  }
+  bool ok = true;
+  for (int r = tid; ok && r < R; r += blockDim.x)
+    ok = wait_until([&] { return count_complete(ld_acquire_sys_u64(signals + r)); }, p.timeout_ns, p.error, me, r,
+                    EP_SITE_LL_COMBINE_RECV);
+  if (__syncthreads_or(!ok)) return;
+  LL_PROF_STAMP(kProfCombineRecv, 1);
+
+  for (int u = u0; u < units; u += gridDim.x * kRecvWarps) {
     const int t = u / chunks;
     const int c = (u % chunks) * kChunk + lane * 8;  // first channel of this lane
     const bool active = c < H;
-    int my_slot = -1;
-    float my_w = 0.0f;
-    if (lane < K) {
+    int my_slot = pre_slot;
+    float my_w = pre_w;
+    if (u != u0 && lane < K) {
       my_slot = p.slot_of[(size_t)t * L.max_topk + lane];
       my_w = p.topk_weights[(size_t)t * K + lane];
     }
@@ -684,12 +871,26 @@ __global__ void __launch_bounds__(kRecvThreads) combine_recv_kernel(ep_ll_launch
     }
   }
 
-  if (!arrive_last(&p.state->done[3])) return;
-  for (int r = tid; r < R; r += blockDim.x) signals[r] = 0;
-  __threadfence_system();
-  __syncthreads();
-  for (int r = tid; r < R; r += blockDim.x) send_ack(p, r, op);
-  if (tid == 0) p.state->done[3] = 0;
+  LL_PROF_STAMP(kProfCombineRecv, 2);
+
+  // The last block zeroes the signal words (each before the acknowledgement to the same rank, by the same thread)
+  // and acknowledges the call; it advances the half's call number (read by the next send on this half).
+  const bool last = arrive_last(&p.state->done[3]);
+  LL_PROF_STAMP(kProfCombineRecv, 3);
+  if (!last) {
+    LL_PROF_FINISH(kProfCombineRecv, me, 0);
+    return;
+  }
+  for (int r = tid; r < R; r += blockDim.x) {
+    signals[r] = 0;
+    __threadfence_system();
+    send_ack(p, r, op);
+  }
+  if (tid == 0) {
+    p.state->done[3] = 0;
+    p.state->seq[p.half] = op;
+  }
+  LL_PROF_FINISH(kProfCombineRecv, me, LL_PROF_NOW());
 }
 
 }  // namespace ll
@@ -708,7 +909,8 @@ extern "C" cudaError_t ep_launch_ll_dispatch_send(const ep_ll_launch_t* p, cudaS
   const int min_grid = (p->num_tokens + ep::ll::kMaxRange - 1) / ep::ll::kMaxRange;
   if (grid < min_grid) grid = min_grid;
   const int per_block = (p->num_tokens + grid - 1) / grid;
-  const size_t smem = sizeof(int) * ((size_t)p->num_experts + (size_t)p->num_ranks + 4 * (size_t)per_block * p->num_topk);
+  const size_t smem =
+      sizeof(int) * (2 * (size_t)p->num_experts + 3 * (size_t)p->num_ranks + 4 * (size_t)per_block * p->num_topk);
   cudaError_t e = ll_smem((const void*)ep::ll::dispatch_send_kernel, smem);
   if (e != cudaSuccess) return e;
   ep::ll::dispatch_send_kernel<<<grid, ep::ll::kSendThreads, smem, stream>>>(*p);
@@ -724,7 +926,8 @@ extern "C" cudaError_t ep_launch_ll_dispatch_recv(const ep_ll_launch_t* p, cudaS
 }
 
 extern "C" cudaError_t ep_launch_ll_combine_send(const ep_ll_launch_t* p, cudaStream_t stream) {
-  const size_t smem = sizeof(int) * ((size_t)(p->num_experts / p->num_ranks) + 1);
+  const size_t E_loc = (size_t)(p->num_experts / p->num_ranks), R = (size_t)p->num_ranks;
+  const size_t smem = 2 * sizeof(int) * E_loc * R + sizeof(int) * (E_loc + 1 + 2 * R);
   cudaError_t e = ll_smem((const void*)ep::ll::combine_send_kernel, smem);
   if (e != cudaSuccess) return e;
   ep::ll::combine_send_kernel<<<p->num_sms, ep::ll::kSendThreads, smem, stream>>>(*p);
