@@ -3,20 +3,16 @@
 // same-node part). A token crosses between nodes at most once per destination node, on its rail: source (n, l)
 // puts it into forwarder (m, l)'s receive region, the forwarder relays the chunk flag, and every rank of node m
 // pulls the rows it needs from there over NVLink, exactly as it pulls same-node rows from a source's stage.
-// Combine mirrors it with pushes: every expert rank stores each output row over NVLink into the receive area of
-// the rank that reduces it (the token's source if on my node, else the source's forwarder on my node); the
-// forwarder sums its node's copies of a remote token from local memory in fp32, rounds once to bf16 and puts that
-// partial back; the source adds its own node's copies and the remote partials, from local memory, in a fixed order.
+// Combine mirrors it: the forwarder sums its node's copies of a remote token in fp32, rounds once to bf16 and puts
+// that partial back; the source adds its own node's copies and the remote partials in a fixed order.
 //
-// The inter-node leg, per (remote node, chunk of kChunk slots), one thread block (dispatch) or the reduce warps
-// of one block (combine) per chunk:
+// The inter-node leg, per (remote node, chunk of kChunk slots), one thread block per chunk:
 //  - the remote region is NVLink-mapped (tp::peer_ptr != NULL: virtual nodes on one host, or a multi-node NVLink
 //    domain): the block's warps write the rows straight into it with wide stores (many loads in flight per lane),
 //    then one thread fences (system scope) and sets the chunk's signal through the seam. That is what NVSHMEM's
 //    own put-with-signal does for such a peer, minus its one-load-at-a-time copy loop.
-//  - otherwise (a NIC, or forced by EP_INTERNODE_FORCE_PUT: p.force_put): one warp posts the chunk as puts from
-//    symmetric memory, consecutive rows merged into one put, then fence and a put-with-signal for the last run.
-//    Puts are completed (quiet) before the kernel ends.
+//  - otherwise (a NIC): one warp posts the chunk as puts from symmetric memory, consecutive rows merged into one
+//    put, then fence and a put-with-signal for the last run. Puts are completed (quiet) before the kernel ends.
 // Both ways the data is visible at the target before the signal, and only the target reads the signal.
 //
 // Progress assumption: inside one kernel, blocks wait on flags that other blocks of the same kernel set (a puller
@@ -600,62 +596,25 @@ __global__ void __launch_bounds__(kDispThreads, 1) inter_dispatch_kernel(ep_inte
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// combine: push my expert outputs over NVLink into the receive area of whoever reduces them (the token's source on
-// my node, or the forwarder on my node for a remote source), forward (sum my node's copies of remote tokens from
-// local memory, put the bf16 partial back once per (token, node)), finalise my tokens from local memory.
-//
-// Receive area: my y_stage (normal_layout.h: R*T rows, R*ceil(T/C) flags), indexed by region g = n * P + l' and
-// row k (flags y_staged[g][k / C]):
-//  - g = my_node * P + l' (a rank of my node): my own tokens' copies pushed by local rank l', k = the token's
-//    position in my send list for l' (send_pos), as intranode;
-//  - g = n * P + l', n remote: as forwarder of source (n, my_local), the copies pushed by local rank l', k = the
-//    row's position among l''s rows from that source (fwd_row minus the rows of earlier sources on l').
-// Each g is written by one rank (l'), at most T rows each: the regions are disjoint and fit R*T rows.
+// combine: stage, forward (partial sums of my node's copies of remote tokens, put back once per (token, node)),
+// finalise my tokens.
 // ---------------------------------------------------------------------------------------------------------------
-#ifndef EP_INTER_COMBINE_PUSH_WARPS  // tuning knob (make EXTRA_NVCCFLAGS=-DEP_INTER_COMBINE_PUSH_WARPS=n)
-#define EP_INTER_COMBINE_PUSH_WARPS 8
-#endif
-constexpr int kCombPushWarps = EP_INTER_COMBINE_PUSH_WARPS;  // with P > 1; P = 1 has nothing to push
-static_assert(kCombPushWarps >= 1 && kCombPushWarps < kCombWarps, "push and reduce warps share a block");
-constexpr int kBarPush = 1, kBarReduce = 2;  // named barriers (0 is __syncthreads)
-
-__device__ __forceinline__ void bar_sync(int id, int threads) {
-  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
-}
-// Barrier over `threads` threads that also ORs `pred` over them: every participant gets the same answer.
-__device__ __forceinline__ bool bar_or(int id, int threads, bool pred) {
-  int r;
-  asm volatile(
-      "{\n\t.reg .pred p, q;\n\tsetp.ne.s32 p, %1, 0;\n\tbar.red.or.pred q, %2, %3, p;\n\tselp.s32 %0, 1, 0, q;\n\t}"
-      : "=r"(r)
-      : "r"((int)pred), "r"(id), "r"(threads)
-      : "memory");
-  return r != 0;
-}
-
 // kSrc: the most sources a reduction may have here (P local copies, and N - 1 partials at the source), rounded up
 // to 2, 4 or 8; each lane keeps 16 loads in flight up to that many (more go through rows::reduce_many).
-//
-// Roles inside every block (P > 1): kCombPushWarps push warps store expert outputs, a chunk of C rows at a time,
-// into the destinations' receive areas and raise one flag per chunk (no waits); the other warps ("reduce warps")
-// walk forwarder chunks and token chunks in chunk-major order and reduce from local memory as rows arrive. With
-// P = 1 nothing is pushed and all warps reduce.
 template <int kSrc>
 __global__ void __launch_bounds__(kCombThreads, 1) inter_combine_kernel(ep_internode_launch_t p) {
   constexpr int kUnroll = 16 / kSrc;
   __shared__ const char* s_src[kCombWarps][kMaxSources];
   __shared__ const float* s_wsrc[kCombWarps][kMaxSources];
   __shared__ int s_offset[kMaxRanksShared + 1];
-  __shared__ int s_push[kMaxRanksShared];          // sources whose rows I push, staggered from me
-  __shared__ int s_fbase[kMaxNodes * kMaxLocal];  // [dn][l']: rows of sources before my rail source of node dn
-  __shared__ int s_fcount[kMaxNodes];             // [dn]: slots my rail source of node dn sent me
-  __shared__ int s_num_push, s_failed;
+  __shared__ int s_base[kMaxLocal];
+  __shared__ int s_failed;
   const ep_normal_launch_t& q = p.n;
   const ep_normal_layout_t& L = q.layout;
   const ep_internode_layout_t& IL = p.il;
   const int R = q.num_ranks, me = q.rank, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int P = p.ranks_per_node, N = p.num_nodes, my_node = p.node, my_local = p.local_rank;
-  const int K = q.num_topk, H = q.hidden, T = L.max_tokens, NC = IL.num_chunks, YC = L.y_chunks_per_rank;
+  const int K = q.num_topk, H = q.hidden, T = L.max_tokens, NC = IL.num_chunks;
   const size_t yr = L.y_row_bytes;
   const uint64_t epoch = q.state->combine_epoch + 1;
   char* mine = q.normal_base;
@@ -664,25 +623,10 @@ __global__ void __launch_bounds__(kCombThreads, 1) inter_combine_kernel(ep_inter
   const bool with_weights = q.y_weights != nullptr;
   const size_t part_bytes = ((size_t)H * 2 + (with_weights ? (size_t)K * 4 : 0) + 15) / 16 * 16;
 
-  // The ranks of my node have finished reading their receive areas (where I push) in the last call, and the
-  // sources of my last partials have read them.
+  // Readers of my y_stage (my node) are done with the last call, and so are the sources of my last partials.
   if (tid == 0) s_failed = 0;
   if (tid <= R) s_offset[tid] = q.recv_offset[tid];
-  if (tid < (N - 1) * P) {
-    const int dn = tid / P, l = tid % P, s = node_at(my_node, dn, N) * P + my_local;
-    int base = 0;
-    for (int s2 = 0; s2 < s; ++s2) base += q.matrix[(size_t)s2 * R + my_node * P + l];
-    s_fbase[dn * kMaxLocal + l] = base;
-    if (l == 0) s_fcount[dn] = p.fwd_count[node_at(my_node, dn, N)];
-  }
-  if (tid == 0) {
-    int count = 0;  // a source's rows are pushed unless I reduce them myself (mine, or a remote source on my rail)
-    for (int i = 1; i < R; ++i) {
-      const int s = (me + i) % R;
-      if (s / P == my_node || s % P != my_local) s_push[count++] = s;
-    }
-    s_num_push = count;
-  }
+  __syncthreads();
   if (tid < P) {
     if (!wait_flag(p, at<uint64_t>(mine, L.combine_ack) + my_node * P + tid, epoch - 1, my_node * P + tid,
                    EP_SITE_COMBINE_ACK))
@@ -697,188 +641,132 @@ __global__ void __launch_bounds__(kCombThreads, 1) inter_combine_kernel(ep_inter
   __syncthreads();
   if (s_failed) return;
 
-  const int red_first = P > 1 ? kCombPushWarps : 0, red_warps = kCombWarps - red_first;
-  bool ok = true, posted = false;  // posted: this warp issued NIC puts (completed by quiet before the end)
+  // 1. Stage the rows another rank of my node reads. Row i from source s is read by s's forwarder on my node,
+  //    local index s % P: when that is me (my own rows, and remote sources on my rail) it is read in place.
+  rows::stage_y<kCombWarps>(q, epoch, [&](int i) { return source_of(s_offset, R, i) % P == my_local; });
+  if (tid < P) {
+    int base = 0;
+    for (int s = 0; s < me; ++s) base += q.matrix[(size_t)s * R + my_node * P + tid];
+    s_base[tid] = base;
+  }
+  __syncthreads();
 
-  if (warp < red_first) {
-    // ---- Push warps: item w = (source s_push[w % num_push], chunk w / num_push), every destination at once.
-    const int num_push = s_num_push;
-    int max_chunks = 0;
-    for (int i = 0; i < num_push; ++i)
-      max_chunks = max(max_chunks, (s_offset[s_push[i] + 1] - s_offset[s_push[i]] + kChunk - 1) / kChunk);
-    for (int w = blockIdx.x; w < num_push * max_chunks; w += gridDim.x) {
-      const int s = s_push[w % num_push], chunk = w / num_push;
-      const int count = s_offset[s + 1] - s_offset[s];
-      if (chunk * kChunk >= count) continue;  // the same for every push warp: none skips a barrier
-      const bool local = s / P == my_node;
-      const int dest = local ? s : my_node * P + s % P;      // the source itself, or its forwarder on my node
-      const int g = local ? me : (s / P) * P + my_local;     // my region in dest's receive area
-      const int recv_row = s_offset[s] + chunk * kChunk;
-      // Past an overflowed dispatch's rows y ends (reported then): those rows are not pushed, the flag still is.
-      const int n = max(0, min(min(kChunk, count - chunk * kChunk), q.recv_capacity - recv_row));
-      char* db = peer_normal(p, dest);
-      char* dst = db + L.y_stage + ((size_t)g * T + (size_t)chunk * kChunk) * yr;
-      for (int j = warp; j < n; j += kCombPushWarps)
-        warp_copy<true, 16>(dst + (size_t)j * yr, (const char*)q.y + (size_t)(recv_row + j) * H * 2, 0, n16, lane);
-      if (with_weights && lane < K)
-        for (int j = warp; j < n; j += kCombPushWarps)
-          reinterpret_cast<float*>(dst + (size_t)j * yr + H * 2)[lane] = q.y_weights[(size_t)(recv_row + j) * K + lane];
-      bar_sync(kBarPush, kCombPushWarps * 32);
-      if (warp == 0 && lane == 0) {
-        __threadfence_system();  // every push warp's stores, ordered by the barrier, before the flag
-        st_release_sys_u64(at<uint64_t>(db, L.y_staged) + (size_t)g * YC + chunk, epoch);
-      }
+  bool ok = true, posted = false;
+  // Pointer to the copy of local rank i's row `row` (own rows in place), and its weights.
+  auto local_copy = [&](int i, int row, const float** w) -> const char* {
+    if (i == my_local) {
+      *w = with_weights ? q.y_weights + (size_t)row * K : nullptr;
+      return (const char*)q.y + (size_t)row * H * 2;
     }
-  } else {
-    // ---- Reduce warps: units in chunk-major order (for chunk c: forward c for each remote node, then my tokens'
-    //      chunk c), dealt to blocks round-robin. A token's slot is never past its index, so a token chunk waits
-    //      only on forwarder chunks earlier in every rank's order: no cycle. Forwarder units end with a barrier
-    //      of the reduce warps that also tells all of them whether any failed; warps that failed skip work but
-    //      keep walking, so every reduce warp reaches every barrier.
-    const int rw = warp - red_first, red_threads = red_warps * 32;
-    const int tok_chunks = (q.num_tokens + kChunk - 1) / kChunk;
-    int max_c = tok_chunks;
-    for (int dn = 0; dn < N - 1; ++dn) max_c = max(max_c, (s_fcount[dn] + kChunk - 1) / kChunk);
-    int idx = 0;
-    bool stop = false;
-    for (int c = 0; c < max_c && !stop; ++c) {
-      for (int k = 0; k < N && !stop; ++k) {
-        if (k < N - 1 ? c * kChunk >= s_fcount[k] : c >= tok_chunks) continue;
-        if (idx++ % (int)gridDim.x != (int)blockIdx.x) continue;
-        if (k < N - 1) {
-          // Forwarder: slot j's partial = my node's copies in ascending local rank, summed in fp32, rounded once.
-          const int dn = k, n = node_at(my_node, dn, N), pe = n * P + my_local, back = node_dist(n, my_node, N);
-          const int src_rank = pe, first = c * kChunk, end = min(s_fcount[dn], first + kChunk);
-          char* region = imine + IL.partial_recv + (size_t)back * T * yr;  // partials for node n on pe (symmetric)
-          uint64_t* signal = at<uint64_t>(imine, IL.partial_arrived) + (size_t)back * NC + c;
-          char* mapped = p.force_put ? nullptr : (char*)tp::peer_ptr(region, pe);
-          // Mapped: the partials go straight into pe's region. Otherwise into my partial_stage, then one put.
-          char* out_base = mapped ? mapped : imine + IL.partial_stage + (size_t)dn * T * yr;
-          int ready = -1;  // lane l': the chunk of region n * P + l' already waited for
-          for (int j = first + rw; j < end && ok; j += red_warps) {
-            const char* src = nullptr;
-            const float* wp = nullptr;
-            bool w = true;
-            if (lane < P) {
-              const int row = p.fwd_row[((size_t)n * T + j) * P + lane];
-              if (row >= 0) {
-                const int pos = row - s_fbase[dn * kMaxLocal + lane];
-                if (lane == my_local) {
-                  const int yrow = s_offset[src_rank] + pos;
-                  if (yrow < q.recv_capacity) {
-                    src = (const char*)q.y + (size_t)yrow * H * 2;
-                    wp = with_weights ? q.y_weights + (size_t)yrow * K : nullptr;
-                  }
-                } else {
-                  const int g = n * P + lane;
-                  src = mine + L.y_stage + ((size_t)g * T + pos) * yr;
-                  wp = reinterpret_cast<const float*>(src + H * 2);
-                  if (pos / kChunk != ready) {
-                    w = wait_flag(p, at<uint64_t>(mine, L.y_staged) + (size_t)g * YC + pos / kChunk, epoch,
-                                  my_node * P + lane, EP_SITE_COMBINE_STAGED);
-                    ready = pos / kChunk;
-                  }
-                }
-              }
-            }
-            ok = __all_sync(0xffffffffu, w);
-            if (!ok) break;
-            const unsigned have = __ballot_sync(0xffffffffu, src != nullptr);
-            if (src) {
-              const int slot = __popc(have & ((1u << lane) - 1));
-              s_src[warp][slot] = src;
-              s_wsrc[warp][slot] = wp;
-            }
-            __syncwarp();
-            char* part = out_base + (size_t)j * yr;
-            rows::reduce_rows<kSrc, kUnroll>(s_src[warp], s_wsrc[warp], __popc(have), nullptr, nullptr,
-                                             reinterpret_cast<int4*>(part),
-                                             with_weights ? reinterpret_cast<float*>(part + H * 2) : nullptr, K, n16,
-                                             lane);
-            __syncwarp();
-          }
-          if (bar_or(kBarReduce, red_threads, !ok)) {
-            ok = false;
-            stop = true;
-          } else if (mapped) {
-            if (rw == 0 && lane == 0) {
-              __threadfence_system();  // every reduce warp's stores to pe, ordered by the barrier, before the signal
-              tp::signal_set(signal, epoch, pe);
-            }
-          } else if (rw == 0) {
-            __threadfence_system();  // the NIC reads partial_stage
-            __syncwarp();
-            tp::put_signal_warp(region + (size_t)first * yr, out_base + (size_t)first * yr,
-                                (size_t)(end - first - 1) * yr + part_bytes, signal, epoch, false, pe);
-            posted = true;
-          }
-        } else {
-          // Source: each of my tokens = biases + my node's copies (ascending local rank) + the remote partials
-          // (ascending node), in fp32, rounded once. Everything is in my memory.
-          const int end = min(q.num_tokens, (c + 1) * kChunk);
-          for (int t = c * kChunk + rw; t < end && ok; t += red_warps) {
-            const char* src = nullptr;
-            const float* wp = nullptr;
-            bool w = true;
-            if (lane < P) {  // lanes [0, P): copy from local rank `lane`
-              const int d = my_node * P + lane;
-              const int pos = q.send_pos[(size_t)t * R + d];
-              if (pos >= 0) {
-                if (d == me) {
-                  const int yrow = s_offset[me] + pos;
-                  if (yrow < q.recv_capacity) {
-                    src = (const char*)q.y + (size_t)yrow * H * 2;
-                    wp = with_weights ? q.y_weights + (size_t)yrow * K : nullptr;
-                  }
-                } else {
-                  src = mine + L.y_stage + ((size_t)d * T + pos) * yr;
-                  wp = reinterpret_cast<const float*>(src + H * 2);
-                  w = wait_flag(p, at<uint64_t>(mine, L.y_staged) + (size_t)d * YC + pos / kChunk, epoch, d,
-                                EP_SITE_COMBINE_STAGED);
-                }
-              }
-            } else if (lane >= kMaxLocal && lane - kMaxLocal < N && lane - kMaxLocal != my_node) {
-              // lanes [kMaxLocal, kMaxLocal + N): the partial from node lane - kMaxLocal
-              const int n = lane - kMaxLocal, dn = node_dist(my_node, n, N);
-              const int slot = p.send_slot[(size_t)t * N + n];
-              if (slot >= 0) {
-                src = imine + IL.partial_recv + ((size_t)dn * T + slot) * yr;
-                wp = reinterpret_cast<const float*>(src + H * 2);
-                const uint64_t* flag = at<uint64_t>(imine, IL.partial_arrived) + (size_t)dn * NC + slot / kChunk;
-                w = wait_until([&] { return tp::signal_load(flag) >= epoch; }, q.timeout_ns, q.error, me,
-                               n * P + my_local, EP_SITE_COMBINE_PARTIAL);
-              }
-            }
-            ok = __all_sync(0xffffffffu, w);
-            if (!ok) break;
-            const unsigned have = __ballot_sync(0xffffffffu, src != nullptr);
-            if (src) {
-              const int slot = __popc(have & ((1u << lane) - 1));
-              s_src[warp][slot] = src;
-              s_wsrc[warp][slot] = wp;
-            }
-            __syncwarp();
-            const int4* bias0 =
-                q.bias0 ? reinterpret_cast<const int4*>((const char*)q.bias0 + (size_t)t * H * 2) : nullptr;
-            const int4* bias1 =
-                q.bias1 ? reinterpret_cast<const int4*>((const char*)q.bias1 + (size_t)t * H * 2) : nullptr;
-            rows::reduce_rows<kSrc, kUnroll>(s_src[warp], s_wsrc[warp], __popc(have), bias0, bias1,
-                                             reinterpret_cast<int4*>((char*)q.combined_x + (size_t)t * H * 2),
-                                             q.combined_weights ? q.combined_weights + (size_t)t * K : nullptr, K,
-                                             n16, lane);
-            __syncwarp();
-          }
-        }
+    const char* r = peer_normal(p, my_node * P + i) + L.y_stage + (size_t)row * yr;
+    *w = reinterpret_cast<const float*>(r + H * 2);
+    return r;
+  };
+
+  // 2. Forwarder: a block per (remote source node n, chunk c of its slots). Slot j's partial is the sum of my
+  //    node's copies in ascending local rank, rounded once to bf16; one signal per chunk.
+  const int fwd_units = num_units(p.fwd_count, my_node, N);
+  for (int u = blockIdx.x; u < fwd_units; u += gridDim.x) {
+    int dn, c;
+    unit_of(p.fwd_count, my_node, N, u, dn, c);
+    const int n = node_at(my_node, dn, N), pe = n * P + my_local, back = node_dist(n, my_node, N);
+    const int first = c * kChunk, end = min(p.fwd_count[n], first + kChunk);
+    char* region = imine + IL.partial_recv + (size_t)back * T * yr;  // the partials for node n on pe (symmetric)
+    uint64_t* signal = at<uint64_t>(imine, IL.partial_arrived) + (size_t)back * NC + c;
+    char* mapped = p.force_put ? nullptr : (char*)tp::peer_ptr(region, pe);
+    // Mapped: write the partials straight into pe's region. Otherwise into my partial_stage, then one put.
+    char* out_base = mapped ? mapped : imine + IL.partial_stage + (size_t)dn * T * yr;
+    for (int j = first + warp; j < end && ok; j += kCombWarps) {
+      const int my_row = lane < P ? p.fwd_row[((size_t)n * T + j) * P + lane] : -1;
+      bool w = true;
+      if (my_row >= 0 && lane != my_local) {
+        const uint64_t* flag = at<uint64_t>(peer_normal(p, my_node * P + lane), L.y_staged) + my_row / kChunk;
+        w = wait_flag(p, flag, epoch, my_node * P + lane, EP_SITE_COMBINE_STAGED);
       }
+      ok = __all_sync(0xffffffffu, w);
+      if (!ok) break;
+      const unsigned have = __ballot_sync(0xffffffffu, my_row >= 0);
+      if (my_row >= 0) {
+        const int slot = __popc(have & ((1u << lane) - 1));
+        const float* wp = nullptr;
+        s_src[warp][slot] = local_copy(lane, my_row, &wp);
+        s_wsrc[warp][slot] = wp;
+      }
+      __syncwarp();
+      char* part = out_base + (size_t)j * yr;
+      rows::reduce_rows<kSrc, kUnroll>(s_src[warp], s_wsrc[warp], __popc(have), nullptr, nullptr, reinterpret_cast<int4*>(part),
+                        with_weights ? reinterpret_cast<float*>(part + H * 2) : nullptr, K, n16, lane);
+      __syncwarp();
     }
+    if (__syncthreads_or(!ok)) {
+      ok = false;
+      break;
+    }
+    if (mapped) {
+      if (tid == 0) {
+        __threadfence_system();  // every warp's stores to pe, ordered by the barrier, before the signal
+        tp::signal_set(signal, epoch, pe);
+      }
+    } else if (warp == 0) {
+      __threadfence_system();  // the NIC reads partial_stage
+      __syncwarp();
+      tp::put_signal_warp(region + (size_t)first * yr, out_base + (size_t)first * yr,
+                          (size_t)(end - first - 1) * yr + part_bytes, signal, epoch, false, pe);
+      posted = true;
+    }
+  }
+
+  // 3. Source: each of my tokens = biases + my node's copies (ascending local rank) + the remote partials
+  //    (ascending node), in fp32, rounded once.
+  const int gwarp = blockIdx.x * kCombWarps + warp, nwarps = gridDim.x * kCombWarps;
+  for (int t = gwarp; t < q.num_tokens && ok; t += nwarps) {
+    int ref = -1;  // lanes [0, P): row on local rank `lane`; lanes [kMaxLocal, kMaxLocal + N): slot on node
+    bool w = true;
+    if (lane < P) {
+      const int pos = q.send_pos[(size_t)t * R + my_node * P + lane];
+      ref = pos >= 0 ? s_base[lane] + pos : -1;
+      if (ref >= 0 && lane != my_local)
+        w = wait_flag(p, at<uint64_t>(peer_normal(p, my_node * P + lane), L.y_staged) + ref / kChunk, epoch,
+                      my_node * P + lane, EP_SITE_COMBINE_STAGED);
+    } else if (lane >= kMaxLocal && lane - kMaxLocal < N && lane - kMaxLocal != my_node) {
+      const int n = lane - kMaxLocal, dn = node_dist(my_node, n, N);
+      ref = p.send_slot[(size_t)t * N + n];
+      if (ref >= 0)
+        w = wait_until([&] {
+              return tp::signal_load(at<uint64_t>(imine, IL.partial_arrived) + (size_t)dn * NC + ref / kChunk) >= epoch;
+            }, q.timeout_ns, q.error, me, n * P + my_local, EP_SITE_COMBINE_PARTIAL);
+    }
+    ok = __all_sync(0xffffffffu, w);
+    if (!ok) break;
+    const unsigned have = __ballot_sync(0xffffffffu, ref >= 0);
+    if (ref >= 0) {
+      const int slot = __popc(have & ((1u << lane) - 1));
+      const float* wp = nullptr;
+      const char* src;
+      if (lane < kMaxLocal) {
+        src = local_copy(lane, ref, &wp);
+      } else {
+        const int dn = node_dist(my_node, lane - kMaxLocal, N);
+        src = imine + IL.partial_recv + ((size_t)dn * T + ref) * yr;
+        wp = reinterpret_cast<const float*>(src + H * 2);
+      }
+      s_src[warp][slot] = src;
+      s_wsrc[warp][slot] = wp;
+    }
+    __syncwarp();
+    const int4* bias0 = q.bias0 ? reinterpret_cast<const int4*>((const char*)q.bias0 + (size_t)t * H * 2) : nullptr;
+    const int4* bias1 = q.bias1 ? reinterpret_cast<const int4*>((const char*)q.bias1 + (size_t)t * H * 2) : nullptr;
+    rows::reduce_rows<kSrc, kUnroll>(s_src[warp], s_wsrc[warp], __popc(have), bias0, bias1,
+                      reinterpret_cast<int4*>((char*)q.combined_x + (size_t)t * H * 2),
+                      q.combined_weights ? q.combined_weights + (size_t)t * K : nullptr, K, n16, lane);
+    __syncwarp();
   }
   if (posted) tp::quiet();  // partial_stage is rewritten next call: our puts from it are complete
   if (!ok) s_failed = 1;
   __syncthreads();
   if (s_failed) return;
 
-  // 4. Release: every rank of my node may push into my receive area again, and each forwarder (n, my_local) may
-  //    put partials into my partial_recv again.
+  // 4. Release my node's stages and, at each forwarder, my partial receive region.
   if (!arrive_last(&q.state->combine_done)) return;
   if (tid < P) st_release_sys_u64(at<uint64_t>(peer_normal(p, my_node * P + tid), L.combine_ack) + me, epoch);
   if (tid < N - 1) {

@@ -3,10 +3,7 @@
  *
  * The internode path also uses the intranode region (normal_layout.h) with global rank indices, but only for
  * same-node peers: count_matrix / expert_counts / send_list / *_ack entries of ranks of my node, x_stage (every
- * token staged once) and y_stage + y_staged as combine's receive area: region g = n * P + l' (T rows, ceil(T/C)
- * flags) holds what local rank l' pushed me: my own tokens' copies when n is my node (row = position in my send
- * list for l', as intranode), else, as forwarder of source (n, my local index), l''s rows from that source (row =
- * their position in l''s received order). Each region has one writer. Everything that crosses nodes lives here.
+ * token staged once) and y_stage (every received row staged once). Everything that crosses nodes lives here.
  * Rank r = (node r / P, local index r % P); traffic between nodes stays on one rail: local index l talks only
  * to local index l of other nodes. Arrays indexed by another node use the node distance
  * dist(n) = (n - my_node + N) mod N - 1, so they have N-1 entries ("[N-1]" below).

@@ -1,7 +1,8 @@
 // normal_rows.cuh: device pieces of the normal (high-throughput) path that do not depend on where the peers are:
-// the staged dispatch row, staging my tokens (x_stage) with one flag per chunk, copying a staged row into the
-// dispatch outputs, the graph-safe tail, and the fp32 reduction of bf16 rows that combine does. internode.cu uses
-// them; they are the same loops as intranode.cu's. Formats: normal_layout.h.
+// the staged dispatch row, staging my tokens (x_stage) and my expert outputs (y_stage) with one flag per chunk,
+// copying a staged row into the dispatch outputs, the graph-safe tail, and the fp32 reduction of bf16 rows that
+// combine does. internode.cu uses them; they are the same loops as intranode.cu's (which may include this header
+// once its combine rewrite lands). Formats: normal_layout.h.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -62,6 +63,32 @@ __device__ __forceinline__ void stage_x(const ep_normal_launch_t& q, const XRow&
     if (tid == 0) {
       __threadfence_system();
       st_release_sys_u64(at<uint64_t>(mine, L.x_staged) + c, epoch);
+    }
+  }
+}
+
+// Stage my received expert outputs into my y_stage (bf16 row | weights), a block per chunk of kChunk rows, and
+// publish y_staged[c] = epoch. Rows for which `skip(i)` is true are read in place by their only reader (me).
+template <int kWarps, typename Skip>
+__device__ __forceinline__ void stage_y(const ep_normal_launch_t& q, uint64_t epoch, Skip skip) {
+  const ep_normal_layout_t& L = q.layout;
+  char* mine = q.normal_base;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, K = q.num_topk, H = q.hidden;
+  const int n16 = H * 2 / 16;
+  const int num_recv = *q.num_recv;
+  const int num_chunks = (num_recv + kChunk - 1) / kChunk;
+  for (int c = blockIdx.x; c < num_chunks; c += gridDim.x) {
+    const int end = min(num_recv, (c + 1) * kChunk);
+    for (int i = c * kChunk + warp; i < end; i += kWarps) {
+      if (skip(i)) continue;
+      char* dst = mine + L.y_stage + (size_t)i * L.y_row_bytes;
+      warp_copy<false, 16>(dst, (const char*)q.y + (size_t)i * H * 2, 0, n16, lane);
+      if (q.y_weights && lane < K) reinterpret_cast<float*>(dst + H * 2)[lane] = q.y_weights[(size_t)i * K + lane];
+    }
+    __syncthreads();
+    if (tid == 0) {
+      __threadfence_system();
+      st_release_sys_u64(at<uint64_t>(mine, L.y_staged) + c, epoch);
     }
   }
 }
