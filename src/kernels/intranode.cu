@@ -1,11 +1,13 @@
 // intranode.cu: the normal (high-throughput) path inside one NVLink domain: prepare, dispatch, combine.
-// The protocol and the symmetric layout are drawn in normal_layout.h. Data moves by pulls: a receiver reads the
-// rows it needs straight from its sources' staged copies over NVLink, so each row crosses the link once and
-// lands directly in the caller's output, in a fixed order.
+// The protocol and the symmetric layout are drawn in normal_layout.h. Dispatch moves data by pulls: a receiver
+// reads the rows it needs straight from its sources' staged copies over NVLink, so each row crosses the link once
+// and lands directly in the caller's output, in a fixed order. Combine moves it by pushes: each expert output is
+// stored once over NVLink into its token's source rank, which sums the arrived copies from local memory.
 #include "kernels/api.h"
 #include <cuda_bf16.h>
 
 #include "kernels/common.cuh"
+#include "kernels/normal_rows.cuh"
 
 namespace ep {
 
@@ -22,29 +24,14 @@ constexpr int kCombineReduceWarps = kCombineThreads / 32 - kCombinePushWarps;  /
 
 constexpr int kChunk = EP_STAGE_CHUNK_ROWS;
 
-__device__ __forceinline__ uint64_t tagged(uint64_t epoch, int value) { return (epoch << 32) | (uint32_t)value; }
-__device__ __forceinline__ int tag_value(uint64_t v) { return (int)(uint32_t)v; }
-
-template <typename T>
-__device__ __forceinline__ T* at(char* base, size_t offset) {
-  return reinterpret_cast<T*>(base + offset);
-}
+using rows::add_bf16x8;
+using rows::at;
+using rows::tag;
+using rows::untag;
 
 __device__ __forceinline__ char* peer_normal(const ep_normal_launch_t& p, int rank) {
   return (char*)p.peer_workspace[rank] + p.normal_offset;
 }
-
-// Where the parts of a staged dispatch row sit, for this call's hidden size and top-k.
-struct StagedRow {
-  int row_bytes, num_scales, scales_off, topk_off, weights_off;
-  __device__ StagedRow(int hidden, int is_fp8, int num_topk) {
-    row_bytes = is_fp8 ? hidden : hidden * 2;
-    num_scales = is_fp8 ? hidden / 128 : 0;
-    scales_off = (row_bytes + 15) / 16 * 16;
-    topk_off = scales_off + num_scales * 4;
-    weights_off = topk_off + num_topk * 4;
-  }
-};
 
 // ---------------------------------------------------------------------------------------------------------------
 // prepare: block d compacts my tokens for rank d (destination role) and reads rank d's list for me (source role).
@@ -117,11 +104,11 @@ __global__ void __launch_bounds__(kPrepareThreads) prepare_kernel(ep_normal_laun
   if (tid < R || tid < E_loc) __threadfence_system();
   for (int r = tid; r < R; r += blockDim.x) {
     uint64_t* row = at<uint64_t>(peer_normal(p, r), L.count_matrix) + (size_t)me * (R + 1);
-    st_release_sys_u64(row + d, tagged(epoch, count));
-    if (d == 0) st_release_sys_u64(row + R, tagged(epoch, p.num_tokens));
+    st_release_sys_u64(row + d, tag(epoch, count));
+    if (d == 0) st_release_sys_u64(row + R, tag(epoch, p.num_tokens));
   }
   for (int e = tid; e < E_loc; e += blockDim.x)
-    st_release_sys_u64(at<uint64_t>(peer, L.expert_counts) + (size_t)me * E_loc + e, tagged(epoch, s_expert[e]));
+    st_release_sys_u64(at<uint64_t>(peer, L.expert_counts) + (size_t)me * E_loc + e, tag(epoch, s_expert[e]));
 
   // Source role: rank d's counts row, its list for me, its per-expert counts for me.
   const uint64_t* their_row = at<uint64_t>(mine, L.count_matrix) + (size_t)d * (R + 1);
@@ -130,8 +117,8 @@ __global__ void __launch_bounds__(kPrepareThreads) prepare_kernel(ep_normal_laun
     bool ok = wait_until([&] { return ((v = ld_acquire_sys_u64(their_row + i)) >> 32) >= epoch; }, p.timeout_ns,
                          p.error, me, d, EP_SITE_PREPARE_COUNTS);
     if (!ok) s_failed = 1;
-    else if (i < R) p.matrix[d * R + i] = tag_value(v);
-    else p.num_tokens_of[d] = tag_value(v);
+    else if (i < R) p.matrix[d * R + i] = untag(v);
+    else p.num_tokens_of[d] = untag(v);
   }
   for (int e = tid; e < E_loc; e += blockDim.x) {
     uint64_t v = 0;
@@ -139,7 +126,7 @@ __global__ void __launch_bounds__(kPrepareThreads) prepare_kernel(ep_normal_laun
     bool ok = wait_until([&] { return ((v = ld_acquire_sys_u64(slot)) >> 32) >= epoch; }, p.timeout_ns, p.error, me,
                          d, EP_SITE_PREPARE_COUNTS);
     if (!ok) s_failed = 1;
-    else atomicAdd(&p.expert_sum[e], tag_value(v));
+    else atomicAdd(&p.expert_sum[e], untag(v));
   }
   __syncthreads();
   if (s_failed) return;
@@ -203,36 +190,14 @@ __device__ __forceinline__ bool wait_released(const ep_normal_launch_t& p, const
 // ---------------------------------------------------------------------------------------------------------------
 __global__ void __launch_bounds__(kDispatchThreads, 1) dispatch_kernel(ep_normal_launch_t p) {
   const int R = p.num_ranks, me = p.rank, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int K = p.num_topk, E_loc = p.num_experts / R;
   const ep_normal_layout_t& L = p.layout;
   const uint64_t epoch = p.state->dispatch_epoch + 1;
   char* mine = p.normal_base;
-  const StagedRow row(p.hidden, p.is_fp8, K);
-  const int n16 = row.row_bytes / 16;
+  const rows::XRow row(p.hidden, p.is_fp8, p.num_topk);
 
   // Stage: chunks of my tokens, row | scales | global expert ids | weights; one flag per chunk.
   if (!wait_released(p, at<uint64_t>(mine, L.dispatch_ack), epoch, EP_SITE_DISPATCH_ACK)) return;
-  const int num_chunks = (p.num_tokens + kChunk - 1) / kChunk;
-  for (int c = blockIdx.x; c < num_chunks; c += gridDim.x) {
-    const int end = min(p.num_tokens, (c + 1) * kChunk);
-    for (int t = c * kChunk + warp; t < end; t += kDispatchWarps) {
-      char* dst = mine + L.x_stage + (size_t)t * L.x_row_bytes;
-      warp_copy<false, 8>(dst, (const char*)p.x + (size_t)t * row.row_bytes, 0, n16, lane);
-      for (int i = lane; i < row.num_scales; i += 32)
-        reinterpret_cast<float*>(dst + row.scales_off)[i] = p.x_scales[(size_t)t * row.num_scales + i];
-      if (lane < K) {
-        const int64_t e = p.topk_idx ? p.topk_idx[(size_t)t * K + lane] : -1;
-        reinterpret_cast<int*>(dst + row.topk_off)[lane] = (e >= 0 && e < p.num_experts) ? (int)e : -1;
-        reinterpret_cast<float*>(dst + row.weights_off)[lane] =
-            p.topk_weights ? p.topk_weights[(size_t)t * K + lane] : 0.0f;
-      }
-    }
-    __syncthreads();
-    if (tid == 0) {
-      __threadfence_system();
-      st_release_sys_u64(at<uint64_t>(mine, L.x_staged) + c, epoch);
-    }
-  }
+  rows::stage_x<kDispatchWarps>(p, row, epoch);
 
   // Pull: this block's share of my output rows. Row i comes from source s, as its j-th row for me.
   __shared__ int s_offset[kMaxNvlRanks + 1];
@@ -263,34 +228,11 @@ __global__ void __launch_bounds__(kDispatchThreads, 1) dispatch_kernel(ep_normal
       ready_src = s;
       ready_chunk = t / kChunk;
     }
-    if (i >= p.recv_capacity) continue;
-    const char* staged = src + L.x_stage + (size_t)t * L.x_row_bytes;
-    warp_copy<true, 8>((char*)p.recv_x + (size_t)i * row.row_bytes, staged, 0, n16, lane);
-    for (int c = lane; c < row.num_scales; c += 32)
-      p.recv_scales[(size_t)i * row.num_scales + c] = ld_relaxed_sys_f32(reinterpret_cast<const float*>(staged + row.scales_off) + c);
-    if (lane < K && (p.recv_topk_idx || p.recv_topk_weights)) {
-      const int e = ld_relaxed_sys(reinterpret_cast<const int*>(staged + row.topk_off) + lane);
-      const int local = (e >= me * E_loc && e < (me + 1) * E_loc) ? e - me * E_loc : -1;
-      if (p.recv_topk_idx) p.recv_topk_idx[(size_t)i * K + lane] = local;
-      if (p.recv_topk_weights)
-        p.recv_topk_weights[(size_t)i * K + lane] =
-            local >= 0 ? ld_relaxed_sys_f32(reinterpret_cast<const float*>(staged + row.weights_off) + lane) : 0.0f;
-    }
-    if (lane == 0 && p.recv_src_idx) p.recv_src_idx[i] = t;
+    if (i < p.recv_capacity) rows::pull_x_row(p, row, src + L.x_stage + (size_t)t * L.x_row_bytes, i, t, lane);
   }
 
   // Graph-safe tail: rows past the received count say "nothing here".
-  const size_t stride = (size_t)gridDim.x * blockDim.x;
-  const size_t first = (size_t)blockIdx.x * blockDim.x + tid;
-  if (num_recv < p.recv_capacity) {
-    if (p.recv_topk_idx)
-      for (size_t f = (size_t)num_recv * K + first; f < (size_t)p.recv_capacity * K; f += stride) p.recv_topk_idx[f] = -1;
-    if (p.recv_topk_weights)
-      for (size_t f = (size_t)num_recv * K + first; f < (size_t)p.recv_capacity * K; f += stride)
-        p.recv_topk_weights[f] = 0.0f;
-    if (p.recv_src_idx)
-      for (size_t f = num_recv + first; f < (size_t)p.recv_capacity; f += stride) p.recv_src_idx[f] = -1;
-  }
+  rows::graph_safe_tail(p, num_recv);
   __syncthreads();
   if (s_failed) return;
 
@@ -308,17 +250,8 @@ __global__ void __launch_bounds__(kDispatchThreads, 1) dispatch_kernel(ep_normal
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// combine: stage my expert outputs, then each token's source rank pulls its copies and sums them in rank order.
+// combine: push my expert outputs to each token's source rank, which sums its copies in rank order.
 // ---------------------------------------------------------------------------------------------------------------
-__device__ __forceinline__ void add_bf16x8(float (&acc)[8], const int4& v) {
-  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
-#pragma unroll
-  for (int u = 0; u < 4; ++u) {
-    const float2 f = __bfloat1622float2(h[u]);
-    acc[2 * u] += f.x;
-    acc[2 * u + 1] += f.y;
-  }
-}
 
 // Push one chunk of my expert outputs for source rank s: rows [first, first + n) of s's list for me, from my
 // received order (`recv_row`), into s's receive area at my slot rows; then raise the chunk's flag on s. Run by the
@@ -440,11 +373,7 @@ __global__ void __launch_bounds__(kCombineThreads, 1) combine_kernel(ep_normal_l
 #pragma unroll
             for (int r = 0; r < kMaxRanks; ++r)
               if (src[r]) add_bf16x8(acc, v[u][r]);
-            int4 packed;
-            __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&packed);
-#pragma unroll
-            for (int q = 0; q < 4; ++q) h[q] = __floats2bfloat162_rn(acc[2 * q], acc[2 * q + 1]);
-            out[ch] = packed;
+            out[ch] = rows::pack_bf16x8(acc);
           }
         }
         if (p.combined_weights && lane < K) {

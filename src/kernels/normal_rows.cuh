@@ -1,8 +1,7 @@
 // normal_rows.cuh: device pieces of the normal (high-throughput) path that do not depend on where the peers are:
 // the staged dispatch row, staging my tokens (x_stage) and my expert outputs (y_stage) with one flag per chunk,
 // copying a staged row into the dispatch outputs, the graph-safe tail, and the fp32 reduction of bf16 rows that
-// combine does. internode.cu uses them; they are the same loops as intranode.cu's (which may include this header
-// once its combine rewrite lands). Formats: normal_layout.h.
+// combine does. intranode.cu and internode.cu use them. Formats: normal_layout.h.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -179,8 +178,8 @@ __device__ __forceinline__ void reduce_pass(const char* const* srcs, int count, 
 }
 
 // Any number of sources, 8 loads in flight per lane. Out of line: it keeps the callers' register use down.
-__device__ __noinline__ void reduce_many(const char* const* srcs, int count, const int4* bias0, const int4* bias1,
-                                            int4* out, int n16, int lane) {
+static __device__ __noinline__ void reduce_many(const char* const* srcs, int count, const int4* bias0, const int4* bias1,
+                                                   int4* out, int n16, int lane) {
   for (int c = lane; c < n16; c += 32) {
     float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     if (bias0) add_bf16x8(acc, bias0[c]);
