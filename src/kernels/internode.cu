@@ -655,6 +655,11 @@ __global__ void __launch_bounds__(kCombThreads, 1) inter_combine_kernel(ep_inter
   // Pointer to the copy of local rank i's row `row` (own rows in place), and its weights.
   auto local_copy = [&](int i, int row, const float** w) -> const char* {
     if (i == my_local) {
+      if (row >= q.recv_capacity) {  // past an overflowed dispatch's rows y ends (reported): read stale stage
+        const char* stale = mine + L.y_stage + (size_t)row * yr;
+        *w = reinterpret_cast<const float*>(stale + H * 2);
+        return stale;
+      }
       *w = with_weights ? q.y_weights + (size_t)row * K : nullptr;
       return (const char*)q.y + (size_t)row * H * 2;
     }

@@ -67,7 +67,8 @@ __device__ __forceinline__ void stage_x(const ep_normal_launch_t& q, const XRow&
 }
 
 // Stage my received expert outputs into my y_stage (bf16 row | weights), a block per chunk of kChunk rows, and
-// publish y_staged[c] = epoch. Rows for which `skip(i)` is true are read in place by their only reader (me).
+// publish y_staged[c] = epoch. Rows for which `skip(i)` is true are read in place by their only reader (me); rows
+// past recv_capacity (after an overflowed dispatch, reported) do not exist in y and are not staged.
 template <int kWarps, typename Skip>
 __device__ __forceinline__ void stage_y(const ep_normal_launch_t& q, uint64_t epoch, Skip skip) {
   const ep_normal_layout_t& L = q.layout;
@@ -79,7 +80,7 @@ __device__ __forceinline__ void stage_y(const ep_normal_launch_t& q, uint64_t ep
   for (int c = blockIdx.x; c < num_chunks; c += gridDim.x) {
     const int end = min(num_recv, (c + 1) * kChunk);
     for (int i = c * kChunk + warp; i < end; i += kWarps) {
-      if (skip(i)) continue;
+      if (skip(i) || i >= q.recv_capacity) continue;
       char* dst = mine + L.y_stage + (size_t)i * L.y_row_bytes;
       warp_copy<false, 16>(dst, (const char*)q.y + (size_t)i * H * 2, 0, n16, lane);
       if (q.y_weights && lane < K) reinterpret_cast<float*>(dst + H * 2)[lane] = q.y_weights[(size_t)i * K + lane];
