@@ -101,10 +101,10 @@ $(BUILD)/tests/host/%: tests/host/%.c $(REF_OBJ) $(LIB) $(HEADERS)
 	$(CC) $(CFLAGS_TEST) $(SANITIZE) $< $(REF_OBJ) -o $@ $(LIB_LINK)
 
 # GPU tests: one program, run once per rank by ep_launch; each links the harness and the normal-path cases.
-$(BUILD)/tests/gpu/%: tests/gpu/%.c tests/gpu/harness.c tests/gpu/normal_cases.c $(REF_OBJ_PLAIN) $(LIB) \
+$(BUILD)/tests/gpu/%: tests/gpu/%.c tests/gpu/harness.c tests/gpu/normal_cases.c tests/gpu/normal_runs.c $(REF_OBJ_PLAIN) $(LIB) \
   $(HEADERS)
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS_TEST) -O2 $< tests/gpu/harness.c tests/gpu/normal_cases.c $(REF_OBJ_PLAIN) -o $@ -L$(BUILD)/lib \
+	$(CC) $(CFLAGS_TEST) -O2 $< tests/gpu/harness.c tests/gpu/normal_cases.c tests/gpu/normal_runs.c $(REF_OBJ_PLAIN) -o $@ -L$(BUILD)/lib \
 	  -lep -L$(CUDA_LIB) -lcudart -lm -Wl,-rpath,$(abspath $(BUILD)/lib) -Wl,-rpath,$(CUDA_LIB)
 
 # The C example: plain C11 against the public header and libep.so (plus the harness that shares the unique id).

@@ -3,8 +3,8 @@
  * reference run over the whole world, the device buffers, their poisoning, and the dispatch / combine checks.
  *
  * Linked into every GPU test (the Makefile's $(BUILD)/tests/gpu/% rule); only these two include it. Its checks
- * count into the program's one g_check_failures (common/check.h). The tests keep their case tables, their
- * ctx_t, their runs and their combine tolerance (a combine_rule_t). */
+ * count into the program's one g_check_failures (common/check.h). The case table, the context of a group and
+ * the runs built from these pieces are in normal_runs.{h,c}. */
 #ifndef EP_TESTS_GPU_NORMAL_CASES_H
 #define EP_TESTS_GPU_NORMAL_CASES_H
 

@@ -1,0 +1,48 @@
+/* normal_runs.h: the runs test_intranode and test_internode share (normal_runs.c): the case table, the context
+ * of one group, and one procedure per kind of run. Each run returns 1 when a check failed (the failures also
+ * count into g_check_failures) and makes the same collective calls on every rank whatever its checks find. */
+#ifndef EP_TESTS_GPU_NORMAL_RUNS_H
+#define EP_TESTS_GPU_NORMAL_RUNS_H
+
+#include <stdint.h>
+
+#include <cuda_runtime_api.h>
+
+#include "ep.h"
+#include "gpu/normal_cases.h"
+
+#define MAX_TOKENS 4096 /* config hints: the largest case */
+#define MAX_HIDDEN 7168
+#define MAX_TOPK 8
+
+/* Short names for the table: top-k outputs none / ids / ids and weights; random / skewed routing. */
+enum { NO = TOPK_NONE, IDX = TOPK_IDX, IDW = TOPK_IDX_WEIGHTS, RND = ROUTE_RANDOM, SKW = ROUTE_SKEWED };
+
+/* Every case both tests run: awkward token counts (0, 1, 7, 4096, differing per rank), hidden sizes (2688 is a
+ * multiple of 128 and of no power of two), top-k 1 / 4 / 8, BF16 and FP8, skewed routing, SMs 8..32. */
+extern const case_t normal_case_table[];
+extern const int normal_num_cases;
+
+typedef struct {
+  ep_group_t g;
+  ep_handle_t handle;
+  cudaStream_t s;
+  int R, me;
+  int rpn;         /* ranks per (virtual) node of the group; 0 = one NVLink domain (the intranode path) */
+  int forced;      /* the group was created with EP_INTERNODE_FORCE_PUT=1 */
+  int max_experts; /* config.num_experts */
+  uint64_t seed;   /* this run's seed */
+} normal_ctx_t;
+
+/* One case: eager (plus a second combine with another num_sms, which must give the same bytes), cached, and
+ * graph-safe, each against the reference; `index` names it in a failure report and seeds it. */
+int normal_run_case(const normal_ctx_t* c, const case_t* k, int index);
+/* Rejected calls name the bad argument; the handle still works after them. */
+int normal_run_validation(const normal_ctx_t* c);
+/* More rows than recv_capacity in the graph-safe path: EP_STATUS_DEVICE_ERROR; a combine along that handle reads
+ * no row past the capacity. Run it last: the group is expected to keep working (the caller checks a case). */
+int normal_run_overflow(const normal_ctx_t* c);
+/* prepare + dispatch + combine captured in a CUDA graph, replayed with new data and new routing. */
+int normal_run_cuda_graph(const normal_ctx_t* c);
+
+#endif /* EP_TESTS_GPU_NORMAL_RUNS_H */
