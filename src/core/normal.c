@@ -1,7 +1,8 @@
 /* normal.c: the normal (high-throughput) path's public calls: handles, prepare, dispatch, combine.
- * Everything here validates and fills a launch struct; the kernels are in src/kernels/intranode.cu. */
-#include <stdlib.h>
+ * Everything here validates and fills a launch struct; the kernels are in src/kernels/intranode.cu (one NVLink
+ * domain) and src/kernels/internode.cu (several nodes). */
 #include <limits.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "core/internal.h"
