@@ -4,7 +4,8 @@
  *
  * The launcher never touches CUDA: it forks before any CUDA call, so each rank starts clean. Every rank gets
  * EP_LAUNCH_RANK, EP_LAUNCH_NUM_RANKS and EP_LAUNCH_DIR (a fresh directory the ranks use to swap bootstrap bytes,
- * see tests/gpu/harness.h), with stdout and stderr going to LOG_DIR/rank<N>.log. Exit codes of the ranks:
+ * see tests/gpu/harness.h), with stdout and stderr going to LOG_DIR/rank<N>.log (LOG_DIR and its missing parents
+ * are created). Exit codes of the ranks:
  * all 0 -> 0 (pass); any 77 and the rest 0 or 77 -> 77 (skip); otherwise 1 (fail), and every failing rank's
  * log is printed. A run past the timeout is killed and fails. With -q, rank 0's log is printed only on failure;
  * without it, rank 0's log is printed always. */
@@ -25,6 +26,21 @@ static void print_log(const char* path, int rank) {
   char line[4096];
   while (fgets(line, sizeof(line), f)) fputs(line, stdout);
   fclose(f);
+}
+
+/* mkdir -p: every missing directory of `path`, mode 0755. Returns 0 when `path` is a directory at the end. */
+static int make_dirs(const char* path) {
+  char buf[4096];
+  if (snprintf(buf, sizeof(buf), "%s", path) >= (int)sizeof(buf)) return -1;
+  for (char* p = buf + 1; *p; ++p) {
+    if (*p != '/') continue;
+    *p = '\0';
+    if (mkdir(buf, 0755) != 0 && errno != EEXIST) return -1;
+    *p = '/';
+  }
+  if (mkdir(buf, 0755) != 0 && errno != EEXIST) return -1;
+  struct stat st;
+  return stat(buf, &st) == 0 && S_ISDIR(st.st_mode) ? 0 : -1;
 }
 
 static double now_s(void) {
@@ -57,7 +73,10 @@ int main(int argc, char** argv) {
     return 1;
   }
   if (!log_dir) log_dir = dir;
-  mkdir(log_dir, 0755);
+  if (make_dirs(log_dir) != 0) {
+    fprintf(stderr, "ep_launch: cannot create the log directory %s: %s\n", log_dir, strerror(errno));
+    return 1;
+  }
 
   pid_t* pids = calloc((size_t)num_ranks, sizeof(pid_t));
   int* codes = calloc((size_t)num_ranks, sizeof(int));
