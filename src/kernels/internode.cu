@@ -23,6 +23,7 @@
 
 #include "kernels/common.cuh"
 #include "kernels/normal_rows.cuh"
+#include "kernels/profile.cuh"
 #include "transport/transport.cuh"
 
 namespace ep {
@@ -50,6 +51,12 @@ __device__ __forceinline__ char* peer_normal(const ep_internode_launch_t& p, int
 __device__ __forceinline__ char* peer_inter(const ep_internode_launch_t& p, int rank) {
   return (char*)p.n.peer_workspace[rank] + p.inter_offset;
 }
+#if EP_NORMAL_PROFILE  // phase stamps of dispatch and combine (kernels/profile.cuh)
+__device__ prof::Record g_inter_prof_dispatch, g_inter_prof_combine;
+__device__ const char* const kInterProfDispatch[] = {"inter-dispatch", "acks", "stage", "send", "relay", "pull"};
+__device__ const char* const kInterProfCombine[] = {"inter-combine", "acks", "stage", "forward", "reduce", "-"};
+#endif
+
 // Index of node `other` in the node-indexed arrays of a rank on node `self`.
 __device__ __forceinline__ int node_dist(int self, int other, int N) { return (other - self + N) % N - 1; }
 // The node at distance index `d` from `self` (inverse of node_dist).
@@ -451,6 +458,7 @@ __global__ void __launch_bounds__(kDispThreads, 1) inter_dispatch_kernel(ep_inte
   char* mine = q.normal_base;
   char* imine = p.inter_base;
   const rows::XRow row(q.hidden, q.is_fp8, q.num_topk);
+  NORMAL_PROF_STAMP(g_inter_prof_dispatch, 0);
 
   // Readers of my stage (my node) and the forwarders' receive regions (other nodes) are done with the last call.
   if (tid == 0) s_failed = 0;
@@ -468,9 +476,11 @@ __global__ void __launch_bounds__(kDispThreads, 1) inter_dispatch_kernel(ep_inte
   }
   __syncthreads();
   if (s_failed) return;
+  NORMAL_PROF_STAMP(g_inter_prof_dispatch, 1);
 
   // 1. Stage every token once (as intranode).
   rows::stage_x<kDispWarps>(q, row, epoch);
+  NORMAL_PROF_STAMP(g_inter_prof_dispatch, 2);
 
   // 2. Send: a block per (remote node m, chunk c of node_list[m]); each row once, then one signal per chunk.
   bool ok = true, posted = false;  // posted: this warp issued NIC puts (completed by quiet before the end)
@@ -513,6 +523,7 @@ __global__ void __launch_bounds__(kDispThreads, 1) inter_dispatch_kernel(ep_inte
       tp::signal_set(signal, epoch, pe);
     }
   }
+  NORMAL_PROF_STAMP(g_inter_prof_dispatch, 3);
 
   // 3. Relay (forwarder role), one warp: a chunk that arrived from the rail peer of node n may be pulled by my
   //    node.
@@ -523,6 +534,7 @@ __global__ void __launch_bounds__(kDispThreads, 1) inter_dispatch_kernel(ep_inte
   // 4. Pull this block's share of my output rows, in output order (source rank, then token).
   if (tid <= R) s_offset[tid] = q.recv_offset[tid];
   __syncthreads();
+  NORMAL_PROF_STAMP(g_inter_prof_dispatch, 4);
   const int num_recv = s_offset[R];  // an overflow is reported at the end (a recorded fault ends every wait)
   const int per_block = (num_recv + gridDim.x - 1) / gridDim.x;
   const int begin = blockIdx.x * per_block, end = min(num_recv, begin + per_block);
@@ -567,10 +579,14 @@ __global__ void __launch_bounds__(kDispThreads, 1) inter_dispatch_kernel(ep_inte
   rows::graph_safe_tail(q, num_recv);
   __syncthreads();
   if (s_failed) return;
+  NORMAL_PROF_DONE(g_inter_prof_dispatch, 5);
 
   // 5. Release: my node's stages (dispatch_ack), the forwarders' receive regions (fwd_ack), and as forwarder,
   //    once my whole node has pulled, tell each remote source its region here is free (rdma_free).
-  if (!arrive_last(&q.state->dispatch_done)) return;
+  if (!arrive_last(&q.state->dispatch_done)) {
+    NORMAL_PROF_END(g_inter_prof_dispatch, me, kInterProfDispatch);
+    return;
+  }
   if (tid < P) st_release_sys_u64(at<uint64_t>(peer_normal(p, my_node * P + tid), L.dispatch_ack) + me, epoch);
   if (tid < (N - 1) * P) {
     const int dn = tid / P, l = tid % P;
@@ -593,6 +609,7 @@ __global__ void __launch_bounds__(kDispThreads, 1) inter_dispatch_kernel(ep_inte
     if (num_recv > q.recv_capacity)
       record_fault(q.error, EP_FAULT_RECV_OVERFLOW, me, -1, 0, num_recv, q.recv_capacity);
   }
+  NORMAL_PROF_END(g_inter_prof_dispatch, me, kInterProfDispatch);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -622,6 +639,7 @@ __global__ void __launch_bounds__(kCombThreads, 1) inter_combine_kernel(ep_inter
   const int n16 = H * 2 / 16;
   const bool with_weights = q.y_weights != nullptr;
   const size_t part_bytes = ((size_t)H * 2 + (with_weights ? (size_t)K * 4 : 0) + 15) / 16 * 16;
+  NORMAL_PROF_STAMP(g_inter_prof_combine, 0);
 
   // Readers of my y_stage (my node) are done with the last call, and so are the sources of my last partials.
   if (tid == 0) s_failed = 0;
@@ -640,6 +658,7 @@ __global__ void __launch_bounds__(kCombThreads, 1) inter_combine_kernel(ep_inter
   }
   __syncthreads();
   if (s_failed) return;
+  NORMAL_PROF_STAMP(g_inter_prof_combine, 1);
 
   // 1. Stage the rows another rank of my node reads. Row i from source s is read by s's forwarder on my node,
   //    local index s % P: when that is me (my own rows, and remote sources on my rail) it is read in place.
@@ -650,6 +669,7 @@ __global__ void __launch_bounds__(kCombThreads, 1) inter_combine_kernel(ep_inter
     s_base[tid] = base;
   }
   __syncthreads();
+  NORMAL_PROF_STAMP(g_inter_prof_combine, 2);
 
   bool ok = true, posted = false;
   // Pointer to the copy of local rank i's row `row` (own rows in place), and its weights.
@@ -720,6 +740,7 @@ __global__ void __launch_bounds__(kCombThreads, 1) inter_combine_kernel(ep_inter
       posted = true;
     }
   }
+  NORMAL_PROF_STAMP(g_inter_prof_combine, 3);
 
   // 3. Source: each of my tokens = biases + my node's copies (ascending local rank) + the remote partials
   //    (ascending node), in fp32, rounded once.
@@ -770,9 +791,13 @@ __global__ void __launch_bounds__(kCombThreads, 1) inter_combine_kernel(ep_inter
   if (!ok) s_failed = 1;
   __syncthreads();
   if (s_failed) return;
+  NORMAL_PROF_DONE(g_inter_prof_combine, 4);
 
   // 4. Release my node's stages and, at each forwarder, my partial receive region.
-  if (!arrive_last(&q.state->combine_done)) return;
+  if (!arrive_last(&q.state->combine_done)) {
+    NORMAL_PROF_END(g_inter_prof_combine, me, kInterProfCombine);
+    return;
+  }
   if (tid < P) st_release_sys_u64(at<uint64_t>(peer_normal(p, my_node * P + tid), L.combine_ack) + me, epoch);
   if (tid < N - 1) {
     const int n = node_at(my_node, tid, N);
@@ -783,6 +808,7 @@ __global__ void __launch_bounds__(kCombThreads, 1) inter_combine_kernel(ep_inter
     q.state->combine_done = 0;
     q.state->combine_epoch = epoch;
   }
+  NORMAL_PROF_END(g_inter_prof_combine, me, kInterProfCombine);
 }
 
 }  // namespace

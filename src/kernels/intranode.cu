@@ -8,6 +8,7 @@
 
 #include "kernels/common.cuh"
 #include "kernels/normal_rows.cuh"
+#include "kernels/profile.cuh"
 
 namespace ep {
 
@@ -32,6 +33,12 @@ using rows::untag;
 __device__ __forceinline__ char* peer_normal(const ep_normal_launch_t& p, int rank) {
   return (char*)p.peer_workspace[rank] + p.normal_offset;
 }
+
+#if EP_NORMAL_PROFILE  // phase stamps of dispatch and combine (kernels/profile.cuh)
+__device__ prof::Record g_intra_prof_dispatch, g_intra_prof_combine;
+__device__ const char* const kIntraProfDispatch[] = {"intra-dispatch", "acks", "stage", "pull", "-", "-"};
+__device__ const char* const kIntraProfCombine[] = {"intra-combine", "acks", "push", "reduce", "done", "-"};
+#endif
 
 // ---------------------------------------------------------------------------------------------------------------
 // prepare: block d compacts my tokens for rank d (destination role) and reads rank d's list for me (source role).
@@ -194,10 +201,13 @@ __global__ void __launch_bounds__(kDispatchThreads, 1) dispatch_kernel(ep_normal
   const uint64_t epoch = p.state->dispatch_epoch + 1;
   char* mine = p.normal_base;
   const rows::XRow row(p.hidden, p.is_fp8, p.num_topk);
+  NORMAL_PROF_STAMP(g_intra_prof_dispatch, 0);
 
   // Stage: chunks of my tokens, row | scales | global expert ids | weights; one flag per chunk.
   if (!wait_released(p, at<uint64_t>(mine, L.dispatch_ack), epoch, EP_SITE_DISPATCH_ACK)) return;
+  NORMAL_PROF_STAMP(g_intra_prof_dispatch, 1);
   rows::stage_x<kDispatchWarps>(p, row, epoch);
+  NORMAL_PROF_STAMP(g_intra_prof_dispatch, 2);
 
   // Pull: this block's share of my output rows. Row i comes from source s, as its j-th row for me.
   __shared__ int s_offset[kMaxNvlRanks + 1];
@@ -235,9 +245,13 @@ __global__ void __launch_bounds__(kDispatchThreads, 1) dispatch_kernel(ep_normal
   rows::graph_safe_tail(p, num_recv);
   __syncthreads();
   if (s_failed) return;
+  NORMAL_PROF_DONE(g_intra_prof_dispatch, 3);
 
   // Once every block has read what it needs, release every source's stage.
-  if (!arrive_last(&p.state->dispatch_done)) return;
+  if (!arrive_last(&p.state->dispatch_done)) {
+    NORMAL_PROF_END(g_intra_prof_dispatch, me, kIntraProfDispatch);
+    return;
+  }
   if (tid < R) st_release_sys_u64(at<uint64_t>(peer_normal(p, tid), L.dispatch_ack) + me, epoch);
   if (tid == 0) {
     p.state->dispatch_done = 0;
@@ -247,6 +261,7 @@ __global__ void __launch_bounds__(kDispatchThreads, 1) dispatch_kernel(ep_normal
     if (num_recv > p.recv_capacity)
       record_fault(p.error, EP_FAULT_RECV_OVERFLOW, me, -1, 0, num_recv, p.recv_capacity);
   }
+  NORMAL_PROF_END(g_intra_prof_dispatch, me, kIntraProfDispatch);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -295,6 +310,7 @@ __global__ void __launch_bounds__(kCombineThreads, 1) combine_kernel(ep_normal_l
   const uint64_t epoch = p.state->combine_epoch + 1;
   char* mine = p.normal_base;
   const int n16 = H * 2 / 16;
+  NORMAL_PROF_STAMP(g_intra_prof_combine, 0);
 
   // Every destination has finished reading what I pushed into it last time.
   if (!wait_released(p, at<uint64_t>(mine, L.combine_ack), epoch, EP_SITE_COMBINE_ACK)) return;
@@ -303,6 +319,7 @@ __global__ void __launch_bounds__(kCombineThreads, 1) combine_kernel(ep_normal_l
   if (tid <= R) s_offset[tid] = p.recv_offset[tid];
   if (tid == 0) s_failed = 0;
   __syncthreads();
+  NORMAL_PROF_STAMP(g_intra_prof_combine, 1);
 
   if (warp < kCombinePushWarps) {
     int max_chunks = 0;
@@ -315,6 +332,7 @@ __global__ void __launch_bounds__(kCombineThreads, 1) combine_kernel(ep_normal_l
       if (chunk * kChunk >= count) continue;  // the same for every push warp: no barrier is skipped by some
       push_chunk(p, s, chunk, s_offset[s] + chunk * kChunk, min(kChunk, count - chunk * kChunk), epoch, warp, lane);
     }
+    NORMAL_PROF_STAMP_WARPS(g_intra_prof_combine, 2);
   } else {
     const int reduce_warp = warp - kCombinePushWarps;
     const int num_chunks = (p.num_tokens + kChunk - 1) / kChunk;
@@ -385,17 +403,23 @@ __global__ void __launch_bounds__(kCombineThreads, 1) combine_kernel(ep_normal_l
         }
       }
     }
+    NORMAL_PROF_STAMP_WARPS(g_intra_prof_combine, 3);
   }
   __syncthreads();
   if (s_failed) return;
+  NORMAL_PROF_DONE(g_intra_prof_combine, 4);
 
   // Once every block has read its tokens' rows, every peer may push into my receive area again.
-  if (!arrive_last(&p.state->combine_done)) return;
+  if (!arrive_last(&p.state->combine_done)) {
+    NORMAL_PROF_END(g_intra_prof_combine, me, kIntraProfCombine);
+    return;
+  }
   if (tid < R) st_release_sys_u64(at<uint64_t>(peer_normal(p, tid), L.combine_ack) + me, epoch);
   if (tid == 0) {
     p.state->combine_done = 0;
     p.state->combine_epoch = epoch;
   }
+  NORMAL_PROF_END(g_intra_prof_combine, me, kIntraProfCombine);
 }
 
 }  // namespace ep

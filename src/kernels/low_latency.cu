@@ -11,58 +11,42 @@
 #include <cuda_fp8.h>
 
 #include "kernels/common.cuh"
+#include "kernels/profile.cuh"
 #include "transport/transport.cuh"
 
 namespace ep {
 namespace ll {
 
 // ---------------------------------------------------------------------------------------------------------------
-// Profiling (off by default; build with EP_LL_PROFILE=1). Thread 0 of block 0 and of the last block stamp
-// %globaltimer at each kernel's phase boundaries; every EP_LL_PROFILE_EVERY-th call of a kernel prints one line
-// (device printf) with, for both blocks, the time of each stage since the previous stamp, in us. Never built into
-// a normal library: the library does not print.
+// Profiling (off by default; build with EP_LL_PROFILE=1; kernels/profile.cuh). Thread 0 of block 0 and of the last
+// block stamp %globaltimer at each kernel's phase boundaries; every EP_LL_PROFILE_EVERY-th call of a kernel prints
+// one line (device printf) with, for both blocks, the time of each stage since the previous stamp, in us.
 // ---------------------------------------------------------------------------------------------------------------
-#ifndef EP_LL_PROFILE
-#define EP_LL_PROFILE 0
-#endif
-#ifndef EP_LL_PROFILE_EVERY
-#define EP_LL_PROFILE_EVERY 30
-#endif
 enum { kProfDispatchSend = 0, kProfDispatchRecv = 1, kProfCombineSend = 2, kProfCombineRecv = 3 };
 #if EP_LL_PROFILE
 constexpr int kProfStamps = 5;  // stamp 0 = block start
-__device__ unsigned long long g_prof[4][2][kProfStamps];  // [kernel][block 0, last block][stamp]
-__device__ unsigned long long g_prof_kernel_end[4];       // when the kernel's last stamping block ended
-__device__ unsigned int g_prof_arrived[4], g_prof_calls[4];
+static_assert(kProfStamps <= prof::kMaxStamps, "LL stamps fit a profile record");
+__device__ prof::Record g_prof[4];  // [kernel]
 
 __device__ __forceinline__ void prof_stamp(int kernel, int i) {
-  if (threadIdx.x != 0) return;
-  const unsigned long long t = global_timer_ns();
-  if (blockIdx.x == 0) g_prof[kernel][0][i] = t;
-  if (blockIdx.x == gridDim.x - 1) g_prof[kernel][1][i] = t;
+  if (threadIdx.x == 0) prof::stamp(g_prof[kernel], i);
 }
 
 // Called by thread 0 of block 0 and of the last block when the block is done (tail_ns: a stamp after the block's
 // end, e.g. the acknowledgements of the block that finished the call; 0 if none). The second of the two prints.
 __device__ void prof_finish(int kernel, int rank, unsigned long long tail_ns) {
   if (threadIdx.x != 0 || (blockIdx.x != 0 && blockIdx.x != gridDim.x - 1)) return;
-  const unsigned long long end = tail_ns ? tail_ns : global_timer_ns();
-  atomicMax(&g_prof_kernel_end[kernel], end);
-  __threadfence();
-  const unsigned int want = gridDim.x == 1 ? 1u : 2u;
-  if (atomicAdd(&g_prof_arrived[kernel], 1u) + 1u != want) return;
-  g_prof_arrived[kernel] = 0;
-  __threadfence();
-  const unsigned int call = atomicAdd(&g_prof_calls[kernel], 1u) + 1u;
-  const unsigned long long kend = atomicExch(&g_prof_kernel_end[kernel], 0ull);
-  if (call % EP_LL_PROFILE_EVERY != 0) return;
+  prof::Call c;
+  if (!prof::arrive(g_prof[kernel], tail_ns ? tail_ns : global_timer_ns(), gridDim.x == 1 ? 1u : 2u,
+                    EP_LL_PROFILE_EVERY, c))
+    return;
   static const char* const names[4] = {"dispatch-send", "dispatch-recv", "combine-send", "combine-recv"};
   static const char* const labels[4][kProfStamps - 1] = {
       {"prologue+acks", "data", "signal", "-"},
       {"counts-seen", "meta", "copy", "arrive"},
       {"prologue+acks", "data", "signal", "-"},
       {"counts-seen", "sum", "arrive", "-"}};
-  const unsigned long long(*s)[kProfStamps] = g_prof[kernel];
+  const unsigned long long(*s)[prof::kMaxStamps] = g_prof[kernel].t;
   float d[2][kProfStamps - 1];
   for (int b = 0; b < 2; ++b) {
     unsigned long long prev = s[b][0];
@@ -73,13 +57,12 @@ __device__ void prof_finish(int kernel, int rank, unsigned long long tail_ns) {
     }
   }
   const float last_start = (float)((long long)(s[1][0] - s[0][0])) * 1e-3f;
-  const float total = (float)((long long)(kend - s[0][0])) * 1e-3f;
-  const float since_prev = kernel & 1 && g_prof[kernel - 1][0][0]
-                               ? (float)((long long)(s[0][0] - g_prof[kernel - 1][0][0])) * 1e-3f
-                               : 0.0f;
+  const float total = (float)((long long)(c.end - s[0][0])) * 1e-3f;
+  const unsigned long long send_start = kernel & 1 ? g_prof[kernel - 1].t[0][0] : 0ull;
+  const float since_prev = kernel & 1 && send_start ? (float)((long long)(s[0][0] - send_start)) * 1e-3f : 0.0f;
   printf("ep_ll_prof rank %d %s call %u grid %d | b0: %s %.2f %s %.2f %s %.2f %s %.2f | last@%+.2f: %.2f %.2f %.2f "
          "%.2f | end %.2f us after b0 start%s%.2f\n",
-         rank, names[kernel], call, gridDim.x, labels[kernel][0], d[0][0], labels[kernel][1], d[0][1],
+         rank, names[kernel], c.number, gridDim.x, labels[kernel][0], d[0][0], labels[kernel][1], d[0][1],
          labels[kernel][2], d[0][2], labels[kernel][3], d[0][3], last_start, d[1][0], d[1][1], d[1][2], d[1][3],
          total, kernel & 1 ? "; b0 start after the send's b0 start: " : "", since_prev);
 }
