@@ -69,6 +69,26 @@ __device__ __forceinline__ bool wait_flag(const ep_internode_launch_t& p, const 
                     site);
 }
 
+// The last block of a call, once my node's ranks have all acknowledged (acks[(N-1)*P], one per (remote node,
+// local rank), set to `epoch`): tell the rail peer of every remote node that its region here is free again
+// (signal_set(free_flags[distance], epoch)). Returns false if an ack never came (a fault is recorded).
+__device__ __forceinline__ bool release_remote_sources(const ep_internode_launch_t& p, const uint64_t* acks,
+                                                       uint64_t* free_flags, uint64_t epoch, int site) {
+  __shared__ int s_stalled;
+  const int tid = threadIdx.x, P = p.ranks_per_node, N = p.num_nodes, my_node = p.node;
+  if (tid == 0) s_stalled = 0;
+  __syncthreads();
+  if (tid < (N - 1) * P && !wait_flag(p, acks + tid, epoch, my_node * P + tid % P, site)) s_stalled = 1;
+  __syncthreads();
+  if (s_stalled) return false;
+  if (tid < N - 1) {
+    const int n = node_at(my_node, tid, N);
+    tp::signal_set(free_flags + node_dist(n, my_node, N), epoch, n * P + p.local_rank);
+  }
+  __syncthreads();
+  return true;
+}
+
 // Block-wide exclusive scan of one flag per thread, for one pass of blockDim.x items. Returns the position of
 // this thread's item (if `goes`) and adds the pass total to `count`. All threads must call it.
 __device__ __forceinline__ int block_compact(bool goes, int* s_warp_count, int& count) {
@@ -334,16 +354,9 @@ __global__ void __launch_bounds__(kPrepThreads) inter_prepare_kernel(ep_internod
   }
   __syncthreads();
   // My node's ranks have read my meta_recv: the sources may overwrite it.
-  if (tid < (N - 1) * P &&
-      !wait_flag(p, at<uint64_t>(imine, IL.meta_ack) + tid, epoch, my_node * P + tid % P, EP_SITE_PREPARE_RELAY))
-    s_failed = 1;
-  __syncthreads();
-  if (s_failed) return;
-  if (tid < N - 1) {
-    const int n = node_at(my_node, tid, N);
-    tp::signal_set(at<uint64_t>(imine, IL.meta_free) + node_dist(n, my_node, N), epoch, n * P + my_local);
-  }
-  __syncthreads();
+  if (!release_remote_sources(p, at<uint64_t>(imine, IL.meta_ack), at<uint64_t>(imine, IL.meta_free), epoch,
+                              EP_SITE_PREPARE_RELAY))
+    return;
   if (tid == 0) {
     q.state->prepare_done = 0;
     q.state->prepare_epoch = epoch;
@@ -593,16 +606,9 @@ __global__ void __launch_bounds__(kDispThreads, 1) inter_dispatch_kernel(ep_inte
     st_release_sys_u64(at<uint64_t>(peer_inter(p, my_node * P + l), IL.fwd_ack) + (size_t)dn * P + my_local, epoch);
   }
   __syncthreads();
-  if (tid < (N - 1) * P &&
-      !wait_flag(p, at<uint64_t>(imine, IL.fwd_ack) + tid, epoch, my_node * P + tid % P, EP_SITE_FWD_ACK))
-    s_failed = 1;
-  __syncthreads();
-  if (s_failed) return;
-  if (tid < N - 1) {
-    const int n = node_at(my_node, tid, N);
-    tp::signal_set(at<uint64_t>(imine, IL.rdma_free) + node_dist(n, my_node, N), epoch, n * P + my_local);
-  }
-  __syncthreads();
+  if (!release_remote_sources(p, at<uint64_t>(imine, IL.fwd_ack), at<uint64_t>(imine, IL.rdma_free), epoch,
+                              EP_SITE_FWD_ACK))
+    return;
   if (tid == 0) {
     q.state->dispatch_done = 0;
     q.state->dispatch_epoch = epoch;
