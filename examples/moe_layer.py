@@ -7,7 +7,7 @@ the weighted expert outputs). dispatch and combine are differentiable, so loss.b
 router and the expert weights.
 
 Script mode runs it on N GPUs of this machine (torch.multiprocessing spawn, NCCL process group on
-MASTER_ADDR:MASTER_PORT, default 127.0.0.1 and a free port) and compares the output and the gradients of the
+MASTER_ADDR:MASTER_PORT when MASTER_PORT is set, else a file rendezvous in a temporary directory) and compares the output and the gradients of the
 input, the router and the expert weights with the same layer computed densely on one GPU over the whole batch
 (every rank's tokens and every expert's weights, gathered). It prints the largest difference of each, relative
 to the largest magnitude of the dense value, and exits 1 if one exceeds --tolerance.
@@ -18,8 +18,9 @@ to the largest magnitude of the dense value, and exits 1 if one exceeds --tolera
 
 import argparse
 import os
-import socket
+import shutil
 import sys
+import tempfile
 
 import torch
 import torch.distributed as dist
@@ -171,10 +172,9 @@ def run_check(rank, world, args):
         buffer.destroy()
 
 
-def _worker(rank, world, args):
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+def _worker(rank, world, init_method, args):
     torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", rank=rank, world_size=world)
+    dist.init_process_group("nccl", init_method=init_method, rank=rank, world_size=world)
     try:
         diffs = run_check(rank, world, args)
     finally:
@@ -187,12 +187,6 @@ def _worker(rank, world, args):
                   f"({'ok' if d < args.tolerance else 'TOO LARGE'}, tolerance {args.tolerance:g})", flush=True)
     if any(d >= args.tolerance for d in diffs.values()):
         sys.exit(1)
-
-
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main(argv=None):
@@ -209,17 +203,26 @@ def main(argv=None):
     if torch.cuda.device_count() < args.num_gpus:
         print(f"needs {args.num_gpus} GPUs, this machine has {torch.cuda.device_count()}")
         return 77
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
     os.environ.setdefault("NVSHMEM_REMOTE_TRANSPORT", "none")  # one machine: NVLink only, no network transport
+    # Without MASTER_PORT, a file rendezvous: a TCP port found free here can be taken before rank 0 binds it.
+    rendezvous_dir = None
+    if "MASTER_PORT" in os.environ:
+        init_method = "env://"
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    else:
+        rendezvous_dir = tempfile.mkdtemp(prefix="moe-layer-")
+        init_method = "file://" + os.path.join(rendezvous_dir, "store")
     try:
-        mp.spawn(_worker, args=(args.num_gpus, args), nprocs=args.num_gpus, join=True)
+        mp.spawn(_worker, args=(args.num_gpus, init_method, args), nprocs=args.num_gpus, join=True)
     except mp.ProcessExitedException as e:
         print(f"FAILED: {e}")
         return 1
     except mp.ProcessRaisedException as e:
         print(f"FAILED: a rank raised:\n{e}")
         return 1
+    finally:
+        if rendezvous_dir:
+            shutil.rmtree(rendezvous_dir, ignore_errors=True)
     return 0
 
 

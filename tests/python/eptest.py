@@ -5,8 +5,9 @@ passed), 1 (a check failed) or 77 (skipped: it says why). tests/run_tests.sh cou
 GPU tests run on EP_TEST_WORLD ranks (default 2; tests/run_tests.sh sets it to each rank count it tries)."""
 
 import os
-import socket
+import shutil
 import sys
+import tempfile
 import time
 
 TEST_PASS, TEST_FAIL, TEST_SKIP = 0, 1, 77
@@ -67,7 +68,7 @@ def world_size():
 
 
 def run_ranks(worker, timeout_s, needs_numpy=False):
-    """Run worker(rank, world, port, seed) in one spawned process per rank (world_size() ranks, one GPU each) and
+    """Run worker(rank, world, init_method, seed) in one spawned process per rank (world_size() ranks, one GPU each) and
     exit 0 if every rank exited 0. Skips (77) without PyTorch, CUDA or enough GPUs; a rank still alive after
     timeout_s is killed and counts as a failure. The seed is fresh unless EP_TEST_SEED replays one."""
     world = world_size()
@@ -88,11 +89,12 @@ def run_ranks(worker, timeout_s, needs_numpy=False):
     os.environ.setdefault("NVSHMEM_REMOTE_TRANSPORT", "none")  # one machine: NVLink only
     seed = int(os.environ.get("EP_TEST_SEED", "0"), 0) or (int(time.time() * 1e6) & 0xFFFFFFFF)
     print(f"{world} ranks, seed = {seed:#x} (replay with EP_TEST_SEED={seed:#x} EP_TEST_WORLD={world})", flush=True)
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    # A file rendezvous, not a TCP port: a port found free here can be taken by another socket before rank 0 binds
+    # it (seen once as EADDRINUSE on a busy machine).
+    rendezvous_dir = tempfile.mkdtemp(prefix="eptest-")
+    init_method = "file://" + os.path.join(rendezvous_dir, "store")
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=worker, args=(r, world, port, seed)) for r in range(world)]
+    procs = [ctx.Process(target=worker, args=(r, world, init_method, seed)) for r in range(world)]
     for p in procs:
         p.start()
     deadline = time.time() + timeout_s
@@ -107,5 +109,6 @@ def run_ranks(worker, timeout_s, needs_numpy=False):
             codes.append(TEST_FAIL)
         else:
             codes.append(p.exitcode)
+    shutil.rmtree(rendezvous_dir, ignore_errors=True)
     print(f"rank exit codes: {codes}")
     sys.exit(TEST_PASS if all(code == 0 for code in codes) else TEST_FAIL)

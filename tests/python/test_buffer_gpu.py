@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """test_buffer_gpu (EP_TEST_WORLD GPUs, default 2; PyTorch): every ep.Buffer method against a plain PyTorch
-computation of the same result, on EP_TEST_WORLD ranks (torch.multiprocessing spawn, NCCL process group on
-127.0.0.1 with a free port).
+computation of the same result, on EP_TEST_WORLD ranks (torch.multiprocessing spawn, NCCL process group through a
+file rendezvous).
 
 Each rank draws its own inputs from the printed seed (EP_TEST_SEED replays), the ranks all_gather them, and each
 rank computes with torch what it must receive and what its tokens must combine to:
@@ -448,7 +448,7 @@ def check_virtual_nodes(ck, c):
 
 
 # ---- per-rank process ---------------------------------------------------------------------------------------
-def worker(rank, world, port, seed):
+def worker(rank, world, init_method, seed):
     global torch, dist, ep
     import torch as _torch
     import torch.distributed as _dist
@@ -456,7 +456,7 @@ def worker(rank, world, port, seed):
     torch, dist, ep = _torch, _dist, _ep
     ck = eptest.Checker(prefix=f"[rank {rank}] ")
     torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("nccl", init_method=init_method, rank=rank, world_size=world)
     buf = None
     try:
         buf = ep.Buffer(dist.group.WORLD, num_experts=E_HINT, hidden=H_HINT, max_tokens_per_rank=T_HINT,

@@ -444,7 +444,7 @@ def check_empty_rank(ck, c):
 
 
 # ---- per-rank process ---------------------------------------------------------------------------------------
-def worker(rank, world, port, seed):
+def worker(rank, world, init_method, seed):
     global torch, dist, ep
     import torch as _torch
     import torch.distributed as _dist
@@ -452,7 +452,7 @@ def worker(rank, world, port, seed):
     torch, dist, ep = _torch, _dist, _ep
     ck = eptest.Checker(prefix=f"[rank {rank}] ")
     torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("nccl", init_method=init_method, rank=rank, world_size=world)
     buf = None
     try:
         buf = ep.Buffer(dist.group.WORLD, low_latency_mode=True, num_experts=E_HINT, hidden=H_HINT,

@@ -27,7 +27,7 @@ def main():
     env = dict(os.environ)
     env["PYTHONPATH"] = eptest.PYTHON_DIR + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("NVSHMEM_REMOTE_TRANSPORT", "none")
-    env.pop("MASTER_PORT", None)  # the example picks a free one
+    env.pop("MASTER_PORT", None)  # the example then uses a file rendezvous (no port to race for)
     script = os.path.join(eptest.REPO, "examples", "moe_layer.py")
     for extra in ([], ["--tokens", "300", "--hidden", "2048", "--experts", "8", "--topk", "2", "--seed", "7"]):
         label = " ".join(extra) or "defaults"
