@@ -96,6 +96,11 @@ __device__ __forceinline__ void warp_copy(void* dst, const void* src, int begin,
   }
 }
 
+// A barrier of `threads` threads of the block (whole warps) on hardware barrier `id` (1..15; 0 is __syncthreads).
+__device__ __forceinline__ void named_barrier(int id, int threads) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+
 // Exactly one block returns true: the last to arrive, once every block's earlier writes, to this GPU or to peers,
 // are ordered before whatever it does next (it typically publishes a flag that peers act on).
 __device__ __forceinline__ bool arrive_last(unsigned int* counter) {

@@ -285,7 +285,7 @@ __device__ __forceinline__ void push_chunk(const ep_normal_launch_t& p, int s, i
     for (int j = push_warp; j < n; j += kCombinePushWarps)
       reinterpret_cast<float*>(dst_base + (size_t)j * L.y_row_bytes + H * 2)[lane] =
           p.y_weights[(size_t)(recv_row + j) * K + lane];
-  asm volatile("bar.sync 1, %0;" ::"n"(kCombinePushWarps * 32) : "memory");
+  named_barrier(1, kCombinePushWarps * 32);
   if (push_warp == 0 && lane == 0) {
     __threadfence_system();
     st_release_sys_u64(at<uint64_t>(peer_normal(p, s), L.y_staged) + (size_t)p.rank * L.y_chunks_per_rank + chunk,
