@@ -10,7 +10,8 @@ counts launch latency; both are reported in bench/RESULTS.md.
 Per rank and iteration: a 1-element all-reduce lines the ranks up, a 256 MiB zero-fill empties L2, then
 low_latency_dispatch (FP8) and low_latency_combine (BF16) run without the hook, then again with the hook (send
 phase and receive phase apart). From the profiler's kernel records:
-  call    = first kernel's start to last kernel's end of one call (send + receive kernels and the gap between)
+  call    = first kernel's start to last kernel's end of one call (send + receive kernels and the gap between; the
+            one fused kernel of a default build, where call = kernels)
   kernels = the sum of the call's kernel durations (what DeepEP's bench_kineto sums for its one kernel)
   send / recv = the hook-mode kernels alone.
 Medians over iterations per rank; the table shows the median rank and the slowest rank. The last results are
@@ -35,6 +36,7 @@ except ImportError:  # run from a checkout: use <repo>/python
     import ep
 
 KERNELS = ("dispatch_send", "dispatch_recv", "combine_send", "combine_recv")
+FUSED = ("dispatch_fused", "combine_fused")  # a call without the hook, unless built with -DEP_LL_FUSED=0
 
 
 def routing(gen, T, E, K, dev):
@@ -49,17 +51,21 @@ def kernel_records(prof):
     for e in prof.events():
         if e.device_type != torch.autograd.DeviceType.CUDA:
             continue
-        name = next((k for k in KERNELS if k + "_kernel" in e.name), None)
+        name = next((k for k in KERNELS + FUSED if k + "_kernel" in e.name), None)
         if name:
             out.append((name, e.time_range.start, e.time_range.end))
     return sorted(out, key=lambda r: r[1])
 
 
-def spans(records, first, last):
-    """Per call: (first kernel start .. last kernel end, sum of durations) for calls made of kernels first..last."""
+def spans(records, first, last, fused):
+    """Per call: (first kernel start .. last kernel end, sum of durations) for calls made of kernels first..last, or
+    of the one kernel `fused`."""
     calls, open_call = [], None
     for name, s, e in records:
-        if name == first:
+        if name == fused:
+            calls.append((e - s, e - s))
+            open_call = None
+        elif name == first:
             open_call = [s, e - s]
         elif open_call is not None and name == last:
             calls.append((e - open_call[0], open_call[1] + (e - s)))
@@ -131,14 +137,16 @@ def worker(rank, world, init_method, args, results):
                 hook()
             torch.cuda.synchronize()
         rec = kernel_records(prof)
-        if len(rec) != 8 * args.iters:
+        fused = any(n in FUSED for n, _, _ in rec)
+        want = (6 if fused else 8) * args.iters  # no-hook calls: 1 kernel each (fused) or 2; hook calls: 2 each
+        if len(rec) != want:
             names = sorted({e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA})
-            print(f"rank {rank}: found {len(rec)} ep LL kernel records, expected {8 * args.iters}; GPU events seen: "
+            print(f"rank {rank}: found {len(rec)} ep LL kernel records, expected {want}; GPU events seen: "
                   f"{names[:12]}", flush=True)
-        half = len(rec) // 2  # the no-hook calls first, then the hook calls
-        d_call = spans(rec[:half], "dispatch_send", "dispatch_recv")
-        c_call = spans(rec[:half], "combine_send", "combine_recv")
-        alone = {k: [e - s for n, s, e in rec[half:] if n == k] for k in KERNELS}
+        split = max(0, len(rec) - 4 * args.iters)  # the no-hook calls first, then the hook calls' 4 kernels each
+        d_call = spans(rec[:split], "dispatch_send", "dispatch_recv", "dispatch_fused")
+        c_call = spans(rec[:split], "combine_send", "combine_recv", "combine_fused")
+        alone = {k: [e - s for n, s, e in rec[split:] if n == k] for k in KERNELS}
         med = statistics.median
         row = [med([c for c, _ in d_call]), med([k for _, k in d_call]), med([c for c, _ in c_call]),
                med([k for _, k in c_call])] + [med(alone[k]) for k in KERNELS]

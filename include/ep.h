@@ -358,7 +358,9 @@ EP_API ep_status_t ep_combine(ep_group_t group, ep_handle_t handle, const ep_com
  *                      accumulated in fp32 with one fused multiply-add per term (deterministic).
  *
  * Receive hook: with return_after_send = 1 a call only issues its sends (no SM waits for peers) and returns;
- * ep_ll_dispatch_recv() / ep_ll_combine_recv() later launch the receive phase on the caller's stream.
+ * ep_ll_dispatch_recv() / ep_ll_combine_recv() later launch the receive phase on the caller's stream. Without the
+ * hook a call normally runs as one cooperative kernel (at most one block per SM, all resident at once) that sends,
+ * then receives.
  *
  * Buffers: the LL region has two identical halves. Each dispatch takes the next half (alternating) and its
  * handle's combine uses the same half, so micro-batch B can be dispatched while micro-batch A is combined. The

@@ -208,7 +208,11 @@ ep_status_t ep_ll_dispatch(ep_group_t group, ep_ll_handle_t handle, const ep_ll_
   ep_ll_launch_t p = base_launch(group, handle);
   p.x = a->x;
   p.topk_idx = a->topk_idx;
-  EP_CUDA_TRY(group, ep_launch_ll_dispatch_send(&p, stream));
+  /* Without the hook, one kernel runs both phases where the launcher can; else the send kernel now and the receive
+   * kernel below. */
+  int fused = 0;
+  if (!a->return_after_send) EP_CUDA_TRY(group, ep_launch_ll_dispatch_fused(&p, stream, &fused));
+  if (!fused) EP_CUDA_TRY(group, ep_launch_ll_dispatch_send(&p, stream));
   /* The send is issued: the half now belongs to this dispatch. */
   group->ll_dispatches++;
   group->ll_next_half ^= 1;
@@ -219,7 +223,7 @@ ep_status_t ep_ll_dispatch(ep_group_t group, ep_ll_handle_t handle, const ep_ll_
     group->ll_half_pending[half] = true;
     return EP_STATUS_SUCCESS;
   }
-  EP_CUDA_TRY(group, ep_launch_ll_dispatch_recv(&p, stream));
+  if (!fused) EP_CUDA_TRY(group, ep_launch_ll_dispatch_recv(&p, stream));
   return EP_STATUS_SUCCESS;
 }
 
@@ -314,13 +318,16 @@ ep_status_t ep_ll_combine(ep_group_t group, ep_ll_handle_t handle, const ep_ll_c
   ep_ll_launch_t p = base_launch(group, handle);
   p.y = a->x;
   p.zero_copy = a->zero_copy;
-  EP_CUDA_TRY(group, ep_launch_ll_combine_send(&p, stream));
+  /* As in ep_ll_dispatch: one kernel without the hook where the launcher can, else two. */
+  int fused = 0;
+  if (!a->return_after_send) EP_CUDA_TRY(group, ep_launch_ll_combine_fused(&p, stream, &fused));
+  if (!fused) EP_CUDA_TRY(group, ep_launch_ll_combine_send(&p, stream));
   if (a->return_after_send) {
     handle->combine_recv_pending = true;
     group->ll_half_pending[handle->half] = true;
     return EP_STATUS_SUCCESS;
   }
-  EP_CUDA_TRY(group, ep_launch_ll_combine_recv(&p, stream));
+  if (!fused) EP_CUDA_TRY(group, ep_launch_ll_combine_recv(&p, stream));
   return EP_STATUS_SUCCESS;
 }
 

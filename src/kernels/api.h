@@ -179,8 +179,8 @@ cudaError_t ep_launch_internode_combine(const ep_internode_launch_t* p, cudaStre
 /* Device-side counters of the group (device memory, zeroed at create and by ep_ll_clean). */
 typedef struct ep_ll_state {
   unsigned long long seq[2]; /* calls started on each half (the call number of the next one is seq + 1) */
-  unsigned int done[4];      /* blocks finished in the running kernel: dispatch send, dispatch recv, combine
-                                send, combine recv */
+  unsigned int done[4];      /* blocks of the running kernel that finished its receive phase: [1] dispatch,
+                                [3] combine ([0] and [2], for the send phases, are unused) */
 } ep_ll_state_t;
 
 typedef struct ep_ll_launch {
@@ -218,6 +218,12 @@ cudaError_t ep_launch_ll_dispatch_send(const ep_ll_launch_t* p, cudaStream_t str
 cudaError_t ep_launch_ll_dispatch_recv(const ep_ll_launch_t* p, cudaStream_t stream);
 cudaError_t ep_launch_ll_combine_send(const ep_ll_launch_t* p, cudaStream_t stream);
 cudaError_t ep_launch_ll_combine_recv(const ep_ll_launch_t* p, cudaStream_t stream);
+/* Without the receive hook: the send phase and the receive phase in one cooperative kernel. *launched = 1 if it was
+ * launched; else (a build with EP_LL_FUSED=0, a grid above the SM count or above what can be resident at once, no
+ * cooperative launch on the device) nothing is launched, *launched = 0, and the result is cudaSuccess: the caller
+ * then launches the send kernel and the receive kernel. */
+cudaError_t ep_launch_ll_dispatch_fused(const ep_ll_launch_t* p, cudaStream_t stream, int* launched);
+cudaError_t ep_launch_ll_combine_fused(const ep_ll_launch_t* p, cudaStream_t stream, int* launched);
 
 #ifdef __cplusplus
 }

@@ -24,8 +24,8 @@
  * or BF16 [H]; its stride `msg_bytes` = align16(hdr_bytes + max(2H, H + H / 32)).
  *
  * Counts and signals are zeroed by the receiver: the final value of a word is (n + 1) << 32 | n. To another node a
- * sender adds 1 per put (put-with-signal, ADD), and one block of its send kernel adds (n + 1) << 32. Over NVLink
- * each block of the send kernel adds, with one release add after its fenced stores, the number of its own units
+ * sender adds 1 per put (put-with-signal, ADD), and one block of its send phase adds (n + 1) << 32. Over NVLink
+ * each block of the send phase adds, with one release add after its fenced stores, the number of its own units
  * (dispatch: messages; combine: (row, part) pieces), and one block also adds (n + 1) << 32 (+ 1 for dispatch's
  * meta row): every add is positive, so lo reaches n only once all blocks' adds have landed. A receiver waits for
  * hi >= 1 and lo == hi - 1, reads n = hi - 1, and zeroes the word when the call's receive phase is done, before it

@@ -1,7 +1,10 @@
-// low_latency.cu: the low-latency (LL) path: dispatch and combine, each as a send kernel and a receive kernel
-// (the receive hook launches the second one later). The buffer layout and the signal protocol are drawn in
-// ll_layout.h. The send kernels have no grid-wide barrier: each block publishes its own part of the counts; the
-// receive kernels' last block acknowledges the call and advances the half's call number. Peers of this node are
+// low_latency.cu: the low-latency (LL) path: dispatch and combine, each a send phase and a receive phase. With the
+// receive hook the phases are two kernels (the hook launches the receive kernel later); without it one fused,
+// cooperative kernel per call runs the send phase and then the receive phase in the same blocks (see "Kernels" at
+// the end; EP_LL_FUSED=0 keeps two kernels there too). Each phase's code exists once, as a device function that
+// both kinds of kernel call with the phase's own grid (Grid). The buffer layout and the signal protocol are drawn
+// in ll_layout.h. The send phases have no grid-wide barrier: each block publishes its own part of the counts; the
+// receive phase's last block acknowledges the call and advances the half's call number. Peers of this node are
 // written with NVLink stores; others through the transport's put-with-signal. Data is placed by data, never by
 // atomics whose order varies (the count words are sums, whatever the order of their adds): slots come from a
 // counting pass over topk_idx, rows of an expert are packed by source rank then token, and combine sums in top-k
@@ -14,13 +17,33 @@
 #include "kernels/profile.cuh"
 #include "transport/transport.cuh"
 
+// 1 (default): a call without the receive hook launches one fused kernel; 0: the send kernel and the receive
+// kernel, as with the hook (for A/B timing: make EXTRA_NVCCFLAGS=-DEP_LL_FUSED=0).
+#ifndef EP_LL_FUSED
+#define EP_LL_FUSED 1
+#endif
+
 namespace ep {
 namespace ll {
 
 // ---------------------------------------------------------------------------------------------------------------
+// A phase's grid: this block's index among the blocks that run the phase, and their number. A phase's own kernel
+// passes (blockIdx.x, gridDim.x); a fused kernel runs a phase in its blocks [0, blocks), which may be fewer than
+// the kernel's grid. Phase code (token ranges, publishing blocks, unit striding, block-0 duties, profile stamps)
+// uses this, never blockIdx.x / gridDim.x. Only arrive_last counts the kernel's grid: every block of a kernel
+// arrives at the end of its receive phase, including the blocks that had no receive work.
+// ---------------------------------------------------------------------------------------------------------------
+struct Grid {
+  int block, blocks;
+};
+
+__device__ __forceinline__ Grid kernel_grid() { return Grid{(int)blockIdx.x, (int)gridDim.x}; }
+
+// ---------------------------------------------------------------------------------------------------------------
 // Profiling (off by default; build with EP_LL_PROFILE=1; kernels/profile.cuh). Thread 0 of block 0 and of the last
-// block stamp %globaltimer at each kernel's phase boundaries; every EP_LL_PROFILE_EVERY-th call of a kernel prints
-// one line (device printf) with, for both blocks, the time of each stage since the previous stamp, in us.
+// block of a phase's grid stamp %globaltimer at the phase's boundaries; every EP_LL_PROFILE_EVERY-th call of a
+// phase prints one line (device printf) with, for both blocks, the time of each stage since the previous stamp, in
+// us. Records are per phase ("kernel" below), whether the phase runs in its own kernel or in a fused one.
 // ---------------------------------------------------------------------------------------------------------------
 enum { kProfDispatchSend = 0, kProfDispatchRecv = 1, kProfCombineSend = 2, kProfCombineRecv = 3 };
 #if EP_LL_PROFILE
@@ -28,16 +51,17 @@ constexpr int kProfStamps = 5;  // stamp 0 = block start
 static_assert(kProfStamps <= prof::kMaxStamps, "LL stamps fit a profile record");
 __device__ prof::Record g_prof[4];  // [kernel]
 
-__device__ __forceinline__ void prof_stamp(int kernel, int i) {
-  if (threadIdx.x == 0) prof::stamp(g_prof[kernel], i);
+__device__ __forceinline__ void prof_stamp(int kernel, Grid grid, int i) {
+  if (threadIdx.x == 0) prof::stamp(g_prof[kernel], i, grid.block, grid.blocks);
 }
 
-// Called by thread 0 of block 0 and of the last block when the block is done (tail_ns: a stamp after the block's
-// end, e.g. the acknowledgements of the block that finished the call; 0 if none). The second of the two prints.
-__device__ void prof_finish(int kernel, int rank, unsigned long long tail_ns) {
-  if (threadIdx.x != 0 || (blockIdx.x != 0 && blockIdx.x != gridDim.x - 1)) return;
+// Called by every block when it is done with the phase (tail_ns: a stamp after the block's end, e.g. the
+// acknowledgements of the block that finished the call; 0 if none); thread 0 of block 0 and of the phase's last
+// block arrive. The second of the two prints.
+__device__ void prof_finish(int kernel, Grid grid, int rank, unsigned long long tail_ns) {
+  if (threadIdx.x != 0 || (grid.block != 0 && grid.block != grid.blocks - 1)) return;
   prof::Call c;
-  if (!prof::arrive(g_prof[kernel], tail_ns ? tail_ns : global_timer_ns(), gridDim.x == 1 ? 1u : 2u,
+  if (!prof::arrive(g_prof[kernel], tail_ns ? tail_ns : global_timer_ns(), grid.blocks == 1 ? 1u : 2u,
                     EP_LL_PROFILE_EVERY, c))
     return;
   static const char* const names[4] = {"dispatch-send", "dispatch-recv", "combine-send", "combine-recv"};
@@ -62,16 +86,16 @@ __device__ void prof_finish(int kernel, int rank, unsigned long long tail_ns) {
   const float since_prev = kernel & 1 && send_start ? (float)((long long)(s[0][0] - send_start)) * 1e-3f : 0.0f;
   printf("ep_ll_prof rank %d %s call %u grid %d | b0: %s %.2f %s %.2f %s %.2f %s %.2f | last@%+.2f: %.2f %.2f %.2f "
          "%.2f | end %.2f us after b0 start%s%.2f\n",
-         rank, names[kernel], c.number, gridDim.x, labels[kernel][0], d[0][0], labels[kernel][1], d[0][1],
+         rank, names[kernel], c.number, grid.blocks, labels[kernel][0], d[0][0], labels[kernel][1], d[0][1],
          labels[kernel][2], d[0][2], labels[kernel][3], d[0][3], last_start, d[1][0], d[1][1], d[1][2], d[1][3],
          total, kernel & 1 ? "; b0 start after the send's b0 start: " : "", since_prev);
 }
-#define LL_PROF_STAMP(kernel, i) ::ep::ll::prof_stamp((kernel), (i))
-#define LL_PROF_FINISH(kernel, rank, tail) ::ep::ll::prof_finish((kernel), (rank), (tail))
+#define LL_PROF_STAMP(kernel, grid, i) ::ep::ll::prof_stamp((kernel), (grid), (i))
+#define LL_PROF_FINISH(kernel, grid, rank, tail) ::ep::ll::prof_finish((kernel), (grid), (rank), (tail))
 #define LL_PROF_NOW() ::ep::global_timer_ns()
 #else
-#define LL_PROF_STAMP(kernel, i) ((void)0)
-#define LL_PROF_FINISH(kernel, rank, tail) ((void)0)
+#define LL_PROF_STAMP(kernel, grid, i) ((void)0)
+#define LL_PROF_FINISH(kernel, grid, rank, tail) ((void)0)
 #define LL_PROF_NOW() 0ull
 #endif
 
@@ -99,8 +123,16 @@ __device__ __forceinline__ void red_add_release_sys_u64(uint64_t* ptr, uint64_t 
   asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(ptr), "l"(v) : "memory");
 }
 
-// The block that publishes the final count word (and, for dispatch, the dispatch_meta row) to rank r.
-__device__ __forceinline__ bool publishes_for(int r) { return (unsigned)r % gridDim.x == blockIdx.x; }
+// The block of the send phase's grid that publishes the final count word (and, for dispatch, the dispatch_meta row)
+// to rank r.
+__device__ __forceinline__ bool publishes_for(int r, Grid grid) {
+  return (unsigned)r % (unsigned)grid.blocks == (unsigned)grid.block;
+}
+
+// The number of the call starting on the current half: one more than the half's last call. Only a receive phase's
+// last block advances seq[half], once every block of its kernel has arrived there, so every block of a kernel
+// reads the same value (in a fused kernel, at its start).
+__device__ __forceinline__ uint64_t next_call(const ep_ll_launch_t& p) { return p.state->seq[p.half] + 1; }
 
 // Tell rank r that this rank finished receiving call `op` on the current half.
 __device__ __forceinline__ void send_ack(const ep_ll_launch_t& p, int r, uint64_t op) {
@@ -216,7 +248,7 @@ __device__ __forceinline__ int4 cast16(const int4 (&in)[2], int round_scale, flo
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Dispatch, send phase. Block b owns a contiguous range of at most kMaxRange of my tokens.
+// Dispatch, send phase. Block b of the phase's grid owns a contiguous range of at most kMaxRange of my tokens.
 //  1. It counts, per expert and per rank, my tokens before its range and after it (one thread per (token, slot)),
 //     and notes the distinct experts and distinct ranks of its own tokens (threads tid < R meanwhile wait for the
 //     acknowledgements of the half's previous call); then, from shared memory only, each token's slot j
@@ -228,7 +260,7 @@ __device__ __forceinline__ int4 cast16(const int4 (&in)[2], int round_scale, flo
 //     per destination rank; part 0 writes the header. Tokens with a destination in another node are also written
 //     to the local stage and, after one block barrier, put whole with put-with-signal, one put per (token, rank).
 //  3. No grid-wide barrier: every block, once its stores are fenced, adds its own message count to each NVLink
-//     destination's count word (one release add per (block, rank)); block r % grid also writes rank r's
+//     destination's count word (one release add per (block, rank)); block r % blocks also writes rank r's
 //     dispatch_meta row (my tokens per local expert of r; every block knows all counts from step 1) and adds
 //     the word's high half, (messages + 1) + 1. Ranks of other nodes count the puts themselves (1 per put).
 // ---------------------------------------------------------------------------------------------------------------
@@ -238,7 +270,9 @@ constexpr int kMaxRange = 64;   // tokens per send block at most
 constexpr int kStep = 512;      // channels per warp step: 16 per lane
 constexpr int kStepBatch = 4;   // steps whose loads a lane has in flight at once
 
-__global__ void __launch_bounds__(kSendThreads, 1) dispatch_send_kernel(ep_ll_launch_t p) {
+// One block's send phase of call `op`. False if the block gave up (an acknowledgement timed out; the fault is
+// recorded): the caller then stops, with no receive phase.
+__device__ __forceinline__ bool dispatch_send(const ep_ll_launch_t& p, Grid grid, uint64_t op) {
   extern __shared__ int s_dyn[];
   const ep_ll_layout_t& L = p.layout;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -246,12 +280,11 @@ __global__ void __launch_bounds__(kSendThreads, 1) dispatch_send_kernel(ep_ll_la
   const int N = p.num_tokens;
   const size_t half = half_offset(p);
   char* mine = p.ll_base + half;
-  LL_PROF_STAMP(kProfDispatchSend, 0);
-  const uint64_t op = p.state->seq[p.half] + 1;  // seq is advanced by the receive phase, never during this kernel
-  if (blockIdx.x == 0 && tid == 0) p.ops[0] = op;
+  LL_PROF_STAMP(kProfDispatchSend, grid, 0);
+  if (grid.block == 0 && tid == 0) p.ops[0] = op;  // the call number for a later receive kernel (the hook)
 
-  const int per_block = (N + gridDim.x - 1) / gridDim.x;  // <= kMaxRange (the launcher sizes the grid)
-  const int begin = min(N, (int)blockIdx.x * per_block), end = min(N, begin + per_block), n_loc = end - begin;
+  const int per_block = (N + grid.blocks - 1) / grid.blocks;  // <= kMaxRange (the launcher sizes the grid)
+  const int begin = min(N, grid.block * per_block), end = min(N, begin + per_block), n_loc = end - begin;
   int* s_hist = s_dyn;                     // [E] my tokens before the range (later: up to its end), per expert
   int* s_rhist = s_hist + E;               // [R] the same per distinct rank
   int* s_ahist = s_rhist + R;              // [E] my tokens after the range, per distinct expert
@@ -286,8 +319,8 @@ __global__ void __launch_bounds__(kSendThreads, 1) dispatch_send_kernel(ep_ll_la
       s_rf[i] = (si.first_k >= 0 ? (si.first_k + 1) << 1 : 0) | (si.rfirst ? 1 : 0);
     }
   }
-  if (__syncthreads_or(!acks_ok)) return;  // every rank is done with this half's last call (or one timed out)
-  LL_PROF_STAMP(kProfDispatchSend, 1);
+  if (__syncthreads_or(!acks_ok)) return false;  // every rank is done with this half's last call (or one timed out)
+  LL_PROF_STAMP(kProfDispatchSend, grid, 1);
   // 1b. Slots and message positions inside the range (each earlier token lists an expert / a rank once at most).
   for (int i = tid; i < n_loc * K; i += blockDim.x) {
     const int e = s_ent[i];
@@ -402,7 +435,7 @@ __global__ void __launch_bounds__(kSendThreads, 1) dispatch_send_kernel(ep_ll_la
   int* meta_out = reinterpret_cast<int*>(mine + L.meta_stage);  // [R][E_loc]
   for (int i = tid; i < E; i += blockDim.x) {
     const int d = i / E_loc, le = i % E_loc;
-    if (!publishes_for(d)) continue;
+    if (!publishes_for(d, grid)) continue;
     char* peer = nvlink_peer(p, d);
     const int n = s_hist[i] + s_ahist[i];
     if (peer) reinterpret_cast<int*>(peer + half + L.dispatch_meta)[(size_t)me * E_loc + le] = n;
@@ -411,7 +444,7 @@ __global__ void __launch_bounds__(kSendThreads, 1) dispatch_send_kernel(ep_ll_la
   // Every thread's stores (peers' receive slots, the stage, meta rows) are complete before the block's counts.
   __threadfence_system();
   __syncthreads();
-  LL_PROF_STAMP(kProfDispatchSend, 2);
+  LL_PROF_STAMP(kProfDispatchSend, grid, 2);
 
   // Tokens going to another node: the whole message (header + payload) from the stage, one put per rank; and the
   // dispatch_meta rows of the other-node ranks this block publishes to.
@@ -429,7 +462,7 @@ __global__ void __launch_bounds__(kSendThreads, 1) dispatch_send_kernel(ep_ll_la
     }
   }
   for (int d = warp; d < R; d += kSendWarps)
-    if (publishes_for(d) && nvlink_peer(p, d) == nullptr)
+    if (publishes_for(d, grid) && nvlink_peer(p, d) == nullptr)
       tp::put_signal_warp(mine + L.dispatch_meta + (size_t)me * E_loc * 4, meta_out + (size_t)d * E_loc,
                           (size_t)E_loc * 4, count_word, 1, /*add=*/true, d);
 
@@ -437,7 +470,7 @@ __global__ void __launch_bounds__(kSendThreads, 1) dispatch_send_kernel(ep_ll_la
   // if it publishes for d), in one release add after the fence above. Other nodes: the puts count themselves; the
   // publishing block adds the high half.
   for (int d = tid; d < R; d += blockDim.x) {
-    const bool pub = publishes_for(d);
+    const bool pub = publishes_for(d, grid);
     const uint64_t hi = (uint64_t)(s_rhist[d] + s_arhist[d] + 2) << 32;  // (n + 1) << 32, n = messages + 1
     char* peer = nvlink_peer(p, d);
     if (peer) {
@@ -447,8 +480,39 @@ __global__ void __launch_bounds__(kSendThreads, 1) dispatch_send_kernel(ep_ll_la
       tp::signal_add(count_word, hi, d);
     }
   }
-  LL_PROF_STAMP(kProfDispatchSend, 3);
-  LL_PROF_FINISH(kProfDispatchSend, me, 0);
+  LL_PROF_STAMP(kProfDispatchSend, grid, 3);
+  LL_PROF_FINISH(kProfDispatchSend, grid, me, 0);
+  return true;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The end of a receive phase (phase: kProfDispatchRecv or kProfCombineRecv, which also index ep_ll_state_t's done[];
+// words: the offset of the count words in a half), in EVERY block of the kernel: in a fused kernel the blocks past
+// the receive phase's grid arrive too, so that the half's call number, which every block read at its start,
+// advances only after all of them. The last block to arrive zeroes the count words (each before the
+// acknowledgement to the same rank, by the same thread), acknowledges call `op` to every rank and advances the
+// half's call number (read by the next send on this half). A block that gave up never gets here: the call is then
+// never acknowledged (a timeout fails the group), in a fused kernel as with two kernels.
+// ---------------------------------------------------------------------------------------------------------------
+__device__ __forceinline__ void finish_recv(const ep_ll_launch_t& p, Grid grid, int phase, size_t words, uint64_t op) {
+  unsigned int* done = &p.state->done[phase];
+  const bool last = arrive_last(done);
+  LL_PROF_STAMP(phase, grid, phase == kProfDispatchRecv ? 4 : 3);  // "arrive" (prof_finish's labels)
+  if (!last) {
+    LL_PROF_FINISH(phase, grid, p.rank, 0);
+    return;
+  }
+  uint64_t* word = reinterpret_cast<uint64_t*>(p.ll_base + half_offset(p) + words);
+  for (int r = threadIdx.x; r < p.num_ranks; r += blockDim.x) {
+    word[r] = 0;
+    __threadfence_system();
+    send_ack(p, r, op);
+  }
+  if (threadIdx.x == 0) {
+    *done = 0;
+    p.state->seq[p.half] = op;
+  }
+  LL_PROF_FINISH(phase, grid, p.rank, LL_PROF_NOW());
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -460,7 +524,7 @@ __global__ void __launch_bounds__(kSendThreads, 1) dispatch_send_kernel(ep_ll_la
 // my experts and stores its share into each of their rows (row = begin(expert, source) + j): a token that selects
 // several of my experts crossed the link once and is copied here from local memory. Part 0 also writes the source
 // index and the scales. Block 0 writes layout_range and recv_count. The last block zeroes the count words,
-// acknowledges the call to every rank and advances the half's call number.
+// acknowledges the call to every rank and advances the half's call number (finish_recv).
 // ---------------------------------------------------------------------------------------------------------------
 constexpr int kCopyBatch = 8;  // 16-byte words a lane has in flight per batch
 
@@ -515,7 +579,9 @@ __device__ __forceinline__ uint32_t ue8m0_pack(const float4& f) {
          (((__float_as_uint(f.z) >> 23) & 0xffu) << 16) | (((__float_as_uint(f.w) >> 23) & 0xffu) << 24);
 }
 
-__global__ void __launch_bounds__(kRecvThreads) dispatch_recv_kernel(ep_ll_launch_t p) {
+// One block's receive phase, up to finish_recv. False if the block gave up (a count never came; the fault is
+// recorded): the caller then stops, without arriving.
+__device__ __forceinline__ bool dispatch_recv(const ep_ll_launch_t& p, Grid grid) {
   extern __shared__ int s_dyn[];
   const ep_ll_layout_t& L = p.layout;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -523,10 +589,9 @@ __global__ void __launch_bounds__(kRecvThreads) dispatch_recv_kernel(ep_ll_launc
   const size_t RT = (size_t)R * p.max_tokens;
   const size_t half = half_offset(p);
   char* mine = p.ll_base + half;
-  uint64_t* counts = reinterpret_cast<uint64_t*>(mine + L.dispatch_count);
+  const uint64_t* counts = reinterpret_cast<const uint64_t*>(mine + L.dispatch_count);
   const int* meta = reinterpret_cast<const int*>(mine + L.dispatch_meta);  // [R][E_loc]
-  LL_PROF_STAMP(kProfDispatchRecv, 0);
-  const uint64_t op = p.ops[0];
+  LL_PROF_STAMP(kProfDispatchRecv, grid, 0);
   int* s_row0 = s_dyn;           // [R][E_loc] first row of (source, expert); later the prefix
   int* s_moff = s_row0 + R * E_loc;  // [R + 1] first message index of each source
   __shared__ int s_failed;
@@ -559,16 +624,16 @@ __global__ void __launch_bounds__(kRecvThreads) dispatch_recv_kernel(ep_ll_launc
     }
   }
   __syncthreads();
-  if (s_failed) return;
-  LL_PROF_STAMP(kProfDispatchRecv, 1);
+  if (s_failed) return false;
+  LL_PROF_STAMP(kProfDispatchRecv, grid, 1);
 
   // Each warp issues the loads of its first message unit now, so that they travel with the dispatch_meta loads.
   const int M = s_moff[R];
-  const int total_warps = gridDim.x * kRecvWarps;
+  const int total_warps = grid.blocks * kRecvWarps;
   const int parts = max(1, min(8, total_warps / max(M, 1)));
   const int words = p.fp8 ? H / 16 : H / 8;  // payload without the scales, in 16-byte words
   const int units = M * parts;
-  const int u0 = blockIdx.x * kRecvWarps + warp;
+  const int u0 = grid.block * kRecvWarps + warp;
   RecvUnit r;
   if (u0 < units) recv_unit_load(p, mine + L.recv, s_moff, u0, parts, words, r);
   for (int i = tid; i < R * E_loc; i += blockDim.x) s_row0[i] = ld_relaxed_sys(meta + i);
@@ -578,13 +643,13 @@ __global__ void __launch_bounds__(kRecvThreads) dispatch_recv_kernel(ep_ll_launc
     for (int s = 0; s < R; ++s) {
       const int n = s_row0[s * E_loc + le];
       s_row0[s * E_loc + le] = run;
-      if (blockIdx.x == 0) p.layout_range[(size_t)le * R + s] = ((int64_t)run << 32) | (uint32_t)n;
+      if (grid.block == 0) p.layout_range[(size_t)le * R + s] = ((int64_t)run << 32) | (uint32_t)n;
       run += n;
     }
-    if (blockIdx.x == 0) p.recv_count[le] = run;
+    if (grid.block == 0) p.recv_count[le] = run;
   }
   __syncthreads();
-  LL_PROF_STAMP(kProfDispatchRecv, 2);
+  LL_PROF_STAMP(kProfDispatchRecv, grid, 2);
 
   for (int u = u0; u < units; u += total_warps) {
     if (u != u0) recv_unit_load(p, mine + L.recv, s_moff, u, parts, words, r);
@@ -629,38 +694,22 @@ __global__ void __launch_bounds__(kRecvThreads) dispatch_recv_kernel(ep_ll_launc
       }
     }
   }
-  LL_PROF_STAMP(kProfDispatchRecv, 3);
-
-  // The last block zeroes the count words (each before the acknowledgement to the same rank, by the same thread)
-  // and acknowledges the call; it advances the half's call number (read by the next send on this half).
-  const bool last = arrive_last(&p.state->done[1]);
-  LL_PROF_STAMP(kProfDispatchRecv, 4);
-  if (!last) {
-    LL_PROF_FINISH(kProfDispatchRecv, me, 0);
-    return;
-  }
-  for (int i = tid; i < R; i += blockDim.x) {
-    counts[i] = 0;
-    __threadfence_system();
-    send_ack(p, i, op);
-  }
-  if (tid == 0) {
-    p.state->done[1] = 0;
-    p.state->seq[p.half] = op;
-  }
-  LL_PROF_FINISH(kProfDispatchRecv, me, LL_PROF_NOW());
+  LL_PROF_STAMP(kProfDispatchRecv, grid, 3);
+  return true;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
 // Combine, send phase. All received rows of all local experts form one flat list (experts in order, rows in
-// order), split over every warp of the grid in (row, part) units: a warp loads its part of the expert output with
-// non-coherent loads, kCopyBatch 16-byte words per lane in flight, and stores it into its source rank's combine
-// receive row (expert, position of the token among that rank's tokens for the expert). Rows for another node go
-// whole, through the stage, by put-with-signal. No grid-wide barrier: each block, once its stores are fenced, adds
-// its number of units to each NVLink rank's signal word; block r % grid adds the high half ((units to r) + 1) << 32
-// (for another node: (rows to r) + 1, the puts counting themselves).
+// order), split over every warp of the phase's grid in (row, part) units: a warp loads its part of the expert
+// output with non-coherent loads, kCopyBatch 16-byte words per lane in flight, and stores it into its source rank's
+// combine receive row (expert, position of the token among that rank's tokens for the expert). Rows for another
+// node go whole, through the stage, by put-with-signal. No grid-wide barrier: each block, once its stores are
+// fenced, adds its number of units to each NVLink rank's signal word; block r % blocks adds the high half
+// ((units to r) + 1) << 32 (for another node: (rows to r) + 1, the puts counting themselves).
 // ---------------------------------------------------------------------------------------------------------------
-__global__ void __launch_bounds__(kSendThreads, 1) combine_send_kernel(ep_ll_launch_t p) {
+// One block's send phase of call `op`. False if the block gave up (an acknowledgement timed out; the fault is
+// recorded): the caller then stops, with no receive phase.
+__device__ __forceinline__ bool combine_send(const ep_ll_launch_t& p, Grid grid, uint64_t op) {
   extern __shared__ int s_dyn[];
   const ep_ll_layout_t& L = p.layout;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -669,9 +718,8 @@ __global__ void __launch_bounds__(kSendThreads, 1) combine_send_kernel(ep_ll_lau
   const int row_words = H * 2 / 16;
   const size_t half = half_offset(p);
   char* stage = p.ll_base + half + L.combine_stage;  // [E_loc][RT][H] bf16: the zero-copy buffer
-  LL_PROF_STAMP(kProfCombineSend, 0);
-  const uint64_t op = p.state->seq[p.half] + 1;  // seq is advanced by the receive phase, never during this kernel
-  if (blockIdx.x == 0 && tid == 0) p.ops[1] = op;
+  LL_PROF_STAMP(kProfCombineSend, grid, 0);
+  if (grid.block == 0 && tid == 0) p.ops[1] = op;  // the call number for a later receive kernel (the hook)
   int2* s_range = reinterpret_cast<int2*>(s_dyn);           // [E_loc][R] (begin, count) of layout_range
   int* s_first = reinterpret_cast<int*>(s_range + E_loc * R);  // [E_loc + 1]: first flat row of each local expert
   int* s_rows = s_first + E_loc + 1;                         // [R] rows to each rank
@@ -682,8 +730,8 @@ __global__ void __launch_bounds__(kSendThreads, 1) combine_send_kernel(ep_ll_lau
     s_range[i] = make_int2((int)(v >> 32), (int)(uint32_t)v);
   }
   const bool acks_ok = poll_acks(p, op, EP_SITE_LL_COMBINE_ACK);  // overlaps the loads above
-  if (__syncthreads_or(!acks_ok)) return;
-  LL_PROF_STAMP(kProfCombineSend, 1);
+  if (__syncthreads_or(!acks_ok)) return false;
+  LL_PROF_STAMP(kProfCombineSend, grid, 1);
   if (warp == 0) {  // rows per expert (begin + count of the last source), exclusive scan
     int run = 0;
     for (int base = 0; base < E_loc; base += 32) {
@@ -703,13 +751,13 @@ __global__ void __launch_bounds__(kSendThreads, 1) combine_send_kernel(ep_ll_lau
     if (lane == 0) s_first[0] = 0;
   }
   for (int i = tid; i < E_loc * R; i += blockDim.x)
-    if (publishes_for(i % R) && s_range[i].y) atomicAdd(&s_rows[i % R], s_range[i].y);
+    if (publishes_for(i % R, grid) && s_range[i].y) atomicAdd(&s_rows[i % R], s_range[i].y);
   __syncthreads();
 
   const int total = s_first[E_loc];
-  const int total_warps = gridDim.x * kSendWarps;
+  const int total_warps = grid.blocks * kSendWarps;
   const int parts = max(1, min(8, total_warps / max(total, 1)));
-  for (int u = blockIdx.x * kSendWarps + warp; u < total * parts; u += total_warps) {
+  for (int u = grid.block * kSendWarps + warp; u < total * parts; u += total_warps) {
     const int flat = u / parts, part = u % parts;
     int lo = 0, hi = E_loc - 1;  // the last expert whose first row is <= flat (empty experts are skipped)
     while (lo < hi) {
@@ -757,11 +805,11 @@ __global__ void __launch_bounds__(kSendThreads, 1) combine_send_kernel(ep_ll_lau
   // Every thread's stores are complete before the block's counts.
   __threadfence_system();
   __syncthreads();
-  LL_PROF_STAMP(kProfCombineSend, 2);
+  LL_PROF_STAMP(kProfCombineSend, grid, 2);
 
   // NVLink rank r: lo counts (row, part) units, rows * parts in all; another node: lo counts rows (one per put).
   for (int r = tid; r < R; r += blockDim.x) {
-    const bool pub = publishes_for(r);
+    const bool pub = publishes_for(r, grid);
     const size_t offset = half + L.combine_signal + (size_t)me * 8;
     char* peer = nvlink_peer(p, r);
     if (peer) {
@@ -771,14 +819,15 @@ __global__ void __launch_bounds__(kSendThreads, 1) combine_send_kernel(ep_ll_lau
       tp::signal_add(reinterpret_cast<uint64_t*>(p.ll_base + offset), (uint64_t)(s_rows[r] + 1) << 32, r);
     }
   }
-  LL_PROF_STAMP(kProfCombineSend, 3);
-  LL_PROF_FINISH(kProfCombineSend, me, 0);
+  LL_PROF_STAMP(kProfCombineSend, grid, 3);
+  LL_PROF_FINISH(kProfCombineSend, grid, me, 0);
+  return true;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
 // Combine, receive phase. Wait for every rank's rows (the warps' first slots and weights load meanwhile), then one
 // warp per (token, 256 channels): out = bf16(sum over k in order of fmaf(w[t][k], row_k, acc)), skipping -1 slots.
-// The last block zeroes the signals, acknowledges the call and advances the half's call number.
+// The last block zeroes the signals, acknowledges the call and advances the half's call number (finish_recv).
 // ---------------------------------------------------------------------------------------------------------------
 __device__ __forceinline__ void fma_bf16x8(float (&acc)[8], float w, const int4& v) {
   const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
@@ -790,19 +839,20 @@ __device__ __forceinline__ void fma_bf16x8(float (&acc)[8], float w, const int4&
   }
 }
 
-__global__ void __launch_bounds__(kRecvThreads) combine_recv_kernel(ep_ll_launch_t p) {
+// One block's receive phase, up to finish_recv. False if the block gave up (rows never came; the fault is
+// recorded): the caller then stops, without arriving.
+__device__ __forceinline__ bool combine_recv(const ep_ll_launch_t& p, Grid grid) {
   const ep_ll_layout_t& L = p.layout;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int me = p.rank, R = p.num_ranks, K = p.num_topk, H = p.hidden;
   const size_t half = half_offset(p);
   char* mine = p.ll_base + half;
-  uint64_t* signals = reinterpret_cast<uint64_t*>(mine + L.combine_signal);
-  LL_PROF_STAMP(kProfCombineRecv, 0);
-  const uint64_t op = p.ops[1];
+  const uint64_t* signals = reinterpret_cast<const uint64_t*>(mine + L.combine_signal);
+  LL_PROF_STAMP(kProfCombineRecv, grid, 0);
   const char* rows = mine + L.recv;
   const int chunks = (H + kChunk - 1) / kChunk;
   const int units = p.num_tokens * chunks;
-  const int u0 = blockIdx.x * kRecvWarps + warp;
+  const int u0 = grid.block * kRecvWarps + warp;
   // The first unit's slots and weights (this rank's own data) are loaded while the signals are awaited.
   int pre_slot = -1;
   float pre_w = 0.0f;
@@ -815,10 +865,10 @@ __global__ void __launch_bounds__(kRecvThreads) combine_recv_kernel(ep_ll_launch
   for (int r = tid; ok && r < R; r += blockDim.x)
     ok = wait_until([&] { return count_complete(ld_acquire_sys_u64(signals + r)); }, p.timeout_ns, p.error, me, r,
                     EP_SITE_LL_COMBINE_RECV);
-  if (__syncthreads_or(!ok)) return;
-  LL_PROF_STAMP(kProfCombineRecv, 1);
+  if (__syncthreads_or(!ok)) return false;
+  LL_PROF_STAMP(kProfCombineRecv, grid, 1);
 
-  for (int u = u0; u < units; u += gridDim.x * kRecvWarps) {
+  for (int u = u0; u < units; u += grid.blocks * kRecvWarps) {
     const int t = u / chunks;
     const int c = (u % chunks) * kChunk + lane * 8;  // first channel of this lane
     const bool active = c < H;
@@ -854,26 +904,65 @@ __global__ void __launch_bounds__(kRecvThreads) combine_recv_kernel(ep_ll_launch
     }
   }
 
-  LL_PROF_STAMP(kProfCombineRecv, 2);
+  LL_PROF_STAMP(kProfCombineRecv, grid, 2);
+  return true;
+}
 
-  // The last block zeroes the signal words (each before the acknowledgement to the same rank, by the same thread)
-  // and acknowledges the call; it advances the half's call number (read by the next send on this half).
-  const bool last = arrive_last(&p.state->done[3]);
-  LL_PROF_STAMP(kProfCombineRecv, 3);
-  if (!last) {
-    LL_PROF_FINISH(kProfCombineRecv, me, 0);
-    return;
-  }
-  for (int r = tid; r < R; r += blockDim.x) {
-    signals[r] = 0;
-    __threadfence_system();
-    send_ack(p, r, op);
-  }
-  if (tid == 0) {
-    p.state->done[3] = 0;
-    p.state->seq[p.half] = op;
-  }
-  LL_PROF_FINISH(kProfCombineRecv, me, LL_PROF_NOW());
+// ---------------------------------------------------------------------------------------------------------------
+// Kernels. With the receive hook each phase is a kernel of its own: the hook launches the receive kernel later, and
+// it takes the call number from the handle (p.ops, written by the send phase's block 0). Without the hook one fused
+// kernel runs, in each block, the send phase (blocks [0, send_blocks)) and then the receive phase (blocks
+// [0, recv_blocks)); its grid is max(send_blocks, recv_blocks) <= the SM count and it is launched cooperatively, so
+// that all its blocks are resident at once: a block's receive phase spins on counts that the send phases of other
+// blocks, of this rank and of its peers, publish. Running both phases in one kernel, the fused kernel
+//  - reads the call number itself in every block (seq[half] + 1, as the send phase does), rather than p.ops, which
+//    send block 0 may not have written yet; finish_recv, in every block, advances seq only once all have arrived;
+//  - stops a block whose send phase gave up before its receive phase: it never arrives, the other blocks' waits
+//    time out (each fault names a peer) and the call is not acknowledged, as with two kernels;
+//  - separates the phases with a block barrier: both use the dynamic shared memory from its start (combine's
+//    receive phase uses none).
+// ---------------------------------------------------------------------------------------------------------------
+static_assert(kSendThreads == kRecvThreads, "a fused kernel runs both phases with one block size");
+constexpr int kFusedThreads = kSendThreads;
+
+__global__ void __launch_bounds__(kSendThreads, 1) dispatch_send_kernel(ep_ll_launch_t p) {
+  dispatch_send(p, kernel_grid(), next_call(p));
+}
+
+__global__ void __launch_bounds__(kRecvThreads) dispatch_recv_kernel(ep_ll_launch_t p) {
+  const uint64_t op = p.ops[0];
+  if (dispatch_recv(p, kernel_grid())) finish_recv(p, kernel_grid(), kProfDispatchRecv, p.layout.dispatch_count, op);
+}
+
+__global__ void __launch_bounds__(kFusedThreads, 1)
+    dispatch_fused_kernel(ep_ll_launch_t p, int send_blocks, int recv_blocks) {
+  const uint64_t op = next_call(p);
+  const int b = blockIdx.x;
+  if (b < send_blocks && !dispatch_send(p, Grid{b, send_blocks}, op)) return;
+  __syncthreads();  // the receive phase reuses the send phase's shared memory
+  const Grid recv{b, recv_blocks};
+  if (b < recv_blocks && !dispatch_recv(p, recv)) return;
+  finish_recv(p, recv, kProfDispatchRecv, p.layout.dispatch_count, op);
+}
+
+__global__ void __launch_bounds__(kSendThreads, 1) combine_send_kernel(ep_ll_launch_t p) {
+  combine_send(p, kernel_grid(), next_call(p));
+}
+
+__global__ void __launch_bounds__(kRecvThreads) combine_recv_kernel(ep_ll_launch_t p) {
+  const uint64_t op = p.ops[1];
+  if (combine_recv(p, kernel_grid())) finish_recv(p, kernel_grid(), kProfCombineRecv, p.layout.combine_signal, op);
+}
+
+__global__ void __launch_bounds__(kFusedThreads, 1)
+    combine_fused_kernel(ep_ll_launch_t p, int send_blocks, int recv_blocks) {
+  const uint64_t op = next_call(p);
+  const int b = blockIdx.x;
+  if (b < send_blocks && !combine_send(p, Grid{b, send_blocks}, op)) return;
+  // No barrier: the receive phase uses no dynamic shared memory (and starts with a block barrier).
+  const Grid recv{b, recv_blocks};
+  if (b < recv_blocks && !combine_recv(p, recv)) return;
+  finish_recv(p, recv, kProfCombineRecv, p.layout.combine_signal, op);
 }
 
 }  // namespace ll
@@ -886,41 +975,119 @@ static cudaError_t ll_smem(const void* fn, size_t smem) {
   return cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
 }
 
-extern "C" cudaError_t ep_launch_ll_dispatch_send(const ep_ll_launch_t* p, cudaStream_t stream) {
+namespace {
+struct Shape {  // of one phase's launch
+  int grid;
+  size_t smem;  // dynamic shared memory
+};
+}  // namespace
+
+static Shape dispatch_send_shape(const ep_ll_launch_t* p) {
   /* One block per token up to the SM count; more blocks when a block would own more than kMaxRange tokens. */
   int grid = ll_grid(p->num_sms, p->num_tokens);
   const int min_grid = (p->num_tokens + ep::ll::kMaxRange - 1) / ep::ll::kMaxRange;
   if (grid < min_grid) grid = min_grid;
   const int per_block = (p->num_tokens + grid - 1) / grid;
-  const size_t smem =
-      sizeof(int) * (2 * (size_t)p->num_experts + 3 * (size_t)p->num_ranks + 4 * (size_t)per_block * p->num_topk);
-  cudaError_t e = ll_smem((const void*)ep::ll::dispatch_send_kernel, smem);
+  return {grid,
+          sizeof(int) * (2 * (size_t)p->num_experts + 3 * (size_t)p->num_ranks + 4 * (size_t)per_block * p->num_topk)};
+}
+
+static Shape dispatch_recv_shape(const ep_ll_launch_t* p) {
+  return {p->num_sms, sizeof(int) * ((size_t)p->num_experts + (size_t)p->num_ranks + 1)};
+}
+
+static Shape combine_send_shape(const ep_ll_launch_t* p) {
+  const size_t E_loc = (size_t)(p->num_experts / p->num_ranks), R = (size_t)p->num_ranks;
+  return {p->num_sms, 2 * sizeof(int) * E_loc * R + sizeof(int) * (E_loc + 1 + 2 * R)};
+}
+
+static Shape combine_recv_shape(const ep_ll_launch_t* p) {
+  const int chunks = (p->hidden + ep::ll::kChunk - 1) / ep::ll::kChunk;
+  const int warps = p->num_tokens * chunks;
+  return {ll_grid(p->num_sms, (warps + ep::ll::kRecvWarps - 1) / ep::ll::kRecvWarps), 0};
+}
+
+extern "C" cudaError_t ep_launch_ll_dispatch_send(const ep_ll_launch_t* p, cudaStream_t stream) {
+  const Shape s = dispatch_send_shape(p);
+  cudaError_t e = ll_smem((const void*)ep::ll::dispatch_send_kernel, s.smem);
   if (e != cudaSuccess) return e;
-  ep::ll::dispatch_send_kernel<<<grid, ep::ll::kSendThreads, smem, stream>>>(*p);
+  ep::ll::dispatch_send_kernel<<<s.grid, ep::ll::kSendThreads, s.smem, stream>>>(*p);
   return cudaGetLastError();
 }
 
 extern "C" cudaError_t ep_launch_ll_dispatch_recv(const ep_ll_launch_t* p, cudaStream_t stream) {
-  const size_t smem = sizeof(int) * ((size_t)p->num_experts + (size_t)p->num_ranks + 1);
-  cudaError_t e = ll_smem((const void*)ep::ll::dispatch_recv_kernel, smem);
+  const Shape s = dispatch_recv_shape(p);
+  cudaError_t e = ll_smem((const void*)ep::ll::dispatch_recv_kernel, s.smem);
   if (e != cudaSuccess) return e;
-  ep::ll::dispatch_recv_kernel<<<p->num_sms, ep::ll::kRecvThreads, smem, stream>>>(*p);
+  ep::ll::dispatch_recv_kernel<<<s.grid, ep::ll::kRecvThreads, s.smem, stream>>>(*p);
   return cudaGetLastError();
 }
 
 extern "C" cudaError_t ep_launch_ll_combine_send(const ep_ll_launch_t* p, cudaStream_t stream) {
-  const size_t E_loc = (size_t)(p->num_experts / p->num_ranks), R = (size_t)p->num_ranks;
-  const size_t smem = 2 * sizeof(int) * E_loc * R + sizeof(int) * (E_loc + 1 + 2 * R);
-  cudaError_t e = ll_smem((const void*)ep::ll::combine_send_kernel, smem);
+  const Shape s = combine_send_shape(p);
+  cudaError_t e = ll_smem((const void*)ep::ll::combine_send_kernel, s.smem);
   if (e != cudaSuccess) return e;
-  ep::ll::combine_send_kernel<<<p->num_sms, ep::ll::kSendThreads, smem, stream>>>(*p);
+  ep::ll::combine_send_kernel<<<s.grid, ep::ll::kSendThreads, s.smem, stream>>>(*p);
   return cudaGetLastError();
 }
 
 extern "C" cudaError_t ep_launch_ll_combine_recv(const ep_ll_launch_t* p, cudaStream_t stream) {
-  const int chunks = (p->hidden + ep::ll::kChunk - 1) / ep::ll::kChunk;
-  const int warps = p->num_tokens * chunks;
-  ep::ll::combine_recv_kernel<<<ll_grid(p->num_sms, (warps + ep::ll::kRecvWarps - 1) / ep::ll::kRecvWarps),
-                                ep::ll::kRecvThreads, 0, stream>>>(*p);
+  const Shape s = combine_recv_shape(p);
+  ep::ll::combine_recv_kernel<<<s.grid, ep::ll::kRecvThreads, s.smem, stream>>>(*p);
   return cudaGetLastError();
+}
+
+/* Blocks of a fused kernel that can be resident on one SM (threads and registers; a call's dynamic shared memory
+ * cannot bring a launchable kernel below 1, and the fused grid never passes the SM count), or 0 where the device
+ * has no cooperative launch. A failed query leaves no error behind for the next launch's cudaGetLastError(). */
+static int fused_blocks_per_sm(const void* kernel) {
+  int dev = 0, coop = 0, blocks = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, dev) != cudaSuccess ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, ep::ll::kFusedThreads, 0) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  return coop ? blocks : 0;
+}
+
+/* Launch fused kernel kKernel cooperatively over max(send, receive grid) blocks, if that is at most the SM count and
+ * that many blocks can be resident at once (computed once per kernel, per process: every GPU of a job is taken to
+ * be the same model); else launch nothing and leave *launched 0. Capturable: the cooperative attribute is valid for
+ * launches and for graph kernel nodes (driver_types.h, cudaLaunchAttributeCooperative). */
+template <void (*kKernel)(ep_ll_launch_t, int, int)>
+static cudaError_t launch_fused(const ep_ll_launch_t* p, Shape send, Shape recv, cudaStream_t stream, int* launched) {
+  *launched = 0;
+  const int grid = send.grid > recv.grid ? send.grid : recv.grid;
+  if (!EP_LL_FUSED || grid > p->num_sms) return cudaSuccess;
+  static const int per_sm = fused_blocks_per_sm((const void*)kKernel);
+  if (grid > per_sm * p->num_sms) return cudaSuccess;
+  const size_t smem = send.smem > recv.smem ? send.smem : recv.smem;
+  cudaError_t e = ll_smem((const void*)kKernel, smem);
+  if (e != cudaSuccess) return e;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeCooperative;
+  attr[0].val.cooperative = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3((unsigned)grid);
+  cfg.blockDim = dim3((unsigned)ep::ll::kFusedThreads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  e = cudaLaunchKernelEx(&cfg, kKernel, *p, send.grid, recv.grid);
+  const cudaError_t last = cudaGetLastError();  // clear it, as the <<<>>> launches' checks do
+  if (e == cudaSuccess) e = last;
+  if (e == cudaSuccess) *launched = 1;
+  return e;
+}
+
+extern "C" cudaError_t ep_launch_ll_dispatch_fused(const ep_ll_launch_t* p, cudaStream_t stream, int* launched) {
+  return launch_fused<ep::ll::dispatch_fused_kernel>(p, dispatch_send_shape(p), dispatch_recv_shape(p), stream,
+                                                     launched);
+}
+
+extern "C" cudaError_t ep_launch_ll_combine_fused(const ep_ll_launch_t* p, cudaStream_t stream, int* launched) {
+  return launch_fused<ep::ll::combine_fused_kernel>(p, combine_send_shape(p), combine_recv_shape(p), stream,
+                                                    launched);
 }

@@ -45,12 +45,15 @@ struct Record {
   unsigned int arrived, calls;
 };
 
-// Stamp i, if this is block 0 or the last block. For one thread of the block.
-__device__ __forceinline__ void stamp(Record& r, int i) {
+// Stamp i, if this is block 0 or the last block (of `blocks`, this one being `block`: a phase that runs in part of
+// a kernel's grid names its own; the other overload takes the kernel's grid). For one thread of the block.
+__device__ __forceinline__ void stamp(Record& r, int i, unsigned block, unsigned blocks) {
   const unsigned long long t = global_timer_ns();
-  if (blockIdx.x == 0) r.t[0][i] = t;
-  if (blockIdx.x == gridDim.x - 1) r.t[1][i] = t;
+  if (block == 0) r.t[0][i] = t;
+  if (block == blocks - 1) r.t[1][i] = t;
 }
+
+__device__ __forceinline__ void stamp(Record& r, int i) { stamp(r, i, blockIdx.x, gridDim.x); }
 
 // The same for a phase several warps of the block run side by side (one thread each): the latest of their times
 // (a previous call's stamp is always earlier).
