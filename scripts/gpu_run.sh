@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: build, run the GPU tests on every rank count the machine allows, run the benchmark,
-# keep full logs under $OUT (or ./gpu-out), and print a short summary last.
+# keep full logs under $OUT (or ./gpu-out), and print a short summary last. The bench step also runs
+# bench/ll_kernel_time.py where PyTorch is installed.
 #   scripts/gpu_run.sh [tests|bench|sanitize|all] [extra ep_bench args...]
 # `sanitize` runs the small GPU cases under compute-sanitizer (memcheck; racecheck for the layout kernel).
 set -uo pipefail
@@ -34,6 +35,12 @@ if [[ $what == all || $what == bench ]]; then
   build/bin/ep_launch -n "$num_gpus" -t 500 -l "$out/bench-logs" -- build/bin/ep_bench "$@" > "$out/bench.log" 2>&1
   summary+=("bench exit $?")
   cat "$out/bench.log" | grep -v "^-----" | tail -40
+  # LL kernel time as DeepEP measures it (PyTorch profiler), when PyTorch is here (bench/README.md).
+  if python3 -c "import torch" 2> /dev/null; then
+    EP_LIBRARY_PATH="$PWD/build/lib/libep.so" timeout 300 python3 bench/ll_kernel_time.py > "$out/ll_kernel_time.log" 2>&1
+    summary+=("ll_kernel_time exit $?")
+    grep -A12 "^ll kernel time" "$out/ll_kernel_time.log"
+  fi
 fi
 echo "== $(head -1 "$out/gpus.txt") x$num_gpus"
 for s in "${summary[@]}"; do echo "$s"; done
