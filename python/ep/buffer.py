@@ -883,12 +883,12 @@ class Buffer:
     def _device_view(self, ptr, shape, dtype):
         """A tensor over library-owned device memory (no copy), cached per (pointer, shape, dtype).
 
-        RISK (not yet run on a GPU): the view is made by torch.as_tensor over a __cuda_array_interface__, which
-        PyTorch implements with NumPy's C API (it raises "Numpy is not available" without numpy installed) and,
-        in some versions, by asking cudaPointerGetAttributes for the pointer's device; the zero-copy buffer is
-        NVSHMEM symmetric memory (possibly cuMemMap'd), for which that query is believed, not proven, to work.
-        A copy instead of a view is detected below and raises. A numpy-free alternative is a DLPack capsule
-        built with ctypes and passed to torch.from_dlpack."""
+        The view is made by torch.as_tensor over a __cuda_array_interface__, which PyTorch implements with NumPy's
+        C API (it raises "Numpy is not available" without numpy installed) and, in some versions, by asking
+        cudaPointerGetAttributes for the pointer's device; for the zero-copy buffer (NVSHMEM symmetric memory)
+        this works with PyTorch 2.11 (the GPU tests' zero-copy and src_info checks, 2 and 4 GPUs). A copy instead
+        of a view is detected below and raises. A numpy-free alternative is a DLPack capsule built with ctypes
+        and passed to torch.from_dlpack."""
         torch = _torch
         key = (ptr, tuple(shape), dtype)
         t = self._ll_views.get(key)
@@ -973,8 +973,8 @@ class Buffer:
         inside the capture too. Graph hazard: the host-side turn-taking runs at capture, not at replay; a graph
         always reuses the buffer half and the LL handle (routing memory) it captured. Do not keep an eager LL
         result (handle, src_info view, zero-copy buffer) alive across a replay, and replay only graphs that
-        hold a complete dispatch + combine; stream-ordered eager calls between replays are expected to work (the
-        GPU test does this; not yet run).
+        hold a complete dispatch + combine; stream-ordered eager calls between replays work (the GPU test makes
+        them after each replay).
         """
         fn = "low_latency_dispatch"
         g = self._ll_alive(fn)
@@ -1142,9 +1142,10 @@ class Buffer:
         after next reuses it (and a non-zero-copy combine of the handle may stage its rows there for peers
         reached over NVSHMEM).
         The tensor does not own the memory: it dangles once the Buffer is destroyed.
-        RISK (not yet run on a GPU): the view of NVSHMEM memory is made with torch.as_tensor over
-        __cuda_array_interface__, which needs NumPy installed and relies on PyTorch accepting a pointer into the
-        NVSHMEM heap; a copy instead of a view raises RuntimeError rather than silently breaking zero-copy."""
+        The view of NVSHMEM memory is made with torch.as_tensor over __cuda_array_interface__, which needs NumPy
+        installed and relies on PyTorch accepting a pointer into the NVSHMEM heap (it does with PyTorch 2.11: the
+        GPU tests' zero-copy combine equals the copying one); a copy instead of a view raises RuntimeError rather
+        than silently breaking zero-copy."""
         fn = "get_next_low_latency_combine_buffer"
         g = self._ll_alive(fn)
         hptr = self._ll_handle(fn, handle, for_combine=False)
