@@ -4,7 +4,7 @@ duration of the kernels, from CUPTI), so that our LL rows can be set next to Dee
 figures on the same footing. ep_bench's `ll` rows time the same calls with CUDA events around them, which also
 counts launch latency; both are reported in bench/RESULTS.md.
 
-    python bench/ll_kernel_time.py                        # every visible GPU, 128 tokens, hidden 7168, top-8, 256 experts
+    python bench/ll_kernel_time.py               # every visible GPU, 128 tokens, hidden 7168, top-8, 256 experts
     python bench/ll_kernel_time.py --num-gpus 2 --tokens 64 --iters 100
 
 Per rank and iteration: a 1-element all-reduce lines the ranks up, a 256 MiB zero-fill empties L2, then

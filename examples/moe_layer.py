@@ -7,10 +7,11 @@ the weighted expert outputs). dispatch and combine are differentiable, so loss.b
 router and the expert weights.
 
 Script mode runs it on N GPUs of this machine (torch.multiprocessing spawn, NCCL process group on
-MASTER_ADDR:MASTER_PORT when MASTER_PORT is set, else a file rendezvous in a temporary directory) and compares the output and the gradients of the
-input, the router and the expert weights with the same layer computed densely on one GPU over the whole batch
-(every rank's tokens and every expert's weights, gathered). It prints the largest difference of each, relative
-to the largest magnitude of the dense value, and exits 1 if one exceeds --tolerance.
+MASTER_ADDR:MASTER_PORT when MASTER_PORT is set, else a file rendezvous in a temporary directory) and compares
+the output and the gradients of the input, the router and the expert weights with the same layer computed
+densely on one GPU over the whole batch (every rank's tokens and every expert's weights, gathered). It prints
+the largest difference of each, relative to the largest magnitude of the dense value, and exits 1 if one
+exceeds --tolerance.
 
     python examples/moe_layer.py --num-gpus 2
     python examples/moe_layer.py --num-gpus 4 --tokens 1024 --hidden 2048 --experts 32 --topk 4

@@ -37,7 +37,8 @@ if [[ $what == all || $what == bench ]]; then
   cat "$out/bench.log" | grep -v "^-----" | tail -40
   # LL kernel time as DeepEP measures it (PyTorch profiler), when PyTorch is here (bench/README.md).
   if python3 -c "import torch" 2> /dev/null; then
-    EP_LIBRARY_PATH="$PWD/build/lib/libep.so" timeout 300 python3 bench/ll_kernel_time.py > "$out/ll_kernel_time.log" 2>&1
+    EP_LIBRARY_PATH="$PWD/build/lib/libep.so" timeout 300 python3 bench/ll_kernel_time.py \
+      > "$out/ll_kernel_time.log" 2>&1
     summary+=("ll_kernel_time exit $?")
     grep -A12 "^ll kernel time" "$out/ll_kernel_time.log"
   fi

@@ -68,9 +68,10 @@ def world_size():
 
 
 def run_ranks(worker, timeout_s, needs_numpy=False):
-    """Run worker(rank, world, init_method, seed) in one spawned process per rank (world_size() ranks, one GPU each) and
-    exit 0 if every rank exited 0. Skips (77) without PyTorch, CUDA or enough GPUs; a rank still alive after
-    timeout_s is killed and counts as a failure. The seed is fresh unless EP_TEST_SEED replays one."""
+    """Run worker(rank, world, init_method, seed) in one spawned process per rank (world_size() ranks, one GPU
+    each; init_method a file rendezvous for torch.distributed) and exit 0 if every rank exited 0. Skips (77)
+    without PyTorch, CUDA or enough GPUs; a rank still alive after timeout_s is killed and counts as a failure.
+    The seed is fresh unless EP_TEST_SEED replays one."""
     world = world_size()
     try:
         import torch
