@@ -7,6 +7,8 @@
 # Python tests (tests/python/test_*.py, run with $PYTHON or python3, package from python/, library from BUILD):
 # the host section runs those whose name does not end in _gpu.py, the GPU section runs the *_gpu.py ones once per
 # rank count (EP_TEST_WORLD; they start their own ranks). Each script run counts as one test.
+# EP_TEST_SHARE_GPU=1 (set by scripts/shared_gpu.sh, which starts CUDA MPS) runs the C GPU tests on more ranks than
+# GPUs, ranks sharing GPUs; EP_TEST_TIMEOUT (default 300) bounds each C GPU test in seconds.
 set -u
 build=${1:-build}
 which=${2:-all}
@@ -58,11 +60,17 @@ if [[ $which == all || $which == gpu ]]; then
       for t in "$build"/tests/gpu/test_* "$build"/bin/example_*; do
         [[ -x $t ]] || continue
         name="$(basename "$(dirname "$t")")/$(basename "$t")@$n"
+        share=()
         if [[ $n -gt $num_gpus ]]; then
-          skip=$((skip + 1)); echo "SKIP $name: needs $n GPUs, this machine has $num_gpus"; continue
+          if [[ ${EP_TEST_SHARE_GPU:-0} == 0 ]]; then
+            skip=$((skip + 1)); echo "SKIP $name: needs $n GPUs, this machine has $num_gpus"; continue
+          fi
+          # Ranks share GPUs under MPS: each rank gets its share of the SMs, so all ranks' kernels fit side by side.
+          share=(env CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=${CUDA_MPS_ACTIVE_THREAD_PERCENTAGE:-$((100 * num_gpus / n))})
         fi
         mkdir -p "$logs/$name"
-        out=$("$build/bin/ep_launch" -n "$n" -t 300 -q -l "$logs/$name" -- "$t" 2>&1); rc=$?
+        out=$("${share[@]}" "$build/bin/ep_launch" -n "$n" -t "${EP_TEST_TIMEOUT:-300}" -q -l "$logs/$name" -- "$t" 2>&1)
+        rc=$?
         [[ $rc -ne 0 && $rc -ne 77 ]] && echo "$out"
         record "$name" $rc
       done
@@ -71,7 +79,7 @@ if [[ $which == all || $which == gpu ]]; then
     for n in ${EP_TEST_RANKS:-2 4 8}; do
       for t in "$tests_dir"/python/test_*_gpu.py; do
         [[ -f $t ]] || continue
-        if [[ $n -gt $num_gpus ]]; then
+        if [[ $n -gt $num_gpus ]]; then  # also when sharing: NCCL, which these tests use, wants a GPU per rank
           skip=$((skip + 1)); echo "SKIP python/$(basename "$t")@$n: needs $n GPUs, this machine has $num_gpus"; continue
         fi
         EP_TEST_WORLD=$n run_py "$t" 1200 "$logs/python/$(basename "$t" .py)@$n.log" "@$n"
