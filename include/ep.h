@@ -127,7 +127,9 @@ typedef struct ep_group_info {
   int local_rank;             /* rank % ranks_per_node */
   int cuda_device;
   int num_nvlink_peers;       /* ranks whose memory this rank reaches by loads/stores (itself included) */
-  int num_sms;                /* SMs the normal-mode kernels use */
+  int num_sms;                /* SMs the normal-mode kernels use by default */
+  int device_sms;             /* SMs this rank's kernels can occupy at once: the device's, or fewer under a CUDA MPS
+                                 limit; the low-latency grids use them all, and no grid is larger */
   size_t symmetric_heap_bytes; /* NVSHMEM heap reserved for this group on this GPU */
 } ep_group_info_t;
 

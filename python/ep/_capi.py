@@ -129,6 +129,7 @@ class GroupInfo(ctypes.Structure):
         ("cuda_device", _int),
         ("num_nvlink_peers", _int),
         ("num_sms", _int),
+        ("device_sms", _int),
         ("symmetric_heap_bytes", _size),
     ]
 

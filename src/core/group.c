@@ -2,8 +2,39 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <cuda.h> /* cuCtxGetExecAffinity's types only: it is called through the runtime's driver entry point */
+
 #include "core/internal.h"
 #include "transport/transport.h"
+
+/* SMs that kernels of this process can occupy on the current device at once: all of them, or fewer when CUDA MPS
+ * caps the context (an execution-affinity SM count, or CUDA_MPS_ACTIVE_THREAD_PERCENTAGE, which MPS applies to
+ * its clients). Grids whose blocks wait for each other are sized from it: a block past the cap would never become
+ * resident, and the others would wait for it until their time budget ran out. */
+static int usable_sms(int device_sms) {
+  int sms = device_sms;
+  typedef CUresult (*get_exec_affinity_fn)(CUexecAffinityParam*, CUexecAffinityType);
+  void* fn = NULL;
+  enum cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
+  if (cudaFree(0) == cudaSuccess &&  /* the context exists */
+      cudaGetDriverEntryPointByVersion("cuCtxGetExecAffinity", &fn, 11040, cudaEnableDefault, &found) ==
+          cudaSuccess &&
+      found == cudaDriverEntryPointSuccess && fn) {
+    CUexecAffinityParam affinity;
+    memset(&affinity, 0, sizeof(affinity));
+    if (((get_exec_affinity_fn)fn)(&affinity, CU_EXEC_AFFINITY_TYPE_SM_COUNT) == CUDA_SUCCESS &&
+        affinity.param.smCount.val > 0 && (int)affinity.param.smCount.val < sms)
+      sms = (int)affinity.param.smCount.val;
+  }
+  (void)cudaGetLastError(); /* a context without affinity support is not an error for the next call */
+  const char* percent = getenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE");
+  if (percent && percent[0]) {
+    const double p = strtod(percent, NULL);
+    const int capped = (int)(device_sms * p / 100.0);
+    if (p > 0 && capped < sms) sms = capped > 0 ? capped : 1;
+  }
+  return sms;
+}
 
 /* Room NVSHMEM needs in the heap beyond what the group asks for (its own signals and teams). */
 #define EP_HEAP_SLACK_BYTES ((size_t)64 << 20)
@@ -114,13 +145,13 @@ ep_status_t ep_group_create(ep_group_t* group, const ep_unique_id_t* unique_id, 
   g->local_rank = rank % g->ranks_per_node;
   g->cuda_device = cuda_device;
   g->config = cfg;
+  g->device_sms = usable_sms(prop.multiProcessorCount);
   g->num_sms = cfg.num_sms ? cfg.num_sms : EP_DEFAULT_NUM_SMS;
-  if (g->num_sms > prop.multiProcessorCount) g->num_sms = prop.multiProcessorCount;
+  if (g->num_sms > g->device_sms) g->num_sms = g->device_sms;
   g->timeout_ns = (unsigned long long)(cfg.timeout_seconds * 1e9);
   g->normal_offset = ep_align_up(ep_check_workspace_bytes(num_ranks), 128);
   g->normal_layout = ep_normal_layout(num_ranks, cfg.num_experts, cfg.max_tokens_per_rank, cfg.hidden, cfg.max_topk);
   g->workspace_bytes = g->normal_offset + g->normal_layout.total_bytes;
-  g->device_sms = prop.multiProcessorCount;
   if (cfg.ll_max_tokens_per_rank > 0) {
     g->ll_offset = ep_align_up(g->workspace_bytes, 128);
     g->ll_layout = ep_ll_layout(num_ranks, cfg.num_experts, cfg.ll_max_tokens_per_rank, cfg.hidden, cfg.max_topk);
@@ -241,6 +272,7 @@ ep_status_t ep_group_get_info(ep_group_t group, ep_group_info_t* info) {
   info->cuda_device = group->cuda_device;
   info->num_nvlink_peers = group->num_nvlink_peers;
   info->num_sms = group->num_sms;
+  info->device_sms = group->device_sms;
   info->symmetric_heap_bytes = group->heap_bytes;
   return EP_STATUS_SUCCESS;
 }

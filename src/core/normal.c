@@ -166,6 +166,7 @@ static ep_normal_launch_t base_launch(ep_group_t g, ep_handle_t h, int num_sms) 
   p.timeout_ns = g->timeout_ns;
   p.error = g->error_word_dev;
   p.num_blocks = num_sms > 0 ? num_sms : g->num_sms;
+  if (p.num_blocks > g->device_sms) p.num_blocks = g->device_sms; /* blocks wait on each other: all resident */
   p.send_pos = h->send_pos;
   p.matrix = h->matrix;
   p.num_tokens_of = h->num_tokens_of;
@@ -180,14 +181,13 @@ static ep_normal_launch_t base_launch(ep_group_t g, ep_handle_t h, int num_sms) 
 }
 
 /* num_nodes > 1: the intranode launch plus the internode region and handle arrays. `which`: 0 prepare,
- * 1 dispatch, 2 combine. The dispatch and combine grids are clamped to the device's SMs: their blocks wait on
- * each other, so all must be resident at once (internode.cu). */
+ * 1 dispatch, 2 combine. The dispatch and combine grids come clamped to the usable SMs (base_launch): their blocks
+ * wait on each other, so all must be resident at once (internode.cu). */
 static cudaError_t launch_internode(ep_group_t g, ep_handle_t h, const ep_normal_launch_t* n, int which,
                                     cudaStream_t stream) {
   ep_internode_launch_t p;
   memset(&p, 0, sizeof(p));
   p.n = *n;
-  if (p.n.num_blocks > g->device_sms) p.n.num_blocks = g->device_sms;
   p.ranks_per_node = g->ranks_per_node;
   p.num_nodes = g->num_nodes;
   p.node = g->node;

@@ -17,8 +17,9 @@
 //
 // Progress assumption: inside one kernel, blocks wait on flags that other blocks of the same kernel set (a puller
 // on the stage flags of another block, the forwarder's last block on its local peers). Every block of a grid must
-// therefore be resident at once: the host clamps the dispatch and combine grids to the device's SM count and these
-// kernels use one block per SM (__launch_bounds__(..., 1)); prepare uses num_ranks blocks (<= 2 per SM).
+// therefore be resident at once: the host clamps the dispatch and combine grids to the SMs this process can use
+// (the device's, or an MPS cap) and these kernels use one block per SM (__launch_bounds__(..., 1)); prepare uses
+// num_ranks blocks (<= 2 per SM).
 #include "kernels/api.h"
 
 #include "kernels/common.cuh"

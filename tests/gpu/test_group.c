@@ -5,6 +5,7 @@
  * transport's put-with-signal and through NVLink stores, and verifies it), and destroyed. Creating the next
  * shape after destroying the last is the create/destroy/create check. */
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "common/check.h"
@@ -33,6 +34,14 @@ static void run_shape(const harness_t* h, int ranks_per_node) {
   CHECK_EQ_INT(info.local_rank, h->rank % rpn, "info.local_rank");
   CHECK(info.num_nvlink_peers >= rpn, "num_nvlink_peers %d < ranks_per_node %d", info.num_nvlink_peers, rpn);
   CHECK(info.symmetric_heap_bytes > 0, "heap bytes is 0");
+  int device_sms = 0;
+  cudaDeviceGetAttribute(&device_sms, cudaDevAttrMultiProcessorCount, h->cuda_device);
+  CHECK(info.device_sms >= 1 && info.device_sms <= device_sms, "info.device_sms %d, device has %d SMs",
+        info.device_sms, device_sms);
+  CHECK(info.num_sms >= 1 && info.num_sms <= info.device_sms, "info.num_sms %d, device_sms %d", info.num_sms,
+        info.device_sms);
+  printf("rank %d: usable SMs %d of %d (MPS percentage %s)\n", h->rank, info.device_sms, device_sms,
+         getenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE") ? getenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE") : "unset");
 
   cudaStream_t stream;
   cudaStreamCreate(&stream);
