@@ -111,11 +111,14 @@ typedef struct ep_group_config {
                                   0 = no low-latency buffer. The group reserves ep_ll_buffer_size_hint() bytes of
                                   symmetric memory for it, sized with num_experts, hidden and max_topk above */
   int num_sms;                 /* SMs a normal-mode dispatch or combine may use; 0 = the measured default */
+  int max_sms;                 /* SMs any kernel of the group may occupy at once; 0 = all the device reports (a CUDA
+                                  MPS limit lowers that). The low-latency kernels use this many; normal-mode grids
+                                  are clamped to it. Lower it to leave SMs to work that overlaps the calls */
   double timeout_seconds;      /* budget of every device-side wait on a peer, in seconds (> 0) */
 } ep_group_config_t;
 
 #define EP_GROUP_CONFIG_INIT \
-  { (uint32_t)sizeof(ep_group_config_t), EP_GROUP_CONFIG_MAGIC, 0, 256, 7168, 4096, 8, 0, 0, 20.0 }
+  { (uint32_t)sizeof(ep_group_config_t), EP_GROUP_CONFIG_MAGIC, 0, 256, 7168, 4096, 8, 0, 0, 0, 20.0 }
 
 /* Facts about a created group, filled by ep_group_get_info(). */
 typedef struct ep_group_info {
@@ -128,8 +131,8 @@ typedef struct ep_group_info {
   int cuda_device;
   int num_nvlink_peers;       /* ranks whose memory this rank reaches by loads/stores (itself included) */
   int num_sms;                /* SMs the normal-mode kernels use by default */
-  int device_sms;             /* SMs this rank's kernels can occupy at once: the device's, or fewer under a CUDA MPS
-                                 limit; the low-latency grids use them all, and no grid is larger */
+  int device_sms;             /* SMs this rank's kernels may occupy at once: config.max_sms, or all the device
+                                 reports; the low-latency grids use them all, and no grid is larger */
   size_t symmetric_heap_bytes; /* NVSHMEM heap reserved for this group on this GPU */
 } ep_group_info_t;
 

@@ -8,11 +8,11 @@
 #include "transport/transport.h"
 
 /* SMs that kernels of this process can occupy on the current device at once: all of them, or fewer when CUDA MPS
- * caps the context (an execution-affinity SM count, or CUDA_MPS_ACTIVE_THREAD_PERCENTAGE, which MPS applies to
- * its clients). Grids whose blocks wait for each other are sized from it: a block past the cap would never become
- * resident, and the others would wait for it until their time budget ran out. */
-static int usable_sms(int device_sms) {
-  int sms = device_sms;
+ * caps the context (the runtime then reports the capped count; an execution-affinity SM count is honoured too).
+ * Grids whose blocks wait for each other are sized from it: a block that never becomes resident would leave the
+ * others waiting until their time budget ran out. */
+static int usable_sms(int reported_sms) {
+  int sms = reported_sms;
   typedef CUresult (*get_exec_affinity_fn)(CUexecAffinityParam*, CUexecAffinityType);
   void* fn = NULL;
   enum cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
@@ -27,12 +27,6 @@ static int usable_sms(int device_sms) {
       sms = (int)affinity.param.smCount.val;
   }
   (void)cudaGetLastError(); /* a context without affinity support is not an error for the next call */
-  const char* percent = getenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE");
-  if (percent && percent[0]) {
-    const double p = strtod(percent, NULL);
-    const int capped = (int)(device_sms * p / 100.0);
-    if (p > 0 && capped < sms) sms = capped > 0 ? capped : 1;
-  }
   return sms;
 }
 
@@ -75,6 +69,9 @@ static ep_status_t check_config(const ep_group_config_t* c, int num_ranks) {
   if (c->num_sms < 0 || c->num_sms > 1024)
     return ep_fail(NULL, EP_STATUS_INVALID_ARGUMENT, "%s: config.num_sms is %d; it must be in [0, 1024]", fn,
                    c->num_sms);
+  if (c->max_sms < 0 || c->max_sms > 1024)
+    return ep_fail(NULL, EP_STATUS_INVALID_ARGUMENT, "%s: config.max_sms is %d; it must be in [0, 1024]", fn,
+                   c->max_sms);
   if (!(c->timeout_seconds > 0.0) || c->timeout_seconds > 3600.0)
     return ep_fail(NULL, EP_STATUS_INVALID_ARGUMENT,
                    "%s: config.timeout_seconds is %g; it must be in (0, 3600]", fn, c->timeout_seconds);
@@ -146,6 +143,7 @@ ep_status_t ep_group_create(ep_group_t* group, const ep_unique_id_t* unique_id, 
   g->cuda_device = cuda_device;
   g->config = cfg;
   g->device_sms = usable_sms(prop.multiProcessorCount);
+  if (cfg.max_sms > 0 && cfg.max_sms < g->device_sms) g->device_sms = cfg.max_sms;
   g->num_sms = cfg.num_sms ? cfg.num_sms : EP_DEFAULT_NUM_SMS;
   if (g->num_sms > g->device_sms) g->num_sms = g->device_sms;
   g->timeout_ns = (unsigned long long)(cfg.timeout_seconds * 1e9);

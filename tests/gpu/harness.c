@@ -84,7 +84,18 @@ ep_status_t harness_group_create(const harness_t* h, const ep_group_config_t* co
     if (st != EP_STATUS_SUCCESS) return st;
   }
   if (harness_share(h, name, &id, sizeof(id), 0) != 0) return EP_STATUS_INTERNAL_ERROR;
-  return ep_group_create(group, &id, h->rank, h->num_ranks, h->cuda_device, config);
+  ep_group_config_t cfg = EP_GROUP_CONFIG_INIT;
+  if (config) cfg = *config;
+  if (h->num_ranks > h->num_devices) {
+    /* Ranks share a GPU under MPS (harness_init). Grids as large as the SM count MPS reports to each rank did not
+     * all become resident there (1 x H200, 2 and 4 ranks: the LL fused kernel and the 4-node internode kernels
+     * waited until their time budget ran out); half of it ran every test. */
+    int reported = 0;
+    cudaDeviceGetAttribute(&reported, cudaDevAttrMultiProcessorCount, h->cuda_device);
+    const int headroom = reported / 2 > 0 ? reported / 2 : 1;
+    if (cfg.max_sms == 0 || cfg.max_sms > headroom) cfg.max_sms = headroom;
+  }
+  return ep_group_create(group, &id, h->rank, h->num_ranks, h->cuda_device, &cfg);
 }
 
 uint64_t harness_rand(uint64_t* s) {

@@ -81,6 +81,11 @@ static void test_group_create_args(void) {
   c.num_sms = -1;
   EXPECT_FAIL(ep_group_create(&g, &id, 0, 4, 0, &c), NULL, EP_STATUS_INVALID_ARGUMENT, "num_sms is -1");
   c = (ep_group_config_t)EP_GROUP_CONFIG_INIT;
+  c.max_sms = -1;
+  EXPECT_FAIL(ep_group_create(&g, &id, 0, 4, 0, &c), NULL, EP_STATUS_INVALID_ARGUMENT, "max_sms is -1");
+  c.max_sms = 2000;
+  EXPECT_FAIL(ep_group_create(&g, &id, 0, 4, 0, &c), NULL, EP_STATUS_INVALID_ARGUMENT, "max_sms is 2000");
+  c = (ep_group_config_t)EP_GROUP_CONFIG_INIT;
   c.timeout_seconds = 0;
   EXPECT_FAIL(ep_group_create(&g, &id, 0, 4, 0, &c), NULL, EP_STATUS_INVALID_ARGUMENT, "timeout_seconds is 0");
   CHECK(g == NULL, "group set on failure");
