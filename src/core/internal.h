@@ -46,7 +46,8 @@ struct ep_group {
   int internode_force_put;           /* EP_INTERNODE_FORCE_PUT was set at create: cross-node legs always put */
 
   /* Low-latency path (absent when config.ll_max_tokens_per_rank is 0). */
-  int device_sms;                    /* SMs this process can occupy (MPS may cap it); LL grids use them all */
+  int device_sms;                    /* SMs the group's kernels may occupy (device, MPS cap, config.max_sms);
+                                        LL grids use them all */
   size_t ll_offset;                  /* the LL region's offset inside `workspace` */
   ep_ll_layout_t ll_layout;
   ep_ll_state_t* ll_state;           /* device: call counters per half */
