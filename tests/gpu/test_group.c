@@ -40,9 +40,9 @@ static void run_shape(const harness_t* h, int ranks_per_node) {
         info.device_sms, device_sms);
   CHECK(info.num_sms >= 1 && info.num_sms <= info.device_sms, "info.num_sms %d, device_sms %d", info.num_sms,
         info.device_sms);
+  const char* mps_percent = getenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE");
   printf("rank %d: group SMs %d of the %d the device reports (MPS percentage %s)\n", h->rank, info.device_sms,
-         device_sms,
-         getenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE") ? getenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE") : "unset");
+         device_sms, mps_percent ? mps_percent : "unset");
 
   cudaStream_t stream;
   cudaStreamCreate(&stream);
