@@ -4,8 +4,9 @@
 # bench/ll_kernel_time.py where PyTorch is installed.
 #   scripts/gpu_run.sh [tests|bench|sanitize|all] [extra ep_bench args...]
 # `sanitize` runs the small GPU cases under compute-sanitizer (memcheck; racecheck for the layout kernel).
-# EP_TEST_SHARE_GPU=1 on a machine of fewer than 8 GPUs: the tests step also runs the C GPU tests on more ranks than
-# GPUs, ranks sharing GPUs under CUDA MPS (correctness only; scripts/shared_gpu.sh).
+# EP_TEST_SHARE_GPU=1 on a machine of fewer than 8 GPUs: the tests step also runs the GPU tests on more ranks than
+# GPUs, ranks sharing GPUs under CUDA MPS (correctness only; scripts/shared_gpu.sh). EP_TEST_RANKS overrides the
+# rank counts of the tests step (e.g. "8", to fit one call's time limit).
 set -uo pipefail
 what=${1:-all}; shift || true
 out=${OUT:-gpu-out}; mkdir -p "$out"
@@ -24,6 +25,7 @@ if [[ $what == all || $what == tests ]]; then
     # Ranks share the GPUs under MPS (scripts/shared_gpu.sh): the C GPU tests also run on 2, 4 and 8 ranks here.
     ranks="2 4 8"; share=(scripts/shared_gpu.sh)
   fi
+  ranks=${EP_TEST_RANKS:-$ranks}
   EP_TEST_RANKS="$ranks" EP_TEST_LOG_DIR="$out/test-logs" "${share[@]}" bash tests/run_tests.sh build all \
     > "$out/tests.log" 2>&1
   grep -E "^(FAIL|SKIP)" "$out/tests.log" | head -20

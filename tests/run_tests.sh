@@ -7,8 +7,9 @@
 # Python tests (tests/python/test_*.py, run with $PYTHON or python3, package from python/, library from BUILD):
 # the host section runs those whose name does not end in _gpu.py, the GPU section runs the *_gpu.py ones once per
 # rank count (EP_TEST_WORLD; they start their own ranks). Each script run counts as one test.
-# EP_TEST_SHARE_GPU=1 (set by scripts/shared_gpu.sh, which starts CUDA MPS) runs the C GPU tests on more ranks than
-# GPUs, ranks sharing GPUs; EP_TEST_TIMEOUT (default 300) bounds each C GPU test in seconds.
+# EP_TEST_SHARE_GPU=1 (set by scripts/shared_gpu.sh, which starts CUDA MPS) runs the GPU tests on more ranks than
+# GPUs, ranks sharing GPUs (of the Python ones, those whose ranks start through tests/python/eptest.py);
+# EP_TEST_TIMEOUT (default 300) bounds each C GPU test in seconds.
 set -u
 build=${1:-build}
 which=${2:-all}
@@ -26,12 +27,20 @@ tests_dir=$(cd "$(dirname "$0")" && pwd)
 python=${PYTHON:-python3}
 export PYTHONPATH="$(dirname "$tests_dir")/python${PYTHONPATH:+:$PYTHONPATH}"
 [[ -f $build/lib/libep.so ]] && export EP_LIBRARY_PATH=${EP_LIBRARY_PATH:-$(cd "$build/lib" && pwd)/libep.so}
-run_py() { # script timeout_seconds [log_file [name_suffix]]
+share=()  # extra environment of a GPU run: set by share_env
+# Ranks that share GPUs under MPS (n > GPUs, EP_TEST_SHARE_GPU=1): each rank gets its share of the SMs, so that
+# all ranks' kernels fit side by side. Sets share=() otherwise.
+share_env() { # num_ranks
+  share=()
+  [[ $1 -gt $num_gpus && ${EP_TEST_SHARE_GPU:-0} != 0 ]] &&
+    share=(CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=${CUDA_MPS_ACTIVE_THREAD_PERCENTAGE:-$((100 * num_gpus / $1))})
+}
+run_py() { # script timeout_seconds [log_file [name_suffix]]; runs with the environment in share
   local name="python/$(basename "$1")${4:-}" out rc
   if ! command -v "$python" > /dev/null; then
     skip=$((skip + 1)); echo "SKIP $name: $python not found"; return
   fi
-  out=$(timeout "$2" "$python" "$1" 2>&1); rc=$?
+  out=$(env "${share[@]}" timeout "$2" "$python" "$1" 2>&1); rc=$?
   [[ -n ${3:-} ]] && printf '%s\n' "$out" > "$3"
   [[ $rc -ne 0 && $rc -ne 77 ]] && echo "$out"
   record "$name" $rc
@@ -60,16 +69,12 @@ if [[ $which == all || $which == gpu ]]; then
       for t in "$build"/tests/gpu/test_* "$build"/bin/example_*; do
         [[ -x $t ]] || continue
         name="$(basename "$(dirname "$t")")/$(basename "$t")@$n"
-        share=()
-        if [[ $n -gt $num_gpus ]]; then
-          if [[ ${EP_TEST_SHARE_GPU:-0} == 0 ]]; then
-            skip=$((skip + 1)); echo "SKIP $name: needs $n GPUs, this machine has $num_gpus"; continue
-          fi
-          # Ranks share GPUs under MPS: each rank gets its share of the SMs, so all ranks' kernels fit side by side.
-          share=(env CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=${CUDA_MPS_ACTIVE_THREAD_PERCENTAGE:-$((100 * num_gpus / n))})
+        if [[ $n -gt $num_gpus && ${EP_TEST_SHARE_GPU:-0} == 0 ]]; then
+          skip=$((skip + 1)); echo "SKIP $name: needs $n GPUs, this machine has $num_gpus"; continue
         fi
+        share_env "$n"
         mkdir -p "$logs/$name"
-        out=$("${share[@]}" "$build/bin/ep_launch" -n "$n" -t "${EP_TEST_TIMEOUT:-300}" -q -l "$logs/$name" -- "$t" 2>&1)
+        out=$(env "${share[@]}" "$build/bin/ep_launch" -n "$n" -t "${EP_TEST_TIMEOUT:-300}" -q -l "$logs/$name" -- "$t" 2>&1)
         rc=$?
         [[ $rc -ne 0 && $rc -ne 77 ]] && echo "$out"
         record "$name" $rc
@@ -77,11 +82,9 @@ if [[ $which == all || $which == gpu ]]; then
     done
     mkdir -p "$logs/python"
     for n in ${EP_TEST_RANKS:-2 4 8}; do
+      share_env "$n"  # the tests skip when n > GPUs unless sharing (tests/python/eptest.py: gloo, rank % GPUs)
       for t in "$tests_dir"/python/test_*_gpu.py; do
         [[ -f $t ]] || continue
-        if [[ $n -gt $num_gpus ]]; then  # also when sharing: NCCL, which these tests use, wants a GPU per rank
-          skip=$((skip + 1)); echo "SKIP python/$(basename "$t")@$n: needs $n GPUs, this machine has $num_gpus"; continue
-        fi
         EP_TEST_WORLD=$n run_py "$t" 1200 "$logs/python/$(basename "$t" .py)@$n.log" "@$n"
       done
     done

@@ -314,7 +314,7 @@ class Buffer:
     Buffer(group, num_nvl_bytes=0, num_rdma_bytes=0, low_latency_mode=False, num_qps_per_rank=24,
            allow_nvlink_for_low_latency_mode=True, allow_mnnvl=False, explicitly_destroy=False, *,
            num_experts=256, hidden=7168, max_tokens_per_rank=4096, max_topk=8, ranks_per_node=0,
-           timeout_seconds=20.0, ll_max_tokens_per_rank=128, comm=None)
+           timeout_seconds=20.0, ll_max_tokens_per_rank=128, max_sms=0, comm=None)
 
     group: a torch.distributed ProcessGroup (None = the default group); it is used once, to broadcast the
       128-byte bootstrap id from rank 0. `comm` (an mpi4py communicator) may replace it.
@@ -335,6 +335,10 @@ class Buffer:
       normal path run internode (on one host: virtual nodes, for testing).
     timeout_seconds: budget of every device-side wait on a peer; past it the next call raises EpError naming
       the peer (DeepEP: a printf and a trap that kills the process).
+    max_sms (ep only, keyword): the most SMs any kernel of this Buffer occupies at once, 0..1024 (0 = all the
+      device reports, `info["device_sms"]`): a Config's num_sms above it is clamped, and the low-latency kernels,
+      which otherwise take every SM, stay under it. For leaving SMs to compute that overlaps, or for ranks that
+      share a GPU under CUDA MPS.
 
     The device is `torch.cuda.current_device()` at construction. One Buffer per process at a time (the library
     holds one group per process); `destroy()` frees it so that another can be made.
@@ -345,7 +349,8 @@ class Buffer:
     def __init__(self, group=None, num_nvl_bytes=0, num_rdma_bytes=0, low_latency_mode=False, num_qps_per_rank=24,
                  allow_nvlink_for_low_latency_mode=True, allow_mnnvl=False, explicitly_destroy=False, *,
                  num_experts=256, hidden=7168, max_tokens_per_rank=4096, max_topk=8, ranks_per_node=0,
-                 timeout_seconds=20.0, use_fabric=False, enable_shrink=False, ll_max_tokens_per_rank=128, comm=None):
+                 timeout_seconds=20.0, use_fabric=False, enable_shrink=False, ll_max_tokens_per_rank=128, max_sms=0,
+                 comm=None):
         fn = "Buffer"
         self._group_ptr = None
         self._finalizer = None
@@ -358,6 +363,7 @@ class Buffer:
         _int_arg(fn, "max_tokens_per_rank", max_tokens_per_rank, 1)
         _int_arg(fn, "max_topk", max_topk, 1, 32)
         _int_arg(fn, "ranks_per_node", ranks_per_node, 0)
+        _int_arg(fn, "max_sms", max_sms, 0, 1024)
         if not isinstance(timeout_seconds, (int, float)) or not 0 < timeout_seconds <= 3600:
             raise ValueError(f"{fn}: timeout_seconds is {timeout_seconds!r}; it must be in (0, 3600]")
         for name, v in (("num_nvl_bytes", num_nvl_bytes), ("num_rdma_bytes", num_rdma_bytes)):
@@ -406,6 +412,7 @@ class Buffer:
         self.device = torch.cuda.current_device()
         cfg = _capi.GroupConfig.init(ranks_per_node=ranks_per_node, num_experts=num_experts, hidden=hidden,
                                      max_tokens_per_rank=max_tokens_per_rank, max_topk=max_topk, num_sms=0,
+                                     max_sms=max_sms,
                                      ll_max_tokens_per_rank=ll_max_tokens_per_rank if low_latency_mode else 0,
                                      timeout_seconds=float(timeout_seconds))
         g = ctypes.c_void_p()

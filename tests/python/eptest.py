@@ -2,7 +2,8 @@
 
 A test is a standalone script: it prints one line per check ("PASS name" / "FAIL name: detail") and exits 0 (all
 passed), 1 (a check failed) or 77 (skipped: it says why). tests/run_tests.sh counts each script as one test.
-GPU tests run on EP_TEST_WORLD ranks (default 2; tests/run_tests.sh sets it to each rank count it tries)."""
+GPU tests run on EP_TEST_WORLD ranks (default 2; tests/run_tests.sh sets it to each rank count it tries), one GPU
+each; with EP_TEST_SHARE_GPU=1 (scripts/shared_gpu.sh, under CUDA MPS) more ranks than GPUs share them."""
 
 import os
 import shutil
@@ -67,11 +68,53 @@ def world_size():
     return int(os.environ.get("EP_TEST_WORLD", "2"))
 
 
+def sharing_gpus():
+    """True when ranks may share GPUs (EP_TEST_SHARE_GPU=1: scripts/shared_gpu.sh started CUDA MPS)."""
+    return os.environ.get("EP_TEST_SHARE_GPU", "0") not in ("", "0")
+
+
+def start_rank(rank, world, init_method):
+    """A GPU test rank's set-up: its GPU (rank, or rank % GPUs when ranks share them) made current, and
+    torch.distributed over NCCL, or over gloo when ranks share a GPU (NCCL refuses two ranks on one device).
+    Returns (device, buffer_kwargs): the rank's torch.device and the ep.Buffer keywords the sharing needs
+    (max_sms: half the SMs the rank sees, the headroom tests/gpu/harness.c gives a shared rank too)."""
+    import torch
+    import torch.distributed as dist
+    gpus = torch.cuda.device_count()
+    shared = world > gpus
+    device = torch.device("cuda", rank % gpus)
+    torch.cuda.set_device(device)
+    dist.init_process_group("gloo" if shared else "nccl", init_method=init_method, rank=rank, world_size=world)
+    kwargs = {}
+    if shared:
+        kwargs["max_sms"] = max(1, torch.cuda.get_device_properties(device).multi_processor_count // 2)
+    return device, kwargs
+
+
+def finish_rank(ck, buf):
+    """A GPU test rank's teardown, then its exit with the checker's result: wait for the device, meet the other
+    ranks, destroy buf (an ep.Buffer or None) and the process group; a failure on the way is a failed check."""
+    import traceback
+    import torch
+    import torch.distributed as dist
+    try:
+        if buf is not None:
+            torch.cuda.synchronize()
+            dist.barrier()
+            buf.destroy()
+        dist.destroy_process_group()
+    except Exception:
+        ck.check("teardown", False, traceback.format_exc())
+    sys.stdout.flush()
+    sys.exit(ck.result())
+
+
 def run_ranks(worker, timeout_s, needs_numpy=False):
-    """Run worker(rank, world, init_method, seed) in one spawned process per rank (world_size() ranks, one GPU
-    each; init_method a file rendezvous for torch.distributed) and exit 0 if every rank exited 0. Skips (77)
-    without PyTorch, CUDA or enough GPUs; a rank still alive after timeout_s is killed and counts as a failure.
-    The seed is fresh unless EP_TEST_SEED replays one."""
+    """Run worker(rank, world, init_method, seed) in one spawned process per rank (world_size() ranks;
+    init_method a file rendezvous for torch.distributed; the worker starts with start_rank) and exit 0 if every
+    rank exited 0. Skips (77) without PyTorch, CUDA or enough GPUs (one per rank unless sharing_gpus()); a rank
+    still alive after timeout_s is killed and counts as a failure. The seed is fresh unless EP_TEST_SEED
+    replays one."""
     world = world_size()
     try:
         import torch
@@ -79,8 +122,8 @@ def run_ranks(worker, timeout_s, needs_numpy=False):
     except ImportError:
         skip("PyTorch is not installed")
     visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if visible < world:
-        skip(f"needs {world} GPUs, PyTorch sees {visible}")
+    if visible < 1 or (visible < world and not sharing_gpus()):
+        skip(f"needs {world} GPUs, PyTorch sees {visible} (EP_TEST_SHARE_GPU=1 under MPS shares them)")
     if needs_numpy:
         import importlib.util
         if importlib.util.find_spec("numpy") is None:  # torch.as_tensor over __cuda_array_interface__ needs it

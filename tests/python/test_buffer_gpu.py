@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """test_buffer_gpu (EP_TEST_WORLD GPUs, default 2; PyTorch): every ep.Buffer method against a plain PyTorch
 computation of the same result, on EP_TEST_WORLD ranks (torch.multiprocessing spawn, NCCL process group through a
-file rendezvous).
+file rendezvous; gloo when ranks share a GPU).
 
 Each rank draws its own inputs from the printed seed (EP_TEST_SEED replays), the ranks all_gather them, and each
 rank computes with torch what it must receive and what its tokens must combine to:
@@ -26,7 +26,6 @@ rank computes with torch what it must receive and what its tokens must combine t
               exactly as torch gathers them; combine with a bias within bf16 rounding of the partial sums
 Skips (77) without PyTorch, CUDA or enough GPUs."""
 
-import sys
 import traceback
 
 import eptest
@@ -455,16 +454,15 @@ def worker(rank, world, init_method, seed):
     import ep as _ep
     torch, dist, ep = _torch, _dist, _ep
     ck = eptest.Checker(prefix=f"[rank {rank}] ")
-    torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", init_method=init_method, rank=rank, world_size=world)
+    dev, share_kwargs = eptest.start_rank(rank, world, init_method)
     buf = None
     try:
         buf = ep.Buffer(dist.group.WORLD, num_experts=E_HINT, hidden=H_HINT, max_tokens_per_rank=T_HINT,
-                        max_topk=K_HINT, explicitly_destroy=True)
+                        max_topk=K_HINT, explicitly_destroy=True, **share_kwargs)
         ck.check("Buffer: created, rank and group size", buf.rank == rank and buf.group_size == world
-                 and buf.info["num_ranks"] == world and buf.device == rank)
+                 and buf.info["num_ranks"] == world and buf.device == dev.index)
         c = Ctx()
-        c.buf, c.R, c.rank, c.dev = buf, world, rank, torch.device("cuda", rank)
+        c.buf, c.R, c.rank, c.dev = buf, world, rank, dev
         c.E, c.H, c.K = 32, 1024, 6
         c.ns = [max(0, T_HINT - 37 * r) for r in range(world)]  # different token counts per rank (0 at 8 ranks)
         c.n, c.n_max = c.ns[rank], max(c.ns)
@@ -483,7 +481,7 @@ def worker(rank, world, init_method, seed):
         buf.destroy()
         buf = None
         buf = ep.Buffer(dist.group.WORLD, num_experts=E_HINT, hidden=H_HINT, max_tokens_per_rank=T_HINT,
-                        max_topk=K_HINT, ranks_per_node=world // 2, explicitly_destroy=True)
+                        max_topk=K_HINT, ranks_per_node=world // 2, explicitly_destroy=True, **share_kwargs)
         c.buf = buf
         check_virtual_nodes(ck, c)
         torch.cuda.synchronize()
@@ -491,17 +489,7 @@ def worker(rank, world, init_method, seed):
         ck.check("no pending device error after the virtual-node checks", True)
     except Exception:
         ck.check("ran every check without an exception", False, traceback.format_exc())
-    finally:
-        try:
-            if buf is not None:
-                torch.cuda.synchronize()
-                dist.barrier()
-                buf.destroy()
-            dist.destroy_process_group()
-        except Exception:
-            ck.check("teardown", False, traceback.format_exc())
-    sys.stdout.flush()
-    sys.exit(ck.result())
+    eptest.finish_rank(ck, buf)
 
 
 def main():

@@ -303,7 +303,8 @@ def python_checks(ck):
     for kw, word in ((dict(hidden=100), "hidden"), (dict(hidden=0), "hidden"), (dict(num_experts=0), "num_experts"),
                      (dict(max_tokens_per_rank=0), "max_tokens_per_rank"), (dict(max_topk=33), "max_topk"),
                      (dict(timeout_seconds=0), "timeout_seconds"), (dict(ranks_per_node=-1), "ranks_per_node"),
-                     (dict(num_nvl_bytes=-1), "num_nvl_bytes")):
+                     (dict(num_nvl_bytes=-1), "num_nvl_bytes"), (dict(max_sms=-1), "max_sms"),
+                     (dict(max_sms=2000), "max_sms")):
         ck.raises(f"Buffer({kw}) -> ValueError naming {word}", ValueError, lambda kw=kw: ep.Buffer(None, **kw), word)
     ck.raises("Buffer(hidden='7168') -> TypeError naming hidden", TypeError, lambda: ep.Buffer(None, hidden="7168"),
               "hidden")

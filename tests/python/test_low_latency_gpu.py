@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """test_low_latency_gpu (EP_TEST_WORLD GPUs, default 2; PyTorch): the low-latency methods of ep.Buffer against a plain PyTorch
-computation of the same result, on EP_TEST_WORLD ranks (torch.multiprocessing spawn, NCCL process group on 127.0.0.1).
+computation of the same result, on EP_TEST_WORLD ranks (torch.multiprocessing spawn, NCCL process group through a file rendezvous; gloo when ranks share a GPU).
 
 Each rank draws its own inputs from the printed seed (EP_TEST_SEED replays); the ranks all_gather x and topk_idx,
 and each rank computes with torch what each of its local experts must receive: the rows of the tokens that
@@ -27,7 +27,6 @@ implements with NumPy. That wrapping is the fragile part of this path (never run
 fail with "gave ... at 0x..." or a pointer-attribute error, PyTorch did not accept the NVSHMEM pointer as
 device memory of this GPU."""
 
-import sys
 import traceback
 
 import eptest
@@ -451,17 +450,16 @@ def worker(rank, world, init_method, seed):
     import ep as _ep
     torch, dist, ep = _torch, _dist, _ep
     ck = eptest.Checker(prefix=f"[rank {rank}] ")
-    torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", init_method=init_method, rank=rank, world_size=world)
+    dev, share_kwargs = eptest.start_rank(rank, world, init_method)
     buf = None
     try:
         buf = ep.Buffer(dist.group.WORLD, low_latency_mode=True, num_experts=E_HINT, hidden=H_HINT,
                         max_tokens_per_rank=16, max_topk=K_HINT, ll_max_tokens_per_rank=T_HINT,
-                        explicitly_destroy=True)
+                        explicitly_destroy=True, **share_kwargs)
         ck.check("Buffer(low_latency_mode=True): created", buf.low_latency_mode and
                  buf.ll_max_tokens_per_rank == T_HINT)
         c = Ctx()
-        c.buf, c.R, c.rank, c.dev = buf, world, rank, torch.device("cuda", rank)
+        c.buf, c.R, c.rank, c.dev = buf, world, rank, dev
         c.E, c.H, c.K, c.T = E_HINT, H_HINT, 6, T_HINT
         c.ns = [max(0, c.T - 13 * r) for r in range(world)]  # different token counts per rank (0 from 5 ranks on)
         c.n = c.ns[rank]
@@ -476,17 +474,7 @@ def worker(rank, world, init_method, seed):
         ck.check("no pending device error at the end", True)
     except Exception:
         ck.check("ran every check without an exception", False, traceback.format_exc())
-    finally:
-        try:
-            if buf is not None:
-                torch.cuda.synchronize()
-                dist.barrier()
-                buf.destroy()
-            dist.destroy_process_group()
-        except Exception:
-            ck.check("teardown", False, traceback.format_exc())
-    sys.stdout.flush()
-    sys.exit(ck.result())
+    eptest.finish_rank(ck, buf)
 
 
 def main():
