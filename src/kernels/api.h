@@ -178,9 +178,9 @@ cudaError_t ep_launch_internode_combine(const ep_internode_launch_t* p, cudaStre
 
 /* Device-side counters of the group (device memory, zeroed at create and by ep_ll_clean). */
 typedef struct ep_ll_state {
-  unsigned long long seq[2]; /* calls started on each half (the call number of the next one is seq + 1) */
-  unsigned int done[4];      /* blocks of the running kernel that finished its receive phase: [1] dispatch,
-                                [3] combine ([0] and [2], for the send phases, are unused) */
+  unsigned long long seq[2];  /* calls started on each half (the call number of the next one is seq + 1) */
+  unsigned int dispatch_done; /* blocks of the running kernel that finished dispatch's receive phase */
+  unsigned int combine_done;  /* the same for combine */
 } ep_ll_state_t;
 
 typedef struct ep_ll_launch {

@@ -75,19 +75,35 @@ __device__ __forceinline__ bool wait_flag(const ep_internode_launch_t& p, const 
 // (signal_set(free_flags[distance], epoch)). Returns false if an ack never came (a fault is recorded).
 __device__ __forceinline__ bool release_remote_sources(const ep_internode_launch_t& p, const uint64_t* acks,
                                                        uint64_t* free_flags, uint64_t epoch, int site) {
-  __shared__ int s_stalled;
   const int tid = threadIdx.x, P = p.ranks_per_node, N = p.num_nodes, my_node = p.node;
-  if (tid == 0) s_stalled = 0;
-  __syncthreads();
-  if (tid < (N - 1) * P && !wait_flag(p, acks + tid, epoch, my_node * P + tid % P, site)) s_stalled = 1;
-  __syncthreads();
-  if (s_stalled) return false;
+  const bool acked = tid >= (N - 1) * P || wait_flag(p, acks + tid, epoch, my_node * P + tid % P, site);
+  if (__syncthreads_or(!acked)) return false;
   if (tid < N - 1) {
     const int n = node_at(my_node, tid, N);
     tp::signal_set(free_flags + node_dist(n, my_node, N), epoch, n * P + p.local_rank);
   }
   __syncthreads();
   return true;
+}
+
+// The start of a dispatch or combine (call `epoch`): the last call is done with what this one overwrites. Threads
+// tid < P wait for my node's ranks' acknowledgements (acks[my_node * P + tid] >= epoch - 1: they have read my
+// stage), threads P .. P + N - 2 for every other node's rail peer (free_flags[distance] >= epoch - 1: it has taken
+// my last sends out of its receive region). Every thread of the block calls; false if one wait timed out (the
+// fault, recorded, names the peer).
+__device__ __forceinline__ bool wait_last_call_released(const ep_internode_launch_t& p, const uint64_t* acks,
+                                                        const uint64_t* free_flags, uint64_t epoch, int ack_site,
+                                                        int free_site) {
+  const int tid = threadIdx.x, P = p.ranks_per_node, N = p.num_nodes, my_node = p.node;
+  bool ok = true;
+  if (tid < P) {
+    ok = wait_flag(p, acks + my_node * P + tid, epoch - 1, my_node * P + tid, ack_site);
+  } else if (tid - P < N - 1) {
+    const uint64_t* flag = free_flags + (tid - P);
+    ok = wait_until([&] { return tp::signal_load(flag) >= epoch - 1; }, p.n.timeout_ns, p.n.error, p.n.rank,
+                    node_at(my_node, tid - P, N) * P + p.local_rank, free_site);
+  }
+  return !__syncthreads_or(!ok);
 }
 
 // Block-wide exclusive scan of one flag per thread, for one pass of blockDim.x items. Returns the position of
@@ -131,7 +147,6 @@ __global__ void __launch_bounds__(kPrepThreads) inter_prepare_kernel(ep_internod
   extern __shared__ int s_expert[];  // [E / N]
   __shared__ int s_warp_count[kPrepThreads / 32];
   __shared__ int s_count[kMaxLocal];
-  __shared__ int s_failed;
   const ep_normal_launch_t& q = p.n;
   const ep_normal_layout_t& L = q.layout;
   const ep_internode_layout_t& IL = p.il;
@@ -142,18 +157,15 @@ __global__ void __launch_bounds__(kPrepThreads) inter_prepare_kernel(ep_internod
   const uint64_t epoch = q.state->prepare_epoch + 1;
   char* mine = q.normal_base;
   char* imine = p.inter_base;
-  if (tid == 0) s_failed = 0;
   for (int e = tid; e < E_node; e += blockDim.x) s_expert[e] = 0;
   if (tid < kMaxLocal) s_count[tid] = 0;
   __syncthreads();
 
   if (b_node == my_node) {
     // ---- Same node: as intranode, over the P ranks of my node only.
-    if (tid < P && !wait_flag(p, at<uint64_t>(mine, L.prepare_ack) + my_node * P + tid, epoch - 1, my_node * P + tid,
-                              EP_SITE_PREPARE_ACK))
-      s_failed = 1;
-    __syncthreads();
-    if (s_failed) return;
+    const bool acked = tid >= P || wait_flag(p, at<uint64_t>(mine, L.prepare_ack) + my_node * P + tid, epoch - 1,
+                                             my_node * P + tid, EP_SITE_PREPARE_ACK);
+    if (__syncthreads_or(!acked)) return;
     int* send_list = at<int>(mine, L.send_list) + (size_t)b * T;
     int count = 0;
     for (int base = 0; base < q.num_tokens; base += blockDim.x) {
@@ -191,25 +203,23 @@ __global__ void __launch_bounds__(kPrepThreads) inter_prepare_kernel(ep_internod
 
     // Source role: b's counts for the ranks of my node and its num_tokens, its expert counts and list for me.
     const uint64_t* their_row = at<uint64_t>(mine, L.count_matrix) + (size_t)b * (R + 1);
+    bool ok = true;
     if (tid <= P) {
       const int col = tid < P ? my_node * P + tid : R;
       uint64_t v = 0;
-      const bool ok = wait_until([&] { return ((v = ld_acquire_sys_u64(their_row + col)) >> 32) >= epoch; },
-                                 q.timeout_ns, q.error, me, b, EP_SITE_PREPARE_COUNTS);
-      if (!ok) s_failed = 1;
-      else if (col < R) q.matrix[(size_t)b * R + col] = untag(v);
-      else q.num_tokens_of[b] = untag(v);
+      ok = wait_until([&] { return ((v = ld_acquire_sys_u64(their_row + col)) >> 32) >= epoch; }, q.timeout_ns,
+                      q.error, me, b, EP_SITE_PREPARE_COUNTS);
+      if (ok && col < R) q.matrix[(size_t)b * R + col] = untag(v);
+      else if (ok) q.num_tokens_of[b] = untag(v);
     }
-    for (int e = tid; e < E_loc; e += blockDim.x) {
+    for (int e = tid; ok && e < E_loc; e += blockDim.x) {
       uint64_t v = 0;
       const uint64_t* slot = at<uint64_t>(mine, L.expert_counts) + (size_t)b * E_loc + e;
-      const bool ok = wait_until([&] { return ((v = ld_acquire_sys_u64(slot)) >> 32) >= epoch; }, q.timeout_ns,
-                                 q.error, me, b, EP_SITE_PREPARE_COUNTS);
-      if (!ok) s_failed = 1;
-      else atomicAdd(&q.expert_sum[e], untag(v));
+      ok = wait_until([&] { return ((v = ld_acquire_sys_u64(slot)) >> 32) >= epoch; }, q.timeout_ns, q.error, me, b,
+                      EP_SITE_PREPARE_COUNTS);
+      if (ok) atomicAdd(&q.expert_sum[e], untag(v));
     }
-    __syncthreads();
-    if (s_failed) return;
+    if (__syncthreads_or(!ok)) return;
     const int from_b = q.matrix[(size_t)b * R + me];
     const int* their_list = at<int>(peer_b, L.send_list) + (size_t)me * T;
     int* my_copy = q.recv_src + (size_t)b * T;
@@ -221,10 +231,9 @@ __global__ void __launch_bounds__(kPrepThreads) inter_prepare_kernel(ep_internod
     const int back = node_dist(b_node, my_node, N);     // my node in the arrays of b's node
     if (b_local == my_local) {
       // ---- Rail peer: my node_list for b's node, sent as one metadata block.
-      if (tid == 0 && !wait_flag(p, at<uint64_t>(imine, IL.meta_free) + dn, epoch - 1, b, EP_SITE_META_FREE))
-        s_failed = 1;
-      __syncthreads();
-      if (s_failed) return;
+      const bool freed = tid != 0 || wait_flag(p, at<uint64_t>(imine, IL.meta_free) + dn, epoch - 1, b,
+                                               EP_SITE_META_FREE);
+      if (__syncthreads_or(!freed)) return;
       int* meta = reinterpret_cast<int*>(imine + IL.meta_send + (size_t)dn * IL.meta_bytes);
       const int hdr = 2 + P + E_node;
       int* node_list = p.node_tokens + (size_t)b_node * T;
@@ -265,24 +274,21 @@ __global__ void __launch_bounds__(kPrepThreads) inter_prepare_kernel(ep_internod
       tp::put_signal_block(imine + IL.meta_recv + (size_t)back * IL.meta_bytes, meta, (size_t)(hdr + count) * 4,
                            at<uint64_t>(imine, IL.meta_arrived) + back, epoch, false, b);
       // ---- As b's forwarder: b's metadata to me arrived; let my node read it.
+      bool relayed = true;
       if (tid == 0) {
         const uint64_t* arrived = at<uint64_t>(imine, IL.meta_arrived) + dn;
-        if (!wait_until([&] { return tp::signal_load(arrived) >= epoch; }, q.timeout_ns, q.error, me, b,
-                        EP_SITE_PREPARE_META))
-          s_failed = 1;
-        else st_release_sys_u64(at<uint64_t>(imine, IL.meta_ready) + dn, epoch);
+        relayed = wait_until([&] { return tp::signal_load(arrived) >= epoch; }, q.timeout_ns, q.error, me, b,
+                             EP_SITE_PREPARE_META);
+        if (relayed) st_release_sys_u64(at<uint64_t>(imine, IL.meta_ready) + dn, epoch);
       }
-      __syncthreads();
-      if (s_failed) return;
+      if (__syncthreads_or(!relayed)) return;
     }
     // ---- Remote source b: its metadata, from its forwarder f on my node.
     const int f = my_node * P + b_local;
     char* fbase = peer_inter(p, f);
-    if (tid == 0 &&
-        !wait_flag(p, at<uint64_t>(fbase, IL.meta_ready) + dn, epoch, f, EP_SITE_PREPARE_RELAY))
-      s_failed = 1;
-    __syncthreads();
-    if (s_failed) return;
+    const bool ready = tid != 0 || wait_flag(p, at<uint64_t>(fbase, IL.meta_ready) + dn, epoch, f,
+                                             EP_SITE_PREPARE_RELAY);
+    if (__syncthreads_or(!ready)) return;
     const int* meta = reinterpret_cast<const int*>(fbase + IL.meta_recv + (size_t)dn * IL.meta_bytes);
     const int hdr = 2 + P + E_node;
     const int num_slots = ld_relaxed_sys(meta + 1);
@@ -460,7 +466,6 @@ __device__ __noinline__ void post_rows(char* region, const char* stage, const in
 
 __global__ void __launch_bounds__(kDispThreads, 1) inter_dispatch_kernel(ep_internode_launch_t p) {
   __shared__ int s_offset[kMaxRanksShared + 1];
-  __shared__ int s_failed;
   const ep_normal_launch_t& q = p.n;
   const ep_normal_layout_t& L = q.layout;
   const ep_internode_layout_t& IL = p.il;
@@ -475,21 +480,9 @@ __global__ void __launch_bounds__(kDispThreads, 1) inter_dispatch_kernel(ep_inte
   NORMAL_PROF_STAMP(g_inter_prof_dispatch, 0);
 
   // Readers of my stage (my node) and the forwarders' receive regions (other nodes) are done with the last call.
-  if (tid == 0) s_failed = 0;
-  __syncthreads();
-  if (tid < P) {
-    if (!wait_flag(p, at<uint64_t>(mine, L.dispatch_ack) + my_node * P + tid, epoch - 1, my_node * P + tid,
-                   EP_SITE_DISPATCH_ACK))
-      s_failed = 1;
-  } else if (tid - P < N - 1) {
-    const int dn = tid - P;
-    const uint64_t* flag = at<uint64_t>(imine, IL.rdma_free) + dn;
-    if (!wait_until([&] { return tp::signal_load(flag) >= epoch - 1; }, q.timeout_ns, q.error, me,
-                    node_at(my_node, dn, N) * P + my_local, EP_SITE_RDMA_FREE))
-      s_failed = 1;
-  }
-  __syncthreads();
-  if (s_failed) return;
+  if (!wait_last_call_released(p, at<uint64_t>(mine, L.dispatch_ack), at<uint64_t>(imine, IL.rdma_free), epoch,
+                               EP_SITE_DISPATCH_ACK, EP_SITE_RDMA_FREE))
+    return;
   NORMAL_PROF_STAMP(g_inter_prof_dispatch, 1);
 
   // 1. Stage every token once (as intranode).
@@ -589,10 +582,8 @@ __global__ void __launch_bounds__(kDispThreads, 1) inter_dispatch_kernel(ep_inte
     if (i < q.recv_capacity) rows::pull_x_row(q, row, staged, i, t, lane);
   }
   if (posted) tp::quiet();  // x_stage is rewritten next call: our puts from it are complete
-  if (!ok) s_failed = 1;
   rows::graph_safe_tail(q, num_recv);
-  __syncthreads();
-  if (s_failed) return;
+  if (__syncthreads_or(!ok)) return;
   NORMAL_PROF_DONE(g_inter_prof_dispatch, 5);
 
   // 5. Release: my node's stages (dispatch_ack), the forwarders' receive regions (fwd_ack), and as forwarder,
@@ -632,7 +623,6 @@ __global__ void __launch_bounds__(kCombThreads, 1) inter_combine_kernel(ep_inter
   __shared__ const float* s_wsrc[kCombWarps][kMaxSources];
   __shared__ int s_offset[kMaxRanksShared + 1];
   __shared__ int s_base[kMaxLocal];
-  __shared__ int s_failed;
   const ep_normal_launch_t& q = p.n;
   const ep_normal_layout_t& L = q.layout;
   const ep_internode_layout_t& IL = p.il;
@@ -649,22 +639,10 @@ __global__ void __launch_bounds__(kCombThreads, 1) inter_combine_kernel(ep_inter
   NORMAL_PROF_STAMP(g_inter_prof_combine, 0);
 
   // Readers of my y_stage (my node) are done with the last call, and so are the sources of my last partials.
-  if (tid == 0) s_failed = 0;
-  if (tid <= R) s_offset[tid] = q.recv_offset[tid];
-  __syncthreads();
-  if (tid < P) {
-    if (!wait_flag(p, at<uint64_t>(mine, L.combine_ack) + my_node * P + tid, epoch - 1, my_node * P + tid,
-                   EP_SITE_COMBINE_ACK))
-      s_failed = 1;
-  } else if (tid - P < N - 1) {
-    const int dn = tid - P;
-    const uint64_t* flag = at<uint64_t>(imine, IL.partial_free) + dn;
-    if (!wait_until([&] { return tp::signal_load(flag) >= epoch - 1; }, q.timeout_ns, q.error, me,
-                    node_at(my_node, dn, N) * P + my_local, EP_SITE_PARTIAL_FREE))
-      s_failed = 1;
-  }
-  __syncthreads();
-  if (s_failed) return;
+  if (tid <= R) s_offset[tid] = q.recv_offset[tid];  // visible after the waits' block barrier
+  if (!wait_last_call_released(p, at<uint64_t>(mine, L.combine_ack), at<uint64_t>(imine, IL.partial_free), epoch,
+                               EP_SITE_COMBINE_ACK, EP_SITE_PARTIAL_FREE))
+    return;
   NORMAL_PROF_STAMP(g_inter_prof_combine, 1);
 
   // 1. Stage the rows another rank of my node reads. Row i from source s is read by s's forwarder on my node,
@@ -795,9 +773,7 @@ __global__ void __launch_bounds__(kCombThreads, 1) inter_combine_kernel(ep_inter
     __syncwarp();
   }
   if (posted) tp::quiet();  // partial_stage is rewritten next call: our puts from it are complete
-  if (!ok) s_failed = 1;
-  __syncthreads();
-  if (s_failed) return;
+  if (__syncthreads_or(!ok)) return;
   NORMAL_PROF_DONE(g_inter_prof_combine, 4);
 
   // 4. Release my node's stages and, at each forwarder, my partial receive region.

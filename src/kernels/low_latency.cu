@@ -39,6 +39,8 @@ struct Grid {
 
 __device__ __forceinline__ Grid kernel_grid() { return Grid{(int)blockIdx.x, (int)gridDim.x}; }
 
+enum class Call { kDispatch, kCombine };  // which call a kernel runs (the kernels are templates over it)
+
 // ---------------------------------------------------------------------------------------------------------------
 // Profiling (off by default; build with EP_LL_PROFILE=1; kernels/profile.cuh). Thread 0 of block 0 and of the last
 // block of a phase's grid stamp %globaltimer at the phase's boundaries; every EP_LL_PROFILE_EVERY-th call of a
@@ -486,23 +488,26 @@ __device__ __forceinline__ bool dispatch_send(const ep_ll_launch_t& p, Grid grid
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// The end of a receive phase (phase: kProfDispatchRecv or kProfCombineRecv, which also index ep_ll_state_t's done[];
-// words: the offset of the count words in a half), in EVERY block of the kernel: in a fused kernel the blocks past
-// the receive phase's grid arrive too, so that the half's call number, which every block read at its start,
-// advances only after all of them. The last block to arrive zeroes the count words (each before the
-// acknowledgement to the same rank, by the same thread), acknowledges call `op` to every rank and advances the
-// half's call number (read by the next send on this half). A block that gave up never gets here: the call is then
-// never acknowledged (a timeout fails the group), in a fused kernel as with two kernels.
+// The end of a receive phase of call kCall, in EVERY block of the kernel: in a fused kernel the blocks past the
+// receive phase's grid arrive too, so that the half's call number, which every block read at its start, advances
+// only after all of them. The last block to arrive zeroes the call's count words (each before the acknowledgement
+// to the same rank, by the same thread), acknowledges call `op` to every rank and advances the half's call number
+// (read by the next send on this half). A block that gave up never gets here: the call is then never acknowledged
+// (a timeout fails the group), in a fused kernel as with two kernels.
 // ---------------------------------------------------------------------------------------------------------------
-__device__ __forceinline__ void finish_recv(const ep_ll_launch_t& p, Grid grid, int phase, size_t words, uint64_t op) {
-  unsigned int* done = &p.state->done[phase];
+template <Call kCall>
+__device__ __forceinline__ void finish_recv(const ep_ll_launch_t& p, Grid grid, uint64_t op) {
+  constexpr bool kDispatch = kCall == Call::kDispatch;
+  [[maybe_unused]] constexpr int phase = kDispatch ? kProfDispatchRecv : kProfCombineRecv;  // profile builds
+  unsigned int* done = kDispatch ? &p.state->dispatch_done : &p.state->combine_done;
   const bool last = arrive_last(done);
-  LL_PROF_STAMP(phase, grid, phase == kProfDispatchRecv ? 4 : 3);  // "arrive" (prof_finish's labels)
+  LL_PROF_STAMP(phase, grid, kDispatch ? 4 : 3);  // "arrive" (prof_finish's labels)
   if (!last) {
     LL_PROF_FINISH(phase, grid, p.rank, 0);
     return;
   }
-  uint64_t* word = reinterpret_cast<uint64_t*>(p.ll_base + half_offset(p) + words);
+  uint64_t* word = reinterpret_cast<uint64_t*>(p.ll_base + half_offset(p) +
+                                               (kDispatch ? p.layout.dispatch_count : p.layout.combine_signal));
   for (int r = threadIdx.x; r < p.num_ranks; r += blockDim.x) {
     word[r] = 0;
     __threadfence_system();
@@ -919,50 +924,45 @@ __device__ __forceinline__ bool combine_recv(const ep_ll_launch_t& p, Grid grid)
 //    send block 0 may not have written yet; finish_recv, in every block, advances seq only once all have arrived;
 //  - stops a block whose send phase gave up before its receive phase: it never arrives, the other blocks' waits
 //    time out (each fault names a peer) and the call is not acknowledged, as with two kernels;
-//  - separates the phases with a block barrier: both use the dynamic shared memory from its start (combine's
-//    receive phase uses none).
+//  - separates the phases with a block barrier: both use the dynamic shared memory from its start.
+// Each kind of kernel is one template over the call (dispatch or combine), which picks the phases' code.
 // ---------------------------------------------------------------------------------------------------------------
+constexpr int kThreads = kSendThreads;  // every LL kernel's block size
 static_assert(kSendThreads == kRecvThreads, "a fused kernel runs both phases with one block size");
-constexpr int kFusedThreads = kSendThreads;
 
-__global__ void __launch_bounds__(kSendThreads, 1) dispatch_send_kernel(ep_ll_launch_t p) {
-  dispatch_send(p, kernel_grid(), next_call(p));
+template <Call kCall>
+__device__ __forceinline__ bool send_phase(const ep_ll_launch_t& p, Grid grid, uint64_t op) {
+  if constexpr (kCall == Call::kDispatch) return dispatch_send(p, grid, op);
+  else return combine_send(p, grid, op);
 }
 
-__global__ void __launch_bounds__(kRecvThreads) dispatch_recv_kernel(ep_ll_launch_t p) {
-  const uint64_t op = p.ops[0];
-  if (dispatch_recv(p, kernel_grid())) finish_recv(p, kernel_grid(), kProfDispatchRecv, p.layout.dispatch_count, op);
+template <Call kCall>
+__device__ __forceinline__ bool recv_phase(const ep_ll_launch_t& p, Grid grid) {
+  if constexpr (kCall == Call::kDispatch) return dispatch_recv(p, grid);
+  else return combine_recv(p, grid);
 }
 
-__global__ void __launch_bounds__(kFusedThreads, 1)
-    dispatch_fused_kernel(ep_ll_launch_t p, int send_blocks, int recv_blocks) {
+template <Call kCall>
+__global__ void __launch_bounds__(kThreads, 1) send_kernel(ep_ll_launch_t p) {
+  send_phase<kCall>(p, kernel_grid(), next_call(p));
+}
+
+// The call number comes from the handle: p.ops[0] (dispatch) or [1] (combine), written by the send phase.
+template <Call kCall>
+__global__ void __launch_bounds__(kThreads) recv_kernel(ep_ll_launch_t p) {
+  const uint64_t op = p.ops[kCall == Call::kDispatch ? 0 : 1];
+  if (recv_phase<kCall>(p, kernel_grid())) finish_recv<kCall>(p, kernel_grid(), op);
+}
+
+template <Call kCall>
+__global__ void __launch_bounds__(kThreads, 1) fused_kernel(ep_ll_launch_t p, int send_blocks, int recv_blocks) {
   const uint64_t op = next_call(p);
   const int b = blockIdx.x;
-  if (b < send_blocks && !dispatch_send(p, Grid{b, send_blocks}, op)) return;
+  if (b < send_blocks && !send_phase<kCall>(p, Grid{b, send_blocks}, op)) return;
   __syncthreads();  // the receive phase reuses the send phase's shared memory
   const Grid recv{b, recv_blocks};
-  if (b < recv_blocks && !dispatch_recv(p, recv)) return;
-  finish_recv(p, recv, kProfDispatchRecv, p.layout.dispatch_count, op);
-}
-
-__global__ void __launch_bounds__(kSendThreads, 1) combine_send_kernel(ep_ll_launch_t p) {
-  combine_send(p, kernel_grid(), next_call(p));
-}
-
-__global__ void __launch_bounds__(kRecvThreads) combine_recv_kernel(ep_ll_launch_t p) {
-  const uint64_t op = p.ops[1];
-  if (combine_recv(p, kernel_grid())) finish_recv(p, kernel_grid(), kProfCombineRecv, p.layout.combine_signal, op);
-}
-
-__global__ void __launch_bounds__(kFusedThreads, 1)
-    combine_fused_kernel(ep_ll_launch_t p, int send_blocks, int recv_blocks) {
-  const uint64_t op = next_call(p);
-  const int b = blockIdx.x;
-  if (b < send_blocks && !combine_send(p, Grid{b, send_blocks}, op)) return;
-  // No barrier: the receive phase uses no dynamic shared memory (and starts with a block barrier).
-  const Grid recv{b, recv_blocks};
-  if (b < recv_blocks && !combine_recv(p, recv)) return;
-  finish_recv(p, recv, kProfCombineRecv, p.layout.combine_signal, op);
+  if (b < recv_blocks && !recv_phase<kCall>(p, recv)) return;
+  finish_recv<kCall>(p, recv, op);
 }
 
 }  // namespace ll
@@ -1007,34 +1007,29 @@ static Shape combine_recv_shape(const ep_ll_launch_t* p) {
   return {ll_grid(p->num_sms, (warps + ep::ll::kRecvWarps - 1) / ep::ll::kRecvWarps), 0};
 }
 
-extern "C" cudaError_t ep_launch_ll_dispatch_send(const ep_ll_launch_t* p, cudaStream_t stream) {
-  const Shape s = dispatch_send_shape(p);
-  cudaError_t e = ll_smem((const void*)ep::ll::dispatch_send_kernel, s.smem);
+/* One phase's kernel (kKernel: ep::ll::send_kernel or recv_kernel of a call) over shape s. */
+template <void (*kKernel)(ep_ll_launch_t)>
+static cudaError_t launch_phase(const ep_ll_launch_t* p, Shape s, cudaStream_t stream) {
+  cudaError_t e = ll_smem((const void*)kKernel, s.smem);
   if (e != cudaSuccess) return e;
-  ep::ll::dispatch_send_kernel<<<s.grid, ep::ll::kSendThreads, s.smem, stream>>>(*p);
+  kKernel<<<s.grid, ep::ll::kThreads, s.smem, stream>>>(*p);
   return cudaGetLastError();
+}
+
+extern "C" cudaError_t ep_launch_ll_dispatch_send(const ep_ll_launch_t* p, cudaStream_t stream) {
+  return launch_phase<ep::ll::send_kernel<ep::ll::Call::kDispatch>>(p, dispatch_send_shape(p), stream);
 }
 
 extern "C" cudaError_t ep_launch_ll_dispatch_recv(const ep_ll_launch_t* p, cudaStream_t stream) {
-  const Shape s = dispatch_recv_shape(p);
-  cudaError_t e = ll_smem((const void*)ep::ll::dispatch_recv_kernel, s.smem);
-  if (e != cudaSuccess) return e;
-  ep::ll::dispatch_recv_kernel<<<s.grid, ep::ll::kRecvThreads, s.smem, stream>>>(*p);
-  return cudaGetLastError();
+  return launch_phase<ep::ll::recv_kernel<ep::ll::Call::kDispatch>>(p, dispatch_recv_shape(p), stream);
 }
 
 extern "C" cudaError_t ep_launch_ll_combine_send(const ep_ll_launch_t* p, cudaStream_t stream) {
-  const Shape s = combine_send_shape(p);
-  cudaError_t e = ll_smem((const void*)ep::ll::combine_send_kernel, s.smem);
-  if (e != cudaSuccess) return e;
-  ep::ll::combine_send_kernel<<<s.grid, ep::ll::kSendThreads, s.smem, stream>>>(*p);
-  return cudaGetLastError();
+  return launch_phase<ep::ll::send_kernel<ep::ll::Call::kCombine>>(p, combine_send_shape(p), stream);
 }
 
 extern "C" cudaError_t ep_launch_ll_combine_recv(const ep_ll_launch_t* p, cudaStream_t stream) {
-  const Shape s = combine_recv_shape(p);
-  ep::ll::combine_recv_kernel<<<s.grid, ep::ll::kRecvThreads, s.smem, stream>>>(*p);
-  return cudaGetLastError();
+  return launch_phase<ep::ll::recv_kernel<ep::ll::Call::kCombine>>(p, combine_recv_shape(p), stream);
 }
 
 /* Blocks of a fused kernel that can be resident on one SM (threads and registers; a call's dynamic shared memory
@@ -1044,7 +1039,7 @@ static int fused_blocks_per_sm(const void* kernel) {
   int dev = 0, coop = 0, blocks = 0;
   if (cudaGetDevice(&dev) != cudaSuccess ||
       cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, dev) != cudaSuccess ||
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, ep::ll::kFusedThreads, 0) != cudaSuccess) {
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, ep::ll::kThreads, 0) != cudaSuccess) {
     (void)cudaGetLastError();
     return 0;
   }
@@ -1070,7 +1065,7 @@ static cudaError_t launch_fused(const ep_ll_launch_t* p, Shape send, Shape recv,
   attr[0].val.cooperative = 1;
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3((unsigned)grid);
-  cfg.blockDim = dim3((unsigned)ep::ll::kFusedThreads);
+  cfg.blockDim = dim3((unsigned)ep::ll::kThreads);
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
   cfg.attrs = attr;
@@ -1083,11 +1078,11 @@ static cudaError_t launch_fused(const ep_ll_launch_t* p, Shape send, Shape recv,
 }
 
 extern "C" cudaError_t ep_launch_ll_dispatch_fused(const ep_ll_launch_t* p, cudaStream_t stream, int* launched) {
-  return launch_fused<ep::ll::dispatch_fused_kernel>(p, dispatch_send_shape(p), dispatch_recv_shape(p), stream,
+  return launch_fused<ep::ll::fused_kernel<ep::ll::Call::kDispatch>>(p, dispatch_send_shape(p), dispatch_recv_shape(p), stream,
                                                      launched);
 }
 
 extern "C" cudaError_t ep_launch_ll_combine_fused(const ep_ll_launch_t* p, cudaStream_t stream, int* launched) {
-  return launch_fused<ep::ll::combine_fused_kernel>(p, combine_send_shape(p), combine_recv_shape(p), stream,
+  return launch_fused<ep::ll::fused_kernel<ep::ll::Call::kCombine>>(p, combine_send_shape(p), combine_recv_shape(p), stream,
                                                     launched);
 }
