@@ -3,7 +3,7 @@
 # keep full logs under $OUT (or ./gpu-out), and print a short summary last. The bench step also runs
 # bench/ll_kernel_time.py where PyTorch is installed.
 #   scripts/gpu_run.sh [tests|bench|sanitize|all] [extra ep_bench args...]
-# `sanitize` runs the small GPU cases under compute-sanitizer (memcheck; racecheck for the layout kernel).
+# `sanitize` runs the small GPU cases under compute-sanitizer (memcheck; racecheck for the layout and LL kernels).
 # EP_TEST_SHARE_GPU=1 on a machine of fewer than 8 GPUs: the tests step also runs the GPU tests on more ranks than
 # GPUs, ranks sharing GPUs under CUDA MPS (correctness only; scripts/shared_gpu.sh). EP_TEST_RANKS overrides the
 # rank counts of the tests step (e.g. "8", to fit one call's time limit).
@@ -33,11 +33,15 @@ if [[ $what == all || $what == tests ]]; then
   (cd "$out" && tar czf test-logs.tgz test-logs && rm -rf test-logs)
 fi
 if [[ $what == sanitize ]]; then
-  for run in "memcheck test_layout" "racecheck test_layout" "memcheck test_intranode"; do
+  # On 2 ranks (1 on a one-GPU machine: every peer is then this rank itself, and the internode test skips).
+  n=$(( num_gpus < 2 ? 1 : 2 ))
+  for run in "memcheck test_layout" "racecheck test_layout" "memcheck test_intranode" "memcheck test_low_latency" \
+             "racecheck test_low_latency" "memcheck test_internode"; do
     set -- $run
-    EP_TEST_SMALL=1 build/bin/ep_launch -n 2 -t 120 -q -l "$out/san-$2-$1" -- \
+    EP_TEST_SMALL=1 build/bin/ep_launch -n $n -t 150 -q -l "$out/san-$2-$1" -- \
       compute-sanitizer --tool "$1" --error-exitcode 9 "build/tests/gpu/$2" > "$out/san-$2-$1.log" 2>&1
-    rc=$?; summary+=("compute-sanitizer $1 $2: exit $rc"); grep -m3 -E "ERROR SUMMARY|Invalid|Race" "$out/san-$2-$1.log"
+    rc=$?; summary+=("compute-sanitizer $1 $2 (-n $n): exit $rc")
+    grep -m3 -E "ERROR SUMMARY|Invalid|Race|SKIP" "$out/san-$2-$1.log"
   done
 fi
 if [[ $what == all || $what == bench ]]; then

@@ -1,6 +1,7 @@
 /* low_latency.c: the low-latency path's public calls: size hint, handles, dispatch, combine (each with its
  * receive hook), the zero-copy buffer and the clean. Everything here validates and fills a launch struct; the
- * kernels are in src/kernels/low_latency.cu and the buffer layout in src/kernels/ll_layout.h. */
+ * kernels are in src/kernels/low_latency.cu (phases: ll_dispatch.cuh, ll_combine.cuh) and the buffer layout in
+ * src/kernels/ll_layout.h. */
 #include <stdlib.h>
 #include <string.h>
 

@@ -1,0 +1,213 @@
+// ll_common.cuh: what the low-latency (LL) phases share: a phase's grid, the call a kernel runs, the profiling
+// stamps, the block shapes, the peer / count-word / acknowledgement helpers and the end of a receive phase
+// (finish_recv). The phases themselves are in ll_dispatch.cuh and ll_combine.cuh; the kernels and their launches
+// in low_latency.cu, the only file that includes these. Buffer layout and signal protocol: ll_layout.h.
+#ifndef EP_KERNELS_LL_COMMON_CUH
+#define EP_KERNELS_LL_COMMON_CUH
+
+#include "kernels/api.h"
+#include <cuda_bf16.h>
+#include <cuda_fp8.h>
+
+#include "kernels/common.cuh"
+#include "kernels/profile.cuh"
+#include "transport/transport.cuh"
+
+namespace ep {
+namespace ll {
+
+// ---------------------------------------------------------------------------------------------------------------
+// A phase's grid: this block's index among the blocks that run the phase, and their number. A phase's own kernel
+// passes (blockIdx.x, gridDim.x); a fused kernel runs a phase in its blocks [0, blocks), which may be fewer than
+// the kernel's grid. Phase code (token ranges, publishing blocks, unit striding, block-0 duties, profile stamps)
+// uses this, never blockIdx.x / gridDim.x. Only arrive_last counts the kernel's grid: every block of a kernel
+// arrives at the end of its receive phase, including the blocks that had no receive work.
+// ---------------------------------------------------------------------------------------------------------------
+struct Grid {
+  int block, blocks;
+};
+
+__device__ __forceinline__ Grid kernel_grid() { return Grid{(int)blockIdx.x, (int)gridDim.x}; }
+
+enum class Call { kDispatch, kCombine };  // which call a kernel runs (the kernels are templates over it)
+
+// ---------------------------------------------------------------------------------------------------------------
+// Profiling (off by default; build with EP_LL_PROFILE=1; kernels/profile.cuh). Thread 0 of block 0 and of the last
+// block of a phase's grid stamp %globaltimer at the phase's boundaries; every EP_LL_PROFILE_EVERY-th call of a
+// phase prints one line (device printf) with, for both blocks, the time of each stage since the previous stamp, in
+// us. Records are per phase ("kernel" below), whether the phase runs in its own kernel or in a fused one.
+// ---------------------------------------------------------------------------------------------------------------
+enum { kProfDispatchSend = 0, kProfDispatchRecv = 1, kProfCombineSend = 2, kProfCombineRecv = 3 };
+#if EP_LL_PROFILE
+constexpr int kProfStamps = 5;  // stamp 0 = block start
+static_assert(kProfStamps <= prof::kMaxStamps, "LL stamps fit a profile record");
+__device__ prof::Record g_prof[4];  // [kernel]
+
+__device__ __forceinline__ void prof_stamp(int kernel, Grid grid, int i) {
+  if (threadIdx.x == 0) prof::stamp(g_prof[kernel], i, grid.block, grid.blocks);
+}
+
+// Called by every block when it is done with the phase (tail_ns: a stamp after the block's end, e.g. the
+// acknowledgements of the block that finished the call; 0 if none); thread 0 of block 0 and of the phase's last
+// block arrive. The second of the two prints.
+__device__ void prof_finish(int kernel, Grid grid, int rank, unsigned long long tail_ns) {
+  if (threadIdx.x != 0 || (grid.block != 0 && grid.block != grid.blocks - 1)) return;
+  prof::Call c;
+  if (!prof::arrive(g_prof[kernel], tail_ns ? tail_ns : global_timer_ns(), grid.blocks == 1 ? 1u : 2u,
+                    EP_LL_PROFILE_EVERY, c))
+    return;
+  static const char* const names[4] = {"dispatch-send", "dispatch-recv", "combine-send", "combine-recv"};
+  static const char* const labels[4][kProfStamps - 1] = {
+      {"prologue+acks", "data", "signal", "-"},
+      {"counts-seen", "meta", "copy", "arrive"},
+      {"prologue+acks", "data", "signal", "-"},
+      {"counts-seen", "sum", "arrive", "-"}};
+  const unsigned long long(*s)[prof::kMaxStamps] = g_prof[kernel].t;
+  float d[2][kProfStamps - 1];
+  for (int b = 0; b < 2; ++b) {
+    unsigned long long prev = s[b][0];
+    for (int i = 1; i < kProfStamps; ++i) {
+      const bool used = labels[kernel][i - 1][0] != '-' && s[b][i] >= prev;
+      d[b][i - 1] = used ? (float)(s[b][i] - prev) * 1e-3f : 0.0f;
+      if (used) prev = s[b][i];
+    }
+  }
+  const float last_start = (float)((long long)(s[1][0] - s[0][0])) * 1e-3f;
+  const float total = (float)((long long)(c.end - s[0][0])) * 1e-3f;
+  const unsigned long long send_start = kernel & 1 ? g_prof[kernel - 1].t[0][0] : 0ull;
+  const float since_prev = kernel & 1 && send_start ? (float)((long long)(s[0][0] - send_start)) * 1e-3f : 0.0f;
+  printf("ep_ll_prof rank %d %s call %u grid %d | b0: %s %.2f %s %.2f %s %.2f %s %.2f | last@%+.2f: %.2f %.2f %.2f "
+         "%.2f | end %.2f us after b0 start%s%.2f\n",
+         rank, names[kernel], c.number, grid.blocks, labels[kernel][0], d[0][0], labels[kernel][1], d[0][1],
+         labels[kernel][2], d[0][2], labels[kernel][3], d[0][3], last_start, d[1][0], d[1][1], d[1][2], d[1][3],
+         total, kernel & 1 ? "; b0 start after the send's b0 start: " : "", since_prev);
+}
+#define LL_PROF_STAMP(kernel, grid, i) ::ep::ll::prof_stamp((kernel), (grid), (i))
+#define LL_PROF_FINISH(kernel, grid, rank, tail) ::ep::ll::prof_finish((kernel), (grid), (rank), (tail))
+#define LL_PROF_NOW() ::ep::global_timer_ns()
+#else
+#define LL_PROF_STAMP(kernel, grid, i) ((void)0)
+#define LL_PROF_FINISH(kernel, grid, rank, tail) ((void)0)
+#define LL_PROF_NOW() 0ull
+#endif
+
+// Block shapes: threads of a send phase's and of a receive phase's block (equal: a fused kernel runs both).
+constexpr int kSendThreads = 512;
+constexpr int kSendWarps = kSendThreads / 32;
+constexpr int kRecvThreads = 512;
+constexpr int kRecvWarps = kRecvThreads / 32;
+constexpr int kCopyBatch = 8;  // 16-byte words a lane has in flight per batch (dispatch receive, combine send)
+
+__device__ __forceinline__ size_t half_offset(const ep_ll_launch_t& p) { return (size_t)p.half * p.layout.half_bytes; }
+
+// Rank r's mapping of the LL region, when r is a peer of this node reached by loads/stores; else NULL.
+__device__ __forceinline__ char* nvlink_peer(const ep_ll_launch_t& p, int r) {
+  if (r / p.ranks_per_node != p.rank / p.ranks_per_node) return nullptr;
+  char* base = (char*)p.peer_workspace[r];
+  return base ? base + p.ll_offset : nullptr;
+}
+
+// A count word is complete when its high half hi >= 1 and its low half is hi - 1 (see ll_layout.h).
+__device__ __forceinline__ bool count_complete(uint64_t v) {
+  const uint32_t hi = (uint32_t)(v >> 32), lo = (uint32_t)v;
+  return hi != 0 && lo == hi - 1;
+}
+
+// Add v to a 64-bit word of a peer's memory (an NVLink mapping), released after this thread's earlier writes.
+__device__ __forceinline__ void red_add_release_sys_u64(uint64_t* ptr, uint64_t v) {
+  asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(ptr), "l"(v) : "memory");
+}
+
+// The block of the send phase's grid that publishes the final count word (and, for dispatch, the dispatch_meta row)
+// to rank r.
+__device__ __forceinline__ bool publishes_for(int r, Grid grid) {
+  return (unsigned)r % (unsigned)grid.blocks == (unsigned)grid.block;
+}
+
+// The number of the call starting on the current half: one more than the half's last call. Only a receive phase's
+// last block advances seq[half], once every block of its kernel has arrived there, so every block of a kernel
+// reads the same value (in a fused kernel, at its start).
+__device__ __forceinline__ uint64_t next_call(const ep_ll_launch_t& p) { return p.state->seq[p.half] + 1; }
+
+// Tell rank r that this rank finished receiving call `op` on the current half.
+__device__ __forceinline__ void send_ack(const ep_ll_launch_t& p, int r, uint64_t op) {
+  const size_t offset = half_offset(p) + p.layout.ack + (size_t)p.rank * 8;
+  char* peer = nvlink_peer(p, r);
+  if (peer) st_release_sys_u64(reinterpret_cast<uint64_t*>(peer + offset), op);
+  else tp::signal_set(reinterpret_cast<uint64_t*>(p.ll_base + offset), op, r);
+}
+
+// Every rank must have finished receiving the previous call on this half before we write into its half. Threads
+// tid < R poll (no barrier: the caller overlaps this with other work and joins the result with __syncthreads_or).
+__device__ __forceinline__ bool poll_acks(const ep_ll_launch_t& p, uint64_t op, int site) {
+  const uint64_t* acks = reinterpret_cast<const uint64_t*>(p.ll_base + half_offset(p) + p.layout.ack);
+  bool ok = true;
+  for (int r = threadIdx.x; ok && r < p.num_ranks; r += blockDim.x)
+    ok = wait_until([&] { return ld_acquire_sys_u64(acks + r) + 1 >= op; }, p.timeout_ns, p.error, p.rank, r, site);
+  return ok;
+}
+
+// Is expert index e valid? (bad ones were reported where the token is sent and count as -1)
+__device__ __forceinline__ bool valid_expert(int64_t e, int E) { return e >= 0 && e < E; }
+
+// 2^ceil(log2(s)) for a positive normal float, exactly (s itself when it is a power of two).
+__device__ __forceinline__ float pow2_ceil(float s) {
+  const uint32_t bits = __float_as_uint(s);
+  if ((bits & 0x7fffffu) == 0) return s;
+  return __uint_as_float((bits & 0x7f800000u) + 0x00800000u);
+}
+
+// Read-only inputs of the call (x, the expert outputs): through the non-coherent path, not kept in L1.
+__device__ __forceinline__ int4 ld_input(const void* p) { return ld_nc_na(reinterpret_cast<const int4*>(p)); }
+
+// Two int32 of a received message (written by a peer before the count we acquired): around L1, as ld_nc_na.
+__device__ __forceinline__ int2 ld_nc_v2(const void* ptr) {
+  int2 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v2.s32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(ptr));
+  return v;
+}
+
+// Lanes per token when a warp looks at top-k rows: the power of two >= K (K <= 32).
+__device__ __forceinline__ int topk_lanes(int K) {
+  int kp = 1;
+  while (kp < K) kp <<= 1;
+  return kp;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The end of a receive phase of call kCall, in EVERY block of the kernel: in a fused kernel the blocks past the
+// receive phase's grid arrive too, so that the half's call number, which every block read at its start, advances
+// only after all of them. The last block to arrive zeroes the call's count words (each before the acknowledgement
+// to the same rank, by the same thread), acknowledges call `op` to every rank and advances the half's call number
+// (read by the next send on this half). A block that gave up never gets here: the call is then never acknowledged
+// (a timeout fails the group), in a fused kernel as with two kernels.
+// ---------------------------------------------------------------------------------------------------------------
+template <Call kCall>
+__device__ __forceinline__ void finish_recv(const ep_ll_launch_t& p, Grid grid, uint64_t op) {
+  constexpr bool kDispatch = kCall == Call::kDispatch;
+  [[maybe_unused]] constexpr int phase = kDispatch ? kProfDispatchRecv : kProfCombineRecv;  // profile builds
+  unsigned int* done = kDispatch ? &p.state->dispatch_done : &p.state->combine_done;
+  const bool last = arrive_last(done);
+  LL_PROF_STAMP(phase, grid, kDispatch ? 4 : 3);  // "arrive" (prof_finish's labels)
+  if (!last) {
+    LL_PROF_FINISH(phase, grid, p.rank, 0);
+    return;
+  }
+  uint64_t* word = reinterpret_cast<uint64_t*>(p.ll_base + half_offset(p) +
+                                               (kDispatch ? p.layout.dispatch_count : p.layout.combine_signal));
+  for (int r = threadIdx.x; r < p.num_ranks; r += blockDim.x) {
+    word[r] = 0;
+    __threadfence_system();
+    send_ack(p, r, op);
+  }
+  if (threadIdx.x == 0) {
+    *done = 0;
+    p.state->seq[p.half] = op;
+  }
+  LL_PROF_FINISH(phase, grid, p.rank, LL_PROF_NOW());
+}
+
+}  // namespace ll
+}  // namespace ep
+
+#endif  // EP_KERNELS_LL_COMMON_CUH

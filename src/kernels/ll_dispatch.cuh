@@ -1,0 +1,528 @@
+// ll_dispatch.cuh: the LL dispatch's two phases, as device functions that low_latency.cu's kernels call: the send
+// phase (routing prologue, FP8 cast in registers, stores / puts of one message per (token, destination rank),
+// counts) and the receive phase (counts, row offsets, the copy of each message into its experts' rows).
+#ifndef EP_KERNELS_LL_DISPATCH_CUH
+#define EP_KERNELS_LL_DISPATCH_CUH
+
+#include "kernels/ll_common.cuh"
+
+namespace ep {
+namespace ll {
+
+// One (token, slot) per lane: a warp sees 32 / kp tokens from `t0` (those below `t_end`) at once, one coalesced
+// load per lane, and finds repeated experts and repeated ranks inside each token with two warp matches.
+struct SlotInfo {
+  int t, k;
+  bool in;      // a real (token, slot)
+  int64_t e;    // the expert index as given (-1 for none; may be out of range)
+  bool first;   // valid, and no earlier slot of the token has the same expert
+  bool rfirst;  // valid, and no earlier valid slot of the token has an expert on the same rank
+  int first_k;  // for a valid slot: the first slot with the same expert; else -1
+};
+
+__device__ __forceinline__ SlotInfo slot_info(const ep_ll_launch_t& p, int t0, int t_end, int kp, int lane) {
+  const int K = p.num_topk, E = p.num_experts, E_loc = E / p.num_ranks;
+  SlotInfo si;
+  si.t = t0 + lane / kp;
+  si.k = lane % kp;
+  si.in = si.t < t_end && si.k < K;
+  si.e = si.in ? p.topk_idx[(size_t)si.t * K + si.k] : -1;
+  const bool valid = si.in && valid_expert(si.e, E);
+  // Keys: (token, expert) and (token, rank) for valid slots; a value no valid slot has (unique per lane) otherwise.
+  const unsigned long long tkey = (unsigned long long)(uint32_t)si.t << 32;
+  const unsigned long long key_e = tkey | (uint32_t)(valid ? (int)si.e : E + lane);
+  const unsigned long long key_r = tkey | (uint32_t)(valid ? (int)si.e / E_loc : p.num_ranks + lane);
+  const unsigned same_e = __match_any_sync(0xffffffffu, key_e);
+  const unsigned same_r = __match_any_sync(0xffffffffu, key_r);
+  si.first = valid && __ffs(same_e) - 1 == lane;
+  si.rfirst = valid && __ffs(same_r) - 1 == lane;
+  si.first_k = valid ? (__ffs(same_e) - 1) % kp : -1;
+  return si;
+}
+
+// One lane's 16 channels (two int4 of bf16) to e4m3, with the scale of its 128-channel group (8 lanes). Every
+// lane of the warp calls; lanes of an inactive group pass zeros and their result is ignored. The arithmetic is the
+// reference's: amax floored at 1e-4, scale = amax / 448 (optionally 2^ceil(log2)), value * (1 / scale), RN + SATFINITE.
+__device__ __forceinline__ int4 cast16(const int4 (&in)[2], int round_scale, float* scale_out) {
+  float f[16];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const __nv_bfloat162* b = reinterpret_cast<const __nv_bfloat162*>(&in[h]);
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const float2 v = __bfloat1622float2(b[u]);
+      f[8 * h + 2 * u] = v.x;
+      f[8 * h + 2 * u + 1] = v.y;
+    }
+  }
+  float amax = 0.0f;
+#pragma unroll
+  for (int i = 0; i < 16; ++i) amax = fmaxf(amax, fabsf(f[i]));
+#pragma unroll
+  for (int m = 4; m > 0; m >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, m));
+  amax = fmaxf(amax, 1e-4f);
+  float scale = amax / 448.0f;
+  if (round_scale) scale = pow2_ceil(scale);
+  const float inv = 1.0f / scale;
+  *scale_out = scale;
+  uint32_t w[4];
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    uint32_t packed = 0;
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      packed |= (uint32_t)__nv_cvt_float_to_fp8(f[4 * q + i] * inv, __NV_SATFINITE, __NV_E4M3) << (8 * i);
+    w[q] = packed;
+  }
+  return make_int4((int)w[0], (int)w[1], (int)w[2], (int)w[3]);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Dispatch, send phase. Block b of the phase's grid owns a contiguous range of at most kMaxRange of my tokens.
+//  1. It counts, per expert and per rank, my tokens before its range and after it (one thread per (token, slot)),
+//     and notes the distinct experts and distinct ranks of its own tokens (threads tid < R meanwhile wait for the
+//     acknowledgements of the half's previous call); then, from shared memory only, each token's slot j
+//     per expert (its position among my tokens that select the expert) and its message position per destination
+//     rank (its position among my tokens that go to that rank). Two block barriers in all, not two per token.
+//  2. Its warps split its tokens into (token, part) units of 512-channel steps: a warp loads its channels once
+//     (16 per lane, non-coherent loads), casts them to e4m3 in registers (a 128-channel group is 8 lanes; no block
+//     barrier) and stores them, 16 bytes per lane, straight into every NVLink destination's receive slot, once
+//     per destination rank; part 0 writes the header. Tokens with a destination in another node are also written
+//     to the local stage and, after one block barrier, put whole with put-with-signal, one put per (token, rank).
+//  3. No grid-wide barrier: every block, once its stores are fenced, adds its own message count to each NVLink
+//     destination's count word (one release add per (block, rank)); block r % blocks also writes rank r's
+//     dispatch_meta row (my tokens per local expert of r; every block knows all counts from step 1) and adds
+//     the word's high half, (messages + 1) + 1. Ranks of other nodes count the puts themselves (1 per put).
+// ---------------------------------------------------------------------------------------------------------------
+constexpr int kMaxRange = 64;   // tokens per send block at most
+constexpr int kStep = 512;      // channels per warp step: 16 per lane
+constexpr int kStepBatch = 4;   // steps whose loads a lane has in flight at once
+
+// 1: each warp loads the first 512 channels of its first data unit (step 2) before the prologue (step 1), which
+// decides where a token's rows go, not what they hold, so that the loads of x travel with the prologue's own
+// instead of after its barriers (docs/low-latency.md, lead 1; at 128 tokens per rank that is all of a warp's x).
+// 0 (default until measured on 4 GPUs): every load in step 2.
+#ifndef EP_LL_EARLY_X
+#define EP_LL_EARLY_X 0
+#endif
+
+// Steps [st0, st1) of part `part` of a token's `steps` steps split in `parts` parts.
+__device__ __forceinline__ int2 part_steps(int part, int parts, int steps) {
+  return make_int2((int)((long long)steps * part / parts), (int)((long long)steps * (part + 1) / parts));
+}
+
+// Step s of a token's row x (xrow, H channels of bf16): 16 channels per lane, zeros past H.
+__device__ __forceinline__ void load_x_step(const char* xrow, int s, int H, int lane, int4 (&v)[2]) {
+  const int c = s * kStep + lane * 16;
+  v[0] = v[1] = make_int4(0, 0, 0, 0);
+  if (c < H) v[0] = ld_input(xrow + (size_t)c * 2);
+  if (c + 8 < H) v[1] = ld_input(xrow + (size_t)(c + 8) * 2);
+}
+
+// One block's send phase of call `op`. False if the block gave up (an acknowledgement timed out; the fault is
+// recorded): the caller then stops, with no receive phase.
+__device__ __forceinline__ bool dispatch_send(const ep_ll_launch_t& p, Grid grid, uint64_t op) {
+  extern __shared__ int s_dyn[];
+  const ep_ll_layout_t& L = p.layout;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int me = p.rank, R = p.num_ranks, K = p.num_topk, E = p.num_experts, E_loc = E / R, H = p.hidden;
+  const int N = p.num_tokens;
+  const size_t half = half_offset(p);
+  char* mine = p.ll_base + half;
+  LL_PROF_STAMP(kProfDispatchSend, grid, 0);
+  if (grid.block == 0 && tid == 0) p.ops[0] = op;  // the call number for a later receive kernel (the hook)
+
+  const int per_block = (N + grid.blocks - 1) / grid.blocks;  // <= kMaxRange (the launcher sizes the grid)
+  const int begin = min(N, grid.block * per_block), end = min(N, begin + per_block), n_loc = end - begin;
+  int* s_hist = s_dyn;                     // [E] my tokens before the range (later: up to its end), per expert
+  int* s_rhist = s_hist + E;               // [R] the same per distinct rank
+  int* s_ahist = s_rhist + R;              // [E] my tokens after the range, per distinct expert
+  int* s_arhist = s_ahist + E;             // [R] the same per distinct rank
+  int* s_own = s_arhist + R;               // [R] messages of this block to each rank
+  int* s_ent = s_own + R;                  // [per_block * K] expert of (token, slot) if its first slot, else -1
+  int* s_rf = s_ent + per_block * K;       // [per_block * K] rank-first bit and first slot of the expert (1a)
+  int* s_slot = s_rf + per_block * K;      // [per_block * K] j of a first slot
+  int* s_pos = s_slot + per_block * K;     // [per_block * K] message position at its rank, for rank-first slots
+
+  // Step 2's units: (token, part) pairs, a part being a run of 512-channel steps. Known before the prologue.
+  const int steps = (H + kStep - 1) / kStep;
+  const int parts = n_loc > 0 ? max(1, min(steps, kSendWarps / n_loc)) : 1;
+  int4 early[2];  // EP_LL_EARLY_X: the first step of this warp's first unit
+  if (EP_LL_EARLY_X && warp < n_loc * parts)
+    load_x_step(reinterpret_cast<const char*>(p.x) + (size_t)(begin + warp / parts) * H * 2,
+                part_steps(warp % parts, parts, steps).x, H, lane, early);
+
+  for (int e = tid; e < E; e += blockDim.x) s_hist[e] = s_ahist[e] = 0;
+  for (int r = tid; r < R; r += blockDim.x) s_rhist[r] = s_arhist[r] = s_own[r] = 0;
+  __syncthreads();
+
+  // 1a. Earlier and later tokens into the histograms; my tokens' slots noted (s_rf: bit 0 = rank-first, bits 1.. =
+  // 1 + the first slot of the same expert, 0 for an invalid slot). Threads tid < R first wait for the acks: the
+  // other warps scan meanwhile, and the barrier after the scan joins the result (no store to a peer before it).
+  const bool acks_ok = poll_acks(p, op, EP_SITE_LL_DISPATCH_ACK);
+  const int kp = topk_lanes(K), tokens_per_warp = 32 / kp;
+  for (int tb = warp * tokens_per_warp; tb < N; tb += kSendWarps * tokens_per_warp) {
+    const SlotInfo si = slot_info(p, tb, N, kp, lane);
+    if (si.t < begin) {
+      if (si.first) atomicAdd(&s_hist[si.e], 1);
+      if (si.rfirst) atomicAdd(&s_rhist[si.e / E_loc], 1);
+    } else if (si.t >= end) {
+      if (si.first) atomicAdd(&s_ahist[si.e], 1);
+      if (si.rfirst) atomicAdd(&s_arhist[si.e / E_loc], 1);
+    } else if (si.in) {
+      if (si.e < -1 || si.e >= E) record_fault(p.error, EP_FAULT_BAD_EXPERT, me, -1, 0, si.t, si.e);
+      const int i = (si.t - begin) * K + si.k;
+      s_ent[i] = si.first ? (int)si.e : -1;
+      s_rf[i] = (si.first_k >= 0 ? (si.first_k + 1) << 1 : 0) | (si.rfirst ? 1 : 0);
+    }
+  }
+  if (__syncthreads_or(!acks_ok)) return false;  // every rank is done with this half's last call (or one timed out)
+  LL_PROF_STAMP(kProfDispatchSend, grid, 1);
+  // 1b. Slots and message positions inside the range (each earlier token lists an expert / a rank once at most).
+  for (int i = tid; i < n_loc * K; i += blockDim.x) {
+    const int e = s_ent[i];
+    if (e < 0) continue;
+    const int lt = i / K, d = e / E_loc;
+    int j = s_hist[e], pos = s_rhist[d];
+    for (int i2 = 0; i2 < lt * K; ++i2) {
+      const int e2 = s_ent[i2];
+      j += e2 == e;
+      pos += ((s_rf[i2] & 1) && e2 / E_loc == d) ? 1 : 0;
+    }
+    s_slot[i] = j;
+    s_pos[i] = pos;
+  }
+  __syncthreads();
+  // 1c. Combine's receive row of every (token, slot) (a repeated expert uses its first slot's row); the range
+  // joins the histograms (read again only by the last block, after barriers).
+  for (int i = tid; i < n_loc * K; i += blockDim.x) {
+    const int lt = i / K, k = i % K, first_k = (s_rf[i] >> 1) - 1;
+    p.slot_of[(size_t)(begin + lt) * L.max_topk + k] =
+        first_k >= 0 ? s_ent[lt * K + first_k] * L.max_tokens + s_slot[lt * K + first_k] : -1;
+    if (s_ent[i] >= 0) atomicAdd(&s_hist[s_ent[i]], 1);
+    if (s_rf[i] & 1) {
+      atomicAdd(&s_rhist[s_ent[i] / E_loc], 1);
+      atomicAdd(&s_own[s_ent[i] / E_loc], 1);
+    }
+  }
+  __syncthreads();  // s_hist + s_ahist, s_rhist + s_arhist: all my tokens; s_own: this block's messages
+
+  // 2. Data: (token, part) units.
+  const size_t hdr = L.hdr_bytes, msg_stride = L.msg_bytes;
+  char* stage = mine + L.dispatch_stage;
+  for (int u = warp; u < n_loc * parts; u += kSendWarps) {
+    const int lt = u / parts, part = u % parts, t = begin + lt;
+    const int ek = lane < K ? s_ent[lt * K + lane] : -1;
+    const bool rf = lane < K && (s_rf[lt * K + lane] & 1);
+    const int posk = rf ? s_pos[lt * K + lane] : 0;
+    const unsigned dmask = __ballot_sync(0xffffffffu, rf);
+    const bool has_remote = __ballot_sync(0xffffffffu, rf && nvlink_peer(p, ek / E_loc) == nullptr) != 0;
+    char* my_msg = stage + (size_t)t * msg_stride;
+    if (part == 0) {  // header: (t, npairs, (e, j) for each distinct valid expert in slot order)
+      const int jk = ek >= 0 ? s_slot[lt * K + lane] : 0;
+      const unsigned fmask = __ballot_sync(0xffffffffu, ek >= 0);
+      const int idx = __popc(fmask & ((1u << lane) - 1u));
+      for (unsigned m = dmask;; m &= m - 1) {
+        char* dst;
+        if (m) {
+          const int b = __ffs(m) - 1;
+          const int d = __shfl_sync(0xffffffffu, ek, b) / E_loc, pos = __shfl_sync(0xffffffffu, posk, b);
+          char* peer = nvlink_peer(p, d);
+          if (!peer) continue;
+          dst = peer + half + L.recv + ((size_t)me * L.max_tokens + pos) * msg_stride;
+        } else {
+          if (!has_remote) break;
+          dst = my_msg;
+        }
+        if (lane == 0) *reinterpret_cast<int2*>(dst) = make_int2(t, __popc(fmask));
+        if (ek >= 0) *reinterpret_cast<int2*>(dst + 8 + 8 * idx) = make_int2(ek, jk);
+        if (!m) break;
+      }
+    }
+    const int2 st = part_steps(part, parts, steps);
+    const int st0 = st.x, st1 = st.y;
+    const char* xrow = reinterpret_cast<const char*>(p.x) + (size_t)t * H * 2;
+    for (int s0 = st0; s0 < st1; s0 += kStepBatch) {
+      int4 in[kStepBatch][2];
+#pragma unroll
+      for (int b = 0; b < kStepBatch; ++b) {
+        if (EP_LL_EARLY_X && b == 0 && u == warp && s0 == st0) in[0][0] = early[0], in[0][1] = early[1];
+        else if (s0 + b < st1) load_x_step(xrow, s0 + b, H, lane, in[b]);
+        else in[b][0] = in[b][1] = make_int4(0, 0, 0, 0);
+      }
+      int4 out[kStepBatch];
+      float scale[kStepBatch];
+      if (p.fp8) {
+#pragma unroll
+        for (int b = 0; b < kStepBatch; ++b) out[b] = cast16(in[b], p.round_scale, &scale[b]);
+      }
+      // Store the batch to every NVLink destination, then (if any rank is in another node) to the stage.
+      for (unsigned m = dmask;; m &= m - 1) {
+        char* dst;
+        if (m) {
+          const int bit = __ffs(m) - 1;
+          const int d = __shfl_sync(0xffffffffu, ek, bit) / E_loc, pos = __shfl_sync(0xffffffffu, posk, bit);
+          char* peer = nvlink_peer(p, d);
+          if (!peer) continue;
+          dst = peer + half + L.recv + ((size_t)me * L.max_tokens + pos) * msg_stride + hdr;
+        } else {
+          if (!has_remote) break;
+          dst = my_msg + hdr;
+        }
+#pragma unroll
+        for (int b = 0; b < kStepBatch; ++b) {
+          const int c = (s0 + b) * kStep + lane * 16;
+          if (s0 + b >= st1 || c >= H) continue;
+          if (p.fp8) {
+            *reinterpret_cast<int4*>(dst + c) = out[b];
+            if ((lane & 7) == 0) reinterpret_cast<float*>(dst + H)[c / 128] = scale[b];
+          } else {
+            *reinterpret_cast<int4*>(dst + (size_t)c * 2) = in[b][0];
+            if (c + 8 < H) *reinterpret_cast<int4*>(dst + (size_t)(c + 8) * 2) = in[b][1];
+          }
+        }
+        if (!m) break;
+      }
+    }
+  }
+
+  // dispatch_meta rows of the ranks this block publishes to: NVLink peers directly, others through the stage.
+  int* meta_out = reinterpret_cast<int*>(mine + L.meta_stage);  // [R][E_loc]
+  for (int i = tid; i < E; i += blockDim.x) {
+    const int d = i / E_loc, le = i % E_loc;
+    if (!publishes_for(d, grid)) continue;
+    char* peer = nvlink_peer(p, d);
+    const int n = s_hist[i] + s_ahist[i];
+    if (peer) reinterpret_cast<int*>(peer + half + L.dispatch_meta)[(size_t)me * E_loc + le] = n;
+    else meta_out[i] = n;
+  }
+  // Every thread's stores (peers' receive slots, the stage, meta rows) are complete before the block's counts.
+  __threadfence_system();
+  __syncthreads();
+  LL_PROF_STAMP(kProfDispatchSend, grid, 2);
+
+  // Tokens going to another node: the whole message (header + payload) from the stage, one put per rank; and the
+  // dispatch_meta rows of the other-node ranks this block publishes to.
+  const size_t put_bytes = ep_align_up(hdr + (size_t)(p.fp8 ? H + H / 128 * 4 : 2 * H), 16);
+  uint64_t* count_word = reinterpret_cast<uint64_t*>(mine + L.dispatch_count + (size_t)me * 8);  // symmetric
+  for (int lt = warp; lt < n_loc; lt += kSendWarps) {
+    const int ek = lane < K ? s_ent[lt * K + lane] : -1;
+    const bool remote = lane < K && (s_rf[lt * K + lane] & 1) && nvlink_peer(p, ek / E_loc) == nullptr;
+    const int posk = remote ? s_pos[lt * K + lane] : 0;
+    for (unsigned m = __ballot_sync(0xffffffffu, remote); m; m &= m - 1) {
+      const int b = __ffs(m) - 1;
+      const int d = __shfl_sync(0xffffffffu, ek, b) / E_loc, pos = __shfl_sync(0xffffffffu, posk, b);
+      tp::put_signal_warp(mine + L.recv + ((size_t)me * L.max_tokens + pos) * msg_stride,
+                          stage + (size_t)(begin + lt) * msg_stride, put_bytes, count_word, 1, /*add=*/true, d);
+    }
+  }
+  for (int d = warp; d < R; d += kSendWarps)
+    if (publishes_for(d, grid) && nvlink_peer(p, d) == nullptr)
+      tp::put_signal_warp(mine + L.dispatch_meta + (size_t)me * E_loc * 4, meta_out + (size_t)d * E_loc,
+                          (size_t)E_loc * 4, count_word, 1, /*add=*/true, d);
+
+  // 3. Counts. NVLink rank d: this block's messages (+ 1 for the meta row and the high half (messages + 2) << 32
+  // if it publishes for d), in one release add after the fence above. Other nodes: the puts count themselves; the
+  // publishing block adds the high half.
+  for (int d = tid; d < R; d += blockDim.x) {
+    const bool pub = publishes_for(d, grid);
+    const uint64_t hi = (uint64_t)(s_rhist[d] + s_arhist[d] + 2) << 32;  // (n + 1) << 32, n = messages + 1
+    char* peer = nvlink_peer(p, d);
+    if (peer) {
+      const uint64_t v = (uint64_t)s_own[d] + (pub ? hi + 1 : 0);
+      if (v) red_add_release_sys_u64(reinterpret_cast<uint64_t*>(peer + half + L.dispatch_count + (size_t)me * 8), v);
+    } else if (pub) {
+      tp::signal_add(count_word, hi, d);
+    }
+  }
+  LL_PROF_STAMP(kProfDispatchSend, grid, 3);
+  LL_PROF_FINISH(kProfDispatchSend, grid, me, 0);
+  return true;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Dispatch, receive phase. In every block, warp 0 waits for every source's final count (one poll per source, in
+// parallel) and scans the message offsets. Then one warp per (message, part): each warp issues the loads of its
+// first unit (header, pairs, first batch of payload, scales) together with the block's loads of the sources'
+// dispatch_meta rows (my local experts' counts per source, into shared memory), so that they cost one round trip;
+// each (expert, source) run of rows begins at the sum over earlier sources. The warp keeps the header's pairs of
+// my experts and stores its share into each of their rows (row = begin(expert, source) + j): a token that selects
+// several of my experts crossed the link once and is copied here from local memory. Part 0 also writes the source
+// index and the scales. Block 0 writes layout_range and recv_count. The last block zeroes the count words,
+// acknowledges the call to every rank and advances the half's call number (finish_recv).
+// ---------------------------------------------------------------------------------------------------------------
+
+// One message unit of a receiving warp: where it is and what the warp loaded of it before placing it.
+struct RecvUnit {
+  const char* msg;
+  int s, part, w0, w1;
+  int2 head, pair;
+  int4 v[kCopyBatch];  // payload words [w0, w0 + kCopyBatch * 32) (those below w1)
+  float sc[2];         // fp32 scales lane and lane + 32 (part 0, FP8, non-UE8M0)
+  float4 sq;           // scales 4 * lane .. 4 * lane + 3 (part 0, UE8M0)
+};
+
+// Issue every load of unit u at once (header, pairs, the first batch of payload, the scales): one round trip.
+__device__ __forceinline__ void recv_unit_load(const ep_ll_launch_t& p, const char* recv, const int* s_moff, int u,
+                                               int parts, int words, RecvUnit& r) {
+  const ep_ll_layout_t& L = p.layout;
+  const int lane = threadIdx.x & 31, R = p.num_ranks, H = p.hidden, G = H / 128;
+  const int m = u / parts;
+  r.part = u % parts;
+  int lo = 0, hi = R - 1;  // the last source whose first message is <= m
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (s_moff[mid] <= m) lo = mid;
+    else hi = mid - 1;
+  }
+  r.s = lo;
+  r.msg = recv + ((size_t)r.s * L.max_tokens + (m - s_moff[r.s])) * L.msg_bytes;
+  r.head = ld_nc_v2(r.msg);
+  r.pair = lane < min(L.max_topk, 32) ? ld_nc_v2(r.msg + 8 + 8 * lane) : make_int2(-1, 0);
+  r.w0 = (int)((long long)words * r.part / parts);
+  r.w1 = (int)((long long)words * (r.part + 1) / parts);
+  const int4* src = reinterpret_cast<const int4*>(r.msg + L.hdr_bytes);
+#pragma unroll
+  for (int b = 0; b < kCopyBatch; ++b)
+    if (r.w0 + b * 32 + lane < r.w1) r.v[b] = ld_nc_na(src + r.w0 + b * 32 + lane);
+  r.sc[0] = r.sc[1] = 0.0f;
+  r.sq = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  if (r.part == 0 && p.fp8) {
+    const float* scales = reinterpret_cast<const float*>(r.msg + L.hdr_bytes + H);
+    if (!p.ue8m0) {
+      if (lane < G) r.sc[0] = scales[lane];
+      if (lane + 32 < G) r.sc[1] = scales[lane + 32];
+    } else if (lane < G / 4) {
+      r.sq = *reinterpret_cast<const float4*>(scales + 4 * lane);
+    }
+  }
+}
+
+__device__ __forceinline__ uint32_t ue8m0_pack(const float4& f) {
+  return ((__float_as_uint(f.x) >> 23) & 0xffu) | (((__float_as_uint(f.y) >> 23) & 0xffu) << 8) |
+         (((__float_as_uint(f.z) >> 23) & 0xffu) << 16) | (((__float_as_uint(f.w) >> 23) & 0xffu) << 24);
+}
+
+// One block's receive phase, up to finish_recv. False if the block gave up (a count never came; the fault is
+// recorded): the caller then stops, without arriving.
+__device__ __forceinline__ bool dispatch_recv(const ep_ll_launch_t& p, Grid grid) {
+  extern __shared__ int s_dyn[];
+  const ep_ll_layout_t& L = p.layout;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int me = p.rank, R = p.num_ranks, E_loc = p.num_experts / R, H = p.hidden, G = H / 128;
+  const size_t RT = (size_t)R * p.max_tokens;
+  const size_t half = half_offset(p);
+  char* mine = p.ll_base + half;
+  const uint64_t* counts = reinterpret_cast<const uint64_t*>(mine + L.dispatch_count);
+  const int* meta = reinterpret_cast<const int*>(mine + L.dispatch_meta);  // [R][E_loc]
+  LL_PROF_STAMP(kProfDispatchRecv, grid, 0);
+  int* s_row0 = s_dyn;           // [R][E_loc] first row of (source, expert); later the prefix
+  int* s_moff = s_row0 + R * E_loc;  // [R + 1] first message index of each source
+  __shared__ int s_failed;
+  // Warp 0 waits for every source's final count and scans the message offsets; no block barrier in between.
+  if (warp == 0) {
+    bool ok = true;
+    for (int s = lane; ok && s < R; s += 32) {
+      uint64_t v = 0;
+      ok = wait_until([&] { return count_complete(v = ld_acquire_sys_u64(counts + s)); }, p.timeout_ns, p.error, me,
+                      s, EP_SITE_LL_DISPATCH_RECV);
+      if (ok) s_moff[s + 1] = (int)(v >> 32) - 2;  // n = messages + 1 puts; hi = n + 1
+    }
+    const bool failed = __any_sync(0xffffffffu, !ok);
+    if (lane == 0) s_failed = failed;
+    if (!failed) {  // message offsets: an exclusive scan over sources
+      __syncwarp();
+      int run = 0;
+      for (int base = 0; base < R; base += 32) {
+        int v = base + lane < R ? s_moff[base + lane + 1] : 0;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+          const int n = __shfl_up_sync(0xffffffffu, v, o);
+          if (lane >= o) v += n;
+        }
+        __syncwarp();
+        if (base + lane < R) s_moff[base + lane + 1] = run + v;
+        run += __shfl_sync(0xffffffffu, v, 31);
+      }
+      if (lane == 0) s_moff[0] = 0;
+    }
+  }
+  __syncthreads();
+  if (s_failed) return false;
+  LL_PROF_STAMP(kProfDispatchRecv, grid, 1);
+
+  // Each warp issues the loads of its first message unit now, so that they travel with the dispatch_meta loads.
+  const int M = s_moff[R];
+  const int total_warps = grid.blocks * kRecvWarps;
+  const int parts = max(1, min(8, total_warps / max(M, 1)));
+  const int words = p.fp8 ? H / 16 : H / 8;  // payload without the scales, in 16-byte words
+  const int units = M * parts;
+  const int u0 = grid.block * kRecvWarps + warp;
+  RecvUnit r;
+  if (u0 < units) recv_unit_load(p, mine + L.recv, s_moff, u0, parts, words, r);
+  for (int i = tid; i < R * E_loc; i += blockDim.x) s_row0[i] = ld_relaxed_sys(meta + i);
+  __syncthreads();
+  for (int le = tid; le < E_loc; le += blockDim.x) {  // rows: sources in order, per expert
+    int run = 0;
+    for (int s = 0; s < R; ++s) {
+      const int n = s_row0[s * E_loc + le];
+      s_row0[s * E_loc + le] = run;
+      if (grid.block == 0) p.layout_range[(size_t)le * R + s] = ((int64_t)run << 32) | (uint32_t)n;
+      run += n;
+    }
+    if (grid.block == 0) p.recv_count[le] = run;
+  }
+  __syncthreads();
+  LL_PROF_STAMP(kProfDispatchRecv, grid, 2);
+
+  for (int u = u0; u < units; u += total_warps) {
+    if (u != u0) recv_unit_load(p, mine + L.recv, s_moff, u, parts, words, r);
+    const int s = r.s;
+    const int4* src = reinterpret_cast<const int4*>(r.msg + L.hdr_bytes);
+    const bool mine_pair = lane < r.head.y && r.pair.x / E_loc == me && r.pair.x >= 0;
+    const unsigned pmask = __ballot_sync(0xffffffffu, mine_pair);
+    const int row0 = mine_pair ? s_row0[s * E_loc + (r.pair.x - me * E_loc)] + r.pair.y : 0;
+    const int le_l = mine_pair ? r.pair.x - me * E_loc : 0;
+    for (int base = r.w0; base < r.w1; base += kCopyBatch * 32) {
+      if (base != r.w0) {
+#pragma unroll
+        for (int b = 0; b < kCopyBatch; ++b)
+          if (base + b * 32 + lane < r.w1) r.v[b] = ld_nc_na(src + base + b * 32 + lane);
+      }
+      for (unsigned pm = pmask; pm; pm &= pm - 1) {
+        const int bit = __ffs(pm) - 1;
+        const int le = __shfl_sync(0xffffffffu, le_l, bit), row = __shfl_sync(0xffffffffu, row0, bit);
+        int4* dst = reinterpret_cast<int4*>((char*)p.recv_x + ((size_t)le * RT + row) * (p.fp8 ? H : 2 * H));
+#pragma unroll
+        for (int b = 0; b < kCopyBatch; ++b)
+          if (base + b * 32 + lane < r.w1) dst[base + b * 32 + lane] = r.v[b];
+      }
+    }
+    if (r.part != 0) continue;
+    const float* scales = reinterpret_cast<const float*>(r.msg + L.hdr_bytes + H);
+    for (unsigned pm = pmask; pm; pm &= pm - 1) {
+      const int bit = __ffs(pm) - 1;
+      const int le = __shfl_sync(0xffffffffu, le_l, bit), col = __shfl_sync(0xffffffffu, row0, bit);
+      if (lane == 0) p.src_info[(size_t)le * RT + col] = r.head.x;
+      if (!p.fp8) continue;
+      if (!p.ue8m0) {
+        float* out = (float*)p.recv_scales + (size_t)le * G * RT;
+        for (int g = lane; g < G; g += 32)
+          out[(size_t)g * RT + col] = g < 64 ? r.sc[g >> 5] : scales[g];
+      } else {
+        int* out = (int*)p.recv_scales + (size_t)le * (G / 4) * RT;
+        for (int q = lane; q < G / 4; q += 32) {
+          const float4 f = q < 32 ? r.sq : *reinterpret_cast<const float4*>(scales + 4 * q);
+          out[(size_t)q * RT + col] = (int)ue8m0_pack(f);
+        }
+      }
+    }
+  }
+  LL_PROF_STAMP(kProfDispatchRecv, grid, 3);
+  return true;
+}
+
+}  // namespace ll
+}  // namespace ep
+
+#endif  // EP_KERNELS_LL_DISPATCH_CUH
