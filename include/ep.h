@@ -65,6 +65,11 @@ typedef enum ep_status {
 /* A constant, never-NULL name for a status ("EP_STATUS_TIMEOUT"), or "EP_STATUS_<unknown>". */
 EP_API const char* ep_status_string(ep_status_t status);
 
+/* The version of the loaded libep.so, as EP_VERSION_CODE counts it (major * 10000 + minor * 100 + patch). A
+ * program built against this header can compare it with EP_VERSION_CODE to find a library of another version at
+ * run time. Not collective; allocates nothing; graph-capturable (no device work). */
+EP_API ep_status_t ep_get_version(int* version);
+
 /* ------------------------------------------------------------------------------------------------------------
  * Types
  * ------------------------------------------------------------------------------------------------------------ */

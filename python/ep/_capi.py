@@ -24,6 +24,12 @@ __all__ = [
 
 # ---- Constants of include/ep.h -------------------------------------------------------------------------------
 EP_VERSION_MAJOR, EP_VERSION_MINOR, EP_VERSION_PATCH = 0, 1, 0
+EP_VERSION_CODE = EP_VERSION_MAJOR * 10000 + EP_VERSION_MINOR * 100 + EP_VERSION_PATCH
+
+
+def _version_str(code):
+    """'0.1.0' for EP_VERSION_CODE 100."""
+    return f"{code // 10000}.{code // 100 % 100}.{code % 100}"
 EP_UNIQUE_ID_BYTES = 128
 
 EP_GROUP_CONFIG_MAGIC = 0x45504731  # "EPG1"
@@ -261,6 +267,7 @@ _S = ctypes.c_int  # ep_status_t
 _P = ctypes.POINTER
 _PROTOTYPES = {
     "ep_status_string": (ctypes.c_char_p, [ctypes.c_int]),
+    "ep_get_version": (_S, [_P(ctypes.c_int)]),
     "ep_get_unique_id": (_S, [_P(UniqueId)]),
     "ep_group_create": (_S, [_P(_ptr), _P(UniqueId), _int, _int, _int, _P(GroupConfig)]),
     "ep_group_destroy": (_S, [_ptr]),
@@ -336,6 +343,12 @@ def load():
                 fn = getattr(lib, name)
                 fn.restype = restype
                 fn.argtypes = argtypes
+            version = ctypes.c_int(-1)
+            lib.ep_get_version(ctypes.byref(version))
+            if version.value != EP_VERSION_CODE:
+                tried.append(f"{path} ({origin}): libep.so version {_version_str(version.value)}, this package is "
+                             f"{_version_str(EP_VERSION_CODE)}")
+                continue
             _lib, _lib_path = lib, path
             return lib
         detail = "; ".join(tried)

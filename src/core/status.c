@@ -1,4 +1,5 @@
-/* status.c: status names, error messages (per group and per thread), and the entry checks every call makes. */
+/* status.c: status names, the library's version, error messages (per group and per thread), and the entry checks
+ * every call makes. */
 #include <stdio.h>
 #include <string.h>
 
@@ -21,6 +22,12 @@ const char* ep_status_string(ep_status_t status) {
     case EP_STATUS_COUNT: break;
   }
   return "EP_STATUS_<unknown>";
+}
+
+ep_status_t ep_get_version(int* version) {
+  if (!version) return ep_fail(NULL, EP_STATUS_INVALID_ARGUMENT, "ep_get_version: version is NULL");
+  *version = EP_VERSION_CODE;
+  return EP_STATUS_SUCCESS;
 }
 
 const char* ep_fault_site_name(int site) {

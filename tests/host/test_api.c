@@ -98,6 +98,10 @@ static void test_group_create_args(void) {
     printf("a GPU is present: the no-GPU refusal is not exercised here\n");
   }
   EXPECT_FAIL(ep_get_unique_id(NULL), NULL, EP_STATUS_INVALID_ARGUMENT, "unique_id is NULL");
+  int version = -1;
+  CHECK(ep_get_version(&version) == EP_STATUS_SUCCESS && version == EP_VERSION_CODE,
+        "ep_get_version gave %d, the header says %d", version, EP_VERSION_CODE);
+  EXPECT_FAIL(ep_get_version(NULL), NULL, EP_STATUS_INVALID_ARGUMENT, "version is NULL");
   CHECK(ep_group_destroy(NULL) == EP_STATUS_SUCCESS, "destroy(NULL) must be a no-op");
 }
 

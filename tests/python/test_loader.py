@@ -101,6 +101,12 @@ def library_checks(ck):
         ck.check("without EP_LIBRARY_PATH the repository's build/lib/libep.so is loaded",
                  os.path.realpath(_capi.library_path()) == os.path.realpath(want), _capi.library_path())
     ck.check("ep_last_error(NULL) is a str", isinstance(_capi.last_error(None), str))
+    version = ctypes.c_int(-1)
+    ck.check("ep_get_version == the package's EP_VERSION_CODE",
+             lib.ep_get_version(ctypes.byref(version)) == 0 and version.value == _capi.EP_VERSION_CODE,
+             str(version.value))
+    ck.check("ep_get_version(NULL) -> EP_STATUS_INVALID_ARGUMENT naming version",
+             lib.ep_get_version(None) == 1 and "version is NULL" in _capi.last_error(None), _capi.last_error(None))
     ck.check("ep_handle_destroy(NULL) succeeds", lib.ep_handle_destroy(None) == 0)
 
     # Failures that the library reports before touching a GPU, through check() -> EpError.
