@@ -109,8 +109,9 @@ typedef struct ep_group_config {
                                   ep_group_create, every cross-node transfer of that group uses NVSHMEM puts
                                   (the NIC path) even where the peer is NVLink-reachable; same results, slower */
   int num_experts;             /* hint: largest number of experts, a multiple of the number of ranks */
-  int hidden;                  /* hint: largest hidden size (channels per token) */
-  int max_tokens_per_rank;     /* hint: largest number of tokens one rank dispatches in one call */
+  int hidden;                  /* hint: largest hidden size (channels per token), a multiple of 128, <= 65536 */
+  int max_tokens_per_rank;     /* hint: largest number of tokens one rank dispatches in one call; times the
+                                  number of ranks (the rows one rank may receive) below 2^31 */
   int max_topk;                /* hint: largest top-k (experts per token), 1..32 */
   int ll_max_tokens_per_rank;  /* low-latency path: largest max_tokens_per_rank of any ep_ll_dispatch (1..8192);
                                   0 = no low-latency buffer. The group reserves ep_ll_buffer_size_hint() bytes of

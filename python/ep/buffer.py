@@ -357,7 +357,7 @@ class Buffer:
         self._ll_slots = []  # the two ep_ll_handle_t of the LL path (shared with the finalizer)
         # Checks that need neither torch nor the library.
         _int_arg(fn, "num_experts", num_experts, 1)
-        _int_arg(fn, "hidden", hidden, 128)
+        _int_arg(fn, "hidden", hidden, 128, 65536)
         if hidden % 128:
             raise ValueError(f"{fn}: hidden is {hidden}; it must be a positive multiple of 128")
         _int_arg(fn, "max_tokens_per_rank", max_tokens_per_rank, 1)

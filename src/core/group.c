@@ -54,12 +54,17 @@ static ep_status_t check_config(const ep_group_config_t* c, int num_ranks) {
     return ep_fail(NULL, EP_STATUS_INVALID_ARGUMENT,
                    "%s: config.num_experts is %d; it must be a positive multiple of num_ranks (%d)", fn,
                    c->num_experts, num_ranks);
-  if (c->hidden <= 0 || c->hidden % 128 != 0)
+  if (c->hidden <= 0 || c->hidden % 128 != 0 || c->hidden > EP_MAX_HIDDEN)
     return ep_fail(NULL, EP_STATUS_INVALID_ARGUMENT,
-                   "%s: config.hidden is %d; it must be a positive multiple of 128", fn, c->hidden);
+                   "%s: config.hidden is %d; it must be a positive multiple of 128, at most %d", fn, c->hidden,
+                   EP_MAX_HIDDEN);
   if (c->max_tokens_per_rank <= 0)
     return ep_fail(NULL, EP_STATUS_INVALID_ARGUMENT, "%s: config.max_tokens_per_rank is %d; it must be > 0", fn,
                    c->max_tokens_per_rank);
+  if ((int64_t)c->max_tokens_per_rank * num_ranks > INT32_MAX)  /* rows one rank may receive, counted in int */
+    return ep_fail(NULL, EP_STATUS_INVALID_ARGUMENT,
+                   "%s: config.max_tokens_per_rank is %d; times num_ranks (%d) it must stay below 2^31", fn,
+                   c->max_tokens_per_rank, num_ranks);
   if (c->max_topk < 1 || c->max_topk > EP_MAX_TOPK)
     return ep_fail(NULL, EP_STATUS_INVALID_ARGUMENT, "%s: config.max_topk is %d; it must be in [1, %d]", fn,
                    c->max_topk, EP_MAX_TOPK);

@@ -18,8 +18,9 @@ ep_status_t ep_ll_buffer_size_hint(int max_tokens_per_rank, int hidden, int num_
   if (max_tokens_per_rank < 1 || max_tokens_per_rank > EP_LL_MAX_TOKENS)
     return FAIL_ARG(NULL, "%s: max_tokens_per_rank is %d; it must be in [1, %d]", fn, max_tokens_per_rank,
                     EP_LL_MAX_TOKENS);
-  if (hidden <= 0 || hidden % 128 != 0)
-    return FAIL_ARG(NULL, "%s: hidden is %d; it must be a positive multiple of 128", fn, hidden);
+  if (hidden <= 0 || hidden % 128 != 0 || hidden > EP_MAX_HIDDEN)
+    return FAIL_ARG(NULL, "%s: hidden is %d; it must be a positive multiple of 128, at most %d", fn, hidden,
+                    EP_MAX_HIDDEN);
   if (num_ranks < 1 || num_ranks > EP_MAX_RANKS)
     return FAIL_ARG(NULL, "%s: num_ranks is %d; it must be in [1, %d]", fn, num_ranks, EP_MAX_RANKS);
   if (num_experts <= 0 || num_experts % num_ranks != 0)

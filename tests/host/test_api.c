@@ -62,6 +62,13 @@ static void test_group_create_args(void) {
   c.hidden = -128;
   EXPECT_FAIL(ep_group_create(&g, &id, 0, 4, 0, &c), NULL, EP_STATUS_INVALID_ARGUMENT, "hidden is -128");
   c = (ep_group_config_t)EP_GROUP_CONFIG_INIT;
+  c.hidden = 65536 + 128;
+  EXPECT_FAIL(ep_group_create(&g, &id, 0, 4, 0, &c), NULL, EP_STATUS_INVALID_ARGUMENT, "hidden is 65664");
+  c = (ep_group_config_t)EP_GROUP_CONFIG_INIT;
+  c.max_tokens_per_rank = 1 << 29;  /* times 4 ranks: 2^31 rows, one past what a rank may receive */
+  EXPECT_FAIL(ep_group_create(&g, &id, 0, 4, 0, &c), NULL, EP_STATUS_INVALID_ARGUMENT,
+              "max_tokens_per_rank is 536870912");
+  c = (ep_group_config_t)EP_GROUP_CONFIG_INIT;
   c.ranks_per_node = 3;
   EXPECT_FAIL(ep_group_create(&g, &id, 0, 4, 0, &c), NULL, EP_STATUS_INVALID_ARGUMENT, "ranks_per_node is 3");
   c = (ep_group_config_t)EP_GROUP_CONFIG_INIT;
@@ -199,6 +206,8 @@ static void test_ll_size_hint(void) {
               "max_tokens_per_rank is 0");
   EXPECT_FAIL(ep_ll_buffer_size_hint(128, 7000, 4, 256, 8, &bytes), NULL, EP_STATUS_INVALID_ARGUMENT,
               "hidden is 7000");
+  EXPECT_FAIL(ep_ll_buffer_size_hint(128, 1 << 17, 4, 256, 8, &bytes), NULL, EP_STATUS_INVALID_ARGUMENT,
+              "hidden is 131072");
   EXPECT_FAIL(ep_ll_buffer_size_hint(128, 7168, 0, 256, 8, &bytes), NULL, EP_STATUS_INVALID_ARGUMENT,
               "num_ranks is 0");
   EXPECT_FAIL(ep_ll_buffer_size_hint(128, 7168, 3, 256, 8, &bytes), NULL, EP_STATUS_INVALID_ARGUMENT,
