@@ -22,7 +22,7 @@ if [[ $what == all || $what == tests ]]; then
   ranks=""; for n in 2 4 8; do [[ $n -le $num_gpus ]] && ranks="$ranks $n"; done
   share=()
   if [[ $num_gpus -lt 8 && ${EP_TEST_SHARE_GPU:-0} != 0 ]]; then
-    # Ranks share the GPUs under MPS (scripts/shared_gpu.sh): the C GPU tests also run on 2, 4 and 8 ranks here.
+    # Ranks share the GPUs under MPS (scripts/shared_gpu.sh): the GPU tests also run on 2, 4 and 8 ranks here.
     ranks="2 4 8"; share=(scripts/shared_gpu.sh)
   fi
   ranks=${EP_TEST_RANKS:-$ranks}
@@ -40,7 +40,8 @@ if [[ $what == sanitize ]]; then
              "racecheck test_low_latency" "memcheck test_internode"; do
     set -- $run
     EP_TEST_SMALL=1 build/bin/ep_launch -n $n -t 150 -q -l "$out/san-$2-$1" -- \
-      compute-sanitizer --tool "$1" --report-api-errors no --error-exitcode 9 "build/tests/gpu/$2" > "$out/san-$2-$1.log" 2>&1
+      compute-sanitizer --tool "$1" --report-api-errors no --error-exitcode 9 "build/tests/gpu/$2" \
+      > "$out/san-$2-$1.log" 2>&1
     rc=$?; summary+=("compute-sanitizer $1 $2 (-n $n): exit $rc")
     grep -m3 -E "ERROR SUMMARY|Invalid|Race|SKIP" "$out/san-$2-$1.log"
   done

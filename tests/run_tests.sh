@@ -74,7 +74,8 @@ if [[ $which == all || $which == gpu ]]; then
         fi
         share_env "$n"
         mkdir -p "$logs/$name"
-        out=$(env "${share[@]}" "$build/bin/ep_launch" -n "$n" -t "${EP_TEST_TIMEOUT:-300}" -q -l "$logs/$name" -- "$t" 2>&1)
+        out=$(env "${share[@]}" "$build/bin/ep_launch" -n "$n" -t "${EP_TEST_TIMEOUT:-300}" -q -l "$logs/$name" -- \
+          "$t" 2>&1)
         rc=$?
         [[ $rc -ne 0 && $rc -ne 77 ]] && echo "$out"
         record "$name" $rc

@@ -25,11 +25,6 @@ __all__ = [
 # ---- Constants of include/ep.h -------------------------------------------------------------------------------
 EP_VERSION_MAJOR, EP_VERSION_MINOR, EP_VERSION_PATCH = 0, 1, 0
 EP_VERSION_CODE = EP_VERSION_MAJOR * 10000 + EP_VERSION_MINOR * 100 + EP_VERSION_PATCH
-
-
-def _version_str(code):
-    """'0.1.0' for EP_VERSION_CODE 100."""
-    return f"{code // 10000}.{code // 100 % 100}.{code % 100}"
 EP_UNIQUE_ID_BYTES = 128
 
 EP_GROUP_CONFIG_MAGIC = 0x45504731  # "EPG1"
@@ -309,6 +304,11 @@ def _candidates():
     here = os.path.dirname(os.path.abspath(__file__))
     yield os.path.normpath(os.path.join(here, "..", "..", "build", "lib", "libep.so")), "the repository's build directory"
     yield ctypes.util.find_library("ep"), "ctypes.util.find_library('ep')"  # asked only if the above failed
+
+
+def _version_str(code):
+    """'0.1.0' for EP_VERSION_CODE 100."""
+    return f"{code // 10000}.{code // 100 % 100}.{code % 100}"
 
 
 def load():

@@ -306,7 +306,8 @@ def python_checks(ck):
     ck.check("is_sm90_compiled()", ep.Buffer.is_sm90_compiled() is True)
 
     # Constructor checks that run before torch is imported.
-    for kw, word in ((dict(hidden=100), "hidden"), (dict(hidden=0), "hidden"), (dict(hidden=65664), "hidden"), (dict(num_experts=0), "num_experts"),
+    for kw, word in ((dict(hidden=100), "hidden"), (dict(hidden=0), "hidden"), (dict(hidden=65664), "hidden"),
+                     (dict(num_experts=0), "num_experts"),
                      (dict(max_tokens_per_rank=0), "max_tokens_per_rank"), (dict(max_topk=33), "max_topk"),
                      (dict(timeout_seconds=0), "timeout_seconds"), (dict(ranks_per_node=-1), "ranks_per_node"),
                      (dict(num_nvl_bytes=-1), "num_nvl_bytes"), (dict(max_sms=-1), "max_sms"),

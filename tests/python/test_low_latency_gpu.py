@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""test_low_latency_gpu (EP_TEST_WORLD GPUs, default 2; PyTorch): the low-latency methods of ep.Buffer against a plain PyTorch
-computation of the same result, on EP_TEST_WORLD ranks (torch.multiprocessing spawn, NCCL process group through a file rendezvous; gloo when ranks share a GPU).
+"""test_low_latency_gpu (EP_TEST_WORLD GPUs, default 2; PyTorch): the low-latency methods of ep.Buffer against a
+plain PyTorch computation of the same result, on EP_TEST_WORLD ranks (torch.multiprocessing spawn, NCCL process
+group through a file rendezvous; gloo when ranks share a GPU).
 
 Each rank draws its own inputs from the printed seed (EP_TEST_SEED replays); the ranks all_gather x and topk_idx,
 and each rank computes with torch what each of its local experts must receive: the rows of the tokens that
