@@ -79,10 +79,38 @@ except Exception as e:
                      r["raised"] == "EpLibraryError" and bogus in r["msg"], str(r))
     finally:
         os.unlink(bogus)
+    version_mismatch_check(ck, code)
     code = "import ep, sys, json; print(json.dumps({'torch': 'torch' in sys.modules, 'lib': ep._capi._lib is not None}))"
     r = child_json(ck, "plain import: child ran", code)
     if r:
         ck.check("`import ep` loads neither torch nor libep.so", not r["torch"] and not r["lib"], str(r))
+
+
+def version_mismatch_check(ck, code):
+    """A library with every function the package binds, but of another version (a stub built here with cc):
+    load() refuses it with a message naming both versions."""
+    import shutil
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        print("SKIP version mismatch check: no C compiler")
+        return
+    stubs = [f"int {name}(void) {{ return 0; }}" for name in _capi._PROTOTYPES if name != "ep_get_version"]
+    src = "\n".join(stubs + ["int ep_get_version(int* v) { *v = 9999; return 0; }"]) + "\n"
+    tmp = tempfile.mkdtemp(prefix="ep-stub-")
+    try:
+        c_file, so_file = os.path.join(tmp, "stub.c"), os.path.join(tmp, "libep.so")
+        with open(c_file, "w") as f:
+            f.write(src)
+        r = subprocess.run([cc, "-shared", "-fPIC", "-o", so_file, c_file], capture_output=True, text=True)
+        if not ck.check("a stub libep.so of version 0.99.99 builds", r.returncode == 0, r.stderr[-500:]):
+            return
+        r = child_json(ck, "stub of another version: child ran", code, env_extra={"EP_LIBRARY_PATH": so_file})
+        if r:
+            want = f"version 0.99.99, this package is {_capi._version_str(_capi.EP_VERSION_CODE)}"
+            ck.check("a libep.so of another version raises EpLibraryError naming both versions",
+                     r["raised"] == "EpLibraryError" and want in r["msg"], str(r))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def library_checks(ck):
