@@ -271,7 +271,7 @@ typedef struct ep_dispatch_prepare_args {
   int num_tokens;                      /* 0..config.max_tokens_per_rank; may differ between ranks */
   int num_topk;                        /* 1..config.max_topk */
   int num_experts;                     /* multiple of num_ranks, <= config.num_experts; same on every rank */
-  int expert_alignment;                /* >= 1: per-expert received counts are rounded up to a multiple */
+  int expert_alignment;                /* 1..65536: per-expert received counts are rounded up to a multiple */
   /* Eager form: when `num_recv_tokens` is not NULL the call waits on the host (synchronises `stream`) and fills: */
   int* num_recv_tokens;                /* [OUT] host int: rows this rank will receive */
   int* num_recv_tokens_per_expert;     /* [OUT] host [num_experts / num_ranks], aligned; may be NULL */

@@ -751,7 +751,7 @@ class Buffer:
                                      "get_dispatch_layout) or num_experts=..., to know how experts map to ranks")
                 num_experts = num_tokens_per_expert.numel()
             self._check_num_experts(fn, num_experts)
-            _int_arg(fn, "expert_alignment", expert_alignment, 1)
+            _int_arg(fn, "expert_alignment", expert_alignment, 1, 65536)
             _int_arg(fn, "num_worst_tokens", num_worst_tokens, 0)
             if num_worst_tokens == 0 and torch.cuda.is_current_stream_capturing():
                 raise RuntimeError(f"{fn}: the eager form waits on the host for the received count and cannot be "

@@ -219,8 +219,9 @@ ep_status_t ep_dispatch_prepare(ep_group_t group, ep_handle_t handle, const ep_d
     return FAIL_ARG(group, "%s: num_tokens is %d; it must be in [0, config.max_tokens_per_rank=%d]", fn, a->num_tokens,
                     c->max_tokens_per_rank);
   EP_TRY(ep_check_topk_and_experts(group, fn, a->num_topk, a->num_experts));
-  if (a->expert_alignment < 1)
-    return FAIL_ARG(group, "%s: expert_alignment is %d; it must be >= 1", fn, a->expert_alignment);
+  if (a->expert_alignment < 1 || a->expert_alignment > EP_MAX_EXPERT_ALIGNMENT)
+    return FAIL_ARG(group, "%s: expert_alignment is %d; it must be in [1, %d]", fn, a->expert_alignment,
+                    EP_MAX_EXPERT_ALIGNMENT);
   if (a->num_tokens > 0 && !a->topk_idx) return FAIL_ARG(group, "%s: topk_idx is NULL with num_tokens=%d", fn, a->num_tokens);
   if (a->num_recv_tokens_per_expert && !a->num_recv_tokens)
     return FAIL_ARG(group, "%s: num_recv_tokens_per_expert (host) needs num_recv_tokens (the eager form)", fn);

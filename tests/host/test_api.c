@@ -366,6 +366,103 @@ static void test_ll_args(void) {
   host_group.ll_half_pending[0] = false;
 }
 
+/* ep_dispatch_prepare / ep_dispatch / ep_combine: every check that comes before the device is touched. */
+static void test_normal_args(void) {
+  struct ep_group host_group = make_host_group(4);
+  ep_group_t g = &host_group;
+  struct ep_handle handle;
+  memset(&handle, 0, sizeof(handle));
+  handle.group = g;
+  handle.num_recv_host = -1;
+  struct ep_group other_group = make_host_group(4);
+  struct ep_handle foreign = handle;
+  foreign.group = &other_group;
+  int64_t idx[8];
+  _Alignas(16) uint8_t rows[64];
+
+  ep_dispatch_prepare_args_t pgood = EP_DISPATCH_PREPARE_ARGS_INIT;
+  pgood.topk_idx = idx;
+  pgood.num_tokens = 1;
+  pgood.num_topk = 8;
+  pgood.num_experts = 256;
+  ep_dispatch_prepare_args_t pa;
+  EXPECT_FAIL(ep_dispatch_prepare(g, NULL, &pgood, 0), g, EP_STATUS_INVALID_ARGUMENT, "handle is NULL");
+  EXPECT_FAIL(ep_dispatch_prepare(g, &foreign, &pgood, 0), g, EP_STATUS_INVALID_ARGUMENT, "another group");
+  EXPECT_FAIL(ep_dispatch_prepare(g, &handle, NULL, 0), g, EP_STATUS_INVALID_ARGUMENT, "args is NULL");
+  pa = pgood; pa.magic = 7;
+  EXPECT_FAIL(ep_dispatch_prepare(g, &handle, &pa, 0), g, EP_STATUS_INVALID_ARGUMENT, "magic");
+  pa = pgood; pa.num_tokens = 4097;
+  EXPECT_FAIL(ep_dispatch_prepare(g, &handle, &pa, 0), g, EP_STATUS_INVALID_ARGUMENT, "num_tokens is 4097");
+  pa = pgood; pa.num_tokens = -1;
+  EXPECT_FAIL(ep_dispatch_prepare(g, &handle, &pa, 0), g, EP_STATUS_INVALID_ARGUMENT, "num_tokens is -1");
+  pa = pgood; pa.num_topk = 9;
+  EXPECT_FAIL(ep_dispatch_prepare(g, &handle, &pa, 0), g, EP_STATUS_INVALID_ARGUMENT, "num_topk is 9");
+  pa = pgood; pa.num_experts = 258;
+  EXPECT_FAIL(ep_dispatch_prepare(g, &handle, &pa, 0), g, EP_STATUS_INVALID_ARGUMENT, "num_experts is 258");
+  pa = pgood; pa.expert_alignment = 0;
+  EXPECT_FAIL(ep_dispatch_prepare(g, &handle, &pa, 0), g, EP_STATUS_INVALID_ARGUMENT, "expert_alignment is 0");
+  pa = pgood; pa.expert_alignment = (1 << 16) + 1;
+  EXPECT_FAIL(ep_dispatch_prepare(g, &handle, &pa, 0), g, EP_STATUS_INVALID_ARGUMENT, "expert_alignment is 65537");
+  pa = pgood; pa.topk_idx = NULL;
+  EXPECT_FAIL(ep_dispatch_prepare(g, &handle, &pa, 0), g, EP_STATUS_INVALID_ARGUMENT, "topk_idx is NULL");
+  int counts[64];
+  pa = pgood; pa.num_recv_tokens_per_expert = counts;
+  EXPECT_FAIL(ep_dispatch_prepare(g, &handle, &pa, 0), g, EP_STATUS_INVALID_ARGUMENT, "needs num_recv_tokens");
+
+  ep_dispatch_args_t dgood = EP_DISPATCH_ARGS_INIT;
+  dgood.x_dtype = EP_BF16;
+  dgood.hidden = 7168;
+  dgood.x = rows;
+  dgood.recv_capacity = 4;
+  dgood.recv_x = rows;
+  ep_dispatch_args_t da;
+  EXPECT_FAIL(ep_dispatch(g, &handle, &dgood, 0), g, EP_STATUS_INVALID_USAGE, "call ep_dispatch_prepare first");
+  handle.prepared = true;
+  handle.num_tokens = 1;
+  da = dgood; da.x_dtype = EP_FP32;
+  EXPECT_FAIL(ep_dispatch(g, &handle, &da, 0), g, EP_STATUS_INVALID_ARGUMENT, "x_dtype");
+  da = dgood; da.hidden = 7168 + 128;
+  EXPECT_FAIL(ep_dispatch(g, &handle, &da, 0), g, EP_STATUS_INVALID_ARGUMENT, "hidden is 7296");
+  da = dgood; da.x_dtype = EP_FP8_E4M3; da.hidden = 2000;
+  EXPECT_FAIL(ep_dispatch(g, &handle, &da, 0), g, EP_STATUS_INVALID_ARGUMENT, "multiple of 128");
+  da = dgood; da.x = NULL;
+  EXPECT_FAIL(ep_dispatch(g, &handle, &da, 0), g, EP_STATUS_INVALID_ARGUMENT, "x is NULL");
+  da = dgood; da.x = rows + 4;
+  EXPECT_FAIL(ep_dispatch(g, &handle, &da, 0), g, EP_STATUS_INVALID_ARGUMENT, "16-byte aligned");
+  da = dgood; da.x_dtype = EP_FP8_E4M3;
+  EXPECT_FAIL(ep_dispatch(g, &handle, &da, 0), g, EP_STATUS_INVALID_ARGUMENT, "x_scales is NULL");
+  da = dgood; da.recv_capacity = -1;
+  EXPECT_FAIL(ep_dispatch(g, &handle, &da, 0), g, EP_STATUS_INVALID_ARGUMENT, "recv_capacity is -1");
+  handle.num_recv_host = 9;
+  EXPECT_FAIL(ep_dispatch(g, &handle, &dgood, 0), g, EP_STATUS_INVALID_ARGUMENT, "receives 9 rows");
+  handle.num_recv_host = -1;
+  da = dgood; da.recv_x = NULL;
+  EXPECT_FAIL(ep_dispatch(g, &handle, &da, 0), g, EP_STATUS_INVALID_ARGUMENT, "recv_x is NULL");
+  da = dgood; da.recv_topk_idx = (int64_t*)rows;
+  EXPECT_FAIL(ep_dispatch(g, &handle, &da, 0), g, EP_STATUS_INVALID_ARGUMENT, "topk_idx is NULL");
+  da = dgood; da.num_sms = 1025;
+  EXPECT_FAIL(ep_dispatch(g, &handle, &da, 0), g, EP_STATUS_INVALID_ARGUMENT, "num_sms is 1025");
+
+  ep_combine_args_t cgood = EP_COMBINE_ARGS_INIT;
+  cgood.hidden = 7168;
+  cgood.x = rows;
+  cgood.combined_x = rows;
+  ep_combine_args_t ca;
+  EXPECT_FAIL(ep_combine(g, &handle, NULL, 0), g, EP_STATUS_INVALID_ARGUMENT, "args is NULL");
+  ca = cgood; ca.hidden = 12;
+  EXPECT_FAIL(ep_combine(g, &handle, &ca, 0), g, EP_STATUS_INVALID_ARGUMENT, "hidden is 12");
+  ca = cgood; ca.x = NULL;
+  EXPECT_FAIL(ep_combine(g, &handle, &ca, 0), g, EP_STATUS_INVALID_ARGUMENT, "x is NULL");
+  ca = cgood; ca.combined_x = NULL;
+  EXPECT_FAIL(ep_combine(g, &handle, &ca, 0), g, EP_STATUS_INVALID_ARGUMENT, "combined_x is NULL");
+  ca = cgood; ca.bias0 = rows + 2;
+  EXPECT_FAIL(ep_combine(g, &handle, &ca, 0), g, EP_STATUS_INVALID_ARGUMENT, "bias is not 16-byte aligned");
+  ca = cgood; ca.combined_topk_weights = (float*)rows;
+  EXPECT_FAIL(ep_combine(g, &handle, &ca, 0), g, EP_STATUS_INVALID_ARGUMENT, "topk_weights is NULL");
+  ca = cgood; ca.num_sms = -1;
+  EXPECT_FAIL(ep_combine(g, &handle, &ca, 0), g, EP_STATUS_INVALID_ARGUMENT, "num_sms is -1");
+}
+
 int main(void) {
   test_status_strings();
   test_group_create_args();
@@ -373,6 +470,7 @@ int main(void) {
   test_layout_args();
   test_ll_size_hint();
   test_ll_args();
+  test_normal_args();
   printf("test_api: %d failed checks\n", g_check_failures);
   return TEST_RESULT();
 }
