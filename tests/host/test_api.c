@@ -2,8 +2,10 @@
  * argument and its value; status strings; the no-GPU path of ep_group_create. Runs without a GPU.
  *
  * Calls that need a group get a host-only group object (white box: tests/host links the library's objects), so
- * validation is exercised without NVSHMEM; no valid call is made on it. */
+ * validation is exercised without NVSHMEM; the only valid calls made on it are those that touch no device
+ * (ep_handle_memory_bytes, ep_handle_create_in over host memory, ep_handle_destroy of that handle). */
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "common/check.h"
@@ -463,6 +465,43 @@ static void test_normal_args(void) {
   EXPECT_FAIL(ep_combine(g, &handle, &ca, 0), g, EP_STATUS_INVALID_ARGUMENT, "num_sms is -1");
 }
 
+/* ep_handle_memory_bytes / ep_handle_create_in over host memory (no device is touched): the checks, and every
+ * array of the handle inside the memory it was given, one node and two. */
+static void test_handle_in(void) {
+  for (int nodes = 1; nodes <= 2; ++nodes) {
+    struct ep_group host_group = make_host_group(4);
+    host_group.num_nodes = nodes;
+    host_group.ranks_per_node = 4 / nodes;
+    ep_group_t g = &host_group;
+    size_t bytes = 0;
+    EXPECT_FAIL(ep_handle_memory_bytes(g, NULL), g, EP_STATUS_INVALID_ARGUMENT, "bytes is NULL");
+    CHECK(ep_handle_memory_bytes(g, &bytes) == EP_STATUS_SUCCESS && bytes > 0, "%d node(s): no handle size", nodes);
+    char* memory = (char*)aligned_alloc(256, (bytes + 256) / 256 * 256 + 256);
+    ep_handle_t h = (ep_handle_t)0x1;
+    EXPECT_FAIL(ep_handle_create_in(g, memory, bytes, NULL), g, EP_STATUS_INVALID_ARGUMENT, "handle is NULL");
+    EXPECT_FAIL(ep_handle_create_in(g, NULL, bytes, &h), g, EP_STATUS_INVALID_ARGUMENT, "memory is NULL");
+    CHECK(h == NULL, "a failed ep_handle_create_in leaves *handle NULL");
+    EXPECT_FAIL(ep_handle_create_in(g, memory + 16, bytes, &h), g, EP_STATUS_INVALID_ARGUMENT, "256-byte aligned");
+    EXPECT_FAIL(ep_handle_create_in(g, memory, bytes - 4, &h), g, EP_STATUS_INVALID_ARGUMENT, "ep_handle_memory_bytes");
+    CHECK(ep_handle_create_in(g, memory, bytes, &h) == EP_STATUS_SUCCESS && h, "%d node(s): create_in: %s", nodes,
+          ep_last_error(g));
+    if (h) {
+      const int R = 4, T = host_group.config.max_tokens_per_rank, E_loc = host_group.config.num_experts / R;
+      const char* end = memory + bytes;
+      CHECK((char*)(h->expert_counts + E_loc) <= end, "%d node(s): expert_counts ends past the memory", nodes);
+      CHECK((char*)h->send_pos == memory && h->num_recv_host == -1 && !h->prepared, "%d node(s): not a fresh handle",
+            nodes);
+      if (nodes > 1)
+        CHECK(h->fwd_row && (char*)(h->fwd_row + (size_t)nodes * T * host_group.ranks_per_node) <= end,
+              "%d nodes: fwd_row ends past the memory", nodes);
+      else
+        CHECK(!h->recv_slot && !h->fwd_row, "one node: internode arrays set");
+      CHECK(ep_handle_destroy(h) == EP_STATUS_SUCCESS, "destroy of a create_in handle");
+    }
+    free(memory);
+  }
+}
+
 int main(void) {
   test_status_strings();
   test_group_create_args();
@@ -471,6 +510,7 @@ int main(void) {
   test_ll_size_hint();
   test_ll_args();
   test_normal_args();
+  test_handle_in();
   printf("test_api: %d failed checks\n", g_check_failures);
   return TEST_RESULT();
 }
