@@ -476,7 +476,7 @@ static void test_handle_in(void) {
     size_t bytes = 0;
     EXPECT_FAIL(ep_handle_memory_bytes(g, NULL), g, EP_STATUS_INVALID_ARGUMENT, "bytes is NULL");
     CHECK(ep_handle_memory_bytes(g, &bytes) == EP_STATUS_SUCCESS && bytes > 0, "%d node(s): no handle size", nodes);
-    char* memory = (char*)aligned_alloc(256, (bytes + 256) / 256 * 256 + 256);
+    char* memory = (char*)aligned_alloc(256, (bytes + 255) / 256 * 256);
     ep_handle_t h = (ep_handle_t)0x1;
     EXPECT_FAIL(ep_handle_create_in(g, memory, bytes, NULL), g, EP_STATUS_INVALID_ARGUMENT, "handle is NULL");
     EXPECT_FAIL(ep_handle_create_in(g, NULL, bytes, &h), g, EP_STATUS_INVALID_ARGUMENT, "memory is NULL");
