@@ -133,6 +133,32 @@ __device__ __forceinline__ void load_x_step(const char* xrow, int s, int H, int 
   if (c + 8 < H) v[1] = ld_input(xrow + (size_t)(c + 8) * 2);
 }
 
+// Calls f(msg) once per copy of a token's message, with msg where the copy starts: each NVLink destination's receive
+// slot, then, if the token also goes to a rank of another node (has_remote), the stage copy the puts read. Lane i
+// holds slot i of the token: dmask has the lanes of its rank-first slots, ek / posk their expert and their message
+// position at that rank. Warp-collective; one call site of f, so that its stores are generated once.
+template <typename F>
+__device__ __forceinline__ void for_each_copy(const ep_ll_launch_t& p, unsigned dmask, int ek, int posk,
+                                              bool has_remote, char* stage_msg, F f) {
+  const ep_ll_layout_t& L = p.layout;
+  const int E_loc = p.num_experts / p.num_ranks;
+  for (unsigned m = dmask;; m &= m - 1) {
+    char* msg;
+    if (m) {
+      const int b = __ffs(m) - 1;
+      const int d = __shfl_sync(0xffffffffu, ek, b) / E_loc, pos = __shfl_sync(0xffffffffu, posk, b);
+      char* peer = nvlink_peer(p, d);
+      if (!peer) continue;
+      msg = peer + half_offset(p) + L.recv + ((size_t)p.rank * L.max_tokens + pos) * L.msg_bytes;
+    } else {
+      if (!has_remote) return;
+      msg = stage_msg;
+    }
+    f(msg);
+    if (!m) return;
+  }
+}
+
 // One block's send phase of call `op`. False if the block gave up (an acknowledgement timed out; the fault is
 // recorded): the caller then stops, with no receive phase.
 __device__ __forceinline__ bool dispatch_send(const ep_ll_launch_t& p, Grid grid, uint64_t op) {
@@ -266,22 +292,10 @@ __device__ __forceinline__ bool dispatch_send(const ep_ll_launch_t& p, Grid grid
       const int jk = ek >= 0 ? s_slot[lt * K + lane] : 0;
       const unsigned fmask = __ballot_sync(0xffffffffu, ek >= 0);
       const int idx = __popc(fmask & ((1u << lane) - 1u));
-      for (unsigned m = dmask;; m &= m - 1) {
-        char* dst;
-        if (m) {
-          const int b = __ffs(m) - 1;
-          const int d = __shfl_sync(0xffffffffu, ek, b) / E_loc, pos = __shfl_sync(0xffffffffu, posk, b);
-          char* peer = nvlink_peer(p, d);
-          if (!peer) continue;
-          dst = peer + half + L.recv + ((size_t)me * L.max_tokens + pos) * msg_stride;
-        } else {
-          if (!has_remote) break;
-          dst = my_msg;
-        }
+      for_each_copy(p, dmask, ek, posk, has_remote, my_msg, [&](char* dst) {
         if (lane == 0) *reinterpret_cast<int2*>(dst) = make_int2(t, __popc(fmask));
         if (ek >= 0) *reinterpret_cast<int2*>(dst + 8 + 8 * idx) = make_int2(ek, jk);
-        if (!m) break;
-      }
+      });
     }
     const int2 st = part_steps(part, parts, steps);
     const int st0 = st.x, st1 = st.y;
@@ -301,18 +315,8 @@ __device__ __forceinline__ bool dispatch_send(const ep_ll_launch_t& p, Grid grid
         for (int b = 0; b < kStepBatch; ++b) out[b] = cast16(in[b], p.round_scale, &scale[b]);
       }
       // Store the batch to every NVLink destination, then (if any rank is in another node) to the stage.
-      for (unsigned m = dmask;; m &= m - 1) {
-        char* dst;
-        if (m) {
-          const int bit = __ffs(m) - 1;
-          const int d = __shfl_sync(0xffffffffu, ek, bit) / E_loc, pos = __shfl_sync(0xffffffffu, posk, bit);
-          char* peer = nvlink_peer(p, d);
-          if (!peer) continue;
-          dst = peer + half + L.recv + ((size_t)me * L.max_tokens + pos) * msg_stride + hdr;
-        } else {
-          if (!has_remote) break;
-          dst = my_msg + hdr;
-        }
+      for_each_copy(p, dmask, ek, posk, has_remote, my_msg, [&](char* msg) {
+        char* dst = msg + hdr;
 #pragma unroll
         for (int b = 0; b < kStepBatch; ++b) {
           const int c = (s0 + b) * kStep + lane * 16;
@@ -325,8 +329,7 @@ __device__ __forceinline__ bool dispatch_send(const ep_ll_launch_t& p, Grid grid
             if (c + 8 < H) *reinterpret_cast<int4*>(dst + (size_t)(c + 8) * 2) = in[b][1];
           }
         }
-        if (!m) break;
-      }
+      });
     }
   }
 
