@@ -38,7 +38,7 @@ typedef enum ep_wait_site {
   EP_SITE_COMBINE_ACK = 8,   /* combine: waiting for a peer to finish reading the previous combine's rows */
   EP_SITE_COMBINE_STAGED = 9, /* combine: waiting for a peer's expert outputs */
   EP_SITE_LL_DISPATCH_ACK = 10,  /* LL dispatch send: waiting for a peer to finish receiving the half's last call */
-  EP_SITE_LL_DISPATCH_RECV = 11, /* LL dispatch receive: waiting for a peer's meta row or one of its tokens */
+  EP_SITE_LL_DISPATCH_RECV = 11, /* LL dispatch receive: waiting for a peer's token count */
   EP_SITE_LL_COMBINE_ACK = 12,   /* LL combine send: waiting for a peer to finish receiving the half's last call */
   EP_SITE_LL_COMBINE_RECV = 13,  /* LL combine receive: waiting for a peer's expert outputs */
   EP_SITE_PREPARE_META = 14,     /* internode prepare: metadata of the rail peer (source) never arrived */

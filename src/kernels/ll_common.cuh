@@ -58,8 +58,8 @@ __device__ void prof_finish(int kernel, Grid grid, int rank, unsigned long long 
     return;
   static const char* const names[4] = {"dispatch-send", "dispatch-recv", "combine-send", "combine-recv"};
   static const char* const labels[4][kProfStamps - 1] = {
-      {"prologue+acks", "data+tags", "puts", "-"},
-      {"meta-seen", "rows", "copy", "arrive"},
+      {"prologue+acks", "data", "signal", "-"},
+      {"counts-seen", "meta", "copy", "arrive"},
       {"prologue+acks", "data", "signal", "-"},
       {"counts-seen", "sum", "arrive", "-"}};
   const unsigned long long(*s)[prof::kMaxStamps] = g_prof[kernel].t;
@@ -107,7 +107,7 @@ __device__ __forceinline__ char* nvlink_peer(const ep_ll_launch_t& p, int r) {
   return base ? base + p.ll_offset : nullptr;
 }
 
-// A combine count word is complete when its high half hi >= 1 and its low half is hi - 1 (see ll_layout.h).
+// A count word is complete when its high half hi >= 1 and its low half is hi - 1 (see ll_layout.h).
 __device__ __forceinline__ bool count_complete(uint64_t v) {
   const uint32_t hi = (uint32_t)(v >> 32), lo = (uint32_t)v;
   return hi != 0 && lo == hi - 1;
@@ -118,8 +118,8 @@ __device__ __forceinline__ void red_add_release_sys_u64(uint64_t* ptr, uint64_t 
   asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(ptr), "l"(v) : "memory");
 }
 
-// The block of the send phase's grid that publishes to rank r the high half of combine's count word, or
-// dispatch's dispatch_meta row.
+// The block of the send phase's grid that publishes the final count word (and, for dispatch, the dispatch_meta row)
+// to rank r.
 __device__ __forceinline__ bool publishes_for(int r, Grid grid) {
   return (unsigned)r % (unsigned)grid.blocks == (unsigned)grid.block;
 }
@@ -177,7 +177,7 @@ __device__ __forceinline__ int topk_lanes(int K) {
 // ---------------------------------------------------------------------------------------------------------------
 // The end of a receive phase of call kCall, in EVERY block of the kernel: in a fused kernel the blocks past the
 // receive phase's grid arrive too, so that the half's call number, which every block read at its start, advances
-// only after all of them. The last block to arrive zeroes combine's count words (each before the acknowledgement
+// only after all of them. The last block to arrive zeroes the call's count words (each before the acknowledgement
 // to the same rank, by the same thread), acknowledges call `op` to every rank and advances the half's call number
 // (read by the next send on this half). A block that gave up never gets here: the call is then never acknowledged
 // (a timeout fails the group), in a fused kernel as with two kernels.
@@ -193,12 +193,11 @@ __device__ __forceinline__ void finish_recv(const ep_ll_launch_t& p, Grid grid, 
     LL_PROF_FINISH(phase, grid, p.rank, 0);
     return;
   }
-  uint64_t* count = reinterpret_cast<uint64_t*>(p.ll_base + half_offset(p) + p.layout.combine_signal);
+  uint64_t* word = reinterpret_cast<uint64_t*>(p.ll_base + half_offset(p) +
+                                               (kDispatch ? p.layout.dispatch_count : p.layout.combine_signal));
   for (int r = threadIdx.x; r < p.num_ranks; r += blockDim.x) {
-    if constexpr (!kDispatch) {  // dispatch's tags are call numbers: nothing to zero
-      count[r] = 0;
-      __threadfence_system();
-    }
+    word[r] = 0;
+    __threadfence_system();
     send_ack(p, r, op);
   }
   if (threadIdx.x == 0) {

@@ -1,7 +1,6 @@
 // ll_dispatch.cuh: the LL dispatch's two phases, as device functions that low_latency.cu's kernels call: the send
-// phase (routing prologue, the meta rows, FP8 cast in registers, stores / puts of one message per (token,
-// destination rank), a tag per message) and the receive phase (meta rows, row offsets, the copy of each message
-// into its experts' rows once its tag is set).
+// phase (routing prologue, FP8 cast in registers, stores / puts of one message per (token, destination rank),
+// counts) and the receive phase (counts, row offsets, the copy of each message into its experts' rows).
 #ifndef EP_KERNELS_LL_DISPATCH_CUH
 #define EP_KERNELS_LL_DISPATCH_CUH
 
@@ -21,22 +20,13 @@ struct SlotInfo {
   int first_k;  // for a valid slot: the first slot with the same expert; else -1
 };
 
-// The expert index of this lane's (token, slot) (-1 past the tokens and the slots): the only load of slot_info,
-// apart so that a warp can issue the loads of several groups of tokens at once.
-__device__ __forceinline__ int64_t slot_expert(const ep_ll_launch_t& p, int t0, int t_end, int kp, int lane) {
-  const int t = t0 + lane / kp, k = lane % kp;
-  return t < t_end && k < p.num_topk ? p.topk_idx[(size_t)t * p.num_topk + k] : -1;
-}
-
-// e: slot_expert(p, t0, t_end, kp, lane).
-__device__ __forceinline__ SlotInfo slot_info(const ep_ll_launch_t& p, int t0, int t_end, int kp, int lane,
-                                              int64_t e) {
+__device__ __forceinline__ SlotInfo slot_info(const ep_ll_launch_t& p, int t0, int t_end, int kp, int lane) {
   const int K = p.num_topk, E = p.num_experts, E_loc = E / p.num_ranks;
   SlotInfo si;
   si.t = t0 + lane / kp;
   si.k = lane % kp;
   si.in = si.t < t_end && si.k < K;
-  si.e = e;
+  si.e = si.in ? p.topk_idx[(size_t)si.t * K + si.k] : -1;
   const bool valid = si.in && valid_expert(si.e, E);
   // Keys: (token, expert) and (token, rank) for valid slots; a value no valid slot has (unique per lane) otherwise.
   const unsigned long long tkey = (unsigned long long)(uint32_t)si.t << 32;
@@ -94,31 +84,19 @@ __device__ __forceinline__ int4 cast16(const int4 (&in)[2], int round_scale, flo
 //     acknowledgements of the half's previous call); then, from shared memory only, each token's slot j
 //     per expert (its position among my tokens that select the expert) and its message position per destination
 //     rank (its position among my tokens that go to that rank). Two block barriers in all, not two per token.
-//  2. Meta first: block r % blocks writes rank r's dispatch_meta row (my tokens per local expert of r and my
-//     message total to r; every block knows all counts from step 1) and sets its meta tag, before any payload, so
-//     that r knows where every message goes while the payloads are still on the way. One warp per row, from the
-//     block's last warps, which have the fewest data units.
-//  3. Its warps split its tokens into (token, part) units of 512-channel steps: a warp loads its channels once
+//  2. Its warps split its tokens into (token, part) units of 512-channel steps: a warp loads its channels once
 //     (16 per lane, non-coherent loads), casts them to e4m3 in registers (a 128-channel group is 8 lanes; no block
 //     barrier) and stores them, 16 bytes per lane, straight into every NVLink destination's receive slot, once
-//     per destination rank; part 0 writes the header. Then each warp fences once and counts its parts per token
-//     in shared memory; the warp that stores a token's last part sets the token's message tag at each NVLink
-//     destination. Tokens with a destination in another node are also written to the local stage and, after one
-//     block barrier, put whole with put-with-signal (SET of the message's tag), one put per (token, rank).
-// No grid-wide barrier and no count word: a receiver copies each message as soon as its own tag is set.
+//     per destination rank; part 0 writes the header. Tokens with a destination in another node are also written
+//     to the local stage and, after one block barrier, put whole with put-with-signal, one put per (token, rank).
+//  3. No grid-wide barrier: every block, once its stores are fenced, adds its own message count to each NVLink
+//     destination's count word (one release add per (block, rank)); block r % blocks also writes rank r's
+//     dispatch_meta row (my tokens per local expert of r; every block knows all counts from step 1) and adds
+//     the word's high half, (messages + 1) + 1. Ranks of other nodes count the puts themselves (1 per put).
 // ---------------------------------------------------------------------------------------------------------------
 constexpr int kMaxRange = 64;   // tokens per send block at most
 constexpr int kStep = 512;      // channels per warp step: 16 per lane
 constexpr int kStepBatch = 4;   // steps whose loads a lane has in flight at once
-constexpr int kScanBatch = 4;   // groups of tokens whose ids a warp of the prologue loads at once
-
-// 1: each warp loads the first 512 channels of its first data unit (step 3) before the prologue (step 1), which
-// decides where a token's rows go, not what they hold, so that the loads of x travel with the prologue's own
-// instead of after its barriers (docs/low-latency.md, lead 1; at 128 tokens per rank that is all of a warp's x).
-// 0 (default until measured on 4 GPUs): every load in step 3.
-#ifndef EP_LL_EARLY_X
-#define EP_LL_EARLY_X 0
-#endif
 
 // Steps [st0, st1) of part `part` of a token's `steps` steps split in `parts` parts.
 __device__ __forceinline__ int2 part_steps(int part, int parts, int steps) {
@@ -178,52 +156,38 @@ __device__ __forceinline__ bool dispatch_send(const ep_ll_launch_t& p, Grid grid
   int* s_rhist = s_hist + E;               // [R] the same per distinct rank
   int* s_ahist = s_rhist + R;              // [E] my tokens after the range, per distinct expert
   int* s_arhist = s_ahist + E;             // [R] the same per distinct rank
-  int* s_ent = s_arhist + R;               // [per_block * K] expert of (token, slot) if its first slot, else -1
+  int* s_own = s_arhist + R;               // [R] messages of this block to each rank
+  int* s_ent = s_own + R;                  // [per_block * K] expert of (token, slot) if its first slot, else -1
   int* s_rf = s_ent + per_block * K;       // [per_block * K] rank-first bit and first slot of the expert (1a)
   int* s_slot = s_rf + per_block * K;      // [per_block * K] j of a first slot
   int* s_pos = s_slot + per_block * K;     // [per_block * K] message position at its rank, for rank-first slots
-  int* s_parts_done = s_pos + per_block * K;  // [per_block] parts of each token stored and fenced (step 3)
 
-  // Step 3's units: (token, part) pairs, a part being a run of 512-channel steps. Known before the prologue.
+  // Step 2's units: (token, part) pairs, a part being a run of 512-channel steps. Known before the prologue.
   const int steps = (H + kStep - 1) / kStep;
   const int parts = n_loc > 0 ? max(1, min(steps, kSendWarps / n_loc)) : 1;
-  int4 early[2];  // EP_LL_EARLY_X: the first step of this warp's first unit
-  if (EP_LL_EARLY_X && warp < n_loc * parts)
-    load_x_step(reinterpret_cast<const char*>(p.x) + (size_t)(begin + warp / parts) * H * 2,
-                part_steps(warp % parts, parts, steps).x, H, lane, early);
 
   for (int e = tid; e < E; e += blockDim.x) s_hist[e] = s_ahist[e] = 0;
-  for (int r = tid; r < R; r += blockDim.x) s_rhist[r] = s_arhist[r] = 0;
-  for (int lt = tid; lt < n_loc; lt += blockDim.x) s_parts_done[lt] = 0;
+  for (int r = tid; r < R; r += blockDim.x) s_rhist[r] = s_arhist[r] = s_own[r] = 0;
   __syncthreads();
 
   // 1a. Earlier and later tokens into the histograms; my tokens' slots noted (s_rf: bit 0 = rank-first, bits 1.. =
   // 1 + the first slot of the same expert, 0 for an invalid slot). Threads tid < R first wait for the acks: the
   // other warps scan meanwhile, and the barrier after the scan joins the result (no store to a peer before it).
   const bool acks_ok = poll_acks(p, op, EP_SITE_LL_DISPATCH_ACK);
-  // A warp's groups of tokens are kScanBatch at a time, their ids loaded at once (one round trip, not one each).
-  const int kp = topk_lanes(K), tokens_per_warp = 32 / kp, group_stride = kSendWarps * tokens_per_warp;
-  for (int tb0 = warp * tokens_per_warp; tb0 < N; tb0 += kScanBatch * group_stride) {
-    int64_t ids[kScanBatch];
-#pragma unroll
-    for (int b = 0; b < kScanBatch; ++b) ids[b] = slot_expert(p, tb0 + b * group_stride, N, kp, lane);
-#pragma unroll
-    for (int b = 0; b < kScanBatch; ++b) {
-      const int tb = tb0 + b * group_stride;
-      if (tb >= N) break;  // warp-uniform
-      const SlotInfo si = slot_info(p, tb, N, kp, lane, ids[b]);
-      if (si.t < begin) {
-        if (si.first) atomicAdd(&s_hist[si.e], 1);
-        if (si.rfirst) atomicAdd(&s_rhist[si.e / E_loc], 1);
-      } else if (si.t >= end) {
-        if (si.first) atomicAdd(&s_ahist[si.e], 1);
-        if (si.rfirst) atomicAdd(&s_arhist[si.e / E_loc], 1);
-      } else if (si.in) {
-        if (si.e < -1 || si.e >= E) record_fault(p.error, EP_FAULT_BAD_EXPERT, me, -1, 0, si.t, si.e);
-        const int i = (si.t - begin) * K + si.k;
-        s_ent[i] = si.first ? (int)si.e : -1;
-        s_rf[i] = (si.first_k >= 0 ? (si.first_k + 1) << 1 : 0) | (si.rfirst ? 1 : 0);
-      }
+  const int kp = topk_lanes(K), tokens_per_warp = 32 / kp;
+  for (int tb = warp * tokens_per_warp; tb < N; tb += kSendWarps * tokens_per_warp) {
+    const SlotInfo si = slot_info(p, tb, N, kp, lane);
+    if (si.t < begin) {
+      if (si.first) atomicAdd(&s_hist[si.e], 1);
+      if (si.rfirst) atomicAdd(&s_rhist[si.e / E_loc], 1);
+    } else if (si.t >= end) {
+      if (si.first) atomicAdd(&s_ahist[si.e], 1);
+      if (si.rfirst) atomicAdd(&s_arhist[si.e / E_loc], 1);
+    } else if (si.in) {
+      if (si.e < -1 || si.e >= E) record_fault(p.error, EP_FAULT_BAD_EXPERT, me, -1, 0, si.t, si.e);
+      const int i = (si.t - begin) * K + si.k;
+      s_ent[i] = si.first ? (int)si.e : -1;
+      s_rf[i] = (si.first_k >= 0 ? (si.first_k + 1) << 1 : 0) | (si.rfirst ? 1 : 0);
     }
   }
   if (__syncthreads_or(!acks_ok)) return false;  // every rank is done with this half's last call (or one timed out)
@@ -250,35 +214,16 @@ __device__ __forceinline__ bool dispatch_send(const ep_ll_launch_t& p, Grid grid
     p.slot_of[(size_t)(begin + lt) * L.max_topk + k] =
         first_k >= 0 ? s_ent[lt * K + first_k] * L.max_tokens + s_slot[lt * K + first_k] : -1;
     if (s_ent[i] >= 0) atomicAdd(&s_hist[s_ent[i]], 1);
-    if (s_rf[i] & 1) atomicAdd(&s_rhist[s_ent[i] / E_loc], 1);
-  }
-  __syncthreads();  // s_hist + s_ahist, s_rhist + s_arhist: all my tokens
-
-  // 2. Meta first: the dispatch_meta rows of the ranks this block publishes for, NVLink peers directly, others
-  // through the stage and a put; each row's tag is set once the row has landed.
-  const int meta_stride = E_loc + 1;
-  int* meta_out = reinterpret_cast<int*>(mine + L.meta_stage);  // [R][E_loc + 1]
-  uint64_t* meta_tag = reinterpret_cast<uint64_t*>(mine + L.meta_tag + (size_t)me * 8);  // symmetric
-  for (int d = grid.block + (kSendWarps - 1 - warp) * grid.blocks; d < R; d += kSendWarps * grid.blocks) {
-    char* peer = nvlink_peer(p, d);
-    int* row = peer ? reinterpret_cast<int*>(peer + half + L.dispatch_meta) + (size_t)me * meta_stride
-                    : meta_out + (size_t)d * meta_stride;
-    for (int le = lane; le < E_loc; le += 32) row[le] = s_hist[d * E_loc + le] + s_ahist[d * E_loc + le];
-    if (lane == 0) row[E_loc] = s_rhist[d] + s_arhist[d];  // my messages to d
-    __threadfence_system();
-    __syncwarp();
-    if (peer) {
-      if (lane == 0) st_release_sys_u64(reinterpret_cast<uint64_t*>(peer + half + L.meta_tag) + me, op);
-    } else {
-      tp::put_signal_warp(reinterpret_cast<int*>(mine + L.dispatch_meta) + (size_t)me * meta_stride, row,
-                          (size_t)meta_stride * 4, meta_tag, op, /*add=*/false, d);
+    if (s_rf[i] & 1) {
+      atomicAdd(&s_rhist[s_ent[i] / E_loc], 1);
+      atomicAdd(&s_own[s_ent[i] / E_loc], 1);
     }
   }
+  __syncthreads();  // s_hist + s_ahist, s_rhist + s_arhist: all my tokens; s_own: this block's messages
 
-  // 3. Data: (token, part) units.
+  // 2. Data: (token, part) units.
   const size_t hdr = L.hdr_bytes, msg_stride = L.msg_bytes;
   char* stage = mine + L.dispatch_stage;
-  bool staged = false;  // this warp wrote a part of a message for another node into the stage
   for (int u = warp; u < n_loc * parts; u += kSendWarps) {
     const int lt = u / parts, part = u % parts, t = begin + lt;
     const int ek = lane < K ? s_ent[lt * K + lane] : -1;
@@ -287,7 +232,6 @@ __device__ __forceinline__ bool dispatch_send(const ep_ll_launch_t& p, Grid grid
     const unsigned dmask = __ballot_sync(0xffffffffu, rf);
     const bool has_remote = __ballot_sync(0xffffffffu, rf && nvlink_peer(p, ek / E_loc) == nullptr) != 0;
     char* my_msg = stage + (size_t)t * msg_stride;
-    staged |= has_remote;
     if (part == 0) {  // header: (t, npairs, (e, j) for each distinct valid expert in slot order)
       const int jk = ek >= 0 ? s_slot[lt * K + lane] : 0;
       const unsigned fmask = __ballot_sync(0xffffffffu, ek >= 0);
@@ -304,8 +248,7 @@ __device__ __forceinline__ bool dispatch_send(const ep_ll_launch_t& p, Grid grid
       int4 in[kStepBatch][2];
 #pragma unroll
       for (int b = 0; b < kStepBatch; ++b) {
-        if (EP_LL_EARLY_X && b == 0 && u == warp && s0 == st0) in[0][0] = early[0], in[0][1] = early[1];
-        else if (s0 + b < st1) load_x_step(xrow, s0 + b, H, lane, in[b]);
+        if (s0 + b < st1) load_x_step(xrow, s0 + b, H, lane, in[b]);
         else in[b][0] = in[b][1] = make_int4(0, 0, 0, 0);
       }
       int4 out[kStepBatch];
@@ -333,45 +276,53 @@ __device__ __forceinline__ bool dispatch_send(const ep_ll_launch_t& p, Grid grid
     }
   }
 
-  // The tags of the NVLink messages: one fence for all of this warp's stores (receive slots and stage), then per
-  // unit one count in shared memory; the warp whose count completes its token's parts sets the token's tag at each
-  // NVLink destination (the fences, the shared atomic and the fence after it order every part before the tag).
-  const size_t tag_offset = half + L.dispatch_tag + (size_t)me * L.max_tokens * 8;  // my row of a peer's tags
-  if (warp < n_loc * parts) {
-    __threadfence_system();
-    __syncwarp();
-    for (int u = warp; u < n_loc * parts; u += kSendWarps) {
-      const int lt = u / parts;
-      int last = 0;
-      if (lane == 0 && atomicAdd(&s_parts_done[lt], 1) == parts - 1) {
-        __threadfence_system();
-        last = 1;
-      }
-      if (!__shfl_sync(0xffffffffu, last, 0)) continue;
-      __syncwarp();
-      const int ek = lane < K ? s_ent[lt * K + lane] : -1;
-      char* peer = lane < K && (s_rf[lt * K + lane] & 1) ? nvlink_peer(p, ek / E_loc) : nullptr;
-      if (peer)
-        st_release_sys_u64(reinterpret_cast<uint64_t*>(peer + tag_offset) + s_pos[lt * K + lane], op);
-    }
+  // dispatch_meta rows of the ranks this block publishes to: NVLink peers directly, others through the stage.
+  int* meta_out = reinterpret_cast<int*>(mine + L.meta_stage);  // [R][E_loc]
+  for (int i = tid; i < E; i += blockDim.x) {
+    const int d = i / E_loc, le = i % E_loc;
+    if (!publishes_for(d, grid)) continue;
+    char* peer = nvlink_peer(p, d);
+    const int n = s_hist[i] + s_ahist[i];
+    if (peer) reinterpret_cast<int*>(peer + half + L.dispatch_meta)[(size_t)me * E_loc + le] = n;
+    else meta_out[i] = n;
   }
+  // Every thread's stores (peers' receive slots, the stage, meta rows) are complete before the block's counts.
+  __threadfence_system();
+  __syncthreads();
   LL_PROF_STAMP(kProfDispatchSend, grid, 2);
 
-  // Tokens going to another node: the whole message (header + payload) from the stage, one put per rank, with a
-  // SET of its tag there. The stage is complete once every warp has fenced (above) and reached the barrier.
-  if (__syncthreads_or(staged)) {
-    const size_t put_bytes = ep_align_up(hdr + (size_t)(p.fp8 ? H + H / 128 * 4 : 2 * H), 16);
-    uint64_t* tags = reinterpret_cast<uint64_t*>(p.ll_base + tag_offset);  // symmetric: my row of the peer's tags
-    for (int lt = warp; lt < n_loc; lt += kSendWarps) {
-      const int ek = lane < K ? s_ent[lt * K + lane] : -1;
-      const bool remote = lane < K && (s_rf[lt * K + lane] & 1) && nvlink_peer(p, ek / E_loc) == nullptr;
-      const int posk = remote ? s_pos[lt * K + lane] : 0;
-      for (unsigned m = __ballot_sync(0xffffffffu, remote); m; m &= m - 1) {
-        const int b = __ffs(m) - 1;
-        const int d = __shfl_sync(0xffffffffu, ek, b) / E_loc, pos = __shfl_sync(0xffffffffu, posk, b);
-        tp::put_signal_warp(mine + L.recv + ((size_t)me * L.max_tokens + pos) * msg_stride,
-                            stage + (size_t)(begin + lt) * msg_stride, put_bytes, tags + pos, op, /*add=*/false, d);
-      }
+  // Tokens going to another node: the whole message (header + payload) from the stage, one put per rank; and the
+  // dispatch_meta rows of the other-node ranks this block publishes to.
+  const size_t put_bytes = ep_align_up(hdr + (size_t)(p.fp8 ? H + H / 128 * 4 : 2 * H), 16);
+  uint64_t* count_word = reinterpret_cast<uint64_t*>(mine + L.dispatch_count + (size_t)me * 8);  // symmetric
+  for (int lt = warp; lt < n_loc; lt += kSendWarps) {
+    const int ek = lane < K ? s_ent[lt * K + lane] : -1;
+    const bool remote = lane < K && (s_rf[lt * K + lane] & 1) && nvlink_peer(p, ek / E_loc) == nullptr;
+    const int posk = remote ? s_pos[lt * K + lane] : 0;
+    for (unsigned m = __ballot_sync(0xffffffffu, remote); m; m &= m - 1) {
+      const int b = __ffs(m) - 1;
+      const int d = __shfl_sync(0xffffffffu, ek, b) / E_loc, pos = __shfl_sync(0xffffffffu, posk, b);
+      tp::put_signal_warp(mine + L.recv + ((size_t)me * L.max_tokens + pos) * msg_stride,
+                          stage + (size_t)(begin + lt) * msg_stride, put_bytes, count_word, 1, /*add=*/true, d);
+    }
+  }
+  for (int d = warp; d < R; d += kSendWarps)
+    if (publishes_for(d, grid) && nvlink_peer(p, d) == nullptr)
+      tp::put_signal_warp(mine + L.dispatch_meta + (size_t)me * E_loc * 4, meta_out + (size_t)d * E_loc,
+                          (size_t)E_loc * 4, count_word, 1, /*add=*/true, d);
+
+  // 3. Counts. NVLink rank d: this block's messages (+ 1 for the meta row and the high half (messages + 2) << 32
+  // if it publishes for d), in one release add after the fence above. Other nodes: the puts count themselves; the
+  // publishing block adds the high half.
+  for (int d = tid; d < R; d += blockDim.x) {
+    const bool pub = publishes_for(d, grid);
+    const uint64_t hi = (uint64_t)(s_rhist[d] + s_arhist[d] + 2) << 32;  // (n + 1) << 32, n = messages + 1
+    char* peer = nvlink_peer(p, d);
+    if (peer) {
+      const uint64_t v = (uint64_t)s_own[d] + (pub ? hi + 1 : 0);
+      if (v) red_add_release_sys_u64(reinterpret_cast<uint64_t*>(peer + half + L.dispatch_count + (size_t)me * 8), v);
+    } else if (pub) {
+      tp::signal_add(count_word, hi, d);
     }
   }
   LL_PROF_STAMP(kProfDispatchSend, grid, 3);
@@ -380,15 +331,15 @@ __device__ __forceinline__ bool dispatch_send(const ep_ll_launch_t& p, Grid grid
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Dispatch, receive phase of call `op`. In every block, warp 0 waits for every source's meta tag (one poll per
-// source, in parallel) and scans the message totals into offsets. Then one warp per (message, part): each warp
-// waits for its message's tag and issues the loads of its first unit (header, pairs, first batch of payload,
-// scales) while the block loads the sources' dispatch_meta rows (my local experts' counts per source, into shared
-// memory); each (expert, source) run of rows begins at the sum over earlier sources. The warp keeps the header's
-// pairs of my experts and stores its share into each of their rows (row = begin(expert, source) + j): a token that
-// selects several of my experts crossed the link once and is copied here from local memory. Part 0 also writes the
-// source index and the scales. Block 0 writes layout_range and recv_count. The last block acknowledges the call to
-// every rank and advances the half's call number (finish_recv).
+// Dispatch, receive phase. In every block, warp 0 waits for every source's final count (one poll per source, in
+// parallel) and scans the message offsets. Then one warp per (message, part): each warp issues the loads of its
+// first unit (header, pairs, first batch of payload, scales) together with the block's loads of the sources'
+// dispatch_meta rows (my local experts' counts per source, into shared memory), so that they cost one round trip;
+// each (expert, source) run of rows begins at the sum over earlier sources. The warp keeps the header's pairs of
+// my experts and stores its share into each of their rows (row = begin(expert, source) + j): a token that selects
+// several of my experts crossed the link once and is copied here from local memory. Part 0 also writes the source
+// index and the scales. Block 0 writes layout_range and recv_count. The last block zeroes the count words,
+// acknowledges the call to every rank and advances the half's call number (finish_recv).
 // ---------------------------------------------------------------------------------------------------------------
 
 // One message unit of a receiving warp: where it is and what the warp loaded of it before placing it.
@@ -401,11 +352,9 @@ struct RecvUnit {
   float4 sq;           // scales 4 * lane .. 4 * lane + 3 (part 0, UE8M0)
 };
 
-// Wait for the tag of unit u's message (call `op`), then issue every load of the unit at once (header, pairs, the
-// first batch of payload, the scales): one round trip. False if the tag never came (the fault is recorded).
-__device__ __forceinline__ bool recv_unit_load(const ep_ll_launch_t& p, const char* recv, const uint64_t* tags,
-                                               uint64_t op, const int* s_moff, int u, int parts, int words,
-                                               RecvUnit& r) {
+// Issue every load of unit u at once (header, pairs, the first batch of payload, the scales): one round trip.
+__device__ __forceinline__ void recv_unit_load(const ep_ll_launch_t& p, const char* recv, const int* s_moff, int u,
+                                               int parts, int words, RecvUnit& r) {
   const ep_ll_layout_t& L = p.layout;
   const int lane = threadIdx.x & 31, R = p.num_ranks, H = p.hidden, G = H / 128;
   const int m = u / parts;
@@ -417,14 +366,7 @@ __device__ __forceinline__ bool recv_unit_load(const ep_ll_launch_t& p, const ch
     else hi = mid - 1;
   }
   r.s = lo;
-  const size_t slot = (size_t)r.s * L.max_tokens + (m - s_moff[r.s]);
-  r.msg = recv + slot * L.msg_bytes;
-  // The message's tag: lane 0 polls, the warp's loads follow its acquire.
-  bool ok = true;
-  if (lane == 0)
-    ok = wait_until([&] { return ld_acquire_sys_u64(tags + slot) >= op; }, p.timeout_ns, p.error, p.rank, r.s,
-                    EP_SITE_LL_DISPATCH_RECV);
-  if (!__shfl_sync(0xffffffffu, ok, 0)) return false;
+  r.msg = recv + ((size_t)r.s * L.max_tokens + (m - s_moff[r.s])) * L.msg_bytes;
   r.head = ld_nc_v2(r.msg);
   r.pair = lane < min(L.max_topk, 32) ? ld_nc_v2(r.msg + 8 + 8 * lane) : make_int2(-1, 0);
   r.w0 = (int)((long long)words * r.part / parts);
@@ -444,7 +386,6 @@ __device__ __forceinline__ bool recv_unit_load(const ep_ll_launch_t& p, const ch
       r.sq = *reinterpret_cast<const float4*>(scales + 4 * lane);
     }
   }
-  return true;
 }
 
 __device__ __forceinline__ uint32_t ue8m0_pack(const float4& f) {
@@ -452,9 +393,9 @@ __device__ __forceinline__ uint32_t ue8m0_pack(const float4& f) {
          (((__float_as_uint(f.z) >> 23) & 0xffu) << 16) | (((__float_as_uint(f.w) >> 23) & 0xffu) << 24);
 }
 
-// One block's receive phase of call `op`, up to finish_recv. False if the block gave up (a tag never came; the
-// fault is recorded): the caller then stops, without arriving.
-__device__ __forceinline__ bool dispatch_recv(const ep_ll_launch_t& p, Grid grid, uint64_t op) {
+// One block's receive phase, up to finish_recv. False if the block gave up (a count never came; the fault is
+// recorded): the caller then stops, without arriving.
+__device__ __forceinline__ bool dispatch_recv(const ep_ll_launch_t& p, Grid grid) {
   extern __shared__ int s_dyn[];
   const ep_ll_layout_t& L = p.layout;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -462,21 +403,20 @@ __device__ __forceinline__ bool dispatch_recv(const ep_ll_launch_t& p, Grid grid
   const size_t RT = (size_t)R * p.max_tokens;
   const size_t half = half_offset(p);
   char* mine = p.ll_base + half;
-  const uint64_t* tags = reinterpret_cast<const uint64_t*>(mine + L.dispatch_tag);  // [R][T]
-  const uint64_t* meta_tags = reinterpret_cast<const uint64_t*>(mine + L.meta_tag);
-  const int meta_stride = E_loc + 1;
-  const int* meta = reinterpret_cast<const int*>(mine + L.dispatch_meta);  // [R][E_loc + 1]
+  const uint64_t* counts = reinterpret_cast<const uint64_t*>(mine + L.dispatch_count);
+  const int* meta = reinterpret_cast<const int*>(mine + L.dispatch_meta);  // [R][E_loc]
   LL_PROF_STAMP(kProfDispatchRecv, grid, 0);
   int* s_row0 = s_dyn;           // [R][E_loc] first row of (source, expert); later the prefix
   int* s_moff = s_row0 + R * E_loc;  // [R + 1] first message index of each source
   __shared__ int s_failed;
-  // Warp 0 waits for every source's meta row and scans the message offsets; no block barrier in between.
+  // Warp 0 waits for every source's final count and scans the message offsets; no block barrier in between.
   if (warp == 0) {
     bool ok = true;
     for (int s = lane; ok && s < R; s += 32) {
-      ok = wait_until([&] { return ld_acquire_sys_u64(meta_tags + s) >= op; }, p.timeout_ns, p.error, me, s,
-                      EP_SITE_LL_DISPATCH_RECV);
-      if (ok) s_moff[s + 1] = ld_relaxed_sys(meta + (size_t)s * meta_stride + E_loc);  // messages from s
+      uint64_t v = 0;
+      ok = wait_until([&] { return count_complete(v = ld_acquire_sys_u64(counts + s)); }, p.timeout_ns, p.error, me,
+                      s, EP_SITE_LL_DISPATCH_RECV);
+      if (ok) s_moff[s + 1] = (int)(v >> 32) - 2;  // n = messages + 1 puts; hi = n + 1
     }
     const bool failed = __any_sync(0xffffffffu, !ok);
     if (lane == 0) s_failed = failed;
@@ -501,8 +441,7 @@ __device__ __forceinline__ bool dispatch_recv(const ep_ll_launch_t& p, Grid grid
   if (s_failed) return false;
   LL_PROF_STAMP(kProfDispatchRecv, grid, 1);
 
-  // Each warp waits for its first message and issues its loads now, so that they travel with the dispatch_meta
-  // loads.
+  // Each warp issues the loads of its first message unit now, so that they travel with the dispatch_meta loads.
   const int M = s_moff[R];
   const int total_warps = grid.blocks * kRecvWarps;
   const int parts = max(1, min(8, total_warps / max(M, 1)));
@@ -510,10 +449,9 @@ __device__ __forceinline__ bool dispatch_recv(const ep_ll_launch_t& p, Grid grid
   const int units = M * parts;
   const int u0 = grid.block * kRecvWarps + warp;
   RecvUnit r;
-  bool ok = u0 >= units || recv_unit_load(p, mine + L.recv, tags, op, s_moff, u0, parts, words, r);
-  for (int i = tid; i < R * E_loc; i += blockDim.x)
-    s_row0[i] = ld_relaxed_sys(meta + (size_t)(i / E_loc) * meta_stride + i % E_loc);
-  if (__syncthreads_or(!ok)) return false;
+  if (u0 < units) recv_unit_load(p, mine + L.recv, s_moff, u0, parts, words, r);
+  for (int i = tid; i < R * E_loc; i += blockDim.x) s_row0[i] = ld_relaxed_sys(meta + i);
+  __syncthreads();
   for (int le = tid; le < E_loc; le += blockDim.x) {  // rows: sources in order, per expert
     int run = 0;
     for (int s = 0; s < R; ++s) {
@@ -527,8 +465,8 @@ __device__ __forceinline__ bool dispatch_recv(const ep_ll_launch_t& p, Grid grid
   __syncthreads();
   LL_PROF_STAMP(kProfDispatchRecv, grid, 2);
 
-  for (int u = u0; ok && u < units; u += total_warps) {
-    if (u != u0 && !(ok = recv_unit_load(p, mine + L.recv, tags, op, s_moff, u, parts, words, r))) break;
+  for (int u = u0; u < units; u += total_warps) {
+    if (u != u0) recv_unit_load(p, mine + L.recv, s_moff, u, parts, words, r);
     const int s = r.s;
     const int4* src = reinterpret_cast<const int4*>(r.msg + L.hdr_bytes);
     const bool mine_pair = lane < r.head.y && r.pair.x / E_loc == me && r.pair.x >= 0;
@@ -571,7 +509,7 @@ __device__ __forceinline__ bool dispatch_recv(const ep_ll_launch_t& p, Grid grid
     }
   }
   LL_PROF_STAMP(kProfDispatchRecv, grid, 3);
-  return !__syncthreads_or(!ok);
+  return true;
 }
 
 }  // namespace ll

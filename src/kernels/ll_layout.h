@@ -5,14 +5,12 @@
  * handle's combine uses the same half. Inside one half (T = config.ll_max_tokens_per_rank, H = config.hidden,
  * E = config.num_experts, E_loc = E / R, K = config.max_topk):
  *
- *   uint64 dispatch_tag[R][T]        from source s: the call number of its message in slot p, once it has landed
- *   uint64 meta_tag[R]               from source s: the call number of its dispatch_meta row, once it has landed
+ *   uint64 dispatch_count[R]         from source s: how many puts s made for this call's dispatch (see below)
  *   uint64 combine_signal[R]         from rank r: how many combine rows r sent me
  *   uint64 ack[R]                    from rank r: the last call number on this half whose receive phase r finished
- *   int32  dispatch_meta[R][E_loc+1] from source s: how many of its tokens select each of my local experts, then
- *                                    how many messages it sends me
+ *   int32  dispatch_meta[R][E_loc]   from source s: how many of its tokens select each of my local experts
  *   bytes  dispatch_stage[T][msg]    my tokens as messages, the source of every put to another node
- *   int32  meta_stage[R][E_loc+1]    my dispatch_meta rows for ranks of other nodes (source of their puts)
+ *   int32  meta_stage[R][E_loc]      my dispatch_meta rows for ranks of other nodes (source of their puts)
  *   bytes  combine_stage[E_loc*R*T][2H]  expert outputs on their way back; the zero-copy buffer
  *   bytes  recv                      the receive area, used by one call at a time:
  *            dispatch: [R][T] messages; slot p of source s = the p-th token of s that selects any expert of mine
@@ -25,21 +23,15 @@
  * position among the source's tokens that select e. Then the payload: FP8 e4m3 [H] then fp32 scales [H / 128],
  * or BF16 [H]; its stride `msg_bytes` = align16(hdr_bytes + max(2H, H + H / 32)).
  *
- * Dispatch is signalled by tags, combine by counts. Call numbers grow for ever on each half (device counters, so
- * graph replays count; the receive phase advances the half's call number) and every rank numbers a half's calls
- * alike, so a tag is a call number and nothing is ever zeroed between calls:
- *  - dispatch: the sender's block that publishes for rank d writes d's dispatch_meta row right after its routing
- *    prologue, before any payload, then sets meta_tag = call number; each message's tag is set once the whole
- *    message has landed (NVLink: by the last of the warps that stored its parts, after their fences; another node:
- *    put-with-signal, SET). A receiver waits for every source's meta tag (its counts and message total), then each
- *    of its warps for the tag of the message it copies: it copies a message as soon as that one has landed.
- *  - combine: the final value of a count word is (n + 1) << 32 | n. To another node a sender adds 1 per put
- *    (put-with-signal, ADD), and one block of its send phase adds (n + 1) << 32. Over NVLink each block of the
- *    send phase adds, with one release add after its fenced stores, the number of its own (row, part) pieces, and
- *    one block also adds (n + 1) << 32: every add is positive, so lo reaches n only once all blocks' adds have
- *    landed. A receiver waits for hi >= 1 and lo == hi - 1, reads n = hi - 1, and zeroes the word when the call's
- *    receive phase is done, before it acknowledges.
- * No sender writes into a half again before every receiver acknowledged its previous call there. */
+ * Counts and signals are zeroed by the receiver: the final value of a word is (n + 1) << 32 | n. To another node a
+ * sender adds 1 per put (put-with-signal, ADD), and one block of its send phase adds (n + 1) << 32. Over NVLink
+ * each block of the send phase adds, with one release add after its fenced stores, the number of its own units
+ * (dispatch: messages; combine: (row, part) pieces), and one block also adds (n + 1) << 32 (+ 1 for dispatch's
+ * meta row): every add is positive, so lo reaches n only once all blocks' adds have landed. A receiver waits for
+ * hi >= 1 and lo == hi - 1, reads n = hi - 1, and zeroes the word when the call's receive phase is done, before it
+ * acknowledges: no sender writes the word again before that acknowledgement. For dispatch, n = messages + 1 (the
+ * dispatch_meta row is one more put). Call numbers (acks) grow for ever (device counters, so graph replays count);
+ * the receive phase advances the half's call number. */
 #ifndef EP_KERNELS_LL_LAYOUT_H
 #define EP_KERNELS_LL_LAYOUT_H
 
@@ -54,7 +46,7 @@ typedef struct ep_ll_layout {
   size_t msg_bytes;      /* stride of a dispatch message */
   size_t row_bytes;      /* stride of a combine row: 2 * hidden */
   /* offsets inside one half */
-  size_t dispatch_tag, meta_tag, combine_signal, ack, dispatch_meta, signal_bytes; /* signal_bytes: the words above,
+  size_t dispatch_count, combine_signal, ack, dispatch_meta, signal_bytes; /* signal_bytes: the words above,
                                                                             zeroed by a clean */
   size_t dispatch_stage, meta_stage, combine_stage, recv;
   size_t half_bytes;     /* one half, 128-aligned */
@@ -76,15 +68,14 @@ static inline EP_HD ep_ll_layout_t ep_ll_layout(int num_ranks, int num_experts, 
   l.msg_bytes = ep_align_up(l.hdr_bytes + (fp8_payload > bf16_payload ? fp8_payload : bf16_payload), 16);
   l.row_bytes = 2 * H;
   size_t off = 0;
-  l.dispatch_tag = off;   off += R * T * 8;
-  l.meta_tag = off;       off += R * 8;
+  l.dispatch_count = off; off += R * 8;
   l.combine_signal = off; off += R * 8;
   l.ack = off;            off += R * 8;
-  l.dispatch_meta = off;  off += R * ((size_t)l.num_local_experts + 1) * 4;
+  l.dispatch_meta = off;  off += R * (size_t)l.num_local_experts * 4;
   l.signal_bytes = off;
   off = ep_align_up(off, 128);
   l.dispatch_stage = off; off += T * l.msg_bytes;
-  l.meta_stage = off;     off += R * ((size_t)l.num_local_experts + 1) * 4;
+  l.meta_stage = off;     off += R * (size_t)l.num_local_experts * 4;
   off = ep_align_up(off, 128);
   l.combine_stage = off;  off += (size_t)l.num_local_experts * R * T * l.row_bytes;
   off = ep_align_up(off, 128);

@@ -3,9 +3,8 @@
 // cooperative kernel per call runs the send phase and then the receive phase in the same blocks (see "Kernels"
 // below; EP_LL_FUSED=0 keeps two kernels there too). Each phase's code exists once, as a device function that
 // both kinds of kernel call with the phase's own grid (Grid). The buffer layout and the signal protocol are drawn
-// in ll_layout.h. The send phases have no grid-wide barrier: dispatch tags each message as it lands, combine's
-// blocks each publish their own part of the counts; the receive phase's last block acknowledges the call and
-// advances the half's call number. Peers of this node are
+// in ll_layout.h. The send phases have no grid-wide barrier: each block publishes its own part of the counts; the
+// receive phase's last block acknowledges the call and advances the half's call number. Peers of this node are
 // written with NVLink stores; others through the transport's put-with-signal. Data is placed by data, never by
 // atomics whose order varies (the count words are sums, whatever the order of their adds): slots come from a
 // counting pass over topk_idx, rows of an expert are packed by source rank then token, and combine sums in top-k
@@ -29,8 +28,8 @@ namespace ll {
 // it takes the call number from the handle (p.ops, written by the send phase's block 0). Without the hook one fused
 // kernel runs, in each block, the send phase (blocks [0, send_blocks)) and then the receive phase (blocks
 // [0, recv_blocks)); its grid is max(send_blocks, recv_blocks) <= the SM count and it is launched cooperatively, so
-// that all its blocks are resident at once: a block's receive phase spins on tags or counts that the send phases
-// of other blocks, of this rank and of its peers, publish. Running both phases in one kernel, the fused kernel
+// that all its blocks are resident at once: a block's receive phase spins on counts that the send phases of other
+// blocks, of this rank and of its peers, publish. Running both phases in one kernel, the fused kernel
 //  - reads the call number itself in every block (seq[half] + 1, as the send phase does), rather than p.ops, which
 //    send block 0 may not have written yet; finish_recv, in every block, advances seq only once all have arrived;
 //  - stops a block whose send phase gave up before its receive phase: it never arrives, the other blocks' waits
@@ -48,8 +47,8 @@ __device__ __forceinline__ bool send_phase(const ep_ll_launch_t& p, Grid grid, u
 }
 
 template <Call kCall>
-__device__ __forceinline__ bool recv_phase(const ep_ll_launch_t& p, Grid grid, uint64_t op) {
-  if constexpr (kCall == Call::kDispatch) return dispatch_recv(p, grid, op);
+__device__ __forceinline__ bool recv_phase(const ep_ll_launch_t& p, Grid grid) {
+  if constexpr (kCall == Call::kDispatch) return dispatch_recv(p, grid);
   else return combine_recv(p, grid);
 }
 
@@ -62,7 +61,7 @@ __global__ void __launch_bounds__(kThreads, 1) send_kernel(ep_ll_launch_t p) {
 template <Call kCall>
 __global__ void __launch_bounds__(kThreads) recv_kernel(ep_ll_launch_t p) {
   const uint64_t op = p.ops[kCall == Call::kDispatch ? 0 : 1];
-  if (recv_phase<kCall>(p, kernel_grid(), op)) finish_recv<kCall>(p, kernel_grid(), op);
+  if (recv_phase<kCall>(p, kernel_grid())) finish_recv<kCall>(p, kernel_grid(), op);
 }
 
 template <Call kCall>
@@ -72,7 +71,7 @@ __global__ void __launch_bounds__(kThreads, 1) fused_kernel(ep_ll_launch_t p, in
   if (b < send_blocks && !send_phase<kCall>(p, Grid{b, send_blocks}, op)) return;
   __syncthreads();  // the receive phase reuses the send phase's shared memory
   const Grid recv{b, recv_blocks};
-  if (b < recv_blocks && !recv_phase<kCall>(p, recv, op)) return;
+  if (b < recv_blocks && !recv_phase<kCall>(p, recv)) return;
   finish_recv<kCall>(p, recv, op);
 }
 
@@ -100,7 +99,7 @@ static Shape dispatch_send_shape(const ep_ll_launch_t* p) {
   if (grid < min_grid) grid = min_grid;
   const int per_block = (p->num_tokens + grid - 1) / grid;
   return {grid,
-          sizeof(int) * (2 * (size_t)p->num_experts + 2 * (size_t)p->num_ranks + (4 * (size_t)p->num_topk + 1) * per_block)};
+          sizeof(int) * (2 * (size_t)p->num_experts + 3 * (size_t)p->num_ranks + 4 * (size_t)per_block * p->num_topk)};
 }
 
 static Shape dispatch_recv_shape(const ep_ll_launch_t* p) {

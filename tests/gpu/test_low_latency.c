@@ -69,8 +69,8 @@ static const case_t k_cases[] = {
     {  64, 2048,   1, 64, FP8,        1,  0, 50,  0,  1,   3},
     { 128, 2056,   8, 64, BF16,       1,  0, 10,  1,  1,   2},
     {  32, 4096,   8,  8, UE8M0,      0,  1, 10,  1,  0,   2},
-    /* Fewer send blocks than ranks (one block per token): a block publishes the dispatch_meta rows (dispatch) and
-     * the count words (combine) of several ranks (rank r by block r % grid), no hook and hook. */
+    /* Fewer send blocks than ranks (one block per token): a block publishes the counts and dispatch_meta rows of
+     * several ranks (rank r by block r % grid), no hook and hook. */
     {   3, 2048,   8, 64, FP8,        0,  0,  0,  0,  0,   3},
     {   2, 4096,   9, 16, BF16,       1,  0, 10,  1,  0,   3},
 };
