@@ -10,7 +10,9 @@ namespace ep {
 namespace ll {
 
 // One (token, slot) per lane: a warp sees 32 / kp tokens from `t0` (those below `t_end`) at once, one coalesced
-// load per lane, and finds repeated experts and repeated ranks inside each token with two warp matches.
+// load per lane, and finds repeated experts and repeated ranks inside each token by comparing with the token's
+// earlier slots, kp - 1 shuffles within its kp lanes (a warp match instruction costs about as much per distinct
+// key, and the scan runs it for all N x K ids in every block).
 struct SlotInfo {
   int t, k;
   bool in;      // a real (token, slot)
@@ -20,32 +22,25 @@ struct SlotInfo {
   int first_k;  // for a valid slot: the first slot with the same expert; else -1
 };
 
-// The expert index of this lane's (token, slot) (-1 past the tokens and the slots): slot_info's only load, apart so
-// that a warp can issue the loads of several groups of tokens at once, early.
-__device__ __forceinline__ int64_t slot_expert(const ep_ll_launch_t& p, int t0, int t_end, int kp, int lane) {
-  const int t = t0 + lane / kp, k = lane % kp;
-  return t < t_end && k < p.num_topk ? p.topk_idx[(size_t)t * p.num_topk + k] : -1;
-}
-
-// e: slot_expert(p, t0, t_end, kp, lane).
-__device__ __forceinline__ SlotInfo slot_info(const ep_ll_launch_t& p, int t0, int t_end, int kp, int lane,
-                                              int64_t e) {
+__device__ __forceinline__ SlotInfo slot_info(const ep_ll_launch_t& p, int t0, int t_end, int kp, int lane) {
   const int K = p.num_topk, E = p.num_experts, E_loc = E / p.num_ranks;
   SlotInfo si;
   si.t = t0 + lane / kp;
   si.k = lane % kp;
   si.in = si.t < t_end && si.k < K;
-  si.e = e;
+  si.e = si.in ? p.topk_idx[(size_t)si.t * K + si.k] : -1;
   const bool valid = si.in && valid_expert(si.e, E);
-  // Keys: (token, expert) and (token, rank) for valid slots; a value no valid slot has (unique per lane) otherwise.
-  const unsigned long long tkey = (unsigned long long)(uint32_t)si.t << 32;
-  const unsigned long long key_e = tkey | (uint32_t)(valid ? (int)si.e : E + lane);
-  const unsigned long long key_r = tkey | (uint32_t)(valid ? (int)si.e / E_loc : p.num_ranks + lane);
-  const unsigned same_e = __match_any_sync(0xffffffffu, key_e);
-  const unsigned same_r = __match_any_sync(0xffffffffu, key_r);
-  si.first = valid && __ffs(same_e) - 1 == lane;
-  si.rfirst = valid && __ffs(same_r) - 1 == lane;
-  si.first_k = valid ? (__ffs(same_e) - 1) % kp : -1;
+  const int ve = valid ? (int)si.e : -1;  // -1 for every slot that is not a valid expert
+  si.first_k = valid ? si.k : -1;
+  si.rfirst = valid;
+  for (int j = 1; j < kp; ++j) {  // slot k - j of the same token (lanes below j get their own value back)
+    const int o = __shfl_up_sync(0xffffffffu, ve, j, kp);
+    if (j <= si.k && o >= 0 && valid) {
+      if (o == ve) si.first_k = si.k - j;  // the largest matching j, i.e. the first slot, is assigned last
+      if (o / E_loc == ve / E_loc) si.rfirst = false;
+    }
+  }
+  si.first = valid && si.first_k == si.k;
   return si;
 }
 
@@ -106,7 +101,6 @@ __device__ __forceinline__ int4 cast16(const int4 (&in)[2], int round_scale, flo
 constexpr int kMaxRange = 64;   // tokens per send block at most
 constexpr int kStep = 512;      // channels per warp step: 16 per lane
 constexpr int kStepBatch = 4;   // steps whose loads a lane has in flight at once
-constexpr int kScanBatch = 4;   // groups of tokens whose routing ids a warp of the prologue loads at once
 
 // Steps [st0, st1) of part `part` of a token's `steps` steps split in `parts` parts.
 __device__ __forceinline__ int2 part_steps(int part, int parts, int steps) {
@@ -158,15 +152,7 @@ __device__ __forceinline__ bool dispatch_send(const ep_ll_launch_t& p, Grid grid
   const size_t half = half_offset(p);
   char* mine = p.ll_base + half;
   LL_PROF_STAMP(kProfDispatchSend, grid, 0);
-  // The routing ids of this warp's first kScanBatch groups of tokens (step 1a), loaded before anything waits: the
-  // barrier below, the acknowledgements' acquire loads (which hold back every later load) and the first use of the
-  // call number. The ids, the call number and the acknowledgements, all cold after an L2 flush, then travel
-  // together instead of one after another.
-  const int kp = topk_lanes(K), tokens_per_warp = 32 / kp, group_stride = kSendWarps * tokens_per_warp;
-  const int tb_first = warp * tokens_per_warp;
-  int64_t ids[kScanBatch];
-#pragma unroll
-  for (int b = 0; b < kScanBatch; ++b) ids[b] = slot_expert(p, tb_first + b * group_stride, N, kp, lane);
+  if (grid.block == 0 && tid == 0) p.ops[0] = op;  // the call number for a later receive kernel (the hook)
 
   const int per_block = (N + grid.blocks - 1) / grid.blocks;  // <= kMaxRange (the launcher sizes the grid)
   const int begin = min(N, grid.block * per_block), end = min(N, begin + per_block), n_loc = end - begin;
@@ -192,33 +178,24 @@ __device__ __forceinline__ bool dispatch_send(const ep_ll_launch_t& p, Grid grid
   // 1 + the first slot of the same expert, 0 for an invalid slot). Threads tid < R first wait for the acks: the
   // other warps scan meanwhile, and the barrier after the scan joins the result (no store to a peer before it).
   const bool acks_ok = poll_acks(p, op, EP_SITE_LL_DISPATCH_ACK);
-  for (int tb0 = tb_first; tb0 < N; tb0 += kScanBatch * group_stride) {
-    if (tb0 != tb_first) {
-#pragma unroll
-      for (int b = 0; b < kScanBatch; ++b) ids[b] = slot_expert(p, tb0 + b * group_stride, N, kp, lane);
-    }
-#pragma unroll
-    for (int b = 0; b < kScanBatch; ++b) {
-      const int tb = tb0 + b * group_stride;
-      if (tb >= N) break;  // warp-uniform
-      const SlotInfo si = slot_info(p, tb, N, kp, lane, ids[b]);
-      if (si.t < begin) {
-        if (si.first) atomicAdd(&s_hist[si.e], 1);
-        if (si.rfirst) atomicAdd(&s_rhist[si.e / E_loc], 1);
-      } else if (si.t >= end) {
-        if (si.first) atomicAdd(&s_ahist[si.e], 1);
-        if (si.rfirst) atomicAdd(&s_arhist[si.e / E_loc], 1);
-      } else if (si.in) {
-        if (si.e < -1 || si.e >= E) record_fault(p.error, EP_FAULT_BAD_EXPERT, me, -1, 0, si.t, si.e);
-        const int i = (si.t - begin) * K + si.k;
-        s_ent[i] = si.first ? (int)si.e : -1;
-        s_rf[i] = (si.first_k >= 0 ? (si.first_k + 1) << 1 : 0) | (si.rfirst ? 1 : 0);
-      }
+  const int kp = topk_lanes(K), tokens_per_warp = 32 / kp;
+  for (int tb = warp * tokens_per_warp; tb < N; tb += kSendWarps * tokens_per_warp) {
+    const SlotInfo si = slot_info(p, tb, N, kp, lane);
+    if (si.t < begin) {
+      if (si.first) atomicAdd(&s_hist[si.e], 1);
+      if (si.rfirst) atomicAdd(&s_rhist[si.e / E_loc], 1);
+    } else if (si.t >= end) {
+      if (si.first) atomicAdd(&s_ahist[si.e], 1);
+      if (si.rfirst) atomicAdd(&s_arhist[si.e / E_loc], 1);
+    } else if (si.in) {
+      if (si.e < -1 || si.e >= E) record_fault(p.error, EP_FAULT_BAD_EXPERT, me, -1, 0, si.t, si.e);
+      const int i = (si.t - begin) * K + si.k;
+      s_ent[i] = si.first ? (int)si.e : -1;
+      s_rf[i] = (si.first_k >= 0 ? (si.first_k + 1) << 1 : 0) | (si.rfirst ? 1 : 0);
     }
   }
   if (__syncthreads_or(!acks_ok)) return false;  // every rank is done with this half's last call (or one timed out)
   LL_PROF_STAMP(kProfDispatchSend, grid, 1);
-  if (grid.block == 0 && tid == 0) p.ops[0] = op;  // the call number for a later receive kernel (the hook)
   // 1b. Slots and message positions inside the range (each earlier token lists an expert / a rank once at most).
   for (int i = tid; i < n_loc * K; i += blockDim.x) {
     const int e = s_ent[i];
