@@ -10,9 +10,7 @@ namespace ep {
 namespace ll {
 
 // One (token, slot) per lane: a warp sees 32 / kp tokens from `t0` (those below `t_end`) at once, one coalesced
-// load per lane, and finds repeated experts and repeated ranks inside each token by comparing with the token's
-// earlier slots, kp - 1 shuffles within its kp lanes (a warp match instruction costs about as much per distinct
-// key, and the scan runs it for all N x K ids in every block).
+// load per lane, and finds repeated experts and repeated ranks inside each token with two warp matches.
 struct SlotInfo {
   int t, k;
   bool in;      // a real (token, slot)
@@ -30,17 +28,15 @@ __device__ __forceinline__ SlotInfo slot_info(const ep_ll_launch_t& p, int t0, i
   si.in = si.t < t_end && si.k < K;
   si.e = si.in ? p.topk_idx[(size_t)si.t * K + si.k] : -1;
   const bool valid = si.in && valid_expert(si.e, E);
-  const int ve = valid ? (int)si.e : -1;  // -1 for every slot that is not a valid expert
-  si.first_k = valid ? si.k : -1;
-  si.rfirst = valid;
-  for (int j = 1; j < kp; ++j) {  // slot k - j of the same token (lanes below j get their own value back)
-    const int o = __shfl_up_sync(0xffffffffu, ve, j, kp);
-    if (j <= si.k && o >= 0 && valid) {
-      if (o == ve) si.first_k = si.k - j;  // the largest matching j, i.e. the first slot, is assigned last
-      if (o / E_loc == ve / E_loc) si.rfirst = false;
-    }
-  }
-  si.first = valid && si.first_k == si.k;
+  // Keys: (token, expert) and (token, rank) for valid slots; a value no valid slot has (unique per lane) otherwise.
+  const unsigned long long tkey = (unsigned long long)(uint32_t)si.t << 32;
+  const unsigned long long key_e = tkey | (uint32_t)(valid ? (int)si.e : E + lane);
+  const unsigned long long key_r = tkey | (uint32_t)(valid ? (int)si.e / E_loc : p.num_ranks + lane);
+  const unsigned same_e = __match_any_sync(0xffffffffu, key_e);
+  const unsigned same_r = __match_any_sync(0xffffffffu, key_r);
+  si.first = valid && __ffs(same_e) - 1 == lane;
+  si.rfirst = valid && __ffs(same_r) - 1 == lane;
+  si.first_k = valid ? (__ffs(same_e) - 1) % kp : -1;
   return si;
 }
 
