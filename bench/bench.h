@@ -35,6 +35,7 @@ typedef struct bench_options {
   int shapes[BENCH_MAX_SHAPES]; /* ranks_per_node of each group, in order (0 = all ranks in one NVLink domain);
                                    --ranks-per-node N is --shapes N */
   int num_shapes;
+  int l2_flush;                /* 1 (default): empty L2 before each timed operation; 0: --no-l2-flush */
 } bench_options_t;
 
 /* GB/s of one normal-path row (intranode or internode), kept by rank 0 for the ratio lines printed at the end. */

@@ -3,6 +3,7 @@
  *   build/bin/ep_launch -n NUM_GPUS build/bin/ep_bench [--tokens N] [--hidden N] [--topk N] [--experts N]
  *                                                      [--iters N] [--warmup N] [--family LIST] [--seed N]
  *                                                      [--sms LIST] [--ranks-per-node N | --shapes LIST]
+ *                                                      [--no-l2-flush]
  *
  * Rank 0 prints one fixed-width table (see bench/README.md). Exits 0 when every row ran and validated, 1 on any
  * error or failed check, 77 when there are fewer GPUs than ranks. */
@@ -56,7 +57,9 @@ static void usage(FILE* f) {
           "  --ranks-per-node N  ranks per (virtual) node of the group: 0 = all ranks in one NVLink domain (0);\n"
           "                a divisor of the rank count smaller than it makes virtual nodes: internode rows\n"
           "  --shapes L    comma list of ranks-per-node values, one group each, created and destroyed in turn\n"
-          "                (e.g. 0,2 on 4 GPUs: intranode EP4 rows, then 2x2 internode rows, then the ratios)\n");
+          "                (e.g. 0,2 on 4 GPUs: intranode EP4 rows, then 2x2 internode rows, then the ratios)\n"
+          "  --no-l2-flush do not empty L2 before each timed operation (warm-cache timings, for diagnosis: the\n"
+          "                published figures of the field, ours included, are taken with the flush)\n");
 }
 
 static long parse_int(const char* name, const char* value, long min, long max) {
@@ -141,11 +144,16 @@ static bench_options_t parse_options(int argc, char** argv) {
   o.ll_tokens = 128;
   parse_sms_list("--sms", "8,16,24,32", &o);
   o.num_shapes = 1; /* shapes[0] = 0: one NVLink domain */
+  o.l2_flush = 1;
   for (int i = 1; i < argc; ++i) {
     const char* arg = argv[i];
     if (!strcmp(arg, "--help") || !strcmp(arg, "-h")) {
       usage(stdout);
       exit(0);
+    }
+    if (!strcmp(arg, "--no-l2-flush")) {
+      o.l2_flush = 0;
+      continue;
     }
     /* Both "--name value" and "--name=value". */
     char name[64];
@@ -289,8 +297,9 @@ static void setup_common(bench_t* b) {
     int nccl_version = 0;
     NCCL_OK(ncclGetVersion(&nccl_version));
     printf("ep_bench: %d ranks on %s, NCCL %d, seed 0x%016llx, %d warm-up + %d timed iterations (median), "
-           "slowest rank shown\n",
-           R, prop.name, nccl_version, (unsigned long long)b->opt.seed, o->warmup, o->iters);
+           "slowest rank shown%s\n",
+           R, prop.name, nccl_version, (unsigned long long)b->opt.seed, o->warmup, o->iters,
+           o->l2_flush ? "" : "; L2 NOT flushed (--no-l2-flush): warm-cache timings");
   }
 }
 

@@ -22,7 +22,7 @@ void bench_time_phases(bench_t* b, int num_phases, const bench_phase_fn* phases,
     const int timed = it - b->opt.warmup; /* < 0 while warming up */
     for (int p = 0; p < num_phases; ++p) {
       NCCL_OK(ncclAllReduce(b->barrier_buf, b->barrier_buf, 1, ncclFloat, ncclSum, b->comm, b->stream));
-      CUDA_OK(cudaMemsetAsync(b->flush_buf, 0, BENCH_FLUSH_BYTES, b->stream));
+      if (b->opt.l2_flush) CUDA_OK(cudaMemsetAsync(b->flush_buf, 0, BENCH_FLUSH_BYTES, b->stream));
       if (timed >= 0) CUDA_OK(cudaEventRecord(start[(size_t)p * iters + timed], b->stream));
       phases[p]();
       if (timed >= 0) CUDA_OK(cudaEventRecord(stop[(size_t)p * iters + timed], b->stream));
