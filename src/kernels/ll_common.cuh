@@ -36,6 +36,9 @@ enum class Call { kDispatch, kCombine };  // which call a kernel runs (the kerne
 // block of a phase's grid stamp %globaltimer at the phase's boundaries; every EP_LL_PROFILE_EVERY-th call of a
 // phase prints one line (device printf) with, for both blocks, the time of each stage since the previous stamp, in
 // us. Records are per phase ("kernel" below), whether the phase runs in its own kernel or in a fused one.
+// EP_LL_PROFILE=2 is the same but splits the dispatch send's prologue instead (init, the acknowledgements as
+// thread 0 saw them, thread 0's scan, the barrier); that phase's later stages are then not stamped.
+// LL_PROF_STAMP_IN(mode, ...) stamps only in that mode.
 // ---------------------------------------------------------------------------------------------------------------
 enum { kProfDispatchSend = 0, kProfDispatchRecv = 1, kProfCombineSend = 2, kProfCombineRecv = 3 };
 #if EP_LL_PROFILE
@@ -58,7 +61,8 @@ __device__ void prof_finish(int kernel, Grid grid, int rank, unsigned long long 
     return;
   static const char* const names[4] = {"dispatch-send", "dispatch-recv", "combine-send", "combine-recv"};
   static const char* const labels[4][kProfStamps - 1] = {
-      {"prologue+acks", "data", "signal", "-"},
+      {EP_LL_PROFILE == 2 ? "init" : "prologue+acks", EP_LL_PROFILE == 2 ? "acks(t0)" : "data",
+       EP_LL_PROFILE == 2 ? "scan(t0)" : "signal", EP_LL_PROFILE == 2 ? "barrier" : "-"},
       {"counts-seen", "meta", "copy", "arrive"},
       {"prologue+acks", "data", "signal", "-"},
       {"counts-seen", "sum", "arrive", "-"}};
@@ -85,7 +89,12 @@ __device__ void prof_finish(int kernel, Grid grid, int rank, unsigned long long 
 #define LL_PROF_STAMP(kernel, grid, i) ::ep::ll::prof_stamp((kernel), (grid), (i))
 #define LL_PROF_FINISH(kernel, grid, rank, tail) ::ep::ll::prof_finish((kernel), (grid), (rank), (tail))
 #define LL_PROF_NOW() ::ep::global_timer_ns()
+#define LL_PROF_STAMP_IN(mode, kernel, grid, i) \
+  do {                                          \
+    if (EP_LL_PROFILE == (mode)) LL_PROF_STAMP((kernel), (grid), (i)); \
+  } while (0)
 #else
+#define LL_PROF_STAMP_IN(mode, kernel, grid, i) ((void)0)
 #define LL_PROF_STAMP(kernel, grid, i) ((void)0)
 #define LL_PROF_FINISH(kernel, grid, rank, tail) ((void)0)
 #define LL_PROF_NOW() 0ull

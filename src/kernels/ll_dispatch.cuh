@@ -169,11 +169,13 @@ __device__ __forceinline__ bool dispatch_send(const ep_ll_launch_t& p, Grid grid
   for (int e = tid; e < E; e += blockDim.x) s_hist[e] = s_ahist[e] = 0;
   for (int r = tid; r < R; r += blockDim.x) s_rhist[r] = s_arhist[r] = s_own[r] = 0;
   __syncthreads();
+  LL_PROF_STAMP_IN(2, kProfDispatchSend, grid, 1);
 
   // 1a. Earlier and later tokens into the histograms; my tokens' slots noted (s_rf: bit 0 = rank-first, bits 1.. =
   // 1 + the first slot of the same expert, 0 for an invalid slot). Threads tid < R first wait for the acks: the
   // other warps scan meanwhile, and the barrier after the scan joins the result (no store to a peer before it).
   const bool acks_ok = poll_acks(p, op, EP_SITE_LL_DISPATCH_ACK);
+  LL_PROF_STAMP_IN(2, kProfDispatchSend, grid, 2);
   const int kp = topk_lanes(K), tokens_per_warp = 32 / kp;
   for (int tb = warp * tokens_per_warp; tb < N; tb += kSendWarps * tokens_per_warp) {
     const SlotInfo si = slot_info(p, tb, N, kp, lane);
@@ -190,8 +192,9 @@ __device__ __forceinline__ bool dispatch_send(const ep_ll_launch_t& p, Grid grid
       s_rf[i] = (si.first_k >= 0 ? (si.first_k + 1) << 1 : 0) | (si.rfirst ? 1 : 0);
     }
   }
+  LL_PROF_STAMP_IN(2, kProfDispatchSend, grid, 3);
   if (__syncthreads_or(!acks_ok)) return false;  // every rank is done with this half's last call (or one timed out)
-  LL_PROF_STAMP(kProfDispatchSend, grid, 1);
+  LL_PROF_STAMP(kProfDispatchSend, grid, EP_LL_PROFILE == 2 ? 4 : 1);
   // 1b. Slots and message positions inside the range (each earlier token lists an expert / a rank once at most).
   for (int i = tid; i < n_loc * K; i += blockDim.x) {
     const int e = s_ent[i];
@@ -289,7 +292,7 @@ __device__ __forceinline__ bool dispatch_send(const ep_ll_launch_t& p, Grid grid
   // Every thread's stores (peers' receive slots, the stage, meta rows) are complete before the block's counts.
   __threadfence_system();
   __syncthreads();
-  LL_PROF_STAMP(kProfDispatchSend, grid, 2);
+  LL_PROF_STAMP_IN(1, kProfDispatchSend, grid, 2);
 
   // Tokens going to another node: the whole message (header + payload) from the stage, one put per rank; and the
   // dispatch_meta rows of the other-node ranks this block publishes to.
@@ -325,7 +328,7 @@ __device__ __forceinline__ bool dispatch_send(const ep_ll_launch_t& p, Grid grid
       tp::signal_add(count_word, hi, d);
     }
   }
-  LL_PROF_STAMP(kProfDispatchSend, grid, 3);
+  LL_PROF_STAMP_IN(1, kProfDispatchSend, grid, 3);
   LL_PROF_FINISH(kProfDispatchSend, grid, me, 0);
   return true;
 }
