@@ -120,6 +120,8 @@ static ep_ll_launch_t base_launch(ep_group_t g, ep_ll_handle_t h) {
   p.num_tokens = h->num_tokens;
   p.num_topk = h->num_topk;
   p.num_experts = h->num_experts;
+  p.by_local_experts = ep_fastdiv_make((uint32_t)(h->num_experts / g->num_ranks));
+  p.by_ranks_per_node = ep_fastdiv_make((uint32_t)g->ranks_per_node);
   p.hidden = h->hidden;
   p.max_tokens = h->max_tokens;
   p.fp8 = h->fp8;

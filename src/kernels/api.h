@@ -16,6 +16,25 @@
 extern "C" {
 #endif
 
+/* Division by a divisor that is fixed for a launch (experts per rank, ranks per node), as a multiply and two shifts
+ * (Granlund and Montgomery): exact for every uint32 dividend, where the hardware has no integer divide and `/`
+ * costs a dependent chain of some twenty instructions. Made on the host by ep_fastdiv_make; used by ep_fastdiv in
+ * kernels/common.cuh. */
+typedef struct ep_fastdiv {
+  uint32_t divisor, magic, shift1, shift2;
+} ep_fastdiv_t;
+
+static inline ep_fastdiv_t ep_fastdiv_make(uint32_t divisor) { /* 1 <= divisor <= 2^31 */
+  uint32_t l = 0;
+  while (l < 32 && (1ull << l) < divisor) ++l;
+  ep_fastdiv_t f;
+  f.divisor = divisor;
+  f.magic = (uint32_t)(((1ull << 32) * ((1ull << l) - divisor)) / divisor + 1);
+  f.shift1 = l < 1 ? l : 1;
+  f.shift2 = l > 0 ? l - 1 : 0;
+  return f;
+}
+
 /* ---- The device error word: pinned host memory that kernels write when they must stop. ---- */
 typedef enum ep_device_fault {
   EP_FAULT_NONE = 0,
@@ -203,6 +222,8 @@ typedef struct ep_ll_launch {
   /* call */
   int num_tokens, num_topk, num_experts, hidden, max_tokens; /* max_tokens: the call's T (output shapes) */
   int fp8, round_scale, ue8m0;
+  ep_fastdiv_t by_local_experts;  /* n / (num_experts / num_ranks): an expert's rank */
+  ep_fastdiv_t by_ranks_per_node; /* n / ranks_per_node: a rank's node */
   const void* x;
   const int64_t* topk_idx;
   void* recv_x;

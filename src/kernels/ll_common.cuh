@@ -111,7 +111,7 @@ __device__ __forceinline__ size_t half_offset(const ep_ll_launch_t& p) { return 
 
 // Rank r's mapping of the LL region, when r is a peer of this node reached by loads/stores; else NULL.
 __device__ __forceinline__ char* nvlink_peer(const ep_ll_launch_t& p, int r) {
-  if (r / p.ranks_per_node != p.rank / p.ranks_per_node) return nullptr;
+  if (ep_fastdiv((uint32_t)r, p.by_ranks_per_node) != ep_fastdiv((uint32_t)p.rank, p.by_ranks_per_node)) return nullptr;
   char* base = (char*)p.peer_workspace[r];
   return base ? base + p.ll_offset : nullptr;
 }
@@ -176,11 +176,16 @@ __device__ __forceinline__ int2 ld_nc_v2(const void* ptr) {
   return v;
 }
 
-// Lanes per token when a warp looks at top-k rows: the power of two >= K (K <= 32).
-__device__ __forceinline__ int topk_lanes(int K) {
-  int kp = 1;
-  while (kp < K) kp <<= 1;
-  return kp;
+// The rank holding valid expert e.
+__device__ __forceinline__ int rank_of_expert(const ep_ll_launch_t& p, int e) {
+  return (int)ep_fastdiv((uint32_t)e, p.by_local_experts);
+}
+
+// Lanes per token when a warp looks at top-k rows: the power of two >= K (K <= 32), as its log2.
+__device__ __forceinline__ int topk_lanes_log2(int K) {
+  int lg = 0;
+  while ((1 << lg) < K) ++lg;
+  return lg;
 }
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -20,23 +20,23 @@ struct SlotInfo {
   int first_k;  // for a valid slot: the first slot with the same expert; else -1
 };
 
-__device__ __forceinline__ SlotInfo slot_info(const ep_ll_launch_t& p, int t0, int t_end, int kp, int lane) {
-  const int K = p.num_topk, E = p.num_experts, E_loc = E / p.num_ranks;
+__device__ __forceinline__ SlotInfo slot_info(const ep_ll_launch_t& p, int t0, int t_end, int kp_log2, int lane) {
+  const int K = p.num_topk, E = p.num_experts, kp_mask = (1 << kp_log2) - 1;
   SlotInfo si;
-  si.t = t0 + lane / kp;
-  si.k = lane % kp;
+  si.t = t0 + (lane >> kp_log2);
+  si.k = lane & kp_mask;
   si.in = si.t < t_end && si.k < K;
   si.e = si.in ? p.topk_idx[(size_t)si.t * K + si.k] : -1;
   const bool valid = si.in && valid_expert(si.e, E);
   // Keys: (token, expert) and (token, rank) for valid slots; a value no valid slot has (unique per lane) otherwise.
   const unsigned long long tkey = (unsigned long long)(uint32_t)si.t << 32;
   const unsigned long long key_e = tkey | (uint32_t)(valid ? (int)si.e : E + lane);
-  const unsigned long long key_r = tkey | (uint32_t)(valid ? (int)si.e / E_loc : p.num_ranks + lane);
+  const unsigned long long key_r = tkey | (uint32_t)(valid ? rank_of_expert(p, (int)si.e) : p.num_ranks + lane);
   const unsigned same_e = __match_any_sync(0xffffffffu, key_e);
   const unsigned same_r = __match_any_sync(0xffffffffu, key_r);
   si.first = valid && __ffs(same_e) - 1 == lane;
   si.rfirst = valid && __ffs(same_r) - 1 == lane;
-  si.first_k = valid ? (__ffs(same_e) - 1) % kp : -1;
+  si.first_k = valid ? (__ffs(same_e) - 1) & kp_mask : -1;
   return si;
 }
 
@@ -89,8 +89,8 @@ __device__ __forceinline__ int4 cast16(const int4 (&in)[2], int round_scale, flo
 //     barrier) and stores them, 16 bytes per lane, straight into every NVLink destination's receive slot, once
 //     per destination rank; part 0 writes the header. Tokens with a destination in another node are also written
 //     to the local stage and, after one block barrier, put whole with put-with-signal, one put per (token, rank).
-//  3. No grid-wide barrier: every block, once its stores are fenced, adds its own message count to each NVLink
-//     destination's count word (one release add per (block, rank)); block r % blocks also writes rank r's
+//  3. No grid-wide barrier: every block, after a block barrier behind its stores, adds its own message count to
+//     each NVLink destination's count word (one release add per (block, rank)); block r % blocks also writes rank r's
 //     dispatch_meta row (my tokens per local expert of r; every block knows all counts from step 1) and adds
 //     the word's high half, (messages + 1) + 1. Ranks of other nodes count the puts themselves (1 per put).
 // ---------------------------------------------------------------------------------------------------------------
@@ -119,12 +119,11 @@ template <typename F>
 __device__ __forceinline__ void for_each_copy(const ep_ll_launch_t& p, unsigned dmask, int ek, int posk,
                                               bool has_remote, char* stage_msg, F f) {
   const ep_ll_layout_t& L = p.layout;
-  const int E_loc = p.num_experts / p.num_ranks;
   for (unsigned m = dmask;; m &= m - 1) {
     char* msg;
     if (m) {
       const int b = __ffs(m) - 1;
-      const int d = __shfl_sync(0xffffffffu, ek, b) / E_loc, pos = __shfl_sync(0xffffffffu, posk, b);
+      const int d = rank_of_expert(p, __shfl_sync(0xffffffffu, ek, b)), pos = __shfl_sync(0xffffffffu, posk, b);
       char* peer = nvlink_peer(p, d);
       if (!peer) continue;
       msg = peer + half_offset(p) + L.recv + ((size_t)p.rank * L.max_tokens + pos) * L.msg_bytes;
@@ -176,15 +175,15 @@ __device__ __forceinline__ bool dispatch_send(const ep_ll_launch_t& p, Grid grid
   // other warps scan meanwhile, and the barrier after the scan joins the result (no store to a peer before it).
   const bool acks_ok = poll_acks(p, op, EP_SITE_LL_DISPATCH_ACK);
   LL_PROF_STAMP_IN(2, kProfDispatchSend, grid, 2);
-  const int kp = topk_lanes(K), tokens_per_warp = 32 / kp;
+  const int kp_log2 = topk_lanes_log2(K), tokens_per_warp = 32 >> kp_log2;
   for (int tb = warp * tokens_per_warp; tb < N; tb += kSendWarps * tokens_per_warp) {
-    const SlotInfo si = slot_info(p, tb, N, kp, lane);
+    const SlotInfo si = slot_info(p, tb, N, kp_log2, lane);
     if (si.t < begin) {
       if (si.first) atomicAdd(&s_hist[si.e], 1);
-      if (si.rfirst) atomicAdd(&s_rhist[si.e / E_loc], 1);
+      if (si.rfirst) atomicAdd(&s_rhist[rank_of_expert(p, (int)si.e)], 1);
     } else if (si.t >= end) {
       if (si.first) atomicAdd(&s_ahist[si.e], 1);
-      if (si.rfirst) atomicAdd(&s_arhist[si.e / E_loc], 1);
+      if (si.rfirst) atomicAdd(&s_arhist[rank_of_expert(p, (int)si.e)], 1);
     } else if (si.in) {
       if (si.e < -1 || si.e >= E) record_fault(p.error, EP_FAULT_BAD_EXPERT, me, -1, 0, si.t, si.e);
       const int i = (si.t - begin) * K + si.k;
@@ -199,12 +198,12 @@ __device__ __forceinline__ bool dispatch_send(const ep_ll_launch_t& p, Grid grid
   for (int i = tid; i < n_loc * K; i += blockDim.x) {
     const int e = s_ent[i];
     if (e < 0) continue;
-    const int lt = i / K, d = e / E_loc;
+    const int lt = i / K, d = rank_of_expert(p, e);
     int j = s_hist[e], pos = s_rhist[d];
     for (int i2 = 0; i2 < lt * K; ++i2) {
       const int e2 = s_ent[i2];
       j += e2 == e;
-      pos += ((s_rf[i2] & 1) && e2 / E_loc == d) ? 1 : 0;
+      pos += ((s_rf[i2] & 1) && rank_of_expert(p, e2) == d) ? 1 : 0;
     }
     s_slot[i] = j;
     s_pos[i] = pos;
@@ -218,8 +217,8 @@ __device__ __forceinline__ bool dispatch_send(const ep_ll_launch_t& p, Grid grid
         first_k >= 0 ? s_ent[lt * K + first_k] * L.max_tokens + s_slot[lt * K + first_k] : -1;
     if (s_ent[i] >= 0) atomicAdd(&s_hist[s_ent[i]], 1);
     if (s_rf[i] & 1) {
-      atomicAdd(&s_rhist[s_ent[i] / E_loc], 1);
-      atomicAdd(&s_own[s_ent[i] / E_loc], 1);
+      atomicAdd(&s_rhist[rank_of_expert(p, s_ent[i])], 1);
+      atomicAdd(&s_own[rank_of_expert(p, s_ent[i])], 1);
     }
   }
   __syncthreads();  // s_hist + s_ahist, s_rhist + s_arhist: all my tokens; s_own: this block's messages
@@ -233,7 +232,7 @@ __device__ __forceinline__ bool dispatch_send(const ep_ll_launch_t& p, Grid grid
     const bool rf = lane < K && (s_rf[lt * K + lane] & 1);
     const int posk = rf ? s_pos[lt * K + lane] : 0;
     const unsigned dmask = __ballot_sync(0xffffffffu, rf);
-    const bool has_remote = __ballot_sync(0xffffffffu, rf && nvlink_peer(p, ek / E_loc) == nullptr) != 0;
+    const bool has_remote = __ballot_sync(0xffffffffu, rf && nvlink_peer(p, rank_of_expert(p, ek)) == nullptr) != 0;
     char* my_msg = stage + (size_t)t * msg_stride;
     if (part == 0) {  // header: (t, npairs, (e, j) for each distinct valid expert in slot order)
       const int jk = ek >= 0 ? s_slot[lt * K + lane] : 0;
@@ -282,15 +281,15 @@ __device__ __forceinline__ bool dispatch_send(const ep_ll_launch_t& p, Grid grid
   // dispatch_meta rows of the ranks this block publishes to: NVLink peers directly, others through the stage.
   int* meta_out = reinterpret_cast<int*>(mine + L.meta_stage);  // [R][E_loc]
   for (int i = tid; i < E; i += blockDim.x) {
-    const int d = i / E_loc, le = i % E_loc;
+    const int d = rank_of_expert(p, i), le = i - d * E_loc;
     if (!publishes_for(d, grid)) continue;
     char* peer = nvlink_peer(p, d);
     const int n = s_hist[i] + s_ahist[i];
     if (peer) reinterpret_cast<int*>(peer + half + L.dispatch_meta)[(size_t)me * E_loc + le] = n;
     else meta_out[i] = n;
   }
-  // Every thread's stores (peers' receive slots, the stage, meta rows) are complete before the block's counts.
-  __threadfence_system();
+  // The block's stores (peers' receive slots, the stage, meta rows) come before its counts through the barrier: each
+  // count is a release add after it (cumulative over what the barrier ordered), and a warp that puts fences first.
   __syncthreads();
   LL_PROF_STAMP_IN(1, kProfDispatchSend, grid, 2);
 
@@ -300,22 +299,25 @@ __device__ __forceinline__ bool dispatch_send(const ep_ll_launch_t& p, Grid grid
   uint64_t* count_word = reinterpret_cast<uint64_t*>(mine + L.dispatch_count + (size_t)me * 8);  // symmetric
   for (int lt = warp; lt < n_loc; lt += kSendWarps) {
     const int ek = lane < K ? s_ent[lt * K + lane] : -1;
-    const bool remote = lane < K && (s_rf[lt * K + lane] & 1) && nvlink_peer(p, ek / E_loc) == nullptr;
+    const bool remote = lane < K && (s_rf[lt * K + lane] & 1) && nvlink_peer(p, rank_of_expert(p, ek)) == nullptr;
     const int posk = remote ? s_pos[lt * K + lane] : 0;
+    if (__any_sync(0xffffffffu, remote)) __threadfence_system();  // the stage rows, for the puts' reads
     for (unsigned m = __ballot_sync(0xffffffffu, remote); m; m &= m - 1) {
       const int b = __ffs(m) - 1;
-      const int d = __shfl_sync(0xffffffffu, ek, b) / E_loc, pos = __shfl_sync(0xffffffffu, posk, b);
+      const int d = rank_of_expert(p, __shfl_sync(0xffffffffu, ek, b)), pos = __shfl_sync(0xffffffffu, posk, b);
       tp::put_signal_warp(mine + L.recv + ((size_t)me * L.max_tokens + pos) * msg_stride,
                           stage + (size_t)(begin + lt) * msg_stride, put_bytes, count_word, 1, /*add=*/true, d);
     }
   }
   for (int d = warp; d < R; d += kSendWarps)
-    if (publishes_for(d, grid) && nvlink_peer(p, d) == nullptr)
+    if (publishes_for(d, grid) && nvlink_peer(p, d) == nullptr) {
+      __threadfence_system();  // the meta_out rows
       tp::put_signal_warp(mine + L.dispatch_meta + (size_t)me * E_loc * 4, meta_out + (size_t)d * E_loc,
                           (size_t)E_loc * 4, count_word, 1, /*add=*/true, d);
+    }
 
   // 3. Counts. NVLink rank d: this block's messages (+ 1 for the meta row and the high half (messages + 2) << 32
-  // if it publishes for d), in one release add after the fence above. Other nodes: the puts count themselves; the
+  // if it publishes for d), in one release add after the barrier above. Other nodes: the puts count themselves; the
   // publishing block adds the high half.
   for (int d = tid; d < R; d += blockDim.x) {
     const bool pub = publishes_for(d, grid);
@@ -472,7 +474,7 @@ __device__ __forceinline__ bool dispatch_recv(const ep_ll_launch_t& p, Grid grid
     if (u != u0) recv_unit_load(p, mine + L.recv, s_moff, u, parts, words, r);
     const int s = r.s;
     const int4* src = reinterpret_cast<const int4*>(r.msg + L.hdr_bytes);
-    const bool mine_pair = lane < r.head.y && r.pair.x / E_loc == me && r.pair.x >= 0;
+    const bool mine_pair = lane < r.head.y && r.pair.x >= 0 && rank_of_expert(p, r.pair.x) == me;
     const unsigned pmask = __ballot_sync(0xffffffffu, mine_pair);
     const int row0 = mine_pair ? s_row0[s * E_loc + (r.pair.x - me * E_loc)] + r.pair.y : 0;
     const int le_l = mine_pair ? r.pair.x - me * E_loc : 0;

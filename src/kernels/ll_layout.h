@@ -25,9 +25,10 @@
  *
  * Counts and signals are zeroed by the receiver: the final value of a word is (n + 1) << 32 | n. To another node a
  * sender adds 1 per put (put-with-signal, ADD), and one block of its send phase adds (n + 1) << 32. Over NVLink
- * each block of the send phase adds, with one release add after its fenced stores, the number of its own units
- * (dispatch: messages; combine: (row, part) pieces), and one block also adds (n + 1) << 32 (+ 1 for dispatch's
- * meta row): every add is positive, so lo reaches n only once all blocks' adds have landed. A receiver waits for
+ * each block of the send phase adds, with one release add after a block barrier behind its stores (the release is
+ * cumulative over the writes the barrier ordered before it), the number of its own units (dispatch: messages;
+ * combine: (row, part) pieces), and one block also adds (n + 1) << 32 (+ 1 for dispatch's meta row): every add is
+ * positive, so lo reaches n only once all blocks' adds have landed. A receiver waits for
  * hi >= 1 and lo == hi - 1, reads n = hi - 1, and zeroes the word when the call's receive phase is done, before it
  * acknowledges: no sender writes the word again before that acknowledgement. For dispatch, n = messages + 1 (the
  * dispatch_meta row is one more put). Call numbers (acks) grow for ever (device counters, so graph replays count);
