@@ -104,6 +104,7 @@ static ep_ll_launch_t base_launch(ep_group_t g, ep_ll_handle_t h) {
   p.rank = g->rank;
   p.num_ranks = g->num_ranks;
   p.ranks_per_node = g->ranks_per_node;
+  p.node_first_rank = g->rank - g->rank % g->ranks_per_node;
   p.ll_base = (char*)g->workspace + g->ll_offset;
   p.peer_workspace = g->peer_bases_dev;
   p.ll_offset = g->ll_offset;
@@ -121,7 +122,6 @@ static ep_ll_launch_t base_launch(ep_group_t g, ep_ll_handle_t h) {
   p.num_topk = h->num_topk;
   p.num_experts = h->num_experts;
   p.by_local_experts = ep_fastdiv_make((uint32_t)(h->num_experts / g->num_ranks));
-  p.by_ranks_per_node = ep_fastdiv_make((uint32_t)g->ranks_per_node);
   p.hidden = h->hidden;
   p.max_tokens = h->max_tokens;
   p.fp8 = h->fp8;

@@ -16,10 +16,16 @@
 extern "C" {
 #endif
 
-/* Division by a divisor that is fixed for a launch (experts per rank, ranks per node), as a multiply and two shifts
- * (Granlund and Montgomery): exact for every uint32 dividend, where the hardware has no integer divide and `/`
- * costs a dependent chain of some twenty instructions. Made on the host by ep_fastdiv_make; used by ep_fastdiv in
- * kernels/common.cuh. */
+#ifdef __CUDACC__
+#define EP_HOST_DEVICE __host__ __device__
+#else
+#define EP_HOST_DEVICE
+#endif
+
+/* Division by a divisor that is fixed for a launch (e.g. experts per rank), as a multiply and two shifts
+ * (Granlund and Montgomery): exact for every uint32 dividend. The GPU has no integer divide: there `/` by a value
+ * known only at run time is a dependent chain of some twenty instructions. Made on the host (ep_fastdiv_make),
+ * applied in kernels (ep_fastdiv). */
 typedef struct ep_fastdiv {
   uint32_t divisor, magic, shift1, shift2;
 } ep_fastdiv_t;
@@ -33,6 +39,12 @@ static inline ep_fastdiv_t ep_fastdiv_make(uint32_t divisor) { /* 1 <= divisor <
   f.shift1 = l < 1 ? l : 1;
   f.shift2 = l > 0 ? l - 1 : 0;
   return f;
+}
+
+/* n / f.divisor. */
+static inline EP_HOST_DEVICE uint32_t ep_fastdiv(uint32_t n, ep_fastdiv_t f) {
+  const uint32_t t = (uint32_t)(((uint64_t)n * f.magic) >> 32);
+  return (t + ((n - t) >> f.shift1)) >> f.shift2;
 }
 
 /* ---- The device error word: pinned host memory that kernels write when they must stop. ---- */
@@ -205,6 +217,7 @@ typedef struct ep_ll_state {
 typedef struct ep_ll_launch {
   /* group */
   int rank, num_ranks, ranks_per_node;
+  int node_first_rank;            /* the first rank of this rank's node: its NVLink peers are [it, it + ranks_per_node) */
   char* ll_base;                  /* this rank's LL region (symmetric), both halves */
   void* const* peer_workspace;    /* device [num_ranks]: peer's mapping of the group workspace, NULL if none */
   size_t ll_offset;               /* LL region's offset inside the workspace */
@@ -223,7 +236,6 @@ typedef struct ep_ll_launch {
   int num_tokens, num_topk, num_experts, hidden, max_tokens; /* max_tokens: the call's T (output shapes) */
   int fp8, round_scale, ue8m0;
   ep_fastdiv_t by_local_experts;  /* n / (num_experts / num_ranks): an expert's rank */
-  ep_fastdiv_t by_ranks_per_node; /* n / ranks_per_node: a rank's node */
   const void* x;
   const int64_t* topk_idx;
   void* recv_x;

@@ -16,12 +16,6 @@ __device__ __forceinline__ unsigned long long global_timer_ns() {
   return t;
 }
 
-// n / f.divisor (api.h's ep_fastdiv_t) for any uint32 n.
-__device__ __forceinline__ uint32_t ep_fastdiv(uint32_t n, const ep_fastdiv_t& f) {
-  const uint32_t t = __umulhi(n, f.magic);
-  return (t + ((n - t) >> f.shift1)) >> f.shift2;
-}
-
 // Record a fault in the error word; the first fault wins, later ones are dropped.
 __device__ __forceinline__ void record_fault(ep_device_error_t* err, int code, int rank, int peer, int site,
                                              long long value0, long long value1) {

@@ -16,8 +16,8 @@ constexpr int kChunk = 256;  // channels one warp combines per unit (8 per lane)
 // order), split over every warp of the phase's grid in (row, part) units: a warp loads its part of the expert
 // output with non-coherent loads, kCopyBatch 16-byte words per lane in flight, and stores it into its source rank's
 // combine receive row (expert, position of the token among that rank's tokens for the expert). Rows for another
-// node go whole, through the stage, by put-with-signal. No grid-wide barrier: each block, once its stores are
-// fenced, adds its number of units to each NVLink rank's signal word; block r % blocks adds the high half
+// node go whole, through the stage, by put-with-signal. No grid-wide barrier: each block, after a block barrier
+// behind its stores, adds its number of units to each NVLink rank's signal word; block r % blocks adds the high half
 // ((units to r) + 1) << 32 (for another node: (rows to r) + 1, the puts counting themselves).
 // ---------------------------------------------------------------------------------------------------------------
 // One block's send phase of call `op`. False if the block gave up (an acknowledgement timed out; the fault is
@@ -93,7 +93,7 @@ __device__ __forceinline__ bool combine_send(const ep_ll_launch_t& p, Grid grid,
     const size_t offset = half + L.recv + ((size_t)(me * E_loc + le) * L.max_tokens + j) * L.row_bytes;
     char* peer = nvlink_peer(p, s);
     if (peer) {
-      const int w0 = (int)((long long)row_words * part / parts), w1 = (int)((long long)row_words * (part + 1) / parts);
+      const int w0 = row_words * part / parts, w1 = row_words * (part + 1) / parts;  // 32-bit: row_words <= 8192
       const int4* sv = reinterpret_cast<const int4*>(src);
       int4* dv = reinterpret_cast<int4*>(peer + offset);
       for (int base = w0; base < w1; base += kCopyBatch * 32) {
@@ -115,8 +115,8 @@ __device__ __forceinline__ bool combine_send(const ep_ll_launch_t& p, Grid grid,
       tp::put_signal_warp(p.ll_base + offset, stage + src_off, row_bytes, signal, 1, /*add=*/true, s);
     }
   }
-  // Every thread's stores are complete before the block's counts.
-  __threadfence_system();
+  // The block's stores come before its counts through the barrier: each count is a release add after it (cumulative
+  // over what the barrier ordered); the puts to other nodes count themselves.
   __syncthreads();
   LL_PROF_STAMP(kProfCombineSend, grid, 2);
 

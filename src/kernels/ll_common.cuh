@@ -111,7 +111,8 @@ __device__ __forceinline__ size_t half_offset(const ep_ll_launch_t& p) { return 
 
 // Rank r's mapping of the LL region, when r is a peer of this node reached by loads/stores; else NULL.
 __device__ __forceinline__ char* nvlink_peer(const ep_ll_launch_t& p, int r) {
-  if (ep_fastdiv((uint32_t)r, p.by_ranks_per_node) != ep_fastdiv((uint32_t)p.rank, p.by_ranks_per_node)) return nullptr;
+  const unsigned local = (unsigned)(r - p.node_first_rank);
+  if (local >= (unsigned)p.ranks_per_node) return nullptr;
   char* base = (char*)p.peer_workspace[r];
   return base ? base + p.ll_offset : nullptr;
 }

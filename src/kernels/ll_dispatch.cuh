@@ -100,7 +100,7 @@ constexpr int kStepBatch = 4;   // steps whose loads a lane has in flight at onc
 
 // Steps [st0, st1) of part `part` of a token's `steps` steps split in `parts` parts.
 __device__ __forceinline__ int2 part_steps(int part, int parts, int steps) {
-  return make_int2((int)((long long)steps * part / parts), (int)((long long)steps * (part + 1) / parts));
+  return make_int2(steps * part / parts, steps * (part + 1) / parts);  // < 2^31: steps <= 128, parts <= 16
 }
 
 // Step s of a token's row x (xrow, H channels of bf16): 16 channels per lane, zeros past H.
@@ -257,7 +257,8 @@ __device__ __forceinline__ bool dispatch_send(const ep_ll_launch_t& p, Grid grid
       float scale[kStepBatch];
       if (p.fp8) {
 #pragma unroll
-        for (int b = 0; b < kStepBatch; ++b) out[b] = cast16(in[b], p.round_scale, &scale[b]);
+        for (int b = 0; b < kStepBatch; ++b)
+          if (s0 + b < st1) out[b] = cast16(in[b], p.round_scale, &scale[b]);  // warp-uniform: only real steps
       }
       // Store the batch to every NVLink destination, then (if any rank is in another node) to the stage.
       for_each_copy(p, dmask, ek, posk, has_remote, my_msg, [&](char* msg) {
@@ -374,8 +375,8 @@ __device__ __forceinline__ void recv_unit_load(const ep_ll_launch_t& p, const ch
   r.msg = recv + ((size_t)r.s * L.max_tokens + (m - s_moff[r.s])) * L.msg_bytes;
   r.head = ld_nc_v2(r.msg);
   r.pair = lane < min(L.max_topk, 32) ? ld_nc_v2(r.msg + 8 + 8 * lane) : make_int2(-1, 0);
-  r.w0 = (int)((long long)words * r.part / parts);
-  r.w1 = (int)((long long)words * (r.part + 1) / parts);
+  r.w0 = words * r.part / parts;  // 32-bit: words <= 8192, parts <= 8
+  r.w1 = words * (r.part + 1) / parts;
   const int4* src = reinterpret_cast<const int4*>(r.msg + L.hdr_bytes);
 #pragma unroll
   for (int b = 0; b < kCopyBatch; ++b)
