@@ -46,12 +46,13 @@ GPU_TESTS := $(patsubst tests/gpu/%.c,$(BUILD)/tests/gpu/%,$(wildcard tests/gpu/
 LAUNCH := $(BUILD)/bin/ep_launch
 EXAMPLE := $(BUILD)/bin/example_dispatch_combine
 BENCH := $(BUILD)/bin/ep_bench
+PROBES := $(patsubst bench/probes/%.cu,$(BUILD)/bin/%,$(wildcard bench/probes/*.cu))
 
 .PHONY: all lib tests bench bench-build test test-host test-gpu clean
 all: lib tests $(LAUNCH) $(EXAMPLE) $(if $(NCCL_LIB),bench-build)
 lib: $(LIB)
 tests: $(HOST_TESTS) $(GPU_TESTS) $(LAUNCH)
-bench-build: $(BENCH) $(LAUNCH)
+bench-build: $(BENCH) $(PROBES) $(LAUNCH)
 
 # `make bench`: the main job: ep_bench on every local GPU with the default (DeepSeek-V3) shape; BENCH_ARGS adds
 # options (e.g. BENCH_ARGS="--family intranode --sms 16,24"). The table is also kept in $(BUILD)/bench.log.
@@ -123,6 +124,12 @@ $(BENCH): $(wildcard bench/*.cu bench/*.h) tests/gpu/harness.c $(REF_OBJ_PLAIN) 
 	$(NVCC) -O3 -std=c++17 -arch=$(CUDA_ARCH) -Xcompiler -Wall,-Wextra -Iinclude -Itests -I$(NCCL_HOME)/include \
 	  $(filter %.cu,$^) tests/gpu/harness.c $(REF_OBJ_PLAIN) -o $@ -L$(BUILD)/lib -lep -Xlinker $(NCCL_LIB) \
 	  -Xlinker -rpath,$(abspath $(BUILD)/lib) -Xlinker -rpath,$(dir $(NCCL_LIB))
+
+# Diagnostic programs (bench/probes): one file each, run under ep_launch like the benchmark.
+$(BUILD)/bin/%: bench/probes/%.cu tests/gpu/harness.c $(LIB) $(HEADERS)
+	@mkdir -p $(dir $@)
+	$(NVCC) -O3 -std=c++17 -arch=$(CUDA_ARCH) -Xcompiler -Wall,-Wextra -Iinclude -Itests $< tests/gpu/harness.c -o $@ \
+	  -L$(BUILD)/lib -lep -Xlinker -rpath,$(abspath $(BUILD)/lib)
 
 # `make test`: CPU tests always, GPU tests on 2 and 4 GPUs where there are GPUs; one summary line at the end.
 test: all
