@@ -16,12 +16,6 @@
 extern "C" {
 #endif
 
-#ifdef __CUDACC__
-#define EP_HOST_DEVICE __host__ __device__
-#else
-#define EP_HOST_DEVICE
-#endif
-
 /* Division by a divisor that is fixed for a launch (e.g. experts per rank), as a multiply and two shifts
  * (Granlund and Montgomery): exact for every uint32 dividend. The GPU has no integer divide: there `/` by a value
  * known only at run time is a dependent chain of some twenty instructions. Made on the host (ep_fastdiv_make),
@@ -42,7 +36,7 @@ static inline ep_fastdiv_t ep_fastdiv_make(uint32_t divisor) { /* 1 <= divisor <
 }
 
 /* n / f.divisor. */
-static inline EP_HOST_DEVICE uint32_t ep_fastdiv(uint32_t n, ep_fastdiv_t f) {
+static inline EP_HD uint32_t ep_fastdiv(uint32_t n, ep_fastdiv_t f) {
   const uint32_t t = (uint32_t)(((uint64_t)n * f.magic) >> 32);
   return (t + ((n - t) >> f.shift1)) >> f.shift2;
 }
