@@ -102,19 +102,15 @@ __device__ __forceinline__ void named_barrier(int id, int threads) {
 }
 
 // Exactly one block returns true: the last to arrive, once every block's earlier writes, to this GPU or to peers,
-// are ordered before whatever it does next (it typically publishes a flag that peers act on).
-// EP_ARRIVE_ONE_FENCE=1 (an A/B variant, not yet measured; docs/low-latency.md section 5): the system fence by
-// thread 0 after the barrier, cumulative over the block's accesses the barrier ordered, instead of in every thread.
-#ifndef EP_ARRIVE_ONE_FENCE
-#define EP_ARRIVE_ONE_FENCE 0
-#endif
+// are ordered before whatever it does next (it typically publishes a flag that peers act on). One system fence, by
+// thread 0 after the barrier: it is cumulative over the block's accesses that the barrier ordered before it, so a
+// fence in every thread would only add waits (as cooperative groups' grid sync; -0.5 us per LL call, bench/RESULTS.md
+// session 8).
 __device__ __forceinline__ bool arrive_last(unsigned int* counter) {
   __shared__ bool s_last;
-  if (!EP_ARRIVE_ONE_FENCE) __threadfence_system();
   __syncthreads();
   if (threadIdx.x == 0) {
-    if (EP_ARRIVE_ONE_FENCE) __threadfence_system();
-    else __threadfence();
+    __threadfence_system();
     s_last = atomicAdd(counter, 1u) == gridDim.x - 1;
   }
   __syncthreads();
