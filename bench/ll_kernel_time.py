@@ -20,6 +20,7 @@ checked: recv_count against the routing, combine against x * sum of weights (bf1
 
 import argparse
 import os
+import re
 import shutil
 import statistics
 import sys
@@ -45,13 +46,23 @@ def routing(gen, T, E, K, dev):
     return torch.topk(scores, K, dim=-1, sorted=False).indices.to(torch.int64)
 
 
+# The kernels are templates over the call: ep::ll::{send,recv,fused}_kernel<(ep::ll::Call)N>, N = 0 dispatch, 1 combine.
+LL_KERNEL = re.compile(r"ep::ll::(send|recv|fused)_kernel<\(ep::ll::Call\)([01])>")
+
+
+def kernel_name(demangled):
+    """The short name ("dispatch_send" .. "combine_fused") of an ep LL kernel's demangled name, else None."""
+    m = LL_KERNEL.search(demangled)
+    return f"{('dispatch', 'combine')[int(m.group(2))]}_{m.group(1)}" if m else None
+
+
 def kernel_records(prof):
     """[(name, start_us, end_us)] of this process's ep LL kernels, in start order."""
     out = []
     for e in prof.events():
         if e.device_type != torch.autograd.DeviceType.CUDA:
             continue
-        name = next((k for k in KERNELS + FUSED if k + "_kernel" in e.name), None)
+        name = kernel_name(e.name)
         if name:
             out.append((name, e.time_range.start, e.time_range.end))
     return sorted(out, key=lambda r: r[1])
@@ -186,8 +197,8 @@ def main():
     p.add_argument("--seed", type=int, default=1)
     args = p.parse_args()
     world = args.num_gpus or torch.cuda.device_count()
-    if world < 2 or torch.cuda.device_count() < world:
-        print(f"needs at least 2 GPUs (asked {world}, visible {torch.cuda.device_count()})")
+    if world < 1 or torch.cuda.device_count() < world:
+        print(f"needs at least 1 GPU (asked {world}, visible {torch.cuda.device_count()})")
         return 77
     os.environ.setdefault("NVSHMEM_REMOTE_TRANSPORT", "none")
     rendezvous = tempfile.mkdtemp(prefix="ll-kernel-time-")
