@@ -29,9 +29,11 @@ __device__ __forceinline__ SlotInfo slot_info(const ep_ll_launch_t& p, int t0, i
   si.e = si.in ? p.topk_idx[(size_t)si.t * K + si.k] : -1;
   const bool valid = si.in && valid_expert(si.e, E);
   // Keys: (token, expert) and (token, rank) for valid slots; a value no valid slot has (unique per lane) otherwise.
-  const unsigned long long tkey = (unsigned long long)(uint32_t)si.t << 32;
-  const unsigned long long key_e = tkey | (uint32_t)(valid ? (int)si.e : E + lane);
-  const unsigned long long key_r = tkey | (uint32_t)(valid ? rank_of_expert(p, (int)si.e) : p.num_ranks + lane);
+  // 32-bit keys (a 64-bit match costs twice): the token's place in the warp (< 32) in the top 5 bits, under it the
+  // expert or the rank; E + 32 < 2^27, since the send phase's shared histograms (2 * E ints) cap E far below.
+  const uint32_t tkey = (uint32_t)(lane >> kp_log2) << 27;
+  const uint32_t key_e = tkey | (uint32_t)(valid ? (int)si.e : E + lane);
+  const uint32_t key_r = tkey | (uint32_t)(valid ? rank_of_expert(p, (int)si.e) : p.num_ranks + lane);
   const unsigned same_e = __match_any_sync(0xffffffffu, key_e);
   const unsigned same_r = __match_any_sync(0xffffffffu, key_r);
   si.first = valid && __ffs(same_e) - 1 == lane;
