@@ -10,11 +10,15 @@ namespace ep {
 namespace ll {
 
 constexpr int kChunk = 256;  // channels one warp combines per unit (8 per lane)
+// 16-byte words a lane of the send phase loads before it stores them. Fewer than kCopyBatch: a warp's stores then
+// start after a part of its loads, not after all of them (one rank, H200: 4 words -1.0 us against 8, 2 -0.3,
+// 16 +5; bench/RESULTS.md session 8).
+constexpr int kCombineBatch = 4;
 
 // ---------------------------------------------------------------------------------------------------------------
 // Combine, send phase. All received rows of all local experts form one flat list (experts in order, rows in
 // order), split over every warp of the phase's grid in (row, part) units: a warp loads its part of the expert
-// output with non-coherent loads, kCopyBatch 16-byte words per lane in flight, and stores it into its source rank's
+// output with non-coherent loads, kCombineBatch 16-byte words per lane in flight, and stores it into its source rank's
 // combine receive row (expert, position of the token among that rank's tokens for the expert). Rows for another
 // node go whole, through the stage, by put-with-signal. No grid-wide barrier: each block, after a block barrier
 // behind its stores, adds its number of units to each NVLink rank's signal word; block r % blocks adds the high half
@@ -96,13 +100,13 @@ __device__ __forceinline__ bool combine_send(const ep_ll_launch_t& p, Grid grid,
       const int w0 = row_words * part / parts, w1 = row_words * (part + 1) / parts;  // 32-bit: row_words <= 8192
       const int4* sv = reinterpret_cast<const int4*>(src);
       int4* dv = reinterpret_cast<int4*>(peer + offset);
-      for (int base = w0; base < w1; base += kCopyBatch * 32) {
-        int4 v[kCopyBatch];
+      for (int base = w0; base < w1; base += kCombineBatch * 32) {
+        int4 v[kCombineBatch];
 #pragma unroll
-        for (int b = 0; b < kCopyBatch; ++b)
+        for (int b = 0; b < kCombineBatch; ++b)
           if (base + b * 32 + lane < w1) v[b] = ld_input(sv + base + b * 32 + lane);
 #pragma unroll
-        for (int b = 0; b < kCopyBatch; ++b)
+        for (int b = 0; b < kCombineBatch; ++b)
           if (base + b * 32 + lane < w1) dv[base + b * 32 + lane] = v[b];
       }
       if (lane == 0) atomicAdd(&s_units[s], 1);

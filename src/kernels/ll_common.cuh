@@ -148,7 +148,7 @@ constexpr int kSendThreads = 512;
 constexpr int kSendWarps = kSendThreads / 32;
 constexpr int kRecvThreads = 512;
 constexpr int kRecvWarps = kRecvThreads / 32;
-constexpr int kCopyBatch = 8;  // 16-byte words a lane has in flight per batch (dispatch receive, combine send)
+constexpr int kCopyBatch = 8;  // 16-byte words a lane has in flight per batch (dispatch receive, combine stage copy)
 
 __device__ __forceinline__ size_t half_offset(const ep_ll_launch_t& p) { return (size_t)p.half * p.layout.half_bytes; }
 
