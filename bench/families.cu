@@ -537,7 +537,8 @@ void family_intranode(bench_t* b) {
 
 /* ------------------------------------------------------------------------------------------------------------
  * ll: the low-latency path (ep_ll_dispatch FP8, ep_ll_combine BF16) on the first --ll-tokens tokens of each rank,
- * without and with the receive hook, next to the NCCL user path on the same tokens. Bytes as DeepEP's LL test
+ * without and with the receive hook, and with the combine's sums on the experts' ranks (row ll-sums), next to the
+ * NCCL user path on the same tokens. Bytes as DeepEP's LL test
  * counts them, per selected (token, expert) pair of this rank: dispatch hidden + hidden / 128 * 4 + 16, combine
  * 2 * hidden.
  * ------------------------------------------------------------------------------------------------------------ */
@@ -688,6 +689,33 @@ void family_ll(bench_t* b) {
     row.baseline_combine_us = base_us[1];
     row.validated = 1;
     row.mismatches = base_bad + check("ll dispatch/combine");
+    bench_report_row(b, &row);
+  }
+
+  /* Sums on the experts' ranks: the dispatch carries the weights, the combine sends one row per (token, rank).
+   * Bytes as in the rows above (DeepEP's count), so that the rates compare as times do. */
+  poison(b, recv_x, (size_t)E_loc * RT * H);
+  poison(b, out, (size_t)T * H * 2);
+  {
+    ep_ll_dispatch_args_t dw = da;
+    dw.topk_weights = weights;
+    ep_ll_combine_args_t cs = ca;
+    cs.topk_weights = NULL;
+    cs.sum_on_expert_ranks = 1;
+    const bench_phase_fn phases[2] = {
+        [&] { EP_OK(b->group, ep_ll_dispatch(b->group, handle, &dw, b->stream)); },
+        [&] { EP_OK(b->group, ep_ll_combine(b->group, handle, &cs, b->stream)); },
+    };
+    double us[2];
+    bench_time_phases(b, 2, phases, us);
+    bench_row_t row = bench_row_make("ll-sums", "fp8");
+    row.tokens = T;
+    row.dispatch_us = us[0];
+    row.combine_us = us[1];
+    row.bytes = (double)selections * (H + H / 128 * 4 + 16);
+    row.combine_bytes = (double)selections * 2 * H;
+    row.validated = 1;
+    row.mismatches = check("ll dispatch (weights) / combine (sums on the experts' ranks)");
     bench_report_row(b, &row);
   }
 

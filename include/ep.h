@@ -426,11 +426,15 @@ typedef struct ep_ll_dispatch_args {
                                   byte), as DeepGEMM consumes them */
   int* recv_count;             /* [OUT] [E_loc] int32 device: valid rows per local expert */
   int return_after_send;       /* 1: only issue the sends; ep_ll_dispatch_recv() completes the call */
+  const float* topk_weights;   /* [IN] optional [num_tokens, num_topk] fp32 device: the router's weights. They travel
+                                  with the tokens (4 bytes per (token, expert) pair), so that the handle's combine
+                                  can weight and sum on the experts' ranks (ep_ll_combine_args_t.sum_on_expert_ranks);
+                                  that combine needs them from every rank that has tokens */
 } ep_ll_dispatch_args_t;
 
 #define EP_LL_DISPATCH_ARGS_INIT \
   { (uint32_t)sizeof(ep_ll_dispatch_args_t), EP_LL_DISPATCH_ARGS_MAGIC, NULL, 0, 0, NULL, 0, 0, 0, EP_FP8_E4M3, 0, 0, \
-    NULL, NULL, NULL, 0 }
+    NULL, NULL, NULL, 0, NULL }
 
 /* Send this rank's tokens to the experts they select and (unless return_after_send) receive the tokens routed
  * to this rank's experts, into recv_x / recv_x_scales / recv_count; the handle keeps the routing for the
@@ -467,18 +471,27 @@ typedef struct ep_ll_combine_args {
                                   the handle's dispatch layout (only the first recv_count[e] rows are read); NULL
                                   with zero_copy */
   const float* topk_weights;   /* [IN] [num_tokens, num_topk] fp32 device: this rank's weights (num_tokens and
-                                  num_topk of the handle's dispatch) */
+                                  num_topk of the handle's dispatch); NULL with sum_on_expert_ranks */
   void* out;                   /* [OUT] [num_tokens, hidden] bf16 device, 16-byte aligned */
   int zero_copy;               /* 1: the outputs are already in ep_ll_get_combine_buffer(); x is ignored */
   int return_after_send;       /* 1: only issue the sends; ep_ll_combine_recv() completes the call */
+  int sum_on_expert_ranks;     /* 1: each rank weights its experts' rows of a token with the weights given to the
+                                  dispatch and sums them (fp32, rounded to bf16 once), and one row per (token, rank)
+                                  goes back instead of one per (token, expert): fewer bytes when a token has several
+                                  experts on a rank. out[t] = bf16(sum over the token's ranks, in the order of their
+                                  first top-k slot, of that rank's bf16 sum). The same on every rank; needs 3 or
+                                  more experts per rank in the group's config (EP_STATUS_INVALID_USAGE otherwise) */
 } ep_ll_combine_args_t;
 
 #define EP_LL_COMBINE_ARGS_INIT \
-  { (uint32_t)sizeof(ep_ll_combine_args_t), EP_LL_COMBINE_ARGS_MAGIC, NULL, NULL, NULL, 0, 0 }
+  { (uint32_t)sizeof(ep_ll_combine_args_t), EP_LL_COMBINE_ARGS_MAGIC, NULL, NULL, NULL, 0, 0, 0 }
 
 /* Send each expert output row back to the rank its token came from and (unless return_after_send) sum each
  * token's rows there: out[t] = bf16(sum_k fmaf(w[t][k], y_k, acc)) in top-k order, skipping -1 entries. A token
- * with no expert gets zeros. Uses the routing of the handle's last dispatch, whose receive phase must have run.
+ * with no expert gets zeros. With sum_on_expert_ranks, the rank of a token's experts first sums their rows:
+ * s_d = bf16(sum over its distinct experts e, in the order of their first top-k slot, of fmaf(W_e, y_e, acc)),
+ * W_e = the sum in slot order of the dispatch's weights of the token's slots with expert e; then
+ * out[t] = bf16(sum of the s_d in the order of each rank's first slot), all from acc = 0 in fp32. Uses the routing of the handle's last dispatch, whose receive phase must have run.
  * Collective: yes. Allocates: no. Graph-capturable: yes. */
 EP_API ep_status_t ep_ll_combine(ep_group_t group, ep_ll_handle_t handle, const ep_ll_combine_args_t* args,
                                  cudaStream_t stream);

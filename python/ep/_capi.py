@@ -226,6 +226,7 @@ class LLDispatchArgs(_Args):
         ("recv_x_scales", _ptr),
         ("recv_count", _ptr),
         ("return_after_send", _int),
+        ("topk_weights", _ptr),
     ]
     _MAGIC = EP_LL_DISPATCH_ARGS_MAGIC
     _DEFAULTS = dict(recv_dtype=EP_FP8_E4M3)
@@ -240,6 +241,7 @@ class LLCombineArgs(_Args):
         ("out", _ptr),
         ("zero_copy", _int),
         ("return_after_send", _int),
+        ("sum_on_expert_ranks", _int),
     ]
     _MAGIC = EP_LL_COMBINE_ARGS_MAGIC
 

@@ -947,7 +947,7 @@ class Buffer:
     def low_latency_dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
                              cumulative_local_expert_recv_stats=None, dispatch_wait_recv_cost_stats=None,
                              use_fp8=True, round_scale=False, use_ue8m0=False, async_finish=False,
-                             return_recv_hook=False):
+                             return_recv_hook=False, topk_weights=None):
         """Send each token straight to the experts it selects (decoding: up to a few hundred tokens per rank).
         DeepEP V1's signature and results:
 
@@ -967,6 +967,9 @@ class Buffer:
         handle: a LowLatencyHandle (src_info, layout_range, T, hidden, num_experts when indexed).
         cumulative_local_expert_recv_stats: int32 [E_loc] or None; recv_count is added to it (after the receive
           phase). dispatch_wait_recv_cost_stats: NOT YET SUPPORTED.
+        topk_weights (ep's addition): float32 [num_tokens, num_topk] or None. Given, the weights travel with the
+          tokens, and the handle's combine may weight and sum on the experts' ranks
+          (low_latency_combine(..., sum_on_expert_ranks=True)), which then needs them on every rank with tokens.
         async_finish: event is an EventOverlap holding an event recorded after the call (the work is on the
           current stream either way). return_recv_hook: only the send phase is launched; `hook()` launches the
           receive phase on the stream that was current here; recv_x / recv_count are valid after it. The two
@@ -1013,6 +1016,9 @@ class Buffer:
         self._tensor(fn, "topk_idx", topk_idx, torch.int64, (n, None), f"[num_tokens={n}, num_topk]",
                      align16=False)
         k = topk_idx.shape[1]
+        if topk_weights is not None:
+            self._tensor(fn, "topk_weights", topk_weights, torch.float32, (n, k), f"[num_tokens={n}, num_topk={k}]",
+                         align16=False)
         if not 1 <= k <= self.max_topk:
             raise ValueError(f"{fn}: topk_idx has num_topk {k}; it must be in [1, max_topk={self.max_topk}] "
                              "(raise Buffer(max_topk=...))")
@@ -1043,7 +1049,8 @@ class Buffer:
             recv_dtype=_capi.EP_FP8_E4M3 if use_fp8 else _capi.EP_BF16, round_scale=int(use_fp8 and round_scale),
             use_ue8m0=int(use_fp8 and use_ue8m0), recv_x=recv_x.data_ptr(),
             recv_x_scales=scales_store.data_ptr() if use_fp8 else None, recv_count=recv_count.data_ptr(),
-            return_after_send=int(return_recv_hook))
+            return_after_send=int(return_recv_hook),
+            topk_weights=topk_weights.data_ptr() if topk_weights is not None and n else None)
         _capi.check(self._lib.ep_ll_dispatch(g, hptr, ctypes.byref(a), stream), g)
         # The send is issued: the slot now belongs to this dispatch.
         self._ll_dispatches += 1
@@ -1065,14 +1072,15 @@ class Buffer:
                 _capi.check(self._lib.ep_ll_dispatch_recv(gg, hptr, stream), gg)
                 handle._dispatch_pending = False
                 add_stats()
-            hook = _RecvHook(fn, recv, (x, topk_idx, recv_x, scales_store, recv_count, stats))
+            hook = _RecvHook(fn, recv, (x, topk_idx, topk_weights, recv_x, scales_store, recv_count, stats))
         else:
             add_stats()
-        event = self._finish(async_finish, (x, topk_idx, recv_x, scales_store, recv_count))
+        event = self._finish(async_finish, (x, topk_idx, topk_weights, recv_x, scales_store, recv_count))
         return ((recv_x, scales) if use_fp8 else recv_x), recv_count, handle, event, hook
 
     def low_latency_combine(self, x, topk_idx, topk_weights, handle, use_logfmt=False, zero_copy=False,
-                            async_finish=False, return_recv_hook=False, out=None, combine_wait_recv_cost_stats=None):
+                            async_finish=False, return_recv_hook=False, out=None, combine_wait_recv_cost_stats=None,
+                            sum_on_expert_ranks=False):
         """Send the experts' outputs back and sum each token's top-k outputs, weighted, on its source rank.
         DeepEP V1's signature and results:
 
@@ -1087,6 +1095,12 @@ class Buffer:
           may be that buffer, or None). out: a bf16 [num_tokens, hidden] tensor to write into, or None.
         async_finish / return_recv_hook: as in low_latency_dispatch (exclusive); combined_x is valid after the
           hook. use_logfmt and combine_wait_recv_cost_stats: NOT YET SUPPORTED.
+        sum_on_expert_ranks (ep's addition; the same on every rank): each rank weights its experts' rows of a token
+          with the weights given to the dispatch (low_latency_dispatch(..., topk_weights=...)) and sums them in
+          fp32, and one bf16 row per (token, rank) comes back instead of one per (token, expert): fewer bytes when
+          a token has several experts on one rank. combined_x[t] = bf16(sum over the token's ranks, in the order of
+          their first top-k slot, of each rank's bf16 sum); a rank's sum adds its experts in the order of their
+          first slot, each with the sum of its slots' weights. topk_weights must be None then.
         The handle must be current (two-buffer rule) and its dispatch's receive hook called.
         """
         fn = "low_latency_combine"
@@ -1119,16 +1133,24 @@ class Buffer:
             self._tensor(fn, "x", x, torch.bfloat16, (e_loc, RT, h), xdesc)
         self._tensor(fn, "topk_idx", topk_idx, torch.int64, (n, k), f"[num_tokens={n}, num_topk={k}] (the "
                      "handle's dispatch)", align16=False)
-        self._tensor(fn, "topk_weights", topk_weights, torch.float32, (n, k), f"[num_tokens={n}, num_topk={k}]",
-                     align16=False)
+        sum_on_expert_ranks = self._flag(fn, "sum_on_expert_ranks", sum_on_expert_ranks)
+        if sum_on_expert_ranks:
+            if topk_weights is not None:
+                raise ValueError(f"{fn}: sum_on_expert_ranks=True uses the weights given to the dispatch; pass "
+                                 "topk_weights=None")
+        else:
+            self._tensor(fn, "topk_weights", topk_weights, torch.float32, (n, k), f"[num_tokens={n}, num_topk={k}]",
+                         align16=False)
         if out is None:
             out = torch.empty((n, h), dtype=torch.bfloat16, device=self._device_str)
         else:
             self._tensor(fn, "out", out, torch.bfloat16, (n, h), f"[num_tokens={n}, hidden={h}]")
         stream = self._stream()
         a = _capi.LLCombineArgs.init(
-            x=None if zero_copy else x.data_ptr(), topk_weights=topk_weights.data_ptr() if n else None,
-            out=out.data_ptr() if n else None, zero_copy=int(zero_copy), return_after_send=int(return_recv_hook))
+            x=None if zero_copy else x.data_ptr(),
+            topk_weights=topk_weights.data_ptr() if n and topk_weights is not None else None,
+            out=out.data_ptr() if n else None, zero_copy=int(zero_copy), return_after_send=int(return_recv_hook),
+            sum_on_expert_ranks=int(sum_on_expert_ranks))
         _capi.check(self._lib.ep_ll_combine(g, hptr, ctypes.byref(a), stream), g)
         hook = None
         if return_recv_hook:

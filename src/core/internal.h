@@ -13,6 +13,7 @@
 #define EP_DEFAULT_NUM_SMS 24
 #define EP_ERROR_MESSAGE_BYTES 512
 #define EP_LL_MAX_TOKENS 8192 /* largest config.ll_max_tokens_per_rank */
+#define EP_LL_MAX_EXPERTS (1 << 18) /* num_experts of an LL call stays below: a message packs e << 13 | j in an int */
 #define EP_MAX_HIDDEN 65536   /* largest config.hidden: the kernels count a row's bytes in int */
 #define EP_MAX_EXPERT_ALIGNMENT 65536 /* largest expert_alignment: an aligned count stays an int */
 
@@ -124,6 +125,8 @@ struct ep_ll_handle {
   ep_group_t group;
   void* memory;                /* one device allocation holding the arrays below */
   int* slot_of;                /* [T_cfg][K_cfg] */
+  int* rank_slot_of;           /* [T_cfg][K_cfg] */
+  int* msg_off;                /* [R + 1] */
   int* src_info;               /* [E_loc_cfg][R * T_cfg] */
   int64_t* layout_range;       /* [E_loc_cfg][R] */
   unsigned long long* ops;     /* [2] */
@@ -135,6 +138,8 @@ struct ep_ll_handle {
   unsigned long long serial;   /* which dispatch of the group */
   int num_tokens, num_topk, num_experts, hidden, max_tokens;
   int fp8, round_scale, ue8m0;
+  const float* dispatch_weights; /* given to the dispatch (NULL if none); its weights travelled with the tokens */
+  int sum_on_expert_ranks;     /* the pending combine's form */
   void* recv_x;
   void* recv_x_scales;
   int* recv_count;

@@ -61,11 +61,12 @@ ep_status_t ep_ll_handle_create(ep_group_t group, ep_ll_handle_t* handle) {
   const size_t bytes_slot = ep_align_up(T * K * sizeof(int), 16);
   const size_t bytes_src = ep_align_up(E_loc * R * T * sizeof(int), 16);
   const size_t bytes_range = ep_align_up(E_loc * R * sizeof(int64_t), 16);
+  const size_t bytes_moff = ep_align_up((R + 1) * sizeof(int), 16);
   const size_t bytes_ops = 16;
   ep_ll_handle_t h = (ep_ll_handle_t)calloc(1, sizeof(*h));
   if (!h) return ep_fail(group, EP_STATUS_OUT_OF_MEMORY, "%s: host allocation failed", fn);
   EP_CUDA_TRY(group, cudaSetDevice(group->cuda_device));
-  const size_t total = bytes_slot + bytes_src + bytes_range + bytes_ops;
+  const size_t total = 2 * bytes_slot + bytes_src + bytes_range + bytes_moff + bytes_ops;
   cudaError_t ce = cudaMalloc(&h->memory, total);
   if (ce == cudaSuccess) ce = cudaMemset(h->memory, 0, total);
   if (ce != cudaSuccess) {
@@ -76,6 +77,10 @@ ep_status_t ep_ll_handle_create(ep_group_t group, ep_ll_handle_t* handle) {
   char* p = (char*)h->memory;
   h->slot_of = (int*)p;
   p += bytes_slot;
+  h->rank_slot_of = (int*)p;
+  p += bytes_slot;
+  h->msg_off = (int*)p;
+  p += bytes_moff;
   h->src_info = (int*)p;
   p += bytes_src;
   h->layout_range = (int64_t*)p;
@@ -115,6 +120,8 @@ static ep_ll_launch_t base_launch(ep_group_t g, ep_ll_handle_t h) {
   p.num_sms = g->device_sms > 0 ? g->device_sms : 1;
   p.half = h->half;
   p.slot_of = h->slot_of;
+  p.rank_slot_of = h->rank_slot_of;
+  p.msg_off = h->msg_off;
   p.src_info = h->src_info;
   p.layout_range = h->layout_range;
   p.ops = h->ops;
@@ -127,6 +134,8 @@ static ep_ll_launch_t base_launch(ep_group_t g, ep_ll_handle_t h) {
   p.fp8 = h->fp8;
   p.round_scale = h->round_scale;
   p.ue8m0 = h->ue8m0;
+  p.dispatch_weights = h->dispatch_weights;
+  p.sum_on_expert_ranks = h->sum_on_expert_ranks;
   p.recv_x = h->recv_x;
   p.recv_scales = h->recv_x_scales;
   p.recv_count = h->recv_count;
@@ -144,6 +153,9 @@ static ep_status_t check_dispatch_args(ep_group_t group, const ep_ll_dispatch_ar
     return FAIL_ARG(group, "%s: num_tokens is %d; it must be in [0, max_tokens_per_rank=%d]", fn, a->num_tokens,
                     a->max_tokens_per_rank);
   EP_TRY(ep_check_topk_and_experts(group, fn, a->num_topk, a->num_experts));
+  if (a->num_experts >= EP_LL_MAX_EXPERTS)
+    return FAIL_ARG(group, "%s: num_experts is %d; the low-latency path takes fewer than %d", fn, a->num_experts,
+                    EP_LL_MAX_EXPERTS);
   if (a->recv_dtype != EP_FP8_E4M3 && a->recv_dtype != EP_BF16)
     return FAIL_ARG(group, "%s: recv_dtype is %d; it must be EP_FP8_E4M3 (%d) or EP_BF16 (%d)", fn,
                     (int)a->recv_dtype, (int)EP_FP8_E4M3, (int)EP_BF16);
@@ -206,6 +218,7 @@ ep_status_t ep_ll_dispatch(ep_group_t group, ep_ll_handle_t handle, const ep_ll_
   handle->fp8 = a->recv_dtype == EP_FP8_E4M3;
   handle->round_scale = a->round_scale;
   handle->ue8m0 = a->use_ue8m0;
+  handle->dispatch_weights = a->num_tokens > 0 ? a->topk_weights : NULL;
   handle->recv_x = a->recv_x;
   handle->recv_x_scales = a->recv_x_scales;
   handle->recv_count = a->recv_count;
@@ -307,8 +320,24 @@ ep_status_t ep_ll_combine(ep_group_t group, ep_ll_handle_t handle, const ep_ll_c
   if (handle->combine_recv_pending)
     return ep_fail(group, EP_STATUS_INVALID_USAGE,
                    "%s: the handle's previous combine waits for its receive phase; call ep_ll_combine_recv first", fn);
-  if (handle->num_tokens > 0 && !a->topk_weights)
+  if (a->sum_on_expert_ranks != 0 && a->sum_on_expert_ranks != 1)
+    return FAIL_ARG(group, "%s: sum_on_expert_ranks is %d; it must be 0 or 1", fn, a->sum_on_expert_ranks);
+  if (a->sum_on_expert_ranks) {
+    if (a->topk_weights)
+      return FAIL_ARG(group, "%s: topk_weights is given with sum_on_expert_ranks=1, which uses the dispatch's weights "
+                      "(pass NULL)", fn);
+    if (!ep_ll_sums_fit(&group->ll_layout))
+      return ep_fail(group, EP_STATUS_INVALID_USAGE,
+                     "%s: sum_on_expert_ranks=1 needs room for the sums after the dispatch's messages in the LL "
+                     "buffer, which config.num_experts / num_ranks = %d experts per rank do not leave (3 or more do)",
+                     fn, group->ll_layout.num_local_experts);
+    if (handle->num_tokens > 0 && !handle->dispatch_weights)
+      return ep_fail(group, EP_STATUS_INVALID_USAGE,
+                     "%s: sum_on_expert_ranks=1 needs the weights on the experts' ranks, but the handle's dispatch "
+                     "had no topk_weights (num_tokens=%d)", fn, handle->num_tokens);
+  } else if (handle->num_tokens > 0 && !a->topk_weights) {
     return FAIL_ARG(group, "%s: topk_weights is NULL with num_tokens=%d", fn, handle->num_tokens);
+  }
   if (handle->num_tokens > 0 && !a->out) return FAIL_ARG(group, "%s: out is NULL with num_tokens=%d", fn,
                                                          handle->num_tokens);
   if (ep_misaligned16(a->out)) return FAIL_ARG(group, "%s: out (%p) is not 16-byte aligned", fn, a->out);
@@ -318,6 +347,7 @@ ep_status_t ep_ll_combine(ep_group_t group, ep_ll_handle_t handle, const ep_ll_c
   EP_CUDA_TRY(group, cudaSetDevice(group->cuda_device));
 
   handle->topk_weights = a->topk_weights;
+  handle->sum_on_expert_ranks = a->sum_on_expert_ranks;
   handle->out = a->out;
   ep_ll_launch_t p = base_launch(group, handle);
   p.y = a->x;

@@ -239,6 +239,15 @@ typedef struct ep_ll_launch {
   int zero_copy;
   const float* topk_weights;
   void* out;
+  /* Sums on the experts' ranks (kept last: the fields above keep their kernel-parameter offsets) */
+  int* rank_slot_of;              /* handle [T_cfg][K_cfg]: with dispatch weights, the receive row of a sum
+                                     (d * T_cfg + p: my token's message slot p at rank d) at the token's first slot
+                                     on rank d, or -1 */
+  int* msg_off;                   /* handle [R + 1]: first received message of each source (dispatch receive order);
+                                     [R] = their number */
+  const float* dispatch_weights;  /* dispatch: [num_tokens][K] or NULL: weights that travel with the tokens */
+  int sum_on_expert_ranks;        /* combine: each token's rows are weighted and summed on their rank, with the
+                                     dispatch's weights */
 } ep_ll_launch_t;
 
 cudaError_t ep_launch_ll_dispatch_send(const ep_ll_launch_t* p, cudaStream_t stream);

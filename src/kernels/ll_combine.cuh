@@ -16,61 +16,92 @@ constexpr int kChunk = 256;  // channels one warp combines per unit (8 per lane)
 constexpr int kCombineBatch = 4;
 
 // ---------------------------------------------------------------------------------------------------------------
-// Combine, send phase. All received rows of all local experts form one flat list (experts in order, rows in
-// order), split over every warp of the phase's grid in (row, part) units: a warp loads its part of the expert
-// output with non-coherent loads, kCombineBatch 16-byte words per lane in flight, and stores it into its source rank's
-// combine receive row (expert, position of the token among that rank's tokens for the expert). Rows for another
-// node go whole, through the stage, by put-with-signal. No grid-wide barrier: each block, after a block barrier
-// behind its stores, adds its number of units to each NVLink rank's signal word; block r % blocks adds the high half
-// ((units to r) + 1) << 32 (for another node: (rows to r) + 1, the puts counting themselves).
+// Combine, send phase, in one of two forms:
+//  - rows (the default): all received rows of all local experts form one flat list (experts in order, rows in
+//    order), split over every warp of the phase's grid in (row, part) units: a warp loads its part of the expert
+//    output with non-coherent loads, kCombineBatch 16-byte words per lane in flight, and stores it into its source
+//    rank's combine receive row (expert, position of the token among that rank's tokens for the expert);
+//  - sums on the experts' ranks (sum_on_expert_ranks, the dispatch carried weights): all received messages
+//    (tokens) in receive order, split in (message, part) units: a warp reads the message's pairs (still in the
+//    receive area), sums, in fp32 and in the pairs' order, the weighted rows of the token's experts on this rank
+//    and stores the bf16 sum into the source's sums row (this rank, the token's message slot here). A token with
+//    several experts here crosses the link once.
+// Rows for another node go whole, through the stage, by put-with-signal. No grid-wide barrier: each block, after a
+// block barrier behind its stores, adds its number of units to each NVLink rank's signal word; block r % blocks
+// adds the high half ((units to r) + 1) << 32 (for another node: (rows to r) + 1, the puts counting themselves).
 // ---------------------------------------------------------------------------------------------------------------
-// One block's send phase of call `op`. False if the block gave up (an acknowledgement timed out; the fault is
-// recorded): the caller then stops, with no receive phase.
-__device__ __forceinline__ bool combine_send(const ep_ll_launch_t& p, Grid grid, uint64_t op) {
-  extern __shared__ int s_dyn[];
+
+// Words [w0, w1) of a row, loaded with kCombineBatch words per lane in flight and stored to dst.
+__device__ __forceinline__ void copy_words(int4* dst, const int4* src, int w0, int w1, int lane) {
+  for (int base = w0; base < w1; base += kCombineBatch * 32) {
+    int4 v[kCombineBatch];
+#pragma unroll
+    for (int b = 0; b < kCombineBatch; ++b)
+      if (base + b * 32 + lane < w1) v[b] = ld_input(src + base + b * 32 + lane);
+#pragma unroll
+    for (int b = 0; b < kCombineBatch; ++b)
+      if (base + b * 32 + lane < w1) dst[base + b * 32 + lane] = v[b];
+  }
+}
+
+__device__ __forceinline__ void fma_bf16x8(float (&acc)[8], float w, const int4& v) {
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+  for (int u = 0; u < 4; ++u) {
+    const float2 f = __bfloat1622float2(h[u]);
+    acc[2 * u] = fmaf(w, f.x, acc[2 * u]);
+    acc[2 * u + 1] = fmaf(w, f.y, acc[2 * u + 1]);
+  }
+}
+
+__device__ __forceinline__ int4 pack_bf16x8(const float (&acc)[8]) {
+  int4 packed;
+  __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&packed);
+#pragma unroll
+  for (int q = 0; q < 4; ++q) h[q] = __floats2bfloat162_rn(acc[2 * q], acc[2 * q + 1]);
+  return packed;
+}
+
+// Words [w0, w1) of a token's sum over the rows of y named by the lanes in `lanes` (lane order): each such lane holds
+// its row as (flat row of y, weight); sum_i fmaf(w_i, row_i, acc) from 0, rounded to bf16 once, into dst. dst may be
+// one of the rows itself: a lane reads each of its words from every row before it writes that word.
+__device__ __forceinline__ void sum_words(int4* dst, const char* y, size_t row_bytes, unsigned lanes, int flat,
+                                          float weight, int w0, int w1, int lane) {
+  for (int base = w0; base < w1; base += kCombineBatch * 32) {
+    float acc[kCombineBatch][8];
+#pragma unroll
+    for (int b = 0; b < kCombineBatch; ++b)
+#pragma unroll
+      for (int c = 0; c < 8; ++c) acc[b][c] = 0.0f;
+    for (unsigned m = lanes; m; m &= m - 1) {
+      const int from = __ffs(m) - 1;
+      const int4* src =
+          reinterpret_cast<const int4*>(y + (size_t)__shfl_sync(0xffffffffu, flat, from) * row_bytes);
+      const float w = __shfl_sync(0xffffffffu, weight, from);
+      int4 v[kCombineBatch];
+#pragma unroll
+      for (int b = 0; b < kCombineBatch; ++b)
+        if (base + b * 32 + lane < w1) v[b] = ld_input(src + base + b * 32 + lane);
+#pragma unroll
+      for (int b = 0; b < kCombineBatch; ++b)
+        if (base + b * 32 + lane < w1) fma_bf16x8(acc[b], w, v[b]);
+    }
+#pragma unroll
+    for (int b = 0; b < kCombineBatch; ++b)
+      if (base + b * 32 + lane < w1) dst[base + b * 32 + lane] = pack_bf16x8(acc[b]);
+  }
+}
+
+// The rows form's units. s_range [E_loc][R], s_first [E_loc + 1] (filled by the caller). Returns its parts per row.
+__device__ __forceinline__ int send_rows(const ep_ll_launch_t& p, Grid grid, const int2* s_range, const int* s_first,
+                                         int* s_units) {
   const ep_ll_layout_t& L = p.layout;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int me = p.rank, R = p.num_ranks, E_loc = p.num_experts / R, H = p.hidden;
-  const size_t RT = (size_t)R * p.max_tokens, row_bytes = (size_t)H * 2;
-  const int row_words = H * 2 / 16;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int me = p.rank, R = p.num_ranks, E_loc = p.num_experts / R;
+  const size_t RT = (size_t)R * p.max_tokens, row_bytes = (size_t)p.hidden * 2;
+  const int row_words = p.hidden * 2 / 16;
   const size_t half = half_offset(p);
   char* stage = p.ll_base + half + L.combine_stage;  // [E_loc][RT][H] bf16: the zero-copy buffer
-  LL_PROF_STAMP(kProfCombineSend, grid, 0);
-  if (grid.block == 0 && tid == 0) p.ops[1] = op;  // the call number for a later receive kernel (the hook)
-  int2* s_range = reinterpret_cast<int2*>(s_dyn);           // [E_loc][R] (begin, count) of layout_range
-  int* s_first = reinterpret_cast<int*>(s_range + E_loc * R);  // [E_loc + 1]: first flat row of each local expert
-  int* s_rows = s_first + E_loc + 1;                         // [R] rows to each rank
-  int* s_units = s_rows + R;                                 // [R] units of this block to each NVLink rank
-  for (int r = tid; r < R; r += blockDim.x) s_rows[r] = s_units[r] = 0;
-  for (int i = tid; i < E_loc * R; i += blockDim.x) {
-    const int64_t v = p.layout_range[i];
-    s_range[i] = make_int2((int)(v >> 32), (int)(uint32_t)v);
-  }
-  const bool acks_ok = poll_acks(p, op, EP_SITE_LL_COMBINE_ACK);  // overlaps the loads above
-  if (__syncthreads_or(!acks_ok)) return false;
-  LL_PROF_STAMP(kProfCombineSend, grid, 1);
-  if (warp == 0) {  // rows per expert (begin + count of the last source), exclusive scan
-    int run = 0;
-    for (int base = 0; base < E_loc; base += 32) {
-      int v = 0;
-      if (base + lane < E_loc) {
-        const int2 last = s_range[(base + lane) * R + R - 1];
-        v = last.x + last.y;
-      }
-#pragma unroll
-      for (int o = 1; o < 32; o <<= 1) {
-        const int n = __shfl_up_sync(0xffffffffu, v, o);
-        if (lane >= o) v += n;
-      }
-      if (base + lane < E_loc) s_first[base + lane + 1] = run + v;
-      run += __shfl_sync(0xffffffffu, v, 31);
-    }
-    if (lane == 0) s_first[0] = 0;
-  }
-  for (int i = tid; i < E_loc * R; i += blockDim.x)
-    if (publishes_for(i % R, grid) && s_range[i].y) atomicAdd(&s_rows[i % R], s_range[i].y);
-  __syncthreads();
-
   const int total = s_first[E_loc];
   const int total_warps = grid.blocks * kSendWarps;
   const int parts = max(1, min(8, total_warps / max(total, 1)));
@@ -98,17 +129,7 @@ __device__ __forceinline__ bool combine_send(const ep_ll_launch_t& p, Grid grid,
     char* peer = nvlink_peer(p, s);
     if (peer) {
       const int w0 = row_words * part / parts, w1 = row_words * (part + 1) / parts;  // 32-bit: row_words <= 8192
-      const int4* sv = reinterpret_cast<const int4*>(src);
-      int4* dv = reinterpret_cast<int4*>(peer + offset);
-      for (int base = w0; base < w1; base += kCombineBatch * 32) {
-        int4 v[kCombineBatch];
-#pragma unroll
-        for (int b = 0; b < kCombineBatch; ++b)
-          if (base + b * 32 + lane < w1) v[b] = ld_input(sv + base + b * 32 + lane);
-#pragma unroll
-        for (int b = 0; b < kCombineBatch; ++b)
-          if (base + b * 32 + lane < w1) dv[base + b * 32 + lane] = v[b];
-      }
+      copy_words(reinterpret_cast<int4*>(peer + offset), reinterpret_cast<const int4*>(src), w0, w1, lane);
       if (lane == 0) atomicAdd(&s_units[s], 1);
     } else if (part == 0) {
       if (!p.zero_copy) {
@@ -119,6 +140,115 @@ __device__ __forceinline__ bool combine_send(const ep_ll_launch_t& p, Grid grid,
       tp::put_signal_warp(p.ll_base + offset, stage + src_off, row_bytes, signal, 1, /*add=*/true, s);
     }
   }
+  return parts;
+}
+
+// The sums form's units. s_range as for the rows; s_moff [R + 1]: the dispatch's message offsets per source. The
+// dispatch's messages are still in the receive area (the sums go to recv_sums): each unit reads its message's
+// pairs. Returns its parts per message.
+__device__ __forceinline__ int send_sums(const ep_ll_launch_t& p, Grid grid, const int2* s_range, const int* s_moff,
+                                         int* s_units) {
+  const ep_ll_layout_t& L = p.layout;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int me = p.rank, R = p.num_ranks, E_loc = p.num_experts / R;
+  const size_t RT = (size_t)R * p.max_tokens, row_bytes = (size_t)p.hidden * 2;
+  const int row_words = p.hidden * 2 / 16;
+  const size_t half = half_offset(p);
+  const char* msgs = p.ll_base + half + L.recv;
+  char* stage = p.ll_base + half + L.combine_stage;
+  const char* y = p.zero_copy ? stage : (const char*)p.y;
+  const int total = s_moff[R];
+  const int total_warps = grid.blocks * kSendWarps;
+  const int parts = max(1, min(8, total_warps / max(total, 1)));
+  for (int u = grid.block * kSendWarps + warp; u < total * parts; u += total_warps) {
+    const int m = u / parts, part = u % parts;
+    int lo = 0, hi = R - 1;  // the last source whose first message is <= m
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) >> 1;
+      if (s_moff[mid] <= m) lo = mid;
+      else hi = mid - 1;
+    }
+    const int s = lo, slot = m - s_moff[s];
+    const char* msg = msgs + ((size_t)s * L.max_tokens + slot) * L.msg_bytes;
+    const int2 head = ld_nc_v2(msg);  // (token, npairs): loaded with the pairs, as the dispatch's receive does
+    const int2 pair = lane < min(L.max_topk, 32) ? ld_nc_v2(msg + 8 + 8 * lane) : make_int2(-1, 0);
+    const int le = pair_expert(pair) - me * E_loc;
+    const bool mine = lane < head.y && pair.x >= 0 && (unsigned)le < (unsigned)E_loc;
+    const unsigned lanes = __ballot_sync(0xffffffffu, mine);
+    const int flat = mine ? (int)(le * RT) + s_range[le * R + s].x + pair_slot(pair) : 0;
+    const float weight = pair_weight(pair);
+    const size_t offset = half + ep_ll_recv_sums(&L) + ((size_t)me * L.max_tokens + slot) * L.row_bytes;
+    char* peer = nvlink_peer(p, s);
+    if (peer) {
+      const int w0 = row_words * part / parts, w1 = row_words * (part + 1) / parts;
+      sum_words(reinterpret_cast<int4*>(peer + offset), y, row_bytes, lanes, flat, weight, w0, w1, lane);
+      if (lane == 0) atomicAdd(&s_units[s], 1);
+    } else if (part == 0) {  // the sum into the stage, over the message's first row here, then one put
+      char* staged = stage + (size_t)__shfl_sync(0xffffffffu, flat, __ffs(lanes) - 1) * row_bytes;
+      sum_words(reinterpret_cast<int4*>(staged), y, row_bytes, lanes, flat, weight, 0, row_words, lane);
+      __syncwarp();
+      uint64_t* signal = reinterpret_cast<uint64_t*>(p.ll_base + half + L.combine_signal + (size_t)me * 8);
+      tp::put_signal_warp(p.ll_base + offset, staged, row_bytes, signal, 1, /*add=*/true, s);
+    }
+  }
+  return parts;
+}
+
+// One block's send phase of call `op`. False if the block gave up (an acknowledgement timed out; the fault is
+// recorded): the caller then stops, with no receive phase.
+__device__ __forceinline__ bool combine_send(const ep_ll_launch_t& p, Grid grid, uint64_t op) {
+  extern __shared__ int s_dyn[];
+  const ep_ll_layout_t& L = p.layout;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int R = p.num_ranks, E_loc = p.num_experts / R;
+  const bool sums = p.sum_on_expert_ranks;
+  const size_t half = half_offset(p);
+  LL_PROF_STAMP(kProfCombineSend, grid, 0);
+  if (grid.block == 0 && tid == 0) p.ops[1] = op;  // the call number for a later receive kernel (the hook)
+  int* s_rows = s_dyn;                                          // [R] rows (or messages) to each rank
+  int* s_units = s_rows + R;                                    // [R] units of this block to each NVLink rank
+  int2* s_range = reinterpret_cast<int2*>(s_units + R);         // [E_loc][R] (begin, count) of layout_range
+  int* s_first = reinterpret_cast<int*>(s_range + E_loc * R);   // rows: [E_loc + 1] first flat row of each expert
+  int* s_moff = s_first;                                        // sums: [R + 1] the dispatch's message offsets
+  for (int r = tid; r < R; r += blockDim.x) s_rows[r] = s_units[r] = 0;
+  for (int i = tid; i < E_loc * R; i += blockDim.x) {
+    const int64_t v = p.layout_range[i];
+    s_range[i] = make_int2((int)(v >> 32), (int)(uint32_t)v);
+  }
+  if (sums)
+    for (int i = tid; i <= R; i += blockDim.x) s_moff[i] = p.msg_off[i];
+  const bool acks_ok = poll_acks(p, op, EP_SITE_LL_COMBINE_ACK);  // overlaps the loads above
+  if (__syncthreads_or(!acks_ok)) return false;
+  LL_PROF_STAMP(kProfCombineSend, grid, 1);
+  if (sums) {
+    for (int r = tid; r < R; r += blockDim.x)
+      if (publishes_for(r, grid)) s_rows[r] = s_moff[r + 1] - s_moff[r];
+  } else {
+    if (warp == 0) {  // rows per expert (begin + count of the last source), exclusive scan
+      int run = 0;
+      for (int base = 0; base < E_loc; base += 32) {
+        int v = 0;
+        if (base + lane < E_loc) {
+          const int2 last = s_range[(base + lane) * R + R - 1];
+          v = last.x + last.y;
+        }
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+          const int n = __shfl_up_sync(0xffffffffu, v, o);
+          if (lane >= o) v += n;
+        }
+        if (base + lane < E_loc) s_first[base + lane + 1] = run + v;
+        run += __shfl_sync(0xffffffffu, v, 31);
+      }
+      if (lane == 0) s_first[0] = 0;
+    }
+    for (int i = tid; i < E_loc * R; i += blockDim.x)
+      if (publishes_for(i % R, grid) && s_range[i].y) atomicAdd(&s_rows[i % R], s_range[i].y);
+  }
+  __syncthreads();
+
+  const int parts =
+      sums ? send_sums(p, grid, s_range, s_moff, s_units) : send_rows(p, grid, s_range, s_first, s_units);
   // The block's stores come before its counts through the barrier: each count is a release add after it (cumulative
   // over what the barrier ordered); the puts to other nodes count themselves.
   __syncthreads();
@@ -127,7 +257,7 @@ __device__ __forceinline__ bool combine_send(const ep_ll_launch_t& p, Grid grid,
   // NVLink rank r: lo counts (row, part) units, rows * parts in all; another node: lo counts rows (one per put).
   for (int r = tid; r < R; r += blockDim.x) {
     const bool pub = publishes_for(r, grid);
-    const size_t offset = half + L.combine_signal + (size_t)me * 8;
+    const size_t offset = half + L.combine_signal + (size_t)p.rank * 8;
     char* peer = nvlink_peer(p, r);
     if (peer) {
       const uint64_t v = (uint64_t)s_units[r] + (pub ? (uint64_t)((long long)s_rows[r] * parts + 1) << 32 : 0);
@@ -137,25 +267,17 @@ __device__ __forceinline__ bool combine_send(const ep_ll_launch_t& p, Grid grid,
     }
   }
   LL_PROF_STAMP(kProfCombineSend, grid, 3);
-  LL_PROF_FINISH(kProfCombineSend, grid, me, 0);
+  LL_PROF_FINISH(kProfCombineSend, grid, p.rank, 0);
   return true;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
 // Combine, receive phase. Wait for every rank's rows (the warps' first slots and weights load meanwhile), then one
-// warp per (token, 256 channels): out = bf16(sum over k in order of fmaf(w[t][k], row_k, acc)), skipping -1 slots.
+// warp per (token, 256 channels): out = bf16(sum over k in order of fmaf(w[t][k], row_k, acc)), skipping -1 slots;
+// with sums on the experts' ranks, the same over the token's first slot on each rank, with the rank's sum as the row
+// and weight 1 (an exact add).
 // The last block zeroes the signals, acknowledges the call and advances the half's call number (finish_recv).
 // ---------------------------------------------------------------------------------------------------------------
-__device__ __forceinline__ void fma_bf16x8(float (&acc)[8], float w, const int4& v) {
-  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
-#pragma unroll
-  for (int u = 0; u < 4; ++u) {
-    const float2 f = __bfloat1622float2(h[u]);
-    acc[2 * u] = fmaf(w, f.x, acc[2 * u]);
-    acc[2 * u + 1] = fmaf(w, f.y, acc[2 * u + 1]);
-  }
-}
-
 // One block's receive phase, up to finish_recv. False if the block gave up (rows never came; the fault is
 // recorded): the caller then stops, without arriving.
 __device__ __forceinline__ bool combine_recv(const ep_ll_launch_t& p, Grid grid) {
@@ -166,7 +288,9 @@ __device__ __forceinline__ bool combine_recv(const ep_ll_launch_t& p, Grid grid)
   char* mine = p.ll_base + half;
   const uint64_t* signals = reinterpret_cast<const uint64_t*>(mine + L.combine_signal);
   LL_PROF_STAMP(kProfCombineRecv, grid, 0);
-  const char* rows = mine + L.recv;
+  const bool sums = p.sum_on_expert_ranks;
+  const char* rows = mine + (sums ? ep_ll_recv_sums(&L) : L.recv);
+  const int* slot_of = sums ? p.rank_slot_of : p.slot_of;
   const int chunks = (H + kChunk - 1) / kChunk;
   const int units = p.num_tokens * chunks;
   const int u0 = grid.block * kRecvWarps + warp;
@@ -175,8 +299,8 @@ __device__ __forceinline__ bool combine_recv(const ep_ll_launch_t& p, Grid grid)
   float pre_w = 0.0f;
   if (u0 < units && lane < K) {
     const int t = u0 / chunks;
-    pre_slot = p.slot_of[(size_t)t * L.max_topk + lane];
-    pre_w = p.topk_weights[(size_t)t * K + lane];
+    pre_slot = slot_of[(size_t)t * L.max_topk + lane];
+    pre_w = sums ? 1.0f : p.topk_weights[(size_t)t * K + lane];
   }
   bool ok = true;
   for (int r = tid; ok && r < R; r += blockDim.x)
@@ -192,8 +316,8 @@ __device__ __forceinline__ bool combine_recv(const ep_ll_launch_t& p, Grid grid)
     int my_slot = pre_slot;
     float my_w = pre_w;
     if (u != u0 && lane < K) {
-      my_slot = p.slot_of[(size_t)t * L.max_topk + lane];
-      my_w = p.topk_weights[(size_t)t * K + lane];
+      my_slot = slot_of[(size_t)t * L.max_topk + lane];
+      my_w = sums ? 1.0f : p.topk_weights[(size_t)t * K + lane];
     }
     float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     for (int k0 = 0; k0 < K; k0 += 8) {
@@ -212,13 +336,7 @@ __device__ __forceinline__ bool combine_recv(const ep_ll_launch_t& p, Grid grid)
       for (int i = 0; i < 8; ++i)
         if (slot[i] >= 0) fma_bf16x8(acc, w[i], v[i]);
     }
-    if (active) {
-      int4 packed;
-      __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&packed);
-#pragma unroll
-      for (int q = 0; q < 4; ++q) h[q] = __floats2bfloat162_rn(acc[2 * q], acc[2 * q + 1]);
-      *reinterpret_cast<int4*>((char*)p.out + ((size_t)t * H + c) * 2) = packed;
-    }
+    if (active) *reinterpret_cast<int4*>((char*)p.out + ((size_t)t * H + c) * 2) = pack_bf16x8(acc);
   }
 
   LL_PROF_STAMP(kProfCombineRecv, grid, 2);

@@ -163,6 +163,8 @@ __device__ __forceinline__ bool dispatch_send(const ep_ll_launch_t& p, Grid grid
   int* s_rf = s_ent + per_block * K;       // [per_block * K] rank-first bit and first slot of the expert (1a)
   int* s_slot = s_rf + per_block * K;      // [per_block * K] j of a first slot
   int* s_pos = s_slot + per_block * K;     // [per_block * K] message position at its rank, for rank-first slots
+  float* s_w = reinterpret_cast<float*>(s_pos + per_block * K);  // [per_block * K] with weights: a first slot's
+                                                                 // expert's weight (1c)
 
   // Step 2's units: (token, part) pairs, a part being a run of 512-channel steps. Known before the prologue.
   const int steps = (H + kStep - 1) / kStep;
@@ -218,14 +220,32 @@ __device__ __forceinline__ bool dispatch_send(const ep_ll_launch_t& p, Grid grid
   LL_TL(kTlSlots, tid == 0, 0);
   // 1c. Combine's receive row of every (token, slot) (a repeated expert uses its first slot's row); the range
   // joins the histograms (read again only by the last block, after barriers).
+  // With weights, also (for a combine with sums on the experts' ranks) each first slot's expert weight, the sum
+  // in slot order of the weights of the token's slots with that expert, and the receive row of each rank's sum at
+  // the token's first slot on that rank.
   for (int i = tid; i < n_loc * K; i += blockDim.x) {
     const int lt = i / K, k = i % K, first_k = (s_rf[i] >> 1) - 1;
-    p.slot_of[(size_t)(begin + lt) * L.max_topk + k] =
-        first_k >= 0 ? s_ent[lt * K + first_k] * L.max_tokens + s_slot[lt * K + first_k] : -1;
+    const size_t at = (size_t)(begin + lt) * L.max_topk + k;
+    p.slot_of[at] = first_k >= 0 ? s_ent[lt * K + first_k] * L.max_tokens + s_slot[lt * K + first_k] : -1;
     if (s_ent[i] >= 0) atomicAdd(&s_hist[s_ent[i]], 1);
     if (s_rf[i] & 1) {
       atomicAdd(&s_rhist[rank_of_expert(p, s_ent[i])], 1);
       atomicAdd(&s_own[rank_of_expert(p, s_ent[i])], 1);
+    }
+#if !defined(EP_AB_V2) && !defined(EP_AB_V3)
+    if (p.dispatch_weights) {
+#else
+    if (false) {
+#endif
+      if (s_ent[i] >= 0) {
+        const float* w = p.dispatch_weights + (size_t)(begin + lt) * K;
+        float sum = 0.0f;
+#pragma unroll 1
+        for (int k2 = k; k2 < K; ++k2)
+          if ((s_rf[lt * K + k2] >> 1) - 1 == k) sum += w[k2];
+        s_w[i] = sum;
+      }
+      p.rank_slot_of[at] = s_rf[i] & 1 ? rank_of_expert(p, s_ent[i]) * L.max_tokens + s_pos[i] : -1;
     }
   }
   __syncthreads();  // s_hist + s_ahist, s_rhist + s_arhist: all my tokens; s_own: this block's messages
@@ -242,13 +262,18 @@ __device__ __forceinline__ bool dispatch_send(const ep_ll_launch_t& p, Grid grid
     const unsigned dmask = __ballot_sync(0xffffffffu, rf);
     const bool has_remote = __ballot_sync(0xffffffffu, rf && nvlink_peer(p, rank_of_expert(p, ek)) == nullptr) != 0;
     char* my_msg = stage + (size_t)t * msg_stride;
-    if (part == 0) {  // header: (t, npairs, (e, j) for each distinct valid expert in slot order)
+    if (part == 0) {  // header: (t, npairs, (e << 13 | j, weight) for each distinct valid expert in slot order)
       const int jk = ek >= 0 ? s_slot[lt * K + lane] : 0;
       const unsigned fmask = __ballot_sync(0xffffffffu, ek >= 0);
       const int idx = __popc(fmask & ((1u << lane) - 1u));
+#if !defined(EP_AB_V2) && !defined(EP_AB_V3)
+      const float wk = p.dispatch_weights && ek >= 0 ? s_w[lt * K + lane] : 0.0f;
+#else
+      const float wk = 0.0f;
+#endif
       for_each_copy(p, dmask, ek, posk, has_remote, my_msg, [&](char* dst) {
         if (lane == 0) *reinterpret_cast<int2*>(dst) = make_int2(t, __popc(fmask));
-        if (ek >= 0) *reinterpret_cast<int2*>(dst + 8 + 8 * idx) = make_int2(ek, jk);
+        if (ek >= 0) *reinterpret_cast<int2*>(dst + 8 + 8 * idx) = make_pair(ek, jk, wk);
       });
       LL_TL(kTlHeader, tid == 0, 0);
     }
@@ -368,7 +393,7 @@ __device__ __forceinline__ bool dispatch_send(const ep_ll_launch_t& p, Grid grid
 struct RecvUnit {
   const char* msg;
   int s, part, w0, w1;
-  int2 head, pair;
+  int2 head, pair;     // pair: e << 13 | j, weight
   int4 v[kCopyBatch];  // payload words [w0, w0 + kCopyBatch * 32) (those below w1)
   float sc[2];         // fp32 scales lane and lane + 32 (part 0, FP8, non-UE8M0)
   float4 sq;           // scales 4 * lane .. 4 * lane + 3 (part 0, UE8M0)
@@ -489,6 +514,10 @@ __device__ __forceinline__ bool dispatch_recv(const ep_ll_launch_t& p, Grid grid
     }
     if (grid.block == 0) p.recv_count[le] = run;
   }
+#if !defined(EP_AB_V1) && !defined(EP_AB_V3)
+  if (grid.block == 0)  // the message offsets, for a combine with sums on this rank (it reads the messages)
+    for (int s = tid; s <= R; s += blockDim.x) p.msg_off[s] = s_moff[s];
+#endif
   __syncthreads();
   LL_PROF_STAMP(kProfDispatchRecv, grid, 2);
   LL_TL(kTlOffsets, tid == 0, 0);
@@ -498,10 +527,11 @@ __device__ __forceinline__ bool dispatch_recv(const ep_ll_launch_t& p, Grid grid
     const int s = r.s;
     LL_TL(kTlFirstData, tid == 0 && u == u0, r.v[0].x ^ r.head.x ^ r.pair.x);
     const int4* src = reinterpret_cast<const int4*>(r.msg + L.hdr_bytes);
-    const bool mine_pair = lane < r.head.y && r.pair.x >= 0 && rank_of_expert(p, r.pair.x) == me;
+    const int e = pair_expert(r.pair);
+    const bool mine_pair = lane < r.head.y && r.pair.x >= 0 && rank_of_expert(p, e) == me;
     const unsigned pmask = __ballot_sync(0xffffffffu, mine_pair);
-    const int row0 = mine_pair ? s_row0[s * E_loc + (r.pair.x - me * E_loc)] + r.pair.y : 0;
-    const int le_l = mine_pair ? r.pair.x - me * E_loc : 0;
+    const int row0 = mine_pair ? s_row0[s * E_loc + (e - me * E_loc)] + pair_slot(r.pair) : 0;
+    const int le_l = mine_pair ? e - me * E_loc : 0;
     for (int base = r.w0; base < r.w1; base += kCopyBatch * 32) {
       if (base != r.w0) {
 #pragma unroll

@@ -16,12 +16,16 @@
  *            dispatch: [R][T] messages; slot p of source s = the p-th token of s that selects any expert of mine
  *                      (a token crosses the link once per destination rank, not once per expert)
  *            combine:  [E][T] rows of 2H, row (e, j) = the output of global expert e for my j-th token that selects it
+ *            combine with sums on the experts' ranks: the dispatch's messages stay (the senders read their pairs),
+ *                      and after them (ep_ll_recv_sums), [R][T] rows of 2H, row (d, p) = rank d's weighted sum of its
+ *                      experts' outputs for my token in message slot p at d (where they fit: ep_ll_sums_fit)
  *
  * A message is a header of `hdr_bytes` = align16(8 + 8K): int32 source token index, int32 npairs, then npairs
- * pairs (int32 global expert e, int32 j) for every distinct valid expert of the token (all ranks' experts: the
- * message is the same for every destination; a receiver keeps the pairs of its own experts), j = the token's
- * position among the source's tokens that select e. Then the payload: FP8 e4m3 [H] then fp32 scales [H / 128],
- * or BF16 [H]; its stride `msg_bytes` = align16(hdr_bytes + max(2H, H + H / 32)).
+ * pairs (int32 e << 13 | j, fp32 weight) for every distinct valid expert e of the token (all ranks' experts: the
+ * message is the same for every destination; a receiver keeps the pairs of its own experts), j < 2^13 the token's
+ * position among the source's tokens that select e (T <= 8192; e < 2^18), the weight the sum of the token's weights
+ * for e when the dispatch was given weights (else 0). Then the payload: FP8 e4m3 [H] then fp32 scales [H / 128], or
+ * BF16 [H]; its stride `msg_bytes` = align16(hdr_bytes + max(2H, H + H / 32)).
  *
  * Counts and signals are zeroed by the receiver: the final value of a word is (n + 1) << 32 | n. To another node a
  * sender adds 1 per put (put-with-signal, ADD), and one block of its send phase adds (n + 1) << 32. Over NVLink
@@ -89,6 +93,20 @@ static inline EP_HD ep_ll_layout_t ep_ll_layout(int num_ranks, int num_experts, 
   l.half_bytes = ep_align_up(off, 128);
   l.total_bytes = 2 * l.half_bytes;
   return l;
+}
+
+/* A combine with sums on the experts' ranks: where its rows land, after the dispatch's messages (inside one half). */
+static inline EP_HD size_t ep_ll_recv_sums(const ep_ll_layout_t* l) {
+  return l->recv + (size_t)l->num_ranks * l->max_tokens * l->msg_bytes;
+}
+
+/* Whether they fit in the receive area: from 3 experts per rank on. Below that they save little, and the buffer does
+ * not grow for them. */
+static inline EP_HD int ep_ll_sums_fit(const ep_ll_layout_t* l) {
+  const size_t RT = (size_t)l->num_ranks * l->max_tokens;
+  const size_t combine_recv = (size_t)l->num_experts * l->max_tokens * l->row_bytes;
+  const size_t most = RT * l->msg_bytes > combine_recv ? RT * l->msg_bytes : combine_recv;
+  return RT * (l->msg_bytes + l->row_bytes) <= most;
 }
 
 #endif /* EP_KERNELS_LL_LAYOUT_H */

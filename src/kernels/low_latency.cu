@@ -99,7 +99,7 @@ static Shape dispatch_send_shape(const ep_ll_launch_t* p) {
   if (grid < min_grid) grid = min_grid;
   const int per_block = (p->num_tokens + grid - 1) / grid;
   return {grid,
-          sizeof(int) * (2 * (size_t)p->num_experts + 3 * (size_t)p->num_ranks + 4 * (size_t)per_block * p->num_topk)};
+          sizeof(int) * (2 * (size_t)p->num_experts + 3 * (size_t)p->num_ranks + 5 * (size_t)per_block * p->num_topk)};
 }
 
 static Shape dispatch_recv_shape(const ep_ll_launch_t* p) {
@@ -107,8 +107,10 @@ static Shape dispatch_recv_shape(const ep_ll_launch_t* p) {
 }
 
 static Shape combine_send_shape(const ep_ll_launch_t* p) {
+  /* s_rows, s_units, the (begin, count) pairs, then the rows form's first rows or the sums form's message offsets. */
   const size_t E_loc = (size_t)(p->num_experts / p->num_ranks), R = (size_t)p->num_ranks;
-  return {p->num_sms, 2 * sizeof(int) * E_loc * R + sizeof(int) * (E_loc + 1 + 2 * R)};
+  const size_t last = E_loc > R ? E_loc + 1 : R + 1;
+  return {p->num_sms, sizeof(int) * 2 * R + 2 * sizeof(int) * E_loc * R + sizeof(int) * last};
 }
 
 static Shape combine_recv_shape(const ep_ll_launch_t* p) {

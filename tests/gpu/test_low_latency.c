@@ -9,7 +9,8 @@
  * and no hook; zero-copy; -1 entries; repeated experts; ranks with 0 tokens; T = 1 .. 1024; hidden 2048, 2056 (BF16),
  * 2688, 4096, 7168; top-k 1, 8, 9, 16; tokens whose experts cover several or all experts of a rank, and tokens with
  * no destination), each repeated with fresh data; two micro-batches in flight (both halves);
- * dispatch + expert copy + combine captured in a CUDA graph and replayed with new inputs; many repetitions.
+ * dispatch + expert copy + combine captured in a CUDA graph and replayed with new inputs; many repetitions; the
+ * combine with sums on the experts' ranks (the dispatch carries the weights) in both shapes, the graph included.
  * Checked: recv_count, layout_range, src_info, recv_x bytes, scales (fp32 column-major or packed UE8M0), the
  * combined output; every output is poisoned before every call. Last, a peer that never calls makes the call
  * time out naming it. A failure prints the case and the seed; EP_TEST_SEED=<seed> replays it. */
@@ -45,34 +46,43 @@ typedef struct {
   int dup;       /* some tokens list an expert twice */
   int vary;      /* token counts differ between ranks; the last rank has none */
   int reps;      /* repetitions with fresh data */
+  int sums;      /* the dispatch carries the weights and the combine sums on the experts' ranks */
 } case_t;
 
 static const case_t k_cases[] = {
-  /*   T  hidden topk exp  mode      hook zc neg dup vary reps */
-    {   1, 2048,   1, 64, FP8,        0,  0,  0,  0,  0,   4},
-    {   1, 7168,   8, 64, BF16,       1,  1,  0,  0,  1,   4},
-    { 128, 7168,   8, 64, FP8,        1,  0, 10,  0,  0,   4},
-    { 128, 7168,   8, 64, BF16,       0,  1,  0,  0,  0,   3},
-    { 128, 2688,  16, 32, FP8,        0,  0, 10,  1,  1,   3},
-    { 128, 2688,   9, 16, BF16,       1,  1, 20,  0,  1,   3},
-    { 128, 7168,  16, 64, UE8M0,      1,  1,  0,  0,  1,   2},
-    { 256, 4096,   9, 64, FP8_POW2,   1,  1,  5,  1,  1,   3},
-    { 256, 2048,  16, 64, UE8M0,      0,  0,  5,  0,  0,   2},
-    {  64, 4096,   8, 64, FP8_POW2,   0,  0, 30,  1,  0,   3},
-    {1024, 2048,   8, 64, FP8,        1,  0, 10,  0,  0,   2},
-    {1024, 4096,   1, 64, BF16,       0,  0,  0,  0,  1,   1},
+  /*   T  hidden topk exp  mode      hook zc neg dup vary reps sums */
+    {   1, 2048,   1, 64, FP8,        0,  0,  0,  0,  0,   4,  0},
+    {   1, 7168,   8, 64, BF16,       1,  1,  0,  0,  1,   4,  0},
+    { 128, 7168,   8, 64, FP8,        1,  0, 10,  0,  0,   4,  0},
+    { 128, 7168,   8, 64, BF16,       0,  1,  0,  0,  0,   3,  0},
+    { 128, 2688,  16, 32, FP8,        0,  0, 10,  1,  1,   3,  0},
+    { 128, 2688,   9, 16, BF16,       1,  1, 20,  0,  1,   3,  0},
+    { 128, 7168,  16, 64, UE8M0,      1,  1,  0,  0,  1,   2,  0},
+    { 256, 4096,   9, 64, FP8_POW2,   1,  1,  5,  1,  1,   3,  0},
+    { 256, 2048,  16, 64, UE8M0,      0,  0,  5,  0,  0,   2,  0},
+    {  64, 4096,   8, 64, FP8_POW2,   0,  0, 30,  1,  0,   3,  0},
+    {1024, 2048,   8, 64, FP8,        1,  0, 10,  0,  0,   2,  0},
+    {1024, 4096,   1, 64, BF16,       0,  0,  0,  0,  1,   1,  0},
     /* A token crosses the link once per destination rank and carries its (expert, slot) list: every token on
      * every rank with several experts each (top-k = experts), many tokens with no destination at all (top-1, half
      * -1), a BF16 hidden that is a multiple of 8 but not of 16 (the last lane's second word), UE8M0 + zero-copy
      * with all experts of a token on few ranks. */
-    { 128, 2688,  16, 16, FP8,        0,  0,  0,  1,  0,   2},
-    {  64, 2048,   1, 64, FP8,        1,  0, 50,  0,  1,   3},
-    { 128, 2056,   8, 64, BF16,       1,  0, 10,  1,  1,   2},
-    {  32, 4096,   8,  8, UE8M0,      0,  1, 10,  1,  0,   2},
+    { 128, 2688,  16, 16, FP8,        0,  0,  0,  1,  0,   2,  0},
+    {  64, 2048,   1, 64, FP8,        1,  0, 50,  0,  1,   3,  0},
+    { 128, 2056,   8, 64, BF16,       1,  0, 10,  1,  1,   2,  0},
+    {  32, 4096,   8,  8, UE8M0,      0,  1, 10,  1,  0,   2,  0},
     /* Fewer send blocks than ranks (one block per token): a block publishes the counts and dispatch_meta rows of
      * several ranks (rank r by block r % grid), no hook and hook. */
-    {   3, 2048,   8, 64, FP8,        0,  0,  0,  0,  0,   3},
-    {   2, 4096,   9, 16, BF16,       1,  0, 10,  1,  0,   3},
+    {   3, 2048,   8, 64, FP8,        0,  0,  0,  0,  0,   3,  0},
+    {   2, 4096,   9, 16, BF16,       1,  0, 10,  1,  0,   3,  0},
+    /* Sums on the experts' ranks: the dispatch carries each (token, expert) weight, each rank sums its experts'
+     * rows of a token and one row per (token, rank) goes back. Many experts per rank (top-16 of 16), repeated
+     * experts (their weights add), -1 entries, empty ranks, zero-copy, the hook, T = 1 and 1024. */
+    { 128, 7168,   8, 64, FP8,        0,  0, 10,  1,  1,   3, 1},
+    { 128, 2688,  16, 16, BF16,       1,  1, 20,  1,  1,   3, 1},
+    {   1, 2048,   9, 64, FP8,        1,  0,  0,  0,  0,   3, 1},
+    {1024, 4096,   8, 64, UE8M0,      0,  1,  5,  1,  0,   2, 1},
+    {   3, 2048,  16, 16, BF16,       0,  0, 30,  1,  1,   3, 1},
 };
 #define NUM_CASES ((int)(sizeof(k_cases) / sizeof(k_cases[0])))
 
@@ -238,6 +248,7 @@ static ep_ll_dispatch_args_t dispatch_args(const ctx_t* c, const mb_t* m, const 
   a.recv_x_scales = k->mode == BF16 ? NULL : m->recv_scales;
   a.recv_count = m->recv_count;
   a.return_after_send = hook;
+  a.topk_weights = k->sums ? m->w : NULL;
   return a;
 }
 
@@ -330,7 +341,9 @@ static long check_combine(const ctx_t* c, const mb_t* m, const world_t* w) {
   uint16_t* want[MAX_RANKS];
   for (int r = 0; r < c->R; ++r) want[r] = xmalloc((size_t)w->num_tokens[r] * H * 2 + 2);
   long bad = 0;
-  if (ep_ref_ll_combine_fn(&w->ref, expert_fn, (void*)&w->seed, want) != 0) {
+  const int rc = w->k.sums ? ep_ref_ll_combine_sums_fn(&w->ref, expert_fn, (void*)&w->seed, want)
+                           : ep_ref_ll_combine_fn(&w->ref, expert_fn, (void*)&w->seed, want);
+  if (rc != 0) {
     fprintf(stderr, "rank %d: the reference combine rejected the world\n", c->me);
     bad = 1;
   }
@@ -348,9 +361,9 @@ static void print_case(const ctx_t* c, const char* what, int idx, const world_t*
   const case_t* k = &w->k;
   fprintf(stderr,
           "rank %d: FAILED [%s] %s case %d: T=%d hidden=%d topk=%d experts=%d %s hook=%d zero_copy=%d neg=%d%% dup=%d "
-          "vary=%d, world seed 0x%016llx (run seed 0x%016llx)\n",
+          "vary=%d sums=%d, world seed 0x%016llx (run seed 0x%016llx)\n",
           c->me, c->shape, what, idx, k->T, k->hidden, k->topk, k->experts, k_mode_names[k->mode], k->hook,
-          k->zero_copy, k->neg, k->dup, k->vary, (unsigned long long)w->seed, (unsigned long long)c->seed);
+          k->zero_copy, k->neg, k->dup, k->vary, k->sums, (unsigned long long)w->seed, (unsigned long long)c->seed);
 }
 
 /* Dispatch (send [+ receive]) of one micro-batch. */
@@ -367,10 +380,11 @@ static void do_combine(const ctx_t* c, mb_t* m, const world_t* w, const uint16_t
   if (dst) upload(dst, y, m->y_bytes);
   ep_ll_combine_args_t a = EP_LL_COMBINE_ARGS_INIT;
   a.x = w->k.zero_copy ? NULL : m->y;
-  a.topk_weights = m->w;
+  a.topk_weights = w->k.sums ? NULL : m->w;
   a.out = m->out;
   a.zero_copy = w->k.zero_copy;
   a.return_after_send = hook;
+  a.sum_on_expert_ranks = w->k.sums;
   EP_CHECK(c, ep_ll_combine(c->g, m->h, &a, c->s));
 }
 
@@ -424,10 +438,10 @@ static int run_case(const ctx_t* c, const case_t* k, int idx) {
 
 /* Dispatch, the experts (a device copy of their outputs) and combine in one CUDA graph; replayed with new x,
  * routing, weights and expert outputs in the same buffers. Then an eager round on the same group. */
-static int run_graph(const ctx_t* c) {
+static int run_graph(const ctx_t* c, int sums) {
   const int before = g_check_failures;
   /* Token counts are kernel arguments, fixed in the graph: every rank has T tokens here. */
-  const case_t k = {128, 7168, 8, 64, FP8, 0, 0, 10, 1, 0, 1};
+  const case_t k = {128, 7168, 8, 64, FP8, 0, 0, 10, 1, 0, 1, sums};
   mb_t m;
   mb_alloc(c, &m, &k);
   void* y_src = dev_alloc(m.y_bytes);
@@ -450,8 +464,9 @@ static int run_graph(const ctx_t* c) {
       CUDA_CHECK(cudaMemcpyAsync(m.y, y_src, m.y_bytes, cudaMemcpyDeviceToDevice, c->s));
       ep_ll_combine_args_t ca = EP_LL_COMBINE_ARGS_INIT;
       ca.x = m.y;
-      ca.topk_weights = m.w;
+      ca.topk_weights = sums ? NULL : m.w;
       ca.out = m.out;
+      ca.sum_on_expert_ranks = sums;
       EP_CHECK(c, ep_ll_combine(c->g, m.h, &ca, c->s));
       CUDA_CHECK(cudaStreamEndCapture(c->s, &graph));
       if (graph) CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
@@ -504,18 +519,21 @@ static void run_shape(const harness_t* h, int ranks_per_node, const char* name) 
   }
   printf("rank %d [%s]: %d cases, %d failed (%.1f s)\n", c.me, name, ran, failed, now_s() - t0);
 
-  t0 = now_s();
-  failed = run_graph(&c);
-  printf("rank %d [%s]: CUDA graph capture + 5 launches: %s (%.1f s)\n", c.me, name, failed ? "FAILED" : "ok",
-         now_s() - t0);
+  for (int sums = 0; sums <= 1; ++sums) {
+    t0 = now_s();
+    failed = run_graph(&c, sums);
+    printf("rank %d [%s]: CUDA graph capture + 5 launches%s: %s (%.1f s)\n", c.me, name,
+           sums ? " (sums on the experts' ranks)" : "", failed ? "FAILED" : "ok", now_s() - t0);
+  }
 
   /* Many repetitions with fresh data (small, so they are quick), then a clean and one more round. */
   t0 = now_s();
-  const case_t many = {32, 2048, 8, 64, FP8, 1, 0, 10, 1, 1, 50};
-  failed = run_case(&c, &many, 100);
+  const case_t many = {32, 2048, 8, 64, FP8, 1, 0, 10, 1, 1, 50, 0};
+  const case_t many_sums = {32, 2048, 8, 64, BF16, 0, 1, 10, 1, 1, 20, 1};
+  failed = run_case(&c, &many, 100) + run_case(&c, &many_sums, 102);
   EP_CHECK(&c, ep_ll_clean(c.g, c.s));
   failed += run_case(&c, &k_cases[2], 101);
-  printf("rank %d [%s]: 50 repetitions, clean, one more case: %s (%.1f s)\n", c.me, name, failed ? "FAILED" : "ok",
+  printf("rank %d [%s]: 50 + 20 (sums) repetitions, clean, one more case: %s (%.1f s)\n", c.me, name, failed ? "FAILED" : "ok",
          now_s() - t0);
 
   cudaStreamDestroy(c.s);
@@ -543,7 +561,7 @@ static void run_timeout(const harness_t* h) {
   CHECK(st == EP_STATUS_SUCCESS, "create: %s", ep_last_error(NULL));
   if (st != EP_STATUS_SUCCESS) return;
   CUDA_CHECK(cudaStreamCreate(&c.s));
-  const case_t k = {8, 1024, 2, 4 * h->num_ranks, BF16, 0, 0, 0, 0, 0, 1};
+  const case_t k = {8, 1024, 2, 4 * h->num_ranks, BF16, 0, 0, 0, 0, 0, 1, 0};
   world_t w;
   world_make(&w, &k, c.R, 12345);
   mb_t m;

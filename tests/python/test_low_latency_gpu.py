@@ -123,6 +123,36 @@ def expected_combine(x, idx, w, E_loc):
     return acc.to(torch.bfloat16)
 
 
+def expected_combine_sums(x, idx, w, E_loc):
+    """The combine with sums on the experts' ranks: per rank d of the token's experts (in the order of its first
+    slot), s_d = bf16(sum over its distinct experts e, first-slot order, of W_e * bf16(x * (e_loc + 1))), W_e = the
+    sum of the weights of e's slots; out = bf16(sum of the s_d) in fp32."""
+    n, K = idx.shape
+    out = torch.zeros(x.shape, dtype=torch.bfloat16, device=x.device)
+    ids, wts = idx.tolist(), w.tolist()
+    for t in range(n):
+        acc = torch.zeros(x.shape[1], dtype=torch.float32, device=x.device)
+        ranks = []
+        for e in ids[t]:
+            if e >= 0 and e // E_loc not in ranks:
+                ranks.append(e // E_loc)
+        for d in ranks:
+            part = torch.zeros_like(acc)
+            seen = []
+            for e in ids[t]:
+                if e < 0 or e // E_loc != d or e in seen:
+                    continue
+                seen.append(e)
+                W = 0.0
+                for k in range(K):
+                    if ids[t][k] == e:
+                        W = float(torch.tensor(W, dtype=torch.float32) + torch.tensor(wts[t][k], dtype=torch.float32))
+                part = part + W * (x[t].float() * (e % E_loc + 1)).to(torch.bfloat16).float()
+            acc = acc + part.to(torch.bfloat16).float()
+        out[t] = acc.to(torch.bfloat16)
+    return out
+
+
 def expert_op(recv_x, E_loc):
     """The experts: y = received rows * (local expert + 1), as bf16 (recv_x bf16 [E_loc, R*T, H])."""
     mult = torch.arange(1, E_loc + 1, device=recv_x.device, dtype=torch.float32).view(E_loc, 1, 1)
@@ -262,6 +292,31 @@ def run_checks(ck, c):
     got, _, hk = buf.low_latency_combine(None, w.idx, w.w, handle, zero_copy=True, return_recv_hook=True)
     hk()
     ck.check("zero-copy combine with x=None and the hook == the copying combine", torch.equal(got, out))
+
+    # Sums on the experts' ranks: the dispatch carries the weights (tokens with repeated experts), the hook once.
+    xs, idxs, ws = make_inputs(c.gen, c.n, c.H, c.E, c.K, c.dev, dup=True)
+    wS = World(c, xs, idxs, c.ns)
+    for hook in (False, True):
+        recv_x, _, handle, _, hk = dispatch(c, wS, use_fp8=False, topk_weights=ws, return_recv_hook=hook)
+        if hk is not None:
+            hk()
+        got, _, hk = buf.low_latency_combine(expert_op(recv_x, E_loc), idxs, None, handle, sum_on_expert_ranks=True,
+                                             return_recv_hook=hook)
+        if hk is not None:
+            hk()
+        ok, d = close_bf16(got, expected_combine_sums(xs, idxs, ws, E_loc))
+        ck.check(f"sum_on_expert_ranks{' (hooks)' if hook else ''}: == each rank's bf16 sum, summed (max diff {d:g})",
+                 ok)
+    recv_x, _, handle, _, _ = dispatch(c, wS, use_fp8=False, topk_weights=ws)
+    ck.raises("sum_on_expert_ranks with topk_weights given -> ValueError", ValueError,
+              lambda: buf.low_latency_combine(expert_op(recv_x, E_loc), idxs, ws, handle, sum_on_expert_ranks=True),
+              "topk_weights=None")
+    if min(c.ns) > 0:  # every rank refuses (a rank without tokens has no weights to miss, and would go on)
+        recv_x, _, handle, _, _ = dispatch(c, wS, use_fp8=False)
+        ck.raises("sum_on_expert_ranks after a dispatch without topk_weights -> EpError naming it", RuntimeError,
+                  lambda: buf.low_latency_combine(expert_op(recv_x, E_loc), idxs, None, handle,
+                                                  sum_on_expert_ranks=True), "topk_weights")
+        buf.low_latency_combine(expert_op(recv_x, E_loc), idxs, ws, handle)  # every rank combines it
 
     # FP8 modes.
     check_fp8_dispatch(ck, c, w)

@@ -230,6 +230,19 @@ typedef void (*ep_ref_expert_fn)(void* ctx, int dst_rank, int local_expert, int 
 int ep_ref_ll_combine_fn(const ep_ref_ll_world_t* world, ep_ref_expert_fn fn, void* ctx,
                          uint16_t* const* out);
 
+/* The combine with sums on the experts' ranks (ep_ll_combine_args_t.sum_on_expert_ranks), with Y from fn. For
+ * source rank s, token t, channel c:
+ *   acc = 0
+ *   for each rank d of the token's valid experts, in the order of its first slot:
+ *     partial = 0
+ *     for each distinct expert e of rank d, in the order of its first slot:
+ *       W = 0; for k = 0..K-1 with topk_idx[t][k] == e: W += w[t][k]
+ *       partial = fmaf(W, Y(e, s, t)[c], partial)
+ *     acc = fmaf(1, bf16(partial), acc)         -- each rank's sum crosses the link as bf16
+ *   out[t][c] = bf16(acc) */
+int ep_ref_ll_combine_sums_fn(const ep_ref_ll_world_t* world, ep_ref_expert_fn fn, void* ctx,
+                              uint16_t* const* out);
+
 /* Fills y: [R] -> [E_loc, R*T, hidden] bf16 with fn's rows in disp's layout (unused rows zeroed),
  * i.e. the input ep_ref_ll_combine expects. */
 int ep_ref_ll_fill_expert_outputs(const ep_ref_ll_dispatch_t* disp, ep_ref_expert_fn fn, void* ctx,
