@@ -359,6 +359,20 @@ static void test_ll_args(void) {
   EXPECT_FAIL(ep_ll_combine(g, &handle, &ca, 0), g, EP_STATUS_INVALID_ARGUMENT, "topk_weights is NULL");
   ca = cgood; ca.out = NULL;
   EXPECT_FAIL(ep_ll_combine(g, &handle, &ca, 0), g, EP_STATUS_INVALID_ARGUMENT, "out is NULL");
+  /* Sums on the experts' ranks: a flag, no weights of its own, the dispatch's weights, room in the buffer. */
+  ca = cgood; ca.sum_on_expert_ranks = 2;
+  EXPECT_FAIL(ep_ll_combine(g, &handle, &ca, 0), g, EP_STATUS_INVALID_ARGUMENT, "sum_on_expert_ranks is 2");
+  ca = cgood; ca.sum_on_expert_ranks = 1;
+  EXPECT_FAIL(ep_ll_combine(g, &handle, &ca, 0), g, EP_STATUS_INVALID_ARGUMENT, "uses the dispatch's weights");
+  ca.topk_weights = NULL;
+  handle.dispatch_weights = NULL;
+  EXPECT_FAIL(ep_ll_combine(g, &handle, &ca, 0), g, EP_STATUS_INVALID_USAGE, "had no topk_weights");
+  const ep_ll_layout_t roomy = host_group.ll_layout;
+  host_group.ll_layout = ep_ll_layout(4, 8, 128, 7168, 8); /* 2 experts per rank: no room for the sums */
+  handle.dispatch_weights = w;
+  EXPECT_FAIL(ep_ll_combine(g, &handle, &ca, 0), g, EP_STATUS_INVALID_USAGE, "2 experts per rank");
+  host_group.ll_layout = roomy;
+  CHECK(ep_ll_sums_fit(&roomy), "64 experts per rank leave room for the sums");
   handle.dispatch_recv_pending = true;
   EXPECT_FAIL(ep_ll_combine(g, &handle, &cgood, 0), g, EP_STATUS_INVALID_USAGE, "ep_ll_dispatch_recv first");
   EXPECT_FAIL(ep_ll_dispatch(g, &handle, &good, 0), g, EP_STATUS_INVALID_USAGE, "receive phase");

@@ -13,6 +13,9 @@ select it, ordered by source rank, then token (ep's LL order is deterministic).
               int32 [E_loc, R*T, H/512])
   combine     y = received rows * (local expert + 1) in bf16; out == sum_k w * y in fp32, rounded to bf16;
               out= preallocated; zero-copy (get_next_low_latency_combine_buffer) == the copying combine
+  sums        dispatch with topk_weights, combine with sum_on_expert_ranks (with and without hooks; repeated
+              experts) == each rank's bf16 sum of its experts' weighted rows, summed; the refusals (weights given
+              to that combine, a dispatch without weights)
   hooks       return_recv_hook for dispatch and combine == the plain calls; two micro-batches in flight; a hook
               runs once; a stale handle (dispatch after next) is refused
   events      async_finish -> EventOverlap with an event
