@@ -107,13 +107,7 @@ __device__ __forceinline__ int send_rows(const ep_ll_launch_t& p, Grid grid, con
   const int parts = max(1, min(8, total_warps / max(total, 1)));
   for (int u = grid.block * kSendWarps + warp; u < total * parts; u += total_warps) {
     const int flat = u / parts, part = u % parts;
-    int lo = 0, hi = E_loc - 1;  // the last expert whose first row is <= flat (empty experts are skipped)
-    while (lo < hi) {
-      const int mid = (lo + hi + 1) >> 1;
-      if (s_first[mid] <= flat) lo = mid;
-      else hi = mid - 1;
-    }
-    const int le = lo, row = flat - s_first[le];
+    const int le = last_start_at_most(s_first, E_loc, flat), row = flat - s_first[le];
     const int2* range = s_range + (size_t)le * R;
     int slo = 0, shi = R - 1;  // the last source whose first row is <= row
     while (slo < shi) {
@@ -144,8 +138,8 @@ __device__ __forceinline__ int send_rows(const ep_ll_launch_t& p, Grid grid, con
 }
 
 // The sums form's units. s_range as for the rows; s_moff [R + 1]: the dispatch's message offsets per source. The
-// dispatch's messages are still in the receive area (the sums go to recv_sums): each unit reads its message's
-// pairs. Returns its parts per message.
+// dispatch's messages are still in the receive area (the sums go after them, ep_ll_recv_sums): each unit reads its
+// message's pairs. Returns its parts per message.
 __device__ __forceinline__ int send_sums(const ep_ll_launch_t& p, Grid grid, const int2* s_range, const int* s_moff,
                                          int* s_units) {
   const ep_ll_layout_t& L = p.layout;
@@ -162,13 +156,7 @@ __device__ __forceinline__ int send_sums(const ep_ll_launch_t& p, Grid grid, con
   const int parts = max(1, min(8, total_warps / max(total, 1)));
   for (int u = grid.block * kSendWarps + warp; u < total * parts; u += total_warps) {
     const int m = u / parts, part = u % parts;
-    int lo = 0, hi = R - 1;  // the last source whose first message is <= m
-    while (lo < hi) {
-      const int mid = (lo + hi + 1) >> 1;
-      if (s_moff[mid] <= m) lo = mid;
-      else hi = mid - 1;
-    }
-    const int s = lo, slot = m - s_moff[s];
+    const int s = last_start_at_most(s_moff, R, m), slot = m - s_moff[s];
     const char* msg = msgs + ((size_t)s * L.max_tokens + slot) * L.msg_bytes;
     const int2 head = ld_nc_v2(msg);  // (token, npairs): loaded with the pairs, as the dispatch's receive does
     const int2 pair = lane < min(L.max_topk, 32) ? ld_nc_v2(msg + 8 + 8 * lane) : make_int2(-1, 0);

@@ -235,6 +235,18 @@ __device__ __forceinline__ int pair_slot(int2 pair) { return pair.y; }
 #endif
 __device__ __forceinline__ float pair_weight(int2 pair) { return __int_as_float(pair.y); }
 
+// The last i in [0, n) with starts[i] <= v, for ascending starts with starts[0] <= v: which run (source, expert) a
+// flat index falls in, empty runs skipped.
+__device__ __forceinline__ int last_start_at_most(const int* starts, int n, int v) {
+  int lo = 0, hi = n - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (starts[mid] <= v) lo = mid;
+    else hi = mid - 1;
+  }
+  return lo;
+}
+
 // The rank holding valid expert e.
 __device__ __forceinline__ int rank_of_expert(const ep_ll_launch_t& p, int e) {
   return (int)ep_fastdiv((uint32_t)e, p.by_local_experts);

@@ -406,13 +406,7 @@ __device__ __forceinline__ void recv_unit_load(const ep_ll_launch_t& p, const ch
   const int lane = threadIdx.x & 31, R = p.num_ranks, H = p.hidden, G = H / 128;
   const int m = u / parts;
   r.part = u % parts;
-  int lo = 0, hi = R - 1;  // the last source whose first message is <= m
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) >> 1;
-    if (s_moff[mid] <= m) lo = mid;
-    else hi = mid - 1;
-  }
-  r.s = lo;
+  r.s = last_start_at_most(s_moff, R, m);
   r.msg = recv + ((size_t)r.s * L.max_tokens + (m - s_moff[r.s])) * L.msg_bytes;
   r.head = ld_nc_v2(r.msg);
   r.pair = lane < min(L.max_topk, 32) ? ld_nc_v2(r.msg + 8 + 8 * lane) : make_int2(-1, 0);

@@ -582,7 +582,40 @@ int ep_ref_ll_combine(const ep_ref_ll_world_t* w, const ep_ref_ll_dispatch_t* di
   return 0;
 }
 
-int ep_ref_ll_combine_fn(const ep_ref_ll_world_t* w, ep_ref_expert_fn fn, void* ctx, uint16_t* const* out) {
+/* The sums form's rule (ep_ref.h 7): slot k's expert row y_rows[k] (NULL for -1). */
+static void ll_combine_token_sums(const ep_ref_ll_world_t* w, int s, int t, const uint16_t* const* y_rows,
+                                  uint16_t* out_row) {
+  const int K = w->num_topk, E_loc = w->num_experts / w->num_ranks;
+  const int64_t* idx = w->topk_idx[s] + (size_t)t * K;
+  const float* wt = w->topk_weights[s] + (size_t)t * K;
+  for (int c = 0; c < w->hidden; ++c) {
+    float acc = 0.0f;
+    for (int k = 0; k < K; ++k) {
+      if (!y_rows[k]) continue;
+      const int64_t rank = idx[k] / E_loc;
+      int rank_first = 1; /* no earlier valid slot on the same rank */
+      for (int q = 0; q < k; ++q) rank_first &= !(y_rows[q] && idx[q] / E_loc == rank);
+      if (!rank_first) continue;
+      float partial = 0.0f;
+      for (int k2 = k; k2 < K; ++k2) {
+        if (!y_rows[k2] || idx[k2] / E_loc != rank) continue;
+        int expert_first = 1;
+        for (int q = 0; q < k2; ++q) expert_first &= idx[q] != idx[k2];
+        if (!expert_first) continue;
+        float weight = 0.0f; /* the expert's weights, in slot order */
+        for (int q = k2; q < K; ++q)
+          if (idx[q] == idx[k2]) weight += wt[q];
+        partial = fmaf(weight, ep_ref_bf16_to_f32(y_rows[k2][c]), partial);
+      }
+      acc = fmaf(1.0f, ep_ref_bf16_to_f32(ep_ref_f32_to_bf16(partial)), acc);
+    }
+    out_row[c] = ep_ref_f32_to_bf16(acc);
+  }
+}
+
+/* Both combine forms with Y from fn: each token's slot rows, then its rule. */
+static int ll_combine_fn(const ep_ref_ll_world_t* w, ep_ref_expert_fn fn, void* ctx, uint16_t* const* out,
+                         int sums) {
   if (!ll_world_ok(w) || !w->topk_weights || !fn || !out) return -1;
   const int R = w->num_ranks, E_loc = w->num_experts / R, K = w->num_topk, H = w->hidden;
   uint16_t* rows = zalloc((size_t)K * H, sizeof(uint16_t));
@@ -601,72 +634,20 @@ int ep_ref_ll_combine_fn(const ep_ref_ll_world_t* w, ep_ref_expert_fn fn, void* 
         fn(ctx, (int)(e / E_loc), (int)(e % E_loc), s, t, H, rows + (size_t)k * H);
         y_rows[k] = rows + (size_t)k * H;
       }
-      ll_combine_token(w, s, t, y_rows, out[s] + (size_t)t * H);
+      if (sums) ll_combine_token_sums(w, s, t, y_rows, out[s] + (size_t)t * H);
+      else ll_combine_token(w, s, t, y_rows, out[s] + (size_t)t * H);
     }
   free(rows);
   free(y_rows);
   return 0;
 }
 
-/* The sums form's rule (ep_ref.h 7): slot k's expert row y_rows[k] (NULL for -1), rank of slot k's expert rank[k]. */
-static void ll_combine_token_sums(const ep_ref_ll_world_t* w, int s, int t, const uint16_t* const* y_rows,
-                                  const int* rank, uint16_t* out_row) {
-  const int K = w->num_topk;
-  const int64_t* idx = w->topk_idx[s] + (size_t)t * K;
-  const float* wt = w->topk_weights[s] + (size_t)t * K;
-  for (int c = 0; c < w->hidden; ++c) {
-    float acc = 0.0f;
-    for (int k = 0; k < K; ++k) {
-      if (!y_rows[k]) continue;
-      int rank_first = 1; /* no earlier valid slot on the same rank */
-      for (int q = 0; q < k; ++q) rank_first &= !(y_rows[q] && rank[q] == rank[k]);
-      if (!rank_first) continue;
-      float partial = 0.0f;
-      for (int k2 = k; k2 < K; ++k2) {
-        if (!y_rows[k2] || rank[k2] != rank[k]) continue;
-        int expert_first = 1;
-        for (int q = 0; q < k2; ++q) expert_first &= idx[q] != idx[k2];
-        if (!expert_first) continue;
-        float weight = 0.0f; /* the expert's weights, in slot order */
-        for (int q = k2; q < K; ++q)
-          if (idx[q] == idx[k2]) weight += wt[q];
-        partial = fmaf(weight, ep_ref_bf16_to_f32(y_rows[k2][c]), partial);
-      }
-      acc = fmaf(1.0f, ep_ref_bf16_to_f32(ep_ref_f32_to_bf16(partial)), acc);
-    }
-    out_row[c] = ep_ref_f32_to_bf16(acc);
-  }
+int ep_ref_ll_combine_fn(const ep_ref_ll_world_t* w, ep_ref_expert_fn fn, void* ctx, uint16_t* const* out) {
+  return ll_combine_fn(w, fn, ctx, out, 0);
 }
 
 int ep_ref_ll_combine_sums_fn(const ep_ref_ll_world_t* w, ep_ref_expert_fn fn, void* ctx, uint16_t* const* out) {
-  if (!ll_world_ok(w) || !w->topk_weights || !fn || !out) return -1;
-  const int R = w->num_ranks, E_loc = w->num_experts / R, K = w->num_topk, H = w->hidden;
-  uint16_t* rows = zalloc((size_t)K * H, sizeof(uint16_t));
-  const uint16_t** y_rows = zalloc((size_t)K, sizeof *y_rows);
-  int* rank = zalloc((size_t)K, sizeof(int));
-  if (!rows || !y_rows || !rank) {
-    free(rows);
-    free(y_rows);
-    free(rank);
-    return -1;
-  }
-  for (int s = 0; s < R; ++s)
-    for (int t = 0; t < w->num_tokens[s]; ++t) {
-      for (int k = 0; k < K; ++k) {
-        int64_t e = w->topk_idx[s][(size_t)t * K + k];
-        y_rows[k] = NULL;
-        rank[k] = -1;
-        if (e < 0) continue;
-        rank[k] = (int)(e / E_loc);
-        fn(ctx, rank[k], (int)(e % E_loc), s, t, H, rows + (size_t)k * H);
-        y_rows[k] = rows + (size_t)k * H;
-      }
-      ll_combine_token_sums(w, s, t, y_rows, rank, out[s] + (size_t)t * H);
-    }
-  free(rows);
-  free(y_rows);
-  free(rank);
-  return 0;
+  return ll_combine_fn(w, fn, ctx, out, 1);
 }
 
 int ep_ref_ll_fill_expert_outputs(const ep_ref_ll_dispatch_t* disp, ep_ref_expert_fn fn, void* ctx,
