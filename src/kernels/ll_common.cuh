@@ -222,17 +222,11 @@ __device__ __forceinline__ int2 ld_nc_v2(const void* ptr) {
 
 // A message header's pair (ll_layout.h): expert e and slot j in one int32, then the weight's bits.
 constexpr int kPairSlotBits = 13;  // j < 2^13: T <= 8192 (EP_LL_MAX_TOKENS)
-#ifndef EP_AB_V3
 __device__ __forceinline__ int2 make_pair(int e, int j, float weight) {
   return make_int2(e << kPairSlotBits | j, __float_as_int(weight));
 }
 __device__ __forceinline__ int pair_expert(int2 pair) { return pair.x >> kPairSlotBits; }
 __device__ __forceinline__ int pair_slot(int2 pair) { return pair.x & ((1 << kPairSlotBits) - 1); }
-#else
-__device__ __forceinline__ int2 make_pair(int e, int j, float) { return make_int2(e, j); }
-__device__ __forceinline__ int pair_expert(int2 pair) { return pair.x; }
-__device__ __forceinline__ int pair_slot(int2 pair) { return pair.y; }
-#endif
 __device__ __forceinline__ float pair_weight(int2 pair) { return __int_as_float(pair.y); }
 
 // The last i in [0, n) with starts[i] <= v, for ascending starts with starts[0] <= v: which run (source, expert) a

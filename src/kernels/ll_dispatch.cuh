@@ -232,11 +232,7 @@ __device__ __forceinline__ bool dispatch_send(const ep_ll_launch_t& p, Grid grid
       atomicAdd(&s_rhist[rank_of_expert(p, s_ent[i])], 1);
       atomicAdd(&s_own[rank_of_expert(p, s_ent[i])], 1);
     }
-#if !defined(EP_AB_V2) && !defined(EP_AB_V3)
     if (p.dispatch_weights) {
-#else
-    if (false) {
-#endif
       if (s_ent[i] >= 0) {
         const float* w = p.dispatch_weights + (size_t)(begin + lt) * K;
         float sum = 0.0f;
@@ -266,11 +262,7 @@ __device__ __forceinline__ bool dispatch_send(const ep_ll_launch_t& p, Grid grid
       const int jk = ek >= 0 ? s_slot[lt * K + lane] : 0;
       const unsigned fmask = __ballot_sync(0xffffffffu, ek >= 0);
       const int idx = __popc(fmask & ((1u << lane) - 1u));
-#if !defined(EP_AB_V2) && !defined(EP_AB_V3)
       const float wk = p.dispatch_weights && ek >= 0 ? s_w[lt * K + lane] : 0.0f;
-#else
-      const float wk = 0.0f;
-#endif
       for_each_copy(p, dmask, ek, posk, has_remote, my_msg, [&](char* dst) {
         if (lane == 0) *reinterpret_cast<int2*>(dst) = make_int2(t, __popc(fmask));
         if (ek >= 0) *reinterpret_cast<int2*>(dst + 8 + 8 * idx) = make_pair(ek, jk, wk);
@@ -508,10 +500,8 @@ __device__ __forceinline__ bool dispatch_recv(const ep_ll_launch_t& p, Grid grid
     }
     if (grid.block == 0) p.recv_count[le] = run;
   }
-#if !defined(EP_AB_V1) && !defined(EP_AB_V3)
   if (grid.block == 0)  // the message offsets, for a combine with sums on this rank (it reads the messages)
     for (int s = tid; s <= R; s += blockDim.x) p.msg_off[s] = s_moff[s];
-#endif
   __syncthreads();
   LL_PROF_STAMP(kProfDispatchRecv, grid, 2);
   LL_TL(kTlOffsets, tid == 0, 0);
