@@ -104,7 +104,7 @@ __device__ __forceinline__ int send_rows(const ep_ll_launch_t& p, Grid grid, con
   char* stage = p.ll_base + half + L.combine_stage;  // [E_loc][RT][H] bf16: the zero-copy buffer
   const int total = s_first[E_loc];
   const int total_warps = grid.blocks * kSendWarps;
-  const int parts = max(1, min(8, total_warps / max(total, 1)));
+  const int parts = parts_per_unit(total_warps, total);
   for (int u = grid.block * kSendWarps + warp; u < total * parts; u += total_warps) {
     const int flat = u / parts, part = u % parts;
     const int le = last_start_at_most(s_first, E_loc, flat), row = flat - s_first[le];
@@ -122,8 +122,8 @@ __device__ __forceinline__ int send_rows(const ep_ll_launch_t& p, Grid grid, con
     const size_t offset = half + L.recv + ((size_t)(me * E_loc + le) * L.max_tokens + j) * L.row_bytes;
     char* peer = nvlink_peer(p, s);
     if (peer) {
-      const int w0 = row_words * part / parts, w1 = row_words * (part + 1) / parts;  // 32-bit: row_words <= 8192
-      copy_words(reinterpret_cast<int4*>(peer + offset), reinterpret_cast<const int4*>(src), w0, w1, lane);
+      const int2 w = part_range(part, parts, row_words);  // row_words <= 8192
+      copy_words(reinterpret_cast<int4*>(peer + offset), reinterpret_cast<const int4*>(src), w.x, w.y, lane);
       if (lane == 0) atomicAdd(&s_units[s], 1);
     } else if (part == 0) {
       if (!p.zero_copy) {
@@ -153,7 +153,7 @@ __device__ __forceinline__ int send_sums(const ep_ll_launch_t& p, Grid grid, con
   const char* y = p.zero_copy ? stage : (const char*)p.y;
   const int total = s_moff[R];
   const int total_warps = grid.blocks * kSendWarps;
-  const int parts = max(1, min(8, total_warps / max(total, 1)));
+  const int parts = parts_per_unit(total_warps, total);
   for (int u = grid.block * kSendWarps + warp; u < total * parts; u += total_warps) {
     const int m = u / parts, part = u % parts;
     const int s = last_start_at_most(s_moff, R, m), slot = m - s_moff[s];
@@ -168,8 +168,8 @@ __device__ __forceinline__ int send_sums(const ep_ll_launch_t& p, Grid grid, con
     const size_t offset = half + ep_ll_recv_sums(&L) + ((size_t)me * L.max_tokens + slot) * L.row_bytes;
     char* peer = nvlink_peer(p, s);
     if (peer) {
-      const int w0 = row_words * part / parts, w1 = row_words * (part + 1) / parts;
-      sum_words(reinterpret_cast<int4*>(peer + offset), y, row_bytes, lanes, flat, weight, w0, w1, lane);
+      const int2 w = part_range(part, parts, row_words);
+      sum_words(reinterpret_cast<int4*>(peer + offset), y, row_bytes, lanes, flat, weight, w.x, w.y, lane);
       if (lane == 0) atomicAdd(&s_units[s], 1);
     } else if (part == 0) {  // the sum into the stage, over the message's first row here, then one put
       char* staged = stage + (size_t)__shfl_sync(0xffffffffu, flat, __ffs(lanes) - 1) * row_bytes;

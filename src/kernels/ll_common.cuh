@@ -229,6 +229,17 @@ __device__ __forceinline__ int pair_expert(int2 pair) { return pair.x >> kPairSl
 __device__ __forceinline__ int pair_slot(int2 pair) { return pair.x & ((1 << kPairSlotBits) - 1); }
 __device__ __forceinline__ float pair_weight(int2 pair) { return __int_as_float(pair.y); }
 
+// Warps per unit (message or row) when `total_warps` share `units` of them: enough to keep every warp busy at small
+// counts, at most 8 (a part below ~1 KB costs more in set-up than it saves).
+__device__ __forceinline__ int parts_per_unit(int total_warps, int units) {
+  return max(1, min(8, total_warps / max(units, 1)));
+}
+
+// [begin, end) of part `part` of n items split in `parts` parts (32-bit: n * parts < 2^31 for every caller).
+__device__ __forceinline__ int2 part_range(int part, int parts, int n) {
+  return make_int2(n * part / parts, n * (part + 1) / parts);
+}
+
 // The last i in [0, n) with starts[i] <= v, for ascending starts with starts[0] <= v: which run (source, expert) a
 // flat index falls in, empty runs skipped.
 __device__ __forceinline__ int last_start_at_most(const int* starts, int n, int v) {

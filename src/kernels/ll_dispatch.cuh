@@ -100,11 +100,6 @@ constexpr int kMaxRange = 64;   // tokens per send block at most
 constexpr int kStep = 512;      // channels per warp step: 16 per lane
 constexpr int kStepBatch = 4;   // steps whose loads a lane has in flight at once
 
-// Steps [st0, st1) of part `part` of a token's `steps` steps split in `parts` parts.
-__device__ __forceinline__ int2 part_steps(int part, int parts, int steps) {
-  return make_int2(steps * part / parts, steps * (part + 1) / parts);  // < 2^31: steps <= 128, parts <= 16
-}
-
 // Step s of a token's row x (xrow, H channels of bf16): 16 channels per lane, zeros past H.
 __device__ __forceinline__ void load_x_step(const char* xrow, int s, int H, int lane, int4 (&v)[2]) {
   const int c = s * kStep + lane * 16;
@@ -269,7 +264,7 @@ __device__ __forceinline__ bool dispatch_send(const ep_ll_launch_t& p, Grid grid
       });
       LL_TL(kTlHeader, tid == 0, 0);
     }
-    const int2 st = part_steps(part, parts, steps);
+    const int2 st = part_range(part, parts, steps);  // steps <= 128, parts <= 16
     const int st0 = st.x, st1 = st.y;
     const char* xrow = reinterpret_cast<const char*>(p.x) + (size_t)t * H * 2;
     for (int s0 = st0; s0 < st1; s0 += kStepBatch) {
@@ -402,8 +397,9 @@ __device__ __forceinline__ void recv_unit_load(const ep_ll_launch_t& p, const ch
   r.msg = recv + ((size_t)r.s * L.max_tokens + (m - s_moff[r.s])) * L.msg_bytes;
   r.head = ld_nc_v2(r.msg);
   r.pair = lane < min(L.max_topk, 32) ? ld_nc_v2(r.msg + 8 + 8 * lane) : make_int2(-1, 0);
-  r.w0 = words * r.part / parts;  // 32-bit: words <= 8192, parts <= 8
-  r.w1 = words * (r.part + 1) / parts;
+  const int2 w = part_range(r.part, parts, words);  // words <= 8192, parts <= 8
+  r.w0 = w.x;
+  r.w1 = w.y;
   const int4* src = reinterpret_cast<const int4*>(r.msg + L.hdr_bytes);
 #pragma unroll
   for (int b = 0; b < kCopyBatch; ++b)
@@ -480,7 +476,7 @@ __device__ __forceinline__ bool dispatch_recv(const ep_ll_launch_t& p, Grid grid
   // Each warp issues the loads of its first message unit now, so that they travel with the dispatch_meta loads.
   const int M = s_moff[R];
   const int total_warps = grid.blocks * kRecvWarps;
-  const int parts = max(1, min(8, total_warps / max(M, 1)));
+  const int parts = parts_per_unit(total_warps, M);
   const int words = p.fp8 ? H / 16 : H / 8;  // payload without the scales, in 16-byte words
   const int units = M * parts;
   const int u0 = grid.block * kRecvWarps + warp;
