@@ -46,14 +46,15 @@ def routing(gen, T, E, K, dev):
     return torch.topk(scores, K, dim=-1, sorted=False).indices.to(torch.int64)
 
 
-# The kernels are templates over the call: ep::ll::{send,recv,fused}_kernel<(ep::ll::Call)N>, N = 0 dispatch, 1 combine.
-LL_KERNEL = re.compile(r"ep::ll::(send|recv|fused)_kernel<\(ep::ll::Call\)([01])>")
+# The kernels are templates over the call: ep::ll::{send,recv,fused}_kernel<(ep::ll::Call)N>, N = 0 dispatch,
+# 1 combine, 2 combine with sums on the experts' ranks.
+LL_KERNEL = re.compile(r"ep::ll::(send|recv|fused)_kernel<\(ep::ll::Call\)([012])>")
 
 
 def kernel_name(demangled):
     """The short name ("dispatch_send" .. "combine_fused") of an ep LL kernel's demangled name, else None."""
     m = LL_KERNEL.search(demangled)
-    return f"{('dispatch', 'combine')[int(m.group(2))]}_{m.group(1)}" if m else None
+    return f"{('dispatch', 'combine', 'combine')[int(m.group(2))]}_{m.group(1)}" if m else None
 
 
 def kernel_records(prof):

@@ -182,14 +182,14 @@ __device__ __forceinline__ int send_sums(const ep_ll_launch_t& p, Grid grid, con
   return parts;
 }
 
-// One block's send phase of call `op`. False if the block gave up (an acknowledgement timed out; the fault is
-// recorded): the caller then stops, with no receive phase.
+// One block's send phase of call `op`, in the sums form if kSums. False if the block gave up (an acknowledgement
+// timed out; the fault is recorded): the caller then stops, with no receive phase.
+template <bool kSums>
 __device__ __forceinline__ bool combine_send(const ep_ll_launch_t& p, Grid grid, uint64_t op) {
   extern __shared__ int s_dyn[];
   const ep_ll_layout_t& L = p.layout;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int R = p.num_ranks, E_loc = p.num_experts / R;
-  const bool sums = p.sum_on_expert_ranks;
   const size_t half = half_offset(p);
   LL_PROF_STAMP(kProfCombineSend, grid, 0);
   if (grid.block == 0 && tid == 0) p.ops[1] = op;  // the call number for a later receive kernel (the hook)
@@ -203,12 +203,12 @@ __device__ __forceinline__ bool combine_send(const ep_ll_launch_t& p, Grid grid,
     const int64_t v = p.layout_range[i];
     s_range[i] = make_int2((int)(v >> 32), (int)(uint32_t)v);
   }
-  if (sums)
+  if constexpr (kSums)
     for (int i = tid; i <= R; i += blockDim.x) s_moff[i] = p.msg_off[i];
   const bool acks_ok = poll_acks(p, op, EP_SITE_LL_COMBINE_ACK);  // overlaps the loads above
   if (__syncthreads_or(!acks_ok)) return false;
   LL_PROF_STAMP(kProfCombineSend, grid, 1);
-  if (sums) {
+  if constexpr (kSums) {
     for (int r = tid; r < R; r += blockDim.x)
       if (publishes_for(r, grid)) s_rows[r] = s_moff[r + 1] - s_moff[r];
   } else {
@@ -235,8 +235,9 @@ __device__ __forceinline__ bool combine_send(const ep_ll_launch_t& p, Grid grid,
   }
   __syncthreads();
 
-  const int parts =
-      sums ? send_sums(p, grid, s_range, s_moff, s_units) : send_rows(p, grid, s_range, s_first, s_units);
+  int parts;
+  if constexpr (kSums) parts = send_sums(p, grid, s_range, s_moff, s_units);
+  else parts = send_rows(p, grid, s_range, s_first, s_units);
   // The block's stores come before its counts through the barrier: each count is a release add after it (cumulative
   // over what the barrier ordered); the puts to other nodes count themselves.
   __syncthreads();
@@ -266,8 +267,9 @@ __device__ __forceinline__ bool combine_send(const ep_ll_launch_t& p, Grid grid,
 // and weight 1 (an exact add).
 // The last block zeroes the signals, acknowledges the call and advances the half's call number (finish_recv).
 // ---------------------------------------------------------------------------------------------------------------
-// One block's receive phase, up to finish_recv. False if the block gave up (rows never came; the fault is
-// recorded): the caller then stops, without arriving.
+// One block's receive phase, up to finish_recv, in the sums form if kSums. False if the block gave up (rows never
+// came; the fault is recorded): the caller then stops, without arriving.
+template <bool kSums>
 __device__ __forceinline__ bool combine_recv(const ep_ll_launch_t& p, Grid grid) {
   const ep_ll_layout_t& L = p.layout;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -276,9 +278,8 @@ __device__ __forceinline__ bool combine_recv(const ep_ll_launch_t& p, Grid grid)
   char* mine = p.ll_base + half;
   const uint64_t* signals = reinterpret_cast<const uint64_t*>(mine + L.combine_signal);
   LL_PROF_STAMP(kProfCombineRecv, grid, 0);
-  const bool sums = p.sum_on_expert_ranks;
-  const char* rows = mine + (sums ? ep_ll_recv_sums(&L) : L.recv);
-  const int* slot_of = sums ? p.rank_slot_of : p.slot_of;
+  const char* rows = mine + (kSums ? ep_ll_recv_sums(&L) : L.recv);
+  const int* slot_of = kSums ? p.rank_slot_of : p.slot_of;
   const int chunks = (H + kChunk - 1) / kChunk;
   const int units = p.num_tokens * chunks;
   const int u0 = grid.block * kRecvWarps + warp;
@@ -288,7 +289,7 @@ __device__ __forceinline__ bool combine_recv(const ep_ll_launch_t& p, Grid grid)
   if (u0 < units && lane < K) {
     const int t = u0 / chunks;
     pre_slot = slot_of[(size_t)t * L.max_topk + lane];
-    pre_w = sums ? 1.0f : p.topk_weights[(size_t)t * K + lane];
+    pre_w = kSums ? 1.0f : p.topk_weights[(size_t)t * K + lane];
   }
   bool ok = true;
   for (int r = tid; ok && r < R; r += blockDim.x)
@@ -305,7 +306,7 @@ __device__ __forceinline__ bool combine_recv(const ep_ll_launch_t& p, Grid grid)
     float my_w = pre_w;
     if (u != u0 && lane < K) {
       my_slot = slot_of[(size_t)t * L.max_topk + lane];
-      my_w = sums ? 1.0f : p.topk_weights[(size_t)t * K + lane];
+      my_w = kSums ? 1.0f : p.topk_weights[(size_t)t * K + lane];
     }
     float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     for (int k0 = 0; k0 < K; k0 += 8) {

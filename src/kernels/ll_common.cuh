@@ -29,7 +29,11 @@ struct Grid {
 
 __device__ __forceinline__ Grid kernel_grid() { return Grid{(int)blockIdx.x, (int)gridDim.x}; }
 
-enum class Call { kDispatch, kCombine };  // which call a kernel runs (the kernels are templates over it)
+// Which call a kernel runs (the kernels are templates over it). The combine with sums on the experts' ranks is a
+// kernel of its own, so that the default combine kernel does not carry its code: the fused dispatch and combine
+// kernels run one after the other on every SM, and each one's instructions evict the other's (one rank, H200:
+// +0.5 us of dispatch kernel time while both forms were one kernel; bench/RESULTS.md session 10).
+enum class Call { kDispatch, kCombine, kCombineSums };
 
 // ---------------------------------------------------------------------------------------------------------------
 // Profiling (off by default; build with EP_LL_PROFILE=1; kernels/profile.cuh). Thread 0 of block 0 and of the last

@@ -35,7 +35,8 @@ namespace ll {
 //  - stops a block whose send phase gave up before its receive phase: it never arrives, the other blocks' waits
 //    time out (each fault names a peer) and the call is not acknowledged, as with two kernels;
 //  - separates the phases with a block barrier: both use the dynamic shared memory from its start.
-// Each kind of kernel is one template over the call (dispatch or combine), which picks the phases' code.
+// Each kind of kernel is one template over the call (dispatch, combine or combine with sums), which picks the phases'
+// code.
 // ---------------------------------------------------------------------------------------------------------------
 constexpr int kThreads = kSendThreads;  // every LL kernel's block size
 static_assert(kSendThreads == kRecvThreads, "a fused kernel runs both phases with one block size");
@@ -43,13 +44,13 @@ static_assert(kSendThreads == kRecvThreads, "a fused kernel runs both phases wit
 template <Call kCall>
 __device__ __forceinline__ bool send_phase(const ep_ll_launch_t& p, Grid grid, uint64_t op) {
   if constexpr (kCall == Call::kDispatch) return dispatch_send(p, grid, op);
-  else return combine_send(p, grid, op);
+  else return combine_send<kCall == Call::kCombineSums>(p, grid, op);
 }
 
 template <Call kCall>
 __device__ __forceinline__ bool recv_phase(const ep_ll_launch_t& p, Grid grid) {
   if constexpr (kCall == Call::kDispatch) return dispatch_recv(p, grid);
-  else return combine_recv(p, grid);
+  else return combine_recv<kCall == Call::kCombineSums>(p, grid);
 }
 
 template <Call kCall>
@@ -137,10 +138,14 @@ extern "C" cudaError_t ep_launch_ll_dispatch_recv(const ep_ll_launch_t* p, cudaS
 }
 
 extern "C" cudaError_t ep_launch_ll_combine_send(const ep_ll_launch_t* p, cudaStream_t stream) {
+  if (p->sum_on_expert_ranks)
+    return launch_phase<ep::ll::send_kernel<ep::ll::Call::kCombineSums>>(p, combine_send_shape(p), stream);
   return launch_phase<ep::ll::send_kernel<ep::ll::Call::kCombine>>(p, combine_send_shape(p), stream);
 }
 
 extern "C" cudaError_t ep_launch_ll_combine_recv(const ep_ll_launch_t* p, cudaStream_t stream) {
+  if (p->sum_on_expert_ranks)
+    return launch_phase<ep::ll::recv_kernel<ep::ll::Call::kCombineSums>>(p, combine_recv_shape(p), stream);
   return launch_phase<ep::ll::recv_kernel<ep::ll::Call::kCombine>>(p, combine_recv_shape(p), stream);
 }
 
@@ -190,11 +195,14 @@ static cudaError_t launch_fused(const ep_ll_launch_t* p, Shape send, Shape recv,
 }
 
 extern "C" cudaError_t ep_launch_ll_dispatch_fused(const ep_ll_launch_t* p, cudaStream_t stream, int* launched) {
-  return launch_fused<ep::ll::fused_kernel<ep::ll::Call::kDispatch>>(p, dispatch_send_shape(p), dispatch_recv_shape(p), stream,
-                                                     launched);
+  return launch_fused<ep::ll::fused_kernel<ep::ll::Call::kDispatch>>(p, dispatch_send_shape(p), dispatch_recv_shape(p),
+                                                                     stream, launched);
 }
 
 extern "C" cudaError_t ep_launch_ll_combine_fused(const ep_ll_launch_t* p, cudaStream_t stream, int* launched) {
-  return launch_fused<ep::ll::fused_kernel<ep::ll::Call::kCombine>>(p, combine_send_shape(p), combine_recv_shape(p), stream,
-                                                    launched);
+  if (p->sum_on_expert_ranks)
+    return launch_fused<ep::ll::fused_kernel<ep::ll::Call::kCombineSums>>(p, combine_send_shape(p),
+                                                                          combine_recv_shape(p), stream, launched);
+  return launch_fused<ep::ll::fused_kernel<ep::ll::Call::kCombine>>(p, combine_send_shape(p), combine_recv_shape(p),
+                                                                    stream, launched);
 }
