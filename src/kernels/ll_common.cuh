@@ -233,8 +233,8 @@ __device__ __forceinline__ int pair_expert(int2 pair) { return pair.x >> kPairSl
 __device__ __forceinline__ int pair_slot(int2 pair) { return pair.x & ((1 << kPairSlotBits) - 1); }
 __device__ __forceinline__ float pair_weight(int2 pair) { return __int_as_float(pair.y); }
 
-// Warps per unit (message or row) when `total_warps` share `units` of them: enough to keep every warp busy at small
-// counts, at most 8 (a part below ~1 KB costs more in set-up than it saves).
+// Warps per unit (message or row) when `total_warps` share `units` of them: at small counts every warp gets a part
+// of a unit, at most 8 parts per unit.
 __device__ __forceinline__ int parts_per_unit(int total_warps, int units) {
   return max(1, min(8, total_warps / max(units, 1)));
 }
