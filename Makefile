@@ -38,7 +38,11 @@ CORE_SRC := $(wildcard src/core/*.c)
 CUDA_SRC := $(wildcard src/transport/*.cu src/kernels/*.cu)
 CORE_OBJ := $(CORE_SRC:%.c=$(BUILD)/obj/%.o)
 CUDA_OBJ := $(CUDA_SRC:%.cu=$(BUILD)/obj/%.o)
+# The library's version is the header's; the soname carries the major number (libep.so.0 while the ABI is 0.x).
+EP_VERSION := $(shell sed -n 's/^.define EP_VERSION_\(MAJOR\|MINOR\|PATCH\) \([0-9]*\)$$/\2/p' include/ep.h | paste -sd.)
+EP_SONAME := libep.so.$(firstword $(subst ., ,$(EP_VERSION)))
 LIB := $(BUILD)/lib/libep.so
+LIB_FILE := $(BUILD)/lib/libep.so.$(EP_VERSION)
 
 REF_SRC := $(wildcard tests/ref/*.c)
 HOST_TESTS := $(patsubst tests/host/%.c,$(BUILD)/tests/host/%,$(wildcard tests/host/test_*.c))
@@ -48,7 +52,7 @@ EXAMPLE := $(BUILD)/bin/example_dispatch_combine
 BENCH := $(BUILD)/bin/ep_bench
 PROBES := $(patsubst bench/probes/%.cu,$(BUILD)/bin/%,$(wildcard bench/probes/*.cu))
 
-.PHONY: all lib tests bench bench-build test test-host test-gpu clean
+.PHONY: all lib tests bench bench-build test test-host test-gpu install uninstall clean
 all: lib tests $(LAUNCH) $(EXAMPLE) $(if $(NCCL_LIB),bench-build)
 lib: $(LIB)
 tests: $(HOST_TESTS) $(GPU_TESTS) $(LAUNCH)
@@ -75,11 +79,14 @@ $(BUILD)/obj/device_link.o: $(CUDA_OBJ)
 	$(NVCC) -arch=$(CUDA_ARCH) -dlink -Xcompiler -fPIC $(CUDA_OBJ) $(NVSHMEM_LIB)/libnvshmem_device.a -o $@
 
 # The wheel ships only libnvshmem_host.so.3: link by that exact name and find it at run time through the rpath.
+# The file is libep.so.X.Y.Z; libep.so.X (the soname) and libep.so (the link name) point to it.
 $(LIB): $(CORE_OBJ) $(CUDA_OBJ) $(BUILD)/obj/device_link.o src/libep.map
 	@mkdir -p $(dir $@)
-	$(CC) -shared -o $@ $(CORE_OBJ) $(CUDA_OBJ) $(BUILD)/obj/device_link.o $(NVSHMEM_LIB)/libnvshmem_device.a \
+	$(CC) -shared -o $(LIB_FILE) -Wl,-soname,$(EP_SONAME) $(CORE_OBJ) $(CUDA_OBJ) $(BUILD)/obj/device_link.o $(NVSHMEM_LIB)/libnvshmem_device.a \
 	  $(NVSHMEM_LIB)/libnvshmem_host.so.3 -L$(CUDA_LIB) -lcudart -lstdc++ -lpthread -ldl -lrt \
 	  -Wl,--version-script=src/libep.map -Wl,-rpath,$(NVSHMEM_LIB) -Wl,-rpath,$(CUDA_LIB) -Wl,--no-undefined
+	ln -sf $(notdir $(LIB_FILE)) $(BUILD)/lib/$(EP_SONAME)
+	ln -sf $(EP_SONAME) $@
 
 $(BUILD)/obj/ref/%.o: tests/ref/%.c $(HEADERS)
 	@mkdir -p $(dir $@)
@@ -140,6 +147,28 @@ test-host: tests
 
 test-gpu: tests
 	@bash tests/run_tests.sh $(BUILD) gpu
+
+# `make install [PREFIX=/usr/local] [DESTDIR=...]`: the header, the library with its soname and link name, and a
+# pkg-config file (`pkg-config --cflags --libs ep`). The installed library still finds NVSHMEM and the CUDA runtime
+# where it was built (its rpath). The Python package installs with pip instead (pyproject.toml).
+PREFIX ?= /usr/local
+LIBDIR ?= $(PREFIX)/lib
+INCLUDEDIR ?= $(PREFIX)/include
+PKGCONFIGDIR ?= $(LIBDIR)/pkgconfig
+install: lib
+	install -d $(DESTDIR)$(INCLUDEDIR) $(DESTDIR)$(LIBDIR) $(DESTDIR)$(PKGCONFIGDIR)
+	install -m 644 include/ep.h $(DESTDIR)$(INCLUDEDIR)/ep.h
+	install -m 755 $(LIB_FILE) $(DESTDIR)$(LIBDIR)/
+	ln -sf $(notdir $(LIB_FILE)) $(DESTDIR)$(LIBDIR)/$(EP_SONAME)
+	ln -sf $(EP_SONAME) $(DESTDIR)$(LIBDIR)/libep.so
+	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@LIBDIR@|$(patsubst $(PREFIX)/%,$${prefix}/%,$(LIBDIR))|' \
+	    -e 's|@INCLUDEDIR@|$(patsubst $(PREFIX)/%,$${prefix}/%,$(INCLUDEDIR))|' \
+	    -e 's|@CUDA_INCLUDEDIR@|$(CUDA_HOME)/include|' -e 's|@VERSION@|$(EP_VERSION)|' \
+	    src/ep.pc.in > $(DESTDIR)$(PKGCONFIGDIR)/ep.pc
+
+uninstall:
+	rm -f $(DESTDIR)$(INCLUDEDIR)/ep.h $(DESTDIR)$(LIBDIR)/$(notdir $(LIB_FILE)) $(DESTDIR)$(LIBDIR)/$(EP_SONAME) \
+	  $(DESTDIR)$(LIBDIR)/libep.so $(DESTDIR)$(PKGCONFIGDIR)/ep.pc
 
 clean:
 	rm -rf $(BUILD)

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Run every test this machine can run and end with one line: `N passed, N failed, N skipped`.
 #   tests/run_tests.sh BUILD_DIR [host|gpu|all]
-# Host tests: each program in BUILD/tests/host. GPU tests: each program in BUILD/tests/gpu, and the C examples in
-# BUILD/bin/example_*, under ep_launch on 2, 4 and 8 ranks (EP_TEST_RANKS overrides the list); a run that needs
-# more GPUs than exist is a skip. Without a GPU, the GPU tests are skipped with one line that says so.
+# Host tests: each program in BUILD/tests/host, and the install tests (tests/install/test_*.sh BUILD). GPU tests:
+# each program in BUILD/tests/gpu, and the C examples in BUILD/bin/example_*, under ep_launch on 2, 4 and 8 ranks
+# (EP_TEST_RANKS overrides the list); a run that needs more GPUs than exist is a skip. Without a GPU, the GPU tests
+# are skipped with one line that says so.
 # Python tests (tests/python/test_*.py, run with $PYTHON or python3, package from python/, library from BUILD):
 # the host section runs those whose name does not end in _gpu.py, the GPU section runs the *_gpu.py ones once per
 # rank count (EP_TEST_WORLD; they start their own ranks). Each script run counts as one test.
@@ -55,6 +56,12 @@ if [[ $which == all || $which == host ]]; then
   done
   for t in "$tests_dir"/python/test_*.py; do
     [[ $t == *_gpu.py ]] || run_py "$t" 300
+  done
+  # Installing: `make install` with pkg-config, and the pip wheel that carries libep.so.
+  for t in "$tests_dir"/install/test_*.sh; do
+    out=$(timeout 300 bash "$t" "$build" 2>&1); rc=$?
+    [[ $rc -ne 0 ]] && echo "$out" | { [[ $rc -eq 77 ]] && tail -1 || cat; }
+    record "install/$(basename "$t")" $rc
   done
 fi
 

@@ -5,8 +5,8 @@
 
 Importing `ep` imports neither PyTorch nor libep.so: PyTorch is imported when a Buffer (or `ep.topk_idx_t`, or
 the autograd functions `ep.dispatch` / `ep.combine`, or the submodule `ep.autograd`) is first used, and the
-library is loaded then too (EP_LIBRARY_PATH, else <repo>/build/lib/libep.so, else the loader's path). See
-ep.buffer for what differs from DeepEP.
+library is loaded then too (EP_LIBRARY_PATH, else the copy pip installed in the package, else
+<repo>/build/lib/libep.so, else the loader's path). See ep.buffer for what differs from DeepEP.
 """
 
 import importlib

@@ -4,8 +4,12 @@ This module imports nothing but the standard library, so it works (and its CPU t
 The library is loaded on first use (`load()`), not at import:
 
   1. `EP_LIBRARY_PATH`, when set, names the file to load (and nothing else is tried);
-  2. else `<repository>/build/lib/libep.so`, found relative to this package (python/ep/ -> ../../build/lib);
-  3. else `ctypes.util.find_library("ep")` (an installed libep.so on the loader's path).
+  2. else `ep/_lib/libep.so`, the library that `pip install` put inside this package;
+  3. else `<repository>/build/lib/libep.so`, found relative to this package (python/ep/ -> ../../build/lib);
+  4. else `ctypes.util.find_library("ep")` (an installed libep.so on the loader's path).
+libep.so finds NVSHMEM's host library and the CUDA runtime through the rpath it was built with. Where that path is
+gone (a wheel built in pip's temporary build environment, or moved to another machine), the copies in NVIDIA's
+Python wheels (nvidia-nvshmem-cu13, nvidia-cuda-runtime) are loaded first and the load is tried once more.
 
 Every struct below mirrors its C twin field for field, in the header's order; tests/python/test_capi_layout.py
 compiles a small C program against include/ep.h and compares every size and offset.
@@ -14,6 +18,7 @@ compiles a small C program against include/ep.h and compares every size and offs
 import ctypes
 import ctypes.util
 import os
+import sys
 import threading
 
 __all__ = [
@@ -304,8 +309,56 @@ def _candidates():
         yield env, "EP_LIBRARY_PATH"
         return
     here = os.path.dirname(os.path.abspath(__file__))
+    bundled = os.path.join(here, "_lib", "libep.so")
+    if os.path.exists(bundled):
+        yield bundled, "the library installed with this package"
     yield os.path.normpath(os.path.join(here, "..", "..", "build", "lib", "libep.so")), "the repository's build directory"
     yield ctypes.util.find_library("ep"), "ctypes.util.find_library('ep')"  # asked only if the above failed
+
+
+# Libraries libep.so needs at run time, by soname, and where NVIDIA's Python wheels put them (under site-packages).
+_WHEEL_LIBRARIES = {
+    "libnvshmem_host.so.3": os.path.join("nvidia", "nvshmem", "lib", "libnvshmem_host.so.3"),
+    "libcudart.so.13": os.path.join("nvidia", "cu13", "lib", "libcudart.so.13"),
+}
+_preloaded = {}  # soname -> ctypes.CDLL, kept so that the libraries stay loaded
+
+
+def wheel_library(soname):
+    """The path of `soname` in an installed NVIDIA wheel (first sys.path entry that has it), or None."""
+    relative = _WHEEL_LIBRARIES[soname]
+    for entry in sys.path:
+        path = os.path.join(entry or os.getcwd(), relative)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def _preload_missing(error):
+    """After ctypes.CDLL failed with `error`: load, globally, each wheel library that the error names, so that the
+    dynamic loader finds it by soname on the next try. Returns the paths loaded (empty: nothing to try)."""
+    loaded = []
+    for soname in _WHEEL_LIBRARIES:
+        if soname in str(error) and soname not in _preloaded:
+            path = wheel_library(soname)
+            if path is not None:
+                _preloaded[soname] = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+                loaded.append(path)
+    return loaded
+
+
+def _open(path):
+    """ctypes.CDLL(path), tried again while each failure names a runtime library that a wheel can supply (a finite
+    list, each loaded once). Raises OSError as ctypes does, naming what was loaded before the last try."""
+    preloaded = []
+    while True:
+        try:
+            return ctypes.CDLL(path)
+        except OSError as e:
+            more = _preload_missing(e)
+            if not more:
+                raise OSError(f"{e} (after loading {', '.join(preloaded)})" if preloaded else str(e)) from e
+            preloaded += more
 
 
 def _version_str(code):
@@ -333,7 +386,7 @@ def load():
                 tried.append(f"{path} ({origin}): no such file")
                 continue
             try:
-                lib = ctypes.CDLL(path)
+                lib = _open(path)
             except OSError as e:
                 tried.append(f"{path} ({origin}): {e}")
                 continue
@@ -356,7 +409,8 @@ def load():
         detail = "; ".join(tried)
         raise EpLibraryError(
             f"cannot load libep.so: {detail}. Build it with `make` in the repository root (it produces "
-            f"build/lib/libep.so), or set EP_LIBRARY_PATH to the full path of a built libep.so.")
+            f"build/lib/libep.so), install the package with `pip install .` there, or set EP_LIBRARY_PATH to the "
+            f"full path of a built libep.so.")
 
 
 def library_path():

@@ -79,36 +79,47 @@ except Exception as e:
                      r["raised"] == "EpLibraryError" and bogus in r["msg"], str(r))
     finally:
         os.unlink(bogus)
-    version_mismatch_check(ck, code)
+    stub_library_checks(ck, code)
     code = "import ep, sys, json; print(json.dumps({'torch': 'torch' in sys.modules, 'lib': ep._capi._lib is not None}))"
     r = child_json(ck, "plain import: child ran", code)
     if r:
         ck.check("`import ep` loads neither torch nor libep.so", not r["torch"] and not r["lib"], str(r))
 
 
-def version_mismatch_check(ck, code):
-    """A library with every function the package binds, but of another version (a stub built here with cc):
-    load() refuses it with a message naming both versions."""
+def stub_library_checks(ck, code):
+    """Stub libep.so files built here with cc, each with every function the package binds but of another version:
+    load() refuses them with a message naming both versions. The second stub also needs libnvshmem_host.so.3 and
+    has no rpath, as a wheel built in pip's temporary environment would be: load() finds the library in the
+    NVSHMEM wheel, loads it, and tries again (the version message shows that the second try loaded the stub)."""
     import shutil
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
-        print("SKIP version mismatch check: no C compiler")
+        print("SKIP stub library checks: no C compiler")
         return
     stubs = [f"int {name}(void) {{ return 0; }}" for name in _capi._PROTOTYPES if name != "ep_get_version"]
     src = "\n".join(stubs + ["int ep_get_version(int* v) { *v = 9999; return 0; }"]) + "\n"
+    want = f"version 0.99.99, this package is {_capi._version_str(_capi.EP_VERSION_CODE)}"
+    nvshmem_host = _capi.wheel_library("libnvshmem_host.so.3")
     tmp = tempfile.mkdtemp(prefix="ep-stub-")
     try:
-        c_file, so_file = os.path.join(tmp, "stub.c"), os.path.join(tmp, "libep.so")
+        c_file = os.path.join(tmp, "stub.c")
         with open(c_file, "w") as f:
             f.write(src)
-        r = subprocess.run([cc, "-shared", "-fPIC", "-o", so_file, c_file], capture_output=True, text=True)
-        if not ck.check("a stub libep.so of version 0.99.99 builds", r.returncode == 0, r.stderr[-500:]):
-            return
-        r = child_json(ck, "stub of another version: child ran", code, env_extra={"EP_LIBRARY_PATH": so_file})
-        if r:
-            want = f"version 0.99.99, this package is {_capi._version_str(_capi.EP_VERSION_CODE)}"
-            ck.check("a libep.so of another version raises EpLibraryError naming both versions",
-                     r["raised"] == "EpLibraryError" and want in r["msg"], str(r))
+        # --no-as-needed: the stub uses no symbol of the library, and the linker would otherwise drop the need.
+        for name, extra in (("plain", []), ("needs libnvshmem_host.so.3, no rpath", ["-Wl,--no-as-needed", nvshmem_host])):
+            if None in extra:
+                print(f"SKIP stub that {name}: the nvidia-nvshmem-cu13 wheel is not installed")
+                continue
+            so_file = os.path.join(tmp, f"stub{len(extra)}", "libep.so")
+            os.makedirs(os.path.dirname(so_file))
+            r = subprocess.run([cc, "-shared", "-fPIC", "-o", so_file, c_file] + extra, capture_output=True, text=True)
+            if not ck.check(f"a stub libep.so of version 0.99.99 ({name}) builds", r.returncode == 0, r.stderr[-500:]):
+                continue
+            r = child_json(ck, f"stub ({name}): child ran", code, env_extra={"EP_LIBRARY_PATH": so_file},
+                           env_drop=("LD_LIBRARY_PATH", "LD_PRELOAD"))
+            if r:
+                ck.check(f"a libep.so of another version ({name}) raises EpLibraryError naming both versions",
+                         r["raised"] == "EpLibraryError" and want in r["msg"], str(r))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
