@@ -5,11 +5,13 @@ Code written against `deep_ep.Buffer` runs with `import ep as deep_ep`, with the
 * Sizes come from shape hints, not bytes. `num_nvl_bytes` / `num_rdma_bytes` are accepted and ignored; the
   keyword-only hints `num_experts`, `hidden`, `max_tokens_per_rank`, `max_topk` (the largest shapes any later
   call will use) size every buffer. A call that exceeds a hint raises ValueError naming the hint to raise.
-* One stream. Every kernel runs on the caller's current CUDA stream; there is no separate communication stream
-  yet. `previous_event` is waited on by the current stream, `async_finish=True` returns an `EventOverlap`
-  recorded after the call, `allocate_on_comm_stream` is accepted and has no effect, and `get_comm_stream()`
-  returns the current stream. Overlap of communication with computation therefore comes from the caller's own
-  streams, not from ours.
+* Streams as in DeepEP on the normal path (get_dispatch_layout, dispatch, combine): the kernels run on the
+  Buffer's communication stream (`get_comm_stream()`, high priority), which first waits for `previous_event` or,
+  without one, for the current stream. `async_finish=True` returns an `EventOverlap` recorded on the comm stream,
+  and every input and output is `record_stream`ed there, so that compute on the current stream overlaps the
+  communication until the caller waits on the event; otherwise the current stream waits for the comm stream before
+  the call returns. `allocate_on_comm_stream=True` (with `previous_event` and `async_finish`) allocates the
+  outputs on the comm stream. The low-latency calls run on the current stream (their overlap is the hook).
 * The handle is an opaque `DispatchHandle` object (DeepEP: a tuple of tensors). Pass it back, do not index it.
 * Errors are exceptions, never process aborts: arguments are checked before any kernel runs (ValueError /
   TypeError naming the argument, its expected dtype, shape and device, and what was given), and a library
@@ -100,8 +102,8 @@ class Config:
 class EventOverlap:
     """A `torch.cuda.Event` (or None) plus tensors to keep alive, DeepEP's EventOverlap.
 
-    `current_stream_wait()` makes the current stream wait for the event (nothing to do when the event is None:
-    `ep`'s work is already on the current stream). As a context manager, it waits on exit:
+    `current_stream_wait()` makes the current stream wait for the event (nothing to do when the event is None: the
+    call that returned it already made the current stream wait). As a context manager, it waits on exit:
     `with event: ...`."""
 
     def __init__(self, event=None, extra_tensors=None):
@@ -117,6 +119,25 @@ class EventOverlap:
 
     def __exit__(self, exc_type, exc_value, traceback):
         self.current_stream_wait()
+        return False
+
+
+class _CommCall:
+    """The streams of one normal-path call (Buffer._comm_begin): where it was called (compute), where its kernels run
+    (comm), where its outputs are allocated (alloc: comm with allocate_on_comm_stream, else compute). A context
+    manager: a call that raises makes the current stream wait for what it had launched, so that nothing of it runs
+    unordered with the caller's later work (such as reusing the memory of its inputs)."""
+    __slots__ = ("compute", "comm", "alloc", "async_finish")
+
+    def __init__(self, compute, comm, alloc, async_finish):
+        self.compute, self.comm, self.alloc, self.async_finish = compute, comm, alloc, async_finish
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc_value, traceback):
+        if exc_type is not None:
+            self.compute.wait_stream(self.comm)
         return False
 
 
@@ -170,11 +191,14 @@ class DispatchHandle:
         self.num_recv_tokens_per_expert = None
         self.recv_src_idx = None
 
-    def _use(self, fn, buffer, stream):
+    def _check(self, fn, buffer):
         if self._ptr is None:
             raise ValueError(f"{fn}: handle was destroyed")
         if self._buffer is not buffer:
             raise ValueError(f"{fn}: handle belongs to another Buffer")
+
+    def _use(self, fn, buffer, stream):
+        self._check(fn, buffer)
         if stream != self._stream:  # memory allocated on another stream: keep the allocator from reusing it early
             self._memory.record_stream(_torch.cuda.ExternalStream(stream, device=self._memory.device))
             self._stream = stream
@@ -410,6 +434,7 @@ class Buffer:
         ctypes.memmove(uid.bytes, payload, _capi.EP_UNIQUE_ID_BYTES)
 
         self.device = torch.cuda.current_device()
+        self._comm_stream = torch.cuda.Stream(device=self.device, priority=-1)  # high priority, as DeepEP's
         cfg = _capi.GroupConfig.init(ranks_per_node=ranks_per_node, num_experts=num_experts, hidden=hidden,
                                      max_tokens_per_rank=max_tokens_per_rank, max_topk=max_topk, num_sms=0,
                                      max_sms=max_sms,
@@ -519,10 +544,9 @@ class Buffer:
             raise ValueError(f"{fn}: {msg.split(': ', 1)[-1]}") from None
 
     def get_comm_stream(self):
-        """The current stream: `ep` runs every kernel on the caller's current stream (no separate comm stream
-        yet), so waiting on this stream or running on it changes nothing."""
+        """The Buffer's communication stream (a high-priority torch.cuda.Stream), where the normal-path calls run."""
         self._alive("get_comm_stream")
-        return _torch.cuda.current_stream(self.device)
+        return self._comm_stream
 
     def get_local_buffer_tensor(self, dtype, size=None, offset=0, use_rdma_buffer=False):
         raise NotImplementedError("ep.Buffer.get_local_buffer_tensor is NOT SUPPORTED: ep's symmetric buffers are "
@@ -578,19 +602,46 @@ class Buffer:
             raise TypeError(f"{fn}: config must be an ep.Config (or None), got {type(config).__name__}")
         return _int_arg(fn, "config.num_sms", config.num_sms, 1, 1024)
 
-    @staticmethod
-    def _wait_previous(fn, previous_event):
-        if previous_event is None:
-            return
-        if isinstance(previous_event, EventOverlap):
-            previous_event.current_stream_wait()
-        elif isinstance(previous_event, _torch.cuda.Event):
-            _torch.cuda.current_stream().wait_event(previous_event)
-        else:
+    def _comm_begin(self, fn, previous_event, async_finish, allocate_on_comm_stream):
+        """Start a normal-path call on the comm stream (DeepEP's rule): the comm stream waits for previous_event, or
+        for the current stream when there is none (an EventOverlap without an event counts as none). Returns a
+        _CommCall to use as `with ... as call:`; allocate under `with torch.cuda.stream(call.alloc)`, end with
+        _comm_end."""
+        torch = _torch
+        async_finish = self._flag(fn, "async_finish", async_finish)
+        if self._flag(fn, "allocate_on_comm_stream", allocate_on_comm_stream) and (
+                previous_event is None or not async_finish):
+            raise ValueError(f"{fn}: allocate_on_comm_stream=True needs previous_event and async_finish=True (the "
+                             "outputs then belong to the comm stream, which only the event orders with yours)")
+        event = previous_event.event if isinstance(previous_event, EventOverlap) else previous_event
+        if event is not None and not isinstance(event, torch.cuda.Event):
             raise TypeError(f"{fn}: previous_event must be an EventOverlap, a torch.cuda.Event or None, got "
                             f"{type(previous_event).__name__}")
+        compute, comm = torch.cuda.current_stream(self.device), self._comm_stream
+        if event is None:
+            comm.wait_stream(compute)
+        else:
+            comm.wait_event(event)
+        return _CommCall(compute, comm, comm if allocate_on_comm_stream else compute, async_finish)
 
-    def _finish(self, async_finish, tensors):
+    @staticmethod
+    def _comm_end(call, tensors):
+        """End a normal-path call: without async_finish the current stream waits for the comm stream; with it, an
+        EventOverlap on the comm stream, and the tensors recorded on it so that the allocator does not reuse
+        their memory before the comm stream is done with it (inside a graph capture, the graph's pool keeps them,
+        and the event holds them too)."""
+        if not call.async_finish:
+            call.compute.wait_stream(call.comm)
+            return EventOverlap(None)
+        tensors = tuple(t for t in tensors if t is not None)
+        if not _torch.cuda.is_current_stream_capturing():
+            for t in tensors:
+                t.record_stream(call.comm)
+        ev = _torch.cuda.Event()
+        ev.record(call.comm)
+        return EventOverlap(ev, extra_tensors=tensors)
+
+    def _ll_finish(self, async_finish, tensors):
         if not async_finish:
             return EventOverlap(None)
         ev = _torch.cuda.Event()
@@ -655,18 +706,19 @@ class Buffer:
         n, k = topk_idx.shape
         _int_arg(fn, "topk_idx.shape[1] (num_topk)", k, 1, 32)
         self._check_num_experts(fn, num_experts)
-        self._wait_previous(fn, previous_event)
-        dev, R = self._device_str, self.group_size
-        per_rank = torch.empty(R, dtype=torch.int32, device=dev)
-        per_node = torch.empty(self.num_nodes, dtype=torch.int32, device=dev) if self.num_nodes > 1 else None
-        per_expert = torch.empty(num_experts, dtype=torch.int32, device=dev)
-        in_rank = torch.empty((n, R), dtype=torch.bool, device=dev)
-        a = _capi.LayoutArgs.init(topk_idx=topk_idx.data_ptr(), num_tokens=n, num_topk=k, num_experts=num_experts,
-                                  num_tokens_per_rank=per_rank.data_ptr(),
-                                  num_tokens_per_node=per_node.data_ptr() if per_node is not None else None,
-                                  num_tokens_per_expert=per_expert.data_ptr(), is_token_in_rank=in_rank.data_ptr())
-        _capi.check(self._lib.ep_get_dispatch_layout(g, ctypes.byref(a), self._stream()), g)
-        event = self._finish(async_finish, (topk_idx, per_rank, per_node, per_expert, in_rank))
+        with self._comm_begin(fn, previous_event, async_finish, allocate_on_comm_stream) as call:
+            dev, R = self._device_str, self.group_size
+            with torch.cuda.stream(call.alloc):
+                per_rank = torch.empty(R, dtype=torch.int32, device=dev)
+                per_node = torch.empty(self.num_nodes, dtype=torch.int32, device=dev) if self.num_nodes > 1 else None
+                per_expert = torch.empty(num_experts, dtype=torch.int32, device=dev)
+                in_rank = torch.empty((n, R), dtype=torch.bool, device=dev)
+            a = _capi.LayoutArgs.init(topk_idx=topk_idx.data_ptr(), num_tokens=n, num_topk=k, num_experts=num_experts,
+                                      num_tokens_per_rank=per_rank.data_ptr(),
+                                      num_tokens_per_node=per_node.data_ptr() if per_node is not None else None,
+                                      num_tokens_per_expert=per_expert.data_ptr(), is_token_in_rank=in_rank.data_ptr())
+            _capi.check(self._lib.ep_get_dispatch_layout(g, ctypes.byref(a), call.comm.cuda_stream), g)
+            event = self._comm_end(call, (topk_idx, per_rank, per_node, per_expert, in_rank))
         return per_rank, per_node, per_expert, in_rank, event
 
     def _check_num_experts(self, fn, num_experts, name="num_experts"):
@@ -707,14 +759,13 @@ class Buffer:
           handle.num_recv_tokens_per_expert.
         Cached (handle given, no topk_idx / topk_weights): moves new x along the handle's routing, no counting;
           returns (recv_x, None, None, None, None, event).
-        config / set_num_sms: SMs used. previous_event: waited on by the current stream first. async_finish:
-          return an EventOverlap recorded after the call (the work is on the current stream either way).
+        config / set_num_sms: SMs used. Streams (previous_event, async_finish, allocate_on_comm_stream): see the
+          module's docstring; as in DeepEP.
         """
         fn = "dispatch"
         g = self._alive(fn)
         torch = _torch
         num_sms = self._config_sms(fn, config, Buffer.get_dispatch_config)
-        stream = self._stream()
         cached = handle is not None
 
         if cached:
@@ -724,8 +775,8 @@ class Buffer:
             if topk_idx is not None or topk_weights is not None:
                 raise ValueError(f"{fn}: a cached dispatch (handle given) takes no topk_idx / topk_weights; the "
                                  "routing is the handle's")
+            handle._check(fn, self)
             data, scales = self._unpack_x(fn, x, num_tokens=handle.num_tokens)
-            hptr = handle._use(fn, self, stream)
             n, k = handle.num_tokens, handle.num_topk
         else:
             data, scales = self._unpack_x(fn, x)
@@ -757,61 +808,68 @@ class Buffer:
                 raise RuntimeError(f"{fn}: the eager form waits on the host for the received count and cannot be "
                                    "captured in a CUDA graph; pass num_worst_tokens > 0 (e.g. num_ranks * "
                                    "max tokens per rank)")
-        self._wait_previous(fn, previous_event)
-        dev, R = self._device_str, self.group_size
+        with self._comm_begin(fn, previous_event, async_finish, allocate_on_comm_stream) as call:
+            stream = call.comm.cuda_stream
+            dev, R = self._device_str, self.group_size
+            count_dev = per_expert_dev = None
 
-        if not cached:
-            handle = self._new_handle(fn, stream, n, k, num_experts, data.shape[1])
-            hptr = handle._ptr
-            e_loc = num_experts // R
-            pa = _capi.DispatchPrepareArgs.init(topk_idx=topk_idx.data_ptr(), num_tokens=n, num_topk=k,
-                                                num_experts=num_experts, expert_alignment=expert_alignment)
-            if num_worst_tokens == 0:
-                count = ctypes.c_int(-1)
-                per_expert = (ctypes.c_int * max(e_loc, 1))()
-                pa.num_recv_tokens = ctypes.addressof(count)
-                pa.num_recv_tokens_per_expert = ctypes.addressof(per_expert)
+            if not cached:
+                with torch.cuda.stream(call.alloc):
+                    handle = self._new_handle(fn, call.alloc.cuda_stream, n, k, num_experts, data.shape[1])
+                e_loc = num_experts // R
+                pa = _capi.DispatchPrepareArgs.init(topk_idx=topk_idx.data_ptr(), num_tokens=n, num_topk=k,
+                                                    num_experts=num_experts, expert_alignment=expert_alignment)
+                if num_worst_tokens == 0:
+                    count = ctypes.c_int(-1)
+                    per_expert = (ctypes.c_int * max(e_loc, 1))()
+                    pa.num_recv_tokens = ctypes.addressof(count)
+                    pa.num_recv_tokens_per_expert = ctypes.addressof(per_expert)
+                else:
+                    with torch.cuda.stream(call.alloc):
+                        count_dev = torch.empty(1, dtype=torch.int32, device=dev)
+                        per_expert_dev = torch.empty(e_loc, dtype=torch.int32, device=dev)
+                    pa.num_recv_tokens_dev = count_dev.data_ptr()
+                    pa.num_recv_tokens_per_expert_dev = per_expert_dev.data_ptr()
+                hptr = handle._use(fn, self, stream)
+                _capi.check(self._lib.ep_dispatch_prepare(g, hptr, ctypes.byref(pa), stream), g)
+                if num_worst_tokens == 0:
+                    handle.num_recv_tokens = count.value
+                    handle.num_recv_rows = count.value
+                    handle.num_recv_tokens_per_expert = list(per_expert)[:e_loc]
+                else:
+                    handle.is_graph_safe = True
+                    handle.num_recv_rows = num_worst_tokens
+                    handle.num_recv_tokens_dev = count_dev
+                    handle.num_recv_tokens_per_expert = per_expert_dev
             else:
-                count_dev = torch.empty(1, dtype=torch.int32, device=dev)
-                per_expert_dev = torch.empty(e_loc, dtype=torch.int32, device=dev)
-                pa.num_recv_tokens_dev = count_dev.data_ptr()
-                pa.num_recv_tokens_per_expert_dev = per_expert_dev.data_ptr()
-            _capi.check(self._lib.ep_dispatch_prepare(g, hptr, ctypes.byref(pa), stream), g)
-            if num_worst_tokens == 0:
-                handle.num_recv_tokens = count.value
-                handle.num_recv_rows = count.value
-                handle.num_recv_tokens_per_expert = list(per_expert)[:e_loc]
-            else:
-                handle.is_graph_safe = True
-                handle.num_recv_rows = num_worst_tokens
-                handle.num_recv_tokens_dev = count_dev
-                handle.num_recv_tokens_per_expert = per_expert_dev
+                hptr = handle._use(fn, self, stream)
 
-        rows, h = handle.num_recv_rows, data.shape[1]
-        recv_x = torch.empty((rows, h), dtype=data.dtype, device=dev)
-        recv_scales = torch.empty((rows, h // 128), dtype=torch.float32, device=dev) if scales is not None else None
-        recv_topk_idx = recv_topk_weights = None
-        recv_src_idx = None
-        if not cached:
-            recv_topk_idx = torch.empty((rows, k), dtype=torch.int64, device=dev)
-            if topk_weights is not None:
-                recv_topk_weights = torch.empty((rows, k), dtype=torch.float32, device=dev)
-            recv_src_idx = torch.empty(rows, dtype=torch.int32, device=dev)
-        da = _capi.DispatchArgs.init(
-            x=data.data_ptr(), x_dtype=_capi.EP_FP8_E4M3 if scales is not None else _capi.EP_BF16, hidden=h,
-            x_scales=scales.data_ptr() if scales is not None else None,
-            topk_idx=topk_idx.data_ptr() if not cached else None,
-            topk_weights=topk_weights.data_ptr() if topk_weights is not None else None,
-            recv_capacity=rows, recv_x=recv_x.data_ptr(),
-            recv_x_scales=recv_scales.data_ptr() if recv_scales is not None else None,
-            recv_topk_idx=recv_topk_idx.data_ptr() if recv_topk_idx is not None else None,
-            recv_topk_weights=recv_topk_weights.data_ptr() if recv_topk_weights is not None else None,
-            recv_src_idx=recv_src_idx.data_ptr() if recv_src_idx is not None else None, num_sms=num_sms)
-        _capi.check(self._lib.ep_dispatch(g, hptr, ctypes.byref(da), stream), g)
+            rows, h = handle.num_recv_rows, data.shape[1]
+            recv_topk_idx = recv_topk_weights = recv_src_idx = None
+            with torch.cuda.stream(call.alloc):
+                recv_x = torch.empty((rows, h), dtype=data.dtype, device=dev)
+                recv_scales = (torch.empty((rows, h // 128), dtype=torch.float32, device=dev) if scales is not None
+                               else None)
+                if not cached:
+                    recv_topk_idx = torch.empty((rows, k), dtype=torch.int64, device=dev)
+                    if topk_weights is not None:
+                        recv_topk_weights = torch.empty((rows, k), dtype=torch.float32, device=dev)
+                    recv_src_idx = torch.empty(rows, dtype=torch.int32, device=dev)
+            da = _capi.DispatchArgs.init(
+                x=data.data_ptr(), x_dtype=_capi.EP_FP8_E4M3 if scales is not None else _capi.EP_BF16, hidden=h,
+                x_scales=scales.data_ptr() if scales is not None else None,
+                topk_idx=topk_idx.data_ptr() if not cached else None,
+                topk_weights=topk_weights.data_ptr() if topk_weights is not None else None,
+                recv_capacity=rows, recv_x=recv_x.data_ptr(),
+                recv_x_scales=recv_scales.data_ptr() if recv_scales is not None else None,
+                recv_topk_idx=recv_topk_idx.data_ptr() if recv_topk_idx is not None else None,
+                recv_topk_weights=recv_topk_weights.data_ptr() if recv_topk_weights is not None else None,
+                recv_src_idx=recv_src_idx.data_ptr() if recv_src_idx is not None else None, num_sms=num_sms)
+            _capi.check(self._lib.ep_dispatch(g, hptr, ctypes.byref(da), stream), g)
 
-        out_x = (recv_x, recv_scales) if scales is not None else recv_x
-        event = self._finish(async_finish, (data, scales, topk_idx, topk_weights, recv_x, recv_scales,
-                                            recv_topk_idx, recv_topk_weights))
+            out_x = (recv_x, recv_scales) if scales is not None else recv_x
+            event = self._comm_end(call, (data, scales, topk_idx, topk_weights, recv_x, recv_scales, recv_topk_idx,
+                                          recv_topk_weights, recv_src_idx, count_dev, per_expert_dev))
         if cached:
             return out_x, None, None, None, None, event
         handle.recv_src_idx = recv_src_idx
@@ -839,8 +897,7 @@ class Buffer:
             raise TypeError(f"{fn}: handle must be the DispatchHandle returned by dispatch, got "
                             f"{type(handle).__name__}")
         num_sms = self._config_sms(fn, config, Buffer.get_combine_config)
-        stream = self._stream()
-        hptr = handle._use(fn, self, stream)
+        handle._check(fn, self)
         rows, n, k = handle.num_recv_rows, handle.num_tokens, handle.num_topk
         self._tensor(fn, "x", x, torch.bfloat16, (rows, None),
                      f"[num_recv_rows={rows}, hidden] (the rows of this handle's dispatch: "
@@ -866,17 +923,20 @@ class Buffer:
         for i, b in enumerate(biases):
             self._tensor(fn, f"bias[{i}]" if not isinstance(bias, torch.Tensor) else "bias", b, torch.bfloat16,
                          (n, h), f"[num_tokens={n}, hidden={h}]")
-        self._wait_previous(fn, previous_event)
-        dev = self._device_str
-        out = torch.empty((n, h), dtype=torch.bfloat16, device=dev)
-        out_w = torch.empty((n, k), dtype=torch.float32, device=dev) if topk_weights is not None else None
-        ca = _capi.CombineArgs.init(
-            x=x.data_ptr(), hidden=h, topk_weights=topk_weights.data_ptr() if topk_weights is not None else None,
-            bias0=biases[0].data_ptr() if len(biases) > 0 else None,
-            bias1=biases[1].data_ptr() if len(biases) > 1 else None, combined_x=out.data_ptr(),
-            combined_topk_weights=out_w.data_ptr() if out_w is not None else None, num_sms=num_sms)
-        _capi.check(self._lib.ep_combine(g, hptr, ctypes.byref(ca), stream), g)
-        event = self._finish(async_finish, (x, topk_weights, *biases, out, out_w))
+        with self._comm_begin(fn, previous_event, async_finish, allocate_on_comm_stream) as call:
+            stream = call.comm.cuda_stream
+            hptr = handle._use(fn, self, stream)
+            dev = self._device_str
+            with torch.cuda.stream(call.alloc):
+                out = torch.empty((n, h), dtype=torch.bfloat16, device=dev)
+                out_w = torch.empty((n, k), dtype=torch.float32, device=dev) if topk_weights is not None else None
+            ca = _capi.CombineArgs.init(
+                x=x.data_ptr(), hidden=h, topk_weights=topk_weights.data_ptr() if topk_weights is not None else None,
+                bias0=biases[0].data_ptr() if len(biases) > 0 else None,
+                bias1=biases[1].data_ptr() if len(biases) > 1 else None, combined_x=out.data_ptr(),
+                combined_topk_weights=out_w.data_ptr() if out_w is not None else None, num_sms=num_sms)
+            _capi.check(self._lib.ep_combine(g, hptr, ctypes.byref(ca), stream), g)
+            event = self._comm_end(call, (x, topk_weights, *biases, out, out_w))
         return out, out_w, event
 
     # ---- low-latency path -------------------------------------------------------------------------------------
@@ -1075,7 +1135,7 @@ class Buffer:
             hook = _RecvHook(fn, recv, (x, topk_idx, topk_weights, recv_x, scales_store, recv_count, stats))
         else:
             add_stats()
-        event = self._finish(async_finish, (x, topk_idx, topk_weights, recv_x, scales_store, recv_count))
+        event = self._ll_finish(async_finish, (x, topk_idx, topk_weights, recv_x, scales_store, recv_count))
         return ((recv_x, scales) if use_fp8 else recv_x), recv_count, handle, event, hook
 
     def low_latency_combine(self, x, topk_idx, topk_weights, handle, use_logfmt=False, zero_copy=False,
@@ -1161,7 +1221,7 @@ class Buffer:
                 _capi.check(self._lib.ep_ll_combine_recv(gg, hptr, stream), gg)
                 handle._combine_pending = False
             hook = _RecvHook(fn, recv, (x, topk_idx, topk_weights, out))
-        event = self._finish(async_finish, (x, topk_idx, topk_weights, out))
+        event = self._ll_finish(async_finish, (x, topk_idx, topk_weights, out))
         return out, event, hook
 
     def get_next_low_latency_combine_buffer(self, handle):

@@ -38,11 +38,10 @@ Where ep differs from DeepEP, and what this script does about it (no call below 
      2, 4 and 8 ranks only (ep would need Buffer(..., num_experts=<multiple of R>) otherwise, which DeepEP
      rejects as an unknown keyword). So the script uses every visible GPU when that is 2, 4 or 8, and
      otherwise the largest of 2, 4, 8 below it (--num-processes overrides).
-  4. Streams. ep runs every kernel on the caller's current stream: allocate_on_comm_stream=True is accepted
-     and has no effect, previous_event is waited on by the current stream, async_finish=True returns an
-     EventOverlap recorded after the call. The script passes them exactly as DeepEP wants them
-     (allocate_on_comm_stream only together with previous_event and async_finish) and waits on every returned
-     event with current_stream_wait() before reading results, which is correct for both.
+  4. Streams: no difference. ep follows DeepEP's rule (kernels on the Buffer's comm stream, which waits for
+     previous_event or the current stream; async_finish returns its event; allocate_on_comm_stream only with
+     both), and the script waits on every returned event with current_stream_wait() before reading results, as
+     DeepEP code must.
   5. dispatch routing. ep derives the routing from topk_idx and the expert count from
      num_tokens_per_expert.numel(); num_tokens_per_rank / is_token_in_rank are accepted and unused. DeepEP
      needs the layout tensors. The script passes all of them (the usual DeepEP form), so both work.

@@ -15,7 +15,9 @@ rank computes with torch what it must receive and what its tokens must combine t
   fp8         (x_fp8, scales) tuple, scales given column-major (strided): bytes and scales as gathered
   combine     fp32 sum over ranks in ascending order, rounded once, vs torch; combined_topk_weights; one bias,
               two biases, (None, bias)
-  events      async_finish -> EventOverlap with an event, previous_event, capture(), `with event:`
+  streams     the comm stream waits for the current stream / previous_event (a stalled writer shows a missing
+              wait as wrong rows); async_finish leaves the current stream free; a synchronous call makes it wait;
+              allocate_on_comm_stream; EventOverlap, capture(), `with event:`
   autograd    loss.backward() through ep.dispatch + ep.combine (eager and num_worst_tokens) vs the same loss
               computed densely with torch, gradients of x and topk_weights
   errors      wrong dtype / shape / device / contiguity raise naming the argument; a bad expert id surfaces as
@@ -238,27 +240,83 @@ def run_checks(ck, c):
     ck.check("combine: graph-safe handle, worst-case rows == eager",
              torch.equal(buf.combine(yw, wh, topk_weights=ww)[0], cx))
 
-    # Events.
-    prev = buf.capture()
-    out = buf.dispatch(c.x, topk_idx=c.idx, topk_weights=c.w, previous_event=prev, async_finish=True,
-                       allocate_on_comm_stream=True, num_experts=E)
-    ev = out[5]
-    ck.check("async_finish: EventOverlap holding a torch.cuda.Event",
-             isinstance(ev, ep.EventOverlap) and isinstance(ev.event, torch.cuda.Event))
-    ev.current_stream_wait()
-    with ev:
-        pass
-    ck.check("async_finish: results as the synchronous call", torch.equal(out[0], recv_x))
-    got, _, ev2 = buf.combine(y, out[4], async_finish=True, previous_event=ev)
-    ev2.current_stream_wait()
-    ck.check("async_finish combine: event and result", ev2.event is not None and torch.equal(got, cx0))
-    ck.check("get_comm_stream() is the current stream", buf.get_comm_stream() == torch.cuda.current_stream())
-
+    check_streams(ck, c, recv_x, y, cx0)
     check_autograd(ck, c, 0)
     check_autograd(ck, c, W)
     check_errors(ck, c, handle, y)
     check_graph(ck, c)
     check_empty_rank(ck, c)
+
+
+SLEEP_CYCLES = 400_000_000  # torch.cuda._sleep: ~0.2 s at H100 / H200 clocks, far longer than any call here
+
+
+def check_streams(ck, c, recv_x, y, cx0):
+    """DeepEP's stream rule: kernels on the Buffer's comm stream, which waits for the current stream (or for
+    previous_event); async_finish leaves the current stream free until the event is waited on; otherwise the
+    current stream waits for the comm stream. A stalled stream (torch.cuda._sleep) makes each missing wait show
+    as wrong data or as an event that completed too early."""
+    buf, E = c.buf, c.E
+    comm = buf.get_comm_stream()
+    ck.check("get_comm_stream(): a torch.cuda.Stream other than the current one",
+             isinstance(comm, torch.cuda.Stream) and comm != torch.cuda.current_stream())
+
+    # The comm stream waits for the current stream: x is written there after a stall, then dispatched.
+    x_late = torch.zeros_like(c.x)
+    torch.cuda.synchronize()
+    torch.cuda._sleep(SLEEP_CYCLES)
+    x_late.copy_(c.x)
+    out = buf.dispatch(x_late, topk_idx=c.idx, topk_weights=c.w, async_finish=True, num_experts=E)
+    ev = out[5]
+    ck.check("async_finish: EventOverlap holding a torch.cuda.Event",
+             isinstance(ev, ep.EventOverlap) and isinstance(ev.event, torch.cuda.Event))
+    ev.current_stream_wait()
+    ck.check("the comm stream waits for the current stream (x written there late)", torch.equal(out[0], recv_x))
+
+    # previous_event orders the comm stream the same way; allocate_on_comm_stream with it.
+    torch.cuda.synchronize()
+    x_late.zero_()
+    torch.cuda._sleep(SLEEP_CYCLES)
+    x_late.copy_(c.x)
+    out = buf.dispatch(x_late, topk_idx=c.idx, topk_weights=c.w, previous_event=buf.capture(), async_finish=True,
+                       allocate_on_comm_stream=True, num_experts=E)
+    with out[5]:
+        pass
+    ck.check("previous_event + allocate_on_comm_stream: the comm stream waits for the event",
+             torch.equal(out[0], recv_x))
+    got, _, ev2 = buf.combine(y, out[4], async_finish=True, previous_event=out[5])
+    ev2.current_stream_wait()
+    ck.check("async_finish combine: event and result", ev2.event is not None and torch.equal(got, cx0))
+
+    # async_finish: the current stream is not held while the comm stream is stalled (the overlap it exists for).
+    W = c.R * c.n_max
+    torch.cuda.synchronize()
+    with torch.cuda.stream(comm):
+        torch.cuda._sleep(SLEEP_CYCLES)
+    out = buf.dispatch(c.x, topk_idx=c.idx, topk_weights=c.w, num_worst_tokens=W, async_finish=True,
+                       num_experts=E)
+    mark = torch.cuda.Event()
+    mark.record(torch.cuda.current_stream())
+    mark.synchronize()
+    ck.check("async_finish: the current stream runs on while the comm stream is busy", not out[5].event.query())
+    out[5].current_stream_wait()
+    cnt = recv_x.shape[0]
+    ck.check("async_finish: rows after the wait == the eager ones", torch.equal(out[0][:cnt], recv_x))
+
+    # Without async_finish the current stream waits for the comm stream before its next work.
+    torch.cuda.synchronize()
+    with torch.cuda.stream(comm):
+        torch.cuda._sleep(SLEEP_CYCLES)
+    out = buf.dispatch(c.x, topk_idx=c.idx, topk_weights=c.w, num_worst_tokens=W, num_experts=E)
+    copy = out[0][:cnt].clone()  # on the current stream
+    ck.check("synchronous call: the current stream waits for the comm stream", torch.equal(copy, recv_x))
+    torch.cuda.synchronize()
+
+    ck.raises("allocate_on_comm_stream without previous_event -> ValueError", ValueError,
+              lambda: buf.dispatch(c.x, topk_idx=c.idx, async_finish=True, allocate_on_comm_stream=True,
+                                   num_experts=E), "allocate_on_comm_stream")
+    ck.raises("previous_event of a wrong type -> TypeError", TypeError,
+              lambda: buf.get_dispatch_layout(c.idx, E, previous_event=1), "previous_event")
 
 
 def check_autograd(ck, c, num_worst_tokens):

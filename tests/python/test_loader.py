@@ -106,7 +106,8 @@ def stub_library_checks(ck, code):
         with open(c_file, "w") as f:
             f.write(src)
         # --no-as-needed: the stub uses no symbol of the library, and the linker would otherwise drop the need.
-        for name, extra in (("plain", []), ("needs libnvshmem_host.so.3, no rpath", ["-Wl,--no-as-needed", nvshmem_host])):
+        for name, extra in (("plain", []),
+                            ("needs libnvshmem_host.so.3, no rpath", ["-Wl,--no-as-needed", nvshmem_host])):
             if None in extra:
                 print(f"SKIP stub that {name}: the nvidia-nvshmem-cu13 wheel is not installed")
                 continue
