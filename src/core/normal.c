@@ -242,14 +242,19 @@ ep_status_t ep_dispatch_prepare(ep_group_t group, ep_handle_t handle, const ep_d
   handle->prepared = true;
   if (!a->num_recv_tokens) return EP_STATUS_SUCCESS;
 
-  /* Eager form: wait for the kernel (it has its own timeouts, so this wait ends), then read the counts. */
+  /* Eager form: wait for the kernel (it has its own timeouts, so this wait ends), then read the counts. Only this
+   * stream is waited on: a plain cudaMemcpy runs on the legacy default stream and so would also wait for the work
+   * of every blocking stream, PyTorch's default stream among them, i.e. for the compute this call overlaps. */
   EP_CUDA_TRY(group, cudaStreamSynchronize(stream));
   EP_TRY(ep_enter(group, fn));
-  EP_CUDA_TRY(group, cudaMemcpy(a->num_recv_tokens, handle->num_recv, sizeof(int), cudaMemcpyDeviceToHost));
-  handle->num_recv_host = *a->num_recv_tokens;
+  EP_CUDA_TRY(group, cudaMemcpyAsync(a->num_recv_tokens, handle->num_recv, sizeof(int), cudaMemcpyDeviceToHost,
+                                     stream));
   if (a->num_recv_tokens_per_expert)
-    EP_CUDA_TRY(group, cudaMemcpy(a->num_recv_tokens_per_expert, handle->expert_counts,
-                                  sizeof(int) * (size_t)(a->num_experts / group->num_ranks), cudaMemcpyDeviceToHost));
+    EP_CUDA_TRY(group, cudaMemcpyAsync(a->num_recv_tokens_per_expert, handle->expert_counts,
+                                       sizeof(int) * (size_t)(a->num_experts / group->num_ranks),
+                                       cudaMemcpyDeviceToHost, stream));
+  EP_CUDA_TRY(group, cudaStreamSynchronize(stream));
+  handle->num_recv_host = *a->num_recv_tokens;
   return EP_STATUS_SUCCESS;
 }
 

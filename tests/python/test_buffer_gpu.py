@@ -273,6 +273,18 @@ def check_streams(ck, c, recv_x, y, cx0):
     ev.current_stream_wait()
     ck.check("the comm stream waits for the current stream (x written there late)", torch.equal(out[0], recv_x))
 
+    # The eager form's host wait (for the received count) waits for the comm stream only, never for the current
+    # stream's work: the comm stream is ordered after an event from before a stall on the current stream.
+    torch.cuda.synchronize()
+    before = buf.capture()
+    torch.cuda._sleep(SLEEP_CYCLES)
+    busy = buf.capture()
+    out = buf.dispatch(c.x, topk_idx=c.idx, topk_weights=c.w, previous_event=before, async_finish=True,
+                       num_experts=E)
+    ck.check("eager dispatch: its host wait leaves the current stream's work running", not busy.event.query())
+    out[5].current_stream_wait()
+    ck.check("eager dispatch ordered by previous_event: rows == the synchronous call's", torch.equal(out[0], recv_x))
+
     # previous_event orders the comm stream the same way; allocate_on_comm_stream with it.
     torch.cuda.synchronize()
     x_late.zero_()
