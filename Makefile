@@ -82,8 +82,8 @@ $(BUILD)/obj/device_link.o: $(CUDA_OBJ)
 # The file is libep.so.X.Y.Z; libep.so.X (the soname) and libep.so (the link name) point to it.
 $(LIB): $(CORE_OBJ) $(CUDA_OBJ) $(BUILD)/obj/device_link.o src/libep.map
 	@mkdir -p $(dir $@)
-	$(CC) -shared -o $(LIB_FILE) -Wl,-soname,$(EP_SONAME) $(CORE_OBJ) $(CUDA_OBJ) $(BUILD)/obj/device_link.o $(NVSHMEM_LIB)/libnvshmem_device.a \
-	  $(NVSHMEM_LIB)/libnvshmem_host.so.3 -L$(CUDA_LIB) -lcudart -lstdc++ -lpthread -ldl -lrt \
+	$(CC) -shared -o $(LIB_FILE) -Wl,-soname,$(EP_SONAME) $(CORE_OBJ) $(CUDA_OBJ) $(BUILD)/obj/device_link.o \
+	  $(NVSHMEM_LIB)/libnvshmem_device.a $(NVSHMEM_LIB)/libnvshmem_host.so.3 -L$(CUDA_LIB) -lcudart -lstdc++ -lpthread -ldl -lrt \
 	  -Wl,--version-script=src/libep.map -Wl,-rpath,$(NVSHMEM_LIB) -Wl,-rpath,$(CUDA_LIB) -Wl,--no-undefined
 	ln -sf $(notdir $(LIB_FILE)) $(BUILD)/lib/$(EP_SONAME)
 	ln -sf $(EP_SONAME) $@

@@ -20,8 +20,8 @@ class BuildPyWithLibrary(build_py):
     def run(self):
         super().run()
         # PYTHON: the Makefile finds the NVSHMEM wheel through this interpreter, the one the build runs in.
-        subprocess.check_call(["make", f"-j{os.cpu_count() or 1}", "lib", f"BUILD={BUILD}", f"PYTHON={sys.executable}"],
-                              cwd=ROOT)
+        make = ["make", f"-j{os.cpu_count() or 1}", "lib", f"BUILD={BUILD}", f"PYTHON={sys.executable}"]
+        subprocess.check_call(make, cwd=ROOT)
         target = os.path.join(self.build_lib, "ep", "_lib")
         os.makedirs(target, exist_ok=True)
         # libep.so is a link to libep.so.X.Y.Z; copyfile follows it, so the package holds the file itself.

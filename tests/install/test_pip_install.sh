@@ -34,8 +34,10 @@ PY
 check "the build left no egg-info in the tree (setuptools' files go under BUILD)" \
   test -z "$(find "$repo" "$repo/python" -maxdepth 1 -name '*.egg-info')"
 
-"$python" -m pip install --no-deps --disable-pip-version-check -q --target "$stage/site" "$wheel" > "$stage/install.log" 2>&1 \
-  || { cat "$stage/install.log"; echo "FAIL pip install --target"; exit 1; }
+if ! "$python" -m pip install --no-deps --disable-pip-version-check -q --target "$stage/site" "$wheel" \
+     > "$stage/install.log" 2>&1; then
+  cat "$stage/install.log"; echo "FAIL pip install --target"; exit 1
+fi
 out=$(cd "$stage" && env -u EP_LIBRARY_PATH PYTHONPATH="$stage/site" "$python" -c '
 import ep
 from ep import _capi
