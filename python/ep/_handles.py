@@ -94,8 +94,8 @@ class DeviceViews:
     (it raises "Numpy is not available" without numpy installed) and, in some versions, by asking
     cudaPointerGetAttributes for the pointer's device. PyTorch 2.11 accepts pointers into NVSHMEM symmetric memory
     (tests/python/test_low_latency_gpu.py compares the zero-copy combine with the copying one, and src_info with
-    the routing). A copy instead of a view is detected and raises. A numpy-free alternative is a DLPack capsule built with ctypes and passed to
-    torch.from_dlpack."""
+    the routing). A copy instead of a view is detected and raises. A numpy-free alternative is a DLPack capsule
+    built with ctypes and passed to torch.from_dlpack."""
 
     def __init__(self, device):
         self._device = f"cuda:{device}"

@@ -413,6 +413,18 @@ def stub_checks(ck):
                  isinstance(e, RuntimeError) and "destroyed" in str(e) and name in str(e), repr(e))
 
 
+def docstring_signature_checks(ck):
+    """The signatures that Buffer's and Config's docstrings spell out are the real ones, every parameter with its
+    default, in order."""
+    for cls in (ep.Buffer, ep.Config):
+        sig = inspect.signature(cls.__init__)
+        want = str(sig.replace(parameters=list(sig.parameters.values())[1:]))  # without self
+        m = re.search(rf"^\s*{cls.__name__}(\(.*?\))\n\n", cls.__doc__, re.S | re.M)
+        got = " ".join(m.group(1).split()) if m else None
+        ck.check(f"{cls.__name__}'s docstring gives its complete signature", got == want,
+                 f"docstring {got}, real {want}")
+
+
 def sm90_checks(ck):
     """is_sm90_compiled() against the architectures whose code libep.so holds, as cuobjdump lists them."""
     cuobjdump = shutil.which("cuobjdump") or os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin",
@@ -475,6 +487,7 @@ def main():
     no_torch_checks(ck)
     lazy_attribute_checks(ck)
     python_checks(ck)
+    docstring_signature_checks(ck)
     sm90_checks(ck)
     ck.exit()
 
