@@ -71,6 +71,43 @@ EP_API const char* ep_status_string(ep_status_t status);
 EP_API ep_status_t ep_get_version(int* version);
 
 /* ------------------------------------------------------------------------------------------------------------
+ * Limits: the bounds every call checks its arguments against, in one place. Bindings read them at run time with
+ * ep_get_limits() rather than repeating the numbers.
+ * ------------------------------------------------------------------------------------------------------------ */
+#define EP_MAX_RANKS 1024                /* ranks in a group */
+#define EP_MAX_TOPK 32                   /* experts per token: config.max_topk, num_topk */
+#define EP_MAX_HIDDEN 65536              /* config.hidden: the kernels count a row's bytes in an int */
+#define EP_LL_MAX_TOKENS_PER_RANK 8192   /* config.ll_max_tokens_per_rank: an LL message numbers a token's place
+                                            among its source's tokens in 13 bits */
+#define EP_MAX_EXPERT_ALIGNMENT 65536    /* ep_dispatch_prepare_args_t.expert_alignment: an aligned count stays an
+                                            int */
+#define EP_MAX_SMS 1024                  /* config.num_sms, config.max_sms, a call's num_sms */
+#define EP_DEFAULT_NUM_SMS 24            /* SMs of a normal dispatch or combine when config.num_sms is 0; the other
+                                            SMs stay free for the compute that overlaps the communication */
+#define EP_MAX_TIMEOUT_SECONDS 3600      /* config.timeout_seconds */
+
+/* The limits above, as the loaded libep.so has them. `size` comes first so that the struct can grow: set it with
+ * EP_LIMITS_INIT; a size this library does not know is rejected (EP_STATUS_INVALID_ARGUMENT) instead of being
+ * written past. */
+typedef struct ep_limits {
+  uint32_t size;               /* [IN] sizeof(ep_limits_t) */
+  int max_ranks;               /* [OUT] EP_MAX_RANKS */
+  int max_topk;                /* [OUT] EP_MAX_TOPK */
+  int max_hidden;              /* [OUT] EP_MAX_HIDDEN */
+  int ll_max_tokens_per_rank;  /* [OUT] EP_LL_MAX_TOKENS_PER_RANK */
+  int max_expert_alignment;    /* [OUT] EP_MAX_EXPERT_ALIGNMENT */
+  int max_sms;                 /* [OUT] EP_MAX_SMS */
+  int default_num_sms;         /* [OUT] EP_DEFAULT_NUM_SMS */
+  int max_timeout_seconds;     /* [OUT] EP_MAX_TIMEOUT_SECONDS */
+} ep_limits_t;
+
+#define EP_LIMITS_INIT { (uint32_t)sizeof(ep_limits_t), 0, 0, 0, 0, 0, 0, 0, 0 }
+
+/* Fill `limits` (its size set by EP_LIMITS_INIT) with the library's limits.
+ * Collective: no. Allocates: no. Graph-capturable: yes (host only). */
+EP_API ep_status_t ep_get_limits(ep_limits_t* limits);
+
+/* ------------------------------------------------------------------------------------------------------------
  * Types
  * ------------------------------------------------------------------------------------------------------------ */
 typedef enum ep_dtype {
@@ -506,6 +543,26 @@ EP_API ep_status_t ep_ll_combine_recv(ep_group_t group, ep_ll_handle_t handle, c
  * the device, then waits for every rank (host barrier).
  * Collective: yes. Allocates: no. Graph-capturable: no. */
 EP_API ep_status_t ep_ll_clean(ep_group_t group, cudaStream_t stream);
+
+/* Where an LL handle stands in the two-buffer turn-taking, so that a binding asks the library instead of keeping
+ * its own copy of the rule. Set `size` with EP_LL_HANDLE_STATE_INIT (see ep_limits_t). */
+typedef struct ep_ll_handle_state {
+  uint32_t size;               /* [IN] sizeof(ep_ll_handle_state_t) */
+  int half;                    /* [OUT] buffer half of the handle's last dispatch, 0 or 1; -1 before its first */
+  uint64_t serial;             /* [OUT] which LL dispatch of the group last filled the handle (1, 2, ...); 0 before
+                                  its first. Changes whenever a dispatch refills the handle */
+  int is_current;              /* [OUT] 1: no later dispatch has taken its half and no ep_ll_clean came since, so
+                                  its routing, its combine buffer and its combine are valid; 0 otherwise */
+  int dispatch_recv_pending;   /* [OUT] 1: its dispatch was made with return_after_send = 1 and
+                                  ep_ll_dispatch_recv() has not run yet */
+  int combine_recv_pending;    /* [OUT] 1: likewise for its combine and ep_ll_combine_recv() */
+} ep_ll_handle_state_t;
+
+#define EP_LL_HANDLE_STATE_INIT { (uint32_t)sizeof(ep_ll_handle_state_t), 0, 0, 0, 0, 0 }
+
+/* Fill `state` for `handle`. Reads host state only (no device work, no wait).
+ * Collective: no. Allocates: no. Graph-capturable: yes (host only). */
+EP_API ep_status_t ep_ll_handle_get_state(ep_ll_handle_t handle, ep_ll_handle_state_t* state);
 
 #ifdef __cplusplus
 }

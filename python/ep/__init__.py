@@ -30,8 +30,8 @@ def _load_submodule(name):
     `from . import name` inside __getattr__ recurses: importlib's _handle_fromlist first asks
     hasattr(ep, name), which calls __getattr__ again before the submodule is ever imported.
     importlib.import_module imports it directly and binds it as an attribute of the package."""
-    from .buffer import _require_torch
-    _require_torch(f"ep.{name}")
+    from ._checks import require_torch
+    require_torch(f"ep.{name}")
     module = importlib.import_module(f"{__name__}.{name}")
     globals()[name] = module  # import_module already binds it; make that explicit
     return module
@@ -40,8 +40,8 @@ def _load_submodule(name):
 def __getattr__(name):
     # Only reached for names not (yet) in the module dict. Never import here with `from . import ...`.
     if name == "topk_idx_t":
-        from .buffer import _require_torch
-        value = _require_torch("ep.topk_idx_t").int64
+        from ._checks import require_torch
+        value = require_torch("ep.topk_idx_t").int64
         globals()[name] = value
         return value
     if name in _AUTOGRAD_NAMES or name in _LAZY_SUBMODULES:

@@ -15,6 +15,7 @@ Every struct below mirrors its C twin field for field, in the header's order; te
 compiles a small C program against include/ep.h and compares every size and offset.
 """
 
+import collections
 import ctypes
 import ctypes.util
 import os
@@ -24,7 +25,8 @@ import threading
 __all__ = [
     "EpError", "EpLibraryError", "load", "library_path", "check", "status_name", "last_error",
     "UniqueId", "GroupConfig", "GroupInfo", "LayoutArgs", "DispatchPrepareArgs", "DispatchArgs", "CombineArgs",
-    "LLDispatchArgs", "LLCombineArgs", "ll_buffer_size_hint",
+    "LLDispatchArgs", "LLCombineArgs", "Limits", "LLHandleState", "LimitValues", "ll_buffer_size_hint", "limits",
+    "ll_handle_state",
 ]
 
 # ---- Constants of include/ep.h -------------------------------------------------------------------------------
@@ -103,6 +105,41 @@ class _Args(ctypes.Structure):
                 raise AttributeError(f"{cls.__name__} has no field {k!r}")
             setattr(s, k, v)
         return s
+
+
+class _Sized(ctypes.Structure):
+    """Base of the structs the library fills that open with a `size` field only: `init()` is their _INIT macro."""
+
+    @classmethod
+    def init(cls):
+        s = cls()
+        s.size = ctypes.sizeof(cls)
+        return s
+
+
+class Limits(_Sized):
+    _fields_ = [
+        ("size", _u32),
+        ("max_ranks", _int),
+        ("max_topk", _int),
+        ("max_hidden", _int),
+        ("ll_max_tokens_per_rank", _int),
+        ("max_expert_alignment", _int),
+        ("max_sms", _int),
+        ("default_num_sms", _int),
+        ("max_timeout_seconds", _int),
+    ]
+
+
+class LLHandleState(_Sized):
+    _fields_ = [
+        ("size", _u32),
+        ("half", _int),
+        ("serial", ctypes.c_uint64),
+        ("is_current", _int),
+        ("dispatch_recv_pending", _int),
+        ("combine_recv_pending", _int),
+    ]
 
 
 class GroupConfig(_Args):
@@ -262,6 +299,8 @@ STRUCTS = {
     "ep_combine_args_t": CombineArgs,
     "ep_ll_dispatch_args_t": LLDispatchArgs,
     "ep_ll_combine_args_t": LLCombineArgs,
+    "ep_limits_t": Limits,
+    "ep_ll_handle_state_t": LLHandleState,
 }
 
 # ---- Function prototypes ---------------------------------------------------------------------------------------
@@ -270,6 +309,7 @@ _P = ctypes.POINTER
 _PROTOTYPES = {
     "ep_status_string": (ctypes.c_char_p, [ctypes.c_int]),
     "ep_get_version": (_S, [_P(ctypes.c_int)]),
+    "ep_get_limits": (_S, [_P(Limits)]),
     "ep_get_unique_id": (_S, [_P(UniqueId)]),
     "ep_group_create": (_S, [_P(_ptr), _P(UniqueId), _int, _int, _int, _P(GroupConfig)]),
     "ep_group_destroy": (_S, [_ptr]),
@@ -295,6 +335,7 @@ _PROTOTYPES = {
     "ep_ll_combine": (_S, [_ptr, _ptr, _P(LLCombineArgs), _ptr]),
     "ep_ll_combine_recv": (_S, [_ptr, _ptr, _ptr]),
     "ep_ll_clean": (_S, [_ptr, _ptr]),
+    "ep_ll_handle_get_state": (_S, [_ptr, _P(LLHandleState)]),
 }
 
 _lock = threading.Lock()
@@ -312,7 +353,8 @@ def _candidates():
     bundled = os.path.join(here, "_lib", "libep.so")
     if os.path.exists(bundled):
         yield bundled, "the library installed with this package"
-    yield os.path.normpath(os.path.join(here, "..", "..", "build", "lib", "libep.so")), "the repository's build directory"
+    repository_build = os.path.normpath(os.path.join(here, "..", "..", "build", "lib", "libep.so"))
+    yield repository_build, "the repository's build directory"
     yield ctypes.util.find_library("ep"), "ctypes.util.find_library('ep')"  # asked only if the above failed
 
 
@@ -443,3 +485,28 @@ def ll_buffer_size_hint(max_tokens_per_rank, hidden, num_ranks, num_experts, max
     check(load().ep_ll_buffer_size_hint(int(max_tokens_per_rank), int(hidden), int(num_ranks), int(num_experts),
                                         int(max_topk), ctypes.byref(n)), None)
     return n.value
+
+
+# The fields of ep_limits_t but `size`, as an immutable tuple (see limits()).
+LimitValues = collections.namedtuple("LimitValues", [name for name, _ in Limits._fields_ if name != "size"])
+_limits = None
+
+
+def limits():
+    """The library's limits (ep_get_limits: EP_MAX_TOPK, EP_LL_MAX_TOKENS_PER_RANK, ... of include/ep.h), read once
+    and kept, as a LimitValues named tuple (limits().max_topk == 32). Loads the library. The package's argument
+    checks take their bounds from here, so that they never disagree with the library's."""
+    global _limits
+    if _limits is None:
+        s = Limits.init()
+        check(load().ep_get_limits(ctypes.byref(s)), None)
+        _limits = LimitValues(**{name: getattr(s, name) for name in LimitValues._fields})
+    return _limits
+
+
+def ll_handle_state(handle):
+    """ep_ll_handle_get_state(handle) as an LLHandleState: where the LL handle (a raw ep_ll_handle_t) stands in the
+    two-buffer turn-taking (serial, half, is_current, dispatch_recv_pending, combine_recv_pending)."""
+    s = LLHandleState.init()
+    check(load().ep_ll_handle_get_state(handle, ctypes.byref(s)), None)
+    return s

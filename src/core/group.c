@@ -68,18 +68,19 @@ static ep_status_t check_config(const ep_group_config_t* c, int num_ranks) {
   if (c->max_topk < 1 || c->max_topk > EP_MAX_TOPK)
     return ep_fail(NULL, EP_STATUS_INVALID_ARGUMENT, "%s: config.max_topk is %d; it must be in [1, %d]", fn,
                    c->max_topk, EP_MAX_TOPK);
-  if (c->ll_max_tokens_per_rank < 0 || c->ll_max_tokens_per_rank > EP_LL_MAX_TOKENS)
+  if (c->ll_max_tokens_per_rank < 0 || c->ll_max_tokens_per_rank > EP_LL_MAX_TOKENS_PER_RANK)
     return ep_fail(NULL, EP_STATUS_INVALID_ARGUMENT, "%s: config.ll_max_tokens_per_rank is %d; it must be in [0, %d]",
-                   fn, c->ll_max_tokens_per_rank, EP_LL_MAX_TOKENS);
-  if (c->num_sms < 0 || c->num_sms > 1024)
-    return ep_fail(NULL, EP_STATUS_INVALID_ARGUMENT, "%s: config.num_sms is %d; it must be in [0, 1024]", fn,
-                   c->num_sms);
-  if (c->max_sms < 0 || c->max_sms > 1024)
-    return ep_fail(NULL, EP_STATUS_INVALID_ARGUMENT, "%s: config.max_sms is %d; it must be in [0, 1024]", fn,
-                   c->max_sms);
-  if (!(c->timeout_seconds > 0.0) || c->timeout_seconds > 3600.0)
+                   fn, c->ll_max_tokens_per_rank, EP_LL_MAX_TOKENS_PER_RANK);
+  if (c->num_sms < 0 || c->num_sms > EP_MAX_SMS)
+    return ep_fail(NULL, EP_STATUS_INVALID_ARGUMENT, "%s: config.num_sms is %d; it must be in [0, %d]", fn,
+                   c->num_sms, EP_MAX_SMS);
+  if (c->max_sms < 0 || c->max_sms > EP_MAX_SMS)
+    return ep_fail(NULL, EP_STATUS_INVALID_ARGUMENT, "%s: config.max_sms is %d; it must be in [0, %d]", fn,
+                   c->max_sms, EP_MAX_SMS);
+  if (!(c->timeout_seconds > 0.0) || c->timeout_seconds > EP_MAX_TIMEOUT_SECONDS)
     return ep_fail(NULL, EP_STATUS_INVALID_ARGUMENT,
-                   "%s: config.timeout_seconds is %g; it must be in (0, 3600]", fn, c->timeout_seconds);
+                   "%s: config.timeout_seconds is %g; it must be in (0, %d]", fn, c->timeout_seconds,
+                   EP_MAX_TIMEOUT_SECONDS);
   return EP_STATUS_SUCCESS;
 }
 

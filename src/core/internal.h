@@ -8,14 +8,8 @@
 #include "ep.h"
 #include "kernels/api.h"
 
-#define EP_MAX_RANKS 1024
-#define EP_MAX_TOPK 32
-#define EP_DEFAULT_NUM_SMS 24
 #define EP_ERROR_MESSAGE_BYTES 512
-#define EP_LL_MAX_TOKENS 8192 /* largest config.ll_max_tokens_per_rank */
 #define EP_LL_MAX_EXPERTS (1 << 18) /* num_experts of an LL call stays below: a message packs e << 13 | j in an int */
-#define EP_MAX_HIDDEN 65536   /* largest config.hidden: the kernels count a row's bytes in int */
-#define EP_MAX_EXPERT_ALIGNMENT 65536 /* largest expert_alignment: an aligned count stays an int */
 
 struct ep_group {
   int rank, num_ranks;

@@ -15,9 +15,9 @@ ep_status_t ep_ll_buffer_size_hint(int max_tokens_per_rank, int hidden, int num_
   const char* fn = "ep_ll_buffer_size_hint";
   if (!bytes) return FAIL_ARG(NULL, "%s: bytes is NULL", fn);
   *bytes = 0;
-  if (max_tokens_per_rank < 1 || max_tokens_per_rank > EP_LL_MAX_TOKENS)
+  if (max_tokens_per_rank < 1 || max_tokens_per_rank > EP_LL_MAX_TOKENS_PER_RANK)
     return FAIL_ARG(NULL, "%s: max_tokens_per_rank is %d; it must be in [1, %d]", fn, max_tokens_per_rank,
-                    EP_LL_MAX_TOKENS);
+                    EP_LL_MAX_TOKENS_PER_RANK);
   if (hidden <= 0 || hidden % 128 != 0 || hidden > EP_MAX_HIDDEN)
     return FAIL_ARG(NULL, "%s: hidden is %d; it must be a positive multiple of 128, at most %d", fn, hidden,
                     EP_MAX_HIDDEN);
@@ -402,5 +402,24 @@ ep_status_t ep_ll_clean(ep_group_t group, cudaStream_t stream) {
   ep_tp_barrier_all();
   group->ll_next_half = 0;
   group->ll_half_serial[0] = group->ll_half_serial[1] = 0;
+  return EP_STATUS_SUCCESS;
+}
+
+ep_status_t ep_ll_handle_get_state(ep_ll_handle_t handle, ep_ll_handle_state_t* state) {
+  const char* fn = "ep_ll_handle_get_state";
+  if (!handle) return FAIL_ARG(NULL, "%s: handle is NULL", fn);
+  if (!state) return FAIL_ARG(handle->group, "%s: state is NULL", fn);
+  if (state->size != sizeof(ep_ll_handle_state_t))
+    return FAIL_ARG(handle->group,
+                    "%s: state.size is %u, want %u (sizeof(ep_ll_handle_state_t)): initialise it with "
+                    "EP_LL_HANDLE_STATE_INIT, or header and library versions differ",
+                    fn, state->size, (unsigned)sizeof(ep_ll_handle_state_t));
+  const ep_group_t group = handle->group;
+  state->half = handle->dispatched ? handle->half : -1;
+  state->serial = handle->dispatched ? handle->serial : 0;
+  /* The rule check_combinable applies: the half still belongs to the handle's dispatch (ep_ll_clean zeroes it). */
+  state->is_current = handle->dispatched && group->ll_half_serial[handle->half] == handle->serial;
+  state->dispatch_recv_pending = handle->dispatch_recv_pending;
+  state->combine_recv_pending = handle->combine_recv_pending;
   return EP_STATUS_SUCCESS;
 }

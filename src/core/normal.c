@@ -259,8 +259,8 @@ ep_status_t ep_dispatch_prepare(ep_group_t group, ep_handle_t handle, const ep_d
 }
 
 static ep_status_t check_num_sms(ep_group_t group, const char* fn, int num_sms) {
-  if (num_sms < 0 || num_sms > 1024)
-    return FAIL_ARG(group, "%s: num_sms is %d; it must be in [0, 1024] (0 = config.num_sms)", fn, num_sms);
+  if (num_sms < 0 || num_sms > EP_MAX_SMS)
+    return FAIL_ARG(group, "%s: num_sms is %d; it must be in [0, %d] (0 = config.num_sms)", fn, num_sms, EP_MAX_SMS);
   return EP_STATUS_SUCCESS;
 }
 

@@ -516,6 +516,136 @@ static void test_handle_in(void) {
   }
 }
 
+/* ep_get_limits: the size field is checked, the values are the header's, and the calls enforce exactly them. */
+static void test_limits(void) {
+  EXPECT_FAIL(ep_get_limits(NULL), NULL, EP_STATUS_INVALID_ARGUMENT, "limits is NULL");
+  ep_limits_t bad = EP_LIMITS_INIT;
+  bad.size = 0;
+  EXPECT_FAIL(ep_get_limits(&bad), NULL, EP_STATUS_INVALID_ARGUMENT, "limits.size is 0");
+  bad.size = (uint32_t)sizeof(ep_limits_t) + 4; /* a later header's larger struct */
+  EXPECT_FAIL(ep_get_limits(&bad), NULL, EP_STATUS_INVALID_ARGUMENT, "EP_LIMITS_INIT");
+  CHECK(bad.max_topk == 0, "ep_get_limits wrote into a struct it rejected");
+
+  ep_limits_t l = EP_LIMITS_INIT;
+  CHECK(ep_get_limits(&l) == EP_STATUS_SUCCESS, "ep_get_limits: %s", ep_last_error(NULL));
+  CHECK_EQ_INT(l.size, sizeof(ep_limits_t), "limits.size");
+  CHECK_EQ_INT(l.max_ranks, EP_MAX_RANKS, "max_ranks");
+  CHECK_EQ_INT(l.max_topk, EP_MAX_TOPK, "max_topk");
+  CHECK_EQ_INT(l.max_hidden, EP_MAX_HIDDEN, "max_hidden");
+  CHECK_EQ_INT(l.ll_max_tokens_per_rank, EP_LL_MAX_TOKENS_PER_RANK, "ll_max_tokens_per_rank");
+  CHECK_EQ_INT(l.max_expert_alignment, EP_MAX_EXPERT_ALIGNMENT, "max_expert_alignment");
+  CHECK_EQ_INT(l.max_sms, EP_MAX_SMS, "max_sms");
+  CHECK_EQ_INT(l.default_num_sms, EP_DEFAULT_NUM_SMS, "default_num_sms");
+  CHECK_EQ_INT(l.max_timeout_seconds, EP_MAX_TIMEOUT_SECONDS, "max_timeout_seconds");
+  CHECK(l.default_num_sms >= 1 && l.default_num_sms <= l.max_sms, "default_num_sms %d outside [1, max_sms]",
+        l.default_num_sms);
+
+  /* Each limit is the bound a call enforces: at the limit accepted, one past it rejected naming the limit. */
+  size_t bytes = 0;
+  CHECK(ep_ll_buffer_size_hint(l.ll_max_tokens_per_rank, 128, 1, 1, 1, &bytes) == EP_STATUS_SUCCESS,
+        "T at ll_max_tokens_per_rank: %s", ep_last_error(NULL));
+  CHECK(ep_ll_buffer_size_hint(1, l.max_hidden, 1, 1, 1, &bytes) == EP_STATUS_SUCCESS, "hidden at max_hidden: %s",
+        ep_last_error(NULL));
+  CHECK(ep_ll_buffer_size_hint(1, 128, l.max_ranks, l.max_ranks, 1, &bytes) == EP_STATUS_SUCCESS,
+        "num_ranks at max_ranks: %s", ep_last_error(NULL));
+  CHECK(ep_ll_buffer_size_hint(1, 128, 1, 1, l.max_topk, &bytes) == EP_STATUS_SUCCESS, "max_topk at its limit: %s",
+        ep_last_error(NULL));
+  char want[64];
+  snprintf(want, sizeof(want), "[1, %d]", l.ll_max_tokens_per_rank);
+  EXPECT_FAIL(ep_ll_buffer_size_hint(l.ll_max_tokens_per_rank + 1, 128, 1, 1, 1, &bytes), NULL,
+              EP_STATUS_INVALID_ARGUMENT, want);
+  snprintf(want, sizeof(want), "at most %d", l.max_hidden);
+  EXPECT_FAIL(ep_ll_buffer_size_hint(1, l.max_hidden + 128, 1, 1, 1, &bytes), NULL, EP_STATUS_INVALID_ARGUMENT,
+              want);
+  snprintf(want, sizeof(want), "[1, %d]", l.max_ranks);
+  EXPECT_FAIL(ep_ll_buffer_size_hint(1, 128, l.max_ranks + 1, l.max_ranks + 1, 1, &bytes), NULL,
+              EP_STATUS_INVALID_ARGUMENT, want);
+  snprintf(want, sizeof(want), "[1, %d]", l.max_topk);
+  EXPECT_FAIL(ep_ll_buffer_size_hint(1, 128, 1, 1, l.max_topk + 1, &bytes), NULL, EP_STATUS_INVALID_ARGUMENT, want);
+  /* The config checks run before any device is looked for. */
+  ep_group_t g = NULL;
+  ep_unique_id_t id;
+  memset(&id, 0, sizeof(id));
+  ep_group_config_t c = EP_GROUP_CONFIG_INIT;
+  c.num_sms = l.max_sms + 1;
+  snprintf(want, sizeof(want), "config.num_sms is %d; it must be in [0, %d]", c.num_sms, l.max_sms);
+  EXPECT_FAIL(ep_group_create(&g, &id, 0, 1, 0, &c), NULL, EP_STATUS_INVALID_ARGUMENT, want);
+  c = (ep_group_config_t)EP_GROUP_CONFIG_INIT;
+  c.max_sms = l.max_sms + 1;
+  snprintf(want, sizeof(want), "config.max_sms is %d; it must be in [0, %d]", c.max_sms, l.max_sms);
+  EXPECT_FAIL(ep_group_create(&g, &id, 0, 1, 0, &c), NULL, EP_STATUS_INVALID_ARGUMENT, want);
+  c = (ep_group_config_t)EP_GROUP_CONFIG_INIT;
+  c.timeout_seconds = l.max_timeout_seconds + 1.0;
+  snprintf(want, sizeof(want), "it must be in (0, %d]", l.max_timeout_seconds);
+  EXPECT_FAIL(ep_group_create(&g, &id, 0, 1, 0, &c), NULL, EP_STATUS_INVALID_ARGUMENT, want);
+  c = (ep_group_config_t)EP_GROUP_CONFIG_INIT;
+  c.ll_max_tokens_per_rank = l.ll_max_tokens_per_rank + 1;
+  snprintf(want, sizeof(want), "it must be in [0, %d]", l.ll_max_tokens_per_rank);
+  EXPECT_FAIL(ep_group_create(&g, &id, 0, 1, 0, &c), NULL, EP_STATUS_INVALID_ARGUMENT, want);
+}
+
+/* ep_ll_handle_get_state mirrors the handle's place in the two-buffer turn-taking, and agrees with the calls that
+ * enforce it (ep_ll_get_combine_buffer, ep_ll_combine, ep_ll_clean's reset). */
+static void test_ll_handle_state(void) {
+  ep_ll_handle_state_t s = EP_LL_HANDLE_STATE_INIT;
+  EXPECT_FAIL(ep_ll_handle_get_state(NULL, &s), NULL, EP_STATUS_INVALID_ARGUMENT, "handle is NULL");
+  struct ep_group host_group = make_host_group(4);
+  host_group.config.ll_max_tokens_per_rank = 128;
+  host_group.ll_layout = ep_ll_layout(4, 256, 128, 7168, 8);
+  ep_group_t g = &host_group;
+  struct ep_ll_handle handle;
+  memset(&handle, 0, sizeof(handle));
+  handle.group = g;
+  EXPECT_FAIL(ep_ll_handle_get_state(&handle, NULL), g, EP_STATUS_INVALID_ARGUMENT, "state is NULL");
+  s.size = 8;
+  EXPECT_FAIL(ep_ll_handle_get_state(&handle, &s), g, EP_STATUS_INVALID_ARGUMENT, "state.size is 8");
+  EXPECT_FAIL(ep_ll_handle_get_state(&handle, &s), g, EP_STATUS_INVALID_ARGUMENT, "EP_LL_HANDLE_STATE_INIT");
+
+  /* Before its first dispatch. */
+  s = (ep_ll_handle_state_t)EP_LL_HANDLE_STATE_INIT;
+  CHECK(ep_ll_handle_get_state(&handle, &s) == EP_STATUS_SUCCESS, "get_state: %s", ep_last_error(g));
+  CHECK(s.half == -1 && s.serial == 0 && !s.is_current && !s.dispatch_recv_pending && !s.combine_recv_pending,
+        "fresh handle: half %d serial %llu current %d pending %d/%d", s.half, (unsigned long long)s.serial,
+        s.is_current, s.dispatch_recv_pending, s.combine_recv_pending);
+
+  /* Dispatch 3 took half 0 and waits for its receive phase. */
+  void* buffer = NULL;
+  handle.dispatched = true;
+  handle.half = 0;
+  handle.serial = 3;
+  handle.dispatch_recv_pending = true;
+  host_group.ll_half_serial[0] = 3;
+  CHECK(ep_ll_handle_get_state(&handle, &s) == EP_STATUS_SUCCESS, "get_state: %s", ep_last_error(g));
+  CHECK(s.half == 0 && s.serial == 3 && s.is_current && s.dispatch_recv_pending && !s.combine_recv_pending,
+        "dispatch 3 pending: half %d serial %llu current %d pending %d/%d", s.half, (unsigned long long)s.serial,
+        s.is_current, s.dispatch_recv_pending, s.combine_recv_pending);
+  handle.dispatch_recv_pending = false;
+  handle.combine_recv_pending = true;
+  CHECK(ep_ll_handle_get_state(&handle, &s) == EP_STATUS_SUCCESS && !s.dispatch_recv_pending &&
+            s.combine_recv_pending, "combine pending: %d/%d", s.dispatch_recv_pending, s.combine_recv_pending);
+  handle.combine_recv_pending = false;
+  CHECK(ep_ll_handle_get_state(&handle, &s) == EP_STATUS_SUCCESS && s.is_current, "current");
+  CHECK(ep_ll_get_combine_buffer(g, &handle, &buffer) == EP_STATUS_SUCCESS,
+        "a current handle has a combine buffer: %s", ep_last_error(g));
+
+  /* Dispatch 5 took half 0: the handle is no longer current, and the calls refuse it. */
+  host_group.ll_half_serial[0] = 5;
+  CHECK(ep_ll_handle_get_state(&handle, &s) == EP_STATUS_SUCCESS && !s.is_current && s.serial == 3 && s.half == 0,
+        "after the dispatch after next: current %d serial %llu half %d", s.is_current, (unsigned long long)s.serial,
+        s.half);
+  EXPECT_FAIL(ep_ll_get_combine_buffer(g, &handle, &buffer), g, EP_STATUS_INVALID_USAGE, "two-buffer rule");
+
+  /* Half 1, then ep_ll_clean's reset of the halves' owners: not current either. */
+  handle.half = 1;
+  handle.serial = 6;
+  host_group.ll_half_serial[1] = 6;
+  CHECK(ep_ll_handle_get_state(&handle, &s) == EP_STATUS_SUCCESS && s.is_current && s.half == 1 && s.serial == 6,
+        "dispatch 6 on half 1: current %d half %d", s.is_current, s.half);
+  host_group.ll_half_serial[0] = host_group.ll_half_serial[1] = 0;
+  CHECK(ep_ll_handle_get_state(&handle, &s) == EP_STATUS_SUCCESS && !s.is_current, "after a clean: current %d",
+        s.is_current);
+}
+
 int main(void) {
   test_status_strings();
   test_group_create_args();
@@ -525,6 +655,8 @@ int main(void) {
   test_ll_args();
   test_normal_args();
   test_handle_in();
+  test_limits();
+  test_ll_handle_state();
   printf("test_api: %d failed checks\n", g_check_failures);
   return TEST_RESULT();
 }

@@ -4,7 +4,9 @@
   * field names, in order, as parsed from the header's struct bodies;
   * sizeof of every struct and offsetof / sizeof of every field, from a small C program compiled with gcc
     against include/ep.h at test time;
-  * the _INIT macros' values (what GroupConfig.init() etc. fill in), the magics, the status and dtype codes.
+  * the _INIT macros' values (what GroupConfig.init() etc. fill in), the magics, the status and dtype codes;
+  * the library's limits as Python reads them (_capi.limits(), through ep_get_limits) == the header's EP_MAX_*
+    constants, field by field (needs the built library; that check is skipped with a line without it).
 Skips (77) when gcc or cuda_runtime_api.h (which ep.h includes) is missing."""
 
 import ctypes
@@ -32,12 +34,25 @@ INIT_MACROS = {
     "ep_combine_args_t": "EP_COMBINE_ARGS_INIT",
     "ep_ll_dispatch_args_t": "EP_LL_DISPATCH_ARGS_INIT",
     "ep_ll_combine_args_t": "EP_LL_COMBINE_ARGS_INIT",
+    "ep_limits_t": "EP_LIMITS_INIT",
+    "ep_ll_handle_state_t": "EP_LL_HANDLE_STATE_INIT",
 }
 CONSTANTS = ["EP_VERSION_MAJOR", "EP_VERSION_MINOR", "EP_VERSION_PATCH", "EP_VERSION_CODE", "EP_UNIQUE_ID_BYTES",
              "EP_GROUP_CONFIG_MAGIC", "EP_LAYOUT_ARGS_MAGIC", "EP_DISPATCH_PREPARE_ARGS_MAGIC",
              "EP_DISPATCH_ARGS_MAGIC", "EP_COMBINE_ARGS_MAGIC", "EP_LL_DISPATCH_ARGS_MAGIC",
              "EP_LL_COMBINE_ARGS_MAGIC", "EP_STATUS_COUNT", "EP_DTYPE_INVALID", "EP_BF16",
              "EP_FP8_E4M3", "EP_FP32", "EP_INT32", "EP_INT64"] + list(_capi.STATUS_NAMES)
+# The header's limit constants, by the ep_limits_t field that carries each.
+LIMIT_CONSTANTS = {
+    "max_ranks": "EP_MAX_RANKS",
+    "max_topk": "EP_MAX_TOPK",
+    "max_hidden": "EP_MAX_HIDDEN",
+    "ll_max_tokens_per_rank": "EP_LL_MAX_TOKENS_PER_RANK",
+    "max_expert_alignment": "EP_MAX_EXPERT_ALIGNMENT",
+    "max_sms": "EP_MAX_SMS",
+    "default_num_sms": "EP_DEFAULT_NUM_SMS",
+    "max_timeout_seconds": "EP_MAX_TIMEOUT_SECONDS",
+}
 
 
 def cuda_include():
@@ -100,7 +115,7 @@ def c_program():
                 f, e = fmt_expr(ftype, f"{var}.{fname}")
                 lines.append(f'    printf("D {cname} {fname} {f}\\n", {e});')
             lines.append("  }")
-    for c in CONSTANTS:
+    for c in CONSTANTS + list(LIMIT_CONSTANTS.values()):
         lines.append(f'  printf("C {c} %lld\\n", (long long)({c}));')
     lines += ["  return 0;", "}"]
     return "\n".join(lines) + "\n"
@@ -178,6 +193,18 @@ def main():
     bad = [f"{c}: C {consts.get(c)}, python {getattr(_capi, c, None)}" for c in CONSTANTS
            if consts.get(c) != getattr(_capi, c, None)]
     ck.check(f"{len(CONSTANTS)} constants (magics, statuses, dtypes, version) match", not bad, "; ".join(bad))
+
+    # 6. The limits Python reads from the library == the header's constants.
+    ck.check("every ep_limits_t field has its header constant",
+             sorted(LIMIT_CONSTANTS) == sorted(_capi.LimitValues._fields), str(_capi.LimitValues._fields))
+    try:
+        limits = _capi.limits()
+    except _capi.EpLibraryError as e:
+        print(f"SKIP limits against the header: {e}")
+    else:
+        bad = [f"{field}: {macro} = {consts.get(macro)}, _capi.limits() {getattr(limits, field)}"
+               for field, macro in LIMIT_CONSTANTS.items() if consts.get(macro) != getattr(limits, field)]
+        ck.check(f"_capi.limits() == the header's {len(LIMIT_CONSTANTS)} limit constants", not bad, "; ".join(bad))
     ck.exit()
 
 

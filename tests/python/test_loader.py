@@ -1,14 +1,18 @@
 #!/usr/bin/env python3
 """test_loader (CPU): loading libep.so, status names and errors, the package without PyTorch, Config defaults,
-and the argument checks that need no tensor.
+the argument checks that need no tensor, which Buffer methods are stubs, and is_sm90_compiled() against the
+architectures compiled into the library (cuobjdump).
 
 Runs whether or not PyTorch is installed: the "without torch" checks run in a child process where `import torch`
 is made to fail. The library checks use EP_LIBRARY_PATH when set, else <repo>/build/lib/libep.so; without a built
 library they are skipped with a line that says so (the rest still runs)."""
 
 import ctypes
+import inspect
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -343,7 +347,6 @@ def python_checks(ck):
     ep.Buffer.set_num_sms(24)
     ck.raises("get_dispatch_config(0) -> ValueError naming num_ranks", ValueError,
               lambda: ep.Buffer.get_dispatch_config(0), "num_ranks")
-    ck.check("is_sm90_compiled()", ep.Buffer.is_sm90_compiled() is True)
 
     # Constructor checks that run before torch is imported.
     for kw, word in ((dict(hidden=100), "hidden"), (dict(hidden=0), "hidden"), (dict(hidden=65664), "hidden"),
@@ -362,10 +365,7 @@ def python_checks(ck):
     for name in ("low_latency_update_mask_buffer", "low_latency_query_mask_buffer", "low_latency_clean_mask_buffer"):
         ck.raises(f"Buffer.{name} raises NotImplementedError (NOT YET SUPPORTED)", NotImplementedError,
                   lambda name=name: getattr(ep.Buffer, name)(None), "NOT YET SUPPORTED", name)
-    for name in ("low_latency_dispatch", "low_latency_combine", "clean_low_latency_buffer",
-                 "get_next_low_latency_combine_buffer"):
-        ck.check(f"Buffer.{name} is implemented (not the shrink-mode stub)",
-                 "_not_yet" not in getattr(ep.Buffer, name).__code__.co_names)
+    stub_checks(ck)
     ck.check("ep.LowLatencyHandle is exported", hasattr(ep, "LowLatencyHandle") and "LowLatencyHandle" in ep.__all__)
     for kw, word in ((dict(ll_max_tokens_per_rank=0), "ll_max_tokens_per_rank"),
                      (dict(ll_max_tokens_per_rank=8193), "ll_max_tokens_per_rank")):
@@ -378,6 +378,72 @@ def python_checks(ck):
               lambda: ep.Buffer.get_local_buffer_tensor(None, None), "NOT SUPPORTED")
     ck.check("ep exports the DeepEP names", all(hasattr(ep, n) for n in ("Buffer", "Config", "EventOverlap",
                                                                          "EpError", "EpLibraryError")))
+
+
+# The public Buffer methods that are stubs (raise NotImplementedError whatever they are given).
+STUBS = {"low_latency_update_mask_buffer", "low_latency_query_mask_buffer", "low_latency_clean_mask_buffer",
+         "get_local_buffer_tensor"}
+
+
+def stub_checks(ck):
+    """Every public method of Buffer, called on a destroyed Buffer with None for each required argument: the
+    stubs raise NotImplementedError, every other method gets further (its own checks, or the destroyed group) and
+    raises something else or returns. The set of NotImplementedError raisers must be exactly STUBS."""
+    hollow = object.__new__(ep.Buffer)  # what destroy() leaves: no group, no LL handles
+    hollow._group_ptr, hollow._finalizer, hollow._ll_slots = None, None, []
+    raised = {}
+    for name in sorted(n for n in dir(ep.Buffer) if not n.startswith("_")):
+        method = getattr(hollow, name)
+        if not callable(method):
+            continue
+        required = [p for p in inspect.signature(method).parameters.values()
+                    if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        try:
+            method(*[None] * len(required))
+            raised[name] = None
+        except Exception as e:
+            raised[name] = e
+    stubs = {n for n, e in raised.items() if isinstance(e, NotImplementedError)}
+    ck.check(f"the Buffer methods that raise NotImplementedError are exactly {sorted(STUBS)}", stubs == STUBS,
+             f"got {sorted(stubs)}")
+    for name in ("get_dispatch_layout", "dispatch", "combine", "low_latency_dispatch", "low_latency_combine",
+                 "get_next_low_latency_combine_buffer", "clean_low_latency_buffer"):
+        e = raised.get(name)
+        ck.check(f"Buffer.{name} on a destroyed Buffer raises RuntimeError naming it (implemented, not a stub)",
+                 isinstance(e, RuntimeError) and "destroyed" in str(e) and name in str(e), repr(e))
+
+
+def docstring_signature_checks(ck):
+    """The signatures that Buffer's and Config's docstrings spell out are the real ones, every parameter with its
+    default, in order."""
+    for cls in (ep.Buffer, ep.Config):
+        sig = inspect.signature(cls.__init__)
+        want = str(sig.replace(parameters=list(sig.parameters.values())[1:]))  # without self
+        m = re.search(rf"^\s*{cls.__name__}(\(.*?\))\n\n", cls.__doc__, re.S | re.M)
+        got = " ".join(m.group(1).split()) if m else None
+        ck.check(f"{cls.__name__}'s docstring gives its complete signature", got == want,
+                 f"docstring {got}, real {want}")
+
+
+def sm90_checks(ck):
+    """is_sm90_compiled() against the architectures whose code libep.so holds, as cuobjdump lists them."""
+    cuobjdump = shutil.which("cuobjdump") or os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin",
+                                                           "cuobjdump")
+    if not os.path.exists(cuobjdump):
+        print("SKIP is_sm90_compiled against the library: cuobjdump not found (set CUDA_HOME)")
+        return
+    try:
+        path = _capi.library_path()
+    except _capi.EpLibraryError as e:
+        print(f"SKIP is_sm90_compiled against the library: {e}")
+        return
+    r = subprocess.run([cuobjdump, "--list-elf", path], capture_output=True, text=True)
+    archs = set(re.findall(r"\.(sm_\d+a?)\.cubin", r.stdout))
+    if not ck.check("cuobjdump --list-elf lists the library's device code", r.returncode == 0 and archs,
+                    (r.stdout + r.stderr)[-500:]):
+        return
+    ck.check(f"is_sm90_compiled() == whether libep.so holds sm_90 code (it holds {sorted(archs)})",
+             ep.Buffer.is_sm90_compiled() == bool(archs & {"sm_90", "sm_90a"}), str(ep.Buffer.is_sm90_compiled()))
 
 
 def ll_size_hint_checks(ck):
@@ -421,6 +487,8 @@ def main():
     no_torch_checks(ck)
     lazy_attribute_checks(ck)
     python_checks(ck)
+    docstring_signature_checks(ck)
+    sm90_checks(ck)
     ck.exit()
 
 
