@@ -31,22 +31,22 @@
 
 enum { kTokens = 64, kHidden = 1024, kTopk = 4, kExperts = 16, kWaitSeconds = 120 };
 
-#define TRY(call)                                                                                        \
-  do {                                                                                                   \
-    ep_status_t st_ = (call);                                                                            \
-    if (st_ != EP_STATUS_SUCCESS) {                                                                      \
-      fprintf(stderr, "%s failed: %s: %s\n", #call, ep_status_string(st_), ep_last_error(group));       \
-      return 1;                                                                                          \
-    }                                                                                                    \
+#define TRY(call)                                                                                 \
+  do {                                                                                            \
+    ep_status_t st_ = (call);                                                                     \
+    if (st_ != EP_STATUS_SUCCESS) {                                                               \
+      fprintf(stderr, "%s failed: %s: %s\n", #call, ep_status_string(st_), ep_last_error(group)); \
+      return 1;                                                                                   \
+    }                                                                                             \
   } while (0)
 
-#define CUDA_TRY(call)                                                                                   \
-  do {                                                                                                   \
-    cudaError_t err_ = (call);                                                                           \
-    if (err_ != cudaSuccess) {                                                                           \
-      fprintf(stderr, "%s failed: %s\n", #call, cudaGetErrorString(err_));                               \
-      return 1;                                                                                          \
-    }                                                                                                    \
+#define CUDA_TRY(call)                                                     \
+  do {                                                                     \
+    cudaError_t err_ = (call);                                             \
+    if (err_ != cudaSuccess) {                                             \
+      fprintf(stderr, "%s failed: %s\n", #call, cudaGetErrorString(err_)); \
+      return 1;                                                            \
+    }                                                                      \
   } while (0)
 
 /* Rank 0 writes the id to DIR/ep_unique_id under a temporary name and renames it into place, so that no rank
@@ -126,8 +126,10 @@ int main(int argc, char** argv) {
   int rank = -1, num_ranks = 0;
   if ((argc != 1 && argc != 4) || parse_count(rank_arg, &rank) || parse_count(ranks_arg, &num_ranks) || !dir ||
       num_ranks < 1 || rank >= num_ranks) {
-    fprintf(stderr, "usage: %s RANK NUM_RANKS DIR   (0 <= RANK < NUM_RANKS; DIR a folder all ranks share)\n"
-                    "   or: ep_launch -n NUM_RANKS -- %s\n", argv[0], argv[0]);
+    fprintf(stderr,
+            "usage: %s RANK NUM_RANKS DIR   (0 <= RANK < NUM_RANKS; DIR a folder all ranks share)\n"
+            "   or: ep_launch -n NUM_RANKS -- %s\n",
+            argv[0], argv[0]);
     return 2;
   }
   int devices = 0;
@@ -237,8 +239,8 @@ int main(int argc, char** argv) {
     }
     if (bad_channels) {
       if (bad_tokens == 0) {
-        fprintf(stderr, "rank %d: token %d: %d wrong channels, the first %d: bf16 bits 0x%04x, expected 0x%04x\n",
-                rank, t, bad_channels, first_bad, out[t * kHidden + first_bad],
+        fprintf(stderr, "rank %d: token %d: %d wrong channels, the first %d: bf16 bits 0x%04x, expected 0x%04x\n", rank,
+                t, bad_channels, first_bad, out[t * kHidden + first_bad],
                 bf16_of(input_value(rank, t, first_bad) * ranks));
       }
       ++bad_tokens;
