@@ -78,10 +78,10 @@ PROBES := $(patsubst bench/probes/%.cu,$(BUILD)/bin/%,$(wildcard bench/probes/*.
 .SECONDARY: $(REF_OBJ) $(REF_OBJ_PLAIN)
 
 .PHONY: all lib wheel-lib tests bench bench-build test test-host test-gpu install uninstall clean
-all: lib tests $(LAUNCH) $(EXAMPLE) $(if $(NCCL_LIB),bench-build)
+all: lib tests $(if $(NCCL_LIB),bench-build)
 lib: $(LIB)
 wheel-lib: $(WHEEL_LIB)
-tests: $(HOST_TESTS) $(GPU_TESTS) $(LAUNCH)
+tests: $(HOST_TESTS) $(GPU_TESTS) $(LAUNCH) $(EXAMPLE)
 bench-build: $(BENCH) $(PROBES) $(LAUNCH)
 
 # `make bench`: the main job: ep_bench on every local GPU with the default (DeepSeek-V3) shape; BENCH_ARGS adds
