@@ -10,9 +10,9 @@ repo=$(cd "$(dirname "$0")/../.." && pwd)
 stage=$(mktemp -d); trap 'rm -rf "$stage"' EXIT
 prefix=/opt/ep-test; root=$stage$prefix
 failed=0
-check() { # description command...
+check() { # description command...; returns the command's verdict
   local what=$1; shift
-  if "$@"; then echo "PASS $what"; else echo "FAIL $what"; failed=$((failed + 1)); fi
+  if "$@"; then echo "PASS $what"; else echo "FAIL $what"; failed=$((failed + 1)); return 1; fi
 }
 
 if ! make -s -C "$repo" install BUILD="$build" DESTDIR="$stage" PREFIX="$prefix" > "$stage/install.log" 2>&1; then
