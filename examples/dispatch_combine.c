@@ -132,6 +132,11 @@ int main(int argc, char** argv) {
             argv[0], argv[0]);
     return 2;
   }
+
+  /* 1. The group: rank 0's unique id on every rank; then collective, sized for the largest shape we will use. */
+  ep_unique_id_t id;
+  memset(&id, 0, sizeof(id));
+  if (share_unique_id(dir, rank, &id) != 0) return 1;
   int devices = 0;
   if (cudaGetDeviceCount(&devices) != cudaSuccess || devices < 1) {
     printf("rank %d: no GPU visible to this process; nothing to run\n", rank);
@@ -139,11 +144,6 @@ int main(int argc, char** argv) {
   }
   const int device = rank % devices;
   ep_group_t group = NULL;
-
-  /* 1. The group: collective, sized for the largest shape we will use. */
-  ep_unique_id_t id;
-  memset(&id, 0, sizeof(id));
-  if (share_unique_id(dir, rank, &id) != 0) return 1;
   ep_group_config_t config = EP_GROUP_CONFIG_INIT;
   config.num_experts = kExperts;
   config.hidden = kHidden;

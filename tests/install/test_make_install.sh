@@ -71,14 +71,21 @@ if check "a program that calls the CUDA runtime builds with pkg-config's flags a
   check "it runs (cudaGetDeviceCount: $("$stage/runtime"))" grep -q "^cuda" <("$stage/runtime")
 fi
 
-# The C example is a program of its own: the installed header and library are all it needs. Without a GPU (hidden
-# here) it exits 77 after parsing its arguments.
+# The C example is a program of its own: the installed header and library are all it needs. Its ranks swap the
+# unique id through a file before they look for a GPU; with none visible (hidden here) they then exit 77.
 # shellcheck disable=SC2046
 if check "examples/dispatch_combine.c builds with pkg-config's flags alone" \
      cc -std=c11 -Wall -Wextra -Werror "$repo/examples/dispatch_combine.c" -o "$stage/example" $(pc --cflags --libs) \
      -Wl,-rpath,"$root/lib" -Wl,-rpath,"$cuda_lib"; then
-  CUDA_VISIBLE_DEVICES= "$stage/example" 0 2 "$stage" > /dev/null 2>&1; rc=$?
-  check "the example starts and, with no GPU visible, exits 77 (exit $rc)" test $rc -eq 77
+  mkdir "$stage/run"
+  CUDA_VISIBLE_DEVICES= timeout 60 "$stage/example" 1 2 "$stage/run" > /dev/null 2>&1 & reader=$!
+  sleep 0.2  # rank 1 waits for the id
+  CUDA_VISIBLE_DEVICES= timeout 60 "$stage/example" 0 2 "$stage/run" > /dev/null 2>&1; rc0=$?
+  wait "$reader"; rc1=$?
+  check "the example's rank 0 shares the unique id and, with no GPU visible, exits 77 (exit $rc0)" test $rc0 -eq 77
+  check "its rank 1 reads the id and exits 77 (exit $rc1)" test $rc1 -eq 77
+  check "the id file holds EP_UNIQUE_ID_BYTES (128) bytes and no temporary file is left" \
+    test "$(ls "$stage/run")" = ep_unique_id -a "$(stat -c %s "$stage/run/ep_unique_id")" = 128
   env -u EP_LAUNCH_RANK "$stage/example" > /dev/null 2>&1; rc=$?
   check "the example without a rank or the launcher's environment exits 2 (exit $rc)" test $rc -eq 2
 fi
