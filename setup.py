@@ -1,5 +1,7 @@
-"""Build step of the Python package (pyproject.toml holds its metadata): `make lib`, then libep.so goes inside the
-package as ep/_lib/libep.so, where ep._capi looks for it first. The wheel is therefore platform-specific.
+"""Build step of the Python package (pyproject.toml holds its metadata): `make wheel-lib`, then that libep.so goes
+inside the package as ep/_lib/libep.so, where ep._capi looks for it first. The wheel is therefore platform-specific.
+This copy of the library finds NVSHMEM and the CUDA runtime in NVIDIA's wheels beside the package in site-packages
+($ORIGIN-relative RUNPATH; the Makefile says why), not in the folders of the build.
 
 Make's BUILD folder (default `build`) is shared with a plain `make`, so an existing build is reused; setuptools'
 own files go to BUILD/python so that they never mix with make's."""
@@ -20,12 +22,11 @@ class BuildPyWithLibrary(build_py):
     def run(self):
         super().run()
         # PYTHON: the Makefile finds the NVSHMEM wheel through this interpreter, the one the build runs in.
-        make = ["make", f"-j{os.cpu_count() or 1}", "lib", f"BUILD={BUILD}", f"PYTHON={sys.executable}"]
+        make = ["make", f"-j{os.cpu_count() or 1}", "wheel-lib", f"BUILD={BUILD}", f"PYTHON={sys.executable}"]
         subprocess.check_call(make, cwd=ROOT)
         target = os.path.join(self.build_lib, "ep", "_lib")
         os.makedirs(target, exist_ok=True)
-        # libep.so is a link to libep.so.X.Y.Z; copyfile follows it, so the package holds the file itself.
-        shutil.copyfile(os.path.join(ROOT, BUILD, "lib", "libep.so"), os.path.join(target, "libep.so"))
+        shutil.copyfile(os.path.join(ROOT, BUILD, "wheel", "libep.so"), os.path.join(target, "libep.so"))
         os.chmod(os.path.join(target, "libep.so"), 0o755)
 
 

@@ -22,7 +22,7 @@ for v in "${variants[@]}"; do
     > "$out/bench-$name.log" 2>&1
   echo "variant $name ($flags): exit $?"
 done
-(cd "$out" && tar czf variant-logs.tgz logs-* && rm -rf logs-*)  # few files come back from a GPU machine
+(cd "$out" && tar czf variant-logs.tgz logs-* && rm -rf logs-*)  # one archive instead of many small files
 for v in "${variants[@]}"; do
   name=${v%%=*}
   echo "== $name: ${v#*=}"

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# One call on a GPU machine: build, run the GPU tests on every rank count the machine allows, run the benchmark,
+# On a GPU machine: build, run the tests (GPU tests on every rank count the machine allows), run the benchmark,
 # keep full logs under $OUT (or ./gpu-out), and print a short summary last. The bench step also runs
 # bench/ll_kernel_time.py where PyTorch is installed.
 #   scripts/gpu_run.sh [tests|bench|sanitize|all] [extra ep_bench args...]
 # `sanitize` runs the small GPU cases under compute-sanitizer (memcheck; racecheck for the layout and LL kernels).
 # EP_TEST_SHARE_GPU=1 on a machine of fewer than 8 GPUs: the tests step also runs the GPU tests on more ranks than
 # GPUs, ranks sharing GPUs under CUDA MPS (correctness only; scripts/shared_gpu.sh). EP_TEST_RANKS overrides the
-# rank counts of the tests step (e.g. "8", to fit one call's time limit).
+# rank counts of the tests step (e.g. "8", for a shorter run).
 set -uo pipefail
 what=${1:-all}; shift || true
 out=${OUT:-gpu-out}; mkdir -p "$out"

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Run every test this machine can run and end with one line: `N passed, N failed, N skipped`.
 #   tests/run_tests.sh BUILD_DIR [host|gpu|all]
-# Host tests: each program in BUILD/tests/host, and the install tests (tests/install/test_*.sh BUILD). GPU tests:
-# each program in BUILD/tests/gpu, and the C examples in BUILD/bin/example_*, under ep_launch on 2, 4 and 8 ranks
-# (EP_TEST_RANKS overrides the list); a run that needs more GPUs than exist is a skip. Without a GPU, the GPU tests
-# are skipped with one line that says so.
+# Host tests: each program in BUILD/tests/host; the install tests (tests/install: `make install` with pkg-config,
+# the pip wheel), the tooling tests (tests/tooling: the Makefile, this script, scripts/setup.sh, the GPU tests'
+# skips) and the lint checks (tests/lint: formatting of changed C/CUDA lines, pyflakes), each script
+# `tests/DIR/test_*.sh BUILD`. GPU tests: each program in BUILD/tests/gpu, and the C examples in BUILD/bin/example_*,
+# under ep_launch on 2, 4 and 8 ranks (EP_TEST_RANKS overrides the list); a run that needs more GPUs than exist is
+# a skip. Without a GPU, every GPU run is counted as a skip, with one line that says why.
 # Python tests (tests/python/test_*.py, run with $PYTHON or python3, package from python/, library from BUILD):
 # the host section runs those whose name does not end in _gpu.py, the GPU section runs the *_gpu.py ones once per
 # rank count (EP_TEST_WORLD; they start their own ranks). Each script run counts as one test.
@@ -57,24 +59,30 @@ if [[ $which == all || $which == host ]]; then
   for t in "$tests_dir"/python/test_*.py; do
     [[ $t == *_gpu.py ]] || run_py "$t" 300
   done
-  # Installing: `make install` with pkg-config, and the pip wheel that carries libep.so.
-  for t in "$tests_dir"/install/test_*.sh; do
+  # Scripts that check the build, the install and the sources; a skip prints its reason (its last line).
+  for t in "$tests_dir"/{install,tooling,lint}/test_*.sh; do
+    [[ -f $t ]] || continue
     out=$(timeout 300 bash "$t" "$build" 2>&1); rc=$?
     [[ $rc -ne 0 ]] && echo "$out" | { [[ $rc -eq 77 ]] && tail -1 || cat; }
-    record "install/$(basename "$t")" $rc
+    record "$(basename "$(dirname "$t")")/$(basename "$t")" $rc
   done
 fi
 
 if [[ $which == all || $which == gpu ]]; then
   num_gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+  rank_counts=${EP_TEST_RANKS:-2 4 8}
+  programs=(); for t in "$build"/tests/gpu/test_* "$build"/bin/example_*; do [[ -x $t ]] && programs+=("$t"); done
+  scripts=(); for t in "$tests_dir"/python/test_*_gpu.py; do [[ -f $t ]] && scripts+=("$t"); done
   if [[ ${num_gpus:-0} -eq 0 ]]; then
-    echo "GPU tests skipped: no GPU on this machine (nvidia-smi lists none)"
+    runs=$(( (${#programs[@]} + ${#scripts[@]}) * $(wc -w <<< "$rank_counts") ))
+    skip=$((skip + runs))
+    echo "SKIP $runs GPU runs (${#programs[@]} programs and ${#scripts[@]} Python scripts on $rank_counts ranks):" \
+      "no GPU on this machine (nvidia-smi lists none)"
   else
     export NVSHMEM_REMOTE_TRANSPORT=${NVSHMEM_REMOTE_TRANSPORT:-none} NVSHMEM_DISABLE_NVLS=1
     logs=${EP_TEST_LOG_DIR:-$build/test-logs}
-    for n in ${EP_TEST_RANKS:-2 4 8}; do
-      for t in "$build"/tests/gpu/test_* "$build"/bin/example_*; do
-        [[ -x $t ]] || continue
+    for n in $rank_counts; do
+      for t in "${programs[@]}"; do
         name="$(basename "$(dirname "$t")")/$(basename "$t")@$n"
         if [[ $n -gt $num_gpus && ${EP_TEST_SHARE_GPU:-0} == 0 ]]; then
           skip=$((skip + 1)); echo "SKIP $name: needs $n GPUs, this machine has $num_gpus"; continue
@@ -89,10 +97,9 @@ if [[ $which == all || $which == gpu ]]; then
       done
     done
     mkdir -p "$logs/python"
-    for n in ${EP_TEST_RANKS:-2 4 8}; do
+    for n in $rank_counts; do
       share_env "$n"  # the tests skip when n > GPUs unless sharing (tests/python/eptest.py: gloo, rank % GPUs)
-      for t in "$tests_dir"/python/test_*_gpu.py; do
-        [[ -f $t ]] || continue
+      for t in "${scripts[@]}"; do
         EP_TEST_WORLD=$n run_py "$t" 1200 "$logs/python/$(basename "$t" .py)@$n.log" "@$n"
       done
     done

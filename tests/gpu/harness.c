@@ -20,10 +20,16 @@ int harness_init(harness_t* h) {
   }
   h->rank = atoi(r);
   h->num_ranks = atoi(n);
-  if (cudaGetDeviceCount(&h->num_devices) != cudaSuccess) h->num_devices = 0;
+  const cudaError_t count_error = cudaGetDeviceCount(&h->num_devices);
+  if (count_error != cudaSuccess) h->num_devices = 0;
+  if (h->num_devices < 1) {
+    printf("SKIP: no GPU visible to this process (cudaGetDeviceCount: %s)\n",
+           count_error != cudaSuccess ? cudaGetErrorString(count_error) : "0 devices");
+    return 77;
+  }
   const char* share = getenv("EP_TEST_SHARE_GPU");
   const int sharing = share && share[0] && strcmp(share, "0") != 0;
-  if (h->num_devices < 1 || (!sharing && h->num_devices < h->num_ranks)) {
+  if (!sharing && h->num_devices < h->num_ranks) {
     printf("SKIP: %d ranks need %d GPUs, this machine has %d (EP_TEST_SHARE_GPU=1 under MPS shares them: "
            "scripts/shared_gpu.sh)\n",
            h->num_ranks, h->num_ranks, h->num_devices);

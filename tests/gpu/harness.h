@@ -22,10 +22,11 @@ typedef struct harness {
   const char* dir;      /* EP_LAUNCH_DIR */
 } harness_t;
 
-/* Read the launcher's environment, pick this rank's GPU. Returns 0, or 77 when there are fewer GPUs than ranks
- * (the test should exit with it: a skip), or 1 on a bad environment. With EP_TEST_SHARE_GPU=1, ranks share GPUs
- * (rank % devices) instead of skipping: for correctness runs under CUDA MPS only (scripts/shared_gpu.sh), where
- * the ranks' kernels run side by side; without MPS, kernels that wait for each other would time out. */
+/* Read the launcher's environment, pick this rank's GPU. Returns 0; or 77 when no GPU is visible or there are
+ * fewer GPUs than ranks (the test should exit with it: a skip; one line says which); or 1 on a bad environment.
+ * With EP_TEST_SHARE_GPU=1, ranks share GPUs (rank % devices) instead of skipping: for correctness runs under CUDA
+ * MPS only (scripts/shared_gpu.sh), where the ranks' kernels run side by side; without MPS, kernels that wait for
+ * each other would time out. */
 int harness_init(harness_t* h);
 
 /* `root` publishes `bytes`; every other rank waits (up to 120 s) and reads them. Returns 0 on success. */

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # test_pip_install (CPU): `pip wheel` of the repository builds a platform wheel that carries libep.so inside the
 # package; installed into a folder of its own (no other copy of the package on the path, EP_LIBRARY_PATH unset),
-# `import ep` loads that library and no other.
+# `import ep` loads that library and no other. The library's RUNPATH leads from ep/_lib to NVIDIA's wheels in the
+# same site-packages ($ORIGIN/../../nvidia/...) and names no folder of the build; with the NVSHMEM wheel there, the
+# loader finds it through that RUNPATH alone.
 #   tests/install/test_pip_install.sh BUILD_DIR
 set -u
 build=$(cd "${1:-build}" && pwd)
@@ -26,10 +28,12 @@ fi
 wheel=$(ls "$stage"/dist/ep-*.whl)
 check "one wheel is built" test "$(echo "$wheel" | wc -l)" = 1
 check "the wheel is tagged for a platform, not none-any" test "${wheel%-none-any.whl}" = "$wheel"
-check "the wheel holds ep/_lib/libep.so and the package" "$python" - "$wheel" <<'PY'
-import sys, zipfile
+check "the wheel holds ep/_lib/libep.so and every module of python/ep" "$python" - "$wheel" "$repo/python" <<'PY'
+import glob, os, sys, zipfile
 names = set(zipfile.ZipFile(sys.argv[1]).namelist())
-sys.exit(0 if {"ep/_lib/libep.so", "ep/__init__.py", "ep/_capi.py", "ep/buffer.py", "ep/autograd.py"} <= names else 1)
+modules = {os.path.relpath(p, sys.argv[2]) for p in glob.glob(os.path.join(sys.argv[2], "ep", "**", "*.py"),
+                                                               recursive=True)}
+sys.exit(0 if {"ep/_lib/libep.so", "ep/__init__.py", "ep/_capi.py"} | modules <= names else 1)
 PY
 check "the build left no egg-info in the tree (setuptools' files go under BUILD)" \
   test -z "$(find "$repo" "$repo/python" -maxdepth 1 -name '*.egg-info')"
@@ -47,5 +51,17 @@ check "the installed package is the one imported" test "$(sed -n 1p <<< "$out")"
 check "it loads the library inside the package" test "$(sed -n 2p <<< "$out")" = "$stage/site/ep/_lib/libep.so"
 check "the library answers" test "$(sed -n 3p <<< "$out")" = "EP_STATUS_TIMEOUT"
 [[ $failed -eq 0 ]] || echo "$out"
+
+lib=$stage/site/ep/_lib/libep.so
+runpath=$(readelf -d "$lib" | sed -n 's/.*(RUNPATH).*\[\(.*\)\]$/\1/p')
+entries=$(tr : '\n' <<< "$runpath")
+check "the RUNPATH leads to the NVSHMEM wheel: $runpath" grep -qx '$ORIGIN/../../nvidia/nvshmem/lib' <<< "$entries"
+check "the RUNPATH leads to the CUDA runtime wheel" grep -qx '$ORIGIN/../../nvidia/cu13/lib' <<< "$entries"
+nvshmem_home=$("$python" "$repo/scripts/find_nvshmem.py")
+check "the RUNPATH names no folder of the build (repository, BUILD, the build's NVSHMEM)" \
+  test -z "$(grep -E "^($repo|$build|$nvshmem_home)(/|\$)" <<< "$entries")"
+ln -s "$(dirname "$nvshmem_home")" "$stage/site/nvidia"
+check "with the NVSHMEM wheel beside ep, the loader finds it through the RUNPATH" \
+  grep -q "libnvshmem_host.so.3 => $stage/site/ep/_lib/../../nvidia/nvshmem/lib/libnvshmem_host.so.3" <(ldd "$lib")
 echo "test_pip_install: $failed failed"
 [[ $failed -eq 0 ]]
