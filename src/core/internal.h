@@ -6,7 +6,7 @@
 #include <stdbool.h>
 
 #include "ep.h"
-#include "kernels/api.h"
+#include "kernels/launch.h"
 
 #define EP_MAX_RANKS 1024
 #define EP_MAX_TOPK 32

@@ -7,9 +7,6 @@
 
 #include "core/internal.h"
 
-#define EP_MAX_NVLINK_RANKS 8
-#define EP_MAX_INTERNODE_NODES 24 /* internode.cu: kMaxNodes */
-
 #define FAIL_ARG(g, ...) ep_fail((g), EP_STATUS_INVALID_ARGUMENT, __VA_ARGS__)
 
 /* The handle's arrays, each starting on a 16-byte boundary so that kernels may move them four ints at a time. */

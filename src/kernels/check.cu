@@ -1,7 +1,7 @@
 // check.cu: ep_group_check's kernel. Every rank sends a tagged block to every rank (itself included) twice:
 // through the transport's put-with-signal, and by NVLink stores where the peer is mapped. Then it waits for the
 // blocks addressed to it and verifies every word. Block b of the grid talks to rank b.
-#include "kernels/api.h"
+#include "kernels/launch.h"
 #include "kernels/common.cuh"
 #include "transport/transport.cuh"
 

@@ -3,11 +3,9 @@
 
 #include <stdint.h>
 
-#include "kernels/api.h"
+#include "kernels/device_abi.h"
 
 namespace ep {
-
-constexpr int kMaxTopk = 32;  // the API's limit on experts per token
 
 // Nanoseconds from the GPU's global timer (same clock on every SM).
 __device__ __forceinline__ unsigned long long global_timer_ns() {

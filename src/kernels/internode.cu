@@ -20,7 +20,7 @@
 // therefore be resident at once: the host clamps the dispatch and combine grids to the SMs this process can use
 // (the device's, or an MPS cap) and these kernels use one block per SM (__launch_bounds__(..., 1)); prepare uses
 // num_ranks blocks (<= 2 per SM).
-#include "kernels/api.h"
+#include "kernels/launch.h"
 
 #include "kernels/common.cuh"
 #include "kernels/normal_rows.cuh"
@@ -30,8 +30,8 @@
 namespace ep {
 namespace {
 
-constexpr int kMaxLocal = 8;         // ranks per node this path serves
-constexpr int kMaxNodes = 24;        // lanes kMaxLocal.. of a warp carry one node each in the combine
+constexpr int kMaxLocal = EP_MAX_NVLINK_RANKS;     // ranks per node this path serves
+constexpr int kMaxNodes = EP_MAX_INTERNODE_NODES;  // lanes kMaxLocal.. of a warp carry one node each in the combine
 constexpr int kMaxSources = 32;      // kMaxLocal + kMaxNodes
 static_assert(kMaxLocal + kMaxNodes == kMaxSources && kMaxSources == 32, "one lane per source in the combine");
 constexpr int kPrepThreads = 1024;

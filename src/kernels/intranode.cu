@@ -3,7 +3,7 @@
 // reads the rows it needs straight from its sources' staged copies over NVLink, so each row crosses the link once
 // and lands directly in the caller's output, in a fixed order. Combine moves it by pushes: each expert output is
 // stored once over NVLink into its token's source rank, which sums the arrived copies from local memory.
-#include "kernels/api.h"
+#include "kernels/launch.h"
 #include <cuda_bf16.h>
 
 #include "kernels/common.cuh"
@@ -12,7 +12,7 @@
 
 namespace ep {
 
-constexpr int kMaxNvlRanks = 8;  // ranks of one NVLink domain this path serves (see combine_kernel)
+constexpr int kMaxNvlRanks = EP_MAX_NVLINK_RANKS;  // ranks of one NVLink domain this path serves
 constexpr int kPrepareThreads = 1024;
 constexpr int kDispatchThreads = 768;  // 24 warps, 8 loads in flight per lane (measured faster than 16 x 16)
 constexpr int kDispatchWarps = kDispatchThreads / 32;

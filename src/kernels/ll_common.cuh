@@ -5,7 +5,7 @@
 #ifndef EP_KERNELS_LL_COMMON_CUH
 #define EP_KERNELS_LL_COMMON_CUH
 
-#include "kernels/api.h"
+#include "kernels/launch.h"
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
 

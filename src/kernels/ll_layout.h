@@ -43,7 +43,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "kernels/normal_layout.h" /* EP_HD, ep_align_up */
+#include "kernels/host_device.h"
 
 typedef struct ep_ll_layout {
   int num_ranks, max_tokens, hidden, num_experts, num_local_experts, max_topk;

@@ -30,11 +30,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#ifdef __CUDACC__
-#define EP_HD __host__ __device__
-#else
-#define EP_HD
-#endif
+#include "kernels/host_device.h"
 
 #define EP_STAGE_CHUNK_ROWS 32 /* rows per staged-chunk flag */
 
@@ -46,8 +42,6 @@ typedef struct ep_normal_layout {
   size_t send_list, x_stage, y_stage;
   size_t total_bytes;
 } ep_normal_layout_t;
-
-static inline EP_HD size_t ep_align_up(size_t v, size_t a) { return (v + a - 1) / a * a; }
 
 static inline EP_HD ep_normal_layout_t ep_normal_layout(int num_ranks, int num_experts, int max_tokens, int hidden,
                                                         int max_topk) {

@@ -8,6 +8,7 @@
 #include <stdint.h>
 
 #include "kernels/common.cuh"
+#include "kernels/launch.h"
 
 namespace ep {
 namespace rows {

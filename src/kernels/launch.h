@@ -1,13 +1,15 @@
-/* api.h: every host-callable kernel launcher, declared in one place (C linkage, C11-includable).
- * The host sources in src/core validate arguments; launchers trust them and only launch. */
-#ifndef EP_KERNELS_API_H
-#define EP_KERNELS_API_H
+/* launch.h: every kernel launcher and the launch structs they take, declared in one place (C linkage,
+ * C11-includable). The callers validate arguments; launchers trust them and only launch. */
+#ifndef EP_KERNELS_LAUNCH_H
+#define EP_KERNELS_LAUNCH_H
 
 #include <stddef.h>
 #include <stdint.h>
 
 #include <cuda_runtime_api.h>
 
+#include "kernels/device_abi.h"
+#include "kernels/host_device.h"
 #include "kernels/internode_layout.h"
 #include "kernels/ll_layout.h"
 #include "kernels/normal_layout.h"
@@ -15,79 +17,6 @@
 #ifdef __cplusplus
 extern "C" {
 #endif
-
-/* Division by a divisor that is fixed for a launch (e.g. experts per rank), as a multiply and two shifts
- * (Granlund and Montgomery): exact for every uint32 dividend. The GPU has no integer divide: there `/` by a value
- * known only at run time is a dependent chain of some twenty instructions. Made on the host (ep_fastdiv_make),
- * applied in kernels (ep_fastdiv). */
-typedef struct ep_fastdiv {
-  uint32_t divisor, magic, shift1, shift2;
-} ep_fastdiv_t;
-
-static inline ep_fastdiv_t ep_fastdiv_make(uint32_t divisor) { /* 1 <= divisor <= 2^31 */
-  uint32_t l = 0;
-  while (l < 32 && (1ull << l) < divisor) ++l;
-  ep_fastdiv_t f;
-  f.divisor = divisor;
-  f.magic = (uint32_t)(((1ull << 32) * ((1ull << l) - divisor)) / divisor + 1);
-  f.shift1 = l < 1 ? l : 1;
-  f.shift2 = l > 0 ? l - 1 : 0;
-  return f;
-}
-
-/* n / f.divisor. */
-static inline EP_HD uint32_t ep_fastdiv(uint32_t n, ep_fastdiv_t f) {
-  const uint32_t t = (uint32_t)(((uint64_t)n * f.magic) >> 32);
-  return (t + ((n - t) >> f.shift1)) >> f.shift2;
-}
-
-/* ---- The device error word: pinned host memory that kernels write when they must stop. ---- */
-typedef enum ep_device_fault {
-  EP_FAULT_NONE = 0,
-  EP_FAULT_BAD_EXPERT = 1, /* value0 = token, value1 = the bad expert index */
-  EP_FAULT_TIMEOUT = 2,    /* peer = the rank waited on, site = which wait */
-  EP_FAULT_BAD_DATA = 3,   /* a self-check found wrong bytes: peer = source rank, value0 = offset */
-  EP_FAULT_RECV_OVERFLOW = 4, /* value0 = rows received, value1 = recv_capacity */
-} ep_device_fault_t;
-
-/* Where a device wait happens; ep_fault_site_name() gives the words used in messages. */
-typedef enum ep_wait_site {
-  EP_SITE_NONE = 0,
-  EP_SITE_CHECK_SIGNAL = 1,  /* ep_group_check: waiting for a peer's put-with-signal */
-  EP_SITE_CHECK_NVLINK = 2,  /* ep_group_check: waiting for a peer's NVLink stores */
-  EP_SITE_BARRIER = 3,       /* device barrier across the group */
-  EP_SITE_PREPARE_ACK = 4,   /* prepare: waiting for a peer to release our previous send lists */
-  EP_SITE_PREPARE_COUNTS = 5, /* prepare: waiting for a peer's counts */
-  EP_SITE_DISPATCH_ACK = 6,  /* dispatch: waiting for a peer to release our previous staged rows */
-  EP_SITE_DISPATCH_STAGED = 7, /* dispatch: waiting for a peer's staged rows */
-  EP_SITE_COMBINE_ACK = 8,   /* combine: waiting for a peer to finish reading the previous combine's rows */
-  EP_SITE_COMBINE_STAGED = 9, /* combine: waiting for a peer's expert outputs */
-  EP_SITE_LL_DISPATCH_ACK = 10,  /* LL dispatch send: waiting for a peer to finish receiving the half's last call */
-  EP_SITE_LL_DISPATCH_RECV = 11, /* LL dispatch receive: waiting for a peer's token count */
-  EP_SITE_LL_COMBINE_ACK = 12,   /* LL combine send: waiting for a peer to finish receiving the half's last call */
-  EP_SITE_LL_COMBINE_RECV = 13,  /* LL combine receive: waiting for a peer's expert outputs */
-  EP_SITE_PREPARE_META = 14,     /* internode prepare: metadata of the rail peer (source) never arrived */
-  EP_SITE_PREPARE_RELAY = 15,    /* internode prepare: the forwarder (peer) never relayed a remote source's metadata */
-  EP_SITE_META_FREE = 16,        /* internode prepare: the rail peer never released our previous metadata */
-  EP_SITE_DISPATCH_RDMA = 17,    /* internode dispatch: rows of the rail peer (source) never arrived at me */
-  EP_SITE_DISPATCH_RELAY = 18,   /* internode dispatch: the forwarder (peer) never relayed a remote chunk */
-  EP_SITE_RDMA_FREE = 19,        /* internode dispatch: the rail peer never released its receive region */
-  EP_SITE_FWD_ACK = 20,          /* internode dispatch: a local rank never finished pulling relayed rows */
-  EP_SITE_COMBINE_PARTIAL = 21,  /* internode combine: a partial from the forwarder (peer) never arrived */
-  EP_SITE_PARTIAL_FREE = 22,     /* internode combine: the rail peer (source) never released its partials */
-  EP_SITE_COUNT
-} ep_wait_site_t;
-
-typedef struct ep_device_error {
-  int code;          /* ep_device_fault_t; 0 while nothing went wrong */
-  int peer;          /* rank involved, or -1 */
-  int site;          /* ep_wait_site_t for timeouts */
-  int rank;          /* the rank whose kernel recorded it */
-  long long value0;  /* fault-specific, see ep_device_fault_t */
-  long long value1;
-} ep_device_error_t;
-
-const char* ep_fault_site_name(int site);
 
 /* ---- Layout ---- */
 typedef struct ep_layout_launch {
@@ -265,4 +194,4 @@ cudaError_t ep_launch_ll_combine_fused(const ep_ll_launch_t* p, cudaStream_t str
 }
 #endif
 
-#endif /* EP_KERNELS_API_H */
+#endif /* EP_KERNELS_LAUNCH_H */
