@@ -153,18 +153,18 @@ ep_status_t ep_group_create(ep_group_t* group, const ep_unique_id_t* unique_id, 
   if (g->num_sms > g->device_sms) g->num_sms = g->device_sms;
   g->timeout_ns = (unsigned long long)(cfg.timeout_seconds * 1e9);
   g->normal_offset = ep_align_up(ep_check_workspace_bytes(num_ranks), 128);
-  g->normal_layout = ep_normal_layout(num_ranks, cfg.num_experts, cfg.max_tokens_per_rank, cfg.hidden, cfg.max_topk);
-  g->workspace_bytes = g->normal_offset + g->normal_layout.total_bytes;
+  g->normal_region = ep_normal_region(num_ranks, cfg.num_experts, cfg.max_tokens_per_rank, cfg.hidden, cfg.max_topk);
+  g->workspace_bytes = g->normal_offset + g->normal_region.total_bytes;
   if (cfg.ll_max_tokens_per_rank > 0) {
     g->ll_offset = ep_align_up(g->workspace_bytes, 128);
-    g->ll_layout = ep_ll_layout(num_ranks, cfg.num_experts, cfg.ll_max_tokens_per_rank, cfg.hidden, cfg.max_topk);
-    g->workspace_bytes = g->ll_offset + g->ll_layout.total_bytes;
+    g->ll_region = ep_ll_region(num_ranks, cfg.num_experts, cfg.ll_max_tokens_per_rank, cfg.hidden, cfg.max_topk);
+    g->workspace_bytes = g->ll_offset + g->ll_region.total_bytes;
   }
   if (g->num_nodes > 1) { /* one-node groups keep exactly the heap and offsets they had before */
     g->internode_offset = ep_align_up(g->workspace_bytes, 128);
-    g->internode_layout = ep_internode_layout(num_ranks, g->ranks_per_node, cfg.num_experts, cfg.max_tokens_per_rank,
+    g->internode_region = ep_internode_region(num_ranks, g->ranks_per_node, cfg.num_experts, cfg.max_tokens_per_rank,
                                               cfg.hidden, cfg.max_topk);
-    g->workspace_bytes = g->internode_offset + g->internode_layout.total_bytes;
+    g->workspace_bytes = g->internode_offset + g->internode_region.total_bytes;
     /* Test/debug knob, read once here: EP_INTERNODE_FORCE_PUT set to anything but "" or "0" sends every
      * cross-node transfer through NVSHMEM's put / put-with-signal calls (the NIC branch of internode.cu) even
      * when the rail peer is NVLink-mapped, so that branch runs on one host (NVSHMEM carries the puts over

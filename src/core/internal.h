@@ -40,19 +40,19 @@ struct ep_group {
 
   /* Normal (high-throughput) path. */
   size_t normal_offset;              /* the normal region's offset inside `workspace` */
-  ep_normal_layout_t normal_layout;
+  ep_normal_region_t normal_region;
   ep_normal_state_t* normal_state;   /* device: call epochs */
   int* expert_sum;                   /* device scratch [config.num_experts / num_ranks] */
   /* Normal path across nodes (num_nodes > 1 only; 0 / unset otherwise). */
   size_t internode_offset;           /* the internode region's offset inside `workspace` */
-  ep_internode_layout_t internode_layout;
+  ep_internode_region_t internode_region;
   int internode_force_put;           /* EP_INTERNODE_FORCE_PUT was set at create: cross-node legs always put */
 
   /* Low-latency path (absent when config.ll_max_tokens_per_rank is 0). */
   int device_sms;                    /* SMs the group's kernels may occupy (device, MPS cap, config.max_sms);
                                         LL grids use them all */
   size_t ll_offset;                  /* the LL region's offset inside `workspace` */
-  ep_ll_layout_t ll_layout;
+  ep_ll_region_t ll_region;
   ep_ll_state_t* ll_state;           /* device: call counters per half */
   int ll_next_half;                  /* the half the next dispatch takes */
   unsigned long long ll_dispatches;  /* dispatches so far: the serial number of the next one is this + 1 */

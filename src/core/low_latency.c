@@ -1,7 +1,7 @@
 /* low_latency.c: the low-latency path's public calls: size hint, handles, dispatch, combine (each with its
  * receive hook), the zero-copy buffer and the clean. Everything here validates and fills a launch struct; the
- * kernels are in src/kernels/low_latency.cu (phases: ll_dispatch.cuh, ll_combine.cuh) and the buffer layout in
- * src/kernels/ll_layout.h. */
+ * kernels are in src/kernels/low_latency.cu (phases: ll_dispatch.cuh, ll_combine.cuh) and the LL region in
+ * src/kernels/ll_region.h. */
 #include <stdlib.h>
 #include <string.h>
 
@@ -28,7 +28,7 @@ ep_status_t ep_ll_buffer_size_hint(int max_tokens_per_rank, int hidden, int num_
                     num_ranks);
   if (max_topk < 1 || max_topk > EP_MAX_TOPK)
     return FAIL_ARG(NULL, "%s: max_topk is %d; it must be in [1, %d]", fn, max_topk, EP_MAX_TOPK);
-  *bytes = ep_ll_layout(num_ranks, num_experts, max_tokens_per_rank, hidden, max_topk).total_bytes;
+  *bytes = ep_ll_region(num_ranks, num_experts, max_tokens_per_rank, hidden, max_topk).total_bytes;
   return EP_STATUS_SUCCESS;
 }
 
@@ -54,7 +54,7 @@ ep_status_t ep_ll_handle_create(ep_group_t group, ep_ll_handle_t* handle) {
   if (handle) *handle = NULL;
   EP_TRY(enter_ll(group, fn));
   if (!handle) return FAIL_ARG(group, "%s: handle is NULL", fn);
-  const ep_ll_layout_t* L = &group->ll_layout;
+  const ep_ll_region_t* L = &group->ll_region;
   const size_t R = (size_t)group->num_ranks, T = (size_t)L->max_tokens, E_loc = (size_t)L->num_local_experts;
   const size_t K = (size_t)group->config.max_topk;
   /* Arrays start on 16-byte boundaries. */
@@ -113,7 +113,7 @@ static ep_ll_launch_t base_launch(ep_group_t g, ep_ll_handle_t h) {
   p.ll_base = (char*)g->workspace + g->ll_offset;
   p.peer_workspace = g->peer_bases_dev;
   p.ll_offset = g->ll_offset;
-  p.layout = g->ll_layout;
+  p.region = g->ll_region;
   p.state = g->ll_state;
   p.timeout_ns = g->timeout_ns;
   p.error = g->error_word_dev;
@@ -297,7 +297,7 @@ ep_status_t ep_ll_get_combine_buffer(ep_group_t group, ep_ll_handle_t handle, vo
     return ep_fail(group, EP_STATUS_INVALID_USAGE,
                    "%s: the handle's buffer half %d was taken by a later dispatch (two-buffer rule)", fn,
                    handle->half);
-  const ep_ll_layout_t* L = &group->ll_layout;
+  const ep_ll_region_t* L = &group->ll_region;
   *buffer = (char*)group->workspace + group->ll_offset + (size_t)handle->half * L->half_bytes + L->combine_stage;
   return EP_STATUS_SUCCESS;
 }
@@ -326,11 +326,11 @@ ep_status_t ep_ll_combine(ep_group_t group, ep_ll_handle_t handle, const ep_ll_c
     if (a->topk_weights)
       return FAIL_ARG(group, "%s: topk_weights is given with sum_on_expert_ranks=1, which uses the dispatch's weights "
                       "(pass NULL)", fn);
-    if (!ep_ll_sums_fit(&group->ll_layout))
+    if (!ep_ll_sums_fit(&group->ll_region))
       return ep_fail(group, EP_STATUS_INVALID_USAGE,
                      "%s: sum_on_expert_ranks=1 needs room for the sums after the dispatch's messages in the LL "
                      "buffer, which config.num_experts / num_ranks = %d experts per rank do not leave (3 or more do)",
-                     fn, group->ll_layout.num_local_experts);
+                     fn, group->ll_region.num_local_experts);
     if (handle->num_tokens > 0 && !handle->dispatch_weights)
       return ep_fail(group, EP_STATUS_INVALID_USAGE,
                      "%s: sum_on_expert_ranks=1 needs the weights on the experts' ranks, but the handle's dispatch "
@@ -388,7 +388,7 @@ ep_status_t ep_ll_clean(ep_group_t group, cudaStream_t stream) {
   if (group->ll_half_pending[0] || group->ll_half_pending[1])
     return ep_fail(group, EP_STATUS_INVALID_USAGE, "%s: an LL call still waits for its receive phase", fn);
   EP_CUDA_TRY(group, cudaSetDevice(group->cuda_device));
-  const ep_ll_layout_t* L = &group->ll_layout;
+  const ep_ll_region_t* L = &group->ll_region;
   char* base = (char*)group->workspace + group->ll_offset;
   /* Every rank must be done with the buffer before anyone zeroes theirs, and done zeroing before anyone uses it. */
   EP_CUDA_TRY(group, cudaStreamSynchronize(stream));

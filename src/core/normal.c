@@ -157,7 +157,7 @@ static ep_normal_launch_t base_launch(ep_group_t g, ep_handle_t h, int num_sms) 
   p.normal_base = (char*)g->workspace + g->normal_offset;
   p.peer_workspace = g->peer_bases_dev;
   p.normal_offset = g->normal_offset;
-  p.layout = g->normal_layout;
+  p.region = g->normal_region;
   p.state = g->normal_state;
   p.expert_sum = g->expert_sum;
   p.timeout_ns = g->timeout_ns;
@@ -191,7 +191,7 @@ static cudaError_t launch_internode(ep_group_t g, ep_handle_t h, const ep_normal
   p.local_rank = g->local_rank;
   p.inter_base = (char*)g->workspace + g->internode_offset;
   p.inter_offset = g->internode_offset;
-  p.il = g->internode_layout;
+  p.il = g->internode_region;
   p.recv_slot = h->recv_slot;
   p.send_slot = h->send_slot;
   p.node_tokens = h->node_tokens;

@@ -1,5 +1,5 @@
 // internode.cu: the normal (high-throughput) path when the group spans several nodes (num_nodes > 1): prepare,
-// dispatch, combine. Design: docs/internode.md; symmetric layout: internode_layout.h (and normal_layout.h for the
+// dispatch, combine. Design: docs/internode.md; symmetric region: internode_region.h (and normal_region.h for the
 // same-node part). A token crosses between nodes at most once per destination node, on its rail: source (n, l)
 // puts it into forwarder (m, l)'s receive region, the forwarder relays the chunk flag, and every rank of node m
 // pulls the rows it needs from there over NVLink, exactly as it pulls same-node rows from a source's stage.
@@ -148,8 +148,8 @@ __global__ void __launch_bounds__(kPrepThreads) inter_prepare_kernel(ep_internod
   __shared__ int s_warp_count[kPrepThreads / 32];
   __shared__ int s_count[kMaxLocal];
   const ep_normal_launch_t& q = p.n;
-  const ep_normal_layout_t& L = q.layout;
-  const ep_internode_layout_t& IL = p.il;
+  const ep_normal_region_t& L = q.region;
+  const ep_internode_region_t& IL = p.il;
   const int b = blockIdx.x, R = q.num_ranks, me = q.rank, tid = threadIdx.x;
   const int P = p.ranks_per_node, N = p.num_nodes, my_node = p.node, my_local = p.local_rank;
   const int E = q.num_experts, E_loc = E / R, E_node = E / N, K = q.num_topk, T = L.max_tokens;
@@ -411,7 +411,7 @@ __device__ __forceinline__ bool wait_staged(const ep_internode_launch_t& p, uint
   if (chunk == ready) return true;
   bool w = true;
   if (lane == 0)
-    w = wait_flag(p, at<uint64_t>(p.n.normal_base, p.n.layout.x_staged) + chunk, epoch, p.n.rank,
+    w = wait_flag(p, at<uint64_t>(p.n.normal_base, p.n.region.x_staged) + chunk, epoch, p.n.rank,
                   EP_SITE_DISPATCH_STAGED);
   w = __shfl_sync(0xffffffffu, w, 0);
   if (w) ready = chunk;
@@ -467,8 +467,8 @@ __device__ __noinline__ void post_rows(char* region, const char* stage, const in
 __global__ void __launch_bounds__(kDispThreads, 1) inter_dispatch_kernel(ep_internode_launch_t p) {
   __shared__ int s_offset[kMaxRanksShared + 1];
   const ep_normal_launch_t& q = p.n;
-  const ep_normal_layout_t& L = q.layout;
-  const ep_internode_layout_t& IL = p.il;
+  const ep_normal_region_t& L = q.region;
+  const ep_internode_region_t& IL = p.il;
   const int R = q.num_ranks, me = q.rank, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int P = p.ranks_per_node, N = p.num_nodes, my_node = p.node, my_local = p.local_rank;
   const int T = L.max_tokens, NC = IL.num_chunks;
@@ -624,8 +624,8 @@ __global__ void __launch_bounds__(kCombThreads, 1) inter_combine_kernel(ep_inter
   __shared__ int s_offset[kMaxRanksShared + 1];
   __shared__ int s_base[kMaxLocal];
   const ep_normal_launch_t& q = p.n;
-  const ep_normal_layout_t& L = q.layout;
-  const ep_internode_layout_t& IL = p.il;
+  const ep_normal_region_t& L = q.region;
+  const ep_internode_region_t& IL = p.il;
   const int R = q.num_ranks, me = q.rank, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int P = p.ranks_per_node, N = p.num_nodes, my_node = p.node, my_local = p.local_rank;
   const int K = q.num_topk, H = q.hidden, T = L.max_tokens, NC = IL.num_chunks;

@@ -1,5 +1,5 @@
 // intranode.cu: the normal (high-throughput) path inside one NVLink domain: prepare, dispatch, combine.
-// The protocol and the symmetric layout are drawn in normal_layout.h. Dispatch moves data by pulls: a receiver
+// The protocol and the symmetric region are drawn in normal_region.h. Dispatch moves data by pulls: a receiver
 // reads the rows it needs straight from its sources' staged copies over NVLink, so each row crosses the link once
 // and lands directly in the caller's output, in a fixed order. Combine moves it by pushes: each expert output is
 // stored once over NVLink into its token's source rank, which sums the arrived copies from local memory.
@@ -50,7 +50,7 @@ __global__ void __launch_bounds__(kPrepareThreads) prepare_kernel(ep_normal_laun
   const int d = blockIdx.x, R = p.num_ranks, me = p.rank, tid = threadIdx.x;
   const int lane = tid & 31, warp = tid >> 5;
   const int E = p.num_experts, E_loc = E / R;
-  const ep_normal_layout_t& L = p.layout;
+  const ep_normal_region_t& L = p.region;
   const uint64_t epoch = p.state->prepare_epoch + 1;
   char* mine = p.normal_base;
   char* peer = peer_normal(p, d);
@@ -197,7 +197,7 @@ __device__ __forceinline__ bool wait_released(const ep_normal_launch_t& p, const
 // ---------------------------------------------------------------------------------------------------------------
 __global__ void __launch_bounds__(kDispatchThreads, 1) dispatch_kernel(ep_normal_launch_t p) {
   const int R = p.num_ranks, me = p.rank, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const ep_normal_layout_t& L = p.layout;
+  const ep_normal_region_t& L = p.region;
   const uint64_t epoch = p.state->dispatch_epoch + 1;
   char* mine = p.normal_base;
   const rows::XRow row(p.hidden, p.is_fp8, p.num_topk);
@@ -274,7 +274,7 @@ __global__ void __launch_bounds__(kDispatchThreads, 1) dispatch_kernel(ep_normal
 // engine through shared memory measured slower: bench/RESULTS.md, 2026-11-28.)
 __device__ __forceinline__ void push_chunk(const ep_normal_launch_t& p, int s, int chunk, int recv_row, int n,
                                            uint64_t epoch, int push_warp, int lane) {
-  const ep_normal_layout_t& L = p.layout;
+  const ep_normal_region_t& L = p.region;
   const int H = p.hidden, K = p.num_topk;
   char* dst_base = peer_normal(p, s) + L.y_stage + ((size_t)p.rank * L.max_tokens + chunk * kChunk) * L.y_row_bytes;
   n = max(0, min(n, p.recv_capacity - recv_row));  // past an overflowed dispatch's rows y ends (reported)
@@ -306,7 +306,7 @@ __global__ void __launch_bounds__(kCombineThreads, 1) combine_kernel(ep_normal_l
   constexpr int kUnroll = 16 / kMaxRanks;
   const int R = p.num_ranks, me = p.rank, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int K = p.num_topk, H = p.hidden;
-  const ep_normal_layout_t& L = p.layout;
+  const ep_normal_region_t& L = p.region;
   const uint64_t epoch = p.state->combine_epoch + 1;
   char* mine = p.normal_base;
   const int n16 = H * 2 / 16;

@@ -10,15 +10,15 @@
 
 #include "kernels/device_abi.h"
 #include "kernels/host_device.h"
-#include "kernels/internode_layout.h"
-#include "kernels/ll_layout.h"
-#include "kernels/normal_layout.h"
+#include "kernels/internode_region.h"
+#include "kernels/ll_region.h"
+#include "kernels/normal_region.h"
 
 #ifdef __cplusplus
 extern "C" {
 #endif
 
-/* ---- Layout ---- */
+/* ---- Layout: the routing counts of ep_get_dispatch_layout ---- */
 typedef struct ep_layout_launch {
   const int64_t* topk_idx;
   int num_tokens, num_topk, num_experts, num_ranks, ranks_per_node;
@@ -36,7 +36,7 @@ cudaError_t ep_launch_layout(const ep_layout_launch_t* p, cudaStream_t stream);
 
 /* ---- Group self-check (ep_group_check) ---- */
 typedef struct ep_check_launch {
-  void* workspace;            /* symmetric; layout from ep_check_workspace_bytes() */
+  void* workspace;            /* symmetric; ep_check_workspace_bytes() long */
   void* const* peer_bases;    /* device array [num_ranks]: NVLink mapping of `workspace`, NULL if none */
   int rank, num_ranks;
   unsigned long long epoch;   /* increases every check; tags the blocks and the signals */
@@ -62,7 +62,7 @@ typedef struct ep_normal_launch {
   char* normal_base;              /* this rank's normal region (symmetric) */
   void* const* peer_workspace;    /* device [num_ranks]: peer's mapping of the group workspace */
   size_t normal_offset;           /* normal region's offset inside the workspace */
-  ep_normal_layout_t layout;
+  ep_normal_region_t region;
   ep_normal_state_t* state;
   int* expert_sum;                /* device [num_local_experts] scratch, zero between calls */
   unsigned long long timeout_ns;
@@ -103,14 +103,14 @@ cudaError_t ep_launch_prepare(const ep_normal_launch_t* p, cudaStream_t stream);
 cudaError_t ep_launch_dispatch(const ep_normal_launch_t* p, cudaStream_t stream);
 cudaError_t ep_launch_combine(const ep_normal_launch_t* p, cudaStream_t stream);
 
-/* ---- Normal path across nodes (num_nodes > 1): internode_layout.h, internode.cu, docs/internode.md ---- */
+/* ---- Normal path across nodes (num_nodes > 1): internode_region.h, internode.cu, docs/internode.md ---- */
 
 typedef struct ep_internode_launch {
   ep_normal_launch_t n;           /* everything of the intranode launch (global rank indices) */
   int ranks_per_node, num_nodes, node, local_rank;
   char* inter_base;               /* this rank's internode region (symmetric) */
   size_t inter_offset;            /* its offset inside the workspace */
-  ep_internode_layout_t il;
+  ep_internode_region_t il;
   /* handle arrays used only with num_nodes > 1 (device) */
   int* recv_slot;                 /* [R][max_tokens]: remote source s: slot (in the forwarder's rdma_recv) of my
                                      j-th row from s */
@@ -128,7 +128,7 @@ cudaError_t ep_launch_internode_prepare(const ep_internode_launch_t* p, cudaStre
 cudaError_t ep_launch_internode_dispatch(const ep_internode_launch_t* p, cudaStream_t stream);
 cudaError_t ep_launch_internode_combine(const ep_internode_launch_t* p, cudaStream_t stream);
 
-/* ---- Low-latency path: dispatch and combine, each a send phase and a receive phase (ll_layout.h) ---- */
+/* ---- Low-latency path: dispatch and combine, each a send phase and a receive phase (ll_region.h) ---- */
 
 /* Device-side counters of the group (device memory, zeroed at create and by ep_ll_clean). */
 typedef struct ep_ll_state {
@@ -144,7 +144,7 @@ typedef struct ep_ll_launch {
   char* ll_base;                  /* this rank's LL region (symmetric), both halves */
   void* const* peer_workspace;    /* device [num_ranks]: peer's mapping of the group workspace, NULL if none */
   size_t ll_offset;               /* LL region's offset inside the workspace */
-  ep_ll_layout_t layout;
+  ep_ll_region_t region;
   ep_ll_state_t* state;
   unsigned long long timeout_ns;
   ep_device_error_t* error;

@@ -95,7 +95,7 @@ __device__ __forceinline__ void sum_words(int4* dst, const char* y, size_t row_b
 // The rows form's units. s_range [E_loc][R], s_first [E_loc + 1] (filled by the caller). Returns its parts per row.
 __device__ __forceinline__ int send_rows(const ep_ll_launch_t& p, Grid grid, const int2* s_range, const int* s_first,
                                          int* s_units) {
-  const ep_ll_layout_t& L = p.layout;
+  const ep_ll_region_t& L = p.region;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int me = p.rank, R = p.num_ranks, E_loc = p.num_experts / R;
   const size_t RT = (size_t)R * p.max_tokens, row_bytes = (size_t)p.hidden * 2;
@@ -142,7 +142,7 @@ __device__ __forceinline__ int send_rows(const ep_ll_launch_t& p, Grid grid, con
 // message's pairs. Returns its parts per message.
 __device__ __forceinline__ int send_sums(const ep_ll_launch_t& p, Grid grid, const int2* s_range, const int* s_moff,
                                          int* s_units) {
-  const ep_ll_layout_t& L = p.layout;
+  const ep_ll_region_t& L = p.region;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int me = p.rank, R = p.num_ranks, E_loc = p.num_experts / R;
   const size_t RT = (size_t)R * p.max_tokens, row_bytes = (size_t)p.hidden * 2;
@@ -187,7 +187,7 @@ __device__ __forceinline__ int send_sums(const ep_ll_launch_t& p, Grid grid, con
 template <bool kSums>
 __device__ __forceinline__ bool combine_send(const ep_ll_launch_t& p, Grid grid, uint64_t op) {
   extern __shared__ int s_dyn[];
-  const ep_ll_layout_t& L = p.layout;
+  const ep_ll_region_t& L = p.region;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int R = p.num_ranks, E_loc = p.num_experts / R;
   const size_t half = half_offset(p);
@@ -271,7 +271,7 @@ __device__ __forceinline__ bool combine_send(const ep_ll_launch_t& p, Grid grid,
 // came; the fault is recorded): the caller then stops, without arriving.
 template <bool kSums>
 __device__ __forceinline__ bool combine_recv(const ep_ll_launch_t& p, Grid grid) {
-  const ep_ll_layout_t& L = p.layout;
+  const ep_ll_region_t& L = p.region;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int me = p.rank, R = p.num_ranks, K = p.num_topk, H = p.hidden;
   const size_t half = half_offset(p);

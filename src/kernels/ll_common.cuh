@@ -1,7 +1,7 @@
 // ll_common.cuh: what the low-latency (LL) phases share: a phase's grid, the call a kernel runs, the profiling
 // stamps, the block shapes, the peer / count-word / acknowledgement helpers and the end of a receive phase
 // (finish_recv). The phases themselves are in ll_dispatch.cuh and ll_combine.cuh; the kernels and their launches
-// in low_latency.cu, the only file that includes these. Buffer layout and signal protocol: ll_layout.h.
+// in low_latency.cu, the only file that includes these. The LL region and signal protocol: ll_region.h.
 #ifndef EP_KERNELS_LL_COMMON_CUH
 #define EP_KERNELS_LL_COMMON_CUH
 
@@ -154,7 +154,7 @@ constexpr int kRecvThreads = 512;
 constexpr int kRecvWarps = kRecvThreads / 32;
 constexpr int kCopyBatch = 8;  // 16-byte words a lane has in flight per batch (dispatch receive, combine stage copy)
 
-__device__ __forceinline__ size_t half_offset(const ep_ll_launch_t& p) { return (size_t)p.half * p.layout.half_bytes; }
+__device__ __forceinline__ size_t half_offset(const ep_ll_launch_t& p) { return (size_t)p.half * p.region.half_bytes; }
 
 // Rank r's mapping of the LL region, when r is a peer of this node reached by loads/stores; else NULL.
 __device__ __forceinline__ char* nvlink_peer(const ep_ll_launch_t& p, int r) {
@@ -164,7 +164,7 @@ __device__ __forceinline__ char* nvlink_peer(const ep_ll_launch_t& p, int r) {
   return base ? base + p.ll_offset : nullptr;
 }
 
-// A count word is complete when its high half hi >= 1 and its low half is hi - 1 (see ll_layout.h).
+// A count word is complete when its high half hi >= 1 and its low half is hi - 1 (see ll_region.h).
 __device__ __forceinline__ bool count_complete(uint64_t v) {
   const uint32_t hi = (uint32_t)(v >> 32), lo = (uint32_t)v;
   return hi != 0 && lo == hi - 1;
@@ -188,7 +188,7 @@ __device__ __forceinline__ uint64_t next_call(const ep_ll_launch_t& p) { return 
 
 // Tell rank r that this rank finished receiving call `op` on the current half.
 __device__ __forceinline__ void send_ack(const ep_ll_launch_t& p, int r, uint64_t op) {
-  const size_t offset = half_offset(p) + p.layout.ack + (size_t)p.rank * 8;
+  const size_t offset = half_offset(p) + p.region.ack + (size_t)p.rank * 8;
   char* peer = nvlink_peer(p, r);
   if (peer) st_release_sys_u64(reinterpret_cast<uint64_t*>(peer + offset), op);
   else tp::signal_set(reinterpret_cast<uint64_t*>(p.ll_base + offset), op, r);
@@ -197,7 +197,7 @@ __device__ __forceinline__ void send_ack(const ep_ll_launch_t& p, int r, uint64_
 // Every rank must have finished receiving the previous call on this half before we write into its half. Threads
 // tid < R poll (no barrier: the caller overlaps this with other work and joins the result with __syncthreads_or).
 __device__ __forceinline__ bool poll_acks(const ep_ll_launch_t& p, uint64_t op, int site) {
-  const uint64_t* acks = reinterpret_cast<const uint64_t*>(p.ll_base + half_offset(p) + p.layout.ack);
+  const uint64_t* acks = reinterpret_cast<const uint64_t*>(p.ll_base + half_offset(p) + p.region.ack);
   bool ok = true;
   for (int r = threadIdx.x; ok && r < p.num_ranks; r += blockDim.x)
     ok = wait_until([&] { return ld_acquire_sys_u64(acks + r) + 1 >= op; }, p.timeout_ns, p.error, p.rank, r, site);
@@ -224,7 +224,7 @@ __device__ __forceinline__ int2 ld_nc_v2(const void* ptr) {
   return v;
 }
 
-// A message header's pair (ll_layout.h): expert e and slot j in one int32, then the weight's bits.
+// A message header's pair (ll_region.h): expert e and slot j in one int32, then the weight's bits.
 constexpr int kPairSlotBits = 13;  // j < 2^13: T <= 8192 (EP_LL_MAX_TOKENS)
 __device__ __forceinline__ int2 make_pair(int e, int j, float weight) {
   return make_int2(e << kPairSlotBits | j, __float_as_int(weight));
@@ -294,7 +294,7 @@ __device__ __forceinline__ void finish_recv(const ep_ll_launch_t& p, Grid grid, 
     return;
   }
   uint64_t* word = reinterpret_cast<uint64_t*>(p.ll_base + half_offset(p) +
-                                               (kDispatch ? p.layout.dispatch_count : p.layout.combine_signal));
+                                               (kDispatch ? p.region.dispatch_count : p.region.combine_signal));
   for (int r = threadIdx.x; r < p.num_ranks; r += blockDim.x) {
     word[r] = 0;
     __threadfence_system();

@@ -115,7 +115,7 @@ __device__ __forceinline__ void load_x_step(const char* xrow, int s, int H, int 
 template <typename F>
 __device__ __forceinline__ void for_each_copy(const ep_ll_launch_t& p, unsigned dmask, int ek, int posk,
                                               bool has_remote, char* stage_msg, F f) {
-  const ep_ll_layout_t& L = p.layout;
+  const ep_ll_region_t& L = p.region;
   for (unsigned m = dmask;; m &= m - 1) {
     char* msg;
     if (m) {
@@ -137,7 +137,7 @@ __device__ __forceinline__ void for_each_copy(const ep_ll_launch_t& p, unsigned 
 // recorded): the caller then stops, with no receive phase.
 __device__ __forceinline__ bool dispatch_send(const ep_ll_launch_t& p, Grid grid, uint64_t op) {
   extern __shared__ int s_dyn[];
-  const ep_ll_layout_t& L = p.layout;
+  const ep_ll_region_t& L = p.region;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int me = p.rank, R = p.num_ranks, K = p.num_topk, E = p.num_experts, E_loc = E / R, H = p.hidden;
   const int N = p.num_tokens;
@@ -389,7 +389,7 @@ struct RecvUnit {
 // Issue every load of unit u at once (header, pairs, the first batch of payload, the scales): one round trip.
 __device__ __forceinline__ void recv_unit_load(const ep_ll_launch_t& p, const char* recv, const int* s_moff, int u,
                                                int parts, int words, RecvUnit& r) {
-  const ep_ll_layout_t& L = p.layout;
+  const ep_ll_region_t& L = p.region;
   const int lane = threadIdx.x & 31, R = p.num_ranks, H = p.hidden, G = H / 128;
   const int m = u / parts;
   r.part = u % parts;
@@ -426,7 +426,7 @@ __device__ __forceinline__ uint32_t ue8m0_pack(const float4& f) {
 // recorded): the caller then stops, without arriving.
 __device__ __forceinline__ bool dispatch_recv(const ep_ll_launch_t& p, Grid grid) {
   extern __shared__ int s_dyn[];
-  const ep_ll_layout_t& L = p.layout;
+  const ep_ll_region_t& L = p.region;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int me = p.rank, R = p.num_ranks, E_loc = p.num_experts / R, H = p.hidden, G = H / 128;
   const size_t RT = (size_t)R * p.max_tokens;

@@ -2,8 +2,8 @@
 // receive hook the phases are two kernels (the hook launches the receive kernel later); without it one fused,
 // cooperative kernel per call runs the send phase and then the receive phase in the same blocks (see "Kernels"
 // below; EP_LL_FUSED=0 keeps two kernels there too). Each phase's code exists once, as a device function that
-// both kinds of kernel call with the phase's own grid (Grid). The buffer layout and the signal protocol are drawn
-// in ll_layout.h. The send phases have no grid-wide barrier: each block publishes its own part of the counts; the
+// both kinds of kernel call with the phase's own grid (Grid). The LL region and the signal protocol are drawn
+// in ll_region.h. The send phases have no grid-wide barrier: each block publishes its own part of the counts; the
 // receive phase's last block acknowledges the call and advances the half's call number. Peers of this node are
 // written with NVLink stores; others through the transport's put-with-signal. Data is placed by data, never by
 // atomics whose order varies (the count words are sums, whatever the order of their adds): slots come from a

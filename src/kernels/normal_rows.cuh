@@ -1,7 +1,7 @@
 // normal_rows.cuh: device pieces of the normal (high-throughput) path that do not depend on where the peers are:
 // the staged dispatch row, staging my tokens (x_stage) and my expert outputs (y_stage) with one flag per chunk,
 // copying a staged row into the dispatch outputs, the graph-safe tail, and the fp32 reduction of bf16 rows that
-// combine does. intranode.cu and internode.cu use them. Formats: normal_layout.h.
+// combine does. intranode.cu and internode.cu use them. Formats: normal_region.h.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -40,7 +40,7 @@ struct XRow {
 // Stage every token once into my x_stage, a block per chunk of kChunk tokens, and publish x_staged[c] = epoch.
 template <int kWarps>
 __device__ __forceinline__ void stage_x(const ep_normal_launch_t& q, const XRow& row, uint64_t epoch) {
-  const ep_normal_layout_t& L = q.layout;
+  const ep_normal_region_t& L = q.region;
   char* mine = q.normal_base;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, K = q.num_topk;
   const int n16 = row.row_bytes / 16;
@@ -75,7 +75,7 @@ __device__ __forceinline__ void stage_x(const ep_normal_launch_t& q, const XRow&
 constexpr int kStageGroup = 4;
 template <int kWarps, typename Skip>
 __device__ __forceinline__ void stage_y(const ep_normal_launch_t& q, uint64_t epoch, Skip skip) {
-  const ep_normal_layout_t& L = q.layout;
+  const ep_normal_region_t& L = q.region;
   char* mine = q.normal_base;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, K = q.num_topk, H = q.hidden;
   const int n16 = H * 2 / 16;

@@ -243,7 +243,7 @@ static void test_ll_args(void) {
 
   struct ep_group host_group = make_host_group(4);
   host_group.config.ll_max_tokens_per_rank = 128;
-  host_group.ll_layout = ep_ll_layout(4, 256, 128, 7168, 8);
+  host_group.ll_region = ep_ll_region(4, 256, 128, 7168, 8);
   ep_group_t g = &host_group;
   EXPECT_FAIL(ep_ll_handle_create(g, NULL), g, EP_STATUS_INVALID_ARGUMENT, "handle is NULL");
   /* A handle object with no device memory: enough for validation. */
@@ -367,11 +367,11 @@ static void test_ll_args(void) {
   ca.topk_weights = NULL;
   handle.dispatch_weights = NULL;
   EXPECT_FAIL(ep_ll_combine(g, &handle, &ca, 0), g, EP_STATUS_INVALID_USAGE, "had no topk_weights");
-  const ep_ll_layout_t roomy = host_group.ll_layout;
-  host_group.ll_layout = ep_ll_layout(4, 8, 128, 7168, 8); /* 2 experts per rank: no room for the sums */
+  const ep_ll_region_t roomy = host_group.ll_region;
+  host_group.ll_region = ep_ll_region(4, 8, 128, 7168, 8); /* 2 experts per rank: no room for the sums */
   handle.dispatch_weights = w;
   EXPECT_FAIL(ep_ll_combine(g, &handle, &ca, 0), g, EP_STATUS_INVALID_USAGE, "2 experts per rank");
-  host_group.ll_layout = roomy;
+  host_group.ll_region = roomy;
   CHECK(ep_ll_sums_fit(&roomy), "64 experts per rank leave room for the sums");
   handle.dispatch_recv_pending = true;
   EXPECT_FAIL(ep_ll_combine(g, &handle, &cgood, 0), g, EP_STATUS_INVALID_USAGE, "ep_ll_dispatch_recv first");

@@ -1,4 +1,4 @@
-/* ll_layout.h: where everything of the low-latency (LL) path lives in a rank's symmetric memory. One function
+/* ll_region.h: where everything of the low-latency (LL) path lives in a rank's symmetric memory. One function
  * computes it, for the host (to size the heap) and for the kernels (to find a peer's regions).
  *
  * The LL region is two identical halves. A dispatch takes the next half (the host alternates them) and its
@@ -37,15 +37,15 @@
  * acknowledges: no sender writes the word again before that acknowledgement. For dispatch, n = messages + 1 (the
  * dispatch_meta row is one more put). Call numbers (acks) grow for ever (device counters, so graph replays count);
  * the receive phase advances the half's call number. */
-#ifndef EP_KERNELS_LL_LAYOUT_H
-#define EP_KERNELS_LL_LAYOUT_H
+#ifndef EP_KERNELS_LL_REGION_H
+#define EP_KERNELS_LL_REGION_H
 
 #include <stddef.h>
 #include <stdint.h>
 
 #include "kernels/host_device.h"
 
-typedef struct ep_ll_layout {
+typedef struct ep_ll_region {
   int num_ranks, max_tokens, hidden, num_experts, num_local_experts, max_topk;
   size_t hdr_bytes;      /* header of a dispatch message; the payload starts there */
   size_t msg_bytes;      /* stride of a dispatch message */
@@ -56,11 +56,11 @@ typedef struct ep_ll_layout {
   size_t dispatch_stage, meta_stage, combine_stage, recv;
   size_t half_bytes;     /* one half, 128-aligned */
   size_t total_bytes;    /* both halves */
-} ep_ll_layout_t;
+} ep_ll_region_t;
 
-static inline EP_HD ep_ll_layout_t ep_ll_layout(int num_ranks, int num_experts, int max_tokens, int hidden,
+static inline EP_HD ep_ll_region_t ep_ll_region(int num_ranks, int num_experts, int max_tokens, int hidden,
                                                 int max_topk) {
-  ep_ll_layout_t l;
+  ep_ll_region_t l;
   const size_t R = (size_t)num_ranks, T = (size_t)max_tokens, H = (size_t)hidden, E = (size_t)num_experts;
   const size_t fp8_payload = H + H / 128 * 4, bf16_payload = 2 * H;
   l.num_ranks = num_ranks;
@@ -96,17 +96,17 @@ static inline EP_HD ep_ll_layout_t ep_ll_layout(int num_ranks, int num_experts, 
 }
 
 /* A combine with sums on the experts' ranks: where its rows land, after the dispatch's messages (inside one half). */
-static inline EP_HD size_t ep_ll_recv_sums(const ep_ll_layout_t* l) {
+static inline EP_HD size_t ep_ll_recv_sums(const ep_ll_region_t* l) {
   return l->recv + (size_t)l->num_ranks * l->max_tokens * l->msg_bytes;
 }
 
 /* Whether they fit in the receive area: from 3 experts per rank on. Below that they save little, and the buffer does
  * not grow for them. */
-static inline EP_HD int ep_ll_sums_fit(const ep_ll_layout_t* l) {
+static inline EP_HD int ep_ll_sums_fit(const ep_ll_region_t* l) {
   const size_t RT = (size_t)l->num_ranks * l->max_tokens;
   const size_t combine_recv = (size_t)l->num_experts * l->max_tokens * l->row_bytes;
   const size_t most = RT * l->msg_bytes > combine_recv ? RT * l->msg_bytes : combine_recv;
   return RT * (l->msg_bytes + l->row_bytes) <= most;
 }
 
-#endif /* EP_KERNELS_LL_LAYOUT_H */
+#endif /* EP_KERNELS_LL_REGION_H */

@@ -1,4 +1,4 @@
-/* normal_layout.h: where everything of the normal (high-throughput) path lives in a rank's symmetric memory.
+/* normal_region.h: where everything of the normal (high-throughput) path lives in a rank's symmetric memory.
  * One function computes it, for the host (to size the heap) and for the kernels (to find a peer's regions).
  *
  * Protocol in one paragraph: `prepare` compacts each rank's tokens per destination into `send_list` and
@@ -10,7 +10,7 @@
  * stores its expert outputs over NVLink into the source rank's `y_stage` (a receive area there: row
  * sender * T + the token's position in the sender's list, one `y_staged` flag per 32 rows and sender), and each
  * source sums its tokens' copies from local memory in rank order, then acknowledges (`combine_ack`) so senders may
- * push again. (The internode path splits `y_stage` into its own push regions: internode_layout.h.) The epoch of a
+ * push again. (The internode path splits `y_stage` into its own push regions: internode_region.h.) The epoch of a
  * call is a device-side counter, the same on every rank because every rank makes the same calls.
  *
  *   uint64 count_matrix[R][R+1]   row s from rank s: (epoch << 32 | tokens s sends to rank d), then s's num_tokens
@@ -24,8 +24,8 @@
  *   bytes  x_stage[T][x_row_bytes]  row | scales [H/128] f32 | topk ids [K] i32 | weights [K] f32
  *   bytes  y_stage[R*T][y_row_bytes] row (bf16) | weights [K] f32
  * T = config.max_tokens_per_rank, H = config.hidden, K = config.max_topk. */
-#ifndef EP_KERNELS_NORMAL_LAYOUT_H
-#define EP_KERNELS_NORMAL_LAYOUT_H
+#ifndef EP_KERNELS_NORMAL_REGION_H
+#define EP_KERNELS_NORMAL_REGION_H
 
 #include <stddef.h>
 #include <stdint.h>
@@ -34,18 +34,18 @@
 
 #define EP_STAGE_CHUNK_ROWS 32 /* rows per staged-chunk flag */
 
-typedef struct ep_normal_layout {
+typedef struct ep_normal_region {
   int num_ranks, max_tokens, hidden, max_topk, num_local_experts;
   int y_chunks_per_rank; /* ceil(T / EP_STAGE_CHUNK_ROWS) */
   size_t x_row_bytes, y_row_bytes; /* stride of one staged row */
   size_t count_matrix, expert_counts, prepare_ack, dispatch_ack, combine_ack, x_staged, y_staged;
   size_t send_list, x_stage, y_stage;
   size_t total_bytes;
-} ep_normal_layout_t;
+} ep_normal_region_t;
 
-static inline EP_HD ep_normal_layout_t ep_normal_layout(int num_ranks, int num_experts, int max_tokens, int hidden,
+static inline EP_HD ep_normal_region_t ep_normal_region(int num_ranks, int num_experts, int max_tokens, int hidden,
                                                         int max_topk) {
-  ep_normal_layout_t l;
+  ep_normal_region_t l;
   const size_t R = (size_t)num_ranks, T = (size_t)max_tokens, K = (size_t)max_topk;
   l.num_ranks = num_ranks;
   l.max_tokens = max_tokens;
@@ -73,4 +73,4 @@ static inline EP_HD ep_normal_layout_t ep_normal_layout(int num_ranks, int num_e
   return l;
 }
 
-#endif /* EP_KERNELS_NORMAL_LAYOUT_H */
+#endif /* EP_KERNELS_NORMAL_REGION_H */
