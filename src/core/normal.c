@@ -235,7 +235,7 @@ ep_status_t ep_dispatch_prepare(ep_group_t group, ep_handle_t handle, const ep_d
   p.out_num_recv = a->num_recv_tokens_dev;
   p.out_expert_counts = a->num_recv_tokens_per_expert_dev;
   if (group->num_nodes > 1) EP_CUDA_TRY(group, launch_internode(group, handle, &p, 0, stream));
-  else EP_CUDA_TRY(group, ep_launch_prepare(&p, stream));
+  else EP_CUDA_TRY(group, ep_launch_intranode_prepare(&p, stream));
   handle->prepared = true;
   if (!a->num_recv_tokens) return EP_STATUS_SUCCESS;
 
@@ -308,7 +308,7 @@ ep_status_t ep_dispatch(ep_group_t group, ep_handle_t handle, const ep_dispatch_
   p.recv_topk_weights = a->recv_topk_weights;
   p.recv_src_idx = a->recv_src_idx;
   if (group->num_nodes > 1) EP_CUDA_TRY(group, launch_internode(group, handle, &p, 1, stream));
-  else EP_CUDA_TRY(group, ep_launch_dispatch(&p, stream));
+  else EP_CUDA_TRY(group, ep_launch_intranode_dispatch(&p, stream));
   return EP_STATUS_SUCCESS;
 }
 
@@ -341,6 +341,6 @@ ep_status_t ep_combine(ep_group_t group, ep_handle_t handle, const ep_combine_ar
   p.combined_x = a->combined_x;
   p.combined_weights = a->combined_topk_weights;
   if (group->num_nodes > 1) EP_CUDA_TRY(group, launch_internode(group, handle, &p, 2, stream));
-  else EP_CUDA_TRY(group, ep_launch_combine(&p, stream));
+  else EP_CUDA_TRY(group, ep_launch_intranode_combine(&p, stream));
   return EP_STATUS_SUCCESS;
 }

@@ -424,7 +424,7 @@ __global__ void __launch_bounds__(kCombineThreads, 1) combine_kernel(ep_normal_l
 
 }  // namespace ep
 
-extern "C" cudaError_t ep_launch_prepare(const ep_normal_launch_t* p, cudaStream_t stream) {
+extern "C" cudaError_t ep_launch_intranode_prepare(const ep_normal_launch_t* p, cudaStream_t stream) {
   const size_t smem = sizeof(int) * (size_t)(p->num_experts / p->num_ranks);
   if (smem > 48 * 1024) {
     cudaError_t e = cudaFuncSetAttribute(ep::prepare_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
@@ -434,12 +434,12 @@ extern "C" cudaError_t ep_launch_prepare(const ep_normal_launch_t* p, cudaStream
   return cudaGetLastError();
 }
 
-extern "C" cudaError_t ep_launch_dispatch(const ep_normal_launch_t* p, cudaStream_t stream) {
+extern "C" cudaError_t ep_launch_intranode_dispatch(const ep_normal_launch_t* p, cudaStream_t stream) {
   ep::dispatch_kernel<<<p->num_blocks, ep::kDispatchThreads, 0, stream>>>(*p);
   return cudaGetLastError();
 }
 
-extern "C" cudaError_t ep_launch_combine(const ep_normal_launch_t* p, cudaStream_t stream) {
+extern "C" cudaError_t ep_launch_intranode_combine(const ep_normal_launch_t* p, cudaStream_t stream) {
   if (p->num_ranks <= 2) ep::combine_kernel<2><<<p->num_blocks, ep::kCombineThreads, 0, stream>>>(*p);
   else if (p->num_ranks <= 4) ep::combine_kernel<4><<<p->num_blocks, ep::kCombineThreads, 0, stream>>>(*p);
   else ep::combine_kernel<8><<<p->num_blocks, ep::kCombineThreads, 0, stream>>>(*p);

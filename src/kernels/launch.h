@@ -99,9 +99,9 @@ typedef struct ep_normal_launch {
   float* combined_weights;
 } ep_normal_launch_t;
 
-cudaError_t ep_launch_prepare(const ep_normal_launch_t* p, cudaStream_t stream);
-cudaError_t ep_launch_dispatch(const ep_normal_launch_t* p, cudaStream_t stream);
-cudaError_t ep_launch_combine(const ep_normal_launch_t* p, cudaStream_t stream);
+cudaError_t ep_launch_intranode_prepare(const ep_normal_launch_t* p, cudaStream_t stream);
+cudaError_t ep_launch_intranode_dispatch(const ep_normal_launch_t* p, cudaStream_t stream);
+cudaError_t ep_launch_intranode_combine(const ep_normal_launch_t* p, cudaStream_t stream);
 
 /* ---- Normal path across nodes (num_nodes > 1): internode_region.h, internode.cu, docs/internode.md ---- */
 
