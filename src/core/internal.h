@@ -123,28 +123,16 @@ struct ep_handle {
 
 struct ep_ll_handle {
   ep_group_t group;
-  void* memory;                /* one device allocation holding the arrays below */
-  int* slot_of;                /* [T_cfg][K_cfg] */
-  int* rank_slot_of;           /* [T_cfg][K_cfg] */
-  int* msg_off;                /* [R + 1] */
-  int* src_info;               /* [E_loc_cfg][R * T_cfg] */
-  int64_t* layout_range;       /* [E_loc_cfg][R] */
-  unsigned long long* ops;     /* [2] */
+  void* memory;                /* one device allocation holding the arrays */
+  ep_ll_handle_view_t arrays;  /* carved from `memory` (ep_ll_handle_carve) */
   /* The last dispatch, for validating and launching the calls that use it. */
   bool dispatched;             /* a dispatch's send phase was issued */
   bool dispatch_recv_pending;  /* ...and its receive phase not yet */
   bool combine_recv_pending;   /* a combine's send phase waits for its receive phase */
   int half;
   unsigned long long serial;   /* which dispatch of the group */
-  int num_tokens, num_topk, num_experts, hidden, max_tokens;
-  int fp8, round_scale, ue8m0;
-  const float* dispatch_weights; /* given to the dispatch (NULL if none); its weights travelled with the tokens */
-  int sum_on_expert_ranks;     /* the pending combine's form */
-  void* recv_x;
-  void* recv_x_scales;
-  int* recv_count;
-  const float* topk_weights;   /* the pending combine's */
-  void* out;
+  ep_ll_call_t call;           /* the dispatch's shape and outputs, the pending combine's inputs (x, topk_idx, y and
+                                  zero_copy stay NULL / 0: only the call that takes them launches with them) */
 };
 
 #endif /* EP_CORE_INTERNAL_H */

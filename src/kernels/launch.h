@@ -137,8 +137,8 @@ typedef struct ep_ll_state {
   unsigned int combine_done;  /* the same for combine */
 } ep_ll_state_t;
 
-typedef struct ep_ll_launch {
-  /* group */
+/* What the LL kernels take from the group: the same for every call. */
+typedef struct ep_ll_group_view {
   int rank, num_ranks, ranks_per_node;
   int node_first_rank;            /* the first rank of this rank's node: its NVLink peers are [it, it + ranks_per_node) */
   char* ll_base;                  /* this rank's LL region (symmetric), both halves */
@@ -148,14 +148,12 @@ typedef struct ep_ll_launch {
   ep_ll_state_t* state;
   unsigned long long timeout_ns;
   ep_device_error_t* error;
-  int num_sms;                    /* SMs of the device: the grids are sized from it */
-  int half;                       /* 0 or 1: the half this call uses */
-  /* handle (device) */
-  int* slot_of;                   /* [T_cfg][K_cfg]: combine receive row (e * T_cfg + j) of my (t, k), or -1 */
-  int* src_info;                  /* [E_loc][R * T] */
-  int64_t* layout_range;          /* [E_loc][R] (begin << 32) | count */
-  unsigned long long* ops;        /* [2] call numbers of the handle's dispatch and combine */
-  /* call */
+  int num_sms;                    /* SMs the group's kernels may occupy: the grids are sized from it */
+} ep_ll_group_view_t;
+
+/* The handle's dispatch (its shape and outputs) and the combine's inputs. The handle keeps one (ep_ll_handle);
+ * a launch adds the inputs that only the call itself reads (x, topk_idx, y, zero_copy). */
+typedef struct ep_ll_call {
   int num_tokens, num_topk, num_experts, hidden, max_tokens; /* max_tokens: the call's T (output shapes) */
   int fp8, round_scale, ue8m0;
   ep_fastdiv_t by_local_experts;  /* n / (num_experts / num_ranks): an expert's rank */
@@ -164,19 +162,20 @@ typedef struct ep_ll_launch {
   void* recv_x;
   void* recv_scales;
   int* recv_count;
+  const float* dispatch_weights;  /* dispatch: [num_tokens][K] or NULL: weights that travel with the tokens */
   const void* y;                  /* combine input, or NULL with zero_copy */
   int zero_copy;
   const float* topk_weights;
   void* out;
-  /* Sums on the experts' ranks (kept last: the fields above keep their kernel-parameter offsets) */
-  int* rank_slot_of;              /* handle [T_cfg][K_cfg]: with dispatch weights, the receive row of a sum
-                                     (d * T_cfg + p: my token's message slot p at rank d) at the token's first slot
-                                     on rank d, or -1 */
-  int* msg_off;                   /* handle [R + 1]: first received message of each source (dispatch receive order);
-                                     [R] = their number */
-  const float* dispatch_weights;  /* dispatch: [num_tokens][K] or NULL: weights that travel with the tokens */
   int sum_on_expert_ranks;        /* combine: each token's rows are weighted and summed on their rank, with the
                                      dispatch's weights */
+} ep_ll_call_t;
+
+typedef struct ep_ll_launch {
+  ep_ll_group_view_t group;
+  ep_ll_handle_view_t handle;     /* ll_region.h */
+  int half;                       /* 0 or 1: the half of the LL region the handle's dispatch took */
+  ep_ll_call_t call;
 } ep_ll_launch_t;
 
 cudaError_t ep_launch_ll_dispatch_send(const ep_ll_launch_t* p, cudaStream_t stream);

@@ -154,14 +154,16 @@ constexpr int kRecvThreads = 512;
 constexpr int kRecvWarps = kRecvThreads / 32;
 constexpr int kCopyBatch = 8;  // 16-byte words a lane has in flight per batch (dispatch receive, combine stage copy)
 
-__device__ __forceinline__ size_t half_offset(const ep_ll_launch_t& p) { return (size_t)p.half * p.region.half_bytes; }
+__device__ __forceinline__ size_t half_offset(const ep_ll_launch_t& p) {
+  return (size_t)p.half * p.group.region.half_bytes;
+}
 
 // Rank r's mapping of the LL region, when r is a peer of this node reached by loads/stores; else NULL.
 __device__ __forceinline__ char* nvlink_peer(const ep_ll_launch_t& p, int r) {
-  const unsigned local = (unsigned)(r - p.node_first_rank);
-  if (local >= (unsigned)p.ranks_per_node) return nullptr;
-  char* base = (char*)p.peer_workspace[r];
-  return base ? base + p.ll_offset : nullptr;
+  const unsigned local = (unsigned)(r - p.group.node_first_rank);
+  if (local >= (unsigned)p.group.ranks_per_node) return nullptr;
+  char* base = (char*)p.group.peer_workspace[r];
+  return base ? base + p.group.ll_offset : nullptr;
 }
 
 // A count word is complete when its high half hi >= 1 and its low half is hi - 1 (see ll_region.h).
@@ -184,23 +186,24 @@ __device__ __forceinline__ bool publishes_for(int r, Grid grid) {
 // The number of the call starting on the current half: one more than the half's last call. Only a receive phase's
 // last block advances seq[half], once every block of its kernel has arrived there, so every block of a kernel
 // reads the same value (in a fused kernel, at its start).
-__device__ __forceinline__ uint64_t next_call(const ep_ll_launch_t& p) { return p.state->seq[p.half] + 1; }
+__device__ __forceinline__ uint64_t next_call(const ep_ll_launch_t& p) { return p.group.state->seq[p.half] + 1; }
 
 // Tell rank r that this rank finished receiving call `op` on the current half.
 __device__ __forceinline__ void send_ack(const ep_ll_launch_t& p, int r, uint64_t op) {
-  const size_t offset = half_offset(p) + p.region.ack + (size_t)p.rank * 8;
+  const size_t offset = half_offset(p) + p.group.region.ack + (size_t)p.group.rank * 8;
   char* peer = nvlink_peer(p, r);
   if (peer) st_release_sys_u64(reinterpret_cast<uint64_t*>(peer + offset), op);
-  else tp::signal_set(reinterpret_cast<uint64_t*>(p.ll_base + offset), op, r);
+  else tp::signal_set(reinterpret_cast<uint64_t*>(p.group.ll_base + offset), op, r);
 }
 
 // Every rank must have finished receiving the previous call on this half before we write into its half. Threads
 // tid < R poll (no barrier: the caller overlaps this with other work and joins the result with __syncthreads_or).
 __device__ __forceinline__ bool poll_acks(const ep_ll_launch_t& p, uint64_t op, int site) {
-  const uint64_t* acks = reinterpret_cast<const uint64_t*>(p.ll_base + half_offset(p) + p.region.ack);
+  const uint64_t* acks = reinterpret_cast<const uint64_t*>(p.group.ll_base + half_offset(p) + p.group.region.ack);
   bool ok = true;
-  for (int r = threadIdx.x; ok && r < p.num_ranks; r += blockDim.x)
-    ok = wait_until([&] { return ld_acquire_sys_u64(acks + r) + 1 >= op; }, p.timeout_ns, p.error, p.rank, r, site);
+  for (int r = threadIdx.x; ok && r < p.group.num_ranks; r += blockDim.x)
+    ok = wait_until([&] { return ld_acquire_sys_u64(acks + r) + 1 >= op; }, p.group.timeout_ns, p.group.error,
+                    p.group.rank, r, site);
   return ok;
 }
 
@@ -258,7 +261,7 @@ __device__ __forceinline__ int last_start_at_most(const int* starts, int n, int 
 
 // The rank holding valid expert e.
 __device__ __forceinline__ int rank_of_expert(const ep_ll_launch_t& p, int e) {
-  return (int)ep_fastdiv((uint32_t)e, p.by_local_experts);
+  return (int)ep_fastdiv((uint32_t)e, p.call.by_local_experts);
 }
 
 // Lanes per token when a warp looks at top-k rows: the power of two >= K (K <= 32), as its log2.
@@ -280,31 +283,32 @@ template <Call kCall>
 __device__ __forceinline__ void finish_recv(const ep_ll_launch_t& p, Grid grid, uint64_t op) {
   constexpr bool kDispatch = kCall == Call::kDispatch;
   [[maybe_unused]] constexpr int phase = kDispatch ? kProfDispatchRecv : kProfCombineRecv;  // profile builds
-  unsigned int* done = kDispatch ? &p.state->dispatch_done : &p.state->combine_done;
+  unsigned int* done = kDispatch ? &p.group.state->dispatch_done : &p.group.state->combine_done;
   const bool last = arrive_last(done);
   LL_PROF_STAMP(phase, grid, kDispatch ? 4 : 3);  // "arrive" (prof_finish's labels)
 #if EP_LL_PROFILE == 2
   if (kDispatch && grid.block == 0 && threadIdx.x == 0) {
     tl_stamp(kTlDone, last);
-    tl_print(p.rank);
+    tl_print(p.group.rank);
   }
 #endif
   if (!last) {
-    LL_PROF_FINISH(phase, grid, p.rank, 0);
+    LL_PROF_FINISH(phase, grid, p.group.rank, 0);
     return;
   }
-  uint64_t* word = reinterpret_cast<uint64_t*>(p.ll_base + half_offset(p) +
-                                               (kDispatch ? p.region.dispatch_count : p.region.combine_signal));
-  for (int r = threadIdx.x; r < p.num_ranks; r += blockDim.x) {
+  const ep_ll_region_t& L = p.group.region;
+  uint64_t* word = reinterpret_cast<uint64_t*>(p.group.ll_base + half_offset(p) +
+                                               (kDispatch ? L.dispatch_count : L.combine_signal));
+  for (int r = threadIdx.x; r < p.group.num_ranks; r += blockDim.x) {
     word[r] = 0;
     __threadfence_system();
     send_ack(p, r, op);
   }
   if (threadIdx.x == 0) {
     *done = 0;
-    p.state->seq[p.half] = op;
+    p.group.state->seq[p.half] = op;
   }
-  LL_PROF_FINISH(phase, grid, p.rank, LL_PROF_NOW());
+  LL_PROF_FINISH(phase, grid, p.group.rank, LL_PROF_NOW());
 }
 
 }  // namespace ll

@@ -109,4 +109,38 @@ static inline EP_HD int ep_ll_sums_fit(const ep_ll_region_t* l) {
   return RT * (l->msg_bytes + l->row_bytes) <= most;
 }
 
+/* The LL handle's device arrays (ep_ll_handle_t), in one allocation carved by ep_ll_handle_carve; T and K are the
+ * group's (config.ll_max_tokens_per_rank, config.max_topk), E_loc its experts per rank. */
+typedef struct ep_ll_handle_view {
+  int* slot_of;                   /* [T][K]: combine receive row (e * T + j) of my (t, k), or -1 */
+  int* rank_slot_of;              /* [T][K]: with dispatch weights, the receive row of a sum (d * T + p: my token's
+                                     message slot p at rank d) at the token's first slot on rank d, or -1 */
+  int* msg_off;                   /* [R + 1]: first received message of each source (dispatch receive order);
+                                     [R] = their number */
+  int* src_info;                  /* [E_loc][R * T] */
+  int64_t* layout_range;          /* [E_loc][R] (begin << 32) | count */
+  unsigned long long* ops;        /* [2] call numbers of the handle's dispatch and combine */
+} ep_ll_handle_view_t;
+
+/* Where each array of an LL handle lives in `memory` (NULL: nowhere, only the size is wanted); returns the bytes
+ * they take. Arrays start on 16-byte boundaries. */
+static inline size_t ep_ll_handle_carve(const ep_ll_region_t* l, void* memory, ep_ll_handle_view_t* view) {
+  const size_t R = (size_t)l->num_ranks, T = (size_t)l->max_tokens, E_loc = (size_t)l->num_local_experts;
+  const size_t K = (size_t)l->max_topk;
+  const size_t slot = ep_align_up(T * K * sizeof(int), 16);
+  const size_t msg_off = slot + slot, src_info = msg_off + ep_align_up((R + 1) * sizeof(int), 16);
+  const size_t layout_range = src_info + ep_align_up(E_loc * R * T * sizeof(int), 16);
+  const size_t ops = layout_range + ep_align_up(E_loc * R * sizeof(int64_t), 16);
+  char* m = (char*)memory;
+  if (view) {
+    view->slot_of = m ? (int*)m : NULL;
+    view->rank_slot_of = m ? (int*)(m + slot) : NULL;
+    view->msg_off = m ? (int*)(m + msg_off) : NULL;
+    view->src_info = m ? (int*)(m + src_info) : NULL;
+    view->layout_range = m ? (int64_t*)(m + layout_range) : NULL;
+    view->ops = m ? (unsigned long long*)(m + ops) : NULL;
+  }
+  return ops + 16;
+}
+
 #endif /* EP_KERNELS_LL_REGION_H */

@@ -351,7 +351,7 @@ static void test_ll_args(void) {
   /* A handle whose half a later dispatch took (two-buffer rule). */
   handle.dispatched = true;
   handle.serial = 1;
-  handle.num_tokens = 4;
+  handle.call.num_tokens = 4;
   host_group.ll_half_serial[0] = 3;
   EXPECT_FAIL(ep_ll_combine(g, &handle, &cgood, 0), g, EP_STATUS_INVALID_USAGE, "two-buffer rule");
   host_group.ll_half_serial[0] = 1;
@@ -365,11 +365,11 @@ static void test_ll_args(void) {
   ca = cgood; ca.sum_on_expert_ranks = 1;
   EXPECT_FAIL(ep_ll_combine(g, &handle, &ca, 0), g, EP_STATUS_INVALID_ARGUMENT, "uses the dispatch's weights");
   ca.topk_weights = NULL;
-  handle.dispatch_weights = NULL;
+  handle.call.dispatch_weights = NULL;
   EXPECT_FAIL(ep_ll_combine(g, &handle, &ca, 0), g, EP_STATUS_INVALID_USAGE, "had no topk_weights");
   const ep_ll_region_t roomy = host_group.ll_region;
   host_group.ll_region = ep_ll_region(4, 8, 128, 7168, 8); /* 2 experts per rank: no room for the sums */
-  handle.dispatch_weights = w;
+  handle.call.dispatch_weights = w;
   EXPECT_FAIL(ep_ll_combine(g, &handle, &ca, 0), g, EP_STATUS_INVALID_USAGE, "2 experts per rank");
   host_group.ll_region = roomy;
   CHECK(ep_ll_sums_fit(&roomy), "64 experts per rank leave room for the sums");
