@@ -98,22 +98,9 @@ static inline bool ep_misaligned16(const void* ptr) { return ((uintptr_t)ptr & 1
 
 struct ep_handle {
   ep_group_t group;
-  void* memory;          /* one device allocation holding the arrays below */
+  void* memory;          /* one device allocation holding the arrays */
   bool owns_memory;      /* made by ep_handle_create (not _in): destroy frees `memory` */
-  int* send_pos;         /* [max_tokens][R] */
-  int* matrix;           /* [R][R] */
-  int* num_tokens_of;    /* [R] */
-  int* recv_src;         /* [R][max_tokens] */
-  int* recv_offset;      /* [R + 1] */
-  int* num_recv;         /* [1] */
-  int* expert_counts;    /* [config.num_experts / R] */
-  /* Appended when the group has num_nodes > 1 (NULL otherwise); see ep_internode_launch_t. */
-  int* recv_slot;        /* [R][max_tokens] */
-  int* send_slot;        /* [max_tokens][N] */
-  int* node_tokens;      /* [N][max_tokens] */
-  int* node_count;       /* [N] */
-  int* fwd_count;        /* [N] */
-  int* fwd_row;          /* [N][max_tokens][ranks_per_node] */
+  ep_normal_handle_view_t arrays; /* carved from `memory` (ep_normal_handle_carve) */
   /* What the last prepare was given, for validating the calls that use it. */
   bool prepared;
   int num_tokens, num_topk, num_experts;

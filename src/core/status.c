@@ -48,7 +48,8 @@ const char* ep_fault_site_name(int site) {
       return "low-latency combine send, waiting for the peer to finish receiving the last call on this buffer half";
     case EP_SITE_LL_COMBINE_RECV: return "low-latency combine receive, waiting for the peer's expert outputs";
     case EP_SITE_PREPARE_META: return "internode prepare, waiting for the rail peer's metadata (RDMA)";
-    case EP_SITE_PREPARE_RELAY: return "internode prepare, waiting for the forwarder to relay a remote source's metadata";
+    case EP_SITE_PREPARE_RELAY:
+      return "internode prepare, waiting for the forwarder to relay a remote source's metadata";
     case EP_SITE_META_FREE: return "internode prepare, waiting for the rail peer to release our previous metadata";
     case EP_SITE_DISPATCH_RDMA: return "internode dispatch, waiting for the rail peer's rows (RDMA)";
     case EP_SITE_DISPATCH_RELAY: return "internode dispatch, waiting for the forwarder to relay a remote chunk";

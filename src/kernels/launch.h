@@ -47,7 +47,8 @@ typedef struct ep_check_launch {
 size_t ep_check_workspace_bytes(int num_ranks);
 cudaError_t ep_launch_check(const ep_check_launch_t* p, cudaStream_t stream);
 
-/* ---- Normal (high-throughput) intranode path: prepare, dispatch, combine ---- */
+/* ---- Normal (high-throughput) path: prepare, dispatch, combine, inside one NVLink domain (intranode.cu) or
+ * across nodes (internode.cu, docs/internode.md). ---- */
 
 /* Device-side call counters of the group (device memory, zeroed at create). */
 typedef struct ep_normal_state {
@@ -56,8 +57,8 @@ typedef struct ep_normal_state {
   unsigned int pad;
 } ep_normal_state_t;
 
-typedef struct ep_normal_launch {
-  /* group */
+/* What the normal path's kernels take from the group: the same for every call. */
+typedef struct ep_normal_group_view {
   int rank, num_ranks;
   char* normal_base;              /* this rank's normal region (symmetric) */
   void* const* peer_workspace;    /* device [num_ranks]: peer's mapping of the group workspace */
@@ -67,16 +68,10 @@ typedef struct ep_normal_launch {
   int* expert_sum;                /* device [num_local_experts] scratch, zero between calls */
   unsigned long long timeout_ns;
   ep_device_error_t* error;
-  int num_blocks;
-  /* handle (device) */
-  int* send_pos;                  /* [max_tokens][R]: row of my token on each rank, counted within my segment; -1 */
-  int* matrix;                    /* [R][R]: tokens rank s sends to rank d */
-  int* num_tokens_of;             /* [R] */
-  int* recv_src;                  /* [R][max_tokens]: token index on source s of my j-th row from s */
-  int* recv_offset;               /* [R+1]: where rows from s start in my output */
-  int* num_recv;                  /* [1] */
-  int* expert_counts;             /* [E_loc] aligned */
-  /* call */
+} ep_normal_group_view_t;
+
+/* One call's arguments: prepare's, dispatch's or combine's (the others zero), with the handle's routing shape. */
+typedef struct ep_normal_call {
   int num_tokens, num_topk, num_experts, expert_alignment;
   const int64_t* topk_idx;
   int* out_num_recv;              /* optional */
@@ -97,31 +92,37 @@ typedef struct ep_normal_launch {
   const void* bias1;
   void* combined_x;
   float* combined_weights;
-} ep_normal_launch_t;
+  int num_blocks;                 /* the dispatch and combine grids: blocks wait on each other, all are resident */
+} ep_normal_call_t;
 
-cudaError_t ep_launch_intranode_prepare(const ep_normal_launch_t* p, cudaStream_t stream);
-cudaError_t ep_launch_intranode_dispatch(const ep_normal_launch_t* p, cudaStream_t stream);
-cudaError_t ep_launch_intranode_combine(const ep_normal_launch_t* p, cudaStream_t stream);
+/* One NVLink domain. */
+typedef struct ep_intranode_launch {
+  ep_normal_group_view_t group;
+  ep_normal_handle_view_t handle; /* normal_region.h */
+  ep_normal_call_t call;
+} ep_intranode_launch_t;
 
-/* ---- Normal path across nodes (num_nodes > 1): internode_region.h, internode.cu, docs/internode.md ---- */
+cudaError_t ep_launch_intranode_prepare(const ep_intranode_launch_t* p, cudaStream_t stream);
+cudaError_t ep_launch_intranode_dispatch(const ep_intranode_launch_t* p, cudaStream_t stream);
+cudaError_t ep_launch_intranode_combine(const ep_intranode_launch_t* p, cudaStream_t stream);
 
-typedef struct ep_internode_launch {
-  ep_normal_launch_t n;           /* everything of the intranode launch (global rank indices) */
+/* What the internode kernels also take from the group (num_nodes > 1): where this rank is, and the internode region
+ * (internode_region.h). Rank indices elsewhere are global. */
+typedef struct ep_internode_group_view {
   int ranks_per_node, num_nodes, node, local_rank;
   char* inter_base;               /* this rank's internode region (symmetric) */
   size_t inter_offset;            /* its offset inside the workspace */
-  ep_internode_region_t il;
-  /* handle arrays used only with num_nodes > 1 (device) */
-  int* recv_slot;                 /* [R][max_tokens]: remote source s: slot (in the forwarder's rdma_recv) of my
-                                     j-th row from s */
-  int* send_slot;                 /* [max_tokens][N]: slot of my token t in node_list[m], or -1 */
-  int* node_tokens;               /* [N][max_tokens]: node_list[m], my tokens for node m in token order */
-  int* node_count;                /* [N]: |node_list[m]| */
-  int* fwd_count;                 /* [N]: slots the rail peer of node n sent me (|its node_list[my node]|) */
-  int* fwd_row;                   /* [N][max_tokens][P]: forwarder: row of slot j of source node n in local rank
-                                     i's received order, or -1 */
+  ep_internode_region_t region;
   int force_put;                  /* 1: cross-node transfers take the put (NIC) path even to NVLink-mapped rail
-                                     peers (EP_INTERNODE_FORCE_PUT, a test knob; see group.c) */
+                                     peers (EP_INTERNODE_FORCE_PUT at group creation, a test knob) */
+} ep_internode_group_view_t;
+
+/* Several nodes. */
+typedef struct ep_internode_launch {
+  ep_normal_group_view_t group;
+  ep_normal_handle_view_t handle; /* its internode arrays included */
+  ep_normal_call_t call;
+  ep_internode_group_view_t inter;
 } ep_internode_launch_t;
 
 cudaError_t ep_launch_internode_prepare(const ep_internode_launch_t* p, cudaStream_t stream);
@@ -140,7 +141,8 @@ typedef struct ep_ll_state {
 /* What the LL kernels take from the group: the same for every call. */
 typedef struct ep_ll_group_view {
   int rank, num_ranks, ranks_per_node;
-  int node_first_rank;            /* the first rank of this rank's node: its NVLink peers are [it, it + ranks_per_node) */
+  int node_first_rank;            /* the first rank of this rank's node: its NVLink peers are
+                                     [node_first_rank, node_first_rank + ranks_per_node) */
   char* ll_base;                  /* this rank's LL region (symmetric), both halves */
   void* const* peer_workspace;    /* device [num_ranks]: peer's mapping of the group workspace, NULL if none */
   size_t ll_offset;               /* LL region's offset inside the workspace */

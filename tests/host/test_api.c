@@ -123,6 +123,8 @@ static struct ep_group make_host_group(int num_ranks) {
   g.ranks_per_node = num_ranks;
   g.num_nodes = 1;
   g.config = (ep_group_config_t)EP_GROUP_CONFIG_INIT;
+  g.normal_region = ep_normal_region(num_ranks, g.config.num_experts, g.config.max_tokens_per_rank, g.config.hidden,
+                                     g.config.max_topk);
   g.error_word = &g_error_word;
   return g;
 }
@@ -500,16 +502,29 @@ static void test_handle_in(void) {
     CHECK(ep_handle_create_in(g, memory, bytes, &h) == EP_STATUS_SUCCESS && h, "%d node(s): create_in: %s", nodes,
           ep_last_error(g));
     if (h) {
-      const int R = 4, T = host_group.config.max_tokens_per_rank, E_loc = host_group.config.num_experts / R;
-      const char* end = memory + bytes;
-      CHECK((char*)(h->expert_counts + E_loc) <= end, "%d node(s): expert_counts ends past the memory", nodes);
-      CHECK((char*)h->send_pos == memory && h->num_recv_host == -1 && !h->prepared, "%d node(s): not a fresh handle",
+      /* Every array in the memory, 16-byte aligned, with room for its ints, none overlapping the next. */
+      const size_t R = 4, T = (size_t)host_group.config.max_tokens_per_rank, E_loc = host_group.config.num_experts / R;
+      const size_t N = (size_t)nodes, P = R / N;
+      const ep_normal_handle_view_t* v = &h->arrays;
+      const int* arrays[] = {v->send_pos, v->matrix, v->num_tokens_of, v->recv_src, v->recv_offset, v->num_recv,
+                             v->expert_counts, v->recv_slot, v->send_slot, v->node_tokens, v->node_count,
+                             v->fwd_count, v->fwd_row};
+      const size_t ints[] = {T * R, R * R, R, R * T, R + 1, 1, E_loc, R * T, T * N, N * T, N, N, N * T * P};
+      const int used = nodes > 1 ? 13 : 7;
+      const char* next = memory;
+      for (int i = 0; i < 13; ++i) {
+        const char* at = (const char*)arrays[i];
+        if (i >= used) {
+          CHECK(at == NULL, "one node: internode array %d is set", i);
+          continue;
+        }
+        CHECK(at && at >= next && (uintptr_t)at % 16 == 0, "%d node(s): array %d misplaced", nodes, i);
+        if (at) next = at + ints[i] * sizeof(int);
+      }
+      CHECK(next <= memory + bytes, "%d node(s): the arrays end %td bytes past the memory", nodes,
+            next - (memory + bytes));
+      CHECK((char*)v->send_pos == memory && h->num_recv_host == -1 && !h->prepared, "%d node(s): not a fresh handle",
             nodes);
-      if (nodes > 1)
-        CHECK(h->fwd_row && (char*)(h->fwd_row + (size_t)nodes * T * host_group.ranks_per_node) <= end,
-              "%d nodes: fwd_row ends past the memory", nodes);
-      else
-        CHECK(!h->recv_slot && !h->fwd_row, "one node: internode arrays set");
       CHECK(ep_handle_destroy(h) == EP_STATUS_SUCCESS, "destroy of a create_in handle");
     }
     free(memory);
