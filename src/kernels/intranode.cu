@@ -9,6 +9,7 @@
 #include "kernels/common.cuh"
 #include "kernels/normal_rows.cuh"
 #include "kernels/profile.cuh"
+#include "kernels/tuning.h"
 
 namespace ep {
 
@@ -17,9 +18,6 @@ constexpr int kPrepareThreads = 1024;
 constexpr int kDispatchThreads = 768;  // 24 warps, 8 loads in flight per lane (measured faster than 16 x 16)
 constexpr int kDispatchWarps = kDispatchThreads / 32;
 constexpr int kCombineThreads = 512;   // 16 warps, 16 loads in flight per lane, more registers per thread
-#ifndef EP_COMBINE_PUSH_WARPS  // a tuning knob for experiments (make EXTRA_NVCCFLAGS=-DEP_COMBINE_PUSH_WARPS=n)
-#define EP_COMBINE_PUSH_WARPS 8
-#endif
 constexpr int kCombinePushWarps = EP_COMBINE_PUSH_WARPS;  // warps that store expert outputs to their token's source
 constexpr int kCombineReduceWarps = kCombineThreads / 32 - kCombinePushWarps;  // warps that sum arrived rows
 

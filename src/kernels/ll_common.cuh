@@ -40,11 +40,6 @@ enum class Call { kDispatch, kCombine, kCombineSums };
 // block of a phase's grid stamp %globaltimer at the phase's boundaries; every EP_LL_PROFILE_EVERY-th call of a
 // phase prints one line (device printf) with, for both blocks, the time of each stage since the previous stamp, in
 // us. Records are per phase ("kernel" below), whether the phase runs in its own kernel or in a fused one.
-// EP_LL_PROFILE=2 adds the dispatch's timeline: thread 0 of block 0 stamps each step of both phases (LL_TL; a step
-// that waits for a value passes it, so that the stamp cannot run ahead of the wait), and every
-// EP_LL_PROFILE_EVERY-th dispatch prints one line `ep_ll_timeline ...`: each step's end in us since the send
-// phase's start (with the hook: for dispatches whose phases do not interleave). This is what found the chains of
-// division and fence instructions (docs/low-latency.md section 5).
 // ---------------------------------------------------------------------------------------------------------------
 enum { kProfDispatchSend = 0, kProfDispatchRecv = 1, kProfCombineSend = 2, kProfCombineRecv = 3 };
 #if EP_LL_PROFILE
@@ -98,53 +93,6 @@ __device__ void prof_finish(int kernel, Grid grid, int rank, unsigned long long 
 #define LL_PROF_STAMP(kernel, grid, i) ((void)0)
 #define LL_PROF_FINISH(kernel, grid, rank, tail) ((void)0)
 #define LL_PROF_NOW() 0ull
-#endif
-
-// The dispatch timeline (EP_LL_PROFILE=2): one stamp per step of block 0's thread 0 (thread 32 for kTlScanWarp1).
-enum TlStamp {
-  kTlStart, kTlInit, kTlAcks, kTlScanFirst, kTlScanEnd, kTlScanWarp1, kTlPrologue, kTlSlots, kTlRows, kTlHeader,
-  kTlX, kTlCast, kTlStores, kTlMeta, kTlBarrier, kTlPuts, kTlCounts,                     // send phase
-  kTlRecv, kTlCountSeen, kTlRecvBarrier, kTlIssued, kTlMetaRows, kTlOffsets, kTlFirstData, kTlCopy, kTlDone,  // receive
-  kTlStamps
-};
-#if EP_LL_PROFILE == 2
-struct Timeline {
-  unsigned long long t[kTlStamps];
-  unsigned int calls;
-};
-__device__ Timeline g_timeline;
-
-// Stamp s once `dep` is available (a step that waits for a value passes it); kTlStart clears the others.
-__device__ __forceinline__ void tl_stamp(int s, unsigned dep) {
-  unsigned long long t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t) : "r"(dep) : "memory");
-  if (s == kTlStart)
-    for (int i = 1; i < kTlStamps; ++i) g_timeline.t[i] = 0;
-  g_timeline.t[s] = t;
-}
-
-// By block 0's thread 0 at the end of a dispatch's receive phase: every EP_LL_PROFILE_EVERY-th call, one line.
-__device__ inline void tl_print(int rank) {
-  static const char* const names[kTlStamps] = {
-      "start", "init", "acks", "scan-first", "scan", "scan(w1)", "prologue", "slots", "rows", "header", "x", "cast",
-      "stores", "meta", "barrier", "puts", "counts", "| recv", "count", "barrier", "issued", "meta-rows", "offsets",
-      "data", "copy", "done"};
-  if (++g_timeline.calls % EP_LL_PROFILE_EVERY != 0) return;
-  const unsigned long long t0 = g_timeline.t[kTlStart];
-  printf("ep_ll_timeline rank %d call %u (us since the send's start; - = not reached) |", rank, g_timeline.calls);
-  for (int i = 1; i < kTlStamps; ++i) {
-    const unsigned long long t = g_timeline.t[i];
-    if (t >= t0) printf(" %s %.2f", names[i], (float)(t - t0) * 1e-3f);
-    else printf(" %s -", names[i]);
-  }
-  printf("\n");
-}
-#define LL_TL(stamp, cond, dep)                                                               \
-  do {                                                                                        \
-    if (grid.block == 0 && (cond)) ::ep::ll::tl_stamp((stamp), (unsigned)(dep));              \
-  } while (0)
-#else
-#define LL_TL(stamp, cond, dep) ((void)0)
 #endif
 
 // Block shapes: threads of a send phase's and of a receive phase's block (equal: a fused kernel runs both).
@@ -286,12 +234,6 @@ __device__ __forceinline__ void finish_recv(const ep_ll_launch_t& p, Grid grid, 
   unsigned int* done = kDispatch ? &p.group.state->dispatch_done : &p.group.state->combine_done;
   const bool last = arrive_last(done);
   LL_PROF_STAMP(phase, grid, kDispatch ? 4 : 3);  // "arrive" (prof_finish's labels)
-#if EP_LL_PROFILE == 2
-  if (kDispatch && grid.block == 0 && threadIdx.x == 0) {
-    tl_stamp(kTlDone, last);
-    tl_print(p.group.rank);
-  }
-#endif
   if (!last) {
     LL_PROF_FINISH(phase, grid, p.group.rank, 0);
     return;

@@ -145,7 +145,6 @@ __device__ __forceinline__ bool dispatch_send(const ep_ll_launch_t& p, Grid grid
   const size_t half = half_offset(p);
   char* mine = p.group.ll_base + half;
   LL_PROF_STAMP(kProfDispatchSend, grid, 0);
-  LL_TL(kTlStart, tid == 0, 0);
   if (grid.block == 0 && tid == 0) p.handle.ops[0] = op;  // the call number for a later receive kernel (the hook)
 
   const int per_block = (N + grid.blocks - 1) / grid.blocks;  // <= kMaxRange (the launcher sizes the grid)
@@ -169,17 +168,14 @@ __device__ __forceinline__ bool dispatch_send(const ep_ll_launch_t& p, Grid grid
   for (int e = tid; e < E; e += blockDim.x) s_hist[e] = s_ahist[e] = 0;
   for (int r = tid; r < R; r += blockDim.x) s_rhist[r] = s_arhist[r] = s_own[r] = 0;
   __syncthreads();
-  LL_TL(kTlInit, tid == 0, 0);
 
   // 1a. Earlier and later tokens into the histograms; my tokens' slots noted (s_rf: bit 0 = rank-first, bits 1.. =
   // 1 + the first slot of the same expert, 0 for an invalid slot). Threads tid < R first wait for the acks: the
   // other warps scan meanwhile, and the barrier after the scan joins the result (no store to a peer before it).
   const bool acks_ok = poll_acks(p, op, EP_SITE_LL_DISPATCH_ACK);
-  LL_TL(kTlAcks, tid == 0, acks_ok);
   const int kp_log2 = topk_lanes_log2(K), tokens_per_warp = 32 >> kp_log2;
   for (int tb = warp * tokens_per_warp; tb < N; tb += kSendWarps * tokens_per_warp) {
     const SlotInfo si = slot_info(p, tb, N, kp_log2, lane);
-    LL_TL(kTlScanFirst, tid == 0 && tb == 0, si.first_k + (int)si.e);
     if (si.t < begin) {
       if (si.first) atomicAdd(&s_hist[si.e], 1);
       if (si.rfirst) atomicAdd(&s_rhist[rank_of_expert(p, (int)si.e)], 1);
@@ -193,11 +189,8 @@ __device__ __forceinline__ bool dispatch_send(const ep_ll_launch_t& p, Grid grid
       s_rf[i] = (si.first_k >= 0 ? (si.first_k + 1) << 1 : 0) | (si.rfirst ? 1 : 0);
     }
   }
-  LL_TL(kTlScanEnd, tid == 0, 0);
-  LL_TL(kTlScanWarp1, tid == 32, 0);
   if (__syncthreads_or(!acks_ok)) return false;  // every rank is done with this half's last call (or one timed out)
   LL_PROF_STAMP(kProfDispatchSend, grid, 1);
-  LL_TL(kTlPrologue, tid == 0, 0);
   // 1b. Slots and message positions inside the range (each earlier token lists an expert / a rank once at most).
   for (int i = tid; i < n_loc * K; i += blockDim.x) {
     const int e = s_ent[i];
@@ -213,7 +206,6 @@ __device__ __forceinline__ bool dispatch_send(const ep_ll_launch_t& p, Grid grid
     s_pos[i] = pos;
   }
   __syncthreads();
-  LL_TL(kTlSlots, tid == 0, 0);
   // 1c. Combine's receive row of every (token, slot) (a repeated expert uses its first slot's row); the range
   // joins the histograms (read again only by the last block, after barriers).
   // With weights, also (for a combine with sums on the experts' ranks) each first slot's expert weight, the sum
@@ -241,7 +233,6 @@ __device__ __forceinline__ bool dispatch_send(const ep_ll_launch_t& p, Grid grid
     }
   }
   __syncthreads();  // s_hist + s_ahist, s_rhist + s_arhist: all my tokens; s_own: this block's messages
-  LL_TL(kTlRows, tid == 0, 0);
 
   // 2. Data: (token, part) units.
   const size_t hdr = L.hdr_bytes, msg_stride = L.msg_bytes;
@@ -263,7 +254,6 @@ __device__ __forceinline__ bool dispatch_send(const ep_ll_launch_t& p, Grid grid
         if (lane == 0) *reinterpret_cast<int2*>(dst) = make_int2(t, __popc(fmask));
         if (ek >= 0) *reinterpret_cast<int2*>(dst + 8 + 8 * idx) = make_pair(ek, jk, wk);
       });
-      LL_TL(kTlHeader, tid == 0, 0);
     }
     const int2 st = part_range(part, parts, steps);  // steps <= 128, parts <= 16
     const int st0 = st.x, st1 = st.y;
@@ -277,13 +267,11 @@ __device__ __forceinline__ bool dispatch_send(const ep_ll_launch_t& p, Grid grid
       }
       int4 out[kStepBatch];
       float scale[kStepBatch];
-      LL_TL(kTlX, tid == 0 && s0 == st0, in[0][0].x ^ in[0][1].x);
       if (p.call.fp8) {
 #pragma unroll
         for (int b = 0; b < kStepBatch; ++b)
           if (s0 + b < st1) out[b] = cast16(in[b], p.call.round_scale, &scale[b]);  // warp-uniform: only real steps
       }
-      LL_TL(kTlCast, tid == 0 && s0 == st0, out[0].x);
       // Store the batch to every NVLink destination, then (if any rank is in another node) to the stage.
       for_each_copy(p, dmask, ek, posk, has_remote, my_msg, [&](char* msg) {
         char* dst = msg + hdr;
@@ -303,7 +291,6 @@ __device__ __forceinline__ bool dispatch_send(const ep_ll_launch_t& p, Grid grid
     }
   }
 
-  LL_TL(kTlStores, tid == 0, 0);
   // dispatch_meta rows of the ranks this block publishes to: NVLink peers directly, others through the stage.
   int* meta_out = reinterpret_cast<int*>(mine + L.meta_stage);  // [R][E_loc]
   for (int i = tid; i < E; i += blockDim.x) {
@@ -316,10 +303,8 @@ __device__ __forceinline__ bool dispatch_send(const ep_ll_launch_t& p, Grid grid
   }
   // The block's stores (peers' receive slots, the stage, meta rows) come before its counts through the barrier: each
   // count is a release add after it (cumulative over what the barrier ordered), and a warp that puts fences first.
-  LL_TL(kTlMeta, tid == 0, 0);
   __syncthreads();
   LL_PROF_STAMP(kProfDispatchSend, grid, 2);
-  LL_TL(kTlBarrier, tid == 0, 0);
 
   // Tokens going to another node: the whole message (header + payload) from the stage, one put per rank; and the
   // dispatch_meta rows of the other-node ranks this block publishes to.
@@ -343,7 +328,6 @@ __device__ __forceinline__ bool dispatch_send(const ep_ll_launch_t& p, Grid grid
       tp::put_signal_warp(mine + L.dispatch_meta + (size_t)me * E_loc * 4, meta_out + (size_t)d * E_loc,
                           (size_t)E_loc * 4, count_word, 1, /*add=*/true, d);
     }
-  LL_TL(kTlPuts, tid == 0, 0);
 
   // 3. Counts. NVLink rank d: this block's messages (+ 1 for the meta row and the high half (messages + 2) << 32
   // if it publishes for d), in one release add after the barrier above. Other nodes: the puts count themselves; the
@@ -360,7 +344,6 @@ __device__ __forceinline__ bool dispatch_send(const ep_ll_launch_t& p, Grid grid
     }
   }
   LL_PROF_STAMP(kProfDispatchSend, grid, 3);
-  LL_TL(kTlCounts, tid == 0, 0);
   LL_PROF_FINISH(kProfDispatchSend, grid, me, 0);
   return true;
 }
@@ -436,7 +419,6 @@ __device__ __forceinline__ bool dispatch_recv(const ep_ll_launch_t& p, Grid grid
   const uint64_t* counts = reinterpret_cast<const uint64_t*>(mine + L.dispatch_count);
   const int* meta = reinterpret_cast<const int*>(mine + L.dispatch_meta);  // [R][E_loc]
   LL_PROF_STAMP(kProfDispatchRecv, grid, 0);
-  LL_TL(kTlRecv, tid == 0, 0);
   int* s_row0 = s_dyn;           // [R][E_loc] first row of (source, expert); later the prefix
   int* s_moff = s_row0 + R * E_loc;  // [R + 1] first message index of each source
   __shared__ int s_failed;
@@ -449,7 +431,6 @@ __device__ __forceinline__ bool dispatch_recv(const ep_ll_launch_t& p, Grid grid
                       p.group.error, me, s, EP_SITE_LL_DISPATCH_RECV);
       if (ok) s_moff[s + 1] = (int)(v >> 32) - 2;  // n = messages + 1 puts; hi = n + 1
     }
-    LL_TL(kTlCountSeen, tid == 0, ok);
     const bool failed = __any_sync(0xffffffffu, !ok);
     if (lane == 0) s_failed = failed;
     if (!failed) {  // message offsets: an exclusive scan over sources
@@ -472,7 +453,6 @@ __device__ __forceinline__ bool dispatch_recv(const ep_ll_launch_t& p, Grid grid
   __syncthreads();
   if (s_failed) return false;
   LL_PROF_STAMP(kProfDispatchRecv, grid, 1);
-  LL_TL(kTlRecvBarrier, tid == 0, 0);
 
   // Each warp issues the loads of its first message unit now, so that they travel with the dispatch_meta loads.
   const int M = s_moff[R];
@@ -483,10 +463,8 @@ __device__ __forceinline__ bool dispatch_recv(const ep_ll_launch_t& p, Grid grid
   const int u0 = grid.block * kRecvWarps + warp;
   RecvUnit r;
   if (u0 < units) recv_unit_load(p, mine + L.recv, s_moff, u0, parts, words, r);
-  LL_TL(kTlIssued, tid == 0, 0);
   for (int i = tid; i < R * E_loc; i += blockDim.x) s_row0[i] = ld_relaxed_sys(meta + i);
   __syncthreads();
-  LL_TL(kTlMetaRows, tid == 0, 0);
   for (int le = tid; le < E_loc; le += blockDim.x) {  // rows: sources in order, per expert
     int run = 0;
     for (int s = 0; s < R; ++s) {
@@ -501,12 +479,10 @@ __device__ __forceinline__ bool dispatch_recv(const ep_ll_launch_t& p, Grid grid
     for (int s = tid; s <= R; s += blockDim.x) p.handle.msg_off[s] = s_moff[s];
   __syncthreads();
   LL_PROF_STAMP(kProfDispatchRecv, grid, 2);
-  LL_TL(kTlOffsets, tid == 0, 0);
 
   for (int u = u0; u < units; u += total_warps) {
     if (u != u0) recv_unit_load(p, mine + L.recv, s_moff, u, parts, words, r);
     const int s = r.s;
-    LL_TL(kTlFirstData, tid == 0 && u == u0, r.v[0].x ^ r.head.x ^ r.pair.x);
     const int4* src = reinterpret_cast<const int4*>(r.msg + L.hdr_bytes);
     const int e = pair_expert(r.pair);
     const bool mine_pair = lane < r.head.y && r.pair.x >= 0 && rank_of_expert(p, e) == me;
@@ -549,7 +525,6 @@ __device__ __forceinline__ bool dispatch_recv(const ep_ll_launch_t& p, Grid grid
     }
   }
   LL_PROF_STAMP(kProfDispatchRecv, grid, 3);
-  LL_TL(kTlCopy, tid == 0, 0);
   return true;
 }
 

@@ -13,12 +13,7 @@
 // kernels and their launches).
 #include "kernels/ll_combine.cuh"
 #include "kernels/ll_dispatch.cuh"
-
-// 1 (default): a call without the receive hook launches one fused kernel; 0: the send kernel and the receive
-// kernel, as with the hook (for A/B timing: make EXTRA_NVCCFLAGS=-DEP_LL_FUSED=0).
-#ifndef EP_LL_FUSED
-#define EP_LL_FUSED 1
-#endif
+#include "kernels/tuning.h"
 
 namespace ep {
 namespace ll {
