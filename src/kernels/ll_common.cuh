@@ -176,7 +176,7 @@ __device__ __forceinline__ int2 ld_nc_v2(const void* ptr) {
 }
 
 // A message header's pair (ll_region.h): expert e and slot j in one int32, then the weight's bits.
-constexpr int kPairSlotBits = 13;  // j < 2^13: T <= 8192 (EP_LL_MAX_TOKENS)
+constexpr int kPairSlotBits = EP_LL_PAIR_SLOT_BITS;
 __device__ __forceinline__ int2 make_pair(int e, int j, float weight) {
   return make_int2(e << kPairSlotBits | j, __float_as_int(weight));
 }

@@ -45,6 +45,10 @@
 
 #include "kernels/host_device.h"
 
+/* A message pair's expert e and slot j share an int32: e << EP_LL_PAIR_SLOT_BITS | j. So a group's
+ * ll_max_tokens_per_rank is at most 2^13 = 8192 and an LL call's num_experts below 2^(31 - 13) = 2^18. */
+#define EP_LL_PAIR_SLOT_BITS 13
+
 typedef struct ep_ll_region {
   int num_ranks, max_tokens, hidden, num_experts, num_local_experts, max_topk;
   size_t hdr_bytes;      /* header of a dispatch message; the payload starts there */
