@@ -105,7 +105,8 @@ static ep_ll_launch_t base_launch(ep_group_t g, ep_ll_handle_t h) {
   return p;
 }
 
-_Static_assert(EP_LL_MAX_EXPERTS <= 1 << (31 - EP_LL_PAIR_SLOT_BITS), "an expert index fits a message pair (ll_region.h)");
+/* A message pair packs an expert index with a token slot in an int (ll_region.h). */
+_Static_assert(EP_LL_MAX_EXPERTS <= 1 << (31 - EP_LL_PAIR_SLOT_BITS), "an expert index fits a message pair");
 
 static ep_status_t check_dispatch_args(ep_group_t group, const ep_ll_dispatch_args_t* a, const char* fn) {
   const ep_group_config_t* c = &group->config;

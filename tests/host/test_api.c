@@ -194,7 +194,7 @@ static void test_layout_args(void) {
   EXPECT_FAIL(ep_get_dispatch_layout(g, &a, 0), g, EP_STATUS_INVALID_ARGUMENT, "is_token_in_rank is NULL");
 }
 
-/* DeepEP's LowLatencyLayout total for the same shape (docs/deepep-reference.md 2.6). */
+/* The bytes of DeepEP's low-latency buffer (its LowLatencyLayout, both halves) for the same shape. */
 static size_t deepep_ll_bytes(size_t T, size_t H, size_t E) {
   const size_t d = 16 + (2 * H > H + H / 128 * 4 ? 2 * H : H + H / 128 * 4), c = H / 128 * 4 + 2 * H;
   const size_t send = T * d > E * T * c ? T * d : E * T * c;
