@@ -54,10 +54,7 @@ static ep_status_t check_config(const ep_group_config_t* c, int num_ranks) {
     return ep_fail(NULL, EP_STATUS_INVALID_ARGUMENT,
                    "%s: config.num_experts is %d; it must be a positive multiple of num_ranks (%d)", fn,
                    c->num_experts, num_ranks);
-  if (c->hidden <= 0 || c->hidden % 128 != 0 || c->hidden > EP_MAX_HIDDEN)
-    return ep_fail(NULL, EP_STATUS_INVALID_ARGUMENT,
-                   "%s: config.hidden is %d; it must be a positive multiple of 128, at most %d", fn, c->hidden,
-                   EP_MAX_HIDDEN);
+  EP_TRY(ep_check_hidden(NULL, fn, "config.hidden", c->hidden, EP_ROWS_FP8)); /* the buffers hold FP8 rows too */
   if (c->max_tokens_per_rank <= 0)
     return ep_fail(NULL, EP_STATUS_INVALID_ARGUMENT, "%s: config.max_tokens_per_rank is %d; it must be > 0", fn,
                    c->max_tokens_per_rank);

@@ -81,6 +81,14 @@ ep_status_t ep_check_header(ep_group_t group, const char* fn, const char* type_n
  * and <= config.num_experts. */
 ep_status_t ep_check_topk_and_experts(ep_group_t group, const char* fn, int num_topk, int num_experts);
 
+/* The rows a hidden size is for: BF16 rows move in 16-byte words (8 channels), FP8 rows carry a scale per 128
+ * channels, UE8M0 scales pack four to an int (512 channels). */
+typedef enum ep_row_format { EP_ROWS_BF16, EP_ROWS_FP8, EP_ROWS_FP8_UE8M0 } ep_row_format_t;
+
+/* The hidden-size rule, with its one message: `hidden` (called `name` in it) is a positive multiple of what `format`
+ * needs, at most config.hidden for a call on `group`, or EP_MAX_HIDDEN for a configuration (group NULL). */
+ep_status_t ep_check_hidden(ep_group_t group, const char* fn, const char* name, int hidden, ep_row_format_t format);
+
 /* Device pointers the kernels move 16 bytes at a time must be 16-byte aligned (NULL counts as aligned). */
 static inline bool ep_misaligned16(const void* ptr) { return ((uintptr_t)ptr & 15) != 0; }
 

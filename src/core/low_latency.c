@@ -133,10 +133,8 @@ static ep_status_t check_dispatch_args(ep_group_t group, const ep_ll_dispatch_ar
                     (int)a->recv_dtype, a->round_scale);
   if (!fp8 && a->round_scale)
     return FAIL_ARG(group, "%s: round_scale is 1 but recv_dtype is EP_BF16 (no scales)", fn);
-  const int multiple = a->use_ue8m0 ? 512 : fp8 ? 128 : 8;
-  if (a->hidden <= 0 || a->hidden > c->hidden || a->hidden % multiple != 0)
-    return FAIL_ARG(group, "%s: hidden is %d; it must be a positive multiple of %d (%s), <= config.hidden=%d", fn,
-                    a->hidden, multiple, a->use_ue8m0 ? "UE8M0 scales" : fp8 ? "FP8" : "BF16", c->hidden);
+  EP_TRY(ep_check_hidden(group, fn, "hidden", a->hidden,
+                         a->use_ue8m0 ? EP_ROWS_FP8_UE8M0 : fp8 ? EP_ROWS_FP8 : EP_ROWS_BF16));
   if (a->num_tokens > 0 && !a->x) return FAIL_ARG(group, "%s: x is NULL with num_tokens=%d", fn, a->num_tokens);
   if (ep_misaligned16(a->x)) return FAIL_ARG(group, "%s: x (%p) is not 16-byte aligned", fn, a->x);
   if (a->num_tokens > 0 && !a->topk_idx)

@@ -225,9 +225,7 @@ ep_status_t ep_dispatch(ep_group_t group, ep_handle_t handle, const ep_dispatch_
     return FAIL_ARG(group, "%s: x_dtype is %d; it must be EP_BF16 (%d) or EP_FP8_E4M3 (%d)", fn, (int)a->x_dtype,
                     (int)EP_BF16, (int)EP_FP8_E4M3);
   const bool fp8 = a->x_dtype == EP_FP8_E4M3;
-  if (a->hidden <= 0 || a->hidden > group->config.hidden || a->hidden % (fp8 ? 128 : 8) != 0)
-    return FAIL_ARG(group, "%s: hidden is %d; it must be a positive multiple of %d, <= config.hidden=%d", fn,
-                    a->hidden, fp8 ? 128 : 8, group->config.hidden);
+  EP_TRY(ep_check_hidden(group, fn, "hidden", a->hidden, fp8 ? EP_ROWS_FP8 : EP_ROWS_BF16));
   if (n > 0 && !a->x) return FAIL_ARG(group, "%s: x is NULL with %d tokens", fn, n);
   if (ep_misaligned16(a->x)) return FAIL_ARG(group, "%s: x (%p) is not 16-byte aligned", fn, a->x);
   if (fp8 && n > 0 && !a->x_scales) return FAIL_ARG(group, "%s: x_scales is NULL with x_dtype EP_FP8_E4M3", fn);
@@ -276,9 +274,7 @@ ep_status_t ep_combine(ep_group_t group, ep_handle_t handle, const ep_combine_ar
   EP_TRY(ep_check_header(group, fn, "ep_combine_args_t", args, args ? args->size : 0, sizeof(ep_combine_args_t),
                          args ? args->magic : 0, EP_COMBINE_ARGS_MAGIC));
   const ep_combine_args_t* a = args;
-  if (a->hidden <= 0 || a->hidden > group->config.hidden || a->hidden % 8 != 0)
-    return FAIL_ARG(group, "%s: hidden is %d; it must be a positive multiple of 8, <= config.hidden=%d", fn, a->hidden,
-                    group->config.hidden);
+  EP_TRY(ep_check_hidden(group, fn, "hidden", a->hidden, EP_ROWS_BF16));
   if (handle->num_recv_host != 0 && !a->x) return FAIL_ARG(group, "%s: x is NULL", fn);
   if (ep_misaligned16(a->x)) return FAIL_ARG(group, "%s: x (%p) is not 16-byte aligned", fn, a->x);
   if (handle->num_tokens > 0 && !a->combined_x) return FAIL_ARG(group, "%s: combined_x is NULL", fn);

@@ -150,6 +150,21 @@ ep_status_t ep_check_header(ep_group_t group, const char* fn, const char* type_n
   return EP_STATUS_SUCCESS;
 }
 
+ep_status_t ep_check_hidden(ep_group_t group, const char* fn, const char* name, int hidden, ep_row_format_t format) {
+  const int multiple = format == EP_ROWS_BF16 ? 8 : format == EP_ROWS_FP8 ? 128 : 512;
+  const char* rows = format == EP_ROWS_BF16  ? "BF16 rows"
+                     : format == EP_ROWS_FP8 ? "FP8 rows, a scale per 128 channels"
+                                             : "FP8 rows with UE8M0 scales, four to an int";
+  const int most = group ? group->config.hidden : EP_MAX_HIDDEN;
+  if (hidden > 0 && hidden % multiple == 0 && hidden <= most) return EP_STATUS_SUCCESS;
+  char bound[40];
+  if (group) snprintf(bound, sizeof(bound), "config.hidden=%d", most);
+  else snprintf(bound, sizeof(bound), "%d", most);
+  return ep_fail(group, EP_STATUS_INVALID_ARGUMENT,
+                 "%s: %s is %d; it must be a positive multiple of %d (%s) and at most %s", fn, name, hidden, multiple,
+                 rows, bound);
+}
+
 ep_status_t ep_check_topk_and_experts(ep_group_t group, const char* fn, int num_topk, int num_experts) {
   const ep_group_config_t* c = &group->config;
   if (num_topk < 1 || num_topk > c->max_topk)

@@ -481,6 +481,92 @@ static void test_normal_args(void) {
   EXPECT_FAIL(ep_combine(g, &handle, &ca, 0), g, EP_STATUS_INVALID_ARGUMENT, "num_sms is -1");
 }
 
+/* One rule, one message: every call that takes a hidden size words its refusal the same way (ep_check_hidden), so
+ * the text after "function: " depends on the rule broken, not on which call broke it. */
+static void expect_hidden_message(ep_status_t st, ep_group_t group, const char* want) {
+  const char* msg = ep_last_error(group);
+  const char* rest = strstr(msg, ": ");
+  CHECK(st == EP_STATUS_INVALID_ARGUMENT && rest && strcmp(rest + 2, want) == 0,
+        "status %s, message \"%s\", want \"<function>: %s\"", ep_status_string(st), msg, want);
+}
+
+static void test_hidden_rule(void) {
+  struct ep_group host_group = make_host_group(4); /* config.hidden = 7168 */
+  host_group.config.ll_max_tokens_per_rank = 128;
+  host_group.ll_region = ep_ll_region(4, 256, 128, 7168, 8);
+  ep_group_t g = &host_group;
+  struct ep_handle handle;
+  memset(&handle, 0, sizeof(handle));
+  handle.group = g;
+  handle.num_recv_host = -1;
+  handle.prepared = true;
+  handle.num_tokens = 1;
+  struct ep_ll_handle ll_handle;
+  memset(&ll_handle, 0, sizeof(ll_handle));
+  ll_handle.group = g;
+  _Alignas(16) static uint8_t rows[64];
+  static int64_t idx[8];
+  static float scales[8];
+  static int count[64];
+
+  ep_dispatch_args_t d = EP_DISPATCH_ARGS_INIT;
+  d.x = rows;
+  d.x_scales = scales;
+  d.recv_capacity = 4;
+  d.recv_x = rows;
+  d.recv_x_scales = scales;
+  ep_combine_args_t c = EP_COMBINE_ARGS_INIT;
+  c.x = rows;
+  c.combined_x = rows;
+  ep_ll_dispatch_args_t l = EP_LL_DISPATCH_ARGS_INIT;
+  l.x = rows;
+  l.num_tokens = 1;
+  l.topk_idx = idx;
+  l.num_topk = 8;
+  l.num_experts = 256;
+  l.max_tokens_per_rank = 128;
+  l.recv_x = rows;
+  l.recv_x_scales = scales;
+  l.recv_count = count;
+
+  const char* bf16_100 = "hidden is 100; it must be a positive multiple of 8 (BF16 rows) and at most config.hidden=7168";
+  d.x_dtype = EP_BF16;
+  d.hidden = c.hidden = l.hidden = 100;
+  l.recv_dtype = EP_BF16;
+  expect_hidden_message(ep_dispatch(g, &handle, &d, 0), g, bf16_100);
+  expect_hidden_message(ep_combine(g, &handle, &c, 0), g, bf16_100);
+  expect_hidden_message(ep_ll_dispatch(g, &ll_handle, &l, 0), g, bf16_100);
+
+  const char* bf16_big = "hidden is 7296; it must be a positive multiple of 8 (BF16 rows) and at most config.hidden=7168";
+  d.hidden = c.hidden = l.hidden = 7296;
+  expect_hidden_message(ep_dispatch(g, &handle, &d, 0), g, bf16_big);
+  expect_hidden_message(ep_combine(g, &handle, &c, 0), g, bf16_big);
+  expect_hidden_message(ep_ll_dispatch(g, &ll_handle, &l, 0), g, bf16_big);
+
+  const char* fp8_200 =
+      "hidden is 200; it must be a positive multiple of 128 (FP8 rows, a scale per 128 channels) and at most "
+      "config.hidden=7168";
+  d.x_dtype = EP_FP8_E4M3;
+  d.hidden = l.hidden = 200;
+  l.recv_dtype = EP_FP8_E4M3;
+  expect_hidden_message(ep_dispatch(g, &handle, &d, 0), g, fp8_200);
+  expect_hidden_message(ep_ll_dispatch(g, &ll_handle, &l, 0), g, fp8_200);
+  l.hidden = 2688;
+  l.round_scale = l.use_ue8m0 = 1;
+  expect_hidden_message(ep_ll_dispatch(g, &ll_handle, &l, 0), g,
+                        "hidden is 2688; it must be a positive multiple of 512 (FP8 rows with UE8M0 scales, four to "
+                        "an int) and at most config.hidden=7168");
+
+  ep_unique_id_t id;
+  memset(&id, 0, sizeof(id));
+  ep_group_t none = NULL;
+  ep_group_config_t config = EP_GROUP_CONFIG_INIT;
+  config.hidden = 200;
+  expect_hidden_message(ep_group_create(&none, &id, 0, 4, 0, &config), NULL,
+                        "config.hidden is 200; it must be a positive multiple of 128 (FP8 rows, a scale per 128 "
+                        "channels) and at most 65536");
+}
+
 /* ep_handle_memory_bytes / ep_handle_create_in over host memory (no device is touched): the checks, and every
  * array of the handle inside the memory it was given, one node and two. */
 static void test_handle_in(void) {
@@ -539,6 +625,7 @@ int main(void) {
   test_ll_size_hint();
   test_ll_args();
   test_normal_args();
+  test_hidden_rule();
   test_handle_in();
   printf("test_api: %d failed checks\n", g_check_failures);
   return TEST_RESULT();
