@@ -567,6 +567,30 @@ static void test_hidden_rule(void) {
                         "channels) and at most 65536");
 }
 
+/* ep_ll_handle_carve (what ep_ll_handle_create allocates and how it is cut): every array in the memory, 16-byte
+ * aligned, with room for its elements, none overlapping the next; sizing alone (NULL memory) gives the same bytes. */
+static void test_ll_handle_carve(void) {
+  const size_t R = 4, T = 128, E_loc = 64, K = 8;
+  const ep_ll_region_t region = ep_ll_region((int)R, (int)(E_loc * R), (int)T, 7168, (int)K);
+  ep_ll_handle_view_t none;
+  memset(&none, 0xff, sizeof(none));
+  const size_t bytes = ep_ll_handle_carve(&region, NULL, &none);
+  CHECK(!none.slot_of && !none.ops, "carving no memory leaves the arrays NULL");
+  char* memory = (char*)aligned_alloc(256, (bytes + 255) / 256 * 256);
+  ep_ll_handle_view_t v;
+  CHECK(ep_ll_handle_carve(&region, memory, &v) == bytes, "carving and sizing disagree");
+  const void* arrays[] = {v.slot_of, v.rank_slot_of, v.msg_off, v.src_info, v.layout_range, v.ops};
+  const size_t sizes[] = {T * K * 4, T * K * 4, (R + 1) * 4, E_loc * R * T * 4, E_loc * R * 8, 2 * 8};
+  const char* next = memory;
+  for (int i = 0; i < 6; ++i) {
+    const char* at = (const char*)arrays[i];
+    CHECK(at >= next && (uintptr_t)at % 16 == 0, "LL handle array %d misplaced", i);
+    next = at + sizes[i];
+  }
+  CHECK(next <= memory + bytes, "the LL handle's arrays end %td bytes past its memory", next - (memory + bytes));
+  free(memory);
+}
+
 /* ep_handle_memory_bytes / ep_handle_create_in over host memory (no device is touched): the checks, and every
  * array of the handle inside the memory it was given, one node and two. */
 static void test_handle_in(void) {
@@ -626,6 +650,7 @@ int main(void) {
   test_ll_args();
   test_normal_args();
   test_hidden_rule();
+  test_ll_handle_carve();
   test_handle_in();
   printf("test_api: %d failed checks\n", g_check_failures);
   return TEST_RESULT();
