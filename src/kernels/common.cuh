@@ -103,7 +103,7 @@ __device__ __forceinline__ void named_barrier(int id, int threads) {
 // are ordered before whatever it does next (it typically publishes a flag that peers act on). One system fence, by
 // thread 0 after the barrier: it is cumulative over the block's accesses that the barrier ordered before it, so a
 // fence in every thread would only add waits, as cooperative groups' grid sync does (one rank of an H200, LL calls of
-// 128 tokens, hidden 7168: dispatch 24.0 -> 23.4 us, combine 26.6 -> 26.1 us with the one fence).
+// 128 tokens, hidden 7168: dispatch 24.0 -> 23.4 us, combine 26.4-26.7 -> 26.1 us with the one fence).
 __device__ __forceinline__ bool arrive_last(unsigned int* counter) {
   __shared__ bool s_last;
   __syncthreads();

@@ -153,7 +153,7 @@ typedef struct ep_ll_group_view {
   int num_sms;                    /* SMs the group's kernels may occupy: the grids are sized from it */
 } ep_ll_group_view_t;
 
-/* The handle's dispatch (its shape and outputs) and the combine's inputs. The handle keeps one (ep_ll_handle);
+/* The handle's dispatch (its shape and outputs) and the combine's inputs. The handle keeps one (ep_ll_handle_t);
  * a launch adds the inputs that only the call itself reads (x, topk_idx, y, zero_copy). */
 typedef struct ep_ll_call {
   int num_tokens, num_topk, num_experts, hidden, max_tokens; /* max_tokens: the call's T (output shapes) */

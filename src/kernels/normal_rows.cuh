@@ -1,7 +1,8 @@
 // normal_rows.cuh: device pieces of the normal (high-throughput) path that do not depend on where the peers are:
 // the staged dispatch row, staging my tokens (x_stage) and my expert outputs (y_stage) with one flag per chunk,
 // copying a staged row into the dispatch outputs, the graph-safe tail, and the fp32 reduction of bf16 rows that
-// combine does. intranode.cu and internode.cu use them. Formats: normal_region.h.
+// combine does. intranode.cu and internode.cu use them; `Launch` is either path's launch struct, both of which carry
+// the group view, the handle view and the call under those names. Formats: normal_region.h.
 #pragma once
 
 #include <cuda_bf16.h>
