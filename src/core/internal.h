@@ -118,8 +118,8 @@ struct ep_handle {
 
 struct ep_ll_handle {
   ep_group_t group;
-  void* memory;                /* one device allocation holding the arrays */
-  ep_ll_handle_view_t arrays;  /* carved from `memory` (ep_ll_handle_carve) */
+  void* memory;               /* one device allocation holding the arrays */
+  ep_ll_handle_view_t arrays; /* carved from `memory` (ep_ll_handle_carve) */
   /* The last dispatch, for validating and launching the calls that use it. */
   bool dispatched;             /* a dispatch's send phase was issued */
   bool dispatch_recv_pending;  /* ...and its receive phase not yet */

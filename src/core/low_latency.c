@@ -133,8 +133,8 @@ static ep_status_t check_dispatch_args(ep_group_t group, const ep_ll_dispatch_ar
                     (int)a->recv_dtype, a->round_scale);
   if (!fp8 && a->round_scale)
     return FAIL_ARG(group, "%s: round_scale is 1 but recv_dtype is EP_BF16 (no scales)", fn);
-  EP_TRY(ep_check_hidden(group, fn, "hidden", a->hidden,
-                         a->use_ue8m0 ? EP_ROWS_FP8_UE8M0 : fp8 ? EP_ROWS_FP8 : EP_ROWS_BF16));
+  const ep_row_format_t rows = a->use_ue8m0 ? EP_ROWS_FP8_UE8M0 : fp8 ? EP_ROWS_FP8 : EP_ROWS_BF16;
+  EP_TRY(ep_check_hidden(group, fn, "hidden", a->hidden, rows));
   if (a->num_tokens > 0 && !a->x) return FAIL_ARG(group, "%s: x is NULL with num_tokens=%d", fn, a->num_tokens);
   if (ep_misaligned16(a->x)) return FAIL_ARG(group, "%s: x (%p) is not 16-byte aligned", fn, a->x);
   if (a->num_tokens > 0 && !a->topk_idx)
@@ -299,7 +299,8 @@ ep_status_t ep_ll_combine(ep_group_t group, ep_ll_handle_t handle, const ep_ll_c
     if (handle->call.num_tokens > 0 && !handle->call.dispatch_weights)
       return ep_fail(group, EP_STATUS_INVALID_USAGE,
                      "%s: sum_on_expert_ranks=1 needs the weights on the experts' ranks, but the handle's dispatch "
-                     "had no topk_weights (num_tokens=%d)", fn, handle->call.num_tokens);
+                     "had no topk_weights (num_tokens=%d)",
+                     fn, handle->call.num_tokens);
   } else if (handle->call.num_tokens > 0 && !a->topk_weights) {
     return FAIL_ARG(group, "%s: topk_weights is NULL with num_tokens=%d", fn, handle->call.num_tokens);
   }

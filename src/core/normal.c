@@ -197,8 +197,8 @@ ep_status_t ep_dispatch_prepare(ep_group_t group, ep_handle_t handle, const ep_d
    * of every blocking stream, PyTorch's default stream among them, i.e. for the compute this call overlaps. */
   EP_CUDA_TRY(group, cudaStreamSynchronize(stream));
   EP_TRY(ep_enter(group, fn));
-  EP_CUDA_TRY(group, cudaMemcpyAsync(a->num_recv_tokens, handle->arrays.num_recv, sizeof(int),
-                                     cudaMemcpyDeviceToHost, stream));
+  EP_CUDA_TRY(
+      group, cudaMemcpyAsync(a->num_recv_tokens, handle->arrays.num_recv, sizeof(int), cudaMemcpyDeviceToHost, stream));
   if (a->num_recv_tokens_per_expert)
     EP_CUDA_TRY(group, cudaMemcpyAsync(a->num_recv_tokens_per_expert, handle->arrays.expert_counts,
                                        sizeof(int) * (size_t)(a->num_experts / group->num_ranks),

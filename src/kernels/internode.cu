@@ -66,8 +66,8 @@ __device__ __forceinline__ int node_at(int self, int d, int N) { return (self + 
 // One thread waits for a 64-bit flag to reach `epoch`; false (fault recorded) on timeout.
 __device__ __forceinline__ bool wait_flag(const ep_internode_launch_t& p, const uint64_t* flag, uint64_t epoch,
                                           int peer, int site) {
-  return wait_until([&] { return ld_acquire_sys_u64(flag) >= epoch; }, p.group.timeout_ns, p.group.error,
-                    p.group.rank, peer, site);
+  return wait_until([&] { return ld_acquire_sys_u64(flag) >= epoch; }, p.group.timeout_ns, p.group.error, p.group.rank,
+                    peer, site);
 }
 
 // The last block of a call, once my node's ranks have all acknowledged (acks[(N-1)*P], one per (remote node,
@@ -276,8 +276,8 @@ __global__ void __launch_bounds__(kPrepThreads) inter_prepare_kernel(ep_internod
       bool relayed = true;
       if (tid == 0) {
         const uint64_t* arrived = at<uint64_t>(imine, IL.meta_arrived) + dn;
-        relayed = wait_until([&] { return tp::signal_load(arrived) >= epoch; }, p.group.timeout_ns, p.group.error,
-                             me, b, EP_SITE_PREPARE_META);
+        relayed = wait_until([&] { return tp::signal_load(arrived) >= epoch; }, p.group.timeout_ns, p.group.error, me,
+                             b, EP_SITE_PREPARE_META);
         if (relayed) st_release_sys_u64(at<uint64_t>(imine, IL.meta_ready) + dn, epoch);
       }
       if (__syncthreads_or(!relayed)) return;
@@ -741,9 +741,11 @@ __global__ void __launch_bounds__(kCombThreads, 1) inter_combine_kernel(ep_inter
       const int n = lane - kMaxLocal, dn = node_dist(my_node, n, N);
       ref = p.handle.send_slot[(size_t)t * N + n];
       if (ref >= 0)
-        w = wait_until([&] {
+        w = wait_until(
+            [&] {
               return tp::signal_load(at<uint64_t>(imine, IL.partial_arrived) + (size_t)dn * NC + ref / kChunk) >= epoch;
-            }, p.group.timeout_ns, p.group.error, me, n * P + my_local, EP_SITE_COMBINE_PARTIAL);
+            },
+            p.group.timeout_ns, p.group.error, me, n * P + my_local, EP_SITE_COMBINE_PARTIAL);
     }
     ok = __all_sync(0xffffffffu, w);
     if (!ok) break;
@@ -768,8 +770,9 @@ __global__ void __launch_bounds__(kCombThreads, 1) inter_combine_kernel(ep_inter
     const int4* bias0 = b0 ? reinterpret_cast<const int4*>(b0 + (size_t)t * H * 2) : nullptr;
     const int4* bias1 = b1 ? reinterpret_cast<const int4*>(b1 + (size_t)t * H * 2) : nullptr;
     rows::reduce_rows<kSrc, kUnroll>(s_src[warp], s_wsrc[warp], __popc(have), bias0, bias1,
-                      reinterpret_cast<int4*>((char*)p.call.combined_x + (size_t)t * H * 2),
-                      p.call.combined_weights ? p.call.combined_weights + (size_t)t * K : nullptr, K, n16, lane);
+                                     reinterpret_cast<int4*>((char*)p.call.combined_x + (size_t)t * H * 2),
+                                     p.call.combined_weights ? p.call.combined_weights + (size_t)t * K : nullptr, K,
+                                     n16, lane);
     __syncwarp();
   }
   if (posted) tp::quiet();  // partial_stage is rewritten next call: our puts from it are complete

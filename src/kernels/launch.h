@@ -92,7 +92,7 @@ typedef struct ep_normal_call {
   const void* bias1;
   void* combined_x;
   float* combined_weights;
-  int num_blocks;                 /* the dispatch and combine grids: blocks wait on each other, all are resident */
+  int num_blocks; /* the dispatch and combine grids: blocks wait on each other, all are resident */
 } ep_normal_call_t;
 
 /* One NVLink domain. */
@@ -113,8 +113,8 @@ typedef struct ep_internode_group_view {
   char* inter_base;               /* this rank's internode region (symmetric) */
   size_t inter_offset;            /* its offset inside the workspace */
   ep_internode_region_t region;
-  int force_put;                  /* 1: cross-node transfers take the put (NIC) path even to NVLink-mapped rail
-                                     peers (EP_INTERNODE_FORCE_PUT at group creation, a test knob) */
+  int force_put; /* 1: cross-node transfers take the put (NIC) path even to NVLink-mapped rail
+                    peers (EP_INTERNODE_FORCE_PUT at group creation, a test knob) */
 } ep_internode_group_view_t;
 
 /* Several nodes. */
@@ -150,7 +150,7 @@ typedef struct ep_ll_group_view {
   ep_ll_state_t* state;
   unsigned long long timeout_ns;
   ep_device_error_t* error;
-  int num_sms;                    /* SMs the group's kernels may occupy: the grids are sized from it */
+  int num_sms; /* SMs the group's kernels may occupy: the grids are sized from it */
 } ep_ll_group_view_t;
 
 /* The handle's dispatch (its shape and outputs) and the combine's inputs. The handle keeps one (ep_ll_handle_t);
@@ -175,8 +175,8 @@ typedef struct ep_ll_call {
 
 typedef struct ep_ll_launch {
   ep_ll_group_view_t group;
-  ep_ll_handle_view_t handle;     /* ll_region.h */
-  int half;                       /* 0 or 1: the half of the LL region the handle's dispatch took */
+  ep_ll_handle_view_t handle; /* ll_region.h */
+  int half;                   /* 0 or 1: the half of the LL region the handle's dispatch took */
   ep_ll_call_t call;
 } ep_ll_launch_t;
 

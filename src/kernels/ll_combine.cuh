@@ -192,7 +192,7 @@ __device__ __forceinline__ bool combine_send(const ep_ll_launch_t& p, Grid grid,
   const int R = p.group.num_ranks, E_loc = p.call.num_experts / R;
   const size_t half = half_offset(p);
   LL_PROF_STAMP(kProfCombineSend, grid, 0);
-  if (grid.block == 0 && tid == 0) p.handle.ops[1] = op;  // the call number for a later receive kernel (the hook)
+  if (grid.block == 0 && tid == 0) p.handle.ops[1] = op;        // the call number for a later receive kernel (the hook)
   int* s_rows = s_dyn;                                          // [R] rows (or messages) to each rank
   int* s_units = s_rows + R;                                    // [R] units of this block to each NVLink rank
   int2* s_range = reinterpret_cast<int2*>(s_units + R);         // [E_loc][R] (begin, count) of layout_range

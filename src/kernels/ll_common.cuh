@@ -239,8 +239,8 @@ __device__ __forceinline__ void finish_recv(const ep_ll_launch_t& p, Grid grid, 
     return;
   }
   const ep_ll_region_t& L = p.group.region;
-  uint64_t* word = reinterpret_cast<uint64_t*>(p.group.ll_base + half_offset(p) +
-                                               (kDispatch ? L.dispatch_count : L.combine_signal));
+  uint64_t* word =
+      reinterpret_cast<uint64_t*>(p.group.ll_base + half_offset(p) + (kDispatch ? L.dispatch_count : L.combine_signal));
   for (int r = threadIdx.x; r < p.group.num_ranks; r += blockDim.x) {
     word[r] = 0;
     __threadfence_system();

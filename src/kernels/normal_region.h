@@ -76,21 +76,21 @@ static inline EP_HD ep_normal_region_t ep_normal_region(int num_ranks, int num_e
 /* The normal handle's device arrays (ep_handle_t), in one allocation carved by ep_normal_handle_carve. T is
  * config.max_tokens_per_rank, R the ranks, E_loc the experts per rank; N nodes of P ranks. */
 typedef struct ep_normal_handle_view {
-  int* send_pos;       /* [T][R]: row of my token on each rank, counted within my segment; -1 */
-  int* matrix;         /* [R][R]: tokens rank s sends to rank d */
-  int* num_tokens_of;  /* [R] */
-  int* recv_src;       /* [R][T]: token index on source s of my j-th row from s */
-  int* recv_offset;    /* [R + 1]: where rows from s start in my output */
-  int* num_recv;       /* [1] */
-  int* expert_counts;  /* [E_loc], aligned */
+  int* send_pos;      /* [T][R]: row of my token on each rank, counted within my segment; -1 */
+  int* matrix;        /* [R][R]: tokens rank s sends to rank d */
+  int* num_tokens_of; /* [R] */
+  int* recv_src;      /* [R][T]: token index on source s of my j-th row from s */
+  int* recv_offset;   /* [R + 1]: where rows from s start in my output */
+  int* num_recv;      /* [1] */
+  int* expert_counts; /* [E_loc], aligned */
   /* With num_nodes > 1 only (NULL otherwise). */
-  int* recv_slot;      /* [R][T]: remote source s: slot (in the forwarder's rdma_recv) of my j-th row from s */
-  int* send_slot;      /* [T][N]: slot of my token t in node_list[m], or -1 */
-  int* node_tokens;    /* [N][T]: node_list[m], my tokens for node m in token order */
-  int* node_count;     /* [N]: |node_list[m]| */
-  int* fwd_count;      /* [N]: slots the rail peer of node n sent me (|its node_list[my node]|) */
-  int* fwd_row;        /* [N][T][P]: forwarder: row of slot j of source node n in local rank i's received order,
-                          or -1 */
+  int* recv_slot;   /* [R][T]: remote source s: slot (in the forwarder's rdma_recv) of my j-th row from s */
+  int* send_slot;   /* [T][N]: slot of my token t in node_list[m], or -1 */
+  int* node_tokens; /* [N][T]: node_list[m], my tokens for node m in token order */
+  int* node_count;  /* [N]: |node_list[m]| */
+  int* fwd_count;   /* [N]: slots the rail peer of node n sent me (|its node_list[my node]|) */
+  int* fwd_row;     /* [N][T][P]: forwarder: row of slot j of source node n in local rank i's received order,
+                       or -1 */
 } ep_normal_handle_view_t;
 
 /* Where each array of a normal handle lives in `memory` (NULL: nowhere, only the size is wanted), for a group of
@@ -101,9 +101,9 @@ static inline size_t ep_normal_handle_carve(const ep_normal_region_t* l, int num
   const size_t R = (size_t)l->num_ranks, T = (size_t)l->max_tokens, E_loc = (size_t)l->num_local_experts;
   const size_t N = (size_t)num_nodes, P = (size_t)ranks_per_node;
   ep_normal_handle_view_t v;
-  int** const arrays[] = {&v.send_pos, &v.matrix, &v.num_tokens_of, &v.recv_src, &v.recv_offset, &v.num_recv,
-                          &v.expert_counts, &v.recv_slot, &v.send_slot, &v.node_tokens, &v.node_count,
-                          &v.fwd_count, &v.fwd_row};
+  int** const arrays[] = {&v.send_pos,   &v.matrix,        &v.num_tokens_of, &v.recv_src,  &v.recv_offset,
+                          &v.num_recv,   &v.expert_counts, &v.recv_slot,     &v.send_slot, &v.node_tokens,
+                          &v.node_count, &v.fwd_count,     &v.fwd_row};
   const size_t ints[] = {T * R, R * R, R, R * T, R + 1, 1, E_loc, R * T, T * N, N * T, N, N, N * T * P};
   const int count = (int)(sizeof(ints) / sizeof(ints[0]));
   const int used = num_nodes > 1 ? count : 7; /* the first seven serve one node */

@@ -102,8 +102,8 @@ __device__ __forceinline__ void stage_y(const Launch& p, uint64_t epoch, Skip sk
 // One warp copies the staged row `staged` (another GPU's memory, or mine written by another GPU) into output row
 // i: the row, its scales, its top-k ids made local to me (others -1) with their weights, and the source token t.
 template <typename Launch>
-__device__ __forceinline__ void pull_x_row(const Launch& p, const XRow& row, const char* staged, int i,
-                                           int t, int lane) {
+__device__ __forceinline__ void pull_x_row(const Launch& p, const XRow& row, const char* staged, int i, int t,
+                                           int lane) {
   const int K = p.call.num_topk, E_loc = p.call.num_experts / p.group.num_ranks, me = p.group.rank;
   warp_copy<true, 8>((char*)p.call.recv_x + (size_t)i * row.row_bytes, staged, 0, row.row_bytes / 16, lane);
   for (int c = lane; c < row.num_scales; c += 32)

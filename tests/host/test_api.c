@@ -529,7 +529,8 @@ static void test_hidden_rule(void) {
   l.recv_x_scales = scales;
   l.recv_count = count;
 
-  const char* bf16_100 = "hidden is 100; it must be a positive multiple of 8 (BF16 rows) and at most config.hidden=7168";
+  const char* bf16_100 =
+      "hidden is 100; it must be a positive multiple of 8 (BF16 rows) and at most config.hidden=7168";
   d.x_dtype = EP_BF16;
   d.hidden = c.hidden = l.hidden = 100;
   l.recv_dtype = EP_BF16;
@@ -537,7 +538,8 @@ static void test_hidden_rule(void) {
   expect_hidden_message(ep_combine(g, &handle, &c, 0), g, bf16_100);
   expect_hidden_message(ep_ll_dispatch(g, &ll_handle, &l, 0), g, bf16_100);
 
-  const char* bf16_big = "hidden is 7296; it must be a positive multiple of 8 (BF16 rows) and at most config.hidden=7168";
+  const char* bf16_big =
+      "hidden is 7296; it must be a positive multiple of 8 (BF16 rows) and at most config.hidden=7168";
   d.hidden = c.hidden = l.hidden = 7296;
   expect_hidden_message(ep_dispatch(g, &handle, &d, 0), g, bf16_big);
   expect_hidden_message(ep_combine(g, &handle, &c, 0), g, bf16_big);
@@ -616,9 +618,9 @@ static void test_handle_in(void) {
       const size_t R = 4, T = (size_t)host_group.config.max_tokens_per_rank, E_loc = host_group.config.num_experts / R;
       const size_t N = (size_t)nodes, P = R / N;
       const ep_normal_handle_view_t* v = &h->arrays;
-      const int* arrays[] = {v->send_pos, v->matrix, v->num_tokens_of, v->recv_src, v->recv_offset, v->num_recv,
-                             v->expert_counts, v->recv_slot, v->send_slot, v->node_tokens, v->node_count,
-                             v->fwd_count, v->fwd_row};
+      const int* arrays[] = {v->send_pos,   v->matrix,        v->num_tokens_of, v->recv_src,  v->recv_offset,
+                             v->num_recv,   v->expert_counts, v->recv_slot,     v->send_slot, v->node_tokens,
+                             v->node_count, v->fwd_count,     v->fwd_row};
       const size_t ints[] = {T * R, R * R, R, R * T, R + 1, 1, E_loc, R * T, T * N, N * T, N, N, N * T * P};
       const int used = nodes > 1 ? 13 : 7;
       const char* next = memory;
