@@ -489,8 +489,8 @@ void bench_report_row(bench_t* b, const bench_row_t* row) {
 }
 
 /* Rank 0: for every internode row, the ratio of its GB/s to that of the one-domain row of the same dtype and SM
- * count from the first one-domain shape of the run (issue #5 asks for >= 0.70). The NVL byte count is the same for
- * both paths (the same rows are received), so each ratio is the one-domain time over the internode time. */
+ * count from the first one-domain shape of the run (the internode path aims at >= 0.70). The NVL byte count is the
+ * same for both paths (the same rows are received), so each ratio is the one-domain time over the internode time. */
 static void print_ratios(const bench_t* b) {
   if (b->rank != 0) return;
   int base_rpn = -1;

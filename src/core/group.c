@@ -54,10 +54,7 @@ static ep_status_t check_config(const ep_group_config_t* c, int num_ranks) {
     return ep_fail(NULL, EP_STATUS_INVALID_ARGUMENT,
                    "%s: config.num_experts is %d; it must be a positive multiple of num_ranks (%d)", fn,
                    c->num_experts, num_ranks);
-  if (c->hidden <= 0 || c->hidden % 128 != 0 || c->hidden > EP_MAX_HIDDEN)
-    return ep_fail(NULL, EP_STATUS_INVALID_ARGUMENT,
-                   "%s: config.hidden is %d; it must be a positive multiple of 128, at most %d", fn, c->hidden,
-                   EP_MAX_HIDDEN);
+  EP_TRY(ep_check_hidden(NULL, fn, "config.hidden", c->hidden, EP_ROWS_FP8)); /* the buffers hold FP8 rows too */
   if (c->max_tokens_per_rank <= 0)
     return ep_fail(NULL, EP_STATUS_INVALID_ARGUMENT, "%s: config.max_tokens_per_rank is %d; it must be > 0", fn,
                    c->max_tokens_per_rank);
@@ -154,18 +151,18 @@ ep_status_t ep_group_create(ep_group_t* group, const ep_unique_id_t* unique_id, 
   if (g->num_sms > g->device_sms) g->num_sms = g->device_sms;
   g->timeout_ns = (unsigned long long)(cfg.timeout_seconds * 1e9);
   g->normal_offset = ep_align_up(ep_check_workspace_bytes(num_ranks), 128);
-  g->normal_layout = ep_normal_layout(num_ranks, cfg.num_experts, cfg.max_tokens_per_rank, cfg.hidden, cfg.max_topk);
-  g->workspace_bytes = g->normal_offset + g->normal_layout.total_bytes;
+  g->normal_region = ep_normal_region(num_ranks, cfg.num_experts, cfg.max_tokens_per_rank, cfg.hidden, cfg.max_topk);
+  g->workspace_bytes = g->normal_offset + g->normal_region.total_bytes;
   if (cfg.ll_max_tokens_per_rank > 0) {
     g->ll_offset = ep_align_up(g->workspace_bytes, 128);
-    g->ll_layout = ep_ll_layout(num_ranks, cfg.num_experts, cfg.ll_max_tokens_per_rank, cfg.hidden, cfg.max_topk);
-    g->workspace_bytes = g->ll_offset + g->ll_layout.total_bytes;
+    g->ll_region = ep_ll_region(num_ranks, cfg.num_experts, cfg.ll_max_tokens_per_rank, cfg.hidden, cfg.max_topk);
+    g->workspace_bytes = g->ll_offset + g->ll_region.total_bytes;
   }
   if (g->num_nodes > 1) { /* one-node groups keep exactly the heap and offsets they had before */
     g->internode_offset = ep_align_up(g->workspace_bytes, 128);
-    g->internode_layout = ep_internode_layout(num_ranks, g->ranks_per_node, cfg.num_experts, cfg.max_tokens_per_rank,
+    g->internode_region = ep_internode_region(num_ranks, g->ranks_per_node, cfg.num_experts, cfg.max_tokens_per_rank,
                                               cfg.hidden, cfg.max_topk);
-    g->workspace_bytes = g->internode_offset + g->internode_layout.total_bytes;
+    g->workspace_bytes = g->internode_offset + g->internode_region.total_bytes;
     /* Test/debug knob, read once here: EP_INTERNODE_FORCE_PUT set to anything but "" or "0" sends every
      * cross-node transfer through NVSHMEM's put / put-with-signal calls (the NIC branch of internode.cu) even
      * when the rail peer is NVLink-mapped, so that branch runs on one host (NVSHMEM carries the puts over

@@ -6,7 +6,7 @@
 #include <stdbool.h>
 
 #include "ep.h"
-#include "kernels/api.h"
+#include "kernels/launch.h"
 
 #define EP_ERROR_MESSAGE_BYTES 512
 #define EP_LL_MAX_EXPERTS (1 << 18) /* num_experts of an LL call stays below: a message packs e << 13 | j in an int */
@@ -34,19 +34,19 @@ struct ep_group {
 
   /* Normal (high-throughput) path. */
   size_t normal_offset;              /* the normal region's offset inside `workspace` */
-  ep_normal_layout_t normal_layout;
+  ep_normal_region_t normal_region;
   ep_normal_state_t* normal_state;   /* device: call epochs */
   int* expert_sum;                   /* device scratch [config.num_experts / num_ranks] */
   /* Normal path across nodes (num_nodes > 1 only; 0 / unset otherwise). */
   size_t internode_offset;           /* the internode region's offset inside `workspace` */
-  ep_internode_layout_t internode_layout;
+  ep_internode_region_t internode_region;
   int internode_force_put;           /* EP_INTERNODE_FORCE_PUT was set at create: cross-node legs always put */
 
   /* Low-latency path (absent when config.ll_max_tokens_per_rank is 0). */
   int device_sms;                    /* SMs the group's kernels may occupy (device, MPS cap, config.max_sms);
                                         LL grids use them all */
   size_t ll_offset;                  /* the LL region's offset inside `workspace` */
-  ep_ll_layout_t ll_layout;
+  ep_ll_region_t ll_region;
   ep_ll_state_t* ll_state;           /* device: call counters per half */
   int ll_next_half;                  /* the half the next dispatch takes */
   unsigned long long ll_dispatches;  /* dispatches so far: the serial number of the next one is this + 1 */
@@ -75,6 +75,14 @@ ep_status_t ep_check_header(ep_group_t group, const char* fn, const char* type_n
  * and <= config.num_experts. */
 ep_status_t ep_check_topk_and_experts(ep_group_t group, const char* fn, int num_topk, int num_experts);
 
+/* The rows a hidden size is for: BF16 rows move in 16-byte words (8 channels), FP8 rows carry a scale per 128
+ * channels, UE8M0 scales pack four to an int (512 channels). */
+typedef enum ep_row_format { EP_ROWS_BF16, EP_ROWS_FP8, EP_ROWS_FP8_UE8M0 } ep_row_format_t;
+
+/* The hidden-size rule, with its one message: `hidden` (called `name` in it) is a positive multiple of what `format`
+ * needs, at most config.hidden for a call on `group`, or EP_MAX_HIDDEN for a configuration (group NULL). */
+ep_status_t ep_check_hidden(ep_group_t group, const char* fn, const char* name, int hidden, ep_row_format_t format);
+
 /* Device pointers the kernels move 16 bytes at a time must be 16-byte aligned (NULL counts as aligned). */
 static inline bool ep_misaligned16(const void* ptr) { return ((uintptr_t)ptr & 15) != 0; }
 
@@ -92,22 +100,9 @@ static inline bool ep_misaligned16(const void* ptr) { return ((uintptr_t)ptr & 1
 
 struct ep_handle {
   ep_group_t group;
-  void* memory;          /* one device allocation holding the arrays below */
+  void* memory;          /* one device allocation holding the arrays */
   bool owns_memory;      /* made by ep_handle_create (not _in): destroy frees `memory` */
-  int* send_pos;         /* [max_tokens][R] */
-  int* matrix;           /* [R][R] */
-  int* num_tokens_of;    /* [R] */
-  int* recv_src;         /* [R][max_tokens] */
-  int* recv_offset;      /* [R + 1] */
-  int* num_recv;         /* [1] */
-  int* expert_counts;    /* [config.num_experts / R] */
-  /* Appended when the group has num_nodes > 1 (NULL otherwise); see ep_internode_launch_t. */
-  int* recv_slot;        /* [R][max_tokens] */
-  int* send_slot;        /* [max_tokens][N] */
-  int* node_tokens;      /* [N][max_tokens] */
-  int* node_count;       /* [N] */
-  int* fwd_count;        /* [N] */
-  int* fwd_row;          /* [N][max_tokens][ranks_per_node] */
+  ep_normal_handle_view_t arrays; /* carved from `memory` (ep_normal_handle_carve) */
   /* What the last prepare was given, for validating the calls that use it. */
   bool prepared;
   int num_tokens, num_topk, num_experts;
@@ -117,28 +112,16 @@ struct ep_handle {
 
 struct ep_ll_handle {
   ep_group_t group;
-  void* memory;                /* one device allocation holding the arrays below */
-  int* slot_of;                /* [T_cfg][K_cfg] */
-  int* rank_slot_of;           /* [T_cfg][K_cfg] */
-  int* msg_off;                /* [R + 1] */
-  int* src_info;               /* [E_loc_cfg][R * T_cfg] */
-  int64_t* layout_range;       /* [E_loc_cfg][R] */
-  unsigned long long* ops;     /* [2] */
+  void* memory;               /* one device allocation holding the arrays */
+  ep_ll_handle_view_t arrays; /* carved from `memory` (ep_ll_handle_carve) */
   /* The last dispatch, for validating and launching the calls that use it. */
   bool dispatched;             /* a dispatch's send phase was issued */
   bool dispatch_recv_pending;  /* ...and its receive phase not yet */
   bool combine_recv_pending;   /* a combine's send phase waits for its receive phase */
   int half;
   unsigned long long serial;   /* which dispatch of the group */
-  int num_tokens, num_topk, num_experts, hidden, max_tokens;
-  int fp8, round_scale, ue8m0;
-  const float* dispatch_weights; /* given to the dispatch (NULL if none); its weights travelled with the tokens */
-  int sum_on_expert_ranks;     /* the pending combine's form */
-  void* recv_x;
-  void* recv_x_scales;
-  int* recv_count;
-  const float* topk_weights;   /* the pending combine's */
-  void* out;
+  ep_ll_call_t call;           /* the dispatch's shape and outputs, the pending combine's inputs (x, topk_idx, y and
+                                  zero_copy stay NULL / 0: only the call that takes them launches with them) */
 };
 
 #endif /* EP_CORE_INTERNAL_H */

@@ -1,7 +1,7 @@
 /* low_latency.c: the low-latency path's public calls: size hint, handles, dispatch, combine (each with its
  * receive hook), the zero-copy buffer and the clean. Everything here validates and fills a launch struct; the
- * kernels are in src/kernels/low_latency.cu (phases: ll_dispatch.cuh, ll_combine.cuh) and the buffer layout in
- * src/kernels/ll_layout.h. */
+ * kernels are in src/kernels/low_latency.cu (phases: ll_dispatch.cuh, ll_combine.cuh) and the LL region in
+ * src/kernels/ll_region.h. */
 #include <stdlib.h>
 #include <string.h>
 
@@ -28,7 +28,7 @@ ep_status_t ep_ll_buffer_size_hint(int max_tokens_per_rank, int hidden, int num_
                     num_ranks);
   if (max_topk < 1 || max_topk > EP_MAX_TOPK)
     return FAIL_ARG(NULL, "%s: max_topk is %d; it must be in [1, %d]", fn, max_topk, EP_MAX_TOPK);
-  *bytes = ep_ll_layout(num_ranks, num_experts, max_tokens_per_rank, hidden, max_topk).total_bytes;
+  *bytes = ep_ll_region(num_ranks, num_experts, max_tokens_per_rank, hidden, max_topk).total_bytes;
   return EP_STATUS_SUCCESS;
 }
 
@@ -54,38 +54,18 @@ ep_status_t ep_ll_handle_create(ep_group_t group, ep_ll_handle_t* handle) {
   if (handle) *handle = NULL;
   EP_TRY(enter_ll(group, fn));
   if (!handle) return FAIL_ARG(group, "%s: handle is NULL", fn);
-  const ep_ll_layout_t* L = &group->ll_layout;
-  const size_t R = (size_t)group->num_ranks, T = (size_t)L->max_tokens, E_loc = (size_t)L->num_local_experts;
-  const size_t K = (size_t)group->config.max_topk;
-  /* Arrays start on 16-byte boundaries. */
-  const size_t bytes_slot = ep_align_up(T * K * sizeof(int), 16);
-  const size_t bytes_src = ep_align_up(E_loc * R * T * sizeof(int), 16);
-  const size_t bytes_range = ep_align_up(E_loc * R * sizeof(int64_t), 16);
-  const size_t bytes_moff = ep_align_up((R + 1) * sizeof(int), 16);
-  const size_t bytes_ops = 16;
   ep_ll_handle_t h = (ep_ll_handle_t)calloc(1, sizeof(*h));
   if (!h) return ep_fail(group, EP_STATUS_OUT_OF_MEMORY, "%s: host allocation failed", fn);
   EP_CUDA_TRY(group, cudaSetDevice(group->cuda_device));
-  const size_t total = 2 * bytes_slot + bytes_src + bytes_range + bytes_moff + bytes_ops;
-  cudaError_t ce = cudaMalloc(&h->memory, total);
-  if (ce == cudaSuccess) ce = cudaMemset(h->memory, 0, total);
+  const size_t bytes = ep_ll_handle_carve(&group->ll_region, NULL, NULL);
+  cudaError_t ce = cudaMalloc(&h->memory, bytes);
+  if (ce == cudaSuccess) ce = cudaMemset(h->memory, 0, bytes);
   if (ce != cudaSuccess) {
     if (h->memory) cudaFree(h->memory);
     free(h);
     return ep_fail_cuda(group, ce, "cudaMalloc of the LL handle");
   }
-  char* p = (char*)h->memory;
-  h->slot_of = (int*)p;
-  p += bytes_slot;
-  h->rank_slot_of = (int*)p;
-  p += bytes_slot;
-  h->msg_off = (int*)p;
-  p += bytes_moff;
-  h->src_info = (int*)p;
-  p += bytes_src;
-  h->layout_range = (int64_t*)p;
-  p += bytes_range;
-  h->ops = (unsigned long long*)p;
+  ep_ll_handle_carve(&group->ll_region, h->memory, &h->arrays);
   h->group = group;
   *handle = h;
   return EP_STATUS_SUCCESS;
@@ -102,47 +82,31 @@ ep_status_t ep_ll_handle_destroy(ep_ll_handle_t handle) {
   return EP_STATUS_SUCCESS;
 }
 
-/* The launch struct: group, handle and the call shape of the handle's dispatch. */
+/* A launch: the group's view, the handle's arrays and half, and the handle's call. */
 static ep_ll_launch_t base_launch(ep_group_t g, ep_ll_handle_t h) {
   ep_ll_launch_t p;
   memset(&p, 0, sizeof(p));
-  p.rank = g->rank;
-  p.num_ranks = g->num_ranks;
-  p.ranks_per_node = g->ranks_per_node;
-  p.node_first_rank = g->rank - g->rank % g->ranks_per_node;
-  p.ll_base = (char*)g->workspace + g->ll_offset;
-  p.peer_workspace = g->peer_bases_dev;
-  p.ll_offset = g->ll_offset;
-  p.layout = g->ll_layout;
-  p.state = g->ll_state;
-  p.timeout_ns = g->timeout_ns;
-  p.error = g->error_word_dev;
-  p.num_sms = g->device_sms > 0 ? g->device_sms : 1;
+  ep_ll_group_view_t* v = &p.group;
+  v->rank = g->rank;
+  v->num_ranks = g->num_ranks;
+  v->ranks_per_node = g->ranks_per_node;
+  v->node_first_rank = g->rank - g->rank % g->ranks_per_node;
+  v->ll_base = (char*)g->workspace + g->ll_offset;
+  v->peer_workspace = g->peer_bases_dev;
+  v->ll_offset = g->ll_offset;
+  v->region = g->ll_region;
+  v->state = g->ll_state;
+  v->timeout_ns = g->timeout_ns;
+  v->error = g->error_word_dev;
+  v->num_sms = g->device_sms > 0 ? g->device_sms : 1;
+  p.handle = h->arrays;
   p.half = h->half;
-  p.slot_of = h->slot_of;
-  p.rank_slot_of = h->rank_slot_of;
-  p.msg_off = h->msg_off;
-  p.src_info = h->src_info;
-  p.layout_range = h->layout_range;
-  p.ops = h->ops;
-  p.num_tokens = h->num_tokens;
-  p.num_topk = h->num_topk;
-  p.num_experts = h->num_experts;
-  p.by_local_experts = ep_fastdiv_make((uint32_t)(h->num_experts / g->num_ranks));
-  p.hidden = h->hidden;
-  p.max_tokens = h->max_tokens;
-  p.fp8 = h->fp8;
-  p.round_scale = h->round_scale;
-  p.ue8m0 = h->ue8m0;
-  p.dispatch_weights = h->dispatch_weights;
-  p.sum_on_expert_ranks = h->sum_on_expert_ranks;
-  p.recv_x = h->recv_x;
-  p.recv_scales = h->recv_x_scales;
-  p.recv_count = h->recv_count;
-  p.topk_weights = h->topk_weights;
-  p.out = h->out;
+  p.call = h->call;
   return p;
 }
+
+/* A message pair packs an expert index with a token slot in an int (ll_region.h). */
+_Static_assert(EP_LL_MAX_EXPERTS <= 1 << (31 - EP_LL_PAIR_SLOT_BITS), "an expert index fits a message pair");
 
 static ep_status_t check_dispatch_args(ep_group_t group, const ep_ll_dispatch_args_t* a, const char* fn) {
   const ep_group_config_t* c = &group->config;
@@ -169,10 +133,8 @@ static ep_status_t check_dispatch_args(ep_group_t group, const ep_ll_dispatch_ar
                     (int)a->recv_dtype, a->round_scale);
   if (!fp8 && a->round_scale)
     return FAIL_ARG(group, "%s: round_scale is 1 but recv_dtype is EP_BF16 (no scales)", fn);
-  const int multiple = a->use_ue8m0 ? 512 : fp8 ? 128 : 8;
-  if (a->hidden <= 0 || a->hidden > c->hidden || a->hidden % multiple != 0)
-    return FAIL_ARG(group, "%s: hidden is %d; it must be a positive multiple of %d (%s), <= config.hidden=%d", fn,
-                    a->hidden, multiple, a->use_ue8m0 ? "UE8M0 scales" : fp8 ? "FP8" : "BF16", c->hidden);
+  const ep_row_format_t rows = a->use_ue8m0 ? EP_ROWS_FP8_UE8M0 : fp8 ? EP_ROWS_FP8 : EP_ROWS_BF16;
+  EP_TRY(ep_check_hidden(group, fn, "hidden", a->hidden, rows));
   if (a->num_tokens > 0 && !a->x) return FAIL_ARG(group, "%s: x is NULL with num_tokens=%d", fn, a->num_tokens);
   if (ep_misaligned16(a->x)) return FAIL_ARG(group, "%s: x (%p) is not 16-byte aligned", fn, a->x);
   if (a->num_tokens > 0 && !a->topk_idx)
@@ -210,21 +172,24 @@ ep_status_t ep_ll_dispatch(ep_group_t group, ep_ll_handle_t handle, const ep_ll_
   const ep_ll_dispatch_args_t* a = args;
   handle->half = half;
   handle->serial = group->ll_dispatches + 1;
-  handle->num_tokens = a->num_tokens;
-  handle->num_topk = a->num_topk;
-  handle->num_experts = a->num_experts;
-  handle->hidden = a->hidden;
-  handle->max_tokens = a->max_tokens_per_rank;
-  handle->fp8 = a->recv_dtype == EP_FP8_E4M3;
-  handle->round_scale = a->round_scale;
-  handle->ue8m0 = a->use_ue8m0;
-  handle->dispatch_weights = a->num_tokens > 0 ? a->topk_weights : NULL;
-  handle->recv_x = a->recv_x;
-  handle->recv_x_scales = a->recv_x_scales;
-  handle->recv_count = a->recv_count;
+  ep_ll_call_t* c = &handle->call;
+  memset(c, 0, sizeof(*c));
+  c->num_tokens = a->num_tokens;
+  c->num_topk = a->num_topk;
+  c->num_experts = a->num_experts;
+  c->hidden = a->hidden;
+  c->max_tokens = a->max_tokens_per_rank;
+  c->fp8 = a->recv_dtype == EP_FP8_E4M3;
+  c->round_scale = a->round_scale;
+  c->ue8m0 = a->use_ue8m0;
+  c->by_local_experts = ep_fastdiv_make((uint32_t)(a->num_experts / group->num_ranks));
+  c->recv_x = a->recv_x;
+  c->recv_scales = a->recv_x_scales;
+  c->recv_count = a->recv_count;
+  c->dispatch_weights = a->num_tokens > 0 ? a->topk_weights : NULL;
   ep_ll_launch_t p = base_launch(group, handle);
-  p.x = a->x;
-  p.topk_idx = a->topk_idx;
+  p.call.x = a->x;
+  p.call.topk_idx = a->topk_idx;
   /* Without the hook, one kernel runs both phases where the launcher can; else the send kernel now and the receive
    * kernel below. */
   int fused = 0;
@@ -263,8 +228,8 @@ ep_status_t ep_ll_dispatch_recv(ep_group_t group, ep_ll_handle_t handle, cudaStr
 
 ep_status_t ep_ll_get_routing(ep_ll_handle_t handle, const int** src_info, const int64_t** layout_range) {
   if (!handle) return FAIL_ARG(NULL, "ep_ll_get_routing: handle is NULL");
-  if (src_info) *src_info = handle->src_info;
-  if (layout_range) *layout_range = handle->layout_range;
+  if (src_info) *src_info = handle->arrays.src_info;
+  if (layout_range) *layout_range = handle->arrays.layout_range;
   return EP_STATUS_SUCCESS;
 }
 
@@ -297,7 +262,7 @@ ep_status_t ep_ll_get_combine_buffer(ep_group_t group, ep_ll_handle_t handle, vo
     return ep_fail(group, EP_STATUS_INVALID_USAGE,
                    "%s: the handle's buffer half %d was taken by a later dispatch (two-buffer rule)", fn,
                    handle->half);
-  const ep_ll_layout_t* L = &group->ll_layout;
+  const ep_ll_region_t* L = &group->ll_region;
   *buffer = (char*)group->workspace + group->ll_offset + (size_t)handle->half * L->half_bytes + L->combine_stage;
   return EP_STATUS_SUCCESS;
 }
@@ -326,32 +291,33 @@ ep_status_t ep_ll_combine(ep_group_t group, ep_ll_handle_t handle, const ep_ll_c
     if (a->topk_weights)
       return FAIL_ARG(group, "%s: topk_weights is given with sum_on_expert_ranks=1, which uses the dispatch's weights "
                       "(pass NULL)", fn);
-    if (!ep_ll_sums_fit(&group->ll_layout))
+    if (!ep_ll_sums_fit(&group->ll_region))
       return ep_fail(group, EP_STATUS_INVALID_USAGE,
                      "%s: sum_on_expert_ranks=1 needs room for the sums after the dispatch's messages in the LL "
                      "buffer, which config.num_experts / num_ranks = %d experts per rank do not leave (3 or more do)",
-                     fn, group->ll_layout.num_local_experts);
-    if (handle->num_tokens > 0 && !handle->dispatch_weights)
+                     fn, group->ll_region.num_local_experts);
+    if (handle->call.num_tokens > 0 && !handle->call.dispatch_weights)
       return ep_fail(group, EP_STATUS_INVALID_USAGE,
                      "%s: sum_on_expert_ranks=1 needs the weights on the experts' ranks, but the handle's dispatch "
-                     "had no topk_weights (num_tokens=%d)", fn, handle->num_tokens);
-  } else if (handle->num_tokens > 0 && !a->topk_weights) {
-    return FAIL_ARG(group, "%s: topk_weights is NULL with num_tokens=%d", fn, handle->num_tokens);
+                     "had no topk_weights (num_tokens=%d)",
+                     fn, handle->call.num_tokens);
+  } else if (handle->call.num_tokens > 0 && !a->topk_weights) {
+    return FAIL_ARG(group, "%s: topk_weights is NULL with num_tokens=%d", fn, handle->call.num_tokens);
   }
-  if (handle->num_tokens > 0 && !a->out) return FAIL_ARG(group, "%s: out is NULL with num_tokens=%d", fn,
-                                                         handle->num_tokens);
+  if (handle->call.num_tokens > 0 && !a->out)
+    return FAIL_ARG(group, "%s: out is NULL with num_tokens=%d", fn, handle->call.num_tokens);
   if (ep_misaligned16(a->out)) return FAIL_ARG(group, "%s: out (%p) is not 16-byte aligned", fn, a->out);
   if (group->ll_half_pending[handle->half])
     return ep_fail(group, EP_STATUS_INVALID_USAGE,
                    "%s: buffer half %d still waits for the receive phase of an earlier call", fn, handle->half);
   EP_CUDA_TRY(group, cudaSetDevice(group->cuda_device));
 
-  handle->topk_weights = a->topk_weights;
-  handle->sum_on_expert_ranks = a->sum_on_expert_ranks;
-  handle->out = a->out;
+  handle->call.topk_weights = a->topk_weights;
+  handle->call.sum_on_expert_ranks = a->sum_on_expert_ranks;
+  handle->call.out = a->out;
   ep_ll_launch_t p = base_launch(group, handle);
-  p.y = a->x;
-  p.zero_copy = a->zero_copy;
+  p.call.y = a->x;
+  p.call.zero_copy = a->zero_copy;
   /* As in ep_ll_dispatch: one kernel without the hook where the launcher can, else two. */
   int fused = 0;
   if (!a->return_after_send) EP_CUDA_TRY(group, ep_launch_ll_combine_fused(&p, stream, &fused));
@@ -388,7 +354,7 @@ ep_status_t ep_ll_clean(ep_group_t group, cudaStream_t stream) {
   if (group->ll_half_pending[0] || group->ll_half_pending[1])
     return ep_fail(group, EP_STATUS_INVALID_USAGE, "%s: an LL call still waits for its receive phase", fn);
   EP_CUDA_TRY(group, cudaSetDevice(group->cuda_device));
-  const ep_ll_layout_t* L = &group->ll_layout;
+  const ep_ll_region_t* L = &group->ll_region;
   char* base = (char*)group->workspace + group->ll_offset;
   /* Every rank must be done with the buffer before anyone zeroes theirs, and done zeroing before anyone uses it. */
   EP_CUDA_TRY(group, cudaStreamSynchronize(stream));

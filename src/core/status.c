@@ -48,7 +48,8 @@ const char* ep_fault_site_name(int site) {
       return "low-latency combine send, waiting for the peer to finish receiving the last call on this buffer half";
     case EP_SITE_LL_COMBINE_RECV: return "low-latency combine receive, waiting for the peer's expert outputs";
     case EP_SITE_PREPARE_META: return "internode prepare, waiting for the rail peer's metadata (RDMA)";
-    case EP_SITE_PREPARE_RELAY: return "internode prepare, waiting for the forwarder to relay a remote source's metadata";
+    case EP_SITE_PREPARE_RELAY:
+      return "internode prepare, waiting for the forwarder to relay a remote source's metadata";
     case EP_SITE_META_FREE: return "internode prepare, waiting for the rail peer to release our previous metadata";
     case EP_SITE_DISPATCH_RDMA: return "internode dispatch, waiting for the rail peer's rows (RDMA)";
     case EP_SITE_DISPATCH_RELAY: return "internode dispatch, waiting for the forwarder to relay a remote chunk";
@@ -147,6 +148,21 @@ ep_status_t ep_check_header(ep_group_t group, const char* fn, const char* type_n
                    "%s: args.size is %u, want %u (sizeof(%s)): header and library versions differ", fn, size,
                    want_size, type_name);
   return EP_STATUS_SUCCESS;
+}
+
+ep_status_t ep_check_hidden(ep_group_t group, const char* fn, const char* name, int hidden, ep_row_format_t format) {
+  const int multiple = format == EP_ROWS_BF16 ? 8 : format == EP_ROWS_FP8 ? 128 : 512;
+  const char* rows = format == EP_ROWS_BF16  ? "BF16 rows"
+                     : format == EP_ROWS_FP8 ? "FP8 rows, a scale per 128 channels"
+                                             : "FP8 rows with UE8M0 scales, four to an int";
+  const int most = group ? group->config.hidden : EP_MAX_HIDDEN;
+  if (hidden > 0 && hidden % multiple == 0 && hidden <= most) return EP_STATUS_SUCCESS;
+  char bound[40];
+  if (group) snprintf(bound, sizeof(bound), "config.hidden=%d", most);
+  else snprintf(bound, sizeof(bound), "%d", most);
+  return ep_fail(group, EP_STATUS_INVALID_ARGUMENT,
+                 "%s: %s is %d; it must be a positive multiple of %d (%s) and at most %s", fn, name, hidden, multiple,
+                 rows, bound);
 }
 
 ep_status_t ep_check_topk_and_experts(ep_group_t group, const char* fn, int num_topk, int num_experts) {

@@ -1,7 +1,7 @@
 // check.cu: ep_group_check's kernel. Every rank sends a tagged block to every rank (itself included) twice:
 // through the transport's put-with-signal, and by NVLink stores where the peer is mapped. Then it waits for the
 // blocks addressed to it and verifies every word. Block b of the grid talks to rank b.
-#include "kernels/api.h"
+#include "kernels/launch.h"
 #include "kernels/common.cuh"
 #include "transport/transport.cuh"
 
@@ -10,16 +10,16 @@ namespace ep {
 constexpr int kCheckInts = 2048;  // 8 KiB per (source, target) block
 constexpr int kCheckThreads = 256;
 
-// Per-rank symmetric layout:
+// Per-rank symmetric region:
 //   uint64 put_signal[R] | uint64 nvl_signal[R] | int put_block[R][kCheckInts] | int nvl_block[R][kCheckInts]
 //   | int staging[R][kCheckInts]
-struct CheckLayout {
+struct CheckRegion {
   uint64_t* put_signal;
   uint64_t* nvl_signal;
   int* put_block;
   int* nvl_block;
   int* staging;
-  __host__ __device__ CheckLayout(void* base, int num_ranks) {
+  __host__ __device__ CheckRegion(void* base, int num_ranks) {
     char* p = (char*)base;
     put_signal = (uint64_t*)p;
     p += sizeof(uint64_t) * num_ranks;
@@ -43,7 +43,7 @@ __device__ __forceinline__ int check_word(int src, int dst, unsigned long long e
 __global__ void __launch_bounds__(kCheckThreads) check_kernel(ep_check_launch_t p) {
   const int peer = blockIdx.x;
   const int me = p.rank;
-  CheckLayout mine(p.workspace, p.num_ranks);
+  CheckRegion mine(p.workspace, p.num_ranks);
 
   // Send: through the transport...
   int* staged = mine.staging + (size_t)peer * kCheckInts;
@@ -54,7 +54,7 @@ __global__ void __launch_bounds__(kCheckThreads) check_kernel(ep_check_launch_t 
   // ...and by NVLink stores into the peer's mapping, published with a release store of the signal.
   char* peer_base = (char*)p.peer_bases[peer];
   if (peer_base) {
-    CheckLayout theirs(peer_base, p.num_ranks);
+    CheckRegion theirs(peer_base, p.num_ranks);
     int* dst = theirs.nvl_block + (size_t)me * kCheckInts;
     for (int i = threadIdx.x; i < kCheckInts; i += blockDim.x) dst[i] = check_word(me, peer, p.epoch, i, 1);
     __syncthreads();
@@ -90,7 +90,7 @@ __global__ void __launch_bounds__(kCheckThreads) check_kernel(ep_check_launch_t 
 
 }  // namespace ep
 
-extern "C" size_t ep_check_workspace_bytes(int num_ranks) { return ep::CheckLayout::bytes(num_ranks); }
+extern "C" size_t ep_check_workspace_bytes(int num_ranks) { return ep::CheckRegion::bytes(num_ranks); }
 
 extern "C" cudaError_t ep_launch_check(const ep_check_launch_t* p, cudaStream_t stream) {
   ep::check_kernel<<<p->num_ranks, ep::kCheckThreads, 0, stream>>>(*p);

@@ -1,5 +1,5 @@
 // internode.cu: the normal (high-throughput) path when the group spans several nodes (num_nodes > 1): prepare,
-// dispatch, combine. Design: docs/internode.md; symmetric layout: internode_layout.h (and normal_layout.h for the
+// dispatch, combine. Design: docs/internode.md; symmetric region: internode_region.h (and normal_region.h for the
 // same-node part). A token crosses between nodes at most once per destination node, on its rail: source (n, l)
 // puts it into forwarder (m, l)'s receive region, the forwarder relays the chunk flag, and every rank of node m
 // pulls the rows it needs from there over NVLink, exactly as it pulls same-node rows from a source's stage.
@@ -20,7 +20,7 @@
 // therefore be resident at once: the host clamps the dispatch and combine grids to the SMs this process can use
 // (the device's, or an MPS cap) and these kernels use one block per SM (__launch_bounds__(..., 1)); prepare uses
 // num_ranks blocks (<= 2 per SM).
-#include "kernels/api.h"
+#include "kernels/launch.h"
 
 #include "kernels/common.cuh"
 #include "kernels/normal_rows.cuh"
@@ -30,8 +30,8 @@
 namespace ep {
 namespace {
 
-constexpr int kMaxLocal = 8;         // ranks per node this path serves
-constexpr int kMaxNodes = 24;        // lanes kMaxLocal.. of a warp carry one node each in the combine
+constexpr int kMaxLocal = EP_MAX_NVLINK_RANKS;     // ranks per node this path serves
+constexpr int kMaxNodes = EP_MAX_INTERNODE_NODES;  // lanes kMaxLocal.. of a warp carry one node each in the combine
 constexpr int kMaxSources = 32;      // kMaxLocal + kMaxNodes
 static_assert(kMaxLocal + kMaxNodes == kMaxSources && kMaxSources == 32, "one lane per source in the combine");
 constexpr int kPrepThreads = 1024;
@@ -47,10 +47,10 @@ using rows::tag;
 using rows::untag;
 
 __device__ __forceinline__ char* peer_normal(const ep_internode_launch_t& p, int rank) {
-  return (char*)p.n.peer_workspace[rank] + p.n.normal_offset;
+  return (char*)p.group.peer_workspace[rank] + p.group.normal_offset;
 }
 __device__ __forceinline__ char* peer_inter(const ep_internode_launch_t& p, int rank) {
-  return (char*)p.n.peer_workspace[rank] + p.inter_offset;
+  return (char*)p.group.peer_workspace[rank] + p.inter.inter_offset;
 }
 #if EP_NORMAL_PROFILE  // phase stamps of dispatch and combine (kernels/profile.cuh)
 __device__ prof::Record g_inter_prof_dispatch, g_inter_prof_combine;
@@ -66,8 +66,8 @@ __device__ __forceinline__ int node_at(int self, int d, int N) { return (self + 
 // One thread waits for a 64-bit flag to reach `epoch`; false (fault recorded) on timeout.
 __device__ __forceinline__ bool wait_flag(const ep_internode_launch_t& p, const uint64_t* flag, uint64_t epoch,
                                           int peer, int site) {
-  return wait_until([&] { return ld_acquire_sys_u64(flag) >= epoch; }, p.n.timeout_ns, p.n.error, p.n.rank, peer,
-                    site);
+  return wait_until([&] { return ld_acquire_sys_u64(flag) >= epoch; }, p.group.timeout_ns, p.group.error, p.group.rank,
+                    peer, site);
 }
 
 // The last block of a call, once my node's ranks have all acknowledged (acks[(N-1)*P], one per (remote node,
@@ -75,12 +75,12 @@ __device__ __forceinline__ bool wait_flag(const ep_internode_launch_t& p, const 
 // (signal_set(free_flags[distance], epoch)). Returns false if an ack never came (a fault is recorded).
 __device__ __forceinline__ bool release_remote_sources(const ep_internode_launch_t& p, const uint64_t* acks,
                                                        uint64_t* free_flags, uint64_t epoch, int site) {
-  const int tid = threadIdx.x, P = p.ranks_per_node, N = p.num_nodes, my_node = p.node;
+  const int tid = threadIdx.x, P = p.inter.ranks_per_node, N = p.inter.num_nodes, my_node = p.inter.node;
   const bool acked = tid >= (N - 1) * P || wait_flag(p, acks + tid, epoch, my_node * P + tid % P, site);
   if (__syncthreads_or(!acked)) return false;
   if (tid < N - 1) {
     const int n = node_at(my_node, tid, N);
-    tp::signal_set(free_flags + node_dist(n, my_node, N), epoch, n * P + p.local_rank);
+    tp::signal_set(free_flags + node_dist(n, my_node, N), epoch, n * P + p.inter.local_rank);
   }
   __syncthreads();
   return true;
@@ -94,14 +94,14 @@ __device__ __forceinline__ bool release_remote_sources(const ep_internode_launch
 __device__ __forceinline__ bool wait_last_call_released(const ep_internode_launch_t& p, const uint64_t* acks,
                                                         const uint64_t* free_flags, uint64_t epoch, int ack_site,
                                                         int free_site) {
-  const int tid = threadIdx.x, P = p.ranks_per_node, N = p.num_nodes, my_node = p.node;
+  const int tid = threadIdx.x, P = p.inter.ranks_per_node, N = p.inter.num_nodes, my_node = p.inter.node;
   bool ok = true;
   if (tid < P) {
     ok = wait_flag(p, acks + my_node * P + tid, epoch - 1, my_node * P + tid, ack_site);
   } else if (tid - P < N - 1) {
     const uint64_t* flag = free_flags + (tid - P);
-    ok = wait_until([&] { return tp::signal_load(flag) >= epoch - 1; }, p.n.timeout_ns, p.n.error, p.n.rank,
-                    node_at(my_node, tid - P, N) * P + p.local_rank, free_site);
+    ok = wait_until([&] { return tp::signal_load(flag) >= epoch - 1; }, p.group.timeout_ns, p.group.error, p.group.rank,
+                    node_at(my_node, tid - P, N) * P + p.inter.local_rank, free_site);
   }
   return !__syncthreads_or(!ok);
 }
@@ -147,16 +147,15 @@ __global__ void __launch_bounds__(kPrepThreads) inter_prepare_kernel(ep_internod
   extern __shared__ int s_expert[];  // [E / N]
   __shared__ int s_warp_count[kPrepThreads / 32];
   __shared__ int s_count[kMaxLocal];
-  const ep_normal_launch_t& q = p.n;
-  const ep_normal_layout_t& L = q.layout;
-  const ep_internode_layout_t& IL = p.il;
-  const int b = blockIdx.x, R = q.num_ranks, me = q.rank, tid = threadIdx.x;
-  const int P = p.ranks_per_node, N = p.num_nodes, my_node = p.node, my_local = p.local_rank;
-  const int E = q.num_experts, E_loc = E / R, E_node = E / N, K = q.num_topk, T = L.max_tokens;
+  const ep_normal_region_t& L = p.group.region;
+  const ep_internode_region_t& IL = p.inter.region;
+  const int b = blockIdx.x, R = p.group.num_ranks, me = p.group.rank, tid = threadIdx.x;
+  const int P = p.inter.ranks_per_node, N = p.inter.num_nodes, my_node = p.inter.node, my_local = p.inter.local_rank;
+  const int E = p.call.num_experts, E_loc = E / R, E_node = E / N, K = p.call.num_topk, T = L.max_tokens;
   const int b_node = b / P, b_local = b % P;
-  const uint64_t epoch = q.state->prepare_epoch + 1;
-  char* mine = q.normal_base;
-  char* imine = p.inter_base;
+  const uint64_t epoch = p.group.state->prepare_epoch + 1;
+  char* mine = p.group.normal_base;
+  char* imine = p.inter.inter_base;
   for (int e = tid; e < E_node; e += blockDim.x) s_expert[e] = 0;
   if (tid < kMaxLocal) s_count[tid] = 0;
   __syncthreads();
@@ -168,15 +167,15 @@ __global__ void __launch_bounds__(kPrepThreads) inter_prepare_kernel(ep_internod
     if (__syncthreads_or(!acked)) return;
     int* send_list = at<int>(mine, L.send_list) + (size_t)b * T;
     int count = 0;
-    for (int base = 0; base < q.num_tokens; base += blockDim.x) {
+    for (int base = 0; base < p.call.num_tokens; base += blockDim.x) {
       const int t = base + tid;
       bool goes = false;
-      if (t < q.num_tokens) {
-        const int64_t* row = q.topk_idx + (size_t)t * K;
+      if (t < p.call.num_tokens) {
+        const int64_t* row = p.call.topk_idx + (size_t)t * K;
         for (int k = 0; k < K; ++k) {
           const int64_t e = row[k];
           if (e < -1 || e >= E) {
-            if (b == me) record_fault(q.error, EP_FAULT_BAD_EXPERT, me, -1, 0, t, e);
+            if (b == me) record_fault(p.group.error, EP_FAULT_BAD_EXPERT, me, -1, 0, t, e);
             continue;
           }
           goes |= e >= 0 && e / E_loc == b;
@@ -184,9 +183,9 @@ __global__ void __launch_bounds__(kPrepThreads) inter_prepare_kernel(ep_internod
         if (goes) count_experts(row, K, (int64_t)b * E_loc, E_loc, s_expert);
       }
       const int pos = block_compact(goes, s_warp_count, count);
-      if (t < q.num_tokens) {
+      if (t < p.call.num_tokens) {
         if (goes) send_list[pos] = t;
-        q.send_pos[(size_t)t * R + b] = pos;
+        p.handle.send_pos[(size_t)t * R + b] = pos;
       }
     }
     // Publish my count for b into every rank of my node, my per-expert counts for b's experts to b.
@@ -196,7 +195,7 @@ __global__ void __launch_bounds__(kPrepThreads) inter_prepare_kernel(ep_internod
     if (tid < P) {
       uint64_t* row = at<uint64_t>(peer_normal(p, my_node * P + tid), L.count_matrix) + (size_t)me * (R + 1);
       st_release_sys_u64(row + b, tag(epoch, count));
-      if (b == me) st_release_sys_u64(row + R, tag(epoch, q.num_tokens));
+      if (b == me) st_release_sys_u64(row + R, tag(epoch, p.call.num_tokens));
     }
     for (int e = tid; e < E_loc; e += blockDim.x)
       st_release_sys_u64(at<uint64_t>(peer_b, L.expert_counts) + (size_t)me * E_loc + e, tag(epoch, s_expert[e]));
@@ -207,22 +206,22 @@ __global__ void __launch_bounds__(kPrepThreads) inter_prepare_kernel(ep_internod
     if (tid <= P) {
       const int col = tid < P ? my_node * P + tid : R;
       uint64_t v = 0;
-      ok = wait_until([&] { return ((v = ld_acquire_sys_u64(their_row + col)) >> 32) >= epoch; }, q.timeout_ns,
-                      q.error, me, b, EP_SITE_PREPARE_COUNTS);
-      if (ok && col < R) q.matrix[(size_t)b * R + col] = untag(v);
-      else if (ok) q.num_tokens_of[b] = untag(v);
+      ok = wait_until([&] { return ((v = ld_acquire_sys_u64(their_row + col)) >> 32) >= epoch; }, p.group.timeout_ns,
+                      p.group.error, me, b, EP_SITE_PREPARE_COUNTS);
+      if (ok && col < R) p.handle.matrix[(size_t)b * R + col] = untag(v);
+      else if (ok) p.handle.num_tokens_of[b] = untag(v);
     }
     for (int e = tid; ok && e < E_loc; e += blockDim.x) {
       uint64_t v = 0;
       const uint64_t* slot = at<uint64_t>(mine, L.expert_counts) + (size_t)b * E_loc + e;
-      ok = wait_until([&] { return ((v = ld_acquire_sys_u64(slot)) >> 32) >= epoch; }, q.timeout_ns, q.error, me, b,
-                      EP_SITE_PREPARE_COUNTS);
-      if (ok) atomicAdd(&q.expert_sum[e], untag(v));
+      ok = wait_until([&] { return ((v = ld_acquire_sys_u64(slot)) >> 32) >= epoch; }, p.group.timeout_ns,
+                      p.group.error, me, b, EP_SITE_PREPARE_COUNTS);
+      if (ok) atomicAdd(&p.group.expert_sum[e], untag(v));
     }
     if (__syncthreads_or(!ok)) return;
-    const int from_b = q.matrix[(size_t)b * R + me];
+    const int from_b = p.handle.matrix[(size_t)b * R + me];
     const int* their_list = at<int>(peer_b, L.send_list) + (size_t)me * T;
-    int* my_copy = q.recv_src + (size_t)b * T;
+    int* my_copy = p.handle.recv_src + (size_t)b * T;
     for (int j = tid; j < from_b; j += blockDim.x) my_copy[j] = ld_relaxed_sys(their_list + j);
     __syncthreads();
     if (tid == 0) st_release_sys_u64(at<uint64_t>(peer_b, L.prepare_ack) + me, epoch);
@@ -236,13 +235,13 @@ __global__ void __launch_bounds__(kPrepThreads) inter_prepare_kernel(ep_internod
       if (__syncthreads_or(!freed)) return;
       int* meta = reinterpret_cast<int*>(imine + IL.meta_send + (size_t)dn * IL.meta_bytes);
       const int hdr = 2 + P + E_node;
-      int* node_list = p.node_tokens + (size_t)b_node * T;
+      int* node_list = p.handle.node_tokens + (size_t)b_node * T;
       int count = 0;
-      for (int base = 0; base < q.num_tokens; base += blockDim.x) {
+      for (int base = 0; base < p.call.num_tokens; base += blockDim.x) {
         const int t = base + tid;
         int mask = 0;
-        if (t < q.num_tokens) {
-          const int64_t* row = q.topk_idx + (size_t)t * K;
+        if (t < p.call.num_tokens) {
+          const int64_t* row = p.call.topk_idx + (size_t)t * K;
           for (int k = 0; k < K; ++k) {
             const int64_t e = row[k];
             if (e >= 0 && e < E && e / E_node == b_node) mask |= 1 << ((int)(e / E_loc) % P);
@@ -254,18 +253,18 @@ __global__ void __launch_bounds__(kPrepThreads) inter_prepare_kernel(ep_internod
           }
         }
         const int pos = block_compact(mask != 0, s_warp_count, count);
-        if (t < q.num_tokens) {
+        if (t < p.call.num_tokens) {
           if (mask) {
             meta[hdr + pos] = t << 8 | mask;
             node_list[pos] = t;
           }
-          p.send_slot[(size_t)t * N + b_node] = pos;
+          p.handle.send_slot[(size_t)t * N + b_node] = pos;
         }
       }
       if (tid == 0) {
-        meta[0] = q.num_tokens;
+        meta[0] = p.call.num_tokens;
         meta[1] = count;
-        p.node_count[b_node] = count;
+        p.handle.node_count[b_node] = count;
       }
       if (tid < P) meta[2 + tid] = s_count[tid];
       for (int e = tid; e < E_node; e += blockDim.x) meta[2 + P + e] = s_expert[e];
@@ -277,8 +276,8 @@ __global__ void __launch_bounds__(kPrepThreads) inter_prepare_kernel(ep_internod
       bool relayed = true;
       if (tid == 0) {
         const uint64_t* arrived = at<uint64_t>(imine, IL.meta_arrived) + dn;
-        relayed = wait_until([&] { return tp::signal_load(arrived) >= epoch; }, q.timeout_ns, q.error, me, b,
-                             EP_SITE_PREPARE_META);
+        relayed = wait_until([&] { return tp::signal_load(arrived) >= epoch; }, p.group.timeout_ns, p.group.error, me,
+                             b, EP_SITE_PREPARE_META);
         if (relayed) st_release_sys_u64(at<uint64_t>(imine, IL.meta_ready) + dn, epoch);
       }
       if (__syncthreads_or(!relayed)) return;
@@ -292,10 +291,10 @@ __global__ void __launch_bounds__(kPrepThreads) inter_prepare_kernel(ep_internod
     const int* meta = reinterpret_cast<const int*>(fbase + IL.meta_recv + (size_t)dn * IL.meta_bytes);
     const int hdr = 2 + P + E_node;
     const int num_slots = ld_relaxed_sys(meta + 1);
-    if (tid < P) q.matrix[(size_t)b * R + my_node * P + tid] = ld_relaxed_sys(meta + 2 + tid);
-    if (tid == 0) q.num_tokens_of[b] = ld_relaxed_sys(meta);
+    if (tid < P) p.handle.matrix[(size_t)b * R + my_node * P + tid] = ld_relaxed_sys(meta + 2 + tid);
+    if (tid == 0) p.handle.num_tokens_of[b] = ld_relaxed_sys(meta);
     for (int e = tid; e < E_loc; e += blockDim.x)
-      atomicAdd(&q.expert_sum[e], ld_relaxed_sys(meta + 2 + P + my_local * E_loc + e));
+      atomicAdd(&p.group.expert_sum[e], ld_relaxed_sys(meta + 2 + P + my_local * E_loc + e));
     int count = 0;
     for (int base = 0; base < num_slots; base += blockDim.x) {
       const int j = base + tid;
@@ -303,8 +302,8 @@ __global__ void __launch_bounds__(kPrepThreads) inter_prepare_kernel(ep_internod
       const bool goes = (word >> my_local) & 1;
       const int pos = block_compact(goes, s_warp_count, count);
       if (goes) {
-        q.recv_src[(size_t)b * T + pos] = word >> 8;
-        p.recv_slot[(size_t)b * T + pos] = j;
+        p.handle.recv_src[(size_t)b * T + pos] = word >> 8;
+        p.handle.recv_slot[(size_t)b * T + pos] = j;
       }
     }
     __syncthreads();
@@ -312,23 +311,23 @@ __global__ void __launch_bounds__(kPrepThreads) inter_prepare_kernel(ep_internod
   }
 
   // The last block: offsets and totals; as forwarder, where each relayed slot lands on each local rank.
-  if (!arrive_last(&q.state->prepare_done)) return;
+  if (!arrive_last(&p.group.state->prepare_done)) return;
   if (tid == 0) {
     int offset = 0;
     for (int s = 0; s < R; ++s) {
-      q.recv_offset[s] = offset;
-      offset += q.matrix[(size_t)s * R + me];
+      p.handle.recv_offset[s] = offset;
+      offset += p.handle.matrix[(size_t)s * R + me];
     }
-    q.recv_offset[R] = offset;
-    *q.num_recv = offset;
-    if (q.out_num_recv) *q.out_num_recv = offset;
+    p.handle.recv_offset[R] = offset;
+    *p.handle.num_recv = offset;
+    if (p.call.out_num_recv) *p.call.out_num_recv = offset;
   }
   for (int e = tid; e < E_loc; e += blockDim.x) {
-    const int a = q.expert_alignment;
-    const int c = (q.expert_sum[e] + a - 1) / a * a;
-    q.expert_counts[e] = c;
-    if (q.out_expert_counts) q.out_expert_counts[e] = c;
-    q.expert_sum[e] = 0;
+    const int a = p.call.expert_alignment;
+    const int c = (p.group.expert_sum[e] + a - 1) / a * a;
+    p.handle.expert_counts[e] = c;
+    if (p.call.out_expert_counts) p.call.out_expert_counts[e] = c;
+    p.group.expert_sum[e] = 0;
   }
   // As forwarder: where slot j of each remote source node lands on each local rank i (its absolute row in i's
   // received order, or -1), by a block-wide scan per local rank over the slots.
@@ -338,7 +337,7 @@ __global__ void __launch_bounds__(kPrepThreads) inter_prepare_kernel(ep_internod
     const int hdr = 2 + P + E_node, num_slots = ld_relaxed_sys(meta + 1);
     if (tid < P) {
       int row = 0;  // rows of sources before s on local rank tid
-      for (int s2 = 0; s2 < s; ++s2) row += q.matrix[(size_t)s2 * R + my_node * P + tid];
+      for (int s2 = 0; s2 < s; ++s2) row += p.handle.matrix[(size_t)s2 * R + my_node * P + tid];
       s_count[tid] = row;
     }
     __syncthreads();
@@ -346,7 +345,7 @@ __global__ void __launch_bounds__(kPrepThreads) inter_prepare_kernel(ep_internod
 #pragma unroll
     for (int i = 0; i < kMaxLocal; ++i) next[i] = i < P ? s_count[i] : 0;
     __syncthreads();
-    int* out = p.fwd_row + (size_t)n * T * P;
+    int* out = p.handle.fwd_row + (size_t)n * T * P;
     for (int base = 0; base < num_slots; base += blockDim.x) {
       const int j = base + tid;
       const int word = j < num_slots ? ld_relaxed_sys(meta + hdr + j) : 0;
@@ -357,7 +356,7 @@ __global__ void __launch_bounds__(kPrepThreads) inter_prepare_kernel(ep_internod
         if (j < num_slots) out[(size_t)j * P + i] = pos;
       }
     }
-    if (tid == 0) p.fwd_count[n] = num_slots;
+    if (tid == 0) p.handle.fwd_count[n] = num_slots;
   }
   __syncthreads();
   // My node's ranks have read my meta_recv: the sources may overwrite it.
@@ -365,8 +364,8 @@ __global__ void __launch_bounds__(kPrepThreads) inter_prepare_kernel(ep_internod
                               EP_SITE_PREPARE_RELAY))
     return;
   if (tid == 0) {
-    q.state->prepare_done = 0;
-    q.state->prepare_epoch = epoch;
+    p.group.state->prepare_done = 0;
+    p.group.state->prepare_epoch = epoch;
   }
 }
 
@@ -411,7 +410,7 @@ __device__ __forceinline__ bool wait_staged(const ep_internode_launch_t& p, uint
   if (chunk == ready) return true;
   bool w = true;
   if (lane == 0)
-    w = wait_flag(p, at<uint64_t>(p.n.normal_base, p.n.layout.x_staged) + chunk, epoch, p.n.rank,
+    w = wait_flag(p, at<uint64_t>(p.group.normal_base, p.group.region.x_staged) + chunk, epoch, p.group.rank,
                   EP_SITE_DISPATCH_STAGED);
   w = __shfl_sync(0xffffffffu, w, 0);
   if (w) ready = chunk;
@@ -466,17 +465,16 @@ __device__ __noinline__ void post_rows(char* region, const char* stage, const in
 
 __global__ void __launch_bounds__(kDispThreads, 1) inter_dispatch_kernel(ep_internode_launch_t p) {
   __shared__ int s_offset[kMaxRanksShared + 1];
-  const ep_normal_launch_t& q = p.n;
-  const ep_normal_layout_t& L = q.layout;
-  const ep_internode_layout_t& IL = p.il;
-  const int R = q.num_ranks, me = q.rank, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int P = p.ranks_per_node, N = p.num_nodes, my_node = p.node, my_local = p.local_rank;
+  const ep_normal_region_t& L = p.group.region;
+  const ep_internode_region_t& IL = p.inter.region;
+  const int R = p.group.num_ranks, me = p.group.rank, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int P = p.inter.ranks_per_node, N = p.inter.num_nodes, my_node = p.inter.node, my_local = p.inter.local_rank;
   const int T = L.max_tokens, NC = IL.num_chunks;
   const size_t xr = IL.x_row_bytes;
-  const uint64_t epoch = q.state->dispatch_epoch + 1;
-  char* mine = q.normal_base;
-  char* imine = p.inter_base;
-  const rows::XRow row(q.hidden, q.is_fp8, q.num_topk);
+  const uint64_t epoch = p.group.state->dispatch_epoch + 1;
+  char* mine = p.group.normal_base;
+  char* imine = p.inter.inter_base;
+  const rows::XRow row(p.call.hidden, p.call.is_fp8, p.call.num_topk);
   NORMAL_PROF_STAMP(g_inter_prof_dispatch, 0);
 
   // Readers of my stage (my node) and the forwarders' receive regions (other nodes) are done with the last call.
@@ -486,21 +484,21 @@ __global__ void __launch_bounds__(kDispThreads, 1) inter_dispatch_kernel(ep_inte
   NORMAL_PROF_STAMP(g_inter_prof_dispatch, 1);
 
   // 1. Stage every token once (as intranode).
-  rows::stage_x<kDispWarps>(q, row, epoch);
+  rows::stage_x<kDispWarps>(p, row, epoch);
   NORMAL_PROF_STAMP(g_inter_prof_dispatch, 2);
 
   // 2. Send: a block per (remote node m, chunk c of node_list[m]); each row once, then one signal per chunk.
   bool ok = true, posted = false;  // posted: this warp issued NIC puts (completed by quiet before the end)
-  const int send_units = num_units(p.node_count, my_node, N);
+  const int send_units = num_units(p.handle.node_count, my_node, N);
   for (int u = blockIdx.x; u < send_units; u += gridDim.x) {
     int dn, c;
-    unit_of(p.node_count, my_node, N, u, dn, c);
+    unit_of(p.handle.node_count, my_node, N, u, dn, c);
     const int m = node_at(my_node, dn, N), pe = m * P + my_local, back = node_dist(m, my_node, N);
-    const int first = c * kChunk, end = min(p.node_count[m], first + kChunk);
-    const int* tokens = p.node_tokens + (size_t)m * T;
+    const int first = c * kChunk, end = min(p.handle.node_count[m], first + kChunk);
+    const int* tokens = p.handle.node_tokens + (size_t)m * T;
     char* region = imine + IL.rdma_recv + (size_t)back * T * xr;  // my rows' region on pe (symmetric address)
     uint64_t* signal = at<uint64_t>(imine, IL.rdma_arrived) + (size_t)back * NC + c;
-    char* mapped = p.force_put ? nullptr : (char*)tp::peer_ptr(region, pe);
+    char* mapped = p.inter.force_put ? nullptr : (char*)tp::peer_ptr(region, pe);
     if (mapped) {
       int ready = -1;
       for (int j = first + warp; j < end && ok; j += kDispWarps) {
@@ -535,11 +533,11 @@ __global__ void __launch_bounds__(kDispThreads, 1) inter_dispatch_kernel(ep_inte
   // 3. Relay (forwarder role), one warp: a chunk that arrived from the rail peer of node n may be pulled by my
   //    node.
   if (ok && blockIdx.x == gridDim.x - 1 && warp == kDispWarps - 1)
-    ok = relay(imine + IL.rdma_arrived, imine + IL.fwd_ready, p.fwd_count, my_node, N, NC, epoch, q.timeout_ns, q.error,
-               me, P, my_local, lane);
+    ok = relay(imine + IL.rdma_arrived, imine + IL.fwd_ready, p.handle.fwd_count, my_node, N, NC, epoch,
+               p.group.timeout_ns, p.group.error, me, P, my_local, lane);
 
   // 4. Pull this block's share of my output rows, in output order (source rank, then token).
-  if (tid <= R) s_offset[tid] = q.recv_offset[tid];
+  if (tid <= R) s_offset[tid] = p.handle.recv_offset[tid];
   __syncthreads();
   NORMAL_PROF_STAMP(g_inter_prof_dispatch, 4);
   const int num_recv = s_offset[R];  // an overflow is reported at the end (a recorded fault ends every wait)
@@ -548,7 +546,7 @@ __global__ void __launch_bounds__(kDispThreads, 1) inter_dispatch_kernel(ep_inte
   int ready_src = -1, ready_chunk = -1;
   for (int i = begin + warp; i < end && ok; i += kDispWarps) {
     const int s = source_of(s_offset, R, i), k = i - s_offset[s];
-    const int t = q.recv_src[(size_t)s * T + k];
+    const int t = p.handle.recv_src[(size_t)s * T + k];
     const int s_node = s / P;
     const char* staged;
     const uint64_t* flag;
@@ -561,7 +559,7 @@ __global__ void __launch_bounds__(kDispThreads, 1) inter_dispatch_kernel(ep_inte
       peer = s;
       site = EP_SITE_DISPATCH_STAGED;
     } else {
-      const int f = my_node * P + s % P, dn = node_dist(my_node, s_node, N), j = p.recv_slot[(size_t)s * T + k];
+      const int f = my_node * P + s % P, dn = node_dist(my_node, s_node, N), j = p.handle.recv_slot[(size_t)s * T + k];
       char* fb = peer_inter(p, f);
       staged = fb + IL.rdma_recv + ((size_t)dn * T + j) * xr;
       chunk = j / kChunk;
@@ -579,16 +577,16 @@ __global__ void __launch_bounds__(kDispThreads, 1) inter_dispatch_kernel(ep_inte
       ready_src = s;
       ready_chunk = chunk;
     }
-    if (i < q.recv_capacity) rows::pull_x_row(q, row, staged, i, t, lane);
+    if (i < p.call.recv_capacity) rows::pull_x_row(p, row, staged, i, t, lane);
   }
   if (posted) tp::quiet();  // x_stage is rewritten next call: our puts from it are complete
-  rows::graph_safe_tail(q, num_recv);
+  rows::graph_safe_tail(p, num_recv);
   if (__syncthreads_or(!ok)) return;
   NORMAL_PROF_DONE(g_inter_prof_dispatch, 5);
 
   // 5. Release: my node's stages (dispatch_ack), the forwarders' receive regions (fwd_ack), and as forwarder,
   //    once my whole node has pulled, tell each remote source its region here is free (rdma_free).
-  if (!arrive_last(&q.state->dispatch_done)) {
+  if (!arrive_last(&p.group.state->dispatch_done)) {
     NORMAL_PROF_END(g_inter_prof_dispatch, me, kInterProfDispatch);
     return;
   }
@@ -602,10 +600,10 @@ __global__ void __launch_bounds__(kDispThreads, 1) inter_dispatch_kernel(ep_inte
                               EP_SITE_FWD_ACK))
     return;
   if (tid == 0) {
-    q.state->dispatch_done = 0;
-    q.state->dispatch_epoch = epoch;
-    if (num_recv > q.recv_capacity)
-      record_fault(q.error, EP_FAULT_RECV_OVERFLOW, me, -1, 0, num_recv, q.recv_capacity);
+    p.group.state->dispatch_done = 0;
+    p.group.state->dispatch_epoch = epoch;
+    if (num_recv > p.call.recv_capacity)
+      record_fault(p.group.error, EP_FAULT_RECV_OVERFLOW, me, -1, 0, num_recv, p.call.recv_capacity);
   }
   NORMAL_PROF_END(g_inter_prof_dispatch, me, kInterProfDispatch);
 }
@@ -623,23 +621,22 @@ __global__ void __launch_bounds__(kCombThreads, 1) inter_combine_kernel(ep_inter
   __shared__ const float* s_wsrc[kCombWarps][kMaxSources];
   __shared__ int s_offset[kMaxRanksShared + 1];
   __shared__ int s_base[kMaxLocal];
-  const ep_normal_launch_t& q = p.n;
-  const ep_normal_layout_t& L = q.layout;
-  const ep_internode_layout_t& IL = p.il;
-  const int R = q.num_ranks, me = q.rank, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int P = p.ranks_per_node, N = p.num_nodes, my_node = p.node, my_local = p.local_rank;
-  const int K = q.num_topk, H = q.hidden, T = L.max_tokens, NC = IL.num_chunks;
+  const ep_normal_region_t& L = p.group.region;
+  const ep_internode_region_t& IL = p.inter.region;
+  const int R = p.group.num_ranks, me = p.group.rank, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int P = p.inter.ranks_per_node, N = p.inter.num_nodes, my_node = p.inter.node, my_local = p.inter.local_rank;
+  const int K = p.call.num_topk, H = p.call.hidden, T = L.max_tokens, NC = IL.num_chunks;
   const size_t yr = L.y_row_bytes;
-  const uint64_t epoch = q.state->combine_epoch + 1;
-  char* mine = q.normal_base;
-  char* imine = p.inter_base;
+  const uint64_t epoch = p.group.state->combine_epoch + 1;
+  char* mine = p.group.normal_base;
+  char* imine = p.inter.inter_base;
   const int n16 = H * 2 / 16;
-  const bool with_weights = q.y_weights != nullptr;
+  const bool with_weights = p.call.y_weights != nullptr;
   const size_t part_bytes = ((size_t)H * 2 + (with_weights ? (size_t)K * 4 : 0) + 15) / 16 * 16;
   NORMAL_PROF_STAMP(g_inter_prof_combine, 0);
 
   // Readers of my y_stage (my node) are done with the last call, and so are the sources of my last partials.
-  if (tid <= R) s_offset[tid] = q.recv_offset[tid];  // visible after the waits' block barrier
+  if (tid <= R) s_offset[tid] = p.handle.recv_offset[tid];  // visible after the waits' block barrier
   if (!wait_last_call_released(p, at<uint64_t>(mine, L.combine_ack), at<uint64_t>(imine, IL.partial_free), epoch,
                                EP_SITE_COMBINE_ACK, EP_SITE_PARTIAL_FREE))
     return;
@@ -647,10 +644,10 @@ __global__ void __launch_bounds__(kCombThreads, 1) inter_combine_kernel(ep_inter
 
   // 1. Stage the rows another rank of my node reads. Row i from source s is read by s's forwarder on my node,
   //    local index s % P: when that is me (my own rows, and remote sources on my rail) it is read in place.
-  rows::stage_y<kCombWarps>(q, epoch, [&](int i) { return source_of(s_offset, R, i) % P == my_local; });
+  rows::stage_y<kCombWarps>(p, epoch, [&](int i) { return source_of(s_offset, R, i) % P == my_local; });
   if (tid < P) {
     int base = 0;
-    for (int s = 0; s < me; ++s) base += q.matrix[(size_t)s * R + my_node * P + tid];
+    for (int s = 0; s < me; ++s) base += p.handle.matrix[(size_t)s * R + my_node * P + tid];
     s_base[tid] = base;
   }
   __syncthreads();
@@ -660,13 +657,13 @@ __global__ void __launch_bounds__(kCombThreads, 1) inter_combine_kernel(ep_inter
   // Pointer to the copy of local rank i's row `row` (own rows in place), and its weights.
   auto local_copy = [&](int i, int row, const float** w) -> const char* {
     if (i == my_local) {
-      if (row >= q.recv_capacity) {  // past an overflowed dispatch's rows y ends (reported): read stale stage
+      if (row >= p.call.recv_capacity) {  // past an overflowed dispatch's rows y ends (reported): read stale stage
         const char* stale = mine + L.y_stage + (size_t)row * yr;
         *w = reinterpret_cast<const float*>(stale + H * 2);
         return stale;
       }
-      *w = with_weights ? q.y_weights + (size_t)row * K : nullptr;
-      return (const char*)q.y + (size_t)row * H * 2;
+      *w = with_weights ? p.call.y_weights + (size_t)row * K : nullptr;
+      return (const char*)p.call.y + (size_t)row * H * 2;
     }
     const char* r = peer_normal(p, my_node * P + i) + L.y_stage + (size_t)row * yr;
     *w = reinterpret_cast<const float*>(r + H * 2);
@@ -675,19 +672,19 @@ __global__ void __launch_bounds__(kCombThreads, 1) inter_combine_kernel(ep_inter
 
   // 2. Forwarder: a block per (remote source node n, chunk c of its slots). Slot j's partial is the sum of my
   //    node's copies in ascending local rank, rounded once to bf16; one signal per chunk.
-  const int fwd_units = num_units(p.fwd_count, my_node, N);
+  const int fwd_units = num_units(p.handle.fwd_count, my_node, N);
   for (int u = blockIdx.x; u < fwd_units; u += gridDim.x) {
     int dn, c;
-    unit_of(p.fwd_count, my_node, N, u, dn, c);
+    unit_of(p.handle.fwd_count, my_node, N, u, dn, c);
     const int n = node_at(my_node, dn, N), pe = n * P + my_local, back = node_dist(n, my_node, N);
-    const int first = c * kChunk, end = min(p.fwd_count[n], first + kChunk);
+    const int first = c * kChunk, end = min(p.handle.fwd_count[n], first + kChunk);
     char* region = imine + IL.partial_recv + (size_t)back * T * yr;  // the partials for node n on pe (symmetric)
     uint64_t* signal = at<uint64_t>(imine, IL.partial_arrived) + (size_t)back * NC + c;
-    char* mapped = p.force_put ? nullptr : (char*)tp::peer_ptr(region, pe);
+    char* mapped = p.inter.force_put ? nullptr : (char*)tp::peer_ptr(region, pe);
     // Mapped: write the partials straight into pe's region. Otherwise into my partial_stage, then one put.
     char* out_base = mapped ? mapped : imine + IL.partial_stage + (size_t)dn * T * yr;
     for (int j = first + warp; j < end && ok; j += kCombWarps) {
-      const int my_row = lane < P ? p.fwd_row[((size_t)n * T + j) * P + lane] : -1;
+      const int my_row = lane < P ? p.handle.fwd_row[((size_t)n * T + j) * P + lane] : -1;
       bool w = true;
       if (my_row >= 0 && lane != my_local) {
         const uint64_t* flag = at<uint64_t>(peer_normal(p, my_node * P + lane), L.y_staged) + my_row / kChunk;
@@ -704,8 +701,9 @@ __global__ void __launch_bounds__(kCombThreads, 1) inter_combine_kernel(ep_inter
       }
       __syncwarp();
       char* part = out_base + (size_t)j * yr;
-      rows::reduce_rows<kSrc, kUnroll>(s_src[warp], s_wsrc[warp], __popc(have), nullptr, nullptr, reinterpret_cast<int4*>(part),
-                        with_weights ? reinterpret_cast<float*>(part + H * 2) : nullptr, K, n16, lane);
+      rows::reduce_rows<kSrc, kUnroll>(s_src[warp], s_wsrc[warp], __popc(have), nullptr, nullptr,
+                                       reinterpret_cast<int4*>(part),
+                                       with_weights ? reinterpret_cast<float*>(part + H * 2) : nullptr, K, n16, lane);
       __syncwarp();
     }
     if (__syncthreads_or(!ok)) {
@@ -730,22 +728,24 @@ __global__ void __launch_bounds__(kCombThreads, 1) inter_combine_kernel(ep_inter
   // 3. Source: each of my tokens = biases + my node's copies (ascending local rank) + the remote partials
   //    (ascending node), in fp32, rounded once.
   const int gwarp = blockIdx.x * kCombWarps + warp, nwarps = gridDim.x * kCombWarps;
-  for (int t = gwarp; t < q.num_tokens && ok; t += nwarps) {
+  for (int t = gwarp; t < p.call.num_tokens && ok; t += nwarps) {
     int ref = -1;  // lanes [0, P): row on local rank `lane`; lanes [kMaxLocal, kMaxLocal + N): slot on node
     bool w = true;
     if (lane < P) {
-      const int pos = q.send_pos[(size_t)t * R + my_node * P + lane];
+      const int pos = p.handle.send_pos[(size_t)t * R + my_node * P + lane];
       ref = pos >= 0 ? s_base[lane] + pos : -1;
       if (ref >= 0 && lane != my_local)
         w = wait_flag(p, at<uint64_t>(peer_normal(p, my_node * P + lane), L.y_staged) + ref / kChunk, epoch,
                       my_node * P + lane, EP_SITE_COMBINE_STAGED);
     } else if (lane >= kMaxLocal && lane - kMaxLocal < N && lane - kMaxLocal != my_node) {
       const int n = lane - kMaxLocal, dn = node_dist(my_node, n, N);
-      ref = p.send_slot[(size_t)t * N + n];
+      ref = p.handle.send_slot[(size_t)t * N + n];
       if (ref >= 0)
-        w = wait_until([&] {
+        w = wait_until(
+            [&] {
               return tp::signal_load(at<uint64_t>(imine, IL.partial_arrived) + (size_t)dn * NC + ref / kChunk) >= epoch;
-            }, q.timeout_ns, q.error, me, n * P + my_local, EP_SITE_COMBINE_PARTIAL);
+            },
+            p.group.timeout_ns, p.group.error, me, n * P + my_local, EP_SITE_COMBINE_PARTIAL);
     }
     ok = __all_sync(0xffffffffu, w);
     if (!ok) break;
@@ -765,11 +765,14 @@ __global__ void __launch_bounds__(kCombThreads, 1) inter_combine_kernel(ep_inter
       s_wsrc[warp][slot] = wp;
     }
     __syncwarp();
-    const int4* bias0 = q.bias0 ? reinterpret_cast<const int4*>((const char*)q.bias0 + (size_t)t * H * 2) : nullptr;
-    const int4* bias1 = q.bias1 ? reinterpret_cast<const int4*>((const char*)q.bias1 + (size_t)t * H * 2) : nullptr;
+    const char* b0 = (const char*)p.call.bias0;
+    const char* b1 = (const char*)p.call.bias1;
+    const int4* bias0 = b0 ? reinterpret_cast<const int4*>(b0 + (size_t)t * H * 2) : nullptr;
+    const int4* bias1 = b1 ? reinterpret_cast<const int4*>(b1 + (size_t)t * H * 2) : nullptr;
     rows::reduce_rows<kSrc, kUnroll>(s_src[warp], s_wsrc[warp], __popc(have), bias0, bias1,
-                      reinterpret_cast<int4*>((char*)q.combined_x + (size_t)t * H * 2),
-                      q.combined_weights ? q.combined_weights + (size_t)t * K : nullptr, K, n16, lane);
+                                     reinterpret_cast<int4*>((char*)p.call.combined_x + (size_t)t * H * 2),
+                                     p.call.combined_weights ? p.call.combined_weights + (size_t)t * K : nullptr, K,
+                                     n16, lane);
     __syncwarp();
   }
   if (posted) tp::quiet();  // partial_stage is rewritten next call: our puts from it are complete
@@ -777,7 +780,7 @@ __global__ void __launch_bounds__(kCombThreads, 1) inter_combine_kernel(ep_inter
   NORMAL_PROF_DONE(g_inter_prof_combine, 4);
 
   // 4. Release my node's stages and, at each forwarder, my partial receive region.
-  if (!arrive_last(&q.state->combine_done)) {
+  if (!arrive_last(&p.group.state->combine_done)) {
     NORMAL_PROF_END(g_inter_prof_combine, me, kInterProfCombine);
     return;
   }
@@ -788,8 +791,8 @@ __global__ void __launch_bounds__(kCombThreads, 1) inter_combine_kernel(ep_inter
   }
   __syncthreads();
   if (tid == 0) {
-    q.state->combine_done = 0;
-    q.state->combine_epoch = epoch;
+    p.group.state->combine_done = 0;
+    p.group.state->combine_epoch = epoch;
   }
   NORMAL_PROF_END(g_inter_prof_combine, me, kInterProfCombine);
 }
@@ -798,25 +801,25 @@ __global__ void __launch_bounds__(kCombThreads, 1) inter_combine_kernel(ep_inter
 }  // namespace ep
 
 extern "C" cudaError_t ep_launch_internode_prepare(const ep_internode_launch_t* p, cudaStream_t stream) {
-  const size_t smem = sizeof(int) * (size_t)(p->n.num_experts / p->num_nodes);
+  const size_t smem = sizeof(int) * (size_t)(p->call.num_experts / p->inter.num_nodes);
   if (smem > 48 * 1024) {
     cudaError_t e =
         cudaFuncSetAttribute(ep::inter_prepare_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     if (e != cudaSuccess) return e;
   }
-  ep::inter_prepare_kernel<<<p->n.num_ranks, ep::kPrepThreads, smem, stream>>>(*p);
+  ep::inter_prepare_kernel<<<p->group.num_ranks, ep::kPrepThreads, smem, stream>>>(*p);
   return cudaGetLastError();
 }
 
 extern "C" cudaError_t ep_launch_internode_dispatch(const ep_internode_launch_t* p, cudaStream_t stream) {
-  ep::inter_dispatch_kernel<<<p->n.num_blocks, ep::kDispThreads, 0, stream>>>(*p);
+  ep::inter_dispatch_kernel<<<p->call.num_blocks, ep::kDispThreads, 0, stream>>>(*p);
   return cudaGetLastError();
 }
 
 extern "C" cudaError_t ep_launch_internode_combine(const ep_internode_launch_t* p, cudaStream_t stream) {
-  const int max_sources = p->ranks_per_node + p->num_nodes - 1;
-  if (max_sources <= 2) ep::inter_combine_kernel<2><<<p->n.num_blocks, ep::kCombThreads, 0, stream>>>(*p);
-  else if (max_sources <= 4) ep::inter_combine_kernel<4><<<p->n.num_blocks, ep::kCombThreads, 0, stream>>>(*p);
-  else ep::inter_combine_kernel<8><<<p->n.num_blocks, ep::kCombThreads, 0, stream>>>(*p);
+  const int max_sources = p->inter.ranks_per_node + p->inter.num_nodes - 1;
+  if (max_sources <= 2) ep::inter_combine_kernel<2><<<p->call.num_blocks, ep::kCombThreads, 0, stream>>>(*p);
+  else if (max_sources <= 4) ep::inter_combine_kernel<4><<<p->call.num_blocks, ep::kCombThreads, 0, stream>>>(*p);
+  else ep::inter_combine_kernel<8><<<p->call.num_blocks, ep::kCombThreads, 0, stream>>>(*p);
   return cudaGetLastError();
 }

@@ -1,25 +1,25 @@
 // intranode.cu: the normal (high-throughput) path inside one NVLink domain: prepare, dispatch, combine.
-// The protocol and the symmetric layout are drawn in normal_layout.h. Dispatch moves data by pulls: a receiver
+// The protocol and the symmetric region are drawn in normal_region.h. Dispatch moves data by pulls: a receiver
 // reads the rows it needs straight from its sources' staged copies over NVLink, so each row crosses the link once
 // and lands directly in the caller's output, in a fixed order. Combine moves it by pushes: each expert output is
 // stored once over NVLink into its token's source rank, which sums the arrived copies from local memory.
-#include "kernels/api.h"
+#include "kernels/launch.h"
 #include <cuda_bf16.h>
 
 #include "kernels/common.cuh"
 #include "kernels/normal_rows.cuh"
 #include "kernels/profile.cuh"
+#include "kernels/tuning.h"
 
 namespace ep {
 
-constexpr int kMaxNvlRanks = 8;  // ranks of one NVLink domain this path serves (see combine_kernel)
+constexpr int kMaxNvlRanks = EP_MAX_NVLINK_RANKS;  // ranks of one NVLink domain this path serves
 constexpr int kPrepareThreads = 1024;
-constexpr int kDispatchThreads = 768;  // 24 warps, 8 loads in flight per lane (measured faster than 16 x 16)
+// Dispatch: 24 warps, 8 loads in flight per lane. 2 x H200, 4096 BF16 tokens of hidden 7168 at 8 SMs: 664 us;
+// 512 threads with 16 in flight, 969 us.
+constexpr int kDispatchThreads = 768;
 constexpr int kDispatchWarps = kDispatchThreads / 32;
 constexpr int kCombineThreads = 512;   // 16 warps, 16 loads in flight per lane, more registers per thread
-#ifndef EP_COMBINE_PUSH_WARPS  // a tuning knob for experiments (make EXTRA_NVCCFLAGS=-DEP_COMBINE_PUSH_WARPS=n)
-#define EP_COMBINE_PUSH_WARPS 8
-#endif
 constexpr int kCombinePushWarps = EP_COMBINE_PUSH_WARPS;  // warps that store expert outputs to their token's source
 constexpr int kCombineReduceWarps = kCombineThreads / 32 - kCombinePushWarps;  // warps that sum arrived rows
 
@@ -30,8 +30,8 @@ using rows::at;
 using rows::tag;
 using rows::untag;
 
-__device__ __forceinline__ char* peer_normal(const ep_normal_launch_t& p, int rank) {
-  return (char*)p.peer_workspace[rank] + p.normal_offset;
+__device__ __forceinline__ char* peer_normal(const ep_intranode_launch_t& p, int rank) {
+  return (char*)p.group.peer_workspace[rank] + p.group.normal_offset;
 }
 
 #if EP_NORMAL_PROFILE  // phase stamps of dispatch and combine (kernels/profile.cuh)
@@ -43,16 +43,16 @@ __device__ const char* const kIntraProfCombine[] = {"intra-combine", "acks", "pu
 // ---------------------------------------------------------------------------------------------------------------
 // prepare: block d compacts my tokens for rank d (destination role) and reads rank d's list for me (source role).
 // ---------------------------------------------------------------------------------------------------------------
-__global__ void __launch_bounds__(kPrepareThreads) prepare_kernel(ep_normal_launch_t p) {
+__global__ void __launch_bounds__(kPrepareThreads) prepare_kernel(ep_intranode_launch_t p) {
   extern __shared__ int s_expert[];  // [E_loc]: my tokens per local expert of rank d
   __shared__ int s_warp_count[kPrepareThreads / 32];
   __shared__ int s_failed;
-  const int d = blockIdx.x, R = p.num_ranks, me = p.rank, tid = threadIdx.x;
+  const int d = blockIdx.x, R = p.group.num_ranks, me = p.group.rank, tid = threadIdx.x;
   const int lane = tid & 31, warp = tid >> 5;
-  const int E = p.num_experts, E_loc = E / R;
-  const ep_normal_layout_t& L = p.layout;
-  const uint64_t epoch = p.state->prepare_epoch + 1;
-  char* mine = p.normal_base;
+  const int E = p.call.num_experts, E_loc = E / R;
+  const ep_normal_region_t& L = p.group.region;
+  const uint64_t epoch = p.group.state->prepare_epoch + 1;
+  char* mine = p.group.normal_base;
   char* peer = peer_normal(p, d);
   int* send_list = at<int>(mine, L.send_list) + (size_t)d * L.max_tokens;
 
@@ -63,7 +63,7 @@ __global__ void __launch_bounds__(kPrepareThreads) prepare_kernel(ep_normal_laun
   __syncthreads();
   if (tid < R) {
     const uint64_t* ack = at<uint64_t>(mine, L.prepare_ack) + tid;
-    if (!wait_until([&] { return ld_acquire_sys_u64(ack) >= epoch - 1; }, p.timeout_ns, p.error, me, tid,
+    if (!wait_until([&] { return ld_acquire_sys_u64(ack) >= epoch - 1; }, p.group.timeout_ns, p.group.error, me, tid,
                     EP_SITE_PREPARE_ACK))
       s_failed = 1;
   }
@@ -72,15 +72,15 @@ __global__ void __launch_bounds__(kPrepareThreads) prepare_kernel(ep_normal_laun
 
   // Destination role: my tokens for rank d, in token order (block-wide scan per 256 tokens).
   int count = 0;
-  for (int base = 0; base < p.num_tokens; base += blockDim.x) {
+  for (int base = 0; base < p.call.num_tokens; base += blockDim.x) {
     const int t = base + tid;
     bool goes = false;
-    if (t < p.num_tokens) {
-      const int64_t* row = p.topk_idx + (size_t)t * p.num_topk;
-      for (int k = 0; k < p.num_topk; ++k) {
+    if (t < p.call.num_tokens) {
+      const int64_t* row = p.call.topk_idx + (size_t)t * p.call.num_topk;
+      for (int k = 0; k < p.call.num_topk; ++k) {
         const int64_t e = row[k];
         if (e < -1 || e >= E) {
-          if (d == 0) record_fault(p.error, EP_FAULT_BAD_EXPERT, me, -1, 0, t, e);
+          if (d == 0) record_fault(p.group.error, EP_FAULT_BAD_EXPERT, me, -1, 0, t, e);
           continue;
         }
         if (e < 0 || e / E_loc != d) continue;
@@ -98,10 +98,10 @@ __global__ void __launch_bounds__(kPrepareThreads) prepare_kernel(ep_normal_laun
       before += w < warp ? s_warp_count[w] : 0;
       total += s_warp_count[w];
     }
-    if (t < p.num_tokens) {
+    if (t < p.call.num_tokens) {
       const int pos = goes ? count + before + __popc(ballot & ((1u << lane) - 1)) : -1;
       if (goes) send_list[pos] = t;
-      p.send_pos[(size_t)t * R + d] = pos;
+      p.handle.send_pos[(size_t)t * R + d] = pos;
     }
     count += total;
     __syncthreads();
@@ -112,7 +112,7 @@ __global__ void __launch_bounds__(kPrepareThreads) prepare_kernel(ep_normal_laun
   for (int r = tid; r < R; r += blockDim.x) {
     uint64_t* row = at<uint64_t>(peer_normal(p, r), L.count_matrix) + (size_t)me * (R + 1);
     st_release_sys_u64(row + d, tag(epoch, count));
-    if (d == 0) st_release_sys_u64(row + R, tag(epoch, p.num_tokens));
+    if (d == 0) st_release_sys_u64(row + R, tag(epoch, p.call.num_tokens));
   }
   for (int e = tid; e < E_loc; e += blockDim.x)
     st_release_sys_u64(at<uint64_t>(peer, L.expert_counts) + (size_t)me * E_loc + e, tag(epoch, s_expert[e]));
@@ -121,25 +121,25 @@ __global__ void __launch_bounds__(kPrepareThreads) prepare_kernel(ep_normal_laun
   const uint64_t* their_row = at<uint64_t>(mine, L.count_matrix) + (size_t)d * (R + 1);
   for (int i = tid; i <= R; i += blockDim.x) {
     uint64_t v = 0;
-    bool ok = wait_until([&] { return ((v = ld_acquire_sys_u64(their_row + i)) >> 32) >= epoch; }, p.timeout_ns,
-                         p.error, me, d, EP_SITE_PREPARE_COUNTS);
+    bool ok = wait_until([&] { return ((v = ld_acquire_sys_u64(their_row + i)) >> 32) >= epoch; }, p.group.timeout_ns,
+                         p.group.error, me, d, EP_SITE_PREPARE_COUNTS);
     if (!ok) s_failed = 1;
-    else if (i < R) p.matrix[d * R + i] = untag(v);
-    else p.num_tokens_of[d] = untag(v);
+    else if (i < R) p.handle.matrix[d * R + i] = untag(v);
+    else p.handle.num_tokens_of[d] = untag(v);
   }
   for (int e = tid; e < E_loc; e += blockDim.x) {
     uint64_t v = 0;
     const uint64_t* slot = at<uint64_t>(mine, L.expert_counts) + (size_t)d * E_loc + e;
-    bool ok = wait_until([&] { return ((v = ld_acquire_sys_u64(slot)) >> 32) >= epoch; }, p.timeout_ns, p.error, me,
-                         d, EP_SITE_PREPARE_COUNTS);
+    bool ok = wait_until([&] { return ((v = ld_acquire_sys_u64(slot)) >> 32) >= epoch; }, p.group.timeout_ns,
+                         p.group.error, me, d, EP_SITE_PREPARE_COUNTS);
     if (!ok) s_failed = 1;
-    else atomicAdd(&p.expert_sum[e], untag(v));
+    else atomicAdd(&p.group.expert_sum[e], untag(v));
   }
   __syncthreads();
   if (s_failed) return;
-  const int from_d = p.matrix[d * R + me];
+  const int from_d = p.handle.matrix[d * R + me];
   const int* their_list = at<int>(peer, L.send_list) + (size_t)me * L.max_tokens;
-  int* my_copy = p.recv_src + (size_t)d * L.max_tokens;
+  int* my_copy = p.handle.recv_src + (size_t)d * L.max_tokens;
   for (int j = tid * 4; j < from_d; j += blockDim.x * 4) {  // four per load: one NVLink round trip per 16 KiB
     if (j + 3 < from_d && (L.max_tokens & 3) == 0) {
       *reinterpret_cast<int4*>(my_copy + j) = ld_nc_na(reinterpret_cast<const int4*>(their_list + j));
@@ -151,41 +151,41 @@ __global__ void __launch_bounds__(kPrepareThreads) prepare_kernel(ep_normal_laun
   if (tid == 0) st_release_sys_u64(at<uint64_t>(peer, L.prepare_ack) + me, epoch);
 
   // The last block turns the counts into offsets and totals.
-  if (!arrive_last(&p.state->prepare_done)) return;
+  if (!arrive_last(&p.group.state->prepare_done)) return;
   if (tid == 0) {
     int offset = 0;
     for (int s = 0; s < R; ++s) {
-      p.recv_offset[s] = offset;
-      offset += p.matrix[s * R + me];
+      p.handle.recv_offset[s] = offset;
+      offset += p.handle.matrix[s * R + me];
     }
-    p.recv_offset[R] = offset;
-    *p.num_recv = offset;
-    if (p.out_num_recv) *p.out_num_recv = offset;
+    p.handle.recv_offset[R] = offset;
+    *p.handle.num_recv = offset;
+    if (p.call.out_num_recv) *p.call.out_num_recv = offset;
   }
   for (int e = tid; e < E_loc; e += blockDim.x) {
-    const int a = p.expert_alignment;
-    const int c = (p.expert_sum[e] + a - 1) / a * a;
-    p.expert_counts[e] = c;
-    if (p.out_expert_counts) p.out_expert_counts[e] = c;
-    p.expert_sum[e] = 0;
+    const int a = p.call.expert_alignment;
+    const int c = (p.group.expert_sum[e] + a - 1) / a * a;
+    p.handle.expert_counts[e] = c;
+    if (p.call.out_expert_counts) p.call.out_expert_counts[e] = c;
+    p.group.expert_sum[e] = 0;
   }
   __syncthreads();
   if (tid == 0) {
-    p.state->prepare_done = 0;
-    p.state->prepare_epoch = epoch;
+    p.group.state->prepare_done = 0;
+    p.group.state->prepare_epoch = epoch;
   }
 }
 
 // Every rank must have released the staging buffer we are about to overwrite (previous call's epoch).
-__device__ __forceinline__ bool wait_released(const ep_normal_launch_t& p, const uint64_t* acks, uint64_t epoch,
+__device__ __forceinline__ bool wait_released(const ep_intranode_launch_t& p, const uint64_t* acks, uint64_t epoch,
                                               int site) {
   __shared__ int s_failed;
   if (threadIdx.x == 0) s_failed = 0;
   __syncthreads();
-  if (threadIdx.x < p.num_ranks) {
+  if (threadIdx.x < p.group.num_ranks) {
     const int r = threadIdx.x;
-    if (!wait_until([&] { return ld_acquire_sys_u64(acks + r) >= epoch - 1; }, p.timeout_ns, p.error, p.rank, r,
-                    site))
+    if (!wait_until([&] { return ld_acquire_sys_u64(acks + r) >= epoch - 1; }, p.group.timeout_ns, p.group.error,
+                    p.group.rank, r, site))
       s_failed = 1;
   }
   __syncthreads();
@@ -195,12 +195,12 @@ __device__ __forceinline__ bool wait_released(const ep_normal_launch_t& p, const
 // ---------------------------------------------------------------------------------------------------------------
 // dispatch: stage my rows, then pull the rows routed to me from every source's stage, in output order.
 // ---------------------------------------------------------------------------------------------------------------
-__global__ void __launch_bounds__(kDispatchThreads, 1) dispatch_kernel(ep_normal_launch_t p) {
-  const int R = p.num_ranks, me = p.rank, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const ep_normal_layout_t& L = p.layout;
-  const uint64_t epoch = p.state->dispatch_epoch + 1;
-  char* mine = p.normal_base;
-  const rows::XRow row(p.hidden, p.is_fp8, p.num_topk);
+__global__ void __launch_bounds__(kDispatchThreads, 1) dispatch_kernel(ep_intranode_launch_t p) {
+  const int R = p.group.num_ranks, me = p.group.rank, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const ep_normal_region_t& L = p.group.region;
+  const uint64_t epoch = p.group.state->dispatch_epoch + 1;
+  char* mine = p.group.normal_base;
+  const rows::XRow row(p.call.hidden, p.call.is_fp8, p.call.num_topk);
   NORMAL_PROF_STAMP(g_intra_prof_dispatch, 0);
 
   // Stage: chunks of my tokens, row | scales | global expert ids | weights; one flag per chunk.
@@ -212,7 +212,7 @@ __global__ void __launch_bounds__(kDispatchThreads, 1) dispatch_kernel(ep_normal
   // Pull: this block's share of my output rows. Row i comes from source s, as its j-th row for me.
   __shared__ int s_offset[kMaxNvlRanks + 1];
   __shared__ int s_failed;
-  if (tid <= R) s_offset[tid] = p.recv_offset[tid];
+  if (tid <= R) s_offset[tid] = p.handle.recv_offset[tid];
   if (tid == 0) s_failed = 0;
   __syncthreads();
   const int num_recv = s_offset[R];
@@ -222,13 +222,13 @@ __global__ void __launch_bounds__(kDispatchThreads, 1) dispatch_kernel(ep_normal
   for (int i = begin + warp; i < end; i += kDispatchWarps) {
     int s = 0;
     while (s + 1 < R && s_offset[s + 1] <= i) ++s;
-    const int t = p.recv_src[(size_t)s * L.max_tokens + (i - s_offset[s])];
+    const int t = p.handle.recv_src[(size_t)s * L.max_tokens + (i - s_offset[s])];
     char* src = peer_normal(p, s);
     if (s != ready_src || t / kChunk != ready_chunk) {
       bool ok = true;
       if (lane == 0) {
         const uint64_t* flag = at<uint64_t>(src, L.x_staged) + t / kChunk;
-        ok = wait_until([&] { return ld_acquire_sys_u64(flag) >= epoch; }, p.timeout_ns, p.error, me, s,
+        ok = wait_until([&] { return ld_acquire_sys_u64(flag) >= epoch; }, p.group.timeout_ns, p.group.error, me, s,
                         EP_SITE_DISPATCH_STAGED);
       }
       if (!__shfl_sync(0xffffffffu, ok, 0)) {
@@ -238,7 +238,7 @@ __global__ void __launch_bounds__(kDispatchThreads, 1) dispatch_kernel(ep_normal
       ready_src = s;
       ready_chunk = t / kChunk;
     }
-    if (i < p.recv_capacity) rows::pull_x_row(p, row, src + L.x_stage + (size_t)t * L.x_row_bytes, i, t, lane);
+    if (i < p.call.recv_capacity) rows::pull_x_row(p, row, src + L.x_stage + (size_t)t * L.x_row_bytes, i, t, lane);
   }
 
   // Graph-safe tail: rows past the received count say "nothing here".
@@ -248,18 +248,18 @@ __global__ void __launch_bounds__(kDispatchThreads, 1) dispatch_kernel(ep_normal
   NORMAL_PROF_DONE(g_intra_prof_dispatch, 3);
 
   // Once every block has read what it needs, release every source's stage.
-  if (!arrive_last(&p.state->dispatch_done)) {
+  if (!arrive_last(&p.group.state->dispatch_done)) {
     NORMAL_PROF_END(g_intra_prof_dispatch, me, kIntraProfDispatch);
     return;
   }
   if (tid < R) st_release_sys_u64(at<uint64_t>(peer_normal(p, tid), L.dispatch_ack) + me, epoch);
   if (tid == 0) {
-    p.state->dispatch_done = 0;
-    p.state->dispatch_epoch = epoch;
+    p.group.state->dispatch_done = 0;
+    p.group.state->dispatch_epoch = epoch;
     // Reported only now: a fault recorded earlier would make this rank's remaining waits give up, and the
     // protocol (acks, epoch) would fall out of step with its peers. The rows past the capacity were skipped.
-    if (num_recv > p.recv_capacity)
-      record_fault(p.error, EP_FAULT_RECV_OVERFLOW, me, -1, 0, num_recv, p.recv_capacity);
+    if (num_recv > p.call.recv_capacity)
+      record_fault(p.group.error, EP_FAULT_RECV_OVERFLOW, me, -1, 0, num_recv, p.call.recv_capacity);
   }
   NORMAL_PROF_END(g_intra_prof_dispatch, me, kIntraProfDispatch);
 }
@@ -270,25 +270,27 @@ __global__ void __launch_bounds__(kDispatchThreads, 1) dispatch_kernel(ep_normal
 
 // Push one chunk of my expert outputs for source rank s: rows [first, first + n) of s's list for me, from my
 // received order (`recv_row`), into s's receive area at my slot rows; then raise the chunk's flag on s. Run by the
-// kCombinePushWarps push warps of a block, which sync on their own named barrier. (Rows moved by the bulk-copy
-// engine through shared memory measured slower: bench/RESULTS.md, 2026-11-28.)
-__device__ __forceinline__ void push_chunk(const ep_normal_launch_t& p, int s, int chunk, int recv_row, int n,
+// kCombinePushWarps push warps of a block, which sync on their own named barrier. Warp stores, not the bulk-copy
+// engine through shared memory: 4 x H200, EP4, 4096 tokens of hidden 7168, combine 608 / 592 us at 24 / 16 SMs
+// against 834 / 885 us with cp.async.bulk through 4 x 8 KB stages.
+__device__ __forceinline__ void push_chunk(const ep_intranode_launch_t& p, int s, int chunk, int recv_row, int n,
                                            uint64_t epoch, int push_warp, int lane) {
-  const ep_normal_layout_t& L = p.layout;
-  const int H = p.hidden, K = p.num_topk;
-  char* dst_base = peer_normal(p, s) + L.y_stage + ((size_t)p.rank * L.max_tokens + chunk * kChunk) * L.y_row_bytes;
-  n = max(0, min(n, p.recv_capacity - recv_row));  // past an overflowed dispatch's rows y ends (reported)
+  const ep_normal_region_t& L = p.group.region;
+  const int H = p.call.hidden, K = p.call.num_topk;
+  const size_t first_row = (size_t)p.group.rank * L.max_tokens + chunk * kChunk;  // my slot rows at s
+  char* dst_base = peer_normal(p, s) + L.y_stage + first_row * L.y_row_bytes;
+  n = max(0, min(n, p.call.recv_capacity - recv_row));  // past an overflowed dispatch's rows y ends (reported)
   for (int j = push_warp; j < n; j += kCombinePushWarps)
-    warp_copy<true, 16>(dst_base + (size_t)j * L.y_row_bytes, (const char*)p.y + (size_t)(recv_row + j) * H * 2, 0,
+    warp_copy<true, 16>(dst_base + (size_t)j * L.y_row_bytes, (const char*)p.call.y + (size_t)(recv_row + j) * H * 2, 0,
                         H * 2 / 16, lane);
-  if (p.y_weights && lane < K)
+  if (p.call.y_weights && lane < K)
     for (int j = push_warp; j < n; j += kCombinePushWarps)
       reinterpret_cast<float*>(dst_base + (size_t)j * L.y_row_bytes + H * 2)[lane] =
-          p.y_weights[(size_t)(recv_row + j) * K + lane];
+          p.call.y_weights[(size_t)(recv_row + j) * K + lane];
   named_barrier(1, kCombinePushWarps * 32);
   if (push_warp == 0 && lane == 0) {
     __threadfence_system();
-    st_release_sys_u64(at<uint64_t>(peer_normal(p, s), L.y_staged) + (size_t)p.rank * L.y_chunks_per_rank + chunk,
+    st_release_sys_u64(at<uint64_t>(peer_normal(p, s), L.y_staged) + (size_t)p.group.rank * L.y_chunks_per_rank + chunk,
                        epoch);
   }
 }
@@ -302,13 +304,13 @@ __device__ __forceinline__ void push_chunk(const ep_normal_launch_t& p, int s, i
 // in turn and sums each token's copies from local memory (my own copy in place in y) as their chunks arrive.
 // Both roles run at once, so the reduction hides under the NVLink transfer.
 template <int kMaxRanks>
-__global__ void __launch_bounds__(kCombineThreads, 1) combine_kernel(ep_normal_launch_t p) {
+__global__ void __launch_bounds__(kCombineThreads, 1) combine_kernel(ep_intranode_launch_t p) {
   constexpr int kUnroll = 16 / kMaxRanks;
-  const int R = p.num_ranks, me = p.rank, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int K = p.num_topk, H = p.hidden;
-  const ep_normal_layout_t& L = p.layout;
-  const uint64_t epoch = p.state->combine_epoch + 1;
-  char* mine = p.normal_base;
+  const int R = p.group.num_ranks, me = p.group.rank, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int K = p.call.num_topk, H = p.call.hidden;
+  const ep_normal_region_t& L = p.group.region;
+  const uint64_t epoch = p.group.state->combine_epoch + 1;
+  char* mine = p.group.normal_base;
   const int n16 = H * 2 / 16;
   NORMAL_PROF_STAMP(g_intra_prof_combine, 0);
 
@@ -316,7 +318,7 @@ __global__ void __launch_bounds__(kCombineThreads, 1) combine_kernel(ep_normal_l
   if (!wait_released(p, at<uint64_t>(mine, L.combine_ack), epoch, EP_SITE_COMBINE_ACK)) return;
   __shared__ int s_offset[kMaxNvlRanks + 1];
   __shared__ int s_failed;
-  if (tid <= R) s_offset[tid] = p.recv_offset[tid];
+  if (tid <= R) s_offset[tid] = p.handle.recv_offset[tid];
   if (tid == 0) s_failed = 0;
   __syncthreads();
   NORMAL_PROF_STAMP(g_intra_prof_combine, 1);
@@ -335,17 +337,17 @@ __global__ void __launch_bounds__(kCombineThreads, 1) combine_kernel(ep_normal_l
     NORMAL_PROF_STAMP_WARPS(g_intra_prof_combine, 2);
   } else {
     const int reduce_warp = warp - kCombinePushWarps;
-    const int num_chunks = (p.num_tokens + kChunk - 1) / kChunk;
+    const int num_chunks = (p.call.num_tokens + kChunk - 1) / kChunk;
     for (int c = blockIdx.x; c < num_chunks && !s_failed; c += gridDim.x) {
-      const int end = min(p.num_tokens, (c + 1) * kChunk);
+      const int end = min(p.call.num_tokens, (c + 1) * kChunk);
       for (int t = c * kChunk + reduce_warp; t < end; t += kCombineReduceWarps) {
         int pos = -1;
-        if (lane < R) pos = p.send_pos[(size_t)t * R + lane];
+        if (lane < R) pos = p.handle.send_pos[(size_t)t * R + lane];
         bool ok = true;
         if (pos >= 0 && lane != me) {
           const uint64_t* flag = at<uint64_t>(mine, L.y_staged) + (size_t)lane * L.y_chunks_per_rank + pos / kChunk;
-          ok = wait_until([&] { return ld_acquire_sys_u64(flag) >= epoch; }, p.timeout_ns, p.error, me, lane,
-                          EP_SITE_COMBINE_STAGED);
+          ok = wait_until([&] { return ld_acquire_sys_u64(flag) >= epoch; }, p.group.timeout_ns, p.group.error, me,
+                          lane, EP_SITE_COMBINE_STAGED);
         }
         if (!__all_sync(0xffffffffu, ok)) {
           s_failed = 1;
@@ -362,18 +364,18 @@ __global__ void __launch_bounds__(kCombineThreads, 1) combine_kernel(ep_normal_l
           if (r < R && pos_r >= 0) {
             if (r == me) {
               const size_t row = (size_t)s_offset[me] + pos_r;
-              if (row >= (size_t)p.recv_capacity) continue;  // see push_chunk
-              src[r] = (const char*)p.y + row * H * 2;
-              if (p.y_weights) wsrc[r] = p.y_weights + row * K;
+              if (row >= (size_t)p.call.recv_capacity) continue;  // see push_chunk
+              src[r] = (const char*)p.call.y + row * H * 2;
+              if (p.call.y_weights) wsrc[r] = p.call.y_weights + row * K;
             } else {
               src[r] = mine + L.y_stage + ((size_t)r * L.max_tokens + pos_r) * L.y_row_bytes;
               wsrc[r] = reinterpret_cast<const float*>(src[r] + H * 2);
             }
           }
         }
-        const int4* bias0 = reinterpret_cast<const int4*>((const char*)p.bias0 + (size_t)t * H * 2);
-        const int4* bias1 = reinterpret_cast<const int4*>((const char*)p.bias1 + (size_t)t * H * 2);
-        int4* out = reinterpret_cast<int4*>((char*)p.combined_x + (size_t)t * H * 2);
+        const int4* bias0 = reinterpret_cast<const int4*>((const char*)p.call.bias0 + (size_t)t * H * 2);
+        const int4* bias1 = reinterpret_cast<const int4*>((const char*)p.call.bias1 + (size_t)t * H * 2);
+        int4* out = reinterpret_cast<int4*>((char*)p.call.combined_x + (size_t)t * H * 2);
         for (int c0 = lane; c0 < n16; c0 += 32 * kUnroll) {
           int4 v[kUnroll][kMaxRanks];
 #pragma unroll
@@ -386,20 +388,20 @@ __global__ void __launch_bounds__(kCombineThreads, 1) combine_kernel(ep_normal_l
             const int ch = c0 + u * 32;
             if (ch >= n16) break;
             float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-            if (p.bias0) add_bf16x8(acc, bias0[ch]);
-            if (p.bias1) add_bf16x8(acc, bias1[ch]);
+            if (p.call.bias0) add_bf16x8(acc, bias0[ch]);
+            if (p.call.bias1) add_bf16x8(acc, bias1[ch]);
 #pragma unroll
             for (int r = 0; r < kMaxRanks; ++r)
               if (src[r]) add_bf16x8(acc, v[u][r]);
             out[ch] = rows::pack_bf16x8(acc);
           }
         }
-        if (p.combined_weights && lane < K) {
+        if (p.call.combined_weights && lane < K) {
           float w = 0.0f;
 #pragma unroll
           for (int r = 0; r < kMaxRanks; ++r)
             if (wsrc[r]) w += ld_relaxed_sys_f32(wsrc[r] + lane);
-          p.combined_weights[(size_t)t * K + lane] = w;
+          p.call.combined_weights[(size_t)t * K + lane] = w;
         }
       }
     }
@@ -410,38 +412,38 @@ __global__ void __launch_bounds__(kCombineThreads, 1) combine_kernel(ep_normal_l
   NORMAL_PROF_DONE(g_intra_prof_combine, 4);
 
   // Once every block has read its tokens' rows, every peer may push into my receive area again.
-  if (!arrive_last(&p.state->combine_done)) {
+  if (!arrive_last(&p.group.state->combine_done)) {
     NORMAL_PROF_END(g_intra_prof_combine, me, kIntraProfCombine);
     return;
   }
   if (tid < R) st_release_sys_u64(at<uint64_t>(peer_normal(p, tid), L.combine_ack) + me, epoch);
   if (tid == 0) {
-    p.state->combine_done = 0;
-    p.state->combine_epoch = epoch;
+    p.group.state->combine_done = 0;
+    p.group.state->combine_epoch = epoch;
   }
   NORMAL_PROF_END(g_intra_prof_combine, me, kIntraProfCombine);
 }
 
 }  // namespace ep
 
-extern "C" cudaError_t ep_launch_prepare(const ep_normal_launch_t* p, cudaStream_t stream) {
-  const size_t smem = sizeof(int) * (size_t)(p->num_experts / p->num_ranks);
+extern "C" cudaError_t ep_launch_intranode_prepare(const ep_intranode_launch_t* p, cudaStream_t stream) {
+  const size_t smem = sizeof(int) * (size_t)(p->call.num_experts / p->group.num_ranks);
   if (smem > 48 * 1024) {
     cudaError_t e = cudaFuncSetAttribute(ep::prepare_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     if (e != cudaSuccess) return e;
   }
-  ep::prepare_kernel<<<p->num_ranks, ep::kPrepareThreads, smem, stream>>>(*p);
+  ep::prepare_kernel<<<p->group.num_ranks, ep::kPrepareThreads, smem, stream>>>(*p);
   return cudaGetLastError();
 }
 
-extern "C" cudaError_t ep_launch_dispatch(const ep_normal_launch_t* p, cudaStream_t stream) {
-  ep::dispatch_kernel<<<p->num_blocks, ep::kDispatchThreads, 0, stream>>>(*p);
+extern "C" cudaError_t ep_launch_intranode_dispatch(const ep_intranode_launch_t* p, cudaStream_t stream) {
+  ep::dispatch_kernel<<<p->call.num_blocks, ep::kDispatchThreads, 0, stream>>>(*p);
   return cudaGetLastError();
 }
 
-extern "C" cudaError_t ep_launch_combine(const ep_normal_launch_t* p, cudaStream_t stream) {
-  if (p->num_ranks <= 2) ep::combine_kernel<2><<<p->num_blocks, ep::kCombineThreads, 0, stream>>>(*p);
-  else if (p->num_ranks <= 4) ep::combine_kernel<4><<<p->num_blocks, ep::kCombineThreads, 0, stream>>>(*p);
-  else ep::combine_kernel<8><<<p->num_blocks, ep::kCombineThreads, 0, stream>>>(*p);
+extern "C" cudaError_t ep_launch_intranode_combine(const ep_intranode_launch_t* p, cudaStream_t stream) {
+  if (p->group.num_ranks <= 2) ep::combine_kernel<2><<<p->call.num_blocks, ep::kCombineThreads, 0, stream>>>(*p);
+  else if (p->group.num_ranks <= 4) ep::combine_kernel<4><<<p->call.num_blocks, ep::kCombineThreads, 0, stream>>>(*p);
+  else ep::combine_kernel<8><<<p->call.num_blocks, ep::kCombineThreads, 0, stream>>>(*p);
   return cudaGetLastError();
 }

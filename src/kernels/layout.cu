@@ -4,7 +4,7 @@
 // (token, top-k slot) so that loads are coalesced and no thread walks a chain of dependent loads; it writes the
 // histograms to its own row of a scratch matrix, and the last block to finish sums the rows in block order
 // (deterministic), writes the outputs and resets the arrival counter for the next call.
-#include "kernels/api.h"
+#include "kernels/launch.h"
 #include "kernels/common.cuh"
 
 namespace ep {

@@ -11,8 +11,8 @@ namespace ll {
 
 constexpr int kChunk = 256;  // channels one warp combines per unit (8 per lane)
 // 16-byte words a lane of the send phase loads before it stores them. Fewer than kCopyBatch: a warp's stores then
-// start after a part of its loads, not after all of them (one rank, H200: 4 words -1.0 us against 8, 2 -0.3,
-// 16 +5; bench/RESULTS.md session 8).
+// start after a part of its loads, not after all of them. One rank of an H200, 128 tokens of hidden 7168 (a unit is
+// 448 words): combine 27.1 us with 8 words, 26.1 with 4, 26.8 with 2; 16 words cost 5 us more than 8.
 constexpr int kCombineBatch = 4;
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -95,13 +95,13 @@ __device__ __forceinline__ void sum_words(int4* dst, const char* y, size_t row_b
 // The rows form's units. s_range [E_loc][R], s_first [E_loc + 1] (filled by the caller). Returns its parts per row.
 __device__ __forceinline__ int send_rows(const ep_ll_launch_t& p, Grid grid, const int2* s_range, const int* s_first,
                                          int* s_units) {
-  const ep_ll_layout_t& L = p.layout;
+  const ep_ll_region_t& L = p.group.region;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int me = p.rank, R = p.num_ranks, E_loc = p.num_experts / R;
-  const size_t RT = (size_t)R * p.max_tokens, row_bytes = (size_t)p.hidden * 2;
-  const int row_words = p.hidden * 2 / 16;
+  const int me = p.group.rank, R = p.group.num_ranks, E_loc = p.call.num_experts / R;
+  const size_t RT = (size_t)R * p.call.max_tokens, row_bytes = (size_t)p.call.hidden * 2;
+  const int row_words = p.call.hidden * 2 / 16;
   const size_t half = half_offset(p);
-  char* stage = p.ll_base + half + L.combine_stage;  // [E_loc][RT][H] bf16: the zero-copy buffer
+  char* stage = p.group.ll_base + half + L.combine_stage;  // [E_loc][RT][H] bf16: the zero-copy buffer
   const int total = s_first[E_loc];
   const int total_warps = grid.blocks * kSendWarps;
   const int parts = parts_per_unit(total_warps, total);
@@ -118,7 +118,7 @@ __device__ __forceinline__ int send_rows(const ep_ll_launch_t& p, Grid grid, con
     const int s = slo;
     const int j = row - range[s].x;
     const size_t src_off = ((size_t)le * RT + row) * row_bytes;
-    const char* src = p.zero_copy ? stage + src_off : (const char*)p.y + src_off;
+    const char* src = p.call.zero_copy ? stage + src_off : (const char*)p.call.y + src_off;
     const size_t offset = half + L.recv + ((size_t)(me * E_loc + le) * L.max_tokens + j) * L.row_bytes;
     char* peer = nvlink_peer(p, s);
     if (peer) {
@@ -126,12 +126,12 @@ __device__ __forceinline__ int send_rows(const ep_ll_launch_t& p, Grid grid, con
       copy_words(reinterpret_cast<int4*>(peer + offset), reinterpret_cast<const int4*>(src), w.x, w.y, lane);
       if (lane == 0) atomicAdd(&s_units[s], 1);
     } else if (part == 0) {
-      if (!p.zero_copy) {
+      if (!p.call.zero_copy) {
         warp_copy<false, kCopyBatch>(stage + src_off, src, 0, row_words, lane);
         __syncwarp();
       }
-      uint64_t* signal = reinterpret_cast<uint64_t*>(p.ll_base + half + L.combine_signal + (size_t)me * 8);
-      tp::put_signal_warp(p.ll_base + offset, stage + src_off, row_bytes, signal, 1, /*add=*/true, s);
+      uint64_t* signal = reinterpret_cast<uint64_t*>(p.group.ll_base + half + L.combine_signal + (size_t)me * 8);
+      tp::put_signal_warp(p.group.ll_base + offset, stage + src_off, row_bytes, signal, 1, /*add=*/true, s);
     }
   }
   return parts;
@@ -142,15 +142,15 @@ __device__ __forceinline__ int send_rows(const ep_ll_launch_t& p, Grid grid, con
 // message's pairs. Returns its parts per message.
 __device__ __forceinline__ int send_sums(const ep_ll_launch_t& p, Grid grid, const int2* s_range, const int* s_moff,
                                          int* s_units) {
-  const ep_ll_layout_t& L = p.layout;
+  const ep_ll_region_t& L = p.group.region;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int me = p.rank, R = p.num_ranks, E_loc = p.num_experts / R;
-  const size_t RT = (size_t)R * p.max_tokens, row_bytes = (size_t)p.hidden * 2;
-  const int row_words = p.hidden * 2 / 16;
+  const int me = p.group.rank, R = p.group.num_ranks, E_loc = p.call.num_experts / R;
+  const size_t RT = (size_t)R * p.call.max_tokens, row_bytes = (size_t)p.call.hidden * 2;
+  const int row_words = p.call.hidden * 2 / 16;
   const size_t half = half_offset(p);
-  const char* msgs = p.ll_base + half + L.recv;
-  char* stage = p.ll_base + half + L.combine_stage;
-  const char* y = p.zero_copy ? stage : (const char*)p.y;
+  const char* msgs = p.group.ll_base + half + L.recv;
+  char* stage = p.group.ll_base + half + L.combine_stage;
+  const char* y = p.call.zero_copy ? stage : (const char*)p.call.y;
   const int total = s_moff[R];
   const int total_warps = grid.blocks * kSendWarps;
   const int parts = parts_per_unit(total_warps, total);
@@ -175,8 +175,8 @@ __device__ __forceinline__ int send_sums(const ep_ll_launch_t& p, Grid grid, con
       char* staged = stage + (size_t)__shfl_sync(0xffffffffu, flat, __ffs(lanes) - 1) * row_bytes;
       sum_words(reinterpret_cast<int4*>(staged), y, row_bytes, lanes, flat, weight, 0, row_words, lane);
       __syncwarp();
-      uint64_t* signal = reinterpret_cast<uint64_t*>(p.ll_base + half + L.combine_signal + (size_t)me * 8);
-      tp::put_signal_warp(p.ll_base + offset, staged, row_bytes, signal, 1, /*add=*/true, s);
+      uint64_t* signal = reinterpret_cast<uint64_t*>(p.group.ll_base + half + L.combine_signal + (size_t)me * 8);
+      tp::put_signal_warp(p.group.ll_base + offset, staged, row_bytes, signal, 1, /*add=*/true, s);
     }
   }
   return parts;
@@ -187,12 +187,12 @@ __device__ __forceinline__ int send_sums(const ep_ll_launch_t& p, Grid grid, con
 template <bool kSums>
 __device__ __forceinline__ bool combine_send(const ep_ll_launch_t& p, Grid grid, uint64_t op) {
   extern __shared__ int s_dyn[];
-  const ep_ll_layout_t& L = p.layout;
+  const ep_ll_region_t& L = p.group.region;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int R = p.num_ranks, E_loc = p.num_experts / R;
+  const int R = p.group.num_ranks, E_loc = p.call.num_experts / R;
   const size_t half = half_offset(p);
   LL_PROF_STAMP(kProfCombineSend, grid, 0);
-  if (grid.block == 0 && tid == 0) p.ops[1] = op;  // the call number for a later receive kernel (the hook)
+  if (grid.block == 0 && tid == 0) p.handle.ops[1] = op;        // the call number for a later receive kernel (the hook)
   int* s_rows = s_dyn;                                          // [R] rows (or messages) to each rank
   int* s_units = s_rows + R;                                    // [R] units of this block to each NVLink rank
   int2* s_range = reinterpret_cast<int2*>(s_units + R);         // [E_loc][R] (begin, count) of layout_range
@@ -200,11 +200,11 @@ __device__ __forceinline__ bool combine_send(const ep_ll_launch_t& p, Grid grid,
   int* s_moff = s_first;                                        // sums: [R + 1] the dispatch's message offsets
   for (int r = tid; r < R; r += blockDim.x) s_rows[r] = s_units[r] = 0;
   for (int i = tid; i < E_loc * R; i += blockDim.x) {
-    const int64_t v = p.layout_range[i];
+    const int64_t v = p.handle.layout_range[i];
     s_range[i] = make_int2((int)(v >> 32), (int)(uint32_t)v);
   }
   if constexpr (kSums)
-    for (int i = tid; i <= R; i += blockDim.x) s_moff[i] = p.msg_off[i];
+    for (int i = tid; i <= R; i += blockDim.x) s_moff[i] = p.handle.msg_off[i];
   const bool acks_ok = poll_acks(p, op, EP_SITE_LL_COMBINE_ACK);  // overlaps the loads above
   if (__syncthreads_or(!acks_ok)) return false;
   LL_PROF_STAMP(kProfCombineSend, grid, 1);
@@ -246,17 +246,17 @@ __device__ __forceinline__ bool combine_send(const ep_ll_launch_t& p, Grid grid,
   // NVLink rank r: lo counts (row, part) units, rows * parts in all; another node: lo counts rows (one per put).
   for (int r = tid; r < R; r += blockDim.x) {
     const bool pub = publishes_for(r, grid);
-    const size_t offset = half + L.combine_signal + (size_t)p.rank * 8;
+    const size_t offset = half + L.combine_signal + (size_t)p.group.rank * 8;
     char* peer = nvlink_peer(p, r);
     if (peer) {
       const uint64_t v = (uint64_t)s_units[r] + (pub ? (uint64_t)((long long)s_rows[r] * parts + 1) << 32 : 0);
       if (v) red_add_release_sys_u64(reinterpret_cast<uint64_t*>(peer + offset), v);
     } else if (pub) {
-      tp::signal_add(reinterpret_cast<uint64_t*>(p.ll_base + offset), (uint64_t)(s_rows[r] + 1) << 32, r);
+      tp::signal_add(reinterpret_cast<uint64_t*>(p.group.ll_base + offset), (uint64_t)(s_rows[r] + 1) << 32, r);
     }
   }
   LL_PROF_STAMP(kProfCombineSend, grid, 3);
-  LL_PROF_FINISH(kProfCombineSend, grid, p.rank, 0);
+  LL_PROF_FINISH(kProfCombineSend, grid, p.group.rank, 0);
   return true;
 }
 
@@ -271,17 +271,17 @@ __device__ __forceinline__ bool combine_send(const ep_ll_launch_t& p, Grid grid,
 // came; the fault is recorded): the caller then stops, without arriving.
 template <bool kSums>
 __device__ __forceinline__ bool combine_recv(const ep_ll_launch_t& p, Grid grid) {
-  const ep_ll_layout_t& L = p.layout;
+  const ep_ll_region_t& L = p.group.region;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int me = p.rank, R = p.num_ranks, K = p.num_topk, H = p.hidden;
+  const int me = p.group.rank, R = p.group.num_ranks, K = p.call.num_topk, H = p.call.hidden;
   const size_t half = half_offset(p);
-  char* mine = p.ll_base + half;
+  char* mine = p.group.ll_base + half;
   const uint64_t* signals = reinterpret_cast<const uint64_t*>(mine + L.combine_signal);
   LL_PROF_STAMP(kProfCombineRecv, grid, 0);
   const char* rows = mine + (kSums ? ep_ll_recv_sums(&L) : L.recv);
-  const int* slot_of = kSums ? p.rank_slot_of : p.slot_of;
+  const int* slot_of = kSums ? p.handle.rank_slot_of : p.handle.slot_of;
   const int chunks = (H + kChunk - 1) / kChunk;
-  const int units = p.num_tokens * chunks;
+  const int units = p.call.num_tokens * chunks;
   const int u0 = grid.block * kRecvWarps + warp;
   // The first unit's slots and weights (this rank's own data) are loaded while the signals are awaited.
   int pre_slot = -1;
@@ -289,12 +289,12 @@ __device__ __forceinline__ bool combine_recv(const ep_ll_launch_t& p, Grid grid)
   if (u0 < units && lane < K) {
     const int t = u0 / chunks;
     pre_slot = slot_of[(size_t)t * L.max_topk + lane];
-    pre_w = kSums ? 1.0f : p.topk_weights[(size_t)t * K + lane];
+    pre_w = kSums ? 1.0f : p.call.topk_weights[(size_t)t * K + lane];
   }
   bool ok = true;
   for (int r = tid; ok && r < R; r += blockDim.x)
-    ok = wait_until([&] { return count_complete(ld_acquire_sys_u64(signals + r)); }, p.timeout_ns, p.error, me, r,
-                    EP_SITE_LL_COMBINE_RECV);
+    ok = wait_until([&] { return count_complete(ld_acquire_sys_u64(signals + r)); }, p.group.timeout_ns, p.group.error,
+                    me, r, EP_SITE_LL_COMBINE_RECV);
   if (__syncthreads_or(!ok)) return false;
   LL_PROF_STAMP(kProfCombineRecv, grid, 1);
 
@@ -306,7 +306,7 @@ __device__ __forceinline__ bool combine_recv(const ep_ll_launch_t& p, Grid grid)
     float my_w = pre_w;
     if (u != u0 && lane < K) {
       my_slot = slot_of[(size_t)t * L.max_topk + lane];
-      my_w = kSums ? 1.0f : p.topk_weights[(size_t)t * K + lane];
+      my_w = kSums ? 1.0f : p.call.topk_weights[(size_t)t * K + lane];
     }
     float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     for (int k0 = 0; k0 < K; k0 += 8) {
@@ -325,7 +325,7 @@ __device__ __forceinline__ bool combine_recv(const ep_ll_launch_t& p, Grid grid)
       for (int i = 0; i < 8; ++i)
         if (slot[i] >= 0) fma_bf16x8(acc, w[i], v[i]);
     }
-    if (active) *reinterpret_cast<int4*>((char*)p.out + ((size_t)t * H + c) * 2) = pack_bf16x8(acc);
+    if (active) *reinterpret_cast<int4*>((char*)p.call.out + ((size_t)t * H + c) * 2) = pack_bf16x8(acc);
   }
 
   LL_PROF_STAMP(kProfCombineRecv, grid, 2);

@@ -1,11 +1,11 @@
 // ll_common.cuh: what the low-latency (LL) phases share: a phase's grid, the call a kernel runs, the profiling
 // stamps, the block shapes, the peer / count-word / acknowledgement helpers and the end of a receive phase
 // (finish_recv). The phases themselves are in ll_dispatch.cuh and ll_combine.cuh; the kernels and their launches
-// in low_latency.cu, the only file that includes these. Buffer layout and signal protocol: ll_layout.h.
+// in low_latency.cu, the only file that includes these. The LL region and signal protocol: ll_region.h.
 #ifndef EP_KERNELS_LL_COMMON_CUH
 #define EP_KERNELS_LL_COMMON_CUH
 
-#include "kernels/api.h"
+#include "kernels/launch.h"
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
 
@@ -40,11 +40,6 @@ enum class Call { kDispatch, kCombine, kCombineSums };
 // block of a phase's grid stamp %globaltimer at the phase's boundaries; every EP_LL_PROFILE_EVERY-th call of a
 // phase prints one line (device printf) with, for both blocks, the time of each stage since the previous stamp, in
 // us. Records are per phase ("kernel" below), whether the phase runs in its own kernel or in a fused one.
-// EP_LL_PROFILE=2 adds the dispatch's timeline: thread 0 of block 0 stamps each step of both phases (LL_TL; a step
-// that waits for a value passes it, so that the stamp cannot run ahead of the wait), and every
-// EP_LL_PROFILE_EVERY-th dispatch prints one line `ep_ll_timeline ...`: each step's end in us since the send
-// phase's start (with the hook: for dispatches whose phases do not interleave). This is what found the chains of
-// division and fence instructions (docs/low-latency.md section 5).
 // ---------------------------------------------------------------------------------------------------------------
 enum { kProfDispatchSend = 0, kProfDispatchRecv = 1, kProfCombineSend = 2, kProfCombineRecv = 3 };
 #if EP_LL_PROFILE
@@ -100,53 +95,6 @@ __device__ void prof_finish(int kernel, Grid grid, int rank, unsigned long long 
 #define LL_PROF_NOW() 0ull
 #endif
 
-// The dispatch timeline (EP_LL_PROFILE=2): one stamp per step of block 0's thread 0 (thread 32 for kTlScanWarp1).
-enum TlStamp {
-  kTlStart, kTlInit, kTlAcks, kTlScanFirst, kTlScanEnd, kTlScanWarp1, kTlPrologue, kTlSlots, kTlRows, kTlHeader,
-  kTlX, kTlCast, kTlStores, kTlMeta, kTlBarrier, kTlPuts, kTlCounts,                     // send phase
-  kTlRecv, kTlCountSeen, kTlRecvBarrier, kTlIssued, kTlMetaRows, kTlOffsets, kTlFirstData, kTlCopy, kTlDone,  // receive
-  kTlStamps
-};
-#if EP_LL_PROFILE == 2
-struct Timeline {
-  unsigned long long t[kTlStamps];
-  unsigned int calls;
-};
-__device__ Timeline g_timeline;
-
-// Stamp s once `dep` is available (a step that waits for a value passes it); kTlStart clears the others.
-__device__ __forceinline__ void tl_stamp(int s, unsigned dep) {
-  unsigned long long t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t) : "r"(dep) : "memory");
-  if (s == kTlStart)
-    for (int i = 1; i < kTlStamps; ++i) g_timeline.t[i] = 0;
-  g_timeline.t[s] = t;
-}
-
-// By block 0's thread 0 at the end of a dispatch's receive phase: every EP_LL_PROFILE_EVERY-th call, one line.
-__device__ inline void tl_print(int rank) {
-  static const char* const names[kTlStamps] = {
-      "start", "init", "acks", "scan-first", "scan", "scan(w1)", "prologue", "slots", "rows", "header", "x", "cast",
-      "stores", "meta", "barrier", "puts", "counts", "| recv", "count", "barrier", "issued", "meta-rows", "offsets",
-      "data", "copy", "done"};
-  if (++g_timeline.calls % EP_LL_PROFILE_EVERY != 0) return;
-  const unsigned long long t0 = g_timeline.t[kTlStart];
-  printf("ep_ll_timeline rank %d call %u (us since the send's start; - = not reached) |", rank, g_timeline.calls);
-  for (int i = 1; i < kTlStamps; ++i) {
-    const unsigned long long t = g_timeline.t[i];
-    if (t >= t0) printf(" %s %.2f", names[i], (float)(t - t0) * 1e-3f);
-    else printf(" %s -", names[i]);
-  }
-  printf("\n");
-}
-#define LL_TL(stamp, cond, dep)                                                               \
-  do {                                                                                        \
-    if (grid.block == 0 && (cond)) ::ep::ll::tl_stamp((stamp), (unsigned)(dep));              \
-  } while (0)
-#else
-#define LL_TL(stamp, cond, dep) ((void)0)
-#endif
-
 // Block shapes: threads of a send phase's and of a receive phase's block (equal: a fused kernel runs both).
 constexpr int kSendThreads = 512;
 constexpr int kSendWarps = kSendThreads / 32;
@@ -154,17 +102,19 @@ constexpr int kRecvThreads = 512;
 constexpr int kRecvWarps = kRecvThreads / 32;
 constexpr int kCopyBatch = 8;  // 16-byte words a lane has in flight per batch (dispatch receive, combine stage copy)
 
-__device__ __forceinline__ size_t half_offset(const ep_ll_launch_t& p) { return (size_t)p.half * p.layout.half_bytes; }
+__device__ __forceinline__ size_t half_offset(const ep_ll_launch_t& p) {
+  return (size_t)p.half * p.group.region.half_bytes;
+}
 
 // Rank r's mapping of the LL region, when r is a peer of this node reached by loads/stores; else NULL.
 __device__ __forceinline__ char* nvlink_peer(const ep_ll_launch_t& p, int r) {
-  const unsigned local = (unsigned)(r - p.node_first_rank);
-  if (local >= (unsigned)p.ranks_per_node) return nullptr;
-  char* base = (char*)p.peer_workspace[r];
-  return base ? base + p.ll_offset : nullptr;
+  const unsigned local = (unsigned)(r - p.group.node_first_rank);
+  if (local >= (unsigned)p.group.ranks_per_node) return nullptr;
+  char* base = (char*)p.group.peer_workspace[r];
+  return base ? base + p.group.ll_offset : nullptr;
 }
 
-// A count word is complete when its high half hi >= 1 and its low half is hi - 1 (see ll_layout.h).
+// A count word is complete when its high half hi >= 1 and its low half is hi - 1 (see ll_region.h).
 __device__ __forceinline__ bool count_complete(uint64_t v) {
   const uint32_t hi = (uint32_t)(v >> 32), lo = (uint32_t)v;
   return hi != 0 && lo == hi - 1;
@@ -184,23 +134,24 @@ __device__ __forceinline__ bool publishes_for(int r, Grid grid) {
 // The number of the call starting on the current half: one more than the half's last call. Only a receive phase's
 // last block advances seq[half], once every block of its kernel has arrived there, so every block of a kernel
 // reads the same value (in a fused kernel, at its start).
-__device__ __forceinline__ uint64_t next_call(const ep_ll_launch_t& p) { return p.state->seq[p.half] + 1; }
+__device__ __forceinline__ uint64_t next_call(const ep_ll_launch_t& p) { return p.group.state->seq[p.half] + 1; }
 
 // Tell rank r that this rank finished receiving call `op` on the current half.
 __device__ __forceinline__ void send_ack(const ep_ll_launch_t& p, int r, uint64_t op) {
-  const size_t offset = half_offset(p) + p.layout.ack + (size_t)p.rank * 8;
+  const size_t offset = half_offset(p) + p.group.region.ack + (size_t)p.group.rank * 8;
   char* peer = nvlink_peer(p, r);
   if (peer) st_release_sys_u64(reinterpret_cast<uint64_t*>(peer + offset), op);
-  else tp::signal_set(reinterpret_cast<uint64_t*>(p.ll_base + offset), op, r);
+  else tp::signal_set(reinterpret_cast<uint64_t*>(p.group.ll_base + offset), op, r);
 }
 
 // Every rank must have finished receiving the previous call on this half before we write into its half. Threads
 // tid < R poll (no barrier: the caller overlaps this with other work and joins the result with __syncthreads_or).
 __device__ __forceinline__ bool poll_acks(const ep_ll_launch_t& p, uint64_t op, int site) {
-  const uint64_t* acks = reinterpret_cast<const uint64_t*>(p.ll_base + half_offset(p) + p.layout.ack);
+  const uint64_t* acks = reinterpret_cast<const uint64_t*>(p.group.ll_base + half_offset(p) + p.group.region.ack);
   bool ok = true;
-  for (int r = threadIdx.x; ok && r < p.num_ranks; r += blockDim.x)
-    ok = wait_until([&] { return ld_acquire_sys_u64(acks + r) + 1 >= op; }, p.timeout_ns, p.error, p.rank, r, site);
+  for (int r = threadIdx.x; ok && r < p.group.num_ranks; r += blockDim.x)
+    ok = wait_until([&] { return ld_acquire_sys_u64(acks + r) + 1 >= op; }, p.group.timeout_ns, p.group.error,
+                    p.group.rank, r, site);
   return ok;
 }
 
@@ -224,8 +175,8 @@ __device__ __forceinline__ int2 ld_nc_v2(const void* ptr) {
   return v;
 }
 
-// A message header's pair (ll_layout.h): expert e and slot j in one int32, then the weight's bits.
-constexpr int kPairSlotBits = 13;  // j < 2^13: T <= 8192 (EP_LL_MAX_TOKENS)
+// A message header's pair (ll_region.h): expert e and slot j in one int32, then the weight's bits.
+constexpr int kPairSlotBits = EP_LL_PAIR_SLOT_BITS;
 __device__ __forceinline__ int2 make_pair(int e, int j, float weight) {
   return make_int2(e << kPairSlotBits | j, __float_as_int(weight));
 }
@@ -258,7 +209,7 @@ __device__ __forceinline__ int last_start_at_most(const int* starts, int n, int 
 
 // The rank holding valid expert e.
 __device__ __forceinline__ int rank_of_expert(const ep_ll_launch_t& p, int e) {
-  return (int)ep_fastdiv((uint32_t)e, p.by_local_experts);
+  return (int)ep_fastdiv((uint32_t)e, p.call.by_local_experts);
 }
 
 // Lanes per token when a warp looks at top-k rows: the power of two >= K (K <= 32), as its log2.
@@ -280,31 +231,26 @@ template <Call kCall>
 __device__ __forceinline__ void finish_recv(const ep_ll_launch_t& p, Grid grid, uint64_t op) {
   constexpr bool kDispatch = kCall == Call::kDispatch;
   [[maybe_unused]] constexpr int phase = kDispatch ? kProfDispatchRecv : kProfCombineRecv;  // profile builds
-  unsigned int* done = kDispatch ? &p.state->dispatch_done : &p.state->combine_done;
+  unsigned int* done = kDispatch ? &p.group.state->dispatch_done : &p.group.state->combine_done;
   const bool last = arrive_last(done);
   LL_PROF_STAMP(phase, grid, kDispatch ? 4 : 3);  // "arrive" (prof_finish's labels)
-#if EP_LL_PROFILE == 2
-  if (kDispatch && grid.block == 0 && threadIdx.x == 0) {
-    tl_stamp(kTlDone, last);
-    tl_print(p.rank);
-  }
-#endif
   if (!last) {
-    LL_PROF_FINISH(phase, grid, p.rank, 0);
+    LL_PROF_FINISH(phase, grid, p.group.rank, 0);
     return;
   }
-  uint64_t* word = reinterpret_cast<uint64_t*>(p.ll_base + half_offset(p) +
-                                               (kDispatch ? p.layout.dispatch_count : p.layout.combine_signal));
-  for (int r = threadIdx.x; r < p.num_ranks; r += blockDim.x) {
+  const ep_ll_region_t& L = p.group.region;
+  uint64_t* word =
+      reinterpret_cast<uint64_t*>(p.group.ll_base + half_offset(p) + (kDispatch ? L.dispatch_count : L.combine_signal));
+  for (int r = threadIdx.x; r < p.group.num_ranks; r += blockDim.x) {
     word[r] = 0;
     __threadfence_system();
     send_ack(p, r, op);
   }
   if (threadIdx.x == 0) {
     *done = 0;
-    p.state->seq[p.half] = op;
+    p.group.state->seq[p.half] = op;
   }
-  LL_PROF_FINISH(phase, grid, p.rank, LL_PROF_NOW());
+  LL_PROF_FINISH(phase, grid, p.group.rank, LL_PROF_NOW());
 }
 
 }  // namespace ll

@@ -21,19 +21,19 @@ struct SlotInfo {
 };
 
 __device__ __forceinline__ SlotInfo slot_info(const ep_ll_launch_t& p, int t0, int t_end, int kp_log2, int lane) {
-  const int K = p.num_topk, E = p.num_experts, kp_mask = (1 << kp_log2) - 1;
+  const int K = p.call.num_topk, E = p.call.num_experts, kp_mask = (1 << kp_log2) - 1;
   SlotInfo si;
   si.t = t0 + (lane >> kp_log2);
   si.k = lane & kp_mask;
   si.in = si.t < t_end && si.k < K;
-  si.e = si.in ? p.topk_idx[(size_t)si.t * K + si.k] : -1;
+  si.e = si.in ? p.call.topk_idx[(size_t)si.t * K + si.k] : -1;
   const bool valid = si.in && valid_expert(si.e, E);
   // Keys: (token, expert) and (token, rank) for valid slots; a value no valid slot has (unique per lane) otherwise.
   // 32-bit keys (a 64-bit match costs twice): the token's place in the warp (< 32) in the top 5 bits, under it the
   // expert or the rank; E + 32 < 2^27, since the send phase's shared histograms (2 * E ints) cap E far below.
   const uint32_t tkey = (uint32_t)(lane >> kp_log2) << 27;
   const uint32_t key_e = tkey | (uint32_t)(valid ? (int)si.e : E + lane);
-  const uint32_t key_r = tkey | (uint32_t)(valid ? rank_of_expert(p, (int)si.e) : p.num_ranks + lane);
+  const uint32_t key_r = tkey | (uint32_t)(valid ? rank_of_expert(p, (int)si.e) : p.group.num_ranks + lane);
   const unsigned same_e = __match_any_sync(0xffffffffu, key_e);
   const unsigned same_r = __match_any_sync(0xffffffffu, key_r);
   si.first = valid && __ffs(same_e) - 1 == lane;
@@ -115,7 +115,7 @@ __device__ __forceinline__ void load_x_step(const char* xrow, int s, int H, int 
 template <typename F>
 __device__ __forceinline__ void for_each_copy(const ep_ll_launch_t& p, unsigned dmask, int ek, int posk,
                                               bool has_remote, char* stage_msg, F f) {
-  const ep_ll_layout_t& L = p.layout;
+  const ep_ll_region_t& L = p.group.region;
   for (unsigned m = dmask;; m &= m - 1) {
     char* msg;
     if (m) {
@@ -123,7 +123,7 @@ __device__ __forceinline__ void for_each_copy(const ep_ll_launch_t& p, unsigned 
       const int d = rank_of_expert(p, __shfl_sync(0xffffffffu, ek, b)), pos = __shfl_sync(0xffffffffu, posk, b);
       char* peer = nvlink_peer(p, d);
       if (!peer) continue;
-      msg = peer + half_offset(p) + L.recv + ((size_t)p.rank * L.max_tokens + pos) * L.msg_bytes;
+      msg = peer + half_offset(p) + L.recv + ((size_t)p.group.rank * L.max_tokens + pos) * L.msg_bytes;
     } else {
       if (!has_remote) return;
       msg = stage_msg;
@@ -137,15 +137,15 @@ __device__ __forceinline__ void for_each_copy(const ep_ll_launch_t& p, unsigned 
 // recorded): the caller then stops, with no receive phase.
 __device__ __forceinline__ bool dispatch_send(const ep_ll_launch_t& p, Grid grid, uint64_t op) {
   extern __shared__ int s_dyn[];
-  const ep_ll_layout_t& L = p.layout;
+  const ep_ll_region_t& L = p.group.region;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int me = p.rank, R = p.num_ranks, K = p.num_topk, E = p.num_experts, E_loc = E / R, H = p.hidden;
-  const int N = p.num_tokens;
+  const int me = p.group.rank, R = p.group.num_ranks, K = p.call.num_topk, E = p.call.num_experts, E_loc = E / R;
+  const int H = p.call.hidden;
+  const int N = p.call.num_tokens;
   const size_t half = half_offset(p);
-  char* mine = p.ll_base + half;
+  char* mine = p.group.ll_base + half;
   LL_PROF_STAMP(kProfDispatchSend, grid, 0);
-  LL_TL(kTlStart, tid == 0, 0);
-  if (grid.block == 0 && tid == 0) p.ops[0] = op;  // the call number for a later receive kernel (the hook)
+  if (grid.block == 0 && tid == 0) p.handle.ops[0] = op;  // the call number for a later receive kernel (the hook)
 
   const int per_block = (N + grid.blocks - 1) / grid.blocks;  // <= kMaxRange (the launcher sizes the grid)
   const int begin = min(N, grid.block * per_block), end = min(N, begin + per_block), n_loc = end - begin;
@@ -168,17 +168,14 @@ __device__ __forceinline__ bool dispatch_send(const ep_ll_launch_t& p, Grid grid
   for (int e = tid; e < E; e += blockDim.x) s_hist[e] = s_ahist[e] = 0;
   for (int r = tid; r < R; r += blockDim.x) s_rhist[r] = s_arhist[r] = s_own[r] = 0;
   __syncthreads();
-  LL_TL(kTlInit, tid == 0, 0);
 
   // 1a. Earlier and later tokens into the histograms; my tokens' slots noted (s_rf: bit 0 = rank-first, bits 1.. =
   // 1 + the first slot of the same expert, 0 for an invalid slot). Threads tid < R first wait for the acks: the
   // other warps scan meanwhile, and the barrier after the scan joins the result (no store to a peer before it).
   const bool acks_ok = poll_acks(p, op, EP_SITE_LL_DISPATCH_ACK);
-  LL_TL(kTlAcks, tid == 0, acks_ok);
   const int kp_log2 = topk_lanes_log2(K), tokens_per_warp = 32 >> kp_log2;
   for (int tb = warp * tokens_per_warp; tb < N; tb += kSendWarps * tokens_per_warp) {
     const SlotInfo si = slot_info(p, tb, N, kp_log2, lane);
-    LL_TL(kTlScanFirst, tid == 0 && tb == 0, si.first_k + (int)si.e);
     if (si.t < begin) {
       if (si.first) atomicAdd(&s_hist[si.e], 1);
       if (si.rfirst) atomicAdd(&s_rhist[rank_of_expert(p, (int)si.e)], 1);
@@ -186,17 +183,14 @@ __device__ __forceinline__ bool dispatch_send(const ep_ll_launch_t& p, Grid grid
       if (si.first) atomicAdd(&s_ahist[si.e], 1);
       if (si.rfirst) atomicAdd(&s_arhist[rank_of_expert(p, (int)si.e)], 1);
     } else if (si.in) {
-      if (si.e < -1 || si.e >= E) record_fault(p.error, EP_FAULT_BAD_EXPERT, me, -1, 0, si.t, si.e);
+      if (si.e < -1 || si.e >= E) record_fault(p.group.error, EP_FAULT_BAD_EXPERT, me, -1, 0, si.t, si.e);
       const int i = (si.t - begin) * K + si.k;
       s_ent[i] = si.first ? (int)si.e : -1;
       s_rf[i] = (si.first_k >= 0 ? (si.first_k + 1) << 1 : 0) | (si.rfirst ? 1 : 0);
     }
   }
-  LL_TL(kTlScanEnd, tid == 0, 0);
-  LL_TL(kTlScanWarp1, tid == 32, 0);
   if (__syncthreads_or(!acks_ok)) return false;  // every rank is done with this half's last call (or one timed out)
   LL_PROF_STAMP(kProfDispatchSend, grid, 1);
-  LL_TL(kTlPrologue, tid == 0, 0);
   // 1b. Slots and message positions inside the range (each earlier token lists an expert / a rank once at most).
   for (int i = tid; i < n_loc * K; i += blockDim.x) {
     const int e = s_ent[i];
@@ -212,7 +206,6 @@ __device__ __forceinline__ bool dispatch_send(const ep_ll_launch_t& p, Grid grid
     s_pos[i] = pos;
   }
   __syncthreads();
-  LL_TL(kTlSlots, tid == 0, 0);
   // 1c. Combine's receive row of every (token, slot) (a repeated expert uses its first slot's row); the range
   // joins the histograms (read again only by the last block, after barriers).
   // With weights, also (for a combine with sums on the experts' ranks) each first slot's expert weight, the sum
@@ -221,26 +214,25 @@ __device__ __forceinline__ bool dispatch_send(const ep_ll_launch_t& p, Grid grid
   for (int i = tid; i < n_loc * K; i += blockDim.x) {
     const int lt = i / K, k = i % K, first_k = (s_rf[i] >> 1) - 1;
     const size_t at = (size_t)(begin + lt) * L.max_topk + k;
-    p.slot_of[at] = first_k >= 0 ? s_ent[lt * K + first_k] * L.max_tokens + s_slot[lt * K + first_k] : -1;
+    p.handle.slot_of[at] = first_k >= 0 ? s_ent[lt * K + first_k] * L.max_tokens + s_slot[lt * K + first_k] : -1;
     if (s_ent[i] >= 0) atomicAdd(&s_hist[s_ent[i]], 1);
     if (s_rf[i] & 1) {
       atomicAdd(&s_rhist[rank_of_expert(p, s_ent[i])], 1);
       atomicAdd(&s_own[rank_of_expert(p, s_ent[i])], 1);
     }
-    if (p.dispatch_weights) {
+    if (p.call.dispatch_weights) {
       if (s_ent[i] >= 0) {
-        const float* w = p.dispatch_weights + (size_t)(begin + lt) * K;
+        const float* w = p.call.dispatch_weights + (size_t)(begin + lt) * K;
         float sum = 0.0f;
 #pragma unroll 1
         for (int k2 = k; k2 < K; ++k2)
           if ((s_rf[lt * K + k2] >> 1) - 1 == k) sum += w[k2];
         s_w[i] = sum;
       }
-      p.rank_slot_of[at] = s_rf[i] & 1 ? rank_of_expert(p, s_ent[i]) * L.max_tokens + s_pos[i] : -1;
+      p.handle.rank_slot_of[at] = s_rf[i] & 1 ? rank_of_expert(p, s_ent[i]) * L.max_tokens + s_pos[i] : -1;
     }
   }
   __syncthreads();  // s_hist + s_ahist, s_rhist + s_arhist: all my tokens; s_own: this block's messages
-  LL_TL(kTlRows, tid == 0, 0);
 
   // 2. Data: (token, part) units.
   const size_t hdr = L.hdr_bytes, msg_stride = L.msg_bytes;
@@ -257,16 +249,15 @@ __device__ __forceinline__ bool dispatch_send(const ep_ll_launch_t& p, Grid grid
       const int jk = ek >= 0 ? s_slot[lt * K + lane] : 0;
       const unsigned fmask = __ballot_sync(0xffffffffu, ek >= 0);
       const int idx = __popc(fmask & ((1u << lane) - 1u));
-      const float wk = p.dispatch_weights && ek >= 0 ? s_w[lt * K + lane] : 0.0f;
+      const float wk = p.call.dispatch_weights && ek >= 0 ? s_w[lt * K + lane] : 0.0f;
       for_each_copy(p, dmask, ek, posk, has_remote, my_msg, [&](char* dst) {
         if (lane == 0) *reinterpret_cast<int2*>(dst) = make_int2(t, __popc(fmask));
         if (ek >= 0) *reinterpret_cast<int2*>(dst + 8 + 8 * idx) = make_pair(ek, jk, wk);
       });
-      LL_TL(kTlHeader, tid == 0, 0);
     }
     const int2 st = part_range(part, parts, steps);  // steps <= 128, parts <= 16
     const int st0 = st.x, st1 = st.y;
-    const char* xrow = reinterpret_cast<const char*>(p.x) + (size_t)t * H * 2;
+    const char* xrow = reinterpret_cast<const char*>(p.call.x) + (size_t)t * H * 2;
     for (int s0 = st0; s0 < st1; s0 += kStepBatch) {
       int4 in[kStepBatch][2];
 #pragma unroll
@@ -276,13 +267,11 @@ __device__ __forceinline__ bool dispatch_send(const ep_ll_launch_t& p, Grid grid
       }
       int4 out[kStepBatch];
       float scale[kStepBatch];
-      LL_TL(kTlX, tid == 0 && s0 == st0, in[0][0].x ^ in[0][1].x);
-      if (p.fp8) {
+      if (p.call.fp8) {
 #pragma unroll
         for (int b = 0; b < kStepBatch; ++b)
-          if (s0 + b < st1) out[b] = cast16(in[b], p.round_scale, &scale[b]);  // warp-uniform: only real steps
+          if (s0 + b < st1) out[b] = cast16(in[b], p.call.round_scale, &scale[b]);  // warp-uniform: only real steps
       }
-      LL_TL(kTlCast, tid == 0 && s0 == st0, out[0].x);
       // Store the batch to every NVLink destination, then (if any rank is in another node) to the stage.
       for_each_copy(p, dmask, ek, posk, has_remote, my_msg, [&](char* msg) {
         char* dst = msg + hdr;
@@ -290,7 +279,7 @@ __device__ __forceinline__ bool dispatch_send(const ep_ll_launch_t& p, Grid grid
         for (int b = 0; b < kStepBatch; ++b) {
           const int c = (s0 + b) * kStep + lane * 16;
           if (s0 + b >= st1 || c >= H) continue;
-          if (p.fp8) {
+          if (p.call.fp8) {
             *reinterpret_cast<int4*>(dst + c) = out[b];
             if ((lane & 7) == 0) reinterpret_cast<float*>(dst + H)[c / 128] = scale[b];
           } else {
@@ -302,7 +291,6 @@ __device__ __forceinline__ bool dispatch_send(const ep_ll_launch_t& p, Grid grid
     }
   }
 
-  LL_TL(kTlStores, tid == 0, 0);
   // dispatch_meta rows of the ranks this block publishes to: NVLink peers directly, others through the stage.
   int* meta_out = reinterpret_cast<int*>(mine + L.meta_stage);  // [R][E_loc]
   for (int i = tid; i < E; i += blockDim.x) {
@@ -315,14 +303,12 @@ __device__ __forceinline__ bool dispatch_send(const ep_ll_launch_t& p, Grid grid
   }
   // The block's stores (peers' receive slots, the stage, meta rows) come before its counts through the barrier: each
   // count is a release add after it (cumulative over what the barrier ordered), and a warp that puts fences first.
-  LL_TL(kTlMeta, tid == 0, 0);
   __syncthreads();
   LL_PROF_STAMP(kProfDispatchSend, grid, 2);
-  LL_TL(kTlBarrier, tid == 0, 0);
 
   // Tokens going to another node: the whole message (header + payload) from the stage, one put per rank; and the
   // dispatch_meta rows of the other-node ranks this block publishes to.
-  const size_t put_bytes = ep_align_up(hdr + (size_t)(p.fp8 ? H + H / 128 * 4 : 2 * H), 16);
+  const size_t put_bytes = ep_align_up(hdr + (size_t)(p.call.fp8 ? H + H / 128 * 4 : 2 * H), 16);
   uint64_t* count_word = reinterpret_cast<uint64_t*>(mine + L.dispatch_count + (size_t)me * 8);  // symmetric
   for (int lt = warp; lt < n_loc; lt += kSendWarps) {
     const int ek = lane < K ? s_ent[lt * K + lane] : -1;
@@ -342,7 +328,6 @@ __device__ __forceinline__ bool dispatch_send(const ep_ll_launch_t& p, Grid grid
       tp::put_signal_warp(mine + L.dispatch_meta + (size_t)me * E_loc * 4, meta_out + (size_t)d * E_loc,
                           (size_t)E_loc * 4, count_word, 1, /*add=*/true, d);
     }
-  LL_TL(kTlPuts, tid == 0, 0);
 
   // 3. Counts. NVLink rank d: this block's messages (+ 1 for the meta row and the high half (messages + 2) << 32
   // if it publishes for d), in one release add after the barrier above. Other nodes: the puts count themselves; the
@@ -359,7 +344,6 @@ __device__ __forceinline__ bool dispatch_send(const ep_ll_launch_t& p, Grid grid
     }
   }
   LL_PROF_STAMP(kProfDispatchSend, grid, 3);
-  LL_TL(kTlCounts, tid == 0, 0);
   LL_PROF_FINISH(kProfDispatchSend, grid, me, 0);
   return true;
 }
@@ -389,8 +373,8 @@ struct RecvUnit {
 // Issue every load of unit u at once (header, pairs, the first batch of payload, the scales): one round trip.
 __device__ __forceinline__ void recv_unit_load(const ep_ll_launch_t& p, const char* recv, const int* s_moff, int u,
                                                int parts, int words, RecvUnit& r) {
-  const ep_ll_layout_t& L = p.layout;
-  const int lane = threadIdx.x & 31, R = p.num_ranks, H = p.hidden, G = H / 128;
+  const ep_ll_region_t& L = p.group.region;
+  const int lane = threadIdx.x & 31, R = p.group.num_ranks, H = p.call.hidden, G = H / 128;
   const int m = u / parts;
   r.part = u % parts;
   r.s = last_start_at_most(s_moff, R, m);
@@ -406,9 +390,9 @@ __device__ __forceinline__ void recv_unit_load(const ep_ll_launch_t& p, const ch
     if (r.w0 + b * 32 + lane < r.w1) r.v[b] = ld_nc_na(src + r.w0 + b * 32 + lane);
   r.sc[0] = r.sc[1] = 0.0f;
   r.sq = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-  if (r.part == 0 && p.fp8) {
+  if (r.part == 0 && p.call.fp8) {
     const float* scales = reinterpret_cast<const float*>(r.msg + L.hdr_bytes + H);
-    if (!p.ue8m0) {
+    if (!p.call.ue8m0) {
       if (lane < G) r.sc[0] = scales[lane];
       if (lane + 32 < G) r.sc[1] = scales[lane + 32];
     } else if (lane < G / 4) {
@@ -426,16 +410,15 @@ __device__ __forceinline__ uint32_t ue8m0_pack(const float4& f) {
 // recorded): the caller then stops, without arriving.
 __device__ __forceinline__ bool dispatch_recv(const ep_ll_launch_t& p, Grid grid) {
   extern __shared__ int s_dyn[];
-  const ep_ll_layout_t& L = p.layout;
+  const ep_ll_region_t& L = p.group.region;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int me = p.rank, R = p.num_ranks, E_loc = p.num_experts / R, H = p.hidden, G = H / 128;
-  const size_t RT = (size_t)R * p.max_tokens;
+  const int me = p.group.rank, R = p.group.num_ranks, E_loc = p.call.num_experts / R, H = p.call.hidden, G = H / 128;
+  const size_t RT = (size_t)R * p.call.max_tokens;
   const size_t half = half_offset(p);
-  char* mine = p.ll_base + half;
+  char* mine = p.group.ll_base + half;
   const uint64_t* counts = reinterpret_cast<const uint64_t*>(mine + L.dispatch_count);
   const int* meta = reinterpret_cast<const int*>(mine + L.dispatch_meta);  // [R][E_loc]
   LL_PROF_STAMP(kProfDispatchRecv, grid, 0);
-  LL_TL(kTlRecv, tid == 0, 0);
   int* s_row0 = s_dyn;           // [R][E_loc] first row of (source, expert); later the prefix
   int* s_moff = s_row0 + R * E_loc;  // [R + 1] first message index of each source
   __shared__ int s_failed;
@@ -444,11 +427,10 @@ __device__ __forceinline__ bool dispatch_recv(const ep_ll_launch_t& p, Grid grid
     bool ok = true;
     for (int s = lane; ok && s < R; s += 32) {
       uint64_t v = 0;
-      ok = wait_until([&] { return count_complete(v = ld_acquire_sys_u64(counts + s)); }, p.timeout_ns, p.error, me,
-                      s, EP_SITE_LL_DISPATCH_RECV);
+      ok = wait_until([&] { return count_complete(v = ld_acquire_sys_u64(counts + s)); }, p.group.timeout_ns,
+                      p.group.error, me, s, EP_SITE_LL_DISPATCH_RECV);
       if (ok) s_moff[s + 1] = (int)(v >> 32) - 2;  // n = messages + 1 puts; hi = n + 1
     }
-    LL_TL(kTlCountSeen, tid == 0, ok);
     const bool failed = __any_sync(0xffffffffu, !ok);
     if (lane == 0) s_failed = failed;
     if (!failed) {  // message offsets: an exclusive scan over sources
@@ -471,41 +453,36 @@ __device__ __forceinline__ bool dispatch_recv(const ep_ll_launch_t& p, Grid grid
   __syncthreads();
   if (s_failed) return false;
   LL_PROF_STAMP(kProfDispatchRecv, grid, 1);
-  LL_TL(kTlRecvBarrier, tid == 0, 0);
 
   // Each warp issues the loads of its first message unit now, so that they travel with the dispatch_meta loads.
   const int M = s_moff[R];
   const int total_warps = grid.blocks * kRecvWarps;
   const int parts = parts_per_unit(total_warps, M);
-  const int words = p.fp8 ? H / 16 : H / 8;  // payload without the scales, in 16-byte words
+  const int words = p.call.fp8 ? H / 16 : H / 8;  // payload without the scales, in 16-byte words
   const int units = M * parts;
   const int u0 = grid.block * kRecvWarps + warp;
   RecvUnit r;
   if (u0 < units) recv_unit_load(p, mine + L.recv, s_moff, u0, parts, words, r);
-  LL_TL(kTlIssued, tid == 0, 0);
   for (int i = tid; i < R * E_loc; i += blockDim.x) s_row0[i] = ld_relaxed_sys(meta + i);
   __syncthreads();
-  LL_TL(kTlMetaRows, tid == 0, 0);
   for (int le = tid; le < E_loc; le += blockDim.x) {  // rows: sources in order, per expert
     int run = 0;
     for (int s = 0; s < R; ++s) {
       const int n = s_row0[s * E_loc + le];
       s_row0[s * E_loc + le] = run;
-      if (grid.block == 0) p.layout_range[(size_t)le * R + s] = ((int64_t)run << 32) | (uint32_t)n;
+      if (grid.block == 0) p.handle.layout_range[(size_t)le * R + s] = ((int64_t)run << 32) | (uint32_t)n;
       run += n;
     }
-    if (grid.block == 0) p.recv_count[le] = run;
+    if (grid.block == 0) p.call.recv_count[le] = run;
   }
   if (grid.block == 0)  // the message offsets, for a combine with sums on this rank (it reads the messages)
-    for (int s = tid; s <= R; s += blockDim.x) p.msg_off[s] = s_moff[s];
+    for (int s = tid; s <= R; s += blockDim.x) p.handle.msg_off[s] = s_moff[s];
   __syncthreads();
   LL_PROF_STAMP(kProfDispatchRecv, grid, 2);
-  LL_TL(kTlOffsets, tid == 0, 0);
 
   for (int u = u0; u < units; u += total_warps) {
     if (u != u0) recv_unit_load(p, mine + L.recv, s_moff, u, parts, words, r);
     const int s = r.s;
-    LL_TL(kTlFirstData, tid == 0 && u == u0, r.v[0].x ^ r.head.x ^ r.pair.x);
     const int4* src = reinterpret_cast<const int4*>(r.msg + L.hdr_bytes);
     const int e = pair_expert(r.pair);
     const bool mine_pair = lane < r.head.y && r.pair.x >= 0 && rank_of_expert(p, e) == me;
@@ -521,7 +498,7 @@ __device__ __forceinline__ bool dispatch_recv(const ep_ll_launch_t& p, Grid grid
       for (unsigned pm = pmask; pm; pm &= pm - 1) {
         const int bit = __ffs(pm) - 1;
         const int le = __shfl_sync(0xffffffffu, le_l, bit), row = __shfl_sync(0xffffffffu, row0, bit);
-        int4* dst = reinterpret_cast<int4*>((char*)p.recv_x + ((size_t)le * RT + row) * (p.fp8 ? H : 2 * H));
+        int4* dst = reinterpret_cast<int4*>((char*)p.call.recv_x + ((size_t)le * RT + row) * (p.call.fp8 ? H : 2 * H));
 #pragma unroll
         for (int b = 0; b < kCopyBatch; ++b)
           if (base + b * 32 + lane < r.w1) dst[base + b * 32 + lane] = r.v[b];
@@ -532,14 +509,14 @@ __device__ __forceinline__ bool dispatch_recv(const ep_ll_launch_t& p, Grid grid
     for (unsigned pm = pmask; pm; pm &= pm - 1) {
       const int bit = __ffs(pm) - 1;
       const int le = __shfl_sync(0xffffffffu, le_l, bit), col = __shfl_sync(0xffffffffu, row0, bit);
-      if (lane == 0) p.src_info[(size_t)le * RT + col] = r.head.x;
-      if (!p.fp8) continue;
-      if (!p.ue8m0) {
-        float* out = (float*)p.recv_scales + (size_t)le * G * RT;
+      if (lane == 0) p.handle.src_info[(size_t)le * RT + col] = r.head.x;
+      if (!p.call.fp8) continue;
+      if (!p.call.ue8m0) {
+        float* out = (float*)p.call.recv_scales + (size_t)le * G * RT;
         for (int g = lane; g < G; g += 32)
           out[(size_t)g * RT + col] = g < 64 ? r.sc[g >> 5] : scales[g];
       } else {
-        int* out = (int*)p.recv_scales + (size_t)le * (G / 4) * RT;
+        int* out = (int*)p.call.recv_scales + (size_t)le * (G / 4) * RT;
         for (int q = lane; q < G / 4; q += 32) {
           const float4 f = q < 32 ? r.sq : *reinterpret_cast<const float4*>(scales + 4 * q);
           out[(size_t)q * RT + col] = (int)ue8m0_pack(f);
@@ -548,7 +525,6 @@ __device__ __forceinline__ bool dispatch_recv(const ep_ll_launch_t& p, Grid grid
     }
   }
   LL_PROF_STAMP(kProfDispatchRecv, grid, 3);
-  LL_TL(kTlCopy, tid == 0, 0);
   return true;
 }
 

@@ -2,8 +2,8 @@
 // receive hook the phases are two kernels (the hook launches the receive kernel later); without it one fused,
 // cooperative kernel per call runs the send phase and then the receive phase in the same blocks (see "Kernels"
 // below; EP_LL_FUSED=0 keeps two kernels there too). Each phase's code exists once, as a device function that
-// both kinds of kernel call with the phase's own grid (Grid). The buffer layout and the signal protocol are drawn
-// in ll_layout.h. The send phases have no grid-wide barrier: each block publishes its own part of the counts; the
+// both kinds of kernel call with the phase's own grid (Grid). The LL region and the signal protocol are drawn
+// in ll_region.h. The send phases have no grid-wide barrier: each block publishes its own part of the counts; the
 // receive phase's last block acknowledges the call and advances the half's call number. Peers of this node are
 // written with NVLink stores; others through the transport's put-with-signal. Data is placed by data, never by
 // atomics whose order varies (the count words are sums, whatever the order of their adds): slots come from a
@@ -13,25 +13,20 @@
 // kernels and their launches).
 #include "kernels/ll_combine.cuh"
 #include "kernels/ll_dispatch.cuh"
-
-// 1 (default): a call without the receive hook launches one fused kernel; 0: the send kernel and the receive
-// kernel, as with the hook (for A/B timing: make EXTRA_NVCCFLAGS=-DEP_LL_FUSED=0).
-#ifndef EP_LL_FUSED
-#define EP_LL_FUSED 1
-#endif
+#include "kernels/tuning.h"
 
 namespace ep {
 namespace ll {
 
 // ---------------------------------------------------------------------------------------------------------------
 // Kernels. With the receive hook each phase is a kernel of its own: the hook launches the receive kernel later, and
-// it takes the call number from the handle (p.ops, written by the send phase's block 0). Without the hook one fused
-// kernel runs, in each block, the send phase (blocks [0, send_blocks)) and then the receive phase (blocks
+// it takes the call number from the handle (p.handle.ops, written by the send phase's block 0). Without the hook one
+// fused kernel runs, in each block, the send phase (blocks [0, send_blocks)) and then the receive phase (blocks
 // [0, recv_blocks)); its grid is max(send_blocks, recv_blocks) <= the SM count and it is launched cooperatively, so
 // that all its blocks are resident at once: a block's receive phase spins on counts that the send phases of other
 // blocks, of this rank and of its peers, publish. Running both phases in one kernel, the fused kernel
-//  - reads the call number itself in every block (seq[half] + 1, as the send phase does), rather than p.ops, which
-//    send block 0 may not have written yet; finish_recv, in every block, advances seq only once all have arrived;
+//  - reads the call number itself in every block (seq[half] + 1, as the send phase does), rather than p.handle.ops,
+//    which send block 0 may not have written yet; finish_recv, in every block, advances seq only once all have arrived;
 //  - stops a block whose send phase gave up before its receive phase: it never arrives, the other blocks' waits
 //    time out (each fault names a peer) and the call is not acknowledged, as with two kernels;
 //  - separates the phases with a block barrier: both use the dynamic shared memory from its start.
@@ -58,10 +53,10 @@ __global__ void __launch_bounds__(kThreads, 1) send_kernel(ep_ll_launch_t p) {
   send_phase<kCall>(p, kernel_grid(), next_call(p));
 }
 
-// The call number comes from the handle: p.ops[0] (dispatch) or [1] (combine), written by the send phase.
+// The call number comes from the handle: p.handle.ops[0] (dispatch) or [1] (combine), written by the send phase.
 template <Call kCall>
 __global__ void __launch_bounds__(kThreads) recv_kernel(ep_ll_launch_t p) {
-  const uint64_t op = p.ops[kCall == Call::kDispatch ? 0 : 1];
+  const uint64_t op = p.handle.ops[kCall == Call::kDispatch ? 0 : 1];
   if (recv_phase<kCall>(p, kernel_grid())) finish_recv<kCall>(p, kernel_grid(), op);
 }
 
@@ -95,29 +90,29 @@ struct Shape {  // of one phase's launch
 
 static Shape dispatch_send_shape(const ep_ll_launch_t* p) {
   /* One block per token up to the SM count; more blocks when a block would own more than kMaxRange tokens. */
-  int grid = ll_grid(p->num_sms, p->num_tokens);
-  const int min_grid = (p->num_tokens + ep::ll::kMaxRange - 1) / ep::ll::kMaxRange;
+  int grid = ll_grid(p->group.num_sms, p->call.num_tokens);
+  const int min_grid = (p->call.num_tokens + ep::ll::kMaxRange - 1) / ep::ll::kMaxRange;
   if (grid < min_grid) grid = min_grid;
-  const int per_block = (p->num_tokens + grid - 1) / grid;
-  return {grid,
-          sizeof(int) * (2 * (size_t)p->num_experts + 3 * (size_t)p->num_ranks + 5 * (size_t)per_block * p->num_topk)};
+  const int per_block = (p->call.num_tokens + grid - 1) / grid;
+  const size_t E = (size_t)p->call.num_experts, R = (size_t)p->group.num_ranks, K = (size_t)p->call.num_topk;
+  return {grid, sizeof(int) * (2 * E + 3 * R + 5 * (size_t)per_block * K)};
 }
 
 static Shape dispatch_recv_shape(const ep_ll_launch_t* p) {
-  return {p->num_sms, sizeof(int) * ((size_t)p->num_experts + (size_t)p->num_ranks + 1)};
+  return {p->group.num_sms, sizeof(int) * ((size_t)p->call.num_experts + (size_t)p->group.num_ranks + 1)};
 }
 
 static Shape combine_send_shape(const ep_ll_launch_t* p) {
   /* s_rows, s_units, the (begin, count) pairs, then the rows form's first rows or the sums form's message offsets. */
-  const size_t E_loc = (size_t)(p->num_experts / p->num_ranks), R = (size_t)p->num_ranks;
+  const size_t E_loc = (size_t)(p->call.num_experts / p->group.num_ranks), R = (size_t)p->group.num_ranks;
   const size_t last = E_loc > R ? E_loc + 1 : R + 1;
-  return {p->num_sms, sizeof(int) * 2 * R + 2 * sizeof(int) * E_loc * R + sizeof(int) * last};
+  return {p->group.num_sms, sizeof(int) * 2 * R + 2 * sizeof(int) * E_loc * R + sizeof(int) * last};
 }
 
 static Shape combine_recv_shape(const ep_ll_launch_t* p) {
-  const int chunks = (p->hidden + ep::ll::kChunk - 1) / ep::ll::kChunk;
-  const int warps = p->num_tokens * chunks;
-  return {ll_grid(p->num_sms, (warps + ep::ll::kRecvWarps - 1) / ep::ll::kRecvWarps), 0};
+  const int chunks = (p->call.hidden + ep::ll::kChunk - 1) / ep::ll::kChunk;
+  const int warps = p->call.num_tokens * chunks;
+  return {ll_grid(p->group.num_sms, (warps + ep::ll::kRecvWarps - 1) / ep::ll::kRecvWarps), 0};
 }
 
 /* One phase's kernel (kKernel: ep::ll::send_kernel or recv_kernel of a call) over shape s. */
@@ -138,13 +133,13 @@ extern "C" cudaError_t ep_launch_ll_dispatch_recv(const ep_ll_launch_t* p, cudaS
 }
 
 extern "C" cudaError_t ep_launch_ll_combine_send(const ep_ll_launch_t* p, cudaStream_t stream) {
-  if (p->sum_on_expert_ranks)
+  if (p->call.sum_on_expert_ranks)
     return launch_phase<ep::ll::send_kernel<ep::ll::Call::kCombineSums>>(p, combine_send_shape(p), stream);
   return launch_phase<ep::ll::send_kernel<ep::ll::Call::kCombine>>(p, combine_send_shape(p), stream);
 }
 
 extern "C" cudaError_t ep_launch_ll_combine_recv(const ep_ll_launch_t* p, cudaStream_t stream) {
-  if (p->sum_on_expert_ranks)
+  if (p->call.sum_on_expert_ranks)
     return launch_phase<ep::ll::recv_kernel<ep::ll::Call::kCombineSums>>(p, combine_recv_shape(p), stream);
   return launch_phase<ep::ll::recv_kernel<ep::ll::Call::kCombine>>(p, combine_recv_shape(p), stream);
 }
@@ -171,9 +166,9 @@ template <void (*kKernel)(ep_ll_launch_t, int, int)>
 static cudaError_t launch_fused(const ep_ll_launch_t* p, Shape send, Shape recv, cudaStream_t stream, int* launched) {
   *launched = 0;
   const int grid = send.grid > recv.grid ? send.grid : recv.grid;
-  if (!EP_LL_FUSED || grid > p->num_sms) return cudaSuccess;
+  if (!EP_LL_FUSED || grid > p->group.num_sms) return cudaSuccess;
   static const int per_sm = fused_blocks_per_sm((const void*)kKernel);
-  if (grid > per_sm * p->num_sms) return cudaSuccess;
+  if (grid > per_sm * p->group.num_sms) return cudaSuccess;
   const size_t smem = send.smem > recv.smem ? send.smem : recv.smem;
   cudaError_t e = ll_smem((const void*)kKernel, smem);
   if (e != cudaSuccess) return e;
@@ -200,7 +195,7 @@ extern "C" cudaError_t ep_launch_ll_dispatch_fused(const ep_ll_launch_t* p, cuda
 }
 
 extern "C" cudaError_t ep_launch_ll_combine_fused(const ep_ll_launch_t* p, cudaStream_t stream, int* launched) {
-  if (p->sum_on_expert_ranks)
+  if (p->call.sum_on_expert_ranks)
     return launch_fused<ep::ll::fused_kernel<ep::ll::Call::kCombineSums>>(p, combine_send_shape(p),
                                                                           combine_recv_shape(p), stream, launched);
   return launch_fused<ep::ll::fused_kernel<ep::ll::Call::kCombine>>(p, combine_send_shape(p), combine_recv_shape(p),

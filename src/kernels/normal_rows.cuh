@@ -1,13 +1,15 @@
 // normal_rows.cuh: device pieces of the normal (high-throughput) path that do not depend on where the peers are:
 // the staged dispatch row, staging my tokens (x_stage) and my expert outputs (y_stage) with one flag per chunk,
 // copying a staged row into the dispatch outputs, the graph-safe tail, and the fp32 reduction of bf16 rows that
-// combine does. intranode.cu and internode.cu use them. Formats: normal_layout.h.
+// combine does. intranode.cu and internode.cu use them; `Launch` is either path's launch struct, both of which carry
+// the group view, the handle view and the call under those names. Formats: normal_region.h.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <stdint.h>
 
 #include "kernels/common.cuh"
+#include "kernels/launch.h"
 
 namespace ep {
 namespace rows {
@@ -37,25 +39,25 @@ struct XRow {
 };
 
 // Stage every token once into my x_stage, a block per chunk of kChunk tokens, and publish x_staged[c] = epoch.
-template <int kWarps>
-__device__ __forceinline__ void stage_x(const ep_normal_launch_t& q, const XRow& row, uint64_t epoch) {
-  const ep_normal_layout_t& L = q.layout;
-  char* mine = q.normal_base;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, K = q.num_topk;
+template <int kWarps, typename Launch>
+__device__ __forceinline__ void stage_x(const Launch& p, const XRow& row, uint64_t epoch) {
+  const ep_normal_region_t& L = p.group.region;
+  char* mine = p.group.normal_base;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, K = p.call.num_topk;
   const int n16 = row.row_bytes / 16;
-  const int num_chunks = (q.num_tokens + kChunk - 1) / kChunk;
+  const int num_chunks = (p.call.num_tokens + kChunk - 1) / kChunk;
   for (int c = blockIdx.x; c < num_chunks; c += gridDim.x) {
-    const int end = min(q.num_tokens, (c + 1) * kChunk);
+    const int end = min(p.call.num_tokens, (c + 1) * kChunk);
     for (int t = c * kChunk + warp; t < end; t += kWarps) {
       char* dst = mine + L.x_stage + (size_t)t * L.x_row_bytes;
-      warp_copy<false, 8>(dst, (const char*)q.x + (size_t)t * row.row_bytes, 0, n16, lane);
+      warp_copy<false, 8>(dst, (const char*)p.call.x + (size_t)t * row.row_bytes, 0, n16, lane);
       for (int i = lane; i < row.num_scales; i += 32)
-        reinterpret_cast<float*>(dst + row.scales_off)[i] = q.x_scales[(size_t)t * row.num_scales + i];
+        reinterpret_cast<float*>(dst + row.scales_off)[i] = p.call.x_scales[(size_t)t * row.num_scales + i];
       if (lane < K) {
-        const int64_t e = q.topk_idx ? q.topk_idx[(size_t)t * K + lane] : -1;
-        reinterpret_cast<int*>(dst + row.topk_off)[lane] = (e >= 0 && e < q.num_experts) ? (int)e : -1;
+        const int64_t e = p.call.topk_idx ? p.call.topk_idx[(size_t)t * K + lane] : -1;
+        reinterpret_cast<int*>(dst + row.topk_off)[lane] = (e >= 0 && e < p.call.num_experts) ? (int)e : -1;
         reinterpret_cast<float*>(dst + row.weights_off)[lane] =
-            q.topk_weights ? q.topk_weights[(size_t)t * K + lane] : 0.0f;
+            p.call.topk_weights ? p.call.topk_weights[(size_t)t * K + lane] : 0.0f;
       }
     }
     __syncthreads();
@@ -72,21 +74,22 @@ __device__ __forceinline__ void stage_x(const ep_normal_launch_t& q, const XRow&
 // `skip(i)` is true are read in place by their only reader (me); rows past recv_capacity (after an overflowed
 // dispatch, reported) do not exist in y and are not staged.
 constexpr int kStageGroup = 4;
-template <int kWarps, typename Skip>
-__device__ __forceinline__ void stage_y(const ep_normal_launch_t& q, uint64_t epoch, Skip skip) {
-  const ep_normal_layout_t& L = q.layout;
-  char* mine = q.normal_base;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, K = q.num_topk, H = q.hidden;
+template <int kWarps, typename Launch, typename Skip>
+__device__ __forceinline__ void stage_y(const Launch& p, uint64_t epoch, Skip skip) {
+  const ep_normal_region_t& L = p.group.region;
+  char* mine = p.group.normal_base;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, K = p.call.num_topk, H = p.call.hidden;
   const int n16 = H * 2 / 16;
-  const int num_recv = *q.num_recv;
+  const int num_recv = *p.handle.num_recv;
   const int num_chunks = (num_recv + kChunk - 1) / kChunk;
   for (int c0 = blockIdx.x * kStageGroup; c0 < num_chunks; c0 += gridDim.x * kStageGroup) {
     const int c1 = min(num_chunks, c0 + kStageGroup), end = min(num_recv, c1 * kChunk);
     for (int i = c0 * kChunk + warp; i < end; i += kWarps) {
-      if (skip(i) || i >= q.recv_capacity) continue;
+      if (skip(i) || i >= p.call.recv_capacity) continue;
       char* dst = mine + L.y_stage + (size_t)i * L.y_row_bytes;
-      warp_copy<false, 16>(dst, (const char*)q.y + (size_t)i * H * 2, 0, n16, lane);
-      if (q.y_weights && lane < K) reinterpret_cast<float*>(dst + H * 2)[lane] = q.y_weights[(size_t)i * K + lane];
+      warp_copy<false, 16>(dst, (const char*)p.call.y + (size_t)i * H * 2, 0, n16, lane);
+      if (p.call.y_weights && lane < K)
+        reinterpret_cast<float*>(dst + H * 2)[lane] = p.call.y_weights[(size_t)i * K + lane];
     }
     __syncthreads();
     if (tid == 0) {
@@ -98,37 +101,40 @@ __device__ __forceinline__ void stage_y(const ep_normal_launch_t& q, uint64_t ep
 
 // One warp copies the staged row `staged` (another GPU's memory, or mine written by another GPU) into output row
 // i: the row, its scales, its top-k ids made local to me (others -1) with their weights, and the source token t.
-__device__ __forceinline__ void pull_x_row(const ep_normal_launch_t& q, const XRow& row, const char* staged, int i,
-                                           int t, int lane) {
-  const int K = q.num_topk, E_loc = q.num_experts / q.num_ranks, me = q.rank;
-  warp_copy<true, 8>((char*)q.recv_x + (size_t)i * row.row_bytes, staged, 0, row.row_bytes / 16, lane);
+template <typename Launch>
+__device__ __forceinline__ void pull_x_row(const Launch& p, const XRow& row, const char* staged, int i, int t,
+                                           int lane) {
+  const int K = p.call.num_topk, E_loc = p.call.num_experts / p.group.num_ranks, me = p.group.rank;
+  warp_copy<true, 8>((char*)p.call.recv_x + (size_t)i * row.row_bytes, staged, 0, row.row_bytes / 16, lane);
   for (int c = lane; c < row.num_scales; c += 32)
-    q.recv_scales[(size_t)i * row.num_scales + c] =
+    p.call.recv_scales[(size_t)i * row.num_scales + c] =
         ld_relaxed_sys_f32(reinterpret_cast<const float*>(staged + row.scales_off) + c);
-  if (lane < K && (q.recv_topk_idx || q.recv_topk_weights)) {
+  if (lane < K && (p.call.recv_topk_idx || p.call.recv_topk_weights)) {
     const int e = ld_relaxed_sys(reinterpret_cast<const int*>(staged + row.topk_off) + lane);
     const int local = (e >= me * E_loc && e < (me + 1) * E_loc) ? e - me * E_loc : -1;
-    if (q.recv_topk_idx) q.recv_topk_idx[(size_t)i * K + lane] = local;
-    if (q.recv_topk_weights)
-      q.recv_topk_weights[(size_t)i * K + lane] =
+    if (p.call.recv_topk_idx) p.call.recv_topk_idx[(size_t)i * K + lane] = local;
+    if (p.call.recv_topk_weights)
+      p.call.recv_topk_weights[(size_t)i * K + lane] =
           local >= 0 ? ld_relaxed_sys_f32(reinterpret_cast<const float*>(staged + row.weights_off) + lane) : 0.0f;
   }
-  if (lane == 0 && q.recv_src_idx) q.recv_src_idx[i] = t;
+  if (lane == 0 && p.call.recv_src_idx) p.call.recv_src_idx[i] = t;
 }
 
 // Graph-safe tail: output rows past the received count say "nothing here". Whole grid.
-__device__ __forceinline__ void graph_safe_tail(const ep_normal_launch_t& q, int num_recv) {
-  if (num_recv >= q.recv_capacity) return;
-  const int K = q.num_topk;
+template <typename Launch>
+__device__ __forceinline__ void graph_safe_tail(const Launch& p, int num_recv) {
+  if (num_recv >= p.call.recv_capacity) return;
+  const int K = p.call.num_topk;
   const size_t stride = (size_t)gridDim.x * blockDim.x;
   const size_t first = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-  if (q.recv_topk_idx)
-    for (size_t x = (size_t)num_recv * K + first; x < (size_t)q.recv_capacity * K; x += stride) q.recv_topk_idx[x] = -1;
-  if (q.recv_topk_weights)
-    for (size_t x = (size_t)num_recv * K + first; x < (size_t)q.recv_capacity * K; x += stride)
-      q.recv_topk_weights[x] = 0.0f;
-  if (q.recv_src_idx)
-    for (size_t x = num_recv + first; x < (size_t)q.recv_capacity; x += stride) q.recv_src_idx[x] = -1;
+  if (p.call.recv_topk_idx)
+    for (size_t x = (size_t)num_recv * K + first; x < (size_t)p.call.recv_capacity * K; x += stride)
+      p.call.recv_topk_idx[x] = -1;
+  if (p.call.recv_topk_weights)
+    for (size_t x = (size_t)num_recv * K + first; x < (size_t)p.call.recv_capacity * K; x += stride)
+      p.call.recv_topk_weights[x] = 0.0f;
+  if (p.call.recv_src_idx)
+    for (size_t x = num_recv + first; x < (size_t)p.call.recv_capacity; x += stride) p.call.recv_src_idx[x] = -1;
 }
 
 // ---- combine: fp32 sums of bf16 rows ----
@@ -182,8 +188,8 @@ __device__ __forceinline__ void reduce_pass(const char* const* srcs, int count, 
 }
 
 // Any number of sources, 8 loads in flight per lane. Out of line: it keeps the callers' register use down.
-static __device__ __noinline__ void reduce_many(const char* const* srcs, int count, const int4* bias0, const int4* bias1,
-                                                   int4* out, int n16, int lane) {
+static __device__ __noinline__ void reduce_many(const char* const* srcs, int count, const int4* bias0,
+                                                const int4* bias1, int4* out, int n16, int lane) {
   for (int c = lane; c < n16; c += 32) {
     float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     if (bias0) add_bf16x8(acc, bias0[c]);

@@ -1,6 +1,6 @@
 // profile.cuh: per-phase %globaltimer stamps for the profile builds of the kernels, off by default:
 // EP_LL_PROFILE=1 for the LL kernels (low_latency.cu), EP_NORMAL_PROFILE=1 for the normal path's dispatch and
-// combine (intranode.cu, internode.cu); EP_*_PROFILE_EVERY (default 30) sets how often a kernel prints. A kernel's
+// combine (intranode.cu, internode.cu); EP_*_PROFILE_EVERY sets how often a kernel prints (tuning.h). A kernel's
 // Record keeps, for block 0 and the last block (gridDim.x - 1), the time of each phase boundary they stamp; the
 // blocks that take part arrive once when they are done, and the last to arrive, every Nth call, prints one line
 // (device printf) from the record. A library built without these switches contains none of it: it does not print.
@@ -17,19 +17,7 @@
 #include <stdio.h>
 
 #include "kernels/common.cuh"
-
-#ifndef EP_LL_PROFILE
-#define EP_LL_PROFILE 0
-#endif
-#ifndef EP_LL_PROFILE_EVERY
-#define EP_LL_PROFILE_EVERY 30
-#endif
-#ifndef EP_NORMAL_PROFILE
-#define EP_NORMAL_PROFILE 0
-#endif
-#ifndef EP_NORMAL_PROFILE_EVERY
-#define EP_NORMAL_PROFILE_EVERY 30
-#endif
+#include "kernels/tuning.h"
 
 #if EP_LL_PROFILE || EP_NORMAL_PROFILE
 namespace ep {

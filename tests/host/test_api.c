@@ -123,6 +123,8 @@ static struct ep_group make_host_group(int num_ranks) {
   g.ranks_per_node = num_ranks;
   g.num_nodes = 1;
   g.config = (ep_group_config_t)EP_GROUP_CONFIG_INIT;
+  g.normal_region = ep_normal_region(num_ranks, g.config.num_experts, g.config.max_tokens_per_rank, g.config.hidden,
+                                     g.config.max_topk);
   g.error_word = &g_error_word;
   return g;
 }
@@ -192,7 +194,7 @@ static void test_layout_args(void) {
   EXPECT_FAIL(ep_get_dispatch_layout(g, &a, 0), g, EP_STATUS_INVALID_ARGUMENT, "is_token_in_rank is NULL");
 }
 
-/* DeepEP's LowLatencyLayout total for the same shape (docs/deepep-reference.md 2.6). */
+/* The bytes of DeepEP's low-latency buffer (its LowLatencyLayout, both halves) for the same shape. */
 static size_t deepep_ll_bytes(size_t T, size_t H, size_t E) {
   const size_t d = 16 + (2 * H > H + H / 128 * 4 ? 2 * H : H + H / 128 * 4), c = H / 128 * 4 + 2 * H;
   const size_t send = T * d > E * T * c ? T * d : E * T * c;
@@ -243,7 +245,7 @@ static void test_ll_args(void) {
 
   struct ep_group host_group = make_host_group(4);
   host_group.config.ll_max_tokens_per_rank = 128;
-  host_group.ll_layout = ep_ll_layout(4, 256, 128, 7168, 8);
+  host_group.ll_region = ep_ll_region(4, 256, 128, 7168, 8);
   ep_group_t g = &host_group;
   EXPECT_FAIL(ep_ll_handle_create(g, NULL), g, EP_STATUS_INVALID_ARGUMENT, "handle is NULL");
   /* A handle object with no device memory: enough for validation. */
@@ -351,7 +353,7 @@ static void test_ll_args(void) {
   /* A handle whose half a later dispatch took (two-buffer rule). */
   handle.dispatched = true;
   handle.serial = 1;
-  handle.num_tokens = 4;
+  handle.call.num_tokens = 4;
   host_group.ll_half_serial[0] = 3;
   EXPECT_FAIL(ep_ll_combine(g, &handle, &cgood, 0), g, EP_STATUS_INVALID_USAGE, "two-buffer rule");
   host_group.ll_half_serial[0] = 1;
@@ -365,13 +367,13 @@ static void test_ll_args(void) {
   ca = cgood; ca.sum_on_expert_ranks = 1;
   EXPECT_FAIL(ep_ll_combine(g, &handle, &ca, 0), g, EP_STATUS_INVALID_ARGUMENT, "uses the dispatch's weights");
   ca.topk_weights = NULL;
-  handle.dispatch_weights = NULL;
+  handle.call.dispatch_weights = NULL;
   EXPECT_FAIL(ep_ll_combine(g, &handle, &ca, 0), g, EP_STATUS_INVALID_USAGE, "had no topk_weights");
-  const ep_ll_layout_t roomy = host_group.ll_layout;
-  host_group.ll_layout = ep_ll_layout(4, 8, 128, 7168, 8); /* 2 experts per rank: no room for the sums */
-  handle.dispatch_weights = w;
+  const ep_ll_region_t roomy = host_group.ll_region;
+  host_group.ll_region = ep_ll_region(4, 8, 128, 7168, 8); /* 2 experts per rank: no room for the sums */
+  handle.call.dispatch_weights = w;
   EXPECT_FAIL(ep_ll_combine(g, &handle, &ca, 0), g, EP_STATUS_INVALID_USAGE, "2 experts per rank");
-  host_group.ll_layout = roomy;
+  host_group.ll_region = roomy;
   CHECK(ep_ll_sums_fit(&roomy), "64 experts per rank leave room for the sums");
   handle.dispatch_recv_pending = true;
   EXPECT_FAIL(ep_ll_combine(g, &handle, &cgood, 0), g, EP_STATUS_INVALID_USAGE, "ep_ll_dispatch_recv first");
@@ -479,6 +481,118 @@ static void test_normal_args(void) {
   EXPECT_FAIL(ep_combine(g, &handle, &ca, 0), g, EP_STATUS_INVALID_ARGUMENT, "num_sms is -1");
 }
 
+/* One rule, one message: every call that takes a hidden size words its refusal the same way (ep_check_hidden), so
+ * the text after "function: " depends on the rule broken, not on which call broke it. */
+static void expect_hidden_message(ep_status_t st, ep_group_t group, const char* want) {
+  const char* msg = ep_last_error(group);
+  const char* rest = strstr(msg, ": ");
+  CHECK(st == EP_STATUS_INVALID_ARGUMENT && rest && strcmp(rest + 2, want) == 0,
+        "status %s, message \"%s\", want \"<function>: %s\"", ep_status_string(st), msg, want);
+}
+
+static void test_hidden_rule(void) {
+  struct ep_group host_group = make_host_group(4); /* config.hidden = 7168 */
+  host_group.config.ll_max_tokens_per_rank = 128;
+  host_group.ll_region = ep_ll_region(4, 256, 128, 7168, 8);
+  ep_group_t g = &host_group;
+  struct ep_handle handle;
+  memset(&handle, 0, sizeof(handle));
+  handle.group = g;
+  handle.num_recv_host = -1;
+  handle.prepared = true;
+  handle.num_tokens = 1;
+  struct ep_ll_handle ll_handle;
+  memset(&ll_handle, 0, sizeof(ll_handle));
+  ll_handle.group = g;
+  _Alignas(16) static uint8_t rows[64];
+  static int64_t idx[8];
+  static float scales[8];
+  static int count[64];
+
+  ep_dispatch_args_t d = EP_DISPATCH_ARGS_INIT;
+  d.x = rows;
+  d.x_scales = scales;
+  d.recv_capacity = 4;
+  d.recv_x = rows;
+  d.recv_x_scales = scales;
+  ep_combine_args_t c = EP_COMBINE_ARGS_INIT;
+  c.x = rows;
+  c.combined_x = rows;
+  ep_ll_dispatch_args_t l = EP_LL_DISPATCH_ARGS_INIT;
+  l.x = rows;
+  l.num_tokens = 1;
+  l.topk_idx = idx;
+  l.num_topk = 8;
+  l.num_experts = 256;
+  l.max_tokens_per_rank = 128;
+  l.recv_x = rows;
+  l.recv_x_scales = scales;
+  l.recv_count = count;
+
+  const char* bf16_100 =
+      "hidden is 100; it must be a positive multiple of 8 (BF16 rows) and at most config.hidden=7168";
+  d.x_dtype = EP_BF16;
+  d.hidden = c.hidden = l.hidden = 100;
+  l.recv_dtype = EP_BF16;
+  expect_hidden_message(ep_dispatch(g, &handle, &d, 0), g, bf16_100);
+  expect_hidden_message(ep_combine(g, &handle, &c, 0), g, bf16_100);
+  expect_hidden_message(ep_ll_dispatch(g, &ll_handle, &l, 0), g, bf16_100);
+
+  const char* bf16_big =
+      "hidden is 7296; it must be a positive multiple of 8 (BF16 rows) and at most config.hidden=7168";
+  d.hidden = c.hidden = l.hidden = 7296;
+  expect_hidden_message(ep_dispatch(g, &handle, &d, 0), g, bf16_big);
+  expect_hidden_message(ep_combine(g, &handle, &c, 0), g, bf16_big);
+  expect_hidden_message(ep_ll_dispatch(g, &ll_handle, &l, 0), g, bf16_big);
+
+  const char* fp8_200 =
+      "hidden is 200; it must be a positive multiple of 128 (FP8 rows, a scale per 128 channels) and at most "
+      "config.hidden=7168";
+  d.x_dtype = EP_FP8_E4M3;
+  d.hidden = l.hidden = 200;
+  l.recv_dtype = EP_FP8_E4M3;
+  expect_hidden_message(ep_dispatch(g, &handle, &d, 0), g, fp8_200);
+  expect_hidden_message(ep_ll_dispatch(g, &ll_handle, &l, 0), g, fp8_200);
+  l.hidden = 2688;
+  l.round_scale = l.use_ue8m0 = 1;
+  expect_hidden_message(ep_ll_dispatch(g, &ll_handle, &l, 0), g,
+                        "hidden is 2688; it must be a positive multiple of 512 (FP8 rows with UE8M0 scales, four to "
+                        "an int) and at most config.hidden=7168");
+
+  ep_unique_id_t id;
+  memset(&id, 0, sizeof(id));
+  ep_group_t none = NULL;
+  ep_group_config_t config = EP_GROUP_CONFIG_INIT;
+  config.hidden = 200;
+  expect_hidden_message(ep_group_create(&none, &id, 0, 4, 0, &config), NULL,
+                        "config.hidden is 200; it must be a positive multiple of 128 (FP8 rows, a scale per 128 "
+                        "channels) and at most 65536");
+}
+
+/* ep_ll_handle_carve (what ep_ll_handle_create allocates and how it is cut): every array in the memory, 16-byte
+ * aligned, with room for its elements, none overlapping the next; sizing alone (NULL memory) gives the same bytes. */
+static void test_ll_handle_carve(void) {
+  const size_t R = 4, T = 128, E_loc = 64, K = 8;
+  const ep_ll_region_t region = ep_ll_region((int)R, (int)(E_loc * R), (int)T, 7168, (int)K);
+  ep_ll_handle_view_t none;
+  memset(&none, 0xff, sizeof(none));
+  const size_t bytes = ep_ll_handle_carve(&region, NULL, &none);
+  CHECK(!none.slot_of && !none.ops, "carving no memory leaves the arrays NULL");
+  char* memory = (char*)aligned_alloc(256, (bytes + 255) / 256 * 256);
+  ep_ll_handle_view_t v;
+  CHECK(ep_ll_handle_carve(&region, memory, &v) == bytes, "carving and sizing disagree");
+  const void* arrays[] = {v.slot_of, v.rank_slot_of, v.msg_off, v.src_info, v.layout_range, v.ops};
+  const size_t sizes[] = {T * K * 4, T * K * 4, (R + 1) * 4, E_loc * R * T * 4, E_loc * R * 8, 2 * 8};
+  const char* next = memory;
+  for (int i = 0; i < 6; ++i) {
+    const char* at = (const char*)arrays[i];
+    CHECK(at >= next && (uintptr_t)at % 16 == 0, "LL handle array %d misplaced", i);
+    next = at + sizes[i];
+  }
+  CHECK(next <= memory + bytes, "the LL handle's arrays end %td bytes past its memory", next - (memory + bytes));
+  free(memory);
+}
+
 /* ep_handle_memory_bytes / ep_handle_create_in over host memory (no device is touched): the checks, and every
  * array of the handle inside the memory it was given, one node and two. */
 static void test_handle_in(void) {
@@ -500,16 +614,29 @@ static void test_handle_in(void) {
     CHECK(ep_handle_create_in(g, memory, bytes, &h) == EP_STATUS_SUCCESS && h, "%d node(s): create_in: %s", nodes,
           ep_last_error(g));
     if (h) {
-      const int R = 4, T = host_group.config.max_tokens_per_rank, E_loc = host_group.config.num_experts / R;
-      const char* end = memory + bytes;
-      CHECK((char*)(h->expert_counts + E_loc) <= end, "%d node(s): expert_counts ends past the memory", nodes);
-      CHECK((char*)h->send_pos == memory && h->num_recv_host == -1 && !h->prepared, "%d node(s): not a fresh handle",
+      /* Every array in the memory, 16-byte aligned, with room for its ints, none overlapping the next. */
+      const size_t R = 4, T = (size_t)host_group.config.max_tokens_per_rank, E_loc = host_group.config.num_experts / R;
+      const size_t N = (size_t)nodes, P = R / N;
+      const ep_normal_handle_view_t* v = &h->arrays;
+      const int* arrays[] = {v->send_pos,   v->matrix,        v->num_tokens_of, v->recv_src,  v->recv_offset,
+                             v->num_recv,   v->expert_counts, v->recv_slot,     v->send_slot, v->node_tokens,
+                             v->node_count, v->fwd_count,     v->fwd_row};
+      const size_t ints[] = {T * R, R * R, R, R * T, R + 1, 1, E_loc, R * T, T * N, N * T, N, N, N * T * P};
+      const int used = nodes > 1 ? 13 : 7;
+      const char* next = memory;
+      for (int i = 0; i < 13; ++i) {
+        const char* at = (const char*)arrays[i];
+        if (i >= used) {
+          CHECK(at == NULL, "one node: internode array %d is set", i);
+          continue;
+        }
+        CHECK(at && at >= next && (uintptr_t)at % 16 == 0, "%d node(s): array %d misplaced", nodes, i);
+        if (at) next = at + ints[i] * sizeof(int);
+      }
+      CHECK(next <= memory + bytes, "%d node(s): the arrays end %td bytes past the memory", nodes,
+            next - (memory + bytes));
+      CHECK((char*)v->send_pos == memory && h->num_recv_host == -1 && !h->prepared, "%d node(s): not a fresh handle",
             nodes);
-      if (nodes > 1)
-        CHECK(h->fwd_row && (char*)(h->fwd_row + (size_t)nodes * T * host_group.ranks_per_node) <= end,
-              "%d nodes: fwd_row ends past the memory", nodes);
-      else
-        CHECK(!h->recv_slot && !h->fwd_row, "one node: internode arrays set");
       CHECK(ep_handle_destroy(h) == EP_STATUS_SUCCESS, "destroy of a create_in handle");
     }
     free(memory);
@@ -654,6 +781,8 @@ int main(void) {
   test_ll_size_hint();
   test_ll_args();
   test_normal_args();
+  test_hidden_rule();
+  test_ll_handle_carve();
   test_handle_in();
   test_limits();
   test_ll_handle_state();

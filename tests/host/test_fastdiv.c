@@ -1,4 +1,4 @@
-/* test_fastdiv: ep_fastdiv (src/kernels/api.h), the multiply-shift division the LL kernels use for an expert's
+/* test_fastdiv: ep_fastdiv (src/kernels/host_device.h), the multiply-shift division the LL kernels use for an expert's
  * rank, against the `/` operator: every divisor a launch can meet and more, dividends at the edges of the range
  * and random ones from a fresh seed. */
 #include <stdint.h>
@@ -6,7 +6,7 @@
 #include <time.h>
 
 #include "common/check.h"
-#include "kernels/api.h"
+#include "kernels/host_device.h"
 
 static uint64_t next(uint64_t* s) { /* xorshift64 */
   *s ^= *s << 13;

@@ -1,7 +1,7 @@
-/* internode_layout.h: the extra symmetric region of the normal path when the group has more than one node
+/* internode_region.h: the extra symmetric region of the normal path when the group has more than one node
  * (docs/internode.md). One function computes it, for the host (to size the heap) and for the kernels.
  *
- * The internode path also uses the intranode region (normal_layout.h) with global rank indices, but only for
+ * The internode path also uses the intranode region (normal_region.h) with global rank indices, but only for
  * same-node peers: count_matrix / expert_counts / send_list / *_ack entries of ranks of my node, x_stage (every
  * token staged once) and y_stage (every received row staged once). Everything that crosses nodes lives here.
  * Rank r = (node r / P, local index r % P); traffic between nodes stays on one rail: local index l talks only
@@ -27,15 +27,15 @@
  *                                             source; unused when that peer is NVLink-mapped: the partials are
  *                                             then stored straight into its partial_recv)
  *   bytes  partial_recv[N-1][T][y_row_bytes]  partials put by the rail peer of each remote node, by slot
- * Row formats are those of normal_layout.h (x: row | scales | topk ids | weights; y: bf16 row | weights).
+ * Row formats are those of normal_region.h (x: row | scales | topk ids | weights; y: bf16 row | weights).
  * partial_stage is a full-size put source (simplest correct choice; the doc's ring of [B][2][C] rows would
  * save (N-1) * T * y_row_bytes and is left for tuning). */
-#ifndef EP_KERNELS_INTERNODE_LAYOUT_H
-#define EP_KERNELS_INTERNODE_LAYOUT_H
+#ifndef EP_KERNELS_INTERNODE_REGION_H
+#define EP_KERNELS_INTERNODE_REGION_H
 
-#include "kernels/normal_layout.h"
+#include "kernels/normal_region.h"
 
-typedef struct ep_internode_layout {
+typedef struct ep_internode_region {
   int num_nodes, ranks_per_node, max_tokens, num_chunks; /* num_chunks = ceil(T / C) */
   int meta_words;                                         /* M */
   size_t meta_bytes;                                      /* stride of one metadata block: 4 M, 16-aligned */
@@ -44,12 +44,12 @@ typedef struct ep_internode_layout {
   size_t rdma_arrived, fwd_ready, partial_arrived;
   size_t meta_send, meta_recv, rdma_recv, partial_stage, partial_recv;
   size_t total_bytes;
-} ep_internode_layout_t;
+} ep_internode_region_t;
 
-static inline EP_HD ep_internode_layout_t ep_internode_layout(int num_ranks, int ranks_per_node, int num_experts,
+static inline EP_HD ep_internode_region_t ep_internode_region(int num_ranks, int ranks_per_node, int num_experts,
                                                               int max_tokens, int hidden, int max_topk) {
-  ep_internode_layout_t l;
-  const ep_normal_layout_t n = ep_normal_layout(num_ranks, num_experts, max_tokens, hidden, max_topk);
+  ep_internode_region_t l;
+  const ep_normal_region_t n = ep_normal_region(num_ranks, num_experts, max_tokens, hidden, max_topk);
   const int N = num_ranks / ranks_per_node;
   const size_t Nm = (size_t)(N - 1), P = (size_t)ranks_per_node, T = (size_t)max_tokens;
   l.num_nodes = N;
@@ -86,4 +86,4 @@ static inline EP_HD ep_internode_layout_t ep_internode_layout(int num_ranks, int
   return l;
 }
 
-#endif /* EP_KERNELS_INTERNODE_LAYOUT_H */
+#endif /* EP_KERNELS_INTERNODE_REGION_H */

@@ -1,4 +1,4 @@
-/* normal_layout.h: where everything of the normal (high-throughput) path lives in a rank's symmetric memory.
+/* normal_region.h: where everything of the normal (high-throughput) path lives in a rank's symmetric memory.
  * One function computes it, for the host (to size the heap) and for the kernels (to find a peer's regions).
  *
  * Protocol in one paragraph: `prepare` compacts each rank's tokens per destination into `send_list` and
@@ -10,7 +10,7 @@
  * stores its expert outputs over NVLink into the source rank's `y_stage` (a receive area there: row
  * sender * T + the token's position in the sender's list, one `y_staged` flag per 32 rows and sender), and each
  * source sums its tokens' copies from local memory in rank order, then acknowledges (`combine_ack`) so senders may
- * push again. (The internode path splits `y_stage` into its own push regions: internode_layout.h.) The epoch of a
+ * push again. (The internode path splits `y_stage` into its own push regions: internode_region.h.) The epoch of a
  * call is a device-side counter, the same on every rank because every rank makes the same calls.
  *
  *   uint64 count_matrix[R][R+1]   row s from rank s: (epoch << 32 | tokens s sends to rank d), then s's num_tokens
@@ -24,34 +24,28 @@
  *   bytes  x_stage[T][x_row_bytes]  row | scales [H/128] f32 | topk ids [K] i32 | weights [K] f32
  *   bytes  y_stage[R*T][y_row_bytes] row (bf16) | weights [K] f32
  * T = config.max_tokens_per_rank, H = config.hidden, K = config.max_topk. */
-#ifndef EP_KERNELS_NORMAL_LAYOUT_H
-#define EP_KERNELS_NORMAL_LAYOUT_H
+#ifndef EP_KERNELS_NORMAL_REGION_H
+#define EP_KERNELS_NORMAL_REGION_H
 
 #include <stddef.h>
 #include <stdint.h>
 
-#ifdef __CUDACC__
-#define EP_HD __host__ __device__
-#else
-#define EP_HD
-#endif
+#include "kernels/host_device.h"
 
 #define EP_STAGE_CHUNK_ROWS 32 /* rows per staged-chunk flag */
 
-typedef struct ep_normal_layout {
+typedef struct ep_normal_region {
   int num_ranks, max_tokens, hidden, max_topk, num_local_experts;
   int y_chunks_per_rank; /* ceil(T / EP_STAGE_CHUNK_ROWS) */
   size_t x_row_bytes, y_row_bytes; /* stride of one staged row */
   size_t count_matrix, expert_counts, prepare_ack, dispatch_ack, combine_ack, x_staged, y_staged;
   size_t send_list, x_stage, y_stage;
   size_t total_bytes;
-} ep_normal_layout_t;
+} ep_normal_region_t;
 
-static inline EP_HD size_t ep_align_up(size_t v, size_t a) { return (v + a - 1) / a * a; }
-
-static inline EP_HD ep_normal_layout_t ep_normal_layout(int num_ranks, int num_experts, int max_tokens, int hidden,
+static inline EP_HD ep_normal_region_t ep_normal_region(int num_ranks, int num_experts, int max_tokens, int hidden,
                                                         int max_topk) {
-  ep_normal_layout_t l;
+  ep_normal_region_t l;
   const size_t R = (size_t)num_ranks, T = (size_t)max_tokens, K = (size_t)max_topk;
   l.num_ranks = num_ranks;
   l.max_tokens = max_tokens;
@@ -79,4 +73,47 @@ static inline EP_HD ep_normal_layout_t ep_normal_layout(int num_ranks, int num_e
   return l;
 }
 
-#endif /* EP_KERNELS_NORMAL_LAYOUT_H */
+/* The normal handle's device arrays (ep_handle_t), in one allocation carved by ep_normal_handle_carve. T is
+ * config.max_tokens_per_rank, R the ranks, E_loc the experts per rank; N nodes of P ranks. */
+typedef struct ep_normal_handle_view {
+  int* send_pos;      /* [T][R]: row of my token on each rank, counted within my segment; -1 */
+  int* matrix;        /* [R][R]: tokens rank s sends to rank d */
+  int* num_tokens_of; /* [R] */
+  int* recv_src;      /* [R][T]: token index on source s of my j-th row from s */
+  int* recv_offset;   /* [R + 1]: where rows from s start in my output */
+  int* num_recv;      /* [1] */
+  int* expert_counts; /* [E_loc], aligned */
+  /* With num_nodes > 1 only (NULL otherwise). */
+  int* recv_slot;   /* [R][T]: remote source s: slot (in the forwarder's rdma_recv) of my j-th row from s */
+  int* send_slot;   /* [T][N]: slot of my token t in node_list[m], or -1 */
+  int* node_tokens; /* [N][T]: node_list[m], my tokens for node m in token order */
+  int* node_count;  /* [N]: |node_list[m]| */
+  int* fwd_count;   /* [N]: slots the rail peer of node n sent me (|its node_list[my node]|) */
+  int* fwd_row;     /* [N][T][P]: forwarder: row of slot j of source node n in local rank i's received order,
+                       or -1 */
+} ep_normal_handle_view_t;
+
+/* Where each array of a normal handle lives in `memory` (NULL: nowhere, only the size is wanted), for a group of
+ * `num_nodes` nodes of `ranks_per_node` ranks; returns the bytes they take. Each array starts on a 16-byte
+ * boundary, so that kernels may move them four ints at a time. */
+static inline size_t ep_normal_handle_carve(const ep_normal_region_t* l, int num_nodes, int ranks_per_node,
+                                            void* memory, ep_normal_handle_view_t* view) {
+  const size_t R = (size_t)l->num_ranks, T = (size_t)l->max_tokens, E_loc = (size_t)l->num_local_experts;
+  const size_t N = (size_t)num_nodes, P = (size_t)ranks_per_node;
+  ep_normal_handle_view_t v;
+  int** const arrays[] = {&v.send_pos,   &v.matrix,        &v.num_tokens_of, &v.recv_src,  &v.recv_offset,
+                          &v.num_recv,   &v.expert_counts, &v.recv_slot,     &v.send_slot, &v.node_tokens,
+                          &v.node_count, &v.fwd_count,     &v.fwd_row};
+  const size_t ints[] = {T * R, R * R, R, R * T, R + 1, 1, E_loc, R * T, T * N, N * T, N, N, N * T * P};
+  const int count = (int)(sizeof(ints) / sizeof(ints[0]));
+  const int used = num_nodes > 1 ? count : 7; /* the first seven serve one node */
+  size_t bytes = 0;
+  for (int i = 0; i < count; ++i) {
+    *arrays[i] = i < used && memory ? (int*)((char*)memory + bytes) : NULL;
+    if (i < used) bytes += ep_align_up(ints[i] * sizeof(int), 16);
+  }
+  if (view) *view = v;
+  return bytes;
+}
+
+#endif /* EP_KERNELS_NORMAL_REGION_H */

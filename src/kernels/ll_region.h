@@ -1,4 +1,4 @@
-/* ll_layout.h: where everything of the low-latency (LL) path lives in a rank's symmetric memory. One function
+/* ll_region.h: where everything of the low-latency (LL) path lives in a rank's symmetric memory. One function
  * computes it, for the host (to size the heap) and for the kernels (to find a peer's regions).
  *
  * The LL region is two identical halves. A dispatch takes the next half (the host alternates them) and its
@@ -37,15 +37,19 @@
  * acknowledges: no sender writes the word again before that acknowledgement. For dispatch, n = messages + 1 (the
  * dispatch_meta row is one more put). Call numbers (acks) grow for ever (device counters, so graph replays count);
  * the receive phase advances the half's call number. */
-#ifndef EP_KERNELS_LL_LAYOUT_H
-#define EP_KERNELS_LL_LAYOUT_H
+#ifndef EP_KERNELS_LL_REGION_H
+#define EP_KERNELS_LL_REGION_H
 
 #include <stddef.h>
 #include <stdint.h>
 
-#include "kernels/normal_layout.h" /* EP_HD, ep_align_up */
+#include "kernels/host_device.h"
 
-typedef struct ep_ll_layout {
+/* A message pair's expert e and slot j share an int32: e << EP_LL_PAIR_SLOT_BITS | j. So a group's
+ * ll_max_tokens_per_rank is at most 2^13 = 8192 and an LL call's num_experts below 2^(31 - 13) = 2^18. */
+#define EP_LL_PAIR_SLOT_BITS 13
+
+typedef struct ep_ll_region {
   int num_ranks, max_tokens, hidden, num_experts, num_local_experts, max_topk;
   size_t hdr_bytes;      /* header of a dispatch message; the payload starts there */
   size_t msg_bytes;      /* stride of a dispatch message */
@@ -56,11 +60,11 @@ typedef struct ep_ll_layout {
   size_t dispatch_stage, meta_stage, combine_stage, recv;
   size_t half_bytes;     /* one half, 128-aligned */
   size_t total_bytes;    /* both halves */
-} ep_ll_layout_t;
+} ep_ll_region_t;
 
-static inline EP_HD ep_ll_layout_t ep_ll_layout(int num_ranks, int num_experts, int max_tokens, int hidden,
+static inline EP_HD ep_ll_region_t ep_ll_region(int num_ranks, int num_experts, int max_tokens, int hidden,
                                                 int max_topk) {
-  ep_ll_layout_t l;
+  ep_ll_region_t l;
   const size_t R = (size_t)num_ranks, T = (size_t)max_tokens, H = (size_t)hidden, E = (size_t)num_experts;
   const size_t fp8_payload = H + H / 128 * 4, bf16_payload = 2 * H;
   l.num_ranks = num_ranks;
@@ -96,17 +100,51 @@ static inline EP_HD ep_ll_layout_t ep_ll_layout(int num_ranks, int num_experts, 
 }
 
 /* A combine with sums on the experts' ranks: where its rows land, after the dispatch's messages (inside one half). */
-static inline EP_HD size_t ep_ll_recv_sums(const ep_ll_layout_t* l) {
+static inline EP_HD size_t ep_ll_recv_sums(const ep_ll_region_t* l) {
   return l->recv + (size_t)l->num_ranks * l->max_tokens * l->msg_bytes;
 }
 
 /* Whether they fit in the receive area: from 3 experts per rank on. Below that they save little, and the buffer does
  * not grow for them. */
-static inline EP_HD int ep_ll_sums_fit(const ep_ll_layout_t* l) {
+static inline EP_HD int ep_ll_sums_fit(const ep_ll_region_t* l) {
   const size_t RT = (size_t)l->num_ranks * l->max_tokens;
   const size_t combine_recv = (size_t)l->num_experts * l->max_tokens * l->row_bytes;
   const size_t most = RT * l->msg_bytes > combine_recv ? RT * l->msg_bytes : combine_recv;
   return RT * (l->msg_bytes + l->row_bytes) <= most;
 }
 
-#endif /* EP_KERNELS_LL_LAYOUT_H */
+/* The LL handle's device arrays (ep_ll_handle_t), in one allocation carved by ep_ll_handle_carve; T and K are the
+ * group's (config.ll_max_tokens_per_rank, config.max_topk), E_loc its experts per rank. */
+typedef struct ep_ll_handle_view {
+  int* slot_of;                   /* [T][K]: combine receive row (e * T + j) of my (t, k), or -1 */
+  int* rank_slot_of;              /* [T][K]: with dispatch weights, the receive row of a sum (d * T + p: my token's
+                                     message slot p at rank d) at the token's first slot on rank d, or -1 */
+  int* msg_off;                   /* [R + 1]: first received message of each source (dispatch receive order);
+                                     [R] = their number */
+  int* src_info;                  /* [E_loc][R * T] */
+  int64_t* layout_range;          /* [E_loc][R] (begin << 32) | count */
+  unsigned long long* ops;        /* [2] call numbers of the handle's dispatch and combine */
+} ep_ll_handle_view_t;
+
+/* Where each array of an LL handle lives in `memory` (NULL: nowhere, only the size is wanted); returns the bytes
+ * they take. Arrays start on 16-byte boundaries. */
+static inline size_t ep_ll_handle_carve(const ep_ll_region_t* l, void* memory, ep_ll_handle_view_t* view) {
+  const size_t R = (size_t)l->num_ranks, T = (size_t)l->max_tokens, E_loc = (size_t)l->num_local_experts;
+  const size_t K = (size_t)l->max_topk;
+  const size_t slot = ep_align_up(T * K * sizeof(int), 16);
+  const size_t msg_off = slot + slot, src_info = msg_off + ep_align_up((R + 1) * sizeof(int), 16);
+  const size_t layout_range = src_info + ep_align_up(E_loc * R * T * sizeof(int), 16);
+  const size_t ops = layout_range + ep_align_up(E_loc * R * sizeof(int64_t), 16);
+  char* m = (char*)memory;
+  if (view) {
+    view->slot_of = m ? (int*)m : NULL;
+    view->rank_slot_of = m ? (int*)(m + slot) : NULL;
+    view->msg_off = m ? (int*)(m + msg_off) : NULL;
+    view->src_info = m ? (int*)(m + src_info) : NULL;
+    view->layout_range = m ? (int64_t*)(m + layout_range) : NULL;
+    view->ops = m ? (unsigned long long*)(m + ops) : NULL;
+  }
+  return ops + 16;
+}
+
+#endif /* EP_KERNELS_LL_REGION_H */

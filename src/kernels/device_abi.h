@@ -1,0 +1,69 @@
+/* device_abi.h: what kernels and host code agree on outside a launch: the device error word (the fault codes, the
+ * wait sites and the word itself) and the limits the kernels are built for, which the host checks calls against. */
+#ifndef EP_KERNELS_DEVICE_ABI_H
+#define EP_KERNELS_DEVICE_ABI_H
+
+/* Ranks of one NVLink domain: the intranode path's group, the internode path's ranks per node (per-rank arrays in
+ * registers and shared memory are sized by it). */
+#define EP_MAX_NVLINK_RANKS 8
+/* Nodes of the internode path: its combine gives each source a lane of a warp, EP_MAX_NVLINK_RANKS local ranks and
+ * EP_MAX_INTERNODE_NODES nodes, 32 in all. */
+#define EP_MAX_INTERNODE_NODES 24
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---- The device error word: pinned host memory that kernels write when they must stop. ---- */
+typedef enum ep_device_fault {
+  EP_FAULT_NONE = 0,
+  EP_FAULT_BAD_EXPERT = 1, /* value0 = token, value1 = the bad expert index */
+  EP_FAULT_TIMEOUT = 2,    /* peer = the rank waited on, site = which wait */
+  EP_FAULT_BAD_DATA = 3,   /* a self-check found wrong bytes: peer = source rank, value0 = offset */
+  EP_FAULT_RECV_OVERFLOW = 4, /* value0 = rows received, value1 = recv_capacity */
+} ep_device_fault_t;
+
+/* Where a device wait happens; ep_fault_site_name() gives the words used in messages. */
+typedef enum ep_wait_site {
+  EP_SITE_NONE = 0,
+  EP_SITE_CHECK_SIGNAL = 1,  /* ep_group_check: waiting for a peer's put-with-signal */
+  EP_SITE_CHECK_NVLINK = 2,  /* ep_group_check: waiting for a peer's NVLink stores */
+  EP_SITE_BARRIER = 3,       /* device barrier across the group */
+  EP_SITE_PREPARE_ACK = 4,   /* prepare: waiting for a peer to release our previous send lists */
+  EP_SITE_PREPARE_COUNTS = 5, /* prepare: waiting for a peer's counts */
+  EP_SITE_DISPATCH_ACK = 6,  /* dispatch: waiting for a peer to release our previous staged rows */
+  EP_SITE_DISPATCH_STAGED = 7, /* dispatch: waiting for a peer's staged rows */
+  EP_SITE_COMBINE_ACK = 8,   /* combine: waiting for a peer to finish reading the previous combine's rows */
+  EP_SITE_COMBINE_STAGED = 9, /* combine: waiting for a peer's expert outputs */
+  EP_SITE_LL_DISPATCH_ACK = 10,  /* LL dispatch send: waiting for a peer to finish receiving the half's last call */
+  EP_SITE_LL_DISPATCH_RECV = 11, /* LL dispatch receive: waiting for a peer's token count */
+  EP_SITE_LL_COMBINE_ACK = 12,   /* LL combine send: waiting for a peer to finish receiving the half's last call */
+  EP_SITE_LL_COMBINE_RECV = 13,  /* LL combine receive: waiting for a peer's expert outputs */
+  EP_SITE_PREPARE_META = 14,     /* internode prepare: metadata of the rail peer (source) never arrived */
+  EP_SITE_PREPARE_RELAY = 15,    /* internode prepare: the forwarder (peer) never relayed a remote source's metadata */
+  EP_SITE_META_FREE = 16,        /* internode prepare: the rail peer never released our previous metadata */
+  EP_SITE_DISPATCH_RDMA = 17,    /* internode dispatch: rows of the rail peer (source) never arrived at me */
+  EP_SITE_DISPATCH_RELAY = 18,   /* internode dispatch: the forwarder (peer) never relayed a remote chunk */
+  EP_SITE_RDMA_FREE = 19,        /* internode dispatch: the rail peer never released its receive region */
+  EP_SITE_FWD_ACK = 20,          /* internode dispatch: a local rank never finished pulling relayed rows */
+  EP_SITE_COMBINE_PARTIAL = 21,  /* internode combine: a partial from the forwarder (peer) never arrived */
+  EP_SITE_PARTIAL_FREE = 22,     /* internode combine: the rail peer (source) never released its partials */
+  EP_SITE_COUNT
+} ep_wait_site_t;
+
+typedef struct ep_device_error {
+  int code;          /* ep_device_fault_t; 0 while nothing went wrong */
+  int peer;          /* rank involved, or -1 */
+  int site;          /* ep_wait_site_t for timeouts */
+  int rank;          /* the rank whose kernel recorded it */
+  long long value0;  /* fault-specific, see ep_device_fault_t */
+  long long value1;
+} ep_device_error_t;
+
+const char* ep_fault_site_name(int site);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* EP_KERNELS_DEVICE_ABI_H */
