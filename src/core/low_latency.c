@@ -10,6 +10,9 @@
 
 #define FAIL_ARG(g, ...) ep_fail((g), EP_STATUS_INVALID_ARGUMENT, __VA_ARGS__)
 
+/* A message pair packs its slot j < max_tokens_per_rank in EP_LL_PAIR_SLOT_BITS bits. */
+_Static_assert(EP_LL_MAX_TOKENS_PER_RANK <= 1 << EP_LL_PAIR_SLOT_BITS, "LL slots must fit a message pair");
+
 ep_status_t ep_ll_buffer_size_hint(int max_tokens_per_rank, int hidden, int num_ranks, int num_experts, int max_topk,
                                    size_t* bytes) {
   const char* fn = "ep_ll_buffer_size_hint";
@@ -18,9 +21,7 @@ ep_status_t ep_ll_buffer_size_hint(int max_tokens_per_rank, int hidden, int num_
   if (max_tokens_per_rank < 1 || max_tokens_per_rank > EP_LL_MAX_TOKENS_PER_RANK)
     return FAIL_ARG(NULL, "%s: max_tokens_per_rank is %d; it must be in [1, %d]", fn, max_tokens_per_rank,
                     EP_LL_MAX_TOKENS_PER_RANK);
-  if (hidden <= 0 || hidden % 128 != 0 || hidden > EP_MAX_HIDDEN)
-    return FAIL_ARG(NULL, "%s: hidden is %d; it must be a positive multiple of 128, at most %d", fn, hidden,
-                    EP_MAX_HIDDEN);
+  EP_TRY(ep_check_hidden(NULL, fn, "hidden", hidden, EP_ROWS_FP8));
   if (num_ranks < 1 || num_ranks > EP_MAX_RANKS)
     return FAIL_ARG(NULL, "%s: num_ranks is %d; it must be in [1, %d]", fn, num_ranks, EP_MAX_RANKS);
   if (num_experts <= 0 || num_experts % num_ranks != 0)

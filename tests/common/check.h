@@ -1,8 +1,8 @@
 /* Tiny test vocabulary shared by every test program (host and GPU).
  *
  * A test program is a standalone executable. It runs its cases, prints one line per failed check, and
- * exits with TEST_PASS (0), TEST_FAIL (1) or TEST_SKIP (77, e.g. not enough GPUs). The runners
- * (tests/run_host_tests.sh, tests/gpu/run_gpu_tests.sh) count programs and print `N passed, N failed`. */
+ * exits with TEST_PASS (0), TEST_FAIL (1) or TEST_SKIP (77, e.g. not enough GPUs). tests/run_tests.sh counts the
+ * programs and prints `N passed, N failed, N skipped`. */
 #ifndef EP_TESTS_CHECK_H
 #define EP_TESTS_CHECK_H
 

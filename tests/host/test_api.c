@@ -718,7 +718,7 @@ static void test_ll_handle_state(void) {
   EXPECT_FAIL(ep_ll_handle_get_state(NULL, &s), NULL, EP_STATUS_INVALID_ARGUMENT, "handle is NULL");
   struct ep_group host_group = make_host_group(4);
   host_group.config.ll_max_tokens_per_rank = 128;
-  host_group.ll_layout = ep_ll_layout(4, 256, 128, 7168, 8);
+  host_group.ll_region = ep_ll_region(4, 256, 128, 7168, 8);
   ep_group_t g = &host_group;
   struct ep_ll_handle handle;
   memset(&handle, 0, sizeof(handle));
