@@ -4,7 +4,7 @@
 #   scripts/bench_variants.sh 'name=FLAGS' ['name=FLAGS' ...] -- [ep_bench args]
 # e.g. scripts/bench_variants.sh 'warp8=' 'push4=-DEP_COMBINE_PUSH_WARPS=4' -- --family intranode
 #      scripts/bench_variants.sh 'base=' 'prof=-DEP_NORMAL_PROFILE=1' -- --family intranode --shapes 0,2 --sms 16,24
-#      (a profile build: its per-phase lines are in the ranks' logs, variant-logs.tgz; see bench/RESULTS.md)
+#      (a profile build: its per-phase lines are in the ranks' logs, variant-logs.tgz; bench/README.md, "Profile builds", says how to read them)
 # Logs go to $OUT (or ./gpu-out); the rows of every variant are printed last.
 set -uo pipefail
 variants=()

@@ -106,9 +106,9 @@ class NormalPath:
         topk_idx: int64 [num_tokens, num_topk], -1 = none (required unless `handle` is given: ep computes the
           routing from it; num_tokens_per_rank / num_tokens_per_rdma_rank / is_token_in_rank are accepted and
           unused). topk_weights: float32 [num_tokens, num_topk] or None.
-        num_experts (ep only, keyword): defaults to num_tokens_per_expert.numel() when that is given, else to the
-          Buffer's num_experts hint. Pass one of them whenever the model has fewer experts than the hint: with the
-          hint, expert e lives on rank e // (hint / R), so a smaller model's experts all land on the first ranks.
+        num_experts (ep only, keyword): the model's expert count (expert e lives on rank e // (num_experts / R));
+          defaults to num_tokens_per_expert.numel() when that is given. One of the two is required: without them a
+          dispatch raises ValueError rather than guess the mapping from the Buffer's hint.
         Received rows are ordered by source rank, then by token index on the source (deterministic).
         recv_topk_idx holds local expert ids (0 .. num_experts / R - 1), -1 for experts on other ranks;
         recv_topk_weights is 0.0 there. num_recv_tokens_per_expert_list: per local expert, rounded up to
