@@ -20,6 +20,10 @@
 // therefore be resident at once: the host clamps the dispatch and combine grids to the SMs this process can use
 // (the device's, or an MPS cap) and these kernels use one block per SM (__launch_bounds__(..., 1)); prepare uses
 // num_ranks blocks (<= 2 per SM).
+//
+// One file of ~800 lines on purpose: the three kernels are one protocol (prepare's slots are what dispatch relays
+// and combine sums back) and share the chunk, relay and signal helpers at the top; split, each reader would need
+// the other two files open.
 #include "kernels/launch.h"
 
 #include "kernels/common.cuh"
