@@ -344,7 +344,7 @@ void bufs_poison_counts(const bufs_t* b, const world_t* w, cudaStream_t s) {
 
 /* Poison the dispatch and combine outputs: integers 0xA5A5..., fp32 and bf16 NaN, so an unwritten one fails. */
 void bufs_poison(const bufs_t* b, const world_t* w, int me, cudaStream_t s) {
-  const size_t rows = (size_t)b->capacity, K = (size_t)w->topk, n = (size_t)w->num_tokens[me];
+  const size_t rows = (size_t)b->capacity, K = (size_t)w->topk;
   if (rows) {
     CUDA_CHECK(cudaMemsetAsync(b->recv_x, 0xA5, rows * w->row_bytes, s));
     if (w->fp8) CUDA_CHECK(cudaMemsetAsync(b->recv_scales, 0xFF, rows * (size_t)w->num_scales * sizeof(float), s));
@@ -352,10 +352,14 @@ void bufs_poison(const bufs_t* b, const world_t* w, int me, cudaStream_t s) {
     CUDA_CHECK(cudaMemsetAsync(b->recv_w, 0xFF, rows * K * sizeof(float), s));
     CUDA_CHECK(cudaMemsetAsync(b->recv_src, 0xA5, rows * sizeof(int), s));
   }
-  if (n) {
-    CUDA_CHECK(cudaMemsetAsync(b->comb_x, 0xFF, n * (size_t)w->hidden * 2, s));
-    CUDA_CHECK(cudaMemsetAsync(b->comb_w, 0xFF, n * K * sizeof(float), s));
-  }
+  bufs_poison_combine(b, w, me, s);
+}
+
+void bufs_poison_combine(const bufs_t* b, const world_t* w, int me, cudaStream_t s) {
+  const size_t n = (size_t)w->num_tokens[me];
+  if (!n) return;
+  CUDA_CHECK(cudaMemsetAsync(b->comb_x, 0xFF, n * (size_t)w->hidden * 2, s));
+  CUDA_CHECK(cudaMemsetAsync(b->comb_w, 0xFF, n * (size_t)w->topk * sizeof(float), s));
 }
 
 /* ------------------------------------------------------------------------------------------------------------

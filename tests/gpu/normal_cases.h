@@ -46,7 +46,7 @@ typedef struct {
 typedef struct {
   int R, hidden, topk, num_experts;
   int fp8, deliver_idx, with_weights;
-  int exact;        /* small-integer payload: every internode partial sum is exact in bf16 (test_internode) */
+  int exact;        /* small-integer payload: every (partial) combine sum is exact in bf16, on both paths */
   size_t row_bytes; /* bytes of one x row */
   int num_scales;   /* hidden / 128 with FP8, else 0 */
   int num_tokens[MAX_RANKS];
@@ -124,6 +124,8 @@ void bufs_free(bufs_t* b);
 void bufs_poison_counts(const bufs_t* b, const world_t* w, cudaStream_t s);
 /* Poison the dispatch and combine outputs: integers 0xA5A5..., fp32 and bf16 NaN, so an unwritten one fails. */
 void bufs_poison(const bufs_t* b, const world_t* w, int me, cudaStream_t s);
+/* Poison only the combine outputs (combined_x NaN, combined weights NaN): a combine after a checked one. */
+void bufs_poison_combine(const bufs_t* b, const world_t* w, int me, cudaStream_t s);
 
 /* ------------------------------------------------------------------------------------------------------------
  * Library calls

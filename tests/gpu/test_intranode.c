@@ -7,7 +7,7 @@
  * Each case of the shared table (tests/gpu/normal_runs.c: a sample of dtype x top-k delivery x hidden x top-k x tokens x routing x experts x
  * SMs x expert alignment x biases) runs, on one group and one handle:
  *   eager       prepare (host count) -> dispatch into exactly sized outputs -> combine -> check; a second
- *               combine with another num_sms must give the same bytes
+ *               combine with another num_sms, into re-poisoned outputs -> check, and the same bytes
  *   cached      (some cases) new x, scales and weights dispatched through the same handle, no prepare -> check
  *   graph-safe  prepare (device counts) -> dispatch into num_ranks * max_tokens rows -> combine -> check, and
  *               the rows past the count: recv_topk_idx == -1, recv_src_idx == -1
@@ -15,9 +15,10 @@
  *   dispatch:  recv_x bytes, recv_x_scales, recv_topk_idx (local ids), recv_topk_weights, recv_src_idx, the
  *              received count, the per-expert counts (aligned)
  *   combine:   y = the received rows as bf16 (BF16: recv_x itself; FP8: each e4m3 value widened), with the
- *              received weights and sometimes bias0 / bias1; combined_x within 2^-7 of |ref| (the inputs are
- *              chosen so every fp32 sum is exact, so bit-identical is expected and reported when it is not),
- *              combined_topk_weights within 1e-6 relative
+ *              received weights and sometimes bias0 / bias1; every other case carries small integers, whose
+ *              sums are exact: combined_x bit-identical or the case fails; the random payload (also chosen so
+ *              every fp32 sum is exact) accepts and reports values within 2^-7 of |ref|; combined_topk_weights
+ *              within 1e-6 relative
  *   every output is poisoned before every call (0xA5 bytes, NaN floats), so a row left unwritten fails, and
  *   ep_get_async_error must be EP_STATUS_SUCCESS after each case.
  * Also: argument validation on the live group (each error must name the argument); prepare + dispatch + combine
