@@ -4,8 +4,8 @@
  *   every rank:  all ranks' inputs, from one shared seed ──> ep_ref_dispatch + ep_ref_combine (whole world)
  *                its own inputs ──> the library ──> its own outputs == the reference's outputs for this rank
  *
- * Each case of the shared table (tests/gpu/normal_runs.c: a sample of dtype x top-k delivery x hidden x top-k x tokens x routing x experts x
- * SMs x expert alignment x biases) runs, on one group and one handle:
+ * Each case of the shared table (tests/gpu/normal_runs.c: a sample of dtype x top-k delivery x hidden x top-k x
+ * tokens x routing x experts x SMs x expert alignment x biases) runs, on one group and one handle:
  *   eager       prepare (host count) -> dispatch into exactly sized outputs -> combine -> check; a second
  *               combine with another num_sms, into re-poisoned outputs -> check, and the same bytes
  *   cached      (some cases) new x, scales and weights dispatched through the same handle, no prepare -> check

@@ -240,7 +240,8 @@ def run_checks(ck, c):
     ck.check("combine: graph-safe handle, worst-case rows == eager",
              torch.equal(buf.combine(yw, wh, topk_weights=ww)[0], cx))
 
-    check_streams(ck, c, recv_x, y, cx0)
+    with eptest.poisoning(False):  # the stalled current stream must stay stalled during the calls
+        check_streams(ck, c, recv_x, y, cx0)
     check_autograd(ck, c, 0)
     check_autograd(ck, c, W)
     check_errors(ck, c, handle, y)
@@ -527,8 +528,10 @@ def worker(rank, world, init_method, seed):
     torch, dist, ep = _torch, _dist, _ep
     ck = eptest.Checker(prefix=f"[rank {rank}] ")
     dev, share_kwargs = eptest.start_rank(rank, world, init_method)
+    eptest.poison_new_tensors(torch)  # the package's outputs (torch.empty) start as NaN / 0xA5: unwritten fails
     buf = None
     try:
+        eptest.check_poison(ck, torch, dev)
         buf = ep.Buffer(dist.group.WORLD, num_experts=E_HINT, hidden=H_HINT, max_tokens_per_rank=T_HINT,
                         max_topk=K_HINT, explicitly_destroy=True, **share_kwargs)
         ck.check("Buffer: created, rank and group size", buf.rank == rank and buf.group_size == world

@@ -510,8 +510,10 @@ def worker(rank, world, init_method, seed):
     torch, dist, ep = _torch, _dist, _ep
     ck = eptest.Checker(prefix=f"[rank {rank}] ")
     dev, share_kwargs = eptest.start_rank(rank, world, init_method)
+    eptest.poison_new_tensors(torch)  # the package's outputs (torch.empty) start as NaN / 0xA5: unwritten fails
     buf = None
     try:
+        eptest.check_poison(ck, torch, dev)
         buf = ep.Buffer(dist.group.WORLD, low_latency_mode=True, num_experts=E_HINT, hidden=H_HINT,
                         max_tokens_per_rank=16, max_topk=K_HINT, ll_max_tokens_per_rank=T_HINT,
                         explicitly_destroy=True, **share_kwargs)
