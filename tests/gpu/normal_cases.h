@@ -20,13 +20,19 @@
 #define MAX_REPORTS 4 /* mismatches printed per buffer */
 #define REF_BYTES_BUDGET ((size_t)1 << 30) /* per-process reference receive bytes; big worlds get fewer tokens */
 
-enum routing { ROUTE_RANDOM, ROUTE_SKEWED };
+/* Random: distinct experts per token (repeats only where top-k exceeds the experts there are), ~10% of the slots
+ * -1. Skewed: every token to experts of one rank, no -1. Repeat: random, and every third token names one expert
+ * twice (tests/ref/ep_ref.h: it counts once per expert, each slot is still mapped on its own). */
+enum routing { ROUTE_RANDOM, ROUTE_SKEWED, ROUTE_REPEAT };
+/* Which ranks have no tokens (`vary`; the others draw 1..tokens): none, the last, rank 0, the middle one (R / 2),
+ * every odd one, the first half (with two virtual nodes: a whole node). Never the only rank of a group. */
+enum vary { VARY_NONE, VARY_LAST, VARY_FIRST, VARY_MIDDLE, VARY_SEVERAL, VARY_NODE };
 enum topk_out { TOPK_NONE, TOPK_IDX, TOPK_IDX_WEIGHTS }; /* what dispatch delivers besides rows */
 enum { BIAS0 = 1, BIAS1 = 2 };
 
 typedef struct {
   int tokens;      /* per rank; with `vary`, the most any rank has */
-  int vary;        /* counts differ between ranks, the last rank has 0 */
+  int vary;        /* enum vary: counts differ between ranks, some have 0 */
   int hidden;
   int topk;
   int fp8;         /* x is FP8 E4M3 with fp32 scales, else BF16 */

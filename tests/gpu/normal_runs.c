@@ -14,6 +14,7 @@
 #include "gpu/test_util.h"
 #include "ref/ep_ref.h"
 
+/* clang-format off */
 const case_t normal_case_table[] = {
   /*  tok  vary  hidden  topk  fp8  out  route  few  sms  align           bias  cached */
     {   0,    0,   2048,    1,   0, IDW,   RND,   0,   8,     1,             0,      0},
@@ -38,8 +39,33 @@ const case_t normal_case_table[] = {
     {4096,    1,   2048,    4,   0, IDX,   SKW,   0,  24,     1,             0,      1},
     {4096,    1,   4096,    8,   1,  NO,   RND,   0,  32,   128,         BIAS0,      0},
     {4096,    1,   7168,    8,   1, IDW,   SKW,   0,   8,     1, BIAS0 | BIAS1,      0},
+  /* Small cases for the regions above: an expert twice in a top-k, top-k 9..32, BF16 hidden a multiple of 8
+   * below 1024, num_sms 1 (the internode relay shares its block with send and pull), odd and above the device's,
+   * no tokens on rank 0 / a middle rank / the odd ranks / the first half (a whole virtual node). */
+    {   7,  FST,   1000,    9,   0, IDW,   RPT,   0,    1,     1,         BIAS0,      0},
+    {  33,  MID,     72,   32,   0, IDW,   RND,   1,    3,   128,         BIAS1,      1},
+    {  16,  SEV,   2048,   16,   1, IDW,   RPT,   0, 1000,     1,             0,      0},
+    {   9,  NOD,   1000,    4,   0, IDX,   RPT,   0,    5,     1, BIAS0 | BIAS1,      1},
+    {  64,    0,      8,    2,   0, IDW,   RPT,   1,    7,     1,             0,      0},
 };
 const int normal_num_cases = (int)(sizeof(normal_case_table) / sizeof(normal_case_table[0]));
+
+const case_t normal_full_table[] = {
+  /*  tok  vary  hidden  topk  fp8  out  route  few  sms  align           bias  cached */
+    {4096,    0,   1000,   32,   0, IDW,   RPT,   0,   24,   128,         BIAS0,      1},
+    {4096,  FST,   2056,   12,   0, IDW,   RND,   0,    1,     1,         BIAS1,      0},
+    {2048,  NOD,   7168,   20,   1, IDW,   RPT,   1,   33,   128, BIAS0 | BIAS1,      1},
+    {4096,  SEV,    520,    8,   0, IDX,   SKW,   0, 1000,     1,             0,      0},
+    {4096,  MID,   7168,   24,   1, IDW,   RND,   0,    5,     1,         BIAS0,      0},
+    { 512,  LST,    264,   17,   0, IDW,   RPT,   1,    3,     1,         BIAS0,      1},
+    {1024,  LST,   8192,    8,   1, IDW,   RND,   0,   24,   128,         BIAS0,      1},
+    { 256,    0,  16384,    4,   0, IDW,   RPT,   0,   32,     1, BIAS0 | BIAS1,      0},
+    {1024,    1,  16384,    6,   1,  NO,   RND,   0,   16,     1,             0,      0},
+};
+const int normal_num_full_cases = (int)(sizeof(normal_full_table) / sizeof(normal_full_table[0]));
+/* clang-format on */
+
+int normal_config_hidden(void) { return test_level_full() ? FULL_MAX_HIDDEN : MAX_HIDDEN; }
 
 /* ------------------------------------------------------------------------------------------------------------
  * Small helpers
@@ -159,6 +185,9 @@ static void run_graph_safe(const normal_ctx_t* c, const case_t* k, const world_t
   free(counts);
 }
 
+static const char* routing_name(int r) {
+  return r == ROUTE_SKEWED ? "skewed" : r == ROUTE_REPEAT ? "random with repeats" : "random";
+}
 static const char* topk_out_name(int t) { return t == TOPK_NONE ? "none" : t == TOPK_IDX ? "idx" : "idx+weights"; }
 
 static void print_case(const normal_ctx_t* c, const char* label, int index, const case_t* k, const world_t* w) {
@@ -171,9 +200,8 @@ static void print_case(const normal_ctx_t* c, const char* label, int index, cons
   printf("rank %d: %s%s %d FAILED (seed 0x%016llx, replay with EP_TEST_SEED=0x%016llx): tokens=[%s] hidden=%d "
          "topk=%d dtype=%s topk_out=%s routing=%s experts=%d sms=%d alignment=%d bias=%d cached=%d\n",
          c->me, shape, label, index, (unsigned long long)c->seed, (unsigned long long)c->seed, counts, k->hidden,
-         k->topk,
-         k->fp8 ? "fp8" : "bf16", topk_out_name(k->topk_out), k->routing == ROUTE_SKEWED ? "skewed" : "random",
-         w->num_experts, k->sms, k->alignment, k->bias, k->cached);
+         k->topk, k->fp8 ? "fp8" : "bf16", topk_out_name(k->topk_out), routing_name(k->routing), w->num_experts, k->sms,
+         k->alignment, k->bias, k->cached);
   fflush(stdout);
 }
 

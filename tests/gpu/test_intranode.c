@@ -25,6 +25,8 @@
  * captured in a CUDA graph, replayed twice with new data (and new routing) in the same buffers; last, a
  * recv_capacity overflow in the graph-safe path reported as EP_STATUS_DEVICE_ERROR, a combine along that handle
  * from an input of exactly recv_capacity rows, then a normal case on the same group.
+ * EP_TEST_LEVEL=full also runs normal_full_table (4096-token cases of the same regions, hidden 8192 and 16384) on
+ * a group created with config.hidden = FULL_MAX_HIDDEN. Works at any rank count from 1 to 8.
  * A failure prints the case and the seed; EP_TEST_SEED=<seed> replays it. */
 #include <stdio.h>
 #include <stdlib.h>
@@ -53,7 +55,7 @@ int main(void) {
   ep_group_config_t cfg = EP_GROUP_CONFIG_INIT;
   cfg.ranks_per_node = 0; /* one NVLink domain */
   cfg.num_experts = 256 / c.R * c.R;
-  cfg.hidden = MAX_HIDDEN;
+  cfg.hidden = normal_config_hidden();
   cfg.max_tokens_per_rank = MAX_TOKENS;
   cfg.max_topk = MAX_TOPK;
   c.max_experts = cfg.num_experts;
@@ -84,6 +86,8 @@ int main(void) {
       failed += normal_run_case(&c, &normal_case_table[i], i);
       ++ran;
     }
+  for (int i = 0; i < normal_num_full_cases && test_level_full() && !small_only; ++i, ++ran)
+    failed += normal_run_case(&c, &normal_full_table[i], normal_num_cases + 1 + i);
   printf("rank %d: dispatch/combine: %d cases (eager + graph-safe each), %d failed (%.1f s)\n", c.me, ran, failed,
          now_s() - t0);
 
