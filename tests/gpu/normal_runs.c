@@ -353,9 +353,13 @@ int normal_run_overflow(const normal_ctx_t* c) {
  * The graph-safe path in a CUDA graph, replayed with new data
  * ------------------------------------------------------------------------------------------------------------ */
 
-int normal_run_cuda_graph(const normal_ctx_t* c) {
+int normal_run_cuda_graph(const normal_ctx_t* c, int variant) {
   const int before = g_check_failures;
+  /* 0: BF16 top-4, one bias. 1: FP8 top-8, both biases, an expert twice in some tokens, and an eager case on the
+   * same handle between the replays. */
   case_t k = {1024, 1, 2560, 4, 0, TOPK_IDX_WEIGHTS, ROUTE_RANDOM, 0, 0, 128, BIAS0, 0};
+  if (variant == 1) k = (case_t){512, LST, 2048, 8, 1, TOPK_IDX_WEIGHTS, ROUTE_REPEAT, 0, 20, 1, BIAS0 | BIAS1, 0};
+  const int first_routing = k.routing;
   const uint64_t graph_seed = c->seed ^ 0x6a9f;
   world_t w;
   /* shapes and buffers; data comes per replay */
@@ -379,16 +383,18 @@ int normal_run_cuda_graph(const normal_ctx_t* c) {
   for (int replay = 0; replay < 2 && exec; ++replay) {
     const int replay_before = g_check_failures;
     /* Replay 1 moves every token to one rank: new routing as well as new rows. */
-    k.routing = replay == 0 ? ROUTE_RANDOM : ROUTE_SKEWED;
+    k.routing = replay == 0 ? first_routing : ROUTE_SKEWED;
     world_t wr;
     world_build(&wr, &k, c->R, c->max_experts, graph_seed, graph_seed + 1 + (uint64_t)replay, replay == 0);
-    uint16_t* bias0 = make_bias(graph_seed + (uint64_t)replay, c->me, 0,
-                                (size_t)wr.num_tokens[c->me] * (size_t)wr.hidden);
+    const size_t bias_elems = (size_t)wr.num_tokens[c->me] * (size_t)wr.hidden;
+    uint16_t* bias0 = make_bias(graph_seed + (uint64_t)replay, c->me, 0, bias_elems);
+    uint16_t* bias1 = (k.bias & BIAS1) ? make_bias(graph_seed + (uint64_t)replay, c->me, 1, bias_elems) : NULL;
     expect_t e;
-    expect_build(&e, &wr, k.alignment, c->me, bias0, NULL, c->rpn > 0);
-    bufs_upload_inputs(&b, &wr, c->me, bias0, NULL); /* cudaMemcpy into the captured buffers */
+    expect_build(&e, &wr, k.alignment, c->me, bias0, bias1, c->rpn > 0);
+    bufs_upload_inputs(&b, &wr, c->me, bias0, bias1); /* cudaMemcpy into the captured buffers */
     bufs_poison_counts(&b, &wr, c->s);
     bufs_poison(&b, &wr, c->me, c->s);
+    upload_y(&b, &wr, &e, c->me); /* FP8: the combine's input, what the replay's dispatch receives, widened */
     CUDA_CHECK(cudaGraphLaunch(exec, c->s));
     CUDA_CHECK(cudaStreamSynchronize(c->s));
     char path[32];
@@ -403,7 +409,10 @@ int normal_run_cuda_graph(const normal_ctx_t* c) {
     if (g_check_failures != replay_before) print_case(c, "graph replay", replay, &k, &wr);
     expect_free(&e);
     free(bias0);
+    free(bias1);
     world_free(&wr);
+    /* Eager calls on the same handle between replays: the next replay prepares it again. */
+    if (variant == 1 && replay == 0) normal_run_case(c, &normal_case_table[5], 1000);
   }
   CHECK(exec != NULL, "no CUDA graph to replay");
   if (exec) cudaGraphExecDestroy(exec);
@@ -412,4 +421,3 @@ int normal_run_cuda_graph(const normal_ctx_t* c) {
   world_free(&w);
   return g_check_failures != before;
 }
-

@@ -60,7 +60,8 @@ int normal_run_validation(const normal_ctx_t* c);
 /* More rows than recv_capacity in the graph-safe path: EP_STATUS_DEVICE_ERROR; a combine along that handle reads
  * no row past the capacity. Run it last: the group is expected to keep working (the caller checks a case). */
 int normal_run_overflow(const normal_ctx_t* c);
-/* prepare + dispatch + combine captured in a CUDA graph, replayed with new data and new routing. */
-int normal_run_cuda_graph(const normal_ctx_t* c);
+/* prepare + dispatch + combine captured in a CUDA graph, replayed with new data and new routing. `variant` 0:
+ * BF16 top-4; 1: FP8 top-8 with repeated experts and both biases, an eager case between the replays. */
+int normal_run_cuda_graph(const normal_ctx_t* c, int variant);
 
 #endif /* EP_TESTS_GPU_NORMAL_RUNS_H */

@@ -22,7 +22,8 @@
  *   every output is poisoned before every call (0xA5 bytes, NaN floats), so a row left unwritten fails, and
  *   ep_get_async_error must be EP_STATUS_SUCCESS after each case.
  * Also: argument validation on the live group (each error must name the argument); prepare + dispatch + combine
- * captured in a CUDA graph, replayed twice with new data (and new routing) in the same buffers; last, a
+ * captured in a CUDA graph, replayed twice with new data (and new routing) in the same buffers, BF16 top-4 and FP8
+ * top-8 with repeated experts (an eager case on the same handle between its replays); last, a
  * recv_capacity overflow in the graph-safe path reported as EP_STATUS_DEVICE_ERROR, a combine along that handle
  * from an input of exactly recv_capacity rows, then a normal case on the same group.
  * EP_TEST_LEVEL=full also runs normal_full_table (4096-token cases of the same regions, hidden 8192 and 16384) on
@@ -93,8 +94,9 @@ int main(void) {
 
   if (small_only) goto done;
   t0 = now_s();
-  failed = normal_run_cuda_graph(&c);
-  printf("rank %d: CUDA graph, 2 replays: %s (%.1f s)\n", c.me, failed ? "FAILED" : "ok", now_s() - t0);
+  failed = normal_run_cuda_graph(&c, 0) + normal_run_cuda_graph(&c, 1);
+  printf("rank %d: CUDA graphs (BF16 top-4; FP8 top-8, eager calls between), 2 replays each: %s (%.1f s)\n", c.me,
+         failed ? "FAILED" : "ok", now_s() - t0);
 
   /* Last, so that a group left failed by it cannot hide the results above. */
   t0 = now_s();
