@@ -11,7 +11,8 @@
  * zero-copy; -1 entries; repeated experts; ranks with 0 tokens; T = 1 .. 1024; hidden 2048, 2056 (BF16), 2688,
  * 4096, 7168; top-k 1, 2, 3, 5, 8, 9, 16, 17, 24, 32; tokens whose experts cover several or all experts of a rank,
  * and tokens with no destination), each repeated with fresh data; two micro-batches in flight (both halves);
- * dispatch + expert copy + combine captured in a CUDA graph and replayed with new inputs; many repetitions; the
+ * dispatch + expert copy + combine captured in a CUDA graph and replayed with new inputs, and two micro-batches
+ * captured together with the hook, zero-copy and UE8M0, eager calls after the replays; many repetitions; the
  * combine with sums on the experts' ranks (the dispatch carries the weights) in both shapes, the graph included.
  * Checked: recv_count, layout_range, src_info, recv_x bytes, scales (fp32 column-major or packed UE8M0), the
  * combined output; every output is poisoned before every call. Last, a peer that never calls makes the call
@@ -527,6 +528,75 @@ static int run_graph(const ctx_t* c, int sums) {
   return g_check_failures != before;
 }
 
+/* Two micro-batches captured together, with the hook, zero-copy and UE8M0 scales: D(A) D(B), both receives, the
+ * experts' outputs copied into each handle's zero-copy buffer and C(A) C(B) with the hook, both receives. Replayed
+ * with new inputs and expert outputs, then an eager case on the same group. */
+static int run_graph_pair(const ctx_t* c) {
+  const int before = g_check_failures;
+  const case_t k_table = {128, 2048, 8, 64, UE8M0, 1, 1, 10, 1, 0, 1, 0}; /* every rank T tokens: fixed in the graph */
+  const case_t k = for_ranks(&k_table, c->R);
+  mb_t m[2];
+  void* y_src[2];
+  for (int b = 0; b < 2; ++b) {
+    mb_alloc(c, &m[b], &k);
+    y_src[b] = dev_alloc(m[b].y_bytes);
+  }
+  cudaGraph_t graph = NULL;
+  cudaGraphExec_t exec = NULL;
+  for (int round = 0; round <= 2; ++round) {
+    world_t w[2];
+    ep_ref_ll_dispatch_t ref[2];
+    for (int b = 0; b < 2; ++b) {
+      world_make(&w[b], &k, c->R, c->seed ^ (0x2545f4914f6cdd1dull * (uint64_t)(round * 2 + b + 1)));
+      CHECK(ep_ref_ll_dispatch(&w[b].ref, 1, 1, 1, &ref[b]) == 0, "reference dispatch");
+      uint16_t* y = expected_y(c, &m[b], &w[b], &ref[b]);
+      mb_load(c, &m[b], &w[b]);
+      upload(y_src[b], y, m[b].y_bytes);
+      free(y);
+    }
+    if (round == 0) { /* capture; the inputs are already in place, the first launch is round 0 */
+      CUDA_CHECK(cudaStreamBeginCapture(c->s, cudaStreamCaptureModeThreadLocal));
+      for (int b = 0; b < 2; ++b) {
+        ep_ll_dispatch_args_t da = dispatch_args(c, &m[b], &w[b], 1);
+        EP_CHECK(c, ep_ll_dispatch(c->g, m[b].h, &da, c->s));
+      }
+      for (int b = 0; b < 2; ++b) EP_CHECK(c, ep_ll_dispatch_recv(c->g, m[b].h, c->s));
+      for (int b = 0; b < 2; ++b) {
+        void* dst = NULL;
+        EP_CHECK(c, ep_ll_get_combine_buffer(c->g, m[b].h, &dst));
+        if (dst) CUDA_CHECK(cudaMemcpyAsync(dst, y_src[b], m[b].y_bytes, cudaMemcpyDeviceToDevice, c->s));
+        ep_ll_combine_args_t ca = EP_LL_COMBINE_ARGS_INIT;
+        ca.topk_weights = m[b].w;
+        ca.out = m[b].out;
+        ca.zero_copy = 1;
+        ca.return_after_send = 1;
+        EP_CHECK(c, ep_ll_combine(c->g, m[b].h, &ca, c->s));
+      }
+      for (int b = 0; b < 2; ++b) EP_CHECK(c, ep_ll_combine_recv(c->g, m[b].h, c->s));
+      CUDA_CHECK(cudaStreamEndCapture(c->s, &graph));
+      if (graph) CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+    }
+    if (exec) CUDA_CHECK(cudaGraphLaunch(exec, c->s));
+    CHECK_ASYNC_CLEAN(c, "graph replay (two micro-batches)");
+    for (int b = 0; b < 2; ++b) {
+      const long bad = check_dispatch(c, &m[b], &w[b], &ref[b]) + check_combine(c, &m[b], &w[b]);
+      CHECK(bad == 0, "graph replay %d, micro-batch %d: %ld mismatches", round, b, bad);
+      if (bad) print_case(c, "graph replay (two micro-batches)", round, &w[b]);
+      ep_ref_ll_dispatch_free(&ref[b]);
+      world_free(&w[b]);
+    }
+  }
+  CHECK(exec != NULL, "no CUDA graph to replay");
+  if (exec) cudaGraphExecDestroy(exec);
+  if (graph) cudaGraphDestroy(graph);
+  for (int b = 0; b < 2; ++b) {
+    cudaFree(y_src[b]);
+    mb_free(&m[b]);
+  }
+  run_case(c, &k_cases[1], 103); /* eager calls on the same group after the replays */
+  return g_check_failures != before;
+}
+
 /* What a shape runs: every case, the graphs and the repetitions; only the cases with T <= 128 and one graph (the
  * default level's mixed NVLink / put shapes); or k_big_t_cases on a group sized for them (EP_TEST_LEVEL=full). */
 enum scope { SCOPE_ALL, SCOPE_SMALL, SCOPE_BIG_T };
@@ -571,6 +641,14 @@ static void run_shape(const harness_t* h, int ranks_per_node, const char* name, 
     failed = run_graph(&c, sums);
     printf("rank %d [%s]: CUDA graph capture + 5 launches%s: %s (%.1f s)\n", c.me, name,
            sums ? " (sums on the experts' ranks)" : "", failed ? "FAILED" : "ok", now_s() - t0);
+  }
+
+  if (scope != SCOPE_BIG_T) {
+    t0 = now_s();
+    failed = run_graph_pair(&c);
+    printf("rank %d [%s]: CUDA graph of two micro-batches (hook, zero-copy, UE8M0) + 3 launches, then eager: %s "
+           "(%.1f s)\n",
+           c.me, name, failed ? "FAILED" : "ok", now_s() - t0);
   }
 
   if (scope == SCOPE_ALL) {
