@@ -68,6 +68,20 @@ def world_size():
     return int(os.environ.get("EP_TEST_WORLD", "2"))
 
 
+def experts_for(world, most):
+    """An expert count for `world` ranks: `most` rounded down to a multiple of world, at least one per rank (the
+    tests run at any rank count, 3, 5, 6 and 7 included)."""
+    return max(world, most // world * world)
+
+
+def virtual_ranks_per_node(world):
+    """ranks_per_node of a test's virtual-node Buffer: two nodes where world is even, one rank per node where it
+    is odd; None with one rank (no second node)."""
+    if world < 2:
+        return None
+    return world // 2 if world % 2 == 0 else 1
+
+
 def sharing_gpus():
     """True when ranks may share GPUs (EP_TEST_SHARE_GPU=1: scripts/shared_gpu.sh started CUDA MPS)."""
     return os.environ.get("EP_TEST_SHARE_GPU", "0") not in ("", "0")
@@ -104,20 +118,22 @@ _poison = {"on": False, "filled": 0}
 def _fill_poison(torch, t):
     if not t.is_cuda or t.numel() == 0 or torch.cuda.is_current_stream_capturing():
         return  # in a capture the fill would not be ordered before the package's comm-stream kernels
-    fp8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
-    if t.dtype in fp8:
-        t.view(-1).view(torch.uint8).fill_(0x7F)  # NaN in e4m3fn, and in e5m2
-    elif t.is_floating_point():
-        t.fill_(float("nan"))
-    else:
-        t.view(-1).view(torch.uint8).fill_(POISON_BYTE)
+    byte = 0xFF if t.is_floating_point() else POISON_BYTE  # 0xFF...: NaN in fp32, bf16, fp16 and both FP8 formats
+    if t.is_contiguous():
+        t.view(-1).view(torch.uint8).fill_(byte)
+    else:  # empty_like of a strided (e.g. column-major) tensor: the same values element by element
+        try:
+            t.fill_(float("nan") if t.is_floating_point() else
+                    int.from_bytes(bytes([byte]) * t.element_size(), "little", signed=t.dtype != torch.bool))
+        except (RuntimeError, OverflowError):
+            return
     torch.cuda.current_stream(t.device).synchronize()  # finished before any kernel the caller launches next
     _poison["filled"] += 1
 
 
 def poison_new_tensors(torch):
     """From now on in this process, every CUDA tensor that torch.empty / torch.empty_like returns is filled with
-    poison (floats NaN, FP8 0x7F, other dtypes 0xA5 bytes) before it is returned; poisoning(False) pauses it.
+    poison (floats NaN: 0xFF bytes; other dtypes 0xA5 bytes) before it is returned; poisoning(False) pauses it.
     Outside a stream capture only (there the graph's replays are checked against eager calls instead)."""
     if getattr(torch.empty, "_eptest_poison", False):
         _poison["on"] = True

@@ -24,7 +24,8 @@ rank computes with torch what it must receive and what its tokens must combine t
               EpError(EP_STATUS_DEVICE_ERROR) naming the token
   graph       dispatch(num_worst_tokens) + combine captured in a CUDA graph, replayed twice with new data and
               new routing, == eager calls on the same data
-  internode   a second Buffer with ranks_per_node = world / 2 (virtual nodes): dispatch, cached, worst-case rows
+  internode   a second Buffer of virtual nodes (ranks_per_node world / 2, or 1 at an odd world; none at 1 rank):
+              dispatch, cached, worst-case rows
               exactly as torch gathers them; combine with a bias within bf16 rounding of the partial sums
 Skips (77) without PyTorch, CUDA or enough GPUs."""
 
@@ -532,13 +533,14 @@ def worker(rank, world, init_method, seed):
     buf = None
     try:
         eptest.check_poison(ck, torch, dev)
-        buf = ep.Buffer(dist.group.WORLD, num_experts=E_HINT, hidden=H_HINT, max_tokens_per_rank=T_HINT,
+        experts = eptest.experts_for(world, E_HINT // 2)  # E_HINT = 2 * E, both multiples of the rank count
+        buf = ep.Buffer(dist.group.WORLD, num_experts=2 * experts, hidden=H_HINT, max_tokens_per_rank=T_HINT,
                         max_topk=K_HINT, explicitly_destroy=True, **share_kwargs)
         ck.check("Buffer: created, rank and group size", buf.rank == rank and buf.group_size == world
                  and buf.info["num_ranks"] == world and buf.device == dev.index)
         c = Ctx()
         c.buf, c.R, c.rank, c.dev = buf, world, rank, dev
-        c.E, c.H, c.K = 32, 1024, 6
+        c.E, c.H, c.K = experts, 1024, 6
         c.ns = [max(0, T_HINT - 37 * r) for r in range(world)]  # different token counts per rank (0 at 8 ranks)
         c.n, c.n_max = c.ns[rank], max(c.ns)
         c.gen = torch.Generator(device=c.dev)
@@ -551,17 +553,20 @@ def worker(rank, world, init_method, seed):
         torch.cuda.synchronize()
         buf.get_async_error()
         ck.check("no pending device error at the end", True)
-        # The internode path: the same ranks as virtual nodes (2 ranks: 2 nodes of 1; 4: 2 of 2; 8: 2 of 4).
+        # The internode path: the same ranks as virtual nodes (2 ranks: 2 nodes of 1; 4: 2 of 2; 8: 2 of 4; odd
+        # counts: nodes of 1 rank; none at 1 rank).
         dist.barrier()
         buf.destroy()
         buf = None
-        buf = ep.Buffer(dist.group.WORLD, num_experts=E_HINT, hidden=H_HINT, max_tokens_per_rank=T_HINT,
-                        max_topk=K_HINT, ranks_per_node=world // 2, explicitly_destroy=True, **share_kwargs)
-        c.buf = buf
-        check_virtual_nodes(ck, c)
-        torch.cuda.synchronize()
-        buf.get_async_error()
-        ck.check("no pending device error after the virtual-node checks", True)
+        rpn = eptest.virtual_ranks_per_node(world)
+        if rpn is not None:
+            buf = ep.Buffer(dist.group.WORLD, num_experts=2 * experts, hidden=H_HINT, max_tokens_per_rank=T_HINT,
+                            max_topk=K_HINT, ranks_per_node=rpn, explicitly_destroy=True, **share_kwargs)
+            c.buf = buf
+            check_virtual_nodes(ck, c)
+            torch.cuda.synchronize()
+            buf.get_async_error()
+            ck.check("no pending device error after the virtual-node checks", True)
     except Exception:
         ck.check("ran every check without an exception", False, traceback.format_exc())
     eptest.finish_rank(ck, buf)
