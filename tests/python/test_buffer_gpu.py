@@ -24,6 +24,8 @@ rank computes with torch what it must receive and what its tokens must combine t
               EpError(EP_STATUS_DEVICE_ERROR) naming the token
   graph       dispatch(num_worst_tokens) + combine captured in a CUDA graph, replayed twice with new data and
               new routing, == eager calls on the same data
+  regions     no tokens on rank 0, top-k 12 with an expert twice in a token, hidden 1000: dispatch, counts,
+              combine and combined weights as torch computes them
   internode   a second Buffer of virtual nodes (ranks_per_node world / 2, or 1 at an odd world; none at 1 rank):
               dispatch, cached, worst-case rows
               exactly as torch gathers them; combine with a bias within bf16 rounding of the partial sums
@@ -35,7 +37,7 @@ import eptest
 
 eptest.use_package()
 
-E_HINT, H_HINT, T_HINT, K_HINT = 64, 2048, 256, 8  # Buffer shape hints
+E_HINT, H_HINT, T_HINT, K_HINT = 64, 2048, 256, 16  # Buffer shape hints
 TIMEOUT_S = 600  # the whole run, both ranks
 
 torch = dist = ep = None
@@ -248,6 +250,7 @@ def run_checks(ck, c):
     check_errors(ck, c, handle, y)
     check_graph(ck, c)
     check_empty_rank(ck, c)
+    check_regions(ck, c)
 
 
 SLEEP_CYCLES = 400_000_000  # torch.cuda._sleep: ~0.2 s at H100 / H200 clocks, far longer than any call here
@@ -487,6 +490,37 @@ def check_empty_rank(ck, c):
     ys = all_gather_rows(recv_x, [rows_of[r][0].numel() for r in range(R)])
     ok, d = close_bf16(out, expected_combine(me, R, ys, rows_of, n, H))
     ck.check(f"empty rank: combine == torch (max diff {d:g})", ok)
+
+
+def check_regions(ck, c):
+    """Inputs the other checks do not send: no tokens on rank 0, top-k 12 with one expert twice in every third
+    token, hidden 1000 (a multiple of 8 only). Dispatch, counts and combine as torch computes them."""
+    buf, R, E, me, dev = c.buf, c.R, c.E, c.rank, c.dev
+    H, K = 1000, min(12, E)
+    ns = [0] + [9] * (R - 1) if R > 1 else [9]
+    n = ns[me]
+    x = torch.randn((n, H), generator=c.gen, device=dev).to(torch.bfloat16)
+    idx, w = make_routing(c.gen, n, E, K, dev)
+    if K > 1 and n:
+        every_third = torch.arange(n, device=dev) % 3 == 0
+        idx[every_third, K - 1] = idx[every_third, 0]  # the same expert in slots 0 and K-1 (or -1 in both)
+    xs, idxs = all_gather_rows(x, ns), all_gather_rows(idx, ns)
+    recv_x, recv_idx, recv_w, counts, h, _ = buf.dispatch(x, topk_idx=idx, topk_weights=w, num_experts=E)
+    src, tok, local = expected_rows(me, R, E, idxs)
+    want = torch.cat([xs[s][tok[src == s]] for s in range(R)]) if tok.numel() else recv_x[:0]
+    tag = f"regions (tokens {ns}, top-{K} with repeats, hidden {H})"
+    ck.check(f"{tag}: dispatch rows and recv_topk_idx (each slot mapped)", torch.equal(recv_x, want)
+             and torch.equal(recv_idx, local))
+    want_counts = expected_counts(local, E // R, 1)
+    ck.check(f"{tag}: per-expert counts (a repeated expert counts once)", counts == want_counts,
+             f"{counts} vs {want_counts}")
+    out, cw, _ = buf.combine(recv_x, h, topk_weights=recv_w)
+    rows_of = [expected_rows(r, R, E, idxs) for r in range(R)]
+    ys = all_gather_rows(recv_x, [rows_of[r][0].numel() for r in range(R)])
+    ok, d = close_bf16(out, expected_combine(me, R, ys, rows_of, n, H))
+    ck.check(f"{tag}: combine == torch (max diff {d:g})", ok)
+    want_cw = torch.where(idx >= 0, w, torch.zeros((), device=dev))
+    ck.check(f"{tag}: combined_topk_weights, each slot its own weight", torch.equal(cw, want_cw))
 
 
 def check_virtual_nodes(ck, c):
