@@ -6,7 +6,8 @@
 # `sanitize` runs the small GPU cases under compute-sanitizer (memcheck; racecheck for the layout and LL kernels).
 # EP_TEST_SHARE_GPU=1 on a machine of fewer than 8 GPUs: the tests step also runs the GPU tests on more ranks than
 # GPUs, ranks sharing GPUs under CUDA MPS (correctness only; scripts/shared_gpu.sh). EP_TEST_RANKS overrides the
-# rank counts of the tests step (e.g. "8", for a shorter run).
+# rank counts of the tests step (e.g. "8", for a shorter run; "1 2 3 4 5 6 7 8" with EP_TEST_SHARE_GPU=1 on one GPU).
+# EP_TEST_LEVEL=full runs the GPU tests' long tail too (tests/run_tests.sh says what it adds).
 set -uo pipefail
 what=${1:-all}; shift || true
 out=${OUT:-gpu-out}; mkdir -p "$out"

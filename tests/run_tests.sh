@@ -12,7 +12,13 @@
 # rank count (EP_TEST_WORLD; they start their own ranks). Each script run counts as one test.
 # EP_TEST_SHARE_GPU=1 (set by scripts/shared_gpu.sh, which starts CUDA MPS) runs the GPU tests on more ranks than
 # GPUs, ranks sharing GPUs (of the Python ones, those whose ranks start through tests/python/eptest.py);
-# EP_TEST_TIMEOUT (default 300) bounds each C GPU test in seconds.
+# EP_TEST_TIMEOUT (default 300; 1200 with EP_TEST_LEVEL=full) bounds each C GPU test in seconds.
+# EP_TEST_LEVEL: unset (the default level) runs, in every GPU test, at least one case of each region of the input
+# space (mixed NVLink / put LL peers, repeated experts, top-k 1..32, any rank count, BF16 hidden a multiple of 8
+# only, num_sms 1 / odd / above the device's, CUDA graphs, ranks without tokens); EP_TEST_LEVEL=full adds the long
+# tail (4096-token and large-T cases, hidden 8192 and 16384, more shapes, more graph variants), several times
+# longer. The tests run at any rank count from 1 to 8 (EP_TEST_RANKS="1 2 3 4 5 6 7 8" with scripts/shared_gpu.sh
+# on one GPU); internode shapes need ranks_per_node to divide it, which the tests pick.
 set -u
 build=${1:-build}
 which=${2:-all}
@@ -81,6 +87,7 @@ if [[ $which == all || $which == gpu ]]; then
   else
     export NVSHMEM_REMOTE_TRANSPORT=${NVSHMEM_REMOTE_TRANSPORT:-none} NVSHMEM_DISABLE_NVLS=1
     logs=${EP_TEST_LOG_DIR:-$build/test-logs}
+    default_timeout=300; [[ ${EP_TEST_LEVEL:-} == full ]] && default_timeout=1200
     for n in $rank_counts; do
       for t in "${programs[@]}"; do
         name="$(basename "$(dirname "$t")")/$(basename "$t")@$n"
@@ -89,7 +96,8 @@ if [[ $which == all || $which == gpu ]]; then
         fi
         share_env "$n"
         mkdir -p "$logs/$name"
-        out=$(env "${share[@]}" "$build/bin/ep_launch" -n "$n" -t "${EP_TEST_TIMEOUT:-300}" -q -l "$logs/$name" -- \
+        out=$(env "${share[@]}" "$build/bin/ep_launch" -n "$n" -t "${EP_TEST_TIMEOUT:-$default_timeout}" -q \
+          -l "$logs/$name" -- \
           "$t" 2>&1)
         rc=$?
         [[ $rc -ne 0 && $rc -ne 77 ]] && echo "$out"

@@ -32,18 +32,31 @@ static int case_tokens(const case_t* k, int R) {
   return n;
 }
 
+/* Whether rank r of R has no tokens under `vary` (enum vary). */
+static int rank_is_empty(int vary, int r, int R) {
+  if (R < 2) return 0;
+  switch (vary) {
+    case VARY_LAST: return r == R - 1;
+    case VARY_FIRST: return r == 0;
+    case VARY_MIDDLE: return r == R / 2;
+    case VARY_SEVERAL: return r % 2 == 1;
+    case VARY_NODE: return r < R / 2;
+    default: return 0;
+  }
+}
+
 static void world_token_counts(world_t* w, const case_t* k, uint64_t seed) {
   const int n = case_tokens(k, w->R);
   uint64_t s = stream_of(seed, -1, 7);
   for (int r = 0; r < w->R; ++r) {
     if (!k->vary || n == 0) w->num_tokens[r] = n;
-    else if (r == w->R - 1 && w->R > 1) w->num_tokens[r] = 0; /* one rank with no tokens */
+    else if (rank_is_empty(k->vary, r, w->R)) w->num_tokens[r] = 0;
     else w->num_tokens[r] = 1 + (int)(harness_rand(&s) % (uint64_t)n);
   }
 }
 
-/* Distinct experts per token. Random: any expert, ~10% of the slots -1. Skewed: every token of every rank to
- * experts of rank `target`, no -1. */
+/* Per token, as enum routing says. Skewed: to experts of rank `target`. Repeat: a random slot k > 0 of every third
+ * token names the expert of a random earlier slot, before the -1s are drawn. */
 static void gen_routing(uint64_t* s, const world_t* w, int n, int routing, int target, int64_t* idx) {
   const int K = w->topk, E = w->num_experts, E_loc = E / w->R;
   for (int t = 0; t < n; ++t) {
@@ -57,7 +70,11 @@ static void gen_routing(uint64_t* s, const world_t* w, int n, int routing, int t
         for (int j = 0; j < k; ++j) dup |= row[j] == row[k];
       } while (dup && (routing == ROUTE_SKEWED ? K <= E_loc : K <= E));
     }
-    if (routing == ROUTE_RANDOM)
+    if (routing == ROUTE_REPEAT && K > 1 && t % 3 == 0) {
+      const int k = 1 + (int)(harness_rand(s) % (uint64_t)(K - 1));
+      row[k] = row[harness_rand(s) % (uint64_t)k];
+    }
+    if (routing != ROUTE_SKEWED)
       for (int k = 0; k < K; ++k)
         if (harness_uniform(s) < 0.1) row[k] = -1;
   }
@@ -344,7 +361,7 @@ void bufs_poison_counts(const bufs_t* b, const world_t* w, cudaStream_t s) {
 
 /* Poison the dispatch and combine outputs: integers 0xA5A5..., fp32 and bf16 NaN, so an unwritten one fails. */
 void bufs_poison(const bufs_t* b, const world_t* w, int me, cudaStream_t s) {
-  const size_t rows = (size_t)b->capacity, K = (size_t)w->topk, n = (size_t)w->num_tokens[me];
+  const size_t rows = (size_t)b->capacity, K = (size_t)w->topk;
   if (rows) {
     CUDA_CHECK(cudaMemsetAsync(b->recv_x, 0xA5, rows * w->row_bytes, s));
     if (w->fp8) CUDA_CHECK(cudaMemsetAsync(b->recv_scales, 0xFF, rows * (size_t)w->num_scales * sizeof(float), s));
@@ -352,10 +369,14 @@ void bufs_poison(const bufs_t* b, const world_t* w, int me, cudaStream_t s) {
     CUDA_CHECK(cudaMemsetAsync(b->recv_w, 0xFF, rows * K * sizeof(float), s));
     CUDA_CHECK(cudaMemsetAsync(b->recv_src, 0xA5, rows * sizeof(int), s));
   }
-  if (n) {
-    CUDA_CHECK(cudaMemsetAsync(b->comb_x, 0xFF, n * (size_t)w->hidden * 2, s));
-    CUDA_CHECK(cudaMemsetAsync(b->comb_w, 0xFF, n * K * sizeof(float), s));
-  }
+  bufs_poison_combine(b, w, me, s);
+}
+
+void bufs_poison_combine(const bufs_t* b, const world_t* w, int me, cudaStream_t s) {
+  const size_t n = (size_t)w->num_tokens[me];
+  if (!n) return;
+  CUDA_CHECK(cudaMemsetAsync(b->comb_x, 0xFF, n * (size_t)w->hidden * 2, s));
+  CUDA_CHECK(cudaMemsetAsync(b->comb_w, 0xFF, n * (size_t)w->topk * sizeof(float), s));
 }
 
 /* ------------------------------------------------------------------------------------------------------------

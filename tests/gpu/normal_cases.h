@@ -20,13 +20,19 @@
 #define MAX_REPORTS 4 /* mismatches printed per buffer */
 #define REF_BYTES_BUDGET ((size_t)1 << 30) /* per-process reference receive bytes; big worlds get fewer tokens */
 
-enum routing { ROUTE_RANDOM, ROUTE_SKEWED };
+/* Random: distinct experts per token (repeats only where top-k exceeds the experts there are), ~10% of the slots
+ * -1. Skewed: every token to experts of one rank, no -1. Repeat: random, and every third token names one expert
+ * twice (tests/ref/ep_ref.h: it counts once per expert, each slot is still mapped on its own). */
+enum routing { ROUTE_RANDOM, ROUTE_SKEWED, ROUTE_REPEAT };
+/* Which ranks have no tokens (`vary`; the others draw 1..tokens): none, the last, rank 0, the middle one (R / 2),
+ * every odd one, the first half (with two virtual nodes: a whole node). Never the only rank of a group. */
+enum vary { VARY_NONE, VARY_LAST, VARY_FIRST, VARY_MIDDLE, VARY_SEVERAL, VARY_NODE };
 enum topk_out { TOPK_NONE, TOPK_IDX, TOPK_IDX_WEIGHTS }; /* what dispatch delivers besides rows */
 enum { BIAS0 = 1, BIAS1 = 2 };
 
 typedef struct {
   int tokens;      /* per rank; with `vary`, the most any rank has */
-  int vary;        /* counts differ between ranks, the last rank has 0 */
+  int vary;        /* enum vary: counts differ between ranks, some have 0 */
   int hidden;
   int topk;
   int fp8;         /* x is FP8 E4M3 with fp32 scales, else BF16 */
@@ -46,7 +52,7 @@ typedef struct {
 typedef struct {
   int R, hidden, topk, num_experts;
   int fp8, deliver_idx, with_weights;
-  int exact;        /* small-integer payload: every internode partial sum is exact in bf16 (test_internode) */
+  int exact;        /* small-integer payload: every (partial) combine sum is exact in bf16, on both paths */
   size_t row_bytes; /* bytes of one x row */
   int num_scales;   /* hidden / 128 with FP8, else 0 */
   int num_tokens[MAX_RANKS];
@@ -124,6 +130,8 @@ void bufs_free(bufs_t* b);
 void bufs_poison_counts(const bufs_t* b, const world_t* w, cudaStream_t s);
 /* Poison the dispatch and combine outputs: integers 0xA5A5..., fp32 and bf16 NaN, so an unwritten one fails. */
 void bufs_poison(const bufs_t* b, const world_t* w, int me, cudaStream_t s);
+/* Poison only the combine outputs (combined_x NaN, combined weights NaN): a combine after a checked one. */
+void bufs_poison_combine(const bufs_t* b, const world_t* w, int me, cudaStream_t s);
 
 /* ------------------------------------------------------------------------------------------------------------
  * Library calls

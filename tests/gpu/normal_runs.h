@@ -12,16 +12,34 @@
 #include "gpu/normal_cases.h"
 
 #define MAX_TOKENS 4096 /* config hints: the largest case */
-#define MAX_HIDDEN 7168
-#define MAX_TOPK 8
+#define MAX_HIDDEN 7168 /* the default level's; EP_TEST_LEVEL=full creates its groups with FULL_MAX_HIDDEN */
+#define FULL_MAX_HIDDEN 16384
+#define MAX_TOPK 32 /* EP_MAX_TOPK */
 
-/* Short names for the table: top-k outputs none / ids / ids and weights; random / skewed routing. */
-enum { NO = TOPK_NONE, IDX = TOPK_IDX, IDW = TOPK_IDX_WEIGHTS, RND = ROUTE_RANDOM, SKW = ROUTE_SKEWED };
+/* Short names for the table: top-k outputs none / ids / ids and weights; random / skewed / repeating routing;
+ * which ranks have no tokens. */
+enum {
+  NO = TOPK_NONE,
+  IDX = TOPK_IDX,
+  IDW = TOPK_IDX_WEIGHTS,
+  RND = ROUTE_RANDOM,
+  SKW = ROUTE_SKEWED,
+  RPT = ROUTE_REPEAT
+};
+enum { LST = VARY_LAST, FST = VARY_FIRST, MID = VARY_MIDDLE, SEV = VARY_SEVERAL, NOD = VARY_NODE };
 
-/* Every case both tests run: awkward token counts (0, 1, 7, 4096, differing per rank), hidden sizes (2688 is a
- * multiple of 128 and of no power of two), top-k 1 / 4 / 8, BF16 and FP8, skewed routing, SMs 8..32. */
+/* Every case both tests run: awkward token counts (0, 1, 7, 4096, differing per rank, none on rank 0, a middle
+ * rank, several ranks, a whole virtual node), hidden sizes (2688 is a multiple of 128 and of no power of two; BF16
+ * 8, 72 and 1000 are multiples of 8 only), top-k 1..32, an expert twice in one top-k, BF16 and FP8, skewed
+ * routing, num_sms 1, odd, 8..32 and 1000 (more than any device has: the library clamps it). */
 extern const case_t normal_case_table[];
 extern const int normal_num_cases;
+/* EP_TEST_LEVEL=full adds these: the same regions with 4096 tokens, top-k up to 32, one SM, hidden 8192 and
+ * 16384. A group that runs them is created with config.hidden = FULL_MAX_HIDDEN. */
+extern const case_t normal_full_table[];
+extern const int normal_num_full_cases;
+/* config.hidden of a group that runs the cases of this level. */
+int normal_config_hidden(void);
 
 typedef struct {
   ep_group_t g;
@@ -42,7 +60,8 @@ int normal_run_validation(const normal_ctx_t* c);
 /* More rows than recv_capacity in the graph-safe path: EP_STATUS_DEVICE_ERROR; a combine along that handle reads
  * no row past the capacity. Run it last: the group is expected to keep working (the caller checks a case). */
 int normal_run_overflow(const normal_ctx_t* c);
-/* prepare + dispatch + combine captured in a CUDA graph, replayed with new data and new routing. */
-int normal_run_cuda_graph(const normal_ctx_t* c);
+/* prepare + dispatch + combine captured in a CUDA graph, replayed with new data and new routing. `variant` 0:
+ * BF16 top-4; 1: FP8 top-8 with repeated experts and both biases, an eager case between the replays. */
+int normal_run_cuda_graph(const normal_ctx_t* c, int variant);
 
 #endif /* EP_TESTS_GPU_NORMAL_RUNS_H */

@@ -2,7 +2,9 @@
  * with num_nodes > 1 -- against the pure-C reference. One host is split into virtual nodes with
  * config.ranks_per_node, so the inter-node leg (puts with signals between rail peers) runs through the transport
  * while the intra-node leg uses NVLink loads and stores. Shapes (nodes x ranks per node), one group each:
- * 2 GPUs: 2x1; 4 GPUs: 2x2 and 4x1; 8 GPUs: 2x4 and 4x2. Skips (77) with one GPU or fewer GPUs than ranks.
+ * 2 ranks: 2x1; 4: 2x2 and 4x1; 8: 2x4 and 4x2; 6: 2x3; 3, 5, 7: Rx1; EP_TEST_LEVEL=full adds Rx1 (up to 24
+ * ranks) where it is missing, and runs normal_full_table (FULL_MAX_HIDDEN) after the default cases. Skips (77)
+ * with one rank, or fewer GPUs than ranks unless they share them (scripts/shared_gpu.sh).
  *
  * Runs the cases and checks test_intranode runs (tests/gpu/normal_runs.c), with these differences:
  *   dispatch:  bit-identical to the reference, exactly as intranode (same order: source rank, then token).
@@ -13,7 +15,8 @@
  *                - odd-numbered cases use the random payload and must satisfy
  *                  |out - ref| <= (2^-7 + 2^-8) * sum|terms| * 1.02 per element, where sum|terms| is the
  *                  reference combine of the absolute values (copies and biases);
- *              weights within 1e-6 relative; and a second combine with another num_sms must give the same bytes.
+ *              weights within 1e-6 relative; and a second combine with another num_sms, into re-poisoned
+ *              outputs, must pass the same check and give the same bytes.
  * Each shape runs twice: as the host finds it (rail peers NVLink-mapped, so the inter-node leg is warp stores),
  * then in a second group created with EP_INTERNODE_FORCE_PUT=1, which makes every cross-node transfer take the
  * NVSHMEM put / put-with-signal / quiet branch that a real NIC would use ("put-forced": the small cases and two
@@ -38,7 +41,7 @@ static void run_shape(const harness_t* h, normal_ctx_t* c, int rpn, int forced) 
   ep_group_config_t cfg = EP_GROUP_CONFIG_INIT;
   cfg.ranks_per_node = rpn;
   cfg.num_experts = 256 / c->R * c->R;
-  cfg.hidden = MAX_HIDDEN;
+  cfg.hidden = normal_config_hidden();
   cfg.max_tokens_per_rank = MAX_TOKENS;
   cfg.max_topk = MAX_TOPK;
   c->max_experts = cfg.num_experts;
@@ -78,12 +81,20 @@ static void run_shape(const harness_t* h, normal_ctx_t* c, int rpn, int forced) 
       failed += normal_run_case(c, &normal_case_table[i], i);
       ++ran;
     }
+  for (int i = 0; i < normal_num_full_cases && test_level_full() && !small_only && !forced; ++i, ++ran)
+    failed += normal_run_case(c, &normal_full_table[i], normal_num_cases + 1 + i);
   printf("rank %d: %dx%d%s dispatch/combine: %d cases (eager + graph-safe each), %d failed (%.1f s)\n", c->me, nodes,
          rpn, mode, ran, failed, now_s() - t0);
 
+  if (!small_only && forced) { /* the graph whose cross-node transfers are puts */
+    t0 = now_s();
+    failed = normal_run_cuda_graph(c, 1);
+    printf("rank %d: %dx%d%s CUDA graph (FP8 top-8), 2 replays: %s (%.1f s)\n", c->me, nodes, rpn, mode,
+           failed ? "FAILED" : "ok", now_s() - t0);
+  }
   if (!small_only && !forced) {
     t0 = now_s();
-    failed = normal_run_cuda_graph(c);
+    failed = normal_run_cuda_graph(c, 0) + normal_run_cuda_graph(c, 1);
     printf("rank %d: %dx%d CUDA graph, 2 replays: %s (%.1f s)\n", c->me, nodes, rpn, failed ? "FAILED" : "ok",
            now_s() - t0);
     /* Last, so that a group left failed by it cannot hide the results above. */
@@ -109,12 +120,18 @@ int main(void) {
     printf("SKIP: more than %d ranks\n", MAX_RANKS);
     return TEST_SKIP;
   }
-  /* Virtual shapes: ranks per node for each rank count (nodes = ranks / rpn > 1). */
-  int shapes[2] = {0, 0}, num_shapes = 0;
-  if (h.num_ranks == 2) shapes[num_shapes++] = 1;
-  else if (h.num_ranks == 4) { shapes[num_shapes++] = 2; shapes[num_shapes++] = 1; }
-  else if (h.num_ranks == 8) { shapes[num_shapes++] = 4; shapes[num_shapes++] = 2; }
-  else if (h.num_ranks > 1 && h.num_ranks % 2 == 0 && h.num_ranks / 2 <= 8) shapes[num_shapes++] = h.num_ranks / 2;
+  /* Virtual shapes: ranks per node for each rank count (nodes = ranks / rpn > 1): two nodes where the count is
+   * even (6: 2 x 3), one rank per node where it is odd (3, 5, 7); EP_TEST_LEVEL=full adds one rank per node. */
+  const int R = h.num_ranks;
+  static const int k_shapes[9][2] = {{0, 0}, {0, 0}, {1, 0}, {1, 0}, {2, 1}, {1, 0}, {3, 0}, {1, 0}, {4, 2}};
+  int shapes[3] = {0, 0, 0}, num_shapes = 0;
+  if (R <= 8) {
+    for (int j = 0; j < 2; ++j)
+      if (k_shapes[R][j]) shapes[num_shapes++] = k_shapes[R][j];
+  } else if (R % 2 == 0 && R / 2 <= 8) {
+    shapes[num_shapes++] = R / 2;
+  }
+  if (test_level_full() && num_shapes > 0 && R > 2 && R <= 24 && shapes[num_shapes - 1] != 1) shapes[num_shapes++] = 1;
   if (num_shapes == 0) {
     printf("SKIP: %d rank(s): no multi-node shape to test\n", h.num_ranks);
     return TEST_SKIP;

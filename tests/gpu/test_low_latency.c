@@ -5,15 +5,20 @@
  *                its own inputs ──> the library ──> its outputs == the reference's outputs for this rank, bit for bit
  *
  * Shapes: one NVLink domain (peers by stores), then virtual nodes of one rank (every peer through the transport's
- * put-with-signal). For each, the cases of k_cases (FP8 with plain, power-of-two and UE8M0 scales, and BF16; hook
- * and no hook; zero-copy; -1 entries; repeated experts; ranks with 0 tokens; T = 1 .. 1024; hidden 2048, 2056 (BF16),
- * 2688, 4096, 7168; top-k 1, 8, 9, 16; tokens whose experts cover several or all experts of a rank, and tokens with
- * no destination), each repeated with fresh data; two micro-batches in flight (both halves);
- * dispatch + expert copy + combine captured in a CUDA graph and replayed with new inputs; many repetitions; the
+ * put-with-signal), then mixed: virtual nodes of 2 ranks (4, 6 and 8 ranks) and of 4 (8 ranks), NVLink peers inside
+ * a node and put peers across, with the cases of T <= 64 and two graphs (EP_TEST_LEVEL=full: everything). For the
+ * first two, the cases of k_cases (FP8 with plain, power-of-two and UE8M0 scales, and BF16; hook and no hook;
+ * zero-copy; -1 entries; repeated experts; ranks with 0 tokens; T = 1 .. 1024; hidden 2048, 2056 (BF16), 2688,
+ * 4096, 7168; top-k 1, 2, 3, 5, 8, 9, 16, 17, 24, 32; tokens whose experts cover several or all experts of a rank,
+ * and tokens with no destination), each repeated with fresh data; two micro-batches in flight (both halves);
+ * dispatch + expert copy + combine captured in a CUDA graph and replayed with new inputs, and two micro-batches
+ * captured together with the hook, zero-copy and UE8M0, eager calls after the replays; many repetitions; the
  * combine with sums on the experts' ranks (the dispatch carries the weights) in both shapes, the graph included.
  * Checked: recv_count, layout_range, src_info, recv_x bytes, scales (fp32 column-major or packed UE8M0), the
  * combined output; every output is poisoned before every call. Last, a peer that never calls makes the call
- * time out naming it. A failure prints the case and the seed; EP_TEST_SEED=<seed> replays it. */
+ * time out naming it. Any rank count from 1 to 16: a case's expert count is rounded down to a multiple of it.
+ * EP_TEST_LEVEL=full adds k_big_t_cases (T 1536 .. 8192) on a group with ll_max_tokens_per_rank 8192, and at 6 ranks
+ * virtual nodes of 3. A failure prints the case and the seed; EP_TEST_SEED=<seed> replays it. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -28,7 +33,10 @@
 #define CFG_EXPERTS 64
 #define CFG_HIDDEN 7168
 #define CFG_TOKENS 1024
-#define CFG_TOPK 16
+#define CFG_TOPK 32 /* EP_MAX_TOPK */
+/* EP_TEST_LEVEL=full: a second group for T above CFG_TOKENS, up to the API's EP_LL_MAX_TOKENS_PER_RANK. */
+#define BIG_T_HIDDEN 2048
+#define BIG_T_EXPERTS 40 /* top-k 32 fits at every rank count up to 8 */
 #define MAX_REPORTS 3
 
 enum { BF16, FP8, FP8_POW2, UE8M0 };
@@ -49,6 +57,7 @@ typedef struct {
   int sums;      /* the dispatch carries the weights and the combine sums on the experts' ranks */
 } case_t;
 
+/* clang-format off */
 static const case_t k_cases[] = {
   /*   T  hidden topk exp  mode      hook zc neg dup vary reps sums */
     {   1, 2048,   1, 64, FP8,        0,  0,  0,  0,  0,   4,  0},
@@ -83,8 +92,37 @@ static const case_t k_cases[] = {
     {   1, 2048,   9, 64, FP8,        1,  0,  0,  0,  0,   3, 1},
     {1024, 4096,   8, 64, UE8M0,      0,  1,  5,  1,  0,   2, 1},
     {   3, 2048,  16, 16, BF16,       0,  0, 30,  1,  1,   3, 1},
+    /* Top-k 2..5 and 17..32: the slot-packing factors and the combine rounds the cases above do not reach. */
+    {  64, 2048,   2, 64, BF16,       1,  0, 10,  1,  1,   2, 0},
+    {  32, 4096,   3, 64, FP8,        0,  0,  0,  0,  0,   2, 0},
+    {  16, 4096,   5, 32, UE8M0,      0,  1, 10,  1,  1,   2, 0},
+    {  64, 2048,  17, 64, FP8,        1,  0, 10,  1,  0,   2, 0},
+    {  16, 7168,  32, 64, BF16,       0,  1, 20,  1,  1,   2, 0},
+    {  32, 2048,  24, 32, FP8_POW2,   1,  0,  5,  1,  0,   2, 1},
+    {   8, 2048,  32, 64, BF16,       0,  0,  0,  1,  1,   2, 1},
 };
 #define NUM_CASES ((int)(sizeof(k_cases) / sizeof(k_cases[0])))
+
+/* EP_TEST_LEVEL=full, on a group with ll_max_tokens_per_rank EP_LL_MAX_TOKENS_PER_RANK: T above 1024. */
+static const case_t k_big_t_cases[] = {
+  /*   T  hidden topk exp  mode      hook zc neg dup vary reps sums */
+    {8192,  512,   2, 16, BF16,       0,  0, 10,  1,  1,   1, 0},
+    {4096, 1024,  32, 32, FP8,        1,  0,  5,  1,  0,   1, 0},
+    {2048, 2048,  17, 32, UE8M0,      0,  1, 10,  0,  1,   2, 1},
+    {1536, 2048,   4, 16, FP8_POW2,   1,  1,  0,  1,  0,   2, 0},
+};
+#define NUM_BIG_T_CASES ((int)(sizeof(k_big_t_cases) / sizeof(k_big_t_cases[0])))
+/* clang-format on */
+
+/* The case with its expert count made a multiple of the rank count (64 at 3 ranks: 63): rounded down, or up where
+ * that leaves fewer than one per rank or fewer than top-k (world_make draws distinct experts). */
+static case_t for_ranks(const case_t* k, int R) {
+  case_t f = *k;
+  const int least = k->topk > R ? k->topk : R;
+  f.experts = k->experts / R * R;
+  if (f.experts < least) f.experts = (least + R - 1) / R * R;
+  return f;
+}
 
 typedef struct {
   ep_group_t g;
@@ -389,8 +427,10 @@ static void do_combine(const ctx_t* c, mb_t* m, const world_t* w, const uint16_t
 }
 
 /* One case: `reps` rounds of fresh data through one handle; odd rounds run two micro-batches in flight. */
-static int run_case(const ctx_t* c, const case_t* k, int idx) {
+static int run_case(const ctx_t* c, const case_t* k_table, int idx) {
   const int before = g_check_failures;
+  const case_t fitted = for_ranks(k_table, c->R);
+  const case_t* k = &fitted;
   mb_t m[2];
   mb_alloc(c, &m[0], k);
   mb_alloc(c, &m[1], k);
@@ -441,7 +481,8 @@ static int run_case(const ctx_t* c, const case_t* k, int idx) {
 static int run_graph(const ctx_t* c, int sums) {
   const int before = g_check_failures;
   /* Token counts are kernel arguments, fixed in the graph: every rank has T tokens here. */
-  const case_t k = {128, 7168, 8, 64, FP8, 0, 0, 10, 1, 0, 1, sums};
+  const case_t k_table = {128, 7168, 8, 64, FP8, 0, 0, 10, 1, 0, 1, sums};
+  const case_t k = for_ranks(&k_table, c->R);
   mb_t m;
   mb_alloc(c, &m, &k);
   void* y_src = dev_alloc(m.y_bytes);
@@ -487,54 +528,140 @@ static int run_graph(const ctx_t* c, int sums) {
   return g_check_failures != before;
 }
 
+/* Two micro-batches captured together, with the hook, zero-copy and UE8M0 scales: D(A) D(B), both receives, the
+ * experts' outputs copied into each handle's zero-copy buffer and C(A) C(B) with the hook, both receives. Replayed
+ * with new inputs and expert outputs, then an eager case on the same group. */
+static int run_graph_pair(const ctx_t* c) {
+  const int before = g_check_failures;
+  const case_t k_table = {128, 2048, 8, 64, UE8M0, 1, 1, 10, 1, 0, 1, 0}; /* every rank T tokens: fixed in the graph */
+  const case_t k = for_ranks(&k_table, c->R);
+  mb_t m[2];
+  void* y_src[2];
+  for (int b = 0; b < 2; ++b) {
+    mb_alloc(c, &m[b], &k);
+    y_src[b] = dev_alloc(m[b].y_bytes);
+  }
+  cudaGraph_t graph = NULL;
+  cudaGraphExec_t exec = NULL;
+  for (int round = 0; round <= 2; ++round) {
+    world_t w[2];
+    ep_ref_ll_dispatch_t ref[2];
+    for (int b = 0; b < 2; ++b) {
+      world_make(&w[b], &k, c->R, c->seed ^ (0x2545f4914f6cdd1dull * (uint64_t)(round * 2 + b + 1)));
+      CHECK(ep_ref_ll_dispatch(&w[b].ref, 1, 1, 1, &ref[b]) == 0, "reference dispatch");
+      uint16_t* y = expected_y(c, &m[b], &w[b], &ref[b]);
+      mb_load(c, &m[b], &w[b]);
+      upload(y_src[b], y, m[b].y_bytes);
+      free(y);
+    }
+    if (round == 0) { /* capture; the inputs are already in place, the first launch is round 0 */
+      CUDA_CHECK(cudaStreamBeginCapture(c->s, cudaStreamCaptureModeThreadLocal));
+      for (int b = 0; b < 2; ++b) {
+        ep_ll_dispatch_args_t da = dispatch_args(c, &m[b], &w[b], 1);
+        EP_CHECK(c, ep_ll_dispatch(c->g, m[b].h, &da, c->s));
+      }
+      for (int b = 0; b < 2; ++b) EP_CHECK(c, ep_ll_dispatch_recv(c->g, m[b].h, c->s));
+      for (int b = 0; b < 2; ++b) {
+        void* dst = NULL;
+        EP_CHECK(c, ep_ll_get_combine_buffer(c->g, m[b].h, &dst));
+        if (dst) CUDA_CHECK(cudaMemcpyAsync(dst, y_src[b], m[b].y_bytes, cudaMemcpyDeviceToDevice, c->s));
+        ep_ll_combine_args_t ca = EP_LL_COMBINE_ARGS_INIT;
+        ca.topk_weights = m[b].w;
+        ca.out = m[b].out;
+        ca.zero_copy = 1;
+        ca.return_after_send = 1;
+        EP_CHECK(c, ep_ll_combine(c->g, m[b].h, &ca, c->s));
+      }
+      for (int b = 0; b < 2; ++b) EP_CHECK(c, ep_ll_combine_recv(c->g, m[b].h, c->s));
+      CUDA_CHECK(cudaStreamEndCapture(c->s, &graph));
+      if (graph) CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+    }
+    if (exec) CUDA_CHECK(cudaGraphLaunch(exec, c->s));
+    CHECK_ASYNC_CLEAN(c, "graph replay (two micro-batches)");
+    for (int b = 0; b < 2; ++b) {
+      const long bad = check_dispatch(c, &m[b], &w[b], &ref[b]) + check_combine(c, &m[b], &w[b]);
+      CHECK(bad == 0, "graph replay %d, micro-batch %d: %ld mismatches", round, b, bad);
+      if (bad) print_case(c, "graph replay (two micro-batches)", round, &w[b]);
+      ep_ref_ll_dispatch_free(&ref[b]);
+      world_free(&w[b]);
+    }
+  }
+  CHECK(exec != NULL, "no CUDA graph to replay");
+  if (exec) cudaGraphExecDestroy(exec);
+  if (graph) cudaGraphDestroy(graph);
+  for (int b = 0; b < 2; ++b) {
+    cudaFree(y_src[b]);
+    mb_free(&m[b]);
+  }
+  run_case(c, &k_cases[1], 103); /* eager calls on the same group after the replays */
+  return g_check_failures != before;
+}
 
-static void run_shape(const harness_t* h, int ranks_per_node, const char* name) {
+/* What a shape runs: every case, the graphs and the repetitions; only the cases with T <= 64 and the graphs of
+ * sums 0 and of two micro-batches (the default level's mixed NVLink / put shapes); or k_big_t_cases on a group
+ * sized for them (EP_TEST_LEVEL=full). */
+enum scope { SCOPE_ALL, SCOPE_SMALL, SCOPE_BIG_T };
+
+static void run_shape(const harness_t* h, int ranks_per_node, const char* name, int scope) {
   ctx_t c;
   memset(&c, 0, sizeof(c));
   c.R = h->num_ranks;
   c.me = h->rank;
   c.shape = name;
   char seed_name[32];
-  snprintf(seed_name, sizeof(seed_name), "ll_rpn%d", ranks_per_node);
+  snprintf(seed_name, sizeof(seed_name), "ll_rpn%d%s", ranks_per_node, scope == SCOPE_BIG_T ? "_big_t" : "");
   c.seed = harness_seed(h, seed_name);
   ep_group_config_t cfg = EP_GROUP_CONFIG_INIT;
   cfg.ranks_per_node = ranks_per_node;
-  cfg.num_experts = CFG_EXPERTS;
-  cfg.hidden = CFG_HIDDEN;
+  cfg.num_experts = (scope == SCOPE_BIG_T ? BIG_T_EXPERTS : CFG_EXPERTS) / c.R * c.R;
+  if (cfg.num_experts < c.R) cfg.num_experts = c.R;
+  cfg.hidden = scope == SCOPE_BIG_T ? BIG_T_HIDDEN : CFG_HIDDEN;
   cfg.max_tokens_per_rank = 1; /* the normal path is not used here */
   cfg.max_topk = CFG_TOPK;
-  cfg.ll_max_tokens_per_rank = CFG_TOKENS;
+  cfg.ll_max_tokens_per_rank = scope == SCOPE_BIG_T ? EP_LL_MAX_TOKENS_PER_RANK : CFG_TOKENS;
   ep_status_t st = harness_group_create(h, &cfg, &c.g);
   CHECK(st == EP_STATUS_SUCCESS, "create (%s): %s: %s", name, ep_status_string(st), ep_last_error(NULL));
   if (st != EP_STATUS_SUCCESS) return;
   CUDA_CHECK(cudaStreamCreate(&c.s));
 
-  const int small_only = getenv("EP_TEST_SMALL") != NULL;
+  const case_t* table = scope == SCOPE_BIG_T ? k_big_t_cases : k_cases;
+  const int num_cases = scope == SCOPE_BIG_T ? NUM_BIG_T_CASES : NUM_CASES;
   double t0 = now_s();
   int failed = 0, ran = 0;
-  for (int i = 0; i < NUM_CASES; ++i) {
-    if (k_cases[i].experts % c.R != 0 || (small_only && k_cases[i].T > 128)) continue;
-    failed += run_case(&c, &k_cases[i], i);
+  for (int i = 0; i < num_cases; ++i) {
+    if ((getenv("EP_TEST_SMALL") && table[i].T > 128) || (scope == SCOPE_SMALL && table[i].T > 64)) continue;
+    failed += run_case(&c, &table[i], scope == SCOPE_BIG_T ? 200 + i : i);
     ++ran;
   }
   printf("rank %d [%s]: %d cases, %d failed (%.1f s)\n", c.me, name, ran, failed, now_s() - t0);
 
-  for (int sums = 0; sums <= 1; ++sums) {
+  for (int sums = 0; sums <= 1 && scope != SCOPE_BIG_T; ++sums) {
+    if (scope == SCOPE_SMALL && sums) break;
     t0 = now_s();
     failed = run_graph(&c, sums);
     printf("rank %d [%s]: CUDA graph capture + 5 launches%s: %s (%.1f s)\n", c.me, name,
            sums ? " (sums on the experts' ranks)" : "", failed ? "FAILED" : "ok", now_s() - t0);
   }
 
-  /* Many repetitions with fresh data (small, so they are quick), then a clean and one more round. */
-  t0 = now_s();
-  const case_t many = {32, 2048, 8, 64, FP8, 1, 0, 10, 1, 1, 50, 0};
-  const case_t many_sums = {32, 2048, 8, 64, BF16, 0, 1, 10, 1, 1, 20, 1};
-  failed = run_case(&c, &many, 100) + run_case(&c, &many_sums, 102);
-  EP_CHECK(&c, ep_ll_clean(c.g, c.s));
-  failed += run_case(&c, &k_cases[2], 101);
-  printf("rank %d [%s]: 50 + 20 (sums) repetitions, clean, one more case: %s (%.1f s)\n", c.me, name, failed ? "FAILED" : "ok",
-         now_s() - t0);
+  if (scope != SCOPE_BIG_T) {
+    t0 = now_s();
+    failed = run_graph_pair(&c);
+    printf("rank %d [%s]: CUDA graph of two micro-batches (hook, zero-copy, UE8M0) + 3 launches, then eager: %s "
+           "(%.1f s)\n",
+           c.me, name, failed ? "FAILED" : "ok", now_s() - t0);
+  }
+
+  if (scope == SCOPE_ALL) {
+    /* Many repetitions with fresh data (small, so they are quick), then a clean and one more round. */
+    t0 = now_s();
+    const case_t many = {32, 2048, 8, 64, FP8, 1, 0, 10, 1, 1, 50, 0};
+    const case_t many_sums = {32, 2048, 8, 64, BF16, 0, 1, 10, 1, 1, 20, 1};
+    failed = run_case(&c, &many, 100) + run_case(&c, &many_sums, 102);
+    EP_CHECK(&c, ep_ll_clean(c.g, c.s));
+    failed += run_case(&c, &k_cases[2], 101);
+    printf("rank %d [%s]: 50 + 20 (sums) repetitions, clean, one more case: %s (%.1f s)\n", c.me, name,
+           failed ? "FAILED" : "ok", now_s() - t0);
+  }
 
   cudaStreamDestroy(c.s);
   st = ep_group_destroy(c.g);
@@ -601,8 +728,14 @@ int main(void) {
     printf("SKIP: more than %d ranks\n", MAX_RANKS);
     return TEST_SKIP;
   }
-  run_shape(&h, 0, "one node");
-  run_shape(&h, 1, "virtual nodes of 1 rank");
+  const int R = h.num_ranks, full = test_level_full();
+  run_shape(&h, 0, "one node", SCOPE_ALL);
+  run_shape(&h, 1, "virtual nodes of 1 rank", SCOPE_ALL);
+  /* Mixed: NVLink peers inside a virtual node, put peers across (src/kernels/ll_common.cuh picks per peer). */
+  if (R >= 4 && R % 2 == 0) run_shape(&h, 2, "virtual nodes of 2 ranks", full ? SCOPE_ALL : SCOPE_SMALL);
+  if (R == 8) run_shape(&h, 4, "virtual nodes of 4 ranks", full ? SCOPE_ALL : SCOPE_SMALL);
+  if (full && R == 6) run_shape(&h, 3, "virtual nodes of 3 ranks", SCOPE_ALL);
+  if (full) run_shape(&h, 0, "one node, T up to 8192", SCOPE_BIG_T);
   run_timeout(&h);
   return TEST_RESULT();
 }

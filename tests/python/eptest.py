@@ -68,6 +68,20 @@ def world_size():
     return int(os.environ.get("EP_TEST_WORLD", "2"))
 
 
+def experts_for(world, most):
+    """An expert count for `world` ranks: `most` rounded down to a multiple of world, at least one per rank (the
+    tests run at any rank count, 3, 5, 6 and 7 included)."""
+    return max(world, most // world * world)
+
+
+def virtual_ranks_per_node(world):
+    """ranks_per_node of a test's virtual-node Buffer: two nodes where world is even, one rank per node where it
+    is odd; None with one rank (no second node)."""
+    if world < 2:
+        return None
+    return world // 2 if world % 2 == 0 else 1
+
+
 def sharing_gpus():
     """True when ranks may share GPUs (EP_TEST_SHARE_GPU=1: scripts/shared_gpu.sh started CUDA MPS)."""
     return os.environ.get("EP_TEST_SHARE_GPU", "0") not in ("", "0")
@@ -89,6 +103,84 @@ def start_rank(rank, world, init_method):
     if shared:
         kwargs["max_sms"] = max(1, torch.cuda.get_device_properties(device).multi_processor_count // 2)
     return device, kwargs
+
+
+# ---- poisoned outputs -----------------------------------------------------------------------------------------
+# The package allocates its outputs with torch.empty, and PyTorch's caching allocator hands back freed blocks: a
+# second call with the same inputs can get the memory of the first call's (correct) outputs, so an output it left
+# unwritten would still pass. poison_new_tensors() makes every CUDA tensor torch.empty / torch.empty_like return
+# (the package's and the test's) hold poison, written and finished before the call returns: the package only
+# launches its kernels after its torch.empty returned, so whatever a kernel leaves unwritten stays poison.
+POISON_BYTE = 0xA5  # integers and bools: 0xA5A5... is no valid id, count or index, and not True / False
+_poison = {"on": False, "filled": 0}
+
+
+def _fill_poison(torch, t):
+    if not t.is_cuda or t.numel() == 0 or torch.cuda.is_current_stream_capturing():
+        return  # in a capture the fill would not be ordered before the package's comm-stream kernels
+    byte = 0xFF if t.is_floating_point() else POISON_BYTE  # 0xFF...: NaN in fp32, bf16, fp16 and both FP8 formats
+    if t.is_contiguous():
+        t.view(-1).view(torch.uint8).fill_(byte)
+    else:  # empty_like of a strided (e.g. column-major) tensor: the same values element by element
+        try:
+            t.fill_(float("nan") if t.is_floating_point() else
+                    int.from_bytes(bytes([byte]) * t.element_size(), "little", signed=t.dtype != torch.bool))
+        except (RuntimeError, OverflowError):
+            return
+    torch.cuda.current_stream(t.device).synchronize()  # finished before any kernel the caller launches next
+    _poison["filled"] += 1
+
+
+def poison_new_tensors(torch):
+    """From now on in this process, every CUDA tensor that torch.empty / torch.empty_like returns is filled with
+    poison (floats NaN: 0xFF bytes; other dtypes 0xA5 bytes) before it is returned; poisoning(False) pauses it.
+    Outside a stream capture only (there the graph's replays are checked against eager calls instead)."""
+    if getattr(torch.empty, "_eptest_poison", False):
+        _poison["on"] = True
+        return
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poisoned_empty(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        if _poison["on"]:
+            _fill_poison(torch, t)
+        return t
+
+    def poisoned_empty_like(*args, **kwargs):
+        t = empty_like(*args, **kwargs)
+        if _poison["on"]:
+            _fill_poison(torch, t)
+        return t
+
+    poisoned_empty._eptest_poison = poisoned_empty_like._eptest_poison = True
+    torch.empty, torch.empty_like = poisoned_empty, poisoned_empty_like
+    _poison["on"] = True
+
+
+class poisoning:
+    """`with eptest.poisoning(False):` pauses poison_new_tensors (e.g. where a check needs the current stream
+    left running during a call: the fill's synchronize would wait for it); restores the previous state after."""
+
+    def __init__(self, on):
+        self.on = on
+
+    def __enter__(self):
+        self.before = _poison["on"]
+        _poison["on"] = self.on
+
+    def __exit__(self, *exc):
+        _poison["on"] = self.before
+        return False
+
+
+def check_poison(ck, torch, device):
+    """A check that poison_new_tensors is in force: fresh bf16 / fp32 tensors are all NaN, int64 all 0xA5 bytes."""
+    b = torch.empty((3, 1000), dtype=torch.bfloat16, device=device)
+    f = torch.empty_like(b, dtype=torch.float32)
+    i = torch.empty(77, dtype=torch.int64, device=device)
+    ok = bool(b.isnan().all()) and bool(f.isnan().all()) and bool((i.view(torch.uint8) == POISON_BYTE).all())
+    return ck.check("poison: torch.empty / torch.empty_like return NaN and 0xA5 bytes (outputs left unwritten "
+                    "fail)", ok)
 
 
 def finish_rank(ck, buf):

@@ -24,7 +24,10 @@ rank computes with torch what it must receive and what its tokens must combine t
               EpError(EP_STATUS_DEVICE_ERROR) naming the token
   graph       dispatch(num_worst_tokens) + combine captured in a CUDA graph, replayed twice with new data and
               new routing, == eager calls on the same data
-  internode   a second Buffer with ranks_per_node = world / 2 (virtual nodes): dispatch, cached, worst-case rows
+  regions     no tokens on rank 0, top-k 12 with an expert twice in a token, hidden 1000: dispatch, counts,
+              combine and combined weights as torch computes them
+  internode   a second Buffer of virtual nodes (ranks_per_node world / 2, or 1 at an odd world; none at 1 rank):
+              dispatch, cached, worst-case rows
               exactly as torch gathers them; combine with a bias within bf16 rounding of the partial sums
 Skips (77) without PyTorch, CUDA or enough GPUs."""
 
@@ -34,7 +37,7 @@ import eptest
 
 eptest.use_package()
 
-E_HINT, H_HINT, T_HINT, K_HINT = 64, 2048, 256, 8  # Buffer shape hints
+E_HINT, H_HINT, T_HINT, K_HINT = 64, 2048, 256, 16  # Buffer shape hints
 TIMEOUT_S = 600  # the whole run, both ranks
 
 torch = dist = ep = None
@@ -240,12 +243,14 @@ def run_checks(ck, c):
     ck.check("combine: graph-safe handle, worst-case rows == eager",
              torch.equal(buf.combine(yw, wh, topk_weights=ww)[0], cx))
 
-    check_streams(ck, c, recv_x, y, cx0)
+    with eptest.poisoning(False):  # the stalled current stream must stay stalled during the calls
+        check_streams(ck, c, recv_x, y, cx0)
     check_autograd(ck, c, 0)
     check_autograd(ck, c, W)
     check_errors(ck, c, handle, y)
     check_graph(ck, c)
     check_empty_rank(ck, c)
+    check_regions(ck, c)
 
 
 SLEEP_CYCLES = 400_000_000  # torch.cuda._sleep: ~0.2 s at H100 / H200 clocks, far longer than any call here
@@ -487,6 +492,37 @@ def check_empty_rank(ck, c):
     ck.check(f"empty rank: combine == torch (max diff {d:g})", ok)
 
 
+def check_regions(ck, c):
+    """Inputs the other checks do not send: no tokens on rank 0, top-k 12 with one expert twice in every third
+    token, hidden 1000 (a multiple of 8 only). Dispatch, counts and combine as torch computes them."""
+    buf, R, E, me, dev = c.buf, c.R, c.E, c.rank, c.dev
+    H, K = 1000, min(12, E)
+    ns = [0] + [9] * (R - 1) if R > 1 else [9]
+    n = ns[me]
+    x = torch.randn((n, H), generator=c.gen, device=dev).to(torch.bfloat16)
+    idx, w = make_routing(c.gen, n, E, K, dev)
+    if K > 1 and n:
+        every_third = torch.arange(n, device=dev) % 3 == 0
+        idx[every_third, K - 1] = idx[every_third, 0]  # the same expert in slots 0 and K-1 (or -1 in both)
+    xs, idxs = all_gather_rows(x, ns), all_gather_rows(idx, ns)
+    recv_x, recv_idx, recv_w, counts, h, _ = buf.dispatch(x, topk_idx=idx, topk_weights=w, num_experts=E)
+    src, tok, local = expected_rows(me, R, E, idxs)
+    want = torch.cat([xs[s][tok[src == s]] for s in range(R)]) if tok.numel() else recv_x[:0]
+    tag = f"regions (tokens {ns}, top-{K} with repeats, hidden {H})"
+    ck.check(f"{tag}: dispatch rows and recv_topk_idx (each slot mapped)", torch.equal(recv_x, want)
+             and torch.equal(recv_idx, local))
+    want_counts = expected_counts(local, E // R, 1)
+    ck.check(f"{tag}: per-expert counts (a repeated expert counts once)", counts == want_counts,
+             f"{counts} vs {want_counts}")
+    out, cw, _ = buf.combine(recv_x, h, topk_weights=recv_w)
+    rows_of = [expected_rows(r, R, E, idxs) for r in range(R)]
+    ys = all_gather_rows(recv_x, [rows_of[r][0].numel() for r in range(R)])
+    ok, d = close_bf16(out, expected_combine(me, R, ys, rows_of, n, H))
+    ck.check(f"{tag}: combine == torch (max diff {d:g})", ok)
+    want_cw = torch.where(idx >= 0, w, torch.zeros((), device=dev))
+    ck.check(f"{tag}: combined_topk_weights, each slot its own weight", torch.equal(cw, want_cw))
+
+
 def check_virtual_nodes(ck, c):
     """The same routing on a Buffer whose ranks form virtual nodes (the internode path): dispatch rows exactly as
     torch gathers them; combine within bf16 rounding of the partial sums (each node's partial is rounded to bf16
@@ -527,15 +563,18 @@ def worker(rank, world, init_method, seed):
     torch, dist, ep = _torch, _dist, _ep
     ck = eptest.Checker(prefix=f"[rank {rank}] ")
     dev, share_kwargs = eptest.start_rank(rank, world, init_method)
+    eptest.poison_new_tensors(torch)  # the package's outputs (torch.empty) start as NaN / 0xA5: unwritten fails
     buf = None
     try:
-        buf = ep.Buffer(dist.group.WORLD, num_experts=E_HINT, hidden=H_HINT, max_tokens_per_rank=T_HINT,
+        eptest.check_poison(ck, torch, dev)
+        experts = eptest.experts_for(world, E_HINT // 2)  # E_HINT = 2 * E, both multiples of the rank count
+        buf = ep.Buffer(dist.group.WORLD, num_experts=2 * experts, hidden=H_HINT, max_tokens_per_rank=T_HINT,
                         max_topk=K_HINT, explicitly_destroy=True, **share_kwargs)
         ck.check("Buffer: created, rank and group size", buf.rank == rank and buf.group_size == world
                  and buf.info["num_ranks"] == world and buf.device == dev.index)
         c = Ctx()
         c.buf, c.R, c.rank, c.dev = buf, world, rank, dev
-        c.E, c.H, c.K = 32, 1024, 6
+        c.E, c.H, c.K = experts, 1024, 6
         c.ns = [max(0, T_HINT - 37 * r) for r in range(world)]  # different token counts per rank (0 at 8 ranks)
         c.n, c.n_max = c.ns[rank], max(c.ns)
         c.gen = torch.Generator(device=c.dev)
@@ -548,17 +587,20 @@ def worker(rank, world, init_method, seed):
         torch.cuda.synchronize()
         buf.get_async_error()
         ck.check("no pending device error at the end", True)
-        # The internode path: the same ranks as virtual nodes (2 ranks: 2 nodes of 1; 4: 2 of 2; 8: 2 of 4).
+        # The internode path: the same ranks as virtual nodes (2 ranks: 2 nodes of 1; 4: 2 of 2; 8: 2 of 4; odd
+        # counts: nodes of 1 rank; none at 1 rank).
         dist.barrier()
         buf.destroy()
         buf = None
-        buf = ep.Buffer(dist.group.WORLD, num_experts=E_HINT, hidden=H_HINT, max_tokens_per_rank=T_HINT,
-                        max_topk=K_HINT, ranks_per_node=world // 2, explicitly_destroy=True, **share_kwargs)
-        c.buf = buf
-        check_virtual_nodes(ck, c)
-        torch.cuda.synchronize()
-        buf.get_async_error()
-        ck.check("no pending device error after the virtual-node checks", True)
+        rpn = eptest.virtual_ranks_per_node(world)
+        if rpn is not None:
+            buf = ep.Buffer(dist.group.WORLD, num_experts=2 * experts, hidden=H_HINT, max_tokens_per_rank=T_HINT,
+                            max_topk=K_HINT, ranks_per_node=rpn, explicitly_destroy=True, **share_kwargs)
+            c.buf = buf
+            check_virtual_nodes(ck, c)
+            torch.cuda.synchronize()
+            buf.get_async_error()
+            ck.check("no pending device error after the virtual-node checks", True)
     except Exception:
         ck.check("ran every check without an exception", False, traceback.format_exc())
     eptest.finish_rank(ck, buf)

@@ -510,16 +510,19 @@ def worker(rank, world, init_method, seed):
     torch, dist, ep = _torch, _dist, _ep
     ck = eptest.Checker(prefix=f"[rank {rank}] ")
     dev, share_kwargs = eptest.start_rank(rank, world, init_method)
+    eptest.poison_new_tensors(torch)  # the package's outputs (torch.empty) start as NaN / 0xA5: unwritten fails
     buf = None
     try:
-        buf = ep.Buffer(dist.group.WORLD, low_latency_mode=True, num_experts=E_HINT, hidden=H_HINT,
+        eptest.check_poison(ck, torch, dev)
+        experts = eptest.experts_for(world, E_HINT)  # a multiple of the rank count
+        buf = ep.Buffer(dist.group.WORLD, low_latency_mode=True, num_experts=experts, hidden=H_HINT,
                         max_tokens_per_rank=16, max_topk=K_HINT, ll_max_tokens_per_rank=T_HINT,
                         explicitly_destroy=True, **share_kwargs)
         ck.check("Buffer(low_latency_mode=True): created", buf.low_latency_mode and
                  buf.ll_max_tokens_per_rank == T_HINT)
         c = Ctx()
         c.buf, c.R, c.rank, c.dev = buf, world, rank, dev
-        c.E, c.H, c.K, c.T = E_HINT, H_HINT, 6, T_HINT
+        c.E, c.H, c.K, c.T = experts, H_HINT, 6, T_HINT
         c.ns = [max(0, c.T - 13 * r) for r in range(world)]  # different token counts per rank (0 from 5 ranks on)
         c.n = c.ns[rank]
         c.gen = torch.Generator(device=c.dev)
