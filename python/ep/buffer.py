@@ -192,7 +192,7 @@ class Buffer(NormalPath, LowLatencyPath, metaclass=_BufferType):
             raise ValueError(f"{fn}: timeout_seconds is {timeout_seconds!r}; it must be in "
                              f"(0, {limits.max_timeout_seconds}]")
         for name, v in (("num_nvl_bytes", num_nvl_bytes), ("num_rdma_bytes", num_rdma_bytes)):
-            int_arg(fn, name, v, 0)
+            int_arg(fn, name, v, 0, c_int=False)  # DeepEP's byte counts: taken, not passed to C
         if enable_shrink:
             raise NotImplementedError(f"{fn}: enable_shrink (masking failed ranks) is NOT YET SUPPORTED")
         low_latency_mode = bool(low_latency_mode)

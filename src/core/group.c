@@ -74,10 +74,15 @@ static ep_status_t check_config(const ep_group_config_t* c, int num_ranks) {
   if (c->max_sms < 0 || c->max_sms > EP_MAX_SMS)
     return ep_fail(NULL, EP_STATUS_INVALID_ARGUMENT, "%s: config.max_sms is %d; it must be in [0, %d]", fn,
                    c->max_sms, EP_MAX_SMS);
-  if (!(c->timeout_seconds > 0.0) || c->timeout_seconds > EP_MAX_TIMEOUT_SECONDS)
+  if (!(c->timeout_seconds >= EP_MIN_TIMEOUT_SECONDS) || c->timeout_seconds > EP_MAX_TIMEOUT_SECONDS)
+    return ep_fail(NULL, EP_STATUS_INVALID_ARGUMENT, "%s: config.timeout_seconds is %g; it must be in [%g, %d]", fn,
+                   c->timeout_seconds, EP_MIN_TIMEOUT_SECONDS, EP_MAX_TIMEOUT_SECONDS);
+  const int num_nodes = c->ranks_per_node > 0 ? num_ranks / c->ranks_per_node : 1;
+  if (num_nodes > 1 && c->max_tokens_per_rank > EP_INTERNODE_MAX_TOKENS_PER_RANK)
     return ep_fail(NULL, EP_STATUS_INVALID_ARGUMENT,
-                   "%s: config.timeout_seconds is %g; it must be in (0, %d]", fn, c->timeout_seconds,
-                   EP_MAX_TIMEOUT_SECONDS);
+                   "%s: config.max_tokens_per_rank is %d; a group of %d nodes allows at most %d (the internode "
+                   "metadata packs a token index with an 8-bit rank mask in an int)",
+                   fn, c->max_tokens_per_rank, num_nodes, EP_INTERNODE_MAX_TOKENS_PER_RANK);
   return EP_STATUS_SUCCESS;
 }
 
@@ -240,6 +245,10 @@ ep_status_t ep_group_create(ep_group_t* group, const ep_unique_id_t* unique_id, 
     st = ep_fail_cuda(NULL, ce, "group buffer setup");
     goto fail;
   }
+  if (!ep_live_add(g, EP_OBJECT_GROUP)) {
+    st = ep_fail(NULL, EP_STATUS_OUT_OF_MEMORY, "%s: host allocation failed", fn);
+    goto fail;
+  }
   ep_tp_barrier_all();
   *group = g;
   return EP_STATUS_SUCCESS;
@@ -250,7 +259,15 @@ fail:
 }
 
 ep_status_t ep_group_destroy(ep_group_t group) {
+  const char* fn = "ep_group_destroy";
   if (!group) return EP_STATUS_SUCCESS;
+  EP_CALL_SCOPE();
+  EP_TRY(ep_check_live_group(group, fn));
+  EP_TRY(ep_take_group(group, fn)); /* not while another thread is inside a call on it */
+  /* From here the group is gone for every caller: its handles are orphaned (they can still be destroyed). */
+  ep_call_scope_release(group);
+  ep_live_remove(group);
+  ep_live_orphan_handles(group);
   cudaError_t ce = cudaSetDevice(group->cuda_device);
   if (ce == cudaSuccess) ce = cudaDeviceSynchronize();
   /* Peers may still read our buffers until everyone arrives here. NVSHMEM's finalize is collective as well, so
@@ -262,7 +279,7 @@ ep_status_t ep_group_destroy(ep_group_t group) {
 }
 
 ep_status_t ep_group_get_info(ep_group_t group, ep_group_info_t* info) {
-  if (!group) return ep_fail(NULL, EP_STATUS_INVALID_ARGUMENT, "ep_group_get_info: group is NULL");
+  EP_TRY(ep_check_live_group(group, "ep_group_get_info"));
   if (!info) return ep_fail(group, EP_STATUS_INVALID_ARGUMENT, "ep_group_get_info: info is NULL");
   info->rank = group->rank;
   info->num_ranks = group->num_ranks;
@@ -279,6 +296,7 @@ ep_status_t ep_group_get_info(ep_group_t group, ep_group_info_t* info) {
 }
 
 ep_status_t ep_group_check(ep_group_t group, cudaStream_t stream) {
+  EP_CALL_SCOPE();
   EP_TRY(ep_enter(group, "ep_group_check"));
   EP_CUDA_TRY(group, cudaSetDevice(group->cuda_device));
   ep_check_launch_t p;

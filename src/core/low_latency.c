@@ -44,20 +44,32 @@ static ep_status_t enter_ll(ep_group_t group, const char* fn) {
   return EP_STATUS_SUCCESS;
 }
 
+/* An ep_ll_clean since the handle's last call abandoned its pending receive phases. */
+static void forget_cleaned_phases(ep_ll_handle_t handle) {
+  if (handle->cleans == handle->group->ll_cleans) return;
+  handle->dispatch_recv_pending = handle->combine_recv_pending = false;
+  handle->cleans = handle->group->ll_cleans;
+}
+
 static ep_status_t check_handle(ep_group_t group, ep_ll_handle_t handle, const char* fn) {
   if (!handle) return FAIL_ARG(group, "%s: handle is NULL", fn);
+  if (!ep_live_is(handle, EP_OBJECT_LL_HANDLE))
+    return ep_fail(group, EP_STATUS_INVALID_USAGE, "%s: handle %p is not a live LL handle (destroyed already?)", fn,
+                   (void*)handle);
   if (handle->group != group) return FAIL_ARG(group, "%s: handle belongs to another group", fn);
+  forget_cleaned_phases(handle);
   return EP_STATUS_SUCCESS;
 }
 
 ep_status_t ep_ll_handle_create(ep_group_t group, ep_ll_handle_t* handle) {
   const char* fn = "ep_ll_handle_create";
+  EP_CALL_SCOPE();
   if (handle) *handle = NULL;
   EP_TRY(enter_ll(group, fn));
   if (!handle) return FAIL_ARG(group, "%s: handle is NULL", fn);
+  EP_CUDA_TRY(group, cudaSetDevice(group->cuda_device));
   ep_ll_handle_t h = (ep_ll_handle_t)calloc(1, sizeof(*h));
   if (!h) return ep_fail(group, EP_STATUS_OUT_OF_MEMORY, "%s: host allocation failed", fn);
-  EP_CUDA_TRY(group, cudaSetDevice(group->cuda_device));
   const size_t bytes = ep_ll_handle_carve(&group->ll_region, NULL, NULL);
   cudaError_t ce = cudaMalloc(&h->memory, bytes);
   if (ce == cudaSuccess) ce = cudaMemset(h->memory, 0, bytes);
@@ -68,15 +80,31 @@ ep_status_t ep_ll_handle_create(ep_group_t group, ep_ll_handle_t* handle) {
   }
   ep_ll_handle_carve(&group->ll_region, h->memory, &h->arrays);
   h->group = group;
+  h->cleans = group->ll_cleans;
+  if (!ep_live_add(h, EP_OBJECT_LL_HANDLE)) {
+    cudaFree(h->memory);
+    free(h);
+    return ep_fail(group, EP_STATUS_OUT_OF_MEMORY, "%s: host allocation failed", fn);
+  }
   *handle = h;
   return EP_STATUS_SUCCESS;
 }
 
 ep_status_t ep_ll_handle_destroy(ep_ll_handle_t handle) {
+  const char* fn = "ep_ll_handle_destroy";
   if (!handle) return EP_STATUS_SUCCESS;
-  ep_group_t g = handle->group;
-  cudaError_t ce = cudaSetDevice(g->cuda_device);
-  if (ce == cudaSuccess) ce = cudaDeviceSynchronize();
+  if (!ep_live_is(handle, EP_OBJECT_LL_HANDLE))
+    return ep_fail(NULL, EP_STATUS_INVALID_USAGE,
+                   "%s: handle %p is not a live LL handle (destroyed already, or never created)", fn, (void*)handle);
+  EP_CALL_SCOPE();
+  ep_group_t g = handle->group; /* NULL once the group is destroyed: its destroy synchronised the device */
+  if (g) EP_TRY(ep_take_group(g, fn));
+  ep_live_remove(handle);
+  cudaError_t ce = cudaSuccess;
+  if (g) {
+    ce = cudaSetDevice(g->cuda_device);
+    if (ce == cudaSuccess) ce = cudaDeviceSynchronize();
+  }
   cudaFree(handle->memory);
   free(handle);
   if (ce != cudaSuccess) return ep_fail_cuda(g, ce, "ep_ll_handle_destroy: synchronising the device");
@@ -146,6 +174,8 @@ static ep_status_t check_dispatch_args(ep_group_t group, const ep_ll_dispatch_ar
   if (ep_misaligned16(a->recv_x_scales))
     return FAIL_ARG(group, "%s: recv_x_scales (%p) is not 16-byte aligned", fn, a->recv_x_scales);
   if (!a->recv_count) return FAIL_ARG(group, "%s: recv_count is NULL", fn);
+  EP_CHECK_ALIGNED(group, fn, {"topk_idx", a->topk_idx, 8}, {"topk_weights", a->topk_weights, 4},
+                   {"recv_count", a->recv_count, 4});
   if (a->return_after_send != 0 && a->return_after_send != 1)
     return FAIL_ARG(group, "%s: return_after_send is %d; it must be 0 or 1", fn, a->return_after_send);
   return EP_STATUS_SUCCESS;
@@ -154,6 +184,7 @@ static ep_status_t check_dispatch_args(ep_group_t group, const ep_ll_dispatch_ar
 ep_status_t ep_ll_dispatch(ep_group_t group, ep_ll_handle_t handle, const ep_ll_dispatch_args_t* args,
                            cudaStream_t stream) {
   const char* fn = "ep_ll_dispatch";
+  EP_CALL_SCOPE();
   EP_TRY(enter_ll(group, fn));
   EP_TRY(check_handle(group, handle, fn));
   EP_TRY(ep_check_header(group, fn, "ep_ll_dispatch_args_t", args, args ? args->size : 0,
@@ -212,6 +243,7 @@ ep_status_t ep_ll_dispatch(ep_group_t group, ep_ll_handle_t handle, const ep_ll_
 
 ep_status_t ep_ll_dispatch_recv(ep_group_t group, ep_ll_handle_t handle, cudaStream_t stream) {
   const char* fn = "ep_ll_dispatch_recv";
+  EP_CALL_SCOPE();
   EP_TRY(enter_ll(group, fn));
   EP_TRY(check_handle(group, handle, fn));
   if (!handle->dispatch_recv_pending)
@@ -229,6 +261,9 @@ ep_status_t ep_ll_dispatch_recv(ep_group_t group, ep_ll_handle_t handle, cudaStr
 
 ep_status_t ep_ll_get_routing(ep_ll_handle_t handle, const int** src_info, const int64_t** layout_range) {
   if (!handle) return FAIL_ARG(NULL, "ep_ll_get_routing: handle is NULL");
+  if (!ep_live_is(handle, EP_OBJECT_LL_HANDLE))
+    return ep_fail(NULL, EP_STATUS_INVALID_USAGE, "ep_ll_get_routing: handle %p is not a live LL handle",
+                   (void*)handle);
   if (src_info) *src_info = handle->arrays.src_info;
   if (layout_range) *layout_range = handle->arrays.layout_range;
   return EP_STATUS_SUCCESS;
@@ -252,6 +287,7 @@ static ep_status_t check_combinable(ep_group_t group, ep_ll_handle_t handle, con
 
 ep_status_t ep_ll_get_combine_buffer(ep_group_t group, ep_ll_handle_t handle, void** buffer) {
   const char* fn = "ep_ll_get_combine_buffer";
+  EP_CALL_SCOPE();
   if (buffer) *buffer = NULL;
   EP_TRY(enter_ll(group, fn));
   EP_TRY(check_handle(group, handle, fn));
@@ -271,6 +307,7 @@ ep_status_t ep_ll_get_combine_buffer(ep_group_t group, ep_ll_handle_t handle, vo
 ep_status_t ep_ll_combine(ep_group_t group, ep_ll_handle_t handle, const ep_ll_combine_args_t* args,
                           cudaStream_t stream) {
   const char* fn = "ep_ll_combine";
+  EP_CALL_SCOPE();
   EP_TRY(enter_ll(group, fn));
   EP_TRY(check_handle(group, handle, fn));
   EP_TRY(ep_check_header(group, fn, "ep_ll_combine_args_t", args, args ? args->size : 0,
@@ -308,6 +345,7 @@ ep_status_t ep_ll_combine(ep_group_t group, ep_ll_handle_t handle, const ep_ll_c
   if (handle->call.num_tokens > 0 && !a->out)
     return FAIL_ARG(group, "%s: out is NULL with num_tokens=%d", fn, handle->call.num_tokens);
   if (ep_misaligned16(a->out)) return FAIL_ARG(group, "%s: out (%p) is not 16-byte aligned", fn, a->out);
+  EP_CHECK_ALIGNED(group, fn, {"topk_weights", a->topk_weights, 4});
   if (group->ll_half_pending[handle->half])
     return ep_fail(group, EP_STATUS_INVALID_USAGE,
                    "%s: buffer half %d still waits for the receive phase of an earlier call", fn, handle->half);
@@ -334,6 +372,7 @@ ep_status_t ep_ll_combine(ep_group_t group, ep_ll_handle_t handle, const ep_ll_c
 
 ep_status_t ep_ll_combine_recv(ep_group_t group, ep_ll_handle_t handle, cudaStream_t stream) {
   const char* fn = "ep_ll_combine_recv";
+  EP_CALL_SCOPE();
   EP_TRY(enter_ll(group, fn));
   EP_TRY(check_handle(group, handle, fn));
   if (!handle->combine_recv_pending)
@@ -351,9 +390,8 @@ ep_status_t ep_ll_combine_recv(ep_group_t group, ep_ll_handle_t handle, cudaStre
 
 ep_status_t ep_ll_clean(ep_group_t group, cudaStream_t stream) {
   const char* fn = "ep_ll_clean";
+  EP_CALL_SCOPE();
   EP_TRY(enter_ll(group, fn));
-  if (group->ll_half_pending[0] || group->ll_half_pending[1])
-    return ep_fail(group, EP_STATUS_INVALID_USAGE, "%s: an LL call still waits for its receive phase", fn);
   EP_CUDA_TRY(group, cudaSetDevice(group->cuda_device));
   const ep_ll_region_t* L = &group->ll_region;
   char* base = (char*)group->workspace + group->ll_offset;
@@ -369,13 +407,22 @@ ep_status_t ep_ll_clean(ep_group_t group, cudaStream_t stream) {
   ep_tp_barrier_all();
   group->ll_next_half = 0;
   group->ll_half_serial[0] = group->ll_half_serial[1] = 0;
+  /* A receive phase never launched (a dropped or failed hook) is abandoned: its sends have landed (every rank
+   * synchronised its device before the barrier) and the signals it would have waited for are zeroed. */
+  group->ll_half_pending[0] = group->ll_half_pending[1] = false;
+  group->ll_cleans++;
   return EP_STATUS_SUCCESS;
 }
 
 ep_status_t ep_ll_handle_get_state(ep_ll_handle_t handle, ep_ll_handle_state_t* state) {
   const char* fn = "ep_ll_handle_get_state";
   if (!handle) return FAIL_ARG(NULL, "%s: handle is NULL", fn);
+  if (!ep_live_is(handle, EP_OBJECT_LL_HANDLE))
+    return ep_fail(NULL, EP_STATUS_INVALID_USAGE, "%s: handle %p is not a live LL handle", fn, (void*)handle);
+  if (!handle->group)
+    return ep_fail(NULL, EP_STATUS_INVALID_USAGE, "%s: the handle's group was destroyed; only destroy the handle", fn);
   if (!state) return FAIL_ARG(handle->group, "%s: state is NULL", fn);
+  forget_cleaned_phases(handle);
   if (state->size != sizeof(ep_ll_handle_state_t))
     return FAIL_ARG(handle->group,
                     "%s: state.size is %u, want %u (sizeof(ep_ll_handle_state_t)): initialise it with "
