@@ -1,4 +1,5 @@
 /* group.c: group lifecycle (create, destroy, info) and the end-to-end self-check. */
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -84,6 +85,62 @@ static ep_status_t check_config(const ep_group_config_t* c, int num_ranks) {
                    "metadata packs a token index with an 8-bit rank mask in an int)",
                    fn, c->max_tokens_per_rank, num_nodes, EP_INTERNODE_MAX_TOKENS_PER_RANK);
   return EP_STATUS_SUCCESS;
+}
+
+static const char* const k_agreed_fields[EP_CONFIG_RECORD_FIELDS] = {
+    "config.ranks_per_node",      "config.num_experts", "config.hidden",
+    "config.max_tokens_per_rank", "config.max_topk",    "config.ll_max_tokens_per_rank",
+    "symmetric workspace bytes"};
+
+/* num_sms, max_sms and timeout_seconds stay each rank's own: they size nothing another rank reads. */
+ep_config_record_t ep_config_record(ep_group_t g) {
+  const ep_group_config_t* c = &g->config;
+  ep_config_record_t r = {{g->ranks_per_node, c->num_experts, c->hidden, c->max_tokens_per_rank, c->max_topk,
+                           c->ll_max_tokens_per_rank, (int64_t)g->workspace_bytes}};
+  return r;
+}
+
+bool ep_config_agreement(const ep_config_record_t* records, int num_ranks, char* message, size_t message_bytes) {
+  for (int r = 1; r < num_ranks; ++r)
+    for (int f = 0; f < EP_CONFIG_RECORD_FIELDS; ++f)
+      if (records[r].value[f] != records[0].value[f]) {
+        snprintf(message, message_bytes,
+                 "the ranks disagree on the group config: rank %d has %s = %lld but rank 0 has %lld; every rank "
+                 "must pass the same shape hints",
+                 r, k_agreed_fields[f], (long long)records[r].value[f], (long long)records[0].value[f]);
+        return false;
+      }
+  return true;
+}
+
+/* Every rank puts its record into slot [rank] of a small symmetric table on every rank, so that after the barrier
+ * each holds the same table and reaches the same verdict: on a mismatch every rank fails create, naming the first
+ * rank and field that differ from rank 0's, before the workspace (whose size would differ) is allocated. */
+static ep_status_t check_config_agreement(ep_group_t g) {
+  const char* fn = "ep_group_create";
+  const size_t bytes = sizeof(ep_config_record_t) * (size_t)g->num_ranks;
+  ep_config_record_t* table = (ep_config_record_t*)ep_tp_calloc(bytes);
+  ep_config_record_t* host = (ep_config_record_t*)malloc(bytes);
+  if (!table || !host) {
+    ep_tp_free(table);
+    free(host);
+    return ep_fail(NULL, EP_STATUS_OUT_OF_MEMORY, "%s: allocating the config agreement table failed", fn);
+  }
+  const ep_config_record_t mine = ep_config_record(g);
+  cudaError_t ce = cudaMemcpy(&table[g->rank], &mine, sizeof(mine), cudaMemcpyHostToDevice);
+  if (ce == cudaSuccess)
+    for (int pe = 0; pe < g->num_ranks; ++pe)
+      if (pe != g->rank) ep_tp_put(&table[g->rank], &table[g->rank], sizeof(mine), pe);
+  ep_tp_barrier_all(); /* every rank arrives, failed copy or not: the others wait here */
+  if (ce == cudaSuccess) ce = cudaMemcpy(host, table, bytes, cudaMemcpyDeviceToHost);
+  ep_tp_free(table);
+  ep_status_t st = EP_STATUS_SUCCESS;
+  char message[EP_ERROR_MESSAGE_BYTES - 32];
+  if (ce != cudaSuccess) st = ep_fail_cuda(NULL, ce, "ep_group_create: exchanging the config");
+  else if (!ep_config_agreement(host, g->num_ranks, message, sizeof(message)))
+    st = ep_fail(NULL, EP_STATUS_INVALID_ARGUMENT, "%s: %s", fn, message);
+  free(host);
+  return st;
 }
 
 static void free_group(ep_group_t g) {
@@ -196,7 +253,8 @@ ep_status_t ep_group_create(ep_group_t* group, const ep_unique_id_t* unique_id, 
     free_group(g);
     return ep_fail(NULL, EP_STATUS_SUBSTRATE_ERROR, "%s: %s", fn, err);
   }
-  ep_status_t st = EP_STATUS_SUCCESS;
+  ep_status_t st = check_config_agreement(g);
+  if (st != EP_STATUS_SUCCESS) goto fail;
   g->workspace = ep_tp_calloc(g->workspace_bytes);
   if (!g->workspace) {
     st = ep_fail(NULL, EP_STATUS_OUT_OF_MEMORY, "%s: symmetric allocation of %zu bytes failed", fn,

@@ -99,6 +99,17 @@ ep_status_t ep_check_live_group(ep_group_t group, const char* fn);
 /* Mark the group failed; the first call keeps its last_error as the fatal message for the group's life. */
 void ep_mark_failed(ep_group_t group);
 
+/* Config agreement at ep_group_create: the values every rank must share (those that size or place the symmetric
+ * regions, and the workspace they add up to), as one record per rank. */
+#define EP_CONFIG_RECORD_FIELDS 7
+typedef struct ep_config_record {
+  int64_t value[EP_CONFIG_RECORD_FIELDS];
+} ep_config_record_t;
+ep_config_record_t ep_config_record(ep_group_t group);
+/* Compare every rank's record with rank 0's; on the first difference write a message naming the rank, the field
+ * and both values to `message` and return false. Every rank, given the same table, says the same. */
+bool ep_config_agreement(const ep_config_record_t* records, int num_ranks, char* message, size_t message_bytes);
+
 /* Entry check every group call makes first: group not NULL and live, no other thread inside a call on it, not
  * failed, no pending device error. */
 ep_status_t ep_enter(ep_group_t group, const char* fn);

@@ -255,6 +255,25 @@ static void test_ll_clean_abandons_pending_receive(void) {
   (void)destroy_host_group(g);
 }
 
+/* The verdict of ep_group_create's config exchange, from the table every rank holds after it (the exchange itself
+ * needs NVSHMEM: tests/gpu/test_faults.c). */
+static void test_config_agreement(void) {
+  ep_group_t g = new_host_group();
+  ep_config_record_t table[4];
+  for (int r = 0; r < 4; ++r) table[r] = ep_config_record(g);
+  char message[256] = "";
+  CHECK(ep_config_agreement(table, 4, message, sizeof(message)), "equal configs disagree: %s", message);
+  table[3].value[2] = 2048; /* rank 3's hidden */
+  table[2].value[4] = 4;    /* rank 2's max_topk: the first difference is the one named */
+  CHECK(!ep_config_agreement(table, 4, message, sizeof(message)), "differing configs agree");
+  CHECK(strstr(message, "rank 2 has config.max_topk = 4 but rank 0 has 8") != NULL, "message: %s", message);
+  table[2] = table[0];
+  CHECK(!ep_config_agreement(table, 4, message, sizeof(message)) &&
+            strstr(message, "rank 3 has config.hidden = 2048 but rank 0 has 7168") != NULL,
+        "message: %s", message);
+  (void)destroy_host_group(g);
+}
+
 int main(void) {
   test_use_after_destroy();
   test_first_fatal_message_kept();
@@ -262,6 +281,7 @@ int main(void) {
   test_bounds_and_alignment();
   test_ll_handle_create_failure_frees();
   test_ll_clean_abandons_pending_receive();
+  test_config_agreement();
   printf("test_lifecycle: %d failed checks\n", g_check_failures);
   return TEST_RESULT();
 }

@@ -1,0 +1,118 @@
+/* test_faults: faults met at the edges of a group's life, on real groups.
+ *
+ *  1. Ranks that disagree on the config: the last rank asks for another hidden size. Every rank's ep_group_create
+ *     fails with EP_STATUS_INVALID_ARGUMENT naming the last rank and config.hidden (none hangs: the check is one
+ *     exchange and a barrier, before the workspace is allocated), and a group made next with one config works.
+ *  2. Objects used after they are freed: a handle and an LL handle destroyed after their group (orphans: success),
+ *     the group destroyed twice and asked for its info after destroy (EP_STATUS_INVALID_USAGE, no memory error).
+ *  3. An expert id out of range in the layout: reported to the rank that made it (EP_STATUS_DEVICE_ERROR) and the
+ *     group keeps working (the next group check passes on every rank).
+ * Every rank prints one line per case: name, outcome, seconds. */
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+
+#include <cuda_runtime_api.h>
+
+#include "common/check.h"
+#include "gpu/harness.h"
+
+static double now_s(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static ep_group_config_t small_config(const harness_t* h) {
+  ep_group_config_t cfg = EP_GROUP_CONFIG_INIT;
+  cfg.num_experts = 4 * h->num_ranks;
+  cfg.hidden = 1024;
+  cfg.max_tokens_per_rank = 64;
+  cfg.ll_max_tokens_per_rank = 16;
+  cfg.timeout_seconds = 5.0;
+  return cfg;
+}
+
+static void case_config_disagreement(const harness_t* h) {
+  ep_group_config_t cfg = small_config(h);
+  const int odd = h->num_ranks - 1;
+  if (h->rank == odd) cfg.hidden = 2048;
+  ep_group_t g = NULL;
+  double t0 = now_s();
+  ep_status_t st = harness_group_create(h, &cfg, &g);
+  char want[96];
+  snprintf(want, sizeof(want), "rank %d has config.hidden = 2048 but rank 0 has 1024", odd);
+  CHECK(st == EP_STATUS_INVALID_ARGUMENT && g == NULL, "create with disagreeing configs gave %s", ep_status_string(st));
+  CHECK(strstr(ep_last_error(NULL), want) != NULL, "message \"%s\" lacks \"%s\"", ep_last_error(NULL), want);
+  printf("rank %d: config disagreement: %s in %.3f s: %s\n", h->rank, ep_status_string(st), now_s() - t0,
+         ep_last_error(NULL));
+  if (g) ep_group_destroy(g);
+  harness_barrier(h, "disagreed");
+}
+
+static void case_use_after_destroy(const harness_t* h) {
+  ep_group_config_t cfg = small_config(h);
+  ep_group_t g = NULL;
+  ep_status_t st = harness_group_create(h, &cfg, &g);
+  CHECK(st == EP_STATUS_SUCCESS, "create after the disagreement: %s", ep_last_error(NULL));
+  if (st != EP_STATUS_SUCCESS) return;
+  ep_handle_t handle = NULL;
+  ep_ll_handle_t ll = NULL;
+  CHECK(ep_handle_create(g, &handle) == EP_STATUS_SUCCESS, "handle: %s", ep_last_error(g));
+  CHECK(ep_ll_handle_create(g, &ll) == EP_STATUS_SUCCESS, "LL handle: %s", ep_last_error(g));
+  cudaStream_t stream;
+  cudaStreamCreate(&stream);
+
+  /* A bad expert id in the layout is this rank's data fault; the group keeps working. */
+  int64_t* topk = NULL;
+  int *per_rank = NULL, *per_expert = NULL;
+  uint8_t* in_rank = NULL;
+  cudaMalloc((void**)&topk, 2 * sizeof(int64_t));
+  cudaMalloc((void**)&per_rank, sizeof(int) * (size_t)h->num_ranks);
+  cudaMalloc((void**)&per_expert, sizeof(int) * (size_t)cfg.num_experts);
+  cudaMalloc((void**)&in_rank, (size_t)h->num_ranks);
+  const int64_t ids[2] = {0, cfg.num_experts + 7};
+  cudaMemcpy(topk, ids, sizeof(ids), cudaMemcpyHostToDevice);
+  ep_layout_args_t la = EP_LAYOUT_ARGS_INIT;
+  la.topk_idx = topk;
+  la.num_tokens = 1;
+  la.num_topk = 2;
+  la.num_experts = cfg.num_experts;
+  la.num_tokens_per_rank = per_rank;
+  la.num_tokens_per_expert = per_expert;
+  la.is_token_in_rank = in_rank;
+  CHECK(ep_get_dispatch_layout(g, &la, stream) == EP_STATUS_SUCCESS, "layout launch: %s", ep_last_error(g));
+  cudaStreamSynchronize(stream);
+  ep_status_t async_st = EP_STATUS_SUCCESS;
+  ep_get_async_error(g, &async_st);
+  CHECK(async_st == EP_STATUS_DEVICE_ERROR, "bad expert id gave %s", ep_status_string(async_st));
+  CHECK(ep_group_check(g, stream) == EP_STATUS_SUCCESS, "group check after a data fault: %s", ep_last_error(g));
+  printf("rank %d: bad expert id in layout: %s, then group check ok\n", h->rank, ep_status_string(async_st));
+  cudaFree(topk);
+  cudaFree(per_rank);
+  cudaFree(per_expert);
+  cudaFree(in_rank);
+  cudaStreamDestroy(stream);
+
+  CHECK(ep_group_destroy(g) == EP_STATUS_SUCCESS, "destroy: %s", ep_last_error(NULL));
+  CHECK(ep_group_destroy(g) == EP_STATUS_INVALID_USAGE, "second destroy is not refused");
+  ep_group_info_t info;
+  CHECK(ep_group_get_info(g, &info) == EP_STATUS_INVALID_USAGE, "info after destroy is not refused");
+  CHECK(ep_handle_destroy(handle) == EP_STATUS_SUCCESS, "orphan handle destroy: %s", ep_last_error(NULL));
+  CHECK(ep_ll_handle_destroy(ll) == EP_STATUS_SUCCESS, "orphan LL handle destroy: %s", ep_last_error(NULL));
+  CHECK(ep_handle_destroy(handle) == EP_STATUS_INVALID_USAGE, "second handle destroy is not refused");
+  printf("rank %d: use after destroy: refused, orphans destroyed\n", h->rank);
+}
+
+int main(void) {
+  harness_t h;
+  int rc = harness_init(&h);
+  if (rc) return rc;
+  if (h.num_ranks < 2) {
+    printf("SKIP: needs 2 ranks\n");
+    return TEST_SKIP;
+  }
+  case_config_disagreement(&h);
+  case_use_after_destroy(&h);
+  return TEST_RESULT();
+}
