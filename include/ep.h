@@ -275,7 +275,9 @@ typedef struct ep_layout_args {
  * A token counts once per rank, node and expert, even when several of its experts live on one rank or its
  * top-k names one expert twice. An index outside
  * [-1, num_experts) is not counted: it is recorded in the group's error word and the next call returns
- * EP_STATUS_DEVICE_ERROR naming the token. Local: no data leaves this GPU.
+ * EP_STATUS_DEVICE_ERROR naming the token. Local: no data leaves this GPU. The group's scratch serves one layout
+ * call at a time: a call while an earlier one still runs on another stream is EP_STATUS_INVALID_USAGE (order
+ * them; captured calls are ordered by the caller).
  * Collective: no. Allocates: no. Graph-capturable: yes. */
 EP_API ep_status_t ep_get_dispatch_layout(ep_group_t group, const ep_layout_args_t* args, cudaStream_t stream);
 

@@ -143,10 +143,39 @@ static ep_status_t check_config_agreement(ep_group_t g) {
   return st;
 }
 
+ep_status_t ep_check_launchable(ep_group_t g, size_t smem_per_block) {
+  const char* fn = "ep_group_create";
+  const ep_group_config_t* c = &g->config;
+  const size_t layout = ep_layout_smem_bytes(c->num_experts, g->num_ranks);
+  if (layout > smem_per_block)
+    return ep_fail(NULL, EP_STATUS_INVALID_ARGUMENT,
+                   "%s: config.num_experts is %d: the layout kernel would need %zu bytes of shared memory per block "
+                   "and the device allows %zu; lower config.num_experts",
+                   fn, c->num_experts, layout, smem_per_block);
+  if (c->ll_max_tokens_per_rank > 0) {
+    ep_ll_launch_t worst;
+    memset(&worst, 0, sizeof(worst));
+    worst.group.num_ranks = g->num_ranks;
+    worst.group.num_sms = g->device_sms > 0 ? g->device_sms : 1;
+    worst.call.num_tokens = worst.call.max_tokens = c->ll_max_tokens_per_rank;
+    worst.call.num_experts = c->num_experts;
+    worst.call.num_topk = c->max_topk;
+    worst.call.hidden = c->hidden;
+    const size_t ll = ep_ll_smem_bytes(&worst);
+    if (ll > smem_per_block)
+      return ep_fail(NULL, EP_STATUS_INVALID_ARGUMENT,
+                     "%s: config.num_experts %d, ll_max_tokens_per_rank %d and max_topk %d: the low-latency kernels "
+                     "would need %zu bytes of shared memory per block and the device allows %zu; lower them",
+                     fn, c->num_experts, c->ll_max_tokens_per_rank, c->max_topk, ll, smem_per_block);
+  }
+  return EP_STATUS_SUCCESS;
+}
+
 static void free_group(ep_group_t g) {
   if (!g) return;
   if (g->peer_bases_dev) cudaFree(g->peer_bases_dev);
   if (g->layout_scratch) cudaFree(g->layout_scratch);
+  if (g->layout_done) cudaEventDestroy(g->layout_done);
   if (g->normal_state) cudaFree(g->normal_state);
   if (g->expert_sum) cudaFree(g->expert_sum);
   if (g->ll_state) cudaFree(g->ll_state);
@@ -233,6 +262,11 @@ ep_status_t ep_group_create(ep_group_t* group, const ep_unique_id_t* unique_id, 
     g->internode_force_put = force_put && force_put[0] && strcmp(force_put, "0") != 0;
   }
   g->heap_bytes = g->workspace_bytes + EP_HEAP_SLACK_BYTES;
+  ep_status_t launchable = ep_check_launchable(g, prop.sharedMemPerBlockOptin);
+  if (launchable != EP_STATUS_SUCCESS) {
+    free_group(g);
+    return launchable;
+  }
 
   size_t free_bytes = 0, total_bytes = 0;
   ce = cudaMemGetInfo(&free_bytes, &total_bytes);
@@ -291,6 +325,7 @@ ep_status_t ep_group_create(ep_group_t* group, const ep_unique_id_t* unique_id, 
     size_t scratch = ep_layout_scratch_ints(cfg.num_experts, num_ranks) * sizeof(int);
     ce = cudaMalloc((void**)&g->layout_scratch, scratch);
     if (ce == cudaSuccess) ce = cudaMemset(g->layout_scratch, 0, scratch);
+    if (ce == cudaSuccess) ce = cudaEventCreateWithFlags(&g->layout_done, cudaEventDisableTiming);
   }
   if (ce == cudaSuccess) ce = cudaMalloc((void**)&g->normal_state, sizeof(ep_normal_state_t));
   if (ce == cudaSuccess) ce = cudaMemset(g->normal_state, 0, sizeof(ep_normal_state_t));

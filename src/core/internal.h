@@ -27,6 +27,9 @@ struct ep_group {
   int num_nvlink_peers;
   unsigned long long check_epoch;    /* ep_group_check calls so far */
   int* layout_scratch;               /* device: ep_get_dispatch_layout's per-block histograms */
+  cudaEvent_t layout_done;           /* recorded after each eager layout call: the scratch is free once it fires */
+  cudaStream_t layout_stream;        /* the stream of the last eager layout call */
+  bool layout_recorded;              /* layout_done holds a launch */
 
   ep_device_error_t* error_word;     /* pinned host memory, mapped into the device */
   ep_device_error_t* error_word_dev; /* the device's view of it */
@@ -109,6 +112,11 @@ ep_config_record_t ep_config_record(ep_group_t group);
 /* Compare every rank's record with rank 0's; on the first difference write a message naming the rank, the field
  * and both values to `message` and return false. Every rank, given the same table, says the same. */
 bool ep_config_agreement(const ep_config_record_t* records, int num_ranks, char* message, size_t message_bytes);
+
+/* Refuse a config whose kernels could never launch on a device allowing `smem_per_block` bytes of dynamic shared
+ * memory per block (every call would fail with a CUDA error): the layout kernel's and the LL phases' largest
+ * shapes. Named EP_STATUS_INVALID_ARGUMENT; the message is the thread's. */
+ep_status_t ep_check_launchable(ep_group_t group, size_t smem_per_block);
 
 /* Entry check every group call makes first: group not NULL and live, no other thread inside a call on it, not
  * failed, no pending device error. */

@@ -42,6 +42,21 @@ ep_status_t ep_get_dispatch_layout(ep_group_t group, const ep_layout_args_t* arg
     return ep_fail(group, EP_STATUS_INVALID_ARGUMENT, "%s: is_token_in_rank is NULL with num_tokens=%d", fn,
                    a->num_tokens);
   EP_CUDA_TRY(group, cudaSetDevice(group->cuda_device));
+  /* The group's scratch (histograms and the last block's arrival counter) serves one call at a time: a layout
+   * still running on another stream would share it and both would count wrong. Checked for eager calls (a
+   * captured call runs when its graph is replayed, ordered by the caller). */
+  enum cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  EP_CUDA_TRY(group, cudaStreamIsCapturing(stream, &capture));
+  const bool eager = capture == cudaStreamCaptureStatusNone;
+  if (eager && group->layout_recorded && group->layout_stream != stream) {
+    cudaError_t q = cudaEventQuery(group->layout_done);
+    if (q == cudaErrorNotReady)
+      return ep_fail(group, EP_STATUS_INVALID_USAGE,
+                     "%s: the previous layout call, on another stream, is still running and the two would share "
+                     "the group's scratch; order them (one stream, or an event between the streams)",
+                     fn);
+    if (q != cudaSuccess) return ep_fail_cuda(group, q, "cudaEventQuery of the previous layout call");
+  }
 
   ep_layout_launch_t p;
   p.topk_idx = a->topk_idx;
@@ -58,5 +73,10 @@ ep_status_t ep_get_dispatch_layout(ep_group_t group, const ep_layout_args_t* arg
   p.error = group->error_word_dev;
   p.rank = group->rank;
   EP_CUDA_TRY(group, ep_launch_layout(&p, stream));
+  if (eager) {
+    EP_CUDA_TRY(group, cudaEventRecord(group->layout_done, stream));
+    group->layout_stream = stream;
+    group->layout_recorded = true;
+  }
   return EP_STATUS_SUCCESS;
 }

@@ -23,6 +23,12 @@ static double now_s(void) {
   return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
+static void CUDART_CB sleep_200ms(void* unused) {
+  (void)unused;
+  struct timespec ts = {0, 200000000};
+  nanosleep(&ts, NULL);
+}
+
 static ep_group_config_t small_config(const harness_t* h) {
   ep_group_config_t cfg = EP_GROUP_CONFIG_INIT;
   cfg.num_experts = 4 * h->num_ranks;
@@ -88,6 +94,24 @@ static void case_use_after_destroy(const harness_t* h) {
   CHECK(async_st == EP_STATUS_DEVICE_ERROR, "bad expert id gave %s", ep_status_string(async_st));
   CHECK(ep_group_check(g, stream) == EP_STATUS_SUCCESS, "group check after a data fault: %s", ep_last_error(g));
   printf("rank %d: bad expert id in layout: %s, then group check ok\n", h->rank, ep_status_string(async_st));
+
+  /* Two layout calls overlapping on two streams would share the group's scratch: the second is refused while the
+   * first waits behind a 200 ms host function, and runs once the first is done. */
+  const int64_t good[2] = {0, 1};
+  cudaMemcpy(topk, good, sizeof(good), cudaMemcpyHostToDevice);
+  cudaStream_t other;
+  cudaStreamCreate(&other);
+  cudaLaunchHostFunc(stream, sleep_200ms, NULL);
+  CHECK(ep_get_dispatch_layout(g, &la, stream) == EP_STATUS_SUCCESS, "layout behind the sleep: %s", ep_last_error(g));
+  st = ep_get_dispatch_layout(g, &la, other);
+  CHECK(st == EP_STATUS_INVALID_USAGE && strstr(ep_last_error(g), "another stream") != NULL,
+        "overlapping layout on another stream gave %s (%s)", ep_status_string(st), ep_last_error(g));
+  cudaStreamSynchronize(stream);
+  CHECK(ep_get_dispatch_layout(g, &la, other) == EP_STATUS_SUCCESS, "layout after the first finished: %s",
+        ep_last_error(g));
+  cudaStreamSynchronize(other);
+  cudaStreamDestroy(other);
+  printf("rank %d: overlapping layouts on two streams: %s\n", h->rank, ep_status_string(st));
   cudaFree(topk);
   cudaFree(per_rank);
   cudaFree(per_expert);

@@ -274,6 +274,24 @@ static void test_config_agreement(void) {
   (void)destroy_host_group(g);
 }
 
+/* Configs whose kernels could never launch are refused at create, not by every call (227 KB: an H100's or H200's
+ * opt-in shared memory per block). */
+static void test_launchable_configs(void) {
+  const size_t hopper = 227 * 1024;
+  ep_group_t g = new_host_group();
+  g->device_sms = 132;
+  CHECK(ep_check_launchable(g, hopper) == EP_STATUS_SUCCESS, "the default config: %s", ep_last_error(NULL));
+  g->config.num_experts = 1 << 16; /* the layout kernel's histograms alone: 256 KB */
+  EXPECT_FAIL(ep_check_launchable(g, hopper), NULL, EP_STATUS_INVALID_ARGUMENT,
+              "config.num_experts is 65536: the layout kernel would need");
+  g->config.num_experts =
+      1 << 15; /* layout 128 KB fits; the LL dispatch send (2 ints per expert, more per token) not */
+  g->config.ll_max_tokens_per_rank = 8192;
+  g->config.max_topk = 32;
+  EXPECT_FAIL(ep_check_launchable(g, hopper), NULL, EP_STATUS_INVALID_ARGUMENT, "the low-latency kernels would need");
+  (void)destroy_host_group(g);
+}
+
 int main(void) {
   test_use_after_destroy();
   test_first_fatal_message_kept();
@@ -282,6 +300,7 @@ int main(void) {
   test_ll_handle_create_failure_frees();
   test_ll_clean_abandons_pending_receive();
   test_config_agreement();
+  test_launchable_configs();
   printf("test_lifecycle: %d failed checks\n", g_check_failures);
   return TEST_RESULT();
 }
