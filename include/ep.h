@@ -31,10 +31,17 @@
  * is the thread's message.
  *
  * Device-side faults are not lost: a kernel that sees bad data (an expert index out of range) or whose wait on
- * a peer runs out of its time budget records it in the group's error word, stops, and the next call on the
- * group returns that status (`EP_STATUS_DEVICE_ERROR` or `EP_STATUS_TIMEOUT`) with a message naming the token
- * or the peer. `ep_get_async_error()` reads the word without making a call. A fatal fault (a timeout, a corrupted
- * transfer) fails the group; every later call but ep_group_destroy returns EP_STATUS_INVALID_USAGE with the message
+ * a peer runs out of its time budget records it in the group's error word with a message naming the token or the
+ * peer. Two classes:
+ *  - Data faults (EP_STATUS_DEVICE_ERROR: a bad expert index, a graph-safe receive past its bound) belong to the
+ *    rank that made them. A collective call never skips its work for one (its peers would wait for it until their
+ *    budget ran out): it leaves the fault pending and runs. The fault is reported by ep_get_async_error(), by the
+ *    next local call (layout, handle creation, ...), or by the eager prepare whose own kernel met it (after the
+ *    kernel ran on every rank). The group keeps working.
+ *  - Fatal faults (EP_STATUS_TIMEOUT, a corrupted transfer) outrank data faults: one is recorded over an unread
+ *    data fault, and every call after it reports it. `ep_get_async_error()` reads the word without making a call. A
+ * fatal fault (a timeout, a corrupted transfer) fails the group; every later call but ep_group_destroy returns
+ * EP_STATUS_INVALID_USAGE with the message
  * "<call>: the group failed earlier: <the first fatal fault's message>", so that the origin (peer, wait site,
  * cause) stays readable for the group's life whatever was called since.
  */
@@ -275,7 +282,8 @@ typedef struct ep_layout_args {
  * A token counts once per rank, node and expert, even when several of its experts live on one rank or its
  * top-k names one expert twice. An index outside
  * [-1, num_experts) is not counted: it is recorded in the group's error word and the next call returns
- * EP_STATUS_DEVICE_ERROR naming the token. Local: no data leaves this GPU. The group's scratch serves one layout
+ * EP_STATUS_DEVICE_ERROR naming the token (the next local call, or ep_get_async_error: a collective call leaves it
+ * pending). Local: no data leaves this GPU. The group's scratch serves one layout
  * call at a time: a call while an earlier one still runs on another stream is EP_STATUS_INVALID_USAGE (order
  * them; captured calls are ordered by the caller).
  * Collective: no. Allocates: no. Graph-capturable: yes. */
@@ -345,7 +353,8 @@ typedef struct ep_dispatch_prepare_args {
 
 /* Agree on the routing of the next dispatch and store it in `handle` (the handle's previous routing is replaced).
  * Exchanges per-destination and per-expert counts with every rank over NVLink. An expert index outside
- * [-1, num_experts) is reported as EP_STATUS_DEVICE_ERROR by the next call and that token is not sent.
+ * [-1, num_experts) is a data fault (see the top of this header): that token is not sent; the eager form returns
+ * EP_STATUS_DEVICE_ERROR once its kernel has run on every rank.
  * Collective: yes. Allocates: no. Graph-capturable: yes in the graph-safe form (num_recv_tokens == NULL);
  * the eager form waits on the host. */
 EP_API ep_status_t ep_dispatch_prepare(ep_group_t group, ep_handle_t handle, const ep_dispatch_prepare_args_t* args,
@@ -381,7 +390,8 @@ typedef struct ep_dispatch_args {
     NULL, NULL, NULL, NULL, 0 }
 
 /* Move rows to the ranks that hold their experts, along the handle's routing. More received rows than
- * recv_capacity is reported as EP_STATUS_DEVICE_ERROR by the next call (the extra rows are dropped).
+ * recv_capacity is a data fault (EP_STATUS_DEVICE_ERROR from ep_get_async_error or the next local call; the extra
+ * rows are dropped).
  * Collective: yes. Allocates: no. Graph-capturable: yes. */
 EP_API ep_status_t ep_dispatch(ep_group_t group, ep_handle_t handle, const ep_dispatch_args_t* args,
                                cudaStream_t stream);
@@ -500,7 +510,7 @@ typedef struct ep_ll_dispatch_args {
  * to this rank's experts, into recv_x / recv_x_scales / recv_count; the handle keeps the routing for the
  * combine. FP8 cast per 128 channels: scale = max(amax, 1e-4) / 448 (rounded up to a power of two with
  * round_scale), q = e4m3(x * (1 / scale)) with saturation. An expert index outside [-1, num_experts) is
- * treated as -1 and reported as EP_STATUS_DEVICE_ERROR by the next call.
+ * treated as -1 and is a data fault (EP_STATUS_DEVICE_ERROR from ep_get_async_error or the next local call).
  * Collective: yes. Allocates: no. Graph-capturable: yes. */
 EP_API ep_status_t ep_ll_dispatch(ep_group_t group, ep_ll_handle_t handle, const ep_ll_dispatch_args_t* args,
                                   cudaStream_t stream);

@@ -390,7 +390,7 @@ ep_status_t ep_group_get_info(ep_group_t group, ep_group_info_t* info) {
 
 ep_status_t ep_group_check(ep_group_t group, cudaStream_t stream) {
   EP_CALL_SCOPE();
-  EP_TRY(ep_enter(group, "ep_group_check"));
+  EP_TRY(ep_enter_collective(group, "ep_group_check"));
   EP_CUDA_TRY(group, cudaSetDevice(group->cuda_device));
   ep_check_launch_t p;
   p.workspace = group->workspace;
@@ -402,6 +402,6 @@ ep_status_t ep_group_check(ep_group_t group, cudaStream_t stream) {
   p.error = group->error_word_dev;
   EP_CUDA_TRY(group, ep_launch_check(&p, stream));
   EP_CUDA_TRY(group, cudaStreamSynchronize(stream));
-  EP_TRY(ep_enter(group, "ep_group_check"));
+  EP_TRY(ep_enter_collective(group, "ep_group_check"));
   return EP_STATUS_SUCCESS;
 }

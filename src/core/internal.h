@@ -122,6 +122,11 @@ ep_status_t ep_check_launchable(ep_group_t group, size_t smem_per_block);
  * failed, no pending device error. */
 ep_status_t ep_enter(ep_group_t group, const char* fn);
 
+/* The entry of a collective call: as ep_enter, but a pending data fault is left in the word (for
+ * ep_get_async_error and the next local call) instead of ending the call: a rank that skipped a collective call
+ * would leave its peers waiting for it until their time budget ran out. */
+ep_status_t ep_enter_collective(ep_group_t group, const char* fn);
+
 /* Validate the size/magic header of an args struct; names the struct type in the message. */
 ep_status_t ep_check_header(ep_group_t group, const char* fn, const char* type_name, const void* args,
                             uint32_t size, uint32_t want_size, uint32_t magic, uint32_t want_magic);

@@ -34,8 +34,8 @@ ep_status_t ep_ll_buffer_size_hint(int max_tokens_per_rank, int hidden, int num_
 }
 
 /* Every LL call on a group: live, and configured with an LL buffer. */
-static ep_status_t enter_ll(ep_group_t group, const char* fn) {
-  EP_TRY(ep_enter(group, fn));
+static ep_status_t enter_ll(ep_group_t group, const char* fn, bool collective) {
+  EP_TRY(collective ? ep_enter_collective(group, fn) : ep_enter(group, fn));
   if (group->config.ll_max_tokens_per_rank <= 0)
     return ep_fail(group, EP_STATUS_INVALID_USAGE,
                    "%s: the group has no low-latency buffer (config.ll_max_tokens_per_rank is 0); create it with "
@@ -65,7 +65,7 @@ ep_status_t ep_ll_handle_create(ep_group_t group, ep_ll_handle_t* handle) {
   const char* fn = "ep_ll_handle_create";
   EP_CALL_SCOPE();
   if (handle) *handle = NULL;
-  EP_TRY(enter_ll(group, fn));
+  EP_TRY(enter_ll(group, fn, false));
   if (!handle) return FAIL_ARG(group, "%s: handle is NULL", fn);
   EP_CUDA_TRY(group, cudaSetDevice(group->cuda_device));
   ep_ll_handle_t h = (ep_ll_handle_t)calloc(1, sizeof(*h));
@@ -185,7 +185,7 @@ ep_status_t ep_ll_dispatch(ep_group_t group, ep_ll_handle_t handle, const ep_ll_
                            cudaStream_t stream) {
   const char* fn = "ep_ll_dispatch";
   EP_CALL_SCOPE();
-  EP_TRY(enter_ll(group, fn));
+  EP_TRY(enter_ll(group, fn, true));
   EP_TRY(check_handle(group, handle, fn));
   EP_TRY(ep_check_header(group, fn, "ep_ll_dispatch_args_t", args, args ? args->size : 0,
                          sizeof(ep_ll_dispatch_args_t), args ? args->magic : 0, EP_LL_DISPATCH_ARGS_MAGIC));
@@ -244,7 +244,7 @@ ep_status_t ep_ll_dispatch(ep_group_t group, ep_ll_handle_t handle, const ep_ll_
 ep_status_t ep_ll_dispatch_recv(ep_group_t group, ep_ll_handle_t handle, cudaStream_t stream) {
   const char* fn = "ep_ll_dispatch_recv";
   EP_CALL_SCOPE();
-  EP_TRY(enter_ll(group, fn));
+  EP_TRY(enter_ll(group, fn, true));
   EP_TRY(check_handle(group, handle, fn));
   if (!handle->dispatch_recv_pending)
     return ep_fail(group, EP_STATUS_INVALID_USAGE,
@@ -289,7 +289,7 @@ ep_status_t ep_ll_get_combine_buffer(ep_group_t group, ep_ll_handle_t handle, vo
   const char* fn = "ep_ll_get_combine_buffer";
   EP_CALL_SCOPE();
   if (buffer) *buffer = NULL;
-  EP_TRY(enter_ll(group, fn));
+  EP_TRY(enter_ll(group, fn, false));
   EP_TRY(check_handle(group, handle, fn));
   if (!buffer) return FAIL_ARG(group, "%s: buffer is NULL", fn);
   if (!handle->dispatched)
@@ -308,7 +308,7 @@ ep_status_t ep_ll_combine(ep_group_t group, ep_ll_handle_t handle, const ep_ll_c
                           cudaStream_t stream) {
   const char* fn = "ep_ll_combine";
   EP_CALL_SCOPE();
-  EP_TRY(enter_ll(group, fn));
+  EP_TRY(enter_ll(group, fn, true));
   EP_TRY(check_handle(group, handle, fn));
   EP_TRY(ep_check_header(group, fn, "ep_ll_combine_args_t", args, args ? args->size : 0,
                          sizeof(ep_ll_combine_args_t), args ? args->magic : 0, EP_LL_COMBINE_ARGS_MAGIC));
@@ -373,7 +373,7 @@ ep_status_t ep_ll_combine(ep_group_t group, ep_ll_handle_t handle, const ep_ll_c
 ep_status_t ep_ll_combine_recv(ep_group_t group, ep_ll_handle_t handle, cudaStream_t stream) {
   const char* fn = "ep_ll_combine_recv";
   EP_CALL_SCOPE();
-  EP_TRY(enter_ll(group, fn));
+  EP_TRY(enter_ll(group, fn, true));
   EP_TRY(check_handle(group, handle, fn));
   if (!handle->combine_recv_pending)
     return ep_fail(group, EP_STATUS_INVALID_USAGE,
@@ -391,14 +391,14 @@ ep_status_t ep_ll_combine_recv(ep_group_t group, ep_ll_handle_t handle, cudaStre
 ep_status_t ep_ll_clean(ep_group_t group, cudaStream_t stream) {
   const char* fn = "ep_ll_clean";
   EP_CALL_SCOPE();
-  EP_TRY(enter_ll(group, fn));
+  EP_TRY(enter_ll(group, fn, true));
   EP_CUDA_TRY(group, cudaSetDevice(group->cuda_device));
   const ep_ll_region_t* L = &group->ll_region;
   char* base = (char*)group->workspace + group->ll_offset;
   /* Every rank must be done with the buffer before anyone zeroes theirs, and done zeroing before anyone uses it. */
   EP_CUDA_TRY(group, cudaStreamSynchronize(stream));
   EP_CUDA_TRY(group, cudaDeviceSynchronize());
-  EP_TRY(ep_enter(group, fn));
+  EP_TRY(ep_enter_collective(group, fn)); /* a data fault is not a reason to leave the peers at the barrier */
   ep_tp_barrier_all();
   for (int h = 0; h < 2; ++h)
     EP_CUDA_TRY(group, cudaMemsetAsync(base + (size_t)h * L->half_bytes, 0, L->signal_bytes, stream));

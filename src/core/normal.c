@@ -93,7 +93,7 @@ ep_status_t ep_handle_destroy(ep_handle_t handle) {
 
 /* Checks shared by the three calls: a live group the intranode path serves, and a handle of this group. */
 static ep_status_t enter_normal(ep_group_t group, ep_handle_t handle, const char* fn, bool need_prepared) {
-  EP_TRY(ep_enter(group, fn));
+  EP_TRY(ep_enter_collective(group, fn));
   if (!handle) return FAIL_ARG(group, "%s: handle is NULL", fn);
   if (!ep_live_is(handle, EP_OBJECT_HANDLE))
     return ep_fail(group, EP_STATUS_INVALID_USAGE, "%s: handle %p is not a live handle (destroyed already?)", fn,

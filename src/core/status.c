@@ -83,10 +83,13 @@ ep_status_t ep_fail_cuda(ep_group_t group, cudaError_t err, const char* what) {
 
 /* Turn a recorded device fault into a status and message. Data faults are cleared once reported; timeouts and
  * corrupted transfers leave the group failed (peers may be mid-protocol), so only destroy is allowed after. */
-static ep_status_t take_device_fault(ep_group_t group) {
+static bool is_data_fault(int code) { return code == EP_FAULT_BAD_EXPERT || code == EP_FAULT_RECV_OVERFLOW; }
+
+static ep_status_t take_device_fault(ep_group_t group, bool take_data_faults) {
   volatile ep_device_error_t* w = group->error_word;
   int code = w->code;
   if (code == EP_FAULT_NONE || code == -1) return EP_STATUS_SUCCESS;
+  if (!take_data_faults && is_data_fault(code)) return EP_STATUS_SUCCESS;
   ep_status_t st;
   switch (code) {
     case EP_FAULT_BAD_EXPERT:
@@ -148,7 +151,14 @@ ep_status_t ep_enter(ep_group_t group, const char* fn) {
   EP_TRY(ep_check_live_group(group, fn));
   EP_TRY(ep_take_group(group, fn));
   if (group->failed) return refuse_failed(group, fn);
-  return take_device_fault(group);
+  return take_device_fault(group, true);
+}
+
+ep_status_t ep_enter_collective(ep_group_t group, const char* fn) {
+  EP_TRY(ep_check_live_group(group, fn));
+  EP_TRY(ep_take_group(group, fn));
+  if (group->failed) return refuse_failed(group, fn);
+  return take_device_fault(group, false);
 }
 
 ep_status_t ep_get_async_error(ep_group_t group, ep_status_t* async_status) {
@@ -157,7 +167,7 @@ ep_status_t ep_get_async_error(ep_group_t group, ep_status_t* async_status) {
   EP_TRY(ep_check_live_group(group, fn));
   EP_TRY(ep_take_group(group, fn));
   if (!async_status) return ep_fail(group, EP_STATUS_INVALID_ARGUMENT, "%s: async_status is NULL", fn);
-  *async_status = group->failed ? refuse_failed(group, fn) : take_device_fault(group);
+  *async_status = group->failed ? refuse_failed(group, fn) : take_device_fault(group, true);
   return EP_STATUS_SUCCESS;
 }
 

@@ -5,8 +5,10 @@
  *     exchange and a barrier, before the workspace is allocated), and a group made next with one config works.
  *  2. Objects used after they are freed: a handle and an LL handle destroyed after their group (orphans: success),
  *     the group destroyed twice and asked for its info after destroy (EP_STATUS_INVALID_USAGE, no memory error).
- *  3. An expert id out of range in the layout: reported to the rank that made it (EP_STATUS_DEVICE_ERROR) and the
- *     group keeps working (the next group check passes on every rank).
+ *  3. An expert id out of range in the layout, and in an eager prepare on rank 0 only: reported to the rank that
+ *     made it (EP_STATUS_DEVICE_ERROR) and the group keeps working (the next group check passes on every rank).
+ *     Two layout calls overlapping on two streams: the second is refused.
+ *  4. A timeout behind an unread data fault is recorded (fatal outranks data) and names the absent rank.
  * Every rank prints one line per case: name, outcome, seconds. */
 #include <stdio.h>
 #include <string.h>
@@ -95,6 +97,23 @@ static void case_use_after_destroy(const harness_t* h) {
   CHECK(ep_group_check(g, stream) == EP_STATUS_SUCCESS, "group check after a data fault: %s", ep_last_error(g));
   printf("rank %d: bad expert id in layout: %s, then group check ok\n", h->rank, ep_status_string(async_st));
 
+  /* The same bad id on rank 0 only, in an eager prepare (collective): rank 0's call reports it once its kernel has
+   * run (the status after the call), the other ranks' calls succeed, and the group keeps working. */
+  if (h->rank != 0) cudaMemcpy(topk, ids, sizeof(int64_t), cudaMemcpyHostToDevice); /* {0, 0}: fine */
+  ep_dispatch_prepare_args_t pa = EP_DISPATCH_PREPARE_ARGS_INIT;
+  pa.topk_idx = topk;
+  pa.num_tokens = 1;
+  pa.num_topk = h->rank == 0 ? 2 : 1;
+  pa.num_experts = cfg.num_experts;
+  int num_recv = -1;
+  pa.num_recv_tokens = &num_recv;
+  st = ep_dispatch_prepare(g, handle, &pa, stream);
+  CHECK(st == (h->rank == 0 ? EP_STATUS_DEVICE_ERROR : EP_STATUS_SUCCESS), "prepare with a bad id on rank 0: %s (%s)",
+        ep_status_string(st), ep_last_error(g));
+  CHECK(ep_group_check(g, stream) == EP_STATUS_SUCCESS, "group check after the prepare: %s", ep_last_error(g));
+  printf("rank %d: bad expert id in an eager prepare on rank 0: %s, then group check ok\n", h->rank,
+         ep_status_string(st));
+
   /* Two layout calls overlapping on two streams would share the group's scratch: the second is refused while the
    * first waits behind a 200 ms host function, and runs once the first is done. */
   const int64_t good[2] = {0, 1};
@@ -102,6 +121,7 @@ static void case_use_after_destroy(const harness_t* h) {
   cudaStream_t other;
   cudaStreamCreate(&other);
   cudaLaunchHostFunc(stream, sleep_200ms, NULL);
+  la.num_topk = 2;
   CHECK(ep_get_dispatch_layout(g, &la, stream) == EP_STATUS_SUCCESS, "layout behind the sleep: %s", ep_last_error(g));
   st = ep_get_dispatch_layout(g, &la, other);
   CHECK(st == EP_STATUS_INVALID_USAGE && strstr(ep_last_error(g), "another stream") != NULL,
@@ -128,6 +148,59 @@ static void case_use_after_destroy(const harness_t* h) {
   printf("rank %d: use after destroy: refused, orphans destroyed\n", h->rank);
 }
 
+/* A data fault left unread, then a peer that stays away: the collective call runs (it is not skipped for the data
+ * fault) and its timeout is recorded over the data fault (fatal outranks data), naming the absent rank. */
+static void case_timeout_behind_data_fault(const harness_t* h) {
+  ep_group_config_t cfg = small_config(h);
+  cfg.timeout_seconds = 1.0;
+  ep_group_t g = NULL;
+  ep_status_t st = harness_group_create(h, &cfg, &g);
+  CHECK(st == EP_STATUS_SUCCESS, "create: %s", ep_last_error(NULL));
+  if (st != EP_STATUS_SUCCESS) return;
+  cudaStream_t stream;
+  cudaStreamCreate(&stream);
+  int64_t* topk = NULL;
+  int *per_rank = NULL, *per_expert = NULL;
+  uint8_t* in_rank = NULL;
+  cudaMalloc((void**)&topk, sizeof(int64_t));
+  cudaMalloc((void**)&per_rank, sizeof(int) * (size_t)h->num_ranks);
+  cudaMalloc((void**)&per_expert, sizeof(int) * (size_t)cfg.num_experts);
+  cudaMalloc((void**)&in_rank, (size_t)h->num_ranks);
+  const int64_t bad = -5;
+  cudaMemcpy(topk, &bad, sizeof(bad), cudaMemcpyHostToDevice);
+  ep_layout_args_t la = EP_LAYOUT_ARGS_INIT;
+  la.topk_idx = topk;
+  la.num_tokens = 1;
+  la.num_topk = 1;
+  la.num_experts = cfg.num_experts;
+  la.num_tokens_per_rank = per_rank;
+  la.num_tokens_per_expert = per_expert;
+  la.is_token_in_rank = in_rank;
+  CHECK(ep_get_dispatch_layout(g, &la, stream) == EP_STATUS_SUCCESS, "layout: %s", ep_last_error(g));
+  cudaStreamSynchronize(stream); /* the data fault is in the word, unread */
+  const int absent = h->num_ranks - 1;
+  char want[64];
+  snprintf(want, sizeof(want), "waiting for rank %d", absent);
+  if (h->rank != absent) {
+    double t0 = now_s();
+    st = ep_group_check(g, stream);
+    CHECK(st == EP_STATUS_TIMEOUT && strstr(ep_last_error(g), want) != NULL,
+          "check behind a data fault with rank %d away gave %s (%s)", absent, ep_status_string(st), ep_last_error(g));
+    printf("rank %d: timeout behind an unread data fault: %s in %.3f s\n", h->rank, ep_status_string(st), now_s() - t0);
+  }
+  harness_barrier(h, "timed_out_behind_data");
+  if (h->rank == absent) {
+    st = ep_group_check(g, stream);
+    CHECK(st == EP_STATUS_SUCCESS, "late check gave %s (%s)", ep_status_string(st), ep_last_error(g));
+  }
+  cudaFree(topk);
+  cudaFree(per_rank);
+  cudaFree(per_expert);
+  cudaFree(in_rank);
+  cudaStreamDestroy(stream);
+  ep_group_destroy(g);
+}
+
 int main(void) {
   harness_t h;
   int rc = harness_init(&h);
@@ -138,5 +211,6 @@ int main(void) {
   }
   case_config_disagreement(&h);
   case_use_after_destroy(&h);
+  case_timeout_behind_data_fault(&h);
   return TEST_RESULT();
 }

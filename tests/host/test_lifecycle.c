@@ -292,6 +292,51 @@ static void test_launchable_configs(void) {
   (void)destroy_host_group(g);
 }
 
+/* A data fault (a bad expert index) made a rank's next call return it without launching; when that call was
+ * collective, the peers waited for the rank until their time budget ran out. Collective calls now leave a data fault
+ * pending (ep_get_async_error and the next local call report it) and go on; fatal faults still end them. */
+static void test_data_fault_does_not_skip_collectives(void) {
+  ep_group_t g = new_host_group();
+  const uintptr_t base = 0x10000;
+  struct ep_handle handle;
+  memset(&handle, 0, sizeof(handle));
+  handle.group = g;
+  handle.prepared = true;
+  handle.num_tokens = 4;
+  handle.num_recv_host = -1;
+  CHECK(ep_live_add(&handle, EP_OBJECT_HANDLE), "registering the handle");
+  ep_combine_args_t ca = EP_COMBINE_ARGS_INIT;
+  ca.x = (const void*)base;
+  ca.hidden = 128;
+  ca.combined_x = (void*)base;
+
+  memset(&g_error_word, 0, sizeof(g_error_word));
+  g_error_word.code = EP_FAULT_BAD_EXPERT;
+  g_error_word.value0 = 5;
+  g_error_word.value1 = 999;
+  ep_status_t st = ep_combine(g, &handle, &ca, 0); /* no device here: it gets as far as its first CUDA call */
+  CHECK(st != EP_STATUS_DEVICE_ERROR, "a collective call returned the pending data fault instead of running: %s",
+        ep_last_error(g));
+  CHECK(g_error_word.code == EP_FAULT_BAD_EXPERT, "the collective call consumed the data fault");
+  ep_status_t async_st = EP_STATUS_SUCCESS;
+  CHECK(ep_get_async_error(g, &async_st) == EP_STATUS_SUCCESS && async_st == EP_STATUS_DEVICE_ERROR,
+        "ep_get_async_error after it: %s", ep_status_string(async_st));
+  CHECK(strstr(ep_last_error(g), "token 5 holds expert 999") != NULL, "message: %s", ep_last_error(g));
+  CHECK(g_error_word.code == EP_FAULT_NONE && !g->failed, "the data fault was not cleared, or failed the group");
+
+  g_error_word.code = EP_FAULT_BAD_EXPERT; /* a local call reports it at entry, as before */
+  g_error_word.value1 = 999;
+  size_t bytes;
+  EXPECT_FAIL(ep_handle_memory_bytes(g, &bytes), g, EP_STATUS_DEVICE_ERROR, "holds expert 999");
+
+  g_error_word.code = EP_FAULT_TIMEOUT; /* a fatal fault ends collective calls too */
+  g_error_word.peer = 2;
+  EXPECT_FAIL(ep_combine(g, &handle, &ca, 0), g, EP_STATUS_TIMEOUT, "waiting for rank 2");
+  memset(&g_error_word, 0, sizeof(g_error_word));
+  ep_live_remove(&handle);
+  (void)destroy_host_group(g);
+}
+
 int main(void) {
   test_use_after_destroy();
   test_first_fatal_message_kept();
@@ -301,6 +346,7 @@ int main(void) {
   test_ll_clean_abandons_pending_receive();
   test_config_agreement();
   test_launchable_configs();
+  test_data_fault_does_not_skip_collectives();
   printf("test_lifecycle: %d failed checks\n", g_check_failures);
   return TEST_RESULT();
 }
