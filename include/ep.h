@@ -39,11 +39,10 @@
  *    next local call (layout, handle creation, ...), or by the eager prepare whose own kernel met it (after the
  *    kernel ran on every rank). The group keeps working.
  *  - Fatal faults (EP_STATUS_TIMEOUT, a corrupted transfer) outrank data faults: one is recorded over an unread
- *    data fault, and every call after it reports it. `ep_get_async_error()` reads the word without making a call. A
- * fatal fault (a timeout, a corrupted transfer) fails the group; every later call but ep_group_destroy returns
- * EP_STATUS_INVALID_USAGE with the message
- * "<call>: the group failed earlier: <the first fatal fault's message>", so that the origin (peer, wait site,
- * cause) stays readable for the group's life whatever was called since.
+ *    data fault. The next call reports it and fails the group: every later call but ep_group_destroy returns
+ *    EP_STATUS_INVALID_USAGE with "<call>: the group failed earlier: <the first fatal fault's message>", so that
+ *    the origin (peer, wait site, cause) stays readable for the group's life whatever was called since.
+ * `ep_get_async_error()` reads the word without making a call.
  */
 #ifndef EP_H
 #define EP_H
