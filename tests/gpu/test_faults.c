@@ -114,6 +114,48 @@ static void case_use_after_destroy(const harness_t* h) {
   printf("rank %d: bad expert id in an eager prepare on rank 0: %s, then group check ok\n", h->rank,
          ep_status_string(st));
 
+  /* A bad id in an LL dispatch on rank 0 only: treated as -1 there (the token still reaches expert 0), reported to
+   * rank 0 alone by ep_get_async_error, and every rank's dispatch ran: expert 0 (on rank 0) got one row per rank. */
+  {
+    const int E = cfg.num_experts, E_loc = E / h->num_ranks, T = cfg.ll_max_tokens_per_rank, H = cfg.hidden;
+    void *x = NULL, *recv_x = NULL;
+    int* recv_count = NULL;
+    cudaMalloc(&x, sizeof(uint16_t) * (size_t)H);
+    cudaMemset(x, 0, sizeof(uint16_t) * (size_t)H);
+    cudaMalloc(&recv_x, sizeof(uint16_t) * (size_t)E_loc * (size_t)(h->num_ranks * T) * (size_t)H);
+    cudaMalloc((void**)&recv_count, sizeof(int) * (size_t)E_loc);
+    const int64_t ll_ids[2] = {0, h->rank == 0 ? E + 3 : 1};
+    cudaMemcpy(topk, ll_ids, sizeof(ll_ids), cudaMemcpyHostToDevice);
+    ep_ll_dispatch_args_t da = EP_LL_DISPATCH_ARGS_INIT;
+    da.x = x;
+    da.num_tokens = 1;
+    da.hidden = H;
+    da.topk_idx = topk;
+    da.num_topk = 2;
+    da.num_experts = E;
+    da.max_tokens_per_rank = T;
+    da.recv_dtype = EP_BF16;
+    da.recv_x = recv_x;
+    da.recv_count = recv_count;
+    st = ep_ll_dispatch(g, ll, &da, stream);
+    CHECK(st == EP_STATUS_SUCCESS, "LL dispatch with a bad id on rank 0: %s (%s)", ep_status_string(st),
+          ep_last_error(g));
+    cudaStreamSynchronize(stream);
+    ep_get_async_error(g, &async_st);
+    CHECK(async_st == (h->rank == 0 ? EP_STATUS_DEVICE_ERROR : EP_STATUS_SUCCESS), "LL bad id reported as %s",
+          ep_status_string(async_st));
+    int count0 = -1;
+    cudaMemcpy(&count0, recv_count, sizeof(int), cudaMemcpyDeviceToHost);
+    if (h->rank == 0) CHECK(count0 == h->num_ranks, "expert 0 received %d rows, want %d", count0, h->num_ranks);
+    CHECK(ep_ll_clean(g, stream) == EP_STATUS_SUCCESS, "LL clean after the data fault: %s", ep_last_error(g));
+    CHECK(ep_group_check(g, stream) == EP_STATUS_SUCCESS, "group check after the LL data fault: %s", ep_last_error(g));
+    printf("rank %d: bad expert id in an LL dispatch on rank 0: %s, expert 0 rows %d\n", h->rank,
+           ep_status_string(async_st), count0);
+    cudaFree(x);
+    cudaFree(recv_x);
+    cudaFree(recv_count);
+  }
+
   /* Two layout calls overlapping on two streams would share the group's scratch: the second is refused while the
    * first waits behind a 200 ms host function, and runs once the first is done. */
   const int64_t good[2] = {0, 1};
