@@ -241,10 +241,11 @@ EP_API const char* ep_last_error(ep_group_t group);
 
 /* Read the group's device error word without launching anything: EP_STATUS_SUCCESS, or the fault a kernel
  * recorded (EP_STATUS_DEVICE_ERROR, EP_STATUS_TIMEOUT, ...), with its message in ep_last_error(). Reading it
- * reports it, as the next call would have: a data fault (bad expert index, receive overflow) is then cleared;
- * a timeout leaves the group failed, and every later call but ep_group_destroy returns EP_STATUS_INVALID_USAGE
- * (then *async_status is EP_STATUS_INVALID_USAGE too). Only kernels that have finished are seen; synchronise the
- * stream first to see a given call's outcome.
+ * reports it, as the next local call would have: a data fault (bad expert index, receive overflow) is then cleared
+ * (collective calls leave data faults for this call to report); a timeout leaves the group failed, and every later
+ * call but ep_group_destroy returns EP_STATUS_INVALID_USAGE (then *async_status is EP_STATUS_INVALID_USAGE too,
+ * with the first fatal message). Only kernels that have finished are seen; synchronise the stream first to see a
+ * given call's outcome.
  *   async_status [OUT]
  * Collective: no. Allocates: no. Graph-capturable: no. */
 EP_API ep_status_t ep_get_async_error(ep_group_t group, ep_status_t* async_status);
