@@ -344,6 +344,7 @@ _PROTOTYPES = {
     "ep_get_unique_id": (_S, [_P(UniqueId)]),
     "ep_group_create": (_S, [_P(_ptr), _P(UniqueId), _int, _int, _int, _P(GroupConfig)]),
     "ep_group_destroy": (_S, [_ptr]),
+    "ep_group_abort": (_S, [_ptr]),
     "ep_group_get_info": (_S, [_ptr, _P(GroupInfo)]),
     "ep_last_error": (ctypes.c_char_p, [_ptr]),
     "ep_get_async_error": (_S, [_ptr, _P(ctypes.c_int)]),

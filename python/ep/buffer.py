@@ -299,6 +299,20 @@ class Buffer(NormalPath, LowLatencyPath, metaclass=_BufferType):
                 self._lib.ep_ll_handle_destroy(self._ll_slots.pop())
             _capi.check(self._lib.ep_group_destroy(ptr), None)
 
+    def abort(self):
+        """Tear the group down locally (ep_group_abort): not collective, waits for no peer and not for the device,
+        so it returns promptly after a fatal fault (a timeout naming a peer that is gone). Later calls on the
+        Buffer raise, and this process cannot create another Buffer (NVSHMEM's shutdown needs every peer): restart
+        it. Idempotent; after destroy() it does nothing."""
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
+        ptr, self._group_ptr = self._group_ptr, None
+        if ptr is not None:
+            self._views.clear()
+            self._ll_slots.clear()  # orphans of the aborted group: freeing their device memory would wait
+            _capi.check(self._lib.ep_group_abort(ptr), None)
+
     def _alive(self, fn):
         """The group pointer; RuntimeError once the Buffer was destroyed."""
         if self._group_ptr is None:

@@ -171,6 +171,9 @@ ep_status_t ep_check_launchable(ep_group_t g, size_t smem_per_block) {
   return EP_STATUS_SUCCESS;
 }
 
+/* An aborted group left NVSHMEM initialised: its free and finalize are collective, and abort waits for no peer. */
+static bool g_substrate_abandoned;
+
 static void free_group(ep_group_t g) {
   if (!g) return;
   if (g->peer_bases_dev) cudaFree(g->peer_bases_dev);
@@ -205,6 +208,11 @@ ep_status_t ep_group_create(ep_group_t* group, const ep_unique_id_t* unique_id, 
   ep_group_config_t cfg = EP_GROUP_CONFIG_INIT;
   if (config) cfg = *config;
   EP_TRY(check_config(&cfg, num_ranks));
+  if (g_substrate_abandoned)
+    return ep_fail(NULL, EP_STATUS_INVALID_USAGE,
+                   "%s: a group of this process was aborted (ep_group_abort) and NVSHMEM, whose shutdown needs every "
+                   "peer, is still initialised; a new group needs a new process",
+                   fn);
   if (ep_tp_is_initialized())
     return ep_fail(NULL, EP_STATUS_INVALID_USAGE, "%s: a group already exists in this process; destroy it first",
                    fn);
@@ -368,6 +376,24 @@ ep_status_t ep_group_destroy(ep_group_t group) {
   if (ep_tp_is_initialized()) ep_tp_barrier_all();
   free_group(group);
   if (ce != cudaSuccess) return ep_fail_cuda(NULL, ce, "ep_group_destroy: synchronising the device");
+  return EP_STATUS_SUCCESS;
+}
+
+ep_status_t ep_group_abort(ep_group_t group) {
+  const char* fn = "ep_group_abort";
+  if (!group) return EP_STATUS_SUCCESS;
+  EP_CALL_SCOPE();
+  EP_TRY(ep_check_live_group(group, fn));
+  EP_TRY(ep_take_group(group, fn));
+  ep_call_scope_release(group);
+  ep_live_remove(group);
+  ep_live_orphan_handles(group);
+  /* Nothing here waits, for a peer or for the device: a kernel still waiting on a peer ends within the time budget
+   * and may write the error word and the group's buffers until then. So device memory, the pinned error word and
+   * NVSHMEM are left as they are (the process gets them back when it exits); only host memory is freed. */
+  g_substrate_abandoned = true;
+  free(group->peer_bases);
+  free(group);
   return EP_STATUS_SUCCESS;
 }
 

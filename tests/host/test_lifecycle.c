@@ -337,6 +337,26 @@ static void test_data_fault_does_not_skip_collectives(void) {
   (void)destroy_host_group(g);
 }
 
+/* ep_group_abort: a local teardown that needs no peer. The group and its handles are gone as after destroy, and the
+ * process says plainly that it cannot make another group. Last in main: it marks the process. */
+static void test_abort(void) {
+  ep_group_t g = new_host_group();
+  struct ep_ll_handle* ll = (struct ep_ll_handle*)calloc(1, sizeof(struct ep_ll_handle));
+  ll->group = g;
+  CHECK(ep_live_add(ll, EP_OBJECT_LL_HANDLE), "registering the LL handle");
+  CHECK(ep_group_abort(NULL) == EP_STATUS_SUCCESS, "abort(NULL) is a no-op");
+  CHECK(ep_group_abort(g) == EP_STATUS_SUCCESS, "abort: %s", ep_last_error(NULL));
+  EXPECT_FAIL(ep_group_abort(g), NULL, EP_STATUS_INVALID_USAGE, "not a live group");
+  EXPECT_FAIL(ep_group_destroy(g), NULL, EP_STATUS_INVALID_USAGE, "not a live group");
+  CHECK(ep_ll_handle_destroy(ll) == EP_STATUS_SUCCESS, "orphan of an aborted group: %s", ep_last_error(NULL));
+  ep_unique_id_t id;
+  memset(&id, 0, sizeof(id));
+  ep_group_t again = NULL;
+  EXPECT_FAIL(ep_group_create(&again, &id, 0, 2, 0, NULL), NULL, EP_STATUS_INVALID_USAGE,
+              "a new group needs a new "
+              "process");
+}
+
 int main(void) {
   test_use_after_destroy();
   test_first_fatal_message_kept();
@@ -347,6 +367,7 @@ int main(void) {
   test_config_agreement();
   test_launchable_configs();
   test_data_fault_does_not_skip_collectives();
+  test_abort();
   printf("test_lifecycle: %d failed checks\n", g_check_failures);
   return TEST_RESULT();
 }
