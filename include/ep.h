@@ -15,11 +15,34 @@
  *    from another version of this header, or an uninitialised one, is rejected instead of misread.
  *  - Doc blocks end with: Collective (every rank of the group must make the call), Allocates (device or host
  *    memory), Graph-capturable (may be recorded into a CUDA graph).
+ *  - Typed device pointers are naturally aligned (int64: 8 bytes, fp32 and int32: 4); a misaligned one is refused
+ *    with EP_STATUS_INVALID_ARGUMENT naming it (it would otherwise kill the CUDA context).
+ *
+ * Threads: the calls on one group (and on its handles) come from one thread at a time; any thread may make them,
+ * in turn. A call made while another thread is inside a call on the same group returns EP_STATUS_INVALID_USAGE
+ * naming the call in progress (its message is in ep_last_error(NULL), the calling thread's: the group's message
+ * belongs to the call in progress). Calls that take no group (ep_status_string, ep_get_version, ep_get_limits,
+ * ep_get_unique_id, ep_ll_buffer_size_hint) may be made from any thread at any time.
+ *
+ * Lifetimes: handles are made after their group and destroyed before or after it. ep_group_destroy orphans the
+ * group's handles: an orphan can only be destroyed (ep_handle_destroy / ep_ll_handle_destroy, which then free its
+ * memory without waiting on anything). A destroyed group or handle, destroyed again or passed to any call, is
+ * EP_STATUS_INVALID_USAGE ("not a live group"), never a use of freed memory; ep_last_error() of a destroyed group
+ * is the thread's message.
  *
  * Device-side faults are not lost: a kernel that sees bad data (an expert index out of range) or whose wait on
- * a peer runs out of its time budget records it in the group's error word, stops, and the next call on the
- * group returns that status (`EP_STATUS_DEVICE_ERROR` or `EP_STATUS_TIMEOUT`) with a message naming the token
- * or the peer. `ep_get_async_error()` reads the word without making a call.
+ * a peer runs out of its time budget records it in the group's error word with a message naming the token or the
+ * peer. Two classes:
+ *  - Data faults (EP_STATUS_DEVICE_ERROR: a bad expert index, a graph-safe receive past its bound) belong to the
+ *    rank that made them. A collective call never skips its work for one (its peers would wait for it until their
+ *    budget ran out): it leaves the fault pending and runs. The fault is reported by ep_get_async_error(), by the
+ *    next local call (layout, handle creation, ...), or by the eager prepare whose own kernel met it (after the
+ *    kernel ran on every rank). The group keeps working.
+ *  - Fatal faults (EP_STATUS_TIMEOUT, a corrupted transfer) outrank data faults: one is recorded over an unread
+ *    data fault. The next call reports it and fails the group: every later call but ep_group_destroy returns
+ *    EP_STATUS_INVALID_USAGE with "<call>: the group failed earlier: <the first fatal fault's message>", so that
+ *    the origin (peer, wait site, cause) stays readable for the group's life whatever was called since.
+ * `ep_get_async_error()` reads the word without making a call.
  */
 #ifndef EP_H
 #define EP_H
@@ -85,6 +108,7 @@ EP_API ep_status_t ep_get_version(int* version);
 #define EP_DEFAULT_NUM_SMS 24            /* SMs of a normal dispatch or combine when config.num_sms is 0; the other
                                             SMs stay free for the compute that overlaps the communication */
 #define EP_MAX_TIMEOUT_SECONDS 3600      /* config.timeout_seconds */
+#define EP_MIN_TIMEOUT_SECONDS 0.001     /* config.timeout_seconds: a shorter budget ends waits a launch's time takes */
 
 /* The limits above, as the loaded libep.so has them. `size` comes first so that the struct can grow: set it with
  * EP_LIMITS_INIT; a size this library does not know is rejected (EP_STATUS_INVALID_ARGUMENT) instead of being
@@ -157,7 +181,8 @@ typedef struct ep_group_config {
   int max_sms;                 /* SMs any kernel of the group may occupy at once; 0 = all the device reports (a CUDA
                                   MPS limit lowers that). The low-latency kernels use this many; normal-mode grids
                                   are clamped to it. Lower it to leave SMs to work that overlaps the calls */
-  double timeout_seconds;      /* budget of every device-side wait on a peer, in seconds (> 0) */
+  double timeout_seconds;      /* budget of every device-side wait on a peer, in seconds, in
+                                  [EP_MIN_TIMEOUT_SECONDS, EP_MAX_TIMEOUT_SECONDS] */
 } ep_group_config_t;
 
 #define EP_GROUP_CONFIG_INIT \
@@ -199,10 +224,22 @@ EP_API ep_status_t ep_get_unique_id(ep_unique_id_t* unique_id);
 EP_API ep_status_t ep_group_create(ep_group_t* group, const ep_unique_id_t* unique_id, int rank, int num_ranks,
                             int cuda_device, const ep_group_config_t* config);
 
-/* Free everything the group owns and shut NVSHMEM down. Waits for the group's device work to finish.
+/* Free everything the group owns and shut NVSHMEM down. Waits for the group's device work to finish. The group's
+ * handles that are still alive become orphans (see Lifetimes above); a group destroyed already is
+ * EP_STATUS_INVALID_USAGE, as is a destroy while another thread is inside a call on the group.
  *   group  [IN] may be NULL (then nothing happens)
  * Collective: yes. Allocates: no. Graph-capturable: no. */
 EP_API ep_status_t ep_group_destroy(ep_group_t group);
+
+/* Tear the group down locally, without any peer and without waiting for the device, as after a fatal fault (a peer
+ * that is gone would leave ep_group_destroy waiting in NVSHMEM's collective shutdown). The group's handles become
+ * orphans (destroy them, or leave them to the process's exit). Host memory is freed; device memory, the pinned
+ * error word and NVSHMEM are left as they are (kernels still waiting on a peer end within the time budget, and
+ * NVSHMEM's shutdown is collective), so after an abort this process cannot create another group: ep_group_create says
+ * so. Restart the process (every rank, or the survivors with a new unique id) to make a new group. group  [IN] may be
+ * NULL (then nothing happens); destroyed or aborted already: EP_STATUS_INVALID_USAGE Collective: no. Allocates: no.
+ * Graph-capturable: no. Any thread, but not while another is inside a call on it. */
+EP_API ep_status_t ep_group_abort(ep_group_t group);
 
 /* Facts about the group (rank, nodes, NVLink peers, heap size).
  * Collective: no. Allocates: no. Graph-capturable: yes (host only). */
@@ -214,10 +251,11 @@ EP_API const char* ep_last_error(ep_group_t group);
 
 /* Read the group's device error word without launching anything: EP_STATUS_SUCCESS, or the fault a kernel
  * recorded (EP_STATUS_DEVICE_ERROR, EP_STATUS_TIMEOUT, ...), with its message in ep_last_error(). Reading it
- * reports it, as the next call would have: a data fault (bad expert index, receive overflow) is then cleared;
- * a timeout leaves the group failed, and every later call but ep_group_destroy returns EP_STATUS_INVALID_USAGE
- * (then *async_status is EP_STATUS_INVALID_USAGE too). Only kernels that have finished are seen; synchronise the
- * stream first to see a given call's outcome.
+ * reports it, as the next local call would have: a data fault (bad expert index, receive overflow) is then cleared
+ * (collective calls leave data faults for this call to report); a timeout leaves the group failed, and every later
+ * call but ep_group_destroy returns EP_STATUS_INVALID_USAGE (then *async_status is EP_STATUS_INVALID_USAGE too,
+ * with the first fatal message). Only kernels that have finished are seen; synchronise the stream first to see a
+ * given call's outcome.
  *   async_status [OUT]
  * Collective: no. Allocates: no. Graph-capturable: no. */
 EP_API ep_status_t ep_get_async_error(ep_group_t group, ep_status_t* async_status);
@@ -238,7 +276,7 @@ typedef struct ep_layout_args {
   uint32_t size;                /* sizeof(ep_layout_args_t) */
   uint32_t magic;               /* EP_LAYOUT_ARGS_MAGIC */
   const int64_t* topk_idx;      /* [IN]  [num_tokens, num_topk] int64 device; -1 = no expert */
-  int num_tokens;               /* >= 0; 0 is allowed (all outputs become zero) */
+  int num_tokens;               /* >= 0; 0 is allowed (all outputs become zero); num_tokens * num_topk <= 2^30 */
   int num_topk;                 /* 1..32 */
   int num_experts;              /* multiple of the group's num_ranks */
   int* num_tokens_per_rank;     /* [OUT] [num_ranks] int32 device: tokens with >= 1 expert on that rank */
@@ -254,7 +292,10 @@ typedef struct ep_layout_args {
  * A token counts once per rank, node and expert, even when several of its experts live on one rank or its
  * top-k names one expert twice. An index outside
  * [-1, num_experts) is not counted: it is recorded in the group's error word and the next call returns
- * EP_STATUS_DEVICE_ERROR naming the token. Local: no data leaves this GPU.
+ * EP_STATUS_DEVICE_ERROR naming the token (the next local call, or ep_get_async_error: a collective call leaves it
+ * pending). Local: no data leaves this GPU. The group's scratch serves one layout
+ * call at a time: a call while an earlier one still runs on another stream is EP_STATUS_INVALID_USAGE (order
+ * them; captured calls are ordered by the caller).
  * Collective: no. Allocates: no. Graph-capturable: yes. */
 EP_API ep_status_t ep_get_dispatch_layout(ep_group_t group, const ep_layout_args_t* args, cudaStream_t stream);
 
@@ -322,7 +363,8 @@ typedef struct ep_dispatch_prepare_args {
 
 /* Agree on the routing of the next dispatch and store it in `handle` (the handle's previous routing is replaced).
  * Exchanges per-destination and per-expert counts with every rank over NVLink. An expert index outside
- * [-1, num_experts) is reported as EP_STATUS_DEVICE_ERROR by the next call and that token is not sent.
+ * [-1, num_experts) is a data fault (see the top of this header): that token is not sent; the eager form returns
+ * EP_STATUS_DEVICE_ERROR once its kernel has run on every rank.
  * Collective: yes. Allocates: no. Graph-capturable: yes in the graph-safe form (num_recv_tokens == NULL);
  * the eager form waits on the host. */
 EP_API ep_status_t ep_dispatch_prepare(ep_group_t group, ep_handle_t handle, const ep_dispatch_prepare_args_t* args,
@@ -358,7 +400,8 @@ typedef struct ep_dispatch_args {
     NULL, NULL, NULL, NULL, 0 }
 
 /* Move rows to the ranks that hold their experts, along the handle's routing. More received rows than
- * recv_capacity is reported as EP_STATUS_DEVICE_ERROR by the next call (the extra rows are dropped).
+ * recv_capacity is a data fault (EP_STATUS_DEVICE_ERROR from ep_get_async_error or the next local call; the extra
+ * rows are dropped).
  * Collective: yes. Allocates: no. Graph-capturable: yes. */
 EP_API ep_status_t ep_dispatch(ep_group_t group, ep_handle_t handle, const ep_dispatch_args_t* args,
                                cudaStream_t stream);
@@ -477,7 +520,7 @@ typedef struct ep_ll_dispatch_args {
  * to this rank's experts, into recv_x / recv_x_scales / recv_count; the handle keeps the routing for the
  * combine. FP8 cast per 128 channels: scale = max(amax, 1e-4) / 448 (rounded up to a power of two with
  * round_scale), q = e4m3(x * (1 / scale)) with saturation. An expert index outside [-1, num_experts) is
- * treated as -1 and reported as EP_STATUS_DEVICE_ERROR by the next call.
+ * treated as -1 and is a data fault (EP_STATUS_DEVICE_ERROR from ep_get_async_error or the next local call).
  * Collective: yes. Allocates: no. Graph-capturable: yes. */
 EP_API ep_status_t ep_ll_dispatch(ep_group_t group, ep_ll_handle_t handle, const ep_ll_dispatch_args_t* args,
                                   cudaStream_t stream);
@@ -539,8 +582,11 @@ EP_API ep_status_t ep_ll_combine_recv(ep_group_t group, ep_ll_handle_t handle, c
 
 /* Zero the LL buffer's signals and acknowledgements in both halves and restart its call counters, so that the
  * next LL call starts from a known state (DeepEP's clean_low_latency_buffer). Shapes up to the config's may change
- * between calls without it. No LL call may be in flight on any rank, and no receive phase may be pending. Synchronises `stream` and
- * the device, then waits for every rank (host barrier).
+ * between calls without it. No LL call may be in flight on any rank. A receive phase still pending (a send made with
+ * return_after_send = 1 whose ep_ll_dispatch_recv / ep_ll_combine_recv never ran, e.g. a dropped hook) is
+ * abandoned: its sends have landed by the clean's barrier, the signals it would wait for are zeroed, and its
+ * handle no longer reports it pending (its receive call then returns EP_STATUS_INVALID_USAGE). Synchronises
+ * `stream` and the device, then waits for every rank (host barrier).
  * Collective: yes. Allocates: no. Graph-capturable: no. */
 EP_API ep_status_t ep_ll_clean(ep_group_t group, cudaStream_t stream);
 

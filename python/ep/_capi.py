@@ -85,11 +85,42 @@ class EpError(RuntimeError):
 _u32, _int, _dbl, _size, _ptr = ctypes.c_uint32, ctypes.c_int, ctypes.c_double, ctypes.c_size_t, ctypes.c_void_p
 
 
+# ctypes stores an int into a C int field or argument modulo 2^32 without a word (2**32 + 1 becomes 1): every int
+# that reaches C through this module is range-checked first, with an error naming the field or argument.
+_INT_RANGES = {
+    ctypes.c_int: (-2**31, 2**31 - 1),
+    ctypes.c_uint32: (0, 2**32 - 1),
+    ctypes.c_size_t: (0, 2**(8 * ctypes.sizeof(ctypes.c_size_t)) - 1),
+    ctypes.c_void_p: (0, 2**(8 * ctypes.sizeof(ctypes.c_void_p)) - 1),
+}
+
+
+def c_int_range(ctype, where, value):
+    """Raise OverflowError naming `where` unless an int `value` fits C type `ctype` (other values pass through to
+    ctypes, which rejects wrong kinds with its own TypeError)."""
+    bounds = _INT_RANGES.get(ctype)
+    if bounds and isinstance(value, int) and not bounds[0] <= value <= bounds[1]:
+        raise OverflowError(f"{where} is {value}; it must fit a C {ctype.__name__[2:]} "
+                            f"([{bounds[0]}, {bounds[1]}])")
+    return value
+
+
+class _Checked(ctypes.Structure):
+    """A struct whose int fields refuse values their C type cannot hold."""
+
+    def __setattr__(self, name, value):
+        for field, ctype in type(self)._fields_:
+            if field == name:
+                c_int_range(ctype, f"{type(self).__name__}.{name}", value)
+                break
+        super().__setattr__(name, value)
+
+
 class UniqueId(ctypes.Structure):
     _fields_ = [("bytes", ctypes.c_ubyte * EP_UNIQUE_ID_BYTES)]
 
 
-class _Args(ctypes.Structure):
+class _Args(_Checked):
     """Base of the size/magic-headed argument structs: `init()` gives the struct its _INIT macro's values."""
 
     _MAGIC = 0
@@ -107,7 +138,7 @@ class _Args(ctypes.Structure):
         return s
 
 
-class _Sized(ctypes.Structure):
+class _Sized(_Checked):
     """Base of the structs the library fills that open with a `size` field only: `init()` is their _INIT macro."""
 
     @classmethod
@@ -162,7 +193,7 @@ class GroupConfig(_Args):
                      ll_max_tokens_per_rank=0, num_sms=0, max_sms=0, timeout_seconds=20.0)
 
 
-class GroupInfo(ctypes.Structure):
+class GroupInfo(_Checked):
     _fields_ = [
         ("rank", _int),
         ("num_ranks", _int),
@@ -313,6 +344,7 @@ _PROTOTYPES = {
     "ep_get_unique_id": (_S, [_P(UniqueId)]),
     "ep_group_create": (_S, [_P(_ptr), _P(UniqueId), _int, _int, _int, _P(GroupConfig)]),
     "ep_group_destroy": (_S, [_ptr]),
+    "ep_group_abort": (_S, [_ptr]),
     "ep_group_get_info": (_S, [_ptr, _P(GroupInfo)]),
     "ep_last_error": (ctypes.c_char_p, [_ptr]),
     "ep_get_async_error": (_S, [_ptr, _P(ctypes.c_int)]),
@@ -403,6 +435,19 @@ def _open(path):
             preloaded += more
 
 
+def _range_checked(name, fn, argtypes):
+    """`fn` behind a range check of its int arguments (only functions with plain int arguments get one; none of
+    them is on a hot path). Pointer arguments pass as they are."""
+    def call(*args):
+        for i, (t, v) in enumerate(zip(argtypes, args)):
+            if t is not _ptr:
+                c_int_range(t, f"{name}: argument {i + 1}", v)
+        return fn(*args)
+    call.__name__ = name
+    call.argtypes, call.restype = fn.argtypes, fn.restype
+    return call
+
+
 def _version_str(code):
     """'0.1.0' for EP_VERSION_CODE 100."""
     return f"{code // 10000}.{code // 100 % 100}.{code % 100}"
@@ -440,6 +485,8 @@ def load():
                 fn = getattr(lib, name)
                 fn.restype = restype
                 fn.argtypes = argtypes
+                if any(t in _INT_RANGES and t is not _ptr for t in argtypes):
+                    setattr(lib, name, _range_checked(name, fn, argtypes))
             version = ctypes.c_int(-1)
             lib.ep_get_version(ctypes.byref(version))
             if version.value != EP_VERSION_CODE:

@@ -22,10 +22,16 @@ def require_torch(what):
     return _torch
 
 
-def int_arg(fn, name, value, lo, hi=None, hint=None):
-    """`value` as an int in [lo, hi] (hi None: no upper bound); `hint` says how to raise the bound."""
+C_INT_MAX = 2**31 - 1
+
+
+def int_arg(fn, name, value, lo, hi=None, hint=None, c_int=True):
+    """`value` as an int in [lo, hi]; `hint` says how to raise the bound. hi None: at most C_INT_MAX when the value
+    goes to C as an int (c_int; ctypes would silently keep it modulo 2^32), else no upper bound."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{fn}: {name} must be an int, got {type(value).__name__} ({value!r})")
+    if hi is None and c_int:
+        hi, hint = C_INT_MAX, hint or "the library takes it as a C int"
     if value < lo or (hi is not None and value > hi):
         rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
         raise ValueError(f"{fn}: {name} is {value}; it must be {rng}" + (f" ({hint})" if hint else ""))

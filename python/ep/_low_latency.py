@@ -24,7 +24,11 @@ def _not_yet(name):
 
 class RecvHook:
     """The receive phase of an LL call made with return_recv_hook=True: calling it launches the phase (once) on
-    the stream that was current at the call. Holds the call's tensors so that they outlive the phase."""
+    the stream that was current at the call. Holds the call's tensors so that they outlive the phase.
+
+    The hook counts as used only once the launch succeeded: one that raised (e.g. a busy group, a CUDA error) may
+    be called again. A hook that is never called (dropped, or failing for good) leaves its receive phase pending;
+    `Buffer.clean_low_latency_buffer()` on every rank abandons it and frees the LL path."""
 
     def __init__(self, what, run, keep):
         self._what = what
@@ -34,11 +38,8 @@ class RecvHook:
     def __call__(self):
         if self._run is None:
             raise RuntimeError(f"the receive hook of {self._what} was already called (it runs once)")
-        run, self._run = self._run, None
-        try:
-            run()
-        finally:
-            self._keep = None
+        self._run()
+        self._run = self._keep = None
 
     def __repr__(self):
         return f"<receive hook of {self._what}{' (called)' if self._run is None else ''}>"
@@ -313,8 +314,9 @@ class LowLatencyPath:
 
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank, hidden, num_experts):
         """Zero the LL buffer's signals in both halves and restart its turn-taking (collective; synchronises the
-        device and waits for every rank; not capturable). No LL receive hook may be outstanding. Every
-        LowLatencyHandle made before becomes stale. The arguments are checked against the Buffer's hints (ep's
+        device and waits for every rank; not capturable). A receive hook still outstanding (dropped, or failed)
+        is abandoned: its phase never runs, and calling it after the clean raises. Every LowLatencyHandle made
+        before becomes stale. The arguments are checked against the Buffer's hints (ep's
         buffer serves every shape up to them, so a clean is not needed to change shape)."""
         fn = "clean_low_latency_buffer"
         g = self._ll_alive(fn)

@@ -192,7 +192,7 @@ class Buffer(NormalPath, LowLatencyPath, metaclass=_BufferType):
             raise ValueError(f"{fn}: timeout_seconds is {timeout_seconds!r}; it must be in "
                              f"(0, {limits.max_timeout_seconds}]")
         for name, v in (("num_nvl_bytes", num_nvl_bytes), ("num_rdma_bytes", num_rdma_bytes)):
-            int_arg(fn, name, v, 0)
+            int_arg(fn, name, v, 0, c_int=False)  # DeepEP's byte counts: taken, not passed to C
         if enable_shrink:
             raise NotImplementedError(f"{fn}: enable_shrink (masking failed ranks) is NOT YET SUPPORTED")
         low_latency_mode = bool(low_latency_mode)
@@ -298,6 +298,20 @@ class Buffer(NormalPath, LowLatencyPath, metaclass=_BufferType):
             while self._ll_slots:
                 self._lib.ep_ll_handle_destroy(self._ll_slots.pop())
             _capi.check(self._lib.ep_group_destroy(ptr), None)
+
+    def abort(self):
+        """Tear the group down locally (ep_group_abort): not collective, waits for no peer and not for the device,
+        so it returns promptly after a fatal fault (a timeout naming a peer that is gone). Later calls on the
+        Buffer raise, and this process cannot create another Buffer (NVSHMEM's shutdown needs every peer): restart
+        it. Idempotent; after destroy() it does nothing."""
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
+        ptr, self._group_ptr = self._group_ptr, None
+        if ptr is not None:
+            self._views.clear()
+            self._ll_slots.clear()  # orphans of the aborted group: freeing their device memory would wait
+            _capi.check(self._lib.ep_group_abort(ptr), None)
 
     def _alive(self, fn):
         """The group pointer; RuntimeError once the Buffer was destroyed."""

@@ -1,4 +1,5 @@
 /* group.c: group lifecycle (create, destroy, info) and the end-to-end self-check. */
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -74,17 +75,110 @@ static ep_status_t check_config(const ep_group_config_t* c, int num_ranks) {
   if (c->max_sms < 0 || c->max_sms > EP_MAX_SMS)
     return ep_fail(NULL, EP_STATUS_INVALID_ARGUMENT, "%s: config.max_sms is %d; it must be in [0, %d]", fn,
                    c->max_sms, EP_MAX_SMS);
-  if (!(c->timeout_seconds > 0.0) || c->timeout_seconds > EP_MAX_TIMEOUT_SECONDS)
+  if (!(c->timeout_seconds >= EP_MIN_TIMEOUT_SECONDS) || c->timeout_seconds > EP_MAX_TIMEOUT_SECONDS)
+    return ep_fail(NULL, EP_STATUS_INVALID_ARGUMENT, "%s: config.timeout_seconds is %g; it must be in [%g, %d]", fn,
+                   c->timeout_seconds, EP_MIN_TIMEOUT_SECONDS, EP_MAX_TIMEOUT_SECONDS);
+  const int num_nodes = c->ranks_per_node > 0 ? num_ranks / c->ranks_per_node : 1;
+  if (num_nodes > 1 && c->max_tokens_per_rank > EP_INTERNODE_MAX_TOKENS_PER_RANK)
     return ep_fail(NULL, EP_STATUS_INVALID_ARGUMENT,
-                   "%s: config.timeout_seconds is %g; it must be in (0, %d]", fn, c->timeout_seconds,
-                   EP_MAX_TIMEOUT_SECONDS);
+                   "%s: config.max_tokens_per_rank is %d; a group of %d nodes allows at most %d (the internode "
+                   "metadata packs a token index with an 8-bit rank mask in an int)",
+                   fn, c->max_tokens_per_rank, num_nodes, EP_INTERNODE_MAX_TOKENS_PER_RANK);
   return EP_STATUS_SUCCESS;
 }
+
+static const char* const k_agreed_fields[EP_CONFIG_RECORD_FIELDS] = {
+    "config.ranks_per_node",      "config.num_experts", "config.hidden",
+    "config.max_tokens_per_rank", "config.max_topk",    "config.ll_max_tokens_per_rank",
+    "symmetric workspace bytes"};
+
+/* num_sms, max_sms and timeout_seconds stay each rank's own: they size nothing another rank reads. */
+ep_config_record_t ep_config_record(ep_group_t g) {
+  const ep_group_config_t* c = &g->config;
+  ep_config_record_t r = {{g->ranks_per_node, c->num_experts, c->hidden, c->max_tokens_per_rank, c->max_topk,
+                           c->ll_max_tokens_per_rank, (int64_t)g->workspace_bytes}};
+  return r;
+}
+
+bool ep_config_agreement(const ep_config_record_t* records, int num_ranks, char* message, size_t message_bytes) {
+  for (int r = 1; r < num_ranks; ++r)
+    for (int f = 0; f < EP_CONFIG_RECORD_FIELDS; ++f)
+      if (records[r].value[f] != records[0].value[f]) {
+        snprintf(message, message_bytes,
+                 "the ranks disagree on the group config: rank %d has %s = %lld but rank 0 has %lld; every rank "
+                 "must pass the same shape hints",
+                 r, k_agreed_fields[f], (long long)records[r].value[f], (long long)records[0].value[f]);
+        return false;
+      }
+  return true;
+}
+
+/* Every rank puts its record into slot [rank] of a small symmetric table on every rank, so that after the barrier
+ * each holds the same table and reaches the same verdict: on a mismatch every rank fails create, naming the first
+ * rank and field that differ from rank 0's, before the workspace (whose size would differ) is allocated. */
+static ep_status_t check_config_agreement(ep_group_t g) {
+  const char* fn = "ep_group_create";
+  const size_t bytes = sizeof(ep_config_record_t) * (size_t)g->num_ranks;
+  ep_config_record_t* table = (ep_config_record_t*)ep_tp_calloc(bytes);
+  ep_config_record_t* host = (ep_config_record_t*)malloc(bytes);
+  if (!table || !host) {
+    ep_tp_free(table);
+    free(host);
+    return ep_fail(NULL, EP_STATUS_OUT_OF_MEMORY, "%s: allocating the config agreement table failed", fn);
+  }
+  const ep_config_record_t mine = ep_config_record(g);
+  cudaError_t ce = cudaMemcpy(&table[g->rank], &mine, sizeof(mine), cudaMemcpyHostToDevice);
+  if (ce == cudaSuccess)
+    for (int pe = 0; pe < g->num_ranks; ++pe)
+      if (pe != g->rank) ep_tp_put(&table[g->rank], &table[g->rank], sizeof(mine), pe);
+  ep_tp_barrier_all(); /* every rank arrives, failed copy or not: the others wait here */
+  if (ce == cudaSuccess) ce = cudaMemcpy(host, table, bytes, cudaMemcpyDeviceToHost);
+  ep_tp_free(table);
+  ep_status_t st = EP_STATUS_SUCCESS;
+  char message[EP_ERROR_MESSAGE_BYTES - 32];
+  if (ce != cudaSuccess) st = ep_fail_cuda(NULL, ce, "ep_group_create: exchanging the config");
+  else if (!ep_config_agreement(host, g->num_ranks, message, sizeof(message)))
+    st = ep_fail(NULL, EP_STATUS_INVALID_ARGUMENT, "%s: %s", fn, message);
+  free(host);
+  return st;
+}
+
+ep_status_t ep_check_launchable(ep_group_t g, size_t smem_per_block) {
+  const char* fn = "ep_group_create";
+  const ep_group_config_t* c = &g->config;
+  const size_t layout = ep_layout_smem_bytes(c->num_experts, g->num_ranks);
+  if (layout > smem_per_block)
+    return ep_fail(NULL, EP_STATUS_INVALID_ARGUMENT,
+                   "%s: config.num_experts is %d: the layout kernel would need %zu bytes of shared memory per block "
+                   "and the device allows %zu; lower config.num_experts",
+                   fn, c->num_experts, layout, smem_per_block);
+  if (c->ll_max_tokens_per_rank > 0) {
+    ep_ll_launch_t worst;
+    memset(&worst, 0, sizeof(worst));
+    worst.group.num_ranks = g->num_ranks;
+    worst.group.num_sms = g->device_sms > 0 ? g->device_sms : 1;
+    worst.call.num_tokens = worst.call.max_tokens = c->ll_max_tokens_per_rank;
+    worst.call.num_experts = c->num_experts;
+    worst.call.num_topk = c->max_topk;
+    worst.call.hidden = c->hidden;
+    const size_t ll = ep_ll_smem_bytes(&worst);
+    if (ll > smem_per_block)
+      return ep_fail(NULL, EP_STATUS_INVALID_ARGUMENT,
+                     "%s: config.num_experts %d, ll_max_tokens_per_rank %d and max_topk %d: the low-latency kernels "
+                     "would need %zu bytes of shared memory per block and the device allows %zu; lower them",
+                     fn, c->num_experts, c->ll_max_tokens_per_rank, c->max_topk, ll, smem_per_block);
+  }
+  return EP_STATUS_SUCCESS;
+}
+
+/* An aborted group left NVSHMEM initialised: its free and finalize are collective, and abort waits for no peer. */
+static bool g_substrate_abandoned;
 
 static void free_group(ep_group_t g) {
   if (!g) return;
   if (g->peer_bases_dev) cudaFree(g->peer_bases_dev);
   if (g->layout_scratch) cudaFree(g->layout_scratch);
+  if (g->layout_done) cudaEventDestroy(g->layout_done);
   if (g->normal_state) cudaFree(g->normal_state);
   if (g->expert_sum) cudaFree(g->expert_sum);
   if (g->ll_state) cudaFree(g->ll_state);
@@ -114,6 +208,11 @@ ep_status_t ep_group_create(ep_group_t* group, const ep_unique_id_t* unique_id, 
   ep_group_config_t cfg = EP_GROUP_CONFIG_INIT;
   if (config) cfg = *config;
   EP_TRY(check_config(&cfg, num_ranks));
+  if (g_substrate_abandoned)
+    return ep_fail(NULL, EP_STATUS_INVALID_USAGE,
+                   "%s: a group of this process was aborted (ep_group_abort) and NVSHMEM, whose shutdown needs every "
+                   "peer, is still initialised; a new group needs a new process",
+                   fn);
   if (ep_tp_is_initialized())
     return ep_fail(NULL, EP_STATUS_INVALID_USAGE, "%s: a group already exists in this process; destroy it first",
                    fn);
@@ -171,6 +270,11 @@ ep_status_t ep_group_create(ep_group_t* group, const ep_unique_id_t* unique_id, 
     g->internode_force_put = force_put && force_put[0] && strcmp(force_put, "0") != 0;
   }
   g->heap_bytes = g->workspace_bytes + EP_HEAP_SLACK_BYTES;
+  ep_status_t launchable = ep_check_launchable(g, prop.sharedMemPerBlockOptin);
+  if (launchable != EP_STATUS_SUCCESS) {
+    free_group(g);
+    return launchable;
+  }
 
   size_t free_bytes = 0, total_bytes = 0;
   ce = cudaMemGetInfo(&free_bytes, &total_bytes);
@@ -191,7 +295,8 @@ ep_status_t ep_group_create(ep_group_t* group, const ep_unique_id_t* unique_id, 
     free_group(g);
     return ep_fail(NULL, EP_STATUS_SUBSTRATE_ERROR, "%s: %s", fn, err);
   }
-  ep_status_t st = EP_STATUS_SUCCESS;
+  ep_status_t st = check_config_agreement(g);
+  if (st != EP_STATUS_SUCCESS) goto fail;
   g->workspace = ep_tp_calloc(g->workspace_bytes);
   if (!g->workspace) {
     st = ep_fail(NULL, EP_STATUS_OUT_OF_MEMORY, "%s: symmetric allocation of %zu bytes failed", fn,
@@ -228,6 +333,7 @@ ep_status_t ep_group_create(ep_group_t* group, const ep_unique_id_t* unique_id, 
     size_t scratch = ep_layout_scratch_ints(cfg.num_experts, num_ranks) * sizeof(int);
     ce = cudaMalloc((void**)&g->layout_scratch, scratch);
     if (ce == cudaSuccess) ce = cudaMemset(g->layout_scratch, 0, scratch);
+    if (ce == cudaSuccess) ce = cudaEventCreateWithFlags(&g->layout_done, cudaEventDisableTiming);
   }
   if (ce == cudaSuccess) ce = cudaMalloc((void**)&g->normal_state, sizeof(ep_normal_state_t));
   if (ce == cudaSuccess) ce = cudaMemset(g->normal_state, 0, sizeof(ep_normal_state_t));
@@ -240,6 +346,10 @@ ep_status_t ep_group_create(ep_group_t* group, const ep_unique_id_t* unique_id, 
     st = ep_fail_cuda(NULL, ce, "group buffer setup");
     goto fail;
   }
+  if (!ep_live_add(g, EP_OBJECT_GROUP)) {
+    st = ep_fail(NULL, EP_STATUS_OUT_OF_MEMORY, "%s: host allocation failed", fn);
+    goto fail;
+  }
   ep_tp_barrier_all();
   *group = g;
   return EP_STATUS_SUCCESS;
@@ -250,7 +360,15 @@ fail:
 }
 
 ep_status_t ep_group_destroy(ep_group_t group) {
+  const char* fn = "ep_group_destroy";
   if (!group) return EP_STATUS_SUCCESS;
+  EP_CALL_SCOPE();
+  EP_TRY(ep_check_live_group(group, fn));
+  EP_TRY(ep_take_group(group, fn)); /* not while another thread is inside a call on it */
+  /* From here the group is gone for every caller: its handles are orphaned (they can still be destroyed). */
+  ep_call_scope_release(group);
+  ep_live_remove(group);
+  ep_live_orphan_handles(group);
   cudaError_t ce = cudaSetDevice(group->cuda_device);
   if (ce == cudaSuccess) ce = cudaDeviceSynchronize();
   /* Peers may still read our buffers until everyone arrives here. NVSHMEM's finalize is collective as well, so
@@ -261,8 +379,26 @@ ep_status_t ep_group_destroy(ep_group_t group) {
   return EP_STATUS_SUCCESS;
 }
 
+ep_status_t ep_group_abort(ep_group_t group) {
+  const char* fn = "ep_group_abort";
+  if (!group) return EP_STATUS_SUCCESS;
+  EP_CALL_SCOPE();
+  EP_TRY(ep_check_live_group(group, fn));
+  EP_TRY(ep_take_group(group, fn));
+  ep_call_scope_release(group);
+  ep_live_remove(group);
+  ep_live_orphan_handles(group);
+  /* Nothing here waits, for a peer or for the device: a kernel still waiting on a peer ends within the time budget
+   * and may write the error word and the group's buffers until then. So device memory, the pinned error word and
+   * NVSHMEM are left as they are (the process gets them back when it exits); only host memory is freed. */
+  g_substrate_abandoned = true;
+  free(group->peer_bases);
+  free(group);
+  return EP_STATUS_SUCCESS;
+}
+
 ep_status_t ep_group_get_info(ep_group_t group, ep_group_info_t* info) {
-  if (!group) return ep_fail(NULL, EP_STATUS_INVALID_ARGUMENT, "ep_group_get_info: group is NULL");
+  EP_TRY(ep_check_live_group(group, "ep_group_get_info"));
   if (!info) return ep_fail(group, EP_STATUS_INVALID_ARGUMENT, "ep_group_get_info: info is NULL");
   info->rank = group->rank;
   info->num_ranks = group->num_ranks;
@@ -279,7 +415,8 @@ ep_status_t ep_group_get_info(ep_group_t group, ep_group_info_t* info) {
 }
 
 ep_status_t ep_group_check(ep_group_t group, cudaStream_t stream) {
-  EP_TRY(ep_enter(group, "ep_group_check"));
+  EP_CALL_SCOPE();
+  EP_TRY(ep_enter_collective(group, "ep_group_check"));
   EP_CUDA_TRY(group, cudaSetDevice(group->cuda_device));
   ep_check_launch_t p;
   p.workspace = group->workspace;
@@ -291,6 +428,6 @@ ep_status_t ep_group_check(ep_group_t group, cudaStream_t stream) {
   p.error = group->error_word_dev;
   EP_CUDA_TRY(group, ep_launch_check(&p, stream));
   EP_CUDA_TRY(group, cudaStreamSynchronize(stream));
-  EP_TRY(ep_enter(group, "ep_group_check"));
+  EP_TRY(ep_enter_collective(group, "ep_group_check"));
   return EP_STATUS_SUCCESS;
 }

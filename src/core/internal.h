@@ -3,7 +3,9 @@
 #define EP_CORE_INTERNAL_H
 
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdbool.h>
+#include <stdint.h>
 
 #include "ep.h"
 #include "kernels/launch.h"
@@ -25,6 +27,9 @@ struct ep_group {
   int num_nvlink_peers;
   unsigned long long check_epoch;    /* ep_group_check calls so far */
   int* layout_scratch;               /* device: ep_get_dispatch_layout's per-block histograms */
+  cudaEvent_t layout_done;           /* recorded after each eager layout call: the scratch is free once it fires */
+  cudaStream_t layout_stream;        /* the stream of the last eager layout call */
+  bool layout_recorded;              /* layout_done holds a launch */
 
   ep_device_error_t* error_word;     /* pinned host memory, mapped into the device */
   ep_device_error_t* error_word_dev; /* the device's view of it */
@@ -52,10 +57,37 @@ struct ep_group {
   unsigned long long ll_dispatches;  /* dispatches so far: the serial number of the next one is this + 1 */
   unsigned long long ll_half_serial[2]; /* serial of the dispatch that owns each half */
   bool ll_half_pending[2];           /* a send phase on the half waits for its receive phase */
+  unsigned long long ll_cleans;      /* ep_ll_clean calls so far: a clean abandons every pending receive phase */
 
   bool failed;                       /* a sticky fault (timeout) was reported: only destroy is allowed */
   char last_error[EP_ERROR_MESSAGE_BYTES];
+  char fatal_error[EP_ERROR_MESSAGE_BYTES]; /* the message of the fault that failed the group, kept for its life */
+
+  _Atomic uintptr_t busy_thread; /* the thread inside a call on the group (live.c), 0 when none */
+  _Atomic(const char*) busy_fn;  /* ...and the call's name */
 };
+
+/* Live objects (live.c): every public call looks its group and handles up before dereferencing them. */
+typedef enum ep_object_kind { EP_OBJECT_GROUP = 1, EP_OBJECT_HANDLE, EP_OBJECT_LL_HANDLE } ep_object_kind_t;
+bool ep_live_add(const void* object, ep_object_kind_t kind); /* false: out of host memory */
+void ep_live_remove(const void* object);
+bool ep_live_is(const void* object, ep_object_kind_t kind);
+void ep_live_orphan_handles(ep_group_t group); /* the group is going: its handles' group becomes NULL */
+
+/* One thread per group at a time: a public call opens a scope (EP_CALL_SCOPE) before its first ep_enter; the
+ * ep_enter that takes the group marks it busy with this thread and the scope gives it back when the call returns,
+ * on every path. A second thread's call meanwhile fails with EP_STATUS_INVALID_USAGE naming the call in progress. */
+typedef struct ep_call_scope {
+  struct ep_call_scope* outer;
+  ep_group_t held;
+} ep_call_scope_t;
+void ep_call_scope_begin(ep_call_scope_t* scope);
+void ep_call_scope_end(ep_call_scope_t* scope);
+void ep_call_scope_release(ep_group_t group);                /* the group is being freed: its scopes forget it */
+ep_status_t ep_take_group(ep_group_t group, const char* fn); /* mark busy, or fail if another thread is inside */
+#define EP_CALL_SCOPE()                                                       \
+  ep_call_scope_t ep_call_scope_ __attribute__((cleanup(ep_call_scope_end))); \
+  ep_call_scope_begin(&ep_call_scope_)
 
 /* Record a message for `group` (or the thread when group is NULL) and return `status`. printf-style. */
 ep_status_t ep_fail(ep_group_t group, ep_status_t status, const char* fmt, ...)
@@ -64,8 +96,36 @@ ep_status_t ep_fail(ep_group_t group, ep_status_t status, const char* fmt, ...)
 /* Turn a CUDA error into EP_STATUS_CUDA_ERROR with the call's text and CUDA's message. */
 ep_status_t ep_fail_cuda(ep_group_t group, cudaError_t err, const char* what);
 
-/* Entry check every group call makes first: group not NULL, not failed, no pending device error. */
+/* `group` is not NULL (EP_STATUS_INVALID_ARGUMENT) and live (EP_STATUS_INVALID_USAGE); the message is the thread's. */
+ep_status_t ep_check_live_group(ep_group_t group, const char* fn);
+
+/* Mark the group failed; the first call keeps its last_error as the fatal message for the group's life. */
+void ep_mark_failed(ep_group_t group);
+
+/* Config agreement at ep_group_create: the values every rank must share (those that size or place the symmetric
+ * regions, and the workspace they add up to), as one record per rank. */
+#define EP_CONFIG_RECORD_FIELDS 7
+typedef struct ep_config_record {
+  int64_t value[EP_CONFIG_RECORD_FIELDS];
+} ep_config_record_t;
+ep_config_record_t ep_config_record(ep_group_t group);
+/* Compare every rank's record with rank 0's; on the first difference write a message naming the rank, the field
+ * and both values to `message` and return false. Every rank, given the same table, says the same. */
+bool ep_config_agreement(const ep_config_record_t* records, int num_ranks, char* message, size_t message_bytes);
+
+/* Refuse a config whose kernels could never launch on a device allowing `smem_per_block` bytes of dynamic shared
+ * memory per block (every call would fail with a CUDA error): the layout kernel's and the LL phases' largest
+ * shapes. Named EP_STATUS_INVALID_ARGUMENT; the message is the thread's. */
+ep_status_t ep_check_launchable(ep_group_t group, size_t smem_per_block);
+
+/* Entry check every group call makes first: group not NULL and live, no other thread inside a call on it, not
+ * failed, no pending device error. */
 ep_status_t ep_enter(ep_group_t group, const char* fn);
+
+/* The entry of a collective call: as ep_enter, but a pending data fault is left in the word (for
+ * ep_get_async_error and the next local call) instead of ending the call: a rank that skipped a collective call
+ * would leave its peers waiting for it until their time budget ran out. */
+ep_status_t ep_enter_collective(ep_group_t group, const char* fn);
 
 /* Validate the size/magic header of an args struct; names the struct type in the message. */
 ep_status_t ep_check_header(ep_group_t group, const char* fn, const char* type_name, const void* args,
@@ -82,6 +142,21 @@ typedef enum ep_row_format { EP_ROWS_BF16, EP_ROWS_FP8, EP_ROWS_FP8_UE8M0 } ep_r
 /* The hidden-size rule, with its one message: `hidden` (called `name` in it) is a positive multiple of what `format`
  * needs, at most config.hidden for a call on `group`, or EP_MAX_HIDDEN for a configuration (group NULL). */
 ep_status_t ep_check_hidden(ep_group_t group, const char* fn, const char* name, int hidden, ep_row_format_t format);
+
+/* Natural alignment of typed device pointers (int64: 8, float and int: 4): a misaligned load kills the CUDA context.
+ * The first misaligned pointer of the NULL-terminated list of (name, pointer, alignment) makes the call fail with
+ * EP_STATUS_INVALID_ARGUMENT naming it; NULL pointers count as aligned. */
+typedef struct ep_typed_ptr {
+  const char* name;
+  const void* ptr;
+  unsigned align;
+} ep_typed_ptr_t;
+ep_status_t ep_check_natural_alignment(ep_group_t group, const char* fn, const ep_typed_ptr_t* ptrs, int count);
+#define EP_CHECK_ALIGNED(group, fn, ...)                                                                        \
+  do {                                                                                                          \
+    const ep_typed_ptr_t ep_ptrs_[] = {__VA_ARGS__};                                                            \
+    EP_TRY(ep_check_natural_alignment((group), (fn), ep_ptrs_, (int)(sizeof(ep_ptrs_) / sizeof(ep_ptrs_[0])))); \
+  } while (0)
 
 /* Device pointers the kernels move 16 bytes at a time must be 16-byte aligned (NULL counts as aligned). */
 static inline bool ep_misaligned16(const void* ptr) { return ((uintptr_t)ptr & 15) != 0; }
@@ -118,6 +193,7 @@ struct ep_ll_handle {
   bool dispatched;             /* a dispatch's send phase was issued */
   bool dispatch_recv_pending;  /* ...and its receive phase not yet */
   bool combine_recv_pending;   /* a combine's send phase waits for its receive phase */
+  unsigned long long cleans;   /* the group's ll_cleans when the pending flags were last valid */
   int half;
   unsigned long long serial;   /* which dispatch of the group */
   ep_ll_call_t call;           /* the dispatch's shape and outputs, the pending combine's inputs (x, topk_idx, y and

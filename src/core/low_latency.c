@@ -34,8 +34,8 @@ ep_status_t ep_ll_buffer_size_hint(int max_tokens_per_rank, int hidden, int num_
 }
 
 /* Every LL call on a group: live, and configured with an LL buffer. */
-static ep_status_t enter_ll(ep_group_t group, const char* fn) {
-  EP_TRY(ep_enter(group, fn));
+static ep_status_t enter_ll(ep_group_t group, const char* fn, bool collective) {
+  EP_TRY(collective ? ep_enter_collective(group, fn) : ep_enter(group, fn));
   if (group->config.ll_max_tokens_per_rank <= 0)
     return ep_fail(group, EP_STATUS_INVALID_USAGE,
                    "%s: the group has no low-latency buffer (config.ll_max_tokens_per_rank is 0); create it with "
@@ -44,20 +44,32 @@ static ep_status_t enter_ll(ep_group_t group, const char* fn) {
   return EP_STATUS_SUCCESS;
 }
 
+/* An ep_ll_clean since the handle's last call abandoned its pending receive phases. */
+static void forget_cleaned_phases(ep_ll_handle_t handle) {
+  if (handle->cleans == handle->group->ll_cleans) return;
+  handle->dispatch_recv_pending = handle->combine_recv_pending = false;
+  handle->cleans = handle->group->ll_cleans;
+}
+
 static ep_status_t check_handle(ep_group_t group, ep_ll_handle_t handle, const char* fn) {
   if (!handle) return FAIL_ARG(group, "%s: handle is NULL", fn);
+  if (!ep_live_is(handle, EP_OBJECT_LL_HANDLE))
+    return ep_fail(group, EP_STATUS_INVALID_USAGE, "%s: handle %p is not a live LL handle (destroyed already?)", fn,
+                   (void*)handle);
   if (handle->group != group) return FAIL_ARG(group, "%s: handle belongs to another group", fn);
+  forget_cleaned_phases(handle);
   return EP_STATUS_SUCCESS;
 }
 
 ep_status_t ep_ll_handle_create(ep_group_t group, ep_ll_handle_t* handle) {
   const char* fn = "ep_ll_handle_create";
+  EP_CALL_SCOPE();
   if (handle) *handle = NULL;
-  EP_TRY(enter_ll(group, fn));
+  EP_TRY(enter_ll(group, fn, false));
   if (!handle) return FAIL_ARG(group, "%s: handle is NULL", fn);
+  EP_CUDA_TRY(group, cudaSetDevice(group->cuda_device));
   ep_ll_handle_t h = (ep_ll_handle_t)calloc(1, sizeof(*h));
   if (!h) return ep_fail(group, EP_STATUS_OUT_OF_MEMORY, "%s: host allocation failed", fn);
-  EP_CUDA_TRY(group, cudaSetDevice(group->cuda_device));
   const size_t bytes = ep_ll_handle_carve(&group->ll_region, NULL, NULL);
   cudaError_t ce = cudaMalloc(&h->memory, bytes);
   if (ce == cudaSuccess) ce = cudaMemset(h->memory, 0, bytes);
@@ -68,15 +80,31 @@ ep_status_t ep_ll_handle_create(ep_group_t group, ep_ll_handle_t* handle) {
   }
   ep_ll_handle_carve(&group->ll_region, h->memory, &h->arrays);
   h->group = group;
+  h->cleans = group->ll_cleans;
+  if (!ep_live_add(h, EP_OBJECT_LL_HANDLE)) {
+    cudaFree(h->memory);
+    free(h);
+    return ep_fail(group, EP_STATUS_OUT_OF_MEMORY, "%s: host allocation failed", fn);
+  }
   *handle = h;
   return EP_STATUS_SUCCESS;
 }
 
 ep_status_t ep_ll_handle_destroy(ep_ll_handle_t handle) {
+  const char* fn = "ep_ll_handle_destroy";
   if (!handle) return EP_STATUS_SUCCESS;
-  ep_group_t g = handle->group;
-  cudaError_t ce = cudaSetDevice(g->cuda_device);
-  if (ce == cudaSuccess) ce = cudaDeviceSynchronize();
+  if (!ep_live_is(handle, EP_OBJECT_LL_HANDLE))
+    return ep_fail(NULL, EP_STATUS_INVALID_USAGE,
+                   "%s: handle %p is not a live LL handle (destroyed already, or never created)", fn, (void*)handle);
+  EP_CALL_SCOPE();
+  ep_group_t g = handle->group; /* NULL once the group is destroyed: its destroy synchronised the device */
+  if (g) EP_TRY(ep_take_group(g, fn));
+  ep_live_remove(handle);
+  cudaError_t ce = cudaSuccess;
+  if (g) {
+    ce = cudaSetDevice(g->cuda_device);
+    if (ce == cudaSuccess) ce = cudaDeviceSynchronize();
+  }
   cudaFree(handle->memory);
   free(handle);
   if (ce != cudaSuccess) return ep_fail_cuda(g, ce, "ep_ll_handle_destroy: synchronising the device");
@@ -146,6 +174,8 @@ static ep_status_t check_dispatch_args(ep_group_t group, const ep_ll_dispatch_ar
   if (ep_misaligned16(a->recv_x_scales))
     return FAIL_ARG(group, "%s: recv_x_scales (%p) is not 16-byte aligned", fn, a->recv_x_scales);
   if (!a->recv_count) return FAIL_ARG(group, "%s: recv_count is NULL", fn);
+  EP_CHECK_ALIGNED(group, fn, {"topk_idx", a->topk_idx, 8}, {"topk_weights", a->topk_weights, 4},
+                   {"recv_count", a->recv_count, 4});
   if (a->return_after_send != 0 && a->return_after_send != 1)
     return FAIL_ARG(group, "%s: return_after_send is %d; it must be 0 or 1", fn, a->return_after_send);
   return EP_STATUS_SUCCESS;
@@ -154,7 +184,8 @@ static ep_status_t check_dispatch_args(ep_group_t group, const ep_ll_dispatch_ar
 ep_status_t ep_ll_dispatch(ep_group_t group, ep_ll_handle_t handle, const ep_ll_dispatch_args_t* args,
                            cudaStream_t stream) {
   const char* fn = "ep_ll_dispatch";
-  EP_TRY(enter_ll(group, fn));
+  EP_CALL_SCOPE();
+  EP_TRY(enter_ll(group, fn, true));
   EP_TRY(check_handle(group, handle, fn));
   EP_TRY(ep_check_header(group, fn, "ep_ll_dispatch_args_t", args, args ? args->size : 0,
                          sizeof(ep_ll_dispatch_args_t), args ? args->magic : 0, EP_LL_DISPATCH_ARGS_MAGIC));
@@ -212,7 +243,8 @@ ep_status_t ep_ll_dispatch(ep_group_t group, ep_ll_handle_t handle, const ep_ll_
 
 ep_status_t ep_ll_dispatch_recv(ep_group_t group, ep_ll_handle_t handle, cudaStream_t stream) {
   const char* fn = "ep_ll_dispatch_recv";
-  EP_TRY(enter_ll(group, fn));
+  EP_CALL_SCOPE();
+  EP_TRY(enter_ll(group, fn, true));
   EP_TRY(check_handle(group, handle, fn));
   if (!handle->dispatch_recv_pending)
     return ep_fail(group, EP_STATUS_INVALID_USAGE,
@@ -229,6 +261,9 @@ ep_status_t ep_ll_dispatch_recv(ep_group_t group, ep_ll_handle_t handle, cudaStr
 
 ep_status_t ep_ll_get_routing(ep_ll_handle_t handle, const int** src_info, const int64_t** layout_range) {
   if (!handle) return FAIL_ARG(NULL, "ep_ll_get_routing: handle is NULL");
+  if (!ep_live_is(handle, EP_OBJECT_LL_HANDLE))
+    return ep_fail(NULL, EP_STATUS_INVALID_USAGE, "ep_ll_get_routing: handle %p is not a live LL handle",
+                   (void*)handle);
   if (src_info) *src_info = handle->arrays.src_info;
   if (layout_range) *layout_range = handle->arrays.layout_range;
   return EP_STATUS_SUCCESS;
@@ -252,8 +287,9 @@ static ep_status_t check_combinable(ep_group_t group, ep_ll_handle_t handle, con
 
 ep_status_t ep_ll_get_combine_buffer(ep_group_t group, ep_ll_handle_t handle, void** buffer) {
   const char* fn = "ep_ll_get_combine_buffer";
+  EP_CALL_SCOPE();
   if (buffer) *buffer = NULL;
-  EP_TRY(enter_ll(group, fn));
+  EP_TRY(enter_ll(group, fn, false));
   EP_TRY(check_handle(group, handle, fn));
   if (!buffer) return FAIL_ARG(group, "%s: buffer is NULL", fn);
   if (!handle->dispatched)
@@ -271,7 +307,8 @@ ep_status_t ep_ll_get_combine_buffer(ep_group_t group, ep_ll_handle_t handle, vo
 ep_status_t ep_ll_combine(ep_group_t group, ep_ll_handle_t handle, const ep_ll_combine_args_t* args,
                           cudaStream_t stream) {
   const char* fn = "ep_ll_combine";
-  EP_TRY(enter_ll(group, fn));
+  EP_CALL_SCOPE();
+  EP_TRY(enter_ll(group, fn, true));
   EP_TRY(check_handle(group, handle, fn));
   EP_TRY(ep_check_header(group, fn, "ep_ll_combine_args_t", args, args ? args->size : 0,
                          sizeof(ep_ll_combine_args_t), args ? args->magic : 0, EP_LL_COMBINE_ARGS_MAGIC));
@@ -308,6 +345,7 @@ ep_status_t ep_ll_combine(ep_group_t group, ep_ll_handle_t handle, const ep_ll_c
   if (handle->call.num_tokens > 0 && !a->out)
     return FAIL_ARG(group, "%s: out is NULL with num_tokens=%d", fn, handle->call.num_tokens);
   if (ep_misaligned16(a->out)) return FAIL_ARG(group, "%s: out (%p) is not 16-byte aligned", fn, a->out);
+  EP_CHECK_ALIGNED(group, fn, {"topk_weights", a->topk_weights, 4});
   if (group->ll_half_pending[handle->half])
     return ep_fail(group, EP_STATUS_INVALID_USAGE,
                    "%s: buffer half %d still waits for the receive phase of an earlier call", fn, handle->half);
@@ -334,7 +372,8 @@ ep_status_t ep_ll_combine(ep_group_t group, ep_ll_handle_t handle, const ep_ll_c
 
 ep_status_t ep_ll_combine_recv(ep_group_t group, ep_ll_handle_t handle, cudaStream_t stream) {
   const char* fn = "ep_ll_combine_recv";
-  EP_TRY(enter_ll(group, fn));
+  EP_CALL_SCOPE();
+  EP_TRY(enter_ll(group, fn, true));
   EP_TRY(check_handle(group, handle, fn));
   if (!handle->combine_recv_pending)
     return ep_fail(group, EP_STATUS_INVALID_USAGE,
@@ -351,16 +390,15 @@ ep_status_t ep_ll_combine_recv(ep_group_t group, ep_ll_handle_t handle, cudaStre
 
 ep_status_t ep_ll_clean(ep_group_t group, cudaStream_t stream) {
   const char* fn = "ep_ll_clean";
-  EP_TRY(enter_ll(group, fn));
-  if (group->ll_half_pending[0] || group->ll_half_pending[1])
-    return ep_fail(group, EP_STATUS_INVALID_USAGE, "%s: an LL call still waits for its receive phase", fn);
+  EP_CALL_SCOPE();
+  EP_TRY(enter_ll(group, fn, true));
   EP_CUDA_TRY(group, cudaSetDevice(group->cuda_device));
   const ep_ll_region_t* L = &group->ll_region;
   char* base = (char*)group->workspace + group->ll_offset;
   /* Every rank must be done with the buffer before anyone zeroes theirs, and done zeroing before anyone uses it. */
   EP_CUDA_TRY(group, cudaStreamSynchronize(stream));
   EP_CUDA_TRY(group, cudaDeviceSynchronize());
-  EP_TRY(ep_enter(group, fn));
+  EP_TRY(ep_enter_collective(group, fn)); /* a data fault is not a reason to leave the peers at the barrier */
   ep_tp_barrier_all();
   for (int h = 0; h < 2; ++h)
     EP_CUDA_TRY(group, cudaMemsetAsync(base + (size_t)h * L->half_bytes, 0, L->signal_bytes, stream));
@@ -369,13 +407,22 @@ ep_status_t ep_ll_clean(ep_group_t group, cudaStream_t stream) {
   ep_tp_barrier_all();
   group->ll_next_half = 0;
   group->ll_half_serial[0] = group->ll_half_serial[1] = 0;
+  /* A receive phase never launched (a dropped or failed hook) is abandoned: its sends have landed (every rank
+   * synchronised its device before the barrier) and the signals it would have waited for are zeroed. */
+  group->ll_half_pending[0] = group->ll_half_pending[1] = false;
+  group->ll_cleans++;
   return EP_STATUS_SUCCESS;
 }
 
 ep_status_t ep_ll_handle_get_state(ep_ll_handle_t handle, ep_ll_handle_state_t* state) {
   const char* fn = "ep_ll_handle_get_state";
   if (!handle) return FAIL_ARG(NULL, "%s: handle is NULL", fn);
+  if (!ep_live_is(handle, EP_OBJECT_LL_HANDLE))
+    return ep_fail(NULL, EP_STATUS_INVALID_USAGE, "%s: handle %p is not a live LL handle", fn, (void*)handle);
+  if (!handle->group)
+    return ep_fail(NULL, EP_STATUS_INVALID_USAGE, "%s: the handle's group was destroyed; only destroy the handle", fn);
   if (!state) return FAIL_ARG(handle->group, "%s: state is NULL", fn);
+  forget_cleaned_phases(handle);
   if (state->size != sizeof(ep_ll_handle_state_t))
     return FAIL_ARG(handle->group,
                     "%s: state.size is %u, want %u (sizeof(ep_ll_handle_state_t)): initialise it with "

@@ -14,6 +14,7 @@ static size_t handle_bytes(ep_group_t g) {
 }
 
 ep_status_t ep_handle_memory_bytes(ep_group_t group, size_t* bytes) {
+  EP_CALL_SCOPE();
   EP_TRY(ep_enter(group, "ep_handle_memory_bytes"));
   if (!bytes) return FAIL_ARG(group, "ep_handle_memory_bytes: bytes is NULL");
   *bytes = handle_bytes(group);
@@ -22,6 +23,7 @@ ep_status_t ep_handle_memory_bytes(ep_group_t group, size_t* bytes) {
 
 ep_status_t ep_handle_create_in(ep_group_t group, void* memory, size_t bytes, ep_handle_t* handle) {
   const char* fn = "ep_handle_create_in";
+  EP_CALL_SCOPE();
   EP_TRY(ep_enter(group, fn));
   if (!handle) return FAIL_ARG(group, "%s: handle is NULL", fn);
   *handle = NULL;
@@ -36,12 +38,17 @@ ep_status_t ep_handle_create_in(ep_group_t group, void* memory, size_t bytes, ep
   ep_normal_handle_carve(&group->normal_region, group->num_nodes, group->ranks_per_node, memory, &h->arrays);
   h->group = group;
   h->num_recv_host = -1;
+  if (!ep_live_add(h, EP_OBJECT_HANDLE)) {
+    free(h);
+    return ep_fail(group, EP_STATUS_OUT_OF_MEMORY, "%s: host allocation failed", fn);
+  }
   *handle = h;
   return EP_STATUS_SUCCESS;
 }
 
 ep_status_t ep_handle_create(ep_group_t group, ep_handle_t* handle) {
   const char* fn = "ep_handle_create";
+  EP_CALL_SCOPE();
   EP_TRY(ep_enter(group, fn));
   if (!handle) return FAIL_ARG(group, "%s: handle is NULL", fn);
   *handle = NULL;
@@ -60,12 +67,23 @@ ep_status_t ep_handle_create(ep_group_t group, ep_handle_t* handle) {
 }
 
 ep_status_t ep_handle_destroy(ep_handle_t handle) {
+  const char* fn = "ep_handle_destroy";
   if (!handle) return EP_STATUS_SUCCESS;
-  ep_group_t g = handle->group;
+  if (!ep_live_is(handle, EP_OBJECT_HANDLE))
+    return ep_fail(NULL, EP_STATUS_INVALID_USAGE,
+                   "%s: handle %p is not a live handle (destroyed already, or never "
+                   "created)",
+                   fn, (void*)handle);
+  EP_CALL_SCOPE();
+  ep_group_t g = handle->group; /* NULL once the group is destroyed: its destroy synchronised the device */
+  if (g) EP_TRY(ep_take_group(g, fn));
+  ep_live_remove(handle);
   cudaError_t ce = cudaSuccess;
   if (handle->owns_memory) {
-    ce = cudaSetDevice(g->cuda_device);
-    if (ce == cudaSuccess) ce = cudaDeviceSynchronize();
+    if (g) {
+      ce = cudaSetDevice(g->cuda_device);
+      if (ce == cudaSuccess) ce = cudaDeviceSynchronize();
+    }
     cudaFree(handle->memory);
   }
   free(handle);
@@ -75,8 +93,11 @@ ep_status_t ep_handle_destroy(ep_handle_t handle) {
 
 /* Checks shared by the three calls: a live group the intranode path serves, and a handle of this group. */
 static ep_status_t enter_normal(ep_group_t group, ep_handle_t handle, const char* fn, bool need_prepared) {
-  EP_TRY(ep_enter(group, fn));
+  EP_TRY(ep_enter_collective(group, fn));
   if (!handle) return FAIL_ARG(group, "%s: handle is NULL", fn);
+  if (!ep_live_is(handle, EP_OBJECT_HANDLE))
+    return ep_fail(group, EP_STATUS_INVALID_USAGE, "%s: handle %p is not a live handle (destroyed already?)", fn,
+                   (void*)handle);
   if (handle->group != group) return FAIL_ARG(group, "%s: handle belongs to another group", fn);
   if (need_prepared && !handle->prepared)
     return ep_fail(group, EP_STATUS_INVALID_USAGE, "%s: handle has no routing yet; call ep_dispatch_prepare first",
@@ -154,6 +175,7 @@ static ep_internode_launch_t internode_launch(ep_group_t g, ep_handle_t h, const
 ep_status_t ep_dispatch_prepare(ep_group_t group, ep_handle_t handle, const ep_dispatch_prepare_args_t* args,
                                 cudaStream_t stream) {
   const char* fn = "ep_dispatch_prepare";
+  EP_CALL_SCOPE();
   EP_TRY(enter_normal(group, handle, fn, false));
   EP_TRY(ep_check_header(group, fn, "ep_dispatch_prepare_args_t", args, args ? args->size : 0,
                          sizeof(ep_dispatch_prepare_args_t), args ? args->magic : 0, EP_DISPATCH_PREPARE_ARGS_MAGIC));
@@ -170,6 +192,8 @@ ep_status_t ep_dispatch_prepare(ep_group_t group, ep_handle_t handle, const ep_d
     return FAIL_ARG(group, "%s: topk_idx is NULL with num_tokens=%d", fn, a->num_tokens);
   if (a->num_recv_tokens_per_expert && !a->num_recv_tokens)
     return FAIL_ARG(group, "%s: num_recv_tokens_per_expert (host) needs num_recv_tokens (the eager form)", fn);
+  EP_CHECK_ALIGNED(group, fn, {"topk_idx", a->topk_idx, 8}, {"num_recv_tokens_dev", a->num_recv_tokens_dev, 4},
+                   {"num_recv_tokens_per_expert_dev", a->num_recv_tokens_per_expert_dev, 4});
   EP_CUDA_TRY(group, cudaSetDevice(group->cuda_device));
 
   handle->num_tokens = a->num_tokens;
@@ -216,6 +240,7 @@ static ep_status_t check_num_sms(ep_group_t group, const char* fn, int num_sms) 
 
 ep_status_t ep_dispatch(ep_group_t group, ep_handle_t handle, const ep_dispatch_args_t* args, cudaStream_t stream) {
   const char* fn = "ep_dispatch";
+  EP_CALL_SCOPE();
   EP_TRY(enter_normal(group, handle, fn, true));
   EP_TRY(ep_check_header(group, fn, "ep_dispatch_args_t", args, args ? args->size : 0, sizeof(ep_dispatch_args_t),
                          args ? args->magic : 0, EP_DISPATCH_ARGS_MAGIC));
@@ -239,6 +264,10 @@ ep_status_t ep_dispatch(ep_group_t group, ep_handle_t handle, const ep_dispatch_
     return FAIL_ARG(group, "%s: recv_x_scales is NULL with x_dtype EP_FP8_E4M3", fn);
   if ((a->recv_topk_idx || a->recv_topk_weights) && n > 0 && !a->topk_idx)
     return FAIL_ARG(group, "%s: recv_topk_idx or recv_topk_weights is set but topk_idx is NULL", fn);
+  EP_CHECK_ALIGNED(group, fn, {"x_scales", a->x_scales, 4}, {"topk_idx", a->topk_idx, 8},
+                   {"topk_weights", a->topk_weights, 4}, {"recv_x_scales", a->recv_x_scales, 4},
+                   {"recv_topk_idx", a->recv_topk_idx, 8}, {"recv_topk_weights", a->recv_topk_weights, 4},
+                   {"recv_src_idx", a->recv_src_idx, 4});
   if (a->recv_topk_weights && n > 0 && !a->topk_weights)
     return FAIL_ARG(group, "%s: recv_topk_weights is set but topk_weights is NULL", fn);
   EP_TRY(check_num_sms(group, fn, a->num_sms));
@@ -270,6 +299,7 @@ ep_status_t ep_dispatch(ep_group_t group, ep_handle_t handle, const ep_dispatch_
 
 ep_status_t ep_combine(ep_group_t group, ep_handle_t handle, const ep_combine_args_t* args, cudaStream_t stream) {
   const char* fn = "ep_combine";
+  EP_CALL_SCOPE();
   EP_TRY(enter_normal(group, handle, fn, true));
   EP_TRY(ep_check_header(group, fn, "ep_combine_args_t", args, args ? args->size : 0, sizeof(ep_combine_args_t),
                          args ? args->magic : 0, EP_COMBINE_ARGS_MAGIC));
@@ -284,6 +314,8 @@ ep_status_t ep_combine(ep_group_t group, ep_handle_t handle, const ep_combine_ar
     return FAIL_ARG(group, "%s: a bias is not 16-byte aligned", fn);
   if (a->combined_topk_weights && !a->topk_weights)
     return FAIL_ARG(group, "%s: combined_topk_weights is set but topk_weights is NULL", fn);
+  EP_CHECK_ALIGNED(group, fn, {"topk_weights", a->topk_weights, 4},
+                   {"combined_topk_weights", a->combined_topk_weights, 4});
   EP_TRY(check_num_sms(group, fn, a->num_sms));
   EP_CUDA_TRY(group, cudaSetDevice(group->cuda_device));
 

@@ -61,7 +61,10 @@ const char* ep_fault_site_name(int site) {
   }
 }
 
-const char* ep_last_error(ep_group_t group) { return group ? group->last_error : t_last_error; }
+/* A group that is not live has no message of its own: its calls wrote theirs to the thread's. */
+const char* ep_last_error(ep_group_t group) {
+  return group && ep_live_is(group, EP_OBJECT_GROUP) ? group->last_error : t_last_error;
+}
 
 ep_status_t ep_fail(ep_group_t group, ep_status_t status, const char* fmt, ...) {
   char* buf = group ? group->last_error : t_last_error;
@@ -80,10 +83,13 @@ ep_status_t ep_fail_cuda(ep_group_t group, cudaError_t err, const char* what) {
 
 /* Turn a recorded device fault into a status and message. Data faults are cleared once reported; timeouts and
  * corrupted transfers leave the group failed (peers may be mid-protocol), so only destroy is allowed after. */
-static ep_status_t take_device_fault(ep_group_t group) {
+static bool is_data_fault(int code) { return code == EP_FAULT_BAD_EXPERT || code == EP_FAULT_RECV_OVERFLOW; }
+
+static ep_status_t take_device_fault(ep_group_t group, bool take_data_faults) {
   volatile ep_device_error_t* w = group->error_word;
   int code = w->code;
   if (code == EP_FAULT_NONE || code == -1) return EP_STATUS_SUCCESS;
+  if (!take_data_faults && is_data_fault(code)) return EP_STATUS_SUCCESS;
   ep_status_t st;
   switch (code) {
     case EP_FAULT_BAD_EXPERT:
@@ -117,22 +123,51 @@ static ep_status_t take_device_fault(ep_group_t group) {
       st = ep_fail(group, EP_STATUS_INTERNAL_ERROR, "rank %d: unknown device fault code %d", w->rank, code);
       break;
   }
-  group->failed = true;
+  ep_mark_failed(group);
   return st;
 }
 
-ep_status_t ep_enter(ep_group_t group, const char* fn) {
+void ep_mark_failed(ep_group_t group) {
+  group->failed = true;
+  if (group->fatal_error[0] == '\0') /* the first fatal fault is the one kept */
+    memcpy(group->fatal_error, group->last_error, EP_ERROR_MESSAGE_BYTES);
+}
+
+/* A failed group refuses every call but destroy; the message repeats the fault that failed it, which stays in
+ * fatal_error for the group's life whatever later calls write. */
+static ep_status_t refuse_failed(ep_group_t group, const char* fn) {
+  return ep_fail(group, EP_STATUS_INVALID_USAGE, "%s: the group failed earlier: %s", fn, group->fatal_error);
+}
+
+ep_status_t ep_check_live_group(ep_group_t group, const char* fn) {
   if (!group) return ep_fail(NULL, EP_STATUS_INVALID_ARGUMENT, "%s: group is NULL", fn);
-  if (group->failed)
-    return ep_fail(group, EP_STATUS_INVALID_USAGE, "%s: the group failed earlier (%s); destroy it", fn,
-                   group->last_error[0] ? "see the previous error" : "device fault");
-  return take_device_fault(group);
+  if (!ep_live_is(group, EP_OBJECT_GROUP))
+    return ep_fail(NULL, EP_STATUS_INVALID_USAGE,
+                   "%s: group %p is not a live group (destroyed already, or never created)", fn, (void*)group);
+  return EP_STATUS_SUCCESS;
+}
+
+ep_status_t ep_enter(ep_group_t group, const char* fn) {
+  EP_TRY(ep_check_live_group(group, fn));
+  EP_TRY(ep_take_group(group, fn));
+  if (group->failed) return refuse_failed(group, fn);
+  return take_device_fault(group, true);
+}
+
+ep_status_t ep_enter_collective(ep_group_t group, const char* fn) {
+  EP_TRY(ep_check_live_group(group, fn));
+  EP_TRY(ep_take_group(group, fn));
+  if (group->failed) return refuse_failed(group, fn);
+  return take_device_fault(group, false);
 }
 
 ep_status_t ep_get_async_error(ep_group_t group, ep_status_t* async_status) {
-  if (!group) return ep_fail(NULL, EP_STATUS_INVALID_ARGUMENT, "ep_get_async_error: group is NULL");
-  if (!async_status) return ep_fail(group, EP_STATUS_INVALID_ARGUMENT, "ep_get_async_error: async_status is NULL");
-  *async_status = group->failed ? EP_STATUS_INVALID_USAGE : take_device_fault(group);
+  const char* fn = "ep_get_async_error";
+  EP_CALL_SCOPE();
+  EP_TRY(ep_check_live_group(group, fn));
+  EP_TRY(ep_take_group(group, fn));
+  if (!async_status) return ep_fail(group, EP_STATUS_INVALID_ARGUMENT, "%s: async_status is NULL", fn);
+  *async_status = group->failed ? refuse_failed(group, fn) : take_device_fault(group, true);
   return EP_STATUS_SUCCESS;
 }
 
@@ -163,6 +198,14 @@ ep_status_t ep_check_hidden(ep_group_t group, const char* fn, const char* name, 
   return ep_fail(group, EP_STATUS_INVALID_ARGUMENT,
                  "%s: %s is %d; it must be a positive multiple of %d (%s) and at most %s", fn, name, hidden, multiple,
                  rows, bound);
+}
+
+ep_status_t ep_check_natural_alignment(ep_group_t group, const char* fn, const ep_typed_ptr_t* ptrs, int count) {
+  for (int i = 0; i < count; ++i)
+    if ((uintptr_t)ptrs[i].ptr % ptrs[i].align != 0)
+      return ep_fail(group, EP_STATUS_INVALID_ARGUMENT, "%s: %s (%p) is not %u-byte aligned", fn, ptrs[i].name,
+                     ptrs[i].ptr, ptrs[i].align);
+  return EP_STATUS_SUCCESS;
 }
 
 ep_status_t ep_check_topk_and_experts(ep_group_t group, const char* fn, int num_topk, int num_experts) {

@@ -14,10 +14,17 @@ __device__ __forceinline__ unsigned long long global_timer_ns() {
   return t;
 }
 
-// Record a fault in the error word; the first fault wins, later ones are dropped.
+__device__ __forceinline__ bool is_fatal_fault(int code) {
+  return code == EP_FAULT_TIMEOUT || code == EP_FAULT_BAD_DATA;
+}
+
+// Record a fault in the error word. The first fault wins, except that a fatal fault replaces an unread data fault:
+// a kernel that gave up must leave the group marked failed even when the word already held a bad expert index.
 __device__ __forceinline__ void record_fault(ep_device_error_t* err, int code, int rank, int peer, int site,
                                              long long value0, long long value1) {
-  if (atomicCAS(&err->code, 0, -1) == 0) {  // -1 = being written
+  int seen = atomicCAS(&err->code, 0, -1);  // -1 = being written
+  if (seen > 0 && is_fatal_fault(code) && !is_fatal_fault(seen) && atomicCAS(&err->code, seen, -1) == seen) seen = 0;
+  if (seen == 0) {
     err->peer = peer;
     err->site = site;
     err->rank = rank;
@@ -32,8 +39,7 @@ __device__ __forceinline__ void record_fault(ep_device_error_t* err, int code, i
 // faults (a bad expert index, a receive overflow) are reported but do not stop the protocol, so the group keeps
 // working after them.
 __device__ __forceinline__ bool has_fault(const ep_device_error_t* err) {
-  const int code = *(volatile const int*)&err->code;
-  return code == EP_FAULT_TIMEOUT || code == EP_FAULT_BAD_DATA;
+  return is_fatal_fault(*(volatile const int*)&err->code);
 }
 
 __device__ __forceinline__ int ld_acquire_sys(const int* p) {

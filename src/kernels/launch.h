@@ -32,6 +32,7 @@ typedef struct ep_layout_launch {
 } ep_layout_launch_t;
 
 size_t ep_layout_scratch_ints(int num_experts, int num_ranks);
+size_t ep_layout_smem_bytes(int num_experts, int num_ranks); /* dynamic shared memory of a layout launch */
 cudaError_t ep_launch_layout(const ep_layout_launch_t* p, cudaStream_t stream);
 
 /* ---- Group self-check (ep_group_check) ---- */
@@ -189,6 +190,9 @@ cudaError_t ep_launch_ll_combine_recv(const ep_ll_launch_t* p, cudaStream_t stre
  * cooperative launch on the device) nothing is launched, *launched = 0, and the result is cudaSuccess: the caller
  * then launches the send kernel and the receive kernel. */
 cudaError_t ep_launch_ll_dispatch_fused(const ep_ll_launch_t* p, cudaStream_t stream, int* launched);
+/* The largest dynamic shared memory of any LL phase for the call shape in p (group.num_ranks, group.num_sms and
+ * call.num_tokens / num_experts / num_topk / hidden): host only, launches nothing. */
+size_t ep_ll_smem_bytes(const ep_ll_launch_t* p);
 cudaError_t ep_launch_ll_combine_fused(const ep_ll_launch_t* p, cudaStream_t stream, int* launched);
 
 #ifdef __cplusplus

@@ -107,12 +107,16 @@ extern "C" size_t ep_layout_scratch_ints(int num_experts, int num_ranks) {
   return 1 + (size_t)ep::kLayoutMaxBlocks * ep::layout_row_ints(num_experts, num_ranks);
 }
 
+extern "C" size_t ep_layout_smem_bytes(int num_experts, int num_ranks) {
+  return ep::layout_row_ints(num_experts, num_ranks) * sizeof(int);
+}
+
 extern "C" cudaError_t ep_launch_layout(const ep_layout_launch_t* p, cudaStream_t stream) {
   // About one (token, slot) pair per thread.
   int blocks = (int)(((long long)p->num_tokens * p->num_topk + ep::kLayoutThreads - 1) / ep::kLayoutThreads);
   if (blocks < 1) blocks = 1;
   if (blocks > ep::kLayoutMaxBlocks) blocks = ep::kLayoutMaxBlocks;
-  size_t smem = ep::layout_row_ints(p->num_experts, p->num_ranks) * sizeof(int);
+  size_t smem = ep_layout_smem_bytes(p->num_experts, p->num_ranks);
   if (smem > 48 * 1024) {
     cudaError_t e = cudaFuncSetAttribute(ep::layout_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     if (e != cudaSuccess) return e;

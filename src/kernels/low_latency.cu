@@ -189,6 +189,13 @@ static cudaError_t launch_fused(const ep_ll_launch_t* p, Shape send, Shape recv,
   return e;
 }
 
+extern "C" size_t ep_ll_smem_bytes(const ep_ll_launch_t* p) {
+  const size_t shapes[3] = {dispatch_send_shape(p).smem, dispatch_recv_shape(p).smem, combine_send_shape(p).smem};
+  size_t most = 0;
+  for (size_t s : shapes) most = s > most ? s : most;
+  return most;
+}
+
 extern "C" cudaError_t ep_launch_ll_dispatch_fused(const ep_ll_launch_t* p, cudaStream_t stream, int* launched) {
   return launch_fused<ep::ll::fused_kernel<ep::ll::Call::kDispatch>>(p, dispatch_send_shape(p), dispatch_recv_shape(p),
                                                                      stream, launched);

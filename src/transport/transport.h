@@ -26,6 +26,10 @@ void ep_tp_free(void* ptr);
 /* This rank's view of `ptr` (symmetric) on `pe` for loads/stores, or NULL when `pe` is not NVLink-reachable. */
 void* ep_tp_peer_ptr(void* ptr, int pe);
 
+/* Host-initiated put of `bytes` from symmetric `src` (this rank) to symmetric `dst` on `pe`; complete at the next
+ * barrier. */
+void ep_tp_put(void* dst, const void* src, size_t bytes, int pe);
+
 /* Host-side barrier across all ranks (also completes outstanding puts). */
 void ep_tp_barrier_all(void);
 

@@ -97,6 +97,13 @@ static void test_group_create_args(void) {
   c = (ep_group_config_t)EP_GROUP_CONFIG_INIT;
   c.timeout_seconds = 0;
   EXPECT_FAIL(ep_group_create(&g, &id, 0, 4, 0, &c), NULL, EP_STATUS_INVALID_ARGUMENT, "timeout_seconds is 0");
+  c.timeout_seconds = 1e-12; /* positive, but shorter than a kernel launch: every wait would time out */
+  EXPECT_FAIL(ep_group_create(&g, &id, 0, 4, 0, &c), NULL, EP_STATUS_INVALID_ARGUMENT, "timeout_seconds is 1e-12");
+  c = (ep_group_config_t)EP_GROUP_CONFIG_INIT;
+  c.ranks_per_node = 2; /* two nodes: the internode metadata packs token << 8 in an int */
+  c.max_tokens_per_rank = (1 << 23) + 1;
+  EXPECT_FAIL(ep_group_create(&g, &id, 0, 4, 0, &c), NULL, EP_STATUS_INVALID_ARGUMENT,
+              "max_tokens_per_rank is 8388609; a group of 2 nodes allows at most 8388608");
   CHECK(g == NULL, "group set on failure");
 
   /* With valid arguments and no GPU, the call refuses before NVSHMEM starts. */
@@ -131,6 +138,7 @@ static struct ep_group make_host_group(int num_ranks) {
 
 static void test_group_calls(void) {
   struct ep_group host_group = make_host_group(4);
+  ep_live_add(&host_group, EP_OBJECT_GROUP); /* calls look their group up */
   ep_group_t g = &host_group;
   EXPECT_FAIL(ep_group_get_info(NULL, NULL), NULL, EP_STATUS_INVALID_ARGUMENT, "group is NULL");
   EXPECT_FAIL(ep_group_get_info(g, NULL), g, EP_STATUS_INVALID_ARGUMENT, "info is NULL");
@@ -152,6 +160,7 @@ static void test_group_calls(void) {
 
 static void test_layout_args(void) {
   struct ep_group host_group = make_host_group(4);
+  ep_live_add(&host_group, EP_OBJECT_GROUP); /* calls look their group up */
   ep_group_t g = &host_group;
   int64_t dummy_idx[1];
   int dummy[256];
@@ -239,20 +248,24 @@ static void test_ll_size_hint(void) {
 
 static void test_ll_args(void) {
   struct ep_group no_ll = make_host_group(4);
+  ep_live_add(&no_ll, EP_OBJECT_GROUP); /* calls look their group up */
   ep_ll_handle_t h = NULL;
   EXPECT_FAIL(ep_ll_handle_create(&no_ll, &h), &no_ll, EP_STATUS_INVALID_USAGE, "ll_max_tokens_per_rank is 0");
   EXPECT_FAIL(ep_ll_handle_create(NULL, &h), NULL, EP_STATUS_INVALID_ARGUMENT, "group is NULL");
 
   struct ep_group host_group = make_host_group(4);
+  ep_live_add(&host_group, EP_OBJECT_GROUP); /* calls look their group up */
   host_group.config.ll_max_tokens_per_rank = 128;
   host_group.ll_region = ep_ll_region(4, 256, 128, 7168, 8);
   ep_group_t g = &host_group;
   EXPECT_FAIL(ep_ll_handle_create(g, NULL), g, EP_STATUS_INVALID_ARGUMENT, "handle is NULL");
   /* A handle object with no device memory: enough for validation. */
   struct ep_ll_handle handle;
+  ep_live_add(&handle, EP_OBJECT_LL_HANDLE);
   memset(&handle, 0, sizeof(handle));
   handle.group = g;
   struct ep_ll_handle other = handle;
+  ep_live_add(&other, EP_OBJECT_LL_HANDLE);
   other.group = &no_ll;
 
   static uint16_t x[64];
@@ -387,13 +400,17 @@ static void test_ll_args(void) {
 /* ep_dispatch_prepare / ep_dispatch / ep_combine: every check that comes before the device is touched. */
 static void test_normal_args(void) {
   struct ep_group host_group = make_host_group(4);
+  ep_live_add(&host_group, EP_OBJECT_GROUP); /* calls look their group up */
   ep_group_t g = &host_group;
   struct ep_handle handle;
+  ep_live_add(&handle, EP_OBJECT_HANDLE);
   memset(&handle, 0, sizeof(handle));
   handle.group = g;
   handle.num_recv_host = -1;
   struct ep_group other_group = make_host_group(4);
+  ep_live_add(&other_group, EP_OBJECT_GROUP); /* calls look their group up */
   struct ep_handle foreign = handle;
+  ep_live_add(&foreign, EP_OBJECT_HANDLE);
   foreign.group = &other_group;
   int64_t idx[8];
   _Alignas(16) uint8_t rows[64];
@@ -492,16 +509,19 @@ static void expect_hidden_message(ep_status_t st, ep_group_t group, const char* 
 
 static void test_hidden_rule(void) {
   struct ep_group host_group = make_host_group(4); /* config.hidden = 7168 */
+  ep_live_add(&host_group, EP_OBJECT_GROUP);       /* calls look their group up */
   host_group.config.ll_max_tokens_per_rank = 128;
   host_group.ll_region = ep_ll_region(4, 256, 128, 7168, 8);
   ep_group_t g = &host_group;
   struct ep_handle handle;
+  ep_live_add(&handle, EP_OBJECT_HANDLE);
   memset(&handle, 0, sizeof(handle));
   handle.group = g;
   handle.num_recv_host = -1;
   handle.prepared = true;
   handle.num_tokens = 1;
   struct ep_ll_handle ll_handle;
+  ep_live_add(&ll_handle, EP_OBJECT_LL_HANDLE);
   memset(&ll_handle, 0, sizeof(ll_handle));
   ll_handle.group = g;
   _Alignas(16) static uint8_t rows[64];
@@ -598,6 +618,7 @@ static void test_ll_handle_carve(void) {
 static void test_handle_in(void) {
   for (int nodes = 1; nodes <= 2; ++nodes) {
     struct ep_group host_group = make_host_group(4);
+    ep_live_add(&host_group, EP_OBJECT_GROUP); /* calls look their group up */
     host_group.num_nodes = nodes;
     host_group.ranks_per_node = 4 / nodes;
     ep_group_t g = &host_group;
@@ -703,7 +724,7 @@ static void test_limits(void) {
   EXPECT_FAIL(ep_group_create(&g, &id, 0, 1, 0, &c), NULL, EP_STATUS_INVALID_ARGUMENT, want);
   c = (ep_group_config_t)EP_GROUP_CONFIG_INIT;
   c.timeout_seconds = l.max_timeout_seconds + 1.0;
-  snprintf(want, sizeof(want), "it must be in (0, %d]", l.max_timeout_seconds);
+  snprintf(want, sizeof(want), "it must be in [%g, %d]", EP_MIN_TIMEOUT_SECONDS, l.max_timeout_seconds);
   EXPECT_FAIL(ep_group_create(&g, &id, 0, 1, 0, &c), NULL, EP_STATUS_INVALID_ARGUMENT, want);
   c = (ep_group_config_t)EP_GROUP_CONFIG_INIT;
   c.ll_max_tokens_per_rank = l.ll_max_tokens_per_rank + 1;
@@ -717,10 +738,12 @@ static void test_ll_handle_state(void) {
   ep_ll_handle_state_t s = EP_LL_HANDLE_STATE_INIT;
   EXPECT_FAIL(ep_ll_handle_get_state(NULL, &s), NULL, EP_STATUS_INVALID_ARGUMENT, "handle is NULL");
   struct ep_group host_group = make_host_group(4);
+  ep_live_add(&host_group, EP_OBJECT_GROUP); /* calls look their group up */
   host_group.config.ll_max_tokens_per_rank = 128;
   host_group.ll_region = ep_ll_region(4, 256, 128, 7168, 8);
   ep_group_t g = &host_group;
   struct ep_ll_handle handle;
+  ep_live_add(&handle, EP_OBJECT_LL_HANDLE);
   memset(&handle, 0, sizeof(handle));
   handle.group = g;
   EXPECT_FAIL(ep_ll_handle_get_state(&handle, NULL), g, EP_STATUS_INVALID_ARGUMENT, "state is NULL");

@@ -1,0 +1,258 @@
+/* test_faults: faults met at the edges of a group's life, on real groups.
+ *
+ *  1. Ranks that disagree on the config: the last rank asks for another hidden size. Every rank's ep_group_create
+ *     fails with EP_STATUS_INVALID_ARGUMENT naming the last rank and config.hidden (none hangs: the check is one
+ *     exchange and a barrier, before the workspace is allocated), and a group made next with one config works.
+ *  2. Objects used after they are freed: a handle and an LL handle destroyed after their group (orphans: success),
+ *     the group destroyed twice and asked for its info after destroy (EP_STATUS_INVALID_USAGE, no memory error).
+ *  3. An expert id out of range in the layout, and in an eager prepare on rank 0 only: reported to the rank that
+ *     made it (EP_STATUS_DEVICE_ERROR) and the group keeps working (the next group check passes on every rank).
+ *     Two layout calls overlapping on two streams: the second is refused.
+ *  4. A timeout behind an unread data fault is recorded (fatal outranks data) and names the absent rank.
+ * Every rank prints one line per case: name, outcome, seconds. */
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+
+#include <cuda_runtime_api.h>
+
+#include "common/check.h"
+#include "gpu/harness.h"
+
+static double now_s(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static void CUDART_CB sleep_200ms(void* unused) {
+  (void)unused;
+  struct timespec ts = {0, 200000000};
+  nanosleep(&ts, NULL);
+}
+
+static ep_group_config_t small_config(const harness_t* h) {
+  ep_group_config_t cfg = EP_GROUP_CONFIG_INIT;
+  cfg.num_experts = 4 * h->num_ranks;
+  cfg.hidden = 1024;
+  cfg.max_tokens_per_rank = 64;
+  cfg.ll_max_tokens_per_rank = 16;
+  cfg.timeout_seconds = 5.0;
+  return cfg;
+}
+
+static void case_config_disagreement(const harness_t* h) {
+  ep_group_config_t cfg = small_config(h);
+  const int odd = h->num_ranks - 1;
+  if (h->rank == odd) cfg.hidden = 2048;
+  ep_group_t g = NULL;
+  double t0 = now_s();
+  ep_status_t st = harness_group_create(h, &cfg, &g);
+  char want[96];
+  snprintf(want, sizeof(want), "rank %d has config.hidden = 2048 but rank 0 has 1024", odd);
+  CHECK(st == EP_STATUS_INVALID_ARGUMENT && g == NULL, "create with disagreeing configs gave %s", ep_status_string(st));
+  CHECK(strstr(ep_last_error(NULL), want) != NULL, "message \"%s\" lacks \"%s\"", ep_last_error(NULL), want);
+  printf("rank %d: config disagreement: %s in %.3f s: %s\n", h->rank, ep_status_string(st), now_s() - t0,
+         ep_last_error(NULL));
+  if (g) ep_group_destroy(g);
+  harness_barrier(h, "disagreed");
+}
+
+static void case_use_after_destroy(const harness_t* h) {
+  ep_group_config_t cfg = small_config(h);
+  ep_group_t g = NULL;
+  ep_status_t st = harness_group_create(h, &cfg, &g);
+  CHECK(st == EP_STATUS_SUCCESS, "create after the disagreement: %s", ep_last_error(NULL));
+  if (st != EP_STATUS_SUCCESS) return;
+  ep_handle_t handle = NULL;
+  ep_ll_handle_t ll = NULL;
+  CHECK(ep_handle_create(g, &handle) == EP_STATUS_SUCCESS, "handle: %s", ep_last_error(g));
+  CHECK(ep_ll_handle_create(g, &ll) == EP_STATUS_SUCCESS, "LL handle: %s", ep_last_error(g));
+  cudaStream_t stream;
+  cudaStreamCreate(&stream);
+
+  /* A bad expert id in the layout is this rank's data fault; the group keeps working. */
+  int64_t* topk = NULL;
+  int *per_rank = NULL, *per_expert = NULL;
+  uint8_t* in_rank = NULL;
+  cudaMalloc((void**)&topk, 2 * sizeof(int64_t));
+  cudaMalloc((void**)&per_rank, sizeof(int) * (size_t)h->num_ranks);
+  cudaMalloc((void**)&per_expert, sizeof(int) * (size_t)cfg.num_experts);
+  cudaMalloc((void**)&in_rank, (size_t)h->num_ranks);
+  const int64_t ids[2] = {0, cfg.num_experts + 7};
+  cudaMemcpy(topk, ids, sizeof(ids), cudaMemcpyHostToDevice);
+  ep_layout_args_t la = EP_LAYOUT_ARGS_INIT;
+  la.topk_idx = topk;
+  la.num_tokens = 1;
+  la.num_topk = 2;
+  la.num_experts = cfg.num_experts;
+  la.num_tokens_per_rank = per_rank;
+  la.num_tokens_per_expert = per_expert;
+  la.is_token_in_rank = in_rank;
+  CHECK(ep_get_dispatch_layout(g, &la, stream) == EP_STATUS_SUCCESS, "layout launch: %s", ep_last_error(g));
+  cudaStreamSynchronize(stream);
+  ep_status_t async_st = EP_STATUS_SUCCESS;
+  ep_get_async_error(g, &async_st);
+  CHECK(async_st == EP_STATUS_DEVICE_ERROR, "bad expert id gave %s", ep_status_string(async_st));
+  CHECK(ep_group_check(g, stream) == EP_STATUS_SUCCESS, "group check after a data fault: %s", ep_last_error(g));
+  printf("rank %d: bad expert id in layout: %s, then group check ok\n", h->rank, ep_status_string(async_st));
+
+  /* The same bad id on rank 0 only, in an eager prepare (collective): rank 0's call reports it once its kernel has
+   * run (the status after the call), the other ranks' calls succeed, and the group keeps working. */
+  if (h->rank != 0) cudaMemcpy(topk, ids, sizeof(int64_t), cudaMemcpyHostToDevice); /* {0, 0}: fine */
+  ep_dispatch_prepare_args_t pa = EP_DISPATCH_PREPARE_ARGS_INIT;
+  pa.topk_idx = topk;
+  pa.num_tokens = 1;
+  pa.num_topk = h->rank == 0 ? 2 : 1;
+  pa.num_experts = cfg.num_experts;
+  int num_recv = -1;
+  pa.num_recv_tokens = &num_recv;
+  st = ep_dispatch_prepare(g, handle, &pa, stream);
+  CHECK(st == (h->rank == 0 ? EP_STATUS_DEVICE_ERROR : EP_STATUS_SUCCESS), "prepare with a bad id on rank 0: %s (%s)",
+        ep_status_string(st), ep_last_error(g));
+  CHECK(ep_group_check(g, stream) == EP_STATUS_SUCCESS, "group check after the prepare: %s", ep_last_error(g));
+  printf("rank %d: bad expert id in an eager prepare on rank 0: %s, then group check ok\n", h->rank,
+         ep_status_string(st));
+
+  /* A bad id in an LL dispatch on rank 0 only: treated as -1 there (the token still reaches expert 0), reported to
+   * rank 0 alone by ep_get_async_error, and every rank's dispatch ran: expert 0 (on rank 0) got one row per rank. */
+  {
+    const int E = cfg.num_experts, E_loc = E / h->num_ranks, T = cfg.ll_max_tokens_per_rank, H = cfg.hidden;
+    void *x = NULL, *recv_x = NULL;
+    int* recv_count = NULL;
+    cudaMalloc(&x, sizeof(uint16_t) * (size_t)H);
+    cudaMemset(x, 0, sizeof(uint16_t) * (size_t)H);
+    cudaMalloc(&recv_x, sizeof(uint16_t) * (size_t)E_loc * (size_t)(h->num_ranks * T) * (size_t)H);
+    cudaMalloc((void**)&recv_count, sizeof(int) * (size_t)E_loc);
+    const int64_t ll_ids[2] = {0, h->rank == 0 ? E + 3 : 1};
+    cudaMemcpy(topk, ll_ids, sizeof(ll_ids), cudaMemcpyHostToDevice);
+    ep_ll_dispatch_args_t da = EP_LL_DISPATCH_ARGS_INIT;
+    da.x = x;
+    da.num_tokens = 1;
+    da.hidden = H;
+    da.topk_idx = topk;
+    da.num_topk = 2;
+    da.num_experts = E;
+    da.max_tokens_per_rank = T;
+    da.recv_dtype = EP_BF16;
+    da.recv_x = recv_x;
+    da.recv_count = recv_count;
+    st = ep_ll_dispatch(g, ll, &da, stream);
+    CHECK(st == EP_STATUS_SUCCESS, "LL dispatch with a bad id on rank 0: %s (%s)", ep_status_string(st),
+          ep_last_error(g));
+    cudaStreamSynchronize(stream);
+    ep_get_async_error(g, &async_st);
+    CHECK(async_st == (h->rank == 0 ? EP_STATUS_DEVICE_ERROR : EP_STATUS_SUCCESS), "LL bad id reported as %s",
+          ep_status_string(async_st));
+    int count0 = -1;
+    cudaMemcpy(&count0, recv_count, sizeof(int), cudaMemcpyDeviceToHost);
+    if (h->rank == 0) CHECK(count0 == h->num_ranks, "expert 0 received %d rows, want %d", count0, h->num_ranks);
+    CHECK(ep_ll_clean(g, stream) == EP_STATUS_SUCCESS, "LL clean after the data fault: %s", ep_last_error(g));
+    CHECK(ep_group_check(g, stream) == EP_STATUS_SUCCESS, "group check after the LL data fault: %s", ep_last_error(g));
+    printf("rank %d: bad expert id in an LL dispatch on rank 0: %s, expert 0 rows %d\n", h->rank,
+           ep_status_string(async_st), count0);
+    cudaFree(x);
+    cudaFree(recv_x);
+    cudaFree(recv_count);
+  }
+
+  /* Two layout calls overlapping on two streams would share the group's scratch: the second is refused while the
+   * first waits behind a 200 ms host function, and runs once the first is done. */
+  const int64_t good[2] = {0, 1};
+  cudaMemcpy(topk, good, sizeof(good), cudaMemcpyHostToDevice);
+  cudaStream_t other;
+  cudaStreamCreate(&other);
+  cudaLaunchHostFunc(stream, sleep_200ms, NULL);
+  la.num_topk = 2;
+  CHECK(ep_get_dispatch_layout(g, &la, stream) == EP_STATUS_SUCCESS, "layout behind the sleep: %s", ep_last_error(g));
+  st = ep_get_dispatch_layout(g, &la, other);
+  CHECK(st == EP_STATUS_INVALID_USAGE && strstr(ep_last_error(g), "another stream") != NULL,
+        "overlapping layout on another stream gave %s (%s)", ep_status_string(st), ep_last_error(g));
+  cudaStreamSynchronize(stream);
+  CHECK(ep_get_dispatch_layout(g, &la, other) == EP_STATUS_SUCCESS, "layout after the first finished: %s",
+        ep_last_error(g));
+  cudaStreamSynchronize(other);
+  cudaStreamDestroy(other);
+  printf("rank %d: overlapping layouts on two streams: %s\n", h->rank, ep_status_string(st));
+  cudaFree(topk);
+  cudaFree(per_rank);
+  cudaFree(per_expert);
+  cudaFree(in_rank);
+  cudaStreamDestroy(stream);
+
+  CHECK(ep_group_destroy(g) == EP_STATUS_SUCCESS, "destroy: %s", ep_last_error(NULL));
+  CHECK(ep_group_destroy(g) == EP_STATUS_INVALID_USAGE, "second destroy is not refused");
+  ep_group_info_t info;
+  CHECK(ep_group_get_info(g, &info) == EP_STATUS_INVALID_USAGE, "info after destroy is not refused");
+  CHECK(ep_handle_destroy(handle) == EP_STATUS_SUCCESS, "orphan handle destroy: %s", ep_last_error(NULL));
+  CHECK(ep_ll_handle_destroy(ll) == EP_STATUS_SUCCESS, "orphan LL handle destroy: %s", ep_last_error(NULL));
+  CHECK(ep_handle_destroy(handle) == EP_STATUS_INVALID_USAGE, "second handle destroy is not refused");
+  printf("rank %d: use after destroy: refused, orphans destroyed\n", h->rank);
+}
+
+/* A data fault left unread, then a peer that stays away: the collective call runs (it is not skipped for the data
+ * fault) and its timeout is recorded over the data fault (fatal outranks data), naming the absent rank. */
+static void case_timeout_behind_data_fault(const harness_t* h) {
+  ep_group_config_t cfg = small_config(h);
+  cfg.timeout_seconds = 1.0;
+  ep_group_t g = NULL;
+  ep_status_t st = harness_group_create(h, &cfg, &g);
+  CHECK(st == EP_STATUS_SUCCESS, "create: %s", ep_last_error(NULL));
+  if (st != EP_STATUS_SUCCESS) return;
+  cudaStream_t stream;
+  cudaStreamCreate(&stream);
+  int64_t* topk = NULL;
+  int *per_rank = NULL, *per_expert = NULL;
+  uint8_t* in_rank = NULL;
+  cudaMalloc((void**)&topk, sizeof(int64_t));
+  cudaMalloc((void**)&per_rank, sizeof(int) * (size_t)h->num_ranks);
+  cudaMalloc((void**)&per_expert, sizeof(int) * (size_t)cfg.num_experts);
+  cudaMalloc((void**)&in_rank, (size_t)h->num_ranks);
+  const int64_t bad = -5;
+  cudaMemcpy(topk, &bad, sizeof(bad), cudaMemcpyHostToDevice);
+  ep_layout_args_t la = EP_LAYOUT_ARGS_INIT;
+  la.topk_idx = topk;
+  la.num_tokens = 1;
+  la.num_topk = 1;
+  la.num_experts = cfg.num_experts;
+  la.num_tokens_per_rank = per_rank;
+  la.num_tokens_per_expert = per_expert;
+  la.is_token_in_rank = in_rank;
+  CHECK(ep_get_dispatch_layout(g, &la, stream) == EP_STATUS_SUCCESS, "layout: %s", ep_last_error(g));
+  cudaStreamSynchronize(stream); /* the data fault is in the word, unread */
+  const int absent = h->num_ranks - 1;
+  char want[64];
+  snprintf(want, sizeof(want), "waiting for rank %d", absent);
+  if (h->rank != absent) {
+    double t0 = now_s();
+    st = ep_group_check(g, stream);
+    CHECK(st == EP_STATUS_TIMEOUT && strstr(ep_last_error(g), want) != NULL,
+          "check behind a data fault with rank %d away gave %s (%s)", absent, ep_status_string(st), ep_last_error(g));
+    printf("rank %d: timeout behind an unread data fault: %s in %.3f s\n", h->rank, ep_status_string(st), now_s() - t0);
+  }
+  harness_barrier(h, "timed_out_behind_data");
+  if (h->rank == absent) {
+    st = ep_group_check(g, stream);
+    CHECK(st == EP_STATUS_SUCCESS, "late check gave %s (%s)", ep_status_string(st), ep_last_error(g));
+  }
+  cudaFree(topk);
+  cudaFree(per_rank);
+  cudaFree(per_expert);
+  cudaFree(in_rank);
+  cudaStreamDestroy(stream);
+  ep_group_destroy(g);
+}
+
+int main(void) {
+  harness_t h;
+  int rc = harness_init(&h);
+  if (rc) return rc;
+  if (h.num_ranks < 2) {
+    printf("SKIP: needs 2 ranks\n");
+    return TEST_SKIP;
+  }
+  case_config_disagreement(&h);
+  case_use_after_destroy(&h);
+  case_timeout_behind_data_fault(&h);
+  return TEST_RESULT();
+}
