@@ -236,6 +236,7 @@ class NormalPath:
         if cached:
             return out_x, None, None, None, None, event
         handle.recv_src_idx = recv_src_idx
+        handle._keep_routing(topk_idx, is_token_in_rank)
         counts = [] if handle.is_graph_safe else list(handle.num_recv_tokens_per_expert)
         return out_x, recv_topk_idx, recv_topk_weights, counts, handle, event
 
