@@ -22,7 +22,8 @@ from .buffer import Buffer, Config, DispatchHandle, EventOverlap, LowLatencyHand
 __version__ = "0.1.0"
 
 __all__ = ["Buffer", "Config", "EventOverlap", "DispatchHandle", "LowLatencyHandle", "EpError", "EpLibraryError",
-           "topk_idx_t", "install_as_deep_ep", "dispatch", "combine", "DispatchFunction", "CombineFunction", "__version__"]
+           "topk_idx_t", "install_as_deep_ep", "dispatch", "combine", "DispatchFunction", "CombineFunction",
+           "__version__"]
 
 # Names resolved on first access (they need torch), and the submodules that provide them.
 _AUTOGRAD_NAMES = ("dispatch", "combine", "DispatchFunction", "CombineFunction")

@@ -74,13 +74,14 @@ class DispatchHandle:
         self._is_token_in_rank = None   # given to the dispatch, or made on first access
 
     def _keep_routing(self, topk_idx, is_token_in_rank):
-        """Keep what the DeepEP view's is_token_in_rank is made from (references only: no work, no copy)."""
-        self._topk_idx = topk_idx
+        """Keep what the DeepEP view's is_token_in_rank is made from (references only: no work, no copy): the
+        caller's is_token_in_rank when it has DeepEP's form, else the dispatch's topk_idx."""
         torch = require_torch("dispatch")
-        R = self._buffer.group_size
         if (isinstance(is_token_in_rank, torch.Tensor) and is_token_in_rank.dtype == torch.bool
-                and tuple(is_token_in_rank.shape) == (self.num_tokens, R)):
+                and tuple(is_token_in_rank.shape) == (self.num_tokens, self._buffer.group_size)):
             self._is_token_in_rank = is_token_in_rank
+        else:
+            self._topk_idx = topk_idx
 
     def _layout_name(self):
         return "intranode" if self._buffer.num_nodes == 1 else "internode"
@@ -101,6 +102,7 @@ class DispatchHandle:
         if name == "is_token_in_rank":
             if self._is_token_in_rank is None:
                 self._is_token_in_rank = self._make_is_token_in_rank(where)
+                self._topk_idx = None
             return self._is_token_in_rank
         if name in self._NEEDS_SEND_MATRIX:
             raise NotImplementedError(
