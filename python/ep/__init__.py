@@ -5,7 +5,7 @@
 
 Code that writes `import deep_ep` (DeepEP's tests, Megatron-Core's fused_a2a.py) runs on ep unedited after
 `ep.install_as_deep_ep()`: it registers ep as `deep_ep`, ep.utils as `deep_ep.utils` (EventOverlap, EventHandle)
-and ep.buffer as `deep_ep.buffer` in sys.modules.
+and ep.buffer as `deep_ep.buffer` in sys.modules (with children=True, in the processes started afterwards too).
 
 Importing `ep` imports neither PyTorch nor libep.so: PyTorch is imported when a Buffer (or `ep.topk_idx_t`, or
 the autograd functions `ep.dispatch` / `ep.combine`, or the submodule `ep.autograd`) is first used, and the

@@ -3,15 +3,19 @@
 
   * ep.install_as_deep_ep(): `import deep_ep`, `deep_ep.utils` and `deep_ep.buffer` resolve to ep (without
     PyTorch too), an ImportError fallback for names ep lacks still works, a deep_ep imported before is refused;
+    with children=True, ranks started by the spawn method (as DeepEP's test scripts start them) get it too;
   * deep_ep.utils.EventHandle: recorded on the current stream when made, waited on by current_stream_wait(), and
     accepted as previous_event alone or inside an EventOverlap (Megatron-Core passes EventOverlap(EventHandle()));
   * DispatchHandle indexes as DeepEP's handle tuple: the entries ep has, made on first access only; a clear error
     for the others.
 PyTorch is replaced by a stub module that records what is asked of it (no GPU, no PyTorch needed)."""
 
+import importlib.machinery
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import types
 
 import eptest
@@ -85,7 +89,7 @@ def install_stub_torch():
 torch = install_stub_torch()
 eptest.use_package()
 import ep  # noqa: E402
-from ep import _streams  # noqa: E402
+from ep import _compat, _streams  # noqa: E402
 from ep._handles import DispatchHandle  # noqa: E402
 
 
@@ -131,6 +135,72 @@ def import_checks(ck):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     ck.check("without PyTorch: install_as_deep_ep() and `from deep_ep.utils import ...` work, torch not imported",
              r.returncode == 0 and r.stdout.strip() == "False None", (r.stdout + r.stderr)[-800:])
+
+
+# A client as DeepEP's test scripts are: `import deep_ep` at the top, ranks started with the spawn method (each
+# re-imports the script). It prints what each process got as deep_ep.
+SPAWNING_CLIENT = """
+import deep_ep
+import multiprocessing
+
+
+def rank_main(queue):
+    queue.put(deep_ep.__file__)
+
+
+if __name__ == "__main__":
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    worker = ctx.Process(target=rank_main, args=(queue,))
+    worker.start()
+    child_file = queue.get(timeout=60)
+    worker.join(60)
+    print(deep_ep.__file__, child_file, worker.exitcode)
+"""
+
+
+def run_python(code, env_extra=None, cwd=None):
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)  # ep comes from sys.path in the parent, as eptest.use_package() does here
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=cwd,
+                          timeout=120)
+
+
+def children_checks(ck, tmp):
+    script = os.path.join(tmp, "client.py")
+    with open(script, "w") as f:
+        f.write(SPAWNING_CLIENT)
+    runner = ("import sys, runpy\nsys.path.insert(0, {python!r})\nimport ep\nep.install_as_deep_ep({kw})\n"
+              "runpy.run_path({script!r}, run_name='__main__')\n")
+    r = run_python(runner.format(python=eptest.PYTHON_DIR, kw="children=True", script=script))
+    words = r.stdout.split()
+    ck.check("children=True: a spawned rank that re-imports `import deep_ep` gets the same ep as its parent",
+             r.returncode == 0 and len(words) == 3 and words[0] == words[1] == ep.__file__ and words[2] == "0",
+             (r.stdout + r.stderr)[-1500:])
+    if importlib.machinery.PathFinder.find_spec("deep_ep") is None:  # no DeepEP installed here
+        r = run_python(runner.format(python=eptest.PYTHON_DIR, kw="", script=script))
+        ck.check("without children=True the spawned rank has no deep_ep (what children=True is for)",
+                 r.returncode != 0 and "No module named 'deep_ep'" in r.stderr, (r.stdout + r.stderr)[-800:])
+
+    r = run_python("import deep_ep.utils; print(deep_ep.__file__)", env_extra={"PYTHONPATH": _compat.CHILDREN_SITE_DIR},
+                   cwd=tmp)
+    ck.check("PYTHONPATH=<CHILDREN_SITE_DIR> alone gives a process `import deep_ep` (ep found through it)",
+             r.returncode == 0 and r.stdout.strip() == ep.__file__, (r.stdout + r.stderr)[-800:])
+
+    # A sitecustomize already on the path still runs in the children (the site folder's one runs it first).
+    other = os.path.join(tmp, "other_site")
+    os.makedirs(other)
+    with open(os.path.join(other, "sitecustomize.py"), "w") as f:
+        f.write("import os\nos.environ['EP_TEST_OTHER_SITECUSTOMIZE'] = 'ran'\n")
+    code = ("import sys, subprocess\nsys.path.insert(0, {python!r})\nimport ep\nep.install_as_deep_ep(children=True)"
+            "\nprint(subprocess.run([sys.executable, '-c', 'import os, deep_ep, ep; print(deep_ep is ep, "
+            "os.environ.get(\"EP_TEST_OTHER_SITECUSTOMIZE\"))'], capture_output=True, text=True).stdout.strip())\n")
+    r = run_python(code.format(python=eptest.PYTHON_DIR), env_extra={"PYTHONPATH": other})
+    ck.check("children=True keeps a sitecustomize already on PYTHONPATH running in the children",
+             r.returncode == 0 and r.stdout.strip() == "True ran", (r.stdout + r.stderr)[-800:])
+    ck.raises("install_as_deep_ep(children='yes') -> TypeError naming children", TypeError,
+              lambda: ep.install_as_deep_ep(children="yes"), "children")
 
 
 def event_checks(ck):
@@ -216,6 +286,11 @@ def handle_checks(ck):
 def main():
     ck = eptest.Checker()
     import_checks(ck)
+    tmp = tempfile.mkdtemp(prefix="ep-compat-")
+    try:
+        children_checks(ck, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     event_checks(ck)
     handle_checks(ck)
     ck.exit()
