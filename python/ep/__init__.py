@@ -3,6 +3,10 @@
     import ep as deep_ep
     buffer = deep_ep.Buffer(group, num_experts=256, hidden=7168, max_tokens_per_rank=4096, max_topk=8)
 
+Code that writes `import deep_ep` (DeepEP's tests, Megatron-Core's fused_a2a.py) runs on ep unedited after
+`ep.install_as_deep_ep()`: it registers ep as `deep_ep`, ep.utils as `deep_ep.utils` (EventOverlap, EventHandle)
+and ep.buffer as `deep_ep.buffer` in sys.modules (with children=True, in the processes started afterwards too).
+
 Importing `ep` imports neither PyTorch nor libep.so: PyTorch is imported when a Buffer (or `ep.topk_idx_t`, or
 the autograd functions `ep.dispatch` / `ep.combine`, or the submodule `ep.autograd`) is first used, and the
 library is loaded then too (EP_LIBRARY_PATH, else the copy pip installed in the package, else
@@ -12,12 +16,14 @@ library is loaded then too (EP_LIBRARY_PATH, else the copy pip installed in the 
 import importlib
 
 from ._capi import EpError, EpLibraryError
+from ._compat import install_as_deep_ep
 from .buffer import Buffer, Config, DispatchHandle, EventOverlap, LowLatencyHandle
 
 __version__ = "0.1.0"
 
 __all__ = ["Buffer", "Config", "EventOverlap", "DispatchHandle", "LowLatencyHandle", "EpError", "EpLibraryError",
-           "topk_idx_t", "dispatch", "combine", "DispatchFunction", "CombineFunction", "__version__"]
+           "topk_idx_t", "install_as_deep_ep", "dispatch", "combine", "DispatchFunction", "CombineFunction",
+           "__version__"]
 
 # Names resolved on first access (they need torch), and the submodules that provide them.
 _AUTOGRAD_NAMES = ("dispatch", "combine", "DispatchFunction", "CombineFunction")

@@ -1,6 +1,7 @@
 """The handles that dispatches return, and tensor views of the library-owned memory behind them.
 
-`DispatchHandle` (normal path) wraps an `ep_handle_t` whose device memory is a torch tensor it owns.
+`DispatchHandle` (normal path) wraps an `ep_handle_t` whose device memory is a torch tensor it owns, and indexes as
+much of DeepEP's handle tuple as ep can produce.
 `LowLatencyHandle` (low-latency path) names one of the Buffer's two `ep_ll_handle_t`; where it stands in the
 two-buffer turn-taking is the library's to say (`ep_ll_handle_get_state`): this object keeps only the serial of the
 dispatch that made it, which tells whether the library's handle has been refilled since.
@@ -29,7 +30,30 @@ class DispatchHandle:
       num_recv_tokens_per_expert -- list (eager) or int32 [num_local_experts] CUDA tensor (graph-safe)
       recv_src_idx          -- int32 [num_recv_rows] CUDA tensor: each received row's token index on its source
                                rank (-1 past the count)
+
+    Indexing it (`handle[i]`, `len(handle)`) gives the entries of DeepEP's handle tuple that ep can produce, each
+    made on first access only: a handle that is never indexed costs nothing more. The tuple is DeepEP's
+    intranode one on a one-node Buffer, its internode one otherwise (see DEEPEP_ENTRIES):
+      recv_src_idx      the attribute above
+      is_token_in_rank  bool [num_tokens, R]: the one given to dispatch, else made from the dispatch's topk_idx
+                        (which the handle keeps referenced for it: do not modify it in place while you may ask)
+    The rank prefix matrix (intranode entry 0, DeepEP's test reads it) and the received-rows prefix sum (internode
+    entry 6) raise NotImplementedError: the library keeps the counts behind them in the handle's device memory but
+    has no call that exposes them yet. DeepEP's per-channel state (channel prefix matrices, send heads, source
+    metadata) raises NotImplementedError too: ep moves tokens without DeepEP's channels and has no such state.
     """
+
+    # DeepEP V1's handle tuples, entry by entry: one node (intranode) and several nodes (internode).
+    DEEPEP_ENTRIES = {
+        "intranode": ("rank_prefix_matrix", "channel_prefix_matrix", "recv_channel_prefix_matrix", "recv_src_idx",
+                      "is_token_in_rank", "send_head"),
+        "internode": ("is_token_in_rank", "rdma_channel_prefix_matrix", "gbl_channel_prefix_matrix",
+                      "recv_rdma_channel_prefix_matrix", "recv_rdma_rank_prefix_sum",
+                      "recv_gbl_channel_prefix_matrix", "recv_gbl_rank_prefix_sum", "recv_src_meta",
+                      "send_rdma_head", "send_nvl_head"),
+    }
+    # Entries whose data the handle holds on the device but the C API does not expose yet.
+    _NEEDS_SEND_MATRIX = ("rank_prefix_matrix", "recv_gbl_rank_prefix_sum")
 
     def __init__(self, buffer, memory, ptr, num_tokens, num_topk, num_experts, hidden, stream):
         self._buffer = buffer
@@ -46,6 +70,56 @@ class DispatchHandle:
         self.num_recv_tokens_dev = None
         self.num_recv_tokens_per_expert = None
         self.recv_src_idx = None
+        self._topk_idx = None           # of the dispatch, for is_token_in_rank on first access
+        self._is_token_in_rank = None   # given to the dispatch, or made on first access
+
+    def _keep_routing(self, topk_idx, is_token_in_rank):
+        """Keep what the DeepEP view's is_token_in_rank is made from (references only: no work, no copy): the
+        caller's is_token_in_rank when it has DeepEP's form, else the dispatch's topk_idx."""
+        torch = require_torch("dispatch")
+        if (isinstance(is_token_in_rank, torch.Tensor) and is_token_in_rank.dtype == torch.bool
+                and tuple(is_token_in_rank.shape) == (self.num_tokens, self._buffer.group_size)):
+            self._is_token_in_rank = is_token_in_rank
+        else:
+            self._topk_idx = topk_idx
+
+    def _layout_name(self):
+        return "intranode" if self._buffer.num_nodes == 1 else "internode"
+
+    def __len__(self):
+        return len(self.DEEPEP_ENTRIES[self._layout_name()])
+
+    def __getitem__(self, index):
+        names = self.DEEPEP_ENTRIES[self._layout_name()]
+        if isinstance(index, slice):
+            return tuple(self._deepep_entry(name) for name in names[index])
+        return self._deepep_entry(names[index])
+
+    def _deepep_entry(self, name):
+        where = f"DispatchHandle[{self.DEEPEP_ENTRIES[self._layout_name()].index(name)}] ({name})"
+        if name == "recv_src_idx":
+            return self.recv_src_idx
+        if name == "is_token_in_rank":
+            if self._is_token_in_rank is None:
+                self._is_token_in_rank = self._make_is_token_in_rank(where)
+                self._topk_idx = None
+            return self._is_token_in_rank
+        if name in self._NEEDS_SEND_MATRIX:
+            raise NotImplementedError(
+                f"{where} is NOT YET SUPPORTED: the handle holds each rank's token counts to every rank on the "
+                "device, but libep has no call that exposes them (ep_handle_get_send_counts)")
+        raise NotImplementedError(f"{where} has no counterpart in ep: it is DeepEP's per-channel transfer state, "
+                                  "and ep does not move tokens in DeepEP's channels")
+
+    def _make_is_token_in_rank(self, where):
+        if self._topk_idx is None:
+            raise ValueError(f"{where}: this handle has no routing (it was not made by a dispatch)")
+        torch = require_torch(where)
+        R = self._buffer.group_size
+        topk = self._topk_idx
+        ranks = torch.arange(R, device=topk.device, dtype=topk.dtype)
+        owner = torch.where(topk >= 0, topk // (self.num_experts // R), -1)  # -1 (no expert) goes to no rank
+        return (owner.unsqueeze(-1) == ranks).any(dim=1)
 
     def _check(self, fn, buffer):
         if self._ptr is None:

@@ -121,6 +121,7 @@ class NormalPath:
           handle.num_recv_tokens_per_expert.
         Cached (handle given, no topk_idx / topk_weights): moves new x along the handle's routing, no counting;
           returns (recv_x, None, None, None, None, event).
+        The handle indexes as DeepEP's tuple where ep has the entry (DispatchHandle says which).
         config / set_num_sms: SMs used. Streams (previous_event, async_finish, allocate_on_comm_stream): as in
           DeepEP; see ep.buffer's docstring.
         """
@@ -236,6 +237,7 @@ class NormalPath:
         if cached:
             return out_x, None, None, None, None, event
         handle.recv_src_idx = recv_src_idx
+        handle._keep_routing(topk_idx, is_token_in_rank)
         counts = [] if handle.is_graph_safe else list(handle.num_recv_tokens_per_expert)
         return out_x, recv_topk_idx, recv_topk_weights, counts, handle, event
 

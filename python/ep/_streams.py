@@ -1,4 +1,5 @@
-"""Streams and events: `EventOverlap` (DeepEP's), and the communication-stream rule of the normal path.
+"""Streams and events: `EventOverlap` and `EventHandle` (DeepEP's), and the communication-stream rule of the
+normal path.
 
 A normal-path call (layout, dispatch, combine) runs on the Buffer's comm stream, which first waits for
 `previous_event` or, without one, for the current stream (`comm_begin`). At its end (`comm_end`) either the current
@@ -10,8 +11,26 @@ before the comm stream is done with it. The low-latency calls run on the current
 from ._checks import flag, require_torch
 
 
+class EventHandle:
+    """A CUDA event recorded on the current stream when made (DeepEP's `deep_ep.utils.EventHandle`).
+
+    `current_stream_wait()` makes the (then) current stream wait for it. Wrapped in an EventOverlap, or alone, it is
+    accepted wherever a normal-path call takes `previous_event`: `EventOverlap(EventHandle())` orders a call after
+    the work queued so far on the current stream, which is what Megatron-Core's fused_a2a passes."""
+
+    def __init__(self):
+        torch = require_torch("EventHandle")
+        self.event = torch.cuda.Event()
+        self.event.record(torch.cuda.current_stream())
+
+    def current_stream_wait(self):
+        """Make the current stream wait for the event."""
+        require_torch("EventHandle").cuda.current_stream().wait_event(self.event)
+
+
 class EventOverlap:
-    """A `torch.cuda.Event` (or None) plus tensors to keep alive, DeepEP's EventOverlap.
+    """A `torch.cuda.Event`, an `EventHandle` or None, plus tensors to keep alive, DeepEP's EventOverlap (the calls
+    of ep return one over a `torch.cuda.Event`).
 
     `current_stream_wait()` makes the current stream wait for the event (nothing to do when the event is None: the
     call that returned it already made the current stream wait). As a context manager, it waits on exit:
@@ -23,7 +42,9 @@ class EventOverlap:
 
     def current_stream_wait(self):
         """Make the current stream wait for the event (no-op without one)."""
-        if self.event is not None:
+        if isinstance(self.event, EventHandle):
+            self.event.current_stream_wait()
+        elif self.event is not None:
             require_torch("EventOverlap").cuda.current_stream().wait_event(self.event)
 
     def __enter__(self):
@@ -63,9 +84,11 @@ def comm_begin(fn, device, comm_stream, previous_event, async_finish, allocate_o
         raise ValueError(f"{fn}: allocate_on_comm_stream=True needs previous_event and async_finish=True (the "
                          "outputs then belong to the comm stream, which only the event orders with yours)")
     event = previous_event.event if isinstance(previous_event, EventOverlap) else previous_event
+    if isinstance(event, EventHandle):
+        event = event.event
     if event is not None and not isinstance(event, torch.cuda.Event):
-        raise TypeError(f"{fn}: previous_event must be an EventOverlap, a torch.cuda.Event or None, got "
-                        f"{type(previous_event).__name__}")
+        raise TypeError(f"{fn}: previous_event must be an EventOverlap, an EventHandle, a torch.cuda.Event or "
+                        f"None, got {type(previous_event).__name__}")
     compute = torch.cuda.current_stream(device)
     if event is None:
         comm_stream.wait_stream(compute)

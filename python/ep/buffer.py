@@ -12,7 +12,11 @@ Code written against `deep_ep.Buffer` runs with `import ep as deep_ep`, with the
   communication until the caller waits on the event; otherwise the current stream waits for the comm stream before
   the call returns. `allocate_on_comm_stream=True` (with `previous_event` and `async_finish`) allocates the
   outputs on the comm stream. The low-latency calls run on the current stream (their overlap is the hook).
-* The handle is an opaque `DispatchHandle` object (DeepEP: a tuple of tensors). Pass it back, do not index it.
+* The handle is a `DispatchHandle` object (DeepEP: a tuple of tensors). Indexing it gives the entries of DeepEP's
+  tuple that ep has (recv_src_idx, is_token_in_rank), each made on first access; the others raise
+  NotImplementedError saying why (see DispatchHandle).
+* Code that imports `deep_ep` runs unedited after `ep.install_as_deep_ep()` (ep.utils stands for deep_ep.utils:
+  EventOverlap, EventHandle). A `previous_event` may be an EventOverlap, an EventHandle or a torch.cuda.Event.
 * Errors are exceptions, never process aborts: arguments are checked before any kernel runs (ValueError /
   TypeError naming the argument, its expected dtype, shape and device, and what was given), and a library
   failure raises `ep.EpError` with the library's message. Every device-side wait has a time budget
@@ -37,7 +41,8 @@ largest top-k, hidden size, SM count, ...) come from the library itself (`ep._ca
 
 The package's rooms: ep._checks (argument checks), ep._streams (EventOverlap and the comm stream),
 ep._handles (DispatchHandle, LowLatencyHandle, views of library-owned memory), ep._normal (the normal path),
-ep._low_latency (the low-latency path), ep._capi (the ctypes binding); this module is the facade that holds them
+ep._low_latency (the low-latency path), ep._capi (the ctypes binding), ep.utils and ep._compat (DeepEP's
+deep_ep.utils, and install_as_deep_ep); this module is the facade that holds them
 together: Config and Buffer (construction, lifecycle, settings).
 """
 

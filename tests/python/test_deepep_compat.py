@@ -1,0 +1,300 @@
+#!/usr/bin/env python3
+"""test_deepep_compat (CPU): what lets code written for DeepEP V1 run on ep unedited, checked on the host.
+
+  * ep.install_as_deep_ep(): `import deep_ep`, `deep_ep.utils` and `deep_ep.buffer` resolve to ep (without
+    PyTorch too), an ImportError fallback for names ep lacks still works, a deep_ep imported before is refused;
+    with children=True, ranks started by the spawn method (as DeepEP's test scripts start them) get it too;
+  * deep_ep.utils.EventHandle: recorded on the current stream when made, waited on by current_stream_wait(), and
+    accepted as previous_event alone or inside an EventOverlap (Megatron-Core passes EventOverlap(EventHandle()));
+  * DispatchHandle indexes as DeepEP's handle tuple: the entries ep has, made on first access only; a clear error
+    for the others.
+PyTorch is replaced by a stub module that records what is asked of it (no GPU, no PyTorch needed)."""
+
+import importlib.machinery
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import types
+
+import eptest
+
+
+class StubStream:
+    def __init__(self, name):
+        self.name, self.waited = name, []
+
+    def wait_event(self, event):
+        self.waited.append(event)
+
+    def wait_stream(self, stream):
+        self.waited.append(stream)
+
+
+class StubEvent:
+    def __init__(self):
+        self.recorded_on = None
+
+    def record(self, stream=None):
+        self.recorded_on = stream
+
+
+class StubTensor:
+    """A tensor that records the operations made on it (each returns the tensor itself)."""
+    ops = []
+
+    def __init__(self, dtype="int64", shape=()):
+        self.dtype, self.shape, self.device = dtype, shape, "cuda:0"
+
+    def _op(self, name):
+        StubTensor.ops.append(name)
+        return self
+
+    def __ge__(self, other):
+        return self._op("ge")
+
+    def __eq__(self, other):
+        return self._op("eq")
+
+    def __floordiv__(self, other):
+        return self._op("floordiv")
+
+    __hash__ = object.__hash__
+
+    def unsqueeze(self, dim):
+        return self._op("unsqueeze")
+
+    def any(self, dim=None):
+        return self._op("any")
+
+
+def install_stub_torch():
+    torch = types.ModuleType("torch")
+    torch.__path__ = []
+    torch.int64, torch.int32, torch.bool = "int64", "int32", "bool"
+    torch.Tensor = StubTensor
+    torch.arange = lambda n, device=None, dtype=None: StubTensor(dtype, (n,))._op("arange")
+    torch.where = lambda cond, a, b: a._op("where")
+    cuda = types.ModuleType("torch.cuda")
+    cuda.Event = StubEvent
+    cuda.current = StubStream("current")
+    cuda.current_stream = lambda device=None: cuda.current
+    cuda.is_current_stream_capturing = lambda: False
+    torch.cuda = cuda
+    sys.modules["torch"], sys.modules["torch.cuda"] = torch, cuda
+    return torch
+
+
+torch = install_stub_torch()
+eptest.use_package()
+import ep  # noqa: E402
+from ep import _compat, _streams  # noqa: E402
+from ep._handles import DispatchHandle  # noqa: E402
+
+
+def import_checks(ck):
+    # A module already imported as deep_ep (DeepEP itself, say) is refused, and nothing gets registered.
+    other = types.ModuleType("deep_ep")
+    other.__file__ = "/site-packages/deep_ep/__init__.py"
+    sys.modules["deep_ep"] = other
+    ck.raises("install_as_deep_ep() with another deep_ep imported -> RuntimeError naming it", RuntimeError,
+              ep.install_as_deep_ep, "'deep_ep' is already imported from /site-packages/deep_ep/__init__.py")
+    ck.check("...and registers nothing", "deep_ep.utils" not in sys.modules and sys.modules["deep_ep"] is other)
+    del sys.modules["deep_ep"]
+
+    ck.check("install_as_deep_ep() returns the ep package", ep.install_as_deep_ep() is ep)
+    ck.check("calling it again is harmless", ep.install_as_deep_ep() is ep)
+    ns = {}
+    exec("import deep_ep\nimport deep_ep.utils\n"
+         "from deep_ep import Buffer, Config, EventOverlap, topk_idx_t\n"
+         "from deep_ep.utils import EventHandle, EventOverlap as UtilsEventOverlap\n"
+         "from deep_ep.buffer import Buffer as BufferOfBuffer\n", ns)
+    ck.check("import deep_ep gives ep", ns["deep_ep"] is ep)
+    ck.check("deep_ep.Buffer / Config / EventOverlap are ep's",
+             ns["Buffer"] is ep.Buffer and ns["Config"] is ep.Config and ns["EventOverlap"] is ep.EventOverlap)
+    ck.check("deep_ep.topk_idx_t is torch.int64", ns["topk_idx_t"] == torch.int64, ns["topk_idx_t"])
+    ck.check("deep_ep.utils.EventHandle / EventOverlap are ep's",
+             ns["EventHandle"] is _streams.EventHandle and ns["UtilsEventOverlap"] is ep.EventOverlap
+             and ns["deep_ep"].utils.EventHandle is _streams.EventHandle)
+    ck.check("deep_ep.buffer.Buffer is ep.Buffer", ns["BufferOfBuffer"] is ep.Buffer)
+
+    # A client that falls back when deep_ep lacks a name (as Megatron-Core does for HybridEPBuffer).
+    ns = {}
+    exec("try:\n    from deep_ep import HybridEPBuffer\n    found = True\nexcept ImportError:\n    found = False\n", ns)
+    ck.check("from deep_ep import <a name ep lacks> raises ImportError (a client's fallback runs)",
+             ns["found"] is False)
+
+    # Without PyTorch, in a fresh interpreter: the registration and deep_ep.utils import nothing of torch.
+    code = ("import sys\nclass NoTorch:\n    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] == 'torch':\n            raise ImportError('no torch here')\n"
+            "sys.meta_path.insert(0, NoTorch())\nimport ep\nep.install_as_deep_ep()\n"
+            "from deep_ep.utils import EventHandle, EventOverlap\nfrom deep_ep import Buffer\n"
+            "print('torch' in sys.modules, EventOverlap(None).event)\n")
+    env = dict(os.environ, PYTHONPATH=eptest.PYTHON_DIR + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    ck.check("without PyTorch: install_as_deep_ep() and `from deep_ep.utils import ...` work, torch not imported",
+             r.returncode == 0 and r.stdout.strip() == "False None", (r.stdout + r.stderr)[-800:])
+
+
+# A client as DeepEP's test scripts are: `import deep_ep` at the top, ranks started with the spawn method (each
+# re-imports the script). It prints what each process got as deep_ep.
+SPAWNING_CLIENT = """
+import deep_ep
+import multiprocessing
+
+
+def rank_main(queue):
+    queue.put(deep_ep.__file__)
+
+
+if __name__ == "__main__":
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    worker = ctx.Process(target=rank_main, args=(queue,))
+    worker.start()
+    worker.join(60)
+    child_file = queue.get(timeout=10) if worker.exitcode == 0 else "no-file"
+    print(deep_ep.__file__, child_file, worker.exitcode)
+"""
+
+
+def run_python(code, env_extra=None, cwd=None):
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)  # ep comes from sys.path in the parent, as eptest.use_package() does here
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=cwd,
+                          timeout=120)
+
+
+def children_checks(ck, tmp):
+    script = os.path.join(tmp, "client.py")
+    with open(script, "w") as f:
+        f.write(SPAWNING_CLIENT)
+    runner = ("import sys, runpy\nsys.path.insert(0, {python!r})\nimport ep\nep.install_as_deep_ep({kw})\n"
+              "runpy.run_path({script!r}, run_name='__main__')\n")
+    r = run_python(runner.format(python=eptest.PYTHON_DIR, kw="children=True", script=script))
+    words = r.stdout.split()
+    ck.check("children=True: a spawned rank that re-imports `import deep_ep` gets the same ep as its parent",
+             r.returncode == 0 and len(words) == 3 and words[0] == words[1] == ep.__file__ and words[2] == "0",
+             (r.stdout + r.stderr)[-1500:])
+    if importlib.machinery.PathFinder.find_spec("deep_ep") is None:  # no DeepEP installed here
+        r = run_python(runner.format(python=eptest.PYTHON_DIR, kw="", script=script))
+        ck.check("without children=True the spawned rank has no deep_ep (what children=True is for)",
+                 "no-file" in r.stdout and "No module named 'deep_ep'" in r.stderr, (r.stdout + r.stderr)[-800:])
+
+    r = run_python("import deep_ep.utils; print(deep_ep.__file__)", env_extra={"PYTHONPATH": _compat.CHILDREN_SITE_DIR},
+                   cwd=tmp)
+    ck.check("PYTHONPATH=<CHILDREN_SITE_DIR> alone gives a process `import deep_ep` (ep found through it)",
+             r.returncode == 0 and r.stdout.strip() == ep.__file__, (r.stdout + r.stderr)[-800:])
+
+    # A sitecustomize already on the path still runs in the children (the site folder's one runs it first).
+    other = os.path.join(tmp, "other_site")
+    os.makedirs(other)
+    with open(os.path.join(other, "sitecustomize.py"), "w") as f:
+        f.write("import os\nos.environ['EP_TEST_OTHER_SITECUSTOMIZE'] = 'ran'\n")
+    code = ("import sys, subprocess\nsys.path.insert(0, {python!r})\nimport ep\nep.install_as_deep_ep(children=True)"
+            "\nprint(subprocess.run([sys.executable, '-c', 'import os, deep_ep, ep; print(deep_ep is ep, "
+            "os.environ.get(\"EP_TEST_OTHER_SITECUSTOMIZE\"))'], capture_output=True, text=True).stdout.strip())\n")
+    r = run_python(code.format(python=eptest.PYTHON_DIR), env_extra={"PYTHONPATH": other})
+    ck.check("children=True keeps a sitecustomize already on PYTHONPATH running in the children",
+             r.returncode == 0 and r.stdout.strip() == "True ran", (r.stdout + r.stderr)[-800:])
+    ck.raises("install_as_deep_ep(children='yes') -> TypeError naming children", TypeError,
+              lambda: ep.install_as_deep_ep(children="yes"), "children")
+
+
+def event_checks(ck):
+    cuda = torch.cuda
+    handle = _streams.EventHandle()
+    ck.check("EventHandle() records a CUDA event on the current stream",
+             isinstance(handle.event, StubEvent) and handle.event.recorded_on is cuda.current)
+    cuda.current = StubStream("later current")
+    handle.current_stream_wait()
+    ck.check("EventHandle.current_stream_wait(): the current stream waits for its event",
+             cuda.current.waited == [handle.event], cuda.current.waited)
+
+    cuda.current = StubStream("current")
+    ep.EventOverlap(handle).current_stream_wait()
+    ck.check("EventOverlap(EventHandle()).current_stream_wait() waits for the handle's event",
+             cuda.current.waited == [handle.event], cuda.current.waited)
+    with ep.EventOverlap(handle):
+        pass
+    ck.check("...and so does leaving `with EventOverlap(EventHandle()):`", cuda.current.waited == [handle.event] * 2)
+
+    for name, previous in (("EventOverlap(EventHandle())", ep.EventOverlap(handle)), ("EventHandle()", handle)):
+        comm = StubStream("comm")
+        try:
+            call = _streams.comm_begin("dispatch", 0, comm, previous, True, False)
+        except TypeError as e:
+            call = e
+        ck.check(f"previous_event={name}: the comm stream waits for its CUDA event",
+                 comm.waited == [handle.event] and getattr(call, "comm", None) is comm, f"{comm.waited} {call}")
+    ck.raises("previous_event of another kind -> TypeError naming the accepted kinds", TypeError,
+              lambda: _streams.comm_begin("dispatch", 0, StubStream("comm"), "an event", False, False),
+              "EventOverlap, an EventHandle, a torch.cuda.Event or None", "str")
+
+
+class FakeBuffer:
+    def __init__(self, group_size, num_nodes):
+        self.group_size, self.num_nodes = group_size, num_nodes
+
+
+def make_handle(num_nodes=1, is_token_in_rank=None, num_tokens=16, R=4):
+    h = DispatchHandle(FakeBuffer(R, num_nodes), None, None, num_tokens, 2, 8, 256, None)
+    h.recv_src_idx = StubTensor("int32", (20,))
+    h._keep_routing(StubTensor("int64", (num_tokens, 2)), is_token_in_rank)
+    return h
+
+
+def handle_checks(ck):
+    given = StubTensor("bool", (16, 4))
+    h = make_handle(is_token_in_rank=given)
+    ck.check("one node: len(handle) is DeepEP's intranode tuple's (6)", len(h) == 6, len(h))
+    ck.check("handle[3] and handle[-3] are recv_src_idx", h[3] is h.recv_src_idx and h[-3] is h.recv_src_idx)
+    ck.check("handle[4] is the is_token_in_rank given to dispatch", h[4] is given)
+    ck.check("handle[3:5] is (recv_src_idx, is_token_in_rank)", h[3:5] == (h.recv_src_idx, given))
+    ck.raises("handle[0] (rank prefix matrix) -> NotImplementedError naming the C query it needs",
+              NotImplementedError, lambda: h[0], "DispatchHandle[0] (rank_prefix_matrix)", "ep_handle_get_send_counts")
+    for i, name in ((1, "channel_prefix_matrix"), (2, "recv_channel_prefix_matrix"), (5, "send_head")):
+        ck.raises(f"handle[{i}] ({name}) -> NotImplementedError: DeepEP's channel state", NotImplementedError,
+                  lambda i=i: h[i], f"({name}) has no counterpart in ep", "channels")
+    ck.raises("handle[6] -> IndexError", IndexError, lambda: h[6])
+    ck.check("a handle is true (len() does not make it false)", bool(h))
+
+    StubTensor.ops = []
+    h = make_handle(is_token_in_rank=StubTensor("bool", (15, 4)))  # not [num_tokens, R]: not DeepEP's, made anew
+    ck.check("making a handle computes nothing for the DeepEP view", StubTensor.ops == [], StubTensor.ops)
+    first = h[4]
+    ck.check("is_token_in_rank, not given, is made from topk_idx on first access",
+             "eq" in StubTensor.ops and "any" in StubTensor.ops and first is not None, StubTensor.ops)
+    n = len(StubTensor.ops)
+    ck.check("...once: a second access reuses it", h[4] is first and len(StubTensor.ops) == n)
+    bare = DispatchHandle(FakeBuffer(4, 1), None, None, 16, 2, 8, 256, None)
+    ck.raises("is_token_in_rank of a handle no dispatch filled -> ValueError", ValueError, lambda: bare[4],
+              "no routing")
+
+    given = StubTensor("bool", (16, 4))
+    h = make_handle(num_nodes=2, is_token_in_rank=given)
+    ck.check("several nodes: len(handle) is DeepEP's internode tuple's (10)", len(h) == 10, len(h))
+    ck.check("internode handle[0] is is_token_in_rank", h[0] is given)
+    ck.raises("internode handle[6] (received-rows prefix sum) -> NotImplementedError naming the C query",
+              NotImplementedError, lambda: h[6], "(recv_gbl_rank_prefix_sum)", "ep_handle_get_send_counts")
+    ck.raises("internode handle[7] (recv_src_meta) -> NotImplementedError", NotImplementedError, lambda: h[7],
+              "no counterpart in ep")
+
+
+def main():
+    ck = eptest.Checker()
+    import_checks(ck)
+    tmp = tempfile.mkdtemp(prefix="ep-compat-")
+    try:
+        children_checks(ck, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    event_checks(ck)
+    handle_checks(ck)
+    ck.exit()
+
+
+if __name__ == "__main__":
+    main()
