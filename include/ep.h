@@ -235,10 +235,10 @@ EP_API ep_status_t ep_group_destroy(ep_group_t group);
  * that is gone would leave ep_group_destroy waiting in NVSHMEM's collective shutdown). The group's handles become
  * orphans (destroy them, or leave them to the process's exit). Host memory is freed; device memory, the pinned
  * error word and NVSHMEM are left as they are (kernels still waiting on a peer end within the time budget, and
- * NVSHMEM's shutdown is collective), so after an abort this process cannot create another group: ep_group_create says
- * so. Restart the process (every rank, or the survivors with a new unique id) to make a new group. group  [IN] may be
- * NULL (then nothing happens); destroyed or aborted already: EP_STATUS_INVALID_USAGE Collective: no. Allocates: no.
- * Graph-capturable: no. Any thread, but not while another is inside a call on it. */
+ * NVSHMEM's shutdown is collective), so after an abort this process cannot create another group: ep_group_create
+ * says so. Restart the process (every rank, or the survivors with a new unique id) to make a new group.
+ *   group  [IN] may be NULL (then nothing happens); destroyed or aborted already: EP_STATUS_INVALID_USAGE.
+ * Collective: no. Allocates: no. Graph-capturable: no. Any thread, but not while another is inside a call on it. */
 EP_API ep_status_t ep_group_abort(ep_group_t group);
 
 /* Facts about the group (rank, nodes, NVLink peers, heap size).
