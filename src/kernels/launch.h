@@ -71,7 +71,7 @@ typedef struct ep_normal_group_view {
   ep_device_error_t* error;
 } ep_normal_group_view_t;
 
-/* One call's arguments: prepare's, dispatch's or combine's (the others zero), with the handle's routing shape. */
+/* A call's arguments: prepare's, dispatch's or combine's (the others zero), with the handle's routing shape. */
 typedef struct ep_normal_call {
   int num_tokens, num_topk, num_experts, expert_alignment;
   const int64_t* topk_idx;

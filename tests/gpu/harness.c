@@ -40,6 +40,12 @@ int harness_init(harness_t* h) {
   return 0;
 }
 
+int harness_need_ranks(const harness_t* h, int min_ranks) {
+  if (h->num_ranks >= min_ranks) return 0;
+  printf("SKIP: needs %d ranks, this run has %d\n", min_ranks, h->num_ranks);
+  return 77;
+}
+
 int harness_share(const harness_t* h, const char* name, void* bytes, size_t len, int root) {
   char path[4096], tmp[4200];
   snprintf(path, sizeof(path), "%s/%s", h->dir, name);

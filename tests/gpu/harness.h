@@ -29,6 +29,9 @@ typedef struct harness {
  * each other would time out. */
 int harness_init(harness_t* h);
 
+/* 77 (a skip, with a line saying why) when the run has fewer than `min_ranks` ranks, else 0. */
+int harness_need_ranks(const harness_t* h, int min_ranks);
+
 /* `root` publishes `bytes`; every other rank waits (up to 120 s) and reads them. Returns 0 on success. */
 int harness_share(const harness_t* h, const char* name, void* bytes, size_t len, int root);
 

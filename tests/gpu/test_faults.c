@@ -246,11 +246,8 @@ static void case_timeout_behind_data_fault(const harness_t* h) {
 int main(void) {
   harness_t h;
   int rc = harness_init(&h);
+  if (!rc) rc = harness_need_ranks(&h, 2);
   if (rc) return rc;
-  if (h.num_ranks < 2) {
-    printf("SKIP: needs 2 ranks\n");
-    return TEST_SKIP;
-  }
   case_config_disagreement(&h);
   case_use_after_destroy(&h);
   case_timeout_behind_data_fault(&h);

@@ -10,11 +10,8 @@
 int main(void) {
   harness_t h;
   int rc = harness_init(&h);
+  if (!rc) rc = harness_need_ranks(&h, 2);
   if (rc) return rc;
-  if (h.num_ranks < 2) {
-    printf("SKIP: needs 2 ranks\n");
-    return TEST_SKIP;
-  }
   ep_group_config_t cfg = EP_GROUP_CONFIG_INIT;
   cfg.num_experts = 4 * h.num_ranks;
   cfg.hidden = 1024;
