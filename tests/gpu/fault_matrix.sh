@@ -24,15 +24,16 @@ mapfile -t cells < <("$prog" --list)
 bad=0
 
 # One cell's verdict from its ranks' lines (cell ROW COLUMN rank R ROLE VERDICT STATUS SECONDS ...):
-# "VERDICT STATUSES SECONDS ABORT_SECONDS" (ABORT_SECONDS "-" without an abort).
-summarize() { # row col log_dir launch_rc launch_output
+# "VERDICT STATUSES SECONDS ABORT_SECONDS": the statuses and seconds of the ranks in role `shown` (survivor for a
+# fatal cell, faulty for a data cell), ABORT_SECONDS "-" without an abort.
+summarize() { # row col log_dir launch_rc launch_output shown
   local verdict
-  verdict=$(cat "$3"/rank*.log 2>/dev/null | awk -v row="$1" -v col="$2" -v rc="$4" '
+  verdict=$(cat "$3"/rank*.log 2>/dev/null | awk -v row="$1" -v col="$2" -v rc="$4" -v shown="$6" '
     $1 == "cell" && $2 == row && $3 == col {
       n++
       if ($7 == "HANG") hang = 1
       else if ($7 == "FAIL") fail = 1
-      if ($6 == "survivor" && $8 != "-") { s = $8; sub(/^EP_STATUS_/, "", s); seen[s] = 1; if ($9 + 0 > sec) sec = $9 + 0 }
+      if ($6 == shown && $8 != "-") { s = $8; sub(/^EP_STATUS_/, "", s); seen[s] = 1; if ($9 + 0 > sec) sec = $9 + 0 }
       if ($6 == "abort") { aborted = 1; if ($9 + 0 > ab) ab = $9 + 0 }
     }
     END {
@@ -63,21 +64,21 @@ for n in ${EP_FM_RANKS:-2 4}; do
     read -r row col kind _ <<< "$line"
     case $kind in
       n/a) table[$row,$col]="n/a" ;;
-      data) table[$row,$col]=$(summarize "$row" "$col" "$logs/$n/data" 0 "$data_out") ;;
+      data) table[$row,$col]=$(summarize "$row" "$col" "$logs/$n/data" 0 "$data_out" faulty) ;;
       own)
         if [[ -n ${EP_FM_CELLS:-} ]] && ! [[ "$row $col" =~ $EP_FM_CELLS ]]; then table[$row,$col]="not run"; continue; fi
         kill_flag=(); [[ $col == kill ]] && kill_flag=(-k $((n - 1)))
         out=$(env "${share[@]}" "$launch" -n "$n" -t "$bound" -q "${kill_flag[@]}" -l "$logs/$n/$row-$col" -- \
           "$prog" "$row" "$col" 2>&1)
         rc=$?
-        table[$row,$col]=$(summarize "$row" "$col" "$logs/$n/$row-$col" "$rc" "$out")
+        table[$row,$col]=$(summarize "$row" "$col" "$logs/$n/$row-$col" "$rc" "$out" survivor)
         [[ ${table[$row,$col]} != ok* ]] && echo "$out" | grep -E "^(FAIL|cell|ep_launch)" | head -12
         ;;
     esac
   done
   echo
-  echo "Fault matrix at $n ranks ($(( $(date +%s) - t0 )) s; logs in $logs/$n). Cell: verdict, survivors' status," \
-    "seconds to detect, seconds of ep_group_abort (fatal cells)"
+  echo "Fault matrix at $n ranks ($(( $(date +%s) - t0 )) s; logs in $logs/$n). Cell: verdict; status" \
+    "(fatal cells: the survivors', data cells: the faulty rank's); seconds to it; seconds of ep_group_abort"
   echo
   echo "| call | kill | stall | bad-expert | shape | overflow |"
   echo "|---|---|---|---|---|---|"
