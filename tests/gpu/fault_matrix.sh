@@ -66,7 +66,10 @@ for n in ${EP_FM_RANKS:-2 4}; do
       n/a) table[$row,$col]="n/a" ;;
       data) table[$row,$col]=$(summarize "$row" "$col" "$logs/$n/data" 0 "$data_out" faulty) ;;
       own)
-        if [[ -n ${EP_FM_CELLS:-} ]] && ! [[ "$row $col" =~ $EP_FM_CELLS ]]; then table[$row,$col]="not run"; continue; fi
+        if [[ -n ${EP_FM_CELLS:-} ]] && ! [[ "$row $col" =~ $EP_FM_CELLS ]]; then
+          table[$row,$col]="not run"
+          continue
+        fi
         kill_flag=(); [[ $col == kill ]] && kill_flag=(-k $((n - 1)))
         out=$(env "${share[@]}" "$launch" -n "$n" -t "$bound" -q "${kill_flag[@]}" -l "$logs/$n/$row-$col" -- \
           "$prog" "$row" "$col" 2>&1)
@@ -82,7 +85,11 @@ for n in ${EP_FM_RANKS:-2 4}; do
   echo
   echo "| call | kill | stall | bad-expert | shape | overflow |"
   echo "|---|---|---|---|---|---|"
-  rows=(); for line in "${cells[@]}"; do read -r row _ <<< "$line"; [[ " ${rows[*]} " == *" $row "* ]] || rows+=("$row"); done
+  rows=()
+  for line in "${cells[@]}"; do
+    read -r row _ <<< "$line"
+    [[ " ${rows[*]} " == *" $row "* ]] || rows+=("$row")
+  done
   for row in "${rows[@]}"; do
     printf "| %s |" "$row"
     for col in kill stall bad-expert shape overflow; do
