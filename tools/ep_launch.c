@@ -66,7 +66,7 @@ int main(int argc, char** argv) {
   }
   if (num_ranks < 1 || optind >= argc || killed_rank >= num_ranks) {
     fprintf(stderr, "usage: ep_launch -n NUM_RANKS [-t TIMEOUT_SECONDS] [-l LOG_DIR] [-q] [-k RANK] -- PROGRAM "
-            "[ARGS...]\n");
+                    "[ARGS...]\n");
     return 2;
   }
   char** prog = argv + optind;

@@ -50,8 +50,8 @@ typedef struct {
 static inline void ll_expert_fn(void* ctx, int d, int le, int s, int t, int hidden, uint16_t* y) {
   const uint64_t salt = *(const uint64_t*)ctx;
   for (int c = 0; c < hidden; ++c) {
-    uint64_t h = salt ^ ((uint64_t)d << 52) ^ ((uint64_t)le << 40) ^ ((uint64_t)s << 32) ^ ((uint64_t)t << 16) ^
-                 (uint64_t)c;
+    uint64_t h =
+        salt ^ ((uint64_t)d << 52) ^ ((uint64_t)le << 40) ^ ((uint64_t)s << 32) ^ ((uint64_t)t << 16) ^ (uint64_t)c;
     h = harness_rand(&h);
     y[c] = ep_ref_f32_to_bf16((float)((int)(h % 255) - 127) / 32.0f);
   }
@@ -72,7 +72,8 @@ static inline int ll_world_make(ll_world_t* w, const ll_shape_t* k, int R, uint6
     w->idx[r] = xmalloc((size_t)n * K * 8 + 8);
     w->w[r] = xmalloc((size_t)n * K * 4 + 4);
     for (int t = 0; t < n; ++t) {
-      for (int c = 0; c < H; ++c) w->x[r][(size_t)t * H + c] = ep_ref_f32_to_bf16((float)(2.0 * harness_uniform(&st) - 1.0));
+      for (int c = 0; c < H; ++c)
+        w->x[r][(size_t)t * H + c] = ep_ref_f32_to_bf16((float)(2.0 * harness_uniform(&st) - 1.0));
       int64_t* row = w->idx[r] + (size_t)t * K;
       for (int j = 0; j < K; ++j) {
         int fresh;
@@ -205,7 +206,8 @@ static inline long ll_check_dispatch(const ll_bufs_t* b, const ll_world_t* w, in
   long bad = 0;
   for (size_t e = 0; e < E_loc; ++e) {
     if (count[e] != r->count[e]) {
-      if (bad++ < LL_MAX_REPORTS) fprintf(stderr, "rank %d: LL recv_count[%zu] = %d, want %d\n", me, e, count[e], r->count[e]);
+      if (bad++ < LL_MAX_REPORTS)
+        fprintf(stderr, "rank %d: LL recv_count[%zu] = %d, want %d\n", me, e, count[e], r->count[e]);
       continue;
     }
     for (int i = 0; i < count[e]; ++i) {

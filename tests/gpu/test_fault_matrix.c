@@ -47,12 +47,12 @@
 #include "gpu/normal_runs.h"
 #include "gpu/test_util.h"
 
-#define BUDGET_S 1.0      /* config.timeout_seconds of the fatal cells */
-#define SLACK_S 2.0       /* a call's status may come this long after the budget */
-#define CREATE_S 20.0     /* what a healthy group create may take (NVSHMEM start, ranks sharing a GPU) */
+#define BUDGET_S 1.0  /* config.timeout_seconds of the fatal cells */
+#define SLACK_S 2.0   /* a call's status may come this long after the budget */
+#define CREATE_S 20.0 /* what a healthy group create may take (NVSHMEM start, ranks sharing a GPU) */
 #define STALL_S (BUDGET_S + 1.0)
-#define PEER_DELAY_S 0.2  /* kill: the others enter the call this long after the faulty rank */
-#define ABORT_S 0.5       /* ep_group_abort returns within this */
+#define PEER_DELAY_S 0.2 /* kill: the others enter the call this long after the faulty rank */
+#define ABORT_S 0.5      /* ep_group_abort returns within this */
 
 enum row {
   ROW_LAYOUT,
@@ -70,9 +70,9 @@ enum row {
   NUM_ROWS
 };
 enum col { COL_KILL, COL_STALL, COL_BAD_EXPERT, COL_SHAPE, COL_OVERFLOW, NUM_COLS };
-static const char* const k_rows[NUM_ROWS] = {"layout",      "prepare-eager",    "prepare-graph", "dispatch-bf16",
-                                             "dispatch-fp8", "combine",         "ll-dispatch",   "ll-dispatch-hook",
-                                             "ll-combine",   "internode",       "group-create",  "group-destroy"};
+static const char* const k_rows[NUM_ROWS] = {"layout",       "prepare-eager", "prepare-graph", "dispatch-bf16",
+                                             "dispatch-fp8", "combine",       "ll-dispatch",   "ll-dispatch-hook",
+                                             "ll-combine",   "internode",     "group-create",  "group-destroy"};
 static const char* const k_cols[NUM_COLS] = {"kill", "stall", "bad-expert", "shape", "overflow"};
 
 /* How a cell runs: not at all (n/a), in the shared data launch, or as a launch of its own. */
@@ -137,8 +137,8 @@ static void timer_install(void) {
 static void watchdog_arm(const char* row, const char* col, int rank, const char* role, double seconds) {
   fflush(stdout);
   g_timer_kills = 0;
-  g_hang_len = (size_t)snprintf(g_hang_line, sizeof(g_hang_line), "cell %s %s rank %d %s HANG - %.3f\n", row, col,
-                                rank, role, seconds);
+  g_hang_len = (size_t)snprintf(g_hang_line, sizeof(g_hang_line), "cell %s %s rank %d %s HANG - %.3f\n", row, col, rank,
+                                role, seconds);
   if (g_hang_len >= sizeof(g_hang_line)) g_hang_len = sizeof(g_hang_line) - 1;
   timer_set(seconds);
 }
@@ -211,10 +211,10 @@ static ep_status_t settle(ep_group_t g, cudaStream_t s, ep_status_t launched) {
 
 typedef struct {
   const harness_t* h;
-  normal_ctx_t n;  /* the group (n.g), its handle and stream, as the normal-path runs take it */
+  normal_ctx_t n; /* the group (n.g), its handle and stream, as the normal-path runs take it */
   ll_bufs_t ll;
   ll_shape_t ll_shape;
-  int faulty;      /* num_ranks - 1 */
+  int faulty; /* num_ranks - 1 */
   int me_faulty;
 } fm_t;
 
@@ -338,8 +338,8 @@ static void cell_bad_expert_normal(fm_t* f, int row, int index) {
     dev_free(in_rank);
   } else {
     int num_recv = -1;
-    ep_dispatch_prepare_args_t p = prepare_args(&w, f->n.me, &b, 1, row == ROW_PREPARE_GRAPH ? NULL : &num_recv,
-                                                NULL, row == ROW_PREPARE_GRAPH);
+    ep_dispatch_prepare_args_t p =
+        prepare_args(&w, f->n.me, &b, 1, row == ROW_PREPARE_GRAPH ? NULL : &num_recv, NULL, row == ROW_PREPARE_GRAPH);
     st = ep_dispatch_prepare(f->n.g, f->n.handle, &p, f->n.s);
     if (row == ROW_PREPARE_GRAPH) st = settle(f->n.g, f->n.s, st);
   }
@@ -565,8 +565,7 @@ static ep_status_t row_call(fm_t* f, call_state_t* cs, int row, int kill) {
       st = ep_group_destroy(g);
       f->n.g = NULL;
       return st;
-    default:
-      return EP_STATUS_INTERNAL_ERROR;
+    default: return EP_STATUS_INTERNAL_ERROR;
   }
   if (kill) die_now();
   return settle(g, s, st);
@@ -669,7 +668,7 @@ static void run_fatal_cell(const harness_t* h, int row, int col) {
     row_call(&f, &cs, row, !host_wait);
     die_now(); /* a host-waiting call that returned within 20 ms: die after it */
   }
-  if (f.me_faulty) sleep_s(STALL_S);                       /* stall */
+  if (f.me_faulty) sleep_s(STALL_S);                          /* stall */
   if (!f.me_faulty && col == COL_KILL) sleep_s(PEER_DELAY_S); /* the faulty rank is inside its call by now */
   watchdog_arm(k_rows[row], k_cols[col], h->rank, role, BUDGET_S + SLACK_S);
   double t0 = now_s();
