@@ -269,8 +269,8 @@ static void small_world(const fm_t* f, world_t* w, int tokens, int fp8, uint64_t
   world_build(w, &k, f->n.R, f->n.max_experts, f->n.seed ^ salt, f->n.seed ^ salt, 1);
 }
 
-/* The next calls after a data fault: one BF16 and one FP8 case (eager, cached, graph-safe), and one LL round,
- * against the reference on every rank. Returns 1 when any failed. */
+/* The next calls after a data fault: one BF16 and one FP8 case (eager, cached, graph-safe), and one LL round (BF16
+ * or FP8, with or without the hook, by `index`), against the reference on every rank. Returns 1 when any failed. */
 static int works_after(fm_t* f, int index) {
   static const case_t bf16 = {16, LST, 2048, 4, 0, IDW, RND, 0, 8, 1, BIAS0, 1};
   static const case_t fp8 = {16, 0, 2048, 4, 1, IDW, RND, 0, 8, 128, 0, 0};
@@ -279,6 +279,8 @@ static int works_after(fm_t* f, int index) {
     ll_world_t w;
     ll_shape_t k = f->ll_shape;
     k.zero_rank = index % f->n.R;
+    k.fp8 = index % 2;
+    k.hook = index / 2 % 2;
     if (ll_world_make(&w, &k, f->n.R, f->n.seed ^ (0x51ull * (uint64_t)(index + 1)))) {
       CHECK(0, "the reference rejected the LL world");
       failed = 1;
