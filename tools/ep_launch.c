@@ -1,6 +1,6 @@
 /* ep_launch: run one program as N ranks on this host, one process per GPU, and report one verdict.
  *
- *   ep_launch -n NUM_RANKS [-t TIMEOUT_SECONDS] [-l LOG_DIR] [-q] -- PROGRAM [ARGS...]
+ *   ep_launch -n NUM_RANKS [-t TIMEOUT_SECONDS] [-l LOG_DIR] [-q] [-k RANK] -- PROGRAM [ARGS...]
  *
  * The launcher never touches CUDA: it forks before any CUDA call, so each rank starts clean. Every rank gets
  * EP_LAUNCH_RANK, EP_LAUNCH_NUM_RANKS and EP_LAUNCH_DIR (a fresh directory the ranks use to swap bootstrap bytes,
@@ -8,7 +8,9 @@
  * are created). Exit codes of the ranks:
  * all 0 -> 0 (pass); any 77 and the rest 0 or 77 -> 77 (skip); otherwise 1 (fail), and every failing rank's
  * log is printed. A run past the timeout is killed and fails. With -q, rank 0's log is printed only on failure;
- * without it, rank 0's log is printed always. */
+ * without it, rank 0's log is printed always. With -k RANK (fault injection: that rank kills itself), RANK ending
+ * by its own SIGKILL counts as a pass and does not cut the other ranks' time short, so that the survivors finish;
+ * RANK ending any other way (or killed by the launcher past the timeout) fails: the fault was not injected. */
 #include <errno.h>
 #include <signal.h>
 #include <stdio.h>
@@ -50,19 +52,21 @@ static double now_s(void) {
 }
 
 int main(int argc, char** argv) {
-  int num_ranks = 0, quiet = 0;
+  int num_ranks = 0, quiet = 0, killed_rank = -1;
   double timeout = 600;
   const char* log_dir = NULL;
   int opt;
-  while ((opt = getopt(argc, argv, "+n:t:l:q")) != -1) {
+  while ((opt = getopt(argc, argv, "+n:t:l:qk:")) != -1) {
     if (opt == 'n') num_ranks = atoi(optarg);
     else if (opt == 't') timeout = atof(optarg);
     else if (opt == 'l') log_dir = optarg;
     else if (opt == 'q') quiet = 1;
+    else if (opt == 'k') killed_rank = atoi(optarg);
     else break;
   }
-  if (num_ranks < 1 || optind >= argc) {
-    fprintf(stderr, "usage: ep_launch -n NUM_RANKS [-t TIMEOUT_SECONDS] [-l LOG_DIR] [-q] -- PROGRAM [ARGS...]\n");
+  if (num_ranks < 1 || optind >= argc || killed_rank >= num_ranks) {
+    fprintf(stderr, "usage: ep_launch -n NUM_RANKS [-t TIMEOUT_SECONDS] [-l LOG_DIR] [-q] [-k RANK] -- PROGRAM "
+                    "[ARGS...]\n");
     return 2;
   }
   char** prog = argv + optind;
@@ -108,7 +112,7 @@ int main(int argc, char** argv) {
 
   /* Wait for every rank; past the deadline kill them all. A rank that fails early makes the others' waits on it
    * time out inside the library; give them a few seconds, then end them too. */
-  int alive = num_ranks, timed_out = 0;
+  int alive = num_ranks, timed_out = 0, ended_by_launcher = 0;
   double deadline = now_s() + timeout, failed_at = 0;
   while (alive > 0) {
     int status;
@@ -117,6 +121,11 @@ int main(int argc, char** argv) {
       for (int r = 0; r < num_ranks; ++r) {
         if (pids[r] != pid) continue;
         codes[r] = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+        if (r == killed_rank) { /* its SIGKILL is the injected fault; any other ending means it was not injected */
+          const int by_kill = WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL && !ended_by_launcher;
+          if (!by_kill) printf("ep_launch: rank %d was to kill itself but ended with %d\n", r, codes[r]);
+          codes[r] = by_kill ? 0 : codes[r] ? codes[r] : 1;
+        }
         pids[r] = 0;
         alive--;
         if (codes[r] != 0 && codes[r] != 77 && failed_at == 0) failed_at = now_s();
@@ -126,6 +135,7 @@ int main(int argc, char** argv) {
     double t = now_s();
     if (t > deadline || (failed_at > 0 && t > failed_at + 60)) {
       timed_out = t > deadline;
+      ended_by_launcher = 1;
       for (int r = 0; r < num_ranks; ++r)
         if (pids[r]) kill(-pids[r], SIGKILL);
     }
