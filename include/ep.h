@@ -357,16 +357,18 @@ typedef struct ep_dispatch_prepare_args {
   int* num_recv_tokens_dev;            /* [OUT] device int */
   int* num_recv_tokens_per_expert_dev; /* [OUT] device [num_experts / num_ranks], aligned */
   /* Rank-mask form (DeepEP's dispatch without top-k), used only when topk_idx is NULL; num_topk is then 0: */
-  const uint8_t* is_token_in_rank;     /* [IN] [num_tokens, num_ranks] device bool/uint8: nonzero = send token t to
-                                          rank r (once, whatever its experts there) */
-  const int* num_tokens_per_expert;    /* [IN] [num_experts] int32 device, or NULL: my tokens per expert (as from
-                                          ep_get_dispatch_layout); summed over sources into the received per-expert
-                                          counts, which are 0 without it */
+  const uint8_t* is_token_in_rank;  /* [IN] [num_tokens, num_ranks] device bool/uint8: nonzero = send token t to
+                                       rank r (once, whatever its experts there) */
+  const int* num_tokens_per_expert; /* [IN] [num_experts] int32 device, or NULL: my tokens per expert (as from
+                                       ep_get_dispatch_layout); summed over sources into the received per-expert
+                                       counts, which are 0 without it */
 } ep_dispatch_prepare_args_t;
 
-#define EP_DISPATCH_PREPARE_ARGS_INIT                                                                               \
-  { (uint32_t)sizeof(ep_dispatch_prepare_args_t), EP_DISPATCH_PREPARE_ARGS_MAGIC, NULL, 0, 0, 0, 1, NULL, NULL, NULL, \
-    NULL, NULL, NULL }
+#define EP_DISPATCH_PREPARE_ARGS_INIT                                                                                 \
+  {                                                                                                                   \
+    (uint32_t)sizeof(ep_dispatch_prepare_args_t), EP_DISPATCH_PREPARE_ARGS_MAGIC, NULL, 0, 0, 0, 1, NULL, NULL, NULL, \
+        NULL, NULL, NULL                                                                                              \
+  }
 
 /* Agree on the routing of the next dispatch and store it in `handle` (the handle's previous routing is replaced).
  * The routing comes from topk_idx (a token goes to every rank that holds one of its experts) or, with topk_idx

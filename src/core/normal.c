@@ -196,8 +196,10 @@ ep_status_t ep_dispatch_prepare(ep_group_t group, ep_handle_t handle, const ep_d
     return FAIL_ARG(group, "%s: topk_idx is NULL with num_tokens=%d (num_topk=%d; 0 selects is_token_in_rank)", fn,
                     a->num_tokens, a->num_topk);
   if (!mask_form && (a->is_token_in_rank || a->num_tokens_per_expert))
-    return FAIL_ARG(group, "%s: is_token_in_rank / num_tokens_per_expert are set with topk_idx; give one routing "
-                    "(topk_idx, or is_token_in_rank with num_topk=0)", fn);
+    return FAIL_ARG(group,
+                    "%s: is_token_in_rank / num_tokens_per_expert are set with topk_idx; give one routing "
+                    "(topk_idx, or is_token_in_rank with num_topk=0)",
+                    fn);
   if (a->num_recv_tokens_per_expert && !a->num_recv_tokens)
     return FAIL_ARG(group, "%s: num_recv_tokens_per_expert (host) needs num_recv_tokens (the eager form)", fn);
   EP_CHECK_ALIGNED(group, fn, {"topk_idx", a->topk_idx, 8}, {"num_recv_tokens_dev", a->num_recv_tokens_dev, 4},
@@ -259,7 +261,8 @@ ep_status_t ep_handle_get_rank_prefix(ep_handle_t handle, int32_t* rank_prefix_m
   if (rank_prefix_matrix && group->num_nodes > 1)
     return ep_fail(group, EP_STATUS_UNSUPPORTED,
                    "%s: rank_prefix_matrix is for one-node groups; this one has %d nodes, whose ranks learn the "
-                   "counts to their own node only (recv_rank_prefix_sum is available)", fn, group->num_nodes);
+                   "counts to their own node only (recv_rank_prefix_sum is available)",
+                   fn, group->num_nodes);
   EP_CHECK_ALIGNED(group, fn, {"rank_prefix_matrix", rank_prefix_matrix, 4},
                    {"recv_rank_prefix_sum", recv_rank_prefix_sum, 4});
   if (!rank_prefix_matrix && !recv_rank_prefix_sum) return EP_STATUS_SUCCESS;

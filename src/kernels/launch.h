@@ -75,7 +75,7 @@ typedef struct ep_normal_group_view {
 typedef struct ep_normal_call {
   int num_tokens, num_topk, num_experts, expert_alignment;
   const int64_t* topk_idx;
-  const uint8_t* is_token_in_rank; /* prepare's rank-mask form [num_tokens][num_ranks], used when topk_idx is NULL */
+  const uint8_t* is_token_in_rank;  /* prepare's rank-mask form [num_tokens][num_ranks], used when topk_idx is NULL */
   const int* num_tokens_per_expert; /* with is_token_in_rank: [num_experts] my tokens per expert, or NULL */
   int* out_num_recv;              /* optional */
   int* out_expert_counts;         /* optional */

@@ -27,9 +27,9 @@ enum { MAX_RANKS_HERE = 8, MAX_TOKENS_HERE = 96, HIDDEN = 256, ALIGNMENT = 2 };
 typedef struct {
   int R, me, E;
   int num_tokens[MAX_RANKS_HERE];
-  uint8_t* in_rank[MAX_RANKS_HERE];  /* [N_s, R] */
-  int* per_expert[MAX_RANKS_HERE];   /* [E] */
-  uint16_t* x[MAX_RANKS_HERE];       /* [N_s, HIDDEN] bf16 small integers */
+  uint8_t* in_rank[MAX_RANKS_HERE]; /* [N_s, R] */
+  int* per_expert[MAX_RANKS_HERE];  /* [E] */
+  uint16_t* x[MAX_RANKS_HERE];      /* [N_s, HIDDEN] bf16 small integers */
 } world_t;
 
 static void world_make(world_t* w, int R, int me, int E, uint64_t* rng, int case_index) {
