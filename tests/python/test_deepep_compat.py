@@ -8,6 +8,7 @@
     accepted as previous_event alone or inside an EventOverlap (Megatron-Core passes EventOverlap(EventHandle()));
   * DispatchHandle indexes as DeepEP's handle tuple: the entries ep has, made on first access only (the rank
     prefix entries by one ep_handle_get_rank_prefix call, on the current stream); a clear error for the others.
+  * dispatch without topk_idx (DeepEP's rank-mask form): the refusals made before any library call.
 PyTorch is replaced by a stub module that records what is asked of it (no GPU, no PyTorch needed)."""
 
 import importlib.machinery
@@ -76,6 +77,7 @@ def install_stub_torch():
     torch = types.ModuleType("torch")
     torch.__path__ = []
     torch.int64, torch.int32, torch.bool = "int64", "int32", "bool"
+    torch.bfloat16, torch.float32, torch.float8_e4m3fn = "bfloat16", "float32", "float8_e4m3fn"
     torch.Tensor = StubTensor
     torch.arange = lambda n, device=None, dtype=None: StubTensor(dtype, (n,))._op("arange")
     torch.where = lambda cond, a, b: a._op("where")
@@ -330,6 +332,62 @@ def handle_checks(ck):
               "no counterpart in ep")
 
 
+class ArgTensor(StubTensor):
+    """A contiguous CUDA tensor on device 0, for the package's argument checks."""
+
+    def __init__(self, dtype, shape):
+        super().__init__(dtype, shape)
+        self.device = types.SimpleNamespace(type="cuda", index=0)
+
+    def dim(self):
+        return len(self.shape)
+
+    def is_contiguous(self):
+        return True
+
+    def numel(self):
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def mask_form_checks(ck):
+    """dispatch without topk_idx (DeepEP's rank-mask form): what the package refuses before any library call."""
+    from ep._normal import NormalPath
+
+    class FakeNormal(NormalPath):
+        device, hidden, max_tokens_per_rank, max_topk, group_size, num_experts = 0, 7168, 4096, 8, 4, 256
+        _limits = types.SimpleNamespace(max_sms=132, max_expert_alignment=65536)
+
+        def _alive(self, fn):
+            return 0x77
+
+        def get_dispatch_config(self, num_ranks):
+            return types.SimpleNamespace(num_sms=20)
+
+    b, n = FakeNormal(), 16
+    x = ArgTensor("bfloat16", (n, 7168))
+    in_rank = ArgTensor("bool", (n, 4))
+    per_expert = ArgTensor("int32", (256,))
+    ck.raises("dispatch with neither topk_idx nor is_token_in_rank -> ValueError naming both", ValueError,
+              lambda: b.dispatch(x, num_tokens_per_expert=per_expert), "needs topk_idx or is_token_in_rank")
+    ck.raises("dispatch with topk_weights but no topk_idx -> ValueError", ValueError,
+              lambda: b.dispatch(x, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+                                 topk_weights=ArgTensor("float32", (n, 8))), "topk_weights is given without topk_idx")
+    ck.raises("is_token_in_rank of another dtype -> TypeError naming it", TypeError,
+              lambda: b.dispatch(x, is_token_in_rank=ArgTensor("int32", (n, 4)), num_tokens_per_expert=per_expert),
+              "is_token_in_rank must be bool")
+    ck.raises("is_token_in_rank not [num_tokens, R] -> ValueError with the shape wanted", ValueError,
+              lambda: b.dispatch(x, is_token_in_rank=ArgTensor("bool", (n, 8)), num_tokens_per_expert=per_expert),
+              "[num_tokens=16, num_ranks=4]")
+    ck.raises("num_tokens_per_expert of another dtype (mask form) -> TypeError naming it", TypeError,
+              lambda: b.dispatch(x, is_token_in_rank=in_rank, num_tokens_per_expert=ArgTensor("int64", (256,))),
+              "num_tokens_per_expert must be int32")
+    ck.raises("mask form without num_tokens_per_expert or num_experts -> ValueError", ValueError,
+              lambda: b.dispatch(x, is_token_in_rank=in_rank), "num_tokens_per_expert (from get_dispatch_layout)")
+
+
 def main():
     ck = eptest.Checker()
     import_checks(ck)
@@ -341,6 +399,7 @@ def main():
     event_checks(ck)
     handle_checks(ck)
     rank_prefix_checks(ck)
+    mask_form_checks(ck)
     ck.exit()
 
 
