@@ -356,19 +356,41 @@ typedef struct ep_dispatch_prepare_args {
   /* Graph-safe form (and also filled in the eager form when not NULL): */
   int* num_recv_tokens_dev;            /* [OUT] device int */
   int* num_recv_tokens_per_expert_dev; /* [OUT] device [num_experts / num_ranks], aligned */
+  /* Rank-mask form (DeepEP's dispatch without top-k), used only when topk_idx is NULL; num_topk is then 0: */
+  const uint8_t* is_token_in_rank;  /* [IN] [num_tokens, num_ranks] device bool/uint8: nonzero = send token t to
+                                       rank r (once, whatever its experts there) */
+  const int* num_tokens_per_expert; /* [IN] [num_experts] int32 device, or NULL: my tokens per expert (as from
+                                       ep_get_dispatch_layout); summed over sources into the received per-expert
+                                       counts, which are 0 without it */
 } ep_dispatch_prepare_args_t;
 
-#define EP_DISPATCH_PREPARE_ARGS_INIT \
-  { (uint32_t)sizeof(ep_dispatch_prepare_args_t), EP_DISPATCH_PREPARE_ARGS_MAGIC, NULL, 0, 0, 0, 1, NULL, NULL, NULL, NULL }
+#define EP_DISPATCH_PREPARE_ARGS_INIT                                                                                 \
+  {                                                                                                                   \
+    (uint32_t)sizeof(ep_dispatch_prepare_args_t), EP_DISPATCH_PREPARE_ARGS_MAGIC, NULL, 0, 0, 0, 1, NULL, NULL, NULL, \
+        NULL, NULL, NULL                                                                                              \
+  }
 
 /* Agree on the routing of the next dispatch and store it in `handle` (the handle's previous routing is replaced).
- * Exchanges per-destination and per-expert counts with every rank over NVLink. An expert index outside
+ * The routing comes from topk_idx (a token goes to every rank that holds one of its experts) or, with topk_idx
+ * NULL, from is_token_in_rank; every rank of a call uses the same form. Exchanges per-destination and per-expert
+ * counts with every rank over NVLink. An expert index outside
  * [-1, num_experts) is a data fault (see the top of this header): that token is not sent; the eager form returns
  * EP_STATUS_DEVICE_ERROR once its kernel has run on every rank.
  * Collective: yes. Allocates: no. Graph-capturable: yes in the graph-safe form (num_recv_tokens == NULL);
  * the eager form waits on the host. */
 EP_API ep_status_t ep_dispatch_prepare(ep_group_t group, ep_handle_t handle, const ep_dispatch_prepare_args_t* args,
                                        cudaStream_t stream);
+
+/* Copy a prepared handle's rank counts, in DeepEP's prefix form, into int32 device arrays the caller owns (each
+ * may be NULL), stream-ordered after the prepare that filled the handle:
+ *   rank_prefix_matrix    [num_ranks, num_ranks]: entry [s][d] = rows rank d receives from ranks 0..s (DeepEP's
+ *                         intranode handle[0]). One-node groups only (EP_STATUS_UNSUPPORTED otherwise: a rank of
+ *                         several nodes learns the counts to its own node's ranks only).
+ *   recv_rank_prefix_sum  [num_ranks]: entry s = rows this rank receives from ranks 0..s (DeepEP's internode
+ *                         recv_gbl_rank_prefix_sum); any group.
+ * Collective: no. Allocates: no. Graph-capturable: yes (one small kernel). */
+EP_API ep_status_t ep_handle_get_rank_prefix(ep_handle_t handle, int32_t* rank_prefix_matrix,
+                                             int32_t* recv_rank_prefix_sum, cudaStream_t stream);
 
 #define EP_DISPATCH_ARGS_MAGIC 0x45504431u /* "EPD1" */
 

@@ -238,6 +238,8 @@ class DispatchPrepareArgs(_Args):
         ("num_recv_tokens_per_expert", _ptr),  # host int*
         ("num_recv_tokens_dev", _ptr),
         ("num_recv_tokens_per_expert_dev", _ptr),
+        ("is_token_in_rank", _ptr),       # rank-mask form (topk_idx NULL, num_topk 0): bool [num_tokens, R]
+        ("num_tokens_per_expert", _ptr),  # with it: int32 [num_experts], or NULL
     ]
     _MAGIC = EP_DISPATCH_PREPARE_ARGS_MAGIC
     _DEFAULTS = dict(expert_alignment=1)
@@ -355,6 +357,7 @@ _PROTOTYPES = {
     "ep_handle_create_in": (_S, [_ptr, _ptr, _size, _P(_ptr)]),
     "ep_handle_destroy": (_S, [_ptr]),
     "ep_dispatch_prepare": (_S, [_ptr, _ptr, _P(DispatchPrepareArgs), _ptr]),
+    "ep_handle_get_rank_prefix": (_S, [_ptr, _ptr, _ptr, _ptr]),
     "ep_dispatch": (_S, [_ptr, _ptr, _P(DispatchArgs), _ptr]),
     "ep_combine": (_S, [_ptr, _ptr, _P(CombineArgs), _ptr]),
     "ep_ll_buffer_size_hint": (_S, [_int, _int, _int, _int, _int, _P(_size)]),

@@ -37,10 +37,12 @@ class DispatchHandle:
       recv_src_idx      the attribute above
       is_token_in_rank  bool [num_tokens, R]: the one given to dispatch, else made from the dispatch's topk_idx
                         (which the handle keeps referenced for it: do not modify it in place while you may ask)
-    The rank prefix matrix (intranode entry 0, DeepEP's test reads it) and the received-rows prefix sum (internode
-    entry 6) raise NotImplementedError: the library keeps the counts behind them in the handle's device memory but
-    has no call that exposes them yet. DeepEP's per-channel state (channel prefix matrices, send heads, source
-    metadata) raises NotImplementedError too: ep moves tokens without DeepEP's channels and has no such state.
+      rank_prefix_matrix        int32 [R, R] (one node): [s][d] = rows rank d receives from ranks 0..s
+      recv_gbl_rank_prefix_sum  int32 [R]: [s] = rows this rank receives from ranks 0..s
+    The two prefix entries are computed on the device by ep_handle_get_rank_prefix, on the current stream (which
+    must be ordered after the dispatch, as DeepEP's event.current_stream_wait() does), once, then kept.
+    DeepEP's per-channel state (channel prefix matrices, send heads, source metadata) raises NotImplementedError:
+    ep moves tokens without DeepEP's channels and has no such state.
     """
 
     # DeepEP V1's handle tuples, entry by entry: one node (intranode) and several nodes (internode).
@@ -52,8 +54,8 @@ class DispatchHandle:
                       "recv_gbl_channel_prefix_matrix", "recv_gbl_rank_prefix_sum", "recv_src_meta",
                       "send_rdma_head", "send_nvl_head"),
     }
-    # Entries whose data the handle holds on the device but the C API does not expose yet.
-    _NEEDS_SEND_MATRIX = ("rank_prefix_matrix", "recv_gbl_rank_prefix_sum")
+    # Entries made by ep_handle_get_rank_prefix.
+    _RANK_PREFIX = ("rank_prefix_matrix", "recv_gbl_rank_prefix_sum")
 
     def __init__(self, buffer, memory, ptr, num_tokens, num_topk, num_experts, hidden, stream):
         self._buffer = buffer
@@ -72,6 +74,7 @@ class DispatchHandle:
         self.recv_src_idx = None
         self._topk_idx = None           # of the dispatch, for is_token_in_rank on first access
         self._is_token_in_rank = None   # given to the dispatch, or made on first access
+        self._rank_prefix = {}          # _RANK_PREFIX entries made so far
 
     def _keep_routing(self, topk_idx, is_token_in_rank):
         """Keep what the DeepEP view's is_token_in_rank is made from (references only: no work, no copy): the
@@ -104,12 +107,28 @@ class DispatchHandle:
                 self._is_token_in_rank = self._make_is_token_in_rank(where)
                 self._topk_idx = None
             return self._is_token_in_rank
-        if name in self._NEEDS_SEND_MATRIX:
-            raise NotImplementedError(
-                f"{where} is NOT YET SUPPORTED: the handle holds each rank's token counts to every rank on the "
-                "device, but libep has no call that exposes them (ep_handle_get_send_counts)")
+        if name in self._RANK_PREFIX:
+            if name not in self._rank_prefix:
+                self._rank_prefix[name] = self._make_rank_prefix(where, name)
+            return self._rank_prefix[name]
         raise NotImplementedError(f"{where} has no counterpart in ep: it is DeepEP's per-channel transfer state, "
                                   "and ep does not move tokens in DeepEP's channels")
+
+    def _make_rank_prefix(self, where, name):
+        if self._ptr is None:
+            raise ValueError(f"{where}: handle was destroyed")
+        torch = require_torch(where)
+        b, R = self._buffer, self._buffer.group_size
+        b._alive(where)
+        shape = (R, R) if name == "rank_prefix_matrix" else (R,)
+        out = torch.empty(shape, dtype=torch.int32, device=self._memory.device)
+        matrix, prefix = (out, None) if name == "rank_prefix_matrix" else (None, out)
+        stream = torch.cuda.current_stream(self._memory.device)
+        ptr = self._use(where, b, stream.cuda_stream)
+        _capi.check(b._lib.ep_handle_get_rank_prefix(ptr, matrix.data_ptr() if matrix is not None else None,
+                                                     prefix.data_ptr() if prefix is not None else None,
+                                                     stream.cuda_stream), b._group_ptr)
+        return out
 
     def _make_is_token_in_rank(self, where):
         if self._topk_idx is None:

@@ -103,9 +103,13 @@ class NormalPath:
 
         x: bf16 [num_tokens, hidden], or (x_fp8 [num_tokens, hidden] float8_e4m3fn, scales [num_tokens,
           hidden / 128] float32) -- then recv_x is the same kind of tuple.
-        topk_idx: int64 [num_tokens, num_topk], -1 = none (required unless `handle` is given: ep computes the
-          routing from it; num_tokens_per_rank / num_tokens_per_rdma_rank / is_token_in_rank are accepted and
-          unused). topk_weights: float32 [num_tokens, num_topk] or None.
+        topk_idx: int64 [num_tokens, num_topk], -1 = none: the routing (a token goes to each rank holding one of
+          its experts; num_tokens_per_rank / num_tokens_per_rdma_rank / is_token_in_rank are then unused).
+          topk_weights: float32 [num_tokens, num_topk] or None.
+        Without topk_idx (DeepEP's dispatch without top-k): is_token_in_rank (bool [num_tokens, R]) is the
+          routing; recv_topk_idx and recv_topk_weights are None, and num_recv_tokens_per_expert_list sums the
+          sources' num_tokens_per_expert (int32 [num_experts]; zeros without it). Every rank of a dispatch uses the
+          same form.
         num_experts (ep only, keyword): the model's expert count (expert e lives on rank e // (num_experts / R));
           defaults to num_tokens_per_expert.numel() when that is given. One of the two is required: without them a
           dispatch raises ValueError rather than guess the mapping from the Buffer's hint.
@@ -147,15 +151,22 @@ class NormalPath:
             if n > self.max_tokens_per_rank:
                 raise ValueError(f"{fn}: x has {n} tokens but the Buffer was sized for max_tokens_per_rank="
                                  f"{self.max_tokens_per_rank}; raise Buffer(max_tokens_per_rank=...)")
-            if topk_idx is None:
-                raise ValueError(f"{fn}: topk_idx is required for a non-cached dispatch (ep derives the routing "
-                                 "from it; is_token_in_rank alone is not enough)")
-            tensor(self.device, fn, "topk_idx", topk_idx, torch.int64, (n, None), f"[num_tokens={n}, num_topk]",
-                   align16=False)
-            k = topk_idx.shape[1]
-            if not 1 <= k <= self.max_topk:
-                raise ValueError(f"{fn}: topk_idx has num_topk {k}; it must be in [1, max_topk={self.max_topk}] "
-                                 "(raise Buffer(max_topk=...))")
+            if topk_idx is not None:  # the routing comes from topk_idx
+                tensor(self.device, fn, "topk_idx", topk_idx, torch.int64, (n, None), f"[num_tokens={n}, num_topk]",
+                       align16=False)
+                k = topk_idx.shape[1]
+                if not 1 <= k <= self.max_topk:
+                    raise ValueError(f"{fn}: topk_idx has num_topk {k}; it must be in [1, max_topk={self.max_topk}]"
+                                     " (raise Buffer(max_topk=...))")
+            else:  # the routing comes from is_token_in_rank (DeepEP's dispatch without top-k)
+                if is_token_in_rank is None:
+                    raise ValueError(f"{fn}: a non-cached dispatch needs topk_idx or is_token_in_rank (bool "
+                                     f"[num_tokens={n}, num_ranks={self.group_size}])")
+                if topk_weights is not None:
+                    raise ValueError(f"{fn}: topk_weights is given without topk_idx")
+                tensor(self.device, fn, "is_token_in_rank", is_token_in_rank, torch.bool, (n, self.group_size),
+                       f"[num_tokens={n}, num_ranks={self.group_size}]", align16=False)
+                k = 0
             if topk_weights is not None:
                 tensor(self.device, fn, "topk_weights", topk_weights, torch.float32, (n, k), f"[{n}, {k}]",
                        align16=False)
@@ -165,6 +176,9 @@ class NormalPath:
                                      "get_dispatch_layout) or num_experts=..., to know how experts map to ranks")
                 num_experts = num_tokens_per_expert.numel()
             expert_count(fn, num_experts, self.group_size, self.num_experts)
+            if topk_idx is None and num_tokens_per_expert is not None:
+                tensor(self.device, fn, "num_tokens_per_expert", num_tokens_per_expert, torch.int32,
+                       (num_experts,), f"[num_experts={num_experts}]", align16=False)
             int_arg(fn, "expert_alignment", expert_alignment, 1, self._limits.max_expert_alignment)
             int_arg(fn, "num_worst_tokens", num_worst_tokens, 0)
             if num_worst_tokens == 0 and torch.cuda.is_current_stream_capturing():
@@ -181,8 +195,14 @@ class NormalPath:
                 with torch.cuda.stream(call.alloc):
                     handle = self._new_handle(fn, call.alloc.cuda_stream, n, k, num_experts, data.shape[1])
                 e_loc = num_experts // R
-                pa = _capi.DispatchPrepareArgs.init(topk_idx=topk_idx.data_ptr(), num_tokens=n, num_topk=k,
-                                                    num_experts=num_experts, expert_alignment=expert_alignment)
+                pa = _capi.DispatchPrepareArgs.init(num_tokens=n, num_topk=k, num_experts=num_experts,
+                                                    expert_alignment=expert_alignment)
+                if topk_idx is not None:
+                    pa.topk_idx = topk_idx.data_ptr()
+                else:
+                    pa.is_token_in_rank = is_token_in_rank.data_ptr()
+                    if num_tokens_per_expert is not None:
+                        pa.num_tokens_per_expert = num_tokens_per_expert.data_ptr()
                 if num_worst_tokens == 0:
                     count = ctypes.c_int(-1)
                     per_expert = (ctypes.c_int * max(e_loc, 1))()
@@ -214,15 +234,16 @@ class NormalPath:
                 recv_x = torch.empty((rows, h), dtype=data.dtype, device=dev)
                 recv_scales = (torch.empty((rows, h // 128), dtype=torch.float32, device=dev) if scales is not None
                                else None)
-                if not cached:
+                if not cached and topk_idx is not None:
                     recv_topk_idx = torch.empty((rows, k), dtype=torch.int64, device=dev)
                     if topk_weights is not None:
                         recv_topk_weights = torch.empty((rows, k), dtype=torch.float32, device=dev)
+                if not cached:
                     recv_src_idx = torch.empty(rows, dtype=torch.int32, device=dev)
             da = _capi.DispatchArgs.init(
                 x=data.data_ptr(), x_dtype=_capi.EP_FP8_E4M3 if scales is not None else _capi.EP_BF16, hidden=h,
                 x_scales=scales.data_ptr() if scales is not None else None,
-                topk_idx=topk_idx.data_ptr() if not cached else None,
+                topk_idx=topk_idx.data_ptr() if not cached and topk_idx is not None else None,
                 topk_weights=topk_weights.data_ptr() if topk_weights is not None else None,
                 recv_capacity=rows, recv_x=recv_x.data_ptr(),
                 recv_x_scales=recv_scales.data_ptr() if recv_scales is not None else None,
@@ -232,8 +253,9 @@ class NormalPath:
             _capi.check(self._lib.ep_dispatch(g, hptr, ctypes.byref(da), stream), g)
 
             out_x = (recv_x, recv_scales) if scales is not None else recv_x
-            event = comm_end(call, (data, scales, topk_idx, topk_weights, recv_x, recv_scales, recv_topk_idx,
-                                    recv_topk_weights, recv_src_idx, count_dev, per_expert_dev))
+            event = comm_end(call, (data, scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_expert,
+                                    recv_x, recv_scales, recv_topk_idx, recv_topk_weights, recv_src_idx, count_dev,
+                                    per_expert_dev))
         if cached:
             return out_x, None, None, None, None, event
         handle.recv_src_idx = recv_src_idx

@@ -184,16 +184,27 @@ ep_status_t ep_dispatch_prepare(ep_group_t group, ep_handle_t handle, const ep_d
   if (a->num_tokens < 0 || a->num_tokens > c->max_tokens_per_rank)
     return FAIL_ARG(group, "%s: num_tokens is %d; it must be in [0, config.max_tokens_per_rank=%d]", fn, a->num_tokens,
                     c->max_tokens_per_rank);
-  EP_TRY(ep_check_topk_and_experts(group, fn, a->num_topk, a->num_experts));
+  /* num_topk 0 with no topk_idx selects the rank-mask form; the expert rule is the same for both forms. */
+  const bool mask_form = !a->topk_idx && a->num_topk == 0;
+  EP_TRY(ep_check_topk_and_experts(group, fn, mask_form ? 1 : a->num_topk, a->num_experts));
   if (a->expert_alignment < 1 || a->expert_alignment > EP_MAX_EXPERT_ALIGNMENT)
     return FAIL_ARG(group, "%s: expert_alignment is %d; it must be in [1, %d]", fn, a->expert_alignment,
                     EP_MAX_EXPERT_ALIGNMENT);
-  if (a->num_tokens > 0 && !a->topk_idx)
-    return FAIL_ARG(group, "%s: topk_idx is NULL with num_tokens=%d", fn, a->num_tokens);
+  if (mask_form && a->num_tokens > 0 && !a->is_token_in_rank)
+    return FAIL_ARG(group, "%s: topk_idx and is_token_in_rank are NULL with num_tokens=%d", fn, a->num_tokens);
+  if (!mask_form && a->num_tokens > 0 && !a->topk_idx)
+    return FAIL_ARG(group, "%s: topk_idx is NULL with num_tokens=%d (num_topk=%d; 0 selects is_token_in_rank)", fn,
+                    a->num_tokens, a->num_topk);
+  if (!mask_form && (a->is_token_in_rank || a->num_tokens_per_expert))
+    return FAIL_ARG(group,
+                    "%s: is_token_in_rank / num_tokens_per_expert are set with topk_idx; give one routing "
+                    "(topk_idx, or is_token_in_rank with num_topk=0)",
+                    fn);
   if (a->num_recv_tokens_per_expert && !a->num_recv_tokens)
     return FAIL_ARG(group, "%s: num_recv_tokens_per_expert (host) needs num_recv_tokens (the eager form)", fn);
   EP_CHECK_ALIGNED(group, fn, {"topk_idx", a->topk_idx, 8}, {"num_recv_tokens_dev", a->num_recv_tokens_dev, 4},
-                   {"num_recv_tokens_per_expert_dev", a->num_recv_tokens_per_expert_dev, 4});
+                   {"num_recv_tokens_per_expert_dev", a->num_recv_tokens_per_expert_dev, 4},
+                   {"num_tokens_per_expert", a->num_tokens_per_expert, 4});
   EP_CUDA_TRY(group, cudaSetDevice(group->cuda_device));
 
   handle->num_tokens = a->num_tokens;
@@ -204,6 +215,8 @@ ep_status_t ep_dispatch_prepare(ep_group_t group, ep_handle_t handle, const ep_d
   ep_normal_call_t call = base_call(group, handle, 0);
   call.expert_alignment = a->expert_alignment;
   call.topk_idx = a->topk_idx;
+  call.is_token_in_rank = mask_form ? a->is_token_in_rank : NULL;
+  call.num_tokens_per_expert = mask_form ? a->num_tokens_per_expert : NULL;
   call.out_num_recv = a->num_recv_tokens_dev;
   call.out_expert_counts = a->num_recv_tokens_per_expert_dev;
   if (group->num_nodes > 1) {
@@ -229,6 +242,33 @@ ep_status_t ep_dispatch_prepare(ep_group_t group, ep_handle_t handle, const ep_d
                                        cudaMemcpyDeviceToHost, stream));
   EP_CUDA_TRY(group, cudaStreamSynchronize(stream));
   handle->num_recv_host = *a->num_recv_tokens;
+  return EP_STATUS_SUCCESS;
+}
+
+ep_status_t ep_handle_get_rank_prefix(ep_handle_t handle, int32_t* rank_prefix_matrix, int32_t* recv_rank_prefix_sum,
+                                      cudaStream_t stream) {
+  const char* fn = "ep_handle_get_rank_prefix";
+  if (!handle) return FAIL_ARG(NULL, "%s: handle is NULL", fn);
+  if (!ep_live_is(handle, EP_OBJECT_HANDLE))
+    return ep_fail(NULL, EP_STATUS_INVALID_USAGE, "%s: handle %p is not a live handle", fn, (void*)handle);
+  ep_group_t group = handle->group;
+  if (!group) return ep_fail(NULL, EP_STATUS_INVALID_USAGE, "%s: the handle's group is destroyed", fn);
+  EP_CALL_SCOPE();
+  EP_TRY(ep_enter(group, fn));
+  if (!handle->prepared)
+    return ep_fail(group, EP_STATUS_INVALID_USAGE, "%s: handle has no routing yet; call ep_dispatch_prepare first",
+                   fn);
+  if (rank_prefix_matrix && group->num_nodes > 1)
+    return ep_fail(group, EP_STATUS_UNSUPPORTED,
+                   "%s: rank_prefix_matrix is for one-node groups; this one has %d nodes, whose ranks learn the "
+                   "counts to their own node only (recv_rank_prefix_sum is available)",
+                   fn, group->num_nodes);
+  EP_CHECK_ALIGNED(group, fn, {"rank_prefix_matrix", rank_prefix_matrix, 4},
+                   {"recv_rank_prefix_sum", recv_rank_prefix_sum, 4});
+  if (!rank_prefix_matrix && !recv_rank_prefix_sum) return EP_STATUS_SUCCESS;
+  EP_CUDA_TRY(group, cudaSetDevice(group->cuda_device));
+  EP_CUDA_TRY(group, ep_launch_handle_rank_prefix(&handle->arrays, group->num_ranks, rank_prefix_matrix,
+                                                  recv_rank_prefix_sum, stream));
   return EP_STATUS_SUCCESS;
 }
 

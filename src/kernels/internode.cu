@@ -160,7 +160,13 @@ __global__ void __launch_bounds__(kPrepThreads) inter_prepare_kernel(ep_internod
   const uint64_t epoch = p.group.state->prepare_epoch + 1;
   char* mine = p.group.normal_base;
   char* imine = p.inter.inter_base;
-  for (int e = tid; e < E_node; e += blockDim.x) s_expert[e] = 0;
+  // Rank-mask form: the caller counted my tokens per expert; s_expert holds b's experts (same node) or those of b's
+  // node (rail peer).
+  const int* given_counts = p.call.num_tokens_per_expert;
+  const int first_expert = b_node == my_node ? b * E_loc : b_node * E_node;
+  const int num_counted = b_node == my_node ? E_loc : E_node;
+  for (int e = tid; e < E_node; e += blockDim.x)
+    s_expert[e] = given_counts && e < num_counted ? given_counts[first_expert + e] : 0;
   if (tid < kMaxLocal) s_count[tid] = 0;
   __syncthreads();
 
@@ -174,7 +180,9 @@ __global__ void __launch_bounds__(kPrepThreads) inter_prepare_kernel(ep_internod
     for (int base = 0; base < p.call.num_tokens; base += blockDim.x) {
       const int t = base + tid;
       bool goes = false;
-      if (t < p.call.num_tokens) {
+      if (t < p.call.num_tokens && p.call.is_token_in_rank) {
+        goes = p.call.is_token_in_rank[(size_t)t * R + b] != 0;
+      } else if (t < p.call.num_tokens) {
         const int64_t* row = p.call.topk_idx + (size_t)t * K;
         for (int k = 0; k < K; ++k) {
           const int64_t e = row[k];
@@ -244,18 +252,19 @@ __global__ void __launch_bounds__(kPrepThreads) inter_prepare_kernel(ep_internod
       for (int base = 0; base < p.call.num_tokens; base += blockDim.x) {
         const int t = base + tid;
         int mask = 0;
-        if (t < p.call.num_tokens) {
+        if (t < p.call.num_tokens && p.call.is_token_in_rank) {
+          const uint8_t* in_rank = p.call.is_token_in_rank + (size_t)t * R + (size_t)b_node * P;
+          for (int i = 0; i < P; ++i) mask |= (in_rank[i] != 0) << i;
+        } else if (t < p.call.num_tokens) {
           const int64_t* row = p.call.topk_idx + (size_t)t * K;
           for (int k = 0; k < K; ++k) {
             const int64_t e = row[k];
             if (e >= 0 && e < E && e / E_node == b_node) mask |= 1 << ((int)(e / E_loc) % P);
           }
-          if (mask) {
-            count_experts(row, K, (int64_t)b_node * E_node, E_node, s_expert);
-            for (int i = 0; i < P; ++i)
-              if (mask >> i & 1) atomicAdd(&s_count[i], 1);
-          }
+          if (mask) count_experts(row, K, (int64_t)b_node * E_node, E_node, s_expert);
         }
+        for (int i = 0; i < P; ++i)
+          if (mask >> i & 1) atomicAdd(&s_count[i], 1);
         const int pos = block_compact(mask != 0, s_warp_count, count);
         if (t < p.call.num_tokens) {
           if (mask) {

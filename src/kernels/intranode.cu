@@ -59,7 +59,8 @@ __global__ void __launch_bounds__(kPrepareThreads) prepare_kernel(ep_intranode_l
   // Every rank must have finished reading what I published last time: this block rewrites the list for rank d
   // and my counts entry d in every rank's matrix, which a slow rank may not have read yet.
   if (tid == 0) s_failed = 0;
-  for (int e = tid; e < E_loc; e += blockDim.x) s_expert[e] = 0;
+  const int* given_counts = p.call.num_tokens_per_expert;  // rank-mask form: the caller counted my tokens
+  for (int e = tid; e < E_loc; e += blockDim.x) s_expert[e] = given_counts ? given_counts[d * E_loc + e] : 0;
   __syncthreads();
   if (tid < R) {
     const uint64_t* ack = at<uint64_t>(mine, L.prepare_ack) + tid;
@@ -75,7 +76,9 @@ __global__ void __launch_bounds__(kPrepareThreads) prepare_kernel(ep_intranode_l
   for (int base = 0; base < p.call.num_tokens; base += blockDim.x) {
     const int t = base + tid;
     bool goes = false;
-    if (t < p.call.num_tokens) {
+    if (t < p.call.num_tokens && p.call.is_token_in_rank) {
+      goes = p.call.is_token_in_rank[(size_t)t * R + d] != 0;
+    } else if (t < p.call.num_tokens) {
       const int64_t* row = p.call.topk_idx + (size_t)t * p.call.num_topk;
       for (int k = 0; k < p.call.num_topk; ++k) {
         const int64_t e = row[k];
@@ -433,6 +436,23 @@ extern "C" cudaError_t ep_launch_intranode_prepare(const ep_intranode_launch_t* 
     if (e != cudaSuccess) return e;
   }
   ep::prepare_kernel<<<p->group.num_ranks, ep::kPrepareThreads, smem, stream>>>(*p);
+  return cudaGetLastError();
+}
+
+namespace ep {
+// A handle's counts in DeepEP's prefix form: thread d runs down column d of the send matrix.
+__global__ void rank_prefix_kernel(ep_normal_handle_view_t h, int R, int32_t* matrix, int32_t* recv_prefix) {
+  for (int d = threadIdx.x; d < R; d += blockDim.x) {
+    if (recv_prefix) recv_prefix[d] = h.recv_offset[d + 1];
+    int sum = 0;
+    for (int s = 0; matrix && s < R; ++s) matrix[s * R + d] = sum += h.matrix[s * R + d];
+  }
+}
+}  // namespace ep
+
+extern "C" cudaError_t ep_launch_handle_rank_prefix(const ep_normal_handle_view_t* handle, int num_ranks,
+                                                    int32_t* matrix, int32_t* recv_prefix, cudaStream_t stream) {
+  ep::rank_prefix_kernel<<<1, 256, 0, stream>>>(*handle, num_ranks, matrix, recv_prefix);
   return cudaGetLastError();
 }
 

@@ -75,6 +75,8 @@ typedef struct ep_normal_group_view {
 typedef struct ep_normal_call {
   int num_tokens, num_topk, num_experts, expert_alignment;
   const int64_t* topk_idx;
+  const uint8_t* is_token_in_rank;  /* prepare's rank-mask form [num_tokens][num_ranks], used when topk_idx is NULL */
+  const int* num_tokens_per_expert; /* with is_token_in_rank: [num_experts] my tokens per expert, or NULL */
   int* out_num_recv;              /* optional */
   int* out_expert_counts;         /* optional */
   int hidden, is_fp8;
@@ -104,6 +106,10 @@ typedef struct ep_intranode_launch {
 } ep_intranode_launch_t;
 
 cudaError_t ep_launch_intranode_prepare(const ep_intranode_launch_t* p, cudaStream_t stream);
+/* A prepared handle's counts in prefix form (ep_handle_get_rank_prefix): matrix [R][R] (one node only) and this
+ * rank's received-rows prefix [R]; either may be NULL. */
+cudaError_t ep_launch_handle_rank_prefix(const ep_normal_handle_view_t* handle, int num_ranks, int32_t* matrix,
+                                         int32_t* recv_prefix, cudaStream_t stream);
 cudaError_t ep_launch_intranode_dispatch(const ep_intranode_launch_t* p, cudaStream_t stream);
 cudaError_t ep_launch_intranode_combine(const ep_intranode_launch_t* p, cudaStream_t stream);
 

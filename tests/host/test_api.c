@@ -443,6 +443,57 @@ static void test_normal_args(void) {
   int counts[64];
   pa = pgood; pa.num_recv_tokens_per_expert = counts;
   EXPECT_FAIL(ep_dispatch_prepare(g, &handle, &pa, 0), g, EP_STATUS_INVALID_ARGUMENT, "needs num_recv_tokens");
+  /* The rank-mask form: num_topk 0 and no topk_idx; is_token_in_rank required, never beside topk_idx. */
+  uint8_t in_rank[4] = {1, 0, 1, 0};
+  pa = pgood;
+  pa.is_token_in_rank = in_rank;
+  EXPECT_FAIL(ep_dispatch_prepare(g, &handle, &pa, 0), g, EP_STATUS_INVALID_ARGUMENT, "give one routing");
+  pa = pgood;
+  pa.num_tokens_per_expert = counts;
+  EXPECT_FAIL(ep_dispatch_prepare(g, &handle, &pa, 0), g, EP_STATUS_INVALID_ARGUMENT, "give one routing");
+  pa = pgood;
+  pa.topk_idx = NULL;
+  pa.num_topk = 0;
+  EXPECT_FAIL(ep_dispatch_prepare(g, &handle, &pa, 0), g, EP_STATUS_INVALID_ARGUMENT,
+              "topk_idx and is_token_in_rank are NULL");
+  pa = pgood;
+  pa.topk_idx = NULL;
+  pa.num_topk = 0;
+  pa.is_token_in_rank = in_rank;
+  pa.num_experts = 6;
+  EXPECT_FAIL(ep_dispatch_prepare(g, &handle, &pa, 0), g, EP_STATUS_INVALID_ARGUMENT, "num_experts is 6");
+  pa = pgood;
+  pa.topk_idx = NULL;
+  pa.num_topk = 0;
+  pa.is_token_in_rank = in_rank;
+  pa.num_tokens_per_expert = (const int*)((const char*)counts + 2);
+  EXPECT_FAIL(ep_dispatch_prepare(g, &handle, &pa, 0), g, EP_STATUS_INVALID_ARGUMENT, "num_tokens_per_expert");
+  pa = pgood;
+  pa.topk_idx = NULL;
+  pa.num_topk = -1;
+  pa.is_token_in_rank = in_rank;
+  EXPECT_FAIL(ep_dispatch_prepare(g, &handle, &pa, 0), g, EP_STATUS_INVALID_ARGUMENT, "num_topk is -1");
+
+  /* The rank prefix query: a live, prepared handle; the matrix on one node only; aligned outputs. */
+  int32_t prefix[16];
+  EXPECT_FAIL(ep_handle_get_rank_prefix(NULL, prefix, NULL, 0), NULL, EP_STATUS_INVALID_ARGUMENT, "handle is NULL");
+  EXPECT_FAIL(ep_handle_get_rank_prefix((ep_handle_t)(void*)rows, prefix, NULL, 0), NULL, EP_STATUS_INVALID_USAGE,
+              "not a live handle");
+  EXPECT_FAIL(ep_handle_get_rank_prefix(&handle, prefix, NULL, 0), g, EP_STATUS_INVALID_USAGE,
+              "call ep_dispatch_prepare first");
+  handle.prepared = true;
+  EXPECT_FAIL(ep_handle_get_rank_prefix(&handle, (int32_t*)(void*)(rows + 2), NULL, 0), g, EP_STATUS_INVALID_ARGUMENT,
+              "rank_prefix_matrix");
+  EXPECT_FAIL(ep_handle_get_rank_prefix(&handle, NULL, (int32_t*)(void*)(rows + 1), 0), g, EP_STATUS_INVALID_ARGUMENT,
+              "recv_rank_prefix_sum");
+  CHECK(ep_handle_get_rank_prefix(&handle, NULL, NULL, 0) == EP_STATUS_SUCCESS, "no outputs: nothing to do (%s)",
+        ep_last_error(g));
+  host_group.num_nodes = 2;
+  host_group.ranks_per_node = 2;
+  EXPECT_FAIL(ep_handle_get_rank_prefix(&handle, prefix, NULL, 0), g, EP_STATUS_UNSUPPORTED, "one-node groups");
+  host_group.num_nodes = 1;
+  host_group.ranks_per_node = 4;
+  handle.prepared = false;
 
   ep_dispatch_args_t dgood = EP_DISPATCH_ARGS_INIT;
   dgood.x_dtype = EP_BF16;

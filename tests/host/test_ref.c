@@ -600,6 +600,34 @@ static void test_routing_override(void) {
   ep_ref_dispatch_free(&d);
 }
 
+/* Without topk_idx, per-expert counts are the sources' num_tokens_per_expert summed, then aligned (DeepEP's
+ * dispatch without top-k); with topk_idx too, the world is refused (two owners of the counts). */
+static void test_routing_override_expert_counts(void) {
+  const int n[2] = {2, 1};
+  const uint8_t r0[4] = {0, 1, 1, 1}, r1[2] = {1, 0};
+  const uint8_t* in_rank[2] = {r0, r1};
+  const int c0[4] = {0, 0, 3, 1}, c1[4] = {2, 5, 0, 0};
+  const int* counts[2] = {c0, c1};
+  ep_ref_world_t w = {0};
+  w.num_ranks = 2;
+  w.ranks_per_node = 1;
+  w.num_experts = 4;
+  w.num_tokens = n;
+  w.is_token_in_rank = in_rank;
+  w.num_tokens_per_expert = counts;
+  ep_ref_dispatch_t d;
+  CHECK_EQ_INT(ep_ref_dispatch(&w, 4, &d), 0, "override dispatch with expert counts");
+  if (!d.recv) return;
+  expect_ints("override r0 per expert", d.recv[0].num_recv_tokens_per_expert, (const int[]){4, 8}, 2);
+  expect_ints("override r1 per expert", d.recv[1].num_recv_tokens_per_expert, (const int[]){4, 4}, 2);
+  ep_ref_dispatch_free(&d);
+  const int64_t t0[2] = {0, 1}, t1[1] = {2};
+  const int64_t* topk[2] = {t0, t1};
+  w.topk_idx = topk;
+  w.num_topk = 1;
+  CHECK(ep_ref_dispatch(&w, 1, &d) != 0, "topk_idx with num_tokens_per_expert is refused");
+}
+
 /* ================================================================================================
  * 6./7. Low-latency dispatch and combine (case A routing, with a repeated expert on rank 1 token 2)
  * ============================================================================================== */
@@ -1001,6 +1029,7 @@ int main(void) {
   test_combine_order();
   test_nodes_case_b();
   test_routing_override();
+  test_routing_override_expert_counts();
   test_ll_dispatch();
   test_ll_combine();
   test_ll_combine_fma();

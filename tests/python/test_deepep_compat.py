@@ -6,8 +6,9 @@
     with children=True, ranks started by the spawn method (as DeepEP's test scripts start them) get it too;
   * deep_ep.utils.EventHandle: recorded on the current stream when made, waited on by current_stream_wait(), and
     accepted as previous_event alone or inside an EventOverlap (Megatron-Core passes EventOverlap(EventHandle()));
-  * DispatchHandle indexes as DeepEP's handle tuple: the entries ep has, made on first access only; a clear error
-    for the others.
+  * DispatchHandle indexes as DeepEP's handle tuple: the entries ep has, made on first access only (the rank
+    prefix entries by one ep_handle_get_rank_prefix call, on the current stream); a clear error for the others.
+  * dispatch without topk_idx (DeepEP's rank-mask form): the refusals made before any library call.
 PyTorch is replaced by a stub module that records what is asked of it (no GPU, no PyTorch needed)."""
 
 import importlib.machinery
@@ -68,17 +69,23 @@ class StubTensor:
     def any(self, dim=None):
         return self._op("any")
 
+    def data_ptr(self):
+        return 0x1000 + id(self) % 0x1000 * 16
+
 
 def install_stub_torch():
     torch = types.ModuleType("torch")
     torch.__path__ = []
     torch.int64, torch.int32, torch.bool = "int64", "int32", "bool"
+    torch.bfloat16, torch.float32, torch.float8_e4m3fn = "bfloat16", "float32", "float8_e4m3fn"
     torch.Tensor = StubTensor
     torch.arange = lambda n, device=None, dtype=None: StubTensor(dtype, (n,))._op("arange")
     torch.where = lambda cond, a, b: a._op("where")
+    torch.empty = lambda shape, dtype=None, device=None: StubTensor(dtype, tuple(shape))
     cuda = types.ModuleType("torch.cuda")
     cuda.Event = StubEvent
     cuda.current = StubStream("current")
+    cuda.current.cuda_stream = 0x5
     cuda.current_stream = lambda device=None: cuda.current
     cuda.is_current_stream_capturing = lambda: False
     torch.cuda = cuda
@@ -89,7 +96,7 @@ def install_stub_torch():
 torch = install_stub_torch()
 eptest.use_package()
 import ep  # noqa: E402
-from ep import _compat, _streams  # noqa: E402
+from ep import _capi, _compat, _streams  # noqa: E402
 from ep._handles import DispatchHandle  # noqa: E402
 
 
@@ -214,6 +221,7 @@ def event_checks(ck):
              cuda.current.waited == [handle.event], cuda.current.waited)
 
     cuda.current = StubStream("current")
+    cuda.current.cuda_stream = 0x5
     ep.EventOverlap(handle).current_stream_wait()
     ck.check("EventOverlap(EventHandle()).current_stream_wait() waits for the handle's event",
              cuda.current.waited == [handle.event], cuda.current.waited)
@@ -234,16 +242,61 @@ def event_checks(ck):
               "EventOverlap, an EventHandle, a torch.cuda.Event or None", "str")
 
 
+class FakeLib:
+    """The one libep call a handle's DeepEP view makes, recorded; returns `status`."""
+
+    def __init__(self, status=0):
+        self.calls, self.status = [], status
+
+    def ep_handle_get_rank_prefix(self, handle, matrix, prefix, stream):
+        self.calls.append((handle, matrix, prefix, stream))
+        return self.status
+
+
 class FakeBuffer:
     def __init__(self, group_size, num_nodes):
         self.group_size, self.num_nodes = group_size, num_nodes
+        self._lib, self._group_ptr = FakeLib(), 0x77
+
+    def _alive(self, fn):
+        return self._group_ptr
 
 
 def make_handle(num_nodes=1, is_token_in_rank=None, num_tokens=16, R=4):
-    h = DispatchHandle(FakeBuffer(R, num_nodes), None, None, num_tokens, 2, 8, 256, None)
+    h = DispatchHandle(FakeBuffer(R, num_nodes), StubTensor("uint8", (64,)), 0x99, num_tokens, 2, 8, 256,
+                       torch.cuda.current.cuda_stream)
     h.recv_src_idx = StubTensor("int32", (20,))
     h._keep_routing(StubTensor("int64", (num_tokens, 2)), is_token_in_rank)
     return h
+
+
+def rank_prefix_checks(ck):
+    h = make_handle()
+    lib = h._buffer._lib
+    ck.check("making a handle asks the library nothing", lib.calls == [], lib.calls)
+    m = h[0]
+    ck.check("handle[0] is an int32 [R, R] tensor from ep_handle_get_rank_prefix(handle, matrix, NULL, current "
+             "stream)", m.dtype == "int32" and m.shape == (4, 4) and lib.calls == [(0x99, m.data_ptr(), None, 0x5)],
+             (m.dtype, m.shape, lib.calls))
+    ck.check("...made once: a second access reuses it", h[0] is m and len(lib.calls) == 1, lib.calls)
+    h = make_handle(num_nodes=2)
+    lib = h._buffer._lib
+    p = h[6]
+    ck.check("internode handle[6] (recv_gbl_rank_prefix_sum) is an int32 [R] tensor from the same call",
+             p.dtype == "int32" and p.shape == (4,) and lib.calls == [(0x99, None, p.data_ptr(), 0x5)],
+             (p.dtype, p.shape, lib.calls))
+    h = make_handle()
+    h._buffer._lib.status = 3
+    saved = _capi.last_error
+    _capi.last_error = lambda group=None: "ep_handle_get_rank_prefix: made-up refusal"
+    try:
+        ck.raises("a refusal of the C query -> EpError with its message", _capi.EpError, lambda: h[0],
+                  "made-up refusal")
+    finally:
+        _capi.last_error = saved
+    ck.check("...and nothing is kept for a refused entry", h._rank_prefix == {}, h._rank_prefix)
+    h._ptr = None
+    ck.raises("handle[0] of a destroyed handle -> ValueError", ValueError, lambda: h[0], "destroyed")
 
 
 def handle_checks(ck):
@@ -253,8 +306,6 @@ def handle_checks(ck):
     ck.check("handle[3] and handle[-3] are recv_src_idx", h[3] is h.recv_src_idx and h[-3] is h.recv_src_idx)
     ck.check("handle[4] is the is_token_in_rank given to dispatch", h[4] is given)
     ck.check("handle[3:5] is (recv_src_idx, is_token_in_rank)", h[3:5] == (h.recv_src_idx, given))
-    ck.raises("handle[0] (rank prefix matrix) -> NotImplementedError naming the C query it needs",
-              NotImplementedError, lambda: h[0], "DispatchHandle[0] (rank_prefix_matrix)", "ep_handle_get_send_counts")
     for i, name in ((1, "channel_prefix_matrix"), (2, "recv_channel_prefix_matrix"), (5, "send_head")):
         ck.raises(f"handle[{i}] ({name}) -> NotImplementedError: DeepEP's channel state", NotImplementedError,
                   lambda i=i: h[i], f"({name}) has no counterpart in ep", "channels")
@@ -269,7 +320,7 @@ def handle_checks(ck):
              "eq" in StubTensor.ops and "any" in StubTensor.ops and first is not None, StubTensor.ops)
     n = len(StubTensor.ops)
     ck.check("...once: a second access reuses it", h[4] is first and len(StubTensor.ops) == n)
-    bare = DispatchHandle(FakeBuffer(4, 1), None, None, 16, 2, 8, 256, None)
+    bare = DispatchHandle(FakeBuffer(4, 1), None, 0x99, 16, 2, 8, 256, None)
     ck.raises("is_token_in_rank of a handle no dispatch filled -> ValueError", ValueError, lambda: bare[4],
               "no routing")
 
@@ -277,10 +328,64 @@ def handle_checks(ck):
     h = make_handle(num_nodes=2, is_token_in_rank=given)
     ck.check("several nodes: len(handle) is DeepEP's internode tuple's (10)", len(h) == 10, len(h))
     ck.check("internode handle[0] is is_token_in_rank", h[0] is given)
-    ck.raises("internode handle[6] (received-rows prefix sum) -> NotImplementedError naming the C query",
-              NotImplementedError, lambda: h[6], "(recv_gbl_rank_prefix_sum)", "ep_handle_get_send_counts")
     ck.raises("internode handle[7] (recv_src_meta) -> NotImplementedError", NotImplementedError, lambda: h[7],
               "no counterpart in ep")
+
+
+class ArgTensor(StubTensor):
+    """A contiguous CUDA tensor on device 0, for the package's argument checks."""
+
+    def __init__(self, dtype, shape):
+        super().__init__(dtype, shape)
+        self.device = types.SimpleNamespace(type="cuda", index=0)
+
+    def dim(self):
+        return len(self.shape)
+
+    def is_contiguous(self):
+        return True
+
+    def numel(self):
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def mask_form_checks(ck):
+    """dispatch without topk_idx (DeepEP's rank-mask form): what the package refuses before any library call."""
+    from ep._normal import NormalPath
+
+    class FakeNormal(NormalPath):
+        device, hidden, max_tokens_per_rank, max_topk, group_size, num_experts = 0, 7168, 4096, 8, 4, 256
+        _limits = types.SimpleNamespace(max_sms=132, max_expert_alignment=65536)
+
+        def _alive(self, fn):
+            return 0x77
+
+        def get_dispatch_config(self, num_ranks):
+            return types.SimpleNamespace(num_sms=20)
+
+    b, n = FakeNormal(), 16
+    x = ArgTensor("bfloat16", (n, 7168))
+    in_rank = ArgTensor("bool", (n, 4))
+    per_expert = ArgTensor("int32", (256,))
+    ck.raises("dispatch with neither topk_idx nor is_token_in_rank -> ValueError naming both", ValueError,
+              lambda: b.dispatch(x, num_tokens_per_expert=per_expert), "needs topk_idx or is_token_in_rank")
+    ck.raises("dispatch with topk_weights but no topk_idx -> ValueError", ValueError,
+              lambda: b.dispatch(x, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+                                 topk_weights=ArgTensor("float32", (n, 8))), "topk_weights is given without topk_idx")
+    ck.raises("is_token_in_rank of another dtype -> TypeError naming it", TypeError,
+              lambda: b.dispatch(x, is_token_in_rank=ArgTensor("int32", (n, 4)), num_tokens_per_expert=per_expert),
+              "is_token_in_rank must be bool")
+    ck.raises("is_token_in_rank not [num_tokens, R] -> ValueError with the shape wanted", ValueError,
+              lambda: b.dispatch(x, is_token_in_rank=ArgTensor("bool", (n, 8)), num_tokens_per_expert=per_expert),
+              "[num_tokens=16, num_ranks=4]")
+    ck.raises("num_tokens_per_expert of another dtype (mask form) -> TypeError naming it", TypeError,
+              lambda: b.dispatch(x, is_token_in_rank=in_rank, num_tokens_per_expert=ArgTensor("int64", (256,))),
+              "num_tokens_per_expert must be int32")
+    ck.raises("mask form without num_tokens_per_expert or num_experts -> ValueError", ValueError,
+              lambda: b.dispatch(x, is_token_in_rank=in_rank), "num_tokens_per_expert (from get_dispatch_layout)")
 
 
 def main():
@@ -293,6 +398,8 @@ def main():
         shutil.rmtree(tmp, ignore_errors=True)
     event_checks(ck)
     handle_checks(ck)
+    rank_prefix_checks(ck)
+    mask_form_checks(ck)
     ck.exit()
 
 

@@ -187,6 +187,7 @@ static int world_ok(const ep_ref_world_t* w) {
   if (!w->is_token_in_rank && !w->topk_idx) return 0; /* no routing */
   if ((w->topk_idx || w->topk_weights) && w->num_topk == 0) return 0;
   if (w->topk_weights && !w->topk_idx) return 0; /* weights are mapped through the indices */
+  if (w->num_tokens_per_expert && w->topk_idx) return 0; /* one source of per-expert counts */
   for (int r = 0; r < w->num_ranks; ++r) {
     int n = w->num_tokens[r];
     if (n < 0) return 0;
@@ -196,6 +197,8 @@ static int world_ok(const ep_ref_world_t* w) {
         (w->is_token_in_rank && !w->is_token_in_rank[r]))
       return 0;
   }
+  for (int r = 0; w->num_tokens_per_expert && r < w->num_ranks; ++r)
+    if (!w->num_tokens_per_expert[r]) return 0;
   return 1;
 }
 
@@ -343,6 +346,8 @@ int ep_ref_dispatch(const ep_ref_world_t* w, int expert_alignment, ep_ref_dispat
         out->recv_row[s][(size_t)t * R + d] = sent ? row : -1;
         if (sent) recv_fill_row(w, d, s, t, row++, r);
       }
+    for (int s = 0; w->num_tokens_per_expert && s < R; ++s)
+      for (int e = 0; e < E_loc; ++e) r->num_recv_tokens_per_expert[e] += w->num_tokens_per_expert[s][d * E_loc + e];
     for (int e = 0; e < E_loc; ++e) {
       int n = r->num_recv_tokens_per_expert[e];
       r->num_recv_tokens_per_expert[e] = (n + expert_alignment - 1) / expert_alignment * expert_alignment;

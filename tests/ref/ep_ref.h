@@ -95,6 +95,8 @@ typedef struct {
   const int64_t* const* topk_idx;         /* [R] -> [N_r, K] global expert ids, or NULL */
   const float* const* topk_weights;       /* [R] -> [N_r, K], or NULL */
   const uint8_t* const* is_token_in_rank; /* [R] -> [N_r, R] routing override, or NULL */
+  const int* const* num_tokens_per_expert; /* [R] -> [E] each source's tokens per expert, or NULL; without
+                                            * topk_idx, summed over sources into the per-expert counts */
 } ep_ref_world_t;
 
 /* What one destination rank d receives. Rows are ordered by source rank ascending, then source token
@@ -108,8 +110,8 @@ typedef struct {
   int64_t* topk_idx;               /* [num_recv, K] local expert id (e - d*E_loc) if e lives on d, else -1 */
   float* topk_weights;             /* [num_recv, K] the weight where topk_idx is valid, else 0.0f */
   int* num_recv_tokens_per_expert; /* [E_loc] rows carrying each local expert (once per row),
-                                    * rounded up to a multiple of expert_alignment; zeros without
-                                    * topk_idx */
+                                    * rounded up to a multiple of expert_alignment; without topk_idx,
+                                    * the sum of the sources' num_tokens_per_expert (zeros without it) */
 } ep_ref_recv_t;
 
 typedef struct {
