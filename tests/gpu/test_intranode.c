@@ -109,5 +109,10 @@ done:
   CHECK(ep_handle_destroy(c.handle) == EP_STATUS_SUCCESS, "handle destroy: %s", ep_last_error(c.g));
   cudaStreamDestroy(c.s);
   CHECK(ep_group_destroy(c.g) == EP_STATUS_SUCCESS, "destroy: %s", ep_last_error(NULL));
+
+  t0 = now_s();
+  failed = normal_run_rounds(&h, c.seed ^ 0x120d5);
+  printf("rank %d: rounds (%d tokens a round, calls of up to %d): %s (%.1f s)\n", c.me, ROUND_TOKENS, MAX_TOKENS,
+         failed ? "FAILED" : "ok", now_s() - t0);
   return TEST_RESULT();
 }
