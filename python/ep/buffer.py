@@ -163,8 +163,9 @@ class Buffer(NormalPath, LowLatencyPath, metaclass=_BufferType):
       exit; True -> only `destroy()` does it (recommended: destroy is collective, and a rank that died would
       leave the others waiting at exit).
     num_experts, hidden, max_tokens_per_rank, max_topk: the largest shapes any call will use; they size the
-      symmetric buffers (max_tokens_per_rank None: 4096, or the pool above) (the group reports its heap in `info["symmetric_heap_bytes"]`). hidden: a multiple of 128
-      up to the library's EP_MAX_HIDDEN (65536); max_topk up to EP_MAX_TOPK (32).
+      symmetric buffers (the group reports its heap in `info["symmetric_heap_bytes"]`); max_tokens_per_rank None:
+      4096, or 65536 with the pool above. hidden: a multiple of 128 up to the library's EP_MAX_HIDDEN (65536);
+      max_topk up to EP_MAX_TOPK (32).
     ll_max_tokens_per_rank (ep only, keyword, used with low_latency_mode=True): the largest
       num_max_dispatch_tokens_per_rank any low_latency_dispatch will pass, from 1 to the library's
       EP_LL_MAX_TOKENS_PER_RANK (8192); default 128. The group is created here, so this hint, not the first call,
