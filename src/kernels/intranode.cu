@@ -126,8 +126,9 @@ __global__ void __launch_bounds__(kPrepareThreads) prepare_kernel(ep_intranode_l
     for (int e = tid; e < E_loc; e += blockDim.x)
       st_release_sys_u64(at<uint64_t>(peer, L.expert_counts) + (size_t)me * E_loc + e, tag(epoch, s_expert[e]));
 
-    // Round 0: the call takes as many rounds as the rank with the most tokens needs (at least one).
-    if (k == 0 && tid < R) {
+    // Round 0: the call takes as many rounds as the rank with the most tokens needs (at least one). A region that
+    // holds every token of any call (sized from the hints) always takes one, without this wait.
+    if (k == 0 && L.max_rounds > 1 && tid < R) {
       const uint64_t* their_tokens = at<uint64_t>(mine, L.count_matrix) + (size_t)tid * (R + 1) + R;
       uint64_t v = 0;
       if (!wait_until([&] { return ((v = ld_acquire_sys_u64(their_tokens)) >> 32) >= epoch; }, p.group.timeout_ns,
@@ -183,33 +184,37 @@ __global__ void __launch_bounds__(kPrepareThreads) prepare_kernel(ep_intranode_l
     int offset = 0;
     for (int s = 0; s < R; ++s) {
       p.handle.recv_offset[s] = offset;
+      if (rounds == 1) round_rows[s] = round_rows[R + 1 + s] = offset;  // one round: the table is the offsets
       offset += p.handle.matrix[s * R + me];
     }
     p.handle.recv_offset[R] = offset;
+    if (rounds == 1) round_rows[R] = offset;
     *p.handle.num_recv = offset;
     *p.handle.num_rounds = rounds;
     if (p.call.out_num_recv) *p.call.out_num_recv = offset;
   }
-  __syncthreads();
-  if (tid < R) {  // source tid: its rows of each round go after its rows of the rounds before
-    int out = p.handle.recv_offset[tid];
-    for (int k = 0; k < rounds; ++k) {
-      int* base = round_rows + (size_t)k * (2 * R + 1) + R + 1;
-      const int rows = base[tid];
-      base[tid] = out;
-      out += rows;
+  if (rounds > 1) {
+    __syncthreads();
+    if (tid < R) {  // source tid: its rows of each round go after its rows of the rounds before
+      int out = p.handle.recv_offset[tid];
+      for (int k = 0; k < rounds; ++k) {
+        int* base = round_rows + (size_t)k * (2 * R + 1) + R + 1;
+        const int rows = base[tid];
+        base[tid] = out;
+        out += rows;
+      }
     }
-  }
-  __syncthreads();
-  for (int k = tid; k < rounds; k += blockDim.x) {  // where each source's rows start among the round's rows
-    int* table = round_rows + (size_t)k * (2 * R + 1);
-    const int* next_base = k + 1 < rounds ? table + (2 * R + 1) + R + 1 : p.handle.recv_offset + 1;
-    int offset = 0;
-    for (int s = 0; s < R; ++s) {
-      table[s] = offset;
-      offset += next_base[s] - table[R + 1 + s];
+    __syncthreads();
+    for (int k = tid; k < rounds; k += blockDim.x) {  // where each source's rows start among the round's rows
+      int* table = round_rows + (size_t)k * (2 * R + 1);
+      const int* next_base = k + 1 < rounds ? table + (2 * R + 1) + R + 1 : p.handle.recv_offset + 1;
+      int offset = 0;
+      for (int s = 0; s < R; ++s) {
+        table[s] = offset;
+        offset += next_base[s] - table[R + 1 + s];
+      }
+      table[R] = offset;
     }
-    table[R] = offset;
   }
   for (int e = tid; e < E_loc; e += blockDim.x) {
     const int a = p.call.expert_alignment;
