@@ -252,7 +252,8 @@ __device__ __forceinline__ bool wait_released(const ep_intranode_launch_t& p, co
 __global__ void __launch_bounds__(kDispatchThreads, 1) dispatch_kernel(ep_intranode_launch_t p) {
   const int R = p.group.num_ranks, me = p.group.rank, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const ep_normal_region_t& L = p.group.region;
-  const int C = L.max_tokens, rounds = *p.handle.num_rounds;
+  const int C = L.max_tokens;
+  const int* num_rounds = p.handle.num_rounds;  // read after the first round: a call mostly has one
   const uint64_t first_epoch = p.group.state->dispatch_epoch + 1;
   char* mine = p.group.normal_base;
   const rows::XRow row(p.call.hidden, p.call.is_fp8, p.call.num_topk);
@@ -262,7 +263,8 @@ __global__ void __launch_bounds__(kDispatchThreads, 1) dispatch_kernel(ep_intran
   __shared__ int s_failed;
   NORMAL_PROF_STAMP(g_intra_prof_dispatch, 0);
 
-  for (int k = 0; k < rounds; ++k) {
+  int k = 0;
+  do {
     const uint64_t epoch = first_epoch + k;
     const int first = k * C;
     // Stage: chunks of my tokens of the round, row | scales | global expert ids | weights; one flag per chunk.
@@ -321,7 +323,7 @@ __global__ void __launch_bounds__(kDispatchThreads, 1) dispatch_kernel(ep_intran
         __threadfence();
         st_release_sys_u64(at<uint64_t>(peer_normal(p, tid), L.dispatch_ack) + me, epoch);
       }
-      if (tid == 0 && k + 1 == rounds) {
+      if (tid == 0 && k + 1 == *num_rounds) {
         p.group.state->dispatch_epoch = epoch;
         // Reported only now: a fault recorded earlier would make this rank's remaining waits give up, and the
         // protocol (acks, epoch) would fall out of step with its peers. The rows past the capacity were skipped.
@@ -330,7 +332,7 @@ __global__ void __launch_bounds__(kDispatchThreads, 1) dispatch_kernel(ep_intran
           record_fault(p.group.error, EP_FAULT_RECV_OVERFLOW, me, -1, 0, num_recv, p.call.recv_capacity);
       }
     }
-  }
+  } while (++k < *num_rounds);
 
   // Graph-safe tail: rows past the received count say "nothing here".
   rows::graph_safe_tail(p, p.handle.recv_offset[R]);
@@ -382,7 +384,8 @@ __global__ void __launch_bounds__(kCombineThreads, 1) combine_kernel(ep_intranod
   const int R = p.group.num_ranks, me = p.group.rank, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int K = p.call.num_topk, H = p.call.hidden;
   const ep_normal_region_t& L = p.group.region;
-  const int C = L.max_tokens, rounds = *p.handle.num_rounds;
+  const int C = L.max_tokens;
+  const int* num_rounds = p.handle.num_rounds;  // read after the first round: a call mostly has one
   const uint64_t first_epoch = p.group.state->combine_epoch + 1;
   char* mine = p.group.normal_base;
   const int n16 = H * 2 / 16;
@@ -391,7 +394,8 @@ __global__ void __launch_bounds__(kCombineThreads, 1) combine_kernel(ep_intranod
   __shared__ int s_failed;
   NORMAL_PROF_STAMP(g_intra_prof_combine, 0);
 
-  for (int k = 0; k < rounds; ++k) {
+  int k = 0;
+  do {
     const uint64_t epoch = first_epoch + k;
     const int first = k * C, num_tokens = max(0, min(C, p.call.num_tokens - first));  // my tokens of the round
     // Every destination has finished reading what I pushed into it last time.
@@ -500,9 +504,9 @@ __global__ void __launch_bounds__(kCombineThreads, 1) combine_kernel(ep_intranod
         __threadfence();
         st_release_sys_u64(at<uint64_t>(peer_normal(p, tid), L.combine_ack) + me, epoch);
       }
-      if (tid == 0 && k + 1 == rounds) p.group.state->combine_epoch = epoch;
+      if (tid == 0 && k + 1 == *num_rounds) p.group.state->combine_epoch = epoch;
     }
-  }
+  } while (++k < *num_rounds);
   NORMAL_PROF_END(g_intra_prof_combine, me, kIntraProfCombine);
 }
 
