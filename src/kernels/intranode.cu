@@ -315,14 +315,12 @@ __global__ void __launch_bounds__(kDispatchThreads, 1) dispatch_kernel(ep_intran
     NORMAL_PROF_DONE(g_intra_prof_dispatch, 3);
 
     // Once every block has read what it needs, release every source's stage. The counter is reset before the
-    // acks: a block that sees them may arrive at the next round's counter at once.
+    // acks (the barrier and the releasing stores order it): a block that sees them may arrive at the next round's
+    // counter at once.
     if (arrive_last(&p.group.state->dispatch_done)) {
       if (tid == 0) p.group.state->dispatch_done = 0;
       __syncthreads();
-      if (tid < R) {
-        __threadfence();
-        st_release_sys_u64(at<uint64_t>(peer_normal(p, tid), L.dispatch_ack) + me, epoch);
-      }
+      if (tid < R) st_release_sys_u64(at<uint64_t>(peer_normal(p, tid), L.dispatch_ack) + me, epoch);
       if (tid == 0 && k + 1 == *num_rounds) {
         p.group.state->dispatch_epoch = epoch;
         // Reported only now: a fault recorded earlier would make this rank's remaining waits give up, and the
@@ -500,10 +498,7 @@ __global__ void __launch_bounds__(kCombineThreads, 1) combine_kernel(ep_intranod
     if (arrive_last(&p.group.state->combine_done)) {
       if (tid == 0) p.group.state->combine_done = 0;
       __syncthreads();
-      if (tid < R) {
-        __threadfence();
-        st_release_sys_u64(at<uint64_t>(peer_normal(p, tid), L.combine_ack) + me, epoch);
-      }
+      if (tid < R) st_release_sys_u64(at<uint64_t>(peer_normal(p, tid), L.combine_ack) + me, epoch);
       if (tid == 0 && k + 1 == *num_rounds) p.group.state->combine_epoch = epoch;
     }
   } while (++k < *num_rounds);
