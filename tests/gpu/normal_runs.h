@@ -66,7 +66,7 @@ int normal_run_overflow(const normal_ctx_t* c);
 int normal_run_cuda_graph(const normal_ctx_t* c, int variant);
 
 /* Rounds: a group whose config.normal_region_bytes holds ROUND_TOKENS tokens per round runs calls of more tokens
- * in rounds inside the kernels; cases of normal_rounds_table (last rounds of one token, ranks with no tokens in
+ * in rounds inside the kernels; its cases (last rounds of one token, ranks with no tokens in
  * later rounds, BF16 and FP8, with and without top-k weights) and the BF16 CUDA graph must match the reference as
  * with one round. Creates and destroys its own group (the caller holds none); returns 1 when a check failed. */
 #define ROUND_TOKENS 40

@@ -25,7 +25,9 @@
  * captured in a CUDA graph, replayed twice with new data (and new routing) in the same buffers, BF16 top-4 and FP8
  * top-8 with repeated experts (an eager case on the same handle between its replays); last, a
  * recv_capacity overflow in the graph-safe path reported as EP_STATUS_DEVICE_ERROR, a combine along that handle
- * from an input of exactly recv_capacity rows, then a normal case on the same group.
+ * from an input of exactly recv_capacity rows, then a normal case on the same group. Then, on a second group whose
+ * config.normal_region_bytes holds ROUND_TOKENS (40) tokens a round, cases of up to 4096 tokens (calls in rounds)
+ * and the BF16 CUDA graph, checked the same way.
  * EP_TEST_LEVEL=full also runs normal_full_table (4096-token cases of the same regions, hidden 8192 and 16384) on
  * a group created with config.hidden = FULL_MAX_HIDDEN. Works at any rank count from 1 to 8.
  * A failure prints the case and the seed; EP_TEST_SEED=<seed> replays it. */
