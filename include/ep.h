@@ -183,10 +183,15 @@ typedef struct ep_group_config {
                                   are clamped to it. Lower it to leave SMs to work that overlaps the calls */
   double timeout_seconds;      /* budget of every device-side wait on a peer, in seconds, in
                                   [EP_MIN_TIMEOUT_SECONDS, EP_MAX_TIMEOUT_SECONDS] */
+  size_t normal_region_bytes;  /* symmetric bytes of the normal path; 0 = sized to hold max_tokens_per_rank tokens
+                                  of hidden and max_topk. Otherwise the region holds as many tokens per round as
+                                  fit (for hidden and max_topk above), and a call of more tokens, up to
+                                  max_tokens_per_rank, runs in rounds inside the kernels with the same results.
+                                  One node only (the internode path sizes its buffers from the hints) */
 } ep_group_config_t;
 
 #define EP_GROUP_CONFIG_INIT \
-  { (uint32_t)sizeof(ep_group_config_t), EP_GROUP_CONFIG_MAGIC, 0, 256, 7168, 4096, 8, 0, 0, 0, 20.0 }
+  { (uint32_t)sizeof(ep_group_config_t), EP_GROUP_CONFIG_MAGIC, 0, 256, 7168, 4096, 8, 0, 0, 0, 20.0, 0 }
 
 /* Facts about a created group, filled by ep_group_get_info(). */
 typedef struct ep_group_info {

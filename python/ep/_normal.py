@@ -148,9 +148,9 @@ class NormalPath:
         else:
             data, scales = self._unpack_x(fn, x)
             n = data.shape[0]
-            if n > self.max_tokens_per_rank:
-                raise ValueError(f"{fn}: x has {n} tokens but the Buffer was sized for max_tokens_per_rank="
-                                 f"{self.max_tokens_per_rank}; raise Buffer(max_tokens_per_rank=...)")
+            if n > self.max_tokens_per_rank:  # a pooled Buffer runs rounds up to its (large) ceiling
+                raise ValueError(f"{fn}: x has {n} tokens but the Buffer takes at most max_tokens_per_rank="
+                                 f"{self.max_tokens_per_rank} a call; raise Buffer(max_tokens_per_rank=...)")
             if topk_idx is not None:  # the routing comes from topk_idx
                 tensor(self.device, fn, "topk_idx", topk_idx, torch.int64, (n, None), f"[num_tokens={n}, num_topk]",
                        align16=False)

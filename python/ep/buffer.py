@@ -2,9 +2,13 @@
 
 Code written against `deep_ep.Buffer` runs with `import ep as deep_ep`, with these differences:
 
-* Sizes come from shape hints, not bytes. `num_nvl_bytes` / `num_rdma_bytes` are accepted and ignored; the
-  keyword-only hints `num_experts`, `hidden`, `max_tokens_per_rank`, `max_topk` (the largest shapes any later
-  call will use) size every buffer. A call that exceeds a hint raises ValueError naming the hint to raise.
+* Sizes: `Buffer(group, num_nvl_bytes, ...)` without `max_tokens_per_rank` (DeepEP's and Megatron-Core's call) on
+  one node gives the normal path a region of at most `num_nvl_bytes` bytes; calls of more tokens than it holds
+  run in rounds inside the library, with the same results (up to POOL_MAX_TOKENS_PER_RANK tokens a call). With
+  `max_tokens_per_rank` (or num_nvl_bytes = 0, or several nodes) the keyword-only hints `num_experts`, `hidden`,
+  `max_tokens_per_rank`, `max_topk` (the largest shapes any later call will use) size every buffer. Either way
+  `hidden`, `max_topk` and `num_experts` bound the calls (defaults 7168, 8, 256): a call that exceeds a hint
+  raises ValueError naming the hint to raise. `num_rdma_bytes` is accepted and ignored.
 * Streams as in DeepEP on the normal path (get_dispatch_layout, dispatch, combine): the kernels run on the
   Buffer's communication stream (`get_comm_stream()`, high priority), which first waits for `previous_event` or,
   without one, for the current stream. `async_finish=True` returns an `EventOverlap` recorded on the comm stream,
@@ -56,6 +60,11 @@ from ._low_latency import LowLatencyPath
 from ._normal import NormalPath
 from ._streams import EventOverlap
 
+DEFAULT_MAX_TOKENS_PER_RANK = 4096  # the hint when none is given and the buffers are sized from the hints
+# Calls' ceiling with a byte pool (num_nvl_bytes): the handle holds routing for this many tokens (about 8 bytes a
+# token and rank); the symmetric region holds what num_nvl_bytes holds, and larger calls run in rounds.
+POOL_MAX_TOKENS_PER_RANK = 65536
+
 __all__ = ["Buffer", "Config", "EventOverlap", "DispatchHandle", "LowLatencyHandle"]
 
 
@@ -86,12 +95,28 @@ class Config:
             "Config", "num_max_rdma_chunked_recv_tokens", num_max_rdma_chunked_recv_tokens, 1)
 
     def get_nvl_buffer_size_hint(self, hidden_bytes, num_ranks):
-        """0: `ep` sizes its buffers from the Buffer's shape hints, so no byte count is needed."""
-        return 0
+        """DeepEP's NVLink buffer size for rows of `hidden_bytes` in a group of `num_ranks`, 128-aligned: what
+        DeepEP would allocate for this Config (channels = num_sms / 2, each with a receive ring of
+        num_max_nvl_chunked_recv_tokens rows per NVLink peer). Given to `Buffer(group, num_nvl_bytes)`, ep uses at
+        most these bytes for the normal path (larger calls run in rounds)."""
+        channels, nvl_ranks, rdma_ranks = self._channels_and_ranks(hidden_bytes, num_ranks)
+        row_bytes = hidden_bytes + 8 + 128 * 8 + 128 * 4 + 128 * 4  # row, source info, top-k, weights, scales
+        heads = channels * nvl_ranks * (2 * rdma_ranks + 3) * 4
+        return _align128(heads + channels * nvl_ranks * self.num_max_nvl_chunked_recv_tokens * row_bytes)
 
     def get_rdma_buffer_size_hint(self, hidden_bytes, num_ranks):
-        """0: `ep` sizes its buffers from the Buffer's shape hints, so no byte count is needed."""
-        return 0
+        """DeepEP's RDMA buffer size (0 within one node of 8 ranks), 128-aligned, for code that adds it up."""
+        channels, _, rdma_ranks = self._channels_and_ranks(hidden_bytes, num_ranks)
+        if num_ranks <= 8:
+            return 0
+        row_bytes = hidden_bytes + 8 + 1024 + 512 + 512 + 16
+        return _align128(channels * rdma_ranks * 18 * 2 * 4 +
+                         2 * channels * rdma_ranks * self.num_max_rdma_chunked_recv_tokens * row_bytes)
+
+    def _channels_and_ranks(self, hidden_bytes, num_ranks):
+        int_arg("Config", "hidden_bytes", hidden_bytes, 1, c_int=False)
+        int_arg("Config", "num_ranks", num_ranks, 1, c_int=False)
+        return max(1, self.num_sms // 2), min(num_ranks, 8), max(1, num_ranks // 8)
 
     def __repr__(self):
         return (f"Config(num_sms={self.num_sms}, num_max_nvl_chunked_send_tokens="
@@ -99,6 +124,10 @@ class Config:
                 f"{self.num_max_nvl_chunked_recv_tokens}, num_max_rdma_chunked_send_tokens="
                 f"{self.num_max_rdma_chunked_send_tokens}, num_max_rdma_chunked_recv_tokens="
                 f"{self.num_max_rdma_chunked_recv_tokens})")
+
+
+def _align128(n):
+    return (n + 127) // 128 * 128
 
 
 def _destroy_group(lib, group_ptr, ll_handles):
@@ -133,13 +162,18 @@ class Buffer(NormalPath, LowLatencyPath, metaclass=_BufferType):
 
     Buffer(group=None, num_nvl_bytes=0, num_rdma_bytes=0, low_latency_mode=False, num_qps_per_rank=24,
            allow_nvlink_for_low_latency_mode=True, allow_mnnvl=False, explicitly_destroy=False, *,
-           num_experts=256, hidden=7168, max_tokens_per_rank=4096, max_topk=8, ranks_per_node=0,
+           num_experts=256, hidden=7168, max_tokens_per_rank=None, max_topk=8, ranks_per_node=0,
            timeout_seconds=20.0, use_fabric=False, enable_shrink=False, ll_max_tokens_per_rank=128, max_sms=0,
            comm=None)
 
     group: a torch.distributed ProcessGroup (None = the default group); it is used once, to broadcast the
       128-byte bootstrap id from rank 0. `comm` (an mpi4py communicator) may replace it.
-    num_nvl_bytes, num_rdma_bytes: accepted and IGNORED (DeepEP sizes its buffers in bytes; `ep` from shapes).
+    num_nvl_bytes: with max_tokens_per_rank left None and one node, the most bytes of symmetric memory the normal
+      path takes (config.normal_region_bytes): the region holds as many tokens of `hidden` and `max_topk` a round
+      as fit, and a dispatch of more runs in rounds (same results); calls take up to POOL_MAX_TOKENS_PER_RANK
+      (65536) tokens, a bound of the handle's routing arrays only (about 8 bytes a token and rank). Fewer bytes
+      than one token needs raise EpError. Otherwise ignored.
+    num_rdma_bytes: accepted and IGNORED.
     low_latency_mode: True reserves the low-latency buffer (symmetric memory, get_low_latency_rdma_size_hint()
       bytes for the shape hints) and two LL handles, so that the low_latency_* methods work; the normal path works
       either way.
@@ -149,8 +183,9 @@ class Buffer(NormalPath, LowLatencyPath, metaclass=_BufferType):
       exit; True -> only `destroy()` does it (recommended: destroy is collective, and a rank that died would
       leave the others waiting at exit).
     num_experts, hidden, max_tokens_per_rank, max_topk: the largest shapes any call will use; they size the
-      symmetric buffers (the group reports its heap in `info["symmetric_heap_bytes"]`). hidden: a multiple of 128
-      up to the library's EP_MAX_HIDDEN (65536); max_topk up to EP_MAX_TOPK (32).
+      symmetric buffers (the group reports its heap in `info["symmetric_heap_bytes"]`); max_tokens_per_rank None:
+      4096, or 65536 with the pool above. hidden: a multiple of 128 up to the library's EP_MAX_HIDDEN (65536);
+      max_topk up to EP_MAX_TOPK (32).
     ll_max_tokens_per_rank (ep only, keyword, used with low_latency_mode=True): the largest
       num_max_dispatch_tokens_per_rank any low_latency_dispatch will pass, from 1 to the library's
       EP_LL_MAX_TOKENS_PER_RANK (8192); default 128. The group is created here, so this hint, not the first call,
@@ -176,7 +211,7 @@ class Buffer(NormalPath, LowLatencyPath, metaclass=_BufferType):
 
     def __init__(self, group=None, num_nvl_bytes=0, num_rdma_bytes=0, low_latency_mode=False, num_qps_per_rank=24,
                  allow_nvlink_for_low_latency_mode=True, allow_mnnvl=False, explicitly_destroy=False, *,
-                 num_experts=256, hidden=7168, max_tokens_per_rank=4096, max_topk=8, ranks_per_node=0,
+                 num_experts=256, hidden=7168, max_tokens_per_rank=None, max_topk=8, ranks_per_node=0,
                  timeout_seconds=20.0, use_fabric=False, enable_shrink=False, ll_max_tokens_per_rank=128, max_sms=0,
                  comm=None):
         fn = "Buffer"
@@ -189,7 +224,8 @@ class Buffer(NormalPath, LowLatencyPath, metaclass=_BufferType):
         int_arg(fn, "hidden", hidden, 128, limits.max_hidden)
         if hidden % 128:
             raise ValueError(f"{fn}: hidden is {hidden}; it must be a positive multiple of 128")
-        int_arg(fn, "max_tokens_per_rank", max_tokens_per_rank, 1)
+        if max_tokens_per_rank is not None:
+            int_arg(fn, "max_tokens_per_rank", max_tokens_per_rank, 1)
         int_arg(fn, "max_topk", max_topk, 1, limits.max_topk)
         int_arg(fn, "ranks_per_node", ranks_per_node, 0)
         int_arg(fn, "max_sms", max_sms, 0, limits.max_sms)
@@ -223,6 +259,14 @@ class Buffer(NormalPath, LowLatencyPath, metaclass=_BufferType):
                 raise ValueError(f"{fn}: this process is not a member of group")
         if num_experts % size:
             raise ValueError(f"{fn}: num_experts is {num_experts}; it must be a multiple of the group size ({size})")
+        # DeepEP's byte size: the normal region is a pool of num_nvl_bytes (one node; the internode path has no
+        # rounds), and calls run in rounds of what it holds.
+        one_node = ranks_per_node in (0, size)
+        normal_region_bytes = 0
+        if max_tokens_per_rank is None:
+            max_tokens_per_rank = DEFAULT_MAX_TOKENS_PER_RANK
+            if num_nvl_bytes > 0 and one_node:
+                max_tokens_per_rank, normal_region_bytes = POOL_MAX_TOKENS_PER_RANK, num_nvl_bytes
         uid = _capi.UniqueId()
         payload = None
         if rank == 0:
@@ -246,7 +290,8 @@ class Buffer(NormalPath, LowLatencyPath, metaclass=_BufferType):
                                      max_tokens_per_rank=max_tokens_per_rank, max_topk=max_topk, num_sms=0,
                                      max_sms=max_sms,
                                      ll_max_tokens_per_rank=ll_max_tokens_per_rank if low_latency_mode else 0,
-                                     timeout_seconds=float(timeout_seconds))
+                                     timeout_seconds=float(timeout_seconds),
+                                     normal_region_bytes=normal_region_bytes)
         g = ctypes.c_void_p()
         _capi.check(lib.ep_group_create(ctypes.byref(g), ctypes.byref(uid), rank, size, self.device,
                                         ctypes.byref(cfg)), None)
@@ -281,6 +326,7 @@ class Buffer(NormalPath, LowLatencyPath, metaclass=_BufferType):
         self.explicitly_destroy = explicitly_destroy
         self.num_experts, self.hidden = num_experts, hidden
         self.max_tokens_per_rank, self.max_topk = max_tokens_per_rank, max_topk
+        self.normal_region_bytes = normal_region_bytes  # 0: sized from the hints
         self.num_nodes = info.num_nodes
         self.timeout_seconds = float(timeout_seconds)
         self._device_str = f"cuda:{self.device}"

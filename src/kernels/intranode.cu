@@ -41,129 +41,184 @@ __device__ const char* const kIntraProfCombine[] = {"intra-combine", "acks", "pu
 #endif
 
 // ---------------------------------------------------------------------------------------------------------------
-// prepare: block d compacts my tokens for rank d (destination role) and reads rank d's list for me (source role).
+// prepare: block d compacts my tokens for rank d (destination role) and reads rank d's list for me (source role),
+// once per round (normal_region.h); round 0 also tells every block how many rounds the call takes.
 // ---------------------------------------------------------------------------------------------------------------
 __global__ void __launch_bounds__(kPrepareThreads) prepare_kernel(ep_intranode_launch_t p) {
   extern __shared__ int s_expert[];  // [E_loc]: my tokens per local expert of rank d
   __shared__ int s_warp_count[kPrepareThreads / 32];
-  __shared__ int s_failed;
+  __shared__ int s_failed, s_rounds;
   const int d = blockIdx.x, R = p.group.num_ranks, me = p.group.rank, tid = threadIdx.x;
   const int lane = tid & 31, warp = tid >> 5;
   const int E = p.call.num_experts, E_loc = E / R;
   const ep_normal_region_t& L = p.group.region;
-  const uint64_t epoch = p.group.state->prepare_epoch + 1;
+  const int C = L.max_tokens;  // tokens per round
+  const uint64_t first_epoch = p.group.state->prepare_epoch + 1;
   char* mine = p.group.normal_base;
   char* peer = peer_normal(p, d);
-  int* send_list = at<int>(mine, L.send_list) + (size_t)d * L.max_tokens;
-
-  // Every rank must have finished reading what I published last time: this block rewrites the list for rank d
-  // and my counts entry d in every rank's matrix, which a slow rank may not have read yet.
-  if (tid == 0) s_failed = 0;
-  const int* given_counts = p.call.num_tokens_per_expert;  // rank-mask form: the caller counted my tokens
-  for (int e = tid; e < E_loc; e += blockDim.x) s_expert[e] = given_counts ? given_counts[d * E_loc + e] : 0;
+  int* send_list = at<int>(mine, L.send_list) + (size_t)d * C;
+  int* round_rows = p.handle.round_rows;
+  if (tid == 0) s_rounds = 1;
   __syncthreads();
-  if (tid < R) {
-    const uint64_t* ack = at<uint64_t>(mine, L.prepare_ack) + tid;
-    if (!wait_until([&] { return ld_acquire_sys_u64(ack) >= epoch - 1; }, p.group.timeout_ns, p.group.error, me, tid,
-                    EP_SITE_PREPARE_ACK))
-      s_failed = 1;
-  }
-  __syncthreads();
-  if (s_failed) return;
 
-  // Destination role: my tokens for rank d, in token order (block-wide scan per 256 tokens).
-  int count = 0;
-  for (int base = 0; base < p.call.num_tokens; base += blockDim.x) {
-    const int t = base + tid;
-    bool goes = false;
-    if (t < p.call.num_tokens && p.call.is_token_in_rank) {
-      goes = p.call.is_token_in_rank[(size_t)t * R + d] != 0;
-    } else if (t < p.call.num_tokens) {
-      const int64_t* row = p.call.topk_idx + (size_t)t * p.call.num_topk;
-      for (int k = 0; k < p.call.num_topk; ++k) {
-        const int64_t e = row[k];
-        if (e < -1 || e >= E) {
-          if (d == 0) record_fault(p.group.error, EP_FAULT_BAD_EXPERT, me, -1, 0, t, e);
-          continue;
+  for (int k = 0; k < s_rounds; ++k) {
+    const uint64_t epoch = first_epoch + k;
+    const int first = k * C, n = max(0, min(C, p.call.num_tokens - first));  // my tokens [first, first + n)
+    // Every rank must have finished reading what I published last time: this block rewrites the list for rank d
+    // and my counts entry d in every rank's matrix, which a slow rank may not have read yet.
+    if (tid == 0) s_failed = 0;
+    // Rank-mask form: the caller counted my tokens per expert; they count once, in round 0.
+    const int* given_counts = k == 0 ? p.call.num_tokens_per_expert : nullptr;
+    for (int e = tid; e < E_loc; e += blockDim.x) s_expert[e] = given_counts ? given_counts[d * E_loc + e] : 0;
+    __syncthreads();
+    if (tid < R) {
+      const uint64_t* ack = at<uint64_t>(mine, L.prepare_ack) + tid;
+      if (!wait_until([&] { return ld_acquire_sys_u64(ack) >= epoch - 1; }, p.group.timeout_ns, p.group.error, me, tid,
+                      EP_SITE_PREPARE_ACK))
+        s_failed = 1;
+    }
+    __syncthreads();
+    if (s_failed) return;
+
+    // Destination role: my tokens of this round for rank d, in token order (block-wide scan per 1024 tokens).
+    int count = 0;
+    for (int base = 0; base < n; base += blockDim.x) {
+      const int t = base + tid;
+      bool goes = false;
+      if (t < n && p.call.is_token_in_rank) {
+        goes = p.call.is_token_in_rank[(size_t)(first + t) * R + d] != 0;
+      } else if (t < n) {
+        const int64_t* row = p.call.topk_idx + (size_t)(first + t) * p.call.num_topk;
+        for (int j = 0; j < p.call.num_topk; ++j) {
+          const int64_t e = row[j];
+          if (e < -1 || e >= E) {
+            if (d == 0) record_fault(p.group.error, EP_FAULT_BAD_EXPERT, me, -1, 0, first + t, e);
+            continue;
+          }
+          if (e < 0 || e / E_loc != d) continue;
+          bool repeat = false;
+          for (int i = 0; i < j; ++i) repeat |= row[i] == e;
+          if (!repeat) atomicAdd(&s_expert[e - (int64_t)d * E_loc], 1);
+          goes = true;
         }
-        if (e < 0 || e / E_loc != d) continue;
-        bool repeat = false;
-        for (int j = 0; j < k; ++j) repeat |= row[j] == e;
-        if (!repeat) atomicAdd(&s_expert[e - (int64_t)d * E_loc], 1);
-        goes = true;
+      }
+      const unsigned ballot = __ballot_sync(0xffffffffu, goes);
+      if (lane == 0) s_warp_count[warp] = __popc(ballot);
+      __syncthreads();
+      int before = 0, total = 0;
+      for (int w = 0; w < kPrepareThreads / 32; ++w) {
+        before += w < warp ? s_warp_count[w] : 0;
+        total += s_warp_count[w];
+      }
+      if (t < n) {
+        const int pos = goes ? count + before + __popc(ballot & ((1u << lane) - 1)) : -1;
+        if (goes) send_list[pos] = t;
+        p.handle.send_pos[(size_t)(first + t) * R + d] = pos;
+      }
+      count += total;
+      __syncthreads();
+    }
+
+    // Publish, after the list: my count for d into every rank's matrix (and all my tokens, from which every rank
+    // learns the rounds), my per-expert counts to rank d.
+    if (tid < R || tid < E_loc) __threadfence_system();
+    for (int r = tid; r < R; r += blockDim.x) {
+      uint64_t* row = at<uint64_t>(peer_normal(p, r), L.count_matrix) + (size_t)me * (R + 1);
+      st_release_sys_u64(row + d, tag(epoch, count));
+      if (d == 0) st_release_sys_u64(row + R, tag(epoch, p.call.num_tokens));
+    }
+    for (int e = tid; e < E_loc; e += blockDim.x)
+      st_release_sys_u64(at<uint64_t>(peer, L.expert_counts) + (size_t)me * E_loc + e, tag(epoch, s_expert[e]));
+
+    // Round 0: the call takes as many rounds as the rank with the most tokens needs (at least one). A region that
+    // holds every token of any call (sized from the hints) always takes one, without this wait.
+    if (k == 0 && L.max_rounds > 1 && tid < R) {
+      const uint64_t* their_tokens = at<uint64_t>(mine, L.count_matrix) + (size_t)tid * (R + 1) + R;
+      uint64_t v = 0;
+      if (!wait_until([&] { return ((v = ld_acquire_sys_u64(their_tokens)) >> 32) >= epoch; }, p.group.timeout_ns,
+                      p.group.error, me, tid, EP_SITE_PREPARE_COUNTS))
+        s_failed = 1;
+      else atomicMax(&s_rounds, (untag(v) + C - 1) / C);
+    }
+
+    // Source role: rank d's counts row (summed over the rounds), its list for me, its per-expert counts for me.
+    const uint64_t* their_row = at<uint64_t>(mine, L.count_matrix) + (size_t)d * (R + 1);
+    for (int i = tid; i <= R; i += blockDim.x) {
+      uint64_t v = 0;
+      bool ok = wait_until([&] { return ((v = ld_acquire_sys_u64(their_row + i)) >> 32) >= epoch; }, p.group.timeout_ns,
+                           p.group.error, me, d, EP_SITE_PREPARE_COUNTS);
+      if (!ok) s_failed = 1;
+      else if (i < R) p.handle.matrix[d * R + i] = (k > 0 ? p.handle.matrix[d * R + i] : 0) + untag(v);
+      else p.handle.num_tokens_of[d] = untag(v);
+      if (ok && i == me) round_rows[(size_t)k * (2 * R + 1) + R + 1 + d] = untag(v);  // rows from d this round
+    }
+    for (int e = tid; e < E_loc; e += blockDim.x) {
+      uint64_t v = 0;
+      const uint64_t* slot = at<uint64_t>(mine, L.expert_counts) + (size_t)d * E_loc + e;
+      bool ok = wait_until([&] { return ((v = ld_acquire_sys_u64(slot)) >> 32) >= epoch; }, p.group.timeout_ns,
+                           p.group.error, me, d, EP_SITE_PREPARE_COUNTS);
+      if (!ok) s_failed = 1;
+      else atomicAdd(&p.group.expert_sum[e], untag(v));
+    }
+    __syncthreads();
+    if (s_failed) return;
+    const int from_d = round_rows[(size_t)k * (2 * R + 1) + R + 1 + d];
+    const int taken = k > 0 ? p.handle.recv_taken[d] : 0;  // rows from d of earlier rounds
+    const int* their_list = at<int>(peer, L.send_list) + (size_t)me * C;
+    int* my_copy = p.handle.recv_src + (size_t)d * L.call_tokens + taken;
+    const bool aligned = ((C | L.call_tokens | taken) & 3) == 0;
+    for (int j = tid * 4; j < from_d; j += blockDim.x * 4) {  // four per load: one NVLink round trip per 16 KiB
+      if (j + 3 < from_d && aligned) {
+        *reinterpret_cast<int4*>(my_copy + j) = ld_nc_na(reinterpret_cast<const int4*>(their_list + j));
+      } else {
+        for (int u = j; u < min(from_d, j + 4); ++u) my_copy[u] = ld_relaxed_sys(their_list + u);
       }
     }
-    const unsigned ballot = __ballot_sync(0xffffffffu, goes);
-    if (lane == 0) s_warp_count[warp] = __popc(ballot);
     __syncthreads();
-    int before = 0, total = 0;
-    for (int w = 0; w < kPrepareThreads / 32; ++w) {
-      before += w < warp ? s_warp_count[w] : 0;
-      total += s_warp_count[w];
-    }
-    if (t < p.call.num_tokens) {
-      const int pos = goes ? count + before + __popc(ballot & ((1u << lane) - 1)) : -1;
-      if (goes) send_list[pos] = t;
-      p.handle.send_pos[(size_t)t * R + d] = pos;
-    }
-    count += total;
-    __syncthreads();
-  }
-
-  // Publish, after the list: my count for d into every rank's matrix, my per-expert counts to rank d.
-  if (tid < R || tid < E_loc) __threadfence_system();
-  for (int r = tid; r < R; r += blockDim.x) {
-    uint64_t* row = at<uint64_t>(peer_normal(p, r), L.count_matrix) + (size_t)me * (R + 1);
-    st_release_sys_u64(row + d, tag(epoch, count));
-    if (d == 0) st_release_sys_u64(row + R, tag(epoch, p.call.num_tokens));
-  }
-  for (int e = tid; e < E_loc; e += blockDim.x)
-    st_release_sys_u64(at<uint64_t>(peer, L.expert_counts) + (size_t)me * E_loc + e, tag(epoch, s_expert[e]));
-
-  // Source role: rank d's counts row, its list for me, its per-expert counts for me.
-  const uint64_t* their_row = at<uint64_t>(mine, L.count_matrix) + (size_t)d * (R + 1);
-  for (int i = tid; i <= R; i += blockDim.x) {
-    uint64_t v = 0;
-    bool ok = wait_until([&] { return ((v = ld_acquire_sys_u64(their_row + i)) >> 32) >= epoch; }, p.group.timeout_ns,
-                         p.group.error, me, d, EP_SITE_PREPARE_COUNTS);
-    if (!ok) s_failed = 1;
-    else if (i < R) p.handle.matrix[d * R + i] = untag(v);
-    else p.handle.num_tokens_of[d] = untag(v);
-  }
-  for (int e = tid; e < E_loc; e += blockDim.x) {
-    uint64_t v = 0;
-    const uint64_t* slot = at<uint64_t>(mine, L.expert_counts) + (size_t)d * E_loc + e;
-    bool ok = wait_until([&] { return ((v = ld_acquire_sys_u64(slot)) >> 32) >= epoch; }, p.group.timeout_ns,
-                         p.group.error, me, d, EP_SITE_PREPARE_COUNTS);
-    if (!ok) s_failed = 1;
-    else atomicAdd(&p.group.expert_sum[e], untag(v));
-  }
-  __syncthreads();
-  if (s_failed) return;
-  const int from_d = p.handle.matrix[d * R + me];
-  const int* their_list = at<int>(peer, L.send_list) + (size_t)me * L.max_tokens;
-  int* my_copy = p.handle.recv_src + (size_t)d * L.max_tokens;
-  for (int j = tid * 4; j < from_d; j += blockDim.x * 4) {  // four per load: one NVLink round trip per 16 KiB
-    if (j + 3 < from_d && (L.max_tokens & 3) == 0) {
-      *reinterpret_cast<int4*>(my_copy + j) = ld_nc_na(reinterpret_cast<const int4*>(their_list + j));
-    } else {
-      for (int u = j; u < min(from_d, j + 4); ++u) my_copy[u] = ld_relaxed_sys(their_list + u);
+    if (tid == 0) {
+      p.handle.recv_taken[d] = taken + from_d;
+      st_release_sys_u64(at<uint64_t>(peer, L.prepare_ack) + me, epoch);
     }
   }
-  __syncthreads();
-  if (tid == 0) st_release_sys_u64(at<uint64_t>(peer, L.prepare_ack) + me, epoch);
 
-  // The last block turns the counts into offsets and totals.
+  // The last block turns the counts into offsets and totals, and the per-round counts into the round table.
   if (!arrive_last(&p.group.state->prepare_done)) return;
+  const int rounds = s_rounds;
   if (tid == 0) {
     int offset = 0;
     for (int s = 0; s < R; ++s) {
       p.handle.recv_offset[s] = offset;
+      if (rounds == 1) round_rows[s] = round_rows[R + 1 + s] = offset;  // one round: the table is the offsets
       offset += p.handle.matrix[s * R + me];
     }
     p.handle.recv_offset[R] = offset;
+    if (rounds == 1) round_rows[R] = offset;
     *p.handle.num_recv = offset;
+    *p.handle.num_rounds = rounds;
     if (p.call.out_num_recv) *p.call.out_num_recv = offset;
+  }
+  if (rounds > 1) {
+    __syncthreads();
+    if (tid < R) {  // source tid: its rows of each round go after its rows of the rounds before
+      int out = p.handle.recv_offset[tid];
+      for (int k = 0; k < rounds; ++k) {
+        int* base = round_rows + (size_t)k * (2 * R + 1) + R + 1;
+        const int rows = base[tid];
+        base[tid] = out;
+        out += rows;
+      }
+    }
+    __syncthreads();
+    for (int k = tid; k < rounds; k += blockDim.x) {  // where each source's rows start among the round's rows
+      int* table = round_rows + (size_t)k * (2 * R + 1);
+      const int* next_base = k + 1 < rounds ? table + (2 * R + 1) + R + 1 : p.handle.recv_offset + 1;
+      int offset = 0;
+      for (int s = 0; s < R; ++s) {
+        table[s] = offset;
+        offset += next_base[s] - table[R + 1 + s];
+      }
+      table[R] = offset;
+    }
   }
   for (int e = tid; e < E_loc; e += blockDim.x) {
     const int a = p.call.expert_alignment;
@@ -175,7 +230,7 @@ __global__ void __launch_bounds__(kPrepareThreads) prepare_kernel(ep_intranode_l
   __syncthreads();
   if (tid == 0) {
     p.group.state->prepare_done = 0;
-    p.group.state->prepare_epoch = epoch;
+    p.group.state->prepare_epoch = first_epoch + rounds - 1;
   }
 }
 
@@ -201,69 +256,88 @@ __device__ __forceinline__ bool wait_released(const ep_intranode_launch_t& p, co
 __global__ void __launch_bounds__(kDispatchThreads, 1) dispatch_kernel(ep_intranode_launch_t p) {
   const int R = p.group.num_ranks, me = p.group.rank, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const ep_normal_region_t& L = p.group.region;
-  const uint64_t epoch = p.group.state->dispatch_epoch + 1;
+  const int C = L.max_tokens;
+  const int* num_rounds = p.handle.num_rounds;  // read after the first round: a call mostly has one
+  const uint64_t first_epoch = p.group.state->dispatch_epoch + 1;
   char* mine = p.group.normal_base;
   const rows::XRow row(p.call.hidden, p.call.is_fp8, p.call.num_topk);
+  __shared__ int s_offset[kMaxNvlRanks + 1];  // the round's rows from source s start at s_offset[s] among them,
+  __shared__ int s_base[kMaxNvlRanks];        // at s_base[s] in my output,
+  __shared__ int s_taken[kMaxNvlRanks];       // at s_taken[s] in my copy of s's lists (recv_src)
+  __shared__ int s_failed;
   NORMAL_PROF_STAMP(g_intra_prof_dispatch, 0);
 
-  // Stage: chunks of my tokens, row | scales | global expert ids | weights; one flag per chunk.
-  if (!wait_released(p, at<uint64_t>(mine, L.dispatch_ack), epoch, EP_SITE_DISPATCH_ACK)) return;
-  NORMAL_PROF_STAMP(g_intra_prof_dispatch, 1);
-  rows::stage_x<kDispatchWarps>(p, row, epoch);
-  NORMAL_PROF_STAMP(g_intra_prof_dispatch, 2);
+  int k = 0;
+  do {
+    const uint64_t epoch = first_epoch + k;
+    const int first = k * C;
+    // Stage: chunks of my tokens of the round, row | scales | global expert ids | weights; one flag per chunk.
+    if (!wait_released(p, at<uint64_t>(mine, L.dispatch_ack), epoch, EP_SITE_DISPATCH_ACK)) return;
+    NORMAL_PROF_STAMP(g_intra_prof_dispatch, 1);
+    rows::stage_x<kDispatchWarps>(p, row, epoch, first, max(0, min(C, p.call.num_tokens - first)));
+    NORMAL_PROF_STAMP(g_intra_prof_dispatch, 2);
 
-  // Pull: this block's share of my output rows. Row i comes from source s, as its j-th row for me.
-  __shared__ int s_offset[kMaxNvlRanks + 1];
-  __shared__ int s_failed;
-  if (tid <= R) s_offset[tid] = p.handle.recv_offset[tid];
-  if (tid == 0) s_failed = 0;
-  __syncthreads();
-  const int num_recv = s_offset[R];
-  const int per_block = (num_recv + gridDim.x - 1) / gridDim.x;
-  const int begin = blockIdx.x * per_block, end = min(num_recv, begin + per_block);
-  int ready_src = -1, ready_chunk = -1;  // the last chunk this warp saw staged
-  for (int i = begin + warp; i < end; i += kDispatchWarps) {
-    int s = 0;
-    while (s + 1 < R && s_offset[s + 1] <= i) ++s;
-    const int t = p.handle.recv_src[(size_t)s * L.max_tokens + (i - s_offset[s])];
-    char* src = peer_normal(p, s);
-    if (s != ready_src || t / kChunk != ready_chunk) {
-      bool ok = true;
-      if (lane == 0) {
-        const uint64_t* flag = at<uint64_t>(src, L.x_staged) + t / kChunk;
-        ok = wait_until([&] { return ld_acquire_sys_u64(flag) >= epoch; }, p.group.timeout_ns, p.group.error, me, s,
-                        EP_SITE_DISPATCH_STAGED);
-      }
-      if (!__shfl_sync(0xffffffffu, ok, 0)) {
-        s_failed = 1;
-        break;
-      }
-      ready_src = s;
-      ready_chunk = t / kChunk;
+    // Pull: this block's share of the round's rows. Round row i comes from source s, as its j-th row for me.
+    const int* table = p.handle.round_rows + (size_t)k * (2 * R + 1);
+    if (tid <= R) s_offset[tid] = table[tid];
+    if (tid < R) {
+      s_base[tid] = table[R + 1 + tid];
+      s_taken[tid] = s_base[tid] - p.handle.recv_offset[tid];
     }
-    if (i < p.call.recv_capacity) rows::pull_x_row(p, row, src + L.x_stage + (size_t)t * L.x_row_bytes, i, t, lane);
-  }
+    if (tid == 0) s_failed = 0;
+    __syncthreads();
+    const int num_rows = s_offset[R];
+    const int per_block = (num_rows + gridDim.x - 1) / gridDim.x;
+    const int begin = blockIdx.x * per_block, end = min(num_rows, begin + per_block);
+    int ready_src = -1, ready_chunk = -1;  // the last chunk this warp saw staged
+    for (int i = begin + warp; i < end; i += kDispatchWarps) {
+      int s = 0;
+      while (s + 1 < R && s_offset[s + 1] <= i) ++s;
+      const int j = i - s_offset[s];
+      const int t = p.handle.recv_src[(size_t)s * L.call_tokens + s_taken[s] + j];  // within the round
+      char* src = peer_normal(p, s);
+      if (s != ready_src || t / kChunk != ready_chunk) {
+        bool ok = true;
+        if (lane == 0) {
+          const uint64_t* flag = at<uint64_t>(src, L.x_staged) + t / kChunk;
+          ok = wait_until([&] { return ld_acquire_sys_u64(flag) >= epoch; }, p.group.timeout_ns, p.group.error, me, s,
+                          EP_SITE_DISPATCH_STAGED);
+        }
+        if (!__shfl_sync(0xffffffffu, ok, 0)) {
+          s_failed = 1;
+          break;
+        }
+        ready_src = s;
+        ready_chunk = t / kChunk;
+      }
+      const int out = s_base[s] + j;
+      if (out < p.call.recv_capacity)
+        rows::pull_x_row(p, row, src + L.x_stage + (size_t)t * L.x_row_bytes, out, t, lane, first);
+    }
+    __syncthreads();
+    if (s_failed) return;
+    NORMAL_PROF_DONE(g_intra_prof_dispatch, 3);
+
+    // Once every block has read what it needs, release every source's stage. The counter is reset before the
+    // acks (the barrier and the releasing stores order it): a block that sees them may arrive at the next round's
+    // counter at once.
+    if (arrive_last(&p.group.state->dispatch_done)) {
+      if (tid == 0) p.group.state->dispatch_done = 0;
+      __syncthreads();
+      if (tid < R) st_release_sys_u64(at<uint64_t>(peer_normal(p, tid), L.dispatch_ack) + me, epoch);
+      if (tid == 0 && k + 1 == *num_rounds) {
+        p.group.state->dispatch_epoch = epoch;
+        // Reported only now: a fault recorded earlier would make this rank's remaining waits give up, and the
+        // protocol (acks, epoch) would fall out of step with its peers. The rows past the capacity were skipped.
+        const int num_recv = p.handle.recv_offset[R];
+        if (num_recv > p.call.recv_capacity)
+          record_fault(p.group.error, EP_FAULT_RECV_OVERFLOW, me, -1, 0, num_recv, p.call.recv_capacity);
+      }
+    }
+  } while (++k < *num_rounds);
 
   // Graph-safe tail: rows past the received count say "nothing here".
-  rows::graph_safe_tail(p, num_recv);
-  __syncthreads();
-  if (s_failed) return;
-  NORMAL_PROF_DONE(g_intra_prof_dispatch, 3);
-
-  // Once every block has read what it needs, release every source's stage.
-  if (!arrive_last(&p.group.state->dispatch_done)) {
-    NORMAL_PROF_END(g_intra_prof_dispatch, me, kIntraProfDispatch);
-    return;
-  }
-  if (tid < R) st_release_sys_u64(at<uint64_t>(peer_normal(p, tid), L.dispatch_ack) + me, epoch);
-  if (tid == 0) {
-    p.group.state->dispatch_done = 0;
-    p.group.state->dispatch_epoch = epoch;
-    // Reported only now: a fault recorded earlier would make this rank's remaining waits give up, and the
-    // protocol (acks, epoch) would fall out of step with its peers. The rows past the capacity were skipped.
-    if (num_recv > p.call.recv_capacity)
-      record_fault(p.group.error, EP_FAULT_RECV_OVERFLOW, me, -1, 0, num_recv, p.call.recv_capacity);
-  }
+  rows::graph_safe_tail(p, p.handle.recv_offset[R]);
   NORMAL_PROF_END(g_intra_prof_dispatch, me, kIntraProfDispatch);
 }
 
@@ -312,118 +386,126 @@ __global__ void __launch_bounds__(kCombineThreads, 1) combine_kernel(ep_intranod
   const int R = p.group.num_ranks, me = p.group.rank, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int K = p.call.num_topk, H = p.call.hidden;
   const ep_normal_region_t& L = p.group.region;
-  const uint64_t epoch = p.group.state->combine_epoch + 1;
+  const int C = L.max_tokens;
+  const int* num_rounds = p.handle.num_rounds;  // read after the first round: a call mostly has one
+  const uint64_t first_epoch = p.group.state->combine_epoch + 1;
   char* mine = p.group.normal_base;
   const int n16 = H * 2 / 16;
+  __shared__ int s_offset[kMaxNvlRanks + 1];  // the round's rows from source s start at s_offset[s] among them
+  __shared__ int s_base[kMaxNvlRanks];        // and at s_base[s] in y
+  __shared__ int s_failed;
   NORMAL_PROF_STAMP(g_intra_prof_combine, 0);
 
-  // Every destination has finished reading what I pushed into it last time.
-  if (!wait_released(p, at<uint64_t>(mine, L.combine_ack), epoch, EP_SITE_COMBINE_ACK)) return;
-  __shared__ int s_offset[kMaxNvlRanks + 1];
-  __shared__ int s_failed;
-  if (tid <= R) s_offset[tid] = p.handle.recv_offset[tid];
-  if (tid == 0) s_failed = 0;
-  __syncthreads();
-  NORMAL_PROF_STAMP(g_intra_prof_combine, 1);
+  int k = 0;
+  do {
+    const uint64_t epoch = first_epoch + k;
+    const int first = k * C, num_tokens = max(0, min(C, p.call.num_tokens - first));  // my tokens of the round
+    // Every destination has finished reading what I pushed into it last time.
+    if (!wait_released(p, at<uint64_t>(mine, L.combine_ack), epoch, EP_SITE_COMBINE_ACK)) return;
+    const int* table = p.handle.round_rows + (size_t)k * (2 * R + 1);
+    if (tid <= R) s_offset[tid] = table[tid];
+    if (tid < R) s_base[tid] = table[R + 1 + tid];
+    if (tid == 0) s_failed = 0;
+    __syncthreads();
+    NORMAL_PROF_STAMP(g_intra_prof_combine, 1);
 
-  if (warp < kCombinePushWarps) {
-    int max_chunks = 0;
-    for (int s = 0; s < R; ++s)
-      max_chunks = max(max_chunks, (s_offset[s + 1] - s_offset[s] + kChunk - 1) / kChunk);
-    const int num_items = (R - 1) * max_chunks;
-    for (int w = blockIdx.x; w < num_items; w += gridDim.x) {
-      const int s = (me + 1 + w % (R - 1)) % R, chunk = w / (R - 1);
-      const int count = s_offset[s + 1] - s_offset[s];
-      if (chunk * kChunk >= count) continue;  // the same for every push warp: no barrier is skipped by some
-      push_chunk(p, s, chunk, s_offset[s] + chunk * kChunk, min(kChunk, count - chunk * kChunk), epoch, warp, lane);
-    }
-    NORMAL_PROF_STAMP_WARPS(g_intra_prof_combine, 2);
-  } else {
-    const int reduce_warp = warp - kCombinePushWarps;
-    const int num_chunks = (p.call.num_tokens + kChunk - 1) / kChunk;
-    for (int c = blockIdx.x; c < num_chunks && !s_failed; c += gridDim.x) {
-      const int end = min(p.call.num_tokens, (c + 1) * kChunk);
-      for (int t = c * kChunk + reduce_warp; t < end; t += kCombineReduceWarps) {
-        int pos = -1;
-        if (lane < R) pos = p.handle.send_pos[(size_t)t * R + lane];
-        bool ok = true;
-        if (pos >= 0 && lane != me) {
-          const uint64_t* flag = at<uint64_t>(mine, L.y_staged) + (size_t)lane * L.y_chunks_per_rank + pos / kChunk;
-          ok = wait_until([&] { return ld_acquire_sys_u64(flag) >= epoch; }, p.group.timeout_ns, p.group.error, me,
-                          lane, EP_SITE_COMBINE_STAGED);
-        }
-        if (!__all_sync(0xffffffffu, ok)) {
-          s_failed = 1;
-          break;
-        }
-        // One source per rank (NULL where the token did not go); summing r = 0, 1, ... keeps the rank order.
-        const char* src[kMaxRanks];
-        const float* wsrc[kMaxRanks];
+    if (warp < kCombinePushWarps) {
+      int max_chunks = 0;
+      for (int s = 0; s < R; ++s) max_chunks = max(max_chunks, (s_offset[s + 1] - s_offset[s] + kChunk - 1) / kChunk);
+      const int num_items = (R - 1) * max_chunks;
+      for (int w = blockIdx.x; w < num_items; w += gridDim.x) {
+        const int s = (me + 1 + w % (R - 1)) % R, chunk = w / (R - 1);
+        const int count = s_offset[s + 1] - s_offset[s];
+        if (chunk * kChunk >= count) continue;  // the same for every push warp: no barrier is skipped by some
+        push_chunk(p, s, chunk, s_base[s] + chunk * kChunk, min(kChunk, count - chunk * kChunk), epoch, warp, lane);
+      }
+      NORMAL_PROF_STAMP_WARPS(g_intra_prof_combine, 2);
+    } else {
+      const int reduce_warp = warp - kCombinePushWarps;
+      const int num_chunks = (num_tokens + kChunk - 1) / kChunk;
+      for (int c = blockIdx.x; c < num_chunks && !s_failed; c += gridDim.x) {
+        const int end = first + min(num_tokens, (c + 1) * kChunk);
+        for (int t = first + c * kChunk + reduce_warp; t < end; t += kCombineReduceWarps) {
+          int pos = -1;  // t's row in the round's list for rank `lane`
+          if (lane < R) pos = p.handle.send_pos[(size_t)t * R + lane];
+          bool ok = true;
+          if (pos >= 0 && lane != me) {
+            const uint64_t* flag = at<uint64_t>(mine, L.y_staged) + (size_t)lane * L.y_chunks_per_rank + pos / kChunk;
+            ok = wait_until([&] { return ld_acquire_sys_u64(flag) >= epoch; }, p.group.timeout_ns, p.group.error, me,
+                            lane, EP_SITE_COMBINE_STAGED);
+          }
+          if (!__all_sync(0xffffffffu, ok)) {
+            s_failed = 1;
+            break;
+          }
+          // One source per rank (NULL where the token did not go); summing r = 0, 1, ... keeps the rank order.
+          const char* src[kMaxRanks];
+          const float* wsrc[kMaxRanks];
 #pragma unroll
-        for (int r = 0; r < kMaxRanks; ++r) {
-          const int pos_r = __shfl_sync(0xffffffffu, pos, r);
-          src[r] = nullptr;
-          wsrc[r] = nullptr;
-          if (r < R && pos_r >= 0) {
-            if (r == me) {
-              const size_t row = (size_t)s_offset[me] + pos_r;
-              if (row >= (size_t)p.call.recv_capacity) continue;  // see push_chunk
-              src[r] = (const char*)p.call.y + row * H * 2;
-              if (p.call.y_weights) wsrc[r] = p.call.y_weights + row * K;
-            } else {
-              src[r] = mine + L.y_stage + ((size_t)r * L.max_tokens + pos_r) * L.y_row_bytes;
-              wsrc[r] = reinterpret_cast<const float*>(src[r] + H * 2);
+          for (int r = 0; r < kMaxRanks; ++r) {
+            const int pos_r = __shfl_sync(0xffffffffu, pos, r);
+            src[r] = nullptr;
+            wsrc[r] = nullptr;
+            if (r < R && pos_r >= 0) {
+              if (r == me) {
+                const size_t row = (size_t)s_base[me] + pos_r;
+                if (row >= (size_t)p.call.recv_capacity) continue;  // see push_chunk
+                src[r] = (const char*)p.call.y + row * H * 2;
+                if (p.call.y_weights) wsrc[r] = p.call.y_weights + row * K;
+              } else {
+                src[r] = mine + L.y_stage + ((size_t)r * C + pos_r) * L.y_row_bytes;
+                wsrc[r] = reinterpret_cast<const float*>(src[r] + H * 2);
+              }
             }
           }
-        }
-        const int4* bias0 = reinterpret_cast<const int4*>((const char*)p.call.bias0 + (size_t)t * H * 2);
-        const int4* bias1 = reinterpret_cast<const int4*>((const char*)p.call.bias1 + (size_t)t * H * 2);
-        int4* out = reinterpret_cast<int4*>((char*)p.call.combined_x + (size_t)t * H * 2);
-        for (int c0 = lane; c0 < n16; c0 += 32 * kUnroll) {
-          int4 v[kUnroll][kMaxRanks];
+          const int4* bias0 = reinterpret_cast<const int4*>((const char*)p.call.bias0 + (size_t)t * H * 2);
+          const int4* bias1 = reinterpret_cast<const int4*>((const char*)p.call.bias1 + (size_t)t * H * 2);
+          int4* out = reinterpret_cast<int4*>((char*)p.call.combined_x + (size_t)t * H * 2);
+          for (int c0 = lane; c0 < n16; c0 += 32 * kUnroll) {
+            int4 v[kUnroll][kMaxRanks];
 #pragma unroll
-          for (int u = 0; u < kUnroll; ++u)
+            for (int u = 0; u < kUnroll; ++u)
+#pragma unroll
+              for (int r = 0; r < kMaxRanks; ++r)
+                if (src[r] && c0 + u * 32 < n16)
+                  v[u][r] = ld_nc_na(reinterpret_cast<const int4*>(src[r]) + c0 + u * 32);
+#pragma unroll
+            for (int u = 0; u < kUnroll; ++u) {
+              const int ch = c0 + u * 32;
+              if (ch >= n16) break;
+              float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+              if (p.call.bias0) add_bf16x8(acc, bias0[ch]);
+              if (p.call.bias1) add_bf16x8(acc, bias1[ch]);
+#pragma unroll
+              for (int r = 0; r < kMaxRanks; ++r)
+                if (src[r]) add_bf16x8(acc, v[u][r]);
+              out[ch] = rows::pack_bf16x8(acc);
+            }
+          }
+          if (p.call.combined_weights && lane < K) {
+            float w = 0.0f;
 #pragma unroll
             for (int r = 0; r < kMaxRanks; ++r)
-              if (src[r] && c0 + u * 32 < n16) v[u][r] = ld_nc_na(reinterpret_cast<const int4*>(src[r]) + c0 + u * 32);
-#pragma unroll
-          for (int u = 0; u < kUnroll; ++u) {
-            const int ch = c0 + u * 32;
-            if (ch >= n16) break;
-            float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-            if (p.call.bias0) add_bf16x8(acc, bias0[ch]);
-            if (p.call.bias1) add_bf16x8(acc, bias1[ch]);
-#pragma unroll
-            for (int r = 0; r < kMaxRanks; ++r)
-              if (src[r]) add_bf16x8(acc, v[u][r]);
-            out[ch] = rows::pack_bf16x8(acc);
+              if (wsrc[r]) w += ld_relaxed_sys_f32(wsrc[r] + lane);
+            p.call.combined_weights[(size_t)t * K + lane] = w;
           }
         }
-        if (p.call.combined_weights && lane < K) {
-          float w = 0.0f;
-#pragma unroll
-          for (int r = 0; r < kMaxRanks; ++r)
-            if (wsrc[r]) w += ld_relaxed_sys_f32(wsrc[r] + lane);
-          p.call.combined_weights[(size_t)t * K + lane] = w;
-        }
       }
+      NORMAL_PROF_STAMP_WARPS(g_intra_prof_combine, 3);
     }
-    NORMAL_PROF_STAMP_WARPS(g_intra_prof_combine, 3);
-  }
-  __syncthreads();
-  if (s_failed) return;
-  NORMAL_PROF_DONE(g_intra_prof_combine, 4);
+    __syncthreads();
+    if (s_failed) return;
+    NORMAL_PROF_DONE(g_intra_prof_combine, 4);
 
-  // Once every block has read its tokens' rows, every peer may push into my receive area again.
-  if (!arrive_last(&p.group.state->combine_done)) {
-    NORMAL_PROF_END(g_intra_prof_combine, me, kIntraProfCombine);
-    return;
-  }
-  if (tid < R) st_release_sys_u64(at<uint64_t>(peer_normal(p, tid), L.combine_ack) + me, epoch);
-  if (tid == 0) {
-    p.group.state->combine_done = 0;
-    p.group.state->combine_epoch = epoch;
-  }
+    // Once every block has read its tokens' rows, every peer may push into my receive area again (the counter is
+    // reset first, as in dispatch).
+    if (arrive_last(&p.group.state->combine_done)) {
+      if (tid == 0) p.group.state->combine_done = 0;
+      __syncthreads();
+      if (tid < R) st_release_sys_u64(at<uint64_t>(peer_normal(p, tid), L.combine_ack) + me, epoch);
+      if (tid == 0 && k + 1 == *num_rounds) p.group.state->combine_epoch = epoch;
+    }
+  } while (++k < *num_rounds);
   NORMAL_PROF_END(g_intra_prof_combine, me, kIntraProfCombine);
 }
 

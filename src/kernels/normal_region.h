@@ -13,6 +13,12 @@
  * push again. (The internode path splits `y_stage` into its own push regions: internode_region.h.) The epoch of a
  * call is a device-side counter, the same on every rank because every rank makes the same calls.
  *
+ * Rounds: the region holds T tokens per rank (T = config.max_tokens_per_rank, or what config.normal_region_bytes
+ * holds). A call of more tokens runs ceil(max over ranks of num_tokens / T) rounds inside each kernel, each round
+ * one step of the protocol above with its own epoch, over tokens [k*T, k*T + T) of every rank. Receivers write the
+ * rows of source s in round k at s's output offset plus s's rows of earlier rounds (the handle's round table), so
+ * the output is in the order of one big call: source-rank major, token order within a source.
+ *
  *   uint64 count_matrix[R][R+1]   row s from rank s: (epoch << 32 | tokens s sends to rank d), then s's num_tokens
  *   uint64 expert_counts[R][E_loc] from rank s: (epoch << 32 | s's tokens for each of my local experts)
  *   uint64 prepare_ack[R]         from rank r: epoch whose send_list r has finished reading
@@ -23,7 +29,7 @@
  *   int32  send_list[R][T]        my token indices for each destination, compact, in token order
  *   bytes  x_stage[T][x_row_bytes]  row | scales [H/128] f32 | topk ids [K] i32 | weights [K] f32
  *   bytes  y_stage[R*T][y_row_bytes] row (bf16) | weights [K] f32
- * T = config.max_tokens_per_rank, H = config.hidden, K = config.max_topk. */
+ * T = tokens per round, H = config.hidden, K = config.max_topk. */
 #ifndef EP_KERNELS_NORMAL_REGION_H
 #define EP_KERNELS_NORMAL_REGION_H
 
@@ -35,7 +41,9 @@
 #define EP_STAGE_CHUNK_ROWS 32 /* rows per staged-chunk flag */
 
 typedef struct ep_normal_region {
-  int num_ranks, max_tokens, hidden, max_topk, num_local_experts;
+  int num_ranks, max_tokens, hidden, max_topk, num_local_experts; /* max_tokens: T, the tokens of one round */
+  int call_tokens;       /* the most tokens of one call (config.max_tokens_per_rank): the handle holds that many */
+  int max_rounds;        /* ceil(call_tokens / max_tokens) */
   int y_chunks_per_rank; /* ceil(T / EP_STAGE_CHUNK_ROWS) */
   size_t x_row_bytes, y_row_bytes; /* stride of one staged row */
   size_t count_matrix, expert_counts, prepare_ack, dispatch_ack, combine_ack, x_staged, y_staged;
@@ -49,6 +57,8 @@ static inline EP_HD ep_normal_region_t ep_normal_region(int num_ranks, int num_e
   const size_t R = (size_t)num_ranks, T = (size_t)max_tokens, K = (size_t)max_topk;
   l.num_ranks = num_ranks;
   l.max_tokens = max_tokens;
+  l.call_tokens = max_tokens;
+  l.max_rounds = 1;
   l.hidden = hidden;
   l.max_topk = max_topk;
   l.num_local_experts = num_experts / num_ranks;
@@ -73,16 +83,38 @@ static inline EP_HD ep_normal_region_t ep_normal_region(int num_ranks, int num_e
   return l;
 }
 
+/* The region in a pool of `pool_bytes` (config.normal_region_bytes): the most tokens per round T that fit, at most
+ * call_tokens, for rows of `hidden` channels and `max_topk` weights; T = 0 if not even one token fits. Calls of up
+ * to call_tokens tokens run in max_rounds rounds or fewer. */
+static inline EP_HD ep_normal_region_t ep_normal_region_pool(int num_ranks, int num_experts, size_t pool_bytes,
+                                                             int call_tokens, int hidden, int max_topk) {
+  int lo = 0, hi = call_tokens; /* the region grows with T: the largest T whose region fits */
+  while (lo < hi) {
+    const int mid = lo + (hi - lo + 1) / 2;
+    if (ep_normal_region(num_ranks, num_experts, mid, hidden, max_topk).total_bytes <= pool_bytes) lo = mid;
+    else hi = mid - 1;
+  }
+  ep_normal_region_t l = ep_normal_region(num_ranks, num_experts, lo, hidden, max_topk);
+  l.call_tokens = call_tokens;
+  l.max_rounds = lo > 0 ? (call_tokens + lo - 1) / lo : 0;
+  return l;
+}
+
 /* The normal handle's device arrays (ep_handle_t), in one allocation carved by ep_normal_handle_carve. T is
- * config.max_tokens_per_rank, R the ranks, E_loc the experts per rank; N nodes of P ranks. */
+ * config.max_tokens_per_rank (call_tokens), C the tokens of one round, R the ranks, E_loc the experts per rank;
+ * N nodes of P ranks. */
 typedef struct ep_normal_handle_view {
-  int* send_pos;      /* [T][R]: row of my token on each rank, counted within my segment; -1 */
-  int* matrix;        /* [R][R]: tokens rank s sends to rank d */
+  int* send_pos;      /* [T][R]: row of my token t on each rank, counted within its round's list; -1 */
+  int* matrix;        /* [R][R]: tokens rank s sends to rank d (all rounds) */
   int* num_tokens_of; /* [R] */
-  int* recv_src;      /* [R][T]: token index on source s of my j-th row from s */
+  int* recv_src;      /* [R][T]: token index on source s, within its round, of my j-th row from s */
   int* recv_offset;   /* [R + 1]: where rows from s start in my output */
   int* num_recv;      /* [1] */
   int* expert_counts; /* [E_loc], aligned */
+  int* num_rounds;    /* [1]: rounds of the prepared call, the same on every rank */
+  int* recv_taken;    /* [R]: rows from s in the rounds prepared so far (prepare's running count) */
+  int* round_rows;    /* [max_rounds][2R + 1]: round k: where rows from s start among the round's rows [R + 1],
+                         then where they go in my output [R] (recv_offset[s] plus s's rows of earlier rounds) */
   /* With num_nodes > 1 only (NULL otherwise). */
   int* recv_slot;   /* [R][T]: remote source s: slot (in the forwarder's rdma_recv) of my j-th row from s */
   int* send_slot;   /* [T][N]: slot of my token t in node_list[m], or -1 */
@@ -98,15 +130,17 @@ typedef struct ep_normal_handle_view {
  * boundary, so that kernels may move them four ints at a time. */
 static inline size_t ep_normal_handle_carve(const ep_normal_region_t* l, int num_nodes, int ranks_per_node,
                                             void* memory, ep_normal_handle_view_t* view) {
-  const size_t R = (size_t)l->num_ranks, T = (size_t)l->max_tokens, E_loc = (size_t)l->num_local_experts;
-  const size_t N = (size_t)num_nodes, P = (size_t)ranks_per_node;
+  const size_t R = (size_t)l->num_ranks, T = (size_t)l->call_tokens, E_loc = (size_t)l->num_local_experts;
+  const size_t N = (size_t)num_nodes, P = (size_t)ranks_per_node, rounds = (size_t)l->max_rounds;
   ep_normal_handle_view_t v;
-  int** const arrays[] = {&v.send_pos,   &v.matrix,        &v.num_tokens_of, &v.recv_src,  &v.recv_offset,
-                          &v.num_recv,   &v.expert_counts, &v.recv_slot,     &v.send_slot, &v.node_tokens,
-                          &v.node_count, &v.fwd_count,     &v.fwd_row};
-  const size_t ints[] = {T * R, R * R, R, R * T, R + 1, 1, E_loc, R * T, T * N, N * T, N, N, N * T * P};
+  int** const arrays[] = {&v.send_pos,    &v.matrix,     &v.num_tokens_of, &v.recv_src,
+                          &v.recv_offset, &v.num_recv,   &v.expert_counts, &v.num_rounds,
+                          &v.recv_taken,  &v.round_rows, &v.recv_slot,     &v.send_slot,
+                          &v.node_tokens, &v.node_count, &v.fwd_count,     &v.fwd_row};
+  const size_t ints[] = {T * R, R * R, R,     R * T, R + 1, 1,        E_loc, 1, R, rounds * (2 * R + 1),
+                         R * T, T * N, N * T, N,     N,     N * T * P};
   const int count = (int)(sizeof(ints) / sizeof(ints[0]));
-  const int used = num_nodes > 1 ? count : 7; /* the first seven serve one node */
+  const int used = num_nodes > 1 ? count : 10; /* the first ten serve one node */
   size_t bytes = 0;
   for (int i = 0; i < count; ++i) {
     *arrays[i] = i < used && memory ? (int*)((char*)memory + bytes) : NULL;

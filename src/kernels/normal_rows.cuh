@@ -38,26 +38,28 @@ struct XRow {
   }
 };
 
-// Stage every token once into my x_stage, a block per chunk of kChunk tokens, and publish x_staged[c] = epoch.
+// Stage my tokens [first, first + count) once into my x_stage (token first + t at row t), a block per chunk of
+// kChunk rows, and publish x_staged[c] = epoch.
 template <int kWarps, typename Launch>
-__device__ __forceinline__ void stage_x(const Launch& p, const XRow& row, uint64_t epoch) {
+__device__ __forceinline__ void stage_x(const Launch& p, const XRow& row, uint64_t epoch, int first, int count) {
   const ep_normal_region_t& L = p.group.region;
   char* mine = p.group.normal_base;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, K = p.call.num_topk;
   const int n16 = row.row_bytes / 16;
-  const int num_chunks = (p.call.num_tokens + kChunk - 1) / kChunk;
+  const int num_chunks = (count + kChunk - 1) / kChunk;
   for (int c = blockIdx.x; c < num_chunks; c += gridDim.x) {
-    const int end = min(p.call.num_tokens, (c + 1) * kChunk);
+    const int end = min(count, (c + 1) * kChunk);
     for (int t = c * kChunk + warp; t < end; t += kWarps) {
+      const size_t x = (size_t)first + t;
       char* dst = mine + L.x_stage + (size_t)t * L.x_row_bytes;
-      warp_copy<false, 8>(dst, (const char*)p.call.x + (size_t)t * row.row_bytes, 0, n16, lane);
+      warp_copy<false, 8>(dst, (const char*)p.call.x + x * row.row_bytes, 0, n16, lane);
       for (int i = lane; i < row.num_scales; i += 32)
-        reinterpret_cast<float*>(dst + row.scales_off)[i] = p.call.x_scales[(size_t)t * row.num_scales + i];
+        reinterpret_cast<float*>(dst + row.scales_off)[i] = p.call.x_scales[x * row.num_scales + i];
       if (lane < K) {
-        const int64_t e = p.call.topk_idx ? p.call.topk_idx[(size_t)t * K + lane] : -1;
+        const int64_t e = p.call.topk_idx ? p.call.topk_idx[x * K + lane] : -1;
         reinterpret_cast<int*>(dst + row.topk_off)[lane] = (e >= 0 && e < p.call.num_experts) ? (int)e : -1;
         reinterpret_cast<float*>(dst + row.weights_off)[lane] =
-            p.call.topk_weights ? p.call.topk_weights[(size_t)t * K + lane] : 0.0f;
+            p.call.topk_weights ? p.call.topk_weights[x * K + lane] : 0.0f;
       }
     }
     __syncthreads();
@@ -66,6 +68,12 @@ __device__ __forceinline__ void stage_x(const Launch& p, const XRow& row, uint64
       st_release_sys_u64(at<uint64_t>(mine, L.x_staged) + c, epoch);
     }
   }
+}
+
+// Every token of the call at once.
+template <int kWarps, typename Launch>
+__device__ __forceinline__ void stage_x(const Launch& p, const XRow& row, uint64_t epoch) {
+  stage_x<kWarps>(p, row, epoch, 0, p.call.num_tokens);
 }
 
 // Stage my received expert outputs into my y_stage (bf16 row | weights) and publish y_staged[c] = epoch per chunk
@@ -100,10 +108,11 @@ __device__ __forceinline__ void stage_y(const Launch& p, uint64_t epoch, Skip sk
 }
 
 // One warp copies the staged row `staged` (another GPU's memory, or mine written by another GPU) into output row
-// i: the row, its scales, its top-k ids made local to me (others -1) with their weights, and the source token t.
+// i: the row, its scales, its top-k ids made local to me (others -1) with their weights, and the source token
+// first + t (t counts from the first token of the source's round).
 template <typename Launch>
-__device__ __forceinline__ void pull_x_row(const Launch& p, const XRow& row, const char* staged, int i, int t,
-                                           int lane) {
+__device__ __forceinline__ void pull_x_row(const Launch& p, const XRow& row, const char* staged, int i, int t, int lane,
+                                           int first = 0) {
   const int K = p.call.num_topk, E_loc = p.call.num_experts / p.group.num_ranks, me = p.group.rank;
   warp_copy<true, 8>((char*)p.call.recv_x + (size_t)i * row.row_bytes, staged, 0, row.row_bytes / 16, lane);
   for (int c = lane; c < row.num_scales; c += 32)
@@ -117,7 +126,7 @@ __device__ __forceinline__ void pull_x_row(const Launch& p, const XRow& row, con
       p.call.recv_topk_weights[(size_t)i * K + lane] =
           local >= 0 ? ld_relaxed_sys_f32(reinterpret_cast<const float*>(staged + row.weights_off) + lane) : 0.0f;
   }
-  if (lane == 0 && p.call.recv_src_idx) p.call.recv_src_idx[i] = t;
+  if (lane == 0 && p.call.recv_src_idx) p.call.recv_src_idx[i] = first + t;
 }
 
 // Graph-safe tail: output rows past the received count say "nothing here". Whole grid.

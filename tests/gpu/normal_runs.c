@@ -12,6 +12,7 @@
 #include "common/check.h"
 #include "gpu/normal_runs.h"
 #include "gpu/test_util.h"
+#include "kernels/normal_region.h"
 #include "ref/ep_ref.h"
 
 /* clang-format off */
@@ -419,5 +420,53 @@ int normal_run_cuda_graph(const normal_ctx_t* c, int variant) {
   if (graph) cudaGraphDestroy(graph);
   bufs_free(&b);
   world_free(&w);
+  return g_check_failures != before;
+}
+
+/* ------------------------------------------------------------------------------------------------------------
+ * Rounds: more tokens than the normal region holds
+ * ------------------------------------------------------------------------------------------------------------ */
+
+/* clang-format off */
+static const case_t rounds_table[] = {
+  /*  tok  vary  hidden  topk  fp8  out  route  few  sms  align           bias  cached */
+    { 121,    0,   7168,    8,   0, IDW,   RND,   0,  16,     1,         BIAS0,      1}, /* 40 + 40 + 40 + 1 */
+    { 121,    0,   2048,    4,   1,  NO,   SKW,   0,  24,   128,             0,      0}, /* FP8, no weights */
+    { 200,  SEV,   4096,    8,   1, IDW,   RPT,   1,   8,     1,         BIAS1,      1}, /* FP8, weights */
+    { 129,  LST,   2560,    1,   0, IDX,   RND,   0,   3,     1,             0,      0},
+    {  41,    1,   1000,    2,   0, IDW,   RND,   0,   1,     1,             0,      0}, /* 1..41 tokens a rank */
+    {4096,    1,   7168,    8,   0, IDW,   RND,   0,  32,   128, BIAS0 | BIAS1,      0}, /* up to 103 rounds */
+};
+/* clang-format on */
+
+int normal_run_rounds(const harness_t* h, uint64_t seed) {
+  const int before = g_check_failures;
+  normal_ctx_t c;
+  memset(&c, 0, sizeof c);
+  c.R = h->num_ranks;
+  c.me = h->rank;
+  c.seed = seed;
+  ep_group_config_t cfg = EP_GROUP_CONFIG_INIT;
+  cfg.num_experts = 256 / c.R * c.R;
+  cfg.hidden = MAX_HIDDEN;
+  cfg.max_tokens_per_rank = MAX_TOKENS;
+  cfg.max_topk = 8;
+  /* Exactly ROUND_TOKENS tokens a round: one more would not fit. */
+  cfg.normal_region_bytes = ep_normal_region(c.R, cfg.num_experts, ROUND_TOKENS, cfg.hidden, cfg.max_topk).total_bytes;
+  const ep_normal_region_t pool = ep_normal_region_pool(c.R, cfg.num_experts, cfg.normal_region_bytes,
+                                                        cfg.max_tokens_per_rank, cfg.hidden, cfg.max_topk);
+  CHECK(pool.max_tokens == ROUND_TOKENS, "the pool holds %d tokens a round, not %d", pool.max_tokens, ROUND_TOKENS);
+  c.max_experts = cfg.num_experts;
+  ep_status_t st = harness_group_create(h, &cfg, &c.g);
+  CHECK(st == EP_STATUS_SUCCESS, "create with normal_region_bytes: %s: %s", ep_status_string(st), ep_last_error(NULL));
+  if (st != EP_STATUS_SUCCESS) return 1;
+  CUDA_CHECK(cudaStreamCreate(&c.s));
+  CHECK(ep_handle_create(c.g, &c.handle) == EP_STATUS_SUCCESS, "handle: %s", ep_last_error(c.g));
+  const int num_cases = (int)(sizeof(rounds_table) / sizeof(rounds_table[0]));
+  for (int i = 0; i < num_cases; ++i) normal_run_case(&c, &rounds_table[i], 1000 + i);
+  normal_run_cuda_graph(&c, 0);
+  CHECK(ep_handle_destroy(c.handle) == EP_STATUS_SUCCESS, "handle destroy: %s", ep_last_error(c.g));
+  cudaStreamDestroy(c.s);
+  CHECK(ep_group_destroy(c.g) == EP_STATUS_SUCCESS, "destroy: %s", ep_last_error(NULL));
   return g_check_failures != before;
 }

@@ -9,6 +9,7 @@
 #include <cuda_runtime_api.h>
 
 #include "ep.h"
+#include "gpu/harness.h"
 #include "gpu/normal_cases.h"
 
 #define MAX_TOKENS 4096 /* config hints: the largest case */
@@ -63,5 +64,12 @@ int normal_run_overflow(const normal_ctx_t* c);
 /* prepare + dispatch + combine captured in a CUDA graph, replayed with new data and new routing. `variant` 0:
  * BF16 top-4; 1: FP8 top-8 with repeated experts and both biases, an eager case between the replays. */
 int normal_run_cuda_graph(const normal_ctx_t* c, int variant);
+
+/* Rounds: a group whose config.normal_region_bytes holds ROUND_TOKENS tokens per round runs calls of more tokens
+ * in rounds inside the kernels; its cases (last rounds of one token, ranks with no tokens in
+ * later rounds, BF16 and FP8, with and without top-k weights) and the BF16 CUDA graph must match the reference as
+ * with one round. Creates and destroys its own group (the caller holds none); returns 1 when a check failed. */
+#define ROUND_TOKENS 40
+int normal_run_rounds(const harness_t* h, uint64_t seed);
 
 #endif /* EP_TESTS_GPU_NORMAL_RUNS_H */

@@ -25,7 +25,9 @@
  * captured in a CUDA graph, replayed twice with new data (and new routing) in the same buffers, BF16 top-4 and FP8
  * top-8 with repeated experts (an eager case on the same handle between its replays); last, a
  * recv_capacity overflow in the graph-safe path reported as EP_STATUS_DEVICE_ERROR, a combine along that handle
- * from an input of exactly recv_capacity rows, then a normal case on the same group.
+ * from an input of exactly recv_capacity rows, then a normal case on the same group. Then, on a second group whose
+ * config.normal_region_bytes holds ROUND_TOKENS (40) tokens a round, cases of up to 4096 tokens (calls in rounds)
+ * and the BF16 CUDA graph, checked the same way.
  * EP_TEST_LEVEL=full also runs normal_full_table (4096-token cases of the same regions, hidden 8192 and 16384) on
  * a group created with config.hidden = FULL_MAX_HIDDEN. Works at any rank count from 1 to 8.
  * A failure prints the case and the seed; EP_TEST_SEED=<seed> replays it. */
@@ -109,5 +111,10 @@ done:
   CHECK(ep_handle_destroy(c.handle) == EP_STATUS_SUCCESS, "handle destroy: %s", ep_last_error(c.g));
   cudaStreamDestroy(c.s);
   CHECK(ep_group_destroy(c.g) == EP_STATUS_SUCCESS, "destroy: %s", ep_last_error(NULL));
+
+  t0 = now_s();
+  failed = normal_run_rounds(&h, c.seed ^ 0x120d5);
+  printf("rank %d: rounds (%d tokens a round, calls of up to %d): %s (%.1f s)\n", c.me, ROUND_TOKENS, MAX_TOKENS,
+         failed ? "FAILED" : "ok", now_s() - t0);
   return TEST_RESULT();
 }
