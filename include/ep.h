@@ -39,9 +39,14 @@
  *    next local call (layout, handle creation, ...), or by the eager prepare whose own kernel met it (after the
  *    kernel ran on every rank). The group keeps working.
  *  - Fatal faults (EP_STATUS_TIMEOUT, a corrupted transfer) outrank data faults: one is recorded over an unread
- *    data fault. The next call reports it and fails the group: every later call but ep_group_destroy returns
+ *    data fault. The rank that meets one publishes it to every rank of the group (origin rank, cause, wait site),
+ *    whose waits then end at once: there the fault is EP_STATUS_PEER_FAILED, "rank 2 failed: timed out waiting
+ *    for rank 3 ... in <site>", while the origin reports its own EP_STATUS_TIMEOUT "rank 2 timed out ... waiting
+ *    for rank 3". An aborted group (ep_group_abort) is published the same way. A data fault is never published.
+ *    The next call reports the fault and fails the group: every later call but ep_group_destroy returns
  *    EP_STATUS_INVALID_USAGE with "<call>: the group failed earlier: <the first fatal fault's message>", so that
- *    the origin (peer, wait site, cause) stays readable for the group's life whatever was called since.
+ *    the origin (peer, wait site, cause) stays readable for the group's life whatever was called since. A failed
+ *    group stays failed on every rank until it is destroyed; the next group starts healthy.
  * `ep_get_async_error()` reads the word without making a call.
  */
 #ifndef EP_H
@@ -82,6 +87,8 @@ typedef enum ep_status {
   EP_STATUS_DEVICE_ERROR = 7,     /* a kernel saw bad data (e.g. expert index out of range) */
   EP_STATUS_TIMEOUT = 8,          /* a device-side wait on a peer ran out of its time budget */
   EP_STATUS_INTERNAL_ERROR = 9,   /* a self-check of the library failed: a bug, please report */
+  EP_STATUS_PEER_FAILED = 10,     /* another rank met a fatal fault (the message names it and its cause) and
+                                     published it: this rank's waits ended at once instead of timing out */
   EP_STATUS_COUNT                 /* number of codes, not a code */
 } ep_status_t;
 
