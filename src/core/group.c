@@ -137,7 +137,7 @@ ep_status_t ep_group_barrier(ep_group_t g, cudaStream_t stream) {
 /* A fatal fault seen here or published by a peer: the group's collective teardown would wait for a rank that
  * may be gone. */
 static bool fatal_fault_recorded(ep_group_t g) {
-  const int code = ((volatile ep_device_error_t*)g->error_word)->code;
+  const int code = g->error_word ? ((volatile ep_device_error_t*)g->error_word)->code : EP_FAULT_NONE;
   return g->failed || code == EP_FAULT_TIMEOUT || code == EP_FAULT_BAD_DATA || code == EP_FAULT_PEER_FAILED;
 }
 
@@ -461,7 +461,8 @@ ep_status_t ep_group_abort(ep_group_t group) {
   ep_live_orphan_handles(group);
   /* The peers learn of it at once: a one-thread kernel on the group's own stream writes the abort into every
    * rank's group fault word, unless a fatal fault is there already (published by whoever met it). */
-  if (!fatal_fault_recorded(group) && cudaSetDevice(group->cuda_device) == cudaSuccess)
+  if (group->error_word && group->error_word->group_fault && !fatal_fault_recorded(group) &&
+      cudaSetDevice(group->cuda_device) == cudaSuccess)
     (void)ep_launch_publish(group->error_word_dev, EP_GROUP_FAULT_PACK(EP_FAULT_ABORTED, 0, group->rank, -1),
                             group->control_stream);
   (void)cudaGetLastError();
