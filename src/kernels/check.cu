@@ -73,6 +73,8 @@ __global__ void __launch_bounds__(kCheckThreads) check_kernel(ep_check_launch_t 
     if (s_ok && peer_base)
       s_ok = wait_until([&] { return ld_acquire_sys_u64(mine.nvl_signal + peer) >= p.epoch; }, p.timeout_ns,
                         p.error, me, peer, EP_SITE_CHECK_NVLINK);
+    // Blocks that arrived without a wait would not have looked: a check of a group that failed elsewhere fails.
+    if (s_ok) s_ok = !has_fault(p.error, me);
   }
   __syncthreads();
   if (!s_ok) return;
@@ -127,6 +129,7 @@ __global__ void __launch_bounds__(kBarrierThreads) barrier_kernel(ep_check_launc
     if (!wait_until([&] { return ld_acquire_sys_u64(signals + r) >= p.epoch; }, p.timeout_ns, p.error, p.rank, r,
                     EP_SITE_BARRIER))
       return;
+  if (threadIdx.x == 0) (void)has_fault(p.error, p.rank);  // every rank came, but one may have failed before
 }
 
 }  // namespace ep
