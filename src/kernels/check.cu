@@ -33,7 +33,8 @@ struct CheckRegion {
     staging = (int*)p;
   }
   static __host__ __device__ size_t bytes(int num_ranks) {
-    return EP_CONTROL_BYTES(num_ranks) + 2 * sizeof(uint64_t) * num_ranks + 3 * sizeof(int) * (size_t)num_ranks * kCheckInts;
+    return EP_CONTROL_BYTES(num_ranks) + 2 * sizeof(uint64_t) * num_ranks +
+           3 * sizeof(int) * (size_t)num_ranks * kCheckInts;
   }
 };
 
@@ -146,8 +147,7 @@ extern "C" cudaError_t ep_launch_barrier(const ep_check_launch_t* p, cudaStream_
   return cudaGetLastError();
 }
 
-extern "C" cudaError_t ep_launch_publish(const ep_device_error_t* error, unsigned long long word,
-                                         cudaStream_t stream) {
+extern "C" cudaError_t ep_launch_publish(const ep_device_error_t* error, unsigned long long word, cudaStream_t stream) {
   ep::publish_kernel<<<1, 1, 0, stream>>>(error, word);
   return cudaGetLastError();
 }

@@ -43,7 +43,7 @@ __device__ void publish_fault(const ep_device_error_t* err, unsigned long long w
 // A fatal fault (a timeout, corrupted data): recorded here and, unless the word already held one, published to the
 // group so that every peer's waits end at once with this cause.
 __device__ __forceinline__ void fail_group(ep_device_error_t* err, int code, int rank, int peer, int site,
-                                          long long value0, long long value1) {
+                                           long long value0, long long value1) {
   if (record_fault(err, code, rank, peer, site, value0, value1))
     publish_fault(err, EP_GROUP_FAULT_PACK(code, site, rank, peer));
 }

@@ -19,9 +19,9 @@ extern "C" {
 /* ---- The device error word: pinned host memory that kernels write when they must stop. ---- */
 typedef enum ep_device_fault {
   EP_FAULT_NONE = 0,
-  EP_FAULT_BAD_EXPERT = 1, /* value0 = token, value1 = the bad expert index */
-  EP_FAULT_TIMEOUT = 2,    /* peer = the rank waited on, site = which wait */
-  EP_FAULT_BAD_DATA = 3,   /* a self-check found wrong bytes: peer = source rank, value0 = offset */
+  EP_FAULT_BAD_EXPERT = 1,    /* value0 = token, value1 = the bad expert index */
+  EP_FAULT_TIMEOUT = 2,       /* peer = the rank waited on, site = which wait */
+  EP_FAULT_BAD_DATA = 3,      /* a self-check found wrong bytes: peer = source rank, value0 = offset */
   EP_FAULT_RECV_OVERFLOW = 4, /* value0 = rows received, value1 = recv_capacity */
   EP_FAULT_PEER_FAILED = 5,   /* a peer published a fatal fault: peer = the origin rank, site = its wait site,
                                  value0 = its fault code, value1 = the rank it waited on (or -1) */
@@ -78,8 +78,8 @@ typedef struct ep_device_error {
  * group is made (the workspace is allocated zeroed): a failed group stays failed everywhere. Packing: the
  * origin's fault code (8 bits), its wait site (8 bits), the origin rank (16 bits), the rank it waited on + 1
  * (16 bits); 0 means healthy. */
-#define EP_GROUP_FAULT_PACK(code, site, origin, peer)                                         \
-  (((unsigned long long)(code)&0xffull) | (((unsigned long long)(site)&0xffull) << 8) |      \
+#define EP_GROUP_FAULT_PACK(code, site, origin, peer)                                   \
+  (((unsigned long long)(code)&0xffull) | (((unsigned long long)(site)&0xffull) << 8) | \
    (((unsigned long long)(origin)&0xffffull) << 16) | (((unsigned long long)((peer) + 1) & 0xffffull) << 32))
 /* The group's control words at the start of its workspace: the group fault word, then the signals of the bounded
  * barrier (ep_launch_barrier) [num_ranks]; ep_group_check's blocks follow. */

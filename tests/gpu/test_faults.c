@@ -271,8 +271,8 @@ static void case_published_fault(const harness_t* h) {
   printf("rank %d: published fault (rank 0 stalls %.0f s, rank 1's budget %.0f s, mine %.0f s): %s in %.3f s: %s\n",
          h->rank, stall, origin_budget, budget, ep_status_string(st), wait_s, ep_last_error(g));
   st = ep_group_check(g, stream);
-  CHECK(st == EP_STATUS_INVALID_USAGE && strstr(ep_last_error(g), want) != NULL,
-        "a call after the fault: %s (%s)", ep_status_string(st), ep_last_error(g));
+  CHECK(st == EP_STATUS_INVALID_USAGE && strstr(ep_last_error(g), want) != NULL, "a call after the fault: %s (%s)",
+        ep_status_string(st), ep_last_error(g));
   cudaStreamDestroy(stream);
   check_local_destroy(h, g, "published fault");
 }

@@ -139,10 +139,10 @@ static void test_peer_failed(void) {
 
   g_error_word.code = EP_FAULT_PEER_FAILED;
   g_error_word.rank = 1;
-  g_error_word.peer = 2;                    /* the origin */
+  g_error_word.peer = 2; /* the origin */
   g_error_word.site = EP_SITE_DISPATCH_STAGED;
-  g_error_word.value0 = EP_FAULT_TIMEOUT;   /* its cause */
-  g_error_word.value1 = 3;                  /* the rank it waited on */
+  g_error_word.value0 = EP_FAULT_TIMEOUT; /* its cause */
+  g_error_word.value1 = 3;                /* the rank it waited on */
   const char* cause = "rank 2 failed: timed out waiting for rank 3 (node 0, local 3) in dispatch, waiting for the "
                       "peer's staged rows";
   EXPECT_FAIL(ep_handle_memory_bytes(g, &bytes), g, EP_STATUS_PEER_FAILED, cause);
