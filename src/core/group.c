@@ -134,13 +134,14 @@ ep_status_t ep_group_barrier(ep_group_t g, cudaStream_t stream) {
   return bounded_barrier(g, (char*)g->workspace + EP_BARRIER_SIGNALS_OFFSET, ++g->barrier_epoch, stream);
 }
 
-/* A fatal fault seen here or published by a peer: the group's collective teardown would wait for a rank that
- * may be gone. */
+/* A fatal fault reported on this rank, or recorded in its error word and not yet reported. */
 static bool fatal_fault_recorded(ep_group_t g) {
   const int code = g->error_word ? ((volatile ep_device_error_t*)g->error_word)->code : EP_FAULT_NONE;
   return g->failed || code == EP_FAULT_TIMEOUT || code == EP_FAULT_BAD_DATA || code == EP_FAULT_PEER_FAILED;
 }
 
+/* ...or published by a peer into this rank's group fault word: the group's collective teardown would wait for a
+ * rank that may be gone. */
 static bool group_failed_anywhere(ep_group_t g) {
   if (fatal_fault_recorded(g)) return true;
   unsigned long long word = 0;
