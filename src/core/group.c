@@ -134,6 +134,13 @@ ep_status_t ep_group_barrier(ep_group_t g, cudaStream_t stream) {
   return bounded_barrier(g, (char*)g->workspace + EP_BARRIER_SIGNALS_OFFSET, ++g->barrier_epoch, stream);
 }
 
+void ep_publish_fault_remote(ep_group_t g, unsigned long long word) {
+  if (!g->workspace || !g->peer_bases || g->num_nvlink_peers == g->num_ranks) return;
+  for (int r = 0; r < g->num_ranks; ++r)
+    if (!g->peer_bases[r]) ep_tp_put_u64(g->workspace, word, r);
+  ep_tp_quiet();
+}
+
 /* A fatal fault reported on this rank, or recorded in its error word and not yet reported. */
 static bool fatal_fault_recorded(ep_group_t g) {
   const int code = g->error_word ? ((volatile ep_device_error_t*)g->error_word)->code : EP_FAULT_NONE;

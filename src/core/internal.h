@@ -104,6 +104,10 @@ ep_status_t ep_check_live_group(ep_group_t group, const char* fn);
 /* Mark the group failed; the first call keeps its last_error as the fatal message for the group's life. */
 void ep_mark_failed(ep_group_t group);
 
+/* Publish a fatal fault this rank met to the peers its kernels cannot reach (those without NVLink: the kernels
+ * publish to NVLink peers themselves), by host-initiated stores into their group fault words (group.c). */
+void ep_publish_fault_remote(ep_group_t group, unsigned long long word);
+
 /* Report a fatal fault recorded in the error word (failing the group), leaving a data fault pending. */
 ep_status_t ep_take_fatal_fault(ep_group_t group);
 

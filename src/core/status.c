@@ -153,6 +153,9 @@ static ep_status_t take_device_fault(ep_group_t group, bool take_data_faults) {
       st = ep_fail(group, EP_STATUS_INTERNAL_ERROR, "rank %d: unknown device fault code %d", w->rank, code);
       break;
   }
+  /* This rank's own fatal fault reaches the peers without NVLink from here (its kernels reached the others). */
+  if (code == EP_FAULT_TIMEOUT || code == EP_FAULT_BAD_DATA)
+    ep_publish_fault_remote(group, EP_GROUP_FAULT_PACK(code, w->site, w->rank, w->peer));
   ep_mark_failed(group);
   return st;
 }

@@ -38,6 +38,19 @@ struct CheckRegion {
   }
 };
 
+// Publish a fatal fault to every rank: NVLink peers as publish_fault_nvlink does, the others by a transport signal,
+// which may replace a fault that reached them first (either names a rank that failed). Out of line: the kernels of
+// this file are not on the hot path.
+__device__ __noinline__ void publish_fault_everywhere(const ep_device_error_t* err, unsigned long long word) {
+  if (err->group_fault == nullptr) return;
+  for (int r = 0; r < err->num_ranks; ++r) {
+    void* base = err->peer_bases[r];
+    if (base != nullptr) atomicCAS_system((unsigned long long*)base, 0ull, word);
+    else tp::signal_set((uint64_t*)err->group_fault, word, r);
+  }
+  __threadfence_system();
+}
+
 __device__ __forceinline__ int check_word(int src, int dst, unsigned long long epoch, int i, int path) {
   return (int)((src * 7919 + dst * 104729 + (int)epoch * 31 + i * 3 + path) ^ 0x5bd1e995);
 }
@@ -84,7 +97,8 @@ __global__ void __launch_bounds__(kCheckThreads) check_kernel(ep_check_launch_t 
     for (int i = threadIdx.x; i < kCheckInts; i += blockDim.x) {
       int want = check_word(peer, me, p.epoch, i, path);
       if (((volatile const int*)got)[i] != want) {
-        fail_group(p.error, EP_FAULT_BAD_DATA, me, peer, path, i, got[i]);
+        if (record_fault(p.error, EP_FAULT_BAD_DATA, me, peer, path, i, got[i]))
+          publish_fault_everywhere(p.error, EP_GROUP_FAULT_PACK(EP_FAULT_BAD_DATA, path, me, peer));
         break;
       }
     }
@@ -92,21 +106,9 @@ __global__ void __launch_bounds__(kCheckThreads) check_kernel(ep_check_launch_t 
   if (threadIdx.x == 0) tp::quiet();
 }
 
-// Every rank's group fault word gets `word` unless it holds a fault already (NVLink peers, this rank included, by a
-// compare-and-swap through their mapping: the first fault stays). Others get a transport signal, which may replace
-// a fault that reached them first: either names a rank that failed.
-__device__ __noinline__ void publish_fault(const ep_device_error_t* err, unsigned long long word) {
-  unsigned long long* mine = err->group_fault;
-  if (mine == nullptr) return;
-  for (int r = 0; r < err->num_ranks; ++r) {
-    void* base = err->peer_bases[r];
-    if (base != nullptr) atomicCAS_system((unsigned long long*)base, 0ull, word);
-    else tp::signal_set((uint64_t*)mine, word, r);
-  }
-  __threadfence_system();
+__global__ void publish_kernel(const ep_device_error_t* err, unsigned long long word) {
+  publish_fault_everywhere(err, word);
 }
-
-__global__ void publish_kernel(const ep_device_error_t* err, unsigned long long word) { publish_fault(err, word); }
 
 constexpr int kBarrierThreads = 128;
 

@@ -36,16 +36,27 @@ __device__ __forceinline__ bool record_fault(ep_device_error_t* err, int code, i
   return true;
 }
 
-// Write a fatal fault this rank recorded into every rank's group fault word (check.cu). Out of line: it runs once
-// in a failed group's life and keeps the transport's calls out of every kernel's waits.
-__device__ void publish_fault(const ep_device_error_t* err, unsigned long long word);
+// Write a fatal fault this rank recorded into the group fault word of every NVLink peer (this rank included) that
+// holds none yet, by a compare-and-swap through its mapping: the first fault stays. Inline stores, no call: an
+// out-of-line call in the waits (the transport's signal, which peers without NVLink need) cost the intranode combine
+// kernel 60 bytes of spill stores and 152 of spill loads, and the internode dispatch 150 more (ptxas, sm_90). Peers
+// without NVLink get the fault from this rank's host when it reports it (ep_publish_fault_remote), or from the
+// group's check and barrier kernels, which make the call (publish_fault_everywhere, check.cu).
+__device__ __forceinline__ void publish_fault_nvlink(const ep_device_error_t* err, unsigned long long word) {
+  if (err->group_fault == nullptr) return;
+  for (int r = 0; r < err->num_ranks; ++r) {
+    void* base = err->peer_bases[r];
+    if (base != nullptr) atomicCAS_system((unsigned long long*)base, 0ull, word);
+  }
+  __threadfence_system();
+}
 
 // A fatal fault (a timeout, corrupted data): recorded here and, unless the word already held one, published to the
 // group so that every peer's waits end at once with this cause.
 __device__ __forceinline__ void fail_group(ep_device_error_t* err, int code, int rank, int peer, int site,
                                            long long value0, long long value1) {
   if (record_fault(err, code, rank, peer, site, value0, value1))
-    publish_fault(err, EP_GROUP_FAULT_PACK(code, site, rank, peer));
+    publish_fault_nvlink(err, EP_GROUP_FAULT_PACK(code, site, rank, peer));
 }
 
 // A fatal fault on this rank, or one a peer published into this rank's group fault word: every wait gives up at
