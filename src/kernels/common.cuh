@@ -40,8 +40,8 @@ __device__ __forceinline__ bool record_fault(ep_device_error_t* err, int code, i
 // holds none yet, by a compare-and-swap through its mapping: the first fault stays. Inline stores, no call: an
 // out-of-line call in the waits (the transport's signal, which peers without NVLink need) cost the intranode combine
 // kernel 60 bytes of spill stores and 152 of spill loads, and the internode dispatch 150 more (ptxas, sm_90). Peers
-// without NVLink get the fault from this rank's host when it reports it (ep_publish_fault_remote), or from the
-// group's check and barrier kernels, which make the call (publish_fault_everywhere, check.cu).
+// without NVLink get the fault from this rank's host when it reports it (ep_publish_fault_remote); corrupted data
+// found by the group check and an abort reach them from the device (publish_fault_everywhere, check.cu).
 __device__ __forceinline__ void publish_fault_nvlink(const ep_device_error_t* err, unsigned long long word) {
   if (err->group_fault == nullptr) return;
   for (int r = 0; r < err->num_ranks; ++r) {

@@ -61,5 +61,4 @@ __device__ __forceinline__ uint64_t signal_load(const uint64_t* signal) {
 }
 
 }  // namespace tp
-
 }  // namespace ep
