@@ -39,9 +39,14 @@
  *    next local call (layout, handle creation, ...), or by the eager prepare whose own kernel met it (after the
  *    kernel ran on every rank). The group keeps working.
  *  - Fatal faults (EP_STATUS_TIMEOUT, a corrupted transfer) outrank data faults: one is recorded over an unread
- *    data fault. The next call reports it and fails the group: every later call but ep_group_destroy returns
+ *    data fault. The rank that meets one publishes it to every rank of the group (origin rank, cause, wait site),
+ *    whose waits then end at once: there the fault is EP_STATUS_PEER_FAILED, "rank 2 failed: timed out waiting
+ *    for rank 3 ... in <site>", while the origin reports its own EP_STATUS_TIMEOUT "rank 2 timed out ... waiting
+ *    for rank 3". An aborted group (ep_group_abort) is published the same way. A data fault is never published.
+ *    The next call reports the fault and fails the group: every later call but ep_group_destroy returns
  *    EP_STATUS_INVALID_USAGE with "<call>: the group failed earlier: <the first fatal fault's message>", so that
- *    the origin (peer, wait site, cause) stays readable for the group's life whatever was called since.
+ *    the origin (peer, wait site, cause) stays readable for the group's life whatever was called since. A failed
+ *    group stays failed on every rank until it is destroyed; the next group starts healthy.
  * `ep_get_async_error()` reads the word without making a call.
  */
 #ifndef EP_H
@@ -82,6 +87,8 @@ typedef enum ep_status {
   EP_STATUS_DEVICE_ERROR = 7,     /* a kernel saw bad data (e.g. expert index out of range) */
   EP_STATUS_TIMEOUT = 8,          /* a device-side wait on a peer ran out of its time budget */
   EP_STATUS_INTERNAL_ERROR = 9,   /* a self-check of the library failed: a bug, please report */
+  EP_STATUS_PEER_FAILED = 10,     /* another rank met a fatal fault (the message names it and its cause) and
+                                     published it: this rank's waits ended at once instead of timing out */
   EP_STATUS_COUNT                 /* number of codes, not a code */
 } ep_status_t;
 
@@ -223,17 +230,23 @@ EP_API ep_status_t ep_get_unique_id(ep_unique_id_t* unique_id);
  *   cuda_device  [IN]  CUDA device ordinal this rank uses; becomes the current device of the calling thread
  *   config       [IN]  EP_GROUP_CONFIG_INIT-initialised; NULL means all defaults
  * Checks what it can before NVSHMEM starts (device exists, sizes, free memory) so that a bad request returns a
- * status instead of ending the process. One group per process at a time; after ep_group_destroy() a new group
- * may be created.
+ * status instead of ending the process. Waits on the peers (the config exchange, the end of setup) have the
+ * config's time budget: a rank that never comes is EP_STATUS_TIMEOUT naming it; NVSHMEM's own init and symmetric
+ * allocations are NVSHMEM's collectives and wait as NVSHMEM does. One group per process at a time; after a
+ * collective ep_group_destroy() (see there) a new group may be created.
  * Collective: yes (all ranks, same config). Allocates: yes (device, pinned host). Graph-capturable: no. */
 EP_API ep_status_t ep_group_create(ep_group_t* group, const ep_unique_id_t* unique_id, int rank, int num_ranks,
                             int cuda_device, const ep_group_config_t* config);
 
-/* Free everything the group owns and shut NVSHMEM down. Waits for the group's device work to finish. The group's
- * handles that are still alive become orphans (see Lifetimes above); a group destroyed already is
- * EP_STATUS_INVALID_USAGE, as is a destroy while another thread is inside a call on the group.
+/* Free everything the group owns and shut NVSHMEM down. Waits for the group's device work to finish, then for
+ * every rank, within the group's time budget. A group that failed anywhere (a fatal fault here, or one a peer
+ * published) is instead freed on this rank alone at once, as ep_group_abort does, and EP_STATUS_SUCCESS returned;
+ * a destroy that a rank never reaches returns EP_STATUS_TIMEOUT naming it after the budget, the group freed on
+ * this rank alone. In both cases NVSHMEM, whose shutdown needs every peer, stays up: a new group needs a new
+ * process. The group's handles that are still alive become orphans (see Lifetimes above); a group destroyed
+ * already is EP_STATUS_INVALID_USAGE, as is a destroy while another thread is inside a call on the group.
  *   group  [IN] may be NULL (then nothing happens)
- * Collective: yes. Allocates: no. Graph-capturable: no. */
+ * Collective: yes (unless the group failed). Allocates: no. Graph-capturable: no. */
 EP_API ep_status_t ep_group_destroy(ep_group_t group);
 
 /* Tear the group down locally, without any peer and without waiting for the device, as after a fatal fault (a peer
@@ -241,7 +254,9 @@ EP_API ep_status_t ep_group_destroy(ep_group_t group);
  * orphans (destroy them, or leave them to the process's exit). Host memory is freed; device memory, the pinned
  * error word and NVSHMEM are left as they are (kernels still waiting on a peer end within the time budget, and
  * NVSHMEM's shutdown is collective), so after an abort this process cannot create another group: ep_group_create
- * says so. Restart the process (every rank, or the survivors with a new unique id) to make a new group.
+ * says so. Restart the process (every rank, or the survivors with a new unique id) to make a new group. Unless
+ * the group had failed already, the abort is published to the peers (a one-thread kernel this call does not wait
+ * for): their waits end at once with EP_STATUS_PEER_FAILED ("rank 0 failed: aborted the group").
  *   group  [IN] may be NULL (then nothing happens); destroyed or aborted already: EP_STATUS_INVALID_USAGE.
  * Collective: no. Allocates: no. Graph-capturable: no. Any thread, but not while another is inside a call on it. */
 EP_API ep_status_t ep_group_abort(ep_group_t group);
@@ -268,7 +283,8 @@ EP_API ep_status_t ep_get_async_error(ep_group_t group, ep_status_t* async_statu
 /* Check the group's data paths end to end: every rank sends a tagged block to every other rank through the
  * transport (put with signal, and NVLink stores where the peer is reachable), waits for all blocks with the
  * group's timeout, and verifies them. Returns EP_STATUS_INTERNAL_ERROR naming the first bad (source, target)
- * pair, or EP_STATUS_TIMEOUT naming the peer that never delivered. Synchronises `stream`.
+ * pair, EP_STATUS_TIMEOUT naming the peer that never delivered, or EP_STATUS_PEER_FAILED when the group failed
+ * on another rank. Synchronises `stream`.
  * Collective: yes. Allocates: no. Graph-capturable: no. */
 EP_API ep_status_t ep_group_check(ep_group_t group, cudaStream_t stream);
 
@@ -613,7 +629,8 @@ EP_API ep_status_t ep_ll_combine_recv(ep_group_t group, ep_ll_handle_t handle, c
  * return_after_send = 1 whose ep_ll_dispatch_recv / ep_ll_combine_recv never ran, e.g. a dropped hook) is
  * abandoned: its sends have landed by the clean's barrier, the signals it would wait for are zeroed, and its
  * handle no longer reports it pending (its receive call then returns EP_STATUS_INVALID_USAGE). Synchronises
- * `stream` and the device, then waits for every rank (host barrier).
+ * `stream` and the device, then waits for every rank, before and after the zeroing, within the group's time
+ * budget (a rank that never comes: EP_STATUS_TIMEOUT naming it).
  * Collective: yes. Allocates: no. Graph-capturable: no. */
 EP_API ep_status_t ep_ll_clean(ep_group_t group, cudaStream_t stream);
 

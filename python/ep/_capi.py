@@ -54,6 +54,7 @@ STATUS_NAMES = (
     "EP_STATUS_DEVICE_ERROR",
     "EP_STATUS_TIMEOUT",
     "EP_STATUS_INTERNAL_ERROR",
+    "EP_STATUS_PEER_FAILED",
 )
 for _i, _name in enumerate(STATUS_NAMES):
     globals()[_name] = _i

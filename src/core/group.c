@@ -134,13 +134,56 @@ bool ep_config_agreement(const ep_config_record_t* records, int num_ranks, char*
   return true;
 }
 
+/* The bounded barrier over `signals` (symmetric, [num_ranks] words), with the group's budget: see ep_group_barrier. */
+static ep_status_t bounded_barrier(ep_group_t g, void* signals, unsigned long long epoch, cudaStream_t stream) {
+  ep_check_launch_t p;
+  memset(&p, 0, sizeof(p));
+  p.workspace = signals;
+  p.rank = g->rank;
+  p.num_ranks = g->num_ranks;
+  p.epoch = epoch;
+  p.timeout_ns = g->timeout_ns;
+  p.error = g->error_word_dev;
+  ep_tp_quiet(); /* host-initiated puts land before a peer leaves the barrier */
+  cudaError_t ce = ep_launch_barrier(&p, stream);
+  if (ce == cudaSuccess) ce = cudaStreamSynchronize(stream); /* bounded: the kernel's waits are */
+  if (ce != cudaSuccess) return ep_fail_cuda(g, ce, "the group's barrier");
+  return ep_take_fatal_fault(g);
+}
+
+ep_status_t ep_group_barrier(ep_group_t g, cudaStream_t stream) {
+  return bounded_barrier(g, (char*)g->workspace + EP_BARRIER_SIGNALS_OFFSET, ++g->barrier_epoch, stream);
+}
+
+void ep_publish_fault_remote(ep_group_t g, unsigned long long word) {
+  if (!g->workspace || !g->peer_bases || g->num_nvlink_peers == g->num_ranks) return;
+  for (int r = 0; r < g->num_ranks; ++r)
+    if (!g->peer_bases[r]) ep_tp_put_u64(g->workspace, word, r);
+  ep_tp_quiet();
+}
+
+/* A fatal fault reported on this rank, or recorded in its error word and not yet reported. */
+static bool fatal_fault_recorded(ep_group_t g) {
+  const int code = g->error_word ? ((volatile ep_device_error_t*)g->error_word)->code : EP_FAULT_NONE;
+  return g->failed || code == EP_FAULT_TIMEOUT || code == EP_FAULT_BAD_DATA || code == EP_FAULT_PEER_FAILED;
+}
+
+/* ...or published by a peer into this rank's group fault word: the group's collective teardown would wait for a
+ * rank that may be gone. */
+static bool group_failed_anywhere(ep_group_t g) {
+  if (fatal_fault_recorded(g)) return true;
+  unsigned long long word = 0;
+  return cudaMemcpy(&word, g->workspace, sizeof(word), cudaMemcpyDeviceToHost) != cudaSuccess || word != 0;
+}
+
 /* Every rank puts its record into slot [rank] of a small symmetric table on every rank, so that after the barrier
  * each holds the same table and reaches the same verdict: on a mismatch every rank fails create, naming the first
  * rank and field that differ from rank 0's, before the workspace (whose size would differ) is allocated. */
 static ep_status_t check_config_agreement(ep_group_t g) {
   const char* fn = "ep_group_create";
   const size_t bytes = sizeof(ep_config_record_t) * (size_t)g->num_ranks;
-  ep_config_record_t* table = (ep_config_record_t*)ep_tp_calloc(bytes);
+  /* The records, then the barrier's signals. */
+  ep_config_record_t* table = (ep_config_record_t*)ep_tp_calloc(bytes + sizeof(uint64_t) * (size_t)g->num_ranks);
   ep_config_record_t* host = (ep_config_record_t*)malloc(bytes);
   if (!table || !host) {
     ep_tp_free(table);
@@ -152,10 +195,14 @@ static ep_status_t check_config_agreement(ep_group_t g) {
   if (ce == cudaSuccess)
     for (int pe = 0; pe < g->num_ranks; ++pe)
       if (pe != g->rank) ep_tp_put(&table[g->rank], &table[g->rank], sizeof(mine), pe);
-  ep_tp_barrier_all(); /* every rank arrives, failed copy or not: the others wait here */
+  /* Every rank arrives, failed copy or not: the others wait here, up to the time budget. */
+  ep_status_t st = bounded_barrier(g, (char*)table + bytes, 1, g->control_stream);
+  if (st != EP_STATUS_SUCCESS) {
+    free(host); /* the table stays: freeing it is collective, and a rank did not come */
+    return st;
+  }
   if (ce == cudaSuccess) ce = cudaMemcpy(host, table, bytes, cudaMemcpyDeviceToHost);
   ep_tp_free(table);
-  ep_status_t st = EP_STATUS_SUCCESS;
   char message[EP_ERROR_MESSAGE_BYTES - 32];
   if (ce != cudaSuccess) st = ep_fail_cuda(NULL, ce, "ep_group_create: exchanging the config");
   else if (!ep_config_agreement(host, g->num_ranks, message, sizeof(message)))
@@ -195,7 +242,9 @@ ep_status_t ep_check_launchable(ep_group_t g, size_t smem_per_block) {
 /* An aborted group left NVSHMEM initialised: its free and finalize are collective, and abort waits for no peer. */
 static bool g_substrate_abandoned;
 
-static void free_group(ep_group_t g) {
+/* Free the group. `collective`: every rank is here, so NVSHMEM's collective free and shutdown may run; otherwise
+ * (a rank failed or did not come) the symmetric memory and NVSHMEM are left as they are, as ep_group_abort does. */
+static void free_group(ep_group_t g, bool collective) {
   if (!g) return;
   if (g->peer_bases_dev) cudaFree(g->peer_bases_dev);
   if (g->layout_scratch) cudaFree(g->layout_scratch);
@@ -204,9 +253,14 @@ static void free_group(ep_group_t g) {
   if (g->expert_sum) cudaFree(g->expert_sum);
   if (g->ll_state) cudaFree(g->ll_state);
   if (g->error_word) cudaFreeHost(g->error_word);
+  if (g->control_stream) cudaStreamDestroy(g->control_stream);
   if (ep_tp_is_initialized()) {
-    if (g->workspace) ep_tp_free(g->workspace);
-    ep_tp_finalize();
+    if (collective) {
+      if (g->workspace) ep_tp_free(g->workspace);
+      ep_tp_finalize();
+    } else {
+      g_substrate_abandoned = true;
+    }
   }
   free(g->peer_bases);
   free(g);
@@ -293,18 +347,25 @@ ep_status_t ep_group_create(ep_group_t* group, const ep_unique_id_t* unique_id, 
   g->heap_bytes = g->workspace_bytes + EP_HEAP_SLACK_BYTES;
   ep_status_t launchable = ep_check_launchable(g, prop.sharedMemPerBlockOptin);
   if (launchable != EP_STATUS_SUCCESS) {
-    free_group(g);
+    free_group(g, true);
     return launchable;
   }
 
   size_t free_bytes = 0, total_bytes = 0;
   ce = cudaMemGetInfo(&free_bytes, &total_bytes);
+  /* The error word and the control stream come first: the config exchange's barrier uses them. */
+  if (ce == cudaSuccess) ce = cudaStreamCreateWithFlags(&g->control_stream, cudaStreamNonBlocking);
+  if (ce == cudaSuccess) ce = cudaHostAlloc((void**)&g->error_word, sizeof(ep_device_error_t), cudaHostAllocMapped);
+  if (ce == cudaSuccess) {
+    memset(g->error_word, 0, sizeof(ep_device_error_t));
+    ce = cudaHostGetDevicePointer((void**)&g->error_word_dev, g->error_word, 0);
+  }
   if (ce != cudaSuccess) {
-    free_group(g);
-    return ep_fail_cuda(NULL, ce, "cudaMemGetInfo");
+    free_group(g, true);
+    return ep_fail_cuda(NULL, ce, "ep_group_create: device memory info, error word, stream");
   }
   if (free_bytes < g->heap_bytes) {
-    free_group(g);
+    free_group(g, true);
     return ep_fail(NULL, EP_STATUS_OUT_OF_MEMORY,
                    "%s: the group needs a %zu-byte symmetric heap but device %d has %zu bytes free; lower the shape "
                    "hints in the config",
@@ -313,11 +374,15 @@ ep_status_t ep_group_create(ep_group_t* group, const ep_unique_id_t* unique_id, 
 
   char err[EP_ERROR_MESSAGE_BYTES];
   if (ep_tp_init(rank, num_ranks, unique_id->bytes, g->heap_bytes, err, sizeof(err)) != 0) {
-    free_group(g);
+    free_group(g, true);
     return ep_fail(NULL, EP_STATUS_SUBSTRATE_ERROR, "%s: %s", fn, err);
   }
+  bool collective = true; /* false once a barrier timed out: a rank may be gone */
   ep_status_t st = check_config_agreement(g);
-  if (st != EP_STATUS_SUCCESS) goto fail;
+  if (st != EP_STATUS_SUCCESS) {
+    collective = !g->failed;
+    goto fail;
+  }
   g->workspace = ep_tp_calloc(g->workspace_bytes);
   if (!g->workspace) {
     st = ep_fail(NULL, EP_STATUS_OUT_OF_MEMORY, "%s: symmetric allocation of %zu bytes failed", fn,
@@ -345,12 +410,11 @@ ep_status_t ep_group_create(ep_group_t* group, const ep_unique_id_t* unique_id, 
   ce = cudaMalloc((void**)&g->peer_bases_dev, sizeof(void*) * (size_t)num_ranks);
   if (ce == cudaSuccess)
     ce = cudaMemcpy(g->peer_bases_dev, g->peer_bases, sizeof(void*) * (size_t)num_ranks, cudaMemcpyHostToDevice);
-  if (ce == cudaSuccess) ce = cudaHostAlloc((void**)&g->error_word, sizeof(ep_device_error_t), cudaHostAllocMapped);
   if (ce == cudaSuccess) {
-    memset(g->error_word, 0, sizeof(ep_device_error_t));
-    ce = cudaHostGetDevicePointer((void**)&g->error_word_dev, g->error_word, 0);
-  }
-  if (ce == cudaSuccess) {
+    /* From here fatal faults are published through the workspace's group fault word, and watched there. */
+    g->error_word->group_fault = (unsigned long long*)g->workspace;
+    g->error_word->peer_bases = g->peer_bases_dev;
+    g->error_word->num_ranks = num_ranks;
     size_t scratch = ep_layout_scratch_ints(cfg.num_experts, num_ranks) * sizeof(int);
     ce = cudaMalloc((void**)&g->layout_scratch, scratch);
     if (ce == cudaSuccess) ce = cudaMemset(g->layout_scratch, 0, scratch);
@@ -367,16 +431,20 @@ ep_status_t ep_group_create(ep_group_t* group, const ep_unique_id_t* unique_id, 
     st = ep_fail_cuda(NULL, ce, "group buffer setup");
     goto fail;
   }
+  st = ep_group_barrier(g, g->control_stream);
+  if (st != EP_STATUS_SUCCESS) {
+    collective = false;
+    goto fail;
+  }
   if (!ep_live_add(g, EP_OBJECT_GROUP)) {
     st = ep_fail(NULL, EP_STATUS_OUT_OF_MEMORY, "%s: host allocation failed", fn);
     goto fail;
   }
-  ep_tp_barrier_all();
   *group = g;
   return EP_STATUS_SUCCESS;
 
 fail:
-  free_group(g);
+  free_group(g, collective);
   return st;
 }
 
@@ -391,12 +459,23 @@ ep_status_t ep_group_destroy(ep_group_t group) {
   ep_live_remove(group);
   ep_live_orphan_handles(group);
   cudaError_t ce = cudaSetDevice(group->cuda_device);
-  if (ce == cudaSuccess) ce = cudaDeviceSynchronize();
-  /* Peers may still read our buffers until everyone arrives here. NVSHMEM's finalize is collective as well, so
-   * every rank takes the same steps, failed group or not: a peer that died leaves both to hang in NVSHMEM. */
-  if (ep_tp_is_initialized()) ep_tp_barrier_all();
-  free_group(group);
+  if (ce == cudaSuccess) ce = cudaDeviceSynchronize(); /* bounded: every kernel's waits are */
+  /* Peers may still read our buffers until everyone arrives at the barrier; NVSHMEM's free and shutdown after it
+   * are collective. A group that failed anywhere skips both and is torn down here alone (as ep_group_abort): a
+   * failed peer may never come. So does one whose barrier ran out of time. */
+  ep_status_t st = EP_STATUS_SUCCESS;
+  bool collective = ce == cudaSuccess && !group_failed_anywhere(group);
+  if (collective) {
+    st = ep_group_barrier(group, group->control_stream);
+    collective = st == EP_STATUS_SUCCESS;
+  }
+  char message[EP_ERROR_MESSAGE_BYTES];
+  memcpy(message, group->last_error, sizeof(message));
+  free_group(group, collective);
   if (ce != cudaSuccess) return ep_fail_cuda(NULL, ce, "ep_group_destroy: synchronising the device");
+  if (st != EP_STATUS_SUCCESS)
+    return ep_fail(NULL, st, "%s: %s (the group was freed on this rank alone; a new group needs a new process)", fn,
+                   message);
   return EP_STATUS_SUCCESS;
 }
 
@@ -409,6 +488,13 @@ ep_status_t ep_group_abort(ep_group_t group) {
   ep_call_scope_release(group);
   ep_live_remove(group);
   ep_live_orphan_handles(group);
+  /* The peers learn of it at once: a one-thread kernel on the group's own stream writes the abort into every
+   * rank's group fault word, unless a fatal fault is there already (published by whoever met it). */
+  if (group->error_word && group->error_word->group_fault && !fatal_fault_recorded(group) &&
+      cudaSetDevice(group->cuda_device) == cudaSuccess)
+    (void)ep_launch_publish(group->error_word_dev, EP_GROUP_FAULT_PACK(EP_FAULT_ABORTED, 0, group->rank, -1),
+                            group->control_stream);
+  (void)cudaGetLastError();
   /* Nothing here waits, for a peer or for the device: a kernel still waiting on a peer ends within the time budget
    * and may write the error word and the group's buffers until then. So device memory, the pinned error word and
    * NVSHMEM are left as they are (the process gets them back when it exits); only host memory is freed. */

@@ -31,6 +31,8 @@ struct ep_group {
   cudaStream_t layout_stream;        /* the stream of the last eager layout call */
   bool layout_recorded;              /* layout_done holds a launch */
 
+  cudaStream_t control_stream;       /* non-blocking: the group's own barriers, an abort's publication */
+  unsigned long long barrier_epoch;  /* bounded barriers on the workspace's signals so far */
   ep_device_error_t* error_word;     /* pinned host memory, mapped into the device */
   ep_device_error_t* error_word_dev; /* the device's view of it */
 
@@ -101,6 +103,23 @@ ep_status_t ep_check_live_group(ep_group_t group, const char* fn);
 
 /* Mark the group failed; the first call keeps its last_error as the fatal message for the group's life. */
 void ep_mark_failed(ep_group_t group);
+
+/* Publish a fatal fault this rank met to the peers its kernels cannot reach (those without NVLink: the kernels
+ * publish to NVLink peers themselves), by host-initiated stores into their group fault words (group.c). */
+void ep_publish_fault_remote(ep_group_t group, unsigned long long word);
+
+/* Report a fatal fault recorded in the error word (failing the group), leaving a data fault pending. */
+ep_status_t ep_take_fatal_fault(ep_group_t group);
+
+/* The group's barrier with its time budget, on `stream` (group.c): a device kernel over the workspace's barrier
+ * signals, then a wait on the stream that the kernel's own bound bounds. A rank that never arrives becomes
+ * EP_STATUS_TIMEOUT naming it (and is published to the group); a fault published by a peer, EP_STATUS_PEER_FAILED.
+ * Collective: every rank calls it in the same order. */
+ep_status_t ep_group_barrier(ep_group_t group, cudaStream_t stream);
+
+/* Kernels of check.cu that only the host sources above launch (the barrier reads workspace as its signals). */
+cudaError_t ep_launch_barrier(const ep_check_launch_t* p, cudaStream_t stream);
+cudaError_t ep_launch_publish(const ep_device_error_t* error, unsigned long long word, cudaStream_t stream);
 
 /* Config agreement at ep_group_create: the values every rank must share (those that size or place the symmetric
  * regions, and the workspace they add up to), as one record per rank. */

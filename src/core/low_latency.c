@@ -399,12 +399,11 @@ ep_status_t ep_ll_clean(ep_group_t group, cudaStream_t stream) {
   EP_CUDA_TRY(group, cudaStreamSynchronize(stream));
   EP_CUDA_TRY(group, cudaDeviceSynchronize());
   EP_TRY(ep_enter_collective(group, fn)); /* a data fault is not a reason to leave the peers at the barrier */
-  ep_tp_barrier_all();
+  EP_TRY(ep_group_barrier(group, stream)); /* bounded: a rank that never comes is a timeout naming it */
   for (int h = 0; h < 2; ++h)
     EP_CUDA_TRY(group, cudaMemsetAsync(base + (size_t)h * L->half_bytes, 0, L->signal_bytes, stream));
   EP_CUDA_TRY(group, cudaMemsetAsync(group->ll_state, 0, sizeof(ep_ll_state_t), stream));
-  EP_CUDA_TRY(group, cudaStreamSynchronize(stream));
-  ep_tp_barrier_all();
+  EP_TRY(ep_group_barrier(group, stream)); /* after the zeroing, in stream order */
   group->ll_next_half = 0;
   group->ll_half_serial[0] = group->ll_half_serial[1] = 0;
   /* A receive phase never launched (a dropped or failed hook) is abandoned: its sends have landed (every rank

@@ -1,5 +1,6 @@
 /* status.c: status names, the library's version, error messages (per group and per thread), and the entry checks
  * every call makes. */
+#include <stddef.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -19,6 +20,7 @@ const char* ep_status_string(ep_status_t status) {
     case EP_STATUS_DEVICE_ERROR: return "EP_STATUS_DEVICE_ERROR";
     case EP_STATUS_TIMEOUT: return "EP_STATUS_TIMEOUT";
     case EP_STATUS_INTERNAL_ERROR: return "EP_STATUS_INTERNAL_ERROR";
+    case EP_STATUS_PEER_FAILED: return "EP_STATUS_PEER_FAILED";
     case EP_STATUS_COUNT: break;
   }
   return "EP_STATUS_<unknown>";
@@ -34,7 +36,7 @@ const char* ep_fault_site_name(int site) {
   switch (site) {
     case EP_SITE_CHECK_SIGNAL: return "group check, waiting for a put-with-signal";
     case EP_SITE_CHECK_NVLINK: return "group check, waiting for NVLink stores";
-    case EP_SITE_BARRIER: return "device barrier";
+    case EP_SITE_BARRIER: return "the group's barrier (create, destroy, low-latency clean)";
     case EP_SITE_PREPARE_ACK: return "dispatch prepare, waiting for the peer to release our previous send lists";
     case EP_SITE_PREPARE_COUNTS: return "dispatch prepare, waiting for the peer's counts";
     case EP_SITE_DISPATCH_ACK: return "dispatch, waiting for the peer to release our previous staged rows";
@@ -85,6 +87,25 @@ ep_status_t ep_fail_cuda(ep_group_t group, cudaError_t err, const char* what) {
  * corrupted transfers leave the group failed (peers may be mid-protocol), so only destroy is allowed after. */
 static bool is_data_fault(int code) { return code == EP_FAULT_BAD_EXPERT || code == EP_FAULT_RECV_OVERFLOW; }
 
+/* A reported data fault leaves the word clean; where faults are published stays. */
+static void clear_fault(ep_device_error_t* w) { memset(w, 0, offsetof(ep_device_error_t, group_fault)); }
+
+/* What the origin of a published fault met, in words ("timed out waiting for rank 3 (node 0, local 3) in ..."). */
+static void describe_published(ep_group_t group, int code, int site, int peer, char* out, size_t bytes) {
+  switch (code) {
+    case EP_FAULT_TIMEOUT:
+      snprintf(out, bytes, "timed out waiting for rank %d (node %d, local %d) in %s", peer,
+               peer / group->ranks_per_node, peer % group->ranks_per_node, ep_fault_site_name(site));
+      break;
+    case EP_FAULT_BAD_DATA:
+      snprintf(out, bytes, "received wrong data from rank %d over the %s path", peer,
+               site == 0 ? "transport put" : "NVLink store");
+      break;
+    case EP_FAULT_ABORTED: snprintf(out, bytes, "aborted the group (ep_group_abort)"); break;
+    default: snprintf(out, bytes, "met device fault %d", code); break;
+  }
+}
+
 static ep_status_t take_device_fault(ep_group_t group, bool take_data_faults) {
   volatile ep_device_error_t* w = group->error_word;
   int code = w->code;
@@ -97,13 +118,13 @@ static ep_status_t take_device_fault(ep_group_t group, bool take_data_faults) {
                    "rank %d: topk_idx of token %lld holds expert %lld, outside [-1, num_experts); the token was not "
                    "counted",
                    w->rank, w->value0, w->value1);
-      memset((void*)group->error_word, 0, sizeof(*group->error_word));
+      clear_fault(group->error_word);
       return st;
     case EP_FAULT_RECV_OVERFLOW:
       st = ep_fail(group, EP_STATUS_DEVICE_ERROR,
                    "rank %d: dispatch received %lld rows but recv_capacity is %lld; the rows past it were dropped",
                    w->rank, w->value0, w->value1);
-      memset((void*)group->error_word, 0, sizeof(*group->error_word));
+      clear_fault(group->error_word);
       return st;
     case EP_FAULT_TIMEOUT:
       st = ep_fail(group, EP_STATUS_TIMEOUT,
@@ -119,13 +140,27 @@ static ep_status_t take_device_fault(ep_group_t group, bool take_data_faults) {
                    "destroyed",
                    w->rank, w->peer, w->site == 0 ? "transport put" : "NVLink store", w->value0, w->value1);
       break;
+    case EP_FAULT_PEER_FAILED: {
+      char cause[256];
+      describe_published(group, (int)w->value0, w->site, (int)w->value1, cause, sizeof(cause));
+      st = ep_fail(group, EP_STATUS_PEER_FAILED,
+                   "rank %d failed: %s; rank %d stopped its waits when the fault was published; the group must be "
+                   "destroyed",
+                   w->peer, cause, w->rank);
+      break;
+    }
     default:
       st = ep_fail(group, EP_STATUS_INTERNAL_ERROR, "rank %d: unknown device fault code %d", w->rank, code);
       break;
   }
+  /* This rank's own fatal fault reaches the peers without NVLink from here (its kernels reached the others). */
+  if (code == EP_FAULT_TIMEOUT || code == EP_FAULT_BAD_DATA)
+    ep_publish_fault_remote(group, EP_GROUP_FAULT_PACK(code, w->site, w->rank, w->peer));
   ep_mark_failed(group);
   return st;
 }
+
+ep_status_t ep_take_fatal_fault(ep_group_t group) { return take_device_fault(group, false); }
 
 void ep_mark_failed(ep_group_t group) {
   group->failed = true;

@@ -15,31 +15,65 @@ __device__ __forceinline__ unsigned long long global_timer_ns() {
 }
 
 __device__ __forceinline__ bool is_fatal_fault(int code) {
-  return code == EP_FAULT_TIMEOUT || code == EP_FAULT_BAD_DATA;
+  return code == EP_FAULT_TIMEOUT || code == EP_FAULT_BAD_DATA || code == EP_FAULT_PEER_FAILED;
 }
 
-// Record a fault in the error word. The first fault wins, except that a fatal fault replaces an unread data fault:
-// a kernel that gave up must leave the group marked failed even when the word already held a bad expert index.
-__device__ __forceinline__ void record_fault(ep_device_error_t* err, int code, int rank, int peer, int site,
+// Record a fault in the error word; true when this call's fault is the one recorded. The first fault wins, except
+// that a fatal fault replaces an unread data fault: a kernel that gave up must leave the group marked failed even
+// when the word already held a bad expert index.
+__device__ __forceinline__ bool record_fault(ep_device_error_t* err, int code, int rank, int peer, int site,
                                              long long value0, long long value1) {
   int seen = atomicCAS(&err->code, 0, -1);  // -1 = being written
   if (seen > 0 && is_fatal_fault(code) && !is_fatal_fault(seen) && atomicCAS(&err->code, seen, -1) == seen) seen = 0;
-  if (seen == 0) {
-    err->peer = peer;
-    err->site = site;
-    err->rank = rank;
-    err->value0 = value0;
-    err->value1 = value1;
-    __threadfence_system();
-    atomicExch(&err->code, code);
-  }
+  if (seen != 0) return false;
+  err->peer = peer;
+  err->site = site;
+  err->rank = rank;
+  err->value0 = value0;
+  err->value1 = value1;
+  __threadfence_system();
+  atomicExch(&err->code, code);
+  return true;
 }
 
-// A fault after which the group is failed (a timeout, corrupted data): every other wait gives up at once. Data
-// faults (a bad expert index, a receive overflow) are reported but do not stop the protocol, so the group keeps
-// working after them.
-__device__ __forceinline__ bool has_fault(const ep_device_error_t* err) {
-  return is_fatal_fault(*(volatile const int*)&err->code);
+// Write a fatal fault this rank recorded into the group fault word of every NVLink peer (this rank included) that
+// holds none yet, by a compare-and-swap through its mapping: the first fault stays. Inline stores, no call: an
+// out-of-line call in the waits (the transport's signal, which peers without NVLink need) cost the intranode combine
+// kernel 60 bytes of spill stores and 152 of spill loads, and the internode dispatch 150 more (ptxas, sm_90). Peers
+// without NVLink get the fault from this rank's host when it reports it (ep_publish_fault_remote); corrupted data
+// found by the group check and an abort reach them from the device (publish_fault_everywhere, check.cu).
+__device__ __forceinline__ void publish_fault_nvlink(const ep_device_error_t* err, unsigned long long word) {
+  if (err->group_fault == nullptr) return;
+  for (int r = 0; r < err->num_ranks; ++r) {
+    void* base = err->peer_bases[r];
+    if (base != nullptr) atomicCAS_system((unsigned long long*)base, 0ull, word);
+  }
+  __threadfence_system();
+}
+
+// A fatal fault (a timeout, corrupted data): recorded here and, unless the word already held one, published to the
+// group so that every peer's waits end at once with this cause.
+__device__ __forceinline__ void fail_group(ep_device_error_t* err, int code, int rank, int peer, int site,
+                                           long long value0, long long value1) {
+  if (record_fault(err, code, rank, peer, site, value0, value1))
+    publish_fault_nvlink(err, EP_GROUP_FAULT_PACK(code, site, rank, peer));
+}
+
+// A fatal fault on this rank, or one a peer published into this rank's group fault word: every wait gives up at
+// once. A published fault is recorded as EP_FAULT_PEER_FAILED (over nothing but a data fault) so that the host
+// names its origin. Data faults (a bad expert index, a receive overflow) are reported but do not stop the
+// protocol, so the group keeps working after them. The two words are loaded together: one round trip to host
+// memory plus a load of device memory, every 1024 spins of a wait.
+__device__ __forceinline__ bool has_fault(ep_device_error_t* err, int rank) {
+  const int code = *(volatile const int*)&err->code;
+  const unsigned long long* group_word = *(unsigned long long* volatile const*)&err->group_fault;
+  if (is_fatal_fault(code)) return true;
+  if (group_word == nullptr) return false;
+  const unsigned long long w = *(volatile const unsigned long long*)group_word;
+  if (w == 0) return false;
+  record_fault(err, EP_FAULT_PEER_FAILED, rank, EP_GROUP_FAULT_ORIGIN(w), EP_GROUP_FAULT_SITE(w),
+               EP_GROUP_FAULT_CODE(w), EP_GROUP_FAULT_PEER(w));
+  return true;
 }
 
 __device__ __forceinline__ int ld_acquire_sys(const int* p) {
@@ -122,8 +156,9 @@ __device__ __forceinline__ bool arrive_last(unsigned int* counter) {
   return s_last;
 }
 
-// A bounded spin: call `poll()` until it returns true. If `timeout_ns` passes first, or another thread already
-// recorded a fault, record a timeout naming `peer` and `site` and return false. Callers must then stop.
+// A bounded spin: call `poll()` until it returns true. If `timeout_ns` passes first, record a timeout naming `peer`
+// and `site` and publish it to the group; if a fatal fault was recorded here or published by a peer first, just
+// stop. Either way return false: callers must then stop.
 template <typename Poll>
 __device__ __forceinline__ bool wait_until(Poll poll, unsigned long long timeout_ns, ep_device_error_t* err,
                                            int rank, int peer, int site) {
@@ -131,9 +166,9 @@ __device__ __forceinline__ bool wait_until(Poll poll, unsigned long long timeout
   uint32_t spins = 0;
   while (!poll()) {
     if ((++spins & 1023u) == 0) {
-      if (has_fault(err)) return false;
+      if (has_fault(err, rank)) return false;
       if (global_timer_ns() - start > timeout_ns) {
-        record_fault(err, EP_FAULT_TIMEOUT, rank, peer, site, (long long)timeout_ns, 0);
+        fail_group(err, EP_FAULT_TIMEOUT, rank, peer, site, (long long)timeout_ns, 0);
         return false;
       }
     }

@@ -19,10 +19,13 @@ extern "C" {
 /* ---- The device error word: pinned host memory that kernels write when they must stop. ---- */
 typedef enum ep_device_fault {
   EP_FAULT_NONE = 0,
-  EP_FAULT_BAD_EXPERT = 1, /* value0 = token, value1 = the bad expert index */
-  EP_FAULT_TIMEOUT = 2,    /* peer = the rank waited on, site = which wait */
-  EP_FAULT_BAD_DATA = 3,   /* a self-check found wrong bytes: peer = source rank, value0 = offset */
+  EP_FAULT_BAD_EXPERT = 1,    /* value0 = token, value1 = the bad expert index */
+  EP_FAULT_TIMEOUT = 2,       /* peer = the rank waited on, site = which wait */
+  EP_FAULT_BAD_DATA = 3,      /* a self-check found wrong bytes: peer = source rank, value0 = offset */
   EP_FAULT_RECV_OVERFLOW = 4, /* value0 = rows received, value1 = recv_capacity */
+  EP_FAULT_PEER_FAILED = 5,   /* a peer published a fatal fault: peer = the origin rank, site = its wait site,
+                                 value0 = its fault code, value1 = the rank it waited on (or -1) */
+  EP_FAULT_ABORTED = 6,       /* published only: the origin aborted the group (ep_group_abort) */
 } ep_device_fault_t;
 
 /* Where a device wait happens; ep_fault_site_name() gives the words used in messages. */
@@ -60,7 +63,32 @@ typedef struct ep_device_error {
   int rank;          /* the rank whose kernel recorded it */
   long long value0;  /* fault-specific, see ep_device_fault_t */
   long long value1;
+  /* Where a fatal fault is published, set once the group's workspace exists and kept for the group's life
+   * (clearing a reported data fault clears the fields above only). */
+  unsigned long long* group_fault; /* this rank's group fault word (symmetric, at the workspace's start); NULL:
+                                      nothing is published or watched */
+  void** peer_bases;               /* device table: each rank's workspace mapped here, NULL where not NVLink */
+  int num_ranks;
 } ep_device_error_t;
+
+/* ---- The group fault word: one 64-bit word per rank, at offset 0 of the group's symmetric workspace. ----
+ * A rank whose kernel records a fatal fault writes it into every rank's word (NVLink peers by a store through
+ * their mapping, others by a transport put), and every bounded device wait watches its own rank's word beside
+ * its error word, so that one rank's failure ends every peer's waits at once. The word is zeroed only when a
+ * group is made (the workspace is allocated zeroed): a failed group stays failed everywhere. Packing: the
+ * origin's fault code (8 bits), its wait site (8 bits), the origin rank (16 bits), the rank it waited on + 1
+ * (16 bits); 0 means healthy. */
+#define EP_GROUP_FAULT_PACK(code, site, origin, peer)                                   \
+  (((unsigned long long)(code)&0xffull) | (((unsigned long long)(site)&0xffull) << 8) | \
+   (((unsigned long long)(origin)&0xffffull) << 16) | (((unsigned long long)((peer) + 1) & 0xffffull) << 32))
+/* The group's control words at the start of its workspace: the group fault word, then the signals of the bounded
+ * barrier (ep_launch_barrier) [num_ranks]; ep_group_check's blocks follow. */
+#define EP_BARRIER_SIGNALS_OFFSET 8
+#define EP_CONTROL_BYTES(num_ranks) (128 * ((8 + 8 * (size_t)(num_ranks) + 127) / 128))
+#define EP_GROUP_FAULT_CODE(word) ((int)((word)&0xff))
+#define EP_GROUP_FAULT_SITE(word) ((int)(((word) >> 8) & 0xff))
+#define EP_GROUP_FAULT_ORIGIN(word) ((int)(((word) >> 16) & 0xffff))
+#define EP_GROUP_FAULT_PEER(word) ((int)(((word) >> 32) & 0xffff) - 1)
 
 const char* ep_fault_site_name(int site);
 

@@ -91,4 +91,8 @@ extern "C" void* ep_tp_peer_ptr(void* ptr, int pe) {
 
 extern "C" void ep_tp_put(void* dst, const void* src, size_t bytes, int pe) { nvshmem_putmem(dst, src, bytes, pe); }
 
-extern "C" void ep_tp_barrier_all(void) { nvshmem_barrier_all(); }
+extern "C" void ep_tp_put_u64(void* dst, unsigned long long value, int pe) {
+  nvshmem_uint64_p((uint64_t*)dst, (uint64_t)value, pe);
+}
+
+extern "C" void ep_tp_quiet(void) { nvshmem_quiet(); }

@@ -30,8 +30,11 @@ void* ep_tp_peer_ptr(void* ptr, int pe);
  * barrier. */
 void ep_tp_put(void* dst, const void* src, size_t bytes, int pe);
 
-/* Host-side barrier across all ranks (also completes outstanding puts). */
-void ep_tp_barrier_all(void);
+/* Host-initiated store of one 64-bit word into symmetric `dst` on `pe` (complete at the next quiet). */
+void ep_tp_put_u64(void* dst, unsigned long long value, int pe);
+
+/* Complete this rank's host-initiated puts (before a device barrier makes them visible to peers). */
+void ep_tp_quiet(void);
 
 #ifdef __cplusplus
 }

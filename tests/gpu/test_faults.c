@@ -8,7 +8,10 @@
  *  3. An expert id out of range in the layout, and in an eager prepare on rank 0 only: reported to the rank that
  *     made it (EP_STATUS_DEVICE_ERROR) and the group keeps working (the next group check passes on every rank).
  *     Two layout calls overlapping on two streams: the second is refused.
- *  4. A timeout behind an unread data fault is recorded (fatal outranks data) and names the absent rank.
+ *  4. One fatal case per run (a failed group's destroy leaves NVSHMEM to the process): by default a published fault
+ *     (rank 0 stalls; rank 1 times out first, over an unread data fault, and the others get
+ *     EP_STATUS_PEER_FAILED long before their own budget); with the argument "destroy", a destroy whose barrier a
+ *     rank never reaches (EP_STATUS_TIMEOUT naming it, within the budget).
  * Every rank prints one line per case: name, outcome, seconds. */
 #include <stdio.h>
 #include <string.h>
@@ -190,23 +193,13 @@ static void case_use_after_destroy(const harness_t* h) {
   printf("rank %d: use after destroy: refused, orphans destroyed\n", h->rank);
 }
 
-/* A data fault left unread, then a peer that stays away: the collective call runs (it is not skipped for the data
- * fault) and its timeout is recorded over the data fault (fatal outranks data), naming the absent rank. */
-static void case_timeout_behind_data_fault(const harness_t* h) {
-  ep_group_config_t cfg = small_config(h);
-  cfg.timeout_seconds = 1.0;
-  ep_group_t g = NULL;
-  ep_status_t st = harness_group_create(h, &cfg, &g);
-  CHECK(st == EP_STATUS_SUCCESS, "create: %s", ep_last_error(NULL));
-  if (st != EP_STATUS_SUCCESS) return;
-  cudaStream_t stream;
-  cudaStreamCreate(&stream);
+static void make_data_fault(const harness_t* h, ep_group_t g, const ep_group_config_t* cfg, cudaStream_t stream) {
   int64_t* topk = NULL;
   int *per_rank = NULL, *per_expert = NULL;
   uint8_t* in_rank = NULL;
   cudaMalloc((void**)&topk, sizeof(int64_t));
   cudaMalloc((void**)&per_rank, sizeof(int) * (size_t)h->num_ranks);
-  cudaMalloc((void**)&per_expert, sizeof(int) * (size_t)cfg.num_experts);
+  cudaMalloc((void**)&per_expert, sizeof(int) * (size_t)cfg->num_experts);
   cudaMalloc((void**)&in_rank, (size_t)h->num_ranks);
   const int64_t bad = -5;
   cudaMemcpy(topk, &bad, sizeof(bad), cudaMemcpyHostToDevice);
@@ -214,42 +207,114 @@ static void case_timeout_behind_data_fault(const harness_t* h) {
   la.topk_idx = topk;
   la.num_tokens = 1;
   la.num_topk = 1;
-  la.num_experts = cfg.num_experts;
+  la.num_experts = cfg->num_experts;
   la.num_tokens_per_rank = per_rank;
   la.num_tokens_per_expert = per_expert;
   la.is_token_in_rank = in_rank;
   CHECK(ep_get_dispatch_layout(g, &la, stream) == EP_STATUS_SUCCESS, "layout: %s", ep_last_error(g));
   cudaStreamSynchronize(stream); /* the data fault is in the word, unread */
-  const int absent = h->num_ranks - 1;
-  char want[64];
-  snprintf(want, sizeof(want), "waiting for rank %d", absent);
-  if (h->rank != absent) {
-    double t0 = now_s();
-    st = ep_group_check(g, stream);
-    CHECK(st == EP_STATUS_TIMEOUT && strstr(ep_last_error(g), want) != NULL,
-          "check behind a data fault with rank %d away gave %s (%s)", absent, ep_status_string(st), ep_last_error(g));
-    printf("rank %d: timeout behind an unread data fault: %s in %.3f s\n", h->rank, ep_status_string(st), now_s() - t0);
-  }
-  harness_barrier(h, "timed_out_behind_data");
-  if (h->rank == absent) {
-    st = ep_group_check(g, stream);
-    CHECK(st == EP_STATUS_SUCCESS, "late check gave %s (%s)", ep_status_string(st), ep_last_error(g));
-  }
   cudaFree(topk);
   cudaFree(per_rank);
   cudaFree(per_expert);
   cudaFree(in_rank);
-  cudaStreamDestroy(stream);
-  ep_group_destroy(g);
 }
 
-int main(void) {
+/* After a fatal fault a destroy frees the group on this rank alone, at once (no barrier: a failed peer may never
+ * come), and the process cannot make another group. */
+static void check_local_destroy(const harness_t* h, ep_group_t g, const char* name) {
+  double t0 = now_s();
+  ep_status_t st = ep_group_destroy(g);
+  const double destroy_s = now_s() - t0;
+  CHECK(st == EP_STATUS_SUCCESS && destroy_s < 0.5, "%s: destroy after the fault gave %s in %.3f s (%s)", name,
+        ep_status_string(st), destroy_s, ep_last_error(NULL));
+  ep_unique_id_t id;
+  memset(&id, 0, sizeof(id));
+  ep_group_t again = NULL;
+  ep_group_config_t cfg = small_config(h);
+  st = ep_group_create(&again, &id, h->rank, h->num_ranks, h->cuda_device, &cfg);
+  CHECK(st == EP_STATUS_INVALID_USAGE && strstr(ep_last_error(NULL), "new process") != NULL,
+        "%s: create after a local destroy gave %s (%s)", name, ep_status_string(st), ep_last_error(NULL));
+  printf("rank %d: %s: local destroy in %.3f s\n", h->rank, name, destroy_s);
+}
+
+/* One rank's fatal fault ends every peer's waits at once. Rank 0 stalls 3 s before a group check; rank 1, whose
+ * budget is 1 s, times out waiting for it first, over an unread data fault of its own (fatal outranks data), and
+ * publishes the timeout. Every other rank (budget 10 s) gets EP_STATUS_PEER_FAILED naming rank 1 and its cause
+ * within rank 1's budget plus slack; rank 0, arriving late to a check whose blocks all came, gets it at once. The
+ * first fatal message stays; every destroy is local and prompt. */
+static void case_published_fault(const harness_t* h) {
+  ep_group_config_t cfg = small_config(h);
+  const double budget = h->rank == 1 ? 1.0 : 10.0, origin_budget = 1.0, slack = 1.5, stall = 3.0;
+  cfg.timeout_seconds = budget; /* each rank's own */
+  ep_group_t g = NULL;
+  ep_status_t st = harness_group_create(h, &cfg, &g);
+  CHECK(st == EP_STATUS_SUCCESS, "create: %s", ep_last_error(NULL));
+  if (st != EP_STATUS_SUCCESS) return;
+  cudaStream_t stream;
+  cudaStreamCreate(&stream);
+  if (h->rank == 1) make_data_fault(h, g, &cfg, stream);
+  harness_barrier(h, "published_start");
+  if (h->rank == 0) {
+    struct timespec ts = {(time_t)stall, 0};
+    nanosleep(&ts, NULL);
+  }
+  const double t0 = now_s();
+  st = ep_group_check(g, stream);
+  const double wait_s = now_s() - t0;
+  const char* want = h->rank == 1 ? "rank 1 timed out" : "rank 1 failed: timed out waiting for rank 0";
+  const ep_status_t want_st = h->rank == 1 ? EP_STATUS_TIMEOUT : EP_STATUS_PEER_FAILED;
+  const double most_s = h->rank == 0 ? 0.5 : origin_budget + slack;
+  CHECK(st == want_st && strstr(ep_last_error(g), want) != NULL && strstr(ep_last_error(g), "waiting for rank 0"),
+        "published fault: %s (%s), want %s with \"%s\"", ep_status_string(st), ep_last_error(g),
+        ep_status_string(want_st), want);
+  CHECK(wait_s < most_s, "published fault: rank %d reported after %.3f s, want under %.3f s", h->rank, wait_s, most_s);
+  printf("rank %d: published fault (rank 0 stalls %.0f s, rank 1's budget %.0f s, mine %.0f s): %s in %.3f s: %s\n",
+         h->rank, stall, origin_budget, budget, ep_status_string(st), wait_s, ep_last_error(g));
+  st = ep_group_check(g, stream);
+  CHECK(st == EP_STATUS_INVALID_USAGE && strstr(ep_last_error(g), want) != NULL, "a call after the fault: %s (%s)",
+        ep_status_string(st), ep_last_error(g));
+  cudaStreamDestroy(stream);
+  check_local_destroy(h, g, "published fault");
+}
+
+/* The group's barrier has the time budget: the last rank stays away from ep_group_destroy, and every other
+ * rank's destroy returns EP_STATUS_TIMEOUT naming it (or EP_STATUS_PEER_FAILED, where another rank's timeout
+ * was published first) within the budget plus slack, freeing the group on that rank alone. The last rank's
+ * destroy, once it comes, sees the published fault and frees its group at once. */
+static void case_destroy_without_a_peer(const harness_t* h) {
+  ep_group_config_t cfg = small_config(h);
+  cfg.timeout_seconds = 1.0;
+  ep_group_t g = NULL;
+  ep_status_t st = harness_group_create(h, &cfg, &g);
+  CHECK(st == EP_STATUS_SUCCESS, "create: %s", ep_last_error(NULL));
+  if (st != EP_STATUS_SUCCESS) return;
+  const int absent = h->num_ranks - 1;
+  char want[64];
+  snprintf(want, sizeof(want), "waiting for rank %d", absent);
+  if (h->rank != absent) {
+    const double t0 = now_s();
+    st = ep_group_destroy(g);
+    const double wait_s = now_s() - t0;
+    CHECK((st == EP_STATUS_TIMEOUT || st == EP_STATUS_PEER_FAILED) && strstr(ep_last_error(NULL), want) != NULL &&
+              strstr(ep_last_error(NULL), "barrier") != NULL,
+          "destroy with rank %d away gave %s (%s)", absent, ep_status_string(st), ep_last_error(NULL));
+    CHECK(wait_s < cfg.timeout_seconds + 1.5, "destroy with rank %d away took %.3f s", absent, wait_s);
+    printf("rank %d: destroy with rank %d away: %s in %.3f s: %s\n", h->rank, absent, ep_status_string(st), wait_s,
+           ep_last_error(NULL));
+  }
+  harness_barrier(h, "destroyed_without_a_peer");
+  if (h->rank == absent) check_local_destroy(h, g, "destroy after the others gave up");
+}
+
+int main(int argc, char** argv) {
   harness_t h;
   int rc = harness_init(&h);
   if (!rc) rc = harness_need_ranks(&h, 2);
   if (rc) return rc;
   case_config_disagreement(&h);
   case_use_after_destroy(&h);
-  case_timeout_behind_data_fault(&h);
+  /* A fatal fault leaves NVSHMEM to the process (its shutdown needs every peer): one such case per run. */
+  if (argc > 1 && strcmp(argv[1], "destroy") == 0) case_destroy_without_a_peer(&h);
+  else case_published_fault(&h);
   return TEST_RESULT();
 }

@@ -119,6 +119,48 @@ static void test_first_fatal_message_kept(void) {
   (void)destroy_host_group(g);
 }
 
+/* A fault a peer published (EP_STATUS_PEER_FAILED) names the origin rank and its cause, distinct from this rank's
+ * own timeout; it fails the group like any fatal fault. Clearing a reported data fault keeps where faults are
+ * published (the error word's group fault fields), or a peer's later fault would no longer end this rank's waits. */
+static void test_peer_failed(void) {
+  ep_group_t g = new_host_group();
+  unsigned long long group_word = 0;
+  memset(&g_error_word, 0, sizeof(g_error_word));
+  g_error_word.group_fault = &group_word;
+  g_error_word.num_ranks = 4;
+  g_error_word.code = EP_FAULT_BAD_EXPERT;
+  g_error_word.value0 = 1;
+  g_error_word.value1 = 77;
+  size_t bytes;
+  EXPECT_FAIL(ep_handle_memory_bytes(g, &bytes), g, EP_STATUS_DEVICE_ERROR, "holds expert 77");
+  CHECK(g_error_word.code == EP_FAULT_NONE, "the data fault was not cleared");
+  CHECK(g_error_word.group_fault == &group_word && g_error_word.num_ranks == 4,
+        "clearing a data fault forgot where faults are published");
+
+  g_error_word.code = EP_FAULT_PEER_FAILED;
+  g_error_word.rank = 1;
+  g_error_word.peer = 2; /* the origin */
+  g_error_word.site = EP_SITE_DISPATCH_STAGED;
+  g_error_word.value0 = EP_FAULT_TIMEOUT; /* its cause */
+  g_error_word.value1 = 3;                /* the rank it waited on */
+  const char* cause = "rank 2 failed: timed out waiting for rank 3 (node 0, local 3) in dispatch, waiting for the "
+                      "peer's staged rows";
+  EXPECT_FAIL(ep_handle_memory_bytes(g, &bytes), g, EP_STATUS_PEER_FAILED, cause);
+  CHECK(g->failed, "a published fault did not fail the group");
+  EXPECT_FAIL(ep_handle_memory_bytes(g, &bytes), g, EP_STATUS_INVALID_USAGE, cause);
+  CHECK(strcmp(ep_status_string(EP_STATUS_PEER_FAILED), "EP_STATUS_PEER_FAILED") == 0, "status name");
+  memset(&g_error_word, 0, sizeof(g_error_word));
+  (void)destroy_host_group(g);
+
+  /* The packing of the group fault word round-trips, the rank waited on included when it is -1. */
+  const unsigned long long w = EP_GROUP_FAULT_PACK(EP_FAULT_TIMEOUT, EP_SITE_LL_COMBINE_RECV, 1023, 1022);
+  CHECK(w != 0 && EP_GROUP_FAULT_CODE(w) == EP_FAULT_TIMEOUT && EP_GROUP_FAULT_SITE(w) == EP_SITE_LL_COMBINE_RECV &&
+            EP_GROUP_FAULT_ORIGIN(w) == 1023 && EP_GROUP_FAULT_PEER(w) == 1022,
+        "group fault word 0x%llx", w);
+  const unsigned long long a = EP_GROUP_FAULT_PACK(EP_FAULT_ABORTED, 0, 0, -1);
+  CHECK(a != 0 && EP_GROUP_FAULT_ORIGIN(a) == 0 && EP_GROUP_FAULT_PEER(a) == -1, "abort word 0x%llx", a);
+}
+
 /* One thread per group at a time: a call while another thread is inside one on the group is refused, naming that
  * call; the group is given back on every return path, so the next call (from any thread) proceeds. */
 typedef struct {
@@ -360,6 +402,7 @@ static void test_abort(void) {
 int main(void) {
   test_use_after_destroy();
   test_first_fatal_message_kept();
+  test_peer_failed();
   test_one_thread_at_a_time();
   test_bounds_and_alignment();
   test_ll_handle_create_failure_frees();
