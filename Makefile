@@ -1,5 +1,5 @@
-# ep: build libep.so (C11 host code + CUDA kernels for sm_90, NVSHMEM device-linked inside), the tests, the
-# launcher and the benchmark. `make` works without a GPU; `make test` runs what this machine can run.
+# ep: build libep.so (C11 host code + CUDA kernels for the GPUs of ARCHS, NVSHMEM device-linked inside), the tests,
+# the launcher and the benchmark. `make` works without a GPU; `make test` runs what this machine can run.
 #
 # Finds: CUDA through CUDA_HOME (else nvcc on PATH); NVSHMEM 3.4 through NVSHMEM_HOME (else the nvidia-nvshmem-cu13
 # wheel of $(PYTHON): scripts/find_nvshmem.py); NCCL, for the benchmark's baseline only, through NCCL_HOME (else the
