@@ -45,6 +45,10 @@ arch_virtual = $(firstword $(subst -on-, ,$(1)))
 arch_real = $(lastword $(subst -on-, ,$(1)))
 KNOWN_ARCHS := 80 86 87 89 90 100 103 110 120
 ifneq ($(BUILDS),)
+ifneq ($(filter %-ptx,$(ARCHS)),)
+$(error ARCHS="$(ARCHS)": libep.so cannot run from PTX (the device link with NVSHMEM links SASS only); N-on-M \
+  compiles the compute_N code to sm_M SASS, e.g. ARCHS=80-on-90 runs the Ampere code on an H100)
+endif
 ifneq ($(or $(if $(strip $(ARCHS)),,empty),$(filter-out $(KNOWN_ARCHS),$(foreach a,$(ARCHS),$(call arch_virtual,$(a)) \
   $(call arch_real,$(a))))),)
 $(error ARCHS="$(ARCHS)": name one or more of N or N-on-M, N and M among $(KNOWN_ARCHS) (sm_N))

@@ -39,6 +39,9 @@ check "the check at group creation is told the SASS images" grep -q -- "-DEP_SAS
 out=$(make --no-print-directory -C "$repo" -n -B lib BUILD="$build/archs-dry" ARCHS="80 75" 2>&1); rc=$?
 check "ARCHS=\"80 75\" is refused (exit $rc) naming the choices" \
   test "$rc" -ne 0 -a -n "$(grep 'ARCHS="80 75".*80 86' <<< "$out")"
+out=$(make --no-print-directory -C "$repo" -n -B lib BUILD="$build/archs-dry" ARCHS="80-ptx" 2>&1); rc=$?
+check "ARCHS=80-ptx is refused (exit $rc), pointing to 80-on-90" \
+  test "$rc" -ne 0 -a -n "$(grep 'PTX.*80-on-90' <<< "$out")"
 check "nothing was built by the dry runs" test ! -e "$build/archs-dry"
 
 echo "test_arch_build: $failed failed"
