@@ -12,13 +12,13 @@
 #include <stdio.h>
 #include <string.h>
 
-#define CUDA_OK(x)                                                                                 \
-  do {                                                                                             \
-    cudaError_t e_ = (x);                                                                          \
-    if (e_ != cudaSuccess) {                                                                       \
+#define CUDA_OK(x)                                                                                    \
+  do {                                                                                                \
+    cudaError_t e_ = (x);                                                                             \
+    if (e_ != cudaSuccess) {                                                                          \
       fprintf(stderr, "fp8_cast: %s at %s:%d: %s\n", #x, __FILE__, __LINE__, cudaGetErrorString(e_)); \
-      return 1;                                                                                    \
-    }                                                                                              \
+      return 1;                                                                                       \
+    }                                                                                                 \
   } while (0)
 
 /* The steps of cuda_fp8.h below sm_89: a NaN becomes the canonical NaN, the rest rounds exactly
