@@ -55,8 +55,9 @@ $(error ARCHS="$(ARCHS)": name one or more of N or N-on-M, N and M among $(KNOWN
 endif
 endif
 GENCODE := $(foreach a,$(ARCHS),-gencode arch=compute_$(call arch_virtual,$(a)),code=sm_$(call arch_real,$(a)))
-# The SASS images, for the check at group creation (src/core/arch.c).
-SASS_ARCHS := $(sort $(foreach a,$(ARCHS),$(call arch_real,$(a))))
+# The SASS images in the order given, each once, for the check at group creation (src/core/arch.c).
+uniq = $(if $(1),$(firstword $(1)) $(call uniq,$(filter-out $(firstword $(1)),$(1))))
+SASS_ARCHS := $(strip $(call uniq,$(foreach a,$(ARCHS),$(call arch_real,$(a)))))
 BUILD ?= build
 NVCC := $(CUDA_HOME)/bin/nvcc
 CC ?= gcc

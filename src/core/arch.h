@@ -28,7 +28,4 @@ ep_status_t ep_arch_verdict(int major, int minor, ep_arch_path_t path, const cha
  * of a refusal names the call `fn`, the device and what it lacks. */
 ep_status_t ep_arch_check_device(const char* fn, int cuda_device, const struct cudaDeviceProp* prop);
 
-/* This build's SASS images ("80 90 100"), from the Makefile's ARCHS. */
-const char* ep_arch_built(void);
-
 #endif
