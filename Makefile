@@ -67,8 +67,12 @@ NVSHMEM_LIB := $(NVSHMEM_HOME)/lib
 INCLUDES := -Iinclude -Isrc -I$(CUDA_HOME)/include
 WARN := -Wall -Wextra -Werror
 CFLAGS_LIB := -std=c11 -O2 -g -fPIC -fvisibility=hidden $(WARN) -D_POSIX_C_SOURCE=200809L $(INCLUDES)
-NVCCFLAGS := -O3 -g -std=c++17 $(GENCODE) -rdc=true -Xcompiler -fPIC,-Wall,-fvisibility=hidden \
-             -Iinclude -Isrc -I$(NVSHMEM_HOME)/include --expt-relaxed-constexpr $(EXTRA_NVCCFLAGS)
+# nvcc compiles a file's images one after the other unless --threads: one thread per image (the kernels' largest
+# file dominates a parallel build's time).
+NVCC_THREADS ?= $(words $(ARCHS))
+NVCCFLAGS := -O3 -g -std=c++17 $(GENCODE) --threads $(NVCC_THREADS) -rdc=true \
+             -Xcompiler -fPIC,-Wall,-fvisibility=hidden -Iinclude -Isrc -I$(NVSHMEM_HOME)/include \
+             --expt-relaxed-constexpr $(EXTRA_NVCCFLAGS)
 SANITIZE ?= -fsanitize=address,undefined -fno-omit-frame-pointer
 CFLAGS_TEST := -std=c11 -O1 -g $(WARN) -D_POSIX_C_SOURCE=200809L $(INCLUDES) -Itests -Itests/ref
 
