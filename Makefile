@@ -1,5 +1,5 @@
-# ep: build libep.so (C11 host code + CUDA kernels for sm_90, NVSHMEM device-linked inside), the tests, the
-# launcher and the benchmark. `make` works without a GPU; `make test` runs what this machine can run.
+# ep: build libep.so (C11 host code + CUDA kernels for the GPUs of ARCHS, NVSHMEM device-linked inside), the tests,
+# the launcher and the benchmark. `make` works without a GPU; `make test` runs what this machine can run.
 #
 # Finds: CUDA through CUDA_HOME (else nvcc on PATH); NVSHMEM 3.4 through NVSHMEM_HOME (else the nvidia-nvshmem-cu13
 # wheel of $(PYTHON): scripts/find_nvshmem.py); NCCL, for the benchmark's baseline only, through NCCL_HOME (else the
@@ -34,7 +34,30 @@ NCCL_HOME := $(firstword $(foreach d,$(NCCL_WHEEL) $(CUDA_HOME) /usr,$(if $(call
 endif
 NCCL_LIB := $(call nccl_lib,$(NCCL_HOME))
 
-CUDA_ARCH ?= sm_90
+# ARCHS: the GPUs the kernels are compiled for, one SASS image each in libep.so. A number N is sm_N's code compiled
+# for sm_N (80: A100, 90: H100 / H200, 100: B200 / GB200; a cubin also runs on later minors of its major, e.g. 80 on
+# sm_86 / sm_89). N-on-M compiles the compute_N code (__CUDA_ARCH__ == N*10) to sm_M's SASS: `ARCHS=80-on-90` runs
+# the Ampere code of the kernels on an H100. No PTX is shipped: NVSHMEM's device code is joined to the kernels by a
+# device link (-rdc), which links SASS only, so a GPU outside ARCHS needs a build of its own.
+ARCHS ?= 80 90 100
+# Each word's virtual and real architecture (80-on-90: 80, 90).
+arch_virtual = $(firstword $(subst -on-, ,$(1)))
+arch_real = $(lastword $(subst -on-, ,$(1)))
+KNOWN_ARCHS := 80 86 87 89 90 100 103 110 120
+ifneq ($(BUILDS),)
+ifneq ($(filter %-ptx,$(ARCHS)),)
+$(error ARCHS="$(ARCHS)": libep.so cannot run from PTX (the device link with NVSHMEM links SASS only); N-on-M \
+  compiles the compute_N code to sm_M SASS, e.g. ARCHS=80-on-90 runs the Ampere code on an H100)
+endif
+ifneq ($(or $(if $(strip $(ARCHS)),,empty),$(filter-out $(KNOWN_ARCHS),$(foreach a,$(ARCHS),$(call arch_virtual,$(a)) \
+  $(call arch_real,$(a))))),)
+$(error ARCHS="$(ARCHS)": name one or more of N or N-on-M, N and M among $(KNOWN_ARCHS) (sm_N))
+endif
+endif
+GENCODE := $(foreach a,$(ARCHS),-gencode arch=compute_$(call arch_virtual,$(a)),code=sm_$(call arch_real,$(a)))
+# The SASS images in the order given, each once, for the check at group creation (src/core/arch.c).
+uniq = $(if $(1),$(firstword $(1)) $(call uniq,$(filter-out $(firstword $(1)),$(1))))
+SASS_ARCHS := $(strip $(call uniq,$(foreach a,$(ARCHS),$(call arch_real,$(a)))))
 BUILD ?= build
 NVCC := $(CUDA_HOME)/bin/nvcc
 CC ?= gcc
@@ -44,8 +67,12 @@ NVSHMEM_LIB := $(NVSHMEM_HOME)/lib
 INCLUDES := -Iinclude -Isrc -I$(CUDA_HOME)/include
 WARN := -Wall -Wextra -Werror
 CFLAGS_LIB := -std=c11 -O2 -g -fPIC -fvisibility=hidden $(WARN) -D_POSIX_C_SOURCE=200809L $(INCLUDES)
-NVCCFLAGS := -O3 -g -std=c++17 -arch=$(CUDA_ARCH) -rdc=true -Xcompiler -fPIC,-Wall,-fvisibility=hidden \
-             -Iinclude -Isrc -I$(NVSHMEM_HOME)/include --expt-relaxed-constexpr $(EXTRA_NVCCFLAGS)
+# nvcc compiles a file's images one after the other unless --threads: one thread per image (the kernels' largest
+# file dominates a parallel build's time).
+NVCC_THREADS ?= $(words $(ARCHS))
+NVCCFLAGS := -O3 -g -std=c++17 $(GENCODE) --threads $(NVCC_THREADS) -rdc=true \
+             -Xcompiler -fPIC,-Wall,-fvisibility=hidden -Iinclude -Isrc -I$(NVSHMEM_HOME)/include \
+             --expt-relaxed-constexpr $(EXTRA_NVCCFLAGS)
 SANITIZE ?= -fsanitize=address,undefined -fno-omit-frame-pointer
 CFLAGS_TEST := -std=c11 -O1 -g $(WARN) -D_POSIX_C_SOURCE=200809L $(INCLUDES) -Itests -Itests/ref
 
@@ -104,6 +131,15 @@ bench: bench-build
 	NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0 NVSHMEM_REMOTE_TRANSPORT=$${NVSHMEM_REMOTE_TRANSPORT:-none} \
 	  $(LAUNCH) -n $(NUM_GPUS) -t 900 -l $(BUILD)/bench-logs -- $(BENCH) $(BENCH_ARGS) | tee $(BUILD)/bench.log
 
+# A build folder remembers its ARCHS: a change rebuilds the device code (the file changes only when ARCHS does).
+ARCHS_STAMP := $(BUILD)/obj/archs
+$(ARCHS_STAMP): FORCE
+	@mkdir -p $(dir $@)
+	@echo '$(ARCHS)' | cmp -s - $@ || echo '$(ARCHS)' > $@
+.PHONY: FORCE
+$(CUDA_OBJ) $(BUILD)/obj/src/core/arch.o $(BENCH) $(PROBES): $(ARCHS_STAMP)
+$(BUILD)/obj/src/core/arch.o: CFLAGS_LIB += -DEP_SASS_ARCHS='"$(SASS_ARCHS)"'
+
 $(BUILD)/obj/%.o: %.c $(HEADERS)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS_LIB) -c $< -o $@
@@ -114,7 +150,7 @@ $(BUILD)/obj/%.o: %.cu $(HEADERS)
 
 # NVSHMEM's device code joins ours in one device link, so users of libep.so never need -rdc.
 $(BUILD)/obj/device_link.o: $(CUDA_OBJ)
-	$(NVCC) -arch=$(CUDA_ARCH) -dlink -Xcompiler -fPIC $(CUDA_OBJ) $(NVSHMEM_LIB)/libnvshmem_device.a -o $@
+	$(NVCC) $(GENCODE) -dlink -Xcompiler -fPIC $(CUDA_OBJ) $(NVSHMEM_LIB)/libnvshmem_device.a -o $@
 
 # What libep.so is made of. The wheel ships only libnvshmem_host.so.3: link by that exact name and find it at run
 # time through the rpath. The CPU tests link the same parts rather than libep.so, so that white-box tests can reach
@@ -174,14 +210,14 @@ $(LAUNCH): tools/ep_launch.c
 # nvcc compiles .c inputs as C by itself, and takes a versioned .so only through the linker.
 $(BENCH): $(wildcard bench/*.cu bench/*.h) tests/gpu/harness.c $(REF_OBJ_PLAIN) $(LIB) $(HEADERS)
 	@mkdir -p $(dir $@)
-	$(NVCC) -O3 -std=c++17 -arch=$(CUDA_ARCH) -Xcompiler -Wall,-Wextra -Iinclude -Itests -I$(NCCL_HOME)/include \
+	$(NVCC) -O3 -std=c++17 $(GENCODE) -Xcompiler -Wall,-Wextra -Iinclude -Itests -I$(NCCL_HOME)/include \
 	  $(filter %.cu,$^) tests/gpu/harness.c $(REF_OBJ_PLAIN) -o $@ -L$(BUILD)/lib -lep -Xlinker $(NCCL_LIB) \
 	  -Xlinker -rpath,$(abspath $(BUILD)/lib) -Xlinker -rpath,$(dir $(NCCL_LIB))
 
 # Diagnostic programs (bench/probes): one file each, run under ep_launch like the benchmark.
 $(BUILD)/bin/%: bench/probes/%.cu tests/gpu/harness.c $(LIB) $(HEADERS)
 	@mkdir -p $(dir $@)
-	$(NVCC) -O3 -std=c++17 -arch=$(CUDA_ARCH) -Xcompiler -Wall,-Wextra -Iinclude -Itests $< tests/gpu/harness.c \
+	$(NVCC) -O3 -std=c++17 $(GENCODE) -Xcompiler -Wall,-Wextra -Iinclude -Itests $< tests/gpu/harness.c \
 	  -o $@ -L$(BUILD)/lib -lep -Xlinker -rpath,$(abspath $(BUILD)/lib)
 
 # `make test`: CPU tests always, GPU tests on 2, 4 and 8 GPUs where there are GPUs; one summary line at the end.

@@ -5,6 +5,7 @@
 
 #include <cuda.h> /* cuCtxGetExecAffinity's types only: it is called through the runtime's driver entry point */
 
+#include "core/arch.h"
 #include "core/internal.h"
 #include "transport/transport.h"
 
@@ -304,10 +305,7 @@ ep_status_t ep_group_create(ep_group_t* group, const ep_unique_id_t* unique_id, 
   EP_CUDA_TRY(NULL, cudaSetDevice(cuda_device));
   struct cudaDeviceProp prop;
   EP_CUDA_TRY(NULL, cudaGetDeviceProperties(&prop, cuda_device));
-  if (prop.major < 9)
-    return ep_fail(NULL, EP_STATUS_UNSUPPORTED,
-                   "%s: device %d (%s) has compute capability %d.%d; this build needs 9.0 (Hopper)", fn, cuda_device,
-                   prop.name, prop.major, prop.minor);
+  EP_TRY(ep_arch_check_device(fn, cuda_device, &prop));
 
   ep_group_t g = (ep_group_t)calloc(1, sizeof(*g));
   if (!g) return ep_fail(NULL, EP_STATUS_OUT_OF_MEMORY, "%s: host allocation of the group failed", fn);
