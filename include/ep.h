@@ -510,11 +510,16 @@ typedef struct ep_ll_dispatch_args {
                                   with the tokens (4 bytes per (token, expert) pair), so that the handle's combine
                                   can weight and sum on the experts' ranks (ep_ll_combine_args_t.sum_on_expert_ranks);
                                   that combine needs them from every rank that has tokens */
+  int64_t* wait_recv_cost_stats; /* [IN/OUT] optional [num_ranks] int64 device (DeepEP's
+                                  dispatch_wait_recv_cost_stats): the receive phase adds to entry s the GPU clock
+                                  cycles (clock64) it waited for source rank s's tokens. NULL: nothing is measured */
 } ep_ll_dispatch_args_t;
 
-#define EP_LL_DISPATCH_ARGS_INIT \
-  { (uint32_t)sizeof(ep_ll_dispatch_args_t), EP_LL_DISPATCH_ARGS_MAGIC, NULL, 0, 0, NULL, 0, 0, 0, EP_FP8_E4M3, 0, 0, \
-    NULL, NULL, NULL, 0, NULL }
+#define EP_LL_DISPATCH_ARGS_INIT                                                                                      \
+  {                                                                                                                   \
+    (uint32_t)sizeof(ep_ll_dispatch_args_t), EP_LL_DISPATCH_ARGS_MAGIC, NULL, 0, 0, NULL, 0, 0, 0, EP_FP8_E4M3, 0, 0, \
+        NULL, NULL, NULL, 0, NULL, NULL                                                                               \
+  }
 
 /* Send this rank's tokens to the experts they select and (unless return_after_send) receive the tokens routed
  * to this rank's experts, into recv_x / recv_x_scales / recv_count; the handle keeps the routing for the
@@ -561,10 +566,13 @@ typedef struct ep_ll_combine_args {
                                   experts on a rank. out[t] = bf16(sum over the token's ranks, in the order of their
                                   first top-k slot, of that rank's bf16 sum). The same on every rank; needs 3 or
                                   more experts per rank in the group's config (EP_STATUS_INVALID_USAGE otherwise) */
+  int64_t* wait_recv_cost_stats; /* [IN/OUT] optional [num_ranks] int64 device (DeepEP's
+                                  combine_wait_recv_cost_stats): the receive phase adds to entry s the GPU clock
+                                  cycles (clock64) it waited for rank s's rows. NULL: nothing is measured */
 } ep_ll_combine_args_t;
 
 #define EP_LL_COMBINE_ARGS_INIT \
-  { (uint32_t)sizeof(ep_ll_combine_args_t), EP_LL_COMBINE_ARGS_MAGIC, NULL, NULL, NULL, 0, 0, 0 }
+  { (uint32_t)sizeof(ep_ll_combine_args_t), EP_LL_COMBINE_ARGS_MAGIC, NULL, NULL, NULL, 0, 0, 0, NULL }
 
 /* Send each expert output row back to the rank its token came from and (unless return_after_send) sum each
  * token's rows there: out[t] = bf16(sum_k fmaf(w[t][k], y_k, acc)) in top-k order, skipping -1 entries. A token

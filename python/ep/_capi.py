@@ -300,6 +300,7 @@ class LLDispatchArgs(_Args):
         ("recv_count", _ptr),
         ("return_after_send", _int),
         ("topk_weights", _ptr),
+        ("wait_recv_cost_stats", _ptr),
     ]
     _MAGIC = EP_LL_DISPATCH_ARGS_MAGIC
     _DEFAULTS = dict(recv_dtype=EP_FP8_E4M3)
@@ -315,6 +316,7 @@ class LLCombineArgs(_Args):
         ("zero_copy", _int),
         ("return_after_send", _int),
         ("sum_on_expert_ranks", _int),
+        ("wait_recv_cost_stats", _ptr),
     ]
     _MAGIC = EP_LL_COMBINE_ARGS_MAGIC
 

@@ -178,6 +178,7 @@ static ep_status_t check_dispatch_args(ep_group_t group, const ep_ll_dispatch_ar
                    {"recv_count", a->recv_count, 4});
   if (a->return_after_send != 0 && a->return_after_send != 1)
     return FAIL_ARG(group, "%s: return_after_send is %d; it must be 0 or 1", fn, a->return_after_send);
+  EP_CHECK_ALIGNED(group, fn, {"wait_recv_cost_stats", a->wait_recv_cost_stats, 8});
   return EP_STATUS_SUCCESS;
 }
 
@@ -219,6 +220,7 @@ ep_status_t ep_ll_dispatch(ep_group_t group, ep_ll_handle_t handle, const ep_ll_
   c->recv_scales = a->recv_x_scales;
   c->recv_count = a->recv_count;
   c->dispatch_weights = a->num_tokens > 0 ? a->topk_weights : NULL;
+  c->wait_stats = (long long*)a->wait_recv_cost_stats;
   ep_ll_launch_t p = base_launch(group, handle);
   p.call.x = a->x;
   p.call.topk_idx = a->topk_idx;
@@ -345,7 +347,8 @@ ep_status_t ep_ll_combine(ep_group_t group, ep_ll_handle_t handle, const ep_ll_c
   if (handle->call.num_tokens > 0 && !a->out)
     return FAIL_ARG(group, "%s: out is NULL with num_tokens=%d", fn, handle->call.num_tokens);
   if (ep_misaligned16(a->out)) return FAIL_ARG(group, "%s: out (%p) is not 16-byte aligned", fn, a->out);
-  EP_CHECK_ALIGNED(group, fn, {"topk_weights", a->topk_weights, 4});
+  EP_CHECK_ALIGNED(group, fn, {"topk_weights", a->topk_weights, 4},
+                   {"wait_recv_cost_stats", a->wait_recv_cost_stats, 8});
   if (group->ll_half_pending[handle->half])
     return ep_fail(group, EP_STATUS_INVALID_USAGE,
                    "%s: buffer half %d still waits for the receive phase of an earlier call", fn, handle->half);
@@ -354,6 +357,7 @@ ep_status_t ep_ll_combine(ep_group_t group, ep_ll_handle_t handle, const ep_ll_c
   handle->call.topk_weights = a->topk_weights;
   handle->call.sum_on_expert_ranks = a->sum_on_expert_ranks;
   handle->call.out = a->out;
+  handle->call.wait_stats = (long long*)a->wait_recv_cost_stats;
   ep_ll_launch_t p = base_launch(group, handle);
   p.call.y = a->x;
   p.call.zero_copy = a->zero_copy;

@@ -292,9 +292,12 @@ __device__ __forceinline__ bool combine_recv(const ep_ll_launch_t& p, Grid grid)
     pre_w = kSums ? 1.0f : p.call.topk_weights[(size_t)t * K + lane];
   }
   bool ok = true;
-  for (int r = tid; ok && r < R; r += blockDim.x)
+  const long long t0 = wait_stats_start(p, grid);
+  for (int r = tid; ok && r < R; r += blockDim.x) {
     ok = wait_until([&] { return count_complete(ld_acquire_sys_u64(signals + r)); }, p.group.timeout_ns, p.group.error,
                     me, r, EP_SITE_LL_COMBINE_RECV);
+    if (ok) wait_stats_add(p, grid, r, t0);
+  }
   if (__syncthreads_or(!ok)) return false;
   LL_PROF_STAMP(kProfCombineRecv, grid, 1);
 

@@ -155,6 +155,17 @@ __device__ __forceinline__ bool poll_acks(const ep_ll_launch_t& p, uint64_t op, 
   return ok;
 }
 
+// Wait-cost stats (p.call.wait_stats, DeepEP's dispatch / combine_wait_recv_cost_stats): block 0 of a receive phase
+// adds, per source rank, the clock64 cycles from the start of its waits to the arrival of that rank's data. Every
+// block waits for every rank; one block counting keeps one sample per (call, rank), and one thread per rank adds (no
+// atomics). Nothing runs without the array.
+__device__ __forceinline__ long long wait_stats_start(const ep_ll_launch_t& p, Grid grid) {
+  return p.call.wait_stats && grid.block == 0 ? clock64() : 0;
+}
+__device__ __forceinline__ void wait_stats_add(const ep_ll_launch_t& p, Grid grid, int r, long long t0) {
+  if (p.call.wait_stats && grid.block == 0) p.call.wait_stats[r] += clock64() - t0;
+}
+
 // Is expert index e valid? (bad ones were reported where the token is sent and count as -1)
 __device__ __forceinline__ bool valid_expert(int64_t e, int E) { return e >= 0 && e < E; }
 

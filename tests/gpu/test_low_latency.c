@@ -719,6 +719,106 @@ static void run_timeout(const harness_t* h) {
   ep_group_destroy(c.g);
 }
 
+/* Wait-cost stats (wait_recv_cost_stats of dispatch and combine): [R] int64 with a guard entry after it. Round 0
+ * (hook) and round 1 (one kernel): every entry only grows, the guard stays, the outputs still equal the reference.
+ * Round 1 has the last rank start each call 300 ms late: on every other rank its entry grows the most. */
+static long long stats_get(long long* host, const void* dev, int n) {
+  void* got = download(dev, (size_t)n * 8);
+  memcpy(host, got, (size_t)n * 8);
+  free(got);
+  return host[n - 1];
+}
+
+static void sleep_ms(int ms) {
+  const struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
+  nanosleep(&ts, NULL);
+}
+
+static void run_stats(const harness_t* h) {
+  ctx_t c;
+  memset(&c, 0, sizeof(c));
+  c.R = h->num_ranks;
+  c.me = h->rank;
+  c.shape = "wait-cost stats";
+  c.seed = harness_seed(h, "ll_stats");
+  ep_group_config_t cfg = EP_GROUP_CONFIG_INIT;
+  cfg.num_experts = 4 * h->num_ranks;
+  cfg.hidden = 1024;
+  cfg.max_tokens_per_rank = 1;
+  cfg.max_topk = 4;
+  cfg.ll_max_tokens_per_rank = 16;
+  ep_status_t st = harness_group_create(h, &cfg, &c.g);
+  CHECK(st == EP_STATUS_SUCCESS, "create: %s", ep_last_error(NULL));
+  if (st != EP_STATUS_SUCCESS) return;
+  CUDA_CHECK(cudaStreamCreate(&c.s));
+  const int R = c.R, late = R - 1, guard = 0x5a5a;
+  const case_t k = {16, 1024, 4, 4 * R, FP8, 0, 0, 10, 0, 0, 1, 0};
+  long long init[MAX_RANKS + 1] = {0}, before[2][MAX_RANKS + 1], after[MAX_RANKS + 1];
+  init[R] = guard;
+  void* stats[2] = {dev_alloc((size_t)(R + 1) * 8), dev_alloc((size_t)(R + 1) * 8)}; /* dispatch, combine */
+  for (int i = 0; i < 2; ++i) upload(stats[i], init, (size_t)(R + 1) * 8);
+  const int before_failures = g_check_failures;
+  for (int round = 0; round < 2; ++round) {
+    const int hook = round == 0;
+    world_t w;
+    ep_ref_ll_dispatch_t ref;
+    world_make(&w, &k, R, c.seed ^ (0x51a7ull + (uint64_t)round));
+    CHECK(ep_ref_ll_dispatch(&w.ref, 1, 0, 0, &ref) == 0, "reference dispatch rejected the stats case");
+    mb_t m;
+    mb_alloc(&c, &m, &k);
+    uint16_t* y = expected_y(&c, &m, &w, &ref);
+    mb_load(&c, &m, &w);
+    for (int i = 0; i < 2; ++i) stats_get(before[i], stats[i], R + 1);
+    harness_barrier(h, "ll_stats_dispatch");
+    if (round == 1 && c.me == late) sleep_ms(300);
+    ep_ll_dispatch_args_t a = dispatch_args(&c, &m, &w, hook);
+    a.wait_recv_cost_stats = (int64_t*)stats[0];
+    EP_CHECK(&c, ep_ll_dispatch(c.g, m.h, &a, c.s));
+    if (hook) EP_CHECK(&c, ep_ll_dispatch_recv(c.g, m.h, c.s));
+    CHECK_ASYNC_CLEAN(&c, "stats dispatch");
+    CHECK(check_dispatch(&c, &m, &w, &ref) == 0, "stats dispatch (hook=%d): mismatches", hook);
+    upload(m.y, y, m.y_bytes);
+    harness_barrier(h, "ll_stats_combine");
+    if (round == 1 && c.me == late) sleep_ms(300);
+    ep_ll_combine_args_t ca = EP_LL_COMBINE_ARGS_INIT;
+    ca.x = m.y;
+    ca.topk_weights = m.w;
+    ca.out = m.out;
+    ca.return_after_send = hook;
+    ca.wait_recv_cost_stats = (int64_t*)stats[1];
+    EP_CHECK(&c, ep_ll_combine(c.g, m.h, &ca, c.s));
+    if (hook) EP_CHECK(&c, ep_ll_combine_recv(c.g, m.h, c.s));
+    CHECK_ASYNC_CLEAN(&c, "stats combine");
+    CHECK(check_combine(&c, &m, &w) == 0, "stats combine (hook=%d): mismatches", hook);
+    for (int i = 0; i < 2; ++i) {
+      const char* what = i ? "combine" : "dispatch";
+      CHECK(stats_get(after, stats[i], R + 1) == guard, "%s stats: the entry after [R] was written (%lld)", what,
+            after[R]);
+      long long most = -1;
+      int at = -1;
+      for (int r = 0; r < R; ++r) {
+        const long long grew = after[r] - before[i][r];
+        CHECK(grew >= 0, "%s stats (hook=%d): entry %d went from %lld to %lld", what, hook, r, before[i][r], after[r]);
+        if (grew > most) most = grew, at = r;
+      }
+      if (round == 1 && c.me != late)
+        CHECK(at == late, "%s stats: rank %d started 300 ms late, but entry %d grew the most (%lld cycles)", what, late,
+              at, most);
+      if (round == 1 && c.me == 0)
+        printf("rank 0: %s wait cycles by source, the last rank late: grew %lld at rank %d\n", what, most, at);
+    }
+    free(y);
+    ep_ref_ll_dispatch_free(&ref);
+    world_free(&w);
+    mb_free(&m);
+  }
+  printf("rank %d [%s]: %s\n", c.me, c.shape, g_check_failures == before_failures ? "ok" : "FAILED");
+  cudaFree(stats[0]);
+  cudaFree(stats[1]);
+  cudaStreamDestroy(c.s);
+  ep_group_destroy(c.g);
+}
+
 int main(void) {
   setvbuf(stdout, NULL, _IOLBF, 0);
   harness_t h;
@@ -736,6 +836,7 @@ int main(void) {
   if (R == 8) run_shape(&h, 4, "virtual nodes of 4 ranks", full ? SCOPE_ALL : SCOPE_SMALL);
   if (full && R == 6) run_shape(&h, 3, "virtual nodes of 3 ranks", SCOPE_ALL);
   if (full) run_shape(&h, 0, "one node, T up to 8192", SCOPE_BIG_T);
+  run_stats(&h);
   run_timeout(&h);
   return TEST_RESULT();
 }

@@ -339,6 +339,10 @@ static void test_ll_args(void) {
   EXPECT_FAIL(ep_ll_dispatch(g, &handle, &a, 0), g, EP_STATUS_INVALID_ARGUMENT, "recv_count is NULL");
   a = good; a.return_after_send = 3;
   EXPECT_FAIL(ep_ll_dispatch(g, &handle, &a, 0), g, EP_STATUS_INVALID_ARGUMENT, "return_after_send is 3");
+  static int64_t stats[8];
+  a = good;
+  a.wait_recv_cost_stats = (int64_t*)((char*)stats + 4);
+  EXPECT_FAIL(ep_ll_dispatch(g, &handle, &a, 0), g, EP_STATUS_INVALID_ARGUMENT, "wait_recv_cost_stats");
 
   EXPECT_FAIL(ep_ll_dispatch_recv(g, &handle, 0), g, EP_STATUS_INVALID_USAGE, "no dispatch waiting");
   EXPECT_FAIL(ep_ll_combine_recv(g, &handle, 0), g, EP_STATUS_INVALID_USAGE, "no combine waiting");
@@ -374,6 +378,9 @@ static void test_ll_args(void) {
   EXPECT_FAIL(ep_ll_combine(g, &handle, &ca, 0), g, EP_STATUS_INVALID_ARGUMENT, "topk_weights is NULL");
   ca = cgood; ca.out = NULL;
   EXPECT_FAIL(ep_ll_combine(g, &handle, &ca, 0), g, EP_STATUS_INVALID_ARGUMENT, "out is NULL");
+  ca = cgood;
+  ca.wait_recv_cost_stats = (int64_t*)((char*)stats + 4);
+  EXPECT_FAIL(ep_ll_combine(g, &handle, &ca, 0), g, EP_STATUS_INVALID_ARGUMENT, "wait_recv_cost_stats");
   /* Sums on the experts' ranks: a flag, no weights of its own, the dispatch's weights, room in the buffer. */
   ca = cgood; ca.sum_on_expert_ranks = 2;
   EXPECT_FAIL(ep_ll_combine(g, &handle, &ca, 0), g, EP_STATUS_INVALID_ARGUMENT, "sum_on_expert_ranks is 2");

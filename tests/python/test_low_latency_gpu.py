@@ -19,7 +19,9 @@ select it, ordered by source rank, then token (ep's LL order is deterministic).
   hooks       return_recv_hook for dispatch and combine == the plain calls; two micro-batches in flight; a hook
               runs once; a stale handle (dispatch after next) is refused
   events      async_finish -> EventOverlap with an event
-  stats       cumulative_local_expert_recv_stats accumulates recv_count (with and without the hook)
+  stats       cumulative_local_expert_recv_stats accumulates recv_count (with and without the hook);
+              dispatch_ / combine_wait_recv_cost_stats only grow, in every entry (with and without the hook, and
+              in the graph's replays)
   errors      wrong dtype / shape / sizes raise naming the argument; unsupported options raise
               NotImplementedError naming the argument and "NOT YET SUPPORTED"
   graph       dispatch + an expert op + combine captured in a CUDA graph, replayed with new data == eager
@@ -365,6 +367,24 @@ def run_checks(ck, c):
     hk()
     ck.check("cumulative_local_expert_recv_stats += recv_count (plain and hook)",
              stats.tolist() == [2 * n for n in w.count], f"{stats.tolist()} vs 2 * {w.count}")
+    dwait = torch.zeros(c.R, dtype=torch.int64, device=c.dev)
+    cwait = torch.zeros(c.R, dtype=torch.int64, device=c.dev)
+    seen = [[0] * c.R, [0] * c.R]
+    for hook in (False, True):
+        recv_x, _, handle, _, hk = dispatch(c, w, use_fp8=False, dispatch_wait_recv_cost_stats=dwait,
+                                            return_recv_hook=hook)
+        if hook:
+            hk()
+        out, _, hk = buf.low_latency_combine(expert_op(recv_x, E_loc), w.idx, w.w, handle,
+                                             combine_wait_recv_cost_stats=cwait, return_recv_hook=hook)
+        if hook:
+            hk()
+        ok, d = close_bf16(out, expected_combine(w.x, w.idx, w.w, E_loc))
+        now = [dwait.tolist(), cwait.tolist()]
+        grew = all(a <= b for old, new in zip(seen, now) for a, b in zip(old, new))
+        ck.check(f"wait_recv_cost_stats (hook={hook}): every entry grows, the combine is right (max diff {d:g})",
+                 ok and grew and sum(now[0]) > sum(seen[0]) and sum(now[1]) > sum(seen[1]), f"{seen} -> {now}")
+        seen = now
 
     check_errors(ck, c, w)
     check_graph(ck, c)
@@ -376,9 +396,9 @@ def check_errors(ck, c, w):
     buf, E_loc, dev = c.buf, c.E // c.R, c.dev
     x, idx, wt, T, E = w.x, w.idx, w.w, c.T, c.E
     nyi = NotImplementedError
-    ck.raises("dispatch_wait_recv_cost_stats -> NotImplementedError naming it", nyi,
+    ck.raises("dispatch_wait_recv_cost_stats int32 -> TypeError naming it", TypeError,
               lambda: buf.low_latency_dispatch(x, idx, T, E, dispatch_wait_recv_cost_stats=torch.zeros(
-                  c.R, dtype=torch.int64, device=dev)), "dispatch_wait_recv_cost_stats", "NOT YET SUPPORTED")
+                  c.R, dtype=torch.int32, device=dev)), "dispatch_wait_recv_cost_stats")
     ck.raises("dispatch x float32 -> TypeError naming x", TypeError,
               lambda: buf.low_latency_dispatch(x.float(), idx, T, E), "x must be torch.bfloat16")
     ck.raises("dispatch T above ll_max_tokens_per_rank -> ValueError naming the hint", ValueError,
@@ -405,9 +425,9 @@ def check_errors(ck, c, w):
     y = expert_op(recv_x, E_loc)
     ck.raises("combine use_logfmt -> NotImplementedError naming it", nyi,
               lambda: buf.low_latency_combine(y, idx, wt, handle, use_logfmt=True), "use_logfmt", "NOT YET SUPPORTED")
-    ck.raises("combine combine_wait_recv_cost_stats -> NotImplementedError naming it", nyi,
+    ck.raises("combine_wait_recv_cost_stats of the wrong shape -> ValueError naming it", ValueError,
               lambda: buf.low_latency_combine(y, idx, wt, handle, combine_wait_recv_cost_stats=torch.zeros(
-                  c.R, dtype=torch.int64, device=dev)), "combine_wait_recv_cost_stats", "NOT YET SUPPORTED")
+                  c.R + 1, dtype=torch.int64, device=dev)), "combine_wait_recv_cost_stats")
     ck.raises("combine x of the wrong shape -> ValueError naming x", ValueError,
               lambda: buf.low_latency_combine(y[:, :-1], idx, wt, handle), "low_latency_combine: x must be")
     ck.raises("combine topk_weights bf16 -> TypeError naming topk_weights", TypeError,
@@ -428,12 +448,14 @@ def check_graph(ck, c):
     """dispatch + expert op + combine captured in one CUDA graph, replayed with new data == eager."""
     buf, E_loc, dev = c.buf, c.E // c.R, c.dev
     sx, sidx, sw = c.world.x.clone(), c.world.idx.clone(), c.world.w.clone()
+    gwait = torch.zeros(c.R, dtype=torch.int64, device=dev)  # wait-cost stats inside the graph (bf16 only)
     for fp8 in (False, True):
         tag = f"graph ({'fp8' if fp8 else 'bf16'})"
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            grx, gcount, gh, _, _ = buf.low_latency_dispatch(sx, sidx, c.T, c.E, use_fp8=fp8)
+            grx, gcount, gh, _, _ = buf.low_latency_dispatch(sx, sidx, c.T, c.E, use_fp8=fp8,
+                                                             dispatch_wait_recv_cost_stats=None if fp8 else gwait)
             if fp8:
                 q, s = grx
                 deq = (q.float() * s.repeat_interleave(128, dim=2)).to(torch.bfloat16)
@@ -446,8 +468,13 @@ def check_graph(ck, c):
             sx.copy_(nx)
             sidx.copy_(nidx)
             sw.copy_(nw)
+            before = gwait.tolist()
             graph.replay()
             torch.cuda.synchronize()
+            if not fp8:
+                after = gwait.tolist()
+                ck.check(f"{tag} replay {trial}: the captured wait_recv_cost_stats grow",
+                         all(a <= b for a, b in zip(before, after)) and sum(after) > sum(before), f"{before} -> {after}")
             got_count, got_out = gcount.clone(), gout.clone()
             got_rx = tuple(t.clone() for t in grx) if fp8 else grx.clone()
             erx, ecount, eh, _, _ = buf.low_latency_dispatch(nx, nidx, c.T, c.E, use_fp8=fp8)
