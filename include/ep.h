@@ -176,17 +176,25 @@ typedef struct ep_group_config {
   int max_topk;                /* hint: largest top-k (experts per token), 1..32 */
   int ll_max_tokens_per_rank;  /* low-latency path: largest max_tokens_per_rank of any ep_ll_dispatch (1..8192);
                                   0 = no low-latency buffer. The group reserves ep_ll_buffer_size_hint() bytes of
-                                  symmetric memory for it, sized with num_experts, hidden and max_topk above */
+                                  symmetric memory for it, sized with num_experts, hidden and max_topk above (or
+                                  ll_region_bytes below) */
   int num_sms;                 /* SMs a normal-mode dispatch or combine may use; 0 = the measured default */
   int max_sms;                 /* SMs any kernel of the group may occupy at once; 0 = all the device reports (a CUDA
                                   MPS limit lowers that). The low-latency kernels use this many; normal-mode grids
                                   are clamped to it. Lower it to leave SMs to work that overlaps the calls */
   double timeout_seconds;      /* budget of every device-side wait on a peer, in seconds, in
                                   [EP_MIN_TIMEOUT_SECONDS, EP_MAX_TIMEOUT_SECONDS] */
+  size_t ll_region_bytes;      /* low-latency buffer in bytes (DeepEP's num_rdma_bytes in low-latency mode); 0 = sized
+                                  from the hints (ep_ll_buffer_size_hint). Else the LL buffer is this many bytes
+                                  (at least what one token of hidden 128 needs), every LL dispatch lays it out for
+                                  its own shape and is refused, naming the bytes that shape needs, when it does not
+                                  fit; the num_experts and hidden hints then bound no LL call (num_experts only sizes
+                                  the handles, with the experts that fit at the hidden hint if more).
+                                  Needs ll_max_tokens_per_rank > 0 (T and max_topk still bound the calls) */
 } ep_group_config_t;
 
 #define EP_GROUP_CONFIG_INIT \
-  { (uint32_t)sizeof(ep_group_config_t), EP_GROUP_CONFIG_MAGIC, 0, 256, 7168, 4096, 8, 0, 0, 0, 20.0 }
+  { (uint32_t)sizeof(ep_group_config_t), EP_GROUP_CONFIG_MAGIC, 0, 256, 7168, 4096, 8, 0, 0, 0, 20.0, 0 }
 
 /* Facts about a created group, filled by ep_group_get_info(). */
 typedef struct ep_group_info {

@@ -186,11 +186,12 @@ class GroupConfig(_Args):
         ("num_sms", _int),
         ("max_sms", _int),
         ("timeout_seconds", _dbl),
+        ("ll_region_bytes", _size),
     ]
     _MAGIC = EP_GROUP_CONFIG_MAGIC
     # EP_GROUP_CONFIG_INIT
     _DEFAULTS = dict(ranks_per_node=0, num_experts=256, hidden=7168, max_tokens_per_rank=4096, max_topk=8,
-                     ll_max_tokens_per_rank=0, num_sms=0, max_sms=0, timeout_seconds=20.0)
+                     ll_max_tokens_per_rank=0, num_sms=0, max_sms=0, timeout_seconds=20.0, ll_region_bytes=0)
 
 
 class GroupInfo(_Checked):

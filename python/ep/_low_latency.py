@@ -9,6 +9,7 @@ device, contiguity and shape of tensors, and which LowLatencyHandle object names
 """
 
 import ctypes
+import sys
 
 from . import _capi
 from ._checks import expert_count, flag, int_arg, require_torch, tensor
@@ -20,6 +21,14 @@ def _not_yet(name):
     raise NotImplementedError(
         f"ep.Buffer.{name}: shrink mode (masking failed ranks) is NOT YET SUPPORTED by ep. A peer that stops "
         "responding makes the next call raise EpError(EP_STATUS_TIMEOUT) naming it instead.")
+
+
+def _ll_bounds(buf):
+    """The most experts and the largest hidden an LL call may pass: the Buffer's hints, or, with the LL buffer sized
+    in bytes (ll_region_bytes), the library's limits (the library then refuses a shape its bytes do not hold)."""
+    if buf.ll_region_bytes:
+        return sys.maxsize, buf._limits.max_hidden
+    return buf.num_experts, buf.hidden
 
 
 def _wait_stats(buf, fn, name, stats):
@@ -147,7 +156,8 @@ class LowLatencyPath:
             raise ValueError(f"{fn}: async_finish and return_recv_hook are exclusive (as in DeepEP)")
         T = int_arg(fn, "num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank, 1,
                     self.ll_max_tokens_per_rank, "raise Buffer(ll_max_tokens_per_rank=...)")
-        expert_count(fn, num_experts, self.group_size, self.num_experts)
+        experts_bound, hidden_bound = _ll_bounds(self)
+        expert_count(fn, num_experts, self.group_size, experts_bound)
         tensor(self.device, fn, "x", x, torch.bfloat16, (None, None), f"[num_tokens <= {T}, hidden]")
         n, h = x.shape
         if n > T:
@@ -155,10 +165,10 @@ class LowLatencyPath:
         if use_fp8 and use_ue8m0 and not round_scale:
             raise ValueError(f"{fn}: use_ue8m0=True needs round_scale=True (UE8M0 scales are powers of two)")
         mult = (512 if use_ue8m0 else 128) if use_fp8 else 8
-        if h % mult or h > self.hidden:
+        if h % mult or h > hidden_bound:
             what = "use_ue8m0" if use_fp8 and use_ue8m0 else "FP8" if use_fp8 else "BF16"
             raise ValueError(f"{fn}: x has hidden {h}; with {what} it must be a multiple of {mult}, <= the Buffer's "
-                             f"hidden hint ({self.hidden})")
+                             f"hidden bound ({hidden_bound})")
         tensor(self.device, fn, "topk_idx", topk_idx, torch.int64, (n, None), f"[num_tokens={n}, num_topk]",
                align16=False)
         k = topk_idx.shape[1]
@@ -332,8 +342,9 @@ class LowLatencyPath:
         g = self._ll_alive(fn)
         int_arg(fn, "num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank, 1,
                 self.ll_max_tokens_per_rank, "raise Buffer(ll_max_tokens_per_rank=...)")
-        int_arg(fn, "hidden", hidden, 1, self.hidden, "the Buffer's hidden hint")
-        expert_count(fn, num_experts, self.group_size, self.num_experts)
+        experts_bound, hidden_bound = _ll_bounds(self)
+        int_arg(fn, "hidden", hidden, 1, hidden_bound, "the Buffer's hidden hint")
+        expert_count(fn, num_experts, self.group_size, experts_bound)
         if require_torch(fn).cuda.is_current_stream_capturing():
             raise RuntimeError(f"{fn}: synchronises the device and all ranks, so it cannot be captured in a CUDA "
                                "graph")

@@ -134,15 +134,18 @@ class Buffer(NormalPath, LowLatencyPath, metaclass=_BufferType):
     Buffer(group=None, num_nvl_bytes=0, num_rdma_bytes=0, low_latency_mode=False, num_qps_per_rank=24,
            allow_nvlink_for_low_latency_mode=True, allow_mnnvl=False, explicitly_destroy=False, *,
            num_experts=256, hidden=7168, max_tokens_per_rank=4096, max_topk=8, ranks_per_node=0,
-           timeout_seconds=20.0, use_fabric=False, enable_shrink=False, ll_max_tokens_per_rank=128, max_sms=0,
+           timeout_seconds=20.0, use_fabric=False, enable_shrink=False, ll_max_tokens_per_rank=None, max_sms=0,
            comm=None)
 
     group: a torch.distributed ProcessGroup (None = the default group); it is used once, to broadcast the
       128-byte bootstrap id from rank 0. `comm` (an mpi4py communicator) may replace it.
-    num_nvl_bytes, num_rdma_bytes: accepted and IGNORED (DeepEP sizes its buffers in bytes; `ep` from shapes).
-    low_latency_mode: True reserves the low-latency buffer (symmetric memory, get_low_latency_rdma_size_hint()
-      bytes for the shape hints) and two LL handles, so that the low_latency_* methods work; the normal path works
-      either way.
+    num_nvl_bytes: accepted and IGNORED (DeepEP sizes its buffers in bytes; `ep` from shapes).
+    low_latency_mode: True reserves the low-latency buffer (symmetric memory) and two LL handles, so that the
+      low_latency_* methods work; the normal path works either way. The buffer is num_rdma_bytes, as DeepEP's
+      (e.g. get_low_latency_rdma_size_hint(T, hidden, R, E)), unless ll_max_tokens_per_rank is given or
+      num_rdma_bytes is 0: then get_low_latency_rdma_size_hint() bytes for the hints. Sized in bytes, each
+      low_latency_dispatch must fit in them (EpError naming the bytes its shape needs), and the num_experts and
+      hidden hints bound no LL call.
     num_qps_per_rank, allow_nvlink_for_low_latency_mode, allow_mnnvl, use_fabric: accepted and ignored.
     enable_shrink: True raises NotImplementedError (shrink mode, masking failed ranks, is NOT YET SUPPORTED).
     explicitly_destroy: False -> the group is destroyed when the Buffer is garbage-collected or at interpreter
@@ -153,8 +156,8 @@ class Buffer(NormalPath, LowLatencyPath, metaclass=_BufferType):
       up to the library's EP_MAX_HIDDEN (65536); max_topk up to EP_MAX_TOPK (32).
     ll_max_tokens_per_rank (ep only, keyword, used with low_latency_mode=True): the largest
       num_max_dispatch_tokens_per_rank any low_latency_dispatch will pass, from 1 to the library's
-      EP_LL_MAX_TOKENS_PER_RANK (8192); default 128. The group is created here, so this hint, not the first call,
-      sizes the LL buffer; a larger call raises ValueError.
+      EP_LL_MAX_TOKENS_PER_RANK (8192); default (None) 128. The group is created here, so this hint, not the
+      first call, sizes the LL buffer (with num_rdma_bytes: the handles); a larger call raises ValueError.
     ranks_per_node: ranks per NVLink domain (node), 0 = all; a smaller divisor of the group size makes the
       normal path run internode (on one host: virtual nodes, for testing).
     timeout_seconds: budget of every device-side wait on a peer, up to EP_MAX_TIMEOUT_SECONDS (3600); past it the
@@ -177,7 +180,7 @@ class Buffer(NormalPath, LowLatencyPath, metaclass=_BufferType):
     def __init__(self, group=None, num_nvl_bytes=0, num_rdma_bytes=0, low_latency_mode=False, num_qps_per_rank=24,
                  allow_nvlink_for_low_latency_mode=True, allow_mnnvl=False, explicitly_destroy=False, *,
                  num_experts=256, hidden=7168, max_tokens_per_rank=4096, max_topk=8, ranks_per_node=0,
-                 timeout_seconds=20.0, use_fabric=False, enable_shrink=False, ll_max_tokens_per_rank=128, max_sms=0,
+                 timeout_seconds=20.0, use_fabric=False, enable_shrink=False, ll_max_tokens_per_rank=None, max_sms=0,
                  comm=None):
         fn = "Buffer"
         self._group_ptr = None
@@ -201,6 +204,9 @@ class Buffer(NormalPath, LowLatencyPath, metaclass=_BufferType):
         if enable_shrink:
             raise NotImplementedError(f"{fn}: enable_shrink (masking failed ranks) is NOT YET SUPPORTED")
         low_latency_mode = bool(low_latency_mode)
+        # DeepEP sizes the low-latency buffer in bytes: num_rdma_bytes, unless the ll hint was given.
+        ll_region_bytes = num_rdma_bytes if low_latency_mode and ll_max_tokens_per_rank is None else 0
+        ll_max_tokens_per_rank = 128 if ll_max_tokens_per_rank is None else ll_max_tokens_per_rank
         if low_latency_mode:
             int_arg(fn, "ll_max_tokens_per_rank", ll_max_tokens_per_rank, 1, limits.ll_max_tokens_per_rank,
                     "the largest num_max_dispatch_tokens_per_rank of any low_latency_dispatch")
@@ -246,7 +252,7 @@ class Buffer(NormalPath, LowLatencyPath, metaclass=_BufferType):
                                      max_tokens_per_rank=max_tokens_per_rank, max_topk=max_topk, num_sms=0,
                                      max_sms=max_sms,
                                      ll_max_tokens_per_rank=ll_max_tokens_per_rank if low_latency_mode else 0,
-                                     timeout_seconds=float(timeout_seconds))
+                                     timeout_seconds=float(timeout_seconds), ll_region_bytes=ll_region_bytes)
         g = ctypes.c_void_p()
         _capi.check(lib.ep_group_create(ctypes.byref(g), ctypes.byref(uid), rank, size, self.device,
                                         ctypes.byref(cfg)), None)
@@ -278,6 +284,7 @@ class Buffer(NormalPath, LowLatencyPath, metaclass=_BufferType):
         self.num_nvl_bytes, self.num_rdma_bytes = num_nvl_bytes, num_rdma_bytes
         self.low_latency_mode = low_latency_mode
         self.ll_max_tokens_per_rank = ll_max_tokens_per_rank if low_latency_mode else 0
+        self.ll_region_bytes = ll_region_bytes  # 0: the LL buffer is sized from the hints
         self.explicitly_destroy = explicitly_destroy
         self.num_experts, self.hidden = num_experts, hidden
         self.max_tokens_per_rank, self.max_topk = max_tokens_per_rank, max_topk
@@ -356,8 +363,8 @@ class Buffer(NormalPath, LowLatencyPath, metaclass=_BufferType):
     def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts, *,
                                        max_topk=8):
         """Bytes of symmetric memory the LL buffer takes for this shape (ep_ll_buffer_size_hint: both halves).
-        Informational: ep sizes the buffer itself from the Buffer's hints (num_rdma_bytes is ignored). ep's size
-        also depends on the largest top-k (keyword max_topk, default 8, the Buffer's default). Needs libep.so,
+        Pass it as num_rdma_bytes with low_latency_mode=True, as with DeepEP. ep's size also depends on the
+        largest top-k (keyword max_topk, default 8, the Buffer's default). Needs libep.so,
         not PyTorch."""
         fn = "get_low_latency_rdma_size_hint"
         for name, v in (("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank), ("hidden", hidden),

@@ -719,6 +719,50 @@ static void run_timeout(const harness_t* h) {
   ep_group_destroy(c.g);
 }
 
+/* A group sized in bytes (config.ll_region_bytes, DeepEP's num_rdma_bytes): the bytes of one shape, hints far below
+ * the cases' experts and hidden; shapes change from call to call with no clean (each call lays the region out for
+ * itself), with the hook, zero-copy and the sums. Every output is checked against the reference. */
+/* clang-format off */
+static const case_t k_bytes_cases[] = {
+  /* T, hidden, topk, experts, mode, hook, zero_copy, neg, dup, vary, reps, sums */
+  {32, 4096, 8, 64, FP8, 0, 0, 10, 1, 0, 2, 0},
+  {64, 2048, 4, 48, BF16, 1, 0, 0, 0, 1, 2, 0},
+  {16, 2560, 8, 64, FP8_POW2, 0, 1, 10, 0, 0, 2, 0},
+  {64, 4096, 8, 64, BF16, 0, 0, 10, 0, 0, 2, 1},
+  {32, 4096, 8, 64, FP8, 1, 0, 10, 1, 0, 2, 0},
+};
+/* clang-format on */
+
+static void run_bytes(const harness_t* h) {
+  ctx_t c;
+  memset(&c, 0, sizeof(c));
+  c.R = h->num_ranks;
+  c.me = h->rank;
+  c.shape = "ll_region_bytes";
+  c.seed = harness_seed(h, "ll_bytes");
+  const int experts = 64 / c.R * c.R > 0 ? 64 / c.R * c.R : c.R;
+  ep_group_config_t cfg = EP_GROUP_CONFIG_INIT;
+  cfg.num_experts = c.R; /* hints below the cases: the bytes bound the calls */
+  cfg.hidden = 1024;
+  cfg.max_tokens_per_rank = 1;
+  cfg.max_topk = 8;
+  cfg.ll_max_tokens_per_rank = 64;
+  CHECK(ep_ll_buffer_size_hint(64, 4096, c.R, experts, 8, &cfg.ll_region_bytes) == EP_STATUS_SUCCESS, "hint: %s",
+        ep_last_error(NULL));
+  ep_status_t st = harness_group_create(h, &cfg, &c.g);
+  CHECK(st == EP_STATUS_SUCCESS, "create: %s", ep_last_error(NULL));
+  if (st != EP_STATUS_SUCCESS) return;
+  CUDA_CHECK(cudaStreamCreate(&c.s));
+  const double t0 = now_s();
+  int failed = 0;
+  const int n = (int)(sizeof(k_bytes_cases) / sizeof(k_bytes_cases[0]));
+  for (int i = 0; i < n; ++i) failed += run_case(&c, &k_bytes_cases[i], 300 + i);
+  printf("rank %d [%s]: %d cases of several shapes in %zu bytes, %d failed (%.1f s)\n", c.me, c.shape, n,
+         cfg.ll_region_bytes, failed, now_s() - t0);
+  cudaStreamDestroy(c.s);
+  ep_group_destroy(c.g);
+}
+
 /* Wait-cost stats (wait_recv_cost_stats of dispatch and combine): [R] int64 with a guard entry after it. Round 0
  * (hook) and round 1 (one kernel): every entry only grows, the guard stays, the outputs still equal the reference.
  * Round 1 has the last rank start each call 300 ms late: on every other rank its entry grows the most. */
@@ -837,6 +881,7 @@ int main(void) {
   if (full && R == 6) run_shape(&h, 3, "virtual nodes of 3 ranks", SCOPE_ALL);
   if (full) run_shape(&h, 0, "one node, T up to 8192", SCOPE_BIG_T);
   run_stats(&h);
+  run_bytes(&h);
   run_timeout(&h);
   return TEST_RESULT();
 }

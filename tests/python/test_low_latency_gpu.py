@@ -27,6 +27,10 @@ select it, ordered by source rank, then token (ep's LL order is deterministic).
   graph       dispatch + an expert op + combine captured in a CUDA graph, replayed with new data == eager
   clean       clean_low_latency_buffer, then another dispatch + combine; handles from before are stale
   empty rank  a rank with no tokens
+  bytes       Buffer(group, 0, num_rdma_bytes, low_latency_mode=True) with no ll hint, sized as DeepEP's
+              test_low_latency.py sizes it (T 128, hidden 7168, 288 experts, rounded to the rank count): dispatch and
+              combine == torch above the Buffer's num_experts hint; a shape the bytes do not hold raises EpError
+              naming the bytes it needs
 Skips (77) without PyTorch, CUDA or enough GPUs. Fails at once without NumPy: handle.src_info / layout_range and the
 zero-copy buffer (NVSHMEM memory) are views made by torch.as_tensor over __cuda_array_interface__, which PyTorch
 implements with NumPy. That wrapping is the fragile part of this path (never run yet): if the zero-copy checks
@@ -528,6 +532,31 @@ def check_empty_rank(ck, c):
     ck.check("empty rank: combined shape [n, H]", tuple(out.shape) == (n, c.H))
 
 
+def check_bytes(ck, c, share_kwargs):
+    """A Buffer sized in bytes, as DeepEP's test sizes it; returns it (the caller destroys it)."""
+    R, T, H, K = c.R, 128, 7168, 8
+    E = 288 // R * R
+    nbytes = ep.Buffer.get_low_latency_rdma_size_hint(T, H, R, E)
+    kw = {} if 256 % R == 0 else {"num_experts": R}  # the normal path's hint must divide by R
+    buf = ep.Buffer(dist.group.WORLD, 0, nbytes, low_latency_mode=True, explicitly_destroy=True, **kw,
+                    **share_kwargs)
+    ck.check(f"bytes: Buffer(group, 0, {nbytes}, low_latency_mode=True) takes the bytes",
+             buf.ll_region_bytes == nbytes)
+    d = Ctx()
+    d.buf, d.R, d.rank, d.dev, d.gen = buf, R, c.rank, c.dev, c.gen
+    d.E, d.H, d.K, d.T = E, H, K, T
+    d.ns = [T - 3 * r for r in range(R)]
+    x, idx, wt = make_inputs(d.gen, d.ns[c.rank], H, E, K, d.dev)
+    w = World(d, x, idx, d.ns)
+    w.w = wt
+    recv_x, _, handle = check_bf16_dispatch(ck, d, w)
+    check_combine(ck, d, w, recv_x, handle, f"bytes ({E} experts, hint {buf.num_experts}): combine")
+    big = torch.zeros((4, 8192), dtype=torch.bfloat16, device=d.dev)
+    ck.raises("bytes: hidden 8192 does not fit -> EpError naming the bytes", ep.EpError,
+              lambda: buf.low_latency_dispatch(big, idx[:4], T, E, use_fp8=False), "need", "ll_region_bytes")
+    return buf
+
+
 # ---- per-rank process ---------------------------------------------------------------------------------------
 def worker(rank, world, init_method, seed):
     global torch, dist, ep
@@ -561,6 +590,10 @@ def worker(rank, world, init_method, seed):
         torch.cuda.synchronize()
         buf.get_async_error()
         ck.check("no pending device error at the end", True)
+        dist.barrier()
+        buf.destroy()  # one Buffer per process at a time
+        buf = None
+        buf = check_bytes(ck, c, share_kwargs)
     except Exception:
         ck.check("ran every check without an exception", False, traceback.format_exc())
     eptest.finish_rank(ck, buf)
