@@ -577,10 +577,16 @@ typedef struct ep_ll_combine_args {
   int64_t* wait_recv_cost_stats; /* [IN/OUT] optional [num_ranks] int64 device (DeepEP's
                                   combine_wait_recv_cost_stats): the receive phase adds to entry s the GPU clock
                                   cycles (clock64) it waited for rank s's rows. NULL: nothing is measured */
+  int use_logfmt;                /* 1: the rows travel as LogFMT-10 (DeepEP's use_logfmt): per 128 channels the bf16
+                                    largest and smallest magnitudes, and 10 bits per value (sign and a step on a log2
+                                    grid between them, nearest in log2): hidden * 10 / 8 + hidden / 32 bytes a row
+                                    instead of 2 * hidden; each value within 2^(step / 2) - 1 of its bf16 (a step is at
+                                    most 32 / 510 octaves). out[t] then sums the decoded values as above. Needs hidden a
+                                    multiple of 128; not with zero_copy or sum_on_expert_ranks */
 } ep_ll_combine_args_t;
 
 #define EP_LL_COMBINE_ARGS_INIT \
-  { (uint32_t)sizeof(ep_ll_combine_args_t), EP_LL_COMBINE_ARGS_MAGIC, NULL, NULL, NULL, 0, 0, 0, NULL }
+  { (uint32_t)sizeof(ep_ll_combine_args_t), EP_LL_COMBINE_ARGS_MAGIC, NULL, NULL, NULL, 0, 0, 0, NULL, 0 }
 
 /* Send each expert output row back to the rank its token came from and (unless return_after_send) sum each
  * token's rows there: out[t] = bf16(sum_k fmaf(w[t][k], y_k, acc)) in top-k order, skipping -1 entries. A token

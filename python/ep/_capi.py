@@ -318,6 +318,7 @@ class LLCombineArgs(_Args):
         ("return_after_send", _int),
         ("sum_on_expert_ranks", _int),
         ("wait_recv_cost_stats", _ptr),
+        ("use_logfmt", _int),
     ]
     _MAGIC = EP_LL_COMBINE_ARGS_MAGIC
 

@@ -29,9 +29,10 @@ Code written against `deep_ep.Buffer` runs with `import ep as deep_ep`, with the
   `low_latency_combine` uses the routing kept in the handle: its `topk_idx` is checked for shape, not read.
   Hooks launch the receive phase on the stream that was current at the call, as DeepEP's do. The wait-cost
   stats (`dispatch_wait_recv_cost_stats`, `combine_wait_recv_cost_stats`) count clock64 cycles per source rank.
-  NOT YET SUPPORTED (NotImplementedError): `use_logfmt=True` and the shrink-mode mask calls. See
-  `low_latency_dispatch` for the two-buffer rule. The handle's src_info / layout_range and the zero-copy combine buffer are views of
-  library-owned memory made with torch.as_tensor over __cuda_array_interface__, which needs NumPy installed.
+  `use_logfmt=True` sends the combine's rows as LogFMT-10. NOT YET SUPPORTED (NotImplementedError): the
+  shrink-mode mask calls. See `low_latency_dispatch` for the two-buffer rule. The handle's src_info /
+  layout_range and the zero-copy combine buffer are views of library-owned memory made with torch.as_tensor over
+  __cuda_array_interface__, which needs NumPy installed.
 * Groups of several nodes (`ranks_per_node` < group size) take the internode normal path (docs/internode.md): the
   same calls and return values; combine rounds each node's partial sum to bf16 before the last hop, as DeepEP
   does, so it is within bf16 rounding of the fp32 sum rather than bit-identical to the one-node order.

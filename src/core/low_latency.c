@@ -388,6 +388,16 @@ ep_status_t ep_ll_combine(ep_group_t group, ep_ll_handle_t handle, const ep_ll_c
                    "%s: the handle's previous combine waits for its receive phase; call ep_ll_combine_recv first", fn);
   if (a->sum_on_expert_ranks != 0 && a->sum_on_expert_ranks != 1)
     return FAIL_ARG(group, "%s: sum_on_expert_ranks is %d; it must be 0 or 1", fn, a->sum_on_expert_ranks);
+  if (a->use_logfmt != 0 && a->use_logfmt != 1)
+    return FAIL_ARG(group, "%s: use_logfmt is %d; it must be 0 or 1", fn, a->use_logfmt);
+  if (a->use_logfmt && (a->zero_copy || a->sum_on_expert_ranks))
+    return FAIL_ARG(group,
+                    "%s: use_logfmt=1 encodes the rows as it sends them, which zero_copy (the rows are already in "
+                    "the buffer, bf16) and sum_on_expert_ranks do not allow (got zero_copy=%d, sum_on_expert_ranks=%d)",
+                    fn, a->zero_copy, a->sum_on_expert_ranks);
+  if (a->use_logfmt && handle->call.hidden % 128 != 0)
+    return FAIL_ARG(group, "%s: use_logfmt=1 needs hidden a multiple of 128 (its groups); the dispatch had %d", fn,
+                    handle->call.hidden);
   if (a->sum_on_expert_ranks) {
     if (a->topk_weights)
       return FAIL_ARG(group, "%s: topk_weights is given with sum_on_expert_ranks=1, which uses the dispatch's weights "
@@ -419,6 +429,7 @@ ep_status_t ep_ll_combine(ep_group_t group, ep_ll_handle_t handle, const ep_ll_c
   handle->call.sum_on_expert_ranks = a->sum_on_expert_ranks;
   handle->call.out = a->out;
   handle->call.wait_stats = (long long*)a->wait_recv_cost_stats;
+  handle->call.logfmt = a->use_logfmt;
   ep_ll_launch_t p = base_launch(group, handle);
   p.call.y = a->x;
   p.call.zero_copy = a->zero_copy;

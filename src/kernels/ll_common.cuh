@@ -32,8 +32,8 @@ __device__ __forceinline__ Grid kernel_grid() { return Grid{(int)blockIdx.x, (in
 // Which call a kernel runs (the kernels are templates over it). The combine with sums on the experts' ranks is a
 // kernel of its own, so that the default combine kernel does not carry its code: the fused dispatch and combine
 // kernels run one after the other on every SM and share its instruction cache (one rank, H200: +0.5 us of dispatch
-// kernel time while both forms were one kernel; docs/low-latency.md section 6).
-enum class Call { kDispatch, kCombine, kCombineSums };
+// kernel time while both forms were one kernel; docs/low-latency.md section 6). The LogFMT combine likewise.
+enum class Call { kDispatch, kCombine, kCombineSums, kCombineLogfmt };
 
 // ---------------------------------------------------------------------------------------------------------------
 // Profiling (off by default; build with EP_LL_PROFILE=1; kernels/profile.cuh). Thread 0 of block 0 and of the last

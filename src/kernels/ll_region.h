@@ -100,9 +100,10 @@ static inline EP_HD ep_ll_region_t ep_ll_region(int num_ranks, int num_experts, 
 }
 
 /* A group sized in bytes (config.ll_region_bytes): each half is bytes / 2, 128-aligned down, whatever the shape. A
- * dispatch lays its half out for its own shape (T, H, E, K of the call); the words of the signal protocol sit at the
- * same offsets in every layout (they depend on R only), so shapes may change from call to call. Returns the call's
- * layout with the group's halves, or its own halves (which the bytes then do not hold) if it does not fit. */
+ * dispatch lays its half out for its own shape (T, H, E of the call, K = config.max_topk); the words of the signal
+ * protocol sit at the same offsets in every layout (they depend on R only), so shapes may change from call to call.
+ * Returns the call's layout with the group's halves, or its own halves (which the bytes then do not hold) if it does
+ * not fit. */
 static inline EP_HD size_t ep_ll_budget_half(size_t bytes) { return bytes / 2 / 128 * 128; }
 
 static inline EP_HD ep_ll_region_t ep_ll_region_in(size_t bytes, int num_ranks, int num_experts, int max_tokens,

@@ -55,61 +55,68 @@ typedef struct {
   int vary;      /* token counts differ between ranks; the last rank has none */
   int reps;      /* repetitions with fresh data */
   int sums;      /* the dispatch carries the weights and the combine sums on the experts' ranks */
+  int logfmt;    /* the combine's rows travel as LogFMT-10 (use_logfmt) */
 } case_t;
 
 /* clang-format off */
 static const case_t k_cases[] = {
-  /*   T  hidden topk exp  mode      hook zc neg dup vary reps sums */
-    {   1, 2048,   1, 64, FP8,        0,  0,  0,  0,  0,   4,  0},
-    {   1, 7168,   8, 64, BF16,       1,  1,  0,  0,  1,   4,  0},
-    { 128, 7168,   8, 64, FP8,        1,  0, 10,  0,  0,   4,  0},
-    { 128, 7168,   8, 64, BF16,       0,  1,  0,  0,  0,   3,  0},
-    { 128, 2688,  16, 32, FP8,        0,  0, 10,  1,  1,   3,  0},
-    { 128, 2688,   9, 16, BF16,       1,  1, 20,  0,  1,   3,  0},
-    { 128, 7168,  16, 64, UE8M0,      1,  1,  0,  0,  1,   2,  0},
-    { 256, 4096,   9, 64, FP8_POW2,   1,  1,  5,  1,  1,   3,  0},
-    { 256, 2048,  16, 64, UE8M0,      0,  0,  5,  0,  0,   2,  0},
-    {  64, 4096,   8, 64, FP8_POW2,   0,  0, 30,  1,  0,   3,  0},
-    {1024, 2048,   8, 64, FP8,        1,  0, 10,  0,  0,   2,  0},
-    {1024, 4096,   1, 64, BF16,       0,  0,  0,  0,  1,   1,  0},
+  /*   T  hidden topk exp  mode      hook zc neg dup vary reps sums logfmt */
+    {   1, 2048,   1, 64, FP8,        0,  0,  0,  0,  0,   4,  0, 0},
+    {   1, 7168,   8, 64, BF16,       1,  1,  0,  0,  1,   4,  0, 0},
+    { 128, 7168,   8, 64, FP8,        1,  0, 10,  0,  0,   4,  0, 0},
+    { 128, 7168,   8, 64, BF16,       0,  1,  0,  0,  0,   3,  0, 0},
+    { 128, 2688,  16, 32, FP8,        0,  0, 10,  1,  1,   3,  0, 0},
+    { 128, 2688,   9, 16, BF16,       1,  1, 20,  0,  1,   3,  0, 0},
+    { 128, 7168,  16, 64, UE8M0,      1,  1,  0,  0,  1,   2,  0, 0},
+    { 256, 4096,   9, 64, FP8_POW2,   1,  1,  5,  1,  1,   3,  0, 0},
+    { 256, 2048,  16, 64, UE8M0,      0,  0,  5,  0,  0,   2,  0, 0},
+    {  64, 4096,   8, 64, FP8_POW2,   0,  0, 30,  1,  0,   3,  0, 0},
+    {1024, 2048,   8, 64, FP8,        1,  0, 10,  0,  0,   2,  0, 0},
+    {1024, 4096,   1, 64, BF16,       0,  0,  0,  0,  1,   1,  0, 0},
     /* A token crosses the link once per destination rank and carries its (expert, slot) list: every token on
      * every rank with several experts each (top-k = experts), many tokens with no destination at all (top-1, half
      * -1), a BF16 hidden that is a multiple of 8 but not of 16 (the last lane's second word), UE8M0 + zero-copy
      * with all experts of a token on few ranks. */
-    { 128, 2688,  16, 16, FP8,        0,  0,  0,  1,  0,   2,  0},
-    {  64, 2048,   1, 64, FP8,        1,  0, 50,  0,  1,   3,  0},
-    { 128, 2056,   8, 64, BF16,       1,  0, 10,  1,  1,   2,  0},
-    {  32, 4096,   8,  8, UE8M0,      0,  1, 10,  1,  0,   2,  0},
+    { 128, 2688,  16, 16, FP8,        0,  0,  0,  1,  0,   2,  0, 0},
+    {  64, 2048,   1, 64, FP8,        1,  0, 50,  0,  1,   3,  0, 0},
+    { 128, 2056,   8, 64, BF16,       1,  0, 10,  1,  1,   2,  0, 0},
+    {  32, 4096,   8,  8, UE8M0,      0,  1, 10,  1,  0,   2,  0, 0},
     /* Fewer send blocks than ranks (one block per token): a block publishes the counts and dispatch_meta rows of
      * several ranks (rank r by block r % grid), no hook and hook. */
-    {   3, 2048,   8, 64, FP8,        0,  0,  0,  0,  0,   3,  0},
-    {   2, 4096,   9, 16, BF16,       1,  0, 10,  1,  0,   3,  0},
+    {   3, 2048,   8, 64, FP8,        0,  0,  0,  0,  0,   3,  0, 0},
+    {   2, 4096,   9, 16, BF16,       1,  0, 10,  1,  0,   3,  0, 0},
     /* Sums on the experts' ranks: the dispatch carries each (token, expert) weight, each rank sums its experts'
      * rows of a token and one row per (token, rank) goes back. Many experts per rank (top-16 of 16), repeated
      * experts (their weights add), -1 entries, empty ranks, zero-copy, the hook, T = 1 and 1024. */
-    { 128, 7168,   8, 64, FP8,        0,  0, 10,  1,  1,   3, 1},
-    { 128, 2688,  16, 16, BF16,       1,  1, 20,  1,  1,   3, 1},
-    {   1, 2048,   9, 64, FP8,        1,  0,  0,  0,  0,   3, 1},
-    {1024, 4096,   8, 64, UE8M0,      0,  1,  5,  1,  0,   2, 1},
-    {   3, 2048,  16, 16, BF16,       0,  0, 30,  1,  1,   3, 1},
+    { 128, 7168,   8, 64, FP8,        0,  0, 10,  1,  1,   3, 1, 0},
+    { 128, 2688,  16, 16, BF16,       1,  1, 20,  1,  1,   3, 1, 0},
+    {   1, 2048,   9, 64, FP8,        1,  0,  0,  0,  0,   3, 1, 0},
+    {1024, 4096,   8, 64, UE8M0,      0,  1,  5,  1,  0,   2, 1, 0},
+    {   3, 2048,  16, 16, BF16,       0,  0, 30,  1,  1,   3, 1, 0},
     /* Top-k 2..5 and 17..32: the slot-packing factors and the combine rounds the cases above do not reach. */
-    {  64, 2048,   2, 64, BF16,       1,  0, 10,  1,  1,   2, 0},
-    {  32, 4096,   3, 64, FP8,        0,  0,  0,  0,  0,   2, 0},
-    {  16, 4096,   5, 32, UE8M0,      0,  1, 10,  1,  1,   2, 0},
-    {  64, 2048,  17, 64, FP8,        1,  0, 10,  1,  0,   2, 0},
-    {  16, 7168,  32, 64, BF16,       0,  1, 20,  1,  1,   2, 0},
-    {  32, 2048,  24, 32, FP8_POW2,   1,  0,  5,  1,  0,   2, 1},
-    {   8, 2048,  32, 64, BF16,       0,  0,  0,  1,  1,   2, 1},
+    {  64, 2048,   2, 64, BF16,       1,  0, 10,  1,  1,   2, 0, 0},
+    {  32, 4096,   3, 64, FP8,        0,  0,  0,  0,  0,   2, 0, 0},
+    {  16, 4096,   5, 32, UE8M0,      0,  1, 10,  1,  1,   2, 0, 0},
+    {  64, 2048,  17, 64, FP8,        1,  0, 10,  1,  0,   2, 0, 0},
+    {  16, 7168,  32, 64, BF16,       0,  1, 20,  1,  1,   2, 0, 0},
+    {  32, 2048,  24, 32, FP8_POW2,   1,  0,  5,  1,  0,   2, 1, 0},
+    {   8, 2048,  32, 64, BF16,       0,  0,  0,  1,  1,   2, 1, 0},
+    /* LogFMT-10 combine (last column): the reference's encoding and decoding, bit for bit; hook and no hook, -1
+     * entries, repeated experts, empty ranks, a hidden of 3 groups short of 256-channel chunks. */
+    {  64, 7168,   8, 64, FP8,        0,  0, 10,  1,  1,   2, 0, 1},
+    {  32, 2048,   5, 64, BF16,       1,  0,  0,  0,  0,   2, 0, 1},
+    { 128, 4096,   9, 64, FP8_POW2,   0,  0, 10,  1,  0,   2, 0, 1},
+    {  16,  384,   8, 16, BF16,       1,  0, 20,  1,  1,   2, 0, 1},
 };
 #define NUM_CASES ((int)(sizeof(k_cases) / sizeof(k_cases[0])))
 
 /* EP_TEST_LEVEL=full, on a group with ll_max_tokens_per_rank EP_LL_MAX_TOKENS_PER_RANK: T above 1024. */
 static const case_t k_big_t_cases[] = {
-  /*   T  hidden topk exp  mode      hook zc neg dup vary reps sums */
-    {8192,  512,   2, 16, BF16,       0,  0, 10,  1,  1,   1, 0},
-    {4096, 1024,  32, 32, FP8,        1,  0,  5,  1,  0,   1, 0},
-    {2048, 2048,  17, 32, UE8M0,      0,  1, 10,  0,  1,   2, 1},
-    {1536, 2048,   4, 16, FP8_POW2,   1,  1,  0,  1,  0,   2, 0},
+  /*   T  hidden topk exp  mode      hook zc neg dup vary reps sums logfmt */
+    {8192,  512,   2, 16, BF16,       0,  0, 10,  1,  1,   1, 0, 0},
+    {4096, 1024,  32, 32, FP8,        1,  0,  5,  1,  0,   1, 0, 0},
+    {2048, 2048,  17, 32, UE8M0,      0,  1, 10,  0,  1,   2, 1, 0},
+    {1536, 2048,   4, 16, FP8_POW2,   1,  1,  0,  1,  0,   2, 0, 0},
 };
 #define NUM_BIG_T_CASES ((int)(sizeof(k_big_t_cases) / sizeof(k_big_t_cases[0])))
 /* clang-format on */
@@ -379,8 +386,9 @@ static long check_combine(const ctx_t* c, const mb_t* m, const world_t* w) {
   uint16_t* want[MAX_RANKS];
   for (int r = 0; r < c->R; ++r) want[r] = xmalloc((size_t)w->num_tokens[r] * H * 2 + 2);
   long bad = 0;
-  const int rc = w->k.sums ? ep_ref_ll_combine_sums_fn(&w->ref, expert_fn, (void*)&w->seed, want)
-                           : ep_ref_ll_combine_fn(&w->ref, expert_fn, (void*)&w->seed, want);
+  const int rc = w->k.sums     ? ep_ref_ll_combine_sums_fn(&w->ref, expert_fn, (void*)&w->seed, want)
+                 : w->k.logfmt ? ep_ref_ll_combine_logfmt_fn(&w->ref, expert_fn, (void*)&w->seed, want)
+                               : ep_ref_ll_combine_fn(&w->ref, expert_fn, (void*)&w->seed, want);
   if (rc != 0) {
     fprintf(stderr, "rank %d: the reference combine rejected the world\n", c->me);
     bad = 1;
@@ -399,9 +407,10 @@ static void print_case(const ctx_t* c, const char* what, int idx, const world_t*
   const case_t* k = &w->k;
   fprintf(stderr,
           "rank %d: FAILED [%s] %s case %d: T=%d hidden=%d topk=%d experts=%d %s hook=%d zero_copy=%d neg=%d%% dup=%d "
-          "vary=%d sums=%d, world seed 0x%016llx (run seed 0x%016llx)\n",
+          "vary=%d sums=%d logfmt=%d, world seed 0x%016llx (run seed 0x%016llx)\n",
           c->me, c->shape, what, idx, k->T, k->hidden, k->topk, k->experts, k_mode_names[k->mode], k->hook,
-          k->zero_copy, k->neg, k->dup, k->vary, k->sums, (unsigned long long)w->seed, (unsigned long long)c->seed);
+          k->zero_copy, k->neg, k->dup, k->vary, k->sums, k->logfmt, (unsigned long long)w->seed,
+          (unsigned long long)c->seed);
 }
 
 /* Dispatch (send [+ receive]) of one micro-batch. */
@@ -423,6 +432,7 @@ static void do_combine(const ctx_t* c, mb_t* m, const world_t* w, const uint16_t
   a.zero_copy = w->k.zero_copy;
   a.return_after_send = hook;
   a.sum_on_expert_ranks = w->k.sums;
+  a.use_logfmt = w->k.logfmt;
   EP_CHECK(c, ep_ll_combine(c->g, m->h, &a, c->s));
 }
 
@@ -481,7 +491,7 @@ static int run_case(const ctx_t* c, const case_t* k_table, int idx) {
 static int run_graph(const ctx_t* c, int sums) {
   const int before = g_check_failures;
   /* Token counts are kernel arguments, fixed in the graph: every rank has T tokens here. */
-  const case_t k_table = {128, 7168, 8, 64, FP8, 0, 0, 10, 1, 0, 1, sums};
+  const case_t k_table = {128, 7168, 8, 64, FP8, 0, 0, 10, 1, 0, 1, sums, 0};
   const case_t k = for_ranks(&k_table, c->R);
   mb_t m;
   mb_alloc(c, &m, &k);
@@ -533,7 +543,8 @@ static int run_graph(const ctx_t* c, int sums) {
  * with new inputs and expert outputs, then an eager case on the same group. */
 static int run_graph_pair(const ctx_t* c) {
   const int before = g_check_failures;
-  const case_t k_table = {128, 2048, 8, 64, UE8M0, 1, 1, 10, 1, 0, 1, 0}; /* every rank T tokens: fixed in the graph */
+  /* every rank T tokens: fixed in the graph */
+  const case_t k_table = {128, 2048, 8, 64, UE8M0, 1, 1, 10, 1, 0, 1, 0, 0};
   const case_t k = for_ranks(&k_table, c->R);
   mb_t m[2];
   void* y_src[2];
@@ -654,8 +665,8 @@ static void run_shape(const harness_t* h, int ranks_per_node, const char* name, 
   if (scope == SCOPE_ALL) {
     /* Many repetitions with fresh data (small, so they are quick), then a clean and one more round. */
     t0 = now_s();
-    const case_t many = {32, 2048, 8, 64, FP8, 1, 0, 10, 1, 1, 50, 0};
-    const case_t many_sums = {32, 2048, 8, 64, BF16, 0, 1, 10, 1, 1, 20, 1};
+    const case_t many = {32, 2048, 8, 64, FP8, 1, 0, 10, 1, 1, 50, 0, 0};
+    const case_t many_sums = {32, 2048, 8, 64, BF16, 0, 1, 10, 1, 1, 20, 1, 0};
     failed = run_case(&c, &many, 100) + run_case(&c, &many_sums, 102);
     EP_CHECK(&c, ep_ll_clean(c.g, c.s));
     failed += run_case(&c, &k_cases[2], 101);
@@ -688,7 +699,7 @@ static void run_timeout(const harness_t* h) {
   CHECK(st == EP_STATUS_SUCCESS, "create: %s", ep_last_error(NULL));
   if (st != EP_STATUS_SUCCESS) return;
   CUDA_CHECK(cudaStreamCreate(&c.s));
-  const case_t k = {8, 1024, 2, 4 * h->num_ranks, BF16, 0, 0, 0, 0, 0, 1, 0};
+  const case_t k = {8, 1024, 2, 4 * h->num_ranks, BF16, 0, 0, 0, 0, 0, 1, 0, 0};
   world_t w;
   world_make(&w, &k, c.R, 12345);
   mb_t m;
@@ -724,12 +735,12 @@ static void run_timeout(const harness_t* h) {
  * itself), with the hook, zero-copy and the sums. Every output is checked against the reference. */
 /* clang-format off */
 static const case_t k_bytes_cases[] = {
-  /* T, hidden, topk, experts, mode, hook, zero_copy, neg, dup, vary, reps, sums */
-  {32, 4096, 8, 64, FP8, 0, 0, 10, 1, 0, 2, 0},
-  {64, 2048, 4, 48, BF16, 1, 0, 0, 0, 1, 2, 0},
-  {16, 2560, 8, 64, FP8_POW2, 0, 1, 10, 0, 0, 2, 0},
-  {64, 4096, 8, 64, BF16, 0, 0, 10, 0, 0, 2, 1},
-  {32, 4096, 8, 64, FP8, 1, 0, 10, 1, 0, 2, 0},
+  /* T, hidden, topk, experts, mode, hook, zero_copy, neg, dup, vary, reps, sums, logfmt */
+  {32, 4096, 8, 64, FP8, 0, 0, 10, 1, 0, 2, 0, 0},
+  {64, 2048, 4, 48, BF16, 1, 0, 0, 0, 1, 2, 0, 0},
+  {16, 2560, 8, 64, FP8_POW2, 0, 1, 10, 0, 0, 2, 0, 0},
+  {64, 4096, 8, 64, BF16, 0, 0, 10, 0, 0, 2, 1, 0},
+  {32, 4096, 8, 64, FP8, 1, 0, 10, 1, 0, 2, 0, 0},
 };
 /* clang-format on */
 
@@ -796,7 +807,7 @@ static void run_stats(const harness_t* h) {
   if (st != EP_STATUS_SUCCESS) return;
   CUDA_CHECK(cudaStreamCreate(&c.s));
   const int R = c.R, late = R - 1, guard = 0x5a5a;
-  const case_t k = {16, 1024, 4, 4 * R, FP8, 0, 0, 10, 0, 0, 1, 0};
+  const case_t k = {16, 1024, 4, 4 * R, FP8, 0, 0, 10, 0, 0, 1, 0, 0};
   long long init[MAX_RANKS + 1] = {0}, before[2][MAX_RANKS + 1], after[MAX_RANKS + 1];
   init[R] = guard;
   void* stats[2] = {dev_alloc((size_t)(R + 1) * 8), dev_alloc((size_t)(R + 1) * 8)}; /* dispatch, combine */

@@ -464,6 +464,16 @@ static void test_ll_args(void) {
   ca = cgood;
   ca.wait_recv_cost_stats = (int64_t*)((char*)stats + 4);
   EXPECT_FAIL(ep_ll_combine(g, &handle, &ca, 0), g, EP_STATUS_INVALID_ARGUMENT, "wait_recv_cost_stats");
+  ca = cgood;
+  ca.use_logfmt = 2;
+  EXPECT_FAIL(ep_ll_combine(g, &handle, &ca, 0), g, EP_STATUS_INVALID_ARGUMENT, "use_logfmt is 2");
+  ca.use_logfmt = 1;
+  ca.zero_copy = 1;
+  EXPECT_FAIL(ep_ll_combine(g, &handle, &ca, 0), g, EP_STATUS_INVALID_ARGUMENT, "zero_copy=1, sum_on_expert_ranks=0");
+  ca.zero_copy = 0;
+  handle.call.hidden = 2056; /* a BF16 dispatch's hidden: not whole 128-channel groups */
+  EXPECT_FAIL(ep_ll_combine(g, &handle, &ca, 0), g, EP_STATUS_INVALID_ARGUMENT, "hidden a multiple of 128");
+  handle.call.hidden = 0;
   /* Sums on the experts' ranks: a flag, no weights of its own, the dispatch's weights, room in the buffer. */
   ca = cgood; ca.sum_on_expert_ranks = 2;
   EXPECT_FAIL(ep_ll_combine(g, &handle, &ca, 0), g, EP_STATUS_INVALID_ARGUMENT, "sum_on_expert_ranks is 2");

@@ -9,6 +9,7 @@
 
 #include "common/check.h"
 #include "ep_ref.h"
+#include "kernels/ll_logfmt.h"
 
 /* ------------------------------------------------------------------------------------------------
  * Array comparison helpers: one failure line per differing element.
@@ -1020,6 +1021,48 @@ static void test_logfmt_by_hand(void) {
   CHECK(fabsf(back[5] + 3.0f) <= 3.0f * 4e-6f, "a constant group decodes to itself: %.9g", back[5]);
 }
 
+/* The kernels' LogFMT helpers (src/kernels/ll_logfmt.h, compiled here as C) against the reference: the same log2
+ * table, and the same fields and values, bit for bit, on groups of every kind (zeros, one magnitude, subnormals,
+ * wide and narrow ranges). */
+static void test_logfmt_kernel_helpers(void) {
+  for (int m = 0; m < 128; ++m)
+    CHECK(ep_logfmt_log2_mantissa[m] == ep_ref_logfmt_log2((uint16_t)(0x3f80 | m)), "log2 table entry %d: %.9g vs %.9g",
+          m, ep_logfmt_log2_mantissa[m], ep_ref_logfmt_log2((uint16_t)(0x3f80 | m)));
+  uint64_t seed = 0x5eed1234ull;
+  uint16_t x[128];
+  uint8_t row[164];
+  float back[128];
+  long mismatches = 0;
+  for (int trial = 0; trial < 400; ++trial) {
+    const int kind = trial % 5;
+    for (int j = 0; j < 128; ++j) {
+      seed = seed * 6364136223846793005ull + 1442695040888963407ull;
+      const uint16_t r = (uint16_t)(seed >> 40);
+      x[j] = kind == 0   ? 0
+             : kind == 1 ? (uint16_t)(0x4040 | (r & 0x8000))
+             : kind == 2 ? (uint16_t)(r & 0x807f)
+             : kind == 3 ? r
+                         : (uint16_t)((r & 0x80ff) | 0x3c00);
+    }
+    ep_ref_logfmt_encode(x, 128, row);
+    ep_ref_logfmt_decode(row, 128, back);
+    uint32_t meta;
+    memcpy(&meta, row, 4);
+    float lb, step;
+    ep_logfmt_grid(meta, &lb, &step);
+    for (int j = 0; j < 128; ++j) {
+      const uint32_t field = row[4 + j] | ((row[4 + 128 + j / 4] >> (2 * (j % 4))) & 3u) << 8;
+      const int nan = (x[j] & 0x7f80) == 0x7f80;
+      if (nan) continue;
+      const uint32_t mine = ep_logfmt_field(x[j], lb, step, 1.0f / step);
+      const float value = ep_logfmt_value(field, lb, step);
+      if ((mine != field || memcmp(&value, &back[j], 4) != 0) && mismatches++ < 5)
+        fprintf(stderr, "trial %d j %d: field %u vs %u, value %.9g vs %.9g\n", trial, j, mine, field, value, back[j]);
+    }
+  }
+  CHECK(mismatches == 0, "kernel helpers differ from the reference in %ld values", mismatches);
+}
+
 /* A normal deviate from a 64-bit LCG (Box-Muller). */
 static double lcg_normal(uint64_t* s) {
   *s = *s * 6364136223846793005ull + 1442695040888963407ull;
@@ -1113,6 +1156,7 @@ int main(void) {
   test_ll_combine_fma();
   test_ll_fp8();
   test_logfmt_by_hand();
+  test_logfmt_kernel_helpers();
   test_logfmt_deepep_bound();
   test_random_worlds();
   if (g_check_failures) fprintf(stderr, "%d check(s) failed\n", g_check_failures);

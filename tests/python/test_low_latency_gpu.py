@@ -23,7 +23,8 @@ select it, ordered by source rank, then token (ep's LL order is deterministic).
               dispatch_ / combine_wait_recv_cost_stats only grow, in every entry (with and without the hook, and
               in the graph's replays)
   errors      wrong dtype / shape / sizes raise naming the argument; unsupported options raise
-              NotImplementedError naming the argument and "NOT YET SUPPORTED"
+              NotImplementedError naming the argument and "NOT YET SUPPORTED"; use_logfmt with zero_copy raises
+  logfmt      use_logfmt=True (plain and hook) within DeepEP-style calc_diff 1e-4 of sum_k w * y
   graph       dispatch + an expert op + combine captured in a CUDA graph, replayed with new data == eager
   clean       clean_low_latency_buffer, then another dispatch + combine; handles from before are stale
   empty rank  a rank with no tokens
@@ -390,6 +391,19 @@ def run_checks(ck, c):
                  ok and grew and sum(now[0]) > sum(seen[0]) and sum(now[1]) > sum(seen[1]), f"{seen} -> {now}")
         seen = now
 
+    for hook in (False, True):
+        recv_x, _, handle, _, hk = dispatch(c, w, use_fp8=False, return_recv_hook=hook)
+        if hook:
+            hk()
+        out, _, hk = buf.low_latency_combine(expert_op(recv_x, E_loc), w.idx, w.w, handle, use_logfmt=True,
+                                             return_recv_hook=hook)
+        if hook:
+            hk()
+        want = expected_combine(w.x, w.idx, w.w, E_loc).double() + 1
+        got = out.double() + 1
+        diff = (1 - 2 * (want * got).sum() / (want * want + got * got).sum()).item() if len(w.x) else 0.0
+        ck.check(f"use_logfmt (hook={hook}): calc_diff {diff:.3g} < 1e-4", diff < 1e-4)
+
     check_errors(ck, c, w)
     check_graph(ck, c)
     check_clean(ck, c, w)
@@ -399,7 +413,6 @@ def run_checks(ck, c):
 def check_errors(ck, c, w):
     buf, E_loc, dev = c.buf, c.E // c.R, c.dev
     x, idx, wt, T, E = w.x, w.idx, w.w, c.T, c.E
-    nyi = NotImplementedError
     ck.raises("dispatch_wait_recv_cost_stats int32 -> TypeError naming it", TypeError,
               lambda: buf.low_latency_dispatch(x, idx, T, E, dispatch_wait_recv_cost_stats=torch.zeros(
                   c.R, dtype=torch.int32, device=dev)), "dispatch_wait_recv_cost_stats")
@@ -427,8 +440,9 @@ def check_errors(ck, c, w):
                   E_loc + 1, dtype=torch.int32, device=dev)), "cumulative_local_expert_recv_stats")
     recv_x, _, handle, _, _ = dispatch(c, w, use_fp8=False)
     y = expert_op(recv_x, E_loc)
-    ck.raises("combine use_logfmt -> NotImplementedError naming it", nyi,
-              lambda: buf.low_latency_combine(y, idx, wt, handle, use_logfmt=True), "use_logfmt", "NOT YET SUPPORTED")
+    ck.raises("combine use_logfmt with zero_copy -> EpError naming both", ep.EpError,
+              lambda: buf.low_latency_combine(y, idx, wt, handle, use_logfmt=True, zero_copy=True), "use_logfmt",
+              "zero_copy")
     ck.raises("combine_wait_recv_cost_stats of the wrong shape -> ValueError naming it", ValueError,
               lambda: buf.low_latency_combine(y, idx, wt, handle, combine_wait_recv_cost_stats=torch.zeros(
                   c.R + 1, dtype=torch.int64, device=dev)), "combine_wait_recv_cost_stats")
@@ -477,8 +491,8 @@ def check_graph(ck, c):
             torch.cuda.synchronize()
             if not fp8:
                 after = gwait.tolist()
-                ck.check(f"{tag} replay {trial}: the captured wait_recv_cost_stats grow",
-                         all(a <= b for a, b in zip(before, after)) and sum(after) > sum(before), f"{before} -> {after}")
+                grew = all(a <= b for a, b in zip(before, after)) and sum(after) > sum(before)
+                ck.check(f"{tag} replay {trial}: the captured wait_recv_cost_stats grow", grew, f"{before} -> {after}")
             got_count, got_out = gcount.clone(), gout.clone()
             got_rx = tuple(t.clone() for t in grx) if fp8 else grx.clone()
             erx, ecount, eh, _, _ = buf.low_latency_dispatch(nx, nidx, c.T, c.E, use_fp8=fp8)

@@ -624,8 +624,13 @@ float ep_ref_logfmt_log2(uint16_t v) {
 
 /* 2^y: 2^frac by a degree-7 Taylor polynomial (fmaf, float coefficients), scaled by 2^floor exactly. */
 static float logfmt_exp2(float y) {
-  static const float c[8] = {1.0f, 0.693147180559945f, 0.240226506959101f, 0.0555041086648216f,
-                             0.00961812910762848f, 0.00133335581464284f, 0.000154035303933816f,
+  static const float c[8] = {1.0f,
+                             0.693147180559945f,
+                             0.240226506959101f,
+                             0.0555041086648216f,
+                             0.00961812910762848f,
+                             0.00133335581464284f,
+                             0.000154035303933816f,
                              0.0000152527338040598f};
   const float n = floorf(y), f = y - n;
   float p = c[7];
@@ -683,8 +688,8 @@ void ep_ref_logfmt_decode(const uint8_t* row, int hidden, float* out) {
     memcpy(&meta, row + (size_t)g * 4, 4);
     const uint8_t* block = row + (size_t)G * 4 + (size_t)g * 160;
     float lb = 0.0f, step = 0.0f;
-    if (ep_ref_logfmt_log2((uint16_t)meta) != -INFINITY) logfmt_group_params((uint16_t)meta, (uint16_t)(meta >> 16),
-                                                                            &lb, &step);
+    if (ep_ref_logfmt_log2((uint16_t)meta) != -INFINITY)
+      logfmt_group_params((uint16_t)meta, (uint16_t)(meta >> 16), &lb, &step);
     for (int j = 0; j < 128; ++j) {
       const unsigned field = block[j] | ((block[128 + j / 4] >> (2 * (j % 4))) & 3u) << 8;
       const unsigned code = field & 511u;
@@ -713,8 +718,7 @@ static void ll_combine_token_logfmt(const ep_ref_ll_world_t* w, int s, int t, co
 }
 
 /* The combine forms with Y from fn (0 rows, 1 sums, 2 LogFMT rows): each token's slot rows, then its rule. */
-static int ll_combine_fn(const ep_ref_ll_world_t* w, ep_ref_expert_fn fn, void* ctx, uint16_t* const* out,
-                         int form) {
+static int ll_combine_fn(const ep_ref_ll_world_t* w, ep_ref_expert_fn fn, void* ctx, uint16_t* const* out, int form) {
   if (!ll_world_ok(w) || !w->topk_weights || !fn || !out) return -1;
   const int R = w->num_ranks, E_loc = w->num_experts / R, K = w->num_topk, H = w->hidden;
   uint16_t* rows = zalloc((size_t)K * H, sizeof(uint16_t));

@@ -266,8 +266,7 @@ void ep_ref_logfmt_decode(const uint8_t* row, int hidden, float* out);
 
 /* ep_ref_ll_combine_fn with each expert row crossing as LogFMT-10: the rule of section 7 over the decoded values
  * (acc = fmaf(w, decode(encode(Y))[c], acc)). */
-int ep_ref_ll_combine_logfmt_fn(const ep_ref_ll_world_t* world, ep_ref_expert_fn fn, void* ctx,
-                                uint16_t* const* out);
+int ep_ref_ll_combine_logfmt_fn(const ep_ref_ll_world_t* world, ep_ref_expert_fn fn, void* ctx, uint16_t* const* out);
 
 /* Fills y: [R] -> [E_loc, R*T, hidden] bf16 with fn's rows in disp's layout (unused rows zeroed),
  * i.e. the input ep_ref_ll_combine expects. */
