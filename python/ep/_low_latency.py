@@ -112,7 +112,8 @@ class LowLatencyPath:
 
         x: bf16 [num_tokens, hidden], num_tokens <= num_max_dispatch_tokens_per_rank (T). topk_idx: int64
           [num_tokens, num_topk], -1 = none. T and num_experts must be the same on every rank; T <= the Buffer's
-          ll_max_tokens_per_rank, num_experts <= its num_experts, hidden <= its hidden.
+          ll_max_tokens_per_rank, num_experts <= its num_experts, hidden <= its hidden (a Buffer sized in bytes,
+          ll_region_bytes: the shape must fit the bytes instead, EpError naming the bytes it needs otherwise).
         recv_x: with use_fp8, (float8_e4m3fn [E_loc, R * T, hidden], scales), the scales float32
           [E_loc, R * T, hidden / 128] (with use_ue8m0, which needs round_scale and hidden % 512 == 0: int32
           [E_loc, R * T, hidden / 512], four UE8M0 bytes each) as a column-major view (the transpose of a
