@@ -537,10 +537,10 @@ void family_intranode(bench_t* b) {
 
 /* ------------------------------------------------------------------------------------------------------------
  * ll: the low-latency path (ep_ll_dispatch FP8, ep_ll_combine BF16) on the first --ll-tokens tokens of each rank,
- * without and with the receive hook, and with the combine's sums on the experts' ranks (row ll-sums), next to the
- * NCCL user path on the same tokens. Bytes as DeepEP's LL test
+ * without and with the receive hook, with the combine's sums on the experts' ranks (row ll-sums) and with its rows as
+ * LogFMT-10 (row ll-logfmt), next to the NCCL user path on the same tokens. Bytes as DeepEP's LL test
  * counts them, per selected (token, expert) pair of this rank: dispatch hidden + hidden / 128 * 4 + 16, combine
- * 2 * hidden.
+ * 2 * hidden (LogFMT: hidden * 10 / 8 + hidden / 128 * 4).
  * ------------------------------------------------------------------------------------------------------------ */
 void family_ll(bench_t* b) {
   const int R = b->num_ranks, H = b->opt.hidden, K = b->opt.topk, E = b->opt.experts, me = b->rank;
@@ -637,8 +637,9 @@ void family_ll(bench_t* b) {
   ca.topk_weights = weights;
   ca.out = out;
 
-  /* The outputs of the last timed call of each row against the reference. */
-  auto check = [&](const char* what) -> long {
+  /* The outputs of the last timed call of each row against the reference: exact, or (LogFMT, rel_tol > 0) within
+   * rel_tol of it. */
+  auto check = [&](const char* what, float rel_tol = 0.0f) -> long {
     check_async(b, what);
     long bad = count_mismatches(b, "ll recv_count", to_host(b, recv_count, E_loc).data(), mine->count, E_loc);
     const std::vector<uint8_t> q = to_host(b, (const uint8_t*)recv_x, (size_t)E_loc * RT * H);
@@ -658,7 +659,9 @@ void family_ll(bench_t* b) {
       for (int k = 0; k < K; ++k) copies += b->topk_idx[me][(size_t)t * K + k] >= 0;
       for (int c = 0; c < H; ++c) {
         const uint16_t want = ep_ref_f32_to_bf16(bench_value(me, t, c) * (float)copies);
-        if (got[(size_t)t * H + c] != want && bad++ == 0)
+        const float g = ep_ref_bf16_to_f32(got[(size_t)t * H + c]), w = ep_ref_bf16_to_f32(want);
+        const bool ok = rel_tol > 0.0f ? fabsf(g - w) <= rel_tol * fabsf(w) : got[(size_t)t * H + c] == want;
+        if (!ok && bad++ == 0)
           fprintf(stderr, "ep_bench rank %d: %s: out[%d][%d] = 0x%04x, want 0x%04x\n", me, what, t, c,
                   got[(size_t)t * H + c], want);
       }
@@ -716,6 +719,30 @@ void family_ll(bench_t* b) {
     row.combine_bytes = (double)selections * 2 * H;
     row.validated = 1;
     row.mismatches = check("ll dispatch (weights) / combine (sums on the experts' ranks)");
+    bench_report_row(b, &row);
+  }
+
+  /* LogFMT-10 combine (use_logfmt): DeepEP's bytes, hidden * 10 / 8 + hidden / 32 a row; out within half a step of
+   * its 128-channel group (2^(16 / 510) - 1 at most) of the bf16 result, plus the bf16 rounding of the sum. */
+  poison(b, recv_x, (size_t)E_loc * RT * H);
+  poison(b, out, (size_t)T * H * 2);
+  {
+    ep_ll_combine_args_t cl = ca;
+    cl.use_logfmt = 1;
+    const bench_phase_fn phases[2] = {
+        [&] { EP_OK(b->group, ep_ll_dispatch(b->group, handle, &da, b->stream)); },
+        [&] { EP_OK(b->group, ep_ll_combine(b->group, handle, &cl, b->stream)); },
+    };
+    double us[2];
+    bench_time_phases(b, 2, phases, us);
+    bench_row_t row = bench_row_make("ll-logfmt", "fp8");
+    row.tokens = T;
+    row.dispatch_us = us[0];
+    row.combine_us = us[1];
+    row.bytes = (double)selections * (H + H / 128 * 4 + 16);
+    row.combine_bytes = (double)selections * ((double)H * 10 / 8 + H / 128 * 4);
+    row.validated = 1;
+    row.mismatches = check("ll dispatch / combine (LogFMT-10)", 0.03f);
     bench_report_row(b, &row);
   }
 

@@ -183,7 +183,8 @@ typedef struct ep_group_config {
   int max_topk;                /* hint: largest top-k (experts per token), 1..32 */
   int ll_max_tokens_per_rank;  /* low-latency path: largest max_tokens_per_rank of any ep_ll_dispatch (1..8192);
                                   0 = no low-latency buffer. The group reserves ep_ll_buffer_size_hint() bytes of
-                                  symmetric memory for it, sized with num_experts, hidden and max_topk above */
+                                  symmetric memory for it, sized with num_experts, hidden and max_topk above (or
+                                  ll_region_bytes below) */
   int num_sms;                 /* SMs a normal-mode dispatch or combine may use; 0 = the measured default */
   int max_sms;                 /* SMs any kernel of the group may occupy at once; 0 = all the device reports (a CUDA
                                   MPS limit lowers that). The low-latency kernels use this many; normal-mode grids
@@ -195,6 +196,13 @@ typedef struct ep_group_config {
                                   fit (for hidden and max_topk above), and a call of more tokens, up to
                                   max_tokens_per_rank, runs in rounds inside the kernels with the same results.
                                   One node only (the internode path sizes its buffers from the hints) */
+  size_t ll_region_bytes;      /* low-latency buffer in bytes (DeepEP's num_rdma_bytes in low-latency mode); 0 = sized
+                                  from the hints (ep_ll_buffer_size_hint). Else the LL buffer is this many bytes
+                                  (at least what one token of hidden 128 needs), every LL dispatch lays it out for
+                                  its own shape and is refused, naming the bytes that shape needs, when it does not
+                                  fit; the num_experts and hidden hints then bound no LL call (num_experts only sizes
+                                  the handles, with the experts that fit at the hidden hint if more).
+                                  Needs ll_max_tokens_per_rank > 0 (T and max_topk still bound the calls) */
 } ep_group_config_t;
 
 #define EP_GROUP_CONFIG_INIT \
@@ -553,11 +561,16 @@ typedef struct ep_ll_dispatch_args {
                                   with the tokens (4 bytes per (token, expert) pair), so that the handle's combine
                                   can weight and sum on the experts' ranks (ep_ll_combine_args_t.sum_on_expert_ranks);
                                   that combine needs them from every rank that has tokens */
+  int64_t* wait_recv_cost_stats; /* [IN/OUT] optional [num_ranks] int64 device (DeepEP's
+                                  dispatch_wait_recv_cost_stats): the receive phase adds to entry s the GPU clock
+                                  cycles (clock64) it waited for source rank s's tokens. NULL: nothing is measured */
 } ep_ll_dispatch_args_t;
 
-#define EP_LL_DISPATCH_ARGS_INIT \
-  { (uint32_t)sizeof(ep_ll_dispatch_args_t), EP_LL_DISPATCH_ARGS_MAGIC, NULL, 0, 0, NULL, 0, 0, 0, EP_FP8_E4M3, 0, 0, \
-    NULL, NULL, NULL, 0, NULL }
+#define EP_LL_DISPATCH_ARGS_INIT                                                                                      \
+  {                                                                                                                   \
+    (uint32_t)sizeof(ep_ll_dispatch_args_t), EP_LL_DISPATCH_ARGS_MAGIC, NULL, 0, 0, NULL, 0, 0, 0, EP_FP8_E4M3, 0, 0, \
+        NULL, NULL, NULL, 0, NULL, NULL                                                                               \
+  }
 
 /* Send this rank's tokens to the experts they select and (unless return_after_send) receive the tokens routed
  * to this rank's experts, into recv_x / recv_x_scales / recv_count; the handle keeps the routing for the
@@ -604,10 +617,19 @@ typedef struct ep_ll_combine_args {
                                   experts on a rank. out[t] = bf16(sum over the token's ranks, in the order of their
                                   first top-k slot, of that rank's bf16 sum). The same on every rank; needs 3 or
                                   more experts per rank in the group's config (EP_STATUS_INVALID_USAGE otherwise) */
+  int64_t* wait_recv_cost_stats; /* [IN/OUT] optional [num_ranks] int64 device (DeepEP's
+                                  combine_wait_recv_cost_stats): the receive phase adds to entry s the GPU clock
+                                  cycles (clock64) it waited for rank s's rows. NULL: nothing is measured */
+  int use_logfmt;                /* 1: the rows travel as LogFMT-10 (DeepEP's use_logfmt): per 128 channels the bf16
+                                    largest and smallest magnitudes, and 10 bits per value (sign and a step on a log2
+                                    grid between them, nearest in log2): hidden * 10 / 8 + hidden / 32 bytes a row
+                                    instead of 2 * hidden; each value within 2^(step / 2) - 1 of its bf16 (a step is at
+                                    most 32 / 510 octaves). out[t] then sums the decoded values as above. Needs hidden a
+                                    multiple of 128; not with zero_copy or sum_on_expert_ranks */
 } ep_ll_combine_args_t;
 
 #define EP_LL_COMBINE_ARGS_INIT \
-  { (uint32_t)sizeof(ep_ll_combine_args_t), EP_LL_COMBINE_ARGS_MAGIC, NULL, NULL, NULL, 0, 0, 0 }
+  { (uint32_t)sizeof(ep_ll_combine_args_t), EP_LL_COMBINE_ARGS_MAGIC, NULL, NULL, NULL, 0, 0, 0, NULL, 0 }
 
 /* Send each expert output row back to the rank its token came from and (unless return_after_send) sum each
  * token's rows there: out[t] = bf16(sum_k fmaf(w[t][k], y_k, acc)) in top-k order, skipping -1 entries. A token

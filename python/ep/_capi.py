@@ -187,13 +187,14 @@ class GroupConfig(_Args):
         ("num_sms", _int),
         ("max_sms", _int),
         ("timeout_seconds", _dbl),
-        ("normal_region_bytes", ctypes.c_size_t),
+        ("normal_region_bytes", _size),
+        ("ll_region_bytes", _size),
     ]
     _MAGIC = EP_GROUP_CONFIG_MAGIC
     # EP_GROUP_CONFIG_INIT
     _DEFAULTS = dict(ranks_per_node=0, num_experts=256, hidden=7168, max_tokens_per_rank=4096, max_topk=8,
                      ll_max_tokens_per_rank=0, num_sms=0, max_sms=0, timeout_seconds=20.0,
-                     normal_region_bytes=0)
+                     normal_region_bytes=0, ll_region_bytes=0)
 
 
 class GroupInfo(_Checked):
@@ -305,6 +306,7 @@ class LLDispatchArgs(_Args):
         ("recv_count", _ptr),
         ("return_after_send", _int),
         ("topk_weights", _ptr),
+        ("wait_recv_cost_stats", _ptr),
     ]
     _MAGIC = EP_LL_DISPATCH_ARGS_MAGIC
     _DEFAULTS = dict(recv_dtype=EP_FP8_E4M3)
@@ -320,6 +322,8 @@ class LLCombineArgs(_Args):
         ("zero_copy", _int),
         ("return_after_send", _int),
         ("sum_on_expert_ranks", _int),
+        ("wait_recv_cost_stats", _ptr),
+        ("use_logfmt", _int),
     ]
     _MAGIC = EP_LL_COMBINE_ARGS_MAGIC
 

@@ -9,6 +9,7 @@ device, contiguity and shape of tensors, and which LowLatencyHandle object names
 """
 
 import ctypes
+import sys
 
 from . import _capi
 from ._checks import expert_count, flag, int_arg, require_torch, tensor
@@ -20,6 +21,24 @@ def _not_yet(name):
     raise NotImplementedError(
         f"ep.Buffer.{name}: shrink mode (masking failed ranks) is NOT YET SUPPORTED by ep. A peer that stops "
         "responding makes the next call raise EpError(EP_STATUS_TIMEOUT) naming it instead.")
+
+
+def _ll_bounds(buf):
+    """The most experts and the largest hidden an LL call may pass: the Buffer's hints, or, with the LL buffer sized
+    in bytes (ll_region_bytes), the library's limits (the library then refuses a shape its bytes do not hold)."""
+    if buf.ll_region_bytes:
+        return sys.maxsize, buf._limits.max_hidden
+    return buf.num_experts, buf.hidden
+
+
+def _wait_stats(buf, fn, name, stats):
+    """The device address of a wait-cost stats tensor (int64 [num_ranks]), or None."""
+    if stats is None:
+        return None
+    torch = require_torch(fn)
+    tensor(buf.device, fn, name, stats, torch.int64, (buf.group_size,), f"[num_ranks={buf.group_size}]",
+           align16=False)
+    return stats.data_ptr()
 
 
 class RecvHook:
@@ -93,7 +112,8 @@ class LowLatencyPath:
 
         x: bf16 [num_tokens, hidden], num_tokens <= num_max_dispatch_tokens_per_rank (T). topk_idx: int64
           [num_tokens, num_topk], -1 = none. T and num_experts must be the same on every rank; T <= the Buffer's
-          ll_max_tokens_per_rank, num_experts <= its num_experts, hidden <= its hidden.
+          ll_max_tokens_per_rank, num_experts <= its num_experts, hidden <= its hidden (a Buffer sized in bytes,
+          ll_region_bytes: the shape must fit the bytes instead, EpError naming the bytes it needs otherwise).
         recv_x: with use_fp8, (float8_e4m3fn [E_loc, R * T, hidden], scales), the scales float32
           [E_loc, R * T, hidden / 128] (with use_ue8m0, which needs round_scale and hidden % 512 == 0: int32
           [E_loc, R * T, hidden / 512], four UE8M0 bytes each) as a column-major view (the transpose of a
@@ -104,7 +124,8 @@ class LowLatencyPath:
           source token (deterministic). A token that lists an expert twice arrives once.
         handle: a LowLatencyHandle (src_info, layout_range, T, hidden, num_experts when indexed).
         cumulative_local_expert_recv_stats: int32 [E_loc] or None; recv_count is added to it (after the receive
-          phase). dispatch_wait_recv_cost_stats: NOT YET SUPPORTED.
+          phase). dispatch_wait_recv_cost_stats: int64 [num_ranks] or None; the receive phase adds to entry s the
+          GPU clock cycles (clock64) it waited for rank s's tokens (DeepEP's unit), a diagnosis of slow ranks.
         topk_weights (ep's addition): float32 [num_tokens, num_topk] or None. Given, the weights travel with the
           tokens, and the handle's combine may weight and sum on the experts' ranks
           (low_latency_combine(..., sum_on_expert_ranks=True)), which then needs them on every rank with tokens.
@@ -127,9 +148,6 @@ class LowLatencyPath:
         fn = "low_latency_dispatch"
         g = self._ll_alive(fn)
         torch = require_torch(fn)
-        if dispatch_wait_recv_cost_stats is not None:
-            raise NotImplementedError(f"{fn}: dispatch_wait_recv_cost_stats (per-rank wait clocks) is NOT YET "
-                                      "SUPPORTED by ep; pass None")
         use_fp8 = flag(fn, "use_fp8", use_fp8)
         round_scale = flag(fn, "round_scale", round_scale)
         use_ue8m0 = flag(fn, "use_ue8m0", use_ue8m0)
@@ -139,7 +157,8 @@ class LowLatencyPath:
             raise ValueError(f"{fn}: async_finish and return_recv_hook are exclusive (as in DeepEP)")
         T = int_arg(fn, "num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank, 1,
                     self.ll_max_tokens_per_rank, "raise Buffer(ll_max_tokens_per_rank=...)")
-        expert_count(fn, num_experts, self.group_size, self.num_experts)
+        experts_bound, hidden_bound = _ll_bounds(self)
+        expert_count(fn, num_experts, self.group_size, experts_bound)
         tensor(self.device, fn, "x", x, torch.bfloat16, (None, None), f"[num_tokens <= {T}, hidden]")
         n, h = x.shape
         if n > T:
@@ -147,10 +166,10 @@ class LowLatencyPath:
         if use_fp8 and use_ue8m0 and not round_scale:
             raise ValueError(f"{fn}: use_ue8m0=True needs round_scale=True (UE8M0 scales are powers of two)")
         mult = (512 if use_ue8m0 else 128) if use_fp8 else 8
-        if h % mult or h > self.hidden:
+        if h % mult or h > hidden_bound:
             what = "use_ue8m0" if use_fp8 and use_ue8m0 else "FP8" if use_fp8 else "BF16"
             raise ValueError(f"{fn}: x has hidden {h}; with {what} it must be a multiple of {mult}, <= the Buffer's "
-                             f"hidden hint ({self.hidden})")
+                             f"hidden bound ({hidden_bound})")
         tensor(self.device, fn, "topk_idx", topk_idx, torch.int64, (n, None), f"[num_tokens={n}, num_topk]",
                align16=False)
         k = topk_idx.shape[1]
@@ -166,6 +185,7 @@ class LowLatencyPath:
         if stats is not None:
             tensor(self.device, fn, "cumulative_local_expert_recv_stats", stats, torch.int32, (e_loc,),
                    f"[num_local_experts={e_loc}]", align16=False)
+        wait_stats = _wait_stats(self, fn, "dispatch_wait_recv_cost_stats", dispatch_wait_recv_cost_stats)
 
         dev, RT = self._device_str, R * T
         slot = self._ll_next_slot()
@@ -188,7 +208,8 @@ class LowLatencyPath:
             use_ue8m0=int(use_fp8 and use_ue8m0), recv_x=recv_x.data_ptr(),
             recv_x_scales=scales_store.data_ptr() if use_fp8 else None, recv_count=recv_count.data_ptr(),
             return_after_send=int(return_recv_hook),
-            topk_weights=topk_weights.data_ptr() if topk_weights is not None and n else None)
+            topk_weights=topk_weights.data_ptr() if topk_weights is not None and n else None,
+            wait_recv_cost_stats=wait_stats)
         _capi.check(self._lib.ep_ll_dispatch(g, hptr, ctypes.byref(a), stream), g)
         # The send is issued: the library's handle holds this dispatch now, named by its serial.
         handle = LowLatencyHandle(self, slot, _capi.ll_handle_state(hptr).serial, n, k, num_experts, h, T, use_fp8)
@@ -204,7 +225,8 @@ class LowLatencyPath:
                 gg = self._alive(fn + " hook")
                 _capi.check(self._lib.ep_ll_dispatch_recv(gg, hptr, stream), gg)
                 add_stats()
-            hook = RecvHook(fn, recv, (x, topk_idx, topk_weights, recv_x, scales_store, recv_count, stats))
+            hook = RecvHook(fn, recv, (x, topk_idx, topk_weights, recv_x, scales_store, recv_count, stats,
+                                       dispatch_wait_recv_cost_stats))
         else:
             add_stats()
         event = current_stream_event(self.device, async_finish,
@@ -227,7 +249,10 @@ class LowLatencyPath:
         zero_copy: the outputs were written into get_next_low_latency_combine_buffer(handle); x is not read (it
           may be that buffer, or None). out: a bf16 [num_tokens, hidden] tensor to write into, or None.
         async_finish / return_recv_hook: as in low_latency_dispatch (exclusive); combined_x is valid after the
-          hook. use_logfmt and combine_wait_recv_cost_stats: NOT YET SUPPORTED.
+          hook. combine_wait_recv_cost_stats: int64 [num_ranks] or None, as dispatch_wait_recv_cost_stats (the
+          wait for each rank's rows). use_logfmt: the rows travel as LogFMT-10 (DeepEP's byte count, hidden * 10 / 8
+          + hidden / 32 a row; each value within 2^(step / 2) - 1 of its bf16, a step at most 32 / 510 octaves of its
+          128-channel group); not with zero_copy or sum_on_expert_ranks (EpError), as in DeepEP.
         sum_on_expert_ranks (ep's addition; the same on every rank): each rank weights its experts' rows of a token
           with the weights given to the dispatch (low_latency_dispatch(..., topk_weights=...)) and sums them in
           fp32, and one bf16 row per (token, rank) comes back instead of one per (token, expert): fewer bytes when
@@ -239,12 +264,7 @@ class LowLatencyPath:
         fn = "low_latency_combine"
         g = self._ll_alive(fn)
         torch = require_torch(fn)
-        if use_logfmt:
-            raise NotImplementedError(f"{fn}: use_logfmt (10-bit log-format combine payload) is NOT YET SUPPORTED "
-                                      "by ep; pass use_logfmt=False (combine sends bf16)")
-        if combine_wait_recv_cost_stats is not None:
-            raise NotImplementedError(f"{fn}: combine_wait_recv_cost_stats (per-rank wait clocks) is NOT YET "
-                                      "SUPPORTED by ep; pass None")
+        use_logfmt = flag(fn, "use_logfmt", use_logfmt)
         zero_copy = flag(fn, "zero_copy", zero_copy)
         async_finish = flag(fn, "async_finish", async_finish)
         return_recv_hook = flag(fn, "return_recv_hook", return_recv_hook)
@@ -278,19 +298,20 @@ class LowLatencyPath:
             out = torch.empty((n, h), dtype=torch.bfloat16, device=self._device_str)
         else:
             tensor(self.device, fn, "out", out, torch.bfloat16, (n, h), f"[num_tokens={n}, hidden={h}]")
+        wait_stats = _wait_stats(self, fn, "combine_wait_recv_cost_stats", combine_wait_recv_cost_stats)
         stream = self._stream()
         a = _capi.LLCombineArgs.init(
             x=None if zero_copy else x.data_ptr(),
             topk_weights=topk_weights.data_ptr() if n and topk_weights is not None else None,
             out=out.data_ptr() if n else None, zero_copy=int(zero_copy), return_after_send=int(return_recv_hook),
-            sum_on_expert_ranks=int(sum_on_expert_ranks))
+            sum_on_expert_ranks=int(sum_on_expert_ranks), wait_recv_cost_stats=wait_stats, use_logfmt=int(use_logfmt))
         _capi.check(self._lib.ep_ll_combine(g, hptr, ctypes.byref(a), stream), g)
         hook = None
         if return_recv_hook:
             def recv():
                 gg = self._alive(fn + " hook")
                 _capi.check(self._lib.ep_ll_combine_recv(gg, hptr, stream), gg)
-            hook = RecvHook(fn, recv, (x, topk_idx, topk_weights, out))
+            hook = RecvHook(fn, recv, (x, topk_idx, topk_weights, out, combine_wait_recv_cost_stats))
         event = current_stream_event(self.device, async_finish, (x, topk_idx, topk_weights, out))
         return out, event, hook
 
@@ -322,8 +343,9 @@ class LowLatencyPath:
         g = self._ll_alive(fn)
         int_arg(fn, "num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank, 1,
                 self.ll_max_tokens_per_rank, "raise Buffer(ll_max_tokens_per_rank=...)")
-        int_arg(fn, "hidden", hidden, 1, self.hidden, "the Buffer's hidden hint")
-        expert_count(fn, num_experts, self.group_size, self.num_experts)
+        experts_bound, hidden_bound = _ll_bounds(self)
+        int_arg(fn, "hidden", hidden, 1, hidden_bound, "the Buffer's hidden hint")
+        expert_count(fn, num_experts, self.group_size, experts_bound)
         if require_torch(fn).cuda.is_current_stream_capturing():
             raise RuntimeError(f"{fn}: synchronises the device and all ranks, so it cannot be captured in a CUDA "
                                "graph")

@@ -31,11 +31,12 @@ Code written against `deep_ep.Buffer` runs with `import ep as deep_ep`, with the
   `low_latency_dispatch` will pass (DeepEP sizes it from `num_rdma_bytes` instead). The LL handle is a
   `LowLatencyHandle` object; indexing it gives DeepEP's tuple (src_info, layout_range, T, hidden, num_experts).
   `low_latency_combine` uses the routing kept in the handle: its `topk_idx` is checked for shape, not read.
-  Hooks launch the receive phase on the stream that was current at the call, as DeepEP's do. NOT YET
-  SUPPORTED (NotImplementedError): `use_logfmt=True`, `dispatch_wait_recv_cost_stats`,
-  `combine_wait_recv_cost_stats`, and the shrink-mode mask calls. See `low_latency_dispatch` for the
-  two-buffer rule. The handle's src_info / layout_range and the zero-copy combine buffer are views of
-  library-owned memory made with torch.as_tensor over __cuda_array_interface__, which needs NumPy installed.
+  Hooks launch the receive phase on the stream that was current at the call, as DeepEP's do. The wait-cost
+  stats (`dispatch_wait_recv_cost_stats`, `combine_wait_recv_cost_stats`) count clock64 cycles per source rank.
+  `use_logfmt=True` sends the combine's rows as LogFMT-10. NOT YET SUPPORTED (NotImplementedError): the
+  shrink-mode mask calls. See `low_latency_dispatch` for the two-buffer rule. The handle's src_info /
+  layout_range and the zero-copy combine buffer are views of library-owned memory made with torch.as_tensor over
+  __cuda_array_interface__, which needs NumPy installed.
 * Groups of several nodes (`ranks_per_node` < group size) take the internode normal path (docs/internode.md): the
   same calls and return values; combine rounds each node's partial sum to bf16 before the last hop, as DeepEP
   does, so it is within bf16 rounding of the fp32 sum rather than bit-identical to the one-node order.
@@ -163,7 +164,7 @@ class Buffer(NormalPath, LowLatencyPath, metaclass=_BufferType):
     Buffer(group=None, num_nvl_bytes=0, num_rdma_bytes=0, low_latency_mode=False, num_qps_per_rank=24,
            allow_nvlink_for_low_latency_mode=True, allow_mnnvl=False, explicitly_destroy=False, *,
            num_experts=256, hidden=7168, max_tokens_per_rank=None, max_topk=8, ranks_per_node=0,
-           timeout_seconds=20.0, use_fabric=False, enable_shrink=False, ll_max_tokens_per_rank=128, max_sms=0,
+           timeout_seconds=20.0, use_fabric=False, enable_shrink=False, ll_max_tokens_per_rank=None, max_sms=0,
            comm=None)
 
     group: a torch.distributed ProcessGroup (None = the default group); it is used once, to broadcast the
@@ -173,10 +174,12 @@ class Buffer(NormalPath, LowLatencyPath, metaclass=_BufferType):
       as fit, and a dispatch of more runs in rounds (same results); calls take up to POOL_MAX_TOKENS_PER_RANK
       (65536) tokens, a bound of the handle's routing arrays only (about 8 bytes a token and rank). Fewer bytes
       than one token needs raise EpError. Otherwise ignored.
-    num_rdma_bytes: accepted and IGNORED.
-    low_latency_mode: True reserves the low-latency buffer (symmetric memory, get_low_latency_rdma_size_hint()
-      bytes for the shape hints) and two LL handles, so that the low_latency_* methods work; the normal path works
-      either way.
+    low_latency_mode: True reserves the low-latency buffer (symmetric memory) and two LL handles, so that the
+      low_latency_* methods work; the normal path works either way. The buffer is num_rdma_bytes, as DeepEP's
+      (e.g. get_low_latency_rdma_size_hint(T, hidden, R, E)), unless ll_max_tokens_per_rank is given or
+      num_rdma_bytes is 0: then get_low_latency_rdma_size_hint() bytes for the hints. Sized in bytes, each
+      low_latency_dispatch must fit in them (EpError naming the bytes its shape needs), and the num_experts and
+      hidden hints bound no LL call.
     num_qps_per_rank, allow_nvlink_for_low_latency_mode, allow_mnnvl, use_fabric: accepted and ignored.
     enable_shrink: True raises NotImplementedError (shrink mode, masking failed ranks, is NOT YET SUPPORTED).
     explicitly_destroy: False -> the group is destroyed when the Buffer is garbage-collected or at interpreter
@@ -188,8 +191,8 @@ class Buffer(NormalPath, LowLatencyPath, metaclass=_BufferType):
       max_topk up to EP_MAX_TOPK (32).
     ll_max_tokens_per_rank (ep only, keyword, used with low_latency_mode=True): the largest
       num_max_dispatch_tokens_per_rank any low_latency_dispatch will pass, from 1 to the library's
-      EP_LL_MAX_TOKENS_PER_RANK (8192); default 128. The group is created here, so this hint, not the first call,
-      sizes the LL buffer; a larger call raises ValueError.
+      EP_LL_MAX_TOKENS_PER_RANK (8192); default (None) 128. The group is created here, so this hint, not the
+      first call, sizes the LL buffer (with num_rdma_bytes: the handles); a larger call raises ValueError.
     ranks_per_node: ranks per NVLink domain (node), 0 = all; a smaller divisor of the group size makes the
       normal path run internode (on one host: virtual nodes, for testing).
     timeout_seconds: budget of every device-side wait on a peer, up to EP_MAX_TIMEOUT_SECONDS (3600); past it the
@@ -212,7 +215,7 @@ class Buffer(NormalPath, LowLatencyPath, metaclass=_BufferType):
     def __init__(self, group=None, num_nvl_bytes=0, num_rdma_bytes=0, low_latency_mode=False, num_qps_per_rank=24,
                  allow_nvlink_for_low_latency_mode=True, allow_mnnvl=False, explicitly_destroy=False, *,
                  num_experts=256, hidden=7168, max_tokens_per_rank=None, max_topk=8, ranks_per_node=0,
-                 timeout_seconds=20.0, use_fabric=False, enable_shrink=False, ll_max_tokens_per_rank=128, max_sms=0,
+                 timeout_seconds=20.0, use_fabric=False, enable_shrink=False, ll_max_tokens_per_rank=None, max_sms=0,
                  comm=None):
         fn = "Buffer"
         self._group_ptr = None
@@ -233,10 +236,13 @@ class Buffer(NormalPath, LowLatencyPath, metaclass=_BufferType):
             raise ValueError(f"{fn}: timeout_seconds is {timeout_seconds!r}; it must be in "
                              f"(0, {limits.max_timeout_seconds}]")
         for name, v in (("num_nvl_bytes", num_nvl_bytes), ("num_rdma_bytes", num_rdma_bytes)):
-            int_arg(fn, name, v, 0, c_int=False)  # DeepEP's byte counts: taken, not passed to C
+            int_arg(fn, name, v, 0, c_int=False)  # DeepEP's byte counts (size_t in C)
         if enable_shrink:
             raise NotImplementedError(f"{fn}: enable_shrink (masking failed ranks) is NOT YET SUPPORTED")
         low_latency_mode = bool(low_latency_mode)
+        # DeepEP sizes the low-latency buffer in bytes: num_rdma_bytes, unless the ll hint was given.
+        ll_region_bytes = num_rdma_bytes if low_latency_mode and ll_max_tokens_per_rank is None else 0
+        ll_max_tokens_per_rank = 128 if ll_max_tokens_per_rank is None else ll_max_tokens_per_rank
         if low_latency_mode:
             int_arg(fn, "ll_max_tokens_per_rank", ll_max_tokens_per_rank, 1, limits.ll_max_tokens_per_rank,
                     "the largest num_max_dispatch_tokens_per_rank of any low_latency_dispatch")
@@ -291,7 +297,7 @@ class Buffer(NormalPath, LowLatencyPath, metaclass=_BufferType):
                                      max_sms=max_sms,
                                      ll_max_tokens_per_rank=ll_max_tokens_per_rank if low_latency_mode else 0,
                                      timeout_seconds=float(timeout_seconds),
-                                     normal_region_bytes=normal_region_bytes)
+                                     normal_region_bytes=normal_region_bytes, ll_region_bytes=ll_region_bytes)
         g = ctypes.c_void_p()
         _capi.check(lib.ep_group_create(ctypes.byref(g), ctypes.byref(uid), rank, size, self.device,
                                         ctypes.byref(cfg)), None)
@@ -323,6 +329,7 @@ class Buffer(NormalPath, LowLatencyPath, metaclass=_BufferType):
         self.num_nvl_bytes, self.num_rdma_bytes = num_nvl_bytes, num_rdma_bytes
         self.low_latency_mode = low_latency_mode
         self.ll_max_tokens_per_rank = ll_max_tokens_per_rank if low_latency_mode else 0
+        self.ll_region_bytes = ll_region_bytes  # 0: the LL buffer is sized from the hints
         self.explicitly_destroy = explicitly_destroy
         self.num_experts, self.hidden = num_experts, hidden
         self.max_tokens_per_rank, self.max_topk = max_tokens_per_rank, max_topk
@@ -402,8 +409,8 @@ class Buffer(NormalPath, LowLatencyPath, metaclass=_BufferType):
     def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts, *,
                                        max_topk=8):
         """Bytes of symmetric memory the LL buffer takes for this shape (ep_ll_buffer_size_hint: both halves).
-        Informational: ep sizes the buffer itself from the Buffer's hints (num_rdma_bytes is ignored). ep's size
-        also depends on the largest top-k (keyword max_topk, default 8, the Buffer's default). Needs libep.so,
+        Pass it as num_rdma_bytes with low_latency_mode=True, as with DeepEP. ep's size also depends on the
+        largest top-k (keyword max_topk, default 8, the Buffer's default). Needs libep.so,
         not PyTorch."""
         fn = "get_low_latency_rdma_size_hint"
         for name, v in (("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank), ("hidden", hidden),

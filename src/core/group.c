@@ -70,6 +70,7 @@ static ep_status_t check_config(const ep_group_config_t* c, int num_ranks) {
   if (c->ll_max_tokens_per_rank < 0 || c->ll_max_tokens_per_rank > EP_LL_MAX_TOKENS_PER_RANK)
     return ep_fail(NULL, EP_STATUS_INVALID_ARGUMENT, "%s: config.ll_max_tokens_per_rank is %d; it must be in [0, %d]",
                    fn, c->ll_max_tokens_per_rank, EP_LL_MAX_TOKENS_PER_RANK);
+  EP_TRY(ep_ll_check_config(c, num_ranks, fn));
   if (c->num_sms < 0 || c->num_sms > EP_MAX_SMS)
     return ep_fail(NULL, EP_STATUS_INVALID_ARGUMENT, "%s: config.num_sms is %d; it must be in [0, %d]", fn,
                    c->num_sms, EP_MAX_SMS);
@@ -327,7 +328,7 @@ ep_status_t ep_group_create(ep_group_t* group, const ep_unique_id_t* unique_id, 
   g->workspace_bytes = g->normal_offset + g->normal_region.total_bytes;
   if (cfg.ll_max_tokens_per_rank > 0) {
     g->ll_offset = ep_align_up(g->workspace_bytes, 128);
-    g->ll_region = ep_ll_region(num_ranks, cfg.num_experts, cfg.ll_max_tokens_per_rank, cfg.hidden, cfg.max_topk);
+    g->ll_region = ep_ll_group_region(&cfg, num_ranks);
     g->workspace_bytes = g->ll_offset + g->ll_region.total_bytes;
   }
   if (g->num_nodes > 1) { /* one-node groups keep exactly the heap and offsets they had before */

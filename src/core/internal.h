@@ -153,6 +153,10 @@ ep_status_t ep_check_header(ep_group_t group, const char* fn, const char* type_n
 /* Shared by the dispatch calls: num_topk in [1, config.max_topk], num_experts a positive multiple of num_ranks
  * and <= config.num_experts. */
 ep_status_t ep_check_topk_and_experts(ep_group_t group, const char* fn, int num_topk, int num_experts);
+/* The LL region of a config (low_latency.c): its check at create, and the group's layout (config.ll_region_bytes:
+ * the halves and the handles' sizes). */
+ep_status_t ep_ll_check_config(const ep_group_config_t* c, int num_ranks, const char* fn);
+ep_ll_region_t ep_ll_group_region(const ep_group_config_t* c, int num_ranks);
 
 /* The rows a hidden size is for: BF16 rows move in 16-byte words (8 channels), FP8 rows carry a scale per 128
  * channels, UE8M0 scales pack four to an int (512 channels). */
@@ -217,6 +221,8 @@ struct ep_ll_handle {
   unsigned long long serial;   /* which dispatch of the group */
   ep_ll_call_t call;           /* the dispatch's shape and outputs, the pending combine's inputs (x, topk_idx, y and
                                   zero_copy stay NULL / 0: only the call that takes them launches with them) */
+  ep_ll_region_t region;       /* the LL region's layout for the dispatch: the group's, or (config.ll_region_bytes)
+                                  the dispatch's own shape in the group's halves */
 };
 
 #endif /* EP_CORE_INTERNAL_H */

@@ -33,6 +33,38 @@ ep_status_t ep_ll_buffer_size_hint(int max_tokens_per_rank, int hidden, int num_
   return EP_STATUS_SUCCESS;
 }
 
+ep_status_t ep_ll_check_config(const ep_group_config_t* c, int num_ranks, const char* fn) {
+  if (c->ll_region_bytes == 0) return EP_STATUS_SUCCESS;
+  if (c->ll_max_tokens_per_rank == 0)
+    return FAIL_ARG(NULL,
+                    "%s: config.ll_region_bytes is %zu but config.ll_max_tokens_per_rank is 0; set it to the largest "
+                    "max_tokens_per_rank of any ep_ll_dispatch",
+                    fn, c->ll_region_bytes);
+  const size_t least = ep_ll_region(num_ranks, num_ranks, 1, 128, 1).total_bytes;
+  if (c->ll_region_bytes < least)
+    return FAIL_ARG(NULL,
+                    "%s: config.ll_region_bytes is %zu; it must be at least %zu (one token of hidden 128, one expert "
+                    "per rank, top-1, at %d ranks)",
+                    fn, c->ll_region_bytes, least, num_ranks);
+  return EP_STATUS_SUCCESS;
+}
+
+ep_ll_region_t ep_ll_group_region(const ep_group_config_t* c, int num_ranks) {
+  const size_t bytes = c->ll_region_bytes;
+  const int T = c->ll_max_tokens_per_rank, H = c->hidden, K = c->max_topk;
+  if (bytes == 0) return ep_ll_region(num_ranks, c->num_experts, T, H, K);
+  /* The handles hold routing for the experts that fit at the hidden hint, and at least num_experts. */
+  size_t experts = ep_ll_budget_experts(bytes, num_ranks, T, H, K, EP_LL_MAX_EXPERTS);
+  if (experts < (size_t)c->num_experts) experts = (size_t)c->num_experts;
+  ep_ll_region_t l = ep_ll_region(num_ranks, (int)experts, T, H, K);
+  l.half_bytes = ep_ll_budget_half(bytes);
+  l.total_bytes = 2 * l.half_bytes;
+  /* ep_ll_clean zeroes the count, signal and acknowledgement words only: they are at the same offsets in every
+   * call's layout, and a call's dispatch_meta rows are all written before its counts. */
+  l.signal_bytes = l.dispatch_meta;
+  return l;
+}
+
 /* Every LL call on a group: live, and configured with an LL buffer. */
 static ep_status_t enter_ll(ep_group_t group, const char* fn, bool collective) {
   EP_TRY(collective ? ep_enter_collective(group, fn) : ep_enter(group, fn));
@@ -123,7 +155,7 @@ static ep_ll_launch_t base_launch(ep_group_t g, ep_ll_handle_t h) {
   v->ll_base = (char*)g->workspace + g->ll_offset;
   v->peer_workspace = g->peer_bases_dev;
   v->ll_offset = g->ll_offset;
-  v->region = g->ll_region;
+  v->region = h->region;
   v->state = g->ll_state;
   v->timeout_ns = g->timeout_ns;
   v->error = g->error_word_dev;
@@ -145,7 +177,18 @@ static ep_status_t check_dispatch_args(ep_group_t group, const ep_ll_dispatch_ar
   if (a->num_tokens < 0 || a->num_tokens > a->max_tokens_per_rank)
     return FAIL_ARG(group, "%s: num_tokens is %d; it must be in [0, max_tokens_per_rank=%d]", fn, a->num_tokens,
                     a->max_tokens_per_rank);
-  EP_TRY(ep_check_topk_and_experts(group, fn, a->num_topk, a->num_experts));
+  const size_t budget = c->ll_region_bytes;
+  if (!budget) {
+    EP_TRY(ep_check_topk_and_experts(group, fn, a->num_topk, a->num_experts));
+  } else { /* the bytes bound the shape (below); num_experts only by what the handles hold */
+    if (a->num_topk < 1 || a->num_topk > c->max_topk)
+      return FAIL_ARG(group, "%s: num_topk is %d; it must be in [1, config.max_topk=%d]", fn, a->num_topk, c->max_topk);
+    if (a->num_experts <= 0 || a->num_experts % group->num_ranks != 0 || a->num_experts > group->ll_region.num_experts)
+      return FAIL_ARG(group,
+                      "%s: num_experts is %d; it must be a positive multiple of num_ranks (%d) and at most %d (the "
+                      "experts config.ll_region_bytes=%zu holds at config.hidden=%d, or config.num_experts)",
+                      fn, a->num_experts, group->num_ranks, group->ll_region.num_experts, budget, c->hidden);
+  }
   if (a->num_experts >= EP_LL_MAX_EXPERTS)
     return FAIL_ARG(group, "%s: num_experts is %d; the low-latency path takes fewer than %d", fn, a->num_experts,
                     EP_LL_MAX_EXPERTS);
@@ -163,7 +206,21 @@ static ep_status_t check_dispatch_args(ep_group_t group, const ep_ll_dispatch_ar
   if (!fp8 && a->round_scale)
     return FAIL_ARG(group, "%s: round_scale is 1 but recv_dtype is EP_BF16 (no scales)", fn);
   const ep_row_format_t rows = a->use_ue8m0 ? EP_ROWS_FP8_UE8M0 : fp8 ? EP_ROWS_FP8 : EP_ROWS_BF16;
-  EP_TRY(ep_check_hidden(group, fn, "hidden", a->hidden, rows));
+  if (!budget) {
+    EP_TRY(ep_check_hidden(group, fn, "hidden", a->hidden, rows));
+  } else { /* no hidden hint: the library's bound, then the bytes */
+    const ep_status_t st = ep_check_hidden(NULL, fn, "hidden", a->hidden, rows);
+    if (st != EP_STATUS_SUCCESS) return ep_fail(group, st, "%s", ep_last_error(NULL));
+    /* Laid out with config.max_topk, not the call's num_topk: ranks may pass different top-k, never layouts. */
+    const ep_ll_region_t need =
+        ep_ll_region(group->num_ranks, a->num_experts, a->max_tokens_per_rank, a->hidden, c->max_topk);
+    if (need.half_bytes > ep_ll_budget_half(budget))
+      return FAIL_ARG(group,
+                      "%s: max_tokens_per_rank=%d, hidden=%d and num_experts=%d (config.max_topk=%d) need %zu bytes "
+                      "of LL buffer at %d ranks; config.ll_region_bytes is %zu",
+                      fn, a->max_tokens_per_rank, a->hidden, a->num_experts, c->max_topk, need.total_bytes,
+                      group->num_ranks, budget);
+  }
   if (a->num_tokens > 0 && !a->x) return FAIL_ARG(group, "%s: x is NULL with num_tokens=%d", fn, a->num_tokens);
   if (ep_misaligned16(a->x)) return FAIL_ARG(group, "%s: x (%p) is not 16-byte aligned", fn, a->x);
   if (a->num_tokens > 0 && !a->topk_idx)
@@ -178,6 +235,7 @@ static ep_status_t check_dispatch_args(ep_group_t group, const ep_ll_dispatch_ar
                    {"recv_count", a->recv_count, 4});
   if (a->return_after_send != 0 && a->return_after_send != 1)
     return FAIL_ARG(group, "%s: return_after_send is %d; it must be 0 or 1", fn, a->return_after_send);
+  EP_CHECK_ALIGNED(group, fn, {"wait_recv_cost_stats", a->wait_recv_cost_stats, 8});
   return EP_STATUS_SUCCESS;
 }
 
@@ -202,6 +260,10 @@ ep_status_t ep_ll_dispatch(ep_group_t group, ep_ll_handle_t handle, const ep_ll_
   EP_CUDA_TRY(group, cudaSetDevice(group->cuda_device));
 
   const ep_ll_dispatch_args_t* a = args;
+  const size_t budget = group->config.ll_region_bytes;
+  handle->region = budget ? ep_ll_region_in(budget, group->num_ranks, a->num_experts, a->max_tokens_per_rank, a->hidden,
+                                            group->config.max_topk)
+                          : group->ll_region;
   handle->half = half;
   handle->serial = group->ll_dispatches + 1;
   ep_ll_call_t* c = &handle->call;
@@ -219,6 +281,7 @@ ep_status_t ep_ll_dispatch(ep_group_t group, ep_ll_handle_t handle, const ep_ll_
   c->recv_scales = a->recv_x_scales;
   c->recv_count = a->recv_count;
   c->dispatch_weights = a->num_tokens > 0 ? a->topk_weights : NULL;
+  c->wait_stats = (long long*)a->wait_recv_cost_stats;
   ep_ll_launch_t p = base_launch(group, handle);
   p.call.x = a->x;
   p.call.topk_idx = a->topk_idx;
@@ -299,7 +362,7 @@ ep_status_t ep_ll_get_combine_buffer(ep_group_t group, ep_ll_handle_t handle, vo
     return ep_fail(group, EP_STATUS_INVALID_USAGE,
                    "%s: the handle's buffer half %d was taken by a later dispatch (two-buffer rule)", fn,
                    handle->half);
-  const ep_ll_region_t* L = &group->ll_region;
+  const ep_ll_region_t* L = &handle->region;
   *buffer = (char*)group->workspace + group->ll_offset + (size_t)handle->half * L->half_bytes + L->combine_stage;
   return EP_STATUS_SUCCESS;
 }
@@ -325,15 +388,25 @@ ep_status_t ep_ll_combine(ep_group_t group, ep_ll_handle_t handle, const ep_ll_c
                    "%s: the handle's previous combine waits for its receive phase; call ep_ll_combine_recv first", fn);
   if (a->sum_on_expert_ranks != 0 && a->sum_on_expert_ranks != 1)
     return FAIL_ARG(group, "%s: sum_on_expert_ranks is %d; it must be 0 or 1", fn, a->sum_on_expert_ranks);
+  if (a->use_logfmt != 0 && a->use_logfmt != 1)
+    return FAIL_ARG(group, "%s: use_logfmt is %d; it must be 0 or 1", fn, a->use_logfmt);
+  if (a->use_logfmt && (a->zero_copy || a->sum_on_expert_ranks))
+    return FAIL_ARG(group,
+                    "%s: use_logfmt=1 encodes the rows as it sends them, which zero_copy (the rows are already in "
+                    "the buffer, bf16) and sum_on_expert_ranks do not allow (got zero_copy=%d, sum_on_expert_ranks=%d)",
+                    fn, a->zero_copy, a->sum_on_expert_ranks);
+  if (a->use_logfmt && handle->call.hidden % 128 != 0)
+    return FAIL_ARG(group, "%s: use_logfmt=1 needs hidden a multiple of 128 (its groups); the dispatch had %d", fn,
+                    handle->call.hidden);
   if (a->sum_on_expert_ranks) {
     if (a->topk_weights)
       return FAIL_ARG(group, "%s: topk_weights is given with sum_on_expert_ranks=1, which uses the dispatch's weights "
                       "(pass NULL)", fn);
-    if (!ep_ll_sums_fit(&group->ll_region))
+    if (!ep_ll_sums_fit(&handle->region))
       return ep_fail(group, EP_STATUS_INVALID_USAGE,
                      "%s: sum_on_expert_ranks=1 needs room for the sums after the dispatch's messages in the LL "
                      "buffer, which config.num_experts / num_ranks = %d experts per rank do not leave (3 or more do)",
-                     fn, group->ll_region.num_local_experts);
+                     fn, handle->region.num_local_experts);
     if (handle->call.num_tokens > 0 && !handle->call.dispatch_weights)
       return ep_fail(group, EP_STATUS_INVALID_USAGE,
                      "%s: sum_on_expert_ranks=1 needs the weights on the experts' ranks, but the handle's dispatch "
@@ -345,7 +418,8 @@ ep_status_t ep_ll_combine(ep_group_t group, ep_ll_handle_t handle, const ep_ll_c
   if (handle->call.num_tokens > 0 && !a->out)
     return FAIL_ARG(group, "%s: out is NULL with num_tokens=%d", fn, handle->call.num_tokens);
   if (ep_misaligned16(a->out)) return FAIL_ARG(group, "%s: out (%p) is not 16-byte aligned", fn, a->out);
-  EP_CHECK_ALIGNED(group, fn, {"topk_weights", a->topk_weights, 4});
+  EP_CHECK_ALIGNED(group, fn, {"topk_weights", a->topk_weights, 4},
+                   {"wait_recv_cost_stats", a->wait_recv_cost_stats, 8});
   if (group->ll_half_pending[handle->half])
     return ep_fail(group, EP_STATUS_INVALID_USAGE,
                    "%s: buffer half %d still waits for the receive phase of an earlier call", fn, handle->half);
@@ -354,6 +428,8 @@ ep_status_t ep_ll_combine(ep_group_t group, ep_ll_handle_t handle, const ep_ll_c
   handle->call.topk_weights = a->topk_weights;
   handle->call.sum_on_expert_ranks = a->sum_on_expert_ranks;
   handle->call.out = a->out;
+  handle->call.wait_stats = (long long*)a->wait_recv_cost_stats;
+  handle->call.logfmt = a->use_logfmt;
   ep_ll_launch_t p = base_launch(group, handle);
   p.call.y = a->x;
   p.call.zero_copy = a->zero_copy;

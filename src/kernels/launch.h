@@ -178,6 +178,8 @@ typedef struct ep_ll_call {
   void* out;
   int sum_on_expert_ranks;        /* combine: each token's rows are weighted and summed on their rank, with the
                                      dispatch's weights */
+  long long* wait_stats;          /* [R] or NULL: the receive phase adds its clock64 cycles of waiting per source */
+  int logfmt;                     /* combine: rows travel as LogFMT-10 (ll_logfmt.h) */
 } ep_ll_call_t;
 
 typedef struct ep_ll_launch {

@@ -5,6 +5,7 @@
 #define EP_KERNELS_LL_COMBINE_CUH
 
 #include "kernels/ll_common.cuh"
+#include "kernels/ll_logfmt.h"
 
 namespace ep {
 namespace ll {
@@ -92,7 +93,55 @@ __device__ __forceinline__ void sum_words(int4* dst, const char* y, size_t row_b
   }
 }
 
+// LogFMT-10 (ll_logfmt.h): groups [g0, g1) of a bf16 row of H channels, encoded into the row `dst`. A warp takes a
+// group at a time, 4 channels per lane, kGroupBatch groups' loads in flight; the group's largest and smallest normal
+// magnitudes are two warp reductions of bf16 bits (magnitudes order as integers).
+constexpr int kGroupBatch = 4;
+
+__device__ __forceinline__ void encode_groups(char* dst, const char* src, int H, int g0, int g1, int lane) {
+  const int G = H / 128;
+  for (int base = g0; base < g1; base += kGroupBatch) {
+    int2 raw[kGroupBatch];
+#pragma unroll
+    for (int b = 0; b < kGroupBatch; ++b)
+      if (base + b < g1) raw[b] = ld_nc_v2(src + ((size_t)(base + b) * 128 + lane * 4) * 2);
+#pragma unroll
+    for (int b = 0; b < kGroupBatch; ++b) {
+      const int g = base + b;
+      if (g >= g1) break;
+      const uint32_t v[4] = {(uint32_t)raw[b].x & 0xffffu, (uint32_t)raw[b].x >> 16, (uint32_t)raw[b].y & 0xffffu,
+                             (uint32_t)raw[b].y >> 16};
+      uint32_t hi = 0, lo = 0x7f80u;
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const uint32_t a = v[q] & 0x7fffu;
+        hi = max(hi, a);
+        if (a >= 0x0080u) lo = min(lo, a);
+      }
+      hi = __reduce_max_sync(0xffffffffu, hi);
+      lo = __reduce_min_sync(0xffffffffu, lo);
+      const uint32_t meta = hi | (lo == 0x7f80u ? 0u : lo) << 16;
+      float lb, step;
+      ep_logfmt_grid(meta, &lb, &step);
+      const float inv = 1.0f / step;
+      uint32_t low = 0, high = 0;
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const uint32_t f = ep_logfmt_field(v[q], lb, step, inv);
+        low |= (f & 255u) << (8 * q);
+        high |= (f >> 8) << (2 * q);
+      }
+      char* block = dst + (size_t)G * 4 + (size_t)g * 160;
+      *reinterpret_cast<uint32_t*>(block + lane * 4) = low;
+      block[128 + lane] = (char)high;
+      if (lane == 0) *reinterpret_cast<uint32_t*>(dst + (size_t)g * 4) = meta;
+    }
+  }
+}
+
 // The rows form's units. s_range [E_loc][R], s_first [E_loc + 1] (filled by the caller). Returns its parts per row.
+// With kLogfmt a unit's part is a run of 128-channel groups, encoded on the way (ll_logfmt.h).
+template <bool kLogfmt>
 __device__ __forceinline__ int send_rows(const ep_ll_launch_t& p, Grid grid, const int2* s_range, const int* s_first,
                                          int* s_units) {
   const ep_ll_region_t& L = p.group.region;
@@ -100,6 +149,7 @@ __device__ __forceinline__ int send_rows(const ep_ll_launch_t& p, Grid grid, con
   const int me = p.group.rank, R = p.group.num_ranks, E_loc = p.call.num_experts / R;
   const size_t RT = (size_t)R * p.call.max_tokens, row_bytes = (size_t)p.call.hidden * 2;
   const int row_words = p.call.hidden * 2 / 16;
+  const int row_parts = kLogfmt ? p.call.hidden / 128 : row_words;  // what a unit's parts split
   const size_t half = half_offset(p);
   char* stage = p.group.ll_base + half + L.combine_stage;  // [E_loc][RT][H] bf16: the zero-copy buffer
   const int total = s_first[E_loc];
@@ -122,16 +172,22 @@ __device__ __forceinline__ int send_rows(const ep_ll_launch_t& p, Grid grid, con
     const size_t offset = half + L.recv + ((size_t)(me * E_loc + le) * L.max_tokens + j) * L.row_bytes;
     char* peer = nvlink_peer(p, s);
     if (peer) {
-      const int2 w = part_range(part, parts, row_words);  // row_words <= 8192
-      copy_words(reinterpret_cast<int4*>(peer + offset), reinterpret_cast<const int4*>(src), w.x, w.y, lane);
+      const int2 w = part_range(part, parts, row_parts);  // row_parts <= 8192
+      if constexpr (kLogfmt) encode_groups(peer + offset, src, p.call.hidden, w.x, w.y, lane);
+      else copy_words(reinterpret_cast<int4*>(peer + offset), reinterpret_cast<const int4*>(src), w.x, w.y, lane);
       if (lane == 0) atomicAdd(&s_units[s], 1);
     } else if (part == 0) {
-      if (!p.call.zero_copy) {
+      size_t bytes = row_bytes;
+      if constexpr (kLogfmt) {  // encoded into the row's place in the stage (no zero-copy with LogFMT)
+        encode_groups(stage + src_off, src, p.call.hidden, 0, row_parts, lane);
+        bytes = ep_align_up(ep_logfmt_row_bytes(p.call.hidden), 16);
+        __syncwarp();
+      } else if (!p.call.zero_copy) {
         warp_copy<false, kCopyBatch>(stage + src_off, src, 0, row_words, lane);
         __syncwarp();
       }
       uint64_t* signal = reinterpret_cast<uint64_t*>(p.group.ll_base + half + L.combine_signal + (size_t)me * 8);
-      tp::put_signal_warp(p.group.ll_base + offset, stage + src_off, row_bytes, signal, 1, /*add=*/true, s);
+      tp::put_signal_warp(p.group.ll_base + offset, stage + src_off, bytes, signal, 1, /*add=*/true, s);
     }
   }
   return parts;
@@ -182,10 +238,11 @@ __device__ __forceinline__ int send_sums(const ep_ll_launch_t& p, Grid grid, con
   return parts;
 }
 
-// One block's send phase of call `op`, in the sums form if kSums. False if the block gave up (an acknowledgement
-// timed out; the fault is recorded): the caller then stops, with no receive phase.
-template <bool kSums>
+// One block's send phase of call `op`, in the form of kCall (rows, sums, LogFMT rows). False if the block gave up
+// (an acknowledgement timed out; the fault is recorded): the caller then stops, with no receive phase.
+template <Call kCall>
 __device__ __forceinline__ bool combine_send(const ep_ll_launch_t& p, Grid grid, uint64_t op) {
+  constexpr bool kSums = kCall == Call::kCombineSums;
   extern __shared__ int s_dyn[];
   const ep_ll_region_t& L = p.group.region;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -237,7 +294,7 @@ __device__ __forceinline__ bool combine_send(const ep_ll_launch_t& p, Grid grid,
 
   int parts;
   if constexpr (kSums) parts = send_sums(p, grid, s_range, s_moff, s_units);
-  else parts = send_rows(p, grid, s_range, s_first, s_units);
+  else parts = send_rows<kCall == Call::kCombineLogfmt>(p, grid, s_range, s_first, s_units);
   // The block's stores come before its counts through the barrier: each count is a release add after it (cumulative
   // over what the barrier ordered); the puts to other nodes count themselves.
   __syncthreads();
@@ -267,10 +324,28 @@ __device__ __forceinline__ bool combine_send(const ep_ll_launch_t& p, Grid grid,
 // and weight 1 (an exact add).
 // The last block zeroes the signals, acknowledges the call and advances the half's call number (finish_recv).
 // ---------------------------------------------------------------------------------------------------------------
-// One block's receive phase, up to finish_recv, in the sums form if kSums. False if the block gave up (rows never
-// came; the fault is recorded): the caller then stops, without arriving.
-template <bool kSums>
+// The 8 values of channels [c, c + 8) of a LogFMT row (c % 8 == 0), weighted by w, into acc (fmaf each).
+__device__ __forceinline__ void fma_logfmt8(float (&acc)[8], float w, const char* row, int H, int c) {
+  const int G = H / 128, g = c / 128, j = c % 128;
+  const uint32_t meta = *reinterpret_cast<const uint32_t*>(row + (size_t)g * 4);
+  const char* block = row + (size_t)G * 4 + (size_t)g * 160;
+  const uint32_t low[2] = {*reinterpret_cast<const uint32_t*>(block + j),
+                           *reinterpret_cast<const uint32_t*>(block + j + 4)};
+  const uint32_t high = *reinterpret_cast<const uint16_t*>(block + 128 + j / 4);
+  float lb, step;
+  ep_logfmt_grid(meta, &lb, &step);
+#pragma unroll
+  for (int q = 0; q < 8; ++q) {
+    const uint32_t field = (low[q / 4] >> (8 * (q % 4)) & 255u) | (high >> (2 * q) & 3u) << 8;
+    acc[q] = fmaf(w, ep_logfmt_value(field, lb, step), acc[q]);
+  }
+}
+
+// One block's receive phase, up to finish_recv, in the form of kCall. False if the block gave up (rows never came;
+// the fault is recorded): the caller then stops, without arriving.
+template <Call kCall>
 __device__ __forceinline__ bool combine_recv(const ep_ll_launch_t& p, Grid grid) {
+  constexpr bool kSums = kCall == Call::kCombineSums;
   const ep_ll_region_t& L = p.group.region;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int me = p.group.rank, R = p.group.num_ranks, K = p.call.num_topk, H = p.call.hidden;
@@ -292,9 +367,12 @@ __device__ __forceinline__ bool combine_recv(const ep_ll_launch_t& p, Grid grid)
     pre_w = kSums ? 1.0f : p.call.topk_weights[(size_t)t * K + lane];
   }
   bool ok = true;
-  for (int r = tid; ok && r < R; r += blockDim.x)
+  const long long t0 = wait_stats_start(p, grid);
+  for (int r = tid; ok && r < R; r += blockDim.x) {
     ok = wait_until([&] { return count_complete(ld_acquire_sys_u64(signals + r)); }, p.group.timeout_ns, p.group.error,
                     me, r, EP_SITE_LL_COMBINE_RECV);
+    if (ok) wait_stats_add(p, grid, r, t0);
+  }
   if (__syncthreads_or(!ok)) return false;
   LL_PROF_STAMP(kProfCombineRecv, grid, 1);
 
@@ -309,21 +387,30 @@ __device__ __forceinline__ bool combine_recv(const ep_ll_launch_t& p, Grid grid)
       my_w = kSums ? 1.0f : p.call.topk_weights[(size_t)t * K + lane];
     }
     float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    for (int k0 = 0; k0 < K; k0 += 8) {
-      int4 v[8];
-      int slot[8];
-      float w[8];
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const int k = k0 + i;
+    if constexpr (kCall == Call::kCombineLogfmt) {
+      for (int k = 0; k < K; ++k) {  // in top-k order; decoding is the work, not the loads
         const int sl = __shfl_sync(0xffffffffu, my_slot, k & 31);
-        w[i] = __shfl_sync(0xffffffffu, my_w, k & 31);
-        slot[i] = (k < K && active) ? sl : -1;
-        if (slot[i] >= 0) v[i] = ld_nc_na(reinterpret_cast<const int4*>(rows + (size_t)slot[i] * L.row_bytes + c * 2));
+        const float w = __shfl_sync(0xffffffffu, my_w, k & 31);
+        if (sl >= 0 && active) fma_logfmt8(acc, w, rows + (size_t)sl * L.row_bytes, H, c);
       }
+    } else {
+      for (int k0 = 0; k0 < K; k0 += 8) {
+        int4 v[8];
+        int slot[8];
+        float w[8];
 #pragma unroll
-      for (int i = 0; i < 8; ++i)
-        if (slot[i] >= 0) fma_bf16x8(acc, w[i], v[i]);
+        for (int i = 0; i < 8; ++i) {
+          const int k = k0 + i;
+          const int sl = __shfl_sync(0xffffffffu, my_slot, k & 31);
+          w[i] = __shfl_sync(0xffffffffu, my_w, k & 31);
+          slot[i] = (k < K && active) ? sl : -1;
+          if (slot[i] >= 0)
+            v[i] = ld_nc_na(reinterpret_cast<const int4*>(rows + (size_t)slot[i] * L.row_bytes + c * 2));
+        }
+#pragma unroll
+        for (int i = 0; i < 8; ++i)
+          if (slot[i] >= 0) fma_bf16x8(acc, w[i], v[i]);
+      }
     }
     if (active) *reinterpret_cast<int4*>((char*)p.call.out + ((size_t)t * H + c) * 2) = pack_bf16x8(acc);
   }

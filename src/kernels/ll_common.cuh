@@ -32,8 +32,8 @@ __device__ __forceinline__ Grid kernel_grid() { return Grid{(int)blockIdx.x, (in
 // Which call a kernel runs (the kernels are templates over it). The combine with sums on the experts' ranks is a
 // kernel of its own, so that the default combine kernel does not carry its code: the fused dispatch and combine
 // kernels run one after the other on every SM and share its instruction cache (one rank, H200: +0.5 us of dispatch
-// kernel time while both forms were one kernel; docs/low-latency.md section 6).
-enum class Call { kDispatch, kCombine, kCombineSums };
+// kernel time while both forms were one kernel; docs/low-latency.md section 6). The LogFMT combine likewise.
+enum class Call { kDispatch, kCombine, kCombineSums, kCombineLogfmt };
 
 // ---------------------------------------------------------------------------------------------------------------
 // Profiling (off by default; build with EP_LL_PROFILE=1; kernels/profile.cuh). Thread 0 of block 0 and of the last
@@ -153,6 +153,17 @@ __device__ __forceinline__ bool poll_acks(const ep_ll_launch_t& p, uint64_t op, 
     ok = wait_until([&] { return ld_acquire_sys_u64(acks + r) + 1 >= op; }, p.group.timeout_ns, p.group.error,
                     p.group.rank, r, site);
   return ok;
+}
+
+// Wait-cost stats (p.call.wait_stats, DeepEP's dispatch / combine_wait_recv_cost_stats): block 0 of a receive phase
+// adds, per source rank, the clock64 cycles from the start of its waits to the arrival of that rank's data. Every
+// block waits for every rank; one block counting keeps one sample per (call, rank), and one thread per rank adds (no
+// atomics). Nothing runs without the array.
+__device__ __forceinline__ long long wait_stats_start(const ep_ll_launch_t& p, Grid grid) {
+  return p.call.wait_stats && grid.block == 0 ? clock64() : 0;
+}
+__device__ __forceinline__ void wait_stats_add(const ep_ll_launch_t& p, Grid grid, int r, long long t0) {
+  if (p.call.wait_stats && grid.block == 0) p.call.wait_stats[r] += clock64() - t0;
 }
 
 // Is expert index e valid? (bad ones were reported where the token is sent and count as -1)

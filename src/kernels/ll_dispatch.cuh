@@ -425,11 +425,13 @@ __device__ __forceinline__ bool dispatch_recv(const ep_ll_launch_t& p, Grid grid
   // Warp 0 waits for every source's final count and scans the message offsets; no block barrier in between.
   if (warp == 0) {
     bool ok = true;
+    const long long t0 = wait_stats_start(p, grid);
     for (int s = lane; ok && s < R; s += 32) {
       uint64_t v = 0;
       ok = wait_until([&] { return count_complete(v = ld_acquire_sys_u64(counts + s)); }, p.group.timeout_ns,
                       p.group.error, me, s, EP_SITE_LL_DISPATCH_RECV);
       if (ok) s_moff[s + 1] = (int)(v >> 32) - 2;  // n = messages + 1 puts; hi = n + 1
+      if (ok) wait_stats_add(p, grid, s, t0);
     }
     const bool failed = __any_sync(0xffffffffu, !ok);
     if (lane == 0) s_failed = failed;

@@ -99,6 +99,38 @@ static inline EP_HD ep_ll_region_t ep_ll_region(int num_ranks, int num_experts, 
   return l;
 }
 
+/* A group sized in bytes (config.ll_region_bytes): each half is bytes / 2, 128-aligned down, whatever the shape. A
+ * dispatch lays its half out for its own shape (T, H, E of the call, K = config.max_topk); the words of the signal
+ * protocol sit at the same offsets in every layout (they depend on R only), so shapes may change from call to call.
+ * Returns the call's layout with the group's halves, or its own halves (which the bytes then do not hold) if it does
+ * not fit. */
+static inline EP_HD size_t ep_ll_budget_half(size_t bytes) { return bytes / 2 / 128 * 128; }
+
+static inline EP_HD ep_ll_region_t ep_ll_region_in(size_t bytes, int num_ranks, int num_experts, int max_tokens,
+                                                   int hidden, int max_topk) {
+  ep_ll_region_t l = ep_ll_region(num_ranks, num_experts, max_tokens, hidden, max_topk);
+  if (l.half_bytes <= ep_ll_budget_half(bytes)) {
+    l.half_bytes = ep_ll_budget_half(bytes);
+    l.total_bytes = 2 * l.half_bytes;
+  }
+  return l;
+}
+
+/* The most experts (a multiple of num_ranks, below max_experts) whose shape (T, H, K) fits in `bytes`, or 0: what
+ * a group sized in bytes sizes its handles' routing arrays for. */
+static inline size_t ep_ll_budget_experts(size_t bytes, int num_ranks, int max_tokens, int hidden, int max_topk,
+                                          int max_experts) {
+  size_t lo = 0, hi = (size_t)(max_experts - 1) / (size_t)num_ranks; /* experts per rank */
+  while (lo < hi) {
+    const size_t mid = (lo + hi + 1) / 2;
+    if (ep_ll_region(num_ranks, (int)mid * num_ranks, max_tokens, hidden, max_topk).half_bytes <=
+        ep_ll_budget_half(bytes))
+      lo = mid;
+    else hi = mid - 1;
+  }
+  return lo * (size_t)num_ranks;
+}
+
 /* A combine with sums on the experts' ranks: where its rows land, after the dispatch's messages (inside one half). */
 static inline EP_HD size_t ep_ll_recv_sums(const ep_ll_region_t* l) {
   return l->recv + (size_t)l->num_ranks * l->max_tokens * l->msg_bytes;

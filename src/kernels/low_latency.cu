@@ -39,13 +39,13 @@ static_assert(kSendThreads == kRecvThreads, "a fused kernel runs both phases wit
 template <Call kCall>
 __device__ __forceinline__ bool send_phase(const ep_ll_launch_t& p, Grid grid, uint64_t op) {
   if constexpr (kCall == Call::kDispatch) return dispatch_send(p, grid, op);
-  else return combine_send<kCall == Call::kCombineSums>(p, grid, op);
+  else return combine_send<kCall>(p, grid, op);
 }
 
 template <Call kCall>
 __device__ __forceinline__ bool recv_phase(const ep_ll_launch_t& p, Grid grid) {
   if constexpr (kCall == Call::kDispatch) return dispatch_recv(p, grid);
-  else return combine_recv<kCall == Call::kCombineSums>(p, grid);
+  else return combine_recv<kCall>(p, grid);
 }
 
 template <Call kCall>
@@ -133,12 +133,16 @@ extern "C" cudaError_t ep_launch_ll_dispatch_recv(const ep_ll_launch_t* p, cudaS
 }
 
 extern "C" cudaError_t ep_launch_ll_combine_send(const ep_ll_launch_t* p, cudaStream_t stream) {
+  if (p->call.logfmt)
+    return launch_phase<ep::ll::send_kernel<ep::ll::Call::kCombineLogfmt>>(p, combine_send_shape(p), stream);
   if (p->call.sum_on_expert_ranks)
     return launch_phase<ep::ll::send_kernel<ep::ll::Call::kCombineSums>>(p, combine_send_shape(p), stream);
   return launch_phase<ep::ll::send_kernel<ep::ll::Call::kCombine>>(p, combine_send_shape(p), stream);
 }
 
 extern "C" cudaError_t ep_launch_ll_combine_recv(const ep_ll_launch_t* p, cudaStream_t stream) {
+  if (p->call.logfmt)
+    return launch_phase<ep::ll::recv_kernel<ep::ll::Call::kCombineLogfmt>>(p, combine_recv_shape(p), stream);
   if (p->call.sum_on_expert_ranks)
     return launch_phase<ep::ll::recv_kernel<ep::ll::Call::kCombineSums>>(p, combine_recv_shape(p), stream);
   return launch_phase<ep::ll::recv_kernel<ep::ll::Call::kCombine>>(p, combine_recv_shape(p), stream);
@@ -202,6 +206,9 @@ extern "C" cudaError_t ep_launch_ll_dispatch_fused(const ep_ll_launch_t* p, cuda
 }
 
 extern "C" cudaError_t ep_launch_ll_combine_fused(const ep_ll_launch_t* p, cudaStream_t stream, int* launched) {
+  if (p->call.logfmt)
+    return launch_fused<ep::ll::fused_kernel<ep::ll::Call::kCombineLogfmt>>(p, combine_send_shape(p),
+                                                                            combine_recv_shape(p), stream, launched);
   if (p->call.sum_on_expert_ranks)
     return launch_fused<ep::ll::fused_kernel<ep::ll::Call::kCombineSums>>(p, combine_send_shape(p),
                                                                           combine_recv_shape(p), stream, launched);

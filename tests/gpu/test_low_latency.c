@@ -55,61 +55,68 @@ typedef struct {
   int vary;      /* token counts differ between ranks; the last rank has none */
   int reps;      /* repetitions with fresh data */
   int sums;      /* the dispatch carries the weights and the combine sums on the experts' ranks */
+  int logfmt;    /* the combine's rows travel as LogFMT-10 (use_logfmt) */
 } case_t;
 
 /* clang-format off */
 static const case_t k_cases[] = {
-  /*   T  hidden topk exp  mode      hook zc neg dup vary reps sums */
-    {   1, 2048,   1, 64, FP8,        0,  0,  0,  0,  0,   4,  0},
-    {   1, 7168,   8, 64, BF16,       1,  1,  0,  0,  1,   4,  0},
-    { 128, 7168,   8, 64, FP8,        1,  0, 10,  0,  0,   4,  0},
-    { 128, 7168,   8, 64, BF16,       0,  1,  0,  0,  0,   3,  0},
-    { 128, 2688,  16, 32, FP8,        0,  0, 10,  1,  1,   3,  0},
-    { 128, 2688,   9, 16, BF16,       1,  1, 20,  0,  1,   3,  0},
-    { 128, 7168,  16, 64, UE8M0,      1,  1,  0,  0,  1,   2,  0},
-    { 256, 4096,   9, 64, FP8_POW2,   1,  1,  5,  1,  1,   3,  0},
-    { 256, 2048,  16, 64, UE8M0,      0,  0,  5,  0,  0,   2,  0},
-    {  64, 4096,   8, 64, FP8_POW2,   0,  0, 30,  1,  0,   3,  0},
-    {1024, 2048,   8, 64, FP8,        1,  0, 10,  0,  0,   2,  0},
-    {1024, 4096,   1, 64, BF16,       0,  0,  0,  0,  1,   1,  0},
+  /*   T  hidden topk exp  mode      hook zc neg dup vary reps sums logfmt */
+    {   1, 2048,   1, 64, FP8,        0,  0,  0,  0,  0,   4,  0, 0},
+    {   1, 7168,   8, 64, BF16,       1,  1,  0,  0,  1,   4,  0, 0},
+    { 128, 7168,   8, 64, FP8,        1,  0, 10,  0,  0,   4,  0, 0},
+    { 128, 7168,   8, 64, BF16,       0,  1,  0,  0,  0,   3,  0, 0},
+    { 128, 2688,  16, 32, FP8,        0,  0, 10,  1,  1,   3,  0, 0},
+    { 128, 2688,   9, 16, BF16,       1,  1, 20,  0,  1,   3,  0, 0},
+    { 128, 7168,  16, 64, UE8M0,      1,  1,  0,  0,  1,   2,  0, 0},
+    { 256, 4096,   9, 64, FP8_POW2,   1,  1,  5,  1,  1,   3,  0, 0},
+    { 256, 2048,  16, 64, UE8M0,      0,  0,  5,  0,  0,   2,  0, 0},
+    {  64, 4096,   8, 64, FP8_POW2,   0,  0, 30,  1,  0,   3,  0, 0},
+    {1024, 2048,   8, 64, FP8,        1,  0, 10,  0,  0,   2,  0, 0},
+    {1024, 4096,   1, 64, BF16,       0,  0,  0,  0,  1,   1,  0, 0},
     /* A token crosses the link once per destination rank and carries its (expert, slot) list: every token on
      * every rank with several experts each (top-k = experts), many tokens with no destination at all (top-1, half
      * -1), a BF16 hidden that is a multiple of 8 but not of 16 (the last lane's second word), UE8M0 + zero-copy
      * with all experts of a token on few ranks. */
-    { 128, 2688,  16, 16, FP8,        0,  0,  0,  1,  0,   2,  0},
-    {  64, 2048,   1, 64, FP8,        1,  0, 50,  0,  1,   3,  0},
-    { 128, 2056,   8, 64, BF16,       1,  0, 10,  1,  1,   2,  0},
-    {  32, 4096,   8,  8, UE8M0,      0,  1, 10,  1,  0,   2,  0},
+    { 128, 2688,  16, 16, FP8,        0,  0,  0,  1,  0,   2,  0, 0},
+    {  64, 2048,   1, 64, FP8,        1,  0, 50,  0,  1,   3,  0, 0},
+    { 128, 2056,   8, 64, BF16,       1,  0, 10,  1,  1,   2,  0, 0},
+    {  32, 4096,   8,  8, UE8M0,      0,  1, 10,  1,  0,   2,  0, 0},
     /* Fewer send blocks than ranks (one block per token): a block publishes the counts and dispatch_meta rows of
      * several ranks (rank r by block r % grid), no hook and hook. */
-    {   3, 2048,   8, 64, FP8,        0,  0,  0,  0,  0,   3,  0},
-    {   2, 4096,   9, 16, BF16,       1,  0, 10,  1,  0,   3,  0},
+    {   3, 2048,   8, 64, FP8,        0,  0,  0,  0,  0,   3,  0, 0},
+    {   2, 4096,   9, 16, BF16,       1,  0, 10,  1,  0,   3,  0, 0},
     /* Sums on the experts' ranks: the dispatch carries each (token, expert) weight, each rank sums its experts'
      * rows of a token and one row per (token, rank) goes back. Many experts per rank (top-16 of 16), repeated
      * experts (their weights add), -1 entries, empty ranks, zero-copy, the hook, T = 1 and 1024. */
-    { 128, 7168,   8, 64, FP8,        0,  0, 10,  1,  1,   3, 1},
-    { 128, 2688,  16, 16, BF16,       1,  1, 20,  1,  1,   3, 1},
-    {   1, 2048,   9, 64, FP8,        1,  0,  0,  0,  0,   3, 1},
-    {1024, 4096,   8, 64, UE8M0,      0,  1,  5,  1,  0,   2, 1},
-    {   3, 2048,  16, 16, BF16,       0,  0, 30,  1,  1,   3, 1},
+    { 128, 7168,   8, 64, FP8,        0,  0, 10,  1,  1,   3, 1, 0},
+    { 128, 2688,  16, 16, BF16,       1,  1, 20,  1,  1,   3, 1, 0},
+    {   1, 2048,   9, 64, FP8,        1,  0,  0,  0,  0,   3, 1, 0},
+    {1024, 4096,   8, 64, UE8M0,      0,  1,  5,  1,  0,   2, 1, 0},
+    {   3, 2048,  16, 16, BF16,       0,  0, 30,  1,  1,   3, 1, 0},
     /* Top-k 2..5 and 17..32: the slot-packing factors and the combine rounds the cases above do not reach. */
-    {  64, 2048,   2, 64, BF16,       1,  0, 10,  1,  1,   2, 0},
-    {  32, 4096,   3, 64, FP8,        0,  0,  0,  0,  0,   2, 0},
-    {  16, 4096,   5, 32, UE8M0,      0,  1, 10,  1,  1,   2, 0},
-    {  64, 2048,  17, 64, FP8,        1,  0, 10,  1,  0,   2, 0},
-    {  16, 7168,  32, 64, BF16,       0,  1, 20,  1,  1,   2, 0},
-    {  32, 2048,  24, 32, FP8_POW2,   1,  0,  5,  1,  0,   2, 1},
-    {   8, 2048,  32, 64, BF16,       0,  0,  0,  1,  1,   2, 1},
+    {  64, 2048,   2, 64, BF16,       1,  0, 10,  1,  1,   2, 0, 0},
+    {  32, 4096,   3, 64, FP8,        0,  0,  0,  0,  0,   2, 0, 0},
+    {  16, 4096,   5, 32, UE8M0,      0,  1, 10,  1,  1,   2, 0, 0},
+    {  64, 2048,  17, 64, FP8,        1,  0, 10,  1,  0,   2, 0, 0},
+    {  16, 7168,  32, 64, BF16,       0,  1, 20,  1,  1,   2, 0, 0},
+    {  32, 2048,  24, 32, FP8_POW2,   1,  0,  5,  1,  0,   2, 1, 0},
+    {   8, 2048,  32, 64, BF16,       0,  0,  0,  1,  1,   2, 1, 0},
+    /* LogFMT-10 combine (last column): the reference's encoding and decoding, bit for bit; hook and no hook, -1
+     * entries, repeated experts, empty ranks, a hidden of 3 groups short of 256-channel chunks. */
+    {  64, 7168,   8, 64, FP8,        0,  0, 10,  1,  1,   2, 0, 1},
+    {  32, 2048,   5, 64, BF16,       1,  0,  0,  0,  0,   2, 0, 1},
+    { 128, 4096,   9, 64, FP8_POW2,   0,  0, 10,  1,  0,   2, 0, 1},
+    {  16,  384,   8, 16, BF16,       1,  0, 20,  1,  1,   2, 0, 1},
 };
 #define NUM_CASES ((int)(sizeof(k_cases) / sizeof(k_cases[0])))
 
 /* EP_TEST_LEVEL=full, on a group with ll_max_tokens_per_rank EP_LL_MAX_TOKENS_PER_RANK: T above 1024. */
 static const case_t k_big_t_cases[] = {
-  /*   T  hidden topk exp  mode      hook zc neg dup vary reps sums */
-    {8192,  512,   2, 16, BF16,       0,  0, 10,  1,  1,   1, 0},
-    {4096, 1024,  32, 32, FP8,        1,  0,  5,  1,  0,   1, 0},
-    {2048, 2048,  17, 32, UE8M0,      0,  1, 10,  0,  1,   2, 1},
-    {1536, 2048,   4, 16, FP8_POW2,   1,  1,  0,  1,  0,   2, 0},
+  /*   T  hidden topk exp  mode      hook zc neg dup vary reps sums logfmt */
+    {8192,  512,   2, 16, BF16,       0,  0, 10,  1,  1,   1, 0, 0},
+    {4096, 1024,  32, 32, FP8,        1,  0,  5,  1,  0,   1, 0, 0},
+    {2048, 2048,  17, 32, UE8M0,      0,  1, 10,  0,  1,   2, 1, 0},
+    {1536, 2048,   4, 16, FP8_POW2,   1,  1,  0,  1,  0,   2, 0, 0},
 };
 #define NUM_BIG_T_CASES ((int)(sizeof(k_big_t_cases) / sizeof(k_big_t_cases[0])))
 /* clang-format on */
@@ -379,8 +386,9 @@ static long check_combine(const ctx_t* c, const mb_t* m, const world_t* w) {
   uint16_t* want[MAX_RANKS];
   for (int r = 0; r < c->R; ++r) want[r] = xmalloc((size_t)w->num_tokens[r] * H * 2 + 2);
   long bad = 0;
-  const int rc = w->k.sums ? ep_ref_ll_combine_sums_fn(&w->ref, expert_fn, (void*)&w->seed, want)
-                           : ep_ref_ll_combine_fn(&w->ref, expert_fn, (void*)&w->seed, want);
+  const int rc = w->k.sums     ? ep_ref_ll_combine_sums_fn(&w->ref, expert_fn, (void*)&w->seed, want)
+                 : w->k.logfmt ? ep_ref_ll_combine_logfmt_fn(&w->ref, expert_fn, (void*)&w->seed, want)
+                               : ep_ref_ll_combine_fn(&w->ref, expert_fn, (void*)&w->seed, want);
   if (rc != 0) {
     fprintf(stderr, "rank %d: the reference combine rejected the world\n", c->me);
     bad = 1;
@@ -399,9 +407,10 @@ static void print_case(const ctx_t* c, const char* what, int idx, const world_t*
   const case_t* k = &w->k;
   fprintf(stderr,
           "rank %d: FAILED [%s] %s case %d: T=%d hidden=%d topk=%d experts=%d %s hook=%d zero_copy=%d neg=%d%% dup=%d "
-          "vary=%d sums=%d, world seed 0x%016llx (run seed 0x%016llx)\n",
+          "vary=%d sums=%d logfmt=%d, world seed 0x%016llx (run seed 0x%016llx)\n",
           c->me, c->shape, what, idx, k->T, k->hidden, k->topk, k->experts, k_mode_names[k->mode], k->hook,
-          k->zero_copy, k->neg, k->dup, k->vary, k->sums, (unsigned long long)w->seed, (unsigned long long)c->seed);
+          k->zero_copy, k->neg, k->dup, k->vary, k->sums, k->logfmt, (unsigned long long)w->seed,
+          (unsigned long long)c->seed);
 }
 
 /* Dispatch (send [+ receive]) of one micro-batch. */
@@ -423,6 +432,7 @@ static void do_combine(const ctx_t* c, mb_t* m, const world_t* w, const uint16_t
   a.zero_copy = w->k.zero_copy;
   a.return_after_send = hook;
   a.sum_on_expert_ranks = w->k.sums;
+  a.use_logfmt = w->k.logfmt;
   EP_CHECK(c, ep_ll_combine(c->g, m->h, &a, c->s));
 }
 
@@ -481,7 +491,7 @@ static int run_case(const ctx_t* c, const case_t* k_table, int idx) {
 static int run_graph(const ctx_t* c, int sums) {
   const int before = g_check_failures;
   /* Token counts are kernel arguments, fixed in the graph: every rank has T tokens here. */
-  const case_t k_table = {128, 7168, 8, 64, FP8, 0, 0, 10, 1, 0, 1, sums};
+  const case_t k_table = {128, 7168, 8, 64, FP8, 0, 0, 10, 1, 0, 1, sums, 0};
   const case_t k = for_ranks(&k_table, c->R);
   mb_t m;
   mb_alloc(c, &m, &k);
@@ -533,7 +543,8 @@ static int run_graph(const ctx_t* c, int sums) {
  * with new inputs and expert outputs, then an eager case on the same group. */
 static int run_graph_pair(const ctx_t* c) {
   const int before = g_check_failures;
-  const case_t k_table = {128, 2048, 8, 64, UE8M0, 1, 1, 10, 1, 0, 1, 0}; /* every rank T tokens: fixed in the graph */
+  /* every rank T tokens: fixed in the graph */
+  const case_t k_table = {128, 2048, 8, 64, UE8M0, 1, 1, 10, 1, 0, 1, 0, 0};
   const case_t k = for_ranks(&k_table, c->R);
   mb_t m[2];
   void* y_src[2];
@@ -654,8 +665,8 @@ static void run_shape(const harness_t* h, int ranks_per_node, const char* name, 
   if (scope == SCOPE_ALL) {
     /* Many repetitions with fresh data (small, so they are quick), then a clean and one more round. */
     t0 = now_s();
-    const case_t many = {32, 2048, 8, 64, FP8, 1, 0, 10, 1, 1, 50, 0};
-    const case_t many_sums = {32, 2048, 8, 64, BF16, 0, 1, 10, 1, 1, 20, 1};
+    const case_t many = {32, 2048, 8, 64, FP8, 1, 0, 10, 1, 1, 50, 0, 0};
+    const case_t many_sums = {32, 2048, 8, 64, BF16, 0, 1, 10, 1, 1, 20, 1, 0};
     failed = run_case(&c, &many, 100) + run_case(&c, &many_sums, 102);
     EP_CHECK(&c, ep_ll_clean(c.g, c.s));
     failed += run_case(&c, &k_cases[2], 101);
@@ -688,7 +699,7 @@ static void run_timeout(const harness_t* h) {
   CHECK(st == EP_STATUS_SUCCESS, "create: %s", ep_last_error(NULL));
   if (st != EP_STATUS_SUCCESS) return;
   CUDA_CHECK(cudaStreamCreate(&c.s));
-  const case_t k = {8, 1024, 2, 4 * h->num_ranks, BF16, 0, 0, 0, 0, 0, 1, 0};
+  const case_t k = {8, 1024, 2, 4 * h->num_ranks, BF16, 0, 0, 0, 0, 0, 1, 0, 0};
   world_t w;
   world_make(&w, &k, c.R, 12345);
   mb_t m;
@@ -723,6 +734,150 @@ static void run_timeout(const harness_t* h) {
   ep_group_destroy(c.g);
 }
 
+/* A group sized in bytes (config.ll_region_bytes, DeepEP's num_rdma_bytes): the bytes of one shape, hints far below
+ * the cases' experts and hidden; shapes change from call to call with no clean (each call lays the region out for
+ * itself), with the hook, zero-copy and the sums. Every output is checked against the reference. */
+/* clang-format off */
+static const case_t k_bytes_cases[] = {
+  /* T, hidden, topk, experts, mode, hook, zero_copy, neg, dup, vary, reps, sums, logfmt */
+  {32, 4096, 8, 64, FP8, 0, 0, 10, 1, 0, 2, 0, 0},
+  {64, 2048, 4, 48, BF16, 1, 0, 0, 0, 1, 2, 0, 0},
+  {16, 2560, 8, 64, FP8_POW2, 0, 1, 10, 0, 0, 2, 0, 0},
+  {64, 4096, 8, 64, BF16, 0, 0, 10, 0, 0, 2, 1, 0},
+  {32, 4096, 8, 64, FP8, 1, 0, 10, 1, 0, 2, 0, 0},
+};
+/* clang-format on */
+
+static void run_bytes(const harness_t* h) {
+  ctx_t c;
+  memset(&c, 0, sizeof(c));
+  c.R = h->num_ranks;
+  c.me = h->rank;
+  c.shape = "ll_region_bytes";
+  c.seed = harness_seed(h, "ll_bytes");
+  const int experts = 64 / c.R * c.R > 0 ? 64 / c.R * c.R : c.R;
+  ep_group_config_t cfg = EP_GROUP_CONFIG_INIT;
+  cfg.num_experts = c.R; /* hints below the cases: the bytes bound the calls */
+  cfg.hidden = 1024;
+  cfg.max_tokens_per_rank = 1;
+  cfg.max_topk = 8;
+  cfg.ll_max_tokens_per_rank = 64;
+  CHECK(ep_ll_buffer_size_hint(64, 4096, c.R, experts, 8, &cfg.ll_region_bytes) == EP_STATUS_SUCCESS, "hint: %s",
+        ep_last_error(NULL));
+  ep_status_t st = harness_group_create(h, &cfg, &c.g);
+  CHECK(st == EP_STATUS_SUCCESS, "create: %s", ep_last_error(NULL));
+  if (st != EP_STATUS_SUCCESS) return;
+  CUDA_CHECK(cudaStreamCreate(&c.s));
+  const double t0 = now_s();
+  int failed = 0;
+  const int n = (int)(sizeof(k_bytes_cases) / sizeof(k_bytes_cases[0]));
+  for (int i = 0; i < n; ++i) failed += run_case(&c, &k_bytes_cases[i], 300 + i);
+  printf("rank %d [%s]: %d cases of several shapes in %zu bytes, %d failed (%.1f s)\n", c.me, c.shape, n,
+         cfg.ll_region_bytes, failed, now_s() - t0);
+  cudaStreamDestroy(c.s);
+  ep_group_destroy(c.g);
+}
+
+/* Wait-cost stats (wait_recv_cost_stats of dispatch and combine): [R] int64 with a guard entry after it. Round 0
+ * (hook) and round 1 (one kernel): every entry only grows, the guard stays, the outputs still equal the reference.
+ * Round 1 has the last rank start each call 300 ms late: on every other rank its entry grows the most. */
+static long long stats_get(long long* host, const void* dev, int n) {
+  void* got = download(dev, (size_t)n * 8);
+  memcpy(host, got, (size_t)n * 8);
+  free(got);
+  return host[n - 1];
+}
+
+static void sleep_ms(int ms) {
+  const struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
+  nanosleep(&ts, NULL);
+}
+
+static void run_stats(const harness_t* h) {
+  ctx_t c;
+  memset(&c, 0, sizeof(c));
+  c.R = h->num_ranks;
+  c.me = h->rank;
+  c.shape = "wait-cost stats";
+  c.seed = harness_seed(h, "ll_stats");
+  ep_group_config_t cfg = EP_GROUP_CONFIG_INIT;
+  cfg.num_experts = 4 * h->num_ranks;
+  cfg.hidden = 1024;
+  cfg.max_tokens_per_rank = 1;
+  cfg.max_topk = 4;
+  cfg.ll_max_tokens_per_rank = 16;
+  ep_status_t st = harness_group_create(h, &cfg, &c.g);
+  CHECK(st == EP_STATUS_SUCCESS, "create: %s", ep_last_error(NULL));
+  if (st != EP_STATUS_SUCCESS) return;
+  CUDA_CHECK(cudaStreamCreate(&c.s));
+  const int R = c.R, late = R - 1, guard = 0x5a5a;
+  const case_t k = {16, 1024, 4, 4 * R, FP8, 0, 0, 10, 0, 0, 1, 0, 0};
+  long long init[MAX_RANKS + 1] = {0}, before[2][MAX_RANKS + 1], after[MAX_RANKS + 1];
+  init[R] = guard;
+  void* stats[2] = {dev_alloc((size_t)(R + 1) * 8), dev_alloc((size_t)(R + 1) * 8)}; /* dispatch, combine */
+  for (int i = 0; i < 2; ++i) upload(stats[i], init, (size_t)(R + 1) * 8);
+  const int before_failures = g_check_failures;
+  for (int round = 0; round < 2; ++round) {
+    const int hook = round == 0;
+    world_t w;
+    ep_ref_ll_dispatch_t ref;
+    world_make(&w, &k, R, c.seed ^ (0x51a7ull + (uint64_t)round));
+    CHECK(ep_ref_ll_dispatch(&w.ref, 1, 0, 0, &ref) == 0, "reference dispatch rejected the stats case");
+    mb_t m;
+    mb_alloc(&c, &m, &k);
+    uint16_t* y = expected_y(&c, &m, &w, &ref);
+    mb_load(&c, &m, &w);
+    for (int i = 0; i < 2; ++i) stats_get(before[i], stats[i], R + 1);
+    harness_barrier(h, "ll_stats_dispatch");
+    if (round == 1 && c.me == late) sleep_ms(300);
+    ep_ll_dispatch_args_t a = dispatch_args(&c, &m, &w, hook);
+    a.wait_recv_cost_stats = (int64_t*)stats[0];
+    EP_CHECK(&c, ep_ll_dispatch(c.g, m.h, &a, c.s));
+    if (hook) EP_CHECK(&c, ep_ll_dispatch_recv(c.g, m.h, c.s));
+    CHECK_ASYNC_CLEAN(&c, "stats dispatch");
+    CHECK(check_dispatch(&c, &m, &w, &ref) == 0, "stats dispatch (hook=%d): mismatches", hook);
+    upload(m.y, y, m.y_bytes);
+    harness_barrier(h, "ll_stats_combine");
+    if (round == 1 && c.me == late) sleep_ms(300);
+    ep_ll_combine_args_t ca = EP_LL_COMBINE_ARGS_INIT;
+    ca.x = m.y;
+    ca.topk_weights = m.w;
+    ca.out = m.out;
+    ca.return_after_send = hook;
+    ca.wait_recv_cost_stats = (int64_t*)stats[1];
+    EP_CHECK(&c, ep_ll_combine(c.g, m.h, &ca, c.s));
+    if (hook) EP_CHECK(&c, ep_ll_combine_recv(c.g, m.h, c.s));
+    CHECK_ASYNC_CLEAN(&c, "stats combine");
+    CHECK(check_combine(&c, &m, &w) == 0, "stats combine (hook=%d): mismatches", hook);
+    for (int i = 0; i < 2; ++i) {
+      const char* what = i ? "combine" : "dispatch";
+      CHECK(stats_get(after, stats[i], R + 1) == guard, "%s stats: the entry after [R] was written (%lld)", what,
+            after[R]);
+      long long most = -1;
+      int at = -1;
+      for (int r = 0; r < R; ++r) {
+        const long long grew = after[r] - before[i][r];
+        CHECK(grew >= 0, "%s stats (hook=%d): entry %d went from %lld to %lld", what, hook, r, before[i][r], after[r]);
+        if (grew > most) most = grew, at = r;
+      }
+      if (round == 1 && c.me != late)
+        CHECK(at == late, "%s stats: rank %d started 300 ms late, but entry %d grew the most (%lld cycles)", what, late,
+              at, most);
+      if (round == 1 && c.me == 0)
+        printf("rank 0: %s wait cycles by source, the last rank late: grew %lld at rank %d\n", what, most, at);
+    }
+    free(y);
+    ep_ref_ll_dispatch_free(&ref);
+    world_free(&w);
+    mb_free(&m);
+  }
+  printf("rank %d [%s]: %s\n", c.me, c.shape, g_check_failures == before_failures ? "ok" : "FAILED");
+  cudaFree(stats[0]);
+  cudaFree(stats[1]);
+  cudaStreamDestroy(c.s);
+  ep_group_destroy(c.g);
+}
+
 int main(void) {
   setvbuf(stdout, NULL, _IOLBF, 0);
   harness_t h;
@@ -740,6 +895,8 @@ int main(void) {
   if (R == 8) run_shape(&h, 4, "virtual nodes of 4 ranks", full ? SCOPE_ALL : SCOPE_SMALL);
   if (full && R == 6) run_shape(&h, 3, "virtual nodes of 3 ranks", SCOPE_ALL);
   if (full) run_shape(&h, 0, "one node, T up to 8192", SCOPE_BIG_T);
+  run_stats(&h);
+  run_bytes(&h);
   run_timeout(&h);
   return TEST_RESULT();
 }

@@ -86,6 +86,15 @@ static void test_group_create_args(void) {
   c.ll_max_tokens_per_rank = 9000;
   EXPECT_FAIL(ep_group_create(&g, &id, 0, 4, 0, &c), NULL, EP_STATUS_INVALID_ARGUMENT,
               "ll_max_tokens_per_rank is 9000");
+  c.ll_max_tokens_per_rank = 0;
+  c.ll_region_bytes = (size_t)1 << 30;
+  EXPECT_FAIL(ep_group_create(&g, &id, 0, 4, 0, &c), NULL, EP_STATUS_INVALID_ARGUMENT,
+              "ll_region_bytes is 1073741824 but config.ll_max_tokens_per_rank is 0");
+  c.ll_max_tokens_per_rank = 128;
+  c.ll_region_bytes = 4096;
+  EXPECT_FAIL(ep_group_create(&g, &id, 0, 4, 0, &c), NULL, EP_STATUS_INVALID_ARGUMENT,
+              "ll_region_bytes is 4096; it must be at least");
+  c.ll_region_bytes = 0;
   c = (ep_group_config_t)EP_GROUP_CONFIG_INIT;
   c.num_sms = -1;
   EXPECT_FAIL(ep_group_create(&g, &id, 0, 4, 0, &c), NULL, EP_STATUS_INVALID_ARGUMENT, "num_sms is -1");
@@ -246,6 +255,80 @@ static void test_ll_size_hint(void) {
   printf("LL buffer, T=128 H=7168 E=256 (4 ranks): %zu bytes (DeepEP %zu)\n", bytes, deepep_ll_bytes(128, 7168, 256));
 }
 
+/* A group sized in bytes (config.ll_region_bytes): every shape DeepEP's buffer of the same bytes takes (its
+ * top-k up to 9, E >= 64) fits ep's, whatever the rank count; ep's excess below 64 experts is printed. The calls
+ * are refused with the bytes they need, the hidden hint bounds nothing, and the handles hold the experts that fit
+ * at the hidden hint. */
+static void test_ll_region_bytes(void) {
+  const int tokens[] = {1, 64, 128, 256}, hiddens[] = {2048, 4096, 7168}, experts[] = {8, 16, 32, 64, 256, 288};
+  const int ranks[] = {1, 2, 4, 8, 16, 32};
+  size_t worst_excess = 0;
+  for (size_t a = 0; a < sizeof(tokens) / sizeof(tokens[0]); ++a)
+    for (size_t b = 0; b < sizeof(hiddens) / sizeof(hiddens[0]); ++b)
+      for (size_t e = 0; e < sizeof(experts) / sizeof(experts[0]); ++e)
+        for (size_t r = 0; r < sizeof(ranks) / sizeof(ranks[0]); ++r) {
+          if (experts[e] % ranks[r] != 0) continue;
+          const size_t theirs = deepep_ll_bytes((size_t)tokens[a], (size_t)hiddens[b], (size_t)experts[e]);
+          const ep_ll_region_t l = ep_ll_region_in(theirs, ranks[r], experts[e], tokens[a], hiddens[b], 9);
+          const bool fits = l.total_bytes == 2 * ep_ll_budget_half(theirs);
+          if (experts[e] >= 64)
+            CHECK(fits, "T=%d H=%d E=%d R=%d: DeepEP's %zu bytes do not hold ep's layout", tokens[a], hiddens[b],
+                  experts[e], ranks[r], theirs);
+          const size_t need = ep_ll_region(ranks[r], experts[e], tokens[a], hiddens[b], 9).total_bytes;
+          if (!fits && need - theirs > worst_excess) worst_excess = need - theirs;
+        }
+  printf("LL bytes: below 64 experts ep needs at most %zu bytes more than DeepEP (its send stage)\n", worst_excess);
+
+  const size_t bytes = deepep_ll_bytes(128, 7168, 288); /* DeepEP's test_low_latency.py default */
+  struct ep_group host_group = make_host_group(4);
+  ep_live_add(&host_group, EP_OBJECT_GROUP);
+  host_group.config.ll_max_tokens_per_rank = 128;
+  host_group.config.ll_region_bytes = bytes;
+  CHECK(ep_ll_check_config(&host_group.config, 4, "test") == EP_STATUS_SUCCESS, "DeepEP's bytes: %s",
+        ep_last_error(NULL));
+  host_group.ll_region = ep_ll_group_region(&host_group.config, 4);
+  const ep_ll_region_t* L = &host_group.ll_region;
+  CHECK(L->total_bytes <= bytes && L->total_bytes + 256 > bytes, "the region is the bytes: %zu of %zu", L->total_bytes,
+        bytes);
+  CHECK(L->num_experts >= 288 && L->num_experts % 4 == 0, "the handles hold %d experts (288 fit)", L->num_experts);
+  ep_group_t g = &host_group;
+  struct ep_ll_handle handle;
+  ep_live_add(&handle, EP_OBJECT_LL_HANDLE);
+  memset(&handle, 0, sizeof(handle));
+  handle.group = g;
+  static uint16_t x[64];
+  static int64_t idx[64];
+  static uint8_t recv[64];
+  static float scales[64];
+  static int count[64];
+  ep_ll_dispatch_args_t a = EP_LL_DISPATCH_ARGS_INIT;
+  a.x = x;
+  a.num_tokens = 4;
+  a.hidden = 7168;
+  a.topk_idx = idx;
+  a.num_topk = 8;
+  a.num_experts = 288;
+  a.max_tokens_per_rank = 128;
+  a.recv_x = recv;
+  a.recv_x_scales = scales;
+  a.recv_count = count;
+  a.hidden = 8192; /* above the hidden hint (7168): refused for its bytes only */
+  EXPECT_FAIL(ep_ll_dispatch(g, &handle, &a, 0), g, EP_STATUS_INVALID_ARGUMENT,
+              "max_tokens_per_rank=128, hidden=8192 and num_experts=288 (config.max_topk=8) need");
+  CHECK(strstr(ep_last_error(g), "config.ll_region_bytes is") != NULL, "names the bytes: %s", ep_last_error(g));
+  a.hidden = 7168;
+  a.num_experts = L->num_experts + 4;
+  EXPECT_FAIL(ep_ll_dispatch(g, &handle, &a, 0), g, EP_STATUS_INVALID_ARGUMENT, "the experts config.ll_region_bytes");
+  a.num_experts = 288;
+  a.hidden = 7000;
+  EXPECT_FAIL(ep_ll_dispatch(g, &handle, &a, 0), g, EP_STATUS_INVALID_ARGUMENT, "hidden is 7000");
+  a.hidden = 7168;
+  a.num_topk = 9;
+  EXPECT_FAIL(ep_ll_dispatch(g, &handle, &a, 0), g, EP_STATUS_INVALID_ARGUMENT, "num_topk is 9");
+  ep_live_remove(&handle);
+  ep_live_remove(&host_group);
+}
+
 static void test_ll_args(void) {
   struct ep_group no_ll = make_host_group(4);
   ep_live_add(&no_ll, EP_OBJECT_GROUP); /* calls look their group up */
@@ -339,6 +422,10 @@ static void test_ll_args(void) {
   EXPECT_FAIL(ep_ll_dispatch(g, &handle, &a, 0), g, EP_STATUS_INVALID_ARGUMENT, "recv_count is NULL");
   a = good; a.return_after_send = 3;
   EXPECT_FAIL(ep_ll_dispatch(g, &handle, &a, 0), g, EP_STATUS_INVALID_ARGUMENT, "return_after_send is 3");
+  static int64_t stats[8];
+  a = good;
+  a.wait_recv_cost_stats = (int64_t*)((char*)stats + 4);
+  EXPECT_FAIL(ep_ll_dispatch(g, &handle, &a, 0), g, EP_STATUS_INVALID_ARGUMENT, "wait_recv_cost_stats");
 
   EXPECT_FAIL(ep_ll_dispatch_recv(g, &handle, 0), g, EP_STATUS_INVALID_USAGE, "no dispatch waiting");
   EXPECT_FAIL(ep_ll_combine_recv(g, &handle, 0), g, EP_STATUS_INVALID_USAGE, "no combine waiting");
@@ -374,6 +461,19 @@ static void test_ll_args(void) {
   EXPECT_FAIL(ep_ll_combine(g, &handle, &ca, 0), g, EP_STATUS_INVALID_ARGUMENT, "topk_weights is NULL");
   ca = cgood; ca.out = NULL;
   EXPECT_FAIL(ep_ll_combine(g, &handle, &ca, 0), g, EP_STATUS_INVALID_ARGUMENT, "out is NULL");
+  ca = cgood;
+  ca.wait_recv_cost_stats = (int64_t*)((char*)stats + 4);
+  EXPECT_FAIL(ep_ll_combine(g, &handle, &ca, 0), g, EP_STATUS_INVALID_ARGUMENT, "wait_recv_cost_stats");
+  ca = cgood;
+  ca.use_logfmt = 2;
+  EXPECT_FAIL(ep_ll_combine(g, &handle, &ca, 0), g, EP_STATUS_INVALID_ARGUMENT, "use_logfmt is 2");
+  ca.use_logfmt = 1;
+  ca.zero_copy = 1;
+  EXPECT_FAIL(ep_ll_combine(g, &handle, &ca, 0), g, EP_STATUS_INVALID_ARGUMENT, "zero_copy=1, sum_on_expert_ranks=0");
+  ca.zero_copy = 0;
+  handle.call.hidden = 2056; /* a BF16 dispatch's hidden: not whole 128-channel groups */
+  EXPECT_FAIL(ep_ll_combine(g, &handle, &ca, 0), g, EP_STATUS_INVALID_ARGUMENT, "hidden a multiple of 128");
+  handle.call.hidden = 0;
   /* Sums on the experts' ranks: a flag, no weights of its own, the dispatch's weights, room in the buffer. */
   ca = cgood; ca.sum_on_expert_ranks = 2;
   EXPECT_FAIL(ep_ll_combine(g, &handle, &ca, 0), g, EP_STATUS_INVALID_ARGUMENT, "sum_on_expert_ranks is 2");
@@ -383,10 +483,10 @@ static void test_ll_args(void) {
   handle.call.dispatch_weights = NULL;
   EXPECT_FAIL(ep_ll_combine(g, &handle, &ca, 0), g, EP_STATUS_INVALID_USAGE, "had no topk_weights");
   const ep_ll_region_t roomy = host_group.ll_region;
-  host_group.ll_region = ep_ll_region(4, 8, 128, 7168, 8); /* 2 experts per rank: no room for the sums */
+  handle.region = ep_ll_region(4, 8, 128, 7168, 8); /* 2 experts per rank: no room for the sums */
   handle.call.dispatch_weights = w;
   EXPECT_FAIL(ep_ll_combine(g, &handle, &ca, 0), g, EP_STATUS_INVALID_USAGE, "2 experts per rank");
-  host_group.ll_region = roomy;
+  handle.region = roomy;
   CHECK(ep_ll_sums_fit(&roomy), "64 experts per rank leave room for the sums");
   handle.dispatch_recv_pending = true;
   EXPECT_FAIL(ep_ll_combine(g, &handle, &cgood, 0), g, EP_STATUS_INVALID_USAGE, "ep_ll_dispatch_recv first");
@@ -854,6 +954,7 @@ int main(void) {
   test_layout_args();
   test_ll_size_hint();
   test_ll_args();
+  test_ll_region_bytes();
   test_normal_args();
   test_hidden_rule();
   test_ll_handle_carve();

@@ -9,6 +9,7 @@
 
 #include "common/check.h"
 #include "ep_ref.h"
+#include "kernels/ll_logfmt.h"
 
 /* ------------------------------------------------------------------------------------------------
  * Array comparison helpers: one failure line per differing element.
@@ -1017,6 +1018,155 @@ static void test_random_worlds(void) {
   }
 }
 
+/* ================================================================================================
+ * 7b. LogFMT-10: one group by hand, then DeepEP's accuracy bound on its test's data
+ * ============================================================================================== */
+
+static void test_logfmt_by_hand(void) {
+  CHECK(ep_ref_logfmt_row_bytes(7168) == 7168 * 10 / 8 + 7168 / 128 * 4, "row bytes: DeepEP's count");
+  uint16_t x[128] = {0};
+  x[0] = bf(1.0f);
+  x[1] = bf(0.5f);
+  x[2] = bf(-0.25f);
+  uint8_t row[164];
+  ep_ref_logfmt_encode(x, 128, row);
+  /* amax 1 (la 0), amin 0.25 (lb -2; the zeros do not count), step 2 / 510: codes
+   * floor((l + 2) * 255 + 1.5) = 511, 256, 1. */
+  const uint8_t meta[4] = {0x80, 0x3f, 0x80, 0x3e};
+  expect_u8s("meta (bf16 amax | amin << 16)", row, meta, 4);
+  const uint8_t low[4] = {0xff, 0x00, 0x01, 0x00};
+  expect_u8s("low bytes of 511, 256, -1, 0", row + 4, low, 4);
+  CHECK(row[4 + 128] == (1 | 1 << 2 | 2 << 4), "high bits of group 0: 0x%02x", row[4 + 128]);
+  float back[128];
+  ep_ref_logfmt_decode(row, 128, back);
+  const float want[3] = {1.0f, 0.5f, -0.25f};
+  for (int j = 0; j < 3; ++j) /* within half a step: 2^(1 / 510) - 1 */
+    CHECK(fabsf(back[j] - want[j]) <= fabsf(want[j]) * 0.0014f, "decode %d: %g, want %g", j, back[j], want[j]);
+  CHECK(back[3] == 0.0f && back[127] == 0.0f, "zeros decode to 0");
+  for (int j = 0; j < 128; ++j) x[j] = bf(-3.0f); /* one magnitude: step 0, code 1 */
+  ep_ref_logfmt_encode(x, 128, row);
+  ep_ref_logfmt_decode(row, 128, back);
+  CHECK(fabsf(back[5] + 3.0f) <= 3.0f * 4e-6f, "a constant group decodes to itself: %.9g", back[5]);
+}
+
+/* The kernels' LogFMT helpers (src/kernels/ll_logfmt.h, compiled here as C) against the reference: the same log2
+ * table, and the same fields and values, bit for bit, on groups of every kind (zeros, one magnitude, subnormals,
+ * wide and narrow ranges). */
+static void test_logfmt_kernel_helpers(void) {
+  for (int m = 0; m < 128; ++m)
+    CHECK(ep_logfmt_log2_mantissa[m] == ep_ref_logfmt_log2((uint16_t)(0x3f80 | m)), "log2 table entry %d: %.9g vs %.9g",
+          m, ep_logfmt_log2_mantissa[m], ep_ref_logfmt_log2((uint16_t)(0x3f80 | m)));
+  uint64_t seed = 0x5eed1234ull;
+  uint16_t x[128];
+  uint8_t row[164];
+  float back[128];
+  long mismatches = 0;
+  for (int trial = 0; trial < 400; ++trial) {
+    const int kind = trial % 5;
+    for (int j = 0; j < 128; ++j) {
+      seed = seed * 6364136223846793005ull + 1442695040888963407ull;
+      const uint16_t r = (uint16_t)(seed >> 40);
+      x[j] = kind == 0   ? 0
+             : kind == 1 ? (uint16_t)(0x4040 | (r & 0x8000))
+             : kind == 2 ? (uint16_t)(r & 0x807f)
+             : kind == 3 ? r
+                         : (uint16_t)((r & 0x80ff) | 0x3c00);
+    }
+    ep_ref_logfmt_encode(x, 128, row);
+    ep_ref_logfmt_decode(row, 128, back);
+    uint32_t meta;
+    memcpy(&meta, row, 4);
+    float lb, step;
+    ep_logfmt_grid(meta, &lb, &step);
+    for (int j = 0; j < 128; ++j) {
+      const uint32_t field = row[4 + j] | ((row[4 + 128 + j / 4] >> (2 * (j % 4))) & 3u) << 8;
+      const int nan = (x[j] & 0x7f80) == 0x7f80;
+      if (nan) continue;
+      const uint32_t mine = ep_logfmt_field(x[j], lb, step, 1.0f / step);
+      const float value = ep_logfmt_value(field, lb, step);
+      if ((mine != field || memcmp(&value, &back[j], 4) != 0) && mismatches++ < 5)
+        fprintf(stderr, "trial %d j %d: field %u vs %u, value %.9g vs %.9g\n", trial, j, mine, field, value, back[j]);
+    }
+  }
+  CHECK(mismatches == 0, "kernel helpers differ from the reference in %ld values", mismatches);
+}
+
+/* A normal deviate from a 64-bit LCG (Box-Muller). */
+static double lcg_normal(uint64_t* s) {
+  *s = *s * 6364136223846793005ull + 1442695040888963407ull;
+  const double u1 = ((*s >> 11) + 1.0) / 9007199254740993.0;
+  *s = *s * 6364136223846793005ull + 1442695040888963407ull;
+  const double u2 = (double)(*s >> 11) / 9007199254740992.0;
+  return sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2);
+}
+
+/* DeepEP's calc_diff: 1 - 2 sum((a+1)(b+1)) / sum((a+1)^2 + (b+1)^2). */
+static double calc_diff(const uint16_t* a, const uint16_t* b, size_t n) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const double x = unbf(a[i]) + 1.0, y = unbf(b[i]) + 1.0;
+    num += x * y;
+    den += x * x + y * y;
+  }
+  return 1.0 - 2.0 * num / den;
+}
+
+typedef struct {
+  const uint16_t* const* x;
+} same_fn_ctx_t;
+
+static void same_row_fn(void* ctx, int dst_rank, int local_expert, int src_rank, int src_token, int hidden,
+                        uint16_t* y_row) {
+  (void)dst_rank, (void)local_expert;
+  const same_fn_ctx_t* c = ctx;
+  memcpy(y_row, c->x[src_rank] + (size_t)src_token * hidden, sizeof(uint16_t) * (size_t)hidden);
+}
+
+/* test_low_latency.py's LogFMT data (a constant row per rank with the token index in its last 128 channels,
+ * N(0, 1) * 0.5 * U(0, 1), N(0, 1) * 0.1), every expert returning its input, |N(0, 1)| weights, top-8 of 32
+ * experts at 2 ranks: the LogFMT combine within its bound of the BF16 one (calc_diff < 1e-5, BF16 dispatch). */
+static void test_logfmt_deepep_bound(void) {
+  enum { R = 2, E = 32, K = 8, H = 1024, T = 48 };
+  uint64_t seed = 0x10f3a7ull;
+  static uint16_t x[R][T * H];
+  static int64_t idx[R][T * K];
+  static float w[R][T * K];
+  static uint16_t got[R][T * H], want[R][T * H];
+  int n[R];
+  const uint16_t* xp[R];
+  const int64_t* ip[R];
+  const float* wp[R];
+  uint16_t *gp[R], *wantp[R];
+  for (int kind = 0; kind < 3; ++kind) {
+    const double scale = kind == 1 ? 0.5 : 0.1; /* 0.5 * U(0, 1) at its largest */
+    for (int s = 0; s < R; ++s) {
+      n[s] = T;
+      xp[s] = x[s], ip[s] = idx[s], wp[s] = w[s], gp[s] = got[s], wantp[s] = want[s];
+      for (int t = 0; t < T; ++t) {
+        for (int c = 0; c < H; ++c) {
+          const float v = kind == 0 ? (c >= H - 128 ? (float)t : (float)(s - 128)) : (float)(lcg_normal(&seed) * scale);
+          x[s][t * H + c] = bf(v);
+        }
+        for (int k = 0; k < K; ++k) { /* K distinct experts */
+          idx[s][t * K + k] = (t * 7 + k * 4 + s) % E;
+          w[s][t * K + k] = (float)fabs(lcg_normal(&seed));
+        }
+      }
+    }
+    ep_ref_ll_world_t world = {R, E, K, H, T, n, xp, ip, wp};
+    same_fn_ctx_t ctx = {xp};
+    CHECK_EQ_INT(ep_ref_ll_combine_fn(&world, same_row_fn, &ctx, wantp), 0, "bf16 combine");
+    CHECK_EQ_INT(ep_ref_ll_combine_logfmt_fn(&world, same_row_fn, &ctx, gp), 0, "LogFMT combine");
+    double worst = 0;
+    for (int s = 0; s < R; ++s) {
+      const double d = calc_diff(want[s], got[s], (size_t)T * H);
+      if (d > worst) worst = d;
+    }
+    CHECK(worst < 1e-5, "LogFMT data kind %d: calc_diff %.3g, DeepEP's bound 1e-5", kind, worst);
+    printf("LogFMT-10 combine, DeepEP test data kind %d: calc_diff %.3g (bound 1e-5)\n", kind, worst);
+  }
+}
+
 int main(void) {
   test_bf16();
   test_e4m3();
@@ -1034,6 +1184,9 @@ int main(void) {
   test_ll_combine();
   test_ll_combine_fma();
   test_ll_fp8();
+  test_logfmt_by_hand();
+  test_logfmt_kernel_helpers();
+  test_logfmt_deepep_bound();
   test_random_worlds();
   if (g_check_failures) fprintf(stderr, "%d check(s) failed\n", g_check_failures);
   return TEST_RESULT();

@@ -19,12 +19,19 @@ select it, ordered by source rank, then token (ep's LL order is deterministic).
   hooks       return_recv_hook for dispatch and combine == the plain calls; two micro-batches in flight; a hook
               runs once; a stale handle (dispatch after next) is refused
   events      async_finish -> EventOverlap with an event
-  stats       cumulative_local_expert_recv_stats accumulates recv_count (with and without the hook)
+  stats       cumulative_local_expert_recv_stats accumulates recv_count (with and without the hook);
+              dispatch_ / combine_wait_recv_cost_stats only grow, in every entry (with and without the hook, and
+              in the graph's replays)
   errors      wrong dtype / shape / sizes raise naming the argument; unsupported options raise
-              NotImplementedError naming the argument and "NOT YET SUPPORTED"
+              NotImplementedError naming the argument and "NOT YET SUPPORTED"; use_logfmt with zero_copy raises
+  logfmt      use_logfmt=True (plain and hook) within DeepEP-style calc_diff 1e-4 of sum_k w * y
   graph       dispatch + an expert op + combine captured in a CUDA graph, replayed with new data == eager
   clean       clean_low_latency_buffer, then another dispatch + combine; handles from before are stale
   empty rank  a rank with no tokens
+  bytes       Buffer(group, 0, num_rdma_bytes, low_latency_mode=True) with no ll hint, sized as DeepEP's
+              test_low_latency.py sizes it (T 128, hidden 7168, 288 experts, rounded to the rank count): dispatch and
+              combine == torch above the Buffer's num_experts hint; a shape the bytes do not hold raises EpError
+              naming the bytes it needs
 Skips (77) without PyTorch, CUDA or enough GPUs. Fails at once without NumPy: handle.src_info / layout_range and the
 zero-copy buffer (NVSHMEM memory) are views made by torch.as_tensor over __cuda_array_interface__, which PyTorch
 implements with NumPy. That wrapping is the fragile part of this path (never run yet): if the zero-copy checks
@@ -365,6 +372,37 @@ def run_checks(ck, c):
     hk()
     ck.check("cumulative_local_expert_recv_stats += recv_count (plain and hook)",
              stats.tolist() == [2 * n for n in w.count], f"{stats.tolist()} vs 2 * {w.count}")
+    dwait = torch.zeros(c.R, dtype=torch.int64, device=c.dev)
+    cwait = torch.zeros(c.R, dtype=torch.int64, device=c.dev)
+    seen = [[0] * c.R, [0] * c.R]
+    for hook in (False, True):
+        recv_x, _, handle, _, hk = dispatch(c, w, use_fp8=False, dispatch_wait_recv_cost_stats=dwait,
+                                            return_recv_hook=hook)
+        if hook:
+            hk()
+        out, _, hk = buf.low_latency_combine(expert_op(recv_x, E_loc), w.idx, w.w, handle,
+                                             combine_wait_recv_cost_stats=cwait, return_recv_hook=hook)
+        if hook:
+            hk()
+        ok, d = close_bf16(out, expected_combine(w.x, w.idx, w.w, E_loc))
+        now = [dwait.tolist(), cwait.tolist()]
+        grew = all(a <= b for old, new in zip(seen, now) for a, b in zip(old, new))
+        ck.check(f"wait_recv_cost_stats (hook={hook}): every entry grows, the combine is right (max diff {d:g})",
+                 ok and grew and sum(now[0]) > sum(seen[0]) and sum(now[1]) > sum(seen[1]), f"{seen} -> {now}")
+        seen = now
+
+    for hook in (False, True):
+        recv_x, _, handle, _, hk = dispatch(c, w, use_fp8=False, return_recv_hook=hook)
+        if hook:
+            hk()
+        out, _, hk = buf.low_latency_combine(expert_op(recv_x, E_loc), w.idx, w.w, handle, use_logfmt=True,
+                                             return_recv_hook=hook)
+        if hook:
+            hk()
+        want = expected_combine(w.x, w.idx, w.w, E_loc).double() + 1
+        got = out.double() + 1
+        diff = (1 - 2 * (want * got).sum() / (want * want + got * got).sum()).item() if len(w.x) else 0.0
+        ck.check(f"use_logfmt (hook={hook}): calc_diff {diff:.3g} < 1e-4", diff < 1e-4)
 
     check_errors(ck, c, w)
     check_graph(ck, c)
@@ -375,10 +413,9 @@ def run_checks(ck, c):
 def check_errors(ck, c, w):
     buf, E_loc, dev = c.buf, c.E // c.R, c.dev
     x, idx, wt, T, E = w.x, w.idx, w.w, c.T, c.E
-    nyi = NotImplementedError
-    ck.raises("dispatch_wait_recv_cost_stats -> NotImplementedError naming it", nyi,
+    ck.raises("dispatch_wait_recv_cost_stats int32 -> TypeError naming it", TypeError,
               lambda: buf.low_latency_dispatch(x, idx, T, E, dispatch_wait_recv_cost_stats=torch.zeros(
-                  c.R, dtype=torch.int64, device=dev)), "dispatch_wait_recv_cost_stats", "NOT YET SUPPORTED")
+                  c.R, dtype=torch.int32, device=dev)), "dispatch_wait_recv_cost_stats")
     ck.raises("dispatch x float32 -> TypeError naming x", TypeError,
               lambda: buf.low_latency_dispatch(x.float(), idx, T, E), "x must be torch.bfloat16")
     ck.raises("dispatch T above ll_max_tokens_per_rank -> ValueError naming the hint", ValueError,
@@ -403,11 +440,12 @@ def check_errors(ck, c, w):
                   E_loc + 1, dtype=torch.int32, device=dev)), "cumulative_local_expert_recv_stats")
     recv_x, _, handle, _, _ = dispatch(c, w, use_fp8=False)
     y = expert_op(recv_x, E_loc)
-    ck.raises("combine use_logfmt -> NotImplementedError naming it", nyi,
-              lambda: buf.low_latency_combine(y, idx, wt, handle, use_logfmt=True), "use_logfmt", "NOT YET SUPPORTED")
-    ck.raises("combine combine_wait_recv_cost_stats -> NotImplementedError naming it", nyi,
+    ck.raises("combine use_logfmt with zero_copy -> EpError naming both", ep.EpError,
+              lambda: buf.low_latency_combine(y, idx, wt, handle, use_logfmt=True, zero_copy=True), "use_logfmt",
+              "zero_copy")
+    ck.raises("combine_wait_recv_cost_stats of the wrong shape -> ValueError naming it", ValueError,
               lambda: buf.low_latency_combine(y, idx, wt, handle, combine_wait_recv_cost_stats=torch.zeros(
-                  c.R, dtype=torch.int64, device=dev)), "combine_wait_recv_cost_stats", "NOT YET SUPPORTED")
+                  c.R + 1, dtype=torch.int64, device=dev)), "combine_wait_recv_cost_stats")
     ck.raises("combine x of the wrong shape -> ValueError naming x", ValueError,
               lambda: buf.low_latency_combine(y[:, :-1], idx, wt, handle), "low_latency_combine: x must be")
     ck.raises("combine topk_weights bf16 -> TypeError naming topk_weights", TypeError,
@@ -428,12 +466,14 @@ def check_graph(ck, c):
     """dispatch + expert op + combine captured in one CUDA graph, replayed with new data == eager."""
     buf, E_loc, dev = c.buf, c.E // c.R, c.dev
     sx, sidx, sw = c.world.x.clone(), c.world.idx.clone(), c.world.w.clone()
+    gwait = torch.zeros(c.R, dtype=torch.int64, device=dev)  # wait-cost stats inside the graph (bf16 only)
     for fp8 in (False, True):
         tag = f"graph ({'fp8' if fp8 else 'bf16'})"
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            grx, gcount, gh, _, _ = buf.low_latency_dispatch(sx, sidx, c.T, c.E, use_fp8=fp8)
+            grx, gcount, gh, _, _ = buf.low_latency_dispatch(sx, sidx, c.T, c.E, use_fp8=fp8,
+                                                             dispatch_wait_recv_cost_stats=None if fp8 else gwait)
             if fp8:
                 q, s = grx
                 deq = (q.float() * s.repeat_interleave(128, dim=2)).to(torch.bfloat16)
@@ -446,8 +486,13 @@ def check_graph(ck, c):
             sx.copy_(nx)
             sidx.copy_(nidx)
             sw.copy_(nw)
+            before = gwait.tolist()
             graph.replay()
             torch.cuda.synchronize()
+            if not fp8:
+                after = gwait.tolist()
+                grew = all(a <= b for a, b in zip(before, after)) and sum(after) > sum(before)
+                ck.check(f"{tag} replay {trial}: the captured wait_recv_cost_stats grow", grew, f"{before} -> {after}")
             got_count, got_out = gcount.clone(), gout.clone()
             got_rx = tuple(t.clone() for t in grx) if fp8 else grx.clone()
             erx, ecount, eh, _, _ = buf.low_latency_dispatch(nx, nidx, c.T, c.E, use_fp8=fp8)
@@ -501,6 +546,31 @@ def check_empty_rank(ck, c):
     ck.check("empty rank: combined shape [n, H]", tuple(out.shape) == (n, c.H))
 
 
+def check_bytes(ck, c, share_kwargs):
+    """A Buffer sized in bytes, as DeepEP's test sizes it; returns it (the caller destroys it)."""
+    R, T, H, K = c.R, 128, 7168, 8
+    E = 288 // R * R
+    nbytes = ep.Buffer.get_low_latency_rdma_size_hint(T, H, R, E)
+    kw = {} if 256 % R == 0 else {"num_experts": R}  # the normal path's hint must divide by R
+    buf = ep.Buffer(dist.group.WORLD, 0, nbytes, low_latency_mode=True, explicitly_destroy=True, **kw,
+                    **share_kwargs)
+    ck.check(f"bytes: Buffer(group, 0, {nbytes}, low_latency_mode=True) takes the bytes",
+             buf.ll_region_bytes == nbytes)
+    d = Ctx()
+    d.buf, d.R, d.rank, d.dev, d.gen = buf, R, c.rank, c.dev, c.gen
+    d.E, d.H, d.K, d.T = E, H, K, T
+    d.ns = [T - 3 * r for r in range(R)]
+    x, idx, wt = make_inputs(d.gen, d.ns[c.rank], H, E, K, d.dev)
+    w = World(d, x, idx, d.ns)
+    w.w = wt
+    recv_x, _, handle = check_bf16_dispatch(ck, d, w)
+    check_combine(ck, d, w, recv_x, handle, f"bytes ({E} experts, hint {buf.num_experts}): combine")
+    big = torch.zeros((4, 8192), dtype=torch.bfloat16, device=d.dev)
+    ck.raises("bytes: hidden 8192 does not fit -> EpError naming the bytes", ep.EpError,
+              lambda: buf.low_latency_dispatch(big, idx[:4], T, E, use_fp8=False), "need", "ll_region_bytes")
+    return buf
+
+
 # ---- per-rank process ---------------------------------------------------------------------------------------
 def worker(rank, world, init_method, seed):
     global torch, dist, ep
@@ -534,6 +604,10 @@ def worker(rank, world, init_method, seed):
         torch.cuda.synchronize()
         buf.get_async_error()
         ck.check("no pending device error at the end", True)
+        dist.barrier()
+        buf.destroy()  # one Buffer per process at a time
+        buf = None
+        buf = check_bytes(ck, c, share_kwargs)
     except Exception:
         ck.check("ran every check without an exception", False, traceback.format_exc())
     eptest.finish_rank(ck, buf)

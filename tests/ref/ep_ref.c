@@ -618,16 +618,123 @@ static void ll_combine_token_sums(const ep_ref_ll_world_t* w, int s, int t, cons
   }
 }
 
-/* Both combine forms with Y from fn: each token's slot rows, then its rule. */
-static int ll_combine_fn(const ep_ref_ll_world_t* w, ep_ref_expert_fn fn, void* ctx, uint16_t* const* out,
-                         int sums) {
+/* ---- LogFMT-10 (ep_ref.h 7b) ---- */
+size_t ep_ref_logfmt_row_bytes(int hidden) { return (size_t)hidden * 10 / 8 + (size_t)hidden / 128 * 4; }
+
+float ep_ref_logfmt_log2(uint16_t v) {
+  const int e = (v >> 7) & 0xff, m = v & 0x7f;
+  if (e == 0) return -INFINITY; /* zero or subnormal */
+  return (float)(e - 127) + (float)log2(1.0 + m / 128.0);
+}
+
+/* 2^y: 2^frac by a degree-7 Taylor polynomial (fmaf, float coefficients), scaled by 2^floor exactly. */
+static float logfmt_exp2(float y) {
+  static const float c[8] = {1.0f,
+                             0.693147180559945f,
+                             0.240226506959101f,
+                             0.0555041086648216f,
+                             0.00961812910762848f,
+                             0.00133335581464284f,
+                             0.000154035303933816f,
+                             0.0000152527338040598f};
+  const float n = floorf(y), f = y - n;
+  float p = c[7];
+  for (int i = 6; i >= 0; --i) p = fmaf(p, f, c[i]);
+  return ldexpf(p, (int)n);
+}
+
+static void logfmt_group_params(uint16_t amax, uint16_t amin, float* lb, float* step) {
+  const float la = ep_ref_logfmt_log2(amax), lo = ep_ref_logfmt_log2(amin);
+  *lb = lo > la - 32.0f ? lo : la - 32.0f;
+  *step = (la - *lb) / 510.0f;
+}
+
+void ep_ref_logfmt_encode(const uint16_t* x, int hidden, uint8_t* row) {
+  const int G = hidden / 128;
+  memset(row, 0, ep_ref_logfmt_row_bytes(hidden));
+  for (int g = 0; g < G; ++g) {
+    const uint16_t* v = x + (size_t)g * 128;
+    uint16_t amax = 0, amin = 0x7f80; /* magnitudes compare as integers; amin over the normal ones */
+    for (int j = 0; j < 128; ++j) {
+      const uint16_t a = v[j] & 0x7fff;
+      if (a > amax) amax = a;
+      if (a >= 0x0080 && a < amin) amin = a;
+    }
+    if (amin == 0x7f80) amin = 0;
+    const uint32_t meta = (uint32_t)amax | (uint32_t)amin << 16;
+    memcpy(row + (size_t)g * 4, &meta, 4);
+    uint8_t* block = row + (size_t)G * 4 + (size_t)g * 160;
+    if (ep_ref_logfmt_log2(amax) == -INFINITY) continue; /* all zero (or subnormal): codes 0 */
+    float lb, step;
+    logfmt_group_params(amax, amin, &lb, &step);
+    const float inv = 1.0f / step;
+    for (int j = 0; j < 128; ++j) {
+      const float l = ep_ref_logfmt_log2(v[j] & 0x7fff);
+      int code = 0;
+      if (l != -INFINITY) {
+        if (step == 0.0f) {
+          code = 1;
+        } else {
+          const float t = floorf(fmaf(l - lb, inv, 1.5f));
+          code = t < 0.0f ? 0 : t > 511.0f ? 511 : (int)t;
+        }
+      }
+      const unsigned field = code ? (unsigned)(v[j] >> 15) << 9 | (unsigned)code : 0u;
+      block[j] = (uint8_t)field;
+      block[128 + j / 4] |= (uint8_t)((field >> 8) << (2 * (j % 4)));
+    }
+  }
+}
+
+void ep_ref_logfmt_decode(const uint8_t* row, int hidden, float* out) {
+  const int G = hidden / 128;
+  for (int g = 0; g < G; ++g) {
+    uint32_t meta;
+    memcpy(&meta, row + (size_t)g * 4, 4);
+    const uint8_t* block = row + (size_t)G * 4 + (size_t)g * 160;
+    float lb = 0.0f, step = 0.0f;
+    if (ep_ref_logfmt_log2((uint16_t)meta) != -INFINITY)
+      logfmt_group_params((uint16_t)meta, (uint16_t)(meta >> 16), &lb, &step);
+    for (int j = 0; j < 128; ++j) {
+      const unsigned field = block[j] | ((block[128 + j / 4] >> (2 * (j % 4))) & 3u) << 8;
+      const unsigned code = field & 511u;
+      const float mag = code ? logfmt_exp2(fmaf((float)(code - 1), step, lb)) : 0.0f;
+      out[(size_t)g * 128 + j] = field >> 9 ? -mag : mag;
+    }
+  }
+}
+
+/* The LogFMT form of section 7: each slot's row decoded from its encoding, then the same sum. */
+static void ll_combine_token_logfmt(const ep_ref_ll_world_t* w, int s, int t, const uint16_t* const* y_rows,
+                                    uint8_t* wire, float* decoded, uint16_t* out_row) {
+  const int K = w->num_topk, H = w->hidden;
+  const float* wt = w->topk_weights[s] + (size_t)t * K;
+  for (int k = 0; k < K; ++k)
+    if (y_rows[k]) {
+      ep_ref_logfmt_encode(y_rows[k], H, wire);
+      ep_ref_logfmt_decode(wire, H, decoded + (size_t)k * H);
+    }
+  for (int c = 0; c < H; ++c) {
+    float acc = 0.0f;
+    for (int k = 0; k < K; ++k)
+      if (y_rows[k]) acc = fmaf(wt[k], decoded[(size_t)k * H + c], acc);
+    out_row[c] = ep_ref_f32_to_bf16(acc);
+  }
+}
+
+/* The combine forms with Y from fn (0 rows, 1 sums, 2 LogFMT rows): each token's slot rows, then its rule. */
+static int ll_combine_fn(const ep_ref_ll_world_t* w, ep_ref_expert_fn fn, void* ctx, uint16_t* const* out, int form) {
   if (!ll_world_ok(w) || !w->topk_weights || !fn || !out) return -1;
   const int R = w->num_ranks, E_loc = w->num_experts / R, K = w->num_topk, H = w->hidden;
   uint16_t* rows = zalloc((size_t)K * H, sizeof(uint16_t));
   const uint16_t** y_rows = zalloc((size_t)K, sizeof *y_rows);
-  if (!rows || !y_rows) {
+  uint8_t* wire = form == 2 ? zalloc(ep_ref_logfmt_row_bytes(H) + 1, 1) : NULL;
+  float* decoded = form == 2 ? zalloc((size_t)K * H + 1, sizeof(float)) : NULL;
+  if (!rows || !y_rows || (form == 2 && (!wire || !decoded))) {
     free(rows);
     free(y_rows);
+    free(wire);
+    free(decoded);
     return -1;
   }
   for (int s = 0; s < R; ++s)
@@ -639,11 +746,14 @@ static int ll_combine_fn(const ep_ref_ll_world_t* w, ep_ref_expert_fn fn, void* 
         fn(ctx, (int)(e / E_loc), (int)(e % E_loc), s, t, H, rows + (size_t)k * H);
         y_rows[k] = rows + (size_t)k * H;
       }
-      if (sums) ll_combine_token_sums(w, s, t, y_rows, out[s] + (size_t)t * H);
+      if (form == 1) ll_combine_token_sums(w, s, t, y_rows, out[s] + (size_t)t * H);
+      else if (form == 2) ll_combine_token_logfmt(w, s, t, y_rows, wire, decoded, out[s] + (size_t)t * H);
       else ll_combine_token(w, s, t, y_rows, out[s] + (size_t)t * H);
     }
   free(rows);
   free(y_rows);
+  free(wire);
+  free(decoded);
   return 0;
 }
 
@@ -653,6 +763,10 @@ int ep_ref_ll_combine_fn(const ep_ref_ll_world_t* w, ep_ref_expert_fn fn, void* 
 
 int ep_ref_ll_combine_sums_fn(const ep_ref_ll_world_t* w, ep_ref_expert_fn fn, void* ctx, uint16_t* const* out) {
   return ll_combine_fn(w, fn, ctx, out, 1);
+}
+
+int ep_ref_ll_combine_logfmt_fn(const ep_ref_ll_world_t* w, ep_ref_expert_fn fn, void* ctx, uint16_t* const* out) {
+  return ll_combine_fn(w, fn, ctx, out, 2);
 }
 
 int ep_ref_ll_fill_expert_outputs(const ep_ref_ll_dispatch_t* disp, ep_ref_expert_fn fn, void* ctx,

@@ -245,6 +245,31 @@ int ep_ref_ll_combine_fn(const ep_ref_ll_world_t* world, ep_ref_expert_fn fn, vo
 int ep_ref_ll_combine_sums_fn(const ep_ref_ll_world_t* world, ep_ref_expert_fn fn, void* ctx,
                               uint16_t* const* out);
 
+/* ------------------------------------------------------------------------------------------------
+ * 7b. LogFMT-10: the combine payload of use_logfmt (ep's format; DeepEP's byte count per row)
+ *
+ * A row of hidden H (a multiple of 128) is H / 128 groups of 128 channels: first G = H / 128 uint32 words,
+ * word g = bf16(amax_g) | bf16(amin_g) << 16 (the largest |x| of group g and the smallest normal nonzero one, 0 if
+ * none: zeros are code 0 and do not widen the range as in DeepEP's), then
+ * G blocks of 160 bytes. In block g, value j (0..127) is a 10-bit field v = sign << 9 | code: its low 8 bits at
+ * byte j, its high 2 bits at bits 2 * (j % 4) of byte 128 + j / 4. H * 10 / 8 + H / 128 * 4 bytes in all.
+ *   L(v) = log2 of a positive normal bf16 v = (exponent - 127) + LT[mantissa], LT[m] = (float)log2(1 + m / 128)
+ *   la = L(amax), lb = max(L(amin), la - 32) (la - 32 when amin is 0 or subnormal), step = (la - lb) / 510
+ *   code = 0 for a zero or subnormal |x|, and for every value when amax is 0 (its sign bit then 0); else 1 when
+ *   step is 0; else clamp(floor(fmaf(L(|x|) - lb, 1 / step, 1.5)), 0, 511)  -- nearest in log2, 1.5 = 1 + 0.5
+ *   decode: code 0 -> +0; else sign * E2(fmaf(code - 1, step, lb)), E2(y) = ldexpf(P(y - floor(y)), floor(y)),
+ *   P(f) = 2^f by Horner (fmaf) over the Taylor coefficients ln2^i / i!, i = 7 .. 0, as floats.
+ * Relative error of a decoded value: at most 2^(step / 2) - 1 (step <= 32 / 510: 2.2 %) plus P's 2e-6.
+ * ---------------------------------------------------------------------------------------------- */
+size_t ep_ref_logfmt_row_bytes(int hidden);
+float ep_ref_logfmt_log2(uint16_t bf16); /* L(v) above; -INFINITY for zero and subnormals */
+void ep_ref_logfmt_encode(const uint16_t* x, int hidden, uint8_t* row);
+void ep_ref_logfmt_decode(const uint8_t* row, int hidden, float* out);
+
+/* ep_ref_ll_combine_fn with each expert row crossing as LogFMT-10: the rule of section 7 over the decoded values
+ * (acc = fmaf(w, decode(encode(Y))[c], acc)). */
+int ep_ref_ll_combine_logfmt_fn(const ep_ref_ll_world_t* world, ep_ref_expert_fn fn, void* ctx, uint16_t* const* out);
+
 /* Fills y: [R] -> [E_loc, R*T, hidden] bf16 with fn's rows in disp's layout (unused rows zeroed),
  * i.e. the input ep_ref_ll_combine expects. */
 int ep_ref_ll_fill_expert_outputs(const ep_ref_ll_dispatch_t* disp, ep_ref_expert_fn fn, void* ctx,
