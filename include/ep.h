@@ -206,7 +206,7 @@ typedef struct ep_group_config {
 } ep_group_config_t;
 
 #define EP_GROUP_CONFIG_INIT \
-  { (uint32_t)sizeof(ep_group_config_t), EP_GROUP_CONFIG_MAGIC, 0, 256, 7168, 4096, 8, 0, 0, 0, 20.0, 0 }
+  { (uint32_t)sizeof(ep_group_config_t), EP_GROUP_CONFIG_MAGIC, 0, 256, 7168, 4096, 8, 0, 0, 0, 20.0, 0, 0 }
 
 /* Facts about a created group, filled by ep_group_get_info(). */
 typedef struct ep_group_info {
