@@ -211,17 +211,16 @@ extern "C" size_t ep_ll_smem_bytes(const ep_ll_launch_t* p) {
 }
 
 extern "C" cudaError_t ep_launch_ll_dispatch_fused(const ep_ll_launch_t* p, cudaStream_t stream, int* launched) {
-  return launch_fused<ep::ll::dispatch_kernel>(p, dispatch_send_shape(p), dispatch_recv_shape(p),
-                                                                     stream, launched);
+  return launch_fused<ep::ll::dispatch_kernel>(p, dispatch_send_shape(p), dispatch_recv_shape(p), stream, launched);
 }
 
 extern "C" cudaError_t ep_launch_ll_combine_fused(const ep_ll_launch_t* p, cudaStream_t stream, int* launched) {
   if (p->call.logfmt)
     return launch_fused<ep::ll::combine_kernel<ep::ll::Call::kCombineLogfmt>>(p, combine_send_shape(p),
-                                                                            combine_recv_shape(p), stream, launched);
+                                                                              combine_recv_shape(p), stream, launched);
   if (p->call.sum_on_expert_ranks)
     return launch_fused<ep::ll::combine_kernel<ep::ll::Call::kCombineSums>>(p, combine_send_shape(p),
-                                                                          combine_recv_shape(p), stream, launched);
+                                                                            combine_recv_shape(p), stream, launched);
   return launch_fused<ep::ll::combine_kernel<ep::ll::Call::kCombine>>(p, combine_send_shape(p), combine_recv_shape(p),
-                                                                    stream, launched);
+                                                                      stream, launched);
 }
