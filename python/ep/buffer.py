@@ -402,7 +402,9 @@ class Buffer(NormalPath, LowLatencyPath, metaclass=_BufferType):
 
     @staticmethod
     def is_sm90_compiled():
-        """True: libep.so's kernels are built for sm_90 (Hopper), the architecture ep_group_create requires."""
+        """True. DeepEP's clients ask it before using the FP8 paths; ep's run on every architecture libep.so is
+        built for (sm_80 included: its FP8 cast is exact in software there), and ep_group_create refuses a device
+        the build has no code for."""
         return True
 
     @staticmethod
