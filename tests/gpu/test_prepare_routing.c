@@ -10,7 +10,9 @@
  *              recv_rank_prefix_sum == the reference matrix's column of this rank; both again from a CUDA graph
  *              that captured the query, after a second prepare (new routing) into the same handle
  *   combine:   each token's copies summed: x times the ranks it went to (small integers, exact in bf16)
- * Groups: one NVLink domain; with two ranks or more also R virtual nodes of one rank (the internode prepare).
+ * Groups: one NVLink domain; with two ranks or more also R virtual nodes of one rank (the internode prepare); last,
+ * one NVLink domain whose config.normal_region_bytes holds 37 tokens a round (calls of up to 96 tokens in rounds:
+ * the mask is read at each round's tokens, the caller's per-expert counts count once).
  * Cases: 0, 1 and random token counts up to 96 per rank, with empty ranks and tokens sent nowhere.
  * A failure prints the group, the case and the seed; EP_TEST_SEED=<seed> replays it. */
 #include <stdio.h>
@@ -21,8 +23,11 @@
 #include "ep_ref.h"
 #include "gpu/harness.h"
 #include "gpu/test_util.h"
+#include "kernels/normal_region.h"
 
-enum { MAX_RANKS_HERE = 8, MAX_TOKENS_HERE = 96, HIDDEN = 256, ALIGNMENT = 2 };
+/* ROUND_TOKENS_HERE: tokens a round of the pooled group; not a multiple of 4, so that prepare copies each source's
+ * list for me a token at a time, and 96 tokens take three rounds. */
+enum { MAX_RANKS_HERE = 8, MAX_TOKENS_HERE = 96, HIDDEN = 256, ALIGNMENT = 2, ROUND_TOKENS_HERE = 37 };
 
 typedef struct {
   int R, me, E;
@@ -273,7 +278,8 @@ done:
   return bad;
 }
 
-static int run_group(const harness_t* h, int ranks_per_node, uint64_t seed) {
+/* round_tokens > 0: config.normal_region_bytes holds that many tokens a round, so a call runs in rounds. */
+static int run_group(const harness_t* h, int ranks_per_node, int round_tokens, uint64_t seed) {
   const int R = h->num_ranks;
   ep_group_config_t cfg = EP_GROUP_CONFIG_INIT;
   cfg.ranks_per_node = ranks_per_node;
@@ -281,9 +287,11 @@ static int run_group(const harness_t* h, int ranks_per_node, uint64_t seed) {
   cfg.hidden = HIDDEN;
   cfg.max_tokens_per_rank = MAX_TOKENS_HERE;
   cfg.max_topk = 8;
+  if (round_tokens > 0)
+    cfg.normal_region_bytes = ep_normal_region(R, cfg.num_experts, round_tokens, cfg.hidden, cfg.max_topk).total_bytes;
   ctx_t c;
   memset(&c, 0, sizeof c);
-  c.name = ranks_per_node == 0 ? "one node" : "R nodes of 1";
+  c.name = round_tokens > 0 ? "one node, in rounds" : ranks_per_node == 0 ? "one node" : "R nodes of 1";
   ep_status_t st = harness_group_create(h, &cfg, &c.g);
   CHECK(st == EP_STATUS_SUCCESS, "%s: create: %s: %s", c.name, ep_status_string(st), ep_last_error(NULL));
   if (st != EP_STATUS_SUCCESS) return 1;
@@ -314,7 +322,8 @@ int main(void) {
     return TEST_SKIP;
   }
   const uint64_t seed = harness_seed(&h, "prepare_routing");
-  run_group(&h, 0, seed);
-  if (h.num_ranks >= 2) run_group(&h, 1, seed + 1);
+  run_group(&h, 0, 0, seed);
+  if (h.num_ranks >= 2) run_group(&h, 1, 0, seed + 1);
+  run_group(&h, 0, ROUND_TOKENS_HERE, seed + 2);
   return TEST_RESULT();
 }
