@@ -206,7 +206,7 @@ static inline bool ep_misaligned16(const void* ptr) { return ((uintptr_t)ptr & 1
  * the caller must not destroy a handle while a graph that uses it may still run, as for any memory of its own. */
 typedef struct ep_handle_memory {
   void* ptr;
-  cudaEvent_t last_use; /* NULL where the handle never launched eagerly */
+  cudaEvent_t last_use; /* recorded after each eager launch on the handle; NULL for memory the caller owns */
 } ep_handle_memory_t;
 ep_status_t ep_handle_memory_alloc(ep_group_t group, size_t bytes, bool zeroed, ep_handle_memory_t* memory);
 /* After an eager launch on `stream` that reads or writes the memory. */

@@ -90,9 +90,10 @@ ep_status_t ep_handle_memory_alloc(ep_group_t group, size_t bytes, bool zeroed, 
 }
 
 cudaError_t ep_handle_memory_used(ep_handle_memory_t* memory, cudaStream_t stream) {
+  if (!memory->last_use) return cudaSuccess;
   enum cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  cudaError_t ce = cudaStreamIsCapturing(stream, &capture);
-  if (ce != cudaSuccess || capture != cudaStreamCaptureStatusNone || !memory->last_use) return ce;
+  const cudaError_t ce = cudaStreamIsCapturing(stream, &capture);
+  if (ce != cudaSuccess || capture != cudaStreamCaptureStatusNone) return ce;
   return cudaEventRecord(memory->last_use, stream);
 }
 
