@@ -363,9 +363,11 @@ EP_API ep_status_t ep_handle_memory_bytes(ep_group_t group, size_t* bytes);
  * Collective: no. Allocates: host memory only (the handle struct). Graph-capturable: no. */
 EP_API ep_status_t ep_handle_create_in(ep_group_t group, void* memory, size_t bytes, ep_handle_t* handle);
 
-/* Free a handle. One made by ep_handle_create waits for the device work of its group and frees its memory;
- * one made by ep_handle_create_in frees only the host struct (the caller frees the memory once no call that
- * uses the handle is in flight). `handle` may be NULL.
+/* Free a handle. One made by ep_handle_create frees its memory in stream order after the last call that used it
+ * (on the group's own stream, behind an event of that call; the host waits for nothing, the device is never
+ * synchronised); one made by ep_handle_create_in frees only the host struct (the caller frees the memory once no
+ * call that uses the handle is in flight). A call captured into a CUDA graph is not tracked: do not destroy a
+ * handle while a graph that uses it may still run (as for any memory a graph uses). `handle` may be NULL.
  * Collective: no. Allocates: no. Graph-capturable: no. */
 EP_API ep_status_t ep_handle_destroy(ep_handle_t handle);
 
@@ -529,7 +531,10 @@ typedef struct ep_ll_handle* ep_ll_handle_t;
  * Collective: no. Allocates: yes (device, about num_experts * ll_max_tokens_per_rank * 4 bytes). Graph-capturable: no. */
 EP_API ep_status_t ep_ll_handle_create(ep_group_t group, ep_ll_handle_t* handle);
 
-/* Free an LL handle. Waits for the device work of its group. `handle` may be NULL.
+/* Free an LL handle: its memory goes in stream order after the last call that used it, as for ep_handle_destroy
+ * (no host wait, no device synchronisation; captured calls are the caller's to finish first). Work of the caller's
+ * own that reads the handle's routing (ep_ll_get_routing) must be done, or ordered before the handle's last call,
+ * by then. `handle` may be NULL.
  * Collective: no. Allocates: no. Graph-capturable: no. */
 EP_API ep_status_t ep_ll_handle_destroy(ep_ll_handle_t handle);
 
@@ -546,7 +551,7 @@ typedef struct ep_ll_dispatch_args {
   int num_topk;                /* 1..config.max_topk */
   int num_experts;             /* multiple of num_ranks, <= config.num_experts; the same on every rank */
   int max_tokens_per_rank;     /* T: 1..config.ll_max_tokens_per_rank, the same on every rank; sets the shapes */
-  ep_dtype_t recv_dtype;       /* EP_FP8_E4M3 (cast in the kernel) or EP_BF16 */
+  ep_dtype_t recv_dtype;       /* EP_FP8_E4M3 (cast in the kernel) or EP_BF16; the same on every rank */
   int round_scale;             /* FP8: round each scale up to a power of two */
   int use_ue8m0;               /* FP8: scales as packed UE8M0 bytes (needs round_scale and hidden % 512 == 0) */
   void* recv_x;                /* [OUT] [E_loc, R * T, hidden] e4m3 or bf16 device, 16-byte aligned */
@@ -577,6 +582,10 @@ typedef struct ep_ll_dispatch_args {
  * combine. FP8 cast per 128 channels: scale = max(amax, 1e-4) / 448 (rounded up to a power of two with
  * round_scale), q = e4m3(x * (1 / scale)) with saturation. An expert index outside [-1, num_experts) is
  * treated as -1 and is a data fault (EP_STATUS_DEVICE_ERROR from ep_get_async_error or the next local call).
+ * Ranks that pass different max_tokens_per_rank, hidden, num_experts or recv_dtype: every rank's receive phase
+ * finds it before it writes a row (each source sends its shape with its count), and it is a fatal fault,
+ * EP_STATUS_INVALID_ARGUMENT naming the source rank, the field and both values ("rank 3 dispatched with hidden
+ * 4096, this rank (0) with 7168"); the group must then be destroyed.
  * Collective: yes. Allocates: no. Graph-capturable: yes. */
 EP_API ep_status_t ep_ll_dispatch(ep_group_t group, ep_ll_handle_t handle, const ep_ll_dispatch_args_t* args,
                                   cudaStream_t stream);

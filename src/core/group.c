@@ -256,6 +256,7 @@ static void free_group(ep_group_t g, bool collective) {
   if (g->ll_state) cudaFree(g->ll_state);
   if (g->error_word) cudaFreeHost(g->error_word);
   if (g->control_stream) cudaStreamDestroy(g->control_stream);
+  if (g->handle_stream) cudaStreamDestroy(g->handle_stream); /* frees queued on it still run */
   if (ep_tp_is_initialized()) {
     if (collective) {
       if (g->workspace) ep_tp_free(g->workspace);

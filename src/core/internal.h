@@ -32,6 +32,9 @@ struct ep_group {
   bool layout_recorded;              /* layout_done holds a launch */
 
   cudaStream_t control_stream;       /* non-blocking: the group's own barriers, an abort's publication */
+  cudaStream_t handle_stream;        /* non-blocking, made with the first handle: handle memory is allocated and freed
+                                        (after the handle's last use) in its order, apart from control_stream so
+                                        that an abort's publication never waits behind a handle's last kernel */
   unsigned long long barrier_epoch;  /* bounded barriers on the workspace's signals so far */
   ep_device_error_t* error_word;     /* pinned host memory, mapped into the device */
   ep_device_error_t* error_word_dev; /* the device's view of it */
@@ -196,10 +199,26 @@ static inline bool ep_misaligned16(const void* ptr) { return ((uintptr_t)ptr & 1
     if (ep_try_st_ != EP_STATUS_SUCCESS) return ep_try_st_; \
   } while (0)
 
+/* Handle memory the library owns (normal.c; the LL handles' too). It is allocated on the group's handle_stream
+ * (stream ordered), each eager launch that uses it records `last_use` on its stream, and destroy frees it on the
+ * handle_stream after that event, with no host wait: only the handle's own work is waited for, never the device.
+ * Launches captured into a graph record nothing (an event recorded in a capture cannot be waited on outside it):
+ * the caller must not destroy a handle while a graph that uses it may still run, as for any memory of its own. */
+typedef struct ep_handle_memory {
+  void* ptr;
+  cudaEvent_t last_use; /* recorded after each eager launch on the handle; NULL for memory the caller owns */
+} ep_handle_memory_t;
+ep_status_t ep_handle_memory_alloc(ep_group_t group, size_t bytes, bool zeroed, ep_handle_memory_t* memory);
+/* After an eager launch on `stream` that reads or writes the memory. */
+cudaError_t ep_handle_memory_used(ep_handle_memory_t* memory, cudaStream_t stream);
+/* Free after the last use, on the group's handle_stream; `group` NULL (an orphan: its group was destroyed, and with
+ * it the handle_stream, after the device finished): a plain cudaFree. */
+cudaError_t ep_handle_memory_free(ep_group_t group, ep_handle_memory_t* memory);
+
 struct ep_handle {
   ep_group_t group;
-  void* memory;          /* one device allocation holding the arrays */
-  bool owns_memory;      /* made by ep_handle_create (not _in): destroy frees `memory` */
+  ep_handle_memory_t memory; /* one device allocation holding the arrays (the caller's, from ep_handle_create_in) */
+  bool owns_memory;          /* made by ep_handle_create (not _in): destroy frees `memory` */
   ep_normal_handle_view_t arrays; /* carved from `memory` (ep_normal_handle_carve) */
   /* What the last prepare was given, for validating the calls that use it. */
   bool prepared;
@@ -210,7 +229,7 @@ struct ep_handle {
 
 struct ep_ll_handle {
   ep_group_t group;
-  void* memory;               /* one device allocation holding the arrays */
+  ep_handle_memory_t memory;  /* one device allocation holding the arrays */
   ep_ll_handle_view_t arrays; /* carved from `memory` (ep_ll_handle_carve) */
   /* The last dispatch, for validating and launching the calls that use it. */
   bool dispatched;             /* a dispatch's send phase was issued */

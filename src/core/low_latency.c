@@ -103,18 +103,16 @@ ep_status_t ep_ll_handle_create(ep_group_t group, ep_ll_handle_t* handle) {
   ep_ll_handle_t h = (ep_ll_handle_t)calloc(1, sizeof(*h));
   if (!h) return ep_fail(group, EP_STATUS_OUT_OF_MEMORY, "%s: host allocation failed", fn);
   const size_t bytes = ep_ll_handle_carve(&group->ll_region, NULL, NULL);
-  cudaError_t ce = cudaMalloc(&h->memory, bytes);
-  if (ce == cudaSuccess) ce = cudaMemset(h->memory, 0, bytes);
-  if (ce != cudaSuccess) {
-    if (h->memory) cudaFree(h->memory);
+  const ep_status_t st = ep_handle_memory_alloc(group, bytes, true, &h->memory);
+  if (st != EP_STATUS_SUCCESS) {
     free(h);
-    return ep_fail_cuda(group, ce, "cudaMalloc of the LL handle");
+    return st;
   }
-  ep_ll_handle_carve(&group->ll_region, h->memory, &h->arrays);
+  ep_ll_handle_carve(&group->ll_region, h->memory.ptr, &h->arrays);
   h->group = group;
   h->cleans = group->ll_cleans;
   if (!ep_live_add(h, EP_OBJECT_LL_HANDLE)) {
-    cudaFree(h->memory);
+    ep_handle_memory_free(group, &h->memory);
     free(h);
     return ep_fail(group, EP_STATUS_OUT_OF_MEMORY, "%s: host allocation failed", fn);
   }
@@ -132,14 +130,9 @@ ep_status_t ep_ll_handle_destroy(ep_ll_handle_t handle) {
   ep_group_t g = handle->group; /* NULL once the group is destroyed: its destroy synchronised the device */
   if (g) EP_TRY(ep_take_group(g, fn));
   ep_live_remove(handle);
-  cudaError_t ce = cudaSuccess;
-  if (g) {
-    ce = cudaSetDevice(g->cuda_device);
-    if (ce == cudaSuccess) ce = cudaDeviceSynchronize();
-  }
-  cudaFree(handle->memory);
+  const cudaError_t ce = ep_handle_memory_free(g, &handle->memory);
   free(handle);
-  if (ce != cudaSuccess) return ep_fail_cuda(g, ce, "ep_ll_handle_destroy: synchronising the device");
+  if (ce != cudaSuccess) return ep_fail_cuda(g, ce, "ep_ll_handle_destroy: freeing the handle's memory");
   return EP_STATUS_SUCCESS;
 }
 
@@ -298,9 +291,10 @@ ep_status_t ep_ll_dispatch(ep_group_t group, ep_ll_handle_t handle, const ep_ll_
   if (a->return_after_send) {
     handle->dispatch_recv_pending = true;
     group->ll_half_pending[half] = true;
-    return EP_STATUS_SUCCESS;
+  } else if (!fused) {
+    EP_CUDA_TRY(group, ep_launch_ll_dispatch_recv(&p, stream));
   }
-  if (!fused) EP_CUDA_TRY(group, ep_launch_ll_dispatch_recv(&p, stream));
+  EP_CUDA_TRY(group, ep_handle_memory_used(&handle->memory, stream)); /* its destroy waits for this point */
   return EP_STATUS_SUCCESS;
 }
 
@@ -317,6 +311,7 @@ ep_status_t ep_ll_dispatch_recv(ep_group_t group, ep_ll_handle_t handle, cudaStr
   EP_CUDA_TRY(group, cudaSetDevice(group->cuda_device));
   ep_ll_launch_t p = base_launch(group, handle);
   EP_CUDA_TRY(group, ep_launch_ll_dispatch_recv(&p, stream));
+  EP_CUDA_TRY(group, ep_handle_memory_used(&handle->memory, stream));
   handle->dispatch_recv_pending = false;
   group->ll_half_pending[handle->half] = false;
   return EP_STATUS_SUCCESS;
@@ -440,9 +435,10 @@ ep_status_t ep_ll_combine(ep_group_t group, ep_ll_handle_t handle, const ep_ll_c
   if (a->return_after_send) {
     handle->combine_recv_pending = true;
     group->ll_half_pending[handle->half] = true;
-    return EP_STATUS_SUCCESS;
+  } else if (!fused) {
+    EP_CUDA_TRY(group, ep_launch_ll_combine_recv(&p, stream));
   }
-  if (!fused) EP_CUDA_TRY(group, ep_launch_ll_combine_recv(&p, stream));
+  EP_CUDA_TRY(group, ep_handle_memory_used(&handle->memory, stream));
   return EP_STATUS_SUCCESS;
 }
 
@@ -459,6 +455,7 @@ ep_status_t ep_ll_combine_recv(ep_group_t group, ep_ll_handle_t handle, cudaStre
   EP_CUDA_TRY(group, cudaSetDevice(group->cuda_device));
   ep_ll_launch_t p = base_launch(group, handle);
   EP_CUDA_TRY(group, ep_launch_ll_combine_recv(&p, stream));
+  EP_CUDA_TRY(group, ep_handle_memory_used(&handle->memory, stream));
   handle->combine_recv_pending = false;
   group->ll_half_pending[handle->half] = false;
   return EP_STATUS_SUCCESS;

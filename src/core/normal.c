@@ -34,7 +34,7 @@ ep_status_t ep_handle_create_in(ep_group_t group, void* memory, size_t bytes, ep
                     handle_bytes(group));
   ep_handle_t h = (ep_handle_t)calloc(1, sizeof(*h));
   if (!h) return ep_fail(group, EP_STATUS_OUT_OF_MEMORY, "%s: host allocation failed", fn);
-  h->memory = memory;
+  h->memory.ptr = memory;
   ep_normal_handle_carve(&group->normal_region, group->num_nodes, group->ranks_per_node, memory, &h->arrays);
   h->group = group;
   h->num_recv_host = -1;
@@ -53,17 +53,65 @@ ep_status_t ep_handle_create(ep_group_t group, ep_handle_t* handle) {
   if (!handle) return FAIL_ARG(group, "%s: handle is NULL", fn);
   *handle = NULL;
   EP_CUDA_TRY(group, cudaSetDevice(group->cuda_device));
-  void* memory = NULL;
+  ep_handle_memory_t memory = {NULL, NULL};
   const size_t bytes = handle_bytes(group);
-  cudaError_t ce = cudaMalloc(&memory, bytes);
-  if (ce != cudaSuccess) return ep_fail_cuda(group, ce, "cudaMalloc of the handle");
-  ep_status_t st = ep_handle_create_in(group, memory, bytes, handle);
+  EP_TRY(ep_handle_memory_alloc(group, bytes, false, &memory));
+  ep_status_t st = ep_handle_create_in(group, memory.ptr, bytes, handle);
   if (st != EP_STATUS_SUCCESS) {
-    cudaFree(memory);
+    ep_handle_memory_free(group, &memory);
     return st;
   }
+  (*handle)->memory = memory;
   (*handle)->owns_memory = true;
   return EP_STATUS_SUCCESS;
+}
+
+/* After a launch that uses the handle's arrays: the point its destroy waits for, where the library owns them. */
+static cudaError_t handle_used(ep_handle_t handle, cudaStream_t stream) {
+  return handle->owns_memory ? ep_handle_memory_used(&handle->memory, stream) : cudaSuccess;
+}
+
+ep_status_t ep_handle_memory_alloc(ep_group_t group, size_t bytes, bool zeroed, ep_handle_memory_t* memory) {
+  memory->ptr = NULL;
+  memory->last_use = NULL;
+  cudaError_t ce = cudaSuccess;
+  if (!group->handle_stream) ce = cudaStreamCreateWithFlags(&group->handle_stream, cudaStreamNonBlocking);
+  if (ce != cudaSuccess) return ep_fail_cuda(group, ce, "creating the group's handle stream");
+  ce = cudaMallocAsync(&memory->ptr, bytes, group->handle_stream);
+  if (ce == cudaSuccess && zeroed) ce = cudaMemsetAsync(memory->ptr, 0, bytes, group->handle_stream);
+  /* Usable on every stream from here: a create is not a hot call. */
+  if (ce == cudaSuccess) ce = cudaStreamSynchronize(group->handle_stream);
+  if (ce == cudaSuccess) ce = cudaEventCreateWithFlags(&memory->last_use, cudaEventDisableTiming);
+  if (ce != cudaSuccess) {
+    ep_handle_memory_free(group, memory);
+    return ep_fail_cuda(group, ce, "allocating handle memory (cudaMallocAsync)");
+  }
+  return EP_STATUS_SUCCESS;
+}
+
+cudaError_t ep_handle_memory_used(ep_handle_memory_t* memory, cudaStream_t stream) {
+  if (!memory->last_use) return cudaSuccess;
+  enum cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  const cudaError_t ce = cudaStreamIsCapturing(stream, &capture);
+  if (ce != cudaSuccess || capture != cudaStreamCaptureStatusNone) return ce;
+  return cudaEventRecord(memory->last_use, stream);
+}
+
+cudaError_t ep_handle_memory_free(ep_group_t group, ep_handle_memory_t* memory) {
+  cudaError_t ce = cudaSuccess;
+  if (memory->ptr && group && group->handle_stream) {
+    ce = cudaSetDevice(group->cuda_device);
+    /* An event never recorded is complete: the wait passes at once. */
+    if (ce == cudaSuccess && memory->last_use) ce = cudaStreamWaitEvent(group->handle_stream, memory->last_use, 0);
+    if (ce == cudaSuccess) ce = cudaFreeAsync(memory->ptr, group->handle_stream);
+  } else if (memory->ptr) {
+    ce = cudaFree(memory->ptr);
+  }
+  /* The wait was enqueued before the event goes: CUDA keeps what it needs of it. */
+  if (memory->last_use) cudaEventDestroy(memory->last_use);
+  memory->ptr = NULL;
+  memory->last_use = NULL;
+  return ce;
 }
 
 ep_status_t ep_handle_destroy(ep_handle_t handle) {
@@ -78,16 +126,9 @@ ep_status_t ep_handle_destroy(ep_handle_t handle) {
   ep_group_t g = handle->group; /* NULL once the group is destroyed: its destroy synchronised the device */
   if (g) EP_TRY(ep_take_group(g, fn));
   ep_live_remove(handle);
-  cudaError_t ce = cudaSuccess;
-  if (handle->owns_memory) {
-    if (g) {
-      ce = cudaSetDevice(g->cuda_device);
-      if (ce == cudaSuccess) ce = cudaDeviceSynchronize();
-    }
-    cudaFree(handle->memory);
-  }
+  const cudaError_t ce = handle->owns_memory ? ep_handle_memory_free(g, &handle->memory) : cudaSuccess;
   free(handle);
-  if (ce != cudaSuccess) return ep_fail_cuda(g, ce, "ep_handle_destroy: synchronising the device");
+  if (ce != cudaSuccess) return ep_fail_cuda(g, ce, "ep_handle_destroy: freeing the handle's memory");
   return EP_STATUS_SUCCESS;
 }
 
@@ -226,6 +267,7 @@ ep_status_t ep_dispatch_prepare(ep_group_t group, ep_handle_t handle, const ep_d
     const ep_intranode_launch_t p = intranode_launch(group, handle, &call);
     EP_CUDA_TRY(group, ep_launch_intranode_prepare(&p, stream));
   }
+  EP_CUDA_TRY(group, handle_used(handle, stream));
   handle->prepared = true;
   if (!a->num_recv_tokens) return EP_STATUS_SUCCESS;
 
@@ -269,6 +311,7 @@ ep_status_t ep_handle_get_rank_prefix(ep_handle_t handle, int32_t* rank_prefix_m
   EP_CUDA_TRY(group, cudaSetDevice(group->cuda_device));
   EP_CUDA_TRY(group, ep_launch_handle_rank_prefix(&handle->arrays, group->num_ranks, rank_prefix_matrix,
                                                   recv_rank_prefix_sum, stream));
+  EP_CUDA_TRY(group, handle_used(handle, stream));
   return EP_STATUS_SUCCESS;
 }
 
@@ -334,6 +377,7 @@ ep_status_t ep_dispatch(ep_group_t group, ep_handle_t handle, const ep_dispatch_
     const ep_intranode_launch_t p = intranode_launch(group, handle, &call);
     EP_CUDA_TRY(group, ep_launch_intranode_dispatch(&p, stream));
   }
+  EP_CUDA_TRY(group, handle_used(handle, stream));
   return EP_STATUS_SUCCESS;
 }
 
@@ -375,5 +419,6 @@ ep_status_t ep_combine(ep_group_t group, ep_handle_t handle, const ep_combine_ar
     const ep_intranode_launch_t p = intranode_launch(group, handle, &call);
     EP_CUDA_TRY(group, ep_launch_intranode_combine(&p, stream));
   }
+  EP_CUDA_TRY(group, handle_used(handle, stream));
   return EP_STATUS_SUCCESS;
 }

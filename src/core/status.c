@@ -102,6 +102,9 @@ static void describe_published(ep_group_t group, int code, int site, int peer, c
                site == 0 ? "transport put" : "NVLink store");
       break;
     case EP_FAULT_ABORTED: snprintf(out, bytes, "aborted the group (ep_group_abort)"); break;
+    case EP_FAULT_SHAPE_MISMATCH:
+      snprintf(out, bytes, "found that rank %d passed ep_ll_dispatch another %s", peer, ep_ll_shape_field_name(site));
+      break;
     default: snprintf(out, bytes, "met device fault %d", code); break;
   }
 }
@@ -140,6 +143,13 @@ static ep_status_t take_device_fault(ep_group_t group, bool take_data_faults) {
                    "destroyed",
                    w->rank, w->peer, w->site == 0 ? "transport put" : "NVLink store", w->value0, w->value1);
       break;
+    case EP_FAULT_SHAPE_MISMATCH:
+      st = ep_fail(group, EP_STATUS_INVALID_ARGUMENT,
+                   "rank %d dispatched with %s %lld, this rank (%d) with %lld: every rank must pass ep_ll_dispatch "
+                   "the same max_tokens_per_rank, hidden, num_experts and recv_dtype; no row was placed, and the "
+                   "group must be destroyed",
+                   w->peer, ep_ll_shape_field_name(w->site), w->value0, w->rank, w->value1);
+      break;
     case EP_FAULT_PEER_FAILED: {
       char cause[256];
       describe_published(group, (int)w->value0, w->site, (int)w->value1, cause, sizeof(cause));
@@ -154,7 +164,7 @@ static ep_status_t take_device_fault(ep_group_t group, bool take_data_faults) {
       break;
   }
   /* This rank's own fatal fault reaches the peers without NVLink from here (its kernels reached the others). */
-  if (code == EP_FAULT_TIMEOUT || code == EP_FAULT_BAD_DATA)
+  if (code == EP_FAULT_TIMEOUT || code == EP_FAULT_BAD_DATA || code == EP_FAULT_SHAPE_MISMATCH)
     ep_publish_fault_remote(group, EP_GROUP_FAULT_PACK(code, w->site, w->rank, w->peer));
   ep_mark_failed(group);
   return st;

@@ -15,7 +15,8 @@ __device__ __forceinline__ unsigned long long global_timer_ns() {
 }
 
 __device__ __forceinline__ bool is_fatal_fault(int code) {
-  return code == EP_FAULT_TIMEOUT || code == EP_FAULT_BAD_DATA || code == EP_FAULT_PEER_FAILED;
+  return code == EP_FAULT_TIMEOUT || code == EP_FAULT_BAD_DATA || code == EP_FAULT_PEER_FAILED ||
+         code == EP_FAULT_SHAPE_MISMATCH;
 }
 
 // Record a fault in the error word; true when this call's fault is the one recorded. The first fault wins, except

@@ -19,13 +19,16 @@ extern "C" {
 /* ---- The device error word: pinned host memory that kernels write when they must stop. ---- */
 typedef enum ep_device_fault {
   EP_FAULT_NONE = 0,
-  EP_FAULT_BAD_EXPERT = 1,    /* value0 = token, value1 = the bad expert index */
-  EP_FAULT_TIMEOUT = 2,       /* peer = the rank waited on, site = which wait */
-  EP_FAULT_BAD_DATA = 3,      /* a self-check found wrong bytes: peer = source rank, value0 = offset */
-  EP_FAULT_RECV_OVERFLOW = 4, /* value0 = rows received, value1 = recv_capacity */
-  EP_FAULT_PEER_FAILED = 5,   /* a peer published a fatal fault: peer = the origin rank, site = its wait site,
-                                 value0 = its fault code, value1 = the rank it waited on (or -1) */
-  EP_FAULT_ABORTED = 6,       /* published only: the origin aborted the group (ep_group_abort) */
+  EP_FAULT_BAD_EXPERT = 1,     /* value0 = token, value1 = the bad expert index */
+  EP_FAULT_TIMEOUT = 2,        /* peer = the rank waited on, site = which wait */
+  EP_FAULT_BAD_DATA = 3,       /* a self-check found wrong bytes: peer = source rank, value0 = offset */
+  EP_FAULT_RECV_OVERFLOW = 4,  /* value0 = rows received, value1 = recv_capacity */
+  EP_FAULT_PEER_FAILED = 5,    /* a peer published a fatal fault: peer = the origin rank, site = its wait site,
+                                  value0 = its fault code, value1 = the rank it waited on (or -1) */
+  EP_FAULT_ABORTED = 6,        /* published only: the origin aborted the group (ep_group_abort) */
+  EP_FAULT_SHAPE_MISMATCH = 7, /* an LL dispatch whose shape differs between ranks: peer = the source rank, site =
+                                  the field (ep_ll_shape_field_t, ll_region.h), value0 = the peer's value, value1 =
+                                  this rank's */
 } ep_device_fault_t;
 
 /* Where a device wait happens; ep_fault_site_name() gives the words used in messages. */

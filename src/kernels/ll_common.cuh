@@ -186,6 +186,13 @@ __device__ __forceinline__ int2 ld_nc_v2(const void* ptr) {
   return v;
 }
 
+// A 64-bit word a peer wrote before the count this block's warp 0 acquired (ordered by the block barrier after it).
+__device__ __forceinline__ uint64_t ld_relaxed_sys_u64(const uint64_t* ptr) {
+  uint64_t v;
+  asm volatile("ld.relaxed.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(ptr) : "memory");
+  return v;
+}
+
 // A message header's pair (ll_region.h): expert e and slot j in one int32, then the weight's bits.
 constexpr int kPairSlotBits = EP_LL_PAIR_SLOT_BITS;
 __device__ __forceinline__ int2 make_pair(int e, int j, float weight) {

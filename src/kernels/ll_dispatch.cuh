@@ -93,8 +93,9 @@ __device__ __forceinline__ int4 cast16(const int4 (&in)[2], int round_scale, flo
 //     to the local stage and, after one block barrier, put whole with put-with-signal, one put per (token, rank).
 //  3. No grid-wide barrier: every block, after a block barrier behind its stores, adds its own message count to
 //     each NVLink destination's count word (one release add per (block, rank)); block r % blocks also writes rank r's
-//     dispatch_meta row (my tokens per local expert of r; every block knows all counts from step 1) and adds
-//     the word's high half, (messages + 1) + 1. Ranks of other nodes count the puts themselves (1 per put).
+//     dispatch_meta row (my tokens per local expert of r; every block knows all counts from step 1) and the
+//     call's shape word, and adds the word's high half, (messages + 2) + 1. Ranks of other nodes count the puts
+//     themselves (1 per put).
 // ---------------------------------------------------------------------------------------------------------------
 constexpr int kMaxRange = 64;   // tokens per send block at most
 constexpr int kStep = 512;      // channels per warp step: 16 per lane
@@ -291,7 +292,11 @@ __device__ __forceinline__ bool dispatch_send(const ep_ll_launch_t& p, Grid grid
     }
   }
 
-  // dispatch_meta rows of the ranks this block publishes to: NVLink peers directly, others through the stage.
+  // dispatch_meta rows of the ranks this block publishes to: NVLink peers directly, others through the stage. The
+  // shape word: this rank's own slot is the source of the puts to other nodes.
+  const uint64_t shape = ep_ll_shape_word(p.call.max_tokens, H, E, p.call.fp8);
+  uint64_t* shape_word = reinterpret_cast<uint64_t*>(mine + L.dispatch_shape + (size_t)me * 8);  // symmetric
+  if (tid == 0) *shape_word = shape;
   int* meta_out = reinterpret_cast<int*>(mine + L.meta_stage);  // [R][E_loc]
   for (int i = tid; i < E; i += blockDim.x) {
     const int d = rank_of_expert(p, i), le = i - d * E_loc;
@@ -327,17 +332,19 @@ __device__ __forceinline__ bool dispatch_send(const ep_ll_launch_t& p, Grid grid
       __threadfence_system();  // the meta_out rows
       tp::put_signal_warp(mine + L.dispatch_meta + (size_t)me * E_loc * 4, meta_out + (size_t)d * E_loc,
                           (size_t)E_loc * 4, count_word, 1, /*add=*/true, d);
+      tp::put_signal_warp(shape_word, shape_word, 8, count_word, 1, /*add=*/true, d);
     }
 
-  // 3. Counts. NVLink rank d: this block's messages (+ 1 for the meta row and the high half (messages + 2) << 32
-  // if it publishes for d), in one release add after the barrier above. Other nodes: the puts count themselves; the
-  // publishing block adds the high half.
+  // 3. Counts. NVLink rank d: this block's messages (+ 2 for the meta row and the shape word, and the high half
+  // (messages + 3) << 32, if it publishes for d), in one release add after the barrier above (the shape word by the
+  // same thread before it). Other nodes: the puts count themselves; the publishing block adds the high half.
   for (int d = tid; d < R; d += blockDim.x) {
     const bool pub = publishes_for(d, grid);
-    const uint64_t hi = (uint64_t)(s_rhist[d] + s_arhist[d] + 2) << 32;  // (n + 1) << 32, n = messages + 1
+    const uint64_t hi = (uint64_t)(s_rhist[d] + s_arhist[d] + 3) << 32;  // (n + 1) << 32, n = messages + 2
     char* peer = nvlink_peer(p, d);
     if (peer) {
-      const uint64_t v = (uint64_t)s_own[d] + (pub ? hi + 1 : 0);
+      if (pub) *reinterpret_cast<uint64_t*>(peer + half + L.dispatch_shape + (size_t)me * 8) = shape;
+      const uint64_t v = (uint64_t)s_own[d] + (pub ? hi + 2 : 0);
       if (v) red_add_release_sys_u64(reinterpret_cast<uint64_t*>(peer + half + L.dispatch_count + (size_t)me * 8), v);
     } else if (pub) {
       tp::signal_add(count_word, hi, d);
@@ -430,7 +437,8 @@ __device__ __forceinline__ bool dispatch_recv(const ep_ll_launch_t& p, Grid grid
       uint64_t v = 0;
       ok = wait_until([&] { return count_complete(v = ld_acquire_sys_u64(counts + s)); }, p.group.timeout_ns,
                       p.group.error, me, s, EP_SITE_LL_DISPATCH_RECV);
-      if (ok) s_moff[s + 1] = (int)(v >> 32) - 2;  // n = messages + 1 puts; hi = n + 1
+      // n = messages + 2 puts; hi = n + 1. At most T (this rank's): a source of another shape stays in the area.
+      if (ok) s_moff[s + 1] = min((int)(v >> 32) - 3, L.max_tokens);
       if (ok) wait_stats_add(p, grid, s, t0);
     }
     const bool failed = __any_sync(0xffffffffu, !ok);
@@ -466,7 +474,19 @@ __device__ __forceinline__ bool dispatch_recv(const ep_ll_launch_t& p, Grid grid
   RecvUnit r;
   if (u0 < units) recv_unit_load(p, mine + L.recv, s_moff, u0, parts, words, r);
   for (int i = tid; i < R * E_loc; i += blockDim.x) s_row0[i] = ld_relaxed_sys(meta + i);
+  // Every source's shape against mine, with the meta loads, before any row is placed (ll_region.h).
+  const uint64_t my_shape = ep_ll_shape_word(p.call.max_tokens, H, p.call.num_experts, p.call.fp8);
+  const uint64_t* shapes = reinterpret_cast<const uint64_t*>(mine + L.dispatch_shape);
+  for (int s = tid; s < R; s += blockDim.x) {
+    const uint64_t w = ld_relaxed_sys_u64(shapes + s);
+    const int field = ep_ll_shape_differs(w, my_shape);
+    if (field == EP_LL_SHAPE_AGREES) continue;
+    s_failed = 1;
+    fail_group(p.group.error, EP_FAULT_SHAPE_MISMATCH, me, s, field, ep_ll_shape_value(w, field),
+               ep_ll_shape_value(my_shape, field));
+  }
   __syncthreads();
+  if (s_failed) return false;
   for (int le = tid; le < E_loc; le += blockDim.x) {  // rows: sources in order, per expert
     int run = 0;
     for (int s = 0; s < R; ++s) {

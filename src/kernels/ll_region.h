@@ -8,6 +8,7 @@
  *   uint64 dispatch_count[R]         from source s: how many puts s made for this call's dispatch (see below)
  *   uint64 combine_signal[R]         from rank r: how many combine rows r sent me
  *   uint64 ack[R]                    from rank r: the last call number on this half whose receive phase r finished
+ *   uint64 dispatch_shape[R]         from source s: the shape of its dispatch (ep_ll_shape_word), see below
  *   int32  dispatch_meta[R][E_loc]   from source s: how many of its tokens select each of my local experts
  *   bytes  dispatch_stage[T][msg]    my tokens as messages, the source of every put to another node
  *   int32  meta_stage[R][E_loc]      my dispatch_meta rows for ranks of other nodes (source of their puts)
@@ -34,9 +35,21 @@
  * combine: (row, part) pieces), and one block also adds (n + 1) << 32 (+ 1 for dispatch's meta row): every add is
  * positive, so lo reaches n only once all blocks' adds have landed. A receiver waits for
  * hi >= 1 and lo == hi - 1, reads n = hi - 1, and zeroes the word when the call's receive phase is done, before it
- * acknowledges: no sender writes the word again before that acknowledgement. For dispatch, n = messages + 1 (the
- * dispatch_meta row is one more put). Call numbers (acks) grow for ever (device counters, so graph replays count);
- * the receive phase advances the half's call number. */
+ * acknowledges: no sender writes the word again before that acknowledgement. For dispatch, n = messages + 2 (the
+ * dispatch_meta row and the shape word are two more puts). Call numbers (acks) grow for ever (device counters, so graph
+ * replays count); the receive phase advances the half's call number.
+ *
+ * Shape agreement: ranks may pass different T, H or E to one dispatch only by mistake, and a receiver that placed a
+ * larger sender's rows by its own shape would write past its recv_x. So each source writes its call's shape word to
+ * every rank (the publishing block, before its count add: an NVLink store, or one more put-with-signal), and every
+ * receiving block compares every source's word with its own before it places a row, loading the words together
+ * with the dispatch_meta rows (no extra round trip). A difference is a fatal fault naming the source and the field
+ * (EP_FAULT_SHAPE_MISMATCH); no block of that rank places a row, so nothing is written past its buffers. Every rank
+ * sees the disagreement (each rank differs from at least one source), so every rank fails the call. A sender needs
+ * no check of its own before it writes: all its stores and puts land inside the receiver's half (without
+ * config.ll_region_bytes every rank lays out the group's shape, agreed at create; with it each call's layout is
+ * checked to fit the agreed half), the words a receiver reads before comparing sit at offsets that depend on R
+ * alone, and the message counts it scans are clamped to its own T. */
 #ifndef EP_KERNELS_LL_REGION_H
 #define EP_KERNELS_LL_REGION_H
 
@@ -55,8 +68,8 @@ typedef struct ep_ll_region {
   size_t msg_bytes;      /* stride of a dispatch message */
   size_t row_bytes;      /* stride of a combine row: 2 * hidden */
   /* offsets inside one half */
-  size_t dispatch_count, combine_signal, ack, dispatch_meta, signal_bytes; /* signal_bytes: the words above,
-                                                                            zeroed by a clean */
+  size_t dispatch_count, combine_signal, ack, dispatch_shape, dispatch_meta;
+  size_t signal_bytes; /* the words above end here: a clean zeroes them */
   size_t dispatch_stage, meta_stage, combine_stage, recv;
   size_t half_bytes;     /* one half, 128-aligned */
   size_t total_bytes;    /* both halves */
@@ -77,9 +90,11 @@ static inline EP_HD ep_ll_region_t ep_ll_region(int num_ranks, int num_experts, 
   l.msg_bytes = ep_align_up(l.hdr_bytes + (fp8_payload > bf16_payload ? fp8_payload : bf16_payload), 16);
   l.row_bytes = 2 * H;
   size_t off = 0;
+  /* clang-format off */
   l.dispatch_count = off; off += R * 8;
   l.combine_signal = off; off += R * 8;
   l.ack = off;            off += R * 8;
+  l.dispatch_shape = off; off += R * 8;
   l.dispatch_meta = off;  off += R * (size_t)l.num_local_experts * 4;
   l.signal_bytes = off;
   off = ep_align_up(off, 128);
@@ -89,6 +104,7 @@ static inline EP_HD ep_ll_region_t ep_ll_region(int num_ranks, int num_experts, 
   l.combine_stage = off;  off += (size_t)l.num_local_experts * R * T * l.row_bytes;
   off = ep_align_up(off, 128);
   l.recv = off;
+  /* clang-format on */
   {
     const size_t dispatch_recv = R * T * l.msg_bytes;
     const size_t combine_recv = E * T * l.row_bytes;
@@ -97,6 +113,49 @@ static inline EP_HD ep_ll_region_t ep_ll_region(int num_ranks, int num_experts, 
   l.half_bytes = ep_align_up(off, 128);
   l.total_bytes = 2 * l.half_bytes;
   return l;
+}
+
+/* The fields of an LL dispatch's shape that every rank must pass alike. */
+typedef enum ep_ll_shape_field {
+  EP_LL_SHAPE_AGREES = 0,
+  EP_LL_SHAPE_TOKENS = 1,  /* max_tokens_per_rank (T) */
+  EP_LL_SHAPE_HIDDEN = 2,  /* hidden (H) */
+  EP_LL_SHAPE_EXPERTS = 3, /* num_experts (E) */
+  EP_LL_SHAPE_FP8 = 4,     /* recv_dtype: 1 for EP_FP8_E4M3, 0 for EP_BF16 */
+} ep_ll_shape_field_t;
+
+/* A dispatch's shape in one word: T (14 bits, <= 8192), E (18 bits, < 2^18), H (31 bits), FP8 (the top bit). */
+static inline EP_HD uint64_t ep_ll_shape_word(int max_tokens, int hidden, int num_experts, int fp8) {
+  return (uint64_t)max_tokens | (uint64_t)num_experts << 14 | (uint64_t)hidden << 32 | (uint64_t)(fp8 != 0) << 63;
+}
+
+static inline EP_HD long long ep_ll_shape_value(uint64_t word, int field) {
+  switch (field) {
+    case EP_LL_SHAPE_TOKENS: return (long long)(word & 0x3fffu);
+    case EP_LL_SHAPE_EXPERTS: return (long long)(word >> 14 & 0x3ffffu);
+    case EP_LL_SHAPE_HIDDEN: return (long long)(word >> 32 & 0x7fffffffu);
+    case EP_LL_SHAPE_FP8: return (long long)(word >> 63);
+    default: return 0;
+  }
+}
+
+/* The first field in which two shape words differ, or EP_LL_SHAPE_AGREES. */
+static inline EP_HD int ep_ll_shape_differs(uint64_t a, uint64_t b) {
+  if (a == b) return EP_LL_SHAPE_AGREES;
+  for (int f = EP_LL_SHAPE_TOKENS; f <= EP_LL_SHAPE_FP8; ++f)
+    if (ep_ll_shape_value(a, f) != ep_ll_shape_value(b, f)) return f;
+  return EP_LL_SHAPE_AGREES;
+}
+
+/* The field's name in messages: the argument of ep_ll_dispatch_args_t. */
+static inline const char* ep_ll_shape_field_name(int field) {
+  switch (field) {
+    case EP_LL_SHAPE_TOKENS: return "max_tokens_per_rank";
+    case EP_LL_SHAPE_HIDDEN: return "hidden";
+    case EP_LL_SHAPE_EXPERTS: return "num_experts";
+    case EP_LL_SHAPE_FP8: return "recv_dtype FP8 (1) / BF16 (0)";
+    default: return "shape";
+  }
 }
 
 /* A group sized in bytes (config.ll_region_bytes): each half is bytes / 2, 128-aligned down, whatever the shape. A

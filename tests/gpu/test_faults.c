@@ -7,7 +7,8 @@
  *     the group destroyed twice and asked for its info after destroy (EP_STATUS_INVALID_USAGE, no memory error).
  *  3. An expert id out of range in the layout, and in an eager prepare on rank 0 only: reported to the rank that
  *     made it (EP_STATUS_DEVICE_ERROR) and the group keeps working (the next group check passes on every rank).
- *     Two layout calls overlapping on two streams: the second is refused.
+ *     Two layout calls overlapping on two streams: the second is refused. Handle destroy waits for the handle's
+ *     own work only: with another stream held 300 ms by a host function it returns at once.
  *  4. One fatal case per run (a failed group's destroy leaves NVSHMEM to the process): by default a published fault
  *     (rank 0 stalls; rank 1 times out first, over an unread data fault, and the others get
  *     EP_STATUS_PEER_FAILED long before their own budget); with the argument "destroy", a destroy whose barrier a
@@ -31,6 +32,12 @@ static double now_s(void) {
 static void CUDART_CB sleep_200ms(void* unused) {
   (void)unused;
   struct timespec ts = {0, 200000000};
+  nanosleep(&ts, NULL);
+}
+
+static void CUDART_CB sleep_300ms(void* unused) {
+  (void)unused;
+  struct timespec ts = {0, 300000000};
   nanosleep(&ts, NULL);
 }
 
@@ -157,6 +164,51 @@ static void case_use_after_destroy(const harness_t* h) {
     cudaFree(x);
     cudaFree(recv_x);
     cudaFree(recv_count);
+  }
+
+  /* Handle destroy waits for the handle's own work only, never for the device (it used to synchronise it). With a
+   * 300 ms host function holding another stream, destroying a handle whose prepare is done, and an LL handle never
+   * used, returns at once; so does destroying a handle whose prepare still waits behind that function: its memory
+   * is freed on the group's stream once the prepare has run (the group check after it passes on every rank). */
+  {
+    const int64_t fine[2] = {0, 1};
+    cudaMemcpy(topk, fine, sizeof(fine), cudaMemcpyHostToDevice);
+    int* recv_dev = NULL;
+    cudaMalloc((void**)&recv_dev, sizeof(int) * (size_t)(1 + cfg.num_experts / h->num_ranks));
+    ep_dispatch_prepare_args_t ga = EP_DISPATCH_PREPARE_ARGS_INIT;
+    ga.topk_idx = topk;
+    ga.num_tokens = 1;
+    ga.num_topk = 2;
+    ga.num_experts = cfg.num_experts;
+    ga.num_recv_tokens_dev = recv_dev;
+    ga.num_recv_tokens_per_expert_dev = recv_dev + 1;
+    ep_handle_t done = NULL, pending = NULL;
+    ep_ll_handle_t unused = NULL;
+    CHECK(ep_handle_create(g, &done) == EP_STATUS_SUCCESS, "handle: %s", ep_last_error(g));
+    CHECK(ep_handle_create(g, &pending) == EP_STATUS_SUCCESS, "handle: %s", ep_last_error(g));
+    CHECK(ep_ll_handle_create(g, &unused) == EP_STATUS_SUCCESS, "LL handle: %s", ep_last_error(g));
+    CHECK(ep_dispatch_prepare(g, done, &ga, stream) == EP_STATUS_SUCCESS, "prepare: %s", ep_last_error(g));
+    cudaStreamSynchronize(stream);
+    cudaStream_t busy;
+    cudaStreamCreate(&busy);
+    cudaLaunchHostFunc(busy, sleep_300ms, NULL);
+    double t0 = now_s();
+    CHECK(ep_handle_destroy(done) == EP_STATUS_SUCCESS, "destroy: %s", ep_last_error(g));
+    CHECK(ep_ll_handle_destroy(unused) == EP_STATUS_SUCCESS, "LL destroy: %s", ep_last_error(g));
+    const double done_s = now_s() - t0;
+    CHECK(ep_dispatch_prepare(g, pending, &ga, busy) == EP_STATUS_SUCCESS, "prepare behind the host function: %s",
+          ep_last_error(g));
+    t0 = now_s();
+    CHECK(ep_handle_destroy(pending) == EP_STATUS_SUCCESS, "destroy of the pending handle: %s", ep_last_error(g));
+    const double pending_s = now_s() - t0;
+    cudaStreamSynchronize(busy);
+    CHECK(done_s < 0.1 && pending_s < 0.1, "handle destroy waited for other work: %.3f s (done), %.3f s (pending)",
+          done_s, pending_s);
+    CHECK(ep_group_check(g, stream) == EP_STATUS_SUCCESS, "group check after the destroys: %s", ep_last_error(g));
+    printf("rank %d: handle destroy with another stream busy for 0.3 s: %.3f s (work done), %.3f s (work pending)\n",
+           h->rank, done_s, pending_s);
+    cudaStreamDestroy(busy);
+    cudaFree(recv_dev);
   }
 
   /* Two layout calls overlapping on two streams would share the group's scratch: the second is refused while the

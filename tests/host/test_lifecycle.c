@@ -161,6 +161,59 @@ static void test_peer_failed(void) {
   CHECK(a != 0 && EP_GROUP_FAULT_ORIGIN(a) == 0 && EP_GROUP_FAULT_PEER(a) == -1, "abort word 0x%llx", a);
 }
 
+/* Defect: ranks that disagreed on an LL dispatch's T, hidden or num_experts went unnoticed, and a receiver placed a
+ * larger sender's rows by its own shape, past its recv_x. Each source now sends its shape word beside its count;
+ * a receiver that finds another shape records EP_FAULT_SHAPE_MISMATCH, which names the source and the field, is
+ * EP_STATUS_INVALID_ARGUMENT, fails the group, and reads as the cause on the ranks it is published to. */
+static void test_ll_shape_mismatch(void) {
+  const uint64_t mine = ep_ll_shape_word(128, 7168, 256, 1);
+  CHECK(ep_ll_shape_value(mine, EP_LL_SHAPE_TOKENS) == 128 && ep_ll_shape_value(mine, EP_LL_SHAPE_HIDDEN) == 7168 &&
+            ep_ll_shape_value(mine, EP_LL_SHAPE_EXPERTS) == 256 && ep_ll_shape_value(mine, EP_LL_SHAPE_FP8) == 1,
+        "shape word 0x%llx", (unsigned long long)mine);
+  const uint64_t most = ep_ll_shape_word(EP_LL_MAX_TOKENS_PER_RANK, EP_MAX_HIDDEN, EP_LL_MAX_EXPERTS - 1, 0);
+  CHECK(ep_ll_shape_value(most, EP_LL_SHAPE_TOKENS) == EP_LL_MAX_TOKENS_PER_RANK &&
+            ep_ll_shape_value(most, EP_LL_SHAPE_HIDDEN) == EP_MAX_HIDDEN &&
+            ep_ll_shape_value(most, EP_LL_SHAPE_EXPERTS) == EP_LL_MAX_EXPERTS - 1,
+        "the largest shape does not round-trip: 0x%llx", (unsigned long long)most);
+  CHECK(ep_ll_shape_differs(mine, mine) == EP_LL_SHAPE_AGREES, "a shape differs from itself");
+  CHECK(ep_ll_shape_differs(ep_ll_shape_word(64, 7168, 256, 1), mine) == EP_LL_SHAPE_TOKENS, "T");
+  CHECK(ep_ll_shape_differs(ep_ll_shape_word(128, 4096, 256, 1), mine) == EP_LL_SHAPE_HIDDEN, "hidden");
+  CHECK(ep_ll_shape_differs(ep_ll_shape_word(128, 7168, 288, 1), mine) == EP_LL_SHAPE_EXPERTS, "num_experts");
+  CHECK(ep_ll_shape_differs(ep_ll_shape_word(128, 7168, 256, 0), mine) == EP_LL_SHAPE_FP8, "recv_dtype");
+
+  ep_group_t g = new_host_group();
+  unsigned long long group_word = 0;
+  memset(&g_error_word, 0, sizeof(g_error_word));
+  g_error_word.code = EP_FAULT_SHAPE_MISMATCH;
+  g_error_word.rank = 1;
+  g_error_word.peer = 3;
+  g_error_word.site = EP_LL_SHAPE_HIDDEN;
+  g_error_word.value0 = 4096;
+  g_error_word.value1 = 7168;
+  size_t bytes;
+  const char* cause = "rank 3 dispatched with hidden 4096, this rank (1) with 7168";
+  EXPECT_FAIL(ep_handle_memory_bytes(g, &bytes), g, EP_STATUS_INVALID_ARGUMENT, cause);
+  CHECK(g->failed, "a shape disagreement did not fail the group");
+  EXPECT_FAIL(ep_handle_memory_bytes(g, &bytes), g, EP_STATUS_INVALID_USAGE, cause);
+  memset(&g_error_word, 0, sizeof(g_error_word));
+  (void)destroy_host_group(g);
+
+  /* Published to a peer: its PEER_FAILED message names the disagreement. */
+  g = new_host_group();
+  g_error_word.group_fault = &group_word;
+  g_error_word.num_ranks = 4;
+  g_error_word.code = EP_FAULT_PEER_FAILED;
+  g_error_word.rank = 2;
+  g_error_word.peer = 1;                         /* the origin */
+  g_error_word.site = EP_LL_SHAPE_TOKENS;        /* the field */
+  g_error_word.value0 = EP_FAULT_SHAPE_MISMATCH; /* its cause */
+  g_error_word.value1 = 3;                       /* the rank it disagreed with */
+  EXPECT_FAIL(ep_handle_memory_bytes(g, &bytes), g, EP_STATUS_PEER_FAILED,
+              "rank 1 failed: found that rank 3 passed ep_ll_dispatch another max_tokens_per_rank");
+  memset(&g_error_word, 0, sizeof(g_error_word));
+  (void)destroy_host_group(g);
+}
+
 /* One thread per group at a time: a call while another thread is inside one on the group is refused, naming that
  * call; the group is given back on every return path, so the next call (from any thread) proceeds. */
 typedef struct {
@@ -403,6 +456,7 @@ int main(void) {
   test_use_after_destroy();
   test_first_fatal_message_kept();
   test_peer_failed();
+  test_ll_shape_mismatch();
   test_one_thread_at_a_time();
   test_bounds_and_alignment();
   test_ll_handle_create_failure_frees();
