@@ -353,6 +353,10 @@ class Buffer(NormalPath, LowLatencyPath, metaclass=_BufferType):
         ptr, self._group_ptr = self._group_ptr, None
         if ptr is not None:
             self._views.clear()
+            # The LL handles' memory is freed in stream order after the library's last use, but tensors over it
+            # (src_info, layout_range, the zero-copy buffer) may still be read by work queued on the caller's
+            # streams: let the device finish them first.
+            require_torch("Buffer.destroy").cuda.synchronize(self.device)
             while self._ll_slots:
                 self._lib.ep_ll_handle_destroy(self._ll_slots.pop())
             _capi.check(self._lib.ep_group_destroy(ptr), None)
