@@ -207,6 +207,8 @@ static inline bool ep_misaligned16(const void* ptr) { return ((uintptr_t)ptr & 1
 typedef struct ep_handle_memory {
   void* ptr;
   cudaEvent_t last_use; /* recorded after each eager launch on the handle; NULL for memory the caller owns */
+  bool pooled;          /* from cudaMallocAsync; false where the device has no memory pools (plain cudaMalloc,
+                           whose cudaFree waits for the device) */
 } ep_handle_memory_t;
 ep_status_t ep_handle_memory_alloc(ep_group_t group, size_t bytes, bool zeroed, ep_handle_memory_t* memory);
 /* After an eager launch on `stream` that reads or writes the memory. */

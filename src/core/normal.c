@@ -53,7 +53,7 @@ ep_status_t ep_handle_create(ep_group_t group, ep_handle_t* handle) {
   if (!handle) return FAIL_ARG(group, "%s: handle is NULL", fn);
   *handle = NULL;
   EP_CUDA_TRY(group, cudaSetDevice(group->cuda_device));
-  ep_handle_memory_t memory = {NULL, NULL};
+  ep_handle_memory_t memory = {NULL, NULL, false};
   const size_t bytes = handle_bytes(group);
   EP_TRY(ep_handle_memory_alloc(group, bytes, false, &memory));
   ep_status_t st = ep_handle_create_in(group, memory.ptr, bytes, handle);
@@ -74,17 +74,24 @@ static cudaError_t handle_used(ep_handle_t handle, cudaStream_t stream) {
 ep_status_t ep_handle_memory_alloc(ep_group_t group, size_t bytes, bool zeroed, ep_handle_memory_t* memory) {
   memory->ptr = NULL;
   memory->last_use = NULL;
+  memory->pooled = false;
   cudaError_t ce = cudaSuccess;
   if (!group->handle_stream) ce = cudaStreamCreateWithFlags(&group->handle_stream, cudaStreamNonBlocking);
   if (ce != cudaSuccess) return ep_fail_cuda(group, ce, "creating the group's handle stream");
+  memory->pooled = true;
   ce = cudaMallocAsync(&memory->ptr, bytes, group->handle_stream);
+  if (ce == cudaErrorNotSupported) { /* no memory pools on this device or under this MPS setup */
+    (void)cudaGetLastError();
+    memory->pooled = false;
+    ce = cudaMalloc(&memory->ptr, bytes);
+  }
   if (ce == cudaSuccess && zeroed) ce = cudaMemsetAsync(memory->ptr, 0, bytes, group->handle_stream);
   /* Usable on every stream from here: a create is not a hot call. */
   if (ce == cudaSuccess) ce = cudaStreamSynchronize(group->handle_stream);
   if (ce == cudaSuccess) ce = cudaEventCreateWithFlags(&memory->last_use, cudaEventDisableTiming);
   if (ce != cudaSuccess) {
     ep_handle_memory_free(group, memory);
-    return ep_fail_cuda(group, ce, "allocating handle memory (cudaMallocAsync)");
+    return ep_fail_cuda(group, ce, "allocating handle memory");
   }
   return EP_STATUS_SUCCESS;
 }
@@ -99,7 +106,7 @@ cudaError_t ep_handle_memory_used(ep_handle_memory_t* memory, cudaStream_t strea
 
 cudaError_t ep_handle_memory_free(ep_group_t group, ep_handle_memory_t* memory) {
   cudaError_t ce = cudaSuccess;
-  if (memory->ptr && group && group->handle_stream) {
+  if (memory->ptr && memory->pooled && group && group->handle_stream) {
     ce = cudaSetDevice(group->cuda_device);
     /* An event never recorded is complete: the wait passes at once. */
     if (ce == cudaSuccess && memory->last_use) ce = cudaStreamWaitEvent(group->handle_stream, memory->last_use, 0);
