@@ -2,8 +2,11 @@
 # On a GPU machine: build, run the tests (GPU tests on every rank count the machine allows), run the benchmark,
 # keep full logs under $OUT (or ./gpu-out), and print a short summary last. The bench step also runs
 # bench/ll_kernel_time.py where PyTorch is installed.
-#   scripts/gpu_run.sh [tests|bench|sanitize|all] [extra ep_bench args...]
+#   scripts/gpu_run.sh [tests|bench|sanitize|faults|compat|all] [extra ep_bench args...]
 # `sanitize` runs the small GPU cases under compute-sanitizer (memcheck; racecheck for the layout and LL kernels).
+# `faults` runs the fault matrix at 2 and 4 ranks sharing the GPU (EP_FM_RANKS) and the 1,000-iteration soak at 2
+# (docs/faults.md). `compat` runs DeepEP V1's test scripts (EP_DEEPEP_TESTS: their folder) and Megatron-Core's
+# fused_a2a (EP_MEGATRON_WHEEL: a megatron-core wheel) on ep at 1 rank and 2 ranks sharing the GPU (tests/compat).
 # EP_TEST_SHARE_GPU=1 on a machine of fewer than 8 GPUs: the tests step also runs the GPU tests on more ranks than
 # GPUs, ranks sharing GPUs under CUDA MPS (correctness only; scripts/shared_gpu.sh). EP_TEST_RANKS overrides the
 # rank counts of the tests step (e.g. "8", for a shorter run; "1 2 3 4 5 6 7 8" with EP_TEST_SHARE_GPU=1 on one GPU).
@@ -45,6 +48,24 @@ if [[ $what == sanitize ]]; then
       > "$out/san-$2-$1.log" 2>&1
     rc=$?; summary+=("compute-sanitizer $1 $2 (-n $n): exit $rc")
     grep -m3 -E "ERROR SUMMARY|Invalid|Race|SKIP" "$out/san-$2-$1.log"
+  done
+fi
+if [[ $what == faults ]]; then
+  scripts/shared_gpu.sh env EP_FM_RANKS="${EP_FM_RANKS:-2 4}" tests/gpu/fault_matrix.sh build \
+    > "$out/fault-matrix.log" 2>&1
+  rc=$?; grep -A16 "^| call" "$out/fault-matrix.log"
+  summary+=("fault matrix: exit $rc, $(grep -E 'cells not ok' "$out/fault-matrix.log" | tail -1)")
+  scripts/shared_gpu.sh env CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=50 EP_SOAK_ITERS=1000 \
+    build/bin/ep_launch -n 2 -t 600 -l "$out/soak-logs" -- build/tests/gpu/test_soak > "$out/soak.log" 2>&1
+  summary+=("soak: exit $?, $(grep 'soak of' "$out/soak.log" | tail -1)")
+fi
+if [[ $what == compat ]]; then
+  export PYTHONPATH="$PWD/python" EP_LIBRARY_PATH="$PWD/build/lib/libep.so"
+  tests/compat/run_deepep_tests.sh 1 > "$out/deepep-tests.log" 2>&1
+  summary+=("DeepEP's tests at 1 rank: exit $?"); grep -E "^(PASS|FAIL|SKIP)" "$out/deepep-tests.log"
+  for n in 1 2; do
+    EP_TEST_WORLD=$n scripts/shared_gpu.sh python3 tests/compat/megatron_fused_a2a.py > "$out/megatron-$n.log" 2>&1
+    summary+=("Megatron-Core fused_a2a at $n rank(s): exit $?")
   done
 fi
 if [[ $what == all || $what == bench ]]; then
