@@ -167,7 +167,7 @@ void ep_publish_fault_remote(ep_group_t g, unsigned long long word) {
 /* A fatal fault reported on this rank, or recorded in its error word and not yet reported. */
 static bool fatal_fault_recorded(ep_group_t g) {
   const int code = g->error_word ? ((volatile ep_device_error_t*)g->error_word)->code : EP_FAULT_NONE;
-  return g->failed || code == EP_FAULT_TIMEOUT || code == EP_FAULT_BAD_DATA || code == EP_FAULT_PEER_FAILED;
+  return g->failed || ep_fault_is_fatal(code);
 }
 
 /* ...or published by a peer into this rank's group fault word: the group's collective teardown would wait for a

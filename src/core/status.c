@@ -164,7 +164,7 @@ static ep_status_t take_device_fault(ep_group_t group, bool take_data_faults) {
       break;
   }
   /* This rank's own fatal fault reaches the peers without NVLink from here (its kernels reached the others). */
-  if (code == EP_FAULT_TIMEOUT || code == EP_FAULT_BAD_DATA || code == EP_FAULT_SHAPE_MISMATCH)
+  if (ep_fault_is_fatal(code) && code != EP_FAULT_PEER_FAILED)
     ep_publish_fault_remote(group, EP_GROUP_FAULT_PACK(code, w->site, w->rank, w->peer));
   ep_mark_failed(group);
   return st;

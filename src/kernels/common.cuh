@@ -14,10 +14,6 @@ __device__ __forceinline__ unsigned long long global_timer_ns() {
   return t;
 }
 
-__device__ __forceinline__ bool is_fatal_fault(int code) {
-  return code == EP_FAULT_TIMEOUT || code == EP_FAULT_BAD_DATA || code == EP_FAULT_PEER_FAILED ||
-         code == EP_FAULT_SHAPE_MISMATCH;
-}
 
 // Record a fault in the error word; true when this call's fault is the one recorded. The first fault wins, except
 // that a fatal fault replaces an unread data fault: a kernel that gave up must leave the group marked failed even
@@ -25,7 +21,7 @@ __device__ __forceinline__ bool is_fatal_fault(int code) {
 __device__ __forceinline__ bool record_fault(ep_device_error_t* err, int code, int rank, int peer, int site,
                                              long long value0, long long value1) {
   int seen = atomicCAS(&err->code, 0, -1);  // -1 = being written
-  if (seen > 0 && is_fatal_fault(code) && !is_fatal_fault(seen) && atomicCAS(&err->code, seen, -1) == seen) seen = 0;
+  if (seen > 0 && ep_fault_is_fatal(code) && !ep_fault_is_fatal(seen) && atomicCAS(&err->code, seen, -1) == seen) seen = 0;
   if (seen != 0) return false;
   err->peer = peer;
   err->site = site;
@@ -68,7 +64,7 @@ __device__ __forceinline__ void fail_group(ep_device_error_t* err, int code, int
 __device__ __forceinline__ bool has_fault(ep_device_error_t* err, int rank) {
   const int code = *(volatile const int*)&err->code;
   const unsigned long long* group_word = *(unsigned long long* volatile const*)&err->group_fault;
-  if (is_fatal_fault(code)) return true;
+  if (ep_fault_is_fatal(code)) return true;
   if (group_word == nullptr) return false;
   const unsigned long long w = *(volatile const unsigned long long*)group_word;
   if (w == 0) return false;

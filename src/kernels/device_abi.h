@@ -3,6 +3,10 @@
 #ifndef EP_KERNELS_DEVICE_ABI_H
 #define EP_KERNELS_DEVICE_ABI_H
 
+#include <stdbool.h>
+
+#include "kernels/host_device.h"
+
 /* Ranks of one NVLink domain: the intranode path's group, the internode path's ranks per node (per-rank arrays in
  * registers and shared memory are sized by it). */
 #define EP_MAX_NVLINK_RANKS 8
@@ -30,6 +34,13 @@ typedef enum ep_device_fault {
                                   the field (ep_ll_shape_field_t, ll_region.h), value0 = the peer's value, value1 =
                                   this rank's */
 } ep_device_fault_t;
+
+/* A fault after which the group is failed: every wait of its kernels gives up at once and the host marks it failed.
+ * The others (a bad expert index, a receive overflow) are data faults, reported to the rank that made them. */
+static inline EP_HD bool ep_fault_is_fatal(int code) {
+  return code == EP_FAULT_TIMEOUT || code == EP_FAULT_BAD_DATA || code == EP_FAULT_PEER_FAILED ||
+         code == EP_FAULT_SHAPE_MISMATCH;
+}
 
 /* Where a device wait happens; ep_fault_site_name() gives the words used in messages. */
 typedef enum ep_wait_site {
