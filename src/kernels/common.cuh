@@ -14,14 +14,14 @@ __device__ __forceinline__ unsigned long long global_timer_ns() {
   return t;
 }
 
-
 // Record a fault in the error word; true when this call's fault is the one recorded. The first fault wins, except
 // that a fatal fault replaces an unread data fault: a kernel that gave up must leave the group marked failed even
 // when the word already held a bad expert index.
 __device__ __forceinline__ bool record_fault(ep_device_error_t* err, int code, int rank, int peer, int site,
                                              long long value0, long long value1) {
   int seen = atomicCAS(&err->code, 0, -1);  // -1 = being written
-  if (seen > 0 && ep_fault_is_fatal(code) && !ep_fault_is_fatal(seen) && atomicCAS(&err->code, seen, -1) == seen) seen = 0;
+  if (seen > 0 && ep_fault_is_fatal(code) && !ep_fault_is_fatal(seen) && atomicCAS(&err->code, seen, -1) == seen)
+    seen = 0;
   if (seen != 0) return false;
   err->peer = peer;
   err->site = site;
