@@ -2,15 +2,19 @@
 #define _DEFAULT_SOURCE /* usleep */
 #include "gpu/harness.h"
 
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
 #include <cuda_runtime_api.h>
 
 int harness_init(harness_t* h) {
+  setvbuf(stdout, NULL, _IOLBF, 0); /* a rank's lines reach its log even when it dies by a signal */
   const char* r = getenv("EP_LAUNCH_RANK");
   const char* n = getenv("EP_LAUNCH_NUM_RANKS");
   h->dir = getenv("EP_LAUNCH_DIR");
@@ -83,6 +87,29 @@ int harness_barrier(const harness_t* h, const char* name) {
     }
   }
   return 0;
+}
+
+int harness_run_case(const harness_t* h, const char* case_name) {
+  char dir[4096], self[4096];
+  snprintf(dir, sizeof(dir), "%s/%s", h->dir, case_name);
+  if (mkdir(dir, 0755) != 0 && errno != EEXIST) return 1;
+  const ssize_t len = readlink("/proc/self/exe", self, sizeof(self) - 1);
+  if (len <= 0) return 1;
+  self[len] = '\0';
+  fflush(stdout);
+  fflush(stderr);
+  const pid_t pid = fork();
+  if (pid < 0) return 1;
+  if (pid == 0) {
+    setenv("EP_LAUNCH_DIR", dir, 1);
+    execl(self, self, case_name, (char*)NULL);
+    _exit(127);
+  }
+  int status = 0;
+  while (waitpid(pid, &status, 0) < 0)
+    if (errno != EINTR) return 1;
+  if (WIFSIGNALED(status)) return 128 + WTERMSIG(status);
+  return WEXITSTATUS(status);
 }
 
 ep_status_t harness_group_create(const harness_t* h, const ep_group_config_t* config, ep_group_t* group) {

@@ -38,6 +38,14 @@ int harness_share(const harness_t* h, const char* name, void* bytes, size_t len,
 /* All ranks arrive before any leaves (file based, slow: for setup only). Returns 0 on success. */
 int harness_barrier(const harness_t* h, const char* name);
 
+/* Run this program again as `PROGRAM CASE` in a fresh process on every rank (their files in the launch folder's
+ * subfolder CASE) and return its exit status (128 + the signal if a signal ended it). For a case that leaves the
+ * group torn down on its rank alone (a fatal fault, ep_group_abort): NVSHMEM stays initialised until the process
+ * exits, and NVSHMEM 3.4.5 registers an exit handler at each initialisation, so a process that made a group
+ * before would run two; the second calls into the bootstrap plugin the first unloaded, and the process dies by
+ * SIGSEGV at exit (seen on H100, a test of 3 groups). A fresh process has one handler and exits cleanly. */
+int harness_run_case(const harness_t* h, const char* case_name);
+
 /* Rank 0 makes a unique id, shares it, and every rank creates the group on its GPU. */
 ep_status_t harness_group_create(const harness_t* h, const ep_group_config_t* config, ep_group_t* group);
 

@@ -7,7 +7,11 @@
  *               killed before its kernels can finish (the others enter the call 200 ms later, so its kernels are
  *               still waiting for them); with the hook, the send phase has run and the receive is never called; a
  *               call that waits on the host (eager prepare, create, destroy) is cut by a timer 20 ms (create: 300
- *               ms) into it.
+ *               ms) into it. Ranks sharing a GPU under MPS: the faulty rank dies just before its call instead (no
+ *               kernel of it in flight; create and the hook's receive as above), because killing an MPS client
+ *               whose kernel is running makes the next kernel of every other client of the server fail with
+ *               cudaErrorIllegalAddress, whatever they share (bench/probes/mps_kill.cu, on one H100): the survivors
+ *               would report the server's fault, not how the library meets a dead peer.
  *   stall       the faulty rank sleeps past the time budget (budget + 1 s) before the call, then makes it.
  *   bad-expert  an expert id outside [-1, num_experts) on the faulty rank.
  *   shape       the faulty rank disagrees on a shape: config.hidden at create; T (max_tokens_per_rank) of an LL
@@ -666,6 +670,7 @@ static void run_fatal_cell(const harness_t* h, int row, int col) {
   if (f.me_faulty && col == COL_KILL) {
     const int host_wait = row == ROW_PREPARE_EAGER || row == ROW_DESTROY;
     printf("cell %s %s rank %d faulty killing - 0.000\n", k_rows[row], k_cols[col], h->rank);
+    if (h->num_ranks > h->num_devices && row != ROW_LL_HOOK) die_now(); /* MPS: no kernel in flight (above) */
     if (host_wait) kill_in(0.02);
     row_call(&f, &cs, row, !host_wait);
     die_now(); /* a host-waiting call that returned within 20 ms: die after it */
@@ -717,7 +722,6 @@ static void list_cells(void) {
 }
 
 int main(int argc, char** argv) {
-  setvbuf(stdout, NULL, _IOLBF, 0);
   if (argc == 2 && strcmp(argv[1], "--list") == 0) {
     list_cells();
     return 0;

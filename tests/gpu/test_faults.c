@@ -9,10 +9,11 @@
  *     made it (EP_STATUS_DEVICE_ERROR) and the group keeps working (the next group check passes on every rank).
  *     Two layout calls overlapping on two streams: the second is refused. Handle destroy waits for the handle's
  *     own work only: with another stream held 300 ms by a host function it returns at once.
- *  4. One fatal case per run (a failed group's destroy leaves NVSHMEM to the process): by default a published fault
- *     (rank 0 stalls; rank 1 times out first, over an unread data fault, and the others get
- *     EP_STATUS_PEER_FAILED long before their own budget); with the argument "destroy", a destroy whose barrier a
- *     rank never reaches (EP_STATUS_TIMEOUT naming it, within the budget).
+ *  4. The fatal cases, each in a fresh process of its own (harness_run_case: a failed group's destroy leaves
+ *     NVSHMEM to the process, which then makes no other group): "published", a published fault (rank 0 stalls;
+ *     rank 1 times out first, over an unread data fault, and the others get EP_STATUS_PEER_FAILED long before their
+ *     own budget); "destroy", a destroy whose barrier a rank never reaches (EP_STATUS_TIMEOUT naming it, within the
+ *     budget). `test_faults CASE` runs one of them alone.
  * Every rank prints one line per case: name, outcome, seconds. */
 #include <stdio.h>
 #include <string.h>
@@ -363,10 +364,18 @@ int main(int argc, char** argv) {
   int rc = harness_init(&h);
   if (!rc) rc = harness_need_ranks(&h, 2);
   if (rc) return rc;
+  if (argc > 1) {
+    if (strcmp(argv[1], "published") == 0) case_published_fault(&h);
+    else if (strcmp(argv[1], "destroy") == 0) case_destroy_without_a_peer(&h);
+    else CHECK(0, "unknown case %s (published, destroy)", argv[1]);
+    return TEST_RESULT();
+  }
   case_config_disagreement(&h);
   case_use_after_destroy(&h);
-  /* A fatal fault leaves NVSHMEM to the process (its shutdown needs every peer): one such case per run. */
-  if (argc > 1 && strcmp(argv[1], "destroy") == 0) case_destroy_without_a_peer(&h);
-  else case_published_fault(&h);
+  const char* const fatal_cases[] = {"published", "destroy"};
+  for (int i = 0; i < 2; ++i) {
+    const int rc = harness_run_case(&h, fatal_cases[i]);
+    CHECK(rc == 0, "the %s case's process ended with %d", fatal_cases[i], rc);
+  }
   return TEST_RESULT();
 }

@@ -112,7 +112,6 @@ static void run_shape(const harness_t* h, normal_ctx_t* c, int rpn, int forced) 
 }
 
 int main(void) {
-  setvbuf(stdout, NULL, _IOLBF, 0);
   harness_t h;
   int rc = harness_init(&h);
   if (rc) return rc;

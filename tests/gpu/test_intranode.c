@@ -41,7 +41,6 @@
 #include "gpu/test_util.h"
 
 int main(void) {
-  setvbuf(stdout, NULL, _IOLBF, 0);
   harness_t h;
   int rc = harness_init(&h);
   if (rc) return rc;

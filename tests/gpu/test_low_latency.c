@@ -15,8 +15,9 @@
  * captured together with the hook, zero-copy and UE8M0, eager calls after the replays; many repetitions; the
  * combine with sums on the experts' ranks (the dispatch carries the weights) in both shapes, the graph included.
  * Checked: recv_count, layout_range, src_info, recv_x bytes, scales (fp32 column-major or packed UE8M0), the
- * combined output; every output is poisoned before every call. Last, a peer that never calls makes the call
- * time out naming it. Any rank count from 1 to 16: a case's expert count is rounded down to a multiple of it.
+ * combined output; every output is poisoned before every call. Last, in a fresh process (`test_low_latency
+ * timeout`, harness_run_case: the failed group is torn down locally), a peer that never calls makes the call time
+ * out naming it. Any rank count from 1 to 16: a case's expert count is rounded down to a multiple of it.
  * EP_TEST_LEVEL=full adds k_big_t_cases (T 1536 .. 8192) on a group with ll_max_tokens_per_rank 8192, and at 6 ranks
  * virtual nodes of 3. A failure prints the case and the seed; EP_TEST_SEED=<seed> replays it. */
 #include <stdio.h>
@@ -878,11 +879,15 @@ static void run_stats(const harness_t* h) {
   ep_group_destroy(c.g);
 }
 
-int main(void) {
-  setvbuf(stdout, NULL, _IOLBF, 0);
+int main(int argc, char** argv) {
   harness_t h;
   int rc = harness_init(&h);
   if (rc) return rc;
+  if (argc > 1) {
+    if (strcmp(argv[1], "timeout") == 0) run_timeout(&h);
+    else CHECK(0, "unknown case %s (timeout)", argv[1]);
+    return TEST_RESULT();
+  }
   if (h.num_ranks > MAX_RANKS) {
     printf("SKIP: more than %d ranks\n", MAX_RANKS);
     return TEST_SKIP;
@@ -897,6 +902,9 @@ int main(void) {
   if (full) run_shape(&h, 0, "one node, T up to 8192", SCOPE_BIG_T);
   run_stats(&h);
   run_bytes(&h);
-  run_timeout(&h);
+  if (R >= 2) {
+    rc = harness_run_case(&h, "timeout");
+    CHECK(rc == 0, "the timeout case's process ended with %d", rc);
+  }
   return TEST_RESULT();
 }

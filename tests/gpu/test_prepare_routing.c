@@ -313,7 +313,6 @@ static int run_group(const harness_t* h, int ranks_per_node, int round_tokens, u
 }
 
 int main(void) {
-  setvbuf(stdout, NULL, _IOLBF, 0);
   harness_t h;
   int rc = harness_init(&h);
   if (rc) return rc;

@@ -59,7 +59,6 @@ static ll_shape_t draw_ll(uint64_t* st, int R, int experts) {
 }
 
 int main(void) {
-  setvbuf(stdout, NULL, _IOLBF, 0);
   harness_t h;
   int rc = harness_init(&h);
   if (!rc && h.num_ranks > LL_MAX_RANKS) {
