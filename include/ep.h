@@ -207,7 +207,8 @@ typedef struct ep_group_config {
                                   wait on a peer runs out of the time budget masks that peer on this rank and
                                   succeeds without it, instead of failing the group; ep_group_mask_rank and the
                                   calls after it read and set the mask by hand (see "Rank mask" below).
-                                  0 (the default): no mask, a timeout is fatal (the rules above) */
+                                  0 (the default): no mask, a timeout is fatal (the rules above). The same on
+                                  every rank */
 } ep_group_config_t;
 
 #define EP_GROUP_CONFIG_INIT \
@@ -600,7 +601,8 @@ typedef struct ep_ll_dispatch_args {
                                   column-major in the last two dims, as DeepEP returns it. With use_ue8m0: int32
                                   [E_loc, hidden / 512, R * T] likewise, 4 UE8M0 bytes per int (group 4j in the low
                                   byte), as DeepGEMM consumes them */
-  int* recv_count;             /* [OUT] [E_loc] int32 device: valid rows per local expert */
+  int* recv_count;             /* [OUT] [E_loc] int32 device: valid rows per local expert (none from masked ranks:
+                                  see "Rank mask") */
   int return_after_send;       /* 1: only issue the sends; ep_ll_dispatch_recv() completes the call */
   const float* topk_weights;   /* [IN] optional [num_tokens, num_topk] fp32 device: the router's weights. They travel
                                   with the tokens (4 bytes per (token, expert) pair), so that the handle's combine
@@ -706,7 +708,8 @@ EP_API ep_status_t ep_ll_combine_recv(ep_group_t group, ep_ll_handle_t handle, c
  * abandoned: its sends have landed by the clean's barrier, the signals it would wait for are zeroed, and its
  * handle no longer reports it pending (its receive call then returns EP_STATUS_INVALID_USAGE). Synchronises
  * `stream` and the device, then waits for every rank, before and after the zeroing, within the group's time
- * budget (a rank that never comes: EP_STATUS_TIMEOUT naming it).
+ * budget (a rank that never comes: EP_STATUS_TIMEOUT naming it; with config.mask_failed_ranks the rank is masked
+ * instead and masked ranks are not waited for). After an unmask it is required (see "Rank mask").
  * Collective: yes. Allocates: no. Graph-capturable: no. */
 EP_API ep_status_t ep_ll_clean(ep_group_t group, cudaStream_t stream);
 
