@@ -65,7 +65,7 @@ struct ep_group {
   unsigned long long ll_cleans;      /* ep_ll_clean calls so far: a clean abandons every pending receive phase */
   bool ll_clean_needed;              /* a rank was unmasked: the next LL dispatch waits for an ep_ll_clean */
 
-  int32_t* rank_mask;                /* device [num_ranks], 1 = masked (config.mask_failed_ranks), else NULL */
+  int32_t* rank_mask; /* device [num_ranks], 1 = masked (config.mask_failed_ranks), else NULL */
 
   bool failed;                       /* a sticky fault (timeout) was reported: only destroy is allowed */
   char last_error[EP_ERROR_MESSAGE_BYTES];

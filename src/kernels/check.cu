@@ -133,8 +133,8 @@ __global__ void __launch_bounds__(kBarrierThreads) barrier_kernel(ep_check_launc
     }
   }
   for (int r = threadIdx.x; r < p.num_ranks; r += blockDim.x)
-    if (wait_or_mask([&] { return ld_acquire_sys_u64(signals + r) >= p.epoch; }, p.timeout_ns, p.error, p.mask,
-                     p.rank, r, EP_SITE_BARRIER) == kWaitFault)
+    if (wait_or_mask([&] { return ld_acquire_sys_u64(signals + r) >= p.epoch; }, p.timeout_ns, p.error, p.mask, p.rank,
+                     r, EP_SITE_BARRIER) == kWaitFault)
       return;
   if (threadIdx.x == 0) (void)has_fault(p.error, p.rank);  // every rank came, but one may have failed before
 }

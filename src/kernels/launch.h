@@ -43,7 +43,7 @@ typedef struct ep_check_launch {
   unsigned long long epoch;   /* increases every check; tags the blocks and the signals */
   unsigned long long timeout_ns;
   ep_device_error_t* error;
-  int32_t* mask;              /* the barrier: the group's rank mask (masked ranks skipped, a timeout masks), or NULL */
+  int32_t* mask; /* the barrier: the group's rank mask (masked ranks skipped, a timeout masks), or NULL */
 } ep_check_launch_t;
 
 size_t ep_check_workspace_bytes(int num_ranks);

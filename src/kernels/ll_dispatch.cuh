@@ -18,7 +18,7 @@ struct SlotInfo {
   bool first;   // valid, and no earlier slot of the token has the same expert
   bool rfirst;  // valid, and no earlier valid slot of the token has an expert on the same rank
   int first_k;  // for a valid slot: the first slot with the same expert; else -1
-  bool dropped; // an expert in range on a masked rank: treated as -1, but its combine slot says -2 (renormalize)
+  bool dropped;  // an expert in range on a masked rank: treated as -1, but its combine slot says -2 (renormalize)
 };
 
 __device__ __forceinline__ SlotInfo slot_info(const ep_ll_launch_t& p, int t0, int t_end, int kp_log2, int lane) {
@@ -441,9 +441,9 @@ __device__ __forceinline__ bool dispatch_recv(const ep_ll_launch_t& p, Grid grid
     const long long t0 = wait_stats_start(p, grid);
     for (int s = lane; ok && s < R; s += 32) {
       uint64_t v = 0;
-      const WaitResult w = wait_or_mask([&] { return count_complete(v = ld_acquire_sys_u64(counts + s)); },
-                                        p.group.timeout_ns, p.group.error, p.group.mask, me, s,
-                                        EP_SITE_LL_DISPATCH_RECV);
+      const WaitResult w =
+          wait_or_mask([&] { return count_complete(v = ld_acquire_sys_u64(counts + s)); }, p.group.timeout_ns,
+                       p.group.error, p.group.mask, me, s, EP_SITE_LL_DISPATCH_RECV);
       ok = w != kWaitFault;
       // n = messages + 2 puts; hi = n + 1. At most T (this rank's): a source of another shape stays in the area.
       // A masked source sent nothing (its count word may hold what it wrote before it was masked).

@@ -28,8 +28,8 @@
 #define SLACK_S 2.0  /* a call's outcome may come this long after the budget */
 #define ROUNDS_AFTER_DEATH 100
 
-static const ll_shape_t k_shape = {.T = 32, .hidden = 2048, .topk = 4, .experts = 0, .fp8 = 0, .hook = 0, .neg = 5,
-                                   .zero_rank = -1};
+static const ll_shape_t k_shape = {
+    .T = 32, .hidden = 2048, .topk = 4, .experts = 0, .fp8 = 0, .hook = 0, .neg = 5, .zero_rank = -1};
 
 typedef struct {
   const harness_t* h;
@@ -115,8 +115,8 @@ static long check_layout(const ctx_t* c, const ll_world_t* w) {
       for (int i = 0; i < rr->count[le]; ++i) want += rr->src_rank[rr->expert_offset[le] + i] == s;
       const int got = (int)(uint32_t)lr[(size_t)le * R + s], got_begin = (int)(lr[(size_t)le * R + s] >> 32);
       if ((got != want || got_begin != begin) && bad++ < LL_MAX_REPORTS)
-        fprintf(stderr, "rank %d: layout_range[%d][%d] = (%d, %d), want (%d, %d)%s\n", me, le, s, got_begin, got,
-                begin, want, c->masked[s] ? " (a masked source)" : "");
+        fprintf(stderr, "rank %d: layout_range[%d][%d] = (%d, %d), want (%d, %d)%s\n", me, le, s, got_begin, got, begin,
+                want, c->masked[s] ? " (a masked source)" : "");
       CHECK(!(c->masked[s] && s != me && got != 0), "rank %d: %d rows from masked rank %d", me, got, s);
       begin += want;
     }

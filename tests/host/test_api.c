@@ -501,9 +501,11 @@ static void test_ll_args(void) {
   EXPECT_FAIL(ep_ll_dispatch(g, &handle, &good, 0), g, EP_STATUS_INVALID_USAGE, "two-buffer rule");
   host_group.ll_half_pending[0] = false;
   /* The rank mask: renormalize_masked is a flag, needs the mask, and is not for sums on the experts' ranks. */
-  ca = cgood; ca.renormalize_masked = 2;
+  ca = cgood;
+  ca.renormalize_masked = 2;
   EXPECT_FAIL(ep_ll_combine(g, &handle, &ca, 0), g, EP_STATUS_INVALID_ARGUMENT, "renormalize_masked is 2");
-  ca = cgood; ca.renormalize_masked = 1;
+  ca = cgood;
+  ca.renormalize_masked = 1;
   EXPECT_FAIL(ep_ll_combine(g, &handle, &ca, 0), g, EP_STATUS_INVALID_USAGE, "config.mask_failed_ranks = 1");
   static int32_t host_mask[4];
   host_group.rank_mask = host_mask; /* host memory: only the checks before the device are reached */
