@@ -311,7 +311,8 @@ EP_API ep_status_t ep_group_check(ep_group_t group, cudaStream_t stream);
  *  - by the kernels: a low-latency wait on a peer (an acknowledgement, a count, the combine's rows) or the group's
  *    barrier (ep_ll_clean's) that runs out of config.timeout_seconds masks that peer and goes on: the call
  *    succeeds. A peer that stopped calling is thus masked on every survivor by the same call, and costs
- *    them one time budget once; later calls do not wait for it;
+ *    them one time budget once; later calls do not wait for it. The mask is for ranks that stopped: one that was
+ *    only late and calls again must first mask itself (its stores could land in the survivors' later calls);
  *  - by hand: ep_group_mask_rank. Masking a healthy rank r means every rank, r included, masks r before the same
  *    call; r then exchanges with nobody but itself (its tokens keep only its own experts).
  * Unmasking (ep_group_mask_rank with masked = 0, ep_group_clear_rank_mask) takes effect at the next ep_ll_clean,
