@@ -21,7 +21,7 @@ num_gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
 [[ $n -gt ${num_gpus:-0} && ${EP_TEST_SHARE_GPU:-0} != 0 ]] &&
   share=(CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=${CUDA_MPS_ACTIVE_THREAD_PERCENTAGE:-$((100 * ${num_gpus:-1} / n))})
 bad=0
-for mode in hand dispatch-death combine-death no-mask-death; do
+for mode in hand dispatch-death no-mask-death combine-death; do
   kill_arg=(); [[ $mode == *death ]] && kill_arg=(-k $((n - 1)))
   mkdir -p "$logs/$mode"
   out=$(env "${share[@]}" "$launch" -n "$n" -t 300 -q -l "$logs/$mode" "${kill_arg[@]}" -- "$prog" "$mode" 2>&1)
