@@ -26,7 +26,7 @@
 
 #define BUDGET_S 1.0       /* config.timeout_seconds of the death modes */
 #define HAND_BUDGET_S 10.0 /* of the hand mode, where no wait runs out: a rank late by a moment is not masked */
-#define SLACK_S 2.0  /* a call's outcome may come this long after the budget */
+#define SLACK_S 2.0        /* a call's outcome may come this long after the budget */
 #define ROUNDS_AFTER_DEATH 100
 
 static const ll_shape_t k_shape = {
