@@ -203,10 +203,16 @@ typedef struct ep_group_config {
                                   fit; the num_experts and hidden hints then bound no LL call (num_experts only sizes
                                   the handles, with the experts that fit at the hidden hint if more).
                                   Needs ll_max_tokens_per_rank > 0 (T and max_topk still bound the calls) */
+  int mask_failed_ranks;       /* 1: the group keeps a rank mask (DeepEP's enable_shrink): a low-latency call whose
+                                  wait on a peer runs out of the time budget masks that peer on this rank and
+                                  succeeds without it, instead of failing the group; ep_group_mask_rank and the
+                                  calls after it read and set the mask by hand (see "Rank mask" below).
+                                  0 (the default): no mask, a timeout is fatal (the rules above). The same on
+                                  every rank */
 } ep_group_config_t;
 
 #define EP_GROUP_CONFIG_INIT \
-  { (uint32_t)sizeof(ep_group_config_t), EP_GROUP_CONFIG_MAGIC, 0, 256, 7168, 4096, 8, 0, 0, 0, 20.0, 0, 0 }
+  { (uint32_t)sizeof(ep_group_config_t), EP_GROUP_CONFIG_MAGIC, 0, 256, 7168, 4096, 8, 0, 0, 0, 20.0, 0, 0, 0 }
 
 /* Facts about a created group, filled by ep_group_get_info(). */
 typedef struct ep_group_info {
@@ -295,6 +301,42 @@ EP_API ep_status_t ep_get_async_error(ep_group_t group, ep_status_t* async_statu
  * on another rank. Synchronises `stream`.
  * Collective: yes. Allocates: no. Graph-capturable: no. */
 EP_API ep_status_t ep_group_check(ep_group_t group, cudaStream_t stream);
+
+/* ------------------------------------------------------------------------------------------------------------
+ * Rank mask (config.mask_failed_ranks = 1): which ranks this rank no longer exchanges with. One int32 per rank in
+ * device memory owned by the group, this rank's own view (1 = masked); zero at create. A masked peer is skipped by
+ * the low-latency calls: nothing is sent to it, nothing is awaited from it, its tokens count as none (recv_count and
+ * layout_range say 0 rows from it) and a token's top-k entries whose expert lives on it are dropped (the combine sums
+ * the other entries; ep_ll_combine_args_t.renormalize_masked rescales the kept weights). A rank is masked
+ *  - by the kernels: a low-latency wait on a peer (an acknowledgement, a count, the combine's rows) or the group's
+ *    barrier (ep_ll_clean's) that runs out of config.timeout_seconds masks that peer and goes on: the call
+ *    succeeds. A peer that stopped calling is thus masked on every survivor by the same call, and costs
+ *    them one time budget once; later calls do not wait for it. The mask is for ranks that stopped: one that was
+ *    only late and calls again must first mask itself (its stores could land in the survivors' later calls);
+ *  - by hand: ep_group_mask_rank. Masking a healthy rank r means every rank, r included, masks r before the same
+ *    call; r then exchanges with nobody but itself (its tokens keep only its own experts).
+ * Unmasking (ep_group_mask_rank with masked = 0, ep_group_clear_rank_mask) takes effect at the next ep_ll_clean,
+ * which every rank must call after it and before its next low-latency dispatch (a dispatch before it is
+ * EP_STATUS_INVALID_USAGE): the masked rank's acknowledgements and call numbers fell out of step, and the clean
+ * restarts them on every rank. A group with a masked rank is destroyed on each rank alone (as a failed group:
+ * NVSHMEM's collective shutdown needs every peer). Everything else stays fatal: bad data, a shape mismatch, a fault
+ * a peer published, a timeout of the normal path (prepare, dispatch, combine) or of ep_group_check.
+ * A group without config.mask_failed_ranks refuses these calls with EP_STATUS_INVALID_USAGE.
+ * ------------------------------------------------------------------------------------------------------------ */
+
+/* Mask (masked = 1) or unmask (masked = 0) `rank` in this rank's mask, in stream order.
+ *   rank [IN] 0..num_ranks-1 (this rank included: see "by hand" above);  masked [IN] 0 or 1
+ * Collective: no (every rank masks by hand as above). Allocates: no. Graph-capturable: yes. */
+EP_API ep_status_t ep_group_mask_rank(ep_group_t group, int rank, int masked, cudaStream_t stream);
+
+/* Copy this rank's mask into `mask`, in stream order (DeepEP's low_latency_query_mask_buffer).
+ *   mask [OUT] int32 device [num_ranks]: 1 = masked, 0 = not
+ * Collective: no. Allocates: no. Graph-capturable: yes. */
+EP_API ep_status_t ep_group_get_rank_mask(ep_group_t group, int32_t* mask, cudaStream_t stream);
+
+/* Unmask every rank, in stream order (DeepEP's low_latency_clean_mask_buffer); ep_ll_clean then as for an unmask.
+ * Collective: no. Allocates: no. Graph-capturable: yes. */
+EP_API ep_status_t ep_group_clear_rank_mask(ep_group_t group, cudaStream_t stream);
 
 /* ------------------------------------------------------------------------------------------------------------
  * Layout: from the routing, who receives what
@@ -560,7 +602,8 @@ typedef struct ep_ll_dispatch_args {
                                   column-major in the last two dims, as DeepEP returns it. With use_ue8m0: int32
                                   [E_loc, hidden / 512, R * T] likewise, 4 UE8M0 bytes per int (group 4j in the low
                                   byte), as DeepGEMM consumes them */
-  int* recv_count;             /* [OUT] [E_loc] int32 device: valid rows per local expert */
+  int* recv_count;             /* [OUT] [E_loc] int32 device: valid rows per local expert (none from masked ranks:
+                                  see "Rank mask") */
   int return_after_send;       /* 1: only issue the sends; ep_ll_dispatch_recv() completes the call */
   const float* topk_weights;   /* [IN] optional [num_tokens, num_topk] fp32 device: the router's weights. They travel
                                   with the tokens (4 bytes per (token, expert) pair), so that the handle's combine
@@ -635,10 +678,15 @@ typedef struct ep_ll_combine_args {
                                     instead of 2 * hidden; each value within 2^(step / 2) - 1 of its bf16 (a step is at
                                     most 32 / 510 octaves). out[t] then sums the decoded values as above. Needs hidden a
                                     multiple of 128; not with zero_copy or sum_on_expert_ranks */
+  int renormalize_masked;        /* 1: with a rank mask (config.mask_failed_ranks), a token that lost top-k entries to
+                                    masked ranks has its kept weights scaled by (sum of its valid entries' weights) /
+                                    (sum of its kept entries' weights), so that they add up as all of them did (0 kept:
+                                    zeros). 0 (DeepEP's semantics): the kept entries are summed as they are. Not with
+                                    sum_on_expert_ranks (the weights are applied on the experts' ranks) */
 } ep_ll_combine_args_t;
 
 #define EP_LL_COMBINE_ARGS_INIT \
-  { (uint32_t)sizeof(ep_ll_combine_args_t), EP_LL_COMBINE_ARGS_MAGIC, NULL, NULL, NULL, 0, 0, 0, NULL, 0 }
+  { (uint32_t)sizeof(ep_ll_combine_args_t), EP_LL_COMBINE_ARGS_MAGIC, NULL, NULL, NULL, 0, 0, 0, NULL, 0, 0 }
 
 /* Send each expert output row back to the rank its token came from and (unless return_after_send) sum each
  * token's rows there: out[t] = bf16(sum_k fmaf(w[t][k], y_k, acc)) in top-k order, skipping -1 entries. A token
@@ -661,7 +709,8 @@ EP_API ep_status_t ep_ll_combine_recv(ep_group_t group, ep_ll_handle_t handle, c
  * abandoned: its sends have landed by the clean's barrier, the signals it would wait for are zeroed, and its
  * handle no longer reports it pending (its receive call then returns EP_STATUS_INVALID_USAGE). Synchronises
  * `stream` and the device, then waits for every rank, before and after the zeroing, within the group's time
- * budget (a rank that never comes: EP_STATUS_TIMEOUT naming it).
+ * budget (a rank that never comes: EP_STATUS_TIMEOUT naming it; with config.mask_failed_ranks the rank is masked
+ * instead and masked ranks are not waited for). After an unmask it is required (see "Rank mask").
  * Collective: yes. Allocates: no. Graph-capturable: no. */
 EP_API ep_status_t ep_ll_clean(ep_group_t group, cudaStream_t stream);
 

@@ -189,12 +189,13 @@ class GroupConfig(_Args):
         ("timeout_seconds", _dbl),
         ("normal_region_bytes", _size),
         ("ll_region_bytes", _size),
+        ("mask_failed_ranks", _int),
     ]
     _MAGIC = EP_GROUP_CONFIG_MAGIC
     # EP_GROUP_CONFIG_INIT
     _DEFAULTS = dict(ranks_per_node=0, num_experts=256, hidden=7168, max_tokens_per_rank=4096, max_topk=8,
                      ll_max_tokens_per_rank=0, num_sms=0, max_sms=0, timeout_seconds=20.0,
-                     normal_region_bytes=0, ll_region_bytes=0)
+                     normal_region_bytes=0, ll_region_bytes=0, mask_failed_ranks=0)
 
 
 class GroupInfo(_Checked):
@@ -324,6 +325,7 @@ class LLCombineArgs(_Args):
         ("sum_on_expert_ranks", _int),
         ("wait_recv_cost_stats", _ptr),
         ("use_logfmt", _int),
+        ("renormalize_masked", _int),
     ]
     _MAGIC = EP_LL_COMBINE_ARGS_MAGIC
 
@@ -358,6 +360,9 @@ _PROTOTYPES = {
     "ep_last_error": (ctypes.c_char_p, [_ptr]),
     "ep_get_async_error": (_S, [_ptr, _P(ctypes.c_int)]),
     "ep_group_check": (_S, [_ptr, _ptr]),
+    "ep_group_mask_rank": (_S, [_ptr, _int, _int, _ptr]),
+    "ep_group_get_rank_mask": (_S, [_ptr, _ptr, _ptr]),
+    "ep_group_clear_rank_mask": (_S, [_ptr, _ptr]),
     "ep_get_dispatch_layout": (_S, [_ptr, _P(LayoutArgs), _ptr]),
     "ep_handle_create": (_S, [_ptr, _P(_ptr)]),
     "ep_handle_memory_bytes": (_S, [_ptr, _P(_size)]),

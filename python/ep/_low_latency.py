@@ -1,5 +1,6 @@
 """The low-latency path of `ep.Buffer` (DeepEP V1's): low_latency_dispatch / low_latency_combine with their
-receive hooks, the zero-copy combine buffer, clean_low_latency_buffer.
+receive hooks, the zero-copy combine buffer, clean_low_latency_buffer, and shrink mode's rank mask
+(low_latency_update_mask_buffer / query / clean, over the group's mask: ep_group_mask_rank and the calls after it).
 
 `LowLatencyPath` is a part of `Buffer` (a base class that holds these methods only): it uses the state that
 Buffer.__init__ sets (`_lib`, `_ll_slots` (the two ep_ll_handle_t), `_views`, `device`, `group_size`,
@@ -15,12 +16,6 @@ from . import _capi
 from ._checks import expert_count, flag, int_arg, require_torch, tensor
 from ._handles import LowLatencyHandle
 from ._streams import current_stream_event
-
-
-def _not_yet(name):
-    raise NotImplementedError(
-        f"ep.Buffer.{name}: shrink mode (masking failed ranks) is NOT YET SUPPORTED by ep. A peer that stops "
-        "responding makes the next call raise EpError(EP_STATUS_TIMEOUT) naming it instead.")
 
 
 def _ll_bounds(buf):
@@ -235,7 +230,7 @@ class LowLatencyPath:
 
     def low_latency_combine(self, x, topk_idx, topk_weights, handle, use_logfmt=False, zero_copy=False,
                             async_finish=False, return_recv_hook=False, out=None, combine_wait_recv_cost_stats=None,
-                            sum_on_expert_ranks=False):
+                            sum_on_expert_ranks=False, renormalize_masked=False):
         """Send the experts' outputs back and sum each token's top-k outputs, weighted, on its source rank.
         DeepEP V1's signature and results:
 
@@ -259,6 +254,9 @@ class LowLatencyPath:
           a token has several experts on one rank. combined_x[t] = bf16(sum over the token's ranks, in the order of
           their first top-k slot, of each rank's bf16 sum); a rank's sum adds its experts in the order of their
           first slot, each with the sum of its slots' weights. topk_weights must be None then.
+        renormalize_masked (ep's addition; needs enable_shrink=True): a token that lost top-k entries to masked
+          ranks has its kept weights scaled by (sum of its valid entries' weights) / (sum of its kept entries'
+          weights); False (DeepEP's semantics) sums the kept entries as they are. Not with sum_on_expert_ranks.
         The handle must be current (two-buffer rule) and its dispatch's receive hook called.
         """
         fn = "low_latency_combine"
@@ -287,6 +285,7 @@ class LowLatencyPath:
         tensor(self.device, fn, "topk_idx", topk_idx, torch.int64, (n, k),
                f"[num_tokens={n}, num_topk={k}] (the handle's dispatch)", align16=False)
         sum_on_expert_ranks = flag(fn, "sum_on_expert_ranks", sum_on_expert_ranks)
+        renormalize_masked = flag(fn, "renormalize_masked", renormalize_masked)
         if sum_on_expert_ranks:
             if topk_weights is not None:
                 raise ValueError(f"{fn}: sum_on_expert_ranks=True uses the weights given to the dispatch; pass "
@@ -304,7 +303,8 @@ class LowLatencyPath:
             x=None if zero_copy else x.data_ptr(),
             topk_weights=topk_weights.data_ptr() if n and topk_weights is not None else None,
             out=out.data_ptr() if n else None, zero_copy=int(zero_copy), return_after_send=int(return_recv_hook),
-            sum_on_expert_ranks=int(sum_on_expert_ranks), wait_recv_cost_stats=wait_stats, use_logfmt=int(use_logfmt))
+            sum_on_expert_ranks=int(sum_on_expert_ranks), wait_recv_cost_stats=wait_stats, use_logfmt=int(use_logfmt),
+            renormalize_masked=int(renormalize_masked))
         _capi.check(self._lib.ep_ll_combine(g, hptr, ctypes.byref(a), stream), g)
         hook = None
         if return_recv_hook:
@@ -351,11 +351,33 @@ class LowLatencyPath:
                                "graph")
         _capi.check(self._lib.ep_ll_clean(g, self._stream()), g)
 
-    def low_latency_update_mask_buffer(self, *args, **kwargs):
-        _not_yet("low_latency_update_mask_buffer")
+    # ---- shrink mode (Buffer(enable_shrink=True)): the group's rank mask, this rank's view ----------------------
+    def low_latency_update_mask_buffer(self, rank_to_mask, mask=False):
+        """Mask (mask=True) or unmask (False) rank `rank_to_mask` on this rank, in the current stream's order: a
+        masked rank is neither sent to nor waited for by the low-latency calls, and its experts' top-k entries are
+        dropped. Masking a healthy rank means every rank masks it, itself included, before the same call. An unmask
+        takes effect at the next clean_low_latency_buffer, which every rank must call before its next
+        low_latency_dispatch (EpError otherwise). Needs enable_shrink=True (EpError otherwise)."""
+        fn = "low_latency_update_mask_buffer"
+        g = self._alive(fn)
+        int_arg(fn, "rank_to_mask", rank_to_mask, 0, self.group_size - 1, "the group size - 1")
+        mask = flag(fn, "mask", mask)
+        _capi.check(self._lib.ep_group_mask_rank(g, rank_to_mask, int(mask), self._stream()), g)
 
-    def low_latency_query_mask_buffer(self, *args, **kwargs):
-        _not_yet("low_latency_query_mask_buffer")
+    def low_latency_query_mask_buffer(self, mask_status):
+        """Copy this rank's mask into `mask_status` (torch.int32 [num_ranks] on the Buffer's device; 1 = masked), in
+        the current stream's order (capturable). Ranks whose low-latency waits ran out of timeout_seconds are masked
+        by the calls themselves. Needs enable_shrink=True (EpError otherwise)."""
+        fn = "low_latency_query_mask_buffer"
+        g = self._alive(fn)
+        torch = require_torch(fn)
+        tensor(self.device, fn, "mask_status", mask_status, torch.int32, (self.group_size,),
+               f"[num_ranks={self.group_size}]", align16=False)
+        _capi.check(self._lib.ep_group_get_rank_mask(g, mask_status.data_ptr(), self._stream()), g)
 
-    def low_latency_clean_mask_buffer(self, *args, **kwargs):
-        _not_yet("low_latency_clean_mask_buffer")
+    def low_latency_clean_mask_buffer(self):
+        """Unmask every rank, in the current stream's order; then clean_low_latency_buffer on every rank, as after
+        an unmask. Needs enable_shrink=True (EpError otherwise)."""
+        fn = "low_latency_clean_mask_buffer"
+        g = self._alive(fn)
+        _capi.check(self._lib.ep_group_clear_rank_mask(g, self._stream()), g)

@@ -33,8 +33,10 @@ Code written against `deep_ep.Buffer` runs with `import ep as deep_ep`, with the
   `low_latency_combine` uses the routing kept in the handle: its `topk_idx` is checked for shape, not read.
   Hooks launch the receive phase on the stream that was current at the call, as DeepEP's do. The wait-cost
   stats (`dispatch_wait_recv_cost_stats`, `combine_wait_recv_cost_stats`) count clock64 cycles per source rank.
-  `use_logfmt=True` sends the combine's rows as LogFMT-10. NOT YET SUPPORTED (NotImplementedError): the
-  shrink-mode mask calls. See `low_latency_dispatch` for the two-buffer rule. The handle's src_info /
+  `use_logfmt=True` sends the combine's rows as LogFMT-10. Shrink mode (`enable_shrink=True`) masks a peer whose
+  low-latency wait runs out of time instead of raising (the `low_latency_*_mask_buffer` calls read and set the
+  mask; an unmask needs `clean_low_latency_buffer` on every rank). See `low_latency_dispatch` for the two-buffer
+  rule. The handle's src_info /
   layout_range and the zero-copy combine buffer are views of library-owned memory made with torch.as_tensor over
   __cuda_array_interface__, which needs NumPy installed.
 * Groups of several nodes (`ranks_per_node` < group size) take the internode normal path (docs/internode.md): the
@@ -55,7 +57,7 @@ import ctypes
 import weakref
 
 from . import _capi
-from ._checks import int_arg, require_torch
+from ._checks import flag, int_arg, require_torch
 from ._handles import DeviceViews, DispatchHandle, LowLatencyHandle
 from ._low_latency import LowLatencyPath
 from ._normal import NormalPath
@@ -181,7 +183,11 @@ class Buffer(NormalPath, LowLatencyPath, metaclass=_BufferType):
       low_latency_dispatch must fit in them (EpError naming the bytes its shape needs), and the num_experts and
       hidden hints bound no LL call.
     num_qps_per_rank, allow_nvlink_for_low_latency_mode, allow_mnnvl, use_fabric: accepted and ignored.
-    enable_shrink: True raises NotImplementedError (shrink mode, masking failed ranks, is NOT YET SUPPORTED).
+    enable_shrink: True keeps a rank mask (DeepEP's shrink mode; config.mask_failed_ranks): a low-latency wait on a
+      peer that runs out of timeout_seconds masks that peer on this rank and the call succeeds without it (its
+      experts' top-k entries dropped, 0 rows from it); low_latency_update_mask_buffer / query / clean read and set
+      the mask. A Buffer with a masked rank is destroyed on each rank alone (NVSHMEM's shutdown needs every peer).
+      The normal path is not masked: a timeout there stays an error. False: every timeout is an error.
     explicitly_destroy: False -> the group is destroyed when the Buffer is garbage-collected or at interpreter
       exit; True -> only `destroy()` does it (recommended: destroy is collective, and a rank that died would
       leave the others waiting at exit).
@@ -237,8 +243,7 @@ class Buffer(NormalPath, LowLatencyPath, metaclass=_BufferType):
                              f"(0, {limits.max_timeout_seconds}]")
         for name, v in (("num_nvl_bytes", num_nvl_bytes), ("num_rdma_bytes", num_rdma_bytes)):
             int_arg(fn, name, v, 0, c_int=False)  # DeepEP's byte counts (size_t in C)
-        if enable_shrink:
-            raise NotImplementedError(f"{fn}: enable_shrink (masking failed ranks) is NOT YET SUPPORTED")
+        enable_shrink = flag(fn, "enable_shrink", enable_shrink)
         low_latency_mode = bool(low_latency_mode)
         # DeepEP sizes the low-latency buffer in bytes: num_rdma_bytes, unless the ll hint was given.
         ll_region_bytes = num_rdma_bytes if low_latency_mode and ll_max_tokens_per_rank is None else 0
@@ -297,7 +302,8 @@ class Buffer(NormalPath, LowLatencyPath, metaclass=_BufferType):
                                      max_sms=max_sms,
                                      ll_max_tokens_per_rank=ll_max_tokens_per_rank if low_latency_mode else 0,
                                      timeout_seconds=float(timeout_seconds),
-                                     normal_region_bytes=normal_region_bytes, ll_region_bytes=ll_region_bytes)
+                                     normal_region_bytes=normal_region_bytes, ll_region_bytes=ll_region_bytes,
+                                     mask_failed_ranks=int(enable_shrink))
         g = ctypes.c_void_p()
         _capi.check(lib.ep_group_create(ctypes.byref(g), ctypes.byref(uid), rank, size, self.device,
                                         ctypes.byref(cfg)), None)
@@ -328,6 +334,7 @@ class Buffer(NormalPath, LowLatencyPath, metaclass=_BufferType):
         self.rank, self.group_size, self.group, self.comm = rank, size, group, comm
         self.num_nvl_bytes, self.num_rdma_bytes = num_nvl_bytes, num_rdma_bytes
         self.low_latency_mode = low_latency_mode
+        self.enable_shrink = enable_shrink
         self.ll_max_tokens_per_rank = ll_max_tokens_per_rank if low_latency_mode else 0
         self.ll_region_bytes = ll_region_bytes  # 0: the LL buffer is sized from the hints
         self.explicitly_destroy = explicitly_destroy

@@ -77,6 +77,9 @@ static ep_status_t check_config(const ep_group_config_t* c, int num_ranks) {
   if (c->max_sms < 0 || c->max_sms > EP_MAX_SMS)
     return ep_fail(NULL, EP_STATUS_INVALID_ARGUMENT, "%s: config.max_sms is %d; it must be in [0, %d]", fn,
                    c->max_sms, EP_MAX_SMS);
+  if (c->mask_failed_ranks != 0 && c->mask_failed_ranks != 1)
+    return ep_fail(NULL, EP_STATUS_INVALID_ARGUMENT, "%s: config.mask_failed_ranks is %d; it must be 0 or 1", fn,
+                   c->mask_failed_ranks);
   if (!(c->timeout_seconds >= EP_MIN_TIMEOUT_SECONDS) || c->timeout_seconds > EP_MAX_TIMEOUT_SECONDS)
     return ep_fail(NULL, EP_STATUS_INVALID_ARGUMENT, "%s: config.timeout_seconds is %g; it must be in [%g, %d]", fn,
                    c->timeout_seconds, EP_MIN_TIMEOUT_SECONDS, EP_MAX_TIMEOUT_SECONDS);
@@ -146,6 +149,7 @@ static ep_status_t bounded_barrier(ep_group_t g, void* signals, unsigned long lo
   p.epoch = epoch;
   p.timeout_ns = g->timeout_ns;
   p.error = g->error_word_dev;
+  p.mask = g->rank_mask;
   ep_tp_quiet(); /* host-initiated puts land before a peer leaves the barrier */
   cudaError_t ce = ep_launch_barrier(&p, stream);
   if (ce == cudaSuccess) ce = cudaStreamSynchronize(stream); /* bounded: the kernel's waits are */
@@ -254,6 +258,7 @@ static void free_group(ep_group_t g, bool collective) {
   if (g->normal_state) cudaFree(g->normal_state);
   if (g->expert_sum) cudaFree(g->expert_sum);
   if (g->ll_state) cudaFree(g->ll_state);
+  if (g->rank_mask) cudaFree(g->rank_mask);
   if (g->error_word) cudaFreeHost(g->error_word);
   if (g->control_stream) cudaStreamDestroy(g->control_stream);
   if (g->handle_stream) cudaStreamDestroy(g->handle_stream); /* frees queued on it still run */
@@ -436,6 +441,16 @@ ep_status_t ep_group_create(ep_group_t* group, const ep_unique_id_t* unique_id, 
     collective = false;
     goto fail;
   }
+  /* The mask comes after the barrier above: a rank that never comes to create fails it, it is not masked. */
+  if (cfg.mask_failed_ranks) {
+    ce = cudaMalloc((void**)&g->rank_mask, sizeof(int32_t) * (size_t)num_ranks);
+    if (ce == cudaSuccess) ce = cudaMemset(g->rank_mask, 0, sizeof(int32_t) * (size_t)num_ranks);
+    if (ce == cudaSuccess) ce = cudaDeviceSynchronize();
+    if (ce != cudaSuccess) {
+      st = ep_fail_cuda(NULL, ce, "ep_group_create: the rank mask");
+      goto fail;
+    }
+  }
   if (!ep_live_add(g, EP_OBJECT_GROUP)) {
     st = ep_fail(NULL, EP_STATUS_OUT_OF_MEMORY, "%s: host allocation failed", fn);
     goto fail;
@@ -464,10 +479,11 @@ ep_status_t ep_group_destroy(ep_group_t group) {
    * are collective. A group that failed anywhere skips both and is torn down here alone (as ep_group_abort): a
    * failed peer may never come. So does one whose barrier ran out of time. */
   ep_status_t st = EP_STATUS_SUCCESS;
-  bool collective = ce == cudaSuccess && !group_failed_anywhere(group);
+  /* So does a group with a masked rank, masked before or by the barrier (it skips and masks ranks as LL calls do). */
+  bool collective = ce == cudaSuccess && !group_failed_anywhere(group) && !ep_group_has_masked_rank(group);
   if (collective) {
     st = ep_group_barrier(group, group->control_stream);
-    collective = st == EP_STATUS_SUCCESS;
+    collective = st == EP_STATUS_SUCCESS && !ep_group_has_masked_rank(group);
   }
   char message[EP_ERROR_MESSAGE_BYTES];
   memcpy(message, group->last_error, sizeof(message));
@@ -533,6 +549,7 @@ ep_status_t ep_group_check(ep_group_t group, cudaStream_t stream) {
   p.epoch = ++group->check_epoch;
   p.timeout_ns = group->timeout_ns;
   p.error = group->error_word_dev;
+  p.mask = NULL; /* the check is of every rank: a masked one times out there, a fatal fault */
   EP_CUDA_TRY(group, ep_launch_check(&p, stream));
   EP_CUDA_TRY(group, cudaStreamSynchronize(stream));
   EP_TRY(ep_enter_collective(group, "ep_group_check"));

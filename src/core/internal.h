@@ -63,6 +63,9 @@ struct ep_group {
   unsigned long long ll_half_serial[2]; /* serial of the dispatch that owns each half */
   bool ll_half_pending[2];           /* a send phase on the half waits for its receive phase */
   unsigned long long ll_cleans;      /* ep_ll_clean calls so far: a clean abandons every pending receive phase */
+  bool ll_clean_needed;              /* a rank was unmasked: the next LL dispatch waits for an ep_ll_clean */
+
+  int32_t* rank_mask; /* device [num_ranks], 1 = masked (config.mask_failed_ranks), else NULL */
 
   bool failed;                       /* a sticky fault (timeout) was reported: only destroy is allowed */
   char last_error[EP_ERROR_MESSAGE_BYTES];
@@ -123,6 +126,10 @@ ep_status_t ep_group_barrier(ep_group_t group, cudaStream_t stream);
 /* Kernels of check.cu that only the host sources above launch (the barrier reads workspace as its signals). */
 cudaError_t ep_launch_barrier(const ep_check_launch_t* p, cudaStream_t stream);
 cudaError_t ep_launch_publish(const ep_device_error_t* error, unsigned long long word, cudaStream_t stream);
+cudaError_t ep_launch_mask_set(int32_t* mask, int rank, int value, cudaStream_t stream); /* mask[rank] = value */
+
+/* Whether the group's rank mask has any rank masked (a blocking read of the device mask; false without a mask). */
+bool ep_group_has_masked_rank(ep_group_t group);
 
 /* Config agreement at ep_group_create: the values every rank must share (those that size or place the symmetric
  * regions, and the workspace they add up to), as one record per rank. */

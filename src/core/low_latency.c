@@ -153,6 +153,7 @@ static ep_ll_launch_t base_launch(ep_group_t g, ep_ll_handle_t h) {
   v->timeout_ns = g->timeout_ns;
   v->error = g->error_word_dev;
   v->num_sms = g->device_sms > 0 ? g->device_sms : 1;
+  v->mask = g->rank_mask;
   p.handle = h->arrays;
   p.half = h->half;
   p.call = h->call;
@@ -244,6 +245,11 @@ ep_status_t ep_ll_dispatch(ep_group_t group, ep_ll_handle_t handle, const ep_ll_
   if (handle->dispatch_recv_pending || handle->combine_recv_pending)
     return ep_fail(group, EP_STATUS_INVALID_USAGE, "%s: the handle's %s receive phase has not been launched yet", fn,
                    handle->dispatch_recv_pending ? "dispatch" : "combine");
+  if (group->ll_clean_needed)
+    return ep_fail(group, EP_STATUS_INVALID_USAGE,
+                   "%s: a rank was unmasked (ep_group_mask_rank / ep_group_clear_rank_mask); every rank must call "
+                   "ep_ll_clean before the next low-latency dispatch",
+                   fn);
   const int half = group->ll_next_half;
   if (group->ll_half_pending[half])
     return ep_fail(group, EP_STATUS_INVALID_USAGE,
@@ -393,6 +399,17 @@ ep_status_t ep_ll_combine(ep_group_t group, ep_ll_handle_t handle, const ep_ll_c
   if (a->use_logfmt && handle->call.hidden % 128 != 0)
     return FAIL_ARG(group, "%s: use_logfmt=1 needs hidden a multiple of 128 (its groups); the dispatch had %d", fn,
                     handle->call.hidden);
+  if (a->renormalize_masked != 0 && a->renormalize_masked != 1)
+    return FAIL_ARG(group, "%s: renormalize_masked is %d; it must be 0 or 1", fn, a->renormalize_masked);
+  if (a->renormalize_masked && a->sum_on_expert_ranks)
+    return FAIL_ARG(group,
+                    "%s: renormalize_masked=1 rescales the weights where the rows are summed, which "
+                    "sum_on_expert_ranks=1 does on the experts' ranks (pass 0 for one of them)",
+                    fn);
+  if (a->renormalize_masked && !group->rank_mask)
+    return ep_fail(group, EP_STATUS_INVALID_USAGE,
+                   "%s: renormalize_masked=1 needs the rank mask (config.mask_failed_ranks = 1 at ep_group_create)",
+                   fn);
   if (a->sum_on_expert_ranks) {
     if (a->topk_weights)
       return FAIL_ARG(group, "%s: topk_weights is given with sum_on_expert_ranks=1, which uses the dispatch's weights "
@@ -425,6 +442,7 @@ ep_status_t ep_ll_combine(ep_group_t group, ep_ll_handle_t handle, const ep_ll_c
   handle->call.out = a->out;
   handle->call.wait_stats = (long long*)a->wait_recv_cost_stats;
   handle->call.logfmt = a->use_logfmt;
+  handle->call.renormalize = a->renormalize_masked;
   ep_ll_launch_t p = base_launch(group, handle);
   p.call.y = a->x;
   p.call.zero_copy = a->zero_copy;
@@ -483,6 +501,7 @@ ep_status_t ep_ll_clean(ep_group_t group, cudaStream_t stream) {
    * synchronised its device before the barrier) and the signals it would have waited for are zeroed. */
   group->ll_half_pending[0] = group->ll_half_pending[1] = false;
   group->ll_cleans++;
+  group->ll_clean_needed = false; /* an unmask takes effect: acknowledgements and call numbers restart everywhere */
   return EP_STATUS_SUCCESS;
 }
 

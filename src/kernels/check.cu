@@ -110,16 +110,20 @@ __global__ void publish_kernel(const ep_device_error_t* err, unsigned long long 
   publish_fault_everywhere(err, word);
 }
 
+__global__ void mask_set_kernel(int32_t* mask, int rank, int value) { atomicExch(mask + rank, value); }
+
 constexpr int kBarrierThreads = 128;
 
 // A barrier with the group's time budget: thread t signals rank t (this rank's slot of `signals` there) and waits
-// for rank t's signal here. A rank that never arrives becomes a timeout naming it, published like any other.
-// `signals` is symmetric, [num_ranks] words that only grow (the epoch).
+// for rank t's signal here. A rank that never arrives becomes a timeout naming it, published like any other; with
+// the rank mask, masked ranks are skipped and one that never arrives is masked instead. `signals` is symmetric,
+// [num_ranks] words that only grow (the epoch).
 __global__ void __launch_bounds__(kBarrierThreads) barrier_kernel(ep_check_launch_t p) {
   uint64_t* signals = (uint64_t*)p.workspace;
   if (threadIdx.x == 0) tp::quiet();  // this rank's earlier puts land before any peer leaves the barrier
   __syncthreads();
   for (int r = threadIdx.x; r < p.num_ranks; r += blockDim.x) {
+    if (rank_masked(p.mask, p.rank, r)) continue;
     uint64_t* theirs = (uint64_t*)tp::peer_ptr(signals + p.rank, r);
     if (theirs != nullptr) {
       __threadfence_system();
@@ -129,8 +133,8 @@ __global__ void __launch_bounds__(kBarrierThreads) barrier_kernel(ep_check_launc
     }
   }
   for (int r = threadIdx.x; r < p.num_ranks; r += blockDim.x)
-    if (!wait_until([&] { return ld_acquire_sys_u64(signals + r) >= p.epoch; }, p.timeout_ns, p.error, p.rank, r,
-                    EP_SITE_BARRIER))
+    if (wait_or_mask([&] { return ld_acquire_sys_u64(signals + r) >= p.epoch; }, p.timeout_ns, p.error, p.mask, p.rank,
+                     r, EP_SITE_BARRIER) == kWaitFault)
       return;
   if (threadIdx.x == 0) (void)has_fault(p.error, p.rank);  // every rank came, but one may have failed before
 }
@@ -146,6 +150,11 @@ extern "C" cudaError_t ep_launch_check(const ep_check_launch_t* p, cudaStream_t 
 
 extern "C" cudaError_t ep_launch_barrier(const ep_check_launch_t* p, cudaStream_t stream) {
   ep::barrier_kernel<<<1, ep::kBarrierThreads, 0, stream>>>(*p);
+  return cudaGetLastError();
+}
+
+extern "C" cudaError_t ep_launch_mask_set(int32_t* mask, int rank, int value, cudaStream_t stream) {
+  ep::mask_set_kernel<<<1, 1, 0, stream>>>(mask, rank, value);
   return cudaGetLastError();
 }
 

@@ -173,4 +173,38 @@ __device__ __forceinline__ bool wait_until(Poll poll, unsigned long long timeout
   return true;
 }
 
+// ---- The group's rank mask (ep_group_config_t.mask_failed_ranks; NULL without it), this rank's view. ----
+// Whether this rank exchanges nothing with rank r: r is masked, or this rank masked itself (a rank masked by hand
+// exchanges with nobody but itself). Never for r == me. Volatile loads: another block's timeout may set a word.
+__device__ __forceinline__ bool rank_masked(const int32_t* mask, int me, int r) {
+  if (mask == nullptr || r == me) return false;
+  return *(volatile const int32_t*)(mask + r) != 0 || *(volatile const int32_t*)(mask + me) != 0;
+}
+
+enum WaitResult { kWaitReady = 0, kWaitMasked = 1, kWaitFault = 2 };
+
+// wait_until, for a wait on `peer` that the rank mask may end: a masked peer is not waited for, another thread's
+// mask of it (its own timeout) ends the wait within 1024 spins, and this wait's own timeout masks the peer
+// (atomicExch) instead of failing the group. Without a mask it is wait_until. kWaitMasked: take the peer as having
+// sent nothing. kWaitFault: a fatal fault (recorded here or published by a peer); the caller stops.
+template <typename Poll>
+__device__ __forceinline__ WaitResult wait_or_mask(Poll poll, unsigned long long timeout_ns, ep_device_error_t* err,
+                                                   int32_t* mask, int rank, int peer, int site) {
+  if (mask == nullptr) return wait_until(poll, timeout_ns, err, rank, peer, site) ? kWaitReady : kWaitFault;
+  if (rank_masked(mask, rank, peer)) return kWaitMasked;
+  unsigned long long start = global_timer_ns();
+  uint32_t spins = 0;
+  while (!poll()) {
+    if ((++spins & 1023u) == 0) {
+      if (has_fault(err, rank)) return kWaitFault;
+      if (rank_masked(mask, rank, peer)) return kWaitMasked;
+      if (global_timer_ns() - start > timeout_ns) {
+        atomicExch(mask + peer, 1);
+        return kWaitMasked;
+      }
+    }
+  }
+  return kWaitReady;
+}
+
 }  // namespace ep

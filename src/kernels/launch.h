@@ -43,6 +43,7 @@ typedef struct ep_check_launch {
   unsigned long long epoch;   /* increases every check; tags the blocks and the signals */
   unsigned long long timeout_ns;
   ep_device_error_t* error;
+  int32_t* mask; /* the barrier: the group's rank mask (masked ranks skipped, a timeout masks), or NULL */
 } ep_check_launch_t;
 
 size_t ep_check_workspace_bytes(int num_ranks);
@@ -158,6 +159,7 @@ typedef struct ep_ll_group_view {
   unsigned long long timeout_ns;
   ep_device_error_t* error;
   int num_sms; /* SMs the group's kernels may occupy: the grids are sized from it */
+  int32_t* mask; /* the group's rank mask [num_ranks] (config.mask_failed_ranks), or NULL: no mask, timeouts fatal */
 } ep_ll_group_view_t;
 
 /* The handle's dispatch (its shape and outputs) and the combine's inputs. The handle keeps one (ep_ll_handle_t);
@@ -180,6 +182,7 @@ typedef struct ep_ll_call {
                                      dispatch's weights */
   long long* wait_stats;          /* [R] or NULL: the receive phase adds its clock64 cycles of waiting per source */
   int logfmt;                     /* combine: rows travel as LogFMT-10 (ll_logfmt.h) */
+  int renormalize;                /* combine with a mask: kept weights rescaled to the sum of the valid ones */
 } ep_ll_call_t;
 
 typedef struct ep_ll_launch {

@@ -144,14 +144,20 @@ __device__ __forceinline__ void send_ack(const ep_ll_launch_t& p, int r, uint64_
   else tp::signal_set(reinterpret_cast<uint64_t*>(p.group.ll_base + offset), op, r);
 }
 
+// Whether this rank exchanges nothing with rank r in this call (the group's rank mask; false without one).
+__device__ __forceinline__ bool masked(const ep_ll_launch_t& p, int r) {
+  return rank_masked(p.group.mask, p.group.rank, r);
+}
+
 // Every rank must have finished receiving the previous call on this half before we write into its half. Threads
 // tid < R poll (no barrier: the caller overlaps this with other work and joins the result with __syncthreads_or).
+// A masked rank is not waited for (nothing is written to it).
 __device__ __forceinline__ bool poll_acks(const ep_ll_launch_t& p, uint64_t op, int site) {
   const uint64_t* acks = reinterpret_cast<const uint64_t*>(p.group.ll_base + half_offset(p) + p.group.region.ack);
   bool ok = true;
   for (int r = threadIdx.x; ok && r < p.group.num_ranks; r += blockDim.x)
-    ok = wait_until([&] { return ld_acquire_sys_u64(acks + r) + 1 >= op; }, p.group.timeout_ns, p.group.error,
-                    p.group.rank, r, site);
+    ok = wait_or_mask([&] { return ld_acquire_sys_u64(acks + r) + 1 >= op; }, p.group.timeout_ns, p.group.error,
+                      p.group.mask, p.group.rank, r, site) != kWaitFault;
   return ok;
 }
 
@@ -243,7 +249,7 @@ __device__ __forceinline__ int topk_lanes_log2(int K) {
 // only after all of them. The last block to arrive zeroes the call's count words (each before the acknowledgement
 // to the same rank, by the same thread), acknowledges call `op` to every rank and advances the half's call number
 // (read by the next send on this half). A block that gave up never gets here: the call is then never acknowledged
-// (a timeout fails the group), in a fused kernel as with two kernels.
+// (a timeout fails the group), in a fused kernel as with two kernels. Masked ranks get no acknowledgement.
 // ---------------------------------------------------------------------------------------------------------------
 template <Call kCall>
 __device__ __forceinline__ void finish_recv(const ep_ll_launch_t& p, Grid grid, uint64_t op) {
@@ -262,7 +268,7 @@ __device__ __forceinline__ void finish_recv(const ep_ll_launch_t& p, Grid grid, 
   for (int r = threadIdx.x; r < p.group.num_ranks; r += blockDim.x) {
     word[r] = 0;
     __threadfence_system();
-    send_ack(p, r, op);
+    if (!masked(p, r)) send_ack(p, r, op);
   }
   if (threadIdx.x == 0) {
     *done = 0;

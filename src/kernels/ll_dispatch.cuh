@@ -18,6 +18,7 @@ struct SlotInfo {
   bool first;   // valid, and no earlier slot of the token has the same expert
   bool rfirst;  // valid, and no earlier valid slot of the token has an expert on the same rank
   int first_k;  // for a valid slot: the first slot with the same expert; else -1
+  bool dropped;  // an expert in range on a masked rank: treated as -1, but its combine slot says -2 (renormalize)
 };
 
 __device__ __forceinline__ SlotInfo slot_info(const ep_ll_launch_t& p, int t0, int t_end, int kp_log2, int lane) {
@@ -27,7 +28,10 @@ __device__ __forceinline__ SlotInfo slot_info(const ep_ll_launch_t& p, int t0, i
   si.k = lane & kp_mask;
   si.in = si.t < t_end && si.k < K;
   si.e = si.in ? p.call.topk_idx[(size_t)si.t * K + si.k] : -1;
-  const bool valid = si.in && valid_expert(si.e, E);
+  // An expert on a masked rank is dropped here, as -1: no message, no slot, no combine row.
+  const bool in_range = si.in && valid_expert(si.e, E);
+  si.dropped = in_range && masked(p, rank_of_expert(p, (int)si.e));
+  const bool valid = in_range && !si.dropped;
   // Keys: (token, expert) and (token, rank) for valid slots; a value no valid slot has (unique per lane) otherwise.
   // 32-bit keys (a 64-bit match costs twice): the token's place in the warp (< 32) in the top 5 bits, under it the
   // expert or the rank; E + 32 < 2^27, since the send phase's shared histograms (2 * E ints) cap E far below.
@@ -187,7 +191,7 @@ __device__ __forceinline__ bool dispatch_send(const ep_ll_launch_t& p, Grid grid
       if (si.e < -1 || si.e >= E) record_fault(p.group.error, EP_FAULT_BAD_EXPERT, me, -1, 0, si.t, si.e);
       const int i = (si.t - begin) * K + si.k;
       s_ent[i] = si.first ? (int)si.e : -1;
-      s_rf[i] = (si.first_k >= 0 ? (si.first_k + 1) << 1 : 0) | (si.rfirst ? 1 : 0);
+      s_rf[i] = si.dropped ? -2 : (si.first_k >= 0 ? (si.first_k + 1) << 1 : 0) | (si.rfirst ? 1 : 0);
     }
   }
   if (__syncthreads_or(!acks_ok)) return false;  // every rank is done with this half's last call (or one timed out)
@@ -215,7 +219,8 @@ __device__ __forceinline__ bool dispatch_send(const ep_ll_launch_t& p, Grid grid
   for (int i = tid; i < n_loc * K; i += blockDim.x) {
     const int lt = i / K, k = i % K, first_k = (s_rf[i] >> 1) - 1;
     const size_t at = (size_t)(begin + lt) * L.max_topk + k;
-    p.handle.slot_of[at] = first_k >= 0 ? s_ent[lt * K + first_k] * L.max_tokens + s_slot[lt * K + first_k] : -1;
+    p.handle.slot_of[at] = first_k >= 0 ? s_ent[lt * K + first_k] * L.max_tokens + s_slot[lt * K + first_k]
+                                        : max(first_k, -2);  // -1, or -2 for a slot dropped by the mask
     if (s_ent[i] >= 0) atomicAdd(&s_hist[s_ent[i]], 1);
     if (s_rf[i] & 1) {
       atomicAdd(&s_rhist[rank_of_expert(p, s_ent[i])], 1);
@@ -300,7 +305,7 @@ __device__ __forceinline__ bool dispatch_send(const ep_ll_launch_t& p, Grid grid
   int* meta_out = reinterpret_cast<int*>(mine + L.meta_stage);  // [R][E_loc]
   for (int i = tid; i < E; i += blockDim.x) {
     const int d = rank_of_expert(p, i), le = i - d * E_loc;
-    if (!publishes_for(d, grid)) continue;
+    if (!publishes_for(d, grid) || masked(p, d)) continue;
     char* peer = nvlink_peer(p, d);
     const int n = s_hist[i] + s_ahist[i];
     if (peer) reinterpret_cast<int*>(peer + half + L.dispatch_meta)[(size_t)me * E_loc + le] = n;
@@ -328,7 +333,7 @@ __device__ __forceinline__ bool dispatch_send(const ep_ll_launch_t& p, Grid grid
     }
   }
   for (int d = warp; d < R; d += kSendWarps)
-    if (publishes_for(d, grid) && nvlink_peer(p, d) == nullptr) {
+    if (publishes_for(d, grid) && nvlink_peer(p, d) == nullptr && !masked(p, d)) {
       __threadfence_system();  // the meta_out rows
       tp::put_signal_warp(mine + L.dispatch_meta + (size_t)me * E_loc * 4, meta_out + (size_t)d * E_loc,
                           (size_t)E_loc * 4, count_word, 1, /*add=*/true, d);
@@ -339,6 +344,7 @@ __device__ __forceinline__ bool dispatch_send(const ep_ll_launch_t& p, Grid grid
   // (messages + 3) << 32, if it publishes for d), in one release add after the barrier above (the shape word by the
   // same thread before it). Other nodes: the puts count themselves; the publishing block adds the high half.
   for (int d = tid; d < R; d += blockDim.x) {
+    if (masked(p, d)) continue;  // nothing for it, and it waits for nothing from this rank
     const bool pub = publishes_for(d, grid);
     const uint64_t hi = (uint64_t)(s_rhist[d] + s_arhist[d] + 3) << 32;  // (n + 1) << 32, n = messages + 2
     char* peer = nvlink_peer(p, d);
@@ -435,11 +441,14 @@ __device__ __forceinline__ bool dispatch_recv(const ep_ll_launch_t& p, Grid grid
     const long long t0 = wait_stats_start(p, grid);
     for (int s = lane; ok && s < R; s += 32) {
       uint64_t v = 0;
-      ok = wait_until([&] { return count_complete(v = ld_acquire_sys_u64(counts + s)); }, p.group.timeout_ns,
-                      p.group.error, me, s, EP_SITE_LL_DISPATCH_RECV);
+      const WaitResult w =
+          wait_or_mask([&] { return count_complete(v = ld_acquire_sys_u64(counts + s)); }, p.group.timeout_ns,
+                       p.group.error, p.group.mask, me, s, EP_SITE_LL_DISPATCH_RECV);
+      ok = w != kWaitFault;
       // n = messages + 2 puts; hi = n + 1. At most T (this rank's): a source of another shape stays in the area.
-      if (ok) s_moff[s + 1] = min((int)(v >> 32) - 3, L.max_tokens);
-      if (ok) wait_stats_add(p, grid, s, t0);
+      // A masked source sent nothing (its count word may hold what it wrote before it was masked).
+      if (ok) s_moff[s + 1] = w == kWaitReady ? min((int)(v >> 32) - 3, L.max_tokens) : 0;
+      if (w == kWaitReady) wait_stats_add(p, grid, s, t0);
     }
     const bool failed = __any_sync(0xffffffffu, !ok);
     if (lane == 0) s_failed = failed;
@@ -473,11 +482,16 @@ __device__ __forceinline__ bool dispatch_recv(const ep_ll_launch_t& p, Grid grid
   const int u0 = grid.block * kRecvWarps + warp;
   RecvUnit r;
   if (u0 < units) recv_unit_load(p, mine + L.recv, s_moff, u0, parts, words, r);
-  for (int i = tid; i < R * E_loc; i += blockDim.x) s_row0[i] = ld_relaxed_sys(meta + i);
+  // A source without messages has no tokens for my experts: its row is zeros, and a masked source's is stale.
+  for (int i = tid; i < R * E_loc; i += blockDim.x) {
+    const int s = i / E_loc;
+    s_row0[i] = p.group.mask && s_moff[s + 1] == s_moff[s] ? 0 : ld_relaxed_sys(meta + i);
+  }
   // Every source's shape against mine, with the meta loads, before any row is placed (ll_region.h).
   const uint64_t my_shape = ep_ll_shape_word(p.call.max_tokens, H, p.call.num_experts, p.call.fp8);
   const uint64_t* shapes = reinterpret_cast<const uint64_t*>(mine + L.dispatch_shape);
   for (int s = tid; s < R; s += blockDim.x) {
+    if (masked(p, s)) continue;  // its word is from an earlier call, or never came
     const uint64_t w = ld_relaxed_sys_u64(shapes + s);
     const int field = ep_ll_shape_differs(w, my_shape);
     if (field == EP_LL_SHAPE_AGREES) continue;

@@ -11,8 +11,10 @@
 # (default a fresh temporary folder). PYTHON: the interpreter (default python3). libep.so is found as the ep package
 # finds it (EP_LIBRARY_PATH, else build/lib of this repository).
 # Runs: test_intranode.py with its defaults and with hidden 4096 / 64 experts; test_low_latency.py with its
-# defaults, with --use-logfmt, and with hidden 4096 / 32 experts. Prints each run's last lines and PASS or FAIL;
-# exits 0 when every run passed, else 1.
+# defaults, with --use-logfmt, and with hidden 4096 / 32 experts; with 6 or more processes also
+# test_low_latency.py --shrink-test (ranks 1, 3 and 5 stop calling at their first dispatch, combine and clean; the
+# others mask them and go on: shrink mode, each failure costing the survivors one timeout_seconds, 20 s by default).
+# Prints each run's last lines and PASS or FAIL; exits 0 when every run passed, else 1.
 set -u
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 tests=${EP_DEEPEP_TESTS:-$root/../shared/third_party/deepep-v1-tests}
@@ -35,6 +37,7 @@ runs=(
   "low_latency-logfmt|test_low_latency.py --num-processes $procs --use-logfmt"
   "low_latency-h4096-e32|test_low_latency.py --num-processes $procs --hidden 4096 --num-experts 32"
 )
+[[ $procs -ge 6 ]] && runs+=("low_latency-shrink|test_low_latency.py --num-processes $procs --shrink-test")
 port=$((29500 + RANDOM % 2000))
 failed=0
 for run in "${runs[@]}"; do

@@ -106,6 +106,11 @@ static void test_group_create_args(void) {
   c = (ep_group_config_t)EP_GROUP_CONFIG_INIT;
   c.timeout_seconds = 0;
   EXPECT_FAIL(ep_group_create(&g, &id, 0, 4, 0, &c), NULL, EP_STATUS_INVALID_ARGUMENT, "timeout_seconds is 0");
+  c = (ep_group_config_t)EP_GROUP_CONFIG_INIT;
+  c.mask_failed_ranks = 2;
+  EXPECT_FAIL(ep_group_create(&g, &id, 0, 4, 0, &c), NULL, EP_STATUS_INVALID_ARGUMENT, "mask_failed_ranks is 2");
+  c = (ep_group_config_t)EP_GROUP_CONFIG_INIT;
+  CHECK(c.mask_failed_ranks == 0, "the rank mask is off by default");
   c.timeout_seconds = 1e-12; /* positive, but shorter than a kernel launch: every wait would time out */
   EXPECT_FAIL(ep_group_create(&g, &id, 0, 4, 0, &c), NULL, EP_STATUS_INVALID_ARGUMENT, "timeout_seconds is 1e-12");
   c = (ep_group_config_t)EP_GROUP_CONFIG_INIT;
@@ -495,6 +500,47 @@ static void test_ll_args(void) {
   host_group.ll_half_pending[0] = true;
   EXPECT_FAIL(ep_ll_dispatch(g, &handle, &good, 0), g, EP_STATUS_INVALID_USAGE, "two-buffer rule");
   host_group.ll_half_pending[0] = false;
+  /* The rank mask: renormalize_masked is a flag, needs the mask, and is not for sums on the experts' ranks. */
+  ca = cgood;
+  ca.renormalize_masked = 2;
+  EXPECT_FAIL(ep_ll_combine(g, &handle, &ca, 0), g, EP_STATUS_INVALID_ARGUMENT, "renormalize_masked is 2");
+  ca = cgood;
+  ca.renormalize_masked = 1;
+  EXPECT_FAIL(ep_ll_combine(g, &handle, &ca, 0), g, EP_STATUS_INVALID_USAGE, "config.mask_failed_ranks = 1");
+  static int32_t host_mask[4];
+  host_group.rank_mask = host_mask; /* host memory: only the checks before the device are reached */
+  ca.sum_on_expert_ranks = 1;
+  ca.topk_weights = NULL;
+  EXPECT_FAIL(ep_ll_combine(g, &handle, &ca, 0), g, EP_STATUS_INVALID_ARGUMENT, "sum_on_expert_ranks=1");
+  /* After an unmask, no LL dispatch before ep_ll_clean. */
+  host_group.ll_clean_needed = true;
+  EXPECT_FAIL(ep_ll_dispatch(g, &handle, &good, 0), g, EP_STATUS_INVALID_USAGE, "ep_ll_clean before");
+  host_group.ll_clean_needed = false;
+  host_group.rank_mask = NULL;
+}
+
+/* The rank mask's calls: a group made without it refuses them naming the config field; arguments are checked. */
+static void test_rank_mask_args(void) {
+  struct ep_group host_group = make_host_group(4);
+  ep_live_add(&host_group, EP_OBJECT_GROUP);
+  ep_group_t g = &host_group;
+  static int32_t out[4];
+  EXPECT_FAIL(ep_group_mask_rank(NULL, 0, 1, 0), NULL, EP_STATUS_INVALID_ARGUMENT, "group is NULL");
+  EXPECT_FAIL(ep_group_get_rank_mask(NULL, out, 0), NULL, EP_STATUS_INVALID_ARGUMENT, "group is NULL");
+  EXPECT_FAIL(ep_group_clear_rank_mask(NULL, 0), NULL, EP_STATUS_INVALID_ARGUMENT, "group is NULL");
+  EXPECT_FAIL(ep_group_mask_rank(g, 0, 1, 0), g, EP_STATUS_INVALID_USAGE, "config.mask_failed_ranks is 0");
+  EXPECT_FAIL(ep_group_get_rank_mask(g, out, 0), g, EP_STATUS_INVALID_USAGE, "config.mask_failed_ranks is 0");
+  EXPECT_FAIL(ep_group_clear_rank_mask(g, 0), g, EP_STATUS_INVALID_USAGE, "config.mask_failed_ranks is 0");
+  static int32_t host_mask[4];
+  host_group.config.mask_failed_ranks = 1;
+  host_group.rank_mask = host_mask; /* host memory: only the checks before the device are reached */
+  EXPECT_FAIL(ep_group_mask_rank(g, 4, 1, 0), g, EP_STATUS_INVALID_ARGUMENT, "rank is 4");
+  EXPECT_FAIL(ep_group_mask_rank(g, -1, 1, 0), g, EP_STATUS_INVALID_ARGUMENT, "rank is -1");
+  EXPECT_FAIL(ep_group_mask_rank(g, 1, 2, 0), g, EP_STATUS_INVALID_ARGUMENT, "masked is 2");
+  EXPECT_FAIL(ep_group_get_rank_mask(g, NULL, 0), g, EP_STATUS_INVALID_ARGUMENT, "mask is NULL");
+  EXPECT_FAIL(ep_group_get_rank_mask(g, (int32_t*)((char*)out + 2), 0), g, EP_STATUS_INVALID_ARGUMENT, "mask (");
+  CHECK(!host_group.ll_clean_needed, "refused calls leave the clean rule alone");
+  ep_live_remove(&host_group);
 }
 
 /* ep_dispatch_prepare / ep_dispatch / ep_combine: every check that comes before the device is touched. */
@@ -954,6 +1000,7 @@ int main(void) {
   test_layout_args();
   test_ll_size_hint();
   test_ll_args();
+  test_rank_mask_args();
   test_ll_region_bytes();
   test_normal_args();
   test_hidden_rule();

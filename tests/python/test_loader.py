@@ -361,13 +361,9 @@ def python_checks(ck):
         ck.raises(f"Buffer({kw}) -> ValueError naming {word}", ValueError, lambda kw=kw: ep.Buffer(None, **kw), word)
     ck.raises("Buffer(hidden='7168') -> TypeError naming hidden", TypeError, lambda: ep.Buffer(None, hidden="7168"),
               "hidden")
-    ck.raises("Buffer(enable_shrink=True) -> NotImplementedError", NotImplementedError,
-              lambda: ep.Buffer(None, enable_shrink=True), "NOT YET SUPPORTED")
-
-    # Shrink-mode stubs: loud and named.
-    for name in ("low_latency_update_mask_buffer", "low_latency_query_mask_buffer", "low_latency_clean_mask_buffer"):
-        ck.raises(f"Buffer.{name} raises NotImplementedError (NOT YET SUPPORTED)", NotImplementedError,
-                  lambda name=name: getattr(ep.Buffer, name)(None), "NOT YET SUPPORTED", name)
+    ck.raises("Buffer(enable_shrink=2) -> TypeError naming enable_shrink", TypeError,
+              lambda: ep.Buffer(None, enable_shrink=2), "enable_shrink")
+    shrink_mode_checks(ck)
     stub_checks(ck)
     ck.check("ep.LowLatencyHandle is exported", hasattr(ep, "LowLatencyHandle") and "LowLatencyHandle" in ep.__all__)
     for kw, word in ((dict(ll_max_tokens_per_rank=0), "ll_max_tokens_per_rank"),
@@ -384,8 +380,7 @@ def python_checks(ck):
 
 
 # The public Buffer methods that are stubs (raise NotImplementedError whatever they are given).
-STUBS = {"low_latency_update_mask_buffer", "low_latency_query_mask_buffer", "low_latency_clean_mask_buffer",
-         "get_local_buffer_tensor"}
+STUBS = {"get_local_buffer_tensor"}
 
 
 def stub_checks(ck):
@@ -410,10 +405,33 @@ def stub_checks(ck):
     ck.check(f"the Buffer methods that raise NotImplementedError are exactly {sorted(STUBS)}", stubs == STUBS,
              f"got {sorted(stubs)}")
     for name in ("get_dispatch_layout", "dispatch", "combine", "low_latency_dispatch", "low_latency_combine",
-                 "get_next_low_latency_combine_buffer", "clean_low_latency_buffer"):
+                 "get_next_low_latency_combine_buffer", "clean_low_latency_buffer", "low_latency_update_mask_buffer",
+                 "low_latency_query_mask_buffer", "low_latency_clean_mask_buffer"):
         e = raised.get(name)
         ck.check(f"Buffer.{name} on a destroyed Buffer raises RuntimeError naming it (implemented, not a stub)",
                  isinstance(e, RuntimeError) and "destroyed" in str(e) and name in str(e), repr(e))
+
+
+def shrink_mode_checks(ck):
+    """Shrink mode's calls: DeepEP's signatures, and their checks before the library (a destroyed Buffer raises
+    RuntimeError naming the call; a bad rank or flag, ValueError / TypeError naming it)."""
+    sig = inspect.signature(ep.Buffer.low_latency_update_mask_buffer)
+    ck.check("low_latency_update_mask_buffer(rank_to_mask, mask=False), as DeepEP's",
+             list(sig.parameters)[1:] == ["rank_to_mask", "mask"] and sig.parameters["mask"].default is False,
+             str(sig))
+    ck.check("low_latency_query_mask_buffer(mask_status), as DeepEP's",
+             list(inspect.signature(ep.Buffer.low_latency_query_mask_buffer).parameters)[1:] == ["mask_status"])
+    ck.check("low_latency_combine(..., renormalize_masked=False)",
+             inspect.signature(ep.Buffer.low_latency_combine).parameters["renormalize_masked"].default is False)
+    alive = object.__new__(ep.Buffer)  # a group pointer that is never dereferenced: the checks come first
+    alive._group_ptr, alive._finalizer, alive._ll_slots, alive.group_size = 1, None, [], 4
+    ck.raises("low_latency_update_mask_buffer(4) on 4 ranks -> ValueError naming rank_to_mask", ValueError,
+              lambda: alive.low_latency_update_mask_buffer(4, True), "rank_to_mask is 4")
+    ck.raises("low_latency_update_mask_buffer(-1) -> ValueError naming rank_to_mask", ValueError,
+              lambda: alive.low_latency_update_mask_buffer(-1, True), "rank_to_mask")
+    ck.raises("low_latency_update_mask_buffer(1, mask=2) -> TypeError naming mask", TypeError,
+              lambda: alive.low_latency_update_mask_buffer(1, 2), "mask")
+    alive._group_ptr = None
 
 
 def docstring_signature_checks(ck):

@@ -28,6 +28,11 @@ select it, ordered by source rank, then token (ep's LL order is deterministic).
   graph       dispatch + an expert op + combine captured in a CUDA graph, replayed with new data == eager
   clean       clean_low_latency_buffer, then another dispatch + combine; handles from before are stale
   empty rank  a rank with no tokens
+  shrink      Buffer(enable_shrink=True): the mask reads zeros; every rank masks the last rank by hand
+              (low_latency_update_mask_buffer), the query says so; a dispatch + combine == torch with the last
+              rank's experts removed from the others' tokens and the last rank keeping only its own;
+              renormalize_masked=True rescales the kept weights; after the unmask a dispatch raises until
+              clean_low_latency_buffer, then full results again
   bytes       Buffer(group, 0, num_rdma_bytes, low_latency_mode=True) with no ll hint, sized as DeepEP's
               test_low_latency.py sizes it (T 128, hidden 7168, 288 experts, rounded to the rank count): dispatch and
               combine == torch above the Buffer's num_experts hint; a shape the bytes do not hold raises EpError
@@ -571,6 +576,55 @@ def check_bytes(ck, c, share_kwargs):
     return buf
 
 
+def check_shrink(ck, c, share_kwargs):
+    """Shrink mode with the last rank masked by hand on every rank; returns the Buffer (the caller destroys it)."""
+    R, me, last = c.R, c.rank, c.R - 1
+    buf = ep.Buffer(dist.group.WORLD, low_latency_mode=True, num_experts=c.E, hidden=c.H, max_tokens_per_rank=16,
+                    max_topk=K_HINT, ll_max_tokens_per_rank=c.T, explicitly_destroy=True, enable_shrink=True,
+                    **share_kwargs)
+    d = Ctx()
+    d.buf, d.R, d.rank, d.dev, d.gen, d.E, d.H, d.K, d.T = buf, R, me, c.dev, c.gen, c.E, c.H, c.K, c.T
+    E_loc = c.E // R
+    mask = torch.full((R,), 7, dtype=torch.int32, device=c.dev)
+    buf.low_latency_query_mask_buffer(mask)
+    ck.check("shrink: the mask starts clear", mask.tolist() == [0] * R, str(mask.tolist()))
+    buf.low_latency_update_mask_buffer(last, True)
+    buf.low_latency_query_mask_buffer(mask)
+    ck.check(f"shrink: the query says rank {last} is masked", mask.tolist() == [0] * last + [1], str(mask.tolist()))
+    x, idx, wt = make_inputs(c.gen, c.n, c.H, c.E, c.K, c.dev)
+    owner = torch.where(idx >= 0, idx // E_loc, torch.full_like(idx, -1))
+    drop = (owner != me) if me == last else (owner == last)
+    kept_idx = idx.masked_fill(drop & (idx >= 0), -1)
+    for renorm in (False, True):
+        w = World(d, x, kept_idx, c.ns)  # what arrives: the kept entries only
+        w.w, w.idx = wt, idx  # what the calls are given: the whole routing
+        recv_x, _, handle = check_bf16_dispatch(ck, d, w)
+        y = expert_op(recv_x, E_loc)
+        out, _, _ = buf.low_latency_combine(y, idx, wt, handle, renormalize_masked=renorm)
+        want_w = wt
+        if renorm:
+            valid = (idx >= 0).float()
+            kept = (kept_idx >= 0).float()
+            all_sum, kept_sum = (wt * valid).sum(1, keepdim=True), (wt * kept).sum(1, keepdim=True)
+            want_w = torch.where(kept_sum > 0, wt * (all_sum / kept_sum.clamp_min(1e-30)), torch.zeros_like(wt))
+        ok, diff = close_bf16(out, expected_combine(x, kept_idx, want_w, E_loc))
+        ck.check(f"shrink: combine (renormalize_masked={renorm}) == torch over the kept entries (max diff {diff:g})",
+                 ok)
+    buf.low_latency_update_mask_buffer(last, False)
+    w = World(d, x, idx, c.ns)
+    w.w = wt
+    ck.raises("shrink: after the unmask, a dispatch before clean_low_latency_buffer -> EpError", ep.EpError,
+              lambda: dispatch(d, w, use_fp8=False), "ep_ll_clean")
+    torch.cuda.synchronize()
+    dist.barrier()
+    buf.clean_low_latency_buffer(c.T, c.H, c.E)
+    buf.low_latency_query_mask_buffer(mask)
+    ck.check("shrink: the mask is clear after the unmask", mask.tolist() == [0] * R, str(mask.tolist()))
+    recv_x, _, handle = check_bf16_dispatch(ck, d, w)
+    check_combine(ck, d, w, recv_x, handle, "shrink: after the unmask and the clean, combine")
+    return buf
+
+
 # ---- per-rank process ---------------------------------------------------------------------------------------
 def worker(rank, world, init_method, seed):
     global torch, dist, ep
@@ -608,6 +662,11 @@ def worker(rank, world, init_method, seed):
         buf.destroy()  # one Buffer per process at a time
         buf = None
         buf = check_bytes(ck, c, share_kwargs)
+        torch.cuda.synchronize()
+        dist.barrier()
+        buf.destroy()
+        buf = None
+        buf = check_shrink(ck, c, share_kwargs)
     except Exception:
         ck.check("ran every check without an exception", False, traceback.format_exc())
     eptest.finish_rank(ck, buf)

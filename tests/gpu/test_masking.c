@@ -1,0 +1,399 @@
+/* test_masking: the group's rank mask (config.mask_failed_ranks, issue 23) on the low-latency path. The last rank,
+ * R-1, is the masked one. Modes (argv[1]; none: hand, what tests/run_tests.sh runs):
+ *   hand            every rank masks R-1 by hand (ep_group_mask_rank): LL rounds (BF16 and FP8, with and without the
+ *                   receive hook, and with renormalize_masked) against the reference in which the survivors' tokens
+ *                   lose their experts on R-1 and R-1's tokens keep only R-1's (it exchanges with nobody but
+ *                   itself); recv_count and layout_range say 0 rows from a masked source; the mask reads {R-1}. Then
+ *                   the unmask: a dispatch before ep_ll_clean is refused, and after the clean full rounds are right.
+ *   dispatch-death  R-1 dies by SIGKILL with no kernel in flight, before an LL dispatch that the others make: their
+ *                   dispatch and combine succeed within the budget plus a slack, the mask reads {R-1}, the results
+ *                   are the reference's with R-1's experts removed, and so are 100 more rounds of fresh routing;
+ *                   then the group is destroyed on each survivor alone (EP_STATUS_SUCCESS).
+ *   combine-death   the same, R-1 dying after a dispatch it took part in, before the combine.
+ *   no-mask-death   a group without the mask: the same death as dispatch-death is the fatal fault of docs/faults.md
+ *                   (EP_STATUS_TIMEOUT or EP_STATUS_PEER_FAILED), then ep_group_abort.
+ * The death modes run under `ep_launch -k R-1` (tests/gpu/masking.sh runs the four). Every survivor prints
+ * "masking MODE rank R: ..." lines with the seconds from the death to its first correct masked call. */
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/check.h"
+#include "gpu/harness.h"
+#include "gpu/ll_round.h"
+#include "gpu/test_util.h"
+
+#define BUDGET_S 1.0       /* config.timeout_seconds of the death modes */
+#define HAND_BUDGET_S 10.0 /* of the hand mode, where no wait runs out: a rank late by a moment is not masked */
+#define SLACK_S 2.0        /* a call's outcome may come this long after the budget */
+#define ROUNDS_AFTER_DEATH 100
+
+static const ll_shape_t k_shape = {
+    .T = 32, .hidden = 2048, .topk = 4, .experts = 0, .fp8 = 0, .hook = 0, .neg = 5, .zero_rank = -1};
+
+typedef struct {
+  const harness_t* h;
+  ep_group_t g;
+  cudaStream_t s;
+  ll_bufs_t b;
+  int masked[LL_MAX_RANKS]; /* the mask every rank should read */
+  int32_t* mask_dev;
+} ctx_t;
+
+/* A world whose reference is the masked one: each rank's own top-k and weights are kept in orig_* (what it passes
+ * to the calls), and w->idx drops what the mask drops (a masked rank keeps only its own experts; every other rank
+ * drops the experts of masked ranks). With renorm, the weights are multiples of 1/8 (their sums exact in any order)
+ * and the reference's kept weights are scaled as renormalize_masked scales them. */
+typedef struct {
+  ll_world_t w;
+  int64_t* orig_idx[LL_MAX_RANKS];
+  float* orig_w[LL_MAX_RANKS];
+} masked_world_t;
+
+static void masked_world_make(masked_world_t* m, const ll_shape_t* k, int R, uint64_t seed, const int* masked,
+                              int renorm) {
+  CHECK(ll_world_make(&m->w, k, R, seed) == 0, "the reference rejected the world (seed 0x%016llx)",
+        (unsigned long long)seed);
+  ll_world_t* w = &m->w;
+  const int K = k->topk, E_loc = k->experts / R;
+  for (int r = 0; r < R; ++r) {
+    const int n = w->num_tokens[r];
+    m->orig_idx[r] = xmalloc((size_t)n * K * 8 + 8);
+    m->orig_w[r] = xmalloc((size_t)n * K * 4 + 4);
+    for (int t = 0; t < n; ++t) {
+      int64_t* idx = w->idx[r] + (size_t)t * K;
+      float* wt = w->w[r] + (size_t)t * K;
+      float all = 0.0f, kept = 0.0f;
+      for (int j = 0; j < K; ++j) {
+        if (renorm) wt[j] = (float)(1 + (int)(wt[j] * 8.0f)) / 8.0f;
+        m->orig_idx[r][(size_t)t * K + j] = idx[j];
+        m->orig_w[r][(size_t)t * K + j] = wt[j];
+        if (idx[j] < 0) continue;
+        const int owner = (int)(idx[j] / E_loc);
+        all += wt[j];
+        if (masked[r] ? owner != r : masked[owner]) idx[j] = -1;
+        else kept += wt[j];
+      }
+      const float factor = kept != 0.0f ? all / kept : 0.0f;
+      for (int j = 0; renorm && j < K; ++j) wt[j] *= factor;
+    }
+  }
+  ep_ref_ll_dispatch_free(&w->disp);
+  CHECK(ep_ref_ll_dispatch(&w->ref, k->fp8, 0, 0, &w->disp) == 0, "the reference rejected the masked world");
+}
+
+static void masked_world_free(masked_world_t* m) {
+  for (int r = 0; r < m->w.R; ++r) {
+    free(m->orig_idx[r]);
+    free(m->orig_w[r]);
+  }
+  ll_world_free(&m->w);
+}
+
+/* This rank's inputs as it passes them (the unmasked top-k and weights), every output poisoned. */
+static void masked_load(ctx_t* c, const masked_world_t* m) {
+  const int me = c->h->rank, n = m->w.num_tokens[me], K = m->w.k.topk;
+  ll_load(&c->b, &m->w, me);
+  upload(c->b.idx, m->orig_idx[me], (size_t)n * K * 8);
+  upload(c->b.w, m->orig_w[me], (size_t)n * K * 4);
+}
+
+/* layout_range against the reference: per (local expert, source) the rows the reference placed, 0 from a masked
+ * source, each run starting where the previous source's ended. */
+static long check_layout(const ctx_t* c, const ll_world_t* w) {
+  const int me = c->h->rank, R = w->R;
+  const int E_loc = w->k.experts / R;
+  const int64_t* lr_dev = NULL;
+  if (!EP_CHECK(c, ep_ll_get_routing(c->b.h, NULL, &lr_dev))) return 1;
+  int64_t* lr = download(lr_dev, (size_t)E_loc * R * 8);
+  const ep_ref_ll_recv_t* rr = &w->disp.recv[me];
+  long bad = 0;
+  for (int le = 0; le < E_loc; ++le) {
+    int begin = 0;
+    for (int s = 0; s < R; ++s) {
+      int want = 0;
+      for (int i = 0; i < rr->count[le]; ++i) want += rr->src_rank[rr->expert_offset[le] + i] == s;
+      const int got = (int)(uint32_t)lr[(size_t)le * R + s], got_begin = (int)(lr[(size_t)le * R + s] >> 32);
+      if ((got != want || got_begin != begin) && bad++ < LL_MAX_REPORTS)
+        fprintf(stderr, "rank %d: layout_range[%d][%d] = (%d, %d), want (%d, %d)%s\n", me, le, s, got_begin, got, begin,
+                want, c->masked[s] ? " (a masked source)" : "");
+      CHECK(!(c->masked[s] && s != me && got != 0), "rank %d: %d rows from masked rank %d", me, got, s);
+      begin += want;
+    }
+  }
+  free(lr);
+  return bad;
+}
+
+/* The mask this rank reads is c->masked. */
+static void check_mask(ctx_t* c, const char* when) {
+  const int R = c->h->num_ranks;
+  if (!EP_CHECK(c, ep_group_get_rank_mask(c->g, c->mask_dev, c->s))) return;
+  CUDA_CHECK(cudaStreamSynchronize(c->s));
+  int32_t* got = download(c->mask_dev, (size_t)R * 4);
+  for (int r = 0; r < R; ++r)
+    CHECK(got[r] == c->masked[r], "rank %d, %s: mask[%d] = %d, want %d", c->h->rank, when, r, got[r], c->masked[r]);
+  free(got);
+}
+
+/* A call's outcome once the stream has drained: its status and the error word's. */
+static int call_ok(ctx_t* c, ep_status_t st, const char* what) {
+  CHECK(st == EP_STATUS_SUCCESS, "rank %d: %s: %s: %s", c->h->rank, what, ep_status_string(st), ep_last_error(c->g));
+  CUDA_CHECK(cudaStreamSynchronize(c->s));
+  ep_status_t async = EP_STATUS_INTERNAL_ERROR;
+  ep_get_async_error(c->g, &async);
+  CHECK(async == EP_STATUS_SUCCESS, "rank %d: %s, async: %s: %s", c->h->rank, what, ep_status_string(async),
+        ep_last_error(c->g));
+  return st == EP_STATUS_SUCCESS && async == EP_STATUS_SUCCESS;
+}
+
+static ep_status_t dispatch(ctx_t* c, const ll_world_t* w) {
+  ep_ll_dispatch_args_t a = ll_dispatch_args(&c->b, w, c->h->rank);
+  ep_status_t st = ep_ll_dispatch(c->g, c->b.h, &a, c->s);
+  if (st == EP_STATUS_SUCCESS && w->k.hook) st = ep_ll_dispatch_recv(c->g, c->b.h, c->s);
+  return st;
+}
+
+static ep_status_t combine(ctx_t* c, const ll_world_t* w, int renorm) {
+  ep_ll_combine_args_t a = ll_combine_args(&c->b, w);
+  a.renormalize_masked = renorm;
+  ep_status_t st = ep_ll_combine(c->g, c->b.h, &a, c->s);
+  if (st == EP_STATUS_SUCCESS && w->k.hook) st = ep_ll_combine_recv(c->g, c->b.h, c->s);
+  return st;
+}
+
+/* One round under the mask: dispatch, its checks, the experts' outputs, combine, its check. Returns mismatches. */
+static long masked_round(ctx_t* c, const masked_world_t* m, int renorm) {
+  const int me = c->h->rank;
+  masked_load(c, m);
+  long bad = call_ok(c, dispatch(c, &m->w), "LL dispatch") ? 0 : 1;
+  bad += ll_check_dispatch(&c->b, &m->w, me) + check_layout(c, &m->w);
+  ll_upload_y(&c->b, &m->w, me);
+  bad += call_ok(c, combine(c, &m->w, renorm), "LL combine") ? 0 : 1;
+  bad += ll_check_combine(&c->b, &m->w, me);
+  CHECK(bad == 0, "rank %d: masked LL round (seed 0x%016llx, fp8 %d, hook %d, renormalize %d): %ld mismatches", me,
+        (unsigned long long)m->w.seed, m->w.k.fp8, m->w.k.hook, renorm, bad);
+  return bad;
+}
+
+static ll_shape_t shape_of(const ctx_t* c, int fp8, int hook) {
+  ll_shape_t k = k_shape;
+  k.experts = 8 * c->h->num_ranks;
+  k.fp8 = fp8;
+  k.hook = hook;
+  return k;
+}
+
+static int create(ctx_t* c, const harness_t* h, int mask_on, double budget) {
+  memset(c, 0, sizeof(*c));
+  c->h = h;
+  ep_group_config_t cfg = EP_GROUP_CONFIG_INIT;
+  cfg.num_experts = 8 * h->num_ranks;
+  cfg.hidden = k_shape.hidden;
+  cfg.max_tokens_per_rank = 64;
+  cfg.max_topk = 8;
+  cfg.ll_max_tokens_per_rank = k_shape.T;
+  cfg.timeout_seconds = budget;
+  cfg.mask_failed_ranks = mask_on;
+  const ep_status_t st = harness_group_create(h, &cfg, &c->g);
+  CHECK(st == EP_STATUS_SUCCESS, "rank %d: ep_group_create: %s: %s", h->rank, ep_status_string(st),
+        ep_last_error(NULL));
+  if (st != EP_STATUS_SUCCESS) return 1;
+  CUDA_CHECK(cudaStreamCreateWithFlags(&c->s, cudaStreamNonBlocking));
+  ll_shape_t max = shape_of(c, 0, 0);
+  if (!EP_CHECK(c, ll_bufs_alloc(c->g, &c->b, &max, h->num_ranks))) return 1;
+  c->mask_dev = dev_alloc((size_t)h->num_ranks * 4);
+  return 0;
+}
+
+/* ---- hand: every rank masks R-1, rounds, unmask, clean, rounds ---- */
+static void run_hand(ctx_t* c, uint64_t seed) {
+  const int R = c->h->num_ranks, me = c->h->rank, last = R - 1;
+  EP_CHECK(c, ep_group_mask_rank(c->g, last, 1, c->s));
+  c->masked[last] = 1;
+  check_mask(c, "after masking by hand");
+  long bad = 0;
+  int rounds = 0;
+  for (int fp8 = 0; fp8 < 2; ++fp8)
+    for (int hook = 0; hook < 2; ++hook)
+      for (int renorm = 0; renorm < 2; ++renorm)
+        for (int i = 0; i < 2; ++i, ++rounds) { /* both buffer halves */
+          const ll_shape_t k = shape_of(c, fp8, hook);
+          masked_world_t m;
+          masked_world_make(&m, &k, R, seed + (uint64_t)rounds, c->masked, renorm);
+          bad += masked_round(c, &m, renorm);
+          masked_world_free(&m);
+        }
+  printf("masking hand rank %d: %d rounds with rank %d masked by hand, %ld mismatches\n", me, rounds, last, bad);
+  check_mask(c, "after the masked rounds");
+  /* R-1 made its calls apart from the others: every rank gets here before the unmask and the clean's barrier. */
+  CUDA_CHECK(cudaDeviceSynchronize());
+  CHECK(harness_barrier(c->h, "before-unmask") == 0, "rank %d: harness barrier before-unmask", me);
+
+  /* The unmask takes effect at ep_ll_clean: a dispatch before it is refused (on every rank alike). */
+  EP_CHECK(c, ep_group_mask_rank(c->g, last, 0, c->s));
+  c->masked[last] = 0;
+  ll_world_t w;
+  const ll_shape_t k = shape_of(c, 0, 0);
+  CHECK(ll_world_make(&w, &k, R, seed ^ 0x5555) == 0, "the reference rejected the world");
+  ll_load(&c->b, &w, me);
+  ep_ll_dispatch_args_t a = ll_dispatch_args(&c->b, &w, me);
+  const ep_status_t refused = ep_ll_dispatch(c->g, c->b.h, &a, c->s);
+  CHECK(refused == EP_STATUS_INVALID_USAGE && strstr(ep_last_error(c->g), "ep_ll_clean"),
+        "rank %d: a dispatch after the unmask, before ep_ll_clean: %s: %s", me, ep_status_string(refused),
+        ep_last_error(c->g));
+  ll_world_free(&w);
+  EP_CHECK(c, ep_ll_clean(c->g, c->s));
+  check_mask(c, "after the unmask and ep_ll_clean");
+  long full_bad = 0;
+  for (int fp8 = 0; fp8 < 2; ++fp8)
+    for (int hook = 0; hook < 2; ++hook)
+      for (int i = 0; i < 2; ++i) {
+        const ll_shape_t kk = shape_of(c, fp8, hook);
+        CHECK(ll_world_make(&w, &kk, R, seed + 1000 + (uint64_t)(4 * fp8 + 2 * hook + i)) == 0, "reference");
+        full_bad += ll_run_round(c->g, c->s, &c->b, &w, me) != 0;
+        ll_world_free(&w);
+      }
+  printf("masking hand rank %d: after the unmask and ep_ll_clean, 8 full rounds, %ld wrong\n", me, full_bad);
+}
+
+/* ---- the death modes ---- */
+enum death { DEATH_BEFORE_DISPATCH, DEATH_BEFORE_COMBINE, DEATH_NO_MASK };
+
+static void die_now(void) {
+  fflush(stdout);
+  fflush(stderr);
+  raise(SIGKILL);
+}
+
+/* Every rank has finished every call (no kernel in flight anywhere), then R-1 dies. */
+static void sync_then_maybe_die(ctx_t* c, const char* name) {
+  CUDA_CHECK(cudaDeviceSynchronize());
+  CHECK(harness_barrier(c->h, name) == 0, "rank %d: harness barrier %s", c->h->rank, name);
+  if (c->h->rank == c->h->num_ranks - 1) die_now();
+}
+
+static void run_death(ctx_t* c, uint64_t seed, enum death mode, const char* name) {
+  const int R = c->h->num_ranks, me = c->h->rank, last = R - 1;
+  ll_world_t w;
+  const ll_shape_t k = shape_of(c, 1, 0);
+  for (int i = 0; i < 2; ++i) { /* both halves acknowledged by every rank */
+    CHECK(ll_world_make(&w, &k, R, seed + (uint64_t)i) == 0, "reference");
+    CHECK(ll_run_round(c->g, c->s, &c->b, &w, me) == 0, "rank %d: a round before the death", me);
+    ll_world_free(&w);
+  }
+  int dead[LL_MAX_RANKS] = {0};
+  dead[last] = 1;
+  masked_world_t m;
+  masked_world_make(&m, &k, R, seed + 2, dead, 0);
+  double t_death = 0;
+  long bad = 0;
+  if (mode == DEATH_BEFORE_COMBINE) {
+    ll_world_t full; /* the dispatch is whole: R-1 takes part */
+    CHECK(ll_world_make(&full, &k, R, seed + 2) == 0, "reference");
+    masked_load(c, &m); /* the same inputs as the full world's */
+    bad += call_ok(c, dispatch(c, &full), "LL dispatch before the death") ? 0 : 1;
+    bad += ll_check_dispatch(&c->b, &full, me);
+    ll_upload_y(&c->b, &full, me);
+    ll_world_free(&full);
+    sync_then_maybe_die(c, "before-combine");
+    t_death = now_s();
+    const ep_status_t st = combine(c, &m.w, 0);
+    bad += call_ok(c, st, "LL combine after the death") ? 0 : 1;
+  } else {
+    sync_then_maybe_die(c, "before-dispatch");
+    t_death = now_s();
+    masked_load(c, &m);
+    const ep_status_t st = dispatch(c, &m.w);
+    if (mode == DEATH_NO_MASK) {
+      CUDA_CHECK(cudaStreamSynchronize(c->s));
+      ep_status_t async = EP_STATUS_INTERNAL_ERROR;
+      ep_get_async_error(c->g, &async);
+      const ep_status_t seen = st != EP_STATUS_SUCCESS ? st : async;
+      const double dt = now_s() - t_death;
+      printf("masking %s rank %d: dispatch %s, then %s after %.3f s: %s\n", name, me, ep_status_string(st),
+             ep_status_string(async), dt, ep_last_error(c->g));
+      CHECK(seen == EP_STATUS_TIMEOUT || seen == EP_STATUS_PEER_FAILED,
+            "rank %d: without the mask a dead peer is fatal, got %s", me, ep_status_string(seen));
+      CHECK(dt < BUDGET_S + SLACK_S, "rank %d: the fault came after %.3f s", me, dt);
+      const double t_abort = now_s();
+      CHECK(ep_group_abort(c->g) == EP_STATUS_SUCCESS, "rank %d: ep_group_abort", me);
+      printf("masking %s rank %d: ep_group_abort in %.3f s\n", name, me, now_s() - t_abort);
+      c->g = NULL;
+      masked_world_free(&m);
+      return;
+    }
+    bad += call_ok(c, st, "LL dispatch after the death") ? 0 : 1;
+    bad += ll_check_dispatch(&c->b, &m.w, me) + check_layout(c, &m.w);
+    ll_upload_y(&c->b, &m.w, me);
+    bad += call_ok(c, combine(c, &m.w, 0), "LL combine after the death") ? 0 : 1;
+  }
+  const double t_call = now_s() - t_death;
+  c->masked[last] = 1;
+  check_mask(c, "after the death");
+  bad += ll_check_combine(&c->b, &m.w, me);
+  const double t_correct = now_s() - t_death;
+  masked_world_free(&m);
+  CHECK(bad == 0, "rank %d: the call after the death: %ld mismatches", me, bad);
+  CHECK(t_call < BUDGET_S + SLACK_S, "rank %d: the masked call took %.3f s (budget %.1f s + slack %.1f s)", me, t_call,
+        BUDGET_S, SLACK_S);
+  printf("masking %s rank %d: rank %d masked; first call done %.3f s and checked correct %.3f s after the death "
+         "(budget %.1f s)\n",
+         name, me, last, t_call, t_correct, BUDGET_S);
+
+  long later_bad = 0;
+  const double t0 = now_s();
+  for (int i = 0; i < ROUNDS_AFTER_DEATH; ++i) {
+    masked_world_t mm;
+    const ll_shape_t kk = shape_of(c, i & 1, (i >> 1) & 1);
+    masked_world_make(&mm, &kk, R, seed + 100 + (uint64_t)i, c->masked, 0);
+    later_bad += masked_round(c, &mm, 0) != 0;
+    masked_world_free(&mm);
+  }
+  printf("masking %s rank %d: %d rounds after the death in %.3f s, %ld wrong\n", name, me, ROUNDS_AFTER_DEATH,
+         now_s() - t0, later_bad);
+  check_mask(c, "after the rounds");
+  const double t_destroy = now_s();
+  ll_bufs_free(&c->b);
+  const ep_status_t st = ep_group_destroy(c->g);
+  CHECK(st == EP_STATUS_SUCCESS, "rank %d: ep_group_destroy with a masked rank: %s: %s", me, ep_status_string(st),
+        ep_last_error(NULL));
+  printf("masking %s rank %d: ep_group_destroy (local) in %.3f s\n", name, me, now_s() - t_destroy);
+  c->g = NULL;
+}
+
+int main(int argc, char** argv) {
+  const char* mode = argc > 1 ? argv[1] : "hand";
+  enum death death = DEATH_BEFORE_DISPATCH;
+  if (strcmp(mode, "dispatch-death") == 0) death = DEATH_BEFORE_DISPATCH;
+  else if (strcmp(mode, "combine-death") == 0) death = DEATH_BEFORE_COMBINE;
+  else if (strcmp(mode, "no-mask-death") == 0) death = DEATH_NO_MASK;
+  else if (strcmp(mode, "hand") != 0) {
+    fprintf(stderr, "usage: test_masking [hand|dispatch-death|combine-death|no-mask-death]\n");
+    return TEST_FAIL;
+  }
+  harness_t h;
+  int rc = harness_init(&h);
+  if (rc != 0) return rc;
+  if ((rc = harness_need_ranks(&h, 2)) != 0) return rc;
+  if (h.num_ranks > LL_MAX_RANKS) {
+    printf("SKIP test_masking: at most %d ranks\n", LL_MAX_RANKS);
+    return TEST_SKIP;
+  }
+  const uint64_t seed = harness_seed(&h, "test_masking");
+  ctx_t c;
+  const int hand = strcmp(mode, "hand") == 0;
+  if (create(&c, &h, death != DEATH_NO_MASK, hand ? HAND_BUDGET_S : BUDGET_S) != 0) return TEST_FAIL;
+  if (hand) {
+    run_hand(&c, seed);
+    ll_bufs_free(&c.b);
+    CHECK(ep_group_destroy(c.g) == EP_STATUS_SUCCESS, "ep_group_destroy: %s", ep_last_error(NULL));
+  } else {
+    run_death(&c, seed, death, mode);
+  }
+  if (c.s) cudaStreamDestroy(c.s);
+  dev_free(c.mask_dev);
+  printf("test_masking %s rank %d: %s\n", mode, h.rank, g_check_failures ? "FAIL" : "ok");
+  return TEST_RESULT();
+}
