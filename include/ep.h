@@ -355,19 +355,20 @@ EP_API ep_status_t ep_group_clear_rank_mask(ep_group_t group, cudaStream_t strea
 #define EP_EXPERT_MAP_MAGIC 0x45504d31u /* "EPM1" */
 
 typedef struct ep_expert_map {
-  uint32_t size;               /* sizeof(ep_expert_map_t) */
-  uint32_t magic;              /* EP_EXPERT_MAP_MAGIC */
-  const int32_t* slots;        /* [IN] [num_logical_experts, max_copies] int32 device: row l lists the physical slots
-                                  that hold a copy of logical expert l, in [0, num_experts); -1 = no copy in that
-                                  column (padding, anywhere in the row). A row without a valid slot is an expert
-                                  with no copy: it maps to -1 */
-  int num_logical_experts;     /* L >= 1 */
-  int max_copies;              /* C: columns of `slots`, 1..num_experts */
-  int num_experts;             /* physical slots: a positive multiple of num_ranks; the num_experts of the
-                                  dispatches that take the mapped ids */
+  uint32_t size;           /* sizeof(ep_expert_map_t) */
+  uint32_t magic;          /* EP_EXPERT_MAP_MAGIC */
+  const int32_t* slots;    /* [IN] [num_logical_experts, max_copies] int32 device: row l lists the physical slots
+                              that hold a copy of logical expert l, in [0, num_experts); -1 = no copy in that
+                              column (padding, anywhere in the row). A row without a valid slot is an expert
+                              with no copy: it maps to -1 */
+  int num_logical_experts; /* L >= 1 */
+  int max_copies;          /* C: columns of `slots`, 1..num_experts */
+  int num_experts;         /* physical slots: a positive multiple of num_ranks; the num_experts of the
+                              dispatches that take the mapped ids */
 } ep_expert_map_t;
 
-#define EP_EXPERT_MAP_INIT { (uint32_t)sizeof(ep_expert_map_t), EP_EXPERT_MAP_MAGIC, NULL, 0, 0, 0 }
+#define EP_EXPERT_MAP_INIT \
+  { (uint32_t)sizeof(ep_expert_map_t), EP_EXPERT_MAP_MAGIC, NULL, 0, 0, 0 }
 
 /* Map every logical pick to a physical slot: physical_topk[t][k] = the j-th live copy of logical expert
  * l = logical_topk[t][k], in column order, with j = (t + rank) % (live copies of l), where a copy is live when its

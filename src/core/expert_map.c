@@ -12,8 +12,8 @@ static ep_status_t check_map(ep_group_t group, const char* fn, const ep_expert_m
                          map ? map->magic : 0, EP_EXPERT_MAP_MAGIC));
   if (map->num_experts <= 0 || map->num_experts % group->num_ranks != 0)
     return ep_fail(group, EP_STATUS_INVALID_ARGUMENT,
-                   "%s: map->num_experts is %d; it must be a positive multiple of num_ranks (%d)", fn,
-                   map->num_experts, group->num_ranks);
+                   "%s: map->num_experts is %d; it must be a positive multiple of num_ranks (%d)", fn, map->num_experts,
+                   group->num_ranks);
   if (map->num_logical_experts < 1)
     return ep_fail(group, EP_STATUS_INVALID_ARGUMENT, "%s: map->num_logical_experts is %d; it must be >= 1", fn,
                    map->num_logical_experts);
@@ -43,8 +43,7 @@ ep_status_t ep_map_experts(ep_group_t group, const ep_expert_map_t* map, const i
   if (num_tokens > 0 && !logical_topk)
     return ep_fail(group, EP_STATUS_INVALID_ARGUMENT, "%s: logical_topk is NULL with num_tokens=%d", fn, num_tokens);
   if (num_tokens > 0 && !physical_topk)
-    return ep_fail(group, EP_STATUS_INVALID_ARGUMENT, "%s: physical_topk is NULL with num_tokens=%d", fn,
-                   num_tokens);
+    return ep_fail(group, EP_STATUS_INVALID_ARGUMENT, "%s: physical_topk is NULL with num_tokens=%d", fn, num_tokens);
   EP_CHECK_ALIGNED(group, fn, {"logical_topk", logical_topk, 8}, {"physical_topk", physical_topk, 8});
   /* Partial overlap would let one pick's write change another's input; the same memory maps in place. */
   const size_t bytes = (size_t)num_tokens * (size_t)num_topk * sizeof(int64_t);

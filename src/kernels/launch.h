@@ -37,9 +37,9 @@ cudaError_t ep_launch_layout(const ep_layout_launch_t* p, cudaStream_t stream);
 
 /* ---- Redundant experts: logical top-k ids to physical slots (ep_map_experts, expert_map.cu) ---- */
 typedef struct ep_expert_map_launch {
-  const int32_t* slots;       /* [num_logical, max_copies] physical slots, -1 padded */
+  const int32_t* slots; /* [num_logical, max_copies] physical slots, -1 padded */
   int num_logical, max_copies, num_experts, num_ranks, rank;
-  const int32_t* mask;        /* the group's rank mask, or NULL (every copy live) */
+  const int32_t* mask;         /* the group's rank mask, or NULL (every copy live) */
   const int64_t* logical_topk; /* [num_tokens, num_topk] */
   int64_t* physical_topk;      /* [num_tokens, num_topk]; may be logical_topk */
   int num_tokens, num_topk;

@@ -23,8 +23,8 @@
 #include "gpu/test_util.h"
 #include "ref/ep_ref_expert_map.h"
 
-#define E_LOC 8       /* physical slots per rank */
-#define COPIES 3      /* columns of a map */
+#define E_LOC 8  /* physical slots per rank */
+#define COPIES 3 /* columns of a map */
 #define TOPK 4
 #define MAPS 6        /* random maps per mask state */
 #define MAP_TOKENS 64 /* tokens of a map check */
@@ -110,8 +110,7 @@ static void logical_make(int64_t* idx, int n, int L, uint64_t seed) {
 }
 
 /* The reference's picks of rank `rank` (every rank holds the same mask). */
-static void reference_map(const ctx_t* c, const map_t* m, int rank, const int64_t* logical, int64_t* physical,
-                          int n) {
+static void reference_map(const ctx_t* c, const map_t* m, int rank, const int64_t* logical, int64_t* physical, int n) {
   const int rc = ep_ref_map_experts(m->slots, m->L, COPIES, m->E, c->R, rank, c->mask_on ? c->mask : NULL, logical,
                                     physical, n, TOPK, NULL);
   CHECK(rc == 0, "the reference rejected the map");
@@ -223,15 +222,15 @@ static void check_data_faults(ctx_t* c, uint64_t seed) {
   ep_get_async_error(c->g, &async);
   char want[128];
   snprintf(want, sizeof want, "logical_topk of token 3 holds logical expert %d", m.L);
-  CHECK(async == EP_STATUS_DEVICE_ERROR && strstr(ep_last_error(c->g), want),
-        "rank %d: a bad logical index: %s: %s", c->me, ep_status_string(async), ep_last_error(c->g));
+  CHECK(async == EP_STATUS_DEVICE_ERROR && strstr(ep_last_error(c->g), want), "rank %d: a bad logical index: %s: %s",
+        c->me, ep_status_string(async), ep_last_error(c->g));
   int64_t pick = 0;
   CUDA_CHECK(cudaMemcpy(&pick, c->d_out + 3 * TOPK + 1, 8, cudaMemcpyDeviceToHost));
   CHECK(pick == -1, "rank %d: a bad logical index mapped to %lld, want -1", c->me, (long long)pick);
 
   logical[3 * TOPK + 1] = -1;
-  logical[0] = 0;                  /* a pick of logical expert 0 ... */
-  m.slots[COPIES - 1] = m.E + 5;   /* ... whose row holds a slot outside [-1, E) */
+  logical[0] = 0;                /* a pick of logical expert 0 ... */
+  m.slots[COPIES - 1] = m.E + 5; /* ... whose row holds a slot outside [-1, E) */
   em = device_map(c, &m);
   upload(c->d_in, logical, sizeof(logical));
   inputs_ready();
@@ -239,8 +238,8 @@ static void check_data_faults(ctx_t* c, uint64_t seed) {
   CUDA_CHECK(cudaStreamSynchronize(c->s));
   ep_get_async_error(c->g, &async);
   snprintf(want, sizeof want, "row of logical expert 0 holds slot %d", m.E + 5);
-  CHECK(async == EP_STATUS_DEVICE_ERROR && strstr(ep_last_error(c->g), want),
-        "rank %d: a bad slot: %s: %s", c->me, ep_status_string(async), ep_last_error(c->g));
+  CHECK(async == EP_STATUS_DEVICE_ERROR && strstr(ep_last_error(c->g), want), "rank %d: a bad slot: %s: %s", c->me,
+        ep_status_string(async), ep_last_error(c->g));
   CHECK_ASYNC_CLEAN(c, "the data faults, once read");
   printf("expert_map plain rank %d: a bad logical index and a bad slot are data faults: %s\n", c->me,
          g_check_failures ? "FAIL" : "ok");

@@ -10,9 +10,9 @@ static int copy_is_live(int32_t slot, int num_experts, int experts_per_rank, int
   return mask[owner] == 0 && mask[rank] == 0;
 }
 
-int ep_ref_map_experts(const int32_t* slots, int num_logical, int max_copies, int num_experts, int num_ranks,
-                       int rank, const int32_t* mask, const int64_t* logical, int64_t* physical, int num_tokens,
-                       int num_topk, long* bad_values) {
+int ep_ref_map_experts(const int32_t* slots, int num_logical, int max_copies, int num_experts, int num_ranks, int rank,
+                       const int32_t* mask, const int64_t* logical, int64_t* physical, int num_tokens, int num_topk,
+                       long* bad_values) {
   if (num_ranks < 1 || num_experts < 1 || num_experts % num_ranks != 0 || rank < 0 || rank >= num_ranks ||
       num_logical < 1 || max_copies < 1 || num_tokens < 0 || num_topk < 1 || (num_tokens > 0 && !slots))
     return -1;

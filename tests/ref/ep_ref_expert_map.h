@@ -11,8 +11,8 @@
  * logical: [num_tokens, num_topk]; physical: [num_tokens, num_topk] (may be logical). A logical index outside
  * [-1, num_logical) maps to -1 and a slot outside [-1, num_experts) is skipped; each makes *bad_values count one
  * (NULL: not counted). Returns 0, or -1 on a bad shape (num_experts not a positive multiple of num_ranks, ...). */
-int ep_ref_map_experts(const int32_t* slots, int num_logical, int max_copies, int num_experts, int num_ranks,
-                       int rank, const int32_t* mask, const int64_t* logical, int64_t* physical, int num_tokens,
-                       int num_topk, long* bad_values);
+int ep_ref_map_experts(const int32_t* slots, int num_logical, int max_copies, int num_experts, int num_ranks, int rank,
+                       const int32_t* mask, const int64_t* logical, int64_t* physical, int num_tokens, int num_topk,
+                       long* bad_values);
 
 #endif /* EP_REF_EXPERT_MAP_H */
