@@ -371,9 +371,10 @@ typedef struct ep_expert_map {
   { (uint32_t)sizeof(ep_expert_map_t), EP_EXPERT_MAP_MAGIC, NULL, 0, 0, 0 }
 
 /* Map every logical pick to a physical slot: physical_topk[t][k] = the j-th live copy of logical expert
- * l = logical_topk[t][k], in column order, with j = (t + rank) % (live copies of l), where a copy is live when its
- * slot's rank is not masked in this rank's mask at the time the kernel runs (the mask is read on the device: the
- * call follows the kernels' automatic masking with no host step). Without a rank mask (config.mask_failed_ranks 0)
+ * l = logical_topk[t][k], in column order, with j = (t + rank) % (live copies of l), where a copy is live when this
+ * rank exchanges with its slot's rank under this rank's mask at the time the kernel runs: that rank is this one, or
+ * neither is masked (see "Rank mask"). The mask is read on the device: the call follows the kernels' automatic
+ * masking with no host step. Without a rank mask (config.mask_failed_ranks 0)
  * every copy is live: the plain EPLB map. Spreading by token index (shifted by the rank, so that the ranks' first
  * tokens do not all pick the first copy) gives each copy an equal share of a logical expert's tokens, the same on
  * every run. -1 stays -1; a logical expert with no live copy becomes -1 (lost, as a masked rank's expert is without

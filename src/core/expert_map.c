@@ -8,8 +8,8 @@
 
 static ep_status_t check_map(ep_group_t group, const char* fn, const ep_expert_map_t* map) {
   if (!map) return ep_fail(group, EP_STATUS_INVALID_ARGUMENT, "%s: map is NULL", fn);
-  EP_TRY(ep_check_header(group, fn, "ep_expert_map_t", map, map ? map->size : 0, sizeof(ep_expert_map_t),
-                         map ? map->magic : 0, EP_EXPERT_MAP_MAGIC));
+  EP_TRY(ep_check_header(group, fn, "ep_expert_map_t", map, map->size, sizeof(ep_expert_map_t), map->magic,
+                         EP_EXPERT_MAP_MAGIC));
   if (map->num_experts <= 0 || map->num_experts % group->num_ranks != 0)
     return ep_fail(group, EP_STATUS_INVALID_ARGUMENT,
                    "%s: map->num_experts is %d; it must be a positive multiple of num_ranks (%d)", fn, map->num_experts,
