@@ -18,6 +18,7 @@ class ExpertMapPath:
         topk_idx: torch.int64 [num_tokens, num_topk] on the Buffer's device: logical experts, -1 = none.
         expert_map: torch.int32 [num_logical_experts, max_copies] on the Buffer's device: row l lists the physical
           slots holding a copy of logical expert l (slot s lives on rank s // (num_experts // group_size)); -1 pads.
+          DeepSeek EPLB's log2phy[layer].to(torch.int32) is one.
         num_experts: the physical slots (the num_experts of the dispatch that takes the result); None = the
           Buffer's num_experts.
         out: torch.int64 like topk_idx to write into (topk_idx itself maps in place); None = a new tensor.
