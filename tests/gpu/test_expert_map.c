@@ -251,7 +251,10 @@ static int exact_only(const world_t* w, const expect_t* e, size_t i, float got, 
 }
 static const combine_rule_t k_exact = {exact_only, "(none accepted)"};
 
-/* A normal prepare / dispatch / combine of ids mapped on the device, against the reference run on the mapped ids. */
+/* A normal prepare / dispatch / combine of ids mapped on the device, against the reference run on the mapped ids.
+ * The plain part runs it with no mask. With a rank masked (once the normal path honours the mask) the same round
+ * holds as it stands: the survivors' mapped picks avoid the masked rank and lose nothing, the masked rank's name
+ * only its own slots, so no pick crosses the mask and the reference of the mapped ids is the masked one. */
 static void normal_round(ctx_t* c, uint64_t seed) {
   const case_t k = {48, VARY_NONE, 2048, TOPK, 0, TOPK_IDX_WEIGHTS, ROUTE_RANDOM, 1, 0, 1, 0, 0};
   world_t w;
@@ -265,11 +268,12 @@ static void normal_round(ctx_t* c, uint64_t seed) {
     int64_t* logical = xmalloc((size_t)n * TOPK * 8 + 8);
     logical_make(logical, n, m.L, seed + 7 * (uint64_t)r);
     reference_map(c, &m, r, logical, w.idx[r], n);
-    for (int i = 0; i < n * TOPK; ++i) lost += logical[i] >= 0 && w.idx[r][i] < 0;
+    for (int i = 0; i < n * TOPK && !(c->mask_on && c->mask[r]); ++i) lost += logical[i] >= 0 && w.idx[r][i] < 0;
     if (r == c->me) logical_mine = logical;
     else free(logical);
   }
-  CHECK(lost == 0, "rank %d: %ld picks lost without a mask, though every logical expert has a copy", c->me, lost);
+  CHECK(lost == 0, "rank %d: the unmasked ranks lost %ld picks, though every logical expert has a copy off the masked "
+        "ones", c->me, lost);
   const int n = w.num_tokens[c->me];
   expect_t e;
   expect_build(&e, &w, 1, c->me, NULL, NULL, 0);
@@ -308,9 +312,9 @@ static void normal_round(ctx_t* c, uint64_t seed) {
   CHECK_ASYNC_CLEAN(c, "the normal round of mapped ids");
   bad += g_check_failures - before;
   CHECK(bad == 0, "rank %d: the normal round of mapped ids: %ld mismatches", c->me, bad);
-  printf("expert_map plain rank %d: normal dispatch and combine of %d tokens of mapped ids, no rank masked: %ld "
-         "mismatches, %ld picks lost\n",
-         c->me, n, bad, lost);
+  printf("expert_map %s rank %d: normal dispatch and combine of %d tokens of mapped ids, %s: %ld mismatches, %ld "
+         "picks lost\n",
+         c->mask_on ? "masked" : "plain", c->me, n, c->mask_on ? "rank R-1 masked" : "no rank mask", bad, lost);
   ep_handle_destroy(handle);
   dev_free(d_logical);
   free(logical_mine);
@@ -454,6 +458,8 @@ static void run_masked(const harness_t* h, uint64_t seed) {
            c.me, rounds, last, bad);
   }
   ll_bufs_free(&b);
+  /* The normal path does not read the mask yet: its round of mapped ids runs in the plain part. Once it honours
+   * the mask, normal_round(&c, seed ^ 0x4e4f) belongs here, with rank R-1 masked. */
   release(&c);
   CHECK(ep_group_destroy(c.g) == EP_STATUS_SUCCESS, "ep_group_destroy with a masked rank: %s", ep_last_error(NULL));
 }
