@@ -272,8 +272,7 @@ static void normal_round(ctx_t* c, uint64_t seed) {
     if (r == c->me) logical_mine = logical;
     else free(logical);
   }
-  CHECK(lost == 0, "rank %d: unmasked ranks lost %ld picks, though every logical expert has a live copy", c->me,
-        lost);
+  CHECK(lost == 0, "rank %d: unmasked ranks lost %ld picks, though every logical expert has a live copy", c->me, lost);
   const int n = w.num_tokens[c->me];
   expect_t e;
   expect_build(&e, &w, 1, c->me, NULL, NULL, 0);
