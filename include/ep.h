@@ -339,6 +339,59 @@ EP_API ep_status_t ep_group_get_rank_mask(ep_group_t group, int32_t* mask, cudaS
 EP_API ep_status_t ep_group_clear_rank_mask(ep_group_t group, cudaStream_t stream);
 
 /* ------------------------------------------------------------------------------------------------------------
+ * Redundant experts: logical experts served by physical copies (the EPLB model)
+ *
+ * The model has L logical experts; the group has num_experts physical expert slots (num_experts / num_ranks per
+ * rank, slot s on rank s / (num_experts / num_ranks)), and a logical expert may be held by several slots (a hot
+ * expert replicated for load balance, or a copy kept so that a rank's loss loses no expert). The router picks
+ * logical experts; ep_map_experts turns each pick into one physical slot before the dispatch, choosing among the
+ * copies on ranks this rank's mask has not masked (see "Rank mask"), so that a masked rank's experts are served by
+ * their surviving copies and a token loses only the experts with no copy left.
+ *
+ * The map is the caller's device memory, passed to each call rather than registered on the group: every MoE layer
+ * may have its own placement, and a rebalance that writes new slots into the same memory (in stream order) takes
+ * effect at the next call, inside a captured graph too, with no host step.
+ * ------------------------------------------------------------------------------------------------------------ */
+#define EP_EXPERT_MAP_MAGIC 0x45504d31u /* "EPM1" */
+
+typedef struct ep_expert_map {
+  uint32_t size;           /* sizeof(ep_expert_map_t) */
+  uint32_t magic;          /* EP_EXPERT_MAP_MAGIC */
+  const int32_t* slots;    /* [IN] [num_logical_experts, max_copies] int32 device: row l lists the physical slots
+                              that hold a copy of logical expert l, in [0, num_experts); -1 = no copy in that
+                              column (padding, anywhere in the row). A row without a valid slot is an expert
+                              with no copy: it maps to -1 */
+  int num_logical_experts; /* L >= 1 */
+  int max_copies;          /* C: columns of `slots`, 1..num_experts */
+  int num_experts;         /* physical slots: a positive multiple of num_ranks; the num_experts of the
+                              dispatches that take the mapped ids */
+} ep_expert_map_t;
+
+#define EP_EXPERT_MAP_INIT \
+  { (uint32_t)sizeof(ep_expert_map_t), EP_EXPERT_MAP_MAGIC, NULL, 0, 0, 0 }
+
+/* Map every logical pick to a physical slot: physical_topk[t][k] = the j-th live copy of logical expert
+ * l = logical_topk[t][k], in column order, with j = (t + rank) % (live copies of l), where a copy is live when this
+ * rank exchanges with its slot's rank under this rank's mask at the time the kernel runs: that rank is this one, or
+ * neither is masked (see "Rank mask"). The mask is read on the device: the call follows the kernels' automatic
+ * masking with no host step. Without a rank mask (config.mask_failed_ranks 0)
+ * every copy is live: the plain EPLB map. Spreading by token index (shifted by the rank, so that the ranks' first
+ * tokens do not all pick the first copy) gives each copy an equal share of a logical expert's tokens, the same on
+ * every run. -1 stays -1; a logical expert with no live copy becomes -1 (lost, as a masked rank's expert is without
+ * a map). A logical index outside [-1, L), or a slot outside [-1, num_experts), is a data fault
+ * (EP_STATUS_DEVICE_ERROR from ep_get_async_error or the next local call, naming the token or the logical expert):
+ * the pick becomes -1, the bad copy is skipped. logical_topk and physical_topk may be the same memory (mapped in
+ * place).
+ *   map            [IN]  EP_EXPERT_MAP_INIT-initialised; its slots in device memory
+ *   logical_topk   [IN]  [num_tokens, num_topk] int64 device; -1 = no expert
+ *   physical_topk  [OUT] [num_tokens, num_topk] int64 device
+ *   num_tokens     [IN]  >= 0; num_tokens * num_topk <= 2^30
+ *   num_topk       [IN]  1..EP_MAX_TOPK
+ * Collective: no. Allocates: no. Graph-capturable: yes. */
+EP_API ep_status_t ep_map_experts(ep_group_t group, const ep_expert_map_t* map, const int64_t* logical_topk,
+                                  int64_t* physical_topk, int num_tokens, int num_topk, cudaStream_t stream);
+
+/* ------------------------------------------------------------------------------------------------------------
  * Layout: from the routing, who receives what
  * ------------------------------------------------------------------------------------------------------------ */
 #define EP_LAYOUT_ARGS_MAGIC 0x45504c31u /* "EPL1" */

@@ -41,6 +41,7 @@ EP_DISPATCH_ARGS_MAGIC = 0x45504431  # "EPD1"
 EP_COMBINE_ARGS_MAGIC = 0x45504331  # "EPC1"
 EP_LL_DISPATCH_ARGS_MAGIC = 0x45504C44  # "EPLD"
 EP_LL_COMBINE_ARGS_MAGIC = 0x45504C43  # "EPLC"
+EP_EXPERT_MAP_MAGIC = 0x45504D31  # "EPM1"
 
 # ep_status_t, in the header's order.
 STATUS_NAMES = (
@@ -172,6 +173,18 @@ class LLHandleState(_Sized):
         ("dispatch_recv_pending", _int),
         ("combine_recv_pending", _int),
     ]
+
+
+class ExpertMap(_Args):
+    _fields_ = [
+        ("size", _u32),
+        ("magic", _u32),
+        ("slots", _ptr),  # int32 [num_logical_experts, max_copies] device, -1 = no copy
+        ("num_logical_experts", _int),
+        ("max_copies", _int),
+        ("num_experts", _int),
+    ]
+    _MAGIC = EP_EXPERT_MAP_MAGIC
 
 
 class GroupConfig(_Args):
@@ -343,6 +356,7 @@ STRUCTS = {
     "ep_ll_combine_args_t": LLCombineArgs,
     "ep_limits_t": Limits,
     "ep_ll_handle_state_t": LLHandleState,
+    "ep_expert_map_t": ExpertMap,
 }
 
 # ---- Function prototypes ---------------------------------------------------------------------------------------
@@ -363,6 +377,7 @@ _PROTOTYPES = {
     "ep_group_mask_rank": (_S, [_ptr, _int, _int, _ptr]),
     "ep_group_get_rank_mask": (_S, [_ptr, _ptr, _ptr]),
     "ep_group_clear_rank_mask": (_S, [_ptr, _ptr]),
+    "ep_map_experts": (_S, [_ptr, _P(ExpertMap), _ptr, _ptr, _int, _int, _ptr]),
     "ep_get_dispatch_layout": (_S, [_ptr, _P(LayoutArgs), _ptr]),
     "ep_handle_create": (_S, [_ptr, _P(_ptr)]),
     "ep_handle_memory_bytes": (_S, [_ptr, _P(_size)]),

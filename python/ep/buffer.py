@@ -39,6 +39,9 @@ Code written against `deep_ep.Buffer` runs with `import ep as deep_ep`, with the
   rule. The handle's src_info /
   layout_range and the zero-copy combine buffer are views of library-owned memory made with torch.as_tensor over
   __cuda_array_interface__, which needs NumPy installed.
+* Redundant experts (ep's own): `map_experts(topk_idx, expert_map)` turns a router's logical top-k into physical
+  expert slots, one live copy each (an EPLB placement; with shrink mode, a masked rank's experts are served by
+  their copies on the other ranks). It runs on the current stream.
 * Groups of several nodes (`ranks_per_node` < group size) take the internode normal path (docs/internode.md): the
   same calls and return values; combine rounds each node's partial sum to bf16 before the last hop, as DeepEP
   does, so it is within bf16 rounding of the fp32 sum rather than bit-identical to the one-node order.
@@ -48,9 +51,9 @@ largest top-k, hidden size, SM count, ...) come from the library itself (`ep._ca
 
 The package's rooms: ep._checks (argument checks), ep._streams (EventOverlap and the comm stream),
 ep._handles (DispatchHandle, LowLatencyHandle, views of library-owned memory), ep._normal (the normal path),
-ep._low_latency (the low-latency path), ep._capi (the ctypes binding), ep.utils and ep._compat (DeepEP's
-deep_ep.utils, and install_as_deep_ep); this module is the facade that holds them
-together: Config and Buffer (construction, lifecycle, settings).
+ep._low_latency (the low-latency path), ep._expert_map (the redundant-expert map), ep._capi (the ctypes
+binding), ep.utils and ep._compat (DeepEP's deep_ep.utils, and install_as_deep_ep); this module is the facade that
+holds them together: Config and Buffer (construction, lifecycle, settings).
 """
 
 import ctypes
@@ -59,6 +62,7 @@ import weakref
 from . import _capi
 from ._checks import flag, int_arg, require_torch
 from ._handles import DeviceViews, DispatchHandle, LowLatencyHandle
+from ._expert_map import ExpertMapPath
 from ._low_latency import LowLatencyPath
 from ._normal import NormalPath
 from ._streams import EventOverlap
@@ -159,7 +163,7 @@ class _BufferType(type):
         cls._num_sms = int_arg(f"{cls.__name__}.num_sms", "num_sms", value, 1, _capi.limits().max_sms)
 
 
-class Buffer(NormalPath, LowLatencyPath, metaclass=_BufferType):
+class Buffer(NormalPath, LowLatencyPath, ExpertMapPath, metaclass=_BufferType):
     """Expert-parallel dispatch and combine over one group of GPUs, DeepEP V1's `Buffer` API (normal and
     low-latency paths).
 

@@ -85,7 +85,9 @@ ep_status_t ep_fail_cuda(ep_group_t group, cudaError_t err, const char* what) {
 
 /* Turn a recorded device fault into a status and message. Data faults are cleared once reported; timeouts and
  * corrupted transfers leave the group failed (peers may be mid-protocol), so only destroy is allowed after. */
-static bool is_data_fault(int code) { return code == EP_FAULT_BAD_EXPERT || code == EP_FAULT_RECV_OVERFLOW; }
+static bool is_data_fault(int code) {
+  return code == EP_FAULT_BAD_EXPERT || code == EP_FAULT_RECV_OVERFLOW || code == EP_FAULT_BAD_EXPERT_MAP;
+}
 
 /* A reported data fault leaves the word clean; where faults are published stays. */
 static void clear_fault(ep_device_error_t* w) { memset(w, 0, offsetof(ep_device_error_t, group_fault)); }
@@ -127,6 +129,19 @@ static ep_status_t take_device_fault(ep_group_t group, bool take_data_faults) {
       st = ep_fail(group, EP_STATUS_DEVICE_ERROR,
                    "rank %d: dispatch received %lld rows but recv_capacity is %lld; the rows past it were dropped",
                    w->rank, w->value0, w->value1);
+      clear_fault(group->error_word);
+      return st;
+    case EP_FAULT_BAD_EXPERT_MAP:
+      if (w->site == 0)
+        st = ep_fail(group, EP_STATUS_DEVICE_ERROR,
+                     "rank %d: ep_map_experts: logical_topk of token %lld holds logical expert %lld, outside [-1, "
+                     "num_logical_experts); it was mapped to -1",
+                     w->rank, w->value0, w->value1);
+      else
+        st = ep_fail(group, EP_STATUS_DEVICE_ERROR,
+                     "rank %d: ep_map_experts: the map's row of logical expert %lld holds slot %lld, outside [-1, "
+                     "num_experts); that copy was skipped",
+                     w->rank, w->value0, w->value1);
       clear_fault(group->error_word);
       return st;
     case EP_FAULT_TIMEOUT:

@@ -33,10 +33,13 @@ typedef enum ep_device_fault {
   EP_FAULT_SHAPE_MISMATCH = 7, /* an LL dispatch whose shape differs between ranks: peer = the source rank, site =
                                   the field (ep_ll_shape_field_t, ll_region.h), value0 = the peer's value, value1 =
                                   this rank's */
+  EP_FAULT_BAD_EXPERT_MAP = 8, /* ep_map_experts: site 0: value0 = token, value1 = its logical index outside
+                                  [-1, L); site 1: value0 = logical expert, value1 = its slot outside [-1, E) */
 } ep_device_fault_t;
 
 /* A fault after which the group is failed: every wait of its kernels gives up at once and the host marks it failed.
- * The others (a bad expert index, a receive overflow) are data faults, reported to the rank that made them. */
+ * The others (a bad expert index, a receive overflow, a bad expert map) are data faults, reported to the rank that
+ * made them. */
 static inline EP_HD bool ep_fault_is_fatal(int code) {
   return code == EP_FAULT_TIMEOUT || code == EP_FAULT_BAD_DATA || code == EP_FAULT_PEER_FAILED ||
          code == EP_FAULT_SHAPE_MISMATCH;

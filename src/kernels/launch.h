@@ -35,6 +35,19 @@ size_t ep_layout_scratch_ints(int num_experts, int num_ranks);
 size_t ep_layout_smem_bytes(int num_experts, int num_ranks); /* dynamic shared memory of a layout launch */
 cudaError_t ep_launch_layout(const ep_layout_launch_t* p, cudaStream_t stream);
 
+/* ---- Redundant experts: logical top-k ids to physical slots (ep_map_experts, expert_map.cu) ---- */
+typedef struct ep_expert_map_launch {
+  const int32_t* slots; /* [num_logical, max_copies] physical slots, -1 padded */
+  int num_logical, max_copies, num_experts, num_ranks, rank;
+  const int32_t* mask;         /* the group's rank mask, or NULL (every copy live) */
+  const int64_t* logical_topk; /* [num_tokens, num_topk] */
+  int64_t* physical_topk;      /* [num_tokens, num_topk]; may be logical_topk */
+  int num_tokens, num_topk;
+  ep_device_error_t* error;
+} ep_expert_map_launch_t;
+
+cudaError_t ep_launch_expert_map(const ep_expert_map_launch_t* p, cudaStream_t stream);
+
 /* ---- Group self-check (ep_group_check) ---- */
 typedef struct ep_check_launch {
   void* workspace;            /* symmetric; ep_check_workspace_bytes() long */

@@ -543,6 +543,86 @@ static void test_rank_mask_args(void) {
   ep_live_remove(&host_group);
 }
 
+/* ep_map_experts: the map and the call are checked before the device is touched; a data fault of its kernel reads
+ * back with a message naming the token or the logical expert. */
+static void test_expert_map_args(void) {
+  struct ep_group host_group = make_host_group(4);
+  ep_live_add(&host_group, EP_OBJECT_GROUP);
+  ep_group_t g = &host_group;
+  static int32_t slots[64];
+  static int64_t in[16], out[16];
+  ep_expert_map_t good = EP_EXPERT_MAP_INIT;
+  good.slots = slots;
+  good.num_logical_experts = 16;
+  good.max_copies = 2;
+  good.num_experts = 32;
+  ep_expert_map_t m;
+  EXPECT_FAIL(ep_map_experts(NULL, &good, in, out, 2, 4, 0), NULL, EP_STATUS_INVALID_ARGUMENT, "group is NULL");
+  EXPECT_FAIL(ep_map_experts(g, NULL, in, out, 2, 4, 0), g, EP_STATUS_INVALID_ARGUMENT, "map is NULL");
+  m = good;
+  m.magic = 0x1234;
+  EXPECT_FAIL(ep_map_experts(g, &m, in, out, 2, 4, 0), g, EP_STATUS_INVALID_ARGUMENT, "ep_expert_map_t");
+  m = good;
+  m.size = 4;
+  EXPECT_FAIL(ep_map_experts(g, &m, in, out, 2, 4, 0), g, EP_STATUS_INVALID_ARGUMENT, "size is 4");
+  m = good;
+  m.num_experts = 30;
+  EXPECT_FAIL(ep_map_experts(g, &m, in, out, 2, 4, 0), g, EP_STATUS_INVALID_ARGUMENT, "map->num_experts is 30");
+  m = good;
+  m.num_experts = 0;
+  EXPECT_FAIL(ep_map_experts(g, &m, in, out, 2, 4, 0), g, EP_STATUS_INVALID_ARGUMENT, "map->num_experts is 0");
+  m = good;
+  m.num_logical_experts = 0;
+  EXPECT_FAIL(ep_map_experts(g, &m, in, out, 2, 4, 0), g, EP_STATUS_INVALID_ARGUMENT, "map->num_logical_experts is 0");
+  m = good;
+  m.max_copies = 0;
+  EXPECT_FAIL(ep_map_experts(g, &m, in, out, 2, 4, 0), g, EP_STATUS_INVALID_ARGUMENT, "map->max_copies is 0");
+  m = good;
+  m.max_copies = 33;
+  EXPECT_FAIL(ep_map_experts(g, &m, in, out, 2, 4, 0), g, EP_STATUS_INVALID_ARGUMENT, "map->max_copies is 33");
+  m = good;
+  m.slots = NULL;
+  EXPECT_FAIL(ep_map_experts(g, &m, in, out, 2, 4, 0), g, EP_STATUS_INVALID_ARGUMENT, "map->slots is NULL");
+  m = good;
+  m.slots = (const int32_t*)((const char*)slots + 2);
+  EXPECT_FAIL(ep_map_experts(g, &m, in, out, 2, 4, 0), g, EP_STATUS_INVALID_ARGUMENT, "map->slots (");
+  EXPECT_FAIL(ep_map_experts(g, &good, in, out, -1, 4, 0), g, EP_STATUS_INVALID_ARGUMENT, "num_tokens is -1");
+  EXPECT_FAIL(ep_map_experts(g, &good, in, out, 2, 0, 0), g, EP_STATUS_INVALID_ARGUMENT, "num_topk is 0");
+  EXPECT_FAIL(ep_map_experts(g, &good, in, out, 2, 33, 0), g, EP_STATUS_INVALID_ARGUMENT, "num_topk is 33");
+  EXPECT_FAIL(ep_map_experts(g, &good, in, out, 1 << 28, 8, 0), g, EP_STATUS_INVALID_ARGUMENT,
+              "num_tokens is 268435456");
+  EXPECT_FAIL(ep_map_experts(g, &good, NULL, out, 2, 4, 0), g, EP_STATUS_INVALID_ARGUMENT, "logical_topk is NULL");
+  EXPECT_FAIL(ep_map_experts(g, &good, in, NULL, 2, 4, 0), g, EP_STATUS_INVALID_ARGUMENT, "physical_topk is NULL");
+  EXPECT_FAIL(ep_map_experts(g, &good, (const int64_t*)((const char*)in + 4), out, 2, 4, 0), g,
+              EP_STATUS_INVALID_ARGUMENT, "logical_topk (");
+  EXPECT_FAIL(ep_map_experts(g, &good, in, in + 1, 2, 4, 0), g, EP_STATUS_INVALID_ARGUMENT, "overlap");
+  EXPECT_FAIL(ep_map_experts(g, &good, in + 1, in, 2, 4, 0), g, EP_STATUS_INVALID_ARGUMENT, "overlap");
+  /* Nothing to map: no device work, and NULL arrays are fine. */
+  CHECK(ep_map_experts(g, &good, NULL, NULL, 0, 4, 0) == EP_STATUS_SUCCESS, "0 tokens: %s", ep_last_error(g));
+
+  /* The kernel's data faults: a bad logical index names the token, a bad slot the logical expert; both clear. */
+  g_error_word.code = EP_FAULT_BAD_EXPERT_MAP;
+  g_error_word.rank = 2;
+  g_error_word.site = 0;
+  g_error_word.value0 = 7;
+  g_error_word.value1 = 99;
+  ep_status_t async_st = EP_STATUS_SUCCESS;
+  CHECK(ep_get_async_error(g, &async_st) == EP_STATUS_SUCCESS && async_st == EP_STATUS_DEVICE_ERROR,
+        "a bad logical index: %s", ep_status_string(async_st));
+  CHECK(strstr(ep_last_error(g), "logical_topk of token 7 holds logical expert 99") != NULL, "message: %s",
+        ep_last_error(g));
+  g_error_word.code = EP_FAULT_BAD_EXPERT_MAP;
+  g_error_word.site = 1;
+  g_error_word.value0 = 5;
+  g_error_word.value1 = -3;
+  EXPECT_FAIL(ep_map_experts(g, &good, in, out, 0, 4, 0), g, EP_STATUS_DEVICE_ERROR,
+              "row of logical expert 5 holds slot -3");
+  CHECK(ep_map_experts(g, &good, in, out, 0, 4, 0) == EP_STATUS_SUCCESS, "a reported data fault clears: %s",
+        ep_last_error(g));
+  memset(&g_error_word, 0, sizeof(g_error_word));
+  ep_live_remove(&host_group);
+}
+
 /* ep_dispatch_prepare / ep_dispatch / ep_combine: every check that comes before the device is touched. */
 static void test_normal_args(void) {
   struct ep_group host_group = make_host_group(4);
@@ -1001,6 +1081,7 @@ int main(void) {
   test_ll_size_hint();
   test_ll_args();
   test_rank_mask_args();
+  test_expert_map_args();
   test_ll_region_bytes();
   test_normal_args();
   test_hidden_rule();

@@ -36,11 +36,12 @@ INIT_MACROS = {
     "ep_ll_combine_args_t": "EP_LL_COMBINE_ARGS_INIT",
     "ep_limits_t": "EP_LIMITS_INIT",
     "ep_ll_handle_state_t": "EP_LL_HANDLE_STATE_INIT",
+    "ep_expert_map_t": "EP_EXPERT_MAP_INIT",
 }
 CONSTANTS = ["EP_VERSION_MAJOR", "EP_VERSION_MINOR", "EP_VERSION_PATCH", "EP_VERSION_CODE", "EP_UNIQUE_ID_BYTES",
              "EP_GROUP_CONFIG_MAGIC", "EP_LAYOUT_ARGS_MAGIC", "EP_DISPATCH_PREPARE_ARGS_MAGIC",
              "EP_DISPATCH_ARGS_MAGIC", "EP_COMBINE_ARGS_MAGIC", "EP_LL_DISPATCH_ARGS_MAGIC",
-             "EP_LL_COMBINE_ARGS_MAGIC", "EP_STATUS_COUNT", "EP_DTYPE_INVALID", "EP_BF16",
+             "EP_LL_COMBINE_ARGS_MAGIC", "EP_EXPERT_MAP_MAGIC", "EP_STATUS_COUNT", "EP_DTYPE_INVALID", "EP_BF16",
              "EP_FP8_E4M3", "EP_FP32", "EP_INT32", "EP_INT64"] + list(_capi.STATUS_NAMES)
 # The header's limit constants, by the ep_limits_t field that carries each.
 LIMIT_CONSTANTS = {

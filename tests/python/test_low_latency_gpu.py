@@ -28,11 +28,12 @@ select it, ordered by source rank, then token (ep's LL order is deterministic).
   graph       dispatch + an expert op + combine captured in a CUDA graph, replayed with new data == eager
   clean       clean_low_latency_buffer, then another dispatch + combine; handles from before are stale
   empty rank  a rank with no tokens
-  shrink      Buffer(enable_shrink=True): the mask reads zeros; every rank masks the last rank by hand
-              (low_latency_update_mask_buffer), the query says so; a dispatch + combine == torch with the last
-              rank's experts removed from the others' tokens and the last rank keeping only its own;
-              renormalize_masked=True rescales the kept weights; after the unmask a dispatch raises until
-              clean_low_latency_buffer, then full results again
+  shrink      Buffer(enable_shrink=True): the mask reads zeros; map_experts spreads a two-copy map by token;
+              every rank masks the last rank by hand (low_latency_update_mask_buffer), the query says so, and
+              map_experts (in place) serves the last rank's experts from rank 0's copies; a dispatch + combine ==
+              torch with the last rank's experts removed from the others' tokens and the last rank keeping only
+              its own; renormalize_masked=True rescales the kept weights; after the unmask a dispatch raises
+              until clean_low_latency_buffer, then full results again
   bytes       Buffer(group, 0, num_rdma_bytes, low_latency_mode=True) with no ll hint, sized as DeepEP's
               test_low_latency.py sizes it (T 128, hidden 7168, 288 experts, rounded to the rank count): dispatch and
               combine == torch above the Buffer's num_experts hint; a shape the bytes do not hold raises EpError
@@ -588,9 +589,22 @@ def check_shrink(ck, c, share_kwargs):
     mask = torch.full((R,), 7, dtype=torch.int32, device=c.dev)
     buf.low_latency_query_mask_buffer(mask)
     ck.check("shrink: the mask starts clear", mask.tolist() == [0] * R, str(mask.tolist()))
+    # map_experts: logical expert l has a copy at slot l (rank 0) and one at slot last * E_loc + l (the last rank).
+    logical = torch.randint(-1, E_loc, (c.n, c.K), generator=c.gen, device=c.dev)
+    copies = torch.arange(E_loc, dtype=torch.int32, device=c.dev)
+    emap = torch.stack([copies, copies + last * E_loc], 1).contiguous()
+    on_last = torch.where(logical >= 0, logical + last * E_loc, logical)
+    token = torch.arange(c.n, device=c.dev).unsqueeze(1)
+    want = torch.where((token + me) % 2 == 0, logical, on_last)  # no mask: copy (token + rank) % 2
+    ck.check("shrink: map_experts with no rank masked spreads tokens over both copies",
+             torch.equal(buf.map_experts(logical, emap), want))
     buf.low_latency_update_mask_buffer(last, True)
     buf.low_latency_query_mask_buffer(mask)
     ck.check(f"shrink: the query says rank {last} is masked", mask.tolist() == [0] * last + [1], str(mask.tolist()))
+    want = on_last if me == last else logical  # the last rank keeps its own copies, the others rank 0's
+    in_place = logical.clone()
+    ck.check(f"shrink: map_experts with rank {last} masked serves its experts from rank 0's copies",
+             torch.equal(buf.map_experts(in_place, emap, out=in_place), want) and torch.equal(in_place, want))
     x, idx, wt = make_inputs(c.gen, c.n, c.H, c.E, c.K, c.dev)
     owner = torch.where(idx >= 0, idx // E_loc, torch.full_like(idx, -1))
     drop = (owner != me) if me == last else (owner == last)
