@@ -15,6 +15,13 @@ static ep_status_t enter_mask(ep_group_t group, const char* fn) {
   return EP_STATUS_SUCCESS;
 }
 
+/* An unmask: the LL path takes it at the next ep_ll_clean; the intranode normal path, once used, never (its epochs
+ * and acknowledgements with a rank fell out of step while the rank was masked, and nothing restarts them). */
+static void unmasked(ep_group_t group) {
+  group->ll_clean_needed = true;
+  if (group->normal_used) group->normal_unmasked = true;
+}
+
 ep_status_t ep_group_mask_rank(ep_group_t group, int rank, int masked, cudaStream_t stream) {
   const char* fn = "ep_group_mask_rank";
   EP_CALL_SCOPE();
@@ -26,7 +33,7 @@ ep_status_t ep_group_mask_rank(ep_group_t group, int rank, int masked, cudaStrea
     return ep_fail(group, EP_STATUS_INVALID_ARGUMENT, "%s: masked is %d; it must be 0 or 1", fn, masked);
   EP_CUDA_TRY(group, cudaSetDevice(group->cuda_device));
   EP_CUDA_TRY(group, ep_launch_mask_set(group->rank_mask, rank, masked, stream));
-  if (!masked) group->ll_clean_needed = true;
+  if (!masked) unmasked(group);
   return EP_STATUS_SUCCESS;
 }
 
@@ -48,7 +55,7 @@ ep_status_t ep_group_clear_rank_mask(ep_group_t group, cudaStream_t stream) {
   EP_TRY(enter_mask(group, fn));
   EP_CUDA_TRY(group, cudaSetDevice(group->cuda_device));
   EP_CUDA_TRY(group, cudaMemsetAsync(group->rank_mask, 0, sizeof(int32_t) * (size_t)group->num_ranks, stream));
-  group->ll_clean_needed = true;
+  unmasked(group);
   return EP_STATUS_SUCCESS;
 }
 
