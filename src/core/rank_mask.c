@@ -1,6 +1,7 @@
 /* rank_mask.c: the group's rank mask (config.mask_failed_ranks): the calls that set, read and clear it. The mask is
- * the group's, not one path's: the low-latency kernels read it and mask a peer whose wait runs out of time, the
- * group's barrier skips masked ranks, and destroy frees a group with a masked rank on each rank alone (group.c). */
+ * the group's, not one path's: the low-latency and intranode normal kernels read it and mask a peer whose wait runs
+ * out of time, the group's barrier skips masked ranks, and destroy frees a group with a masked rank on each rank
+ * alone (group.c). */
 #include "core/internal.h"
 
 /* Every mask call: a live, healthy group made with the mask. A pending data fault stays pending (as in a collective
