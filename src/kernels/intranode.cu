@@ -151,7 +151,7 @@ __global__ void __launch_bounds__(kPrepareThreads) prepare_kernel(ep_intranode_l
           wait_peer<kMask>([&] { return ((v = ld_acquire_sys_u64(their_tokens)) >> 32) >= epoch; }, p.group.timeout_ns,
                            p.group.error, p.group.mask, me, tid, EP_SITE_PREPARE_COUNTS);
       if (w == kWaitFault) s_failed = 1;
-      else if (w == kWaitReady) atomicMax(&s_rounds, (untag(v) + C - 1) / C);  // a masked rank has no tokens
+      else if (!kMask || w == kWaitReady) atomicMax(&s_rounds, (untag(v) + C - 1) / C);  // masked: no tokens
     }
 
     // Source role: rank d's counts row (summed over the rounds), its list for me, its per-expert counts for me.
@@ -342,7 +342,6 @@ __global__ void __launch_bounds__(kDispatchThreads, 1) dispatch_kernel(ep_intran
       const int j = i - s_offset[s];
       const int t = p.handle.recv_src[(size_t)s * L.call_tokens + s_taken[s] + j];  // within the round
       char* src = peer_normal(p, s);
-      const int out = s_base[s] + j;
       if (s != ready_src || t / kChunk != ready_chunk) {
         int w = kWaitReady;
         if (lane == 0) {
@@ -356,12 +355,13 @@ __global__ void __launch_bounds__(kDispatchThreads, 1) dispatch_kernel(ep_intran
           break;
         }
         if (kMask && w == kWaitMasked) {  // asked again for its next row: a masked source answers at once
-          if (out < p.call.recv_capacity) rows::empty_x_row(p, out, lane);
+          if (s_base[s] + j < p.call.recv_capacity) rows::empty_x_row(p, s_base[s] + j, lane);
           continue;
         }
         ready_src = s;
         ready_chunk = t / kChunk;
       }
+      const int out = s_base[s] + j;
       if (out < p.call.recv_capacity)
         rows::pull_x_row(p, row, src + L.x_stage + (size_t)t * L.x_row_bytes, out, t, lane, first);
     }
