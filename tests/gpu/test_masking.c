@@ -20,7 +20,7 @@
  *                   (source -1), the mask reads {R-1}, and 100 masked cases after it are right.
  *   no-mask-death   a group without the mask: the same death as dispatch-death is the fatal fault of docs/faults.md
  *                   (EP_STATUS_TIMEOUT or EP_STATUS_PEER_FAILED), then ep_group_abort.
- * The death modes run under `ep_launch -k R-1` (tests/gpu/masking.sh runs the four). Every survivor prints
+ * The death modes run under `ep_launch -k R-1` (tests/gpu/masking.sh runs all six). Every survivor prints
  * "masking MODE rank R: ..." lines with the seconds from the death to its first correct masked call. */
 #include <math.h>
 #include <signal.h>
