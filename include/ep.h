@@ -206,8 +206,8 @@ typedef struct ep_group_config {
   int mask_failed_ranks;       /* 1: the group keeps a rank mask (DeepEP's enable_shrink): a low-latency call, or a
                                   normal-path call of a one-node group, whose wait on a peer runs out of the time
                                   budget masks that peer on this rank and succeeds without it, instead of failing
-                                  the group; ep_group_mask_rank and the
-                                  calls after it read and set the mask by hand (see "Rank mask" below).
+                                  the group; ep_group_mask_rank and the calls after it read and set the mask by
+                                  hand (see "Rank mask" below).
                                   0 (the default): no mask, a timeout is fatal (the rules above). The same on
                                   every rank */
 } ep_group_config_t;
