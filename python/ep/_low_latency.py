@@ -357,7 +357,10 @@ class LowLatencyPath:
         masked rank is neither sent to nor waited for by the low-latency calls, and its experts' top-k entries are
         dropped. Masking a healthy rank means every rank masks it, itself included, before the same call. An unmask
         takes effect at the next clean_low_latency_buffer, which every rank must call before its next
-        low_latency_dispatch (EpError otherwise). Needs enable_shrink=True (EpError otherwise)."""
+        low_latency_dispatch (EpError otherwise). Needs enable_shrink=True (EpError otherwise).
+
+        The mask is the group's: the normal path of one node (dispatch, combine) honours it the same way, and after
+        an unmask, once the Buffer has used that path, raises EpError (a new Buffer takes the rank back)."""
         fn = "low_latency_update_mask_buffer"
         g = self._alive(fn)
         int_arg(fn, "rank_to_mask", rank_to_mask, 0, self.group_size - 1, "the group size - 1")
@@ -366,8 +369,8 @@ class LowLatencyPath:
 
     def low_latency_query_mask_buffer(self, mask_status):
         """Copy this rank's mask into `mask_status` (torch.int32 [num_ranks] on the Buffer's device; 1 = masked), in
-        the current stream's order (capturable). Ranks whose low-latency waits ran out of timeout_seconds are masked
-        by the calls themselves. Needs enable_shrink=True (EpError otherwise)."""
+        the current stream's order (capturable). Ranks whose low-latency or one-node normal-path waits ran out of
+        timeout_seconds are masked by the calls themselves. Needs enable_shrink=True (EpError otherwise)."""
         fn = "low_latency_query_mask_buffer"
         g = self._alive(fn)
         torch = require_torch(fn)

@@ -34,7 +34,7 @@ Code written against `deep_ep.Buffer` runs with `import ep as deep_ep`, with the
   Hooks launch the receive phase on the stream that was current at the call, as DeepEP's do. The wait-cost
   stats (`dispatch_wait_recv_cost_stats`, `combine_wait_recv_cost_stats`) count clock64 cycles per source rank.
   `use_logfmt=True` sends the combine's rows as LogFMT-10. Shrink mode (`enable_shrink=True`) masks a peer whose
-  low-latency wait runs out of time instead of raising (the `low_latency_*_mask_buffer` calls read and set the
+  low-latency or one-node normal-path wait runs out of time instead of raising (the `low_latency_*_mask_buffer` calls read and set the
   mask; an unmask needs `clean_low_latency_buffer` on every rank). See `low_latency_dispatch` for the two-buffer
   rule. The handle's src_info /
   layout_range and the zero-copy combine buffer are views of library-owned memory made with torch.as_tensor over
@@ -191,7 +191,9 @@ class Buffer(NormalPath, LowLatencyPath, ExpertMapPath, metaclass=_BufferType):
       peer that runs out of timeout_seconds masks that peer on this rank and the call succeeds without it (its
       experts' top-k entries dropped, 0 rows from it); low_latency_update_mask_buffer / query / clean read and set
       the mask. A Buffer with a masked rank is destroyed on each rank alone (NVSHMEM's shutdown needs every peer).
-      The normal path is not masked: a timeout there stays an error. False: every timeout is an error.
+      The normal path of one node honours the mask the same way (dispatch / combine with the mask's experts
+      dropped, 0 rows from a masked rank); after an unmask it raises EpError (a new Buffer takes the rank back).
+      The internode normal path is not masked: a timeout there stays an error. False: every timeout is an error.
     explicitly_destroy: False -> the group is destroyed when the Buffer is garbage-collected or at interpreter
       exit; True -> only `destroy()` does it (recommended: destroy is collective, and a rank that died would
       leave the others waiting at exit).

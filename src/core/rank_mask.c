@@ -1,6 +1,7 @@
 /* rank_mask.c: the group's rank mask (config.mask_failed_ranks): the calls that set, read and clear it. The mask is
- * the group's, not one path's: the low-latency kernels read it and mask a peer whose wait runs out of time, the
- * group's barrier skips masked ranks, and destroy frees a group with a masked rank on each rank alone (group.c). */
+ * the group's, not one path's: the low-latency and intranode normal kernels read it and mask a peer whose wait runs
+ * out of time, the group's barrier skips masked ranks, and destroy frees a group with a masked rank on each rank
+ * alone (group.c). */
 #include "core/internal.h"
 
 /* Every mask call: a live, healthy group made with the mask. A pending data fault stays pending (as in a collective
@@ -15,6 +16,13 @@ static ep_status_t enter_mask(ep_group_t group, const char* fn) {
   return EP_STATUS_SUCCESS;
 }
 
+/* An unmask: the LL path takes it at the next ep_ll_clean; the intranode normal path, once used, never (its epochs
+ * and acknowledgements with a rank fell out of step while the rank was masked, and nothing restarts them). */
+static void unmasked(ep_group_t group) {
+  group->ll_clean_needed = true;
+  if (group->normal_used) group->normal_unmasked = true;
+}
+
 ep_status_t ep_group_mask_rank(ep_group_t group, int rank, int masked, cudaStream_t stream) {
   const char* fn = "ep_group_mask_rank";
   EP_CALL_SCOPE();
@@ -26,7 +34,7 @@ ep_status_t ep_group_mask_rank(ep_group_t group, int rank, int masked, cudaStrea
     return ep_fail(group, EP_STATUS_INVALID_ARGUMENT, "%s: masked is %d; it must be 0 or 1", fn, masked);
   EP_CUDA_TRY(group, cudaSetDevice(group->cuda_device));
   EP_CUDA_TRY(group, ep_launch_mask_set(group->rank_mask, rank, masked, stream));
-  if (!masked) group->ll_clean_needed = true;
+  if (!masked) unmasked(group);
   return EP_STATUS_SUCCESS;
 }
 
@@ -48,7 +56,7 @@ ep_status_t ep_group_clear_rank_mask(ep_group_t group, cudaStream_t stream) {
   EP_TRY(enter_mask(group, fn));
   EP_CUDA_TRY(group, cudaSetDevice(group->cuda_device));
   EP_CUDA_TRY(group, cudaMemsetAsync(group->rank_mask, 0, sizeof(int32_t) * (size_t)group->num_ranks, stream));
-  group->ll_clean_needed = true;
+  unmasked(group);
   return EP_STATUS_SUCCESS;
 }
 

@@ -207,4 +207,19 @@ __device__ __forceinline__ WaitResult wait_or_mask(Poll poll, unsigned long long
   return kWaitReady;
 }
 
+// A wait on `peer` in a kernel compiled both ways: wait_or_mask with the mask (kMask), else exactly wait_until, so
+// that a kernel without the mask keeps its code. Never kWaitMasked without kMask.
+template <bool kMask, typename Poll>
+__device__ __forceinline__ WaitResult wait_peer(Poll poll, unsigned long long timeout_ns, ep_device_error_t* err,
+                                                int32_t* mask, int rank, int peer, int site) {
+  if constexpr (kMask) return wait_or_mask(poll, timeout_ns, err, mask, rank, peer, site);
+  else return wait_until(poll, timeout_ns, err, rank, peer, site) ? kWaitReady : kWaitFault;
+}
+
+// rank_masked in a kernel compiled both ways: false without kMask.
+template <bool kMask>
+__device__ __forceinline__ bool peer_masked(const int32_t* mask, int me, int r) {
+  return kMask && rank_masked(mask, me, r);
+}
+
 }  // namespace ep

@@ -43,11 +43,17 @@ __device__ const char* const kIntraProfCombine[] = {"intra-combine", "acks", "pu
 // ---------------------------------------------------------------------------------------------------------------
 // prepare: block d compacts my tokens for rank d (destination role) and reads rank d's list for me (source role),
 // once per round (normal_region.h); round 0 also tells every block how many rounds the call takes.
+// kMask (the group's rank mask): a masked rank d is dropped, as if no token's top-k named its experts and it had no
+// tokens: block d lists nothing for it, publishes nothing to it, waits for nothing from it and acknowledges nothing
+// to it; the last block zeroes its row and column of the counts. A wait on d that runs out of time masks d (and so
+// drops it, the rows listed for it in this round included).
 // ---------------------------------------------------------------------------------------------------------------
+template <bool kMask>
 __global__ void __launch_bounds__(kPrepareThreads) prepare_kernel(ep_intranode_launch_t p) {
   extern __shared__ int s_expert[];  // [E_loc]: my tokens per local expert of rank d
   __shared__ int s_warp_count[kPrepareThreads / 32];
   __shared__ int s_failed, s_rounds;
+  __shared__ int s_drop;  // kMask: rank d is masked in this round (one value for the block)
   const int d = blockIdx.x, R = p.group.num_ranks, me = p.group.rank, tid = threadIdx.x;
   const int lane = tid & 31, warp = tid >> 5;
   const int E = p.call.num_experts, E_loc = E / R;
@@ -73,12 +79,16 @@ __global__ void __launch_bounds__(kPrepareThreads) prepare_kernel(ep_intranode_l
     __syncthreads();
     if (tid < R) {
       const uint64_t* ack = at<uint64_t>(mine, L.prepare_ack) + tid;
-      if (!wait_until([&] { return ld_acquire_sys_u64(ack) >= epoch - 1; }, p.group.timeout_ns, p.group.error, me, tid,
-                      EP_SITE_PREPARE_ACK))
+      if (wait_peer<kMask>([&] { return ld_acquire_sys_u64(ack) >= epoch - 1; }, p.group.timeout_ns, p.group.error,
+                           p.group.mask, me, tid, EP_SITE_PREPARE_ACK) == kWaitFault)
         s_failed = 1;
     }
     __syncthreads();
     if (s_failed) return;
+    if constexpr (kMask) {
+      if (tid == 0) s_drop = rank_masked(p.group.mask, me, d);
+      __syncthreads();
+    }
 
     // Destination role: my tokens of this round for rank d, in token order (block-wide scan per 1024 tokens).
     int count = 0;
@@ -102,6 +112,7 @@ __global__ void __launch_bounds__(kPrepareThreads) prepare_kernel(ep_intranode_l
           goes = true;
         }
       }
+      if (kMask && s_drop) goes = false;  // its experts are dropped (the loop above still checks the ids)
       const unsigned ballot = __ballot_sync(0xffffffffu, goes);
       if (lane == 0) s_warp_count[warp] = __popc(ballot);
       __syncthreads();
@@ -123,11 +134,12 @@ __global__ void __launch_bounds__(kPrepareThreads) prepare_kernel(ep_intranode_l
     // learns the rounds), my per-expert counts to rank d.
     if (tid < R || tid < E_loc) __threadfence_system();
     for (int r = tid; r < R; r += blockDim.x) {
+      if (peer_masked<kMask>(p.group.mask, me, r)) continue;
       uint64_t* row = at<uint64_t>(peer_normal(p, r), L.count_matrix) + (size_t)me * (R + 1);
       st_release_sys_u64(row + d, tag(epoch, count));
       if (d == 0) st_release_sys_u64(row + R, tag(epoch, p.call.num_tokens));
     }
-    for (int e = tid; e < E_loc; e += blockDim.x)
+    for (int e = tid; e < E_loc && !(kMask && s_drop); e += blockDim.x)
       st_release_sys_u64(at<uint64_t>(peer, L.expert_counts) + (size_t)me * E_loc + e, tag(epoch, s_expert[e]));
 
     // Round 0: the call takes as many rounds as the rank with the most tokens needs (at least one). A region that
@@ -135,33 +147,49 @@ __global__ void __launch_bounds__(kPrepareThreads) prepare_kernel(ep_intranode_l
     if (k == 0 && L.max_rounds > 1 && tid < R) {
       const uint64_t* their_tokens = at<uint64_t>(mine, L.count_matrix) + (size_t)tid * (R + 1) + R;
       uint64_t v = 0;
-      if (!wait_until([&] { return ((v = ld_acquire_sys_u64(their_tokens)) >> 32) >= epoch; }, p.group.timeout_ns,
-                      p.group.error, me, tid, EP_SITE_PREPARE_COUNTS))
-        s_failed = 1;
-      else atomicMax(&s_rounds, (untag(v) + C - 1) / C);
+      const WaitResult w =
+          wait_peer<kMask>([&] { return ((v = ld_acquire_sys_u64(their_tokens)) >> 32) >= epoch; }, p.group.timeout_ns,
+                           p.group.error, p.group.mask, me, tid, EP_SITE_PREPARE_COUNTS);
+      if (w == kWaitFault) s_failed = 1;
+      else if (!kMask || w == kWaitReady) atomicMax(&s_rounds, (untag(v) + C - 1) / C);  // masked: no tokens
     }
 
     // Source role: rank d's counts row (summed over the rounds), its list for me, its per-expert counts for me.
     const uint64_t* their_row = at<uint64_t>(mine, L.count_matrix) + (size_t)d * (R + 1);
-    for (int i = tid; i <= R; i += blockDim.x) {
+    // With the mask, a masked d sends nothing: nothing is waited for or taken from it (a dead d publishes nothing
+    // of this call, so no wait on it is ready).
+    for (int i = tid; i <= R && !(kMask && s_drop); i += blockDim.x) {
       uint64_t v = 0;
-      bool ok = wait_until([&] { return ((v = ld_acquire_sys_u64(their_row + i)) >> 32) >= epoch; }, p.group.timeout_ns,
-                           p.group.error, me, d, EP_SITE_PREPARE_COUNTS);
-      if (!ok) s_failed = 1;
+      const WaitResult w =
+          wait_peer<kMask>([&] { return ((v = ld_acquire_sys_u64(their_row + i)) >> 32) >= epoch; }, p.group.timeout_ns,
+                           p.group.error, p.group.mask, me, d, EP_SITE_PREPARE_COUNTS);
+      const bool ok = w == kWaitReady;
+      if (w == kWaitFault) s_failed = 1;
+      else if (kMask && !ok) s_drop = 1;
       else if (i < R) p.handle.matrix[d * R + i] = (k > 0 ? p.handle.matrix[d * R + i] : 0) + untag(v);
       else p.handle.num_tokens_of[d] = untag(v);
       if (ok && i == me) round_rows[(size_t)k * (2 * R + 1) + R + 1 + d] = untag(v);  // rows from d this round
     }
-    for (int e = tid; e < E_loc; e += blockDim.x) {
+    for (int e = tid; e < E_loc && !(kMask && s_drop); e += blockDim.x) {
       uint64_t v = 0;
       const uint64_t* slot = at<uint64_t>(mine, L.expert_counts) + (size_t)d * E_loc + e;
-      bool ok = wait_until([&] { return ((v = ld_acquire_sys_u64(slot)) >> 32) >= epoch; }, p.group.timeout_ns,
-                           p.group.error, me, d, EP_SITE_PREPARE_COUNTS);
-      if (!ok) s_failed = 1;
+      const WaitResult w =
+          wait_peer<kMask>([&] { return ((v = ld_acquire_sys_u64(slot)) >> 32) >= epoch; }, p.group.timeout_ns,
+                           p.group.error, p.group.mask, me, d, EP_SITE_PREPARE_COUNTS);
+      if (w == kWaitFault) s_failed = 1;
+      else if (kMask && w == kWaitMasked) s_drop = 1;
       else atomicAdd(&p.group.expert_sum[e], untag(v));
     }
     __syncthreads();
     if (s_failed) return;
+    if (kMask && s_drop) {  // d is masked: no rows from it this round, and none of my tokens go to it
+      for (int t = tid; t < n; t += blockDim.x) p.handle.send_pos[(size_t)(first + t) * R + d] = -1;
+      if (tid == 0) {
+        round_rows[(size_t)k * (2 * R + 1) + R + 1 + d] = 0;
+        p.handle.recv_taken[d] = k > 0 ? p.handle.recv_taken[d] : 0;
+      }
+      continue;  // every thread: s_drop is the block's
+    }
     const int from_d = round_rows[(size_t)k * (2 * R + 1) + R + 1 + d];
     const int taken = k > 0 ? p.handle.recv_taken[d] : 0;  // rows from d of earlier rounds
     const int* their_list = at<int>(peer, L.send_list) + (size_t)me * C;
@@ -184,6 +212,14 @@ __global__ void __launch_bounds__(kPrepareThreads) prepare_kernel(ep_intranode_l
   // The last block turns the counts into offsets and totals, and the per-round counts into the round table.
   if (!arrive_last(&p.group.state->prepare_done)) return;
   const int rounds = s_rounds;
+  if constexpr (kMask) {  // a masked rank m sends and receives nothing: its row and column of the counts are 0
+    if (tid < R && rank_masked(p.group.mask, me, tid)) {
+      for (int s = 0; s < R; ++s) p.handle.matrix[s * R + tid] = p.handle.matrix[tid * R + s] = 0;
+      p.handle.num_tokens_of[tid] = 0;
+      for (int k = 0; k < rounds; ++k) round_rows[(size_t)k * (2 * R + 1) + R + 1 + tid] = 0;
+    }
+    __syncthreads();
+  }
   if (tid == 0) {
     int offset = 0;
     for (int s = 0; s < R; ++s) {
@@ -234,25 +270,35 @@ __global__ void __launch_bounds__(kPrepareThreads) prepare_kernel(ep_intranode_l
   }
 }
 
-// Every rank must have released the staging buffer we are about to overwrite (previous call's epoch).
+// Every rank must have released the staging buffer we are about to overwrite (previous call's epoch); a masked
+// rank reads nothing of it. With kMask and `skip`, *skip gets the ranks masked by then, a bit each: one snapshot
+// for the whole block, so that its warps agree on whom they skip.
+template <bool kMask>
 __device__ __forceinline__ bool wait_released(const ep_intranode_launch_t& p, const uint64_t* acks, uint64_t epoch,
-                                              int site) {
+                                              int site, unsigned* skip = nullptr) {
   __shared__ int s_failed;
+  __shared__ unsigned s_skip;
   if (threadIdx.x == 0) s_failed = 0;
+  if (kMask && threadIdx.x == 0) s_skip = 0;
   __syncthreads();
   if (threadIdx.x < p.group.num_ranks) {
     const int r = threadIdx.x;
-    if (!wait_until([&] { return ld_acquire_sys_u64(acks + r) >= epoch - 1; }, p.group.timeout_ns, p.group.error,
-                    p.group.rank, r, site))
-      s_failed = 1;
+    const WaitResult w = wait_peer<kMask>([&] { return ld_acquire_sys_u64(acks + r) >= epoch - 1; }, p.group.timeout_ns,
+                                          p.group.error, p.group.mask, p.group.rank, r, site);
+    if (w == kWaitFault) s_failed = 1;
+    else if (kMask && w == kWaitMasked) atomicOr(&s_skip, 1u << r);
   }
   __syncthreads();
+  if (kMask && skip) *skip = s_skip;
   return !s_failed;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
 // dispatch: stage my rows, then pull the rows routed to me from every source's stage, in output order.
+// kMask: a masked source's rows (there are none unless it was masked after the prepare, or by a wait of this call)
+// are left empty, as past the received count (top-k -1, weights 0, source -1; the row itself is not written).
 // ---------------------------------------------------------------------------------------------------------------
+template <bool kMask>
 __global__ void __launch_bounds__(kDispatchThreads, 1) dispatch_kernel(ep_intranode_launch_t p) {
   const int R = p.group.num_ranks, me = p.group.rank, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const ep_normal_region_t& L = p.group.region;
@@ -272,7 +318,7 @@ __global__ void __launch_bounds__(kDispatchThreads, 1) dispatch_kernel(ep_intran
     const uint64_t epoch = first_epoch + k;
     const int first = k * C;
     // Stage: chunks of my tokens of the round, row | scales | global expert ids | weights; one flag per chunk.
-    if (!wait_released(p, at<uint64_t>(mine, L.dispatch_ack), epoch, EP_SITE_DISPATCH_ACK)) return;
+    if (!wait_released<kMask>(p, at<uint64_t>(mine, L.dispatch_ack), epoch, EP_SITE_DISPATCH_ACK)) return;
     NORMAL_PROF_STAMP(g_intra_prof_dispatch, 1);
     rows::stage_x<kDispatchWarps>(p, row, epoch, first, max(0, min(C, p.call.num_tokens - first)));
     NORMAL_PROF_STAMP(g_intra_prof_dispatch, 2);
@@ -297,15 +343,20 @@ __global__ void __launch_bounds__(kDispatchThreads, 1) dispatch_kernel(ep_intran
       const int t = p.handle.recv_src[(size_t)s * L.call_tokens + s_taken[s] + j];  // within the round
       char* src = peer_normal(p, s);
       if (s != ready_src || t / kChunk != ready_chunk) {
-        bool ok = true;
+        int w = kWaitReady;
         if (lane == 0) {
           const uint64_t* flag = at<uint64_t>(src, L.x_staged) + t / kChunk;
-          ok = wait_until([&] { return ld_acquire_sys_u64(flag) >= epoch; }, p.group.timeout_ns, p.group.error, me, s,
-                          EP_SITE_DISPATCH_STAGED);
+          w = wait_peer<kMask>([&] { return ld_acquire_sys_u64(flag) >= epoch; }, p.group.timeout_ns, p.group.error,
+                               p.group.mask, me, s, EP_SITE_DISPATCH_STAGED);
         }
-        if (!__shfl_sync(0xffffffffu, ok, 0)) {
+        w = __shfl_sync(0xffffffffu, w, 0);
+        if (w == kWaitFault) {
           s_failed = 1;
           break;
+        }
+        if (kMask && w == kWaitMasked) {  // asked again for its next row: a masked source answers at once
+          if (s_base[s] + j < p.call.recv_capacity) rows::empty_x_row(p, s_base[s] + j, lane);
+          continue;
         }
         ready_src = s;
         ready_chunk = t / kChunk;
@@ -324,7 +375,8 @@ __global__ void __launch_bounds__(kDispatchThreads, 1) dispatch_kernel(ep_intran
     if (arrive_last(&p.group.state->dispatch_done)) {
       if (tid == 0) p.group.state->dispatch_done = 0;
       __syncthreads();
-      if (tid < R) st_release_sys_u64(at<uint64_t>(peer_normal(p, tid), L.dispatch_ack) + me, epoch);
+      if (tid < R && !peer_masked<kMask>(p.group.mask, me, tid))
+        st_release_sys_u64(at<uint64_t>(peer_normal(p, tid), L.dispatch_ack) + me, epoch);
       if (tid == 0 && k + 1 == *num_rounds) {
         p.group.state->dispatch_epoch = epoch;
         // Reported only now: a fault recorded earlier would make this rank's remaining waits give up, and the
@@ -380,7 +432,10 @@ __device__ __forceinline__ void push_chunk(const ep_intranode_launch_t& p, int s
 // sender * T + position), raising one flag per chunk. Reduce warps: every block takes chunks of 32 of my tokens
 // in turn and sums each token's copies from local memory (my own copy in place in y) as their chunks arrive.
 // Both roles run at once, so the reduction hides under the NVLink transfer.
-template <int kMaxRanks>
+//
+// kMask: nothing is pushed to a masked rank, and a masked rank's copies are left out of the sums (as if the token's
+// top-k did not name its experts); a wait on a rank that runs out of time masks it.
+template <int kMaxRanks, bool kMask>
 __global__ void __launch_bounds__(kCombineThreads, 1) combine_kernel(ep_intranode_launch_t p) {
   constexpr int kUnroll = 16 / kMaxRanks;
   const int R = p.group.num_ranks, me = p.group.rank, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -401,7 +456,8 @@ __global__ void __launch_bounds__(kCombineThreads, 1) combine_kernel(ep_intranod
     const uint64_t epoch = first_epoch + k;
     const int first = k * C, num_tokens = max(0, min(C, p.call.num_tokens - first));  // my tokens of the round
     // Every destination has finished reading what I pushed into it last time.
-    if (!wait_released(p, at<uint64_t>(mine, L.combine_ack), epoch, EP_SITE_COMBINE_ACK)) return;
+    unsigned skip = 0;  // kMask: the ranks this block pushes nothing to in this round
+    if (!wait_released<kMask>(p, at<uint64_t>(mine, L.combine_ack), epoch, EP_SITE_COMBINE_ACK, &skip)) return;
     const int* table = p.handle.round_rows + (size_t)k * (2 * R + 1);
     if (tid <= R) s_offset[tid] = table[tid];
     if (tid < R) s_base[tid] = table[R + 1 + tid];
@@ -417,6 +473,7 @@ __global__ void __launch_bounds__(kCombineThreads, 1) combine_kernel(ep_intranod
         const int s = (me + 1 + w % (R - 1)) % R, chunk = w / (R - 1);
         const int count = s_offset[s + 1] - s_offset[s];
         if (chunk * kChunk >= count) continue;  // the same for every push warp: no barrier is skipped by some
+        if (kMask && (skip >> s & 1u)) continue;  // likewise: `skip` is the block's
         push_chunk(p, s, chunk, s_base[s] + chunk * kChunk, min(kChunk, count - chunk * kChunk), epoch, warp, lane);
       }
       NORMAL_PROF_STAMP_WARPS(g_intra_prof_combine, 2);
@@ -431,8 +488,10 @@ __global__ void __launch_bounds__(kCombineThreads, 1) combine_kernel(ep_intranod
           bool ok = true;
           if (pos >= 0 && lane != me) {
             const uint64_t* flag = at<uint64_t>(mine, L.y_staged) + (size_t)lane * L.y_chunks_per_rank + pos / kChunk;
-            ok = wait_until([&] { return ld_acquire_sys_u64(flag) >= epoch; }, p.group.timeout_ns, p.group.error, me,
-                            lane, EP_SITE_COMBINE_STAGED);
+            const WaitResult w = wait_peer<kMask>([&] { return ld_acquire_sys_u64(flag) >= epoch; }, p.group.timeout_ns,
+                                                  p.group.error, p.group.mask, me, lane, EP_SITE_COMBINE_STAGED);
+            ok = w != kWaitFault;
+            if (kMask && w == kWaitMasked) pos = -1;  // its copy is left out of the sum
           }
           if (!__all_sync(0xffffffffu, ok)) {
             s_failed = 1;
@@ -502,7 +561,8 @@ __global__ void __launch_bounds__(kCombineThreads, 1) combine_kernel(ep_intranod
     if (arrive_last(&p.group.state->combine_done)) {
       if (tid == 0) p.group.state->combine_done = 0;
       __syncthreads();
-      if (tid < R) st_release_sys_u64(at<uint64_t>(peer_normal(p, tid), L.combine_ack) + me, epoch);
+      if (tid < R && !peer_masked<kMask>(p.group.mask, me, tid))
+        st_release_sys_u64(at<uint64_t>(peer_normal(p, tid), L.combine_ack) + me, epoch);
       if (tid == 0 && k + 1 == *num_rounds) p.group.state->combine_epoch = epoch;
     }
   } while (++k < *num_rounds);
@@ -511,13 +571,16 @@ __global__ void __launch_bounds__(kCombineThreads, 1) combine_kernel(ep_intranod
 
 }  // namespace ep
 
+// Each kernel comes in two forms: with the group's rank mask (kMask) and without, whose code is the path's before
+// the mask existed: a group without the mask pays nothing for it.
 extern "C" cudaError_t ep_launch_intranode_prepare(const ep_intranode_launch_t* p, cudaStream_t stream) {
   const size_t smem = sizeof(int) * (size_t)(p->call.num_experts / p->group.num_ranks);
+  auto kernel = p->group.mask ? ep::prepare_kernel<true> : ep::prepare_kernel<false>;
   if (smem > 48 * 1024) {
-    cudaError_t e = cudaFuncSetAttribute(ep::prepare_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     if (e != cudaSuccess) return e;
   }
-  ep::prepare_kernel<<<p->group.num_ranks, ep::kPrepareThreads, smem, stream>>>(*p);
+  kernel<<<p->group.num_ranks, ep::kPrepareThreads, smem, stream>>>(*p);
   return cudaGetLastError();
 }
 
@@ -539,13 +602,17 @@ extern "C" cudaError_t ep_launch_handle_rank_prefix(const ep_normal_handle_view_
 }
 
 extern "C" cudaError_t ep_launch_intranode_dispatch(const ep_intranode_launch_t* p, cudaStream_t stream) {
-  ep::dispatch_kernel<<<p->call.num_blocks, ep::kDispatchThreads, 0, stream>>>(*p);
+  auto kernel = p->group.mask ? ep::dispatch_kernel<true> : ep::dispatch_kernel<false>;
+  kernel<<<p->call.num_blocks, ep::kDispatchThreads, 0, stream>>>(*p);
   return cudaGetLastError();
 }
 
 extern "C" cudaError_t ep_launch_intranode_combine(const ep_intranode_launch_t* p, cudaStream_t stream) {
-  if (p->group.num_ranks <= 2) ep::combine_kernel<2><<<p->call.num_blocks, ep::kCombineThreads, 0, stream>>>(*p);
-  else if (p->group.num_ranks <= 4) ep::combine_kernel<4><<<p->call.num_blocks, ep::kCombineThreads, 0, stream>>>(*p);
-  else ep::combine_kernel<8><<<p->call.num_blocks, ep::kCombineThreads, 0, stream>>>(*p);
+  const bool mask = p->group.mask != nullptr;
+  void (*kernel)(ep_intranode_launch_t) = nullptr;
+  if (p->group.num_ranks <= 2) kernel = mask ? ep::combine_kernel<2, true> : ep::combine_kernel<2, false>;
+  else if (p->group.num_ranks <= 4) kernel = mask ? ep::combine_kernel<4, true> : ep::combine_kernel<4, false>;
+  else kernel = mask ? ep::combine_kernel<8, true> : ep::combine_kernel<8, false>;
+  kernel<<<p->call.num_blocks, ep::kCombineThreads, 0, stream>>>(*p);
   return cudaGetLastError();
 }

@@ -129,6 +129,16 @@ __device__ __forceinline__ void pull_x_row(const Launch& p, const XRow& row, con
   if (lane == 0 && p.call.recv_src_idx) p.call.recv_src_idx[i] = first + t;
 }
 
+// One warp marks output row i empty, as the graph-safe tail marks the rows past the count (top-k -1, weights 0,
+// source -1); the row itself is not written. A source masked after the prepare leaves its rows so.
+template <typename Launch>
+__device__ __forceinline__ void empty_x_row(const Launch& p, int i, int lane) {
+  const int K = p.call.num_topk;
+  if (lane < K && p.call.recv_topk_idx) p.call.recv_topk_idx[(size_t)i * K + lane] = -1;
+  if (lane < K && p.call.recv_topk_weights) p.call.recv_topk_weights[(size_t)i * K + lane] = 0.0f;
+  if (lane == 0 && p.call.recv_src_idx) p.call.recv_src_idx[i] = -1;
+}
+
 // Graph-safe tail: output rows past the received count say "nothing here". Whole grid.
 template <typename Launch>
 __device__ __forceinline__ void graph_safe_tail(const Launch& p, int num_recv) {

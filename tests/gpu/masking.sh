@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Run tests/gpu/test_masking.c in its four modes: hand (every rank masks the last one by hand), dispatch-death and
-# combine-death (the last rank dies by SIGKILL before an LL dispatch / combine; the survivors mask it and go on) and
-# no-mask-death (the same death without the mask: the fatal fault). A death mode passes the dying rank to
-# ep_launch -k, so that its death is the injected fault and the survivors finish.
+# Run tests/gpu/test_masking.c in its six modes: hand (every rank masks the last one by hand: LL and normal path),
+# dispatch-death and combine-death (the last rank dies by SIGKILL before an LL dispatch / combine; the survivors mask
+# it and go on), normal-dispatch-death and normal-combine-death (the same before an intranode normal dispatch /
+# combine) and no-mask-death (the same death without the mask: the fatal fault). A death mode passes the dying rank
+# to ep_launch -k, so that its death is the injected fault and the survivors finish.
 #   tests/gpu/masking.sh [BUILD_DIR]       e.g. scripts/shared_gpu.sh env EP_MASK_RANKS=4 tests/gpu/masking.sh build
 # Environment: EP_MASK_RANKS (default 4; at least 2), EP_MASK_LOG_DIR (default BUILD_DIR/masking-logs). Prints every
-# survivor's "masking ..." lines and one verdict per mode; exits 0 when all four pass.
+# survivor's "masking ..." lines and one verdict per mode; exits 0 when all six pass.
 set -u
 build=${1:-build}
 prog=$build/tests/gpu/test_masking
@@ -21,7 +22,7 @@ num_gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
 [[ $n -gt ${num_gpus:-0} && ${EP_TEST_SHARE_GPU:-0} != 0 ]] &&
   share=(CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=${CUDA_MPS_ACTIVE_THREAD_PERCENTAGE:-$((100 * ${num_gpus:-1} / n))})
 bad=0
-for mode in hand dispatch-death no-mask-death combine-death; do
+for mode in hand dispatch-death no-mask-death normal-dispatch-death normal-combine-death combine-death; do
   kill_arg=(); [[ $mode == *death ]] && kill_arg=(-k $((n - 1)))
   mkdir -p "$logs/$mode"
   out=$(env "${share[@]}" "$launch" -n "$n" -t 300 -q -l "$logs/$mode" "${kill_arg[@]}" -- "$prog" "$mode" 2>&1)

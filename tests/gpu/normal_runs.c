@@ -240,6 +240,63 @@ int normal_run_case(const normal_ctx_t* c, const case_t* k, int index) {
   return failed;
 }
 
+void world_drop_masked(world_t* w, const int* masked, int64_t** orig) {
+  const int K = w->topk, E_loc = w->num_experts / w->R;
+  for (int r = 0; r < w->R; ++r) {
+    const size_t n = (size_t)w->num_tokens[r] * (size_t)K;
+    orig[r] = xmalloc(n * sizeof(int64_t) + 8);
+    memcpy(orig[r], w->idx[r], n * sizeof(int64_t));
+    for (size_t i = 0; i < n; ++i) {
+      const int64_t e = w->idx[r][i];
+      if (e >= 0 && (masked[r] ? e / E_loc != r : masked[e / E_loc])) w->idx[r][i] = -1;
+    }
+  }
+}
+
+/* Swap the top-k a world holds: the dropped one (for the reference) and the original one (for the calls). */
+static void swap_idx(world_t* w, int64_t** other) {
+  for (int r = 0; r < w->R; ++r) {
+    int64_t* t = w->idx[r];
+    w->idx[r] = other[r];
+    other[r] = t;
+  }
+}
+
+int normal_run_masked_case(const normal_ctx_t* c, const case_t* k, int index, const int* masked) {
+  const int before = g_check_failures;
+  const uint64_t case_seed = c->seed + 0x51ed270b27f3a3c5ull * (uint64_t)(index + 1);
+  world_t w;
+  world_build(&w, k, c->R, c->max_experts, case_seed, case_seed, index % 2 == 0);
+  int64_t* orig[MAX_RANKS];
+  world_drop_masked(&w, masked, orig);
+  expect_t e;
+  expect_build(&e, &w, k->alignment, c->me, NULL, NULL, c->rpn > 0);
+  bufs_t b;
+  bufs_alloc_inputs(&b, &w, c->me);
+  swap_idx(&w, orig); /* the calls get the unmasked top-k */
+  bufs_upload_inputs(&b, &w, c->me, NULL, NULL);
+  swap_idx(&w, orig);
+  run_eager(c, k, index % 2, &w, &e, &b);
+  if (k->cached) {
+    world_payload(&w, case_seed, 2);
+    expect_free(&e);
+    expect_build(&e, &w, k->alignment, c->me, NULL, NULL, c->rpn > 0);
+    swap_idx(&w, orig);
+    bufs_upload_inputs(&b, &w, c->me, NULL, NULL);
+    swap_idx(&w, orig);
+    run_cached(c, k, &w, &e, &b);
+  }
+  run_graph_safe(c, k, &w, &e, &b);
+  CHECK_ASYNC_CLEAN(c, "a masked case");
+  bufs_free(&b);
+  const int failed = g_check_failures != before;
+  if (failed) print_case(c, "masked case", index, k, &w);
+  expect_free(&e);
+  for (int r = 0; r < w.R; ++r) free(orig[r]);
+  world_free(&w);
+  return failed;
+}
+
 /* ------------------------------------------------------------------------------------------------------------
  * Argument validation on the live group
  * ------------------------------------------------------------------------------------------------------------ */

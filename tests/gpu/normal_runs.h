@@ -56,6 +56,13 @@ typedef struct {
 /* One case: eager (plus a second combine with another num_sms, which must give the same bytes), cached, and
  * graph-safe, each against the reference; `index` names it in a failure report and seeds it. */
 int normal_run_case(const normal_ctx_t* c, const case_t* k, int index);
+/* The rank mask (config.mask_failed_ranks): drop from w->idx what a mask `masked[R]` drops (a masked rank keeps only
+ * its own experts, every other rank loses the experts of masked ranks), keeping the original top-k in orig[r] (the
+ * caller frees them). The reference run over the dropped world is what the masked calls must give. */
+void world_drop_masked(world_t* w, const int* masked, int64_t** orig);
+/* normal_run_case under the group's mask `masked` (the same on every rank): the calls get each rank's unmasked
+ * top-k, the checks the reference with the masked experts dropped (eager, cached, graph-safe). */
+int normal_run_masked_case(const normal_ctx_t* c, const case_t* k, int index, const int* masked);
 /* Rejected calls name the bad argument; the handle still works after them. */
 int normal_run_validation(const normal_ctx_t* c);
 /* More rows than recv_capacity in the graph-safe path: EP_STATUS_DEVICE_ERROR; a combine along that handle reads

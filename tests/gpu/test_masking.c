@@ -1,19 +1,28 @@
-/* test_masking: the group's rank mask (config.mask_failed_ranks, issue 23) on the low-latency path. The last rank,
- * R-1, is the masked one. Modes (argv[1]; none: hand, what tests/run_tests.sh runs):
+/* test_masking: the group's rank mask (config.mask_failed_ranks, issue 23) on the low-latency path and the intranode
+ * normal path. The last rank, R-1, is the masked one. Modes (argv[1]; none: hand, what tests/run_tests.sh runs):
  *   hand            every rank masks R-1 by hand (ep_group_mask_rank): LL rounds (BF16 and FP8, with and without the
  *                   receive hook, and with renormalize_masked) against the reference in which the survivors' tokens
  *                   lose their experts on R-1 and R-1's tokens keep only R-1's (it exchanges with nobody but
  *                   itself); recv_count and layout_range say 0 rows from a masked source; the mask reads {R-1}. Then
- *                   the unmask: a dispatch before ep_ll_clean is refused, and after the clean full rounds are right.
+ *                   normal-path cases under the same mask (prepare + dispatch + combine: eager, cached, graph-safe;
+ *                   BF16 and FP8) against the reference with the same experts dropped (counts, rows, top-k, sums).
+ *                   Then the unmask: a dispatch before ep_ll_clean is refused, and after the clean full rounds are
+ *                   right; the normal path, used while R-1 was masked, refuses a prepare (EP_STATUS_UNSUPPORTED).
  *   dispatch-death  R-1 dies by SIGKILL with no kernel in flight, before an LL dispatch that the others make: their
  *                   dispatch and combine succeed within the budget plus a slack, the mask reads {R-1}, the results
  *                   are the reference's with R-1's experts removed, and so are 100 more rounds of fresh routing;
  *                   then the group is destroyed on each survivor alone (EP_STATUS_SUCCESS).
  *   combine-death   the same, R-1 dying after a dispatch it took part in, before the combine.
+ *   normal-dispatch-death, normal-combine-death
+ *                   the same on the intranode normal path: R-1 dies after a prepare (and a dispatch) it took part in,
+ *                   before the others' dispatch (combine); their calls succeed within the budget plus a slack, the
+ *                   combine is the reference's with R-1's experts dropped, the dispatch's rows from R-1 are empty
+ *                   (source -1), the mask reads {R-1}, and 100 masked cases after it are right.
  *   no-mask-death   a group without the mask: the same death as dispatch-death is the fatal fault of docs/faults.md
  *                   (EP_STATUS_TIMEOUT or EP_STATUS_PEER_FAILED), then ep_group_abort.
- * The death modes run under `ep_launch -k R-1` (tests/gpu/masking.sh runs the four). Every survivor prints
+ * The death modes run under `ep_launch -k R-1` (tests/gpu/masking.sh runs all six). Every survivor prints
  * "masking MODE rank R: ..." lines with the seconds from the death to its first correct masked call. */
+#include <math.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -22,6 +31,7 @@
 #include "common/check.h"
 #include "gpu/harness.h"
 #include "gpu/ll_round.h"
+#include "gpu/normal_runs.h"
 #include "gpu/test_util.h"
 
 #define BUDGET_S 1.0       /* config.timeout_seconds of the death modes */
@@ -39,6 +49,8 @@ typedef struct {
   ll_bufs_t b;
   int masked[LL_MAX_RANKS]; /* the mask every rank should read */
   int32_t* mask_dev;
+  ep_handle_t handle; /* the normal path's */
+  uint64_t seed;
 } ctx_t;
 
 /* A world whose reference is the masked one: each rank's own top-k and weights are kept in orig_* (what it passes
@@ -204,7 +216,44 @@ static int create(ctx_t* c, const harness_t* h, int mask_on, double budget) {
   ll_shape_t max = shape_of(c, 0, 0);
   if (!EP_CHECK(c, ll_bufs_alloc(c->g, &c->b, &max, h->num_ranks))) return 1;
   c->mask_dev = dev_alloc((size_t)h->num_ranks * 4);
+  if (!EP_CHECK(c, ep_handle_create(c->g, &c->handle))) return 1;
   return 0;
+}
+
+/* ---- the intranode normal path under the mask ---- */
+static normal_ctx_t normal_ctx(const ctx_t* c) {
+  normal_ctx_t n;
+  memset(&n, 0, sizeof(n));
+  n.g = c->g;
+  n.handle = c->handle;
+  n.s = c->s;
+  n.R = c->h->num_ranks;
+  n.me = c->h->rank;
+  n.max_experts = 8 * c->h->num_ranks;
+  n.seed = c->seed;
+  return n;
+}
+
+/* Case i of the masked normal runs: BF16 and FP8, top-k 4 and 8, random and repeating routing, a rank without
+ * tokens, one token; always the cached dispatch too. */
+static case_t normal_case(int i) {
+  case_t k = {48, VARY_NONE, k_shape.hidden, 4, i & 1, TOPK_IDX_WEIGHTS, ROUTE_RANDOM, 1, 8, 1, 0, 1};
+  if (i % 3 == 1) k.topk = 8;
+  if (i % 4 == 1) k.routing = ROUTE_REPEAT;
+  if (i % 4 == 2) k.vary = VARY_LAST;
+  if (i % 8 == 3) k.tokens = 1;
+  if (i % 4 == 3) k.alignment = 4;
+  return k;
+}
+
+static long normal_masked_cases(ctx_t* c, int first, int count) {
+  const normal_ctx_t n = normal_ctx(c);
+  long failed = 0;
+  for (int i = first; i < first + count; ++i) {
+    const case_t k = normal_case(i);
+    failed += normal_run_masked_case(&n, &k, i, c->masked);
+  }
+  return failed;
 }
 
 /* ---- hand: every rank masks R-1, rounds, unmask, clean, rounds ---- */
@@ -226,6 +275,10 @@ static void run_hand(ctx_t* c, uint64_t seed) {
           masked_world_free(&m);
         }
   printf("masking hand rank %d: %d rounds with rank %d masked by hand, %ld mismatches\n", me, rounds, last, bad);
+  const int normal_cases = 8;
+  const long normal_failed = normal_masked_cases(c, 0, normal_cases);
+  printf("masking hand rank %d: %d normal cases (eager, cached, graph-safe) with rank %d masked by hand, %ld failed\n",
+         me, normal_cases, last, normal_failed);
   check_mask(c, "after the masked rounds");
   /* R-1 made its calls apart from the others: every rank gets here before the unmask and the clean's barrier. */
   CUDA_CHECK(cudaDeviceSynchronize());
@@ -256,10 +309,24 @@ static void run_hand(ctx_t* c, uint64_t seed) {
         ll_world_free(&w);
       }
   printf("masking hand rank %d: after the unmask and ep_ll_clean, 8 full rounds, %ld wrong\n", me, full_bad);
+
+  /* The normal path ran while R-1 was masked: it refuses the unmasked group (no call reaches a kernel). */
+  world_t nw;
+  const case_t nk = normal_case(0);
+  world_build(&nw, &nk, R, 8 * R, seed ^ 0x77, seed ^ 0x77, 1);
+  bufs_t nb;
+  bufs_alloc_inputs(&nb, &nw, me);
+  ep_dispatch_prepare_args_t pa = prepare_args(&nw, me, &nb, 1, NULL, NULL, 0);
+  const ep_status_t st = ep_dispatch_prepare(c->g, c->handle, &pa, c->s);
+  CHECK(st == EP_STATUS_UNSUPPORTED && strstr(ep_last_error(c->g), "unmasked"),
+        "rank %d: a normal prepare after the unmask: %s: %s", me, ep_status_string(st), ep_last_error(c->g));
+  printf("masking hand rank %d: a normal prepare after the unmask: %s\n", me, ep_status_string(st));
+  bufs_free(&nb);
+  world_free(&nw);
 }
 
 /* ---- the death modes ---- */
-enum death { DEATH_BEFORE_DISPATCH, DEATH_BEFORE_COMBINE, DEATH_NO_MASK };
+enum death { DEATH_BEFORE_DISPATCH, DEATH_BEFORE_COMBINE, DEATH_NO_MASK, DEATH_NORMAL_DISPATCH, DEATH_NORMAL_COMBINE };
 
 static void die_now(void) {
   fflush(stdout);
@@ -363,14 +430,108 @@ static void run_death(ctx_t* c, uint64_t seed, enum death mode, const char* name
   c->g = NULL;
 }
 
+/* combined_x within a bf16 rounding of the reference (the sums are exact with the exact payload). */
+static int within_rounding(const world_t* w, const expect_t* e, size_t i, float got, float want) {
+  (void)w;
+  (void)e;
+  (void)i;
+  return fabsf(got - want) <= fabsf(want) * (1.0f / 128.0f);
+}
+static const combine_rule_t k_rounding = {within_rounding, "within a bf16 rounding"};
+
+/* The normal path: R-1 dies after a prepare (and, before_combine, a dispatch) it took part in. */
+static void run_normal_death(ctx_t* c, uint64_t seed, int before_combine, const char* name) {
+  const int R = c->h->num_ranks, me = c->h->rank, last = R - 1;
+  const case_t k = {48, VARY_NONE, k_shape.hidden, 4, 0, TOPK_IDX_WEIGHTS, ROUTE_RANDOM, 1, 8, 1, 0, 0};
+  CHECK(normal_masked_cases(c, 0, 2) == 0, "rank %d: normal cases before the death", me);
+  world_t w;
+  world_build(&w, &k, R, 8 * R, seed + 7, seed + 7, 1);
+  bufs_t b;
+  bufs_alloc_inputs(&b, &w, me);
+  bufs_upload_inputs(&b, &w, me, NULL, NULL);
+  int num_recv = -1;
+  ep_dispatch_prepare_args_t pa = prepare_args(&w, me, &b, 1, &num_recv, NULL, 0);
+  EP_CHECK(c, ep_dispatch_prepare(c->g, c->handle, &pa, c->s));
+  CHECK(num_recv >= 0 && num_recv <= R * k.tokens, "rank %d: prepare before the death: num_recv %d", me, num_recv);
+  if (num_recv < 0 || num_recv > R * k.tokens) num_recv = R * k.tokens;
+  bufs_alloc_outputs(&b, &w, num_recv);
+  bufs_poison(&b, &w, me, c->s);
+  const ep_dispatch_args_t da = dispatch_args(&w, &b, k.sms);
+  if (before_combine) (void)call_ok(c, ep_dispatch(c->g, c->handle, &da, c->s), "normal dispatch before the death");
+  sync_then_maybe_die(c, name);
+  const double t_death = now_s();
+  long bad = 0;
+  if (!before_combine)
+    bad += call_ok(c, ep_dispatch(c->g, c->handle, &da, c->s), "normal dispatch after the death") ? 0 : 1;
+  const ep_combine_args_t ca = combine_args(&w, &b, 0, k.sms); /* BF16: y is recv_x, rows from R-1 go back to it */
+  bad += call_ok(c, ep_combine(c->g, c->handle, &ca, c->s), "normal combine after the death") ? 0 : 1;
+  const double t_call = now_s() - t_death;
+  c->masked[last] = 1;
+  check_mask(c, "after the death");
+  int64_t* orig[MAX_RANKS];
+  world_drop_masked(&w, c->masked, orig);
+  expect_t e;
+  expect_build(&e, &w, 1, me, NULL, NULL, 0);
+  const int before = g_check_failures;
+  check_combine(name, &w, me, &e, &b, &k_rounding);
+  if (!before_combine) { /* the rows prepared from R-1 are empty (source -1), the others' as prepared */
+    ep_ref_world_t rw = {0};
+    rw.num_ranks = R;
+    rw.ranks_per_node = R;
+    rw.num_experts = w.num_experts;
+    rw.num_topk = w.topk;
+    rw.num_tokens = w.num_tokens;
+    rw.topk_idx = (const int64_t* const*)orig; /* the routing that was prepared: R-1 took part */
+    ep_ref_dispatch_t full;
+    CHECK(ep_ref_dispatch(&rw, 1, &full) == 0, "the reference rejected the prepared world");
+    int* src = num_recv > 0 ? download(b.recv_src, (size_t)num_recv * 4) : NULL;
+    const ep_ref_recv_t* want = &full.recv[me];
+    CHECK(want->num_recv == num_recv, "rank %d: prepared %d rows, the reference %d", me, num_recv, want->num_recv);
+    for (int i = 0; i < num_recv && i < want->num_recv; ++i) {
+      const int expect_src = want->src_rank[i] == last ? -1 : want->src_idx[i];
+      if (src[i] != expect_src && bad++ < 4)
+        fprintf(stderr, "rank %d: %s: recv_src_idx[%d] = %d, want %d\n", me, name, i, src[i], expect_src);
+    }
+    free(src);
+    ep_ref_dispatch_free(&full);
+  }
+  bad += g_check_failures != before;
+  const double t_correct = now_s() - t_death;
+  expect_free(&e);
+  for (int r = 0; r < R; ++r) free(orig[r]);
+  bufs_free(&b);
+  world_free(&w);
+  CHECK(bad == 0, "rank %d: the normal calls after the death: %ld mismatches", me, bad);
+  CHECK(t_call < BUDGET_S + SLACK_S, "rank %d: the masked calls took %.3f s (budget %.1f s + slack %.1f s)", me, t_call,
+        BUDGET_S, SLACK_S);
+  printf("masking %s rank %d: rank %d masked; dispatch + combine done %.3f s and checked correct %.3f s after the "
+         "death (budget %.1f s)\n",
+         name, me, last, t_call, t_correct, BUDGET_S);
+  const double t0 = now_s();
+  const long later = normal_masked_cases(c, 100, ROUNDS_AFTER_DEATH);
+  printf("masking %s rank %d: %d normal cases after the death in %.3f s, %ld failed\n", name, me, ROUNDS_AFTER_DEATH,
+         now_s() - t0, later);
+  check_mask(c, "after the cases");
+  ep_handle_destroy(c->handle);
+  c->handle = NULL;
+  ll_bufs_free(&c->b);
+  const ep_status_t st = ep_group_destroy(c->g);
+  CHECK(st == EP_STATUS_SUCCESS, "rank %d: ep_group_destroy with a masked rank: %s: %s", me, ep_status_string(st),
+        ep_last_error(NULL));
+  c->g = NULL;
+}
+
 int main(int argc, char** argv) {
   const char* mode = argc > 1 ? argv[1] : "hand";
   enum death death = DEATH_BEFORE_DISPATCH;
   if (strcmp(mode, "dispatch-death") == 0) death = DEATH_BEFORE_DISPATCH;
   else if (strcmp(mode, "combine-death") == 0) death = DEATH_BEFORE_COMBINE;
   else if (strcmp(mode, "no-mask-death") == 0) death = DEATH_NO_MASK;
+  else if (strcmp(mode, "normal-dispatch-death") == 0) death = DEATH_NORMAL_DISPATCH;
+  else if (strcmp(mode, "normal-combine-death") == 0) death = DEATH_NORMAL_COMBINE;
   else if (strcmp(mode, "hand") != 0) {
-    fprintf(stderr, "usage: test_masking [hand|dispatch-death|combine-death|no-mask-death]\n");
+    fprintf(stderr, "usage: test_masking [hand|dispatch-death|combine-death|no-mask-death|normal-dispatch-death|"
+                    "normal-combine-death]\n");
     return TEST_FAIL;
   }
   harness_t h;
@@ -385,11 +546,17 @@ int main(int argc, char** argv) {
   ctx_t c;
   const int hand = strcmp(mode, "hand") == 0;
   if (create(&c, &h, death != DEATH_NO_MASK, hand ? HAND_BUDGET_S : BUDGET_S) != 0) return TEST_FAIL;
+  c.seed = seed;
   if (hand) {
     run_hand(&c, seed);
+    ep_handle_destroy(c.handle);
     ll_bufs_free(&c.b);
     CHECK(ep_group_destroy(c.g) == EP_STATUS_SUCCESS, "ep_group_destroy: %s", ep_last_error(NULL));
+  } else if (death == DEATH_NORMAL_DISPATCH || death == DEATH_NORMAL_COMBINE) {
+    run_normal_death(&c, seed, death == DEATH_NORMAL_COMBINE, mode);
   } else {
+    if (c.handle) ep_handle_destroy(c.handle);
+    c.handle = NULL;
     run_death(&c, seed, death, mode);
   }
   if (c.s) cudaStreamDestroy(c.s);

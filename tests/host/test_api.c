@@ -773,6 +773,14 @@ static void test_normal_args(void) {
   EXPECT_FAIL(ep_combine(g, &handle, &ca, 0), g, EP_STATUS_INVALID_ARGUMENT, "topk_weights is NULL");
   ca = cgood; ca.num_sms = -1;
   EXPECT_FAIL(ep_combine(g, &handle, &ca, 0), g, EP_STATUS_INVALID_ARGUMENT, "num_sms is -1");
+
+  /* The rank mask: after an unmask of a group whose one-node normal path ran, every call of that path is refused
+   * (its call epochs with the unmasked rank are out of step), before its arguments are looked at. */
+  host_group.normal_unmasked = true;
+  EXPECT_FAIL(ep_dispatch_prepare(g, &handle, &pgood, 0), g, EP_STATUS_UNSUPPORTED, "a rank was unmasked");
+  EXPECT_FAIL(ep_dispatch(g, &handle, &dgood, 0), g, EP_STATUS_UNSUPPORTED, "needs a new group");
+  EXPECT_FAIL(ep_combine(g, &handle, NULL, 0), g, EP_STATUS_UNSUPPORTED, "a rank was unmasked");
+  host_group.normal_unmasked = false;
 }
 
 /* One rule, one message: every call that takes a hidden size words its refusal the same way (ep_check_hidden), so
