@@ -10,7 +10,7 @@
  *           graph, replayed after every rank masked R-1 by hand, follows the mask; the map checks with R-1 masked;
  *           then LL rounds (BF16 and FP8, both buffer halves) of ids mapped on the device through maps in which
  *           every logical expert has a copy off R-1: the survivors lose no pick and never name R-1, and dispatch
- *           (recv_count, rows) and combine match the reference.
+ *           (recv_count, rows) and combine match the reference; then the normal round above with R-1 masked.
  * Every rank prints "expert_map PART rank R: ..." lines. */
 #include <stdio.h>
 #include <stdlib.h>
@@ -252,8 +252,8 @@ static int exact_only(const world_t* w, const expect_t* e, size_t i, float got, 
 static const combine_rule_t k_exact = {exact_only, "(none accepted)"};
 
 /* A normal prepare / dispatch / combine of ids mapped on the device, against the reference run on the mapped ids.
- * The plain part runs it with no mask. With a rank masked (once the normal path honours the mask) the same round
- * holds as it stands: the survivors' mapped picks avoid the masked rank and lose nothing, the masked rank's name
+ * The plain part runs it with no mask, the masked part with rank R-1 masked by hand, where the same round holds as
+ * it stands: the survivors' mapped picks avoid the masked rank and lose nothing, the masked rank's name
  * only its own slots, so no pick crosses the mask and the reference of the mapped ids is the masked one. */
 static void normal_round(ctx_t* c, uint64_t seed) {
   const case_t k = {48, VARY_NONE, 2048, TOPK, 0, TOPK_IDX_WEIGHTS, ROUTE_RANDOM, 1, 0, 1, 0, 0};
@@ -457,8 +457,7 @@ static void run_masked(const harness_t* h, uint64_t seed) {
            c.me, rounds, last, bad);
   }
   ll_bufs_free(&b);
-  /* The normal path does not read the mask yet: its round of mapped ids runs in the plain part. Once it honours
-   * the mask, normal_round(&c, seed ^ 0x4e4f) belongs here, with rank R-1 masked. */
+  normal_round(&c, seed ^ 0x4e4f); /* the one-node normal path honours the mask: no mapped pick crosses it */
   release(&c);
   CHECK(ep_group_destroy(c.g) == EP_STATUS_SUCCESS, "ep_group_destroy with a masked rank: %s", ep_last_error(NULL));
 }
