@@ -5,8 +5,9 @@
 #   scripts/gpu_run.sh [tests|bench|sanitize|faults|compat|all] [extra ep_bench args...]
 # `sanitize` runs the small GPU cases under compute-sanitizer (memcheck; racecheck for the layout and LL kernels).
 # `faults` runs the fault matrix at 2 and 4 ranks sharing the GPU (EP_FM_RANKS), the 1,000-iteration soak at 2 and
-# the rank mask's four modes at 4 (tests/gpu/masking.sh; docs/faults.md). `compat` runs DeepEP V1's test scripts (EP_DEEPEP_TESTS: their folder) and Megatron-Core's
-# fused_a2a (EP_MEGATRON_WHEEL: a megatron-core wheel) on ep at 1 rank and 2 ranks sharing the GPU (tests/compat).
+# the rank mask's modes at 4 (tests/gpu/masking.sh; docs/faults.md). `compat` runs DeepEP V1's test scripts
+# (EP_DEEPEP_TESTS: their folder) and Megatron-Core's fused_a2a (EP_MEGATRON_WHEEL: a megatron-core wheel) on ep at
+# 1 rank and 2 ranks sharing the GPU (tests/compat).
 # EP_TEST_SHARE_GPU=1 on a machine of fewer than 8 GPUs: the tests step also runs the GPU tests on more ranks than
 # GPUs, ranks sharing GPUs under CUDA MPS (correctness only; scripts/shared_gpu.sh). EP_TEST_RANKS overrides the
 # rank counts of the tests step (e.g. "8", for a shorter run; "1 2 3 4 5 6 7 8" with EP_TEST_SHARE_GPU=1 on one GPU).
@@ -60,7 +61,9 @@ if [[ $what == faults ]]; then
   summary+=("soak: exit $?, $(grep 'soak of' "$out/soak.log" | tail -1)")
   scripts/shared_gpu.sh env EP_MASK_RANKS=4 EP_MASK_LOG_DIR="$out/masking-logs" tests/gpu/masking.sh build \
     > "$out/masking.log" 2>&1
-  summary+=("masking at 4 ranks: exit $?, $(grep -cE '^PASS' "$out/masking.log") of 4 modes passed")
+  rc=$?
+  summary+=("masking at 4 ranks: exit $rc, $(grep -cE '^PASS' "$out/masking.log") modes passed, \
+$(grep -cE '^FAIL' "$out/masking.log") failed")
 fi
 if [[ $what == compat ]]; then
   export PYTHONPATH="$PWD/python" EP_LIBRARY_PATH="$PWD/build/lib/libep.so"
