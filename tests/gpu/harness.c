@@ -44,6 +44,8 @@ int harness_init(harness_t* h) {
   return 0;
 }
 
+int harness_shares_gpu(const harness_t* h) { return h->num_ranks > h->num_devices; }
+
 int harness_need_ranks(const harness_t* h, int min_ranks) {
   if (h->num_ranks >= min_ranks) return 0;
   printf("SKIP: needs %d ranks, this run has %d\n", min_ranks, h->num_ranks);
@@ -125,7 +127,7 @@ ep_status_t harness_group_create(const harness_t* h, const ep_group_config_t* co
   if (harness_share(h, name, &id, sizeof(id), 0) != 0) return EP_STATUS_INTERNAL_ERROR;
   ep_group_config_t cfg = EP_GROUP_CONFIG_INIT;
   if (config) cfg = *config;
-  if (h->num_ranks > h->num_devices) {
+  if (harness_shares_gpu(h)) {
     /* Ranks share a GPU under MPS (harness_init). Grids as large as the SM count MPS reports to each rank did not
      * all become resident there (1 x H200, 2 and 4 ranks: the LL fused kernel and the 4-node internode kernels
      * waited until their time budget ran out); half of it passed every test at 2 and 8 ranks (a quarter at 4). */

@@ -29,6 +29,9 @@ typedef struct harness {
  * each other would time out. */
 int harness_init(harness_t* h);
 
+/* Whether ranks share a GPU (more ranks than visible GPUs: CUDA MPS, EP_TEST_SHARE_GPU=1). */
+int harness_shares_gpu(const harness_t* h);
+
 /* 77 (a skip, with a line saying why) when the run has fewer than `min_ranks` ranks, else 0. */
 int harness_need_ranks(const harness_t* h, int min_ranks);
 

@@ -670,7 +670,7 @@ static void run_fatal_cell(const harness_t* h, int row, int col) {
   if (f.me_faulty && col == COL_KILL) {
     const int host_wait = row == ROW_PREPARE_EAGER || row == ROW_DESTROY;
     printf("cell %s %s rank %d faulty killing - 0.000\n", k_rows[row], k_cols[col], h->rank);
-    if (h->num_ranks > h->num_devices && row != ROW_LL_HOOK) die_now(); /* MPS: no kernel in flight (above) */
+    if (harness_shares_gpu(h) && row != ROW_LL_HOOK) die_now(); /* MPS: no kernel in flight (above) */
     if (host_wait) kill_in(0.02);
     row_call(&f, &cs, row, !host_wait);
     die_now(); /* a host-waiting call that returned within 20 ms: die after it */
