@@ -143,8 +143,11 @@ __global__ void __launch_bounds__(kPrepareThreads) prepare_kernel(ep_intranode_l
       st_release_sys_u64(at<uint64_t>(peer, L.expert_counts) + (size_t)me * E_loc + e, tag(epoch, s_expert[e]));
 
     // Round 0: the call takes as many rounds as the rank with the most tokens needs (at least one). A region that
-    // holds every token of any call (sized from the hints) always takes one, without this wait.
-    if (k == 0 && L.max_rounds > 1 && tid < R) {
+    // holds every token of any call (sized from the hints) always takes one, without this wait. With the mask,
+    // block 0 alone decides and the others take its answer (state->call_rounds, reset by the last block): blocks
+    // that each waited could disagree, one taking a rank's count, one finding the rank masked (by another block's
+    // timeout) before it looked, and they would then run different numbers of rounds.
+    if (k == 0 && L.max_rounds > 1 && (!kMask || d == 0) && tid < R) {
       const uint64_t* their_tokens = at<uint64_t>(mine, L.count_matrix) + (size_t)tid * (R + 1) + R;
       uint64_t v = 0;
       const WaitResult w =
@@ -152,6 +155,24 @@ __global__ void __launch_bounds__(kPrepareThreads) prepare_kernel(ep_intranode_l
                            p.group.error, p.group.mask, me, tid, EP_SITE_PREPARE_COUNTS);
       if (w == kWaitFault) s_failed = 1;
       else if (!kMask || w == kWaitReady) atomicMax(&s_rounds, (untag(v) + C - 1) / C);  // masked: no tokens
+    }
+    if (kMask && k == 0 && L.max_rounds > 1 && warp == 0) {  // tid < R <= 8: warp 0 holds the waiters
+      __syncwarp();
+      volatile unsigned int* decided = &p.group.state->call_rounds;
+      if (d == 0 && lane == 0 && !s_failed) {
+        __threadfence();
+        *decided = (unsigned int)s_rounds;
+      } else if (d != 0 && lane == 0) {
+        uint32_t spins = 0;
+        unsigned int r = 0;
+        while ((r = *decided) == 0) {  // block 0's waits are bounded; if it failed, the group has a fatal fault
+          if ((++spins & 1023u) == 0 && has_fault(p.group.error, me)) {
+            s_failed = 1;
+            break;
+          }
+        }
+        if (r != 0) s_rounds = (int)r;
+      }
     }
 
     // Source role: rank d's counts row (summed over the rounds), its list for me, its per-expert counts for me.
@@ -266,6 +287,7 @@ __global__ void __launch_bounds__(kPrepareThreads) prepare_kernel(ep_intranode_l
   __syncthreads();
   if (tid == 0) {
     p.group.state->prepare_done = 0;
+    if (kMask) p.group.state->call_rounds = 0;
     p.group.state->prepare_epoch = first_epoch + rounds - 1;
   }
 }
