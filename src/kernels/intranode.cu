@@ -46,11 +46,13 @@ __device__ const char* const kIntraProfCombine[] = {"intra-combine", "acks", "pu
 // kMask (the group's rank mask): a masked rank d is dropped, as if no token's top-k named its experts and it had no
 // tokens: block d lists nothing for it, publishes nothing to it, waits for nothing from it and acknowledges nothing
 // to it; the last block zeroes its row and column of the counts. A wait on d that runs out of time masks d (and so
-// drops it, the rows listed for it in this round included).
+// drops it, the rows listed for it in this round included). Block d alone decides whether d is dropped (it is
+// dropped from the round in which block d finds it masked, and then from the whole call); a rank masked by another
+// block after block d took all of its counts and lists stays in the counts, as a rank masked after the prepare.
 // ---------------------------------------------------------------------------------------------------------------
 template <bool kMask>
 __global__ void __launch_bounds__(kPrepareThreads) prepare_kernel(ep_intranode_launch_t p) {
-  extern __shared__ int s_expert[];  // [E_loc]: my tokens per local expert of rank d
+  extern __shared__ int s_expert[];  // [E_loc]: my tokens per local expert of rank d; kMask: then [E_loc] s_from
   __shared__ int s_warp_count[kPrepareThreads / 32];
   __shared__ int s_failed, s_rounds;
   __shared__ int s_drop;  // kMask: rank d is masked in this round (one value for the block)
@@ -64,7 +66,11 @@ __global__ void __launch_bounds__(kPrepareThreads) prepare_kernel(ep_intranode_l
   char* peer = peer_normal(p, d);
   int* send_list = at<int>(mine, L.send_list) + (size_t)d * C;
   int* round_rows = p.handle.round_rows;
+  // kMask: rank d's tokens per local expert of mine, summed over the rounds, added to expert_sum once the block
+  // knows that d is not dropped (so that the expert counts never count rows that the offsets leave out).
+  int* s_from = s_expert + E_loc;
   if (tid == 0) s_rounds = 1;
+  for (int e = tid; kMask && e < E_loc; e += blockDim.x) s_from[e] = 0;
   __syncthreads();
 
   for (int k = 0; k < s_rounds; ++k) {
@@ -199,6 +205,7 @@ __global__ void __launch_bounds__(kPrepareThreads) prepare_kernel(ep_intranode_l
                            p.group.error, p.group.mask, me, d, EP_SITE_PREPARE_COUNTS);
       if (w == kWaitFault) s_failed = 1;
       else if (kMask && w == kWaitMasked) s_drop = 1;
+      else if (kMask) s_from[e] += untag(v);
       else atomicAdd(&p.group.expert_sum[e], untag(v));
     }
     __syncthreads();
@@ -230,11 +237,17 @@ __global__ void __launch_bounds__(kPrepareThreads) prepare_kernel(ep_intranode_l
     }
   }
 
+  if constexpr (kMask) {  // s_drop: d was dropped (in the last round, so in every round since the first drop)
+    for (int e = tid; !s_drop && e < E_loc; e += blockDim.x)
+      if (s_from[e] != 0) atomicAdd(&p.group.expert_sum[e], s_from[e]);
+    if (tid == 0 && s_drop) p.handle.recv_taken[d] = -1;  // the block's verdict, for the last block
+  }
+
   // The last block turns the counts into offsets and totals, and the per-round counts into the round table.
   if (!arrive_last(&p.group.state->prepare_done)) return;
   const int rounds = s_rounds;
-  if constexpr (kMask) {  // a masked rank m sends and receives nothing: its row and column of the counts are 0
-    if (tid < R && rank_masked(p.group.mask, me, tid)) {
+  if constexpr (kMask) {  // a dropped rank m sends and receives nothing: its row and column of the counts are 0
+    if (tid < R && p.handle.recv_taken[tid] < 0) {
       for (int s = 0; s < R; ++s) p.handle.matrix[s * R + tid] = p.handle.matrix[tid * R + s] = 0;
       p.handle.num_tokens_of[tid] = 0;
       for (int k = 0; k < rounds; ++k) round_rows[(size_t)k * (2 * R + 1) + R + 1 + tid] = 0;
@@ -596,7 +609,7 @@ __global__ void __launch_bounds__(kCombineThreads, 1) combine_kernel(ep_intranod
 // Each kernel comes in two forms: with the group's rank mask (kMask) and without, whose code is the path's before
 // the mask existed: a group without the mask pays nothing for it.
 extern "C" cudaError_t ep_launch_intranode_prepare(const ep_intranode_launch_t* p, cudaStream_t stream) {
-  const size_t smem = sizeof(int) * (size_t)(p->call.num_experts / p->group.num_ranks);
+  const size_t smem = sizeof(int) * (size_t)(p->call.num_experts / p->group.num_ranks) * (p->group.mask ? 2 : 1);
   auto kernel = p->group.mask ? ep::prepare_kernel<true> : ep::prepare_kernel<false>;
   if (smem > 48 * 1024) {
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
