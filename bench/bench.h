@@ -65,6 +65,7 @@ typedef struct bench {
   int64_t* d_topk_idx;          /* [tokens, topk] device: this rank's */
   __nv_bfloat16* d_x;           /* [tokens, hidden] device: this rank's tokens, bench_value(rank, t, c) */
   int failed_rows;              /* rows whose check failed */
+  double last_dispatch_us, last_combine_us; /* the last reported row's slowest-rank medians, on every rank */
   int header_printed;           /* for the current group: each group's rows get a header of their own */
   bench_record_t records[BENCH_MAX_RECORDS];
   int num_records;
@@ -155,5 +156,6 @@ void family_layout(bench_t* b);
 void family_nccl(bench_t* b);
 void family_intranode(bench_t* b);
 void family_ll(bench_t* b);
+void family_ll_mask(bench_t* b);
 
 #endif /* EP_BENCH_H */

@@ -23,10 +23,11 @@ static const struct {
   const char* name;
   bench_family_fn run;
 } kFamilies[] = {
-    {"layout", family_layout}, /* ep_get_dispatch_layout */
-    {"nccl", family_nccl},     /* rows nccl-a2a and nccl-user: the baseline alone */
+    {"layout", family_layout},       /* ep_get_dispatch_layout */
+    {"nccl", family_nccl},           /* rows nccl-a2a and nccl-user: the baseline alone */
     {"intranode", family_intranode}, /* rows prepare and intranode: the normal path, next to nccl-user */
     {"ll", family_ll},               /* rows ll and ll-send: the low-latency path, next to nccl-user */
+    {"ll-mask", family_ll_mask},     /* ll calls with no rank masked, then with the last one masked: the ratio */
 };
 
 static int g_rank = -1; /* for bench_die's message */
@@ -41,25 +42,24 @@ void bench_die(const char* file, int line, const char* call, const char* why, co
  * Options
  * ------------------------------------------------------------------------------------------------------------ */
 static void usage(FILE* f) {
-  fprintf(f,
-          "usage: ep_launch -n NUM_GPUS ep_bench [options]\n"
-          "  --tokens N    tokens per rank (4096)\n"
-          "  --hidden N    channels per token (7168)\n"
-          "  --topk N      experts per token (8)\n"
-          "  --experts N   experts in all, a multiple of the number of ranks (256)\n"
-          "  --iters N     timed iterations (50)\n"
-          "  --warmup N    untimed iterations before them (10)\n"
-          "  --family L    comma list of: layout, intranode, ll, nccl (layout,intranode,ll)\n"
-          "  --ll-tokens N tokens per rank of the ll family, at most --tokens (128)\n"
-          "  --seed N      routing seed (default: EP_TEST_SEED, else from the clock)\n"
-          "  --sms L       comma list of SMs per dispatch/combine call, one intranode row each (8,16,24,32);\n"
-          "                --num-sms-list L is the same option\n"
-          "  --ranks-per-node N  ranks per (virtual) node of the group: 0 = all ranks in one NVLink domain (0);\n"
-          "                a divisor of the rank count smaller than it makes virtual nodes: internode rows\n"
-          "  --shapes L    comma list of ranks-per-node values, one group each, created and destroyed in turn\n"
-          "                (e.g. 0,2 on 4 GPUs: intranode EP4 rows, then 2x2 internode rows, then the ratios)\n"
-          "  --no-l2-flush do not empty L2 before each timed operation (warm-cache timings, for diagnosis: the\n"
-          "                published figures of the field, ours included, are taken with the flush)\n");
+  fprintf(f, "usage: ep_launch -n NUM_GPUS ep_bench [options]\n"
+             "  --tokens N    tokens per rank (4096)\n"
+             "  --hidden N    channels per token (7168)\n"
+             "  --topk N      experts per token (8)\n"
+             "  --experts N   experts in all, a multiple of the number of ranks (256)\n"
+             "  --iters N     timed iterations (50)\n"
+             "  --warmup N    untimed iterations before them (10)\n"
+             "  --family L    comma list of: layout, intranode, ll, ll-mask, nccl (layout,intranode,ll)\n"
+             "  --ll-tokens N tokens per rank of the ll family, at most --tokens (128)\n"
+             "  --seed N      routing seed (default: EP_TEST_SEED, else from the clock)\n"
+             "  --sms L       comma list of SMs per dispatch/combine call, one intranode row each (8,16,24,32);\n"
+             "                --num-sms-list L is the same option\n"
+             "  --ranks-per-node N  ranks per (virtual) node of the group: 0 = all ranks in one NVLink domain (0);\n"
+             "                a divisor of the rank count smaller than it makes virtual nodes: internode rows\n"
+             "  --shapes L    comma list of ranks-per-node values, one group each, created and destroyed in turn\n"
+             "                (e.g. 0,2 on 4 GPUs: intranode EP4 rows, then 2x2 internode rows, then the ratios)\n"
+             "  --no-l2-flush do not empty L2 before each timed operation (warm-cache timings, for diagnosis: the\n"
+             "                published figures of the field, ours included, are taken with the flush)\n");
 }
 
 static long parse_int(const char* name, const char* value, long min, long max) {
@@ -318,6 +318,8 @@ static void setup_group(bench_t* b, int index) {
   config.num_sms = o->max_sms;
   /* The low-latency buffer only when the ll family runs (it is large: see ep_ll_buffer_size_hint). */
   if (strstr(o->family, "ll")) config.ll_max_tokens_per_rank = o->ll_tokens < o->tokens ? o->ll_tokens : o->tokens;
+  /* The rank mask only when ll-mask runs: every family of the run then shares the masking group. */
+  if (strstr(o->family, "ll-mask")) config.mask_failed_ranks = 1;
   EP_OK(NULL, harness_group_create(&b->h, &config, &b->group));
   EP_OK(b->group, ep_group_get_info(b->group, &b->info));
   b->shape_index = index;
@@ -416,6 +418,8 @@ static void print_row(bench_t* b, const bench_row_t* row, const double* all) {
   const double speedup_combine = combine_us > 0 && base_combine_us > 0 ? base_combine_us / combine_us : -1;
   const char* check = mismatches > 0 ? "FAIL" : validated ? "ok" : "-";
   if (mismatches > 0 || !validated) b->failed_rows++;
+  b->last_dispatch_us = dispatch_us;
+  b->last_combine_us = combine_us;
   if (b->rank != 0) return;
 
   /* The normal path's rows, for the ratio lines at the end (internode against one domain, same dtype and SMs). */
