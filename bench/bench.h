@@ -55,7 +55,10 @@ typedef struct bench {
   ep_group_info_t info;
   int ranks_per_node, num_nodes; /* the current group's shape (ranks_per_node = num_ranks for one domain) */
   int shape_index;               /* entry of opt.shapes the current group comes from */
-  ncclComm_t comm;
+  ncclComm_t comm;               /* NULL where ranks share a GPU: NCCL takes one rank per GPU (no baseline then) */
+  int* line_up_word;             /* without NCCL: a counter in a file every rank maps (bench_time_phases) */
+  int line_ups;                  /* line-ups so far (each one adds num_ranks to the counter) */
+  int reports;                   /* rows reported so far (names the files of their exchange without NCCL) */
   cudaStream_t stream;
   void* flush_buf;              /* BENCH_FLUSH_BYTES, overwritten before every timed operation to empty L2 */
   float* barrier_buf;           /* one float, all-reduced to line the ranks up before each timed operation */

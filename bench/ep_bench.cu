@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "bench.h"
+#include "timing.h"
 
 extern "C" {
 #include "ref/ep_ref.h"
@@ -254,12 +255,18 @@ static void setup_common(bench_t* b) {
   }
   if (!o->seed_given) b->opt.seed = harness_seed(&b->h, "bench");
 
-  ncclUniqueId nccl_id;
-  memset(&nccl_id, 0, sizeof(nccl_id));
-  if (b->rank == 0) NCCL_OK(ncclGetUniqueId(&nccl_id));
-  if (harness_share(&b->h, "nccl_id", &nccl_id, sizeof(nccl_id), 0) != 0)
-    bench_die(__FILE__, __LINE__, "harness_share(nccl_id)", "no NCCL id from rank 0", "");
-  NCCL_OK(ncclCommInitRank(&b->comm, b->num_ranks, nccl_id, b->rank));
+  if (harness_shares_gpu(&b->h)) {
+    /* NCCL refuses two ranks on one GPU: no baseline columns, and the ranks line up on the host. */
+    b->comm = NULL;
+    bench_line_up_init(b);
+  } else {
+    ncclUniqueId nccl_id;
+    memset(&nccl_id, 0, sizeof(nccl_id));
+    if (b->rank == 0) NCCL_OK(ncclGetUniqueId(&nccl_id));
+    if (harness_share(&b->h, "nccl_id", &nccl_id, sizeof(nccl_id), 0) != 0)
+      bench_die(__FILE__, __LINE__, "harness_share(nccl_id)", "no NCCL id from rank 0", "");
+    NCCL_OK(ncclCommInitRank(&b->comm, b->num_ranks, nccl_id, b->rank));
+  }
 
   CUDA_OK(cudaStreamCreateWithFlags(&b->stream, cudaStreamNonBlocking));
   CUDA_OK(cudaMalloc(&b->flush_buf, BENCH_FLUSH_BYTES));
@@ -296,9 +303,12 @@ static void setup_common(bench_t* b) {
     CUDA_OK(cudaGetDeviceProperties(&prop, b->h.cuda_device));
     int nccl_version = 0;
     NCCL_OK(ncclGetVersion(&nccl_version));
-    printf("ep_bench: %d ranks on %s, NCCL %d, seed 0x%016llx, %d warm-up + %d timed iterations (median), "
+    char nccl[96];
+    if (b->comm) snprintf(nccl, sizeof(nccl), "NCCL %d", nccl_version);
+    else snprintf(nccl, sizeof(nccl), "ranks share %d GPU(s): no NCCL baseline", b->h.num_devices);
+    printf("ep_bench: %d ranks on %s, %s, seed 0x%016llx, %d warm-up + %d timed iterations (median), "
            "slowest rank shown%s\n",
-           R, prop.name, nccl_version, (unsigned long long)b->opt.seed, o->warmup, o->iters,
+           R, prop.name, nccl, (unsigned long long)b->opt.seed, o->warmup, o->iters,
            o->l2_flush ? "" : "; L2 NOT flushed (--no-l2-flush): warm-cache timings");
   }
 }
@@ -354,7 +364,8 @@ static void teardown_common(bench_t* b) {
   CUDA_OK(cudaFree(b->flush_buf));
   CUDA_OK(cudaFree(b->barrier_buf));
   CUDA_OK(cudaStreamDestroy(b->stream));
-  NCCL_OK(ncclCommDestroy(b->comm));
+  if (b->comm) NCCL_OK(ncclCommDestroy(b->comm));
+  bench_line_up_fini(b);
 }
 
 /* ------------------------------------------------------------------------------------------------------------
@@ -480,6 +491,19 @@ void bench_report_row(bench_t* b, const bench_row_t* row) {
                                 row->combine_bytes > 0 ? row->combine_bytes : row->bytes, row->rdma_bytes,
                                 row->rdma_combine_bytes > 0 ? row->rdma_combine_bytes : row->rdma_bytes};
   std::vector<double> all((size_t)b->num_ranks * F_COUNT);
+  const int report = b->reports++;
+  if (!b->comm) { /* each rank's figures through a file of the launch folder */
+    for (int r = 0; r < b->num_ranks; ++r) {
+      char name[64];
+      snprintf(name, sizeof(name), "row.%d.%d", report, r);
+      double* theirs = &all[(size_t)r * F_COUNT];
+      if (r == b->rank) memcpy(theirs, mine, sizeof(mine));
+      if (harness_share(&b->h, name, theirs, sizeof(mine), r) != 0)
+        bench_die(__FILE__, __LINE__, "harness_share", "a rank's row figures did not arrive", name);
+    }
+    print_row(b, row, all.data());
+    return;
+  }
   double *d_mine, *d_all;
   CUDA_OK(cudaMalloc(&d_mine, sizeof(mine)));
   CUDA_OK(cudaMalloc(&d_all, all.size() * sizeof(double)));

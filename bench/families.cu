@@ -184,6 +184,10 @@ static long check_combined(bench_t* b, const char* what, const __nv_bfloat16* d_
 }
 
 void family_nccl(bench_t* b) {
+  if (!b->comm) {
+    if (b->rank == 0) printf("nccl: no rows (ranks share a GPU, which NCCL refuses)\n");
+    return;
+  }
   const size_t row_bytes = (size_t)b->opt.hidden * sizeof(__nv_bfloat16);
   nccl_user_t u;
   nccl_user_create(&u, b->is_token_in_rank[b->rank], b->opt.tokens, b->opt.hidden, b->rank, b->num_ranks, b->comm,
@@ -400,8 +404,8 @@ void family_intranode(bench_t* b) {
   /* The baseline first: the NCCL user path on this shape (BF16 dispatch, BF16 combine, FP8 dispatch), validated.
    * Its mismatches count in every row that shows its times. */
   double base_us[3] = {-1, -1, -1}; /* bf16 dispatch, combine, fp8 dispatch */
-  long base_bad;
-  {
+  long base_bad = 0;
+  if (b->comm) {
     nccl_user_t u;
     nccl_user_create(&u, b->is_token_in_rank[b->rank], T, H, b->rank, R, b->comm, b->stream);
     nccl_user_fp8_t u8;
@@ -719,8 +723,8 @@ void family_ll(bench_t* b) {
 
   /* The baseline on the same tokens: the NCCL user path, BF16 both ways. */
   double base_us[2] = {-1, -1};
-  long base_bad;
-  {
+  long base_bad = 0;
+  if (b->comm) {
     nccl_user_t u;
     nccl_user_create(&u, b->is_token_in_rank[me], T, H, me, R, b->comm, b->stream);
     poison(b, u.recv_rows, (size_t)u.plan.num_recv_rows * H * 2);
