@@ -55,7 +55,10 @@ typedef struct bench {
   ep_group_info_t info;
   int ranks_per_node, num_nodes; /* the current group's shape (ranks_per_node = num_ranks for one domain) */
   int shape_index;               /* entry of opt.shapes the current group comes from */
-  ncclComm_t comm;
+  ncclComm_t comm;               /* NULL where ranks share a GPU: NCCL takes one rank per GPU (no baseline then) */
+  int* line_up_word;             /* without NCCL: a counter in a file every rank maps (bench_time_phases) */
+  int line_ups;                  /* line-ups so far (each one adds num_ranks to the counter) */
+  int reports;                   /* rows reported so far (names the files of their exchange without NCCL) */
   cudaStream_t stream;
   void* flush_buf;              /* BENCH_FLUSH_BYTES, overwritten before every timed operation to empty L2 */
   float* barrier_buf;           /* one float, all-reduced to line the ranks up before each timed operation */
@@ -65,6 +68,7 @@ typedef struct bench {
   int64_t* d_topk_idx;          /* [tokens, topk] device: this rank's */
   __nv_bfloat16* d_x;           /* [tokens, hidden] device: this rank's tokens, bench_value(rank, t, c) */
   int failed_rows;              /* rows whose check failed */
+  double last_dispatch_us, last_combine_us; /* the last reported row's slowest-rank medians, on every rank */
   int header_printed;           /* for the current group: each group's rows get a header of their own */
   bench_record_t records[BENCH_MAX_RECORDS];
   int num_records;
@@ -155,5 +159,6 @@ void family_layout(bench_t* b);
 void family_nccl(bench_t* b);
 void family_intranode(bench_t* b);
 void family_ll(bench_t* b);
+void family_ll_mask(bench_t* b);
 
 #endif /* EP_BENCH_H */

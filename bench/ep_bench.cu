@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "bench.h"
+#include "timing.h"
 
 extern "C" {
 #include "ref/ep_ref.h"
@@ -23,10 +24,11 @@ static const struct {
   const char* name;
   bench_family_fn run;
 } kFamilies[] = {
-    {"layout", family_layout}, /* ep_get_dispatch_layout */
-    {"nccl", family_nccl},     /* rows nccl-a2a and nccl-user: the baseline alone */
+    {"layout", family_layout},       /* ep_get_dispatch_layout */
+    {"nccl", family_nccl},           /* rows nccl-a2a and nccl-user: the baseline alone */
     {"intranode", family_intranode}, /* rows prepare and intranode: the normal path, next to nccl-user */
     {"ll", family_ll},               /* rows ll and ll-send: the low-latency path, next to nccl-user */
+    {"ll-mask", family_ll_mask},     /* ll calls with no rank masked, then with the last one masked: the ratio */
 };
 
 static int g_rank = -1; /* for bench_die's message */
@@ -41,25 +43,24 @@ void bench_die(const char* file, int line, const char* call, const char* why, co
  * Options
  * ------------------------------------------------------------------------------------------------------------ */
 static void usage(FILE* f) {
-  fprintf(f,
-          "usage: ep_launch -n NUM_GPUS ep_bench [options]\n"
-          "  --tokens N    tokens per rank (4096)\n"
-          "  --hidden N    channels per token (7168)\n"
-          "  --topk N      experts per token (8)\n"
-          "  --experts N   experts in all, a multiple of the number of ranks (256)\n"
-          "  --iters N     timed iterations (50)\n"
-          "  --warmup N    untimed iterations before them (10)\n"
-          "  --family L    comma list of: layout, intranode, ll, nccl (layout,intranode,ll)\n"
-          "  --ll-tokens N tokens per rank of the ll family, at most --tokens (128)\n"
-          "  --seed N      routing seed (default: EP_TEST_SEED, else from the clock)\n"
-          "  --sms L       comma list of SMs per dispatch/combine call, one intranode row each (8,16,24,32);\n"
-          "                --num-sms-list L is the same option\n"
-          "  --ranks-per-node N  ranks per (virtual) node of the group: 0 = all ranks in one NVLink domain (0);\n"
-          "                a divisor of the rank count smaller than it makes virtual nodes: internode rows\n"
-          "  --shapes L    comma list of ranks-per-node values, one group each, created and destroyed in turn\n"
-          "                (e.g. 0,2 on 4 GPUs: intranode EP4 rows, then 2x2 internode rows, then the ratios)\n"
-          "  --no-l2-flush do not empty L2 before each timed operation (warm-cache timings, for diagnosis: the\n"
-          "                published figures of the field, ours included, are taken with the flush)\n");
+  fprintf(f, "usage: ep_launch -n NUM_GPUS ep_bench [options]\n"
+             "  --tokens N    tokens per rank (4096)\n"
+             "  --hidden N    channels per token (7168)\n"
+             "  --topk N      experts per token (8)\n"
+             "  --experts N   experts in all, a multiple of the number of ranks (256)\n"
+             "  --iters N     timed iterations (50)\n"
+             "  --warmup N    untimed iterations before them (10)\n"
+             "  --family L    comma list of: layout, intranode, ll, ll-mask, nccl (layout,intranode,ll)\n"
+             "  --ll-tokens N tokens per rank of the ll family, at most --tokens (128)\n"
+             "  --seed N      routing seed (default: EP_TEST_SEED, else from the clock)\n"
+             "  --sms L       comma list of SMs per dispatch/combine call, one intranode row each (8,16,24,32);\n"
+             "                --num-sms-list L is the same option\n"
+             "  --ranks-per-node N  ranks per (virtual) node of the group: 0 = all ranks in one NVLink domain (0);\n"
+             "                a divisor of the rank count smaller than it makes virtual nodes: internode rows\n"
+             "  --shapes L    comma list of ranks-per-node values, one group each, created and destroyed in turn\n"
+             "                (e.g. 0,2 on 4 GPUs: intranode EP4 rows, then 2x2 internode rows, then the ratios)\n"
+             "  --no-l2-flush do not empty L2 before each timed operation (warm-cache timings, for diagnosis: the\n"
+             "                published figures of the field, ours included, are taken with the flush)\n");
 }
 
 static long parse_int(const char* name, const char* value, long min, long max) {
@@ -254,12 +255,18 @@ static void setup_common(bench_t* b) {
   }
   if (!o->seed_given) b->opt.seed = harness_seed(&b->h, "bench");
 
-  ncclUniqueId nccl_id;
-  memset(&nccl_id, 0, sizeof(nccl_id));
-  if (b->rank == 0) NCCL_OK(ncclGetUniqueId(&nccl_id));
-  if (harness_share(&b->h, "nccl_id", &nccl_id, sizeof(nccl_id), 0) != 0)
-    bench_die(__FILE__, __LINE__, "harness_share(nccl_id)", "no NCCL id from rank 0", "");
-  NCCL_OK(ncclCommInitRank(&b->comm, b->num_ranks, nccl_id, b->rank));
+  if (harness_shares_gpu(&b->h)) {
+    /* NCCL refuses two ranks on one GPU: no baseline columns, and the ranks line up on the host. */
+    b->comm = NULL;
+    bench_line_up_init(b);
+  } else {
+    ncclUniqueId nccl_id;
+    memset(&nccl_id, 0, sizeof(nccl_id));
+    if (b->rank == 0) NCCL_OK(ncclGetUniqueId(&nccl_id));
+    if (harness_share(&b->h, "nccl_id", &nccl_id, sizeof(nccl_id), 0) != 0)
+      bench_die(__FILE__, __LINE__, "harness_share(nccl_id)", "no NCCL id from rank 0", "");
+    NCCL_OK(ncclCommInitRank(&b->comm, b->num_ranks, nccl_id, b->rank));
+  }
 
   CUDA_OK(cudaStreamCreateWithFlags(&b->stream, cudaStreamNonBlocking));
   CUDA_OK(cudaMalloc(&b->flush_buf, BENCH_FLUSH_BYTES));
@@ -296,9 +303,12 @@ static void setup_common(bench_t* b) {
     CUDA_OK(cudaGetDeviceProperties(&prop, b->h.cuda_device));
     int nccl_version = 0;
     NCCL_OK(ncclGetVersion(&nccl_version));
-    printf("ep_bench: %d ranks on %s, NCCL %d, seed 0x%016llx, %d warm-up + %d timed iterations (median), "
+    char nccl[96];
+    if (b->comm) snprintf(nccl, sizeof(nccl), "NCCL %d", nccl_version);
+    else snprintf(nccl, sizeof(nccl), "ranks share %d GPU(s): no NCCL baseline", b->h.num_devices);
+    printf("ep_bench: %d ranks on %s, %s, seed 0x%016llx, %d warm-up + %d timed iterations (median), "
            "slowest rank shown%s\n",
-           R, prop.name, nccl_version, (unsigned long long)b->opt.seed, o->warmup, o->iters,
+           R, prop.name, nccl, (unsigned long long)b->opt.seed, o->warmup, o->iters,
            o->l2_flush ? "" : "; L2 NOT flushed (--no-l2-flush): warm-cache timings");
   }
 }
@@ -318,6 +328,8 @@ static void setup_group(bench_t* b, int index) {
   config.num_sms = o->max_sms;
   /* The low-latency buffer only when the ll family runs (it is large: see ep_ll_buffer_size_hint). */
   if (strstr(o->family, "ll")) config.ll_max_tokens_per_rank = o->ll_tokens < o->tokens ? o->ll_tokens : o->tokens;
+  /* The rank mask only when ll-mask runs: every family of the run then shares the masking group. */
+  if (strstr(o->family, "ll-mask")) config.mask_failed_ranks = 1;
   EP_OK(NULL, harness_group_create(&b->h, &config, &b->group));
   EP_OK(b->group, ep_group_get_info(b->group, &b->info));
   b->shape_index = index;
@@ -352,7 +364,8 @@ static void teardown_common(bench_t* b) {
   CUDA_OK(cudaFree(b->flush_buf));
   CUDA_OK(cudaFree(b->barrier_buf));
   CUDA_OK(cudaStreamDestroy(b->stream));
-  NCCL_OK(ncclCommDestroy(b->comm));
+  if (b->comm) NCCL_OK(ncclCommDestroy(b->comm));
+  bench_line_up_fini(b);
 }
 
 /* ------------------------------------------------------------------------------------------------------------
@@ -416,6 +429,8 @@ static void print_row(bench_t* b, const bench_row_t* row, const double* all) {
   const double speedup_combine = combine_us > 0 && base_combine_us > 0 ? base_combine_us / combine_us : -1;
   const char* check = mismatches > 0 ? "FAIL" : validated ? "ok" : "-";
   if (mismatches > 0 || !validated) b->failed_rows++;
+  b->last_dispatch_us = dispatch_us;
+  b->last_combine_us = combine_us;
   if (b->rank != 0) return;
 
   /* The normal path's rows, for the ratio lines at the end (internode against one domain, same dtype and SMs). */
@@ -476,6 +491,19 @@ void bench_report_row(bench_t* b, const bench_row_t* row) {
                                 row->combine_bytes > 0 ? row->combine_bytes : row->bytes, row->rdma_bytes,
                                 row->rdma_combine_bytes > 0 ? row->rdma_combine_bytes : row->rdma_bytes};
   std::vector<double> all((size_t)b->num_ranks * F_COUNT);
+  const int report = b->reports++;
+  if (!b->comm) { /* each rank's figures through a file of the launch folder */
+    for (int r = 0; r < b->num_ranks; ++r) {
+      char name[64];
+      snprintf(name, sizeof(name), "row.%d.%d", report, r);
+      double* theirs = &all[(size_t)r * F_COUNT];
+      if (r == b->rank) memcpy(theirs, mine, sizeof(mine));
+      if (harness_share(&b->h, name, theirs, sizeof(mine), r) != 0)
+        bench_die(__FILE__, __LINE__, "harness_share", "a rank's row figures did not arrive", name);
+    }
+    print_row(b, row, all.data());
+    return;
+  }
   double *d_mine, *d_all;
   CUDA_OK(cudaMalloc(&d_mine, sizeof(mine)));
   CUDA_OK(cudaMalloc(&d_all, all.size() * sizeof(double)));

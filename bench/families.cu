@@ -184,6 +184,10 @@ static long check_combined(bench_t* b, const char* what, const __nv_bfloat16* d_
 }
 
 void family_nccl(bench_t* b) {
+  if (!b->comm) {
+    if (b->rank == 0) printf("nccl: no rows (ranks share a GPU, which NCCL refuses)\n");
+    return;
+  }
   const size_t row_bytes = (size_t)b->opt.hidden * sizeof(__nv_bfloat16);
   nccl_user_t u;
   nccl_user_create(&u, b->is_token_in_rank[b->rank], b->opt.tokens, b->opt.hidden, b->rank, b->num_ranks, b->comm,
@@ -400,8 +404,8 @@ void family_intranode(bench_t* b) {
   /* The baseline first: the NCCL user path on this shape (BF16 dispatch, BF16 combine, FP8 dispatch), validated.
    * Its mismatches count in every row that shows its times. */
   double base_us[3] = {-1, -1, -1}; /* bf16 dispatch, combine, fp8 dispatch */
-  long base_bad;
-  {
+  long base_bad = 0;
+  if (b->comm) {
     nccl_user_t u;
     nccl_user_create(&u, b->is_token_in_rank[b->rank], T, H, b->rank, R, b->comm, b->stream);
     nccl_user_fp8_t u8;
@@ -542,29 +546,40 @@ void family_intranode(bench_t* b) {
  * counts them, per selected (token, expert) pair of this rank: dispatch hidden + hidden / 128 * 4 + 16, combine
  * 2 * hidden (LogFMT: hidden * 10 / 8 + hidden / 128 * 4).
  * ------------------------------------------------------------------------------------------------------------ */
-void family_ll(bench_t* b) {
-  const int R = b->num_ranks, H = b->opt.hidden, K = b->opt.topk, E = b->opt.experts, me = b->rank;
-  const int T = b->opt.ll_tokens < b->opt.tokens ? b->opt.ll_tokens : b->opt.tokens;
-  if (T <= 0 || H % 128 != 0) {
-    if (me == 0) fprintf(stderr, "ep_bench: ll rows skipped: need --tokens > 0 and --hidden a multiple of 128\n");
-    return;
-  }
-  const int E_loc = E / R, G = H / 128;
-  const size_t RT = (size_t)R * T;
 
-  /* The reference: every rank's first T tokens (bench_value rows, exact in bf16) through ep_ref_ll_dispatch. */
-  std::vector<std::vector<uint16_t>> xs(R, std::vector<uint16_t>((size_t)T * H));
-  std::vector<std::vector<float>> ws(R, std::vector<float>((size_t)T * K, 1.0f));
+/* What the LL calls on the first T tokens of every rank give on this rank when every rank has masked rank `masked`
+ * (-1: none): the reference dispatch of the routing with the top-k entries that the masked calls drop set to -1
+ * (docs/faults.md, "Masking failed ranks": the masked rank keeps only its own experts, the others lose its
+ * experts); the experts' outputs in the layout of this rank's receive, y[e][i] = the i-th received token's bf16 row,
+ * so that with weights 1 the combined row is x[t] times the token's kept entries, exact. */
+typedef struct ll_expect {
+  std::vector<std::vector<int64_t>> topk_idx; /* [R] -> [T, K]: the routing as the calls route it */
+  ep_ref_ll_dispatch_t ref;
+  std::vector<uint16_t> y; /* [E_loc, R * T, hidden] bf16 */
+  std::vector<int> kept;   /* [T]: this rank's kept top-k entries per token */
+  long selections;         /* their sum: this rank's (token, expert) pairs */
+  long all_selections;     /* every rank's */
+} ll_expect_t;
+
+/* xs: [R] -> [T, hidden] bf16, every rank's first T tokens. */
+static void ll_expect_make(const bench_t* b, int T, const std::vector<std::vector<uint16_t>>& xs, int masked,
+                           ll_expect_t* ex) {
+  const int R = b->num_ranks, H = b->opt.hidden, K = b->opt.topk, E = b->opt.experts, E_loc = E / R, me = b->rank;
+  const size_t RT = (size_t)R * T;
   std::vector<const uint16_t*> x_ptr(R);
   std::vector<const int64_t*> idx_ptr(R);
-  std::vector<const float*> w_ptr(R);
   std::vector<int> num_tokens(R, T);
+  ex->topk_idx.assign(R, std::vector<int64_t>());
+  ex->all_selections = 0;
   for (int r = 0; r < R; ++r) {
-    for (int t = 0; t < T; ++t)
-      for (int c = 0; c < H; ++c) xs[r][(size_t)t * H + c] = bench_exact_bf16(bench_value(r, t, c));
+    ex->topk_idx[r].assign(b->topk_idx[r], b->topk_idx[r] + (size_t)T * K);
+    for (int64_t& e : ex->topk_idx[r]) {
+      const int owner = e >= 0 ? (int)(e / E_loc) : -1;
+      if (masked >= 0 && e >= 0 && (r == masked ? owner != r : owner == masked)) e = -1;
+      ex->all_selections += e >= 0;
+    }
     x_ptr[r] = xs[r].data();
-    idx_ptr[r] = b->topk_idx[r];
-    w_ptr[r] = ws[r].data();
+    idx_ptr[r] = ex->topk_idx[r].data();
   }
   ep_ref_ll_world_t world;
   memset(&world, 0, sizeof(world));
@@ -576,28 +591,140 @@ void family_ll(bench_t* b) {
   world.num_tokens = num_tokens.data();
   world.x = x_ptr.data();
   world.topk_idx = idx_ptr.data();
-  world.topk_weights = w_ptr.data();
-  ep_ref_ll_dispatch_t ref;
-  if (ep_ref_ll_dispatch(&world, 1, 0, 0, &ref) != 0)
+  if (ep_ref_ll_dispatch(&world, 1, 0, 0, &ex->ref) != 0)
     bench_die(__FILE__, __LINE__, "ep_ref_ll_dispatch", "the reference rejected the routing", "");
-  const ep_ref_ll_recv_t* mine = &ref.recv[me];
-  long selections = 0; /* this rank's (token, expert) pairs */
-  for (size_t i = 0; i < (size_t)T * K; ++i) selections += b->topk_idx[me][i] >= 0;
-
-  /* The experts hand back their input rows as bf16: y[e][i] = the i-th received token's bf16 row, so that the
-   * combined row is x[t] * (valid top-k entries) with weights 1, exact. */
-  std::vector<uint16_t> y_host((size_t)E_loc * RT * H, 0);
+  const ep_ref_ll_recv_t* mine = &ex->ref.recv[me];
+  ex->y.assign((size_t)E_loc * RT * H, 0);
   for (int e = 0; e < E_loc; ++e)
     for (int i = 0; i < mine->count[e]; ++i) {
       const int row = mine->expert_offset[e] + i;
-      memcpy(&y_host[((size_t)e * RT + i) * H], &xs[mine->src_rank[row]][(size_t)mine->src_idx[row] * H],
-             (size_t)H * 2);
+      memcpy(&ex->y[((size_t)e * RT + i) * H], &xs[mine->src_rank[row]][(size_t)mine->src_idx[row] * H], (size_t)H * 2);
     }
+  ex->kept.assign(T, 0);
+  ex->selections = 0;
+  for (int t = 0; t < T; ++t)
+    for (int k = 0; k < K; ++k) ex->kept[t] += ex->topk_idx[me][(size_t)t * K + k] >= 0;
+  for (int t = 0; t < T; ++t) ex->selections += ex->kept[t];
+}
+
+/* The LL outputs of the last call (recv_count, recv_x e4m3 and its scales, the combine's out [T, hidden] bf16)
+ * against `ex`: exact, or (LogFMT, rel_tol > 0) out within rel_tol of it. */
+static long check_ll(bench_t* b, const char* what, const ll_expect_t* ex, int T, const int* recv_count,
+                     const void* recv_x, const void* recv_scales, const void* out, float rel_tol) {
+  const int R = b->num_ranks, H = b->opt.hidden, E_loc = b->opt.experts / R, G = H / 128, me = b->rank;
+  const size_t RT = (size_t)R * T;
+  const ep_ref_ll_recv_t* mine = &ex->ref.recv[me];
+  check_async(b, what);
+  long bad = count_mismatches(b, "ll recv_count", to_host(b, recv_count, E_loc).data(), mine->count, E_loc);
+  const std::vector<uint8_t> q = to_host(b, (const uint8_t*)recv_x, (size_t)E_loc * RT * H);
+  const std::vector<float> sc = to_host(b, (const float*)recv_scales, (size_t)E_loc * RT * G);
+  for (int e = 0; e < E_loc; ++e)
+    for (int i = 0; i < mine->count[e]; ++i) {
+      const size_t row = (size_t)mine->expert_offset[e] + i;
+      if (memcmp(&q[((size_t)e * RT + i) * H], mine->x_fp8 + row * H, H) != 0 && bad++ == 0)
+        fprintf(stderr, "ep_bench rank %d: %s: fp8 row %d of expert %d differs\n", me, what, i, e);
+      for (int g = 0; g < G; ++g)
+        if (!(sc[((size_t)e * G + g) * RT + i] == mine->scales[row * G + g]) && bad++ == 0)
+          fprintf(stderr, "ep_bench rank %d: %s: scale %d of row %d of expert %d differs\n", me, what, g, i, e);
+    }
+  const std::vector<uint16_t> got = to_host(b, (const uint16_t*)out, (size_t)T * H);
+  for (int t = 0; t < T; ++t) {
+    const int copies = ex->kept[t];
+    for (int c = 0; c < H; ++c) {
+      /* A token with no kept entry gets +0 (a masked call can leave one so). */
+      const uint16_t want = ep_ref_f32_to_bf16(copies ? bench_value(me, t, c) * (float)copies : 0.0f);
+      const float g = ep_ref_bf16_to_f32(got[(size_t)t * H + c]), w = ep_ref_bf16_to_f32(want);
+      const bool ok = rel_tol > 0.0f ? fabsf(g - w) <= rel_tol * fabsf(w) : got[(size_t)t * H + c] == want;
+      if (!ok && bad++ == 0)
+        fprintf(stderr, "ep_bench rank %d: %s: out[%d][%d] = 0x%04x, want 0x%04x\n", me, what, t, c,
+                got[(size_t)t * H + c], want);
+    }
+  }
+  return bad;
+}
+
+/* Every rank's first T tokens as bf16 (bench_value rows, exact), the reference's input. */
+static std::vector<std::vector<uint16_t>> ll_inputs(const bench_t* b, int T) {
+  const int R = b->num_ranks, H = b->opt.hidden;
+  std::vector<std::vector<uint16_t>> xs(R, std::vector<uint16_t>((size_t)T * H));
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t)
+      for (int c = 0; c < H; ++c) xs[r][(size_t)t * H + c] = bench_exact_bf16(bench_value(r, t, c));
+  return xs;
+}
+
+/* The device buffers of the LL rows, a handle, and the args of their calls: FP8 dispatch of this rank's first T
+ * tokens, BF16 combine of y with weights 1. */
+typedef struct ll_bufs {
+  ep_ll_handle_t handle;
+  void *recv_x, *recv_scales, *y, *out;
+  int* recv_count;
+  float* weights;
+  ep_ll_dispatch_args_t da;
+  ep_ll_combine_args_t ca;
+} ll_bufs_t;
+
+static void ll_bufs_make(bench_t* b, int T, ll_bufs_t* l) {
+  const int R = b->num_ranks, H = b->opt.hidden, K = b->opt.topk, E = b->opt.experts, E_loc = E / R;
+  const size_t RT = (size_t)R * T;
+  l->handle = NULL;
+  EP_OK(b->group, ep_ll_handle_create(b->group, &l->handle));
+  CUDA_OK(cudaMalloc(&l->recv_x, (size_t)E_loc * RT * H));
+  CUDA_OK(cudaMalloc(&l->recv_scales, (size_t)E_loc * RT * (H / 128) * 4));
+  CUDA_OK(cudaMalloc(&l->recv_count, (size_t)E_loc * 4));
+  CUDA_OK(cudaMalloc(&l->y, (size_t)E_loc * RT * H * 2));
+  CUDA_OK(cudaMalloc(&l->out, (size_t)T * H * 2));
+  CUDA_OK(cudaMalloc(&l->weights, (size_t)T * K * 4));
+  const std::vector<float> ones((size_t)T * K, 1.0f);
+  CUDA_OK(cudaMemcpyAsync(l->weights, ones.data(), (size_t)T * K * 4, cudaMemcpyHostToDevice, b->stream));
+  CUDA_OK(cudaStreamSynchronize(b->stream)); /* `ones` goes out of scope */
+  l->da = EP_LL_DISPATCH_ARGS_INIT;
+  l->da.x = b->d_x;
+  l->da.num_tokens = T;
+  l->da.hidden = H;
+  l->da.topk_idx = b->d_topk_idx;
+  l->da.num_topk = K;
+  l->da.num_experts = E;
+  l->da.max_tokens_per_rank = T;
+  l->da.recv_dtype = EP_FP8_E4M3;
+  l->da.recv_x = l->recv_x;
+  l->da.recv_x_scales = l->recv_scales;
+  l->da.recv_count = l->recv_count;
+  l->ca = EP_LL_COMBINE_ARGS_INIT;
+  l->ca.x = l->y;
+  l->ca.topk_weights = l->weights;
+  l->ca.out = l->out;
+}
+
+static void ll_bufs_free(bench_t* b, ll_bufs_t* l) {
+  EP_OK(b->group, ep_ll_handle_destroy(l->handle));
+  CUDA_OK(cudaFree(l->recv_x));
+  CUDA_OK(cudaFree(l->recv_scales));
+  CUDA_OK(cudaFree(l->recv_count));
+  CUDA_OK(cudaFree(l->y));
+  CUDA_OK(cudaFree(l->out));
+  CUDA_OK(cudaFree(l->weights));
+}
+
+void family_ll(bench_t* b) {
+  const int R = b->num_ranks, H = b->opt.hidden, K = b->opt.topk, E = b->opt.experts, me = b->rank;
+  const int T = b->opt.ll_tokens < b->opt.tokens ? b->opt.ll_tokens : b->opt.tokens;
+  if (T <= 0 || H % 128 != 0) {
+    if (me == 0) fprintf(stderr, "ep_bench: ll rows skipped: need --tokens > 0 and --hidden a multiple of 128\n");
+    return;
+  }
+  const int E_loc = E / R;
+  const size_t RT = (size_t)R * T;
+
+  /* The reference: every rank's first T tokens through ep_ref_ll_dispatch. */
+  ll_expect_t ex;
+  ll_expect_make(b, T, ll_inputs(b, T), -1, &ex);
+  const long selections = ex.selections;
 
   /* The baseline on the same tokens: the NCCL user path, BF16 both ways. */
   double base_us[2] = {-1, -1};
-  long base_bad;
-  {
+  long base_bad = 0;
+  if (b->comm) {
     nccl_user_t u;
     nccl_user_create(&u, b->is_token_in_rank[me], T, H, me, R, b->comm, b->stream);
     poison(b, u.recv_rows, (size_t)u.plan.num_recv_rows * H * 2);
@@ -606,79 +733,24 @@ void family_ll(bench_t* b) {
     nccl_user_destroy(&u);
   }
 
-  ep_ll_handle_t handle = NULL;
-  EP_OK(b->group, ep_ll_handle_create(b->group, &handle));
-  void *recv_x, *recv_scales, *y, *out;
-  int* recv_count;
-  float* weights;
-  CUDA_OK(cudaMalloc(&recv_x, (size_t)E_loc * RT * H));
-  CUDA_OK(cudaMalloc(&recv_scales, (size_t)E_loc * RT * G * 4));
-  CUDA_OK(cudaMalloc(&recv_count, (size_t)E_loc * 4));
-  CUDA_OK(cudaMalloc(&y, y_host.size() * 2));
-  CUDA_OK(cudaMalloc(&out, (size_t)T * H * 2));
-  CUDA_OK(cudaMalloc(&weights, (size_t)T * K * 4));
-  CUDA_OK(cudaMemcpyAsync(y, y_host.data(), y_host.size() * 2, cudaMemcpyHostToDevice, b->stream));
-  CUDA_OK(cudaMemcpyAsync(weights, ws[me].data(), (size_t)T * K * 4, cudaMemcpyHostToDevice, b->stream));
+  ll_bufs_t l;
+  ll_bufs_make(b, T, &l);
+  CUDA_OK(cudaMemcpyAsync(l.y, ex.y.data(), ex.y.size() * 2, cudaMemcpyHostToDevice, b->stream));
 
-  ep_ll_dispatch_args_t da = EP_LL_DISPATCH_ARGS_INIT;
-  da.x = b->d_x;
-  da.num_tokens = T;
-  da.hidden = H;
-  da.topk_idx = b->d_topk_idx;
-  da.num_topk = K;
-  da.num_experts = E;
-  da.max_tokens_per_rank = T;
-  da.recv_dtype = EP_FP8_E4M3;
-  da.recv_x = recv_x;
-  da.recv_x_scales = recv_scales;
-  da.recv_count = recv_count;
-  ep_ll_combine_args_t ca = EP_LL_COMBINE_ARGS_INIT;
-  ca.x = y;
-  ca.topk_weights = weights;
-  ca.out = out;
-
-  /* The outputs of the last timed call of each row against the reference: exact, or (LogFMT, rel_tol > 0) within
-   * rel_tol of it. */
   auto check = [&](const char* what, float rel_tol = 0.0f) -> long {
-    check_async(b, what);
-    long bad = count_mismatches(b, "ll recv_count", to_host(b, recv_count, E_loc).data(), mine->count, E_loc);
-    const std::vector<uint8_t> q = to_host(b, (const uint8_t*)recv_x, (size_t)E_loc * RT * H);
-    const std::vector<float> sc = to_host(b, (const float*)recv_scales, (size_t)E_loc * RT * G);
-    for (int e = 0; e < E_loc; ++e)
-      for (int i = 0; i < mine->count[e]; ++i) {
-        const size_t row = (size_t)mine->expert_offset[e] + i;
-        if (memcmp(&q[((size_t)e * RT + i) * H], mine->x_fp8 + row * H, H) != 0 && bad++ == 0)
-          fprintf(stderr, "ep_bench rank %d: %s: fp8 row %d of expert %d differs\n", me, what, i, e);
-        for (int g = 0; g < G; ++g)
-          if (!(sc[((size_t)e * G + g) * RT + i] == mine->scales[row * G + g]) && bad++ == 0)
-            fprintf(stderr, "ep_bench rank %d: %s: scale %d of row %d of expert %d differs\n", me, what, g, i, e);
-      }
-    const std::vector<uint16_t> got = to_host(b, (const uint16_t*)out, (size_t)T * H);
-    for (int t = 0; t < T; ++t) {
-      int copies = 0;
-      for (int k = 0; k < K; ++k) copies += b->topk_idx[me][(size_t)t * K + k] >= 0;
-      for (int c = 0; c < H; ++c) {
-        const uint16_t want = ep_ref_f32_to_bf16(bench_value(me, t, c) * (float)copies);
-        const float g = ep_ref_bf16_to_f32(got[(size_t)t * H + c]), w = ep_ref_bf16_to_f32(want);
-        const bool ok = rel_tol > 0.0f ? fabsf(g - w) <= rel_tol * fabsf(w) : got[(size_t)t * H + c] == want;
-        if (!ok && bad++ == 0)
-          fprintf(stderr, "ep_bench rank %d: %s: out[%d][%d] = 0x%04x, want 0x%04x\n", me, what, t, c,
-                  got[(size_t)t * H + c], want);
-      }
-    }
-    return bad;
+    return check_ll(b, what, &ex, T, l.recv_count, l.recv_x, l.recv_scales, l.out, rel_tol);
   };
 
   size_t footprint = 0;
   EP_OK(b->group, ep_ll_buffer_size_hint(T, H, R, E, K, &footprint));
 
   /* No hook: each call sends and receives. */
-  poison(b, recv_x, (size_t)E_loc * RT * H);
-  poison(b, out, (size_t)T * H * 2);
+  poison(b, l.recv_x, (size_t)E_loc * RT * H);
+  poison(b, l.out, (size_t)T * H * 2);
   {
     const bench_phase_fn phases[2] = {
-        [&] { EP_OK(b->group, ep_ll_dispatch(b->group, handle, &da, b->stream)); },
-        [&] { EP_OK(b->group, ep_ll_combine(b->group, handle, &ca, b->stream)); },
+        [&] { EP_OK(b->group, ep_ll_dispatch(b->group, l.handle, &l.da, b->stream)); },
+        [&] { EP_OK(b->group, ep_ll_combine(b->group, l.handle, &l.ca, b->stream)); },
     };
     double us[2];
     bench_time_phases(b, 2, phases, us);
@@ -697,17 +769,17 @@ void family_ll(bench_t* b) {
 
   /* Sums on the experts' ranks: the dispatch carries the weights, the combine sends one row per (token, rank).
    * Bytes as in the rows above (DeepEP's count), so that the rates compare as times do. */
-  poison(b, recv_x, (size_t)E_loc * RT * H);
-  poison(b, out, (size_t)T * H * 2);
+  poison(b, l.recv_x, (size_t)E_loc * RT * H);
+  poison(b, l.out, (size_t)T * H * 2);
   {
-    ep_ll_dispatch_args_t dw = da;
-    dw.topk_weights = weights;
-    ep_ll_combine_args_t cs = ca;
+    ep_ll_dispatch_args_t dw = l.da;
+    dw.topk_weights = l.weights;
+    ep_ll_combine_args_t cs = l.ca;
     cs.topk_weights = NULL;
     cs.sum_on_expert_ranks = 1;
     const bench_phase_fn phases[2] = {
-        [&] { EP_OK(b->group, ep_ll_dispatch(b->group, handle, &dw, b->stream)); },
-        [&] { EP_OK(b->group, ep_ll_combine(b->group, handle, &cs, b->stream)); },
+        [&] { EP_OK(b->group, ep_ll_dispatch(b->group, l.handle, &dw, b->stream)); },
+        [&] { EP_OK(b->group, ep_ll_combine(b->group, l.handle, &cs, b->stream)); },
     };
     double us[2];
     bench_time_phases(b, 2, phases, us);
@@ -724,14 +796,14 @@ void family_ll(bench_t* b) {
 
   /* LogFMT-10 combine (use_logfmt): DeepEP's bytes, hidden * 10 / 8 + hidden / 32 a row; out within half a step of
    * its 128-channel group (2^(16 / 510) - 1 at most) of the bf16 result, plus the bf16 rounding of the sum. */
-  poison(b, recv_x, (size_t)E_loc * RT * H);
-  poison(b, out, (size_t)T * H * 2);
+  poison(b, l.recv_x, (size_t)E_loc * RT * H);
+  poison(b, l.out, (size_t)T * H * 2);
   {
-    ep_ll_combine_args_t cl = ca;
+    ep_ll_combine_args_t cl = l.ca;
     cl.use_logfmt = 1;
     const bench_phase_fn phases[2] = {
-        [&] { EP_OK(b->group, ep_ll_dispatch(b->group, handle, &da, b->stream)); },
-        [&] { EP_OK(b->group, ep_ll_combine(b->group, handle, &cl, b->stream)); },
+        [&] { EP_OK(b->group, ep_ll_dispatch(b->group, l.handle, &l.da, b->stream)); },
+        [&] { EP_OK(b->group, ep_ll_combine(b->group, l.handle, &cl, b->stream)); },
     };
     double us[2];
     bench_time_phases(b, 2, phases, us);
@@ -747,18 +819,18 @@ void family_ll(bench_t* b) {
   }
 
   /* Hook: the send phases alone (the receive phases run too, timed apart and not shown). */
-  poison(b, recv_x, (size_t)E_loc * RT * H);
-  poison(b, out, (size_t)T * H * 2);
+  poison(b, l.recv_x, (size_t)E_loc * RT * H);
+  poison(b, l.out, (size_t)T * H * 2);
   {
-    ep_ll_dispatch_args_t dh = da;
+    ep_ll_dispatch_args_t dh = l.da;
     dh.return_after_send = 1;
-    ep_ll_combine_args_t ch = ca;
+    ep_ll_combine_args_t ch = l.ca;
     ch.return_after_send = 1;
     const bench_phase_fn phases[4] = {
-        [&] { EP_OK(b->group, ep_ll_dispatch(b->group, handle, &dh, b->stream)); },
-        [&] { EP_OK(b->group, ep_ll_dispatch_recv(b->group, handle, b->stream)); },
-        [&] { EP_OK(b->group, ep_ll_combine(b->group, handle, &ch, b->stream)); },
-        [&] { EP_OK(b->group, ep_ll_combine_recv(b->group, handle, b->stream)); },
+        [&] { EP_OK(b->group, ep_ll_dispatch(b->group, l.handle, &dh, b->stream)); },
+        [&] { EP_OK(b->group, ep_ll_dispatch_recv(b->group, l.handle, b->stream)); },
+        [&] { EP_OK(b->group, ep_ll_combine(b->group, l.handle, &ch, b->stream)); },
+        [&] { EP_OK(b->group, ep_ll_combine_recv(b->group, l.handle, b->stream)); },
     };
     double us[4];
     bench_time_phases(b, 4, phases, us);
@@ -777,12 +849,97 @@ void family_ll(bench_t* b) {
              b->num_nodes, b->ranks_per_node, us[1], us[3], (double)footprint * 1e-9, T, H, E, R);
   }
 
-  ep_ref_ll_dispatch_free(&ref);
-  EP_OK(b->group, ep_ll_handle_destroy(handle));
-  CUDA_OK(cudaFree(recv_x));
-  CUDA_OK(cudaFree(recv_scales));
-  CUDA_OK(cudaFree(recv_count));
-  CUDA_OK(cudaFree(y));
-  CUDA_OK(cudaFree(out));
-  CUDA_OK(cudaFree(weights));
+  ep_ref_ll_dispatch_free(&ex.ref);
+  ll_bufs_free(b, &l);
+}
+
+/* ------------------------------------------------------------------------------------------------------------
+ * ll-mask: the cost of a masked rank (the goal: an LL call with one rank of 4 masked within 10 % of an unmasked
+ * one). On a group with config.mask_failed_ranks (ep_bench.cu creates it so when this family runs): the
+ * ll and ll-send calls with no rank masked (rows ll-nomask, snd-nomask), then with the last rank masked by hand on
+ * every rank, itself included (rows ll-masked, snd-masked), the same routing. The masked calls move less: the
+ * masked rank's share of the traffic is gone (it exchanges with nobody but itself), and each row's bytes count the
+ * pairs it moves. The goal is per call: the ratio lines after the rows give masked / unmasked time per phase.
+ * Then every rank unmasks and cleans (docs/faults.md, "Unmasking"), so the group is whole for what runs next.
+ * ------------------------------------------------------------------------------------------------------------ */
+void family_ll_mask(bench_t* b) {
+  const int R = b->num_ranks, H = b->opt.hidden, E_loc = b->opt.experts / R, me = b->rank, last = R - 1;
+  const int T = b->opt.ll_tokens < b->opt.tokens ? b->opt.ll_tokens : b->opt.tokens;
+  if (R < 2 || T <= 0 || H % 128 != 0) {
+    if (me == 0)
+      fprintf(stderr, "ep_bench: ll-mask rows skipped: need at least 2 ranks, --tokens > 0 and --hidden a multiple "
+                      "of 128\n");
+    return;
+  }
+  const size_t RT = (size_t)R * T;
+  ll_expect_t ex[2]; /* [0]: no rank masked; [1]: rank R-1 masked on every rank */
+  {
+    const std::vector<std::vector<uint16_t>> xs = ll_inputs(b, T);
+    ll_expect_make(b, T, xs, -1, &ex[0]);
+    ll_expect_make(b, T, xs, last, &ex[1]);
+  }
+  ll_bufs_t l;
+  ll_bufs_make(b, T, &l);
+  ep_ll_dispatch_args_t dh = l.da;
+  dh.return_after_send = 1;
+  ep_ll_combine_args_t ch = l.ca;
+  ch.return_after_send = 1;
+  const bench_phase_fn calls[2] = {
+      [&] { EP_OK(b->group, ep_ll_dispatch(b->group, l.handle, &l.da, b->stream)); },
+      [&] { EP_OK(b->group, ep_ll_combine(b->group, l.handle, &l.ca, b->stream)); },
+  };
+  const bench_phase_fn hook_calls[4] = {
+      [&] { EP_OK(b->group, ep_ll_dispatch(b->group, l.handle, &dh, b->stream)); },
+      [&] { EP_OK(b->group, ep_ll_dispatch_recv(b->group, l.handle, b->stream)); },
+      [&] { EP_OK(b->group, ep_ll_combine(b->group, l.handle, &ch, b->stream)); },
+      [&] { EP_OK(b->group, ep_ll_combine_recv(b->group, l.handle, b->stream)); },
+  };
+  static const char* const names[2][2] = {{"ll-nomask", "snd-nomask"}, {"ll-masked", "snd-masked"}};
+  double slowest[2][2][2]; /* [masked][ll, send][dispatch, combine]: slowest rank's median, every rank */
+  int ok[2] = {1, 1};      /* [ll, send]: both rows of the pair validated */
+  for (int masked = 0; masked < 2; ++masked) {
+    const ll_expect_t* e = &ex[masked];
+    /* Every rank's calls before this point have ended (the last row's report synchronised every rank). */
+    if (masked) EP_OK(b->group, ep_group_mask_rank(b->group, last, 1, b->stream));
+    CUDA_OK(cudaMemcpyAsync(l.y, e->y.data(), e->y.size() * 2, cudaMemcpyHostToDevice, b->stream));
+    for (int view = 0; view < 2; ++view) { /* 0: whole calls; 1: send phases (hook), as ll-send */
+      poison(b, l.recv_x, (size_t)E_loc * RT * H);
+      poison(b, l.out, (size_t)T * H * 2);
+      double us[4];
+      bench_time_phases(b, view ? 4 : 2, view ? hook_calls : calls, us);
+      bench_row_t row = bench_row_make(names[masked][view], "fp8");
+      row.tokens = T;
+      row.dispatch_us = us[0];
+      row.combine_us = us[view ? 2 : 1];
+      row.bytes = (double)e->selections * (H + H / 128 * 4 + 16);
+      row.combine_bytes = (double)e->selections * 2 * H;
+      row.validated = 1;
+      row.mismatches = check_ll(b, names[masked][view], e, T, l.recv_count, l.recv_x, l.recv_scales, l.out, 0.0f);
+      const int failed_before = b->failed_rows;
+      bench_report_row(b, &row);
+      ok[view] &= b->failed_rows == failed_before;
+      slowest[masked][view][0] = b->last_dispatch_us;
+      slowest[masked][view][1] = b->last_combine_us;
+    }
+  }
+
+  /* The unmask takes effect at ep_ll_clean, which every rank makes with no LL call in flight anywhere. */
+  CUDA_OK(cudaStreamSynchronize(b->stream));
+  if (harness_barrier(&b->h, "ll-mask unmask") != 0)
+    bench_die(__FILE__, __LINE__, "harness_barrier", "a rank did not reach the unmask", "");
+  EP_OK(b->group, ep_group_mask_rank(b->group, last, 0, b->stream));
+  EP_OK(b->group, ep_ll_clean(b->group, b->stream));
+
+  if (me == 0) {
+    for (int view = 0; view < 2; ++view)
+      printf("ratio %s / %s %dx%d (rank %d of %d masked on every rank): dispatch %5.3f, combine %5.3f "
+             "(slowest-rank median time; goal <= 1.10; pairs moved %ld of %ld)%s\n",
+             names[1][view], names[0][view], b->num_nodes, b->ranks_per_node, last, R,
+             slowest[1][view][0] / slowest[0][view][0], slowest[1][view][1] / slowest[0][view][1], ex[1].all_selections,
+             ex[0].all_selections, ok[view] ? "" : " [a row failed its check]");
+    fflush(stdout);
+  }
+  ll_bufs_free(b, &l);
+  ep_ref_ll_dispatch_free(&ex[0].ref);
+  ep_ref_ll_dispatch_free(&ex[1].ref);
 }

@@ -29,7 +29,7 @@
 
 #include <ep.h>
 
-enum { kTokens = 64, kHidden = 1024, kTopk = 4, kExperts = 16, kWaitSeconds = 120 };
+enum { kTokens = 64, kHidden = 1024, kTopk = 4, kExpertsPerRank = 8, kWaitSeconds = 120 };
 
 #define TRY(call)                                                                                 \
   do {                                                                                            \
@@ -145,7 +145,8 @@ int main(int argc, char** argv) {
   const int device = rank % devices;
   ep_group_t group = NULL;
   ep_group_config_t config = EP_GROUP_CONFIG_INIT;
-  config.num_experts = kExperts;
+  const int num_experts = kExpertsPerRank * num_ranks;
+  config.num_experts = num_experts;
   config.hidden = kHidden;
   config.max_tokens_per_rank = kTokens;
   config.max_topk = kTopk;
@@ -171,7 +172,7 @@ int main(int argc, char** argv) {
       int64_t e;
       int dup;
       do {
-        e = (int64_t)(next_random(&seed) % kExperts);
+        e = (int64_t)(next_random(&seed) % (uint64_t)num_experts);
         dup = 0;
         for (int j = 0; j < k; ++j) dup |= idx[t * kTopk + j] == e;
       } while (dup);
@@ -195,7 +196,7 @@ int main(int argc, char** argv) {
   pa.topk_idx = d_idx;
   pa.num_tokens = kTokens;
   pa.num_topk = kTopk;
-  pa.num_experts = kExperts;
+  pa.num_experts = num_experts;
   pa.num_recv_tokens = &num_recv;
   TRY(ep_dispatch_prepare(group, handle, &pa, stream));
 
@@ -222,12 +223,11 @@ int main(int argc, char** argv) {
   /* 5. Check every channel: out[t][c] = x[t][c] * (number of ranks token t went to). */
   CUDA_TRY(cudaMemcpy(out, d_out, sizeof(uint16_t) * kTokens * kHidden, cudaMemcpyDeviceToHost));
   int bad_tokens = 0;
-  const int experts_per_rank = kExperts / num_ranks;
   for (int t = 0; t < kTokens; ++t) {
     int ranks = 0;
     for (int r = 0; r < num_ranks; ++r) {
       int hit = 0;
-      for (int k = 0; k < kTopk; ++k) hit |= idx[t * kTopk + k] / experts_per_rank == r;
+      for (int k = 0; k < kTopk; ++k) hit |= idx[t * kTopk + k] / kExpertsPerRank == r;
       ranks += hit;
     }
     int bad_channels = 0, first_bad = -1;

@@ -187,18 +187,55 @@ enum WaitResult { kWaitReady = 0, kWaitMasked = 1, kWaitFault = 2 };
 // mask of it (its own timeout) ends the wait within 1024 spins, and this wait's own timeout masks the peer
 // (atomicExch) instead of failing the group. Without a mask it is wait_until. kWaitMasked: take the peer as having
 // sent nothing. kWaitFault: a fatal fault (recorded here or published by a peer); the caller stops.
+//
+// Liveness: a live peer may be late because it waits itself, on a rank that died (a normal call waits on a rank
+// only where it exchanges rows with it, so one survivor can be a budget late for another). Masking it would cut the
+// group in two. So every check of this wait (each 1024 spins) stores the time into this rank's heartbeat word
+// (EP_HEARTBEAT_OFFSET), and a wait whose budget ran out first reads the peer's heartbeat through its NVLink mapping:
+// if it moved since the wait's first check, the peer is alive and waiting, and the budget starts again, up to
+// num_ranks budgets in all (a chain of waits spans at most num_ranks - 1 ranks; two live ranks that wait on each
+// other, which only a misuse makes, still end). A dead rank's heartbeat stands still. A peer without an NVLink
+// mapping (or a group without a workspace yet) is masked when the budget runs out, as without the heartbeat.
 template <typename Poll>
 __device__ __forceinline__ WaitResult wait_or_mask(Poll poll, unsigned long long timeout_ns, ep_device_error_t* err,
                                                    int32_t* mask, int rank, int peer, int site) {
   if (mask == nullptr) return wait_until(poll, timeout_ns, err, rank, peer, site) ? kWaitReady : kWaitFault;
   if (rank_masked(mask, rank, peer)) return kWaitMasked;
-  unsigned long long start = global_timer_ns();
+  const unsigned long long began = global_timer_ns();
+  unsigned long long start = began, budgets = 1;
+  volatile unsigned long long* my_beat = nullptr;  // set at the first check: the error word is in host memory
+  volatile const unsigned long long* peer_beat = nullptr;
+  unsigned long long peer_seen = 0;
   uint32_t spins = 0;
   while (!poll()) {
     if ((++spins & 1023u) == 0) {
       if (has_fault(err, rank)) return kWaitFault;
       if (rank_masked(mask, rank, peer)) return kWaitMasked;
-      if (global_timer_ns() - start > timeout_ns) {
+      const unsigned long long now = global_timer_ns();
+      if (spins == 1024u) {
+        char* mine = *(char* volatile const*)&err->group_fault;
+        if (mine != nullptr) {
+          const int num_ranks = *(volatile const int*)&err->num_ranks;
+          const size_t offset = EP_HEARTBEAT_OFFSET(num_ranks);
+          char* theirs = (char*)err->peer_bases[peer];
+          my_beat = (volatile unsigned long long*)(mine + offset);
+          if (theirs != nullptr) {
+            peer_beat = (volatile const unsigned long long*)(theirs + offset);
+            peer_seen = *peer_beat;
+            budgets = (unsigned long long)num_ranks;
+          }
+        }
+      }
+      if (my_beat != nullptr) *my_beat = now;
+      if (now - start > timeout_ns) {
+        if (peer_beat != nullptr && now - began < budgets * timeout_ns) {
+          const unsigned long long beat = *peer_beat;
+          if (beat != peer_seen) {  // alive and waiting: another budget
+            peer_seen = beat;
+            start = now;
+            continue;
+          }
+        }
         atomicExch(mask + peer, 1);
         return kWaitMasked;
       }

@@ -99,9 +99,12 @@ typedef struct ep_device_error {
   (((unsigned long long)(code)&0xffull) | (((unsigned long long)(site)&0xffull) << 8) | \
    (((unsigned long long)(origin)&0xffffull) << 16) | (((unsigned long long)((peer) + 1) & 0xffffull) << 32))
 /* The group's control words at the start of its workspace: the group fault word, then the signals of the bounded
- * barrier (ep_launch_barrier) [num_ranks]; ep_group_check's blocks follow. */
+ * barrier (ep_launch_barrier) [num_ranks], then the rank's heartbeat (a 64-bit word that its waits on the rank mask
+ * keep moving, so that a peer tells a rank that waits from a dead one: wait_or_mask, common.cuh); ep_group_check's
+ * blocks follow. */
 #define EP_BARRIER_SIGNALS_OFFSET 8
-#define EP_CONTROL_BYTES(num_ranks) (128 * ((8 + 8 * (size_t)(num_ranks) + 127) / 128))
+#define EP_HEARTBEAT_OFFSET(num_ranks) (EP_BARRIER_SIGNALS_OFFSET + 8 * (size_t)(num_ranks))
+#define EP_CONTROL_BYTES(num_ranks) (128 * ((EP_HEARTBEAT_OFFSET(num_ranks) + 8 + 127) / 128))
 #define EP_GROUP_FAULT_CODE(word) ((int)((word)&0xff))
 #define EP_GROUP_FAULT_SITE(word) ((int)(((word) >> 8) & 0xff))
 #define EP_GROUP_FAULT_ORIGIN(word) ((int)(((word) >> 16) & 0xffff))

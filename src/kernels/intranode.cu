@@ -46,11 +46,13 @@ __device__ const char* const kIntraProfCombine[] = {"intra-combine", "acks", "pu
 // kMask (the group's rank mask): a masked rank d is dropped, as if no token's top-k named its experts and it had no
 // tokens: block d lists nothing for it, publishes nothing to it, waits for nothing from it and acknowledges nothing
 // to it; the last block zeroes its row and column of the counts. A wait on d that runs out of time masks d (and so
-// drops it, the rows listed for it in this round included).
+// drops it, the rows listed for it in this round included). Block d alone decides whether d is dropped (it is
+// dropped from the round in which block d finds it masked, and then from the whole call); a rank masked by another
+// block after block d took all of its counts and lists stays in the counts, as a rank masked after the prepare.
 // ---------------------------------------------------------------------------------------------------------------
 template <bool kMask>
 __global__ void __launch_bounds__(kPrepareThreads) prepare_kernel(ep_intranode_launch_t p) {
-  extern __shared__ int s_expert[];  // [E_loc]: my tokens per local expert of rank d
+  extern __shared__ int s_expert[];  // [E_loc]: my tokens per local expert of rank d; kMask: then [E_loc] s_from
   __shared__ int s_warp_count[kPrepareThreads / 32];
   __shared__ int s_failed, s_rounds;
   __shared__ int s_drop;  // kMask: rank d is masked in this round (one value for the block)
@@ -64,7 +66,11 @@ __global__ void __launch_bounds__(kPrepareThreads) prepare_kernel(ep_intranode_l
   char* peer = peer_normal(p, d);
   int* send_list = at<int>(mine, L.send_list) + (size_t)d * C;
   int* round_rows = p.handle.round_rows;
+  // kMask: rank d's tokens per local expert of mine, summed over the rounds, added to expert_sum once the block
+  // knows that d is not dropped (so that the expert counts never count rows that the offsets leave out).
+  int* s_from = s_expert + E_loc;
   if (tid == 0) s_rounds = 1;
+  for (int e = tid; kMask && e < E_loc; e += blockDim.x) s_from[e] = 0;
   __syncthreads();
 
   for (int k = 0; k < s_rounds; ++k) {
@@ -143,8 +149,11 @@ __global__ void __launch_bounds__(kPrepareThreads) prepare_kernel(ep_intranode_l
       st_release_sys_u64(at<uint64_t>(peer, L.expert_counts) + (size_t)me * E_loc + e, tag(epoch, s_expert[e]));
 
     // Round 0: the call takes as many rounds as the rank with the most tokens needs (at least one). A region that
-    // holds every token of any call (sized from the hints) always takes one, without this wait.
-    if (k == 0 && L.max_rounds > 1 && tid < R) {
+    // holds every token of any call (sized from the hints) always takes one, without this wait. With the mask,
+    // block 0 alone decides and the others take its answer (state->call_rounds, reset by the last block): blocks
+    // that each waited could disagree, one taking a rank's count, one finding the rank masked (by another block's
+    // timeout) before it looked, and they would then run different numbers of rounds.
+    if (k == 0 && L.max_rounds > 1 && (!kMask || d == 0) && tid < R) {
       const uint64_t* their_tokens = at<uint64_t>(mine, L.count_matrix) + (size_t)tid * (R + 1) + R;
       uint64_t v = 0;
       const WaitResult w =
@@ -152,6 +161,24 @@ __global__ void __launch_bounds__(kPrepareThreads) prepare_kernel(ep_intranode_l
                            p.group.error, p.group.mask, me, tid, EP_SITE_PREPARE_COUNTS);
       if (w == kWaitFault) s_failed = 1;
       else if (!kMask || w == kWaitReady) atomicMax(&s_rounds, (untag(v) + C - 1) / C);  // masked: no tokens
+    }
+    if (kMask && k == 0 && L.max_rounds > 1 && warp == 0) {  // tid < R <= 8: warp 0 holds the waiters
+      __syncwarp();
+      volatile unsigned int* decided = &p.group.state->call_rounds;
+      if (d == 0 && lane == 0 && !s_failed) {
+        __threadfence();
+        *decided = (unsigned int)s_rounds;
+      } else if (d != 0 && lane == 0) {
+        uint32_t spins = 0;
+        unsigned int r = 0;
+        while ((r = *decided) == 0) {  // block 0's waits are bounded; if it failed, the group has a fatal fault
+          if ((++spins & 1023u) == 0 && has_fault(p.group.error, me)) {
+            s_failed = 1;
+            break;
+          }
+        }
+        if (r != 0) s_rounds = (int)r;
+      }
     }
 
     // Source role: rank d's counts row (summed over the rounds), its list for me, its per-expert counts for me.
@@ -178,6 +205,7 @@ __global__ void __launch_bounds__(kPrepareThreads) prepare_kernel(ep_intranode_l
                            p.group.error, p.group.mask, me, d, EP_SITE_PREPARE_COUNTS);
       if (w == kWaitFault) s_failed = 1;
       else if (kMask && w == kWaitMasked) s_drop = 1;
+      else if (kMask) s_from[e] += untag(v);
       else atomicAdd(&p.group.expert_sum[e], untag(v));
     }
     __syncthreads();
@@ -209,11 +237,17 @@ __global__ void __launch_bounds__(kPrepareThreads) prepare_kernel(ep_intranode_l
     }
   }
 
+  if constexpr (kMask) {  // s_drop: d was dropped (in the last round, so in every round since the first drop)
+    for (int e = tid; !s_drop && e < E_loc; e += blockDim.x)
+      if (s_from[e] != 0) atomicAdd(&p.group.expert_sum[e], s_from[e]);
+    if (tid == 0 && s_drop) p.handle.recv_taken[d] = -1;  // the block's verdict, for the last block
+  }
+
   // The last block turns the counts into offsets and totals, and the per-round counts into the round table.
   if (!arrive_last(&p.group.state->prepare_done)) return;
   const int rounds = s_rounds;
-  if constexpr (kMask) {  // a masked rank m sends and receives nothing: its row and column of the counts are 0
-    if (tid < R && rank_masked(p.group.mask, me, tid)) {
+  if constexpr (kMask) {  // a dropped rank m sends and receives nothing: its row and column of the counts are 0
+    if (tid < R && p.handle.recv_taken[tid] < 0) {
       for (int s = 0; s < R; ++s) p.handle.matrix[s * R + tid] = p.handle.matrix[tid * R + s] = 0;
       p.handle.num_tokens_of[tid] = 0;
       for (int k = 0; k < rounds; ++k) round_rows[(size_t)k * (2 * R + 1) + R + 1 + tid] = 0;
@@ -266,6 +300,7 @@ __global__ void __launch_bounds__(kPrepareThreads) prepare_kernel(ep_intranode_l
   __syncthreads();
   if (tid == 0) {
     p.group.state->prepare_done = 0;
+    if (kMask) p.group.state->call_rounds = 0;
     p.group.state->prepare_epoch = first_epoch + rounds - 1;
   }
 }
@@ -574,7 +609,7 @@ __global__ void __launch_bounds__(kCombineThreads, 1) combine_kernel(ep_intranod
 // Each kernel comes in two forms: with the group's rank mask (kMask) and without, whose code is the path's before
 // the mask existed: a group without the mask pays nothing for it.
 extern "C" cudaError_t ep_launch_intranode_prepare(const ep_intranode_launch_t* p, cudaStream_t stream) {
-  const size_t smem = sizeof(int) * (size_t)(p->call.num_experts / p->group.num_ranks);
+  const size_t smem = sizeof(int) * (size_t)(p->call.num_experts / p->group.num_ranks) * (p->group.mask ? 2 : 1);
   auto kernel = p->group.mask ? ep::prepare_kernel<true> : ep::prepare_kernel<false>;
   if (smem > 48 * 1024) {
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);

@@ -69,7 +69,7 @@ cudaError_t ep_launch_check(const ep_check_launch_t* p, cudaStream_t stream);
 typedef struct ep_normal_state {
   unsigned long long prepare_epoch, dispatch_epoch, combine_epoch; /* completed calls */
   unsigned int prepare_done, dispatch_done, combine_done;          /* blocks finished in the running call */
-  unsigned int pad;
+  unsigned int call_rounds; /* the running prepare's rounds once block 0 decided them (rank mask only), else 0 */
 } ep_normal_state_t;
 
 /* What the normal path's kernels take from the group: the same for every call. */

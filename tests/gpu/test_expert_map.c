@@ -291,9 +291,10 @@ static void normal_round(ctx_t* c, uint64_t seed) {
 
   ep_handle_t handle = NULL;
   EP_CHECK(c, ep_handle_create(c->g, &handle));
-  int num_recv = -1;
+  int num_recv = -1, counts[E_LOC];
+  memset(counts, 0xA5, sizeof(counts));
   bufs_poison_counts(&b, &w, c->s);
-  ep_dispatch_prepare_args_t p = prepare_args(&w, c->me, &b, 1, &num_recv, NULL, 0);
+  ep_dispatch_prepare_args_t p = prepare_args(&w, c->me, &b, 1, &num_recv, counts, 0);
   EP_CHECK(c, ep_dispatch_prepare(c->g, handle, &p, c->s));
   const int got_num_recv = num_recv;
   if (num_recv < 0 || num_recv > c->R * 64) num_recv = e.disp.recv[c->me].num_recv;
@@ -306,7 +307,7 @@ static void normal_round(ctx_t* c, uint64_t seed) {
   EP_CHECK(c, ep_combine(c->g, handle, &cb, c->s));
   CUDA_CHECK(cudaStreamSynchronize(c->s));
   const int before = g_check_failures;
-  check_dispatch("mapped", &w, &e.disp.recv[c->me], &b, &got_num_recv, NULL, 0);
+  check_dispatch("mapped", &w, &e.disp.recv[c->me], &b, &got_num_recv, counts, 0);
   check_combine("mapped", &w, c->me, &e, &b, &k_exact);
   CHECK_ASYNC_CLEAN(c, "the normal round of mapped ids");
   bad += g_check_failures - before;

@@ -18,6 +18,14 @@
  *                   before the others' dispatch (combine); their calls succeed within the budget plus a slack, the
  *                   combine is the reference's with R-1's experts dropped, the dispatch's rows from R-1 are empty
  *                   (source -1), the mask reads {R-1}, and 100 masked cases after it are right.
+ *   normal-partition-death
+ *                   normal-dispatch-death with routing in which rank 1 exchanges no row with R-1 (neither way) while
+ *                   rank 0 has rows from R-1, and rank 0 starts its dispatch PARTITION_DELAY_S late: rank 0 waits a
+ *                   budget on the dead R-1 while rank 1, done with its dispatch, waits in its combine on rank 0 from
+ *                   before rank 0's wait began. No survivor may mask another (after the calls no survivor's mask
+ *                   holds a survivor, and rank 0's holds R-1; after the 100 cases every mask reads {R-1}), and the
+ *                   calls and the cases are right. The delay makes certain the order that the race of the
+ *                   starts gives at random; rank 0 is late by less than a budget, which alone never masks it.
  *   no-mask-death   a group without the mask: the same death as dispatch-death is the fatal fault of docs/faults.md
  *                   (EP_STATUS_TIMEOUT or EP_STATUS_PEER_FAILED), then ep_group_abort.
  * The death modes run under `ep_launch -k R-1` (tests/gpu/masking.sh runs all six). Every survivor prints
@@ -27,6 +35,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "common/check.h"
 #include "gpu/harness.h"
@@ -38,6 +47,7 @@
 #define HAND_BUDGET_S 10.0 /* of the hand mode, where no wait runs out: a rank late by a moment is not masked */
 #define SLACK_S 2.0        /* a call's outcome may come this long after the budget */
 #define ROUNDS_AFTER_DEATH 100
+#define PARTITION_DELAY_S 0.25 /* normal-partition-death: rank 0 starts its dispatch this late */
 
 static const ll_shape_t k_shape = {
     .T = 32, .hidden = 2048, .topk = 4, .experts = 0, .fp8 = 0, .hook = 0, .neg = 5, .zero_rank = -1};
@@ -146,6 +156,22 @@ static void check_mask(ctx_t* c, const char* when) {
   int32_t* got = download(c->mask_dev, (size_t)R * 4);
   for (int r = 0; r < R; ++r)
     CHECK(got[r] == c->masked[r], "rank %d, %s: mask[%d] = %d, want %d", c->h->rank, when, r, got[r], c->masked[r]);
+  free(got);
+}
+
+/* normal-partition-death, after the calls of the death: no survivor is masked, and R-1 is, except on rank 1, which
+ * has not waited on it yet (it masks R-1 at its next wait on it, in the cases after). */
+static void check_no_survivor_masked(ctx_t* c) {
+  const int R = c->h->num_ranks, me = c->h->rank, last = R - 1;
+  if (!EP_CHECK(c, ep_group_get_rank_mask(c->g, c->mask_dev, c->s))) return;
+  CUDA_CHECK(cudaStreamSynchronize(c->s));
+  int32_t* got = download(c->mask_dev, (size_t)R * 4);
+  for (int r = 0; r < last; ++r)
+    CHECK(got[r] == 0, "rank %d: survivor %d is masked (mask[%d] = %d): the survivors split", me, r, r, got[r]);
+  CHECK(me == 1 || got[last] == 1, "rank %d: mask[%d] = %d after the death, want 1", me, last, got[last]);
+  printf("masking normal-partition-death rank %d: mask after the death calls:", me);
+  for (int r = 0; r < R; ++r) printf(" %d", got[r]);
+  printf("\n");
   free(got);
 }
 
@@ -326,7 +352,14 @@ static void run_hand(ctx_t* c, uint64_t seed) {
 }
 
 /* ---- the death modes ---- */
-enum death { DEATH_BEFORE_DISPATCH, DEATH_BEFORE_COMBINE, DEATH_NO_MASK, DEATH_NORMAL_DISPATCH, DEATH_NORMAL_COMBINE };
+enum death {
+  DEATH_BEFORE_DISPATCH,
+  DEATH_BEFORE_COMBINE,
+  DEATH_NO_MASK,
+  DEATH_NORMAL_DISPATCH,
+  DEATH_NORMAL_COMBINE,
+  DEATH_NORMAL_PARTITION
+};
 
 static void die_now(void) {
   fflush(stdout);
@@ -439,13 +472,33 @@ static int within_rounding(const world_t* w, const expect_t* e, size_t i, float 
 }
 static const combine_rule_t k_rounding = {within_rounding, "within a bf16 rounding"};
 
-/* The normal path: R-1 dies after a prepare (and, before_combine, a dispatch) it took part in. */
-static void run_normal_death(ctx_t* c, uint64_t seed, int before_combine, const char* name) {
+/* normal-partition-death's routing: rank 1 sends nothing to `last` and receives nothing from it; rank 0 receives
+ * from it (its first token names rank 0's first expert unless it names one of rank 0's already). */
+static void isolate_rank1(world_t* w, int last) {
+  const int K = w->topk, E_loc = w->num_experts / w->R;
+  for (int t = 0; t < w->num_tokens[1]; ++t)
+    for (int j = 0; j < K; ++j)
+      if (w->idx[1][(size_t)t * K + j] / E_loc == last) w->idx[1][(size_t)t * K + j] = -1;
+  for (int t = 0; t < w->num_tokens[last]; ++t)
+    for (int j = 0; j < K; ++j)
+      if (w->idx[last][(size_t)t * K + j] / E_loc == 1) w->idx[last][(size_t)t * K + j] = -1;
+  int to_rank0 = 0;
+  for (int j = 0; j < K; ++j) to_rank0 |= w->idx[last][j] >= 0 && w->idx[last][j] / E_loc == 0;
+  if (!to_rank0) w->idx[last][0] = 0;
+}
+
+/* The normal path: R-1 dies after a prepare (and, before_combine, a dispatch) it took part in; `partition`: with
+ * isolate_rank1's routing and rank 0 late (normal-partition-death). */
+static void run_normal_death(ctx_t* c, uint64_t seed, int before_combine, int partition, const char* name) {
   const int R = c->h->num_ranks, me = c->h->rank, last = R - 1;
   const case_t k = {48, VARY_NONE, k_shape.hidden, 4, 0, TOPK_IDX_WEIGHTS, ROUTE_RANDOM, 1, 8, 1, 0, 0};
   CHECK(normal_masked_cases(c, 0, 2) == 0, "rank %d: normal cases before the death", me);
   world_t w;
   world_build(&w, &k, R, 8 * R, seed + 7, seed + 7, 1);
+  if (partition) {
+    CHECK(R >= 3 && w.num_tokens[last] > 0, "rank %d: %s needs 3 ranks and tokens on rank %d", me, name, last);
+    isolate_rank1(&w, last);
+  }
   bufs_t b;
   bufs_alloc_inputs(&b, &w, me);
   bufs_upload_inputs(&b, &w, me, NULL, NULL);
@@ -460,6 +513,10 @@ static void run_normal_death(ctx_t* c, uint64_t seed, int before_combine, const 
   if (before_combine) (void)call_ok(c, ep_dispatch(c->g, c->handle, &da, c->s), "normal dispatch before the death");
   sync_then_maybe_die(c, name);
   const double t_death = now_s();
+  if (partition && me == 0) {
+    const struct timespec late = {0, (long)(PARTITION_DELAY_S * 1e9)};
+    nanosleep(&late, NULL);
+  }
   long bad = 0;
   if (!before_combine)
     bad += call_ok(c, ep_dispatch(c->g, c->handle, &da, c->s), "normal dispatch after the death") ? 0 : 1;
@@ -467,7 +524,8 @@ static void run_normal_death(ctx_t* c, uint64_t seed, int before_combine, const 
   bad += call_ok(c, ep_combine(c->g, c->handle, &ca, c->s), "normal combine after the death") ? 0 : 1;
   const double t_call = now_s() - t_death;
   c->masked[last] = 1;
-  check_mask(c, "after the death");
+  if (partition) check_no_survivor_masked(c);
+  else check_mask(c, "after the death");
   int64_t* orig[MAX_RANKS];
   world_drop_masked(&w, c->masked, orig);
   expect_t e;
@@ -529,9 +587,10 @@ int main(int argc, char** argv) {
   else if (strcmp(mode, "no-mask-death") == 0) death = DEATH_NO_MASK;
   else if (strcmp(mode, "normal-dispatch-death") == 0) death = DEATH_NORMAL_DISPATCH;
   else if (strcmp(mode, "normal-combine-death") == 0) death = DEATH_NORMAL_COMBINE;
+  else if (strcmp(mode, "normal-partition-death") == 0) death = DEATH_NORMAL_PARTITION;
   else if (strcmp(mode, "hand") != 0) {
     fprintf(stderr, "usage: test_masking [hand|dispatch-death|combine-death|no-mask-death|normal-dispatch-death|"
-                    "normal-combine-death]\n");
+                    "normal-combine-death|normal-partition-death]\n");
     return TEST_FAIL;
   }
   harness_t h;
@@ -552,8 +611,8 @@ int main(int argc, char** argv) {
     ep_handle_destroy(c.handle);
     ll_bufs_free(&c.b);
     CHECK(ep_group_destroy(c.g) == EP_STATUS_SUCCESS, "ep_group_destroy: %s", ep_last_error(NULL));
-  } else if (death == DEATH_NORMAL_DISPATCH || death == DEATH_NORMAL_COMBINE) {
-    run_normal_death(&c, seed, death == DEATH_NORMAL_COMBINE, mode);
+  } else if (death == DEATH_NORMAL_DISPATCH || death == DEATH_NORMAL_COMBINE || death == DEATH_NORMAL_PARTITION) {
+    run_normal_death(&c, seed, death == DEATH_NORMAL_COMBINE, death == DEATH_NORMAL_PARTITION, mode);
   } else {
     if (c.handle) ep_handle_destroy(c.handle);
     c.handle = NULL;
