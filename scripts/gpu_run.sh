@@ -3,7 +3,9 @@
 # keep full logs under $OUT (or ./gpu-out), and print a short summary last. The bench step also runs
 # bench/ll_kernel_time.py where PyTorch is installed.
 #   scripts/gpu_run.sh [tests|bench|sanitize|faults|compat|all] [extra ep_bench args...]
-# `sanitize` runs the small GPU cases under compute-sanitizer (memcheck; racecheck for the layout and LL kernels).
+# `sanitize` runs the small GPU cases under compute-sanitizer (memcheck; racecheck for the layout and LL kernels);
+# EP_SANITIZE_RUNS picks runs ("TOOL:TEST ...", e.g. "memcheck:test_low_latency"), EP_SANITIZE_TIMEOUT (s, default
+# 600) bounds each: memcheck slows the LL test past 150 s on one H100.
 # `faults` runs the fault matrix at 2 and 4 ranks sharing the GPU (EP_FM_RANKS), the 1,000-iteration soak at 2 and
 # the rank mask's modes at 4 (tests/gpu/masking.sh; docs/faults.md). `compat` runs DeepEP V1's test scripts
 # (EP_DEEPEP_TESTS: their folder) and Megatron-Core's fused_a2a (EP_MEGATRON_WHEEL: a megatron-core wheel) on ep at
@@ -41,13 +43,15 @@ if [[ $what == sanitize ]]; then
   # On 2 ranks (1 on a one-GPU machine: every peer is then this rank itself, and the internode test skips). API
   # errors are not counted: NCCL, inside NVSHMEM's init, probes kernel images that this GPU lacks (error 209).
   n=$(( num_gpus < 2 ? 1 : 2 ))
-  for run in "memcheck test_layout" "racecheck test_layout" "memcheck test_intranode" "memcheck test_low_latency" \
-             "racecheck test_low_latency" "memcheck test_internode"; do
-    set -- $run
-    EP_TEST_SMALL=1 build/bin/ep_launch -n $n -t 150 -q -l "$out/san-$2-$1" -- \
+  runs=${EP_SANITIZE_RUNS:-memcheck:test_layout racecheck:test_layout memcheck:test_intranode \
+memcheck:test_low_latency racecheck:test_low_latency memcheck:test_internode}
+  for run in $runs; do
+    set -- ${run/:/ }
+    EP_TEST_SMALL=1 build/bin/ep_launch -n $n -t "${EP_SANITIZE_TIMEOUT:-600}" -q -l "$out/san-$2-$1" -- \
       compute-sanitizer --tool "$1" --report-api-errors no --error-exitcode 9 "build/tests/gpu/$2" \
       > "$out/san-$2-$1.log" 2>&1
-    rc=$?; summary+=("compute-sanitizer $1 $2 (-n $n): exit $rc")
+    rc=$?; verdict="exit $rc"; [[ $rc -eq 77 ]] && verdict="skipped (exit 77: needs more ranks)"
+    summary+=("compute-sanitizer $1 $2 (-n $n): $verdict")
     grep -m3 -E "ERROR SUMMARY|Invalid|Race|SKIP" "$out/san-$2-$1.log"
   done
 fi
