@@ -37,7 +37,6 @@ except ImportError:  # run from a checkout: use <repo>/python
     import ep
 
 KERNELS = ("dispatch_send", "dispatch_recv", "combine_send", "combine_recv")
-FUSED = ("dispatch_fused", "combine_fused")  # a call without the hook, unless built with -DEP_LL_FUSED=0
 
 
 def routing(gen, T, E, K, dev):
@@ -46,27 +45,34 @@ def routing(gen, T, E, K, dev):
     return torch.topk(scores, K, dim=-1, sorted=False).indices.to(torch.int64)
 
 
-# The kernels are templates over the call: ep::ll::{send,recv,fused}_kernel<(ep::ll::Call)N>, N = 0 dispatch,
-# 1 combine, 2 combine with sums on the experts' ranks.
-LL_KERNEL = re.compile(r"ep::ll::(send|recv|fused)_kernel<\(ep::ll::Call\)([012])>")
-
-
-def kernel_name(demangled):
-    """The short name ("dispatch_send" .. "combine_fused") of an ep LL kernel's demangled name, else None."""
-    m = LL_KERNEL.search(demangled)
-    return f"{('dispatch', 'combine', 'combine')[int(m.group(2))]}_{m.group(1)}" if m else None
+# One kernel symbol per call, whichever phases a launch runs: ep::ll::dispatch_kernel and ep::ll::combine_kernel<...>
+# (src/kernels/low_latency.cu). A call is one launch (fused) or two of its symbol, the send phase first.
+LL_KERNEL = re.compile(r"ep::ll::(dispatch|combine)_kernel\b")
 
 
 def kernel_records(prof):
-    """[(name, start_us, end_us)] of this process's ep LL kernels, in start order."""
+    """[(call, start_us, end_us)] of this process's ep LL kernels ("dispatch" or "combine"), in start order."""
     out = []
     for e in prof.events():
         if e.device_type != torch.autograd.DeviceType.CUDA:
             continue
-        name = kernel_name(e.name)
-        if name:
-            out.append((name, e.time_range.start, e.time_range.end))
+        m = LL_KERNEL.search(e.name)
+        if m:
+            out.append((m.group(1), e.time_range.start, e.time_range.end))
     return sorted(out, key=lambda r: r[1])
+
+
+def label(records, fused):
+    """[(name, start_us, end_us)]: "<call>_fused" where a call is one launch, else "<call>_send" and "<call>_recv"
+    in turn (a call's two launches)."""
+    out, sent = [], set()
+    for call, s, e in records:
+        if fused:
+            out.append((call + "_fused", s, e))
+            continue
+        out.append((call + ("_recv" if call in sent else "_send"), s, e))
+        sent ^= {call}
+    return out
 
 
 def spans(records, first, last, fused):
@@ -149,13 +155,14 @@ def worker(rank, world, init_method, args, results):
                 hook()
             torch.cuda.synchronize()
         rec = kernel_records(prof)
-        fused = any(n in FUSED for n, _, _ in rec)
-        want = (6 if fused else 8) * args.iters  # no-hook calls: 1 kernel each (fused) or 2; hook calls: 2 each
+        fused = len(rec) == 6 * args.iters  # no-hook calls: 1 kernel each (fused) or 2; hook calls: 2 each
+        want = (6 if fused else 8) * args.iters
         if len(rec) != want:
             names = sorted({e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA})
             print(f"rank {rank}: found {len(rec)} ep LL kernel records, expected {want}; GPU events seen: "
                   f"{names[:12]}", flush=True)
         split = max(0, len(rec) - 4 * args.iters)  # the no-hook calls first, then the hook calls' 4 kernels each
+        rec = label(rec[:split], fused) + label(rec[split:], False)
         d_call = spans(rec[:split], "dispatch_send", "dispatch_recv", "dispatch_fused")
         c_call = spans(rec[:split], "combine_send", "combine_recv", "combine_fused")
         alone = {k: [e - s for n, s, e in rec[split:] if n == k] for k in KERNELS}
