@@ -42,9 +42,10 @@ Code written against `deep_ep.Buffer` runs with `import ep as deep_ep`, with the
 * Redundant experts (ep's own): `map_experts(topk_idx, expert_map)` turns a router's logical top-k into physical
   expert slots, one live copy each (an EPLB placement; with shrink mode, a masked rank's experts are served by
   their copies on the other ranks). It runs on the current stream.
-* Groups of several nodes (`ranks_per_node` < group size) take the internode normal path (docs/internode.md): the
-  same calls and return values; combine rounds each node's partial sum to bf16 before the last hop, as DeepEP
-  does, so it is within bf16 rounding of the fp32 sum rather than bit-identical to the one-node order.
+* Groups of several nodes (`ranks_per_node` < group size; without it, the ranks of each host) take the internode
+  normal path (docs/internode.md): the same calls and return values; combine rounds each node's partial sum to
+  bf16 before the last hop, as DeepEP does, so it is within bf16 rounding of the fp32 sum rather than bit-identical
+  to the one-node order.
 
 PyTorch is imported when a Buffer is made, not when `ep` is imported. Bounds that the library enforces too (the
 largest top-k, hidden size, SM count, ...) come from the library itself (`ep._capi.limits()`).
@@ -63,6 +64,7 @@ from . import _capi
 from ._checks import flag, int_arg, require_torch
 from ._handles import DeviceViews, DispatchHandle, LowLatencyHandle
 from ._expert_map import ExpertMapPath
+from ._nodes import host_id, ranks_per_node_of
 from ._low_latency import LowLatencyPath
 from ._normal import NormalPath
 from ._streams import EventOverlap
@@ -169,7 +171,7 @@ class Buffer(NormalPath, LowLatencyPath, ExpertMapPath, metaclass=_BufferType):
 
     Buffer(group=None, num_nvl_bytes=0, num_rdma_bytes=0, low_latency_mode=False, num_qps_per_rank=24,
            allow_nvlink_for_low_latency_mode=True, allow_mnnvl=False, explicitly_destroy=False, *,
-           num_experts=256, hidden=7168, max_tokens_per_rank=None, max_topk=8, ranks_per_node=0,
+           num_experts=256, hidden=7168, max_tokens_per_rank=None, max_topk=8, ranks_per_node=None,
            timeout_seconds=20.0, use_fabric=False, enable_shrink=False, ll_max_tokens_per_rank=None, max_sms=0,
            comm=None)
 
@@ -206,7 +208,9 @@ class Buffer(NormalPath, LowLatencyPath, ExpertMapPath, metaclass=_BufferType):
       EP_LL_MAX_TOKENS_PER_RANK (8192); default (None) 128. The group is created here, so this hint, not the
       first call, sizes the LL buffer (with num_rdma_bytes: the handles); a larger call raises ValueError.
     ranks_per_node: ranks per NVLink domain (node), 0 = all; a smaller divisor of the group size makes the
-      normal path run internode (on one host: virtual nodes, for testing).
+      normal path run internode (on one host: virtual nodes, for testing). None (the default, as DeepEP finds its
+      nodes itself): the ranks of each host, from every rank's host name and boot id (one collective exchange);
+      the hosts must hold blocks of consecutive ranks of one size, else ValueError.
     timeout_seconds: budget of every device-side wait on a peer, up to EP_MAX_TIMEOUT_SECONDS (3600); past it the
       next call raises EpError naming the peer (DeepEP: a printf and a trap that kills the process).
     max_sms (ep only, keyword): the most SMs any kernel of this Buffer occupies at once, 0 to EP_MAX_SMS (1024;
@@ -226,7 +230,7 @@ class Buffer(NormalPath, LowLatencyPath, ExpertMapPath, metaclass=_BufferType):
 
     def __init__(self, group=None, num_nvl_bytes=0, num_rdma_bytes=0, low_latency_mode=False, num_qps_per_rank=24,
                  allow_nvlink_for_low_latency_mode=True, allow_mnnvl=False, explicitly_destroy=False, *,
-                 num_experts=256, hidden=7168, max_tokens_per_rank=None, max_topk=8, ranks_per_node=0,
+                 num_experts=256, hidden=7168, max_tokens_per_rank=None, max_topk=8, ranks_per_node=None,
                  timeout_seconds=20.0, use_fabric=False, enable_shrink=False, ll_max_tokens_per_rank=None, max_sms=0,
                  comm=None):
         fn = "Buffer"
@@ -242,7 +246,8 @@ class Buffer(NormalPath, LowLatencyPath, ExpertMapPath, metaclass=_BufferType):
         if max_tokens_per_rank is not None:
             int_arg(fn, "max_tokens_per_rank", max_tokens_per_rank, 1)
         int_arg(fn, "max_topk", max_topk, 1, limits.max_topk)
-        int_arg(fn, "ranks_per_node", ranks_per_node, 0)
+        if ranks_per_node is not None:
+            int_arg(fn, "ranks_per_node", ranks_per_node, 0)
         int_arg(fn, "max_sms", max_sms, 0, limits.max_sms)
         if not isinstance(timeout_seconds, (int, float)) or not 0 < timeout_seconds <= limits.max_timeout_seconds:
             raise ValueError(f"{fn}: timeout_seconds is {timeout_seconds!r}; it must be in "
@@ -276,6 +281,13 @@ class Buffer(NormalPath, LowLatencyPath, ExpertMapPath, metaclass=_BufferType):
                 raise ValueError(f"{fn}: this process is not a member of group")
         if num_experts % size:
             raise ValueError(f"{fn}: num_experts is {num_experts}; it must be a multiple of the group size ({size})")
+        if ranks_per_node is None:
+            if comm is not None:
+                hosts = comm.allgather(host_id())
+            else:
+                hosts = [None] * size
+                dist.all_gather_object(hosts, host_id(), group=group)
+            ranks_per_node = ranks_per_node_of(fn, hosts)
         # DeepEP's byte size: the normal region is a pool of num_nvl_bytes (one node; the internode path has no
         # rounds), and calls run in rounds of what it holds.
         one_node = ranks_per_node in (0, size)

@@ -9,6 +9,8 @@
   * DispatchHandle indexes as DeepEP's handle tuple: the entries ep has, made on first access only (the rank
     prefix entries by one ep_handle_get_rank_prefix call, on the current stream); a clear error for the others.
   * dispatch without topk_idx (DeepEP's rank-mask form): the refusals made before any library call.
+  * a Buffer without ranks_per_node (DeepEP's call) finds its nodes from the ranks' hosts: one host -> 0, hosts of
+    equal blocks of consecutive ranks -> the block size, any other layout -> ValueError asking for ranks_per_node.
 PyTorch is replaced by a stub module that records what is asked of it (no GPU, no PyTorch needed)."""
 
 import importlib.machinery
@@ -388,8 +390,29 @@ def mask_form_checks(ck):
               lambda: b.dispatch(x, is_token_in_rank=in_rank), "num_tokens_per_expert (from get_dispatch_layout)")
 
 
+def node_checks(ck):
+    from ep import _nodes
+    me = _nodes.host_id()
+    ck.check("host_id() is the host name and the boot id", me.split("/")[0] and me.count("/") == 1, me)
+    ck.check("host_id() is the same on every call", _nodes.host_id() == me)
+    of = _nodes.ranks_per_node_of
+    ck.check("one host (8 ranks) -> 0, one node", of("Buffer", ["a"] * 8) == 0)
+    ck.check("one rank -> 0", of("Buffer", ["a"]) == 0)
+    ck.check("2 hosts of 8 consecutive ranks -> 8", of("Buffer", ["a"] * 8 + ["b"] * 8) == 8)
+    ck.check("4 hosts of 2 -> 2", of("Buffer", ["a", "a", "b", "b", "c", "c", "d", "d"]) == 2)
+    ck.check("1 rank per host -> 1", of("Buffer", ["a", "b", "c"]) == 1)
+    for hosts, why in ((["a", "b", "a", "b"], "interleaved ranks"), (["a"] * 3 + ["b"] * 5, "unequal hosts"),
+                       (["a", "a", "b", "b", "a", "a"], "a host in two blocks")):
+        ck.raises(f"{why} -> ValueError naming the layout and ranks_per_node", ValueError,
+                  lambda h=hosts: of("Buffer", h), "Buffer:", "consecutive ranks of one size", "rank 1: ",
+                  "pass ranks_per_node=")
+    ck.raises("the host name is shown without the boot id", ValueError,
+              lambda: of("Buffer", ["h1/boot1", "h2/boot2", "h1/boot1"]), "rank 0: h1, rank 1: h2, rank 2: h1)")
+
+
 def main():
     ck = eptest.Checker()
+    node_checks(ck)
     import_checks(ck)
     tmp = tempfile.mkdtemp(prefix="ep-compat-")
     try:
