@@ -209,8 +209,8 @@ __global__ void __launch_bounds__(kPrepThreads) inter_prepare_kernel(ep_internod
   extern __shared__ int s_expert[];  // [E / N]
   __shared__ int s_warp_count[kPrepThreads / 32];
   __shared__ int s_count[kMaxLocal];
-  __shared__ int s_drop;           // kMask: b is dropped (the block's verdict)
-  __shared__ unsigned s_gone;      // kMask, rail block: local ranks of b's node my tokens do not go to, a bit each
+  __shared__ int s_drop;       // kMask: b is dropped (the block's verdict)
+  __shared__ unsigned s_gone;  // kMask, rail block: local ranks of b's node my tokens do not go to, a bit each
   const ep_normal_region_t& L = p.group.region;
   const ep_internode_region_t& IL = p.inter.region;
   const int b = blockIdx.x, R = p.group.num_ranks, me = p.group.rank, tid = threadIdx.x;
@@ -288,9 +288,8 @@ __global__ void __launch_bounds__(kPrepThreads) inter_prepare_kernel(ep_internod
       if (tid <= P && !s_drop) {
         const int col = tid < P ? my_node * P + tid : R;
         uint64_t v = 0;
-        const WaitResult w =
-            wait_or_mask([&] { return ((v = ld_acquire_sys_u64(their_row + col)) >> 32) >= epoch; },
-                         p.group.timeout_ns, p.group.error, rmask, me, b, EP_SITE_PREPARE_COUNTS);
+        const WaitResult w = wait_or_mask([&] { return ((v = ld_acquire_sys_u64(their_row + col)) >> 32) >= epoch; },
+                                          p.group.timeout_ns, p.group.error, rmask, me, b, EP_SITE_PREPARE_COUNTS);
         ok = w != kWaitFault;
         if (w == kWaitMasked) s_drop = 1;
         else if (ok && col < R) p.handle.matrix[(size_t)b * R + col] = untag(v);
@@ -309,8 +308,8 @@ __global__ void __launch_bounds__(kPrepThreads) inter_prepare_kernel(ep_internod
       if (tid <= P) {
         const int col = tid < P ? my_node * P + tid : R;
         uint64_t v = 0;
-        ok = wait_until([&] { return ((v = ld_acquire_sys_u64(their_row + col)) >> 32) >= epoch; },
-                        p.group.timeout_ns, p.group.error, me, b, EP_SITE_PREPARE_COUNTS);
+        ok = wait_until([&] { return ((v = ld_acquire_sys_u64(their_row + col)) >> 32) >= epoch; }, p.group.timeout_ns,
+                        p.group.error, me, b, EP_SITE_PREPARE_COUNTS);
         if (ok && col < R) p.handle.matrix[(size_t)b * R + col] = untag(v);
         else if (ok) p.handle.num_tokens_of[b] = untag(v);
       }
@@ -342,7 +341,8 @@ __global__ void __launch_bounds__(kPrepThreads) inter_prepare_kernel(ep_internod
   } else {
     const int dn = node_dist(my_node, b_node, N);       // b's node in my arrays (and in my node's ranks' arrays)
     const int back = node_dist(b_node, my_node, N);     // my node in the arrays of b's node
-    if constexpr (kMask) {  // b's forwarder on my node masked: b reaches nothing on my node
+    // kMask: b reaches nothing on my node when b, or its forwarder here, is masked.
+    if constexpr (kMask) {
       if (tid == 0) s_drop = rank_masked(rmask, me, b) || rank_masked(rmask, me, my_node * P + b_local);
       __syncthreads();
     }
@@ -412,19 +412,20 @@ __global__ void __launch_bounds__(kPrepThreads) inter_prepare_kernel(ep_internod
       if (tid == 0) {
         const uint64_t* arrived = at<uint64_t>(imine, IL.meta_arrived) + dn;
         if constexpr (kMask) {
-          const WaitResult w = s_drop ? kWaitMasked
-                                      : wait_or_mask([&] { return tp::signal_load(arrived) >= epoch; },
-                                                     p.group.timeout_ns, p.group.error, rmask, me, b,
-                                                     EP_SITE_PREPARE_META);
+          const WaitResult w = s_drop
+                                   ? kWaitMasked
+                                   : wait_or_mask([&] { return tp::signal_load(arrived) >= epoch; }, p.group.timeout_ns,
+                                                  p.group.error, rmask, me, b, EP_SITE_PREPARE_META);
           relayed = w != kWaitFault;
           if (w == kWaitReady) st_release_sys_u64(at<uint64_t>(imine, IL.meta_ready) + dn, epoch);
           if (w == kWaitMasked) {
             s_drop = 1;
-            if (word_masked(rmask, b)) st_release_sys_u64(at<uint64_t>(imine, IL.meta_ready) + dn, epoch | kSourceMasked);
+            if (word_masked(rmask, b))
+              st_release_sys_u64(at<uint64_t>(imine, IL.meta_ready) + dn, epoch | kSourceMasked);
           }
         } else {
-          relayed = wait_until([&] { return tp::signal_load(arrived) >= epoch; }, p.group.timeout_ns, p.group.error,
-                               me, b, EP_SITE_PREPARE_META);
+          relayed = wait_until([&] { return tp::signal_load(arrived) >= epoch; }, p.group.timeout_ns, p.group.error, me,
+                               b, EP_SITE_PREPARE_META);
           if (relayed) st_release_sys_u64(at<uint64_t>(imine, IL.meta_ready) + dn, epoch);
         }
       }
@@ -695,8 +696,8 @@ __global__ void __launch_bounds__(kDispThreads, 1) inter_dispatch_kernel(ep_inte
   NORMAL_PROF_STAMP(g_inter_prof_dispatch, 0);
 
   // Readers of my stage (my node) and the forwarders' receive regions (other nodes) are done with the last call.
-  if (!wait_last_call_released<kMask>(p, at<uint64_t>(mine, L.dispatch_ack), at<uint64_t>(imine, IL.rdma_free),
-                                      epoch, EP_SITE_DISPATCH_ACK, EP_SITE_RDMA_FREE))
+  if (!wait_last_call_released<kMask>(p, at<uint64_t>(mine, L.dispatch_ack), at<uint64_t>(imine, IL.rdma_free), epoch,
+                                      EP_SITE_DISPATCH_ACK, EP_SITE_RDMA_FREE))
     return;
   NORMAL_PROF_STAMP(g_inter_prof_dispatch, 1);
 
@@ -879,8 +880,8 @@ __global__ void __launch_bounds__(kCombThreads, 1) inter_combine_kernel(ep_inter
 
   // Readers of my y_stage (my node) are done with the last call, and so are the sources of my last partials.
   if (tid <= R) s_offset[tid] = p.handle.recv_offset[tid];  // visible after the waits' block barrier
-  if (!wait_last_call_released<kMask>(p, at<uint64_t>(mine, L.combine_ack), at<uint64_t>(imine, IL.partial_free),
-                                      epoch, EP_SITE_COMBINE_ACK, EP_SITE_PARTIAL_FREE))
+  if (!wait_last_call_released<kMask>(p, at<uint64_t>(mine, L.combine_ack), at<uint64_t>(imine, IL.partial_free), epoch,
+                                      EP_SITE_COMBINE_ACK, EP_SITE_PARTIAL_FREE))
     return;
   NORMAL_PROF_STAMP(g_inter_prof_combine, 1);
 
@@ -983,8 +984,8 @@ __global__ void __launch_bounds__(kCombThreads, 1) inter_combine_kernel(ep_inter
       ref = pos >= 0 ? s_base[lane] + pos : -1;
       if (ref >= 0 && lane != my_local) {
         const WaitResult r =
-            wait_flag_peer<kMask>(p, at<uint64_t>(peer_normal(p, my_node * P + lane), L.y_staged) + ref / kChunk,
-                                  epoch, my_node * P + lane, EP_SITE_COMBINE_STAGED);
+            wait_flag_peer<kMask>(p, at<uint64_t>(peer_normal(p, my_node * P + lane), L.y_staged) + ref / kChunk, epoch,
+                                  my_node * P + lane, EP_SITE_COMBINE_STAGED);
         w = r != kWaitFault;
         if (kMask && r == kWaitMasked) ref = -1;  // its copy is left out of the sum
       }
