@@ -98,15 +98,29 @@ __device__ __forceinline__ WaitResult wait_flag_peer(const ep_internode_launch_t
 
 // kMask, lane 0 of a pulling warp: wait for a chunk of source s's rows, whose `flag` `peer` sets (s itself on my
 // node, else s's forwarder). kWaitMasked: the rows are empty (s or the forwarder is masked, or the forwarder marked
-// the chunk kSourceMasked, which masks s here too). A wait on my own flag (I forward for s) names s.
+// the chunk kSourceMasked, which masks s here too). A wait on my own flag (I forward for s) is no wait on s: my
+// relay's lane waits on s itself (bounded, and it then publishes the chunk or its mark), and may reach this chunk
+// only after a budget spent on a dead source of another node, so my own budget would mask a live s. It follows the
+// relay, ending early only on a fault or once s is masked.
 __device__ __forceinline__ WaitResult wait_chunk_masked(const ep_internode_launch_t& p, const uint64_t* flag,
                                                         uint64_t epoch, int s, int peer, int site) {
   int32_t* mask = p.group.mask;
   const int me = p.group.rank;
   if (rank_masked(mask, me, s)) return kWaitMasked;
   uint64_t v = 0;
-  const WaitResult w = wait_or_mask([&] { return flag_epoch(v = ld_acquire_sys_u64(flag)) >= epoch; },
-                                    p.group.timeout_ns, p.group.error, mask, me, peer == me ? s : peer, site);
+  WaitResult w = kWaitReady;
+  if (peer == me) {
+    uint32_t spins = 0;
+    while (flag_epoch(v = ld_acquire_sys_u64(flag)) < epoch) {
+      if ((++spins & 1023u) == 0) {
+        if (has_fault(p.group.error, me)) return kWaitFault;
+        if (rank_masked(mask, me, s)) return kWaitMasked;
+      }
+    }
+  } else {
+    w = wait_or_mask([&] { return flag_epoch(v = ld_acquire_sys_u64(flag)) >= epoch; }, p.group.timeout_ns,
+                     p.group.error, mask, me, peer, site);
+  }
   if (w != kWaitReady || !(v & kSourceMasked)) return w;
   atomicExch(mask + s, 1);
   return kWaitMasked;
