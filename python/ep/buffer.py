@@ -193,9 +193,10 @@ class Buffer(NormalPath, LowLatencyPath, ExpertMapPath, metaclass=_BufferType):
       peer that runs out of timeout_seconds masks that peer on this rank and the call succeeds without it (its
       experts' top-k entries dropped, 0 rows from it); low_latency_update_mask_buffer / query / clean read and set
       the mask. A Buffer with a masked rank is destroyed on each rank alone (NVSHMEM's shutdown needs every peer).
-      The normal path of one node honours the mask the same way (dispatch / combine with the mask's experts
-      dropped, 0 rows from a masked rank); after an unmask it raises EpError (a new Buffer takes the rank back).
-      The internode normal path is not masked: a timeout there stays an error. False: every timeout is an error.
+      The normal path honours the mask the same way (dispatch / combine with the mask's experts dropped, 0 rows
+      from a masked rank; on several nodes a source whose rail peer on node m is masked also loses node m's
+      experts); after an unmask it raises EpError (a new Buffer takes the rank back). False: every timeout is an
+      error.
     explicitly_destroy: False -> the group is destroyed when the Buffer is garbage-collected or at interpreter
       exit; True -> only `destroy()` does it (recommended: destroy is collective, and a rank that died would
       leave the others waiting at exit).

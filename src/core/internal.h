@@ -64,8 +64,8 @@ struct ep_group {
   bool ll_half_pending[2];           /* a send phase on the half waits for its receive phase */
   unsigned long long ll_cleans;      /* ep_ll_clean calls so far: a clean abandons every pending receive phase */
   bool ll_clean_needed;              /* a rank was unmasked: the next LL dispatch waits for an ep_ll_clean */
-  bool normal_used;                  /* an intranode prepare ran: its epochs and acknowledgements are in use */
-  bool normal_unmasked;              /* a rank was unmasked after normal_used: the intranode path is refused */
+  bool normal_used;                  /* a normal prepare ran: its epochs and acknowledgements are in use */
+  bool normal_unmasked;              /* a rank was unmasked after normal_used: the normal path is refused */
 
   int32_t* rank_mask; /* device [num_ranks], 1 = masked (config.mask_failed_ranks), else NULL */
 

@@ -139,7 +139,8 @@ ep_status_t ep_handle_destroy(ep_handle_t handle) {
   return EP_STATUS_SUCCESS;
 }
 
-/* Checks shared by the three calls: a live group the intranode path serves, and a handle of this group. */
+/* Checks shared by the three calls: a live group the normal path serves (not after an unmask: rank_mask.c), and a
+ * handle of this group. */
 static ep_status_t enter_normal(ep_group_t group, ep_handle_t handle, const char* fn, bool need_prepared) {
   EP_TRY(ep_enter_collective(group, fn));
   if (!handle) return FAIL_ARG(group, "%s: handle is NULL", fn);
@@ -149,6 +150,12 @@ static ep_status_t enter_normal(ep_group_t group, ep_handle_t handle, const char
   if (handle->group != group) return FAIL_ARG(group, "%s: handle belongs to another group", fn);
   if (need_prepared && !handle->prepared)
     return ep_fail(group, EP_STATUS_INVALID_USAGE, "%s: handle has no routing yet; call ep_dispatch_prepare first",
+                   fn);
+  if (group->normal_unmasked)
+    return ep_fail(group, EP_STATUS_UNSUPPORTED,
+                   "%s: a rank was unmasked (ep_group_mask_rank / ep_group_clear_rank_mask) after normal-path calls; "
+                   "the normal path cannot take a masked rank back (its call epochs with that rank fell out of step), "
+                   "so it needs a new group",
                    fn);
   if (group->num_nodes > 1) {
     if (group->ranks_per_node > EP_MAX_NVLINK_RANKS || group->num_nodes > EP_MAX_INTERNODE_NODES)
@@ -161,12 +168,6 @@ static ep_status_t enter_normal(ep_group_t group, ep_handle_t handle, const char
     return ep_fail(group, EP_STATUS_UNSUPPORTED,
                    "%s: %d ranks in one NVLink domain; the intranode path serves up to %d", fn, group->num_ranks,
                    EP_MAX_NVLINK_RANKS);
-  if (group->normal_unmasked)
-    return ep_fail(group, EP_STATUS_UNSUPPORTED,
-                   "%s: a rank was unmasked (ep_group_mask_rank / ep_group_clear_rank_mask) after normal-path calls; "
-                   "the normal path cannot take a masked rank back (its call epochs with that rank fell out of step), "
-                   "so it needs a new group",
-                   fn);
   return EP_STATUS_SUCCESS;
 }
 
@@ -215,7 +216,6 @@ static ep_internode_launch_t internode_launch(ep_group_t g, ep_handle_t h, const
   p.group = normal_group_view(g);
   p.handle = h->arrays;
   p.call = *call;
-  p.group.mask = NULL; /* the internode kernels do not honour the mask yet: their waits stay fatal (docs/faults.md) */
   ep_internode_group_view_t* v = &p.inter;
   v->ranks_per_node = g->ranks_per_node;
   v->num_nodes = g->num_nodes;
@@ -281,8 +281,8 @@ ep_status_t ep_dispatch_prepare(ep_group_t group, ep_handle_t handle, const ep_d
   } else {
     const ep_intranode_launch_t p = intranode_launch(group, handle, &call);
     EP_CUDA_TRY(group, ep_launch_intranode_prepare(&p, stream));
-    group->normal_used = true;
   }
+  group->normal_used = true;
   EP_CUDA_TRY(group, handle_used(handle, stream));
   handle->prepared = true;
   if (!a->num_recv_tokens) return EP_STATUS_SUCCESS;

@@ -84,7 +84,7 @@ typedef struct ep_normal_group_view {
   unsigned long long timeout_ns;
   ep_device_error_t* error;
   int32_t* mask; /* the group's rank mask [num_ranks] (config.mask_failed_ranks), or NULL: the kernels without it
-                    (timeouts fatal). The intranode kernels honour it; the internode ones get NULL. */
+                    (timeouts fatal) */
 } ep_normal_group_view_t;
 
 /* A call's arguments: prepare's, dispatch's or combine's (the others zero), with the handle's routing shape. */
