@@ -26,6 +26,8 @@ rank computes with torch what it must receive and what its tokens must combine t
               new routing, == eager calls on the same data
   regions     no tokens on rank 0, top-k 12 with an expert twice in a token, hidden 1000: dispatch, counts,
               combine and combined weights as torch computes them
+  nodes       a Buffer without ranks_per_node finds its nodes from the ranks' hosts: one host -> one node; the
+              virtual-node Buffer below is made the same way, each rank told a host of its virtual node
   internode   a second Buffer of virtual nodes (ranks_per_node world / 2, or 1 at an odd world; none at 1 rank):
               dispatch, cached, worst-case rows
               exactly as torch gathers them; combine with a bias within bf16 rounding of the partial sums
@@ -572,6 +574,8 @@ def worker(rank, world, init_method, seed):
                         max_topk=K_HINT, explicitly_destroy=True, **share_kwargs)
         ck.check("Buffer: created, rank and group size", buf.rank == rank and buf.group_size == world
                  and buf.info["num_ranks"] == world and buf.device == dev.index)
+        ck.check("Buffer without ranks_per_node, one host: one node", buf.info["ranks_per_node"] == world,
+                 buf.info["ranks_per_node"])
         c = Ctx()
         c.buf, c.R, c.rank, c.dev = buf, world, rank, dev
         c.E, c.H, c.K = experts, 1024, 6
@@ -594,8 +598,17 @@ def worker(rank, world, init_method, seed):
         buf = None
         rpn = eptest.virtual_ranks_per_node(world)
         if rpn is not None:
-            buf = ep.Buffer(dist.group.WORLD, num_experts=2 * experts, hidden=H_HINT, max_tokens_per_rank=T_HINT,
-                            max_topk=K_HINT, ranks_per_node=rpn, explicitly_destroy=True, **share_kwargs)
+            # Made without ranks_per_node: each rank names the host of its virtual node, and the Buffer finds the
+            # nodes as it finds real ones.
+            real_host_id = ep.buffer.host_id
+            ep.buffer.host_id = lambda: f"virtual-node-{rank // rpn}/boot"
+            try:
+                buf = ep.Buffer(dist.group.WORLD, num_experts=2 * experts, hidden=H_HINT, max_tokens_per_rank=T_HINT,
+                                max_topk=K_HINT, explicitly_destroy=True, **share_kwargs)
+            finally:
+                ep.buffer.host_id = real_host_id
+            ck.check(f"Buffer without ranks_per_node, hosts of {rpn} consecutive ranks: nodes of {rpn}",
+                     buf.info["ranks_per_node"] == rpn, buf.info["ranks_per_node"])
             c.buf = buf
             check_virtual_nodes(ck, c)
             torch.cuda.synchronize()
