@@ -35,7 +35,8 @@ static_assert(sizeof(nvshmemx_uniqueid_t) == EP_TP_UNIQUE_ID_BYTES, "unique id s
 static int g_initialized = 0;
 static int g_init_count = 0;   /* NVSHMEM initialisations in this process: one exit handler of NVSHMEM's each */
 static int g_device = -1;      /* the CUDA device of the latest one */
-static int g_device_state = 0; /* release_at_exit's wait: 0 running, 1 idle, -1 a CUDA error */
+static int g_device_state = 0; /* release_at_exit's device wait: 0 running, 1 idle, -1 a CUDA error */
+static int g_nvshmem_ended = 0; /* release_at_exit's nvshmem_global_exit: 1 once it returned */
 
 static void* synchronize_device(void* unused) {
   (void)unused;
@@ -44,17 +45,24 @@ static void* synchronize_device(void* unused) {
   return NULL;
 }
 
-/* Whether the device finished its work without a CUDA error within `seconds`. The wait runs on a thread of its own
- * so that a kernel that never ends cannot hold the process at exit. */
-static bool device_idle_within(double seconds) {
+static void* end_nvshmem(void* unused) {
+  (void)unused;
+  nvshmem_global_exit(0);
+  __atomic_store_n(&g_nvshmem_ended, 1, __ATOMIC_RELEASE);
+  return NULL;
+}
+
+/* Runs `task` on a thread of its own and waits up to `seconds` for it to set *state non-zero: true if it did. A task
+ * that does not end (a kernel that never finishes, a proxy thread that never stops) is left behind, so that it
+ * cannot hold the process at exit. */
+static bool finished_within(void* (*task)(void*), const int* state, double seconds) {
   pthread_t thread;
-  if (pthread_create(&thread, NULL, synchronize_device, NULL) != 0) return false;
+  if (pthread_create(&thread, NULL, task, NULL) != 0) return false;
   const struct timespec tick = {0, 10000000};
   for (double waited = 0; waited < seconds; waited += 0.01) {
-    const int state = __atomic_load_n(&g_device_state, __ATOMIC_ACQUIRE);
-    if (state != 0) {
+    if (__atomic_load_n(state, __ATOMIC_ACQUIRE) != 0) {
       pthread_join(thread, NULL);
-      return state > 0;
+      return true;
     }
     nanosleep(&tick, NULL);
   }
@@ -73,14 +81,16 @@ static bool local_only_proxy_may_be_off(void) {
  * NVSHMEM makes it, where nvshmem_global_exit would not be safe: no proxy thread to stop (above), NVSHMEM not fully
  * initialised, or a device that is not idle within 5 s or has a CUDA error (the proxy's teardown frees device
  * memory, and NVSHMEM ends the process with exit(-1) on any CUDA error there). ep's kernels are done by then: a
- * local teardown publishes the fault to this rank too, and every wait of theirs is bounded. */
+ * local teardown publishes the fault to this rank too, and every wait of theirs is bounded. nvshmem_global_exit
+ * marks the bootstrap down first and then joins the proxy thread; it too gets 5 s, so that a proxy that does not
+ * stop cannot hang the exit (the bootstrap is marked down by then, so NVSHMEM's handlers do nothing). */
 static void release_at_exit(void) {
   static int done = 0;
   if (done || !g_initialized) return;
   done = 1;
   if (local_only_proxy_may_be_off() || nvshmemx_init_status() < NVSHMEM_STATUS_IS_INITIALIZED) return;
-  if (!device_idle_within(5.0)) return;
-  nvshmem_global_exit(0);
+  if (!finished_within(synchronize_device, &g_device_state, 5.0) || g_device_state < 0) return;
+  (void)finished_within(end_nvshmem, &g_nvshmem_ended, 5.0);
 }
 
 /* release_at_exit relies on what NVSHMEM 3.4 does (above); another version's exit handlers are left alone. */
