@@ -172,22 +172,6 @@ static void check_mask(ctx_t* c, const char* when) {
   free(got);
 }
 
-/* normal-partition-death, after the calls of the death: no survivor is masked, and R-1 is, except on rank 1, which
- * has not waited on it yet (it masks R-1 at its next wait on it, in the cases after). */
-static void check_no_survivor_masked(ctx_t* c) {
-  const int R = c->h->num_ranks, me = c->h->rank, last = R - 1;
-  if (!EP_CHECK(c, ep_group_get_rank_mask(c->g, c->mask_dev, c->s))) return;
-  CUDA_CHECK(cudaStreamSynchronize(c->s));
-  int32_t* got = download(c->mask_dev, (size_t)R * 4);
-  for (int r = 0; r < last; ++r)
-    CHECK(got[r] == 0, "rank %d: survivor %d is masked (mask[%d] = %d): the survivors split", me, r, r, got[r]);
-  CHECK(me == 1 || got[last] == 1, "rank %d: mask[%d] = %d after the death, want 1", me, last, got[last]);
-  printf("masking normal-partition-death rank %d: mask after the death calls:", me);
-  for (int r = 0; r < R; ++r) printf(" %d", got[r]);
-  printf("\n");
-  free(got);
-}
-
 /* A call's outcome once the stream has drained: its status and the error word's. */
 static int call_ok(ctx_t* c, ep_status_t st, const char* what) {
   CHECK(st == EP_STATUS_SUCCESS, "rank %d: %s: %s: %s", c->h->rank, what, ep_status_string(st), ep_last_error(c->g));
@@ -427,6 +411,24 @@ static long inter_masked_cases(ctx_t* c, int first, int count) {
   return failed;
 }
 
+/* After an unmask, in a group whose normal path ran while a rank was masked: a prepare is refused
+ * (EP_STATUS_UNSUPPORTED naming the unmask) before any kernel runs. */
+static void check_prepare_refused(ctx_t* c, uint64_t seed, const char* name) {
+  const int R = c->h->num_ranks, me = c->h->rank;
+  world_t w;
+  const case_t k = normal_case(0);
+  world_build(&w, &k, R, 8 * R, seed ^ 0x77, seed ^ 0x77, 1);
+  bufs_t b;
+  bufs_alloc_inputs(&b, &w, me);
+  ep_dispatch_prepare_args_t pa = prepare_args(&w, me, &b, 1, NULL, NULL, 0);
+  const ep_status_t st = ep_dispatch_prepare(c->g, c->handle, &pa, c->s);
+  CHECK(st == EP_STATUS_UNSUPPORTED && strstr(ep_last_error(c->g), "unmasked"),
+        "rank %d: %s: a normal prepare after the unmask: %s: %s", me, name, ep_status_string(st), ep_last_error(c->g));
+  printf("masking %s rank %d: a normal prepare after the unmask: %s\n", name, me, ep_status_string(st));
+  bufs_free(&b);
+  world_free(&w);
+}
+
 /* internode-hand: every rank masks R-1 by hand before the cases; after them the unmask, after which the normal path
  * refuses the group. */
 static void run_internode_hand(ctx_t* c) {
@@ -444,18 +446,7 @@ static void run_internode_hand(ctx_t* c) {
   CHECK(harness_barrier(c->h, "before-unmask") == 0, "rank %d: harness barrier before-unmask", me);
   EP_CHECK(c, ep_group_mask_rank(c->g, last, 0, c->s));
   c->masked[last] = 0;
-  world_t w;
-  const case_t k = normal_case(0);
-  world_build(&w, &k, R, 8 * R, c->seed ^ 0x77, c->seed ^ 0x77, 1);
-  bufs_t b;
-  bufs_alloc_inputs(&b, &w, me);
-  ep_dispatch_prepare_args_t pa = prepare_args(&w, me, &b, 1, NULL, NULL, 0);
-  const ep_status_t st = ep_dispatch_prepare(c->g, c->handle, &pa, c->s);
-  CHECK(st == EP_STATUS_UNSUPPORTED && strstr(ep_last_error(c->g), "unmasked"),
-        "rank %d: an internode prepare after the unmask: %s: %s", me, ep_status_string(st), ep_last_error(c->g));
-  printf("masking internode-hand rank %d: a normal prepare after the unmask: %s\n", me, ep_status_string(st));
-  bufs_free(&b);
-  world_free(&w);
+  check_prepare_refused(c, c->seed, "internode-hand");
 }
 
 /* ---- hand: every rank masks R-1, rounds, unmask, clean, rounds ---- */
@@ -513,18 +504,7 @@ static void run_hand(ctx_t* c, uint64_t seed) {
   printf("masking hand rank %d: after the unmask and ep_ll_clean, 8 full rounds, %ld wrong\n", me, full_bad);
 
   /* The normal path ran while R-1 was masked: it refuses the unmasked group (no call reaches a kernel). */
-  world_t nw;
-  const case_t nk = normal_case(0);
-  world_build(&nw, &nk, R, 8 * R, seed ^ 0x77, seed ^ 0x77, 1);
-  bufs_t nb;
-  bufs_alloc_inputs(&nb, &nw, me);
-  ep_dispatch_prepare_args_t pa = prepare_args(&nw, me, &nb, 1, NULL, NULL, 0);
-  const ep_status_t st = ep_dispatch_prepare(c->g, c->handle, &pa, c->s);
-  CHECK(st == EP_STATUS_UNSUPPORTED && strstr(ep_last_error(c->g), "unmasked"),
-        "rank %d: a normal prepare after the unmask: %s: %s", me, ep_status_string(st), ep_last_error(c->g));
-  printf("masking hand rank %d: a normal prepare after the unmask: %s\n", me, ep_status_string(st));
-  bufs_free(&nb);
-  world_free(&nw);
+  check_prepare_refused(c, seed, "hand");
 }
 
 /* ---- the death modes ---- */
@@ -665,12 +645,33 @@ static void isolate_rank1(world_t* w, int last) {
   if (!to_rank0) w->idx[last][0] = 0;
 }
 
-/* The normal path: R-1 dies after a prepare (and, before_combine, a dispatch) it took part in; `partition`: with
- * isolate_rank1's routing and rank 0 late (normal-partition-death). */
-static void run_normal_death(ctx_t* c, uint64_t seed, int before_combine, int partition, const char* name) {
+/* After the calls of a death: no survivor is masked (the survivors split), and, where `last_masked`, R-1 is (a
+ * survivor that exchanged nothing with it in those calls has not waited on it yet: its next wait masks it). */
+static void check_survivors_unmasked(ctx_t* c, const char* name, int last_masked) {
   const int R = c->h->num_ranks, me = c->h->rank, last = R - 1;
+  if (!EP_CHECK(c, ep_group_get_rank_mask(c->g, c->mask_dev, c->s))) return;
+  CUDA_CHECK(cudaStreamSynchronize(c->s));
+  int32_t* got = download(c->mask_dev, (size_t)R * 4);
+  printf("masking %s rank %d: mask after the death calls:", name, me);
+  for (int r = 0; r < R; ++r) printf(" %d", got[r]);
+  printf("\n");
+  for (int r = 0; r < last; ++r)
+    CHECK(got[r] == 0, "rank %d: survivor %d is masked (mask[%d] = %d): the survivors split", me, r, r, got[r]);
+  CHECK(!last_masked || got[last] == 1, "rank %d: mask[%d] = %d after the death, want 1", me, last, got[last]);
+  free(got);
+}
+
+/* The normal path, of one node or (c->rpn > 0) of several: R-1 dies after a prepare (and, before_combine, a
+ * dispatch) it took part in; `partition`: with isolate_rank1's routing and rank 0 late (normal-partition-death).
+ * The survivors' calls succeed within the budget and a slack; the combine is the reference's with R-1's experts
+ * dropped (and, on several nodes, for tokens whose rail peer on R-1's node is R-1, every expert of that node); the
+ * dispatch's rows from R-1 (and through it) are empty (source -1), the others as prepared. */
+static void run_normal_death(ctx_t* c, uint64_t seed, int before_combine, int partition, const char* name) {
+  const int R = c->h->num_ranks, me = c->h->rank, last = R - 1, rpn = c->rpn, inter = rpn > 0;
+  const char* path = inter ? "internode" : "normal";
+  long (*masked_cases)(ctx_t*, int, int) = inter ? inter_masked_cases : normal_masked_cases;
   const case_t k = {48, VARY_NONE, k_shape.hidden, 4, 0, TOPK_IDX_WEIGHTS, ROUTE_RANDOM, 1, 8, 1, 0, 0};
-  CHECK(normal_masked_cases(c, 0, 2) == 0, "rank %d: normal cases before the death", me);
+  CHECK(masked_cases(c, 0, 2) == 0, "rank %d: %s cases before the death", me, path);
   world_t w;
   world_build(&w, &k, R, 8 * R, seed + 7, seed + 7, 1);
   if (partition) {
@@ -688,7 +689,7 @@ static void run_normal_death(ctx_t* c, uint64_t seed, int before_combine, int pa
   bufs_alloc_outputs(&b, &w, num_recv);
   bufs_poison(&b, &w, me, c->s);
   const ep_dispatch_args_t da = dispatch_args(&w, &b, k.sms);
-  if (before_combine) (void)call_ok(c, ep_dispatch(c->g, c->handle, &da, c->s), "normal dispatch before the death");
+  if (before_combine) (void)call_ok(c, ep_dispatch(c->g, c->handle, &da, c->s), "dispatch before the death");
   sync_then_maybe_die(c, name);
   const double t_death = now_s();
   if (partition && me == 0) {
@@ -696,122 +697,20 @@ static void run_normal_death(ctx_t* c, uint64_t seed, int before_combine, int pa
     nanosleep(&late, NULL);
   }
   long bad = 0;
-  if (!before_combine)
-    bad += call_ok(c, ep_dispatch(c->g, c->handle, &da, c->s), "normal dispatch after the death") ? 0 : 1;
+  if (!before_combine) bad += call_ok(c, ep_dispatch(c->g, c->handle, &da, c->s), "dispatch after the death") ? 0 : 1;
   const ep_combine_args_t ca = combine_args(&w, &b, 0, k.sms); /* BF16: y is recv_x, rows from R-1 go back to it */
-  bad += call_ok(c, ep_combine(c->g, c->handle, &ca, c->s), "normal combine after the death") ? 0 : 1;
+  bad += call_ok(c, ep_combine(c->g, c->handle, &ca, c->s), "combine after the death") ? 0 : 1;
   const double t_call = now_s() - t_death;
   c->masked[last] = 1;
-  if (partition) check_no_survivor_masked(c);
+  if (inter || partition) check_survivors_unmasked(c, name, partition && me != 1);
   else check_mask(c, "after the death");
   int64_t* orig[MAX_RANKS];
-  world_drop_masked(&w, c->masked, orig);
+  if (inter) world_drop_internode(&w, c->masked, rpn, orig);
+  else world_drop_masked(&w, c->masked, orig);
   expect_t e;
-  expect_build(&e, &w, 1, me, NULL, NULL, 0);
+  expect_build(&e, &w, 1, me, NULL, NULL, inter); /* the partial-rounding bound needs the sums of |terms| */
   const int before = g_check_failures;
-  check_combine(name, &w, me, &e, &b, &k_rounding);
-  if (!before_combine) { /* the rows prepared from R-1 are empty (source -1), the others' as prepared */
-    ep_ref_world_t rw = {0};
-    rw.num_ranks = R;
-    rw.ranks_per_node = R;
-    rw.num_experts = w.num_experts;
-    rw.num_topk = w.topk;
-    rw.num_tokens = w.num_tokens;
-    rw.topk_idx = (const int64_t* const*)orig; /* the routing that was prepared: R-1 took part */
-    ep_ref_dispatch_t full;
-    CHECK(ep_ref_dispatch(&rw, 1, &full) == 0, "the reference rejected the prepared world");
-    int* src = num_recv > 0 ? download(b.recv_src, (size_t)num_recv * 4) : NULL;
-    const ep_ref_recv_t* want = &full.recv[me];
-    CHECK(want->num_recv == num_recv, "rank %d: prepared %d rows, the reference %d", me, num_recv, want->num_recv);
-    for (int i = 0; i < num_recv && i < want->num_recv; ++i) {
-      const int expect_src = want->src_rank[i] == last ? -1 : want->src_idx[i];
-      if (src[i] != expect_src && bad++ < 4)
-        fprintf(stderr, "rank %d: %s: recv_src_idx[%d] = %d, want %d\n", me, name, i, src[i], expect_src);
-    }
-    free(src);
-    ep_ref_dispatch_free(&full);
-  }
-  bad += g_check_failures != before;
-  const double t_correct = now_s() - t_death;
-  expect_free(&e);
-  for (int r = 0; r < R; ++r) free(orig[r]);
-  bufs_free(&b);
-  world_free(&w);
-  CHECK(bad == 0, "rank %d: the normal calls after the death: %ld mismatches", me, bad);
-  CHECK(t_call < BUDGET_S + SLACK_S, "rank %d: the masked calls took %.3f s (budget %.1f s + slack %.1f s)", me, t_call,
-        BUDGET_S, SLACK_S);
-  printf("masking %s rank %d: rank %d masked; dispatch + combine done %.3f s and checked correct %.3f s after the "
-         "death (budget %.1f s)\n",
-         name, me, last, t_call, t_correct, BUDGET_S);
-  const double t0 = now_s();
-  const long later = normal_masked_cases(c, 100, ROUNDS_AFTER_DEATH);
-  printf("masking %s rank %d: %d normal cases after the death in %.3f s, %ld failed\n", name, me, ROUNDS_AFTER_DEATH,
-         now_s() - t0, later);
-  check_mask(c, "after the cases");
-  ep_handle_destroy(c->handle);
-  c->handle = NULL;
-  ll_bufs_free(&c->b);
-  const ep_status_t st = ep_group_destroy(c->g);
-  CHECK(st == EP_STATUS_SUCCESS, "rank %d: ep_group_destroy with a masked rank: %s: %s", me, ep_status_string(st),
-        ep_last_error(NULL));
-  c->g = NULL;
-}
-
-/* No survivor masks another: after the calls of a death every survivor's word is 0 (R-1 may not be masked yet
- * where a survivor exchanged nothing with it in those calls: the next prepare masks it there). */
-static void check_survivors_unmasked(ctx_t* c, const char* name) {
-  const int R = c->h->num_ranks, me = c->h->rank;
-  if (!EP_CHECK(c, ep_group_get_rank_mask(c->g, c->mask_dev, c->s))) return;
-  CUDA_CHECK(cudaStreamSynchronize(c->s));
-  int32_t* got = download(c->mask_dev, (size_t)R * 4);
-  printf("masking %s rank %d: mask after the death calls:", name, me);
-  for (int r = 0; r < R; ++r) {
-    printf(" %d", got[r]);
-    CHECK(r == R - 1 || got[r] == 0, "rank %d: survivor %d is masked (mask[%d] = %d): the survivors split", me, r, r,
-          got[r]);
-  }
-  printf("\n");
-  free(got);
-}
-
-/* The internode normal path: R-1 dies after a prepare (and, before_combine, a dispatch) it took part in. The
- * survivors' calls succeed within the budget and a slack; the combine is the reference's with R-1's experts dropped
- * and, for tokens whose rail peer on R-1's node is R-1, every expert of that node; the dispatch's rows from R-1 and
- * through R-1 (sources whose rail peer on my node it is) are empty (source -1), the others as prepared. */
-static void run_internode_death(ctx_t* c, uint64_t seed, int before_combine, const char* name) {
-  const int R = c->h->num_ranks, me = c->h->rank, last = R - 1, rpn = c->rpn;
-  const case_t k = {48, VARY_NONE, k_shape.hidden, 4, 0, TOPK_IDX_WEIGHTS, ROUTE_RANDOM, 1, 8, 1, 0, 0};
-  CHECK(inter_masked_cases(c, 0, 2) == 0, "rank %d: internode cases before the death", me);
-  world_t w;
-  world_build(&w, &k, R, 8 * R, seed + 7, seed + 7, 1);
-  bufs_t b;
-  bufs_alloc_inputs(&b, &w, me);
-  bufs_upload_inputs(&b, &w, me, NULL, NULL);
-  int num_recv = -1;
-  ep_dispatch_prepare_args_t pa = prepare_args(&w, me, &b, 1, &num_recv, NULL, 0);
-  EP_CHECK(c, ep_dispatch_prepare(c->g, c->handle, &pa, c->s));
-  CHECK(num_recv >= 0 && num_recv <= R * k.tokens, "rank %d: prepare before the death: num_recv %d", me, num_recv);
-  if (num_recv < 0 || num_recv > R * k.tokens) num_recv = R * k.tokens;
-  bufs_alloc_outputs(&b, &w, num_recv);
-  bufs_poison(&b, &w, me, c->s);
-  const ep_dispatch_args_t da = dispatch_args(&w, &b, k.sms);
-  if (before_combine) (void)call_ok(c, ep_dispatch(c->g, c->handle, &da, c->s), "internode dispatch before the death");
-  sync_then_maybe_die(c, name);
-  const double t_death = now_s();
-  long bad = 0;
-  if (!before_combine)
-    bad += call_ok(c, ep_dispatch(c->g, c->handle, &da, c->s), "internode dispatch after the death") ? 0 : 1;
-  const ep_combine_args_t ca = combine_args(&w, &b, 0, k.sms); /* BF16: y is recv_x */
-  bad += call_ok(c, ep_combine(c->g, c->handle, &ca, c->s), "internode combine after the death") ? 0 : 1;
-  const double t_call = now_s() - t_death;
-  check_survivors_unmasked(c, name);
-  c->masked[last] = 1;
-  int64_t* orig[MAX_RANKS];
-  world_drop_internode(&w, c->masked, rpn, orig);
-  expect_t e;
-  expect_build(&e, &w, 1, me, NULL, NULL, 1);
-  const int before = g_check_failures;
-  check_combine(name, &w, me, &e, &b, &k_partial_rounding);
+  check_combine(name, &w, me, &e, &b, inter ? &k_partial_rounding : &k_rounding);
   if (!before_combine) {
     ep_ref_world_t rw = {0};
     rw.num_ranks = R;
@@ -827,7 +726,7 @@ static void run_internode_death(ctx_t* c, uint64_t seed, int before_combine, con
     CHECK(want->num_recv == num_recv, "rank %d: prepared %d rows, the reference %d", me, num_recv, want->num_recv);
     for (int i = 0; i < num_recv && i < want->num_recv; ++i) {
       const int s = want->src_rank[i];
-      const int empty = c->masked[s] || rail_masked(c->masked, rpn, s, me / rpn);
+      const int empty = c->masked[s] || (inter && rail_masked(c->masked, rpn, s, me / rpn));
       const int expect_src = empty ? -1 : want->src_idx[i];
       if (src[i] != expect_src && bad++ < 4)
         fprintf(stderr, "rank %d: %s: recv_src_idx[%d] = %d (from rank %d), want %d\n", me, name, i, src[i], s,
@@ -842,15 +741,15 @@ static void run_internode_death(ctx_t* c, uint64_t seed, int before_combine, con
   for (int r = 0; r < R; ++r) free(orig[r]);
   bufs_free(&b);
   world_free(&w);
-  CHECK(bad == 0, "rank %d: the internode calls after the death: %ld mismatches", me, bad);
+  CHECK(bad == 0, "rank %d: the %s calls after the death: %ld mismatches", me, path, bad);
   CHECK(t_call < BUDGET_S + SLACK_S, "rank %d: the masked calls took %.3f s (budget %.1f s + slack %.1f s)", me, t_call,
         BUDGET_S, SLACK_S);
-  printf("masking %s rank %d: dispatch + combine done %.3f s and checked correct %.3f s after the death (budget "
-         "%.1f s)\n",
-         name, me, t_call, t_correct, BUDGET_S);
+  printf("masking %s rank %d: rank %d masked; dispatch + combine done %.3f s and checked correct %.3f s after the "
+         "death (budget %.1f s)\n",
+         name, me, last, t_call, t_correct, BUDGET_S);
   const double t0 = now_s();
-  const long later = inter_masked_cases(c, 100, ROUNDS_AFTER_DEATH);
-  printf("masking %s rank %d: %d internode cases after the death in %.3f s, %ld failed\n", name, me, ROUNDS_AFTER_DEATH,
+  const long later = masked_cases(c, 100, ROUNDS_AFTER_DEATH);
+  printf("masking %s rank %d: %d %s cases after the death in %.3f s, %ld failed\n", name, me, ROUNDS_AFTER_DEATH, path,
          now_s() - t0, later);
   check_mask(c, "after the cases");
   ep_handle_destroy(c->handle);
@@ -904,7 +803,7 @@ int main(int argc, char** argv) {
     ll_bufs_free(&c.b);
     CHECK(ep_group_destroy(c.g) == EP_STATUS_SUCCESS, "ep_group_destroy: %s", ep_last_error(NULL));
   } else if (internode) {
-    run_internode_death(&c, seed, death == DEATH_INTERNODE_COMBINE, mode);
+    run_normal_death(&c, seed, death == DEATH_INTERNODE_COMBINE, 0, mode);
   } else if (hand) {
     run_hand(&c, seed);
     ep_handle_destroy(c.handle);
