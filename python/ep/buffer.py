@@ -2,13 +2,13 @@
 
 Code written against `deep_ep.Buffer` runs with `import ep as deep_ep`, with these differences:
 
-* Sizes: `Buffer(group, num_nvl_bytes, ...)` without `max_tokens_per_rank` (DeepEP's and Megatron-Core's call) on
-  one node gives the normal path a region of at most `num_nvl_bytes` bytes; calls of more tokens than it holds
-  run in rounds inside the library, with the same results (up to POOL_MAX_TOKENS_PER_RANK tokens a call). With
-  `max_tokens_per_rank` (or num_nvl_bytes = 0, or several nodes) the keyword-only hints `num_experts`, `hidden`,
-  `max_tokens_per_rank`, `max_topk` (the largest shapes any later call will use) size every buffer. Either way
-  `hidden`, `max_topk` and `num_experts` bound the calls (defaults 7168, 8, 256): a call that exceeds a hint
-  raises ValueError naming the hint to raise. `num_rdma_bytes` is accepted and ignored.
+* Sizes: `Buffer(group, num_nvl_bytes, num_rdma_bytes, ...)` without `max_tokens_per_rank` (DeepEP's and
+  Megatron-Core's call) gives the normal path regions of at most `num_nvl_bytes` bytes on one node, and of at most
+  `num_nvl_bytes + num_rdma_bytes` on several; calls of more tokens than they hold run in rounds inside the
+  library, with the same results (up to POOL_MAX_TOKENS_PER_RANK tokens a call). With `max_tokens_per_rank` (or
+  no bytes) the keyword-only hints `num_experts`, `hidden`, `max_tokens_per_rank`, `max_topk` (the largest shapes
+  any later call will use) size every buffer. Either way `hidden`, `max_topk` and `num_experts` bound the calls
+  (defaults 7168, 8, 256): a call that exceeds a hint raises ValueError naming the hint to raise.
 * Streams as in DeepEP on the normal path (get_dispatch_layout, dispatch, combine): the kernels run on the
   Buffer's communication stream (`get_comm_stream()`, high priority), which first waits for `previous_event` or,
   without one, for the current stream. `async_finish=True` returns an `EventOverlap` recorded on the comm stream,
@@ -177,11 +177,12 @@ class Buffer(NormalPath, LowLatencyPath, ExpertMapPath, metaclass=_BufferType):
 
     group: a torch.distributed ProcessGroup (None = the default group); it is used once, to broadcast the
       128-byte bootstrap id from rank 0. `comm` (an mpi4py communicator) may replace it.
-    num_nvl_bytes: with max_tokens_per_rank left None and one node, the most bytes of symmetric memory the normal
-      path takes (config.normal_region_bytes): the region holds as many tokens of `hidden` and `max_topk` a round
-      as fit, and a dispatch of more runs in rounds (same results); calls take up to POOL_MAX_TOKENS_PER_RANK
-      (65536) tokens, a bound of the handle's routing arrays only (about 8 bytes a token and rank). Fewer bytes
-      than one token needs raise EpError. Otherwise ignored.
+    num_nvl_bytes: with max_tokens_per_rank left None, the most bytes of symmetric memory the normal path takes
+      (config.normal_region_bytes; on several nodes num_nvl_bytes + num_rdma_bytes, for its intranode and internode
+      regions together): the regions hold as many tokens of `hidden` and `max_topk` a round as fit, and a call of
+      more runs in rounds (same results); calls take up to POOL_MAX_TOKENS_PER_RANK (65536) tokens, a bound of the
+      handle's routing arrays only (about 8 bytes a token and rank on one node, 16 on several). Fewer bytes than
+      one token needs raise EpError. Otherwise ignored.
     low_latency_mode: True reserves the low-latency buffer (symmetric memory) and two LL handles, so that the
       low_latency_* methods work; the normal path works either way. The buffer is num_rdma_bytes, as DeepEP's
       (e.g. get_low_latency_rdma_size_hint(T, hidden, R, E)), unless ll_max_tokens_per_rank is given or
@@ -289,14 +290,16 @@ class Buffer(NormalPath, LowLatencyPath, ExpertMapPath, metaclass=_BufferType):
                 hosts = [None] * size
                 dist.all_gather_object(hosts, host_id(), group=group)
             ranks_per_node = ranks_per_node_of(fn, hosts)
-        # DeepEP's byte size: the normal region is a pool of num_nvl_bytes (one node; the internode path has no
-        # rounds), and calls run in rounds of what it holds.
+        # DeepEP's byte sizes: the normal path's regions are a pool of num_nvl_bytes on one node, and of
+        # num_nvl_bytes + num_rdma_bytes on several (DeepEP's NVLink and RDMA buffers of its internode path), and
+        # calls run in rounds of what it holds.
         one_node = ranks_per_node in (0, size)
+        pool_bytes = num_nvl_bytes if one_node else num_nvl_bytes + num_rdma_bytes
         normal_region_bytes = 0
         if max_tokens_per_rank is None:
             max_tokens_per_rank = DEFAULT_MAX_TOKENS_PER_RANK
-            if num_nvl_bytes > 0 and one_node:
-                max_tokens_per_rank, normal_region_bytes = POOL_MAX_TOKENS_PER_RANK, num_nvl_bytes
+            if pool_bytes > 0:
+                max_tokens_per_rank, normal_region_bytes = POOL_MAX_TOKENS_PER_RANK, pool_bytes
         uid = _capi.UniqueId()
         payload = None
         if rank == 0:

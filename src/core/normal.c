@@ -276,8 +276,9 @@ ep_status_t ep_dispatch_prepare(ep_group_t group, ep_handle_t handle, const ep_d
   call.out_num_recv = a->num_recv_tokens_dev;
   call.out_expert_counts = a->num_recv_tokens_per_expert_dev;
   if (group->num_nodes > 1) {
-    const ep_internode_launch_t p = internode_launch(group, handle, &call);
-    EP_CUDA_TRY(group, ep_launch_internode_prepare(&p, stream));
+    ep_internode_launch_t p = internode_launch(group, handle, &call);
+    for (p.round = 0; p.round < group->normal_region.max_rounds; ++p.round)
+      EP_CUDA_TRY(group, ep_launch_internode_prepare(&p, stream));
   } else {
     const ep_intranode_launch_t p = intranode_launch(group, handle, &call);
     EP_CUDA_TRY(group, ep_launch_intranode_prepare(&p, stream));
@@ -387,8 +388,9 @@ ep_status_t ep_dispatch(ep_group_t group, ep_handle_t handle, const ep_dispatch_
   call.recv_topk_weights = a->recv_topk_weights;
   call.recv_src_idx = a->recv_src_idx;
   if (group->num_nodes > 1) {
-    const ep_internode_launch_t p = internode_launch(group, handle, &call);
-    EP_CUDA_TRY(group, ep_launch_internode_dispatch(&p, stream));
+    ep_internode_launch_t p = internode_launch(group, handle, &call);
+    for (p.round = 0; p.round < group->normal_region.max_rounds; ++p.round)
+      EP_CUDA_TRY(group, ep_launch_internode_dispatch(&p, stream));
   } else {
     const ep_intranode_launch_t p = intranode_launch(group, handle, &call);
     EP_CUDA_TRY(group, ep_launch_intranode_dispatch(&p, stream));
@@ -429,8 +431,9 @@ ep_status_t ep_combine(ep_group_t group, ep_handle_t handle, const ep_combine_ar
   call.combined_x = a->combined_x;
   call.combined_weights = a->combined_topk_weights;
   if (group->num_nodes > 1) {
-    const ep_internode_launch_t p = internode_launch(group, handle, &call);
-    EP_CUDA_TRY(group, ep_launch_internode_combine(&p, stream));
+    ep_internode_launch_t p = internode_launch(group, handle, &call);
+    for (p.round = 0; p.round < group->normal_region.max_rounds; ++p.round)
+      EP_CUDA_TRY(group, ep_launch_internode_combine(&p, stream));
   } else {
     const ep_intranode_launch_t p = intranode_launch(group, handle, &call);
     EP_CUDA_TRY(group, ep_launch_intranode_combine(&p, stream));

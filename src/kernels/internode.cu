@@ -225,19 +225,26 @@ __global__ void __launch_bounds__(kPrepThreads) inter_prepare_kernel(ep_internod
   __shared__ int s_count[kMaxLocal];
   __shared__ int s_drop;       // kMask: b is dropped (the block's verdict)
   __shared__ unsigned s_gone;  // kMask, rail block: local ranks of b's node my tokens do not go to, a bit each
+  __shared__ int s_rounds;
   const ep_normal_region_t& L = p.group.region;
   const ep_internode_region_t& IL = p.inter.region;
   const int b = blockIdx.x, R = p.group.num_ranks, me = p.group.rank, tid = threadIdx.x;
   const int P = p.inter.ranks_per_node, N = p.inter.num_nodes, my_node = p.inter.node, my_local = p.inter.local_rank;
   const int E = p.call.num_experts, E_loc = E / R, E_node = E / N, K = p.call.num_topk, T = L.max_tokens;
   const int b_node = b / P, b_local = b % P;
+  const int k = p.round, CT = L.call_tokens;
+  if (k > 0 && k >= *p.handle.num_rounds) return;  // the call takes fewer rounds (round 0 decided)
+  const int first = k * T, n = max(0, min(T, p.call.num_tokens - first));  // my tokens [first, first + n)
   const uint64_t epoch = p.group.state->prepare_epoch + 1;
   char* mine = p.group.normal_base;
   char* imine = p.inter.inter_base;
   int32_t* const rmask = p.group.mask;
-  // Rank-mask form: the caller counted my tokens per expert; s_expert holds b's experts (same node) or those of b's
-  // node (rail peer).
-  const int* given_counts = p.call.num_tokens_per_expert;
+  int* const round_counts = p.handle.round_counts;  // [R][P]: this round's rows from rank s to my node's rank i
+  int* const round_drop = p.handle.round_drop;      // kMask: 1 once dropped, in this round or an earlier one
+  const bool dropped_before = kMask && k > 0 && round_drop[b] != 0;
+  // Rank-mask form: the caller counted my tokens per expert (once, in round 0); s_expert holds b's experts (same
+  // node) or those of b's node (rail peer).
+  const int* given_counts = k == 0 ? p.call.num_tokens_per_expert : nullptr;
   const int first_expert = b_node == my_node ? b * E_loc : b_node * E_node;
   const int num_counted = b_node == my_node ? E_loc : E_node;
   for (int e = tid; e < E_node; e += blockDim.x)
@@ -253,22 +260,22 @@ __global__ void __launch_bounds__(kPrepThreads) inter_prepare_kernel(ep_internod
                                     my_node * P + tid, EP_SITE_PREPARE_ACK) != kWaitFault;
     if (__syncthreads_or(!acked)) return;
     if constexpr (kMask) {
-      if (tid == 0) s_drop = rank_masked(rmask, me, b);
+      if (tid == 0) s_drop = dropped_before || rank_masked(rmask, me, b);
       __syncthreads();
     }
     int* send_list = at<int>(mine, L.send_list) + (size_t)b * T;
     int count = 0;
-    for (int base = 0; base < p.call.num_tokens; base += blockDim.x) {
-      const int t = base + tid;
+    for (int base = 0; base < n; base += blockDim.x) {
+      const int t = base + tid;  // within the round: token first + t
       bool goes = false;
-      if (t < p.call.num_tokens && p.call.is_token_in_rank) {
-        goes = p.call.is_token_in_rank[(size_t)t * R + b] != 0;
-      } else if (t < p.call.num_tokens) {
-        const int64_t* row = p.call.topk_idx + (size_t)t * K;
-        for (int k = 0; k < K; ++k) {
-          const int64_t e = row[k];
+      if (t < n && p.call.is_token_in_rank) {
+        goes = p.call.is_token_in_rank[(size_t)(first + t) * R + b] != 0;
+      } else if (t < n) {
+        const int64_t* row = p.call.topk_idx + (size_t)(first + t) * K;
+        for (int j = 0; j < K; ++j) {
+          const int64_t e = row[j];
           if (e < -1 || e >= E) {
-            if (b == me) record_fault(p.group.error, EP_FAULT_BAD_EXPERT, me, -1, 0, t, e);
+            if (b == me) record_fault(p.group.error, EP_FAULT_BAD_EXPERT, me, -1, 0, first + t, e);
             continue;
           }
           goes |= e >= 0 && e / E_loc == b;
@@ -277,9 +284,9 @@ __global__ void __launch_bounds__(kPrepThreads) inter_prepare_kernel(ep_internod
       }
       if (kMask && s_drop) goes = false;  // its experts are dropped (the loop above still checks the ids)
       const int pos = block_compact(goes, s_warp_count, count);
-      if (t < p.call.num_tokens) {
+      if (t < n) {
         if (goes) send_list[pos] = t;
-        p.handle.send_pos[(size_t)t * R + b] = pos;
+        p.handle.send_pos[(size_t)(first + t) * R + b] = pos;
       }
     }
     // Publish my count for b into every rank of my node, my per-expert counts for b's experts to b.
@@ -306,7 +313,7 @@ __global__ void __launch_bounds__(kPrepThreads) inter_prepare_kernel(ep_internod
                                           p.group.timeout_ns, p.group.error, rmask, me, b, EP_SITE_PREPARE_COUNTS);
         ok = w != kWaitFault;
         if (w == kWaitMasked) s_drop = 1;
-        else if (ok && col < R) p.handle.matrix[(size_t)b * R + col] = untag(v);
+        else if (ok && col < R) round_counts[b * P + tid] = untag(v);
         else if (ok) p.handle.num_tokens_of[b] = untag(v);
       }
       for (int e = tid; ok && e < E_loc && !s_drop; e += blockDim.x) {
@@ -324,7 +331,7 @@ __global__ void __launch_bounds__(kPrepThreads) inter_prepare_kernel(ep_internod
         uint64_t v = 0;
         ok = wait_until([&] { return ((v = ld_acquire_sys_u64(their_row + col)) >> 32) >= epoch; }, p.group.timeout_ns,
                         p.group.error, me, b, EP_SITE_PREPARE_COUNTS);
-        if (ok && col < R) p.handle.matrix[(size_t)b * R + col] = untag(v);
+        if (ok && col < R) round_counts[b * P + tid] = untag(v);
         else if (ok) p.handle.num_tokens_of[b] = untag(v);
       }
       for (int e = tid; ok && e < E_loc; e += blockDim.x) {
@@ -336,19 +343,24 @@ __global__ void __launch_bounds__(kPrepThreads) inter_prepare_kernel(ep_internod
       }
     }
     if (__syncthreads_or(!ok)) return;
+    const int taken = k > 0 ? p.handle.recv_taken[b] : 0;  // rows from b of earlier rounds
     if (kMask && s_drop) {  // none of my tokens go to b, nothing comes from it
-      for (int t = tid; t < p.call.num_tokens; t += blockDim.x) p.handle.send_pos[(size_t)t * R + b] = -1;
-      if (tid == 0) p.handle.recv_taken[b] = -1;
+      for (int t = tid; t < n; t += blockDim.x) p.handle.send_pos[(size_t)(first + t) * R + b] = -1;
+      if (tid == 0) {
+        p.handle.recv_taken[b] = taken;
+        round_drop[b] = 1;
+      }
     } else {
       for (int e = tid; kMask && e < E_loc; e += blockDim.x)
         if (s_expert[e] != 0) atomicAdd(&p.group.expert_sum[e], s_expert[e]);
-      const int from_b = p.handle.matrix[(size_t)b * R + me];
+      const int from_b = round_counts[b * P + my_local];
       const int* their_list = at<int>(peer_b, L.send_list) + (size_t)me * T;
-      int* my_copy = p.handle.recv_src + (size_t)b * T;
+      int* my_copy = p.handle.recv_src + (size_t)b * CT + taken;
       for (int j = tid; j < from_b; j += blockDim.x) my_copy[j] = ld_relaxed_sys(their_list + j);
       __syncthreads();
       if (tid == 0) {
-        if (kMask) p.handle.recv_taken[b] = 0;
+        p.handle.recv_taken[b] = taken + from_b;
+        if (kMask) round_drop[b] = 0;
         st_release_sys_u64(at<uint64_t>(peer_b, L.prepare_ack) + me, epoch);
       }
     }
@@ -357,7 +369,8 @@ __global__ void __launch_bounds__(kPrepThreads) inter_prepare_kernel(ep_internod
     const int back = node_dist(b_node, my_node, N);     // my node in the arrays of b's node
     // kMask: b reaches nothing on my node when b, or its forwarder here, is masked.
     if constexpr (kMask) {
-      if (tid == 0) s_drop = rank_masked(rmask, me, b) || rank_masked(rmask, me, my_node * P + b_local);
+      if (tid == 0)
+        s_drop = dropped_before || rank_masked(rmask, me, b) || rank_masked(rmask, me, my_node * P + b_local);
       __syncthreads();
     }
     if (b_local == my_local) {
@@ -380,19 +393,21 @@ __global__ void __launch_bounds__(kPrepThreads) inter_prepare_kernel(ep_internod
       }
       int* meta = reinterpret_cast<int*>(imine + IL.meta_send + (size_t)dn * IL.meta_bytes);
       const int hdr = 2 + P + E_node;
-      int* node_list = p.handle.node_tokens + (size_t)b_node * T;
+      int* node_counts = p.handle.node_count + (size_t)k * 2 * N;  // this round's [N] counts, then [N] starts
+      const int node_first = k > 0 ? node_counts[-N + b_node] + node_counts[-2 * N + b_node] : 0;
+      int* node_list = p.handle.node_tokens + (size_t)b_node * CT + node_first;
       int count = 0;
-      for (int base = 0; base < p.call.num_tokens; base += blockDim.x) {
-        const int t = base + tid;
+      for (int base = 0; base < n; base += blockDim.x) {
+        const int t = base + tid;  // within the round: token first + t
         int mask = 0;
-        if (t < p.call.num_tokens && p.call.is_token_in_rank) {
-          const uint8_t* in_rank = p.call.is_token_in_rank + (size_t)t * R + (size_t)b_node * P;
+        if (t < n && p.call.is_token_in_rank) {
+          const uint8_t* in_rank = p.call.is_token_in_rank + (size_t)(first + t) * R + (size_t)b_node * P;
           for (int i = 0; i < P; ++i) mask |= (in_rank[i] != 0) << i;
           if constexpr (kMask) mask &= ~(int)s_gone;
-        } else if (t < p.call.num_tokens) {
-          const int64_t* row = p.call.topk_idx + (size_t)t * K;
-          for (int k = 0; k < K; ++k) {
-            const int64_t e = row[k];
+        } else if (t < n) {
+          const int64_t* row = p.call.topk_idx + (size_t)(first + t) * K;
+          for (int j = 0; j < K; ++j) {
+            const int64_t e = row[j];
             if (e >= 0 && e < E && e / E_node == b_node) mask |= 1 << ((int)(e / E_loc) % P);
           }
           if constexpr (kMask) mask &= ~(int)s_gone;
@@ -401,18 +416,19 @@ __global__ void __launch_bounds__(kPrepThreads) inter_prepare_kernel(ep_internod
         for (int i = 0; i < P; ++i)
           if (mask >> i & 1) atomicAdd(&s_count[i], 1);
         const int pos = block_compact(mask != 0, s_warp_count, count);
-        if (t < p.call.num_tokens) {
+        if (t < n) {
           if (mask) {
             meta[hdr + pos] = t << 8 | mask;
             node_list[pos] = t;
           }
-          p.handle.send_slot[(size_t)t * N + b_node] = pos;
+          p.handle.send_slot[(size_t)(first + t) * N + b_node] = pos;
         }
       }
       if (tid == 0) {
         meta[0] = p.call.num_tokens;
         meta[1] = count;
-        p.handle.node_count[b_node] = count;
+        node_counts[b_node] = count;
+        node_counts[N + b_node] = node_first;
       }
       if (tid < P) meta[2 + tid] = s_count[tid];
       for (int e = tid; e < E_node; e += blockDim.x) meta[2 + P + e] = s_expert[e];
@@ -466,9 +482,11 @@ __global__ void __launch_bounds__(kPrepThreads) inter_prepare_kernel(ep_internod
       }
     }
     if (__syncthreads_or(!ready)) return;
+    const int taken = k > 0 ? p.handle.recv_taken[b] : 0;  // rows from b of earlier rounds
     if (kMask && s_drop) {
       if (tid == 0) {
-        p.handle.recv_taken[b] = -1;
+        p.handle.recv_taken[b] = taken;
+        round_drop[b] = 1;
         if (!rank_masked(rmask, me, f))
           st_release_sys_u64(at<uint64_t>(fbase, IL.meta_ack) + (size_t)dn * P + my_local, epoch);
       }
@@ -476,7 +494,7 @@ __global__ void __launch_bounds__(kPrepThreads) inter_prepare_kernel(ep_internod
       const int* meta = reinterpret_cast<const int*>(fbase + IL.meta_recv + (size_t)dn * IL.meta_bytes);
       const int hdr = 2 + P + E_node;
       const int num_slots = ld_relaxed_sys(meta + 1);
-      if (tid < P) p.handle.matrix[(size_t)b * R + my_node * P + tid] = ld_relaxed_sys(meta + 2 + tid);
+      if (tid < P) round_counts[b * P + tid] = ld_relaxed_sys(meta + 2 + tid);
       if (tid == 0) p.handle.num_tokens_of[b] = ld_relaxed_sys(meta);
       for (int e = tid; e < E_loc; e += blockDim.x)
         atomicAdd(&p.group.expert_sum[e], ld_relaxed_sys(meta + 2 + P + my_local * E_loc + e));
@@ -487,62 +505,117 @@ __global__ void __launch_bounds__(kPrepThreads) inter_prepare_kernel(ep_internod
         const bool goes = (word >> my_local) & 1;
         const int pos = block_compact(goes, s_warp_count, count);
         if (goes) {
-          p.handle.recv_src[(size_t)b * T + pos] = word >> 8;
-          p.handle.recv_slot[(size_t)b * T + pos] = j;
+          p.handle.recv_src[(size_t)b * CT + taken + pos] = word >> 8;
+          p.handle.recv_slot[(size_t)b * CT + taken + pos] = j;
         }
       }
       __syncthreads();
       if (tid == 0) {
-        if (kMask) p.handle.recv_taken[b] = 0;
+        p.handle.recv_taken[b] = taken + count;
+        if (kMask) round_drop[b] = 0;
         st_release_sys_u64(at<uint64_t>(fbase, IL.meta_ack) + (size_t)dn * P + my_local, epoch);
       }
     }
   }
 
-  // The last block: offsets and totals; as forwarder, where each relayed slot lands on each local rank.
+  // The last block: the round's counts into the call's; as forwarder, where each relayed slot of the round lands on
+  // each local rank; after round 0, the call's rounds; after the last round, offsets, totals and the round table.
   if (!arrive_last(&p.group.state->prepare_done)) return;
-  if constexpr (kMask) {  // a dropped rank sends and receives nothing: its row and column of the counts are 0
+  const int* drop = round_drop;
+  if constexpr (kMask) {  // a dropped rank sends and receives nothing from its round on: its counts are 0
     for (int s = tid; s < R; s += blockDim.x) {
-      const bool gone = p.handle.recv_taken[s] < 0;
+      const bool gone = drop[s] != 0;
       for (int i = 0; i < P; ++i)
-        if (gone || p.handle.recv_taken[my_node * P + i] < 0) p.handle.matrix[(size_t)s * R + my_node * P + i] = 0;
+        if (gone || drop[my_node * P + i]) round_counts[s * P + i] = 0;
       if (gone) p.handle.num_tokens_of[s] = 0;
     }
     __syncthreads();
   }
-  if (tid == 0) {
+  int* round_rows = p.handle.round_rows;
+  for (int x = tid; x < R * P; x += blockDim.x) {
+    int* m = p.handle.matrix + (size_t)(x / P) * R + my_node * P + x % P;
+    *m = (k > 0 ? *m : 0) + round_counts[x];
+  }
+  for (int s = tid; s < R; s += blockDim.x)  // rows from s in this round
+    round_rows[(size_t)k * (2 * R + 1) + R + 1 + s] = round_counts[s * P + my_local];
+  if (tid < P) {  // where my rows start among local rank tid's rows of this round
+    int base = 0;
+    for (int s = 0; s < me; ++s) base += round_counts[s * P + tid];
+    p.handle.send_base[(size_t)k * P + tid] = base;
+  }
+  if (k == 0) {  // the call takes as many rounds as the rank with the most tokens needs (at least one)
+    if (tid == 0) s_rounds = 1;
+    __syncthreads();
+    for (int s = tid; s < R; s += blockDim.x) atomicMax(&s_rounds, (p.handle.num_tokens_of[s] + T - 1) / T);
+    __syncthreads();
+    if (tid == 0) *p.handle.num_rounds = s_rounds;
+  } else if (tid == 0) {
+    s_rounds = *p.handle.num_rounds;
+  }
+  __syncthreads();
+  const int rounds = s_rounds;
+  const bool last_round = k + 1 == rounds;
+  for (int e = tid; e < E_loc; e += blockDim.x) {  // expert counts summed over the rounds, aligned at the end
+    const int sum = (k > 0 ? p.handle.expert_counts[e] : 0) + p.group.expert_sum[e];
+    const int a = p.call.expert_alignment;
+    const int c = last_round ? (sum + a - 1) / a * a : sum;
+    p.handle.expert_counts[e] = c;
+    if (last_round && p.call.out_expert_counts) p.call.out_expert_counts[e] = c;
+    p.group.expert_sum[e] = 0;
+  }
+  if (last_round && tid == 0) {
     int offset = 0;
     for (int s = 0; s < R; ++s) {
       p.handle.recv_offset[s] = offset;
+      if (rounds == 1) round_rows[s] = round_rows[R + 1 + s] = offset;  // one round: the table is the offsets
       offset += p.handle.matrix[(size_t)s * R + me];
     }
     p.handle.recv_offset[R] = offset;
+    if (rounds == 1) round_rows[R] = offset;
     *p.handle.num_recv = offset;
     if (p.call.out_num_recv) *p.call.out_num_recv = offset;
   }
-  for (int e = tid; e < E_loc; e += blockDim.x) {
-    const int a = p.call.expert_alignment;
-    const int c = (p.group.expert_sum[e] + a - 1) / a * a;
-    p.handle.expert_counts[e] = c;
-    if (p.call.out_expert_counts) p.call.out_expert_counts[e] = c;
-    p.group.expert_sum[e] = 0;
+  if (last_round && rounds > 1) {  // the round table, as the one-node prepare builds it
+    __syncthreads();
+    if (tid < R) {  // source tid: its rows of each round go after its rows of the rounds before
+      int out = p.handle.recv_offset[tid];
+      for (int r = 0; r < rounds; ++r) {
+        int* base = round_rows + (size_t)r * (2 * R + 1) + R + 1;
+        const int rows = base[tid];
+        base[tid] = out;
+        out += rows;
+      }
+    }
+    __syncthreads();
+    for (int r = tid; r < rounds; r += blockDim.x) {  // where each source's rows start among the round's rows
+      int* table = round_rows + (size_t)r * (2 * R + 1);
+      const int* next_base = r + 1 < rounds ? table + (2 * R + 1) + R + 1 : p.handle.recv_offset + 1;
+      int offset = 0;
+      for (int s = 0; s < R; ++s) {
+        table[s] = offset;
+        offset += next_base[s] - table[R + 1 + s];
+      }
+      table[R] = offset;
+    }
   }
-  // As forwarder: where slot j of each remote source node lands on each local rank i (its absolute row in i's
-  // received order, or -1), by a block-wide scan per local rank over the slots. kMask: a dropped source relayed
-  // nothing (its meta_recv is stale), and a dropped local rank gets no slot.
+  // As forwarder: where slot j of each remote source node lands on each local rank i (its row among i's rows of
+  // the round, or -1), by a block-wide scan per local rank over the slots. kMask: a dropped source relayed nothing
+  // (its meta_recv is stale), and a dropped local rank gets no slot.
   int keep = -1;  // local ranks that take slots, a bit each
   if constexpr (kMask) {
     keep = 0;
-    for (int i = 0; i < P; ++i) keep |= (p.handle.recv_taken[my_node * P + i] >= 0) << i;
+    for (int i = 0; i < P; ++i) keep |= (drop[my_node * P + i] == 0) << i;
   }
+  int* fwd_counts = p.handle.fwd_count + (size_t)k * 2 * N;  // this round's [N] counts, then [N] starts
   for (int dn = 0; dn < N - 1; ++dn) {
-    const int n = node_at(my_node, dn, N), s = n * P + my_local;
+    const int m = node_at(my_node, dn, N), s = m * P + my_local;
     const int* meta = reinterpret_cast<const int*>(imine + IL.meta_recv + (size_t)dn * IL.meta_bytes);
     const int hdr = 2 + P + E_node;
-    const int num_slots = kMask && p.handle.recv_taken[s] < 0 ? 0 : ld_relaxed_sys(meta + 1);
+    const int num_slots = kMask && drop[s] ? 0 : ld_relaxed_sys(meta + 1);
+    const int fwd_first = k > 0 ? fwd_counts[-N + m] + fwd_counts[-2 * N + m] : 0;
     if (tid < P) {
-      int row = 0;  // rows of sources before s on local rank tid
-      for (int s2 = 0; s2 < s; ++s2) row += p.handle.matrix[(size_t)s2 * R + my_node * P + tid];
+      int row = 0;  // rows of sources before s on local rank tid in this round
+      for (int s2 = 0; s2 < s; ++s2) row += round_counts[s2 * P + tid];
       s_count[tid] = row;
     }
     __syncthreads();
@@ -550,7 +623,7 @@ __global__ void __launch_bounds__(kPrepThreads) inter_prepare_kernel(ep_internod
 #pragma unroll
     for (int i = 0; i < kMaxLocal; ++i) next[i] = i < P ? s_count[i] : 0;
     __syncthreads();
-    int* out = p.handle.fwd_row + (size_t)n * T * P;
+    int* out = p.handle.fwd_row + ((size_t)m * CT + fwd_first) * P;
     for (int base = 0; base < num_slots; base += blockDim.x) {
       const int j = base + tid;
       const int word = j < num_slots ? ld_relaxed_sys(meta + hdr + j) & keep : 0;
@@ -561,7 +634,10 @@ __global__ void __launch_bounds__(kPrepThreads) inter_prepare_kernel(ep_internod
         if (j < num_slots) out[(size_t)j * P + i] = pos;
       }
     }
-    if (tid == 0) p.handle.fwd_count[n] = num_slots;
+    if (tid == 0) {
+      fwd_counts[m] = num_slots;
+      fwd_counts[N + m] = fwd_first;
+    }
   }
   __syncthreads();
   // My node's ranks have read my meta_recv: the sources may overwrite it.
@@ -696,13 +772,19 @@ __device__ __noinline__ void post_rows(char* region, const char* stage, const in
 // waited for nor acknowledged. Waits on my own stage stay fatal: only this rank writes it.
 template <bool kMask>
 __global__ void __launch_bounds__(kDispThreads, 1) inter_dispatch_kernel(ep_internode_launch_t p) {
-  __shared__ int s_offset[kMaxRanksShared + 1];
+  __shared__ int s_offset[kMaxRanksShared + 1];  // the round's rows from source s start at s_offset[s] among them,
+  __shared__ int s_base[kMaxRanksShared];        // at s_base[s] in my output,
+  __shared__ int s_taken[kMaxRanksShared];       // at s_taken[s] in my copy of s's lists (recv_src, recv_slot)
   const ep_normal_region_t& L = p.group.region;
   const ep_internode_region_t& IL = p.inter.region;
   const int R = p.group.num_ranks, me = p.group.rank, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int P = p.inter.ranks_per_node, N = p.inter.num_nodes, my_node = p.inter.node, my_local = p.inter.local_rank;
   const int T = L.max_tokens, NC = IL.num_chunks;
   const size_t xr = IL.x_row_bytes;
+  const int k = p.round, CT = L.call_tokens;
+  if (k > 0 && k >= *p.handle.num_rounds) return;  // the call takes fewer rounds
+  const bool last_round = k + 1 == *p.handle.num_rounds;
+  const int first_token = k * T;  // my tokens of the round: [first_token, first_token + T) within num_tokens
   const uint64_t epoch = p.group.state->dispatch_epoch + 1;
   char* mine = p.group.normal_base;
   char* imine = p.inter.inter_base;
@@ -716,21 +798,22 @@ __global__ void __launch_bounds__(kDispThreads, 1) inter_dispatch_kernel(ep_inte
   NORMAL_PROF_STAMP(g_inter_prof_dispatch, 1);
 
   // 1. Stage every token once (as intranode).
-  rows::stage_x<kDispWarps>(p, row, epoch);
+  rows::stage_x<kDispWarps>(p, row, epoch, first_token, max(0, min(T, p.call.num_tokens - first_token)));
   NORMAL_PROF_STAMP(g_inter_prof_dispatch, 2);
 
   // 2. Send: a block per (remote node m, chunk c of node_list[m]); each row once, then one signal per chunk.
   bool ok = true, posted = false;  // posted: this warp issued NIC puts (completed by quiet before the end)
-  const int send_units = num_units(p.handle.node_count, my_node, N);
+  const int* node_counts = p.handle.node_count + (size_t)k * 2 * N;  // this round's [N] counts, then [N] starts
+  const int send_units = num_units(node_counts, my_node, N);
   for (int u = blockIdx.x; u < send_units; u += gridDim.x) {
     int dn, c;
-    unit_of(p.handle.node_count, my_node, N, u, dn, c);
+    unit_of(node_counts, my_node, N, u, dn, c);
     const int m = node_at(my_node, dn, N), pe = m * P + my_local, back = node_dist(m, my_node, N);
     if constexpr (kMask) {  // one answer for the block: its warps meet at barriers below
       if (__syncthreads_or(tid == 0 && rank_masked(p.group.mask, me, pe))) continue;
     }
-    const int first = c * kChunk, end = min(p.handle.node_count[m], first + kChunk);
-    const int* tokens = p.handle.node_tokens + (size_t)m * T;
+    const int first = c * kChunk, end = min(node_counts[m], first + kChunk);
+    const int* tokens = p.handle.node_tokens + (size_t)m * CT + node_counts[N + m];  // within the round
     char* region = imine + IL.rdma_recv + (size_t)back * T * xr;  // my rows' region on pe (symmetric address)
     uint64_t* signal = at<uint64_t>(imine, IL.rdma_arrived) + (size_t)back * NC + c;
     char* mapped = p.inter.force_put ? nullptr : (char*)tp::peer_ptr(region, pe);
@@ -767,26 +850,35 @@ __global__ void __launch_bounds__(kDispThreads, 1) inter_dispatch_kernel(ep_inte
 
   // 3. Relay (forwarder role), one warp: a chunk that arrived from the rail peer of node n may be pulled by my
   //    node.
+  const int* fwd_counts = p.handle.fwd_count + (size_t)k * 2 * N;  // this round's [N] counts, then [N] starts
   if (ok && blockIdx.x == gridDim.x - 1 && warp == kDispWarps - 1) {
     if constexpr (kMask)
-      ok = relay_masked(imine + IL.rdma_arrived, imine + IL.fwd_ready, p.handle.fwd_count, my_node, N, NC, epoch,
+      ok = relay_masked(imine + IL.rdma_arrived, imine + IL.fwd_ready, fwd_counts, my_node, N, NC, epoch,
                         p.group.timeout_ns, p.group.error, p.group.mask, me, P, my_local, lane);
     else
-      ok = relay(imine + IL.rdma_arrived, imine + IL.fwd_ready, p.handle.fwd_count, my_node, N, NC, epoch,
-                 p.group.timeout_ns, p.group.error, me, P, my_local, lane);
+      ok = relay(imine + IL.rdma_arrived, imine + IL.fwd_ready, fwd_counts, my_node, N, NC, epoch, p.group.timeout_ns,
+                 p.group.error, me, P, my_local, lane);
   }
 
   // 4. Pull this block's share of my output rows, in output order (source rank, then token).
-  if (tid <= R) s_offset[tid] = p.handle.recv_offset[tid];
+  //    Round row i comes from source s, as its j-th row for me in the round.
+  const int* table = p.handle.round_rows + (size_t)k * (2 * R + 1);
+  if (tid <= R) s_offset[tid] = table[tid];
+  if (tid < R) {
+    s_base[tid] = table[R + 1 + tid];
+    s_taken[tid] = s_base[tid] - p.handle.recv_offset[tid];
+  }
   __syncthreads();
   NORMAL_PROF_STAMP(g_inter_prof_dispatch, 4);
-  const int num_recv = s_offset[R];  // an overflow is reported at the end (a recorded fault ends every wait)
-  const int per_block = (num_recv + gridDim.x - 1) / gridDim.x;
-  const int begin = blockIdx.x * per_block, end = min(num_recv, begin + per_block);
+  const int num_recv = p.handle.recv_offset[R];  // an overflow is reported at the end (a fault ends every wait)
+  const int num_rows = s_offset[R];
+  const int per_block = (num_rows + gridDim.x - 1) / gridDim.x;
+  const int begin = blockIdx.x * per_block, end = min(num_rows, begin + per_block);
   int ready_src = -1, ready_chunk = -1;
   for (int i = begin + warp; i < end && ok; i += kDispWarps) {
-    const int s = source_of(s_offset, R, i), k = i - s_offset[s];
-    const int t = p.handle.recv_src[(size_t)s * T + k];
+    const int s = source_of(s_offset, R, i), j = i - s_offset[s], out = s_base[s] + j;
+    const size_t entry = (size_t)s * CT + s_taken[s] + j;
+    const int t = p.handle.recv_src[entry];  // within the round
     const int s_node = s / P;
     const char* staged;
     const uint64_t* flag;
@@ -799,10 +891,10 @@ __global__ void __launch_bounds__(kDispThreads, 1) inter_dispatch_kernel(ep_inte
       peer = s;
       site = EP_SITE_DISPATCH_STAGED;
     } else {
-      const int f = my_node * P + s % P, dn = node_dist(my_node, s_node, N), j = p.handle.recv_slot[(size_t)s * T + k];
+      const int f = my_node * P + s % P, dn = node_dist(my_node, s_node, N), slot = p.handle.recv_slot[entry];
       char* fb = peer_inter(p, f);
-      staged = fb + IL.rdma_recv + ((size_t)dn * T + j) * xr;
-      chunk = j / kChunk;
+      staged = fb + IL.rdma_recv + ((size_t)dn * T + slot) * xr;
+      chunk = slot / kChunk;
       flag = at<uint64_t>(fb, IL.fwd_ready) + (size_t)dn * NC + chunk;
       peer = f;
       site = EP_SITE_DISPATCH_RELAY;
@@ -817,7 +909,7 @@ __global__ void __launch_bounds__(kDispThreads, 1) inter_dispatch_kernel(ep_inte
           break;
         }
         if (w == kWaitMasked) {  // asked again for its next row: a masked source answers at once
-          if (i < p.call.recv_capacity) rows::empty_x_row(p, i, lane);
+          if (out < p.call.recv_capacity) rows::empty_x_row(p, out, lane);
           continue;
         }
       } else {
@@ -831,10 +923,10 @@ __global__ void __launch_bounds__(kDispThreads, 1) inter_dispatch_kernel(ep_inte
       ready_src = s;
       ready_chunk = chunk;
     }
-    if (i < p.call.recv_capacity) rows::pull_x_row(p, row, staged, i, t, lane);
+    if (out < p.call.recv_capacity) rows::pull_x_row(p, row, staged, out, t, lane, first_token);
   }
-  if (posted) tp::quiet();  // x_stage is rewritten next call: our puts from it are complete
-  rows::graph_safe_tail(p, num_recv);
+  if (posted) tp::quiet();  // x_stage is rewritten next round or call: our puts from it are complete
+  if (last_round) rows::graph_safe_tail(p, num_recv);
   if (__syncthreads_or(!ok)) return;
   NORMAL_PROF_DONE(g_inter_prof_dispatch, 5);
 
@@ -857,7 +949,7 @@ __global__ void __launch_bounds__(kDispThreads, 1) inter_dispatch_kernel(ep_inte
   if (tid == 0) {
     p.group.state->dispatch_done = 0;
     p.group.state->dispatch_epoch = epoch;
-    if (num_recv > p.call.recv_capacity)
+    if (last_round && num_recv > p.call.recv_capacity)
       record_fault(p.group.error, EP_FAULT_RECV_OVERFLOW, me, -1, 0, num_recv, p.call.recv_capacity);
   }
   NORMAL_PROF_END(g_inter_prof_dispatch, me, kInterProfDispatch);
@@ -876,14 +968,18 @@ __global__ void __launch_bounds__(kCombThreads, 1) inter_combine_kernel(ep_inter
   constexpr int kUnroll = 16 / kSrc;
   __shared__ const char* s_src[kCombWarps][kMaxSources];
   __shared__ const float* s_wsrc[kCombWarps][kMaxSources];
-  __shared__ int s_offset[kMaxRanksShared + 1];
-  __shared__ int s_base[kMaxLocal];
+  __shared__ int s_offset[kMaxRanksShared + 1];  // the round's rows from source s start at s_offset[s] among them,
+  __shared__ int s_out[kMaxRanksShared];         // at s_out[s] in y
+  __shared__ int s_base[kMaxLocal];              // my rows start at s_base[i] among local rank i's rows of the round
   const ep_normal_region_t& L = p.group.region;
   const ep_internode_region_t& IL = p.inter.region;
   const int R = p.group.num_ranks, me = p.group.rank, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int P = p.inter.ranks_per_node, N = p.inter.num_nodes, my_node = p.inter.node, my_local = p.inter.local_rank;
   const int K = p.call.num_topk, H = p.call.hidden, T = L.max_tokens, NC = IL.num_chunks;
   const size_t yr = L.y_row_bytes;
+  const int k = p.round, CT = L.call_tokens;
+  if (k > 0 && k >= *p.handle.num_rounds) return;  // the call takes fewer rounds
+  const int first_token = k * T, end_token = min(p.call.num_tokens, first_token + T);  // my tokens of the round
   const uint64_t epoch = p.group.state->combine_epoch + 1;
   char* mine = p.group.normal_base;
   char* imine = p.inter.inter_base;
@@ -893,34 +989,37 @@ __global__ void __launch_bounds__(kCombThreads, 1) inter_combine_kernel(ep_inter
   NORMAL_PROF_STAMP(g_inter_prof_combine, 0);
 
   // Readers of my y_stage (my node) are done with the last call, and so are the sources of my last partials.
-  if (tid <= R) s_offset[tid] = p.handle.recv_offset[tid];  // visible after the waits' block barrier
+  const int* table = p.handle.round_rows + (size_t)k * (2 * R + 1);  // visible after the waits' block barrier
+  if (tid <= R) s_offset[tid] = table[tid];
+  if (tid < R) s_out[tid] = table[R + 1 + tid];
+  if (tid < P) s_base[tid] = p.handle.send_base[(size_t)k * P + tid];
   if (!wait_last_call_released<kMask>(p, at<uint64_t>(mine, L.combine_ack), at<uint64_t>(imine, IL.partial_free), epoch,
                                       EP_SITE_COMBINE_ACK, EP_SITE_PARTIAL_FREE))
     return;
   NORMAL_PROF_STAMP(g_inter_prof_combine, 1);
 
-  // 1. Stage the rows another rank of my node reads. Row i from source s is read by s's forwarder on my node,
-  //    local index s % P: when that is me (my own rows, and remote sources on my rail) it is read in place.
-  rows::stage_y<kCombWarps>(p, epoch, [&](int i) { return source_of(s_offset, R, i) % P == my_local; });
-  if (tid < P) {
-    int base = 0;
-    for (int s = 0; s < me; ++s) base += p.handle.matrix[(size_t)s * R + my_node * P + tid];
-    s_base[tid] = base;
-  }
+  // 1. Stage the rows of the round that another rank of my node reads. Row i from source s is read by s's forwarder
+  //    on my node, local index s % P: when that is me (my own rows, and remote sources on my rail) it is read in
+  //    place.
+  rows::stage_y<kCombWarps>(p, epoch, s_offset[R], [&](int i) {
+    const int s = source_of(s_offset, R, i);
+    return s % P == my_local ? -1 : s_out[s] + i - s_offset[s];
+  });
   __syncthreads();
   NORMAL_PROF_STAMP(g_inter_prof_combine, 2);
 
   bool ok = true, posted = false;
-  // Pointer to the copy of local rank i's row `row` (own rows in place), and its weights.
-  auto local_copy = [&](int i, int row, const float** w) -> const char* {
+  // Pointer to the copy of local rank i's row `row` of the round (own rows in place: source s's), and its weights.
+  auto local_copy = [&](int i, int row, int s, const float** w) -> const char* {
     if (i == my_local) {
-      if (row >= p.call.recv_capacity) {  // past an overflowed dispatch's rows y ends (reported): read stale stage
+      const int y = s_out[s] + row - s_offset[s];
+      if (y >= p.call.recv_capacity) {  // past an overflowed dispatch's rows y ends (reported): read stale stage
         const char* stale = mine + L.y_stage + (size_t)row * yr;
         *w = reinterpret_cast<const float*>(stale + H * 2);
         return stale;
       }
-      *w = with_weights ? p.call.y_weights + (size_t)row * K : nullptr;
-      return (const char*)p.call.y + (size_t)row * H * 2;
+      *w = with_weights ? p.call.y_weights + (size_t)y * K : nullptr;
+      return (const char*)p.call.y + (size_t)y * H * 2;
     }
     const char* r = peer_normal(p, my_node * P + i) + L.y_stage + (size_t)row * yr;
     *w = reinterpret_cast<const float*>(r + H * 2);
@@ -929,22 +1028,24 @@ __global__ void __launch_bounds__(kCombThreads, 1) inter_combine_kernel(ep_inter
 
   // 2. Forwarder: a block per (remote source node n, chunk c of its slots). Slot j's partial is the sum of my
   //    node's copies in ascending local rank, rounded once to bf16; one signal per chunk.
-  const int fwd_units = num_units(p.handle.fwd_count, my_node, N);
+  const int* fwd_counts = p.handle.fwd_count + (size_t)k * 2 * N;  // this round's [N] counts, then [N] starts
+  const int fwd_units = num_units(fwd_counts, my_node, N);
   for (int u = blockIdx.x; u < fwd_units; u += gridDim.x) {
     int dn, c;
-    unit_of(p.handle.fwd_count, my_node, N, u, dn, c);
+    unit_of(fwd_counts, my_node, N, u, dn, c);
     const int n = node_at(my_node, dn, N), pe = n * P + my_local, back = node_dist(n, my_node, N);
     if constexpr (kMask) {  // one answer for the block: its warps meet at barriers below
       if (__syncthreads_or(tid == 0 && rank_masked(p.group.mask, me, pe))) continue;
     }
-    const int first = c * kChunk, end = min(p.handle.fwd_count[n], first + kChunk);
+    const int first = c * kChunk, end = min(fwd_counts[n], first + kChunk);
+    const int* rows_of_slot = p.handle.fwd_row + ((size_t)n * CT + fwd_counts[N + n]) * P;
     char* region = imine + IL.partial_recv + (size_t)back * T * yr;  // the partials for node n on pe (symmetric)
     uint64_t* signal = at<uint64_t>(imine, IL.partial_arrived) + (size_t)back * NC + c;
     char* mapped = p.inter.force_put ? nullptr : (char*)tp::peer_ptr(region, pe);
     // Mapped: write the partials straight into pe's region. Otherwise into my partial_stage, then one put.
     char* out_base = mapped ? mapped : imine + IL.partial_stage + (size_t)dn * T * yr;
     for (int j = first + warp; j < end && ok; j += kCombWarps) {
-      int my_row = lane < P ? p.handle.fwd_row[((size_t)n * T + j) * P + lane] : -1;
+      int my_row = lane < P ? rows_of_slot[(size_t)j * P + lane] : -1;
       bool w = true;
       if (my_row >= 0 && lane != my_local) {
         const uint64_t* flag = at<uint64_t>(peer_normal(p, my_node * P + lane), L.y_staged) + my_row / kChunk;
@@ -958,7 +1059,7 @@ __global__ void __launch_bounds__(kCombThreads, 1) inter_combine_kernel(ep_inter
       if (my_row >= 0) {
         const int slot = __popc(have & ((1u << lane) - 1));
         const float* wp = nullptr;
-        s_src[warp][slot] = local_copy(lane, my_row, &wp);
+        s_src[warp][slot] = local_copy(lane, my_row, pe, &wp);
         s_wsrc[warp][slot] = wp;
       }
       __syncwarp();
@@ -990,7 +1091,7 @@ __global__ void __launch_bounds__(kCombThreads, 1) inter_combine_kernel(ep_inter
   // 3. Source: each of my tokens = biases + my node's copies (ascending local rank) + the remote partials
   //    (ascending node), in fp32, rounded once.
   const int gwarp = blockIdx.x * kCombWarps + warp, nwarps = gridDim.x * kCombWarps;
-  for (int t = gwarp; t < p.call.num_tokens && ok; t += nwarps) {
+  for (int t = first_token + gwarp; t < end_token && ok; t += nwarps) {
     int ref = -1;  // lanes [0, P): row on local rank `lane`; lanes [kMaxLocal, kMaxLocal + N): slot on node
     bool w = true;
     if (lane < P) {
@@ -1024,7 +1125,7 @@ __global__ void __launch_bounds__(kCombThreads, 1) inter_combine_kernel(ep_inter
       const float* wp = nullptr;
       const char* src;
       if (lane < kMaxLocal) {
-        src = local_copy(lane, ref, &wp);
+        src = local_copy(lane, ref, me, &wp);
       } else {
         const int dn = node_dist(my_node, lane - kMaxLocal, N);
         src = imine + IL.partial_recv + ((size_t)dn * T + ref) * yr;

@@ -34,6 +34,9 @@
  *                   graph-safe) against the reference with R-1's experts dropped and, since a token crosses nodes
  *                   only through its rail peer, every expert of R-1's node dropped from the tokens of the ranks
  *                   whose rail peer there R-1 is. Then the unmask, after which a prepare is refused.
+ *   internode-hand-rounds
+ *                   internode-hand in a group whose config.normal_region_bytes holds HAND_ROUND_TOKENS (16) tokens a
+ *                   round in both regions: the cases of up to 48 tokens run in up to three rounds.
  *   internode-dispatch-death, internode-combine-death
  *                   normal-dispatch-death and normal-combine-death on those two nodes: the survivors' calls succeed
  *                   within the budget plus a slack, no survivor masks another, the combine is the reference's with
@@ -54,10 +57,12 @@
 #include "gpu/ll_round.h"
 #include "gpu/normal_runs.h"
 #include "gpu/test_util.h"
+#include "kernels/internode_region.h"
 
 #define BUDGET_S 1.0       /* config.timeout_seconds of the death modes */
 #define HAND_BUDGET_S 10.0 /* of the hand mode, where no wait runs out: a rank late by a moment is not masked */
 #define SLACK_S 2.0        /* a call's outcome may come this long after the budget */
+#define HAND_ROUND_TOKENS 16 /* tokens a round of internode-hand-rounds */
 #define ROUNDS_AFTER_DEATH 100
 #define PARTITION_DELAY_S 0.25 /* normal-partition-death: rank 0 starts its dispatch this late */
 
@@ -220,7 +225,8 @@ static ll_shape_t shape_of(const ctx_t* c, int fp8, int hook) {
   return k;
 }
 
-static int create(ctx_t* c, const harness_t* h, int mask_on, double budget, int rpn) {
+/* round_tokens > 0 (virtual nodes only): the normal path's pool holds that many tokens a round. */
+static int create(ctx_t* c, const harness_t* h, int mask_on, double budget, int rpn, int round_tokens) {
   memset(c, 0, sizeof(*c));
   c->h = h;
   c->rpn = rpn;
@@ -233,6 +239,10 @@ static int create(ctx_t* c, const harness_t* h, int mask_on, double budget, int 
   cfg.ll_max_tokens_per_rank = k_shape.T;
   cfg.timeout_seconds = budget;
   cfg.mask_failed_ranks = mask_on;
+  if (round_tokens > 0 && rpn > 0)
+    cfg.normal_region_bytes =
+        ep_normal_region(h->num_ranks, cfg.num_experts, round_tokens, cfg.hidden, cfg.max_topk).total_bytes +
+        ep_internode_region(h->num_ranks, rpn, cfg.num_experts, round_tokens, cfg.hidden, cfg.max_topk).total_bytes;
   const ep_status_t st = harness_group_create(h, &cfg, &c->g);
   CHECK(st == EP_STATUS_SUCCESS, "rank %d: ep_group_create: %s: %s", h->rank, ep_status_string(st),
         ep_last_error(NULL));
@@ -772,10 +782,11 @@ int main(int argc, char** argv) {
   else if (strcmp(mode, "normal-partition-death") == 0) death = DEATH_NORMAL_PARTITION;
   else if (strcmp(mode, "internode-dispatch-death") == 0) death = DEATH_INTERNODE_DISPATCH;
   else if (strcmp(mode, "internode-combine-death") == 0) death = DEATH_INTERNODE_COMBINE;
-  else if (strcmp(mode, "hand") != 0 && strcmp(mode, "internode-hand") != 0) {
+  else if (strcmp(mode, "hand") != 0 && strcmp(mode, "internode-hand") != 0 &&
+           strcmp(mode, "internode-hand-rounds") != 0) {
     fprintf(stderr, "usage: test_masking [hand|dispatch-death|combine-death|no-mask-death|normal-dispatch-death|"
-                    "normal-combine-death|normal-partition-death|internode-hand|internode-dispatch-death|"
-                    "internode-combine-death]\n");
+                    "normal-combine-death|normal-partition-death|internode-hand|internode-hand-rounds|"
+                    "internode-dispatch-death|internode-combine-death]\n");
     return TEST_FAIL;
   }
   harness_t h;
@@ -793,8 +804,10 @@ int main(int argc, char** argv) {
   }
   const uint64_t seed = harness_seed(&h, "test_masking");
   ctx_t c;
-  const int hand = strcmp(mode, "hand") == 0 || strcmp(mode, "internode-hand") == 0;
-  if (create(&c, &h, death != DEATH_NO_MASK, hand ? HAND_BUDGET_S : BUDGET_S, internode ? h.num_ranks / 2 : 0) != 0)
+  const int round_tokens = strcmp(mode, "internode-hand-rounds") == 0 ? HAND_ROUND_TOKENS : 0;
+  const int hand = strcmp(mode, "hand") == 0 || strcmp(mode, "internode-hand") == 0 || round_tokens > 0;
+  if (create(&c, &h, death != DEATH_NO_MASK, hand ? HAND_BUDGET_S : BUDGET_S, internode ? h.num_ranks / 2 : 0,
+             round_tokens) != 0)
     return TEST_FAIL;
   c.seed = seed;
   if (hand && internode) {
