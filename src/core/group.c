@@ -91,9 +91,10 @@ static ep_status_t check_config(const ep_group_config_t* c, int num_ranks) {
       need += ep_internode_region(num_ranks, c->ranks_per_node, c->num_experts, 1, c->hidden, c->max_topk).total_bytes;
     if (c->normal_region_bytes < need)
       return ep_fail(NULL, EP_STATUS_INVALID_ARGUMENT,
-                     "%s: config.normal_region_bytes is %zu; one token of hidden %d and top-k %d among %d ranks "
-                     "(%d nodes) needs %zu (0 = sized from the hints)",
-                     fn, c->normal_region_bytes, c->hidden, c->max_topk, num_ranks, num_nodes, need);
+                     "%s: config.normal_region_bytes is %zu; one token of hidden %d and top-k %d among %d ranks%s "
+                     "needs %zu (0 = sized from the hints)",
+                     fn, c->normal_region_bytes, c->hidden, c->max_topk, num_ranks,
+                     num_nodes > 1 ? " (both regions of several nodes)" : "", need);
   }
   return EP_STATUS_SUCCESS;
 }
