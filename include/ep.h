@@ -194,8 +194,8 @@ typedef struct ep_group_config {
   size_t normal_region_bytes;  /* symmetric bytes of the normal path; 0 = sized to hold max_tokens_per_rank tokens
                                   of hidden and max_topk. Otherwise the region holds as many tokens per round as
                                   fit (for hidden and max_topk above), and a call of more tokens, up to
-                                  max_tokens_per_rank, runs in rounds inside the kernels with the same results.
-                                  One node only (the internode path sizes its buffers from the hints) */
+                                  max_tokens_per_rank, runs in rounds with the same results. On several nodes
+                                  the pool holds the intranode and the internode regions together */
   size_t ll_region_bytes;      /* low-latency buffer in bytes (DeepEP's num_rdma_bytes in low-latency mode); 0 = sized
                                   from the hints (ep_ll_buffer_size_hint). Else the LL buffer is this many bytes
                                   (at least what one token of hidden 128 needs), every LL dispatch lays it out for
