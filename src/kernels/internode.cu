@@ -979,7 +979,8 @@ __global__ void __launch_bounds__(kCombThreads, 1) inter_combine_kernel(ep_inter
   const size_t yr = L.y_row_bytes;
   const int k = p.round, CT = L.call_tokens;
   if (k > 0 && k >= *p.handle.num_rounds) return;  // the call takes fewer rounds
-  const int first_token = k * T, end_token = min(p.call.num_tokens, first_token + T);  // my tokens of the round
+  // My tokens of the round: [first_token, end_token).
+  const int first_token = k * T, end_token = min(p.call.num_tokens, first_token + T);
   const uint64_t epoch = p.group.state->combine_epoch + 1;
   char* mine = p.group.normal_base;
   char* imine = p.inter.inter_base;

@@ -107,8 +107,9 @@ static inline EP_HD ep_internode_regions_t ep_internode_regions(int num_ranks, i
     int hi = most;
     while (lo < hi) {
       const int mid = lo + (hi - lo + 1) / 2;
-      const size_t bytes = ep_normal_region(num_ranks, num_experts, mid, hidden, max_topk).total_bytes +
-                           ep_internode_region(num_ranks, ranks_per_node, num_experts, mid, hidden, max_topk).total_bytes;
+      const size_t bytes =
+          ep_normal_region(num_ranks, num_experts, mid, hidden, max_topk).total_bytes +
+          ep_internode_region(num_ranks, ranks_per_node, num_experts, mid, hidden, max_topk).total_bytes;
       if (bytes <= pool_bytes) lo = mid;
       else hi = mid - 1;
     }

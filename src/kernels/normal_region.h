@@ -128,7 +128,7 @@ typedef struct ep_normal_handle_view {
                        slot's round, or -1 */
   int* send_base;   /* [max_rounds][P]: where my rows start among local rank i's rows of round k */
   int* round_counts; /* [R][P]: the prepare's scratch: rows from rank s to local rank i in the running round */
-  int* round_drop;  /* [R]: the prepare's scratch, rank mask only: 1 once this rank dropped rank s */
+  int* round_drop;   /* [R]: the prepare's scratch, rank mask only: 1 once this rank dropped rank s */
 } ep_normal_handle_view_t;
 
 /* Where each array of a normal handle lives in `memory` (NULL: nowhere, only the size is wanted), for a group of
@@ -139,12 +139,13 @@ static inline size_t ep_normal_handle_carve(const ep_normal_region_t* l, int num
   const size_t R = (size_t)l->num_ranks, T = (size_t)l->call_tokens, E_loc = (size_t)l->num_local_experts;
   const size_t N = (size_t)num_nodes, P = (size_t)ranks_per_node, rounds = (size_t)l->max_rounds;
   ep_normal_handle_view_t v;
-  int** const arrays[] = {&v.send_pos,    &v.matrix,     &v.num_tokens_of, &v.recv_src,   &v.recv_offset,
-                          &v.num_recv,    &v.expert_counts, &v.num_rounds, &v.recv_taken,   &v.round_rows,
-                          &v.recv_slot,   &v.send_slot,  &v.node_tokens,   &v.node_count, &v.fwd_count,
-                          &v.fwd_row,     &v.send_base,  &v.round_counts,  &v.round_drop};
-  const size_t ints[] = {T * R, R * R, R, R * T, R + 1, 1, E_loc, 1, R, rounds * (2 * R + 1),
-                         R * T, T * N, N * T, rounds * 2 * N, rounds * 2 * N, N * T * P, rounds * P, R * P, R};
+  int** const arrays[] = {&v.send_pos,  &v.matrix,        &v.num_tokens_of, &v.recv_src,   &v.recv_offset,
+                          &v.num_recv,  &v.expert_counts, &v.num_rounds,    &v.recv_taken, &v.round_rows,
+                          &v.recv_slot, &v.send_slot,     &v.node_tokens,   &v.node_count, &v.fwd_count,
+                          &v.fwd_row,   &v.send_base,     &v.round_counts,  &v.round_drop};
+  const size_t ints[] = {
+      T * R, R * R, R,     R * T,          R + 1,          1,         E_loc,      1,     R, rounds * (2 * R + 1),
+      R * T, T * N, N * T, rounds * 2 * N, rounds * 2 * N, N * T * P, rounds * P, R * P, R};
   const int count = (int)(sizeof(ints) / sizeof(ints[0]));
   const int used = num_nodes > 1 ? count : 10; /* the first ten serve one node */
   size_t bytes = 0;

@@ -81,15 +81,15 @@ static void test_internode_pool(void) {
     for (int T = 1; T <= 300; T += 11) {
       const size_t exact = both_regions(R, P, E, T, 7168, 8);
       const ep_internode_regions_t r = ep_internode_regions(R, P, E, exact, 4096, 7168, 8);
-      CHECK(r.normal.max_tokens == T && r.inter.max_tokens == T, "R %d P %d: %zu bytes hold T %d / %d, want %d", R,
-            P, exact, r.normal.max_tokens, r.inter.max_tokens, T);
-      CHECK(r.normal.call_tokens == 4096 && r.normal.max_rounds == (4096 + T - 1) / T, "R %d, T %d: %d rounds of %d",
-            R, T, r.normal.max_rounds, r.normal.call_tokens);
-      CHECK(r.normal.total_bytes + r.inter.total_bytes == exact, "R %d, T %d: the regions take %zu of %zu bytes", R,
-            T, r.normal.total_bytes + r.inter.total_bytes, exact);
+      CHECK(r.normal.max_tokens == T && r.inter.max_tokens == T, "R %d P %d: %zu bytes hold T %d / %d, want %d", R, P,
+            exact, r.normal.max_tokens, r.inter.max_tokens, T);
+      CHECK(r.normal.call_tokens == 4096 && r.normal.max_rounds == (4096 + T - 1) / T, "R %d, T %d: %d rounds of %d", R,
+            T, r.normal.max_rounds, r.normal.call_tokens);
+      CHECK(r.normal.total_bytes + r.inter.total_bytes == exact, "R %d, T %d: the regions take %zu of %zu bytes", R, T,
+            r.normal.total_bytes + r.inter.total_bytes, exact);
       const ep_internode_regions_t less = ep_internode_regions(R, P, E, exact - 1, 4096, 7168, 8);
-      CHECK(less.normal.max_tokens == T - 1, "R %d: %zu bytes hold T %d, want %d", R, exact - 1,
-            less.normal.max_tokens, T - 1);
+      CHECK(less.normal.max_tokens == T - 1, "R %d: %zu bytes hold T %d, want %d", R, exact - 1, less.normal.max_tokens,
+            T - 1);
       /* The intranode region alone for T is not enough: the internode one counts too. */
       const ep_internode_regions_t intra_only =
           ep_internode_regions(R, P, E, ep_normal_region(R, E, T, 7168, 8).total_bytes, 4096, 7168, 8);
