@@ -135,6 +135,18 @@ class Config:
                 f"{self.num_max_rdma_chunked_recv_tokens})")
 
 
+def normal_sizes(one_node, num_nvl_bytes, num_rdma_bytes, max_tokens_per_rank):
+    """(config.max_tokens_per_rank, config.normal_region_bytes) of a Buffer. With the max_tokens_per_rank hint: the
+    hint, and regions sized from the hints. Else DeepEP's byte sizes are the pool of the normal path's regions:
+    num_nvl_bytes on one node, num_nvl_bytes + num_rdma_bytes on several (DeepEP's NVLink and RDMA buffers of its
+    internode path); calls of up to POOL_MAX_TOKENS_PER_RANK tokens run in rounds of what it holds. No bytes:
+    DEFAULT_MAX_TOKENS_PER_RANK, sized from the hints."""
+    if max_tokens_per_rank is not None:
+        return max_tokens_per_rank, 0
+    pool = num_nvl_bytes if one_node else num_nvl_bytes + num_rdma_bytes
+    return (POOL_MAX_TOKENS_PER_RANK, pool) if pool > 0 else (DEFAULT_MAX_TOKENS_PER_RANK, 0)
+
+
 def _align128(n):
     return (n + 127) // 128 * 128
 
@@ -290,16 +302,8 @@ class Buffer(NormalPath, LowLatencyPath, ExpertMapPath, metaclass=_BufferType):
                 hosts = [None] * size
                 dist.all_gather_object(hosts, host_id(), group=group)
             ranks_per_node = ranks_per_node_of(fn, hosts)
-        # DeepEP's byte sizes: the normal path's regions are a pool of num_nvl_bytes on one node, and of
-        # num_nvl_bytes + num_rdma_bytes on several (DeepEP's NVLink and RDMA buffers of its internode path), and
-        # calls run in rounds of what it holds.
-        one_node = ranks_per_node in (0, size)
-        pool_bytes = num_nvl_bytes if one_node else num_nvl_bytes + num_rdma_bytes
-        normal_region_bytes = 0
-        if max_tokens_per_rank is None:
-            max_tokens_per_rank = DEFAULT_MAX_TOKENS_PER_RANK
-            if pool_bytes > 0:
-                max_tokens_per_rank, normal_region_bytes = POOL_MAX_TOKENS_PER_RANK, pool_bytes
+        max_tokens_per_rank, normal_region_bytes = normal_sizes(ranks_per_node in (0, size), num_nvl_bytes,
+                                                                num_rdma_bytes, max_tokens_per_rank)
         uid = _capi.UniqueId()
         payload = None
         if rank == 0:
