@@ -15,6 +15,12 @@
 //    put, then fence and a put-with-signal for the last run. Puts are completed (quiet) before the kernel ends.
 // Both ways the data is visible at the target before the signal, and only the target reads the signal.
 //
+// Rounds (docs/internode.md 1.5.1): a call of more tokens than the regions hold runs in rounds of T tokens, one
+// launch of each kernel per round (p.round); every launch is one step of the protocol with its own epoch, over
+// tokens [k*T, k*T + T) of every rank, and a launch past the call's rounds (decided by round 0 of the prepare)
+// returns at once. Slots, lists and staged rows count from the start of their round; the handle's round tables
+// place each round's rows in the output of one big call.
+//
 // Progress assumption: inside one kernel, blocks wait on flags that other blocks of the same kernel set (a puller
 // on the stage flags of another block, the forwarder's last block on its local peers). Every block of a grid must
 // therefore be resident at once: the host clamps the dispatch and combine grids to the SMs this process can use

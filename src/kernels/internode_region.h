@@ -6,7 +6,8 @@
  * token staged once) and y_stage (every received row staged once). Everything that crosses nodes lives here.
  * Rank r = (node r / P, local index r % P); traffic between nodes stays on one rail: local index l talks only
  * to local index l of other nodes. Arrays indexed by another node use the node distance
- * dist(n) = (n - my_node + N) mod N - 1, so they have N-1 entries ("[N-1]" below).
+ * dist(n) = (n - my_node + N) mod N - 1, so they have N-1 entries ("[N-1]" below). T is the tokens of one round
+ * (ep_internode_regions below); slots and tokens here count from the start of their round.
  *
  *   uint64 meta_arrived[N-1]        signal, set by the rail peer's metadata put: prepare epoch
  *   uint64 meta_ready[N-1]          set by me (forwarder) after meta_arrived: my node's ranks may read meta_recv

@@ -17,7 +17,8 @@
  * holds). A call of more tokens runs ceil(max over ranks of num_tokens / T) rounds inside each kernel, each round
  * one step of the protocol above with its own epoch, over tokens [k*T, k*T + T) of every rank. Receivers write the
  * rows of source s in round k at s's output offset plus s's rows of earlier rounds (the handle's round table), so
- * the output is in the order of one big call: source-rank major, token order within a source.
+ * the output is in the order of one big call: source-rank major, token order within a source. (Several nodes: one
+ * round per launch of each kernel, docs/internode.md 1.5.1.)
  *
  *   uint64 count_matrix[R][R+1]   row s from rank s: (epoch << 32 | tokens s sends to rank d), then s's num_tokens
  *   uint64 expert_counts[R][E_loc] from rank s: (epoch << 32 | s's tokens for each of my local experts)
