@@ -113,8 +113,9 @@ typedef struct ep_normal_handle_view {
   int* num_recv;      /* [1] */
   int* expert_counts; /* [E_loc], aligned */
   int* num_rounds;    /* [1]: rounds of the prepared call, the same on every rank */
-  int* recv_taken;    /* [R]: rows from s in the rounds prepared so far (prepare's running count); with the rank
-                         mask, -1 after the prepare when its block dropped source s */
+  int* recv_taken;    /* [R]: rows from s in the rounds prepared so far (prepare's running count); one node with
+                         the rank mask: -1 after the prepare when its block dropped source s (several nodes keep
+                         that verdict in round_drop) */
   int* round_rows;    /* [max_rounds][2R + 1]: round k: where rows from s start among the round's rows [R + 1],
                          then where they go in my output [R] (recv_offset[s] plus s's rows of earlier rounds) */
   /* With num_nodes > 1 only (NULL otherwise). Slots and rows are counted within their round, as send_pos; the
