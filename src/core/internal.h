@@ -235,6 +235,8 @@ struct ep_handle {
   bool prepared;
   int num_tokens, num_topk, num_experts;
   int num_recv_host;     /* received rows when the prepare was eager, else -1 */
+  int num_rounds_host;   /* several nodes, max_rounds > 1: the call's rounds when the prepare was eager, else -1 */
+  bool prepare_captured; /* a prepare of this handle was captured in a graph, whose replays re-prepare it unseen */
   int recv_rows_limit;   /* rows combine may read from its x: the last dispatch's recv_capacity (INT_MAX before) */
 };
 

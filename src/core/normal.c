@@ -38,6 +38,7 @@ ep_status_t ep_handle_create_in(ep_group_t group, void* memory, size_t bytes, ep
   ep_normal_handle_carve(&group->normal_region, group->num_nodes, group->ranks_per_node, memory, &h->arrays);
   h->group = group;
   h->num_recv_host = -1;
+  h->num_rounds_host = -1;
   if (!ep_live_add(h, EP_OBJECT_HANDLE)) {
     free(h);
     return ep_fail(group, EP_STATUS_OUT_OF_MEMORY, "%s: host allocation failed", fn);
@@ -210,6 +211,21 @@ static ep_intranode_launch_t intranode_launch(ep_group_t g, ep_handle_t h, const
   return p;
 }
 
+/* Whether work enqueued on `stream` now is captured into a graph (a failed query counts as captured). */
+static bool capturing(cudaStream_t stream) {
+  enum cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  return cudaStreamIsCapturing(stream, &status) != cudaSuccess || status != cudaStreamCaptureStatusNone;
+}
+
+/* The launches of an internode dispatch or combine, one per round (internode.cu): the group's max_rounds, of which
+ * those past the call's rounds return at once. After an eager prepare the host knows the call's rounds and launches
+ * only those, unless the stream is being captured (a graph must hold every round a later prepare may take) or a
+ * prepare of this handle ever was (a replay re-prepares it without the host knowing). */
+static int internode_rounds(ep_group_t g, ep_handle_t h, cudaStream_t stream) {
+  if (h->num_rounds_host <= 0 || h->prepare_captured || capturing(stream)) return g->normal_region.max_rounds;
+  return h->num_rounds_host;
+}
+
 static ep_internode_launch_t internode_launch(ep_group_t g, ep_handle_t h, const ep_normal_call_t* call) {
   ep_internode_launch_t p;
   memset(&p, 0, sizeof(p));
@@ -267,6 +283,7 @@ ep_status_t ep_dispatch_prepare(ep_group_t group, ep_handle_t handle, const ep_d
   handle->num_topk = a->num_topk;
   handle->num_experts = a->num_experts;
   handle->num_recv_host = -1;
+  handle->num_rounds_host = -1;
   handle->recv_rows_limit = INT_MAX;
   ep_normal_call_t call = base_call(group, handle, 0);
   call.expert_alignment = a->expert_alignment;
@@ -275,6 +292,8 @@ ep_status_t ep_dispatch_prepare(ep_group_t group, ep_handle_t handle, const ep_d
   call.num_tokens_per_expert = mask_form ? a->num_tokens_per_expert : NULL;
   call.out_num_recv = a->num_recv_tokens_dev;
   call.out_expert_counts = a->num_recv_tokens_per_expert_dev;
+  const bool in_rounds = group->num_nodes > 1 && group->normal_region.max_rounds > 1;
+  if (in_rounds && !handle->prepare_captured) handle->prepare_captured = capturing(stream);
   if (group->num_nodes > 1) {
     ep_internode_launch_t p = internode_launch(group, handle, &call);
     for (p.round = 0; p.round < group->normal_region.max_rounds; ++p.round)
@@ -299,8 +318,13 @@ ep_status_t ep_dispatch_prepare(ep_group_t group, ep_handle_t handle, const ep_d
     EP_CUDA_TRY(group, cudaMemcpyAsync(a->num_recv_tokens_per_expert, handle->arrays.expert_counts,
                                        sizeof(int) * (size_t)(a->num_experts / group->num_ranks),
                                        cudaMemcpyDeviceToHost, stream));
+  int rounds = -1; /* the call's rounds, for the dispatch and combine launches (internode_rounds) */
+  if (in_rounds && !handle->prepare_captured)
+    EP_CUDA_TRY(group,
+                cudaMemcpyAsync(&rounds, handle->arrays.num_rounds, sizeof(int), cudaMemcpyDeviceToHost, stream));
   EP_CUDA_TRY(group, cudaStreamSynchronize(stream));
   handle->num_recv_host = *a->num_recv_tokens;
+  handle->num_rounds_host = rounds;
   return EP_STATUS_SUCCESS;
 }
 
@@ -389,8 +413,8 @@ ep_status_t ep_dispatch(ep_group_t group, ep_handle_t handle, const ep_dispatch_
   call.recv_src_idx = a->recv_src_idx;
   if (group->num_nodes > 1) {
     ep_internode_launch_t p = internode_launch(group, handle, &call);
-    for (p.round = 0; p.round < group->normal_region.max_rounds; ++p.round)
-      EP_CUDA_TRY(group, ep_launch_internode_dispatch(&p, stream));
+    const int rounds = internode_rounds(group, handle, stream);
+    for (p.round = 0; p.round < rounds; ++p.round) EP_CUDA_TRY(group, ep_launch_internode_dispatch(&p, stream));
   } else {
     const ep_intranode_launch_t p = intranode_launch(group, handle, &call);
     EP_CUDA_TRY(group, ep_launch_intranode_dispatch(&p, stream));
@@ -432,8 +456,8 @@ ep_status_t ep_combine(ep_group_t group, ep_handle_t handle, const ep_combine_ar
   call.combined_weights = a->combined_topk_weights;
   if (group->num_nodes > 1) {
     ep_internode_launch_t p = internode_launch(group, handle, &call);
-    for (p.round = 0; p.round < group->normal_region.max_rounds; ++p.round)
-      EP_CUDA_TRY(group, ep_launch_internode_combine(&p, stream));
+    const int rounds = internode_rounds(group, handle, stream);
+    for (p.round = 0; p.round < rounds; ++p.round) EP_CUDA_TRY(group, ep_launch_internode_combine(&p, stream));
   } else {
     const ep_intranode_launch_t p = intranode_launch(group, handle, &call);
     EP_CUDA_TRY(group, ep_launch_intranode_combine(&p, stream));

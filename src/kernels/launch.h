@@ -146,7 +146,7 @@ typedef struct ep_internode_launch {
   ep_normal_handle_view_t handle; /* its internode arrays included */
   ep_normal_call_t call;
   ep_internode_group_view_t inter;
-  int round; /* the round this launch runs (normal_region.h, "Rounds"): the host launches each kernel
+  int round; /* the round this launch runs (docs/internode.md 1.5.1): the host launches each kernel up to
                 region.max_rounds times; a launch past the prepared call's rounds returns at once */
 } ep_internode_launch_t;
 
