@@ -214,7 +214,9 @@ static ep_intranode_launch_t intranode_launch(ep_group_t g, ep_handle_t h, const
 /* Whether work enqueued on `stream` now is captured into a graph (a failed query counts as captured). */
 static bool capturing(cudaStream_t stream) {
   enum cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-  return cudaStreamIsCapturing(stream, &status) != cudaSuccess || status != cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(stream, &status) == cudaSuccess) return status != cudaStreamCaptureStatusNone;
+  (void)cudaGetLastError(); /* the launch that follows reports what is wrong with the stream */
+  return true;
 }
 
 /* The launches of an internode dispatch or combine, one per round (internode.cu): the group's max_rounds, of which
