@@ -441,22 +441,22 @@ static void check_prepare_refused(ctx_t* c, uint64_t seed, const char* name) {
 
 /* internode-hand: every rank masks R-1 by hand before the cases; after them the unmask, after which the normal path
  * refuses the group. */
-static void run_internode_hand(ctx_t* c) {
+static void run_internode_hand(ctx_t* c, const char* name) {
   const int R = c->h->num_ranks, me = c->h->rank, last = R - 1;
   EP_CHECK(c, ep_group_mask_rank(c->g, last, 1, c->s));
   c->masked[last] = 1;
   check_mask(c, "after masking by hand");
   const int cases = 16;
   const long failed = inter_masked_cases(c, 0, cases);
-  printf("masking internode-hand rank %d: %d internode cases (%d nodes of %d; BF16 and FP8; eager, cached, "
-         "graph-safe) with rank %d masked by hand, %ld failed\n",
-         me, cases, R / c->rpn, c->rpn, last, failed);
+  printf("masking %s rank %d: %d internode cases (%d nodes of %d; BF16 and FP8; eager, cached, graph-safe) with "
+         "rank %d masked by hand, %ld failed\n",
+         name, me, cases, R / c->rpn, c->rpn, last, failed);
   check_mask(c, "after the cases");
   CUDA_CHECK(cudaDeviceSynchronize());
   CHECK(harness_barrier(c->h, "before-unmask") == 0, "rank %d: harness barrier before-unmask", me);
   EP_CHECK(c, ep_group_mask_rank(c->g, last, 0, c->s));
   c->masked[last] = 0;
-  check_prepare_refused(c, c->seed, "internode-hand");
+  check_prepare_refused(c, c->seed, name);
 }
 
 /* ---- hand: every rank masks R-1, rounds, unmask, clean, rounds ---- */
@@ -811,7 +811,7 @@ int main(int argc, char** argv) {
     return TEST_FAIL;
   c.seed = seed;
   if (hand && internode) {
-    run_internode_hand(&c);
+    run_internode_hand(&c, mode);
     ep_handle_destroy(c.handle);
     ll_bufs_free(&c.b);
     CHECK(ep_group_destroy(c.g) == EP_STATUS_SUCCESS, "ep_group_destroy: %s", ep_last_error(NULL));
