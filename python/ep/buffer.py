@@ -135,15 +135,16 @@ class Config:
                 f"{self.num_max_rdma_chunked_recv_tokens})")
 
 
-def normal_sizes(one_node, num_nvl_bytes, num_rdma_bytes, max_tokens_per_rank):
+def normal_sizes(one_node, num_nvl_bytes, num_rdma_bytes, ll_region_bytes, max_tokens_per_rank):
     """(config.max_tokens_per_rank, config.normal_region_bytes) of a Buffer. With the max_tokens_per_rank hint: the
     hint, and regions sized from the hints. Else DeepEP's byte sizes are the pool of the normal path's regions:
     num_nvl_bytes on one node, num_nvl_bytes + num_rdma_bytes on several (DeepEP's NVLink and RDMA buffers of its
-    internode path); calls of up to POOL_MAX_TOKENS_PER_RANK tokens run in rounds of what it holds. No bytes:
-    DEFAULT_MAX_TOKENS_PER_RANK, sized from the hints."""
+    internode path) less ll_region_bytes (DeepEP's low-latency mode uses its RDMA buffer too, so the LL buffer and the
+    pool share those bytes and the Buffer takes no more than DeepEP's); calls of up to POOL_MAX_TOKENS_PER_RANK tokens
+    run in rounds of what it holds. No bytes: DEFAULT_MAX_TOKENS_PER_RANK, sized from the hints."""
     if max_tokens_per_rank is not None:
         return max_tokens_per_rank, 0
-    pool = num_nvl_bytes if one_node else num_nvl_bytes + num_rdma_bytes
+    pool = num_nvl_bytes if one_node else num_nvl_bytes + num_rdma_bytes - ll_region_bytes
     return (POOL_MAX_TOKENS_PER_RANK, pool) if pool > 0 else (DEFAULT_MAX_TOKENS_PER_RANK, 0)
 
 
@@ -303,7 +304,7 @@ class Buffer(NormalPath, LowLatencyPath, ExpertMapPath, metaclass=_BufferType):
                 dist.all_gather_object(hosts, host_id(), group=group)
             ranks_per_node = ranks_per_node_of(fn, hosts)
         max_tokens_per_rank, normal_region_bytes = normal_sizes(ranks_per_node in (0, size), num_nvl_bytes,
-                                                                num_rdma_bytes, max_tokens_per_rank)
+                                                                num_rdma_bytes, ll_region_bytes, max_tokens_per_rank)
         uid = _capi.UniqueId()
         payload = None
         if rank == 0:

@@ -417,14 +417,16 @@ def size_checks(ck):
     sizes, pool_max = buffer.normal_sizes, buffer.POOL_MAX_TOKENS_PER_RANK
     nvl, rdma = 1 << 30, 3 << 29
     ck.check("one node, DeepEP's bytes: num_nvl_bytes is the pool, calls up to the pool ceiling",
-             sizes(True, nvl, rdma, None) == (pool_max, nvl), sizes(True, nvl, rdma, None))
+             sizes(True, nvl, rdma, 0, None) == (pool_max, nvl), sizes(True, nvl, rdma, 0, None))
     ck.check("several nodes, DeepEP's bytes: num_nvl_bytes + num_rdma_bytes is the pool (rounds on both paths)",
-             sizes(False, nvl, rdma, None) == (pool_max, nvl + rdma), sizes(False, nvl, rdma, None))
-    ck.check("several nodes, RDMA bytes only: they are the pool", sizes(False, 0, rdma, None) == (pool_max, rdma))
+             sizes(False, nvl, rdma, 0, None) == (pool_max, nvl + rdma), sizes(False, nvl, rdma, 0, None))
+    ck.check("several nodes, RDMA bytes only: they are the pool", sizes(False, 0, rdma, 0, None) == (pool_max, rdma))
+    ck.check("several nodes, low-latency mode: the LL buffer's RDMA bytes are not pooled again (DeepEP's total)",
+             sizes(False, nvl, rdma, rdma, None) == (pool_max, nvl), sizes(False, nvl, rdma, rdma, None))
     ck.check("one node, RDMA bytes only: no pool (they are the LL buffer's), the default hint",
-             sizes(True, 0, rdma, None) == (buffer.DEFAULT_MAX_TOKENS_PER_RANK, 0), sizes(True, 0, rdma, None))
+             sizes(True, 0, rdma, rdma, None) == (buffer.DEFAULT_MAX_TOKENS_PER_RANK, 0), sizes(True, 0, rdma, rdma, None))
     ck.check("the max_tokens_per_rank hint: sized from the hints, on one node and on several",
-             sizes(True, nvl, rdma, 512) == (512, 0) and sizes(False, nvl, rdma, 512) == (512, 0))
+             sizes(True, nvl, rdma, 0, 512) == (512, 0) and sizes(False, nvl, rdma, 0, 512) == (512, 0))
 
 
 def main():
