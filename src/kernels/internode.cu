@@ -549,10 +549,17 @@ __global__ void __launch_bounds__(kPrepThreads) inter_prepare_kernel(ep_internod
     for (int s = 0; s < me; ++s) base += round_counts[s * P + tid];
     p.handle.send_base[(size_t)k * P + tid] = base;
   }
-  if (k == 0) {  // the call takes as many rounds as the rank with the most tokens needs (at least one)
-    if (tid == 0) s_rounds = 1;
+  // The call takes as many rounds as the rank with the most tokens needs (at least one). kMask: every round the
+  // group allows. A rank I dropped has no count here (it is 0), but a rank that did not drop it took its count:
+  // a remote source whose forwarder on my node is masked is dropped by my node alone, and a rank dying during the
+  // prepare reaches some ranks' counts and not others'. Ranks that decided different rounds would pair one call's
+  // later rounds with the next call's first ones (the epochs move on per launch). Only the group's limit is the
+  // same on every rank.
+  if (k == 0) {
+    if (tid == 0) s_rounds = kMask ? L.max_rounds : 1;
     __syncthreads();
-    for (int s = tid; s < R; s += blockDim.x) atomicMax(&s_rounds, (p.handle.num_tokens_of[s] + T - 1) / T);
+    for (int s = tid; s < R && !kMask; s += blockDim.x)
+      atomicMax(&s_rounds, (p.handle.num_tokens_of[s] + T - 1) / T);
     __syncthreads();
     if (tid == 0) *p.handle.num_rounds = s_rounds;
   } else if (tid == 0) {

@@ -36,7 +36,8 @@
  *                   whose rail peer there R-1 is. Then the unmask, after which a prepare is refused.
  *   internode-hand-rounds
  *                   internode-hand in a group whose config.normal_region_bytes holds HAND_ROUND_TOKENS (16) tokens a
- *                   round in both regions: the cases of up to 48 tokens run in up to three rounds.
+ *                   round in both regions: the cases of up to 48 tokens run in rounds (every round of the group's
+ *                   64 tokens, as with the mask a call takes them all); in cases 6 and 14 rank R/2-1 alone has 48.
  *   internode-dispatch-death, internode-combine-death
  *                   normal-dispatch-death and normal-combine-death on those two nodes: the survivors' calls succeed
  *                   within the budget plus a slack, no survivor masks another, the combine is the reference's with
@@ -271,12 +272,13 @@ static normal_ctx_t normal_ctx(const ctx_t* c) {
 }
 
 /* Case i of the masked normal runs: BF16 and FP8, top-k 4 and 8, random and repeating routing, a rank without
- * tokens, one token; always the cached dispatch too. */
+ * tokens, one rank with all the tokens (in internode-hand-rounds, the rank that reaches node 1 only through the
+ * masked R-1: node 1 has no count of it, node 0 has), one token; always the cached dispatch too. */
 static case_t normal_case(int i) {
   case_t k = {48, VARY_NONE, k_shape.hidden, 4, i & 1, TOPK_IDX_WEIGHTS, ROUTE_RANDOM, 1, 8, 1, 0, 1};
   if (i % 3 == 1) k.topk = 8;
   if (i % 4 == 1) k.routing = ROUTE_REPEAT;
-  if (i % 4 == 2) k.vary = VARY_LAST;
+  if (i % 4 == 2) k.vary = i % 8 == 6 ? VARY_PEAK : VARY_LAST;
   if (i % 8 == 3) k.tokens = 1;
   if (i % 4 == 3) k.alignment = 4;
   return k;
