@@ -558,8 +558,7 @@ __global__ void __launch_bounds__(kPrepThreads) inter_prepare_kernel(ep_internod
   if (k == 0) {
     if (tid == 0) s_rounds = kMask ? L.max_rounds : 1;
     __syncthreads();
-    for (int s = tid; s < R && !kMask; s += blockDim.x)
-      atomicMax(&s_rounds, (p.handle.num_tokens_of[s] + T - 1) / T);
+    for (int s = tid; s < R && !kMask; s += blockDim.x) atomicMax(&s_rounds, (p.handle.num_tokens_of[s] + T - 1) / T);
     __syncthreads();
     if (tid == 0) *p.handle.num_rounds = s_rounds;
   } else if (tid == 0) {
