@@ -117,13 +117,13 @@ static ep_internode_regions_t normal_regions_of(const ep_group_config_t* c, int 
 static const char* const k_agreed_fields[EP_CONFIG_RECORD_FIELDS] = {
     "config.ranks_per_node",      "config.num_experts", "config.hidden",
     "config.max_tokens_per_rank", "config.max_topk",    "config.ll_max_tokens_per_rank",
-    "symmetric workspace bytes"};
+    "symmetric workspace bytes",  "config.mask_failed_ranks"};
 
 /* num_sms, max_sms and timeout_seconds stay each rank's own: they size nothing another rank reads. */
 ep_config_record_t ep_config_record(ep_group_t g) {
   const ep_group_config_t* c = &g->config;
   ep_config_record_t r = {{g->ranks_per_node, c->num_experts, c->hidden, c->max_tokens_per_rank, c->max_topk,
-                           c->ll_max_tokens_per_rank, (int64_t)g->workspace_bytes}};
+                           c->ll_max_tokens_per_rank, (int64_t)g->workspace_bytes, c->mask_failed_ranks}};
   return r;
 }
 

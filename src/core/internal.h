@@ -134,8 +134,9 @@ cudaError_t ep_launch_mask_set(int32_t* mask, int rank, int value, cudaStream_t 
 bool ep_group_has_masked_rank(ep_group_t group);
 
 /* Config agreement at ep_group_create: the values every rank must share (those that size or place the symmetric
- * regions, and the workspace they add up to), as one record per rank. */
-#define EP_CONFIG_RECORD_FIELDS 7
+ * regions, and the workspace they add up to, and the rank mask, which picks the kernels' form: with it an internode
+ * call takes every round of the pool), as one record per rank. */
+#define EP_CONFIG_RECORD_FIELDS 8
 typedef struct ep_config_record {
   int64_t value[EP_CONFIG_RECORD_FIELDS];
 } ep_config_record_t;
