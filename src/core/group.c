@@ -115,8 +115,8 @@ static ep_internode_regions_t normal_regions_of(const ep_group_config_t* c, int 
 }
 
 static const char* const k_agreed_fields[EP_CONFIG_RECORD_FIELDS] = {
-    "config.ranks_per_node",      "config.num_experts", "config.hidden",
-    "config.max_tokens_per_rank", "config.max_topk",    "config.ll_max_tokens_per_rank",
+    "config.ranks_per_node",      "config.num_experts",      "config.hidden",
+    "config.max_tokens_per_rank", "config.max_topk",         "config.ll_max_tokens_per_rank",
     "symmetric workspace bytes",  "config.mask_failed_ranks"};
 
 /* num_sms, max_sms and timeout_seconds stay each rank's own: they size nothing another rank reads. */
