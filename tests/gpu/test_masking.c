@@ -36,8 +36,8 @@
  *                   whose rail peer there R-1 is. Then the unmask, after which a prepare is refused.
  *   internode-hand-rounds
  *                   internode-hand in a group whose config.normal_region_bytes holds HAND_ROUND_TOKENS (16) tokens a
- *                   round in both regions: the cases of up to 48 tokens run in rounds (every round of the group's
- *                   64 tokens, as with the mask a call takes them all); in cases 6 and 14 rank R/2-1 alone has 48.
+ *                   round in both regions: the cases of up to 48 tokens run in the 4 rounds of max_tokens_per_rank
+ *                   64 (with the mask a call takes every round); in cases 6 and 14 rank R/2-1 alone has 48.
  *   internode-dispatch-death, internode-combine-death
  *                   normal-dispatch-death and normal-combine-death on those two nodes: the survivors' calls succeed
  *                   within the budget plus a slack, no survivor masks another, the combine is the reference's with
