@@ -76,8 +76,9 @@ int normal_run_cuda_graph(const normal_ctx_t* c, int variant);
  * INTER_ROUND_TOKENS (virtual nodes of rpn ranks, both regions in the pool; `forced`: cross-node transfers as puts)
  * runs calls of more tokens in rounds; its cases (no tokens, one token short of a round, exactly one, three rounds
  * and five tokens, last rounds of one token, ranks or a whole node with no tokens, BF16 and FP8, with and without
- * top-k weights, eager and cached) and the BF16 CUDA graph must match the reference as with one round. Creates and
- * destroys its own group (the caller holds none); returns 1 when a check failed. */
+ * top-k weights, eager and cached) and the BF16 CUDA graph (on several nodes also the FP8 one, with eager calls on
+ * its handle between the replays) must match the reference as with one round. Creates and destroys its own group
+ * (the caller holds none); returns 1 when a check failed. */
 #define ROUND_TOKENS 40
 #define INTER_ROUND_TOKENS 64
 int normal_run_rounds(const harness_t* h, uint64_t seed, int rpn, int forced);
