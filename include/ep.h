@@ -194,8 +194,8 @@ typedef struct ep_group_config {
   size_t normal_region_bytes;  /* symmetric bytes of the normal path; 0 = sized to hold max_tokens_per_rank tokens
                                   of hidden and max_topk. Otherwise the region holds as many tokens per round as
                                   fit (for hidden and max_topk above), and a call of more tokens, up to
-                                  max_tokens_per_rank, runs in rounds inside the kernels with the same results.
-                                  One node only (the internode path sizes its buffers from the hints) */
+                                  max_tokens_per_rank, runs in rounds with the same results. On several nodes
+                                  the pool holds the intranode and the internode regions together */
   size_t ll_region_bytes;      /* low-latency buffer in bytes (DeepEP's num_rdma_bytes in low-latency mode); 0 = sized
                                   from the hints (ep_ll_buffer_size_hint). Else the LL buffer is this many bytes
                                   (at least what one token of hidden 128 needs), every LL dispatch lays it out for
@@ -203,8 +203,8 @@ typedef struct ep_group_config {
                                   fit; the num_experts and hidden hints then bound no LL call (num_experts only sizes
                                   the handles, with the experts that fit at the hidden hint if more).
                                   Needs ll_max_tokens_per_rank > 0 (T and max_topk still bound the calls) */
-  int mask_failed_ranks;       /* 1: the group keeps a rank mask (DeepEP's enable_shrink): a low-latency call, or a
-                                  normal-path call of a one-node group, whose wait on a peer runs out of the time
+  int mask_failed_ranks;       /* 1: the group keeps a rank mask (DeepEP's enable_shrink): a low-latency or
+                                  normal-path call whose wait on a peer runs out of the time
                                   budget masks that peer on this rank and succeeds without it, instead of failing
                                   the group; ep_group_mask_rank and the calls after it read and set the mask by
                                   hand (see "Rank mask" below).
@@ -321,16 +321,17 @@ EP_API ep_status_t ep_group_check(ep_group_t group, cudaStream_t stream);
  * EP_STATUS_INVALID_USAGE): the masked rank's acknowledgements and call numbers fell out of step, and the clean
  * restarts them on every rank. A group with a masked rank is destroyed on each rank alone (as a failed group:
  * NVSHMEM's collective shutdown needs every peer). Everything else stays fatal: bad data, a shape mismatch, a fault
- * a peer published, a timeout of the internode normal path or of ep_group_check.
+ * a peer published, a timeout of ep_group_check (docs/faults.md, "What stays fatal").
  *
- * The normal path of a one-node group honours the mask too. Its waits on a peer mask it as above; the prepare
+ * The normal path honours the mask too. Its waits on a peer mask it as above; the prepare
  * drops a token's top-k entries whose expert lives on a masked rank and takes 0 rows from a masked rank (the handle,
  * the counts and ep_handle_get_rank_prefix say so); dispatch and combine send nothing to masked ranks and wait for
  * nothing from them; a rank masked after the prepare leaves its rows of the dispatch empty (recv_topk_idx -1,
  * weights 0, recv_src_idx -1) and its copies out of the combine's sums. An unmask, once the group has made a
  * normal-path call, makes every later prepare / dispatch / combine EP_STATUS_UNSUPPORTED (its call epochs with
- * the rank fell out of step; a new group takes the rank back). The internode normal path does not read the mask
- * yet (docs/faults.md, "Masking failed ranks").
+ * the rank fell out of step; a new group takes the rank back). With several nodes a token reaches node m only
+ * through its source's rail peer there (the rank of m with the source's local index), so the prepare also drops
+ * every top-k entry of node m for a source whose rail peer on m is masked (docs/faults.md, "Masking failed ranks").
  * A group without config.mask_failed_ranks refuses these calls with EP_STATUS_INVALID_USAGE.
  * ------------------------------------------------------------------------------------------------------------ */
 

@@ -359,8 +359,9 @@ class LowLatencyPath:
         takes effect at the next clean_low_latency_buffer, which every rank must call before its next
         low_latency_dispatch (EpError otherwise). Needs enable_shrink=True (EpError otherwise).
 
-        The mask is the group's: the normal path of one node (dispatch, combine) honours it the same way, and after
-        an unmask, once the Buffer has used that path, raises EpError (a new Buffer takes the rank back)."""
+        The mask is the group's: the normal path (dispatch, combine; on several nodes with the rail-peer rule,
+        docs/faults.md) honours it the same way, and after an unmask, once the Buffer has used that path, raises
+        EpError (a new Buffer takes the rank back)."""
         fn = "low_latency_update_mask_buffer"
         g = self._alive(fn)
         int_arg(fn, "rank_to_mask", rank_to_mask, 0, self.group_size - 1, "the group size - 1")

@@ -2,13 +2,13 @@
 
 Code written against `deep_ep.Buffer` runs with `import ep as deep_ep`, with these differences:
 
-* Sizes: `Buffer(group, num_nvl_bytes, ...)` without `max_tokens_per_rank` (DeepEP's and Megatron-Core's call) on
-  one node gives the normal path a region of at most `num_nvl_bytes` bytes; calls of more tokens than it holds
-  run in rounds inside the library, with the same results (up to POOL_MAX_TOKENS_PER_RANK tokens a call). With
-  `max_tokens_per_rank` (or num_nvl_bytes = 0, or several nodes) the keyword-only hints `num_experts`, `hidden`,
-  `max_tokens_per_rank`, `max_topk` (the largest shapes any later call will use) size every buffer. Either way
-  `hidden`, `max_topk` and `num_experts` bound the calls (defaults 7168, 8, 256): a call that exceeds a hint
-  raises ValueError naming the hint to raise. `num_rdma_bytes` is accepted and ignored.
+* Sizes: `Buffer(group, num_nvl_bytes, num_rdma_bytes, ...)` without `max_tokens_per_rank` (DeepEP's and
+  Megatron-Core's call) gives the normal path regions of at most `num_nvl_bytes` bytes on one node, and of at most
+  `num_nvl_bytes + num_rdma_bytes` on several; calls of more tokens than they hold run in rounds inside the
+  library, with the same results (up to POOL_MAX_TOKENS_PER_RANK tokens a call). With `max_tokens_per_rank` (or
+  no bytes) the keyword-only hints `num_experts`, `hidden`, `max_tokens_per_rank`, `max_topk` (the largest shapes
+  any later call will use) size every buffer. Either way `hidden`, `max_topk` and `num_experts` bound the calls
+  (defaults 7168, 8, 256): a call that exceeds a hint raises ValueError naming the hint to raise.
 * Streams as in DeepEP on the normal path (get_dispatch_layout, dispatch, combine): the kernels run on the
   Buffer's communication stream (`get_comm_stream()`, high priority), which first waits for `previous_event` or,
   without one, for the current stream. `async_finish=True` returns an `EventOverlap` recorded on the comm stream,
@@ -135,6 +135,19 @@ class Config:
                 f"{self.num_max_rdma_chunked_recv_tokens})")
 
 
+def normal_sizes(one_node, num_nvl_bytes, num_rdma_bytes, ll_region_bytes, max_tokens_per_rank):
+    """(config.max_tokens_per_rank, config.normal_region_bytes) of a Buffer. With the max_tokens_per_rank hint: the
+    hint, and regions sized from the hints. Else DeepEP's byte sizes are the pool of the normal path's regions:
+    num_nvl_bytes on one node, num_nvl_bytes + num_rdma_bytes on several (DeepEP's NVLink and RDMA buffers of its
+    internode path) less ll_region_bytes (DeepEP's low-latency mode uses its RDMA buffer too, so the LL buffer and the
+    pool share those bytes and the Buffer takes no more than DeepEP's); calls of up to POOL_MAX_TOKENS_PER_RANK tokens
+    run in rounds of what it holds. No bytes: DEFAULT_MAX_TOKENS_PER_RANK, sized from the hints."""
+    if max_tokens_per_rank is not None:
+        return max_tokens_per_rank, 0
+    pool = num_nvl_bytes if one_node else num_nvl_bytes + num_rdma_bytes - ll_region_bytes
+    return (POOL_MAX_TOKENS_PER_RANK, pool) if pool > 0 else (DEFAULT_MAX_TOKENS_PER_RANK, 0)
+
+
 def _align128(n):
     return (n + 127) // 128 * 128
 
@@ -177,11 +190,12 @@ class Buffer(NormalPath, LowLatencyPath, ExpertMapPath, metaclass=_BufferType):
 
     group: a torch.distributed ProcessGroup (None = the default group); it is used once, to broadcast the
       128-byte bootstrap id from rank 0. `comm` (an mpi4py communicator) may replace it.
-    num_nvl_bytes: with max_tokens_per_rank left None and one node, the most bytes of symmetric memory the normal
-      path takes (config.normal_region_bytes): the region holds as many tokens of `hidden` and `max_topk` a round
-      as fit, and a dispatch of more runs in rounds (same results); calls take up to POOL_MAX_TOKENS_PER_RANK
-      (65536) tokens, a bound of the handle's routing arrays only (about 8 bytes a token and rank). Fewer bytes
-      than one token needs raise EpError. Otherwise ignored.
+    num_nvl_bytes: with max_tokens_per_rank left None, the most bytes of symmetric memory the normal path takes
+      (config.normal_region_bytes; on several nodes num_nvl_bytes + num_rdma_bytes, for its intranode and internode
+      regions together): the regions hold as many tokens of `hidden` and `max_topk` a round as fit, and a call of
+      more runs in rounds (same results); calls take up to POOL_MAX_TOKENS_PER_RANK (65536) tokens, a bound of the
+      handle's routing arrays only (about 8 bytes a token and rank on one node, 16 on several). Fewer bytes than
+      one token needs raise EpError. Otherwise ignored.
     low_latency_mode: True reserves the low-latency buffer (symmetric memory) and two LL handles, so that the
       low_latency_* methods work; the normal path works either way. The buffer is num_rdma_bytes, as DeepEP's
       (e.g. get_low_latency_rdma_size_hint(T, hidden, R, E)), unless ll_max_tokens_per_rank is given or
@@ -193,9 +207,10 @@ class Buffer(NormalPath, LowLatencyPath, ExpertMapPath, metaclass=_BufferType):
       peer that runs out of timeout_seconds masks that peer on this rank and the call succeeds without it (its
       experts' top-k entries dropped, 0 rows from it); low_latency_update_mask_buffer / query / clean read and set
       the mask. A Buffer with a masked rank is destroyed on each rank alone (NVSHMEM's shutdown needs every peer).
-      The normal path of one node honours the mask the same way (dispatch / combine with the mask's experts
-      dropped, 0 rows from a masked rank); after an unmask it raises EpError (a new Buffer takes the rank back).
-      The internode normal path is not masked: a timeout there stays an error. False: every timeout is an error.
+      The normal path honours the mask the same way (dispatch / combine with the mask's experts dropped, 0 rows
+      from a masked rank; on several nodes a source whose rail peer on node m is masked also loses node m's
+      experts); after an unmask it raises EpError (a new Buffer takes the rank back). False: every timeout is an
+      error.
     explicitly_destroy: False -> the group is destroyed when the Buffer is garbage-collected or at interpreter
       exit; True -> only `destroy()` does it (recommended: destroy is collective, and a rank that died would
       leave the others waiting at exit).
@@ -288,14 +303,8 @@ class Buffer(NormalPath, LowLatencyPath, ExpertMapPath, metaclass=_BufferType):
                 hosts = [None] * size
                 dist.all_gather_object(hosts, host_id(), group=group)
             ranks_per_node = ranks_per_node_of(fn, hosts)
-        # DeepEP's byte size: the normal region is a pool of num_nvl_bytes (one node; the internode path has no
-        # rounds), and calls run in rounds of what it holds.
-        one_node = ranks_per_node in (0, size)
-        normal_region_bytes = 0
-        if max_tokens_per_rank is None:
-            max_tokens_per_rank = DEFAULT_MAX_TOKENS_PER_RANK
-            if num_nvl_bytes > 0 and one_node:
-                max_tokens_per_rank, normal_region_bytes = POOL_MAX_TOKENS_PER_RANK, num_nvl_bytes
+        max_tokens_per_rank, normal_region_bytes = normal_sizes(ranks_per_node in (0, size), num_nvl_bytes,
+                                                                num_rdma_bytes, ll_region_bytes, max_tokens_per_rank)
         uid = _capi.UniqueId()
         payload = None
         if rank == 0:

@@ -84,45 +84,46 @@ static ep_status_t check_config(const ep_group_config_t* c, int num_ranks) {
     return ep_fail(NULL, EP_STATUS_INVALID_ARGUMENT, "%s: config.timeout_seconds is %g; it must be in [%g, %d]", fn,
                    c->timeout_seconds, EP_MIN_TIMEOUT_SECONDS, EP_MAX_TIMEOUT_SECONDS);
   const int num_nodes = c->ranks_per_node > 0 ? num_ranks / c->ranks_per_node : 1;
-  if (num_nodes > 1 && c->max_tokens_per_rank > EP_INTERNODE_MAX_TOKENS_PER_RANK)
-    return ep_fail(NULL, EP_STATUS_INVALID_ARGUMENT,
-                   "%s: config.max_tokens_per_rank is %d; a group of %d nodes allows at most %d (the internode "
-                   "metadata packs a token index with an 8-bit rank mask in an int)",
-                   fn, c->max_tokens_per_rank, num_nodes, EP_INTERNODE_MAX_TOKENS_PER_RANK);
   if (c->normal_region_bytes > 0) {
+    /* One token a round; on several nodes in the internode region too (the pool holds both). */
+    size_t need = ep_normal_region(num_ranks, c->num_experts, 1, c->hidden, c->max_topk).total_bytes;
     if (num_nodes > 1)
-      return ep_fail(NULL, EP_STATUS_UNSUPPORTED,
-                     "%s: config.normal_region_bytes is %zu with %d nodes; the internode path runs no rounds and sizes "
-                     "its buffers from the hints: set it to 0",
-                     fn, c->normal_region_bytes, num_nodes);
-    const ep_normal_region_t one = ep_normal_region(num_ranks, c->num_experts, 1, c->hidden, c->max_topk);
-    if (c->normal_region_bytes < one.total_bytes)
+      need += ep_internode_region(num_ranks, c->ranks_per_node, c->num_experts, 1, c->hidden, c->max_topk).total_bytes;
+    if (c->normal_region_bytes < need)
       return ep_fail(NULL, EP_STATUS_INVALID_ARGUMENT,
-                     "%s: config.normal_region_bytes is %zu; one token of hidden %d and top-k %d among %d ranks needs "
-                     "%zu (0 = sized from the hints)",
-                     fn, c->normal_region_bytes, c->hidden, c->max_topk, num_ranks, one.total_bytes);
+                     "%s: config.normal_region_bytes is %zu; one token of hidden %d and top-k %d among %d ranks%s "
+                     "needs %zu (0 = sized from the hints)",
+                     fn, c->normal_region_bytes, c->hidden, c->max_topk, num_ranks,
+                     num_nodes > 1 ? " (both regions of several nodes)" : "", need);
   }
   return EP_STATUS_SUCCESS;
 }
 
-/* The normal region: from the hints, or the pool of config.normal_region_bytes (check_config made it hold a token). */
-static ep_normal_region_t normal_region_of(const ep_group_config_t* c, int num_ranks) {
-  if (c->normal_region_bytes == 0)
-    return ep_normal_region(num_ranks, c->num_experts, c->max_tokens_per_rank, c->hidden, c->max_topk);
-  return ep_normal_region_pool(num_ranks, c->num_experts, c->normal_region_bytes, c->max_tokens_per_rank, c->hidden,
-                               c->max_topk);
+/* The normal path's regions (the internode one only on several nodes): from the hints, or the pool of
+ * config.normal_region_bytes (check_config made it hold a token). */
+static ep_internode_regions_t normal_regions_of(const ep_group_config_t* c, int num_ranks, int ranks_per_node) {
+  if (ranks_per_node < num_ranks)
+    return ep_internode_regions(num_ranks, ranks_per_node, c->num_experts, c->normal_region_bytes,
+                                c->max_tokens_per_rank, c->hidden, c->max_topk);
+  ep_internode_regions_t r;
+  memset(&r, 0, sizeof(r));
+  r.normal = c->normal_region_bytes == 0
+                 ? ep_normal_region(num_ranks, c->num_experts, c->max_tokens_per_rank, c->hidden, c->max_topk)
+                 : ep_normal_region_pool(num_ranks, c->num_experts, c->normal_region_bytes, c->max_tokens_per_rank,
+                                         c->hidden, c->max_topk);
+  return r;
 }
 
 static const char* const k_agreed_fields[EP_CONFIG_RECORD_FIELDS] = {
-    "config.ranks_per_node",      "config.num_experts", "config.hidden",
-    "config.max_tokens_per_rank", "config.max_topk",    "config.ll_max_tokens_per_rank",
-    "symmetric workspace bytes"};
+    "config.ranks_per_node",      "config.num_experts",      "config.hidden",
+    "config.max_tokens_per_rank", "config.max_topk",         "config.ll_max_tokens_per_rank",
+    "symmetric workspace bytes",  "config.mask_failed_ranks"};
 
 /* num_sms, max_sms and timeout_seconds stay each rank's own: they size nothing another rank reads. */
 ep_config_record_t ep_config_record(ep_group_t g) {
   const ep_group_config_t* c = &g->config;
   ep_config_record_t r = {{g->ranks_per_node, c->num_experts, c->hidden, c->max_tokens_per_rank, c->max_topk,
-                           c->ll_max_tokens_per_rank, (int64_t)g->workspace_bytes}};
+                           c->ll_max_tokens_per_rank, (int64_t)g->workspace_bytes, c->mask_failed_ranks}};
   return r;
 }
 
@@ -330,7 +331,8 @@ ep_status_t ep_group_create(ep_group_t* group, const ep_unique_id_t* unique_id, 
   if (g->num_sms > g->device_sms) g->num_sms = g->device_sms;
   g->timeout_ns = (unsigned long long)(cfg.timeout_seconds * 1e9);
   g->normal_offset = ep_align_up(ep_check_workspace_bytes(num_ranks), 128);
-  g->normal_region = normal_region_of(&cfg, num_ranks);
+  const ep_internode_regions_t regions = normal_regions_of(&cfg, num_ranks, g->ranks_per_node);
+  g->normal_region = regions.normal;
   g->workspace_bytes = g->normal_offset + g->normal_region.total_bytes;
   if (cfg.ll_max_tokens_per_rank > 0) {
     g->ll_offset = ep_align_up(g->workspace_bytes, 128);
@@ -339,8 +341,7 @@ ep_status_t ep_group_create(ep_group_t* group, const ep_unique_id_t* unique_id, 
   }
   if (g->num_nodes > 1) { /* one-node groups keep exactly the heap and offsets they had before */
     g->internode_offset = ep_align_up(g->workspace_bytes, 128);
-    g->internode_region = ep_internode_region(num_ranks, g->ranks_per_node, cfg.num_experts, cfg.max_tokens_per_rank,
-                                              cfg.hidden, cfg.max_topk);
+    g->internode_region = regions.inter;
     g->workspace_bytes = g->internode_offset + g->internode_region.total_bytes;
     /* Test/debug knob, read once here: EP_INTERNODE_FORCE_PUT set to anything but "" or "0" sends every
      * cross-node transfer through NVSHMEM's put / put-with-signal calls (the NIC branch of internode.cu) even

@@ -64,8 +64,8 @@ struct ep_group {
   bool ll_half_pending[2];           /* a send phase on the half waits for its receive phase */
   unsigned long long ll_cleans;      /* ep_ll_clean calls so far: a clean abandons every pending receive phase */
   bool ll_clean_needed;              /* a rank was unmasked: the next LL dispatch waits for an ep_ll_clean */
-  bool normal_used;                  /* an intranode prepare ran: its epochs and acknowledgements are in use */
-  bool normal_unmasked;              /* a rank was unmasked after normal_used: the intranode path is refused */
+  bool normal_used;                  /* a normal prepare ran: its epochs and acknowledgements are in use */
+  bool normal_unmasked;              /* a rank was unmasked after normal_used: the normal path is refused */
 
   int32_t* rank_mask; /* device [num_ranks], 1 = masked (config.mask_failed_ranks), else NULL */
 
@@ -134,8 +134,9 @@ cudaError_t ep_launch_mask_set(int32_t* mask, int rank, int value, cudaStream_t 
 bool ep_group_has_masked_rank(ep_group_t group);
 
 /* Config agreement at ep_group_create: the values every rank must share (those that size or place the symmetric
- * regions, and the workspace they add up to), as one record per rank. */
-#define EP_CONFIG_RECORD_FIELDS 7
+ * regions, and the workspace they add up to, and the rank mask, which picks the kernels' form: with it an internode
+ * call takes every round of the pool), as one record per rank. */
+#define EP_CONFIG_RECORD_FIELDS 8
 typedef struct ep_config_record {
   int64_t value[EP_CONFIG_RECORD_FIELDS];
 } ep_config_record_t;
@@ -235,6 +236,8 @@ struct ep_handle {
   bool prepared;
   int num_tokens, num_topk, num_experts;
   int num_recv_host;     /* received rows when the prepare was eager, else -1 */
+  int num_rounds_host;   /* several nodes, max_rounds > 1: the call's rounds when the prepare was eager, else -1 */
+  bool prepare_captured; /* a prepare of this handle was captured in a graph, whose replays re-prepare it unseen */
   int recv_rows_limit;   /* rows combine may read from its x: the last dispatch's recv_capacity (INT_MAX before) */
 };
 

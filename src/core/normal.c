@@ -38,6 +38,7 @@ ep_status_t ep_handle_create_in(ep_group_t group, void* memory, size_t bytes, ep
   ep_normal_handle_carve(&group->normal_region, group->num_nodes, group->ranks_per_node, memory, &h->arrays);
   h->group = group;
   h->num_recv_host = -1;
+  h->num_rounds_host = -1;
   if (!ep_live_add(h, EP_OBJECT_HANDLE)) {
     free(h);
     return ep_fail(group, EP_STATUS_OUT_OF_MEMORY, "%s: host allocation failed", fn);
@@ -139,7 +140,8 @@ ep_status_t ep_handle_destroy(ep_handle_t handle) {
   return EP_STATUS_SUCCESS;
 }
 
-/* Checks shared by the three calls: a live group the intranode path serves, and a handle of this group. */
+/* Checks shared by the three calls: a live group the normal path serves (not after an unmask: rank_mask.c), and a
+ * handle of this group. */
 static ep_status_t enter_normal(ep_group_t group, ep_handle_t handle, const char* fn, bool need_prepared) {
   EP_TRY(ep_enter_collective(group, fn));
   if (!handle) return FAIL_ARG(group, "%s: handle is NULL", fn);
@@ -149,6 +151,12 @@ static ep_status_t enter_normal(ep_group_t group, ep_handle_t handle, const char
   if (handle->group != group) return FAIL_ARG(group, "%s: handle belongs to another group", fn);
   if (need_prepared && !handle->prepared)
     return ep_fail(group, EP_STATUS_INVALID_USAGE, "%s: handle has no routing yet; call ep_dispatch_prepare first",
+                   fn);
+  if (group->normal_unmasked)
+    return ep_fail(group, EP_STATUS_UNSUPPORTED,
+                   "%s: a rank was unmasked (ep_group_mask_rank / ep_group_clear_rank_mask) after normal-path calls; "
+                   "the normal path cannot take a masked rank back (its call epochs with that rank fell out of step), "
+                   "so it needs a new group",
                    fn);
   if (group->num_nodes > 1) {
     if (group->ranks_per_node > EP_MAX_NVLINK_RANKS || group->num_nodes > EP_MAX_INTERNODE_NODES)
@@ -161,12 +169,6 @@ static ep_status_t enter_normal(ep_group_t group, ep_handle_t handle, const char
     return ep_fail(group, EP_STATUS_UNSUPPORTED,
                    "%s: %d ranks in one NVLink domain; the intranode path serves up to %d", fn, group->num_ranks,
                    EP_MAX_NVLINK_RANKS);
-  if (group->normal_unmasked)
-    return ep_fail(group, EP_STATUS_UNSUPPORTED,
-                   "%s: a rank was unmasked (ep_group_mask_rank / ep_group_clear_rank_mask) after normal-path calls; "
-                   "the normal path cannot take a masked rank back (its call epochs with that rank fell out of step), "
-                   "so it needs a new group",
-                   fn);
   return EP_STATUS_SUCCESS;
 }
 
@@ -209,13 +211,29 @@ static ep_intranode_launch_t intranode_launch(ep_group_t g, ep_handle_t h, const
   return p;
 }
 
+/* Whether work enqueued on `stream` now is captured into a graph (a failed query counts as captured). */
+static bool capturing(cudaStream_t stream) {
+  enum cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(stream, &status) == cudaSuccess) return status != cudaStreamCaptureStatusNone;
+  (void)cudaGetLastError(); /* the launch that follows reports what is wrong with the stream */
+  return true;
+}
+
+/* The launches of an internode dispatch or combine, one per round (internode.cu): the group's max_rounds, of which
+ * those past the call's rounds return at once. After an eager prepare the host knows the call's rounds and launches
+ * only those, unless the stream is being captured (a graph must hold every round a later prepare may take) or a
+ * prepare of this handle ever was (a replay re-prepares it without the host knowing). */
+static int internode_rounds(ep_group_t g, ep_handle_t h, cudaStream_t stream) {
+  if (h->num_rounds_host <= 0 || h->prepare_captured || capturing(stream)) return g->normal_region.max_rounds;
+  return h->num_rounds_host;
+}
+
 static ep_internode_launch_t internode_launch(ep_group_t g, ep_handle_t h, const ep_normal_call_t* call) {
   ep_internode_launch_t p;
   memset(&p, 0, sizeof(p));
   p.group = normal_group_view(g);
   p.handle = h->arrays;
   p.call = *call;
-  p.group.mask = NULL; /* the internode kernels do not honour the mask yet: their waits stay fatal (docs/faults.md) */
   ep_internode_group_view_t* v = &p.inter;
   v->ranks_per_node = g->ranks_per_node;
   v->num_nodes = g->num_nodes;
@@ -267,6 +285,7 @@ ep_status_t ep_dispatch_prepare(ep_group_t group, ep_handle_t handle, const ep_d
   handle->num_topk = a->num_topk;
   handle->num_experts = a->num_experts;
   handle->num_recv_host = -1;
+  handle->num_rounds_host = -1;
   handle->recv_rows_limit = INT_MAX;
   ep_normal_call_t call = base_call(group, handle, 0);
   call.expert_alignment = a->expert_alignment;
@@ -275,14 +294,17 @@ ep_status_t ep_dispatch_prepare(ep_group_t group, ep_handle_t handle, const ep_d
   call.num_tokens_per_expert = mask_form ? a->num_tokens_per_expert : NULL;
   call.out_num_recv = a->num_recv_tokens_dev;
   call.out_expert_counts = a->num_recv_tokens_per_expert_dev;
+  const bool in_rounds = group->num_nodes > 1 && group->normal_region.max_rounds > 1;
+  if (in_rounds && !handle->prepare_captured) handle->prepare_captured = capturing(stream);
   if (group->num_nodes > 1) {
-    const ep_internode_launch_t p = internode_launch(group, handle, &call);
-    EP_CUDA_TRY(group, ep_launch_internode_prepare(&p, stream));
+    ep_internode_launch_t p = internode_launch(group, handle, &call);
+    for (p.round = 0; p.round < group->normal_region.max_rounds; ++p.round)
+      EP_CUDA_TRY(group, ep_launch_internode_prepare(&p, stream));
   } else {
     const ep_intranode_launch_t p = intranode_launch(group, handle, &call);
     EP_CUDA_TRY(group, ep_launch_intranode_prepare(&p, stream));
-    group->normal_used = true;
   }
+  group->normal_used = true;
   EP_CUDA_TRY(group, handle_used(handle, stream));
   handle->prepared = true;
   if (!a->num_recv_tokens) return EP_STATUS_SUCCESS;
@@ -298,8 +320,13 @@ ep_status_t ep_dispatch_prepare(ep_group_t group, ep_handle_t handle, const ep_d
     EP_CUDA_TRY(group, cudaMemcpyAsync(a->num_recv_tokens_per_expert, handle->arrays.expert_counts,
                                        sizeof(int) * (size_t)(a->num_experts / group->num_ranks),
                                        cudaMemcpyDeviceToHost, stream));
+  int rounds = -1; /* the call's rounds, for the dispatch and combine launches (internode_rounds) */
+  if (in_rounds && !handle->prepare_captured)
+    EP_CUDA_TRY(group,
+                cudaMemcpyAsync(&rounds, handle->arrays.num_rounds, sizeof(int), cudaMemcpyDeviceToHost, stream));
   EP_CUDA_TRY(group, cudaStreamSynchronize(stream));
   handle->num_recv_host = *a->num_recv_tokens;
+  handle->num_rounds_host = rounds;
   return EP_STATUS_SUCCESS;
 }
 
@@ -387,8 +414,9 @@ ep_status_t ep_dispatch(ep_group_t group, ep_handle_t handle, const ep_dispatch_
   call.recv_topk_weights = a->recv_topk_weights;
   call.recv_src_idx = a->recv_src_idx;
   if (group->num_nodes > 1) {
-    const ep_internode_launch_t p = internode_launch(group, handle, &call);
-    EP_CUDA_TRY(group, ep_launch_internode_dispatch(&p, stream));
+    ep_internode_launch_t p = internode_launch(group, handle, &call);
+    const int rounds = internode_rounds(group, handle, stream);
+    for (p.round = 0; p.round < rounds; ++p.round) EP_CUDA_TRY(group, ep_launch_internode_dispatch(&p, stream));
   } else {
     const ep_intranode_launch_t p = intranode_launch(group, handle, &call);
     EP_CUDA_TRY(group, ep_launch_intranode_dispatch(&p, stream));
@@ -429,8 +457,9 @@ ep_status_t ep_combine(ep_group_t group, ep_handle_t handle, const ep_combine_ar
   call.combined_x = a->combined_x;
   call.combined_weights = a->combined_topk_weights;
   if (group->num_nodes > 1) {
-    const ep_internode_launch_t p = internode_launch(group, handle, &call);
-    EP_CUDA_TRY(group, ep_launch_internode_combine(&p, stream));
+    ep_internode_launch_t p = internode_launch(group, handle, &call);
+    const int rounds = internode_rounds(group, handle, stream);
+    for (p.round = 0; p.round < rounds; ++p.round) EP_CUDA_TRY(group, ep_launch_internode_combine(&p, stream));
   } else {
     const ep_intranode_launch_t p = intranode_launch(group, handle, &call);
     EP_CUDA_TRY(group, ep_launch_intranode_combine(&p, stream));

@@ -1,6 +1,6 @@
 /* rank_mask.c: the group's rank mask (config.mask_failed_ranks): the calls that set, read and clear it. The mask is
- * the group's, not one path's: the low-latency and intranode normal kernels read it and mask a peer whose wait runs
- * out of time, the group's barrier skips masked ranks, and destroy frees a group with a masked rank on each rank
+ * the group's, not one path's: the low-latency and normal kernels read it and mask a peer whose wait runs out of
+ * time, the group's barrier skips masked ranks, and destroy frees a group with a masked rank on each rank
  * alone (group.c). */
 #include "core/internal.h"
 
@@ -16,8 +16,8 @@ static ep_status_t enter_mask(ep_group_t group, const char* fn) {
   return EP_STATUS_SUCCESS;
 }
 
-/* An unmask: the LL path takes it at the next ep_ll_clean; the intranode normal path, once used, never (its epochs
- * and acknowledgements with a rank fell out of step while the rank was masked, and nothing restarts them). */
+/* An unmask: the LL path takes it at the next ep_ll_clean; the normal path, once used, never (its epochs and
+ * acknowledgements with a rank fell out of step while the rank was masked, and nothing restarts them). */
 static void unmasked(ep_group_t group) {
   group->ll_clean_needed = true;
   if (group->normal_used) group->normal_unmasked = true;

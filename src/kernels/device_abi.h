@@ -13,7 +13,8 @@
 /* Nodes of the internode path: its combine gives each source a lane of a warp, EP_MAX_NVLINK_RANKS local ranks and
  * EP_MAX_INTERNODE_NODES nodes, 32 in all. */
 #define EP_MAX_INTERNODE_NODES 24
-/* Tokens per rank of a group of several nodes: the internode metadata packs token << 8 | rank mask in an int. */
+/* Tokens per rank of one round of a group of several nodes: the internode metadata packs token << 8 | rank mask in
+ * an int, the token counted within its round. Calls of more run in rounds (internode_region.h). */
 #define EP_INTERNODE_MAX_TOKENS_PER_RANK (1 << 23)
 
 #ifdef __cplusplus

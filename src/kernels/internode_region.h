@@ -6,7 +6,8 @@
  * token staged once) and y_stage (every received row staged once). Everything that crosses nodes lives here.
  * Rank r = (node r / P, local index r % P); traffic between nodes stays on one rail: local index l talks only
  * to local index l of other nodes. Arrays indexed by another node use the node distance
- * dist(n) = (n - my_node + N) mod N - 1, so they have N-1 entries ("[N-1]" below).
+ * dist(n) = (n - my_node + N) mod N - 1, so they have N-1 entries ("[N-1]" below). T is the tokens of one round
+ * (ep_internode_regions below); slots and tokens here count from the start of their round.
  *
  *   uint64 meta_arrived[N-1]        signal, set by the rail peer's metadata put: prepare epoch
  *   uint64 meta_ready[N-1]          set by me (forwarder) after meta_arrived: my node's ranks may read meta_recv
@@ -33,6 +34,7 @@
 #ifndef EP_KERNELS_INTERNODE_REGION_H
 #define EP_KERNELS_INTERNODE_REGION_H
 
+#include "kernels/device_abi.h"
 #include "kernels/normal_region.h"
 
 typedef struct ep_internode_region {
@@ -84,6 +86,41 @@ static inline EP_HD ep_internode_region_t ep_internode_region(int num_ranks, int
   l.partial_recv = off;    off += Nm * T * l.y_row_bytes;
   l.total_bytes = ep_align_up(off, 128);
   return l;
+}
+
+/* Both regions of the normal path in a group of several nodes (the intranode one and this one), for rounds of T
+ * tokens (normal_region.h, "Rounds"). pool_bytes 0: T is call_tokens; else the largest T whose two regions fit in
+ * pool_bytes together (config.normal_region_bytes), T = 0 if not even one token fits. T is at most
+ * EP_INTERNODE_MAX_TOKENS_PER_RANK, whatever the pool: a slot word packs a token index within its round with an
+ * 8-bit rank mask. Calls of up to call_tokens tokens run in normal.max_rounds rounds or fewer. */
+typedef struct ep_internode_regions {
+  ep_normal_region_t normal;
+  ep_internode_region_t inter;
+} ep_internode_regions_t;
+
+static inline EP_HD ep_internode_regions_t ep_internode_regions(int num_ranks, int ranks_per_node, int num_experts,
+                                                                size_t pool_bytes, int call_tokens, int hidden,
+                                                                int max_topk) {
+  const int most = call_tokens < EP_INTERNODE_MAX_TOKENS_PER_RANK ? call_tokens : EP_INTERNODE_MAX_TOKENS_PER_RANK;
+  int lo = most;
+  if (pool_bytes > 0) { /* both regions grow with T: the largest T whose regions fit */
+    lo = 0;
+    int hi = most;
+    while (lo < hi) {
+      const int mid = lo + (hi - lo + 1) / 2;
+      const size_t bytes =
+          ep_normal_region(num_ranks, num_experts, mid, hidden, max_topk).total_bytes +
+          ep_internode_region(num_ranks, ranks_per_node, num_experts, mid, hidden, max_topk).total_bytes;
+      if (bytes <= pool_bytes) lo = mid;
+      else hi = mid - 1;
+    }
+  }
+  ep_internode_regions_t r;
+  r.normal = ep_normal_region(num_ranks, num_experts, lo, hidden, max_topk);
+  r.normal.call_tokens = call_tokens;
+  r.normal.max_rounds = lo > 0 ? (call_tokens + lo - 1) / lo : 0;
+  r.inter = ep_internode_region(num_ranks, ranks_per_node, num_experts, lo, hidden, max_topk);
+  return r;
 }
 
 #endif /* EP_KERNELS_INTERNODE_REGION_H */

@@ -84,7 +84,7 @@ typedef struct ep_normal_group_view {
   unsigned long long timeout_ns;
   ep_device_error_t* error;
   int32_t* mask; /* the group's rank mask [num_ranks] (config.mask_failed_ranks), or NULL: the kernels without it
-                    (timeouts fatal). The intranode kernels honour it; the internode ones get NULL. */
+                    (timeouts fatal) */
 } ep_normal_group_view_t;
 
 /* A call's arguments: prepare's, dispatch's or combine's (the others zero), with the handle's routing shape. */
@@ -146,6 +146,8 @@ typedef struct ep_internode_launch {
   ep_normal_handle_view_t handle; /* its internode arrays included */
   ep_normal_call_t call;
   ep_internode_group_view_t inter;
+  int round; /* the round this launch runs (docs/internode.md 1.5.1): the host launches each kernel up to
+                region.max_rounds times; a launch past the prepared call's rounds returns at once */
 } ep_internode_launch_t;
 
 cudaError_t ep_launch_internode_prepare(const ep_internode_launch_t* p, cudaStream_t stream);

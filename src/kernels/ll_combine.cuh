@@ -141,7 +141,7 @@ __device__ __forceinline__ void encode_groups(char* dst, const char* src, int H,
 
 // The rows form's units. s_range [E_loc][R], s_first [E_loc + 1] (filled by the caller). Returns its parts per row.
 // With kLogfmt a unit's part is a run of 128-channel groups, encoded on the way (ll_logfmt.h).
-template <bool kLogfmt>
+template <bool kLogfmt, bool kMask>
 __device__ __forceinline__ int send_rows(const ep_ll_launch_t& p, Grid grid, const int2* s_range, const int* s_first,
                                          int* s_units) {
   const ep_ll_region_t& L = p.group.region;
@@ -166,7 +166,7 @@ __device__ __forceinline__ int send_rows(const ep_ll_launch_t& p, Grid grid, con
       else shi = mid - 1;
     }
     const int s = slo;
-    if (masked(p, s)) continue;  // masked after its tokens came: it waits for nothing from this rank
+    if (masked<kMask>(p, s)) continue;  // masked after its tokens came: it waits for nothing from this rank
     const int j = row - range[s].x;
     const size_t src_off = ((size_t)le * RT + row) * row_bytes;
     const char* src = p.call.zero_copy ? stage + src_off : (const char*)p.call.y + src_off;
@@ -197,6 +197,7 @@ __device__ __forceinline__ int send_rows(const ep_ll_launch_t& p, Grid grid, con
 // The sums form's units. s_range as for the rows; s_moff [R + 1]: the dispatch's message offsets per source. The
 // dispatch's messages are still in the receive area (the sums go after them, ep_ll_recv_sums): each unit reads its
 // message's pairs. Returns its parts per message.
+template <bool kMask>
 __device__ __forceinline__ int send_sums(const ep_ll_launch_t& p, Grid grid, const int2* s_range, const int* s_moff,
                                          int* s_units) {
   const ep_ll_region_t& L = p.group.region;
@@ -214,7 +215,7 @@ __device__ __forceinline__ int send_sums(const ep_ll_launch_t& p, Grid grid, con
   for (int u = grid.block * kSendWarps + warp; u < total * parts; u += total_warps) {
     const int m = u / parts, part = u % parts;
     const int s = last_start_at_most(s_moff, R, m), slot = m - s_moff[s];
-    if (masked(p, s)) continue;
+    if (masked<kMask>(p, s)) continue;
     const char* msg = msgs + ((size_t)s * L.max_tokens + slot) * L.msg_bytes;
     const int2 head = ld_nc_v2(msg);  // (token, npairs): loaded with the pairs, as the dispatch's receive does
     const int2 pair = lane < min(L.max_topk, 32) ? ld_nc_v2(msg + 8 + 8 * lane) : make_int2(-1, 0);
@@ -242,7 +243,7 @@ __device__ __forceinline__ int send_sums(const ep_ll_launch_t& p, Grid grid, con
 
 // One block's send phase of call `op`, in the form of kCall (rows, sums, LogFMT rows). False if the block gave up
 // (an acknowledgement timed out; the fault is recorded): the caller then stops, with no receive phase.
-template <Call kCall>
+template <Call kCall, bool kMask>
 __device__ __forceinline__ bool combine_send(const ep_ll_launch_t& p, Grid grid, uint64_t op) {
   constexpr bool kSums = kCall == Call::kCombineSums;
   extern __shared__ int s_dyn[];
@@ -264,7 +265,7 @@ __device__ __forceinline__ bool combine_send(const ep_ll_launch_t& p, Grid grid,
   }
   if constexpr (kSums)
     for (int i = tid; i <= R; i += blockDim.x) s_moff[i] = p.handle.msg_off[i];
-  const bool acks_ok = poll_acks(p, op, EP_SITE_LL_COMBINE_ACK);  // overlaps the loads above
+  const bool acks_ok = poll_acks<kMask>(p, op, EP_SITE_LL_COMBINE_ACK);  // overlaps the loads above
   if (__syncthreads_or(!acks_ok)) return false;
   LL_PROF_STAMP(kProfCombineSend, grid, 1);
   if constexpr (kSums) {
@@ -295,8 +296,8 @@ __device__ __forceinline__ bool combine_send(const ep_ll_launch_t& p, Grid grid,
   __syncthreads();
 
   int parts;
-  if constexpr (kSums) parts = send_sums(p, grid, s_range, s_moff, s_units);
-  else parts = send_rows<kCall == Call::kCombineLogfmt>(p, grid, s_range, s_first, s_units);
+  if constexpr (kSums) parts = send_sums<kMask>(p, grid, s_range, s_moff, s_units);
+  else parts = send_rows<kCall == Call::kCombineLogfmt, kMask>(p, grid, s_range, s_first, s_units);
   // The block's stores come before its counts through the barrier: each count is a release add after it (cumulative
   // over what the barrier ordered); the puts to other nodes count themselves.
   __syncthreads();
@@ -304,7 +305,7 @@ __device__ __forceinline__ bool combine_send(const ep_ll_launch_t& p, Grid grid,
 
   // NVLink rank r: lo counts (row, part) units, rows * parts in all; another node: lo counts rows (one per put).
   for (int r = tid; r < R; r += blockDim.x) {
-    if (masked(p, r)) continue;
+    if (masked<kMask>(p, r)) continue;
     const bool pub = publishes_for(r, grid);
     const size_t offset = half + L.combine_signal + (size_t)p.group.rank * 8;
     char* peer = nvlink_peer(p, r);
@@ -345,15 +346,15 @@ __device__ __forceinline__ void fma_logfmt8(float (&acc)[8], float w, const char
 }
 
 // A (token, 256 channels) unit's slots: lane k < K holds slot k's receive row (or -1) and weight. With the rank
-// mask (kMasked), a slot whose rows come from a masked rank is dropped, and with renormalize the kept weights are
+// mask (kMask), a slot whose rows come from a masked rank is dropped, and with renormalize the kept weights are
 // rescaled to the sum of the valid ones. A valid slot is one the dispatch routed (>= 0) or dropped because its expert's
 // rank was masked then (-2); the rows form's slot names its expert (e * T + j), the sums form's its rank (d * T + p).
-template <Call kCall, bool kMasked>
+template <Call kCall, bool kMask>
 __device__ __forceinline__ void mask_slot(const ep_ll_launch_t& p, int& slot, float& w) {
-  if constexpr (kMasked) {
+  if constexpr (kMask) {
     const int T = p.group.region.max_tokens;
     const bool valid = slot != -1;
-    if (slot >= 0 && masked(p, kCall == Call::kCombineSums ? slot / T : rank_of_expert(p, slot / T))) slot = -2;
+    if (slot >= 0 && masked<kMask>(p, kCall == Call::kCombineSums ? slot / T : rank_of_expert(p, slot / T))) slot = -2;
     if (p.call.renormalize) {
       float all = valid ? w : 0.0f, kept = slot >= 0 ? w : 0.0f;
 #pragma unroll
@@ -366,15 +367,43 @@ __device__ __forceinline__ void mask_slot(const ep_ll_launch_t& p, int& slot, fl
   }
 }
 
-// The sums of the units from u0 on, in strides of the phase's warps (the first unit's slot and weight preloaded).
-template <Call kCall, bool kMasked>
-__device__ __forceinline__ void sum_units(const ep_ll_launch_t& p, Grid grid, const char* rows, const int* slot_of,
-                                          int u0, int pre_slot, float pre_w) {
+// One block's receive phase, up to finish_recv, in the form of kCall. False if the block gave up (rows never came;
+// the fault is recorded): the caller then stops, without arriving.
+template <Call kCall, bool kMask>
+__device__ __forceinline__ bool combine_recv(const ep_ll_launch_t& p, Grid grid) {
   constexpr bool kSums = kCall == Call::kCombineSums;
   const ep_ll_region_t& L = p.group.region;
-  const int lane = threadIdx.x & 31, K = p.call.num_topk, H = p.call.hidden;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int me = p.group.rank, R = p.group.num_ranks, K = p.call.num_topk, H = p.call.hidden;
+  const size_t half = half_offset(p);
+  char* mine = p.group.ll_base + half;
+  const uint64_t* signals = reinterpret_cast<const uint64_t*>(mine + L.combine_signal);
+  LL_PROF_STAMP(kProfCombineRecv, grid, 0);
+  const char* rows = mine + (kSums ? ep_ll_recv_sums(&L) : L.recv);
+  const int* slot_of = kSums ? p.handle.rank_slot_of : p.handle.slot_of;
   const int chunks = (H + kChunk - 1) / kChunk;
   const int units = p.call.num_tokens * chunks;
+  const int u0 = grid.block * kRecvWarps + warp;
+  // The first unit's slots and weights (this rank's own data) are loaded while the signals are awaited.
+  int pre_slot = -1;
+  float pre_w = 0.0f;
+  if (u0 < units && lane < K) {
+    const int t = u0 / chunks;
+    pre_slot = slot_of[(size_t)t * L.max_topk + lane];
+    pre_w = kSums ? 1.0f : p.call.topk_weights[(size_t)t * K + lane];
+  }
+  bool ok = true;
+  const long long t0 = wait_stats_start(p, grid);
+  for (int r = tid; ok && r < R; r += blockDim.x) {
+    const WaitResult w =
+        wait_peer<kMask>([&] { return count_complete(ld_acquire_sys_u64(signals + r)); }, p.group.timeout_ns,
+                         p.group.error, p.group.mask, me, r, EP_SITE_LL_COMBINE_RECV);
+    ok = w != kWaitFault;
+    if (kMask ? w == kWaitReady : ok) wait_stats_add(p, grid, r, t0);
+  }
+  if (__syncthreads_or(!ok)) return false;
+  LL_PROF_STAMP(kProfCombineRecv, grid, 1);
+
   for (int u = u0; u < units; u += grid.blocks * kRecvWarps) {
     const int t = u / chunks;
     const int c = (u % chunks) * kChunk + lane * 8;  // first channel of this lane
@@ -385,7 +414,8 @@ __device__ __forceinline__ void sum_units(const ep_ll_launch_t& p, Grid grid, co
       my_slot = slot_of[(size_t)t * L.max_topk + lane];
       my_w = kSums ? 1.0f : p.call.topk_weights[(size_t)t * K + lane];
     }
-    mask_slot<kCall, kMasked>(p, my_slot, my_w);
+    // With a mask, every wait above is over: a rank masked by now sent no rows, and no block waits for it.
+    mask_slot<kCall, kMask>(p, my_slot, my_w);
     float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     if constexpr (kCall == Call::kCombineLogfmt) {
       for (int k = 0; k < K; ++k) {  // in top-k order; decoding is the work, not the loads
@@ -414,46 +444,6 @@ __device__ __forceinline__ void sum_units(const ep_ll_launch_t& p, Grid grid, co
     }
     if (active) *reinterpret_cast<int4*>((char*)p.call.out + ((size_t)t * H + c) * 2) = pack_bf16x8(acc);
   }
-}
-
-// One block's receive phase, up to finish_recv, in the form of kCall. False if the block gave up (rows never came;
-// the fault is recorded): the caller then stops, without arriving.
-template <Call kCall>
-__device__ __forceinline__ bool combine_recv(const ep_ll_launch_t& p, Grid grid) {
-  constexpr bool kSums = kCall == Call::kCombineSums;
-  const ep_ll_region_t& L = p.group.region;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int me = p.group.rank, R = p.group.num_ranks, K = p.call.num_topk, H = p.call.hidden;
-  const size_t half = half_offset(p);
-  char* mine = p.group.ll_base + half;
-  const uint64_t* signals = reinterpret_cast<const uint64_t*>(mine + L.combine_signal);
-  LL_PROF_STAMP(kProfCombineRecv, grid, 0);
-  const char* rows = mine + (kSums ? ep_ll_recv_sums(&L) : L.recv);
-  const int* slot_of = kSums ? p.handle.rank_slot_of : p.handle.slot_of;
-  const int chunks = (H + kChunk - 1) / kChunk;
-  const int units = p.call.num_tokens * chunks;
-  const int u0 = grid.block * kRecvWarps + warp;
-  // The first unit's slots and weights (this rank's own data) are loaded while the signals are awaited.
-  int pre_slot = -1;
-  float pre_w = 0.0f;
-  if (u0 < units && lane < K) {
-    const int t = u0 / chunks;
-    pre_slot = slot_of[(size_t)t * L.max_topk + lane];
-    pre_w = kSums ? 1.0f : p.call.topk_weights[(size_t)t * K + lane];
-  }
-  bool ok = true;
-  const long long t0 = wait_stats_start(p, grid);
-  for (int r = tid; ok && r < R; r += blockDim.x) {
-    const WaitResult w = wait_or_mask([&] { return count_complete(ld_acquire_sys_u64(signals + r)); },
-                                      p.group.timeout_ns, p.group.error, p.group.mask, me, r, EP_SITE_LL_COMBINE_RECV);
-    ok = w != kWaitFault;
-    if (w == kWaitReady) wait_stats_add(p, grid, r, t0);
-  }
-  if (__syncthreads_or(!ok)) return false;
-  LL_PROF_STAMP(kProfCombineRecv, grid, 1);
-  // With a mask, every wait above is over: a rank masked by now sent no rows, and no block waits for it.
-  if (p.group.mask) sum_units<kCall, true>(p, grid, rows, slot_of, u0, pre_slot, pre_w);
-  else sum_units<kCall, false>(p, grid, rows, slot_of, u0, pre_slot, pre_w);
   LL_PROF_STAMP(kProfCombineRecv, grid, 2);
   return true;
 }

@@ -144,20 +144,24 @@ __device__ __forceinline__ void send_ack(const ep_ll_launch_t& p, int r, uint64_
   else tp::signal_set(reinterpret_cast<uint64_t*>(p.group.ll_base + offset), op, r);
 }
 
-// Whether this rank exchanges nothing with rank r in this call (the group's rank mask; false without one).
+// Whether this rank exchanges nothing with rank r in this call (the group's rank mask). Every LL kernel is compiled
+// twice: kMask for a group with a mask, and without it, where this is false and the code is that of a group that
+// never had a mask.
+template <bool kMask>
 __device__ __forceinline__ bool masked(const ep_ll_launch_t& p, int r) {
-  return rank_masked(p.group.mask, p.group.rank, r);
+  return peer_masked<kMask>(p.group.mask, p.group.rank, r);
 }
 
 // Every rank must have finished receiving the previous call on this half before we write into its half. Threads
 // tid < R poll (no barrier: the caller overlaps this with other work and joins the result with __syncthreads_or).
 // A masked rank is not waited for (nothing is written to it).
+template <bool kMask>
 __device__ __forceinline__ bool poll_acks(const ep_ll_launch_t& p, uint64_t op, int site) {
   const uint64_t* acks = reinterpret_cast<const uint64_t*>(p.group.ll_base + half_offset(p) + p.group.region.ack);
   bool ok = true;
   for (int r = threadIdx.x; ok && r < p.group.num_ranks; r += blockDim.x)
-    ok = wait_or_mask([&] { return ld_acquire_sys_u64(acks + r) + 1 >= op; }, p.group.timeout_ns, p.group.error,
-                      p.group.mask, p.group.rank, r, site) != kWaitFault;
+    ok = wait_peer<kMask>([&] { return ld_acquire_sys_u64(acks + r) + 1 >= op; }, p.group.timeout_ns, p.group.error,
+                          p.group.mask, p.group.rank, r, site) != kWaitFault;
   return ok;
 }
 
@@ -251,7 +255,7 @@ __device__ __forceinline__ int topk_lanes_log2(int K) {
 // (read by the next send on this half). A block that gave up never gets here: the call is then never acknowledged
 // (a timeout fails the group), in a fused kernel as with two kernels. Masked ranks get no acknowledgement.
 // ---------------------------------------------------------------------------------------------------------------
-template <Call kCall>
+template <Call kCall, bool kMask>
 __device__ __forceinline__ void finish_recv(const ep_ll_launch_t& p, Grid grid, uint64_t op) {
   constexpr bool kDispatch = kCall == Call::kDispatch;
   [[maybe_unused]] constexpr int phase = kDispatch ? kProfDispatchRecv : kProfCombineRecv;  // profile builds
@@ -268,7 +272,7 @@ __device__ __forceinline__ void finish_recv(const ep_ll_launch_t& p, Grid grid, 
   for (int r = threadIdx.x; r < p.group.num_ranks; r += blockDim.x) {
     word[r] = 0;
     __threadfence_system();
-    if (!masked(p, r)) send_ack(p, r, op);
+    if (!masked<kMask>(p, r)) send_ack(p, r, op);
   }
   if (threadIdx.x == 0) {
     *done = 0;

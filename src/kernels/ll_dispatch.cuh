@@ -21,6 +21,7 @@ struct SlotInfo {
   bool dropped;  // an expert in range on a masked rank: treated as -1, but its combine slot says -2 (renormalize)
 };
 
+template <bool kMask>
 __device__ __forceinline__ SlotInfo slot_info(const ep_ll_launch_t& p, int t0, int t_end, int kp_log2, int lane) {
   const int K = p.call.num_topk, E = p.call.num_experts, kp_mask = (1 << kp_log2) - 1;
   SlotInfo si;
@@ -30,7 +31,7 @@ __device__ __forceinline__ SlotInfo slot_info(const ep_ll_launch_t& p, int t0, i
   si.e = si.in ? p.call.topk_idx[(size_t)si.t * K + si.k] : -1;
   // An expert on a masked rank is dropped here, as -1: no message, no slot, no combine row.
   const bool in_range = si.in && valid_expert(si.e, E);
-  si.dropped = in_range && masked(p, rank_of_expert(p, (int)si.e));
+  si.dropped = in_range && masked<kMask>(p, rank_of_expert(p, (int)si.e));
   const bool valid = in_range && !si.dropped;
   // Keys: (token, expert) and (token, rank) for valid slots; a value no valid slot has (unique per lane) otherwise.
   // 32-bit keys (a 64-bit match costs twice): the token's place in the warp (< 32) in the top 5 bits, under it the
@@ -140,6 +141,7 @@ __device__ __forceinline__ void for_each_copy(const ep_ll_launch_t& p, unsigned 
 
 // One block's send phase of call `op`. False if the block gave up (an acknowledgement timed out; the fault is
 // recorded): the caller then stops, with no receive phase.
+template <bool kMask>
 __device__ __forceinline__ bool dispatch_send(const ep_ll_launch_t& p, Grid grid, uint64_t op) {
   extern __shared__ int s_dyn[];
   const ep_ll_region_t& L = p.group.region;
@@ -177,10 +179,10 @@ __device__ __forceinline__ bool dispatch_send(const ep_ll_launch_t& p, Grid grid
   // 1a. Earlier and later tokens into the histograms; my tokens' slots noted (s_rf: bit 0 = rank-first, bits 1.. =
   // 1 + the first slot of the same expert, 0 for an invalid slot). Threads tid < R first wait for the acks: the
   // other warps scan meanwhile, and the barrier after the scan joins the result (no store to a peer before it).
-  const bool acks_ok = poll_acks(p, op, EP_SITE_LL_DISPATCH_ACK);
+  const bool acks_ok = poll_acks<kMask>(p, op, EP_SITE_LL_DISPATCH_ACK);
   const int kp_log2 = topk_lanes_log2(K), tokens_per_warp = 32 >> kp_log2;
   for (int tb = warp * tokens_per_warp; tb < N; tb += kSendWarps * tokens_per_warp) {
-    const SlotInfo si = slot_info(p, tb, N, kp_log2, lane);
+    const SlotInfo si = slot_info<kMask>(p, tb, N, kp_log2, lane);
     if (si.t < begin) {
       if (si.first) atomicAdd(&s_hist[si.e], 1);
       if (si.rfirst) atomicAdd(&s_rhist[rank_of_expert(p, (int)si.e)], 1);
@@ -220,7 +222,8 @@ __device__ __forceinline__ bool dispatch_send(const ep_ll_launch_t& p, Grid grid
     const int lt = i / K, k = i % K, first_k = (s_rf[i] >> 1) - 1;
     const size_t at = (size_t)(begin + lt) * L.max_topk + k;
     p.handle.slot_of[at] = first_k >= 0 ? s_ent[lt * K + first_k] * L.max_tokens + s_slot[lt * K + first_k]
-                                        : max(first_k, -2);  // -1, or -2 for a slot dropped by the mask
+                           : kMask      ? max(first_k, -2)
+                                        : -1;  // -2: a slot dropped by the mask
     if (s_ent[i] >= 0) atomicAdd(&s_hist[s_ent[i]], 1);
     if (s_rf[i] & 1) {
       atomicAdd(&s_rhist[rank_of_expert(p, s_ent[i])], 1);
@@ -305,7 +308,7 @@ __device__ __forceinline__ bool dispatch_send(const ep_ll_launch_t& p, Grid grid
   int* meta_out = reinterpret_cast<int*>(mine + L.meta_stage);  // [R][E_loc]
   for (int i = tid; i < E; i += blockDim.x) {
     const int d = rank_of_expert(p, i), le = i - d * E_loc;
-    if (!publishes_for(d, grid) || masked(p, d)) continue;
+    if (!publishes_for(d, grid) || masked<kMask>(p, d)) continue;
     char* peer = nvlink_peer(p, d);
     const int n = s_hist[i] + s_ahist[i];
     if (peer) reinterpret_cast<int*>(peer + half + L.dispatch_meta)[(size_t)me * E_loc + le] = n;
@@ -333,7 +336,7 @@ __device__ __forceinline__ bool dispatch_send(const ep_ll_launch_t& p, Grid grid
     }
   }
   for (int d = warp; d < R; d += kSendWarps)
-    if (publishes_for(d, grid) && nvlink_peer(p, d) == nullptr && !masked(p, d)) {
+    if (publishes_for(d, grid) && nvlink_peer(p, d) == nullptr && !masked<kMask>(p, d)) {
       __threadfence_system();  // the meta_out rows
       tp::put_signal_warp(mine + L.dispatch_meta + (size_t)me * E_loc * 4, meta_out + (size_t)d * E_loc,
                           (size_t)E_loc * 4, count_word, 1, /*add=*/true, d);
@@ -344,7 +347,7 @@ __device__ __forceinline__ bool dispatch_send(const ep_ll_launch_t& p, Grid grid
   // (messages + 3) << 32, if it publishes for d), in one release add after the barrier above (the shape word by the
   // same thread before it). Other nodes: the puts count themselves; the publishing block adds the high half.
   for (int d = tid; d < R; d += blockDim.x) {
-    if (masked(p, d)) continue;  // nothing for it, and it waits for nothing from this rank
+    if (masked<kMask>(p, d)) continue;  // nothing for it, and it waits for nothing from this rank
     const bool pub = publishes_for(d, grid);
     const uint64_t hi = (uint64_t)(s_rhist[d] + s_arhist[d] + 3) << 32;  // (n + 1) << 32, n = messages + 2
     char* peer = nvlink_peer(p, d);
@@ -421,6 +424,7 @@ __device__ __forceinline__ uint32_t ue8m0_pack(const float4& f) {
 
 // One block's receive phase, up to finish_recv. False if the block gave up (a count never came; the fault is
 // recorded): the caller then stops, without arriving.
+template <bool kMask>
 __device__ __forceinline__ bool dispatch_recv(const ep_ll_launch_t& p, Grid grid) {
   extern __shared__ int s_dyn[];
   const ep_ll_region_t& L = p.group.region;
@@ -442,13 +446,14 @@ __device__ __forceinline__ bool dispatch_recv(const ep_ll_launch_t& p, Grid grid
     for (int s = lane; ok && s < R; s += 32) {
       uint64_t v = 0;
       const WaitResult w =
-          wait_or_mask([&] { return count_complete(v = ld_acquire_sys_u64(counts + s)); }, p.group.timeout_ns,
-                       p.group.error, p.group.mask, me, s, EP_SITE_LL_DISPATCH_RECV);
+          wait_peer<kMask>([&] { return count_complete(v = ld_acquire_sys_u64(counts + s)); }, p.group.timeout_ns,
+                           p.group.error, p.group.mask, me, s, EP_SITE_LL_DISPATCH_RECV);
       ok = w != kWaitFault;
+      const bool ready = kMask ? w == kWaitReady : ok;  // without the mask, the same thing
       // n = messages + 2 puts; hi = n + 1. At most T (this rank's): a source of another shape stays in the area.
       // A masked source sent nothing (its count word may hold what it wrote before it was masked).
-      if (ok) s_moff[s + 1] = w == kWaitReady ? min((int)(v >> 32) - 3, L.max_tokens) : 0;
-      if (w == kWaitReady) wait_stats_add(p, grid, s, t0);
+      if (ok) s_moff[s + 1] = ready ? min((int)(v >> 32) - 3, L.max_tokens) : 0;
+      if (ready) wait_stats_add(p, grid, s, t0);
     }
     const bool failed = __any_sync(0xffffffffu, !ok);
     if (lane == 0) s_failed = failed;
@@ -485,13 +490,13 @@ __device__ __forceinline__ bool dispatch_recv(const ep_ll_launch_t& p, Grid grid
   // A source without messages has no tokens for my experts: its row is zeros, and a masked source's is stale.
   for (int i = tid; i < R * E_loc; i += blockDim.x) {
     const int s = i / E_loc;
-    s_row0[i] = p.group.mask && s_moff[s + 1] == s_moff[s] ? 0 : ld_relaxed_sys(meta + i);
+    s_row0[i] = kMask && s_moff[s + 1] == s_moff[s] ? 0 : ld_relaxed_sys(meta + i);
   }
   // Every source's shape against mine, with the meta loads, before any row is placed (ll_region.h).
   const uint64_t my_shape = ep_ll_shape_word(p.call.max_tokens, H, p.call.num_experts, p.call.fp8);
   const uint64_t* shapes = reinterpret_cast<const uint64_t*>(mine + L.dispatch_shape);
   for (int s = tid; s < R; s += blockDim.x) {
-    if (masked(p, s)) continue;  // its word is from an earlier call, or never came
+    if (masked<kMask>(p, s)) continue;  // its word is from an earlier call, or never came
     const uint64_t w = ld_relaxed_sys_u64(shapes + s);
     const int field = ep_ll_shape_differs(w, my_shape);
     if (field == EP_LL_SHAPE_AGREES) continue;

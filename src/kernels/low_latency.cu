@@ -15,6 +15,8 @@
 #include "kernels/ll_dispatch.cuh"
 #include "kernels/tuning.h"
 
+#include <atomic>
+
 namespace ep {
 namespace ll {
 
@@ -31,54 +33,56 @@ namespace ll {
 //    time out (each fault names a peer) and the call is not acknowledged, as with two kernels;
 //  - separates the phases with a block barrier: both use the dynamic shared memory from its start.
 // The phases' code is picked by the call (dispatch, or combine of rows, of sums or of LogFMT rows), a template
-// parameter.
+// parameter, and each kernel is compiled twice: with the rank mask (kMask, for a group that has one) and without it,
+// the code of a group that never had a mask (ll_common.cuh, masked).
 // ---------------------------------------------------------------------------------------------------------------
 constexpr int kThreads = kSendThreads;  // every LL kernel's block size
 static_assert(kSendThreads == kRecvThreads, "a fused kernel runs both phases with one block size");
 
-template <Call kCall>
+template <Call kCall, bool kMask>
 __device__ __forceinline__ bool send_phase(const ep_ll_launch_t& p, Grid grid, uint64_t op) {
-  if constexpr (kCall == Call::kDispatch) return dispatch_send(p, grid, op);
-  else return combine_send<kCall>(p, grid, op);
+  if constexpr (kCall == Call::kDispatch) return dispatch_send<kMask>(p, grid, op);
+  else return combine_send<kCall, kMask>(p, grid, op);
 }
 
-template <Call kCall>
+template <Call kCall, bool kMask>
 __device__ __forceinline__ bool recv_phase(const ep_ll_launch_t& p, Grid grid) {
-  if constexpr (kCall == Call::kDispatch) return dispatch_recv(p, grid);
-  else return combine_recv<kCall>(p, grid);
+  if constexpr (kCall == Call::kDispatch) return dispatch_recv<kMask>(p, grid);
+  else return combine_recv<kCall, kMask>(p, grid);
 }
 
 // A launch runs the send phase (recv_blocks 0), the receive phase (send_blocks 0) or both, fused.
-template <Call kCall>
+template <Call kCall, bool kMask>
 __device__ __forceinline__ void run_phases(const ep_ll_launch_t& p, int send_blocks, int recv_blocks) {
   if (recv_blocks == 0) {
-    send_phase<kCall>(p, kernel_grid(), next_call(p));
+    send_phase<kCall, kMask>(p, kernel_grid(), next_call(p));
     return;
   }
   if (send_blocks == 0) {  // the call number comes from the handle: ops[0] (dispatch) or [1], written by the send phase
     const uint64_t op = p.handle.ops[kCall == Call::kDispatch ? 0 : 1];
-    if (recv_phase<kCall>(p, kernel_grid())) finish_recv<kCall>(p, kernel_grid(), op);
+    if (recv_phase<kCall, kMask>(p, kernel_grid())) finish_recv<kCall, kMask>(p, kernel_grid(), op);
     return;
   }
   const uint64_t op = next_call(p);
   const int b = blockIdx.x;
-  if (b < send_blocks && !send_phase<kCall>(p, Grid{b, send_blocks}, op)) return;
+  if (b < send_blocks && !send_phase<kCall, kMask>(p, Grid{b, send_blocks}, op)) return;
   __syncthreads();  // the receive phase reuses the send phase's shared memory
   const Grid recv{b, recv_blocks};
-  if (b < recv_blocks && !recv_phase<kCall>(p, recv)) return;
-  finish_recv<kCall>(p, recv, op);
+  if (b < recv_blocks && !recv_phase<kCall, kMask>(p, recv)) return;
+  finish_recv<kCall, kMask>(p, recv, op);
 }
 
 // One kernel symbol per call, whichever phases a launch runs, so that a profile lists an LL dispatch as one kernel
 // named "ep::ll::dispatch_kernel" and a combine as "ep::ll::combine_kernel<...>": DeepEP's tests (and users'
 // profiling scripts) find the two calls by those words, one row each, two launches per call with a receive hook.
+template <bool kMask>
 __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(ep_ll_launch_t p, int send_blocks, int recv_blocks) {
-  run_phases<Call::kDispatch>(p, send_blocks, recv_blocks);
+  run_phases<Call::kDispatch, kMask>(p, send_blocks, recv_blocks);
 }
 
-template <Call kCall>
+template <Call kCall, bool kMask>
 __global__ void __launch_bounds__(kThreads, 1) combine_kernel(ep_ll_launch_t p, int send_blocks, int recv_blocks) {
-  run_phases<kCall>(p, send_blocks, recv_blocks);
+  run_phases<kCall, kMask>(p, send_blocks, recv_blocks);
 }
 
 }  // namespace ll
@@ -125,37 +129,56 @@ static Shape combine_recv_shape(const ep_ll_launch_t* p) {
   return {ll_grid(p->group.num_sms, (warps + ep::ll::kRecvWarps - 1) / ep::ll::kRecvWarps), 0};
 }
 
-/* One phase of a call's kernel (kKernel: ep::ll::dispatch_kernel or a combine_kernel) over shape s. */
-template <void (*kKernel)(ep_ll_launch_t, int, int)>
-static cudaError_t launch_phase(const ep_ll_launch_t* p, Shape s, bool send, cudaStream_t stream) {
-  cudaError_t e = ll_smem((const void*)kKernel, s.smem);
+namespace {
+/* A call's kernel: the dispatch or one of the three combines, in the form with the rank mask for a group that has
+ * one; `index` (2 * call + mask) names it in the per-kernel cache of launch_fused. */
+struct CallKernel {
+  void (*fn)(ep_ll_launch_t, int, int);
+  int index;
+};
+constexpr int kCallKernels = 8;
+}  // namespace
+
+static CallKernel dispatch_kernel_of(const ep_ll_launch_t* p) {
+  if (p->group.mask) return {ep::ll::dispatch_kernel<true>, 1};
+  return {ep::ll::dispatch_kernel<false>, 0};
+}
+
+template <ep::ll::Call kCall>
+static CallKernel combine_form(bool mask) {
+  if (mask) return {ep::ll::combine_kernel<kCall, true>, 2 * (int)kCall + 1};
+  return {ep::ll::combine_kernel<kCall, false>, 2 * (int)kCall};
+}
+
+static CallKernel combine_kernel_of(const ep_ll_launch_t* p) {
+  const bool mask = p->group.mask != nullptr;
+  if (p->call.logfmt) return combine_form<ep::ll::Call::kCombineLogfmt>(mask);
+  if (p->call.sum_on_expert_ranks) return combine_form<ep::ll::Call::kCombineSums>(mask);
+  return combine_form<ep::ll::Call::kCombine>(mask);
+}
+
+/* One phase of a call's kernel over shape s. */
+static cudaError_t launch_phase(CallKernel k, const ep_ll_launch_t* p, Shape s, bool send, cudaStream_t stream) {
+  cudaError_t e = ll_smem((const void*)k.fn, s.smem);
   if (e != cudaSuccess) return e;
-  kKernel<<<s.grid, ep::ll::kThreads, s.smem, stream>>>(*p, send ? s.grid : 0, send ? 0 : s.grid);
+  k.fn<<<s.grid, ep::ll::kThreads, s.smem, stream>>>(*p, send ? s.grid : 0, send ? 0 : s.grid);
   return cudaGetLastError();
 }
 
 extern "C" cudaError_t ep_launch_ll_dispatch_send(const ep_ll_launch_t* p, cudaStream_t stream) {
-  return launch_phase<ep::ll::dispatch_kernel>(p, dispatch_send_shape(p), true, stream);
+  return launch_phase(dispatch_kernel_of(p), p, dispatch_send_shape(p), true, stream);
 }
 
 extern "C" cudaError_t ep_launch_ll_dispatch_recv(const ep_ll_launch_t* p, cudaStream_t stream) {
-  return launch_phase<ep::ll::dispatch_kernel>(p, dispatch_recv_shape(p), false, stream);
+  return launch_phase(dispatch_kernel_of(p), p, dispatch_recv_shape(p), false, stream);
 }
 
 extern "C" cudaError_t ep_launch_ll_combine_send(const ep_ll_launch_t* p, cudaStream_t stream) {
-  if (p->call.logfmt)
-    return launch_phase<ep::ll::combine_kernel<ep::ll::Call::kCombineLogfmt>>(p, combine_send_shape(p), true, stream);
-  if (p->call.sum_on_expert_ranks)
-    return launch_phase<ep::ll::combine_kernel<ep::ll::Call::kCombineSums>>(p, combine_send_shape(p), true, stream);
-  return launch_phase<ep::ll::combine_kernel<ep::ll::Call::kCombine>>(p, combine_send_shape(p), true, stream);
+  return launch_phase(combine_kernel_of(p), p, combine_send_shape(p), true, stream);
 }
 
 extern "C" cudaError_t ep_launch_ll_combine_recv(const ep_ll_launch_t* p, cudaStream_t stream) {
-  if (p->call.logfmt)
-    return launch_phase<ep::ll::combine_kernel<ep::ll::Call::kCombineLogfmt>>(p, combine_recv_shape(p), false, stream);
-  if (p->call.sum_on_expert_ranks)
-    return launch_phase<ep::ll::combine_kernel<ep::ll::Call::kCombineSums>>(p, combine_recv_shape(p), false, stream);
-  return launch_phase<ep::ll::combine_kernel<ep::ll::Call::kCombine>>(p, combine_recv_shape(p), false, stream);
+  return launch_phase(combine_kernel_of(p), p, combine_recv_shape(p), false, stream);
 }
 
 /* Blocks of a fused kernel that can be resident on one SM (threads and registers; a call's dynamic shared memory
@@ -172,19 +195,24 @@ static int fused_blocks_per_sm(const void* kernel) {
   return coop ? blocks : 0;
 }
 
-/* Launch fused kernel kKernel cooperatively over max(send, receive grid) blocks, if that is at most the SM count and
+/* Launch the fused kernel k cooperatively over max(send, receive grid) blocks, if that is at most the SM count and
  * that many blocks can be resident at once (computed once per kernel, per process: every GPU of a job is taken to
  * be the same model); else launch nothing and leave *launched 0. Capturable: the cooperative attribute is valid for
  * launches and for graph kernel nodes (driver_types.h, cudaLaunchAttributeCooperative). */
-template <void (*kKernel)(ep_ll_launch_t, int, int)>
-static cudaError_t launch_fused(const ep_ll_launch_t* p, Shape send, Shape recv, cudaStream_t stream, int* launched) {
+static cudaError_t launch_fused(CallKernel k, const ep_ll_launch_t* p, Shape send, Shape recv, cudaStream_t stream,
+                                int* launched) {
   *launched = 0;
   const int grid = send.grid > recv.grid ? send.grid : recv.grid;
   if (!EP_LL_FUSED || grid > p->group.num_sms) return cudaSuccess;
-  static const int per_sm = fused_blocks_per_sm((const void*)kKernel);
+  static std::atomic<int> per_sm_plus_one[kCallKernels];  // 0: not asked yet
+  int per_sm = per_sm_plus_one[k.index].load(std::memory_order_relaxed) - 1;
+  if (per_sm < 0) {
+    per_sm = fused_blocks_per_sm((const void*)k.fn);
+    per_sm_plus_one[k.index].store(per_sm + 1, std::memory_order_relaxed);
+  }
   if (grid > per_sm * p->group.num_sms) return cudaSuccess;
   const size_t smem = send.smem > recv.smem ? send.smem : recv.smem;
-  cudaError_t e = ll_smem((const void*)kKernel, smem);
+  cudaError_t e = ll_smem((const void*)k.fn, smem);
   if (e != cudaSuccess) return e;
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeCooperative;
@@ -196,7 +224,7 @@ static cudaError_t launch_fused(const ep_ll_launch_t* p, Shape send, Shape recv,
   cfg.stream = stream;
   cfg.attrs = attr;
   cfg.numAttrs = 1;
-  e = cudaLaunchKernelEx(&cfg, kKernel, *p, send.grid, recv.grid);
+  e = cudaLaunchKernelEx(&cfg, k.fn, *p, send.grid, recv.grid);
   const cudaError_t last = cudaGetLastError();  // clear it, as the <<<>>> launches' checks do
   if (e == cudaSuccess) e = last;
   if (e == cudaSuccess) *launched = 1;
@@ -211,16 +239,9 @@ extern "C" size_t ep_ll_smem_bytes(const ep_ll_launch_t* p) {
 }
 
 extern "C" cudaError_t ep_launch_ll_dispatch_fused(const ep_ll_launch_t* p, cudaStream_t stream, int* launched) {
-  return launch_fused<ep::ll::dispatch_kernel>(p, dispatch_send_shape(p), dispatch_recv_shape(p), stream, launched);
+  return launch_fused(dispatch_kernel_of(p), p, dispatch_send_shape(p), dispatch_recv_shape(p), stream, launched);
 }
 
 extern "C" cudaError_t ep_launch_ll_combine_fused(const ep_ll_launch_t* p, cudaStream_t stream, int* launched) {
-  if (p->call.logfmt)
-    return launch_fused<ep::ll::combine_kernel<ep::ll::Call::kCombineLogfmt>>(p, combine_send_shape(p),
-                                                                              combine_recv_shape(p), stream, launched);
-  if (p->call.sum_on_expert_ranks)
-    return launch_fused<ep::ll::combine_kernel<ep::ll::Call::kCombineSums>>(p, combine_send_shape(p),
-                                                                            combine_recv_shape(p), stream, launched);
-  return launch_fused<ep::ll::combine_kernel<ep::ll::Call::kCombine>>(p, combine_send_shape(p), combine_recv_shape(p),
-                                                                      stream, launched);
+  return launch_fused(combine_kernel_of(p), p, combine_send_shape(p), combine_recv_shape(p), stream, launched);
 }

@@ -17,7 +17,8 @@
  * holds). A call of more tokens runs ceil(max over ranks of num_tokens / T) rounds inside each kernel, each round
  * one step of the protocol above with its own epoch, over tokens [k*T, k*T + T) of every rank. Receivers write the
  * rows of source s in round k at s's output offset plus s's rows of earlier rounds (the handle's round table), so
- * the output is in the order of one big call: source-rank major, token order within a source.
+ * the output is in the order of one big call: source-rank major, token order within a source. (Several nodes: one
+ * round per launch of each kernel, docs/internode.md 1.5.1.)
  *
  *   uint64 count_matrix[R][R+1]   row s from rank s: (epoch << 32 | tokens s sends to rank d), then s's num_tokens
  *   uint64 expert_counts[R][E_loc] from rank s: (epoch << 32 | s's tokens for each of my local experts)
@@ -112,18 +113,24 @@ typedef struct ep_normal_handle_view {
   int* num_recv;      /* [1] */
   int* expert_counts; /* [E_loc], aligned */
   int* num_rounds;    /* [1]: rounds of the prepared call, the same on every rank */
-  int* recv_taken;    /* [R]: rows from s in the rounds prepared so far (prepare's running count); with the rank
-                         mask, -1 after the prepare when its block dropped source s */
+  int* recv_taken;    /* [R]: rows from s in the rounds prepared so far (prepare's running count); one node with
+                         the rank mask: -1 after the prepare when its block dropped source s (several nodes keep
+                         that verdict in round_drop) */
   int* round_rows;    /* [max_rounds][2R + 1]: round k: where rows from s start among the round's rows [R + 1],
                          then where they go in my output [R] (recv_offset[s] plus s's rows of earlier rounds) */
-  /* With num_nodes > 1 only (NULL otherwise). */
+  /* With num_nodes > 1 only (NULL otherwise). Slots and rows are counted within their round, as send_pos; the
+     arrays of [T] entries hold every round's entries one round after the other. */
   int* recv_slot;   /* [R][T]: remote source s: slot (in the forwarder's rdma_recv) of my j-th row from s */
-  int* send_slot;   /* [T][N]: slot of my token t in node_list[m], or -1 */
-  int* node_tokens; /* [N][T]: node_list[m], my tokens for node m in token order */
-  int* node_count;  /* [N]: |node_list[m]| */
-  int* fwd_count;   /* [N]: slots the rail peer of node n sent me (|its node_list[my node]|) */
-  int* fwd_row;     /* [N][T][P]: forwarder: row of slot j of source node n in local rank i's received order,
-                       or -1 */
+  int* send_slot;   /* [T][N]: slot of my token t in its round's node_list[m], or -1 */
+  int* node_tokens; /* [N][T]: node_list[m], my tokens for node m in token order, round after round */
+  int* node_count;  /* [max_rounds][2N]: round k: |node_list[m]| [N], then where it starts in node_tokens[m] [N] */
+  int* fwd_count;   /* [max_rounds][2N]: round k: slots the rail peer of node n sent me [N], then where they
+                       start in fwd_row[n] [N] */
+  int* fwd_row;     /* [N][T][P]: forwarder: row of slot j of source node n among local rank i's rows of the
+                       slot's round, or -1 */
+  int* send_base;   /* [max_rounds][P]: where my rows start among local rank i's rows of round k */
+  int* round_counts; /* [R][P]: the prepare's scratch: rows from rank s to local rank i in the running round */
+  int* round_drop;   /* [R]: the prepare's scratch, rank mask only: 1 once this rank dropped rank s */
 } ep_normal_handle_view_t;
 
 /* Where each array of a normal handle lives in `memory` (NULL: nowhere, only the size is wanted), for a group of
@@ -134,12 +141,13 @@ static inline size_t ep_normal_handle_carve(const ep_normal_region_t* l, int num
   const size_t R = (size_t)l->num_ranks, T = (size_t)l->call_tokens, E_loc = (size_t)l->num_local_experts;
   const size_t N = (size_t)num_nodes, P = (size_t)ranks_per_node, rounds = (size_t)l->max_rounds;
   ep_normal_handle_view_t v;
-  int** const arrays[] = {&v.send_pos,    &v.matrix,     &v.num_tokens_of, &v.recv_src,
-                          &v.recv_offset, &v.num_recv,   &v.expert_counts, &v.num_rounds,
-                          &v.recv_taken,  &v.round_rows, &v.recv_slot,     &v.send_slot,
-                          &v.node_tokens, &v.node_count, &v.fwd_count,     &v.fwd_row};
-  const size_t ints[] = {T * R, R * R, R,     R * T, R + 1, 1,        E_loc, 1, R, rounds * (2 * R + 1),
-                         R * T, T * N, N * T, N,     N,     N * T * P};
+  int** const arrays[] = {&v.send_pos,  &v.matrix,        &v.num_tokens_of, &v.recv_src,   &v.recv_offset,
+                          &v.num_recv,  &v.expert_counts, &v.num_rounds,    &v.recv_taken, &v.round_rows,
+                          &v.recv_slot, &v.send_slot,     &v.node_tokens,   &v.node_count, &v.fwd_count,
+                          &v.fwd_row,   &v.send_base,     &v.round_counts,  &v.round_drop};
+  const size_t ints[] = {
+      T * R, R * R, R,     R * T,          R + 1,          1,         E_loc,      1,     R, rounds * (2 * R + 1),
+      R * T, T * N, N * T, rounds * 2 * N, rounds * 2 * N, N * T * P, rounds * P, R * P, R};
   const int count = (int)(sizeof(ints) / sizeof(ints[0]));
   const int used = num_nodes > 1 ? count : 10; /* the first ten serve one node */
   size_t bytes = 0;

@@ -76,28 +76,29 @@ __device__ __forceinline__ void stage_x(const Launch& p, const XRow& row, uint64
   stage_x<kWarps>(p, row, epoch, 0, p.call.num_tokens);
 }
 
-// Stage my received expert outputs into my y_stage (bf16 row | weights) and publish y_staged[c] = epoch per chunk
-// of kChunk rows. A block takes kStageGroup chunks at once, so that one barrier and one system fence serve
-// kStageGroup * kChunk rows (per chunk they made staging latency-bound: 171 us at 16 SMs, 2x2). Rows for which
-// `skip(i)` is true are read in place by their only reader (me); rows past recv_capacity (after an overflowed
-// dispatch, reported) do not exist in y and are not staged.
+// Stage my received expert outputs of a round into my y_stage (bf16 row | weights): y_stage row i, for i in
+// [0, num_rows), from y's row y_row(i); publish y_staged[c] = epoch per chunk of kChunk rows. A block takes
+// kStageGroup chunks at once, so that one barrier and one system fence serve kStageGroup * kChunk rows (per chunk
+// they made staging latency-bound: 171 us at 16 SMs, 2x2). Rows with y_row(i) < 0 are read in place by their only
+// reader (me); rows past recv_capacity (after an overflowed dispatch, reported) do not exist in y and are not
+// staged.
 constexpr int kStageGroup = 4;
-template <int kWarps, typename Launch, typename Skip>
-__device__ __forceinline__ void stage_y(const Launch& p, uint64_t epoch, Skip skip) {
+template <int kWarps, typename Launch, typename YRow>
+__device__ __forceinline__ void stage_y(const Launch& p, uint64_t epoch, int num_rows, YRow y_row) {
   const ep_normal_region_t& L = p.group.region;
   char* mine = p.group.normal_base;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, K = p.call.num_topk, H = p.call.hidden;
   const int n16 = H * 2 / 16;
-  const int num_recv = *p.handle.num_recv;
-  const int num_chunks = (num_recv + kChunk - 1) / kChunk;
+  const int num_chunks = (num_rows + kChunk - 1) / kChunk;
   for (int c0 = blockIdx.x * kStageGroup; c0 < num_chunks; c0 += gridDim.x * kStageGroup) {
-    const int c1 = min(num_chunks, c0 + kStageGroup), end = min(num_recv, c1 * kChunk);
+    const int c1 = min(num_chunks, c0 + kStageGroup), end = min(num_rows, c1 * kChunk);
     for (int i = c0 * kChunk + warp; i < end; i += kWarps) {
-      if (skip(i) || i >= p.call.recv_capacity) continue;
+      const int y = y_row(i);
+      if (y < 0 || y >= p.call.recv_capacity) continue;
       char* dst = mine + L.y_stage + (size_t)i * L.y_row_bytes;
-      warp_copy<false, 16>(dst, (const char*)p.call.y + (size_t)i * H * 2, 0, n16, lane);
+      warp_copy<false, 16>(dst, (const char*)p.call.y + (size_t)y * H * 2, 0, n16, lane);
       if (p.call.y_weights && lane < K)
-        reinterpret_cast<float*>(dst + H * 2)[lane] = p.call.y_weights[(size_t)i * K + lane];
+        reinterpret_cast<float*>(dst + H * 2)[lane] = p.call.y_weights[(size_t)y * K + lane];
     }
     __syncthreads();
     if (tid == 0) {

@@ -50,6 +50,7 @@ static void world_token_counts(world_t* w, const case_t* k, uint64_t seed) {
   uint64_t s = stream_of(seed, -1, 7);
   for (int r = 0; r < w->R; ++r) {
     if (!k->vary || n == 0) w->num_tokens[r] = n;
+    else if (k->vary == VARY_PEAK) w->num_tokens[r] = w->R < 2 || r == w->R / 2 - 1 ? n : 1;
     else if (rank_is_empty(k->vary, r, w->R)) w->num_tokens[r] = 0;
     else w->num_tokens[r] = 1 + (int)(harness_rand(&s) % (uint64_t)n);
   }

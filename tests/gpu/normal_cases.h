@@ -25,8 +25,10 @@
  * twice (tests/ref/ep_ref.h: it counts once per expert, each slot is still mapped on its own). */
 enum routing { ROUTE_RANDOM, ROUTE_SKEWED, ROUTE_REPEAT };
 /* Which ranks have no tokens (`vary`; the others draw 1..tokens): none, the last, rank 0, the middle one (R / 2),
- * every odd one, the first half (with two virtual nodes: a whole node). Never the only rank of a group. */
-enum vary { VARY_NONE, VARY_LAST, VARY_FIRST, VARY_MIDDLE, VARY_SEVERAL, VARY_NODE };
+ * every odd one, the first half (with two virtual nodes: a whole node). Never the only rank of a group. VARY_PEAK:
+ * rank R / 2 - 1 has all `tokens`, every other rank one (with two virtual nodes: the last rank of node 0, whose rail
+ * peer on node 1 is rank R - 1). */
+enum vary { VARY_NONE, VARY_LAST, VARY_FIRST, VARY_MIDDLE, VARY_SEVERAL, VARY_NODE, VARY_PEAK };
 enum topk_out { TOPK_NONE, TOPK_IDX, TOPK_IDX_WEIGHTS }; /* what dispatch delivers besides rows */
 enum { BIAS0 = 1, BIAS1 = 2 };
 

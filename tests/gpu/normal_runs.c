@@ -12,6 +12,7 @@
 #include "common/check.h"
 #include "gpu/normal_runs.h"
 #include "gpu/test_util.h"
+#include "kernels/internode_region.h"
 #include "kernels/normal_region.h"
 #include "ref/ep_ref.h"
 
@@ -496,32 +497,66 @@ static const case_t rounds_table[] = {
 };
 /* clang-format on */
 
-int normal_run_rounds(const harness_t* h, uint64_t seed) {
+/* clang-format off */
+static const case_t inter_rounds_table[] = { /* INTER_ROUND_TOKENS (64) tokens a round */
+  /*  tok  vary  hidden  topk  fp8  out  route  few  sms  align           bias  cached */
+    {   0,    0,   2688,    4,   0, IDW,   RND,   0,   8,     1,         BIAS0,      1}, /* no tokens anywhere */
+    {  63,    0,   1000,    8,   0, IDW,   RND,   0,  16,     1,         BIAS0,      1}, /* T - 1: one round */
+    {  64,    0,   2688,    4,   1, IDW,   RPT,   0,  24,   128,         BIAS1,      0}, /* T: one round, FP8 */
+    { 197,    0,   2560,    8,   0, IDW,   RND,   1,   8,     1, BIAS0 | BIAS1,      1}, /* 3T + 5: four rounds */
+    { 197,  NOD,   2688,    4,   1, IDX,   RND,   0,   3,     1,             0,      0}, /* a whole node has none */
+    { 197,  SEV,   1000,    2,   0, IDW,   RND,   0,   1,   128,             0,      1}, /* odd ranks none, 1 SM */
+    { 130,  LST,   7168,    8,   0,  NO,   SKW,   0,  32,     1,         BIAS0,      0}, /* 1..130, last rank 0 */
+    {1000,  LST,   2688,    8,   1, IDW,   RND,   0,  16,     1,         BIAS1,      1}, /* up to 16 rounds */
+};
+/* clang-format on */
+
+int normal_run_rounds(const harness_t* h, uint64_t seed, int rpn, int forced) {
   const int before = g_check_failures;
   normal_ctx_t c;
   memset(&c, 0, sizeof c);
   c.R = h->num_ranks;
   c.me = h->rank;
   c.seed = seed;
+  c.rpn = rpn;
+  c.forced = forced;
   ep_group_config_t cfg = EP_GROUP_CONFIG_INIT;
+  cfg.ranks_per_node = rpn;
   cfg.num_experts = 256 / c.R * c.R;
   cfg.hidden = MAX_HIDDEN;
   cfg.max_tokens_per_rank = MAX_TOKENS;
   cfg.max_topk = 8;
-  /* Exactly ROUND_TOKENS tokens a round: one more would not fit. */
-  cfg.normal_region_bytes = ep_normal_region(c.R, cfg.num_experts, ROUND_TOKENS, cfg.hidden, cfg.max_topk).total_bytes;
-  const ep_normal_region_t pool = ep_normal_region_pool(c.R, cfg.num_experts, cfg.normal_region_bytes,
-                                                        cfg.max_tokens_per_rank, cfg.hidden, cfg.max_topk);
-  CHECK(pool.max_tokens == ROUND_TOKENS, "the pool holds %d tokens a round, not %d", pool.max_tokens, ROUND_TOKENS);
+  /* Exactly ROUND_TOKENS (one node) or INTER_ROUND_TOKENS (several) tokens a round: one more would not fit. */
+  const int round_tokens = rpn > 0 ? INTER_ROUND_TOKENS : ROUND_TOKENS;
+  cfg.normal_region_bytes = ep_normal_region(c.R, cfg.num_experts, round_tokens, cfg.hidden, cfg.max_topk).total_bytes;
+  int pool_tokens = 0;
+  if (rpn > 0) {
+    cfg.normal_region_bytes +=
+        ep_internode_region(c.R, rpn, cfg.num_experts, round_tokens, cfg.hidden, cfg.max_topk).total_bytes;
+    pool_tokens = ep_internode_regions(c.R, rpn, cfg.num_experts, cfg.normal_region_bytes, cfg.max_tokens_per_rank,
+                                       cfg.hidden, cfg.max_topk)
+                      .normal.max_tokens;
+  } else {
+    pool_tokens = ep_normal_region_pool(c.R, cfg.num_experts, cfg.normal_region_bytes, cfg.max_tokens_per_rank,
+                                        cfg.hidden, cfg.max_topk)
+                      .max_tokens;
+  }
+  CHECK(pool_tokens == round_tokens, "the pool holds %d tokens a round, not %d", pool_tokens, round_tokens);
   c.max_experts = cfg.num_experts;
+  if (forced) setenv("EP_INTERNODE_FORCE_PUT", "1", 1); /* read once, at create */
   ep_status_t st = harness_group_create(h, &cfg, &c.g);
+  if (forced) unsetenv("EP_INTERNODE_FORCE_PUT");
   CHECK(st == EP_STATUS_SUCCESS, "create with normal_region_bytes: %s: %s", ep_status_string(st), ep_last_error(NULL));
   if (st != EP_STATUS_SUCCESS) return 1;
   CUDA_CHECK(cudaStreamCreate(&c.s));
   CHECK(ep_handle_create(c.g, &c.handle) == EP_STATUS_SUCCESS, "handle: %s", ep_last_error(c.g));
-  const int num_cases = (int)(sizeof(rounds_table) / sizeof(rounds_table[0]));
-  for (int i = 0; i < num_cases; ++i) normal_run_case(&c, &rounds_table[i], 1000 + i);
+  const case_t* table = rpn > 0 ? inter_rounds_table : rounds_table;
+  const int num_cases = rpn > 0 ? (int)(sizeof(inter_rounds_table) / sizeof(inter_rounds_table[0]))
+                                : (int)(sizeof(rounds_table) / sizeof(rounds_table[0]));
+  for (int i = 0; i < num_cases; ++i) normal_run_case(&c, &table[i], 1000 + i);
   normal_run_cuda_graph(&c, 0);
+  /* Several nodes: eager calls on a handle whose prepare a graph holds (the host launches every round for them). */
+  if (rpn > 0) normal_run_cuda_graph(&c, 1);
   CHECK(ep_handle_destroy(c.handle) == EP_STATUS_SUCCESS, "handle destroy: %s", ep_last_error(c.g));
   cudaStreamDestroy(c.s);
   CHECK(ep_group_destroy(c.g) == EP_STATUS_SUCCESS, "destroy: %s", ep_last_error(NULL));

@@ -72,11 +72,15 @@ int normal_run_overflow(const normal_ctx_t* c);
  * BF16 top-4; 1: FP8 top-8 with repeated experts and both biases, an eager case between the replays. */
 int normal_run_cuda_graph(const normal_ctx_t* c, int variant);
 
-/* Rounds: a group whose config.normal_region_bytes holds ROUND_TOKENS tokens per round runs calls of more tokens
- * in rounds inside the kernels; its cases (last rounds of one token, ranks with no tokens in
- * later rounds, BF16 and FP8, with and without top-k weights) and the BF16 CUDA graph must match the reference as
- * with one round. Creates and destroys its own group (the caller holds none); returns 1 when a check failed. */
+/* Rounds: a group whose config.normal_region_bytes holds ROUND_TOKENS tokens per round (one node; rpn = 0) or
+ * INTER_ROUND_TOKENS (virtual nodes of rpn ranks, both regions in the pool; `forced`: cross-node transfers as puts)
+ * runs calls of more tokens in rounds; its cases (no tokens, one token short of a round, exactly one, three rounds
+ * and five tokens, last rounds of one token, ranks or a whole node with no tokens, BF16 and FP8, with and without
+ * top-k weights, eager and cached) and the BF16 CUDA graph (on several nodes also the FP8 one, with eager calls on
+ * its handle between the replays) must match the reference as with one round. Creates and destroys its own group
+ * (the caller holds none); returns 1 when a check failed. */
 #define ROUND_TOKENS 40
-int normal_run_rounds(const harness_t* h, uint64_t seed);
+#define INTER_ROUND_TOKENS 64
+int normal_run_rounds(const harness_t* h, uint64_t seed, int rpn, int forced);
 
 #endif /* EP_TESTS_GPU_NORMAL_RUNS_H */

@@ -14,6 +14,10 @@
  *     rank 1 times out first, over an unread data fault, and the others get EP_STATUS_PEER_FAILED long before their
  *     own budget); "destroy", a destroy whose barrier a rank never reaches (EP_STATUS_TIMEOUT naming it, within the
  *     budget). `test_faults CASE` runs one of them alone.
+ *  5. "exit-after-reinit", in a fresh process too: two groups made and destroyed, a third aborted, and main returns.
+ *     The process must exit with status 0. NVSHMEM registers an exit handler at each initialisation; with NVSHMEM
+ *     still up at exit, the second one to run would call into the bootstrap plugin the first unloaded (SIGSEGV,
+ *     status 139), unless the transport ends NVSHMEM the non-collective way first (nvshmem_host.cu, NOTES).
  * Every rank prints one line per case: name, outcome, seconds. */
 #include <stdio.h>
 #include <string.h>
@@ -359,6 +363,24 @@ static void case_destroy_without_a_peer(const harness_t* h) {
   if (h->rank == absent) check_local_destroy(h, g, "destroy after the others gave up");
 }
 
+/* The pass is this process's exit status (0; 139 is the SIGSEGV inside exit), read by harness_run_case or
+ * ep_launch. The test waits for its abort's publish kernel and for the other ranks, so that every rank's exit meets
+ * an idle device and no peer ends before a rank's publish has reached it. */
+static void case_exit_after_reinit(const harness_t* h) {
+  ep_group_config_t cfg = small_config(h);
+  ep_group_t g = NULL;
+  for (int i = 0; i < 3; ++i) {
+    ep_status_t st = harness_group_create(h, &cfg, &g);
+    CHECK(st == EP_STATUS_SUCCESS, "create %d: %s", i, ep_last_error(NULL));
+    if (st != EP_STATUS_SUCCESS) return;
+    if (i < 2) CHECK(ep_group_destroy(g) == EP_STATUS_SUCCESS, "destroy %d: %s", i, ep_last_error(NULL));
+  }
+  CHECK(ep_group_abort(g) == EP_STATUS_SUCCESS, "abort: %s", ep_last_error(NULL));
+  cudaDeviceSynchronize();
+  harness_barrier(h, "aborted");
+  printf("rank %d: exit after 2 destroyed groups and an aborted one: returning from main\n", h->rank);
+}
+
 int main(int argc, char** argv) {
   harness_t h;
   int rc = harness_init(&h);
@@ -367,13 +389,14 @@ int main(int argc, char** argv) {
   if (argc > 1) {
     if (strcmp(argv[1], "published") == 0) case_published_fault(&h);
     else if (strcmp(argv[1], "destroy") == 0) case_destroy_without_a_peer(&h);
-    else CHECK(0, "unknown case %s (published, destroy)", argv[1]);
+    else if (strcmp(argv[1], "exit-after-reinit") == 0) case_exit_after_reinit(&h);
+    else CHECK(0, "unknown case %s (published, destroy, exit-after-reinit)", argv[1]);
     return TEST_RESULT();
   }
   case_config_disagreement(&h);
   case_use_after_destroy(&h);
-  const char* const fatal_cases[] = {"published", "destroy"};
-  for (int i = 0; i < 2; ++i) {
+  const char* const fatal_cases[] = {"published", "destroy", "exit-after-reinit"};
+  for (int i = 0; i < 3; ++i) {
     const int rc = harness_run_case(&h, fatal_cases[i]);
     CHECK(rc == 0, "the %s case's process ended with %d", fatal_cases[i], rc);
   }

@@ -21,6 +21,9 @@
  * then in a second group created with EP_INTERNODE_FORCE_PUT=1, which makes every cross-node transfer take the
  * NVSHMEM put / put-with-signal / quiet branch that a real NIC would use ("put-forced": the small cases and two
  * 4096-token cases).
+ * Then, in the first shape (mapped, then put-forced), a group whose config.normal_region_bytes holds 64 tokens a
+ * round in both regions runs calls of 0 to 1000 tokens in rounds (normal_run_rounds); EP_TEST_ROUNDS=only runs
+ * these alone.
  * A failure prints the shape, the case and the seed; EP_TEST_SEED=<seed> replays it. */
 #include <stdio.h>
 #include <stdlib.h>
@@ -140,7 +143,17 @@ int main(void) {
   c.R = h.num_ranks;
   c.me = h.rank;
   c.seed = harness_seed(&h, "internode");
-  for (int i = 0; i < num_shapes; ++i) run_shape(&h, &c, shapes[i], 0);
-  for (int i = 0; i < num_shapes; ++i) run_shape(&h, &c, shapes[i], 1); /* the NIC branch */
+  /* EP_TEST_ROUNDS=only runs the rounds alone. */
+  const char* rounds = getenv("EP_TEST_ROUNDS");
+  const int rounds_only = rounds && strcmp(rounds, "only") == 0;
+  for (int i = 0; i < num_shapes && !rounds_only; ++i) run_shape(&h, &c, shapes[i], 0);
+  for (int i = 0; i < num_shapes && !rounds_only; ++i) run_shape(&h, &c, shapes[i], 1); /* the NIC branch */
+  for (int forced = 0; forced < 2; ++forced) {
+    const double t0 = now_s();
+    const int failed = normal_run_rounds(&h, c.seed ^ 0x120d5, shapes[0], forced);
+    printf("rank %d: %dx%d%s rounds (%d tokens a round, calls of up to %d): %s (%.1f s)\n", c.me, R / shapes[0],
+           shapes[0], forced ? " put-forced" : "", INTER_ROUND_TOKENS, MAX_TOKENS, failed ? "FAILED" : "ok",
+           now_s() - t0);
+  }
   return TEST_RESULT();
 }

@@ -112,7 +112,7 @@ done:
   CHECK(ep_group_destroy(c.g) == EP_STATUS_SUCCESS, "destroy: %s", ep_last_error(NULL));
 
   t0 = now_s();
-  failed = normal_run_rounds(&h, c.seed ^ 0x120d5);
+  failed = normal_run_rounds(&h, c.seed ^ 0x120d5, 0, 0);
   printf("rank %d: rounds (%d tokens a round, calls of up to %d): %s (%.1f s)\n", c.me, ROUND_TOKENS, MAX_TOKENS,
          failed ? "FAILED" : "ok", now_s() - t0);
   return TEST_RESULT();

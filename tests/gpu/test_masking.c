@@ -1,5 +1,6 @@
-/* test_masking: the group's rank mask (config.mask_failed_ranks, issue 23) on the low-latency path and the intranode
- * normal path. The last rank, R-1, is the masked one. Modes (argv[1]; none: hand, what tests/run_tests.sh runs):
+/* test_masking: the group's rank mask (config.mask_failed_ranks, issue 23) on the low-latency path and the normal
+ * path, one node and several. The last rank, R-1, is the masked one. Modes (argv[1]; none: hand, what
+ * tests/run_tests.sh runs):
  *   hand            every rank masks R-1 by hand (ep_group_mask_rank): LL rounds (BF16 and FP8, with and without the
  *                   receive hook, and with renormalize_masked) against the reference in which the survivors' tokens
  *                   lose their experts on R-1 and R-1's tokens keep only R-1's (it exchanges with nobody but
@@ -28,7 +29,22 @@
  *                   starts gives at random; rank 0 is late by less than a budget, which alone never masks it.
  *   no-mask-death   a group without the mask: the same death as dispatch-death is the fatal fault of docs/faults.md
  *                   (EP_STATUS_TIMEOUT or EP_STATUS_PEER_FAILED), then ep_group_abort.
- * The death modes run under `ep_launch -k R-1` (tests/gpu/masking.sh runs all six). Every survivor prints
+ *   internode-hand  a group of two virtual nodes (config.ranks_per_node = R/2; an even R): every rank masks R-1 by
+ *                   hand, then 16 internode normal cases (BF16 and FP8; eager with host and device counts, cached,
+ *                   graph-safe) against the reference with R-1's experts dropped and, since a token crosses nodes
+ *                   only through its rail peer, every expert of R-1's node dropped from the tokens of the ranks
+ *                   whose rail peer there R-1 is. Then the unmask, after which a prepare is refused.
+ *   internode-hand-rounds
+ *                   internode-hand in a group whose config.normal_region_bytes holds HAND_ROUND_TOKENS (16) tokens a
+ *                   round in both regions: the cases of up to 48 tokens run in the 4 rounds of max_tokens_per_rank
+ *                   64 (with the mask a call takes every round); in cases 6 and 14 rank R/2-1 alone has 48.
+ *   internode-dispatch-death, internode-combine-death
+ *                   normal-dispatch-death and normal-combine-death on those two nodes: the survivors' calls succeed
+ *                   within the budget plus a slack, no survivor masks another, the combine is the reference's with
+ *                   the internode-hand drops, the dispatch's rows from R-1 and through it (sources whose rail peer on
+ *                   my node it is) are empty (source -1), and 100 masked cases after it are right; then every
+ *                   survivor's mask reads {R-1}.
+ * The death modes run under `ep_launch -k R-1` (tests/gpu/masking.sh runs every mode). Every survivor prints
  * "masking MODE rank R: ..." lines with the seconds from the death to its first correct masked call. */
 #include <math.h>
 #include <signal.h>
@@ -42,10 +58,12 @@
 #include "gpu/ll_round.h"
 #include "gpu/normal_runs.h"
 #include "gpu/test_util.h"
+#include "kernels/internode_region.h"
 
 #define BUDGET_S 1.0       /* config.timeout_seconds of the death modes */
 #define HAND_BUDGET_S 10.0 /* of the hand mode, where no wait runs out: a rank late by a moment is not masked */
 #define SLACK_S 2.0        /* a call's outcome may come this long after the budget */
+#define HAND_ROUND_TOKENS 16 /* tokens a round of internode-hand-rounds */
 #define ROUNDS_AFTER_DEATH 100
 #define PARTITION_DELAY_S 0.25 /* normal-partition-death: rank 0 starts its dispatch this late */
 
@@ -61,6 +79,7 @@ typedef struct {
   int32_t* mask_dev;
   ep_handle_t handle; /* the normal path's */
   uint64_t seed;
+  int rpn; /* ranks per virtual node of the internode modes; 0: one NVLink domain */
 } ctx_t;
 
 /* A world whose reference is the masked one: each rank's own top-k and weights are kept in orig_* (what it passes
@@ -159,22 +178,6 @@ static void check_mask(ctx_t* c, const char* when) {
   free(got);
 }
 
-/* normal-partition-death, after the calls of the death: no survivor is masked, and R-1 is, except on rank 1, which
- * has not waited on it yet (it masks R-1 at its next wait on it, in the cases after). */
-static void check_no_survivor_masked(ctx_t* c) {
-  const int R = c->h->num_ranks, me = c->h->rank, last = R - 1;
-  if (!EP_CHECK(c, ep_group_get_rank_mask(c->g, c->mask_dev, c->s))) return;
-  CUDA_CHECK(cudaStreamSynchronize(c->s));
-  int32_t* got = download(c->mask_dev, (size_t)R * 4);
-  for (int r = 0; r < last; ++r)
-    CHECK(got[r] == 0, "rank %d: survivor %d is masked (mask[%d] = %d): the survivors split", me, r, r, got[r]);
-  CHECK(me == 1 || got[last] == 1, "rank %d: mask[%d] = %d after the death, want 1", me, last, got[last]);
-  printf("masking normal-partition-death rank %d: mask after the death calls:", me);
-  for (int r = 0; r < R; ++r) printf(" %d", got[r]);
-  printf("\n");
-  free(got);
-}
-
 /* A call's outcome once the stream has drained: its status and the error word's. */
 static int call_ok(ctx_t* c, ep_status_t st, const char* what) {
   CHECK(st == EP_STATUS_SUCCESS, "rank %d: %s: %s: %s", c->h->rank, what, ep_status_string(st), ep_last_error(c->g));
@@ -223,10 +226,13 @@ static ll_shape_t shape_of(const ctx_t* c, int fp8, int hook) {
   return k;
 }
 
-static int create(ctx_t* c, const harness_t* h, int mask_on, double budget) {
+/* round_tokens > 0 (virtual nodes only): the normal path's pool holds that many tokens a round. */
+static int create(ctx_t* c, const harness_t* h, int mask_on, double budget, int rpn, int round_tokens) {
   memset(c, 0, sizeof(*c));
   c->h = h;
+  c->rpn = rpn;
   ep_group_config_t cfg = EP_GROUP_CONFIG_INIT;
+  cfg.ranks_per_node = rpn;
   cfg.num_experts = 8 * h->num_ranks;
   cfg.hidden = k_shape.hidden;
   cfg.max_tokens_per_rank = 64;
@@ -234,6 +240,10 @@ static int create(ctx_t* c, const harness_t* h, int mask_on, double budget) {
   cfg.ll_max_tokens_per_rank = k_shape.T;
   cfg.timeout_seconds = budget;
   cfg.mask_failed_ranks = mask_on;
+  if (round_tokens > 0 && rpn > 0)
+    cfg.normal_region_bytes =
+        ep_normal_region(h->num_ranks, cfg.num_experts, round_tokens, cfg.hidden, cfg.max_topk).total_bytes +
+        ep_internode_region(h->num_ranks, rpn, cfg.num_experts, round_tokens, cfg.hidden, cfg.max_topk).total_bytes;
   const ep_status_t st = harness_group_create(h, &cfg, &c->g);
   CHECK(st == EP_STATUS_SUCCESS, "rank %d: ep_group_create: %s: %s", h->rank, ep_status_string(st),
         ep_last_error(NULL));
@@ -257,16 +267,18 @@ static normal_ctx_t normal_ctx(const ctx_t* c) {
   n.me = c->h->rank;
   n.max_experts = 8 * c->h->num_ranks;
   n.seed = c->seed;
+  n.rpn = c->rpn;
   return n;
 }
 
 /* Case i of the masked normal runs: BF16 and FP8, top-k 4 and 8, random and repeating routing, a rank without
- * tokens, one token; always the cached dispatch too. */
+ * tokens, one rank with all the tokens (in internode-hand-rounds, the rank that reaches node 1 only through the
+ * masked R-1: node 1 has no count of it, node 0 has), one token; always the cached dispatch too. */
 static case_t normal_case(int i) {
   case_t k = {48, VARY_NONE, k_shape.hidden, 4, i & 1, TOPK_IDX_WEIGHTS, ROUTE_RANDOM, 1, 8, 1, 0, 1};
   if (i % 3 == 1) k.topk = 8;
   if (i % 4 == 1) k.routing = ROUTE_REPEAT;
-  if (i % 4 == 2) k.vary = VARY_LAST;
+  if (i % 4 == 2) k.vary = i % 8 == 6 ? VARY_PEAK : VARY_LAST;
   if (i % 8 == 3) k.tokens = 1;
   if (i % 4 == 3) k.alignment = 4;
   return k;
@@ -280,6 +292,173 @@ static long normal_masked_cases(ctx_t* c, int first, int count) {
     failed += normal_run_masked_case(&n, &k, i, c->masked);
   }
   return failed;
+}
+
+/* ---- the internode normal path under the mask (virtual nodes of c->rpn ranks) ---- */
+
+/* A remote node's partial sum is rounded to bf16 before the last hop (docs/internode.md): the small-integer payload
+ * must be bit-identical, the random one within (2^-7 + 2^-8) * sum|terms| * 1.02 (test_internode's rule). */
+static int within_partial_rounding(const world_t* w, const expect_t* e, size_t i, float got, float want) {
+  const float bound = (ldexpf(1.0f, -7) + ldexpf(1.0f, -8)) * ep_ref_bf16_to_f32(e->abs_x[i]) * 1.02f;
+  return !w->exact && fabsf(got - want) <= bound;
+}
+static const combine_rule_t k_partial_rounding = {within_partial_rounding,
+                                                  "values within the partial-rounding bound, not bit-identical"};
+
+/* Whether source s's rows and copies cross to node m through a masked rail peer (rank m * rpn + s % rpn). */
+static int rail_masked(const int* masked, int rpn, int s, int m) { return m != s / rpn && masked[m * rpn + s % rpn]; }
+
+/* world_drop_masked, and the rail peer: a token of rank r reaches node m only through r's rail peer there, so with
+ * that rank masked r's tokens lose every expert of node m (the reference the internode masked calls must give). */
+static void world_drop_internode(world_t* w, const int* masked, int rpn, int64_t** orig) {
+  world_drop_masked(w, masked, orig);
+  const int K = w->topk, E_loc = w->num_experts / w->R;
+  for (int r = 0; r < w->R; ++r)
+    for (size_t i = 0; i < (size_t)w->num_tokens[r] * (size_t)K; ++i)
+      if (w->idx[r][i] >= 0 && rail_masked(masked, rpn, r, (int)(w->idx[r][i] / E_loc) / rpn)) w->idx[r][i] = -1;
+}
+
+/* Swap the top-k a world holds: the dropped one (for the reference) and the original one (for the calls). */
+static void swap_topk(world_t* w, int64_t** other) {
+  for (int r = 0; r < w->R; ++r) {
+    int64_t* t = w->idx[r];
+    w->idx[r] = other[r];
+    other[r] = t;
+  }
+}
+
+/* This rank's inputs with the unmasked top-k, as the calls get them. */
+static void upload_unmasked(bufs_t* b, world_t* w, int me, int64_t** orig) {
+  swap_topk(w, orig);
+  bufs_upload_inputs(b, w, me, NULL, NULL);
+  swap_topk(w, orig);
+}
+
+/* One internode case under the mask c->masked (the same on every rank): eager (host and device counts, dispatch,
+ * combine), a cached dispatch of new payload, graph-safe, each against the reference run over the top-k that
+ * world_drop_internode leaves. Returns 1 when a check failed. */
+static int inter_masked_case(ctx_t* c, const case_t* k, int index) {
+  const int before = g_check_failures, R = c->h->num_ranks, me = c->h->rank;
+  const uint64_t case_seed = c->seed + 0x2545f4914f6cdd1dull * (uint64_t)(index + 1);
+  world_t w;
+  world_build(&w, k, R, 8 * R, case_seed, case_seed, index % 2 == 0);
+  int64_t* orig[MAX_RANKS];
+  world_drop_internode(&w, c->masked, c->rpn, orig);
+  expect_t e;
+  expect_build(&e, &w, k->alignment, me, NULL, NULL, 1);
+  const ep_ref_recv_t* want = &e.disp.recv[me];
+  bufs_t b;
+  bufs_alloc_inputs(&b, &w, me);
+  upload_unmasked(&b, &w, me, orig);
+
+  const int E_loc = w.num_experts / R;
+  int num_recv = -1;
+  int* counts = xmalloc((size_t)E_loc * sizeof(int));
+  bufs_poison_counts(&b, &w, c->s);
+  ep_dispatch_prepare_args_t pa = prepare_args(&w, me, &b, k->alignment, &num_recv, counts, 1);
+  EP_CHECK(c, ep_dispatch_prepare(c->g, c->handle, &pa, c->s));
+  const int got_num_recv = num_recv;
+  if (num_recv < 0 || num_recv > R * k->tokens) num_recv = want->num_recv; /* fails below; the calls go on */
+  bufs_alloc_outputs(&b, &w, num_recv);
+  bufs_poison(&b, &w, me, c->s);
+  const ep_dispatch_args_t da = dispatch_args(&w, &b, k->sms);
+  EP_CHECK(c, ep_dispatch(c->g, c->handle, &da, c->s));
+  upload_y(&b, &w, &e, me);
+  const ep_combine_args_t ca = combine_args(&w, &b, 0, k->sms);
+  EP_CHECK(c, ep_combine(c->g, c->handle, &ca, c->s));
+  CUDA_CHECK(cudaStreamSynchronize(c->s));
+  check_dispatch("internode masked, eager", &w, want, &b, &got_num_recv, counts, 0);
+  check_dev_counts("internode masked, eager", &w, want, &b);
+  check_combine("internode masked, eager", &w, me, &e, &b, &k_partial_rounding);
+  free(counts);
+
+  if (k->cached) { /* the same routing, new payload, through the handle */
+    world_payload(&w, case_seed, 2);
+    expect_free(&e);
+    expect_build(&e, &w, k->alignment, me, NULL, NULL, 1);
+    want = &e.disp.recv[me];
+    upload_unmasked(&b, &w, me, orig);
+    bufs_poison(&b, &w, me, c->s);
+    EP_CHECK(c, ep_dispatch(c->g, c->handle, &da, c->s));
+    CUDA_CHECK(cudaStreamSynchronize(c->s));
+    check_dispatch("internode masked, cached", &w, want, &b, NULL, NULL, 0);
+  }
+
+  const int most = max_tokens_of(&w);
+  bufs_alloc_outputs(&b, &w, R * (most > 0 ? most : 1)); /* graph-safe: room for every row, counts on the device */
+  bufs_poison_counts(&b, &w, c->s);
+  bufs_poison(&b, &w, me, c->s);
+  pa = prepare_args(&w, me, &b, k->alignment, NULL, NULL, 1);
+  EP_CHECK(c, ep_dispatch_prepare(c->g, c->handle, &pa, c->s));
+  const ep_dispatch_args_t ga = dispatch_args(&w, &b, k->sms);
+  EP_CHECK(c, ep_dispatch(c->g, c->handle, &ga, c->s));
+  upload_y(&b, &w, &e, me);
+  const ep_combine_args_t gc = combine_args(&w, &b, 0, k->sms);
+  EP_CHECK(c, ep_combine(c->g, c->handle, &gc, c->s));
+  CUDA_CHECK(cudaStreamSynchronize(c->s));
+  int* n = download(b.num_recv, sizeof(int));
+  int* dev_counts = download(b.expert_counts, (size_t)E_loc * sizeof(int));
+  check_dispatch("internode masked, graph-safe", &w, want, &b, n, dev_counts, 1);
+  check_combine("internode masked, graph-safe", &w, me, &e, &b, &k_partial_rounding);
+  free(n);
+  free(dev_counts);
+
+  bufs_free(&b);
+  const int failed = g_check_failures != before;
+  if (failed)
+    printf("rank %d: internode masked case %d FAILED (seed 0x%016llx, replay with EP_TEST_SEED): fp8 %d topk %d\n", me,
+           index, (unsigned long long)c->seed, k->fp8, k->topk);
+  expect_free(&e);
+  for (int r = 0; r < R; ++r) free(orig[r]);
+  world_free(&w);
+  return failed;
+}
+
+static long inter_masked_cases(ctx_t* c, int first, int count) {
+  long failed = 0;
+  for (int i = first; i < first + count; ++i) {
+    const case_t k = normal_case(i);
+    failed += inter_masked_case(c, &k, i);
+  }
+  return failed;
+}
+
+/* After an unmask, in a group whose normal path ran while a rank was masked: a prepare is refused
+ * (EP_STATUS_UNSUPPORTED naming the unmask) before any kernel runs. */
+static void check_prepare_refused(ctx_t* c, uint64_t seed, const char* name) {
+  const int R = c->h->num_ranks, me = c->h->rank;
+  world_t w;
+  const case_t k = normal_case(0);
+  world_build(&w, &k, R, 8 * R, seed ^ 0x77, seed ^ 0x77, 1);
+  bufs_t b;
+  bufs_alloc_inputs(&b, &w, me);
+  ep_dispatch_prepare_args_t pa = prepare_args(&w, me, &b, 1, NULL, NULL, 0);
+  const ep_status_t st = ep_dispatch_prepare(c->g, c->handle, &pa, c->s);
+  CHECK(st == EP_STATUS_UNSUPPORTED && strstr(ep_last_error(c->g), "unmasked"),
+        "rank %d: %s: a normal prepare after the unmask: %s: %s", me, name, ep_status_string(st), ep_last_error(c->g));
+  printf("masking %s rank %d: a normal prepare after the unmask: %s\n", name, me, ep_status_string(st));
+  bufs_free(&b);
+  world_free(&w);
+}
+
+/* internode-hand: every rank masks R-1 by hand before the cases; after them the unmask, after which the normal path
+ * refuses the group. */
+static void run_internode_hand(ctx_t* c, const char* name) {
+  const int R = c->h->num_ranks, me = c->h->rank, last = R - 1;
+  EP_CHECK(c, ep_group_mask_rank(c->g, last, 1, c->s));
+  c->masked[last] = 1;
+  check_mask(c, "after masking by hand");
+  const int cases = 16;
+  const long failed = inter_masked_cases(c, 0, cases);
+  printf("masking %s rank %d: %d internode cases (%d nodes of %d; BF16 and FP8; eager, cached, graph-safe) with "
+         "rank %d masked by hand, %ld failed\n",
+         name, me, cases, R / c->rpn, c->rpn, last, failed);
+  check_mask(c, "after the cases");
+  CUDA_CHECK(cudaDeviceSynchronize());
+  CHECK(harness_barrier(c->h, "before-unmask") == 0, "rank %d: harness barrier before-unmask", me);
+  EP_CHECK(c, ep_group_mask_rank(c->g, last, 0, c->s));
+  c->masked[last] = 0;
+  check_prepare_refused(c, c->seed, name);
 }
 
 /* ---- hand: every rank masks R-1, rounds, unmask, clean, rounds ---- */
@@ -337,18 +516,7 @@ static void run_hand(ctx_t* c, uint64_t seed) {
   printf("masking hand rank %d: after the unmask and ep_ll_clean, 8 full rounds, %ld wrong\n", me, full_bad);
 
   /* The normal path ran while R-1 was masked: it refuses the unmasked group (no call reaches a kernel). */
-  world_t nw;
-  const case_t nk = normal_case(0);
-  world_build(&nw, &nk, R, 8 * R, seed ^ 0x77, seed ^ 0x77, 1);
-  bufs_t nb;
-  bufs_alloc_inputs(&nb, &nw, me);
-  ep_dispatch_prepare_args_t pa = prepare_args(&nw, me, &nb, 1, NULL, NULL, 0);
-  const ep_status_t st = ep_dispatch_prepare(c->g, c->handle, &pa, c->s);
-  CHECK(st == EP_STATUS_UNSUPPORTED && strstr(ep_last_error(c->g), "unmasked"),
-        "rank %d: a normal prepare after the unmask: %s: %s", me, ep_status_string(st), ep_last_error(c->g));
-  printf("masking hand rank %d: a normal prepare after the unmask: %s\n", me, ep_status_string(st));
-  bufs_free(&nb);
-  world_free(&nw);
+  check_prepare_refused(c, seed, "hand");
 }
 
 /* ---- the death modes ---- */
@@ -358,7 +526,9 @@ enum death {
   DEATH_NO_MASK,
   DEATH_NORMAL_DISPATCH,
   DEATH_NORMAL_COMBINE,
-  DEATH_NORMAL_PARTITION
+  DEATH_NORMAL_PARTITION,
+  DEATH_INTERNODE_DISPATCH,
+  DEATH_INTERNODE_COMBINE
 };
 
 static void die_now(void) {
@@ -487,12 +657,33 @@ static void isolate_rank1(world_t* w, int last) {
   if (!to_rank0) w->idx[last][0] = 0;
 }
 
-/* The normal path: R-1 dies after a prepare (and, before_combine, a dispatch) it took part in; `partition`: with
- * isolate_rank1's routing and rank 0 late (normal-partition-death). */
-static void run_normal_death(ctx_t* c, uint64_t seed, int before_combine, int partition, const char* name) {
+/* After the calls of a death: no survivor is masked (the survivors split), and, where `last_masked`, R-1 is (a
+ * survivor that exchanged nothing with it in those calls has not waited on it yet: its next wait masks it). */
+static void check_survivors_unmasked(ctx_t* c, const char* name, int last_masked) {
   const int R = c->h->num_ranks, me = c->h->rank, last = R - 1;
+  if (!EP_CHECK(c, ep_group_get_rank_mask(c->g, c->mask_dev, c->s))) return;
+  CUDA_CHECK(cudaStreamSynchronize(c->s));
+  int32_t* got = download(c->mask_dev, (size_t)R * 4);
+  printf("masking %s rank %d: mask after the death calls:", name, me);
+  for (int r = 0; r < R; ++r) printf(" %d", got[r]);
+  printf("\n");
+  for (int r = 0; r < last; ++r)
+    CHECK(got[r] == 0, "rank %d: survivor %d is masked (mask[%d] = %d): the survivors split", me, r, r, got[r]);
+  CHECK(!last_masked || got[last] == 1, "rank %d: mask[%d] = %d after the death, want 1", me, last, got[last]);
+  free(got);
+}
+
+/* The normal path, of one node or (c->rpn > 0) of several: R-1 dies after a prepare (and, before_combine, a
+ * dispatch) it took part in; `partition`: with isolate_rank1's routing and rank 0 late (normal-partition-death).
+ * The survivors' calls succeed within the budget and a slack; the combine is the reference's with R-1's experts
+ * dropped (and, on several nodes, for tokens whose rail peer on R-1's node is R-1, every expert of that node); the
+ * dispatch's rows from R-1 (and through it) are empty (source -1), the others as prepared. */
+static void run_normal_death(ctx_t* c, uint64_t seed, int before_combine, int partition, const char* name) {
+  const int R = c->h->num_ranks, me = c->h->rank, last = R - 1, rpn = c->rpn, inter = rpn > 0;
+  const char* path = inter ? "internode" : "normal";
+  long (*masked_cases)(ctx_t*, int, int) = inter ? inter_masked_cases : normal_masked_cases;
   const case_t k = {48, VARY_NONE, k_shape.hidden, 4, 0, TOPK_IDX_WEIGHTS, ROUTE_RANDOM, 1, 8, 1, 0, 0};
-  CHECK(normal_masked_cases(c, 0, 2) == 0, "rank %d: normal cases before the death", me);
+  CHECK(masked_cases(c, 0, 2) == 0, "rank %d: %s cases before the death", me, path);
   world_t w;
   world_build(&w, &k, R, 8 * R, seed + 7, seed + 7, 1);
   if (partition) {
@@ -510,7 +701,7 @@ static void run_normal_death(ctx_t* c, uint64_t seed, int before_combine, int pa
   bufs_alloc_outputs(&b, &w, num_recv);
   bufs_poison(&b, &w, me, c->s);
   const ep_dispatch_args_t da = dispatch_args(&w, &b, k.sms);
-  if (before_combine) (void)call_ok(c, ep_dispatch(c->g, c->handle, &da, c->s), "normal dispatch before the death");
+  if (before_combine) (void)call_ok(c, ep_dispatch(c->g, c->handle, &da, c->s), "dispatch before the death");
   sync_then_maybe_die(c, name);
   const double t_death = now_s();
   if (partition && me == 0) {
@@ -518,21 +709,21 @@ static void run_normal_death(ctx_t* c, uint64_t seed, int before_combine, int pa
     nanosleep(&late, NULL);
   }
   long bad = 0;
-  if (!before_combine)
-    bad += call_ok(c, ep_dispatch(c->g, c->handle, &da, c->s), "normal dispatch after the death") ? 0 : 1;
+  if (!before_combine) bad += call_ok(c, ep_dispatch(c->g, c->handle, &da, c->s), "dispatch after the death") ? 0 : 1;
   const ep_combine_args_t ca = combine_args(&w, &b, 0, k.sms); /* BF16: y is recv_x, rows from R-1 go back to it */
-  bad += call_ok(c, ep_combine(c->g, c->handle, &ca, c->s), "normal combine after the death") ? 0 : 1;
+  bad += call_ok(c, ep_combine(c->g, c->handle, &ca, c->s), "combine after the death") ? 0 : 1;
   const double t_call = now_s() - t_death;
   c->masked[last] = 1;
-  if (partition) check_no_survivor_masked(c);
+  if (inter || partition) check_survivors_unmasked(c, name, partition && me != 1);
   else check_mask(c, "after the death");
   int64_t* orig[MAX_RANKS];
-  world_drop_masked(&w, c->masked, orig);
+  if (inter) world_drop_internode(&w, c->masked, rpn, orig);
+  else world_drop_masked(&w, c->masked, orig);
   expect_t e;
-  expect_build(&e, &w, 1, me, NULL, NULL, 0);
+  expect_build(&e, &w, 1, me, NULL, NULL, inter); /* the partial-rounding bound needs the sums of |terms| */
   const int before = g_check_failures;
-  check_combine(name, &w, me, &e, &b, &k_rounding);
-  if (!before_combine) { /* the rows prepared from R-1 are empty (source -1), the others' as prepared */
+  check_combine(name, &w, me, &e, &b, inter ? &k_partial_rounding : &k_rounding);
+  if (!before_combine) {
     ep_ref_world_t rw = {0};
     rw.num_ranks = R;
     rw.ranks_per_node = R;
@@ -546,9 +737,12 @@ static void run_normal_death(ctx_t* c, uint64_t seed, int before_combine, int pa
     const ep_ref_recv_t* want = &full.recv[me];
     CHECK(want->num_recv == num_recv, "rank %d: prepared %d rows, the reference %d", me, num_recv, want->num_recv);
     for (int i = 0; i < num_recv && i < want->num_recv; ++i) {
-      const int expect_src = want->src_rank[i] == last ? -1 : want->src_idx[i];
+      const int s = want->src_rank[i];
+      const int empty = c->masked[s] || (inter && rail_masked(c->masked, rpn, s, me / rpn));
+      const int expect_src = empty ? -1 : want->src_idx[i];
       if (src[i] != expect_src && bad++ < 4)
-        fprintf(stderr, "rank %d: %s: recv_src_idx[%d] = %d, want %d\n", me, name, i, src[i], expect_src);
+        fprintf(stderr, "rank %d: %s: recv_src_idx[%d] = %d (from rank %d), want %d\n", me, name, i, src[i], s,
+                expect_src);
     }
     free(src);
     ep_ref_dispatch_free(&full);
@@ -559,15 +753,15 @@ static void run_normal_death(ctx_t* c, uint64_t seed, int before_combine, int pa
   for (int r = 0; r < R; ++r) free(orig[r]);
   bufs_free(&b);
   world_free(&w);
-  CHECK(bad == 0, "rank %d: the normal calls after the death: %ld mismatches", me, bad);
+  CHECK(bad == 0, "rank %d: the %s calls after the death: %ld mismatches", me, path, bad);
   CHECK(t_call < BUDGET_S + SLACK_S, "rank %d: the masked calls took %.3f s (budget %.1f s + slack %.1f s)", me, t_call,
         BUDGET_S, SLACK_S);
   printf("masking %s rank %d: rank %d masked; dispatch + combine done %.3f s and checked correct %.3f s after the "
          "death (budget %.1f s)\n",
          name, me, last, t_call, t_correct, BUDGET_S);
   const double t0 = now_s();
-  const long later = normal_masked_cases(c, 100, ROUNDS_AFTER_DEATH);
-  printf("masking %s rank %d: %d normal cases after the death in %.3f s, %ld failed\n", name, me, ROUNDS_AFTER_DEATH,
+  const long later = masked_cases(c, 100, ROUNDS_AFTER_DEATH);
+  printf("masking %s rank %d: %d %s cases after the death in %.3f s, %ld failed\n", name, me, ROUNDS_AFTER_DEATH, path,
          now_s() - t0, later);
   check_mask(c, "after the cases");
   ep_handle_destroy(c->handle);
@@ -588,9 +782,13 @@ int main(int argc, char** argv) {
   else if (strcmp(mode, "normal-dispatch-death") == 0) death = DEATH_NORMAL_DISPATCH;
   else if (strcmp(mode, "normal-combine-death") == 0) death = DEATH_NORMAL_COMBINE;
   else if (strcmp(mode, "normal-partition-death") == 0) death = DEATH_NORMAL_PARTITION;
-  else if (strcmp(mode, "hand") != 0) {
+  else if (strcmp(mode, "internode-dispatch-death") == 0) death = DEATH_INTERNODE_DISPATCH;
+  else if (strcmp(mode, "internode-combine-death") == 0) death = DEATH_INTERNODE_COMBINE;
+  else if (strcmp(mode, "hand") != 0 && strcmp(mode, "internode-hand") != 0 &&
+           strcmp(mode, "internode-hand-rounds") != 0) {
     fprintf(stderr, "usage: test_masking [hand|dispatch-death|combine-death|no-mask-death|normal-dispatch-death|"
-                    "normal-combine-death|normal-partition-death]\n");
+                    "normal-combine-death|normal-partition-death|internode-hand|internode-hand-rounds|"
+                    "internode-dispatch-death|internode-combine-death]\n");
     return TEST_FAIL;
   }
   harness_t h;
@@ -601,12 +799,27 @@ int main(int argc, char** argv) {
     printf("SKIP test_masking: at most %d ranks\n", LL_MAX_RANKS);
     return TEST_SKIP;
   }
+  const int internode = strncmp(mode, "internode-", 10) == 0;
+  if (internode && h.num_ranks % 2 != 0) {
+    printf("SKIP test_masking %s: two virtual nodes need an even rank count\n", mode);
+    return TEST_SKIP;
+  }
   const uint64_t seed = harness_seed(&h, "test_masking");
   ctx_t c;
-  const int hand = strcmp(mode, "hand") == 0;
-  if (create(&c, &h, death != DEATH_NO_MASK, hand ? HAND_BUDGET_S : BUDGET_S) != 0) return TEST_FAIL;
+  const int round_tokens = strcmp(mode, "internode-hand-rounds") == 0 ? HAND_ROUND_TOKENS : 0;
+  const int hand = strcmp(mode, "hand") == 0 || strcmp(mode, "internode-hand") == 0 || round_tokens > 0;
+  if (create(&c, &h, death != DEATH_NO_MASK, hand ? HAND_BUDGET_S : BUDGET_S, internode ? h.num_ranks / 2 : 0,
+             round_tokens) != 0)
+    return TEST_FAIL;
   c.seed = seed;
-  if (hand) {
+  if (hand && internode) {
+    run_internode_hand(&c, mode);
+    ep_handle_destroy(c.handle);
+    ll_bufs_free(&c.b);
+    CHECK(ep_group_destroy(c.g) == EP_STATUS_SUCCESS, "ep_group_destroy: %s", ep_last_error(NULL));
+  } else if (internode) {
+    run_normal_death(&c, seed, death == DEATH_INTERNODE_COMBINE, 0, mode);
+  } else if (hand) {
     run_hand(&c, seed);
     ep_handle_destroy(c.handle);
     ll_bufs_free(&c.b);

@@ -12,7 +12,8 @@
  *   combine:   each token's copies summed: x times the ranks it went to (small integers, exact in bf16)
  * Groups: one NVLink domain; with two ranks or more also R virtual nodes of one rank (the internode prepare); last,
  * one NVLink domain whose config.normal_region_bytes holds 37 tokens a round (calls of up to 96 tokens in rounds:
- * the mask is read at each round's tokens, the caller's per-expert counts count once).
+ * the mask is read at each round's tokens, the caller's per-expert counts count once), and with two ranks or more
+ * the R virtual nodes with a pool of 37 tokens a round in both regions (the internode prepare in rounds).
  * Cases: 0, 1 and random token counts up to 96 per rank, with empty ranks and tokens sent nowhere.
  * A failure prints the group, the case and the seed; EP_TEST_SEED=<seed> replays it. */
 #include <stdio.h>
@@ -23,6 +24,7 @@
 #include "ep_ref.h"
 #include "gpu/harness.h"
 #include "gpu/test_util.h"
+#include "kernels/internode_region.h"
 #include "kernels/normal_region.h"
 
 /* ROUND_TOKENS_HERE: tokens a round of the pooled group; not a multiple of 4, so that prepare copies each source's
@@ -289,9 +291,13 @@ static int run_group(const harness_t* h, int ranks_per_node, int round_tokens, u
   cfg.max_topk = 8;
   if (round_tokens > 0)
     cfg.normal_region_bytes = ep_normal_region(R, cfg.num_experts, round_tokens, cfg.hidden, cfg.max_topk).total_bytes;
+  if (round_tokens > 0 && ranks_per_node > 0) /* several nodes: the pool holds both regions */
+    cfg.normal_region_bytes +=
+        ep_internode_region(R, ranks_per_node, cfg.num_experts, round_tokens, cfg.hidden, cfg.max_topk).total_bytes;
   ctx_t c;
   memset(&c, 0, sizeof c);
-  c.name = round_tokens > 0 ? "one node, in rounds" : ranks_per_node == 0 ? "one node" : "R nodes of 1";
+  c.name = ranks_per_node == 0 ? (round_tokens > 0 ? "one node, in rounds" : "one node")
+                               : (round_tokens > 0 ? "R nodes of 1, in rounds" : "R nodes of 1");
   ep_status_t st = harness_group_create(h, &cfg, &c.g);
   CHECK(st == EP_STATUS_SUCCESS, "%s: create: %s: %s", c.name, ep_status_string(st), ep_last_error(NULL));
   if (st != EP_STATUS_SUCCESS) return 1;
@@ -324,5 +330,6 @@ int main(void) {
   run_group(&h, 0, 0, seed);
   if (h.num_ranks >= 2) run_group(&h, 1, 0, seed + 1);
   run_group(&h, 0, ROUND_TOKENS_HERE, seed + 2);
+  if (h.num_ranks >= 2) run_group(&h, 1, ROUND_TOKENS_HERE, seed + 3);
   return TEST_RESULT();
 }

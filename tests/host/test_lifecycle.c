@@ -366,6 +366,12 @@ static void test_config_agreement(void) {
   CHECK(!ep_config_agreement(table, 4, message, sizeof(message)) &&
             strstr(message, "rank 3 has config.hidden = 2048 but rank 0 has 7168") != NULL,
         "message: %s", message);
+  /* The rank mask picks the kernels' form (with it, an internode call in rounds takes every round): one for all. */
+  table[3] = table[0];
+  table[1].value[7] = !table[0].value[7];
+  CHECK(!ep_config_agreement(table, 4, message, sizeof(message)) &&
+            strstr(message, "rank 1 has config.mask_failed_ranks") != NULL,
+        "message: %s", message);
   (void)destroy_host_group(g);
 }
 

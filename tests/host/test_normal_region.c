@@ -1,11 +1,13 @@
 /* test_normal_region: the normal region in a byte pool (config.normal_region_bytes): how many tokens a round holds
- * (ep_normal_region_pool, src/kernels/normal_region.h), the rounds a handle is sized for, the handle's round
- * arrays, and ep_group_create's checks of the pool. Runs without a GPU. */
+ * (ep_normal_region_pool, src/kernels/normal_region.h; on several nodes ep_internode_regions, both regions in one
+ * pool), the rounds a handle is sized for, the handle's round arrays, and ep_group_create's checks of the pool.
+ * Runs without a GPU. */
 #include <stdio.h>
 #include <string.h>
 
 #include "common/check.h"
 #include "core/internal.h"
+#include "kernels/internode_region.h"
 
 /* The pool's T is the largest whose region fits: T fits, T + 1 does not (unless T is the call's whole size). */
 static void check_pool(int R, int E, size_t bytes, int call_tokens, int hidden, int topk) {
@@ -65,6 +67,75 @@ static void test_handle_rounds(void) {
         plain.call_tokens);
 }
 
+/* Several nodes: the pool holds both regions for the same T, the largest that fits (T + 1 does not); without a pool
+ * T is the call's whole size (at most EP_INTERNODE_MAX_TOKENS_PER_RANK); too small a pool holds no token. */
+static size_t both_regions(int R, int P, int E, int T, int hidden, int topk) {
+  return ep_normal_region(R, E, T, hidden, topk).total_bytes +
+         ep_internode_region(R, P, E, T, hidden, topk).total_bytes;
+}
+
+static void test_internode_pool(void) {
+  const int shapes[][2] = {{2, 1}, {4, 2}, {8, 4}, {16, 8}, {24, 1}};
+  for (size_t i = 0; i < sizeof(shapes) / sizeof(shapes[0]); ++i) {
+    const int R = shapes[i][0], P = shapes[i][1], E = 8 * R;
+    for (int T = 1; T <= 300; T += 11) {
+      const size_t exact = both_regions(R, P, E, T, 7168, 8);
+      const ep_internode_regions_t r = ep_internode_regions(R, P, E, exact, 4096, 7168, 8);
+      CHECK(r.normal.max_tokens == T && r.inter.max_tokens == T, "R %d P %d: %zu bytes hold T %d / %d, want %d", R, P,
+            exact, r.normal.max_tokens, r.inter.max_tokens, T);
+      CHECK(r.normal.call_tokens == 4096 && r.normal.max_rounds == (4096 + T - 1) / T, "R %d, T %d: %d rounds of %d", R,
+            T, r.normal.max_rounds, r.normal.call_tokens);
+      CHECK(r.normal.total_bytes + r.inter.total_bytes == exact, "R %d, T %d: the regions take %zu of %zu bytes", R, T,
+            r.normal.total_bytes + r.inter.total_bytes, exact);
+      const ep_internode_regions_t less = ep_internode_regions(R, P, E, exact - 1, 4096, 7168, 8);
+      CHECK(less.normal.max_tokens == T - 1, "R %d: %zu bytes hold T %d, want %d", R, exact - 1, less.normal.max_tokens,
+            T - 1);
+      /* The intranode region alone for T is not enough: the internode one counts too. */
+      const ep_internode_regions_t intra_only =
+          ep_internode_regions(R, P, E, ep_normal_region(R, E, T, 7168, 8).total_bytes, 4096, 7168, 8);
+      CHECK(intra_only.normal.max_tokens < T, "R %d: the intranode region's bytes hold T %d of both", R,
+            intra_only.normal.max_tokens);
+    }
+    const ep_internode_regions_t hints = ep_internode_regions(R, P, E, 0, 4096, 7168, 8);
+    CHECK(hints.normal.max_tokens == 4096 && hints.normal.max_rounds == 1 && hints.inter.max_tokens == 4096,
+          "R %d: no pool: T %d, %d rounds", R, hints.normal.max_tokens, hints.normal.max_rounds);
+    CHECK(hints.inter.total_bytes == ep_internode_region(R, P, E, 4096, 7168, 8).total_bytes,
+          "R %d: no pool: not the hints' internode region", R);
+    const ep_internode_regions_t none = ep_internode_regions(R, P, E, 1024, 4096, 7168, 8);
+    CHECK(none.normal.max_tokens == 0 && none.normal.max_rounds == 0, "R %d: 1 KiB holds %d tokens", R,
+          none.normal.max_tokens);
+  }
+  /* A slot word packs the token index within its round: T stops at EP_INTERNODE_MAX_TOKENS_PER_RANK, and calls of
+   * more run in rounds of it. */
+  const int big = EP_INTERNODE_MAX_TOKENS_PER_RANK + 5;
+  const ep_internode_regions_t clamp = ep_internode_regions(4, 2, 8, 0, big, 128, 1);
+  CHECK(clamp.normal.max_tokens == EP_INTERNODE_MAX_TOKENS_PER_RANK && clamp.normal.max_rounds == 2,
+        "a call of %d tokens: T %d, %d rounds", big, clamp.normal.max_tokens, clamp.normal.max_rounds);
+}
+
+/* The handle on several nodes: the internode arrays hold every token of the largest call, and a count table per
+ * round and node (node_count, fwd_count), a base per round and local rank (send_base). */
+static void test_internode_handle(void) {
+  const int R = 8, P = 4, N = 2, E = 64;
+  const ep_internode_regions_t r = ep_internode_regions(R, P, E, both_regions(R, P, E, 64, 7168, 8), 4096, 7168, 8);
+  CHECK(r.normal.max_tokens == 64 && r.normal.max_rounds == 64, "T %d, %d rounds", r.normal.max_tokens,
+        r.normal.max_rounds);
+  static char memory[4 << 20];
+  ep_normal_handle_view_t v;
+  const size_t bytes = ep_normal_handle_carve(&r.normal, N, P, memory, &v);
+  CHECK(bytes <= sizeof(memory), "handle of %zu bytes", bytes);
+  CHECK(v.recv_slot && v.send_slot && v.node_tokens && v.node_count && v.fwd_count && v.fwd_row && v.send_base &&
+            v.round_counts && v.round_drop,
+        "several nodes: every internode array");
+  CHECK((char*)v.send_slot - (char*)v.recv_slot >= (ptrdiff_t)(R * 4096 * sizeof(int)), "recv_slot holds 4096 rows");
+  CHECK((char*)v.fwd_count - (char*)v.node_count >= (ptrdiff_t)(64 * 2 * N * sizeof(int)),
+        "node_count holds 64 rounds");
+  CHECK((char*)v.fwd_row - (char*)v.fwd_count >= (ptrdiff_t)(64 * 2 * N * sizeof(int)), "fwd_count holds 64 rounds");
+  CHECK((char*)v.send_base - (char*)v.fwd_row >= (ptrdiff_t)(N * 4096 * P * sizeof(int)), "fwd_row holds 4096 slots");
+  CHECK((char*)v.round_counts - (char*)v.send_base >= (ptrdiff_t)(64 * P * sizeof(int)), "send_base holds 64 rounds");
+  CHECK((size_t)((char*)memory + bytes - (char*)v.round_drop) >= R * sizeof(int), "round_drop holds R ranks");
+}
+
 #define EXPECT_FAIL(call, want, needle)                                                                    \
   do {                                                                                                     \
     ep_status_t st_ = (call);                                                                              \
@@ -81,16 +152,24 @@ static void test_create_checks(void) {
   c.normal_region_bytes = 4096;
   EXPECT_FAIL(ep_group_create(&g, &id, 0, 4, 0, &c), EP_STATUS_INVALID_ARGUMENT,
               "config.normal_region_bytes is 4096; one token of hidden 7168 and top-k 8 among 4 ranks needs");
-  c.normal_region_bytes = (size_t)1 << 30;
+  /* Several nodes: one token of both regions. Enough for the intranode region alone is too little. */
   c.ranks_per_node = 2;
-  EXPECT_FAIL(ep_group_create(&g, &id, 0, 4, 0, &c), EP_STATUS_UNSUPPORTED,
-              "config.normal_region_bytes is 1073741824 with 2 nodes");
+  c.normal_region_bytes = ep_normal_region(4, c.num_experts, 1, c.hidden, c.max_topk).total_bytes;
+  EXPECT_FAIL(ep_group_create(&g, &id, 0, 4, 0, &c), EP_STATUS_INVALID_ARGUMENT,
+              "among 4 ranks (both regions of several nodes) needs");
+  /* A pool that holds them is taken (the create then fails later, here without a GPU, not on the pool). */
+  c.normal_region_bytes = both_regions(4, 2, c.num_experts, 1, c.hidden, c.max_topk);
+  const ep_status_t st = ep_group_create(&g, &id, 0, 4, 0, &c);
+  CHECK(strstr(ep_last_error(NULL), "normal_region_bytes") == NULL, "a pool of one token on 2 nodes: %s: %s",
+        ep_status_string(st), ep_last_error(NULL));
   CHECK(g == NULL, "group set on failure");
 }
 
 int main(void) {
   test_pool_capacity();
   test_handle_rounds();
+  test_internode_pool();
+  test_internode_handle();
   test_create_checks();
   printf("test_normal_region: %d failed checks\n", g_check_failures);
   return TEST_RESULT();

@@ -11,6 +11,8 @@
   * dispatch without topk_idx (DeepEP's rank-mask form): the refusals made before any library call.
   * a Buffer without ranks_per_node (DeepEP's call) finds its nodes from the ranks' hosts: one host -> 0, hosts of
     equal blocks of consecutive ranks -> the block size, any other layout -> ValueError asking for ranks_per_node.
+  * a Buffer given DeepEP's byte sizes and no max_tokens_per_rank pools them for the normal path (num_nvl_bytes on
+    one node, num_nvl_bytes + num_rdma_bytes on several), so its calls run in rounds up to the pool ceiling.
 PyTorch is replaced by a stub module that records what is asked of it (no GPU, no PyTorch needed)."""
 
 import importlib.machinery
@@ -410,9 +412,27 @@ def node_checks(ck):
               lambda: of("Buffer", ["h1/boot1", "h2/boot2", "h1/boot1"]), "rank 0: h1, rank 1: h2, rank 2: h1)")
 
 
+def size_checks(ck):
+    from ep import buffer
+    sizes, pool_max = buffer.normal_sizes, buffer.POOL_MAX_TOKENS_PER_RANK
+    nvl, rdma = 1 << 30, 3 << 29
+    ck.check("one node, DeepEP's bytes: num_nvl_bytes is the pool, calls up to the pool ceiling",
+             sizes(True, nvl, rdma, 0, None) == (pool_max, nvl), sizes(True, nvl, rdma, 0, None))
+    ck.check("several nodes, DeepEP's bytes: num_nvl_bytes + num_rdma_bytes is the pool (rounds on both paths)",
+             sizes(False, nvl, rdma, 0, None) == (pool_max, nvl + rdma), sizes(False, nvl, rdma, 0, None))
+    ck.check("several nodes, RDMA bytes only: they are the pool", sizes(False, 0, rdma, 0, None) == (pool_max, rdma))
+    ck.check("several nodes, low-latency mode: the LL buffer's RDMA bytes are not pooled again (DeepEP's total)",
+             sizes(False, nvl, rdma, rdma, None) == (pool_max, nvl), sizes(False, nvl, rdma, rdma, None))
+    ck.check("one node, RDMA bytes only: no pool (they are the LL buffer's), the default hint",
+             sizes(True, 0, rdma, rdma, None) == (buffer.DEFAULT_MAX_TOKENS_PER_RANK, 0), sizes(True, 0, rdma, rdma, None))
+    ck.check("the max_tokens_per_rank hint: sized from the hints, on one node and on several",
+             sizes(True, nvl, rdma, 0, 512) == (512, 0) and sizes(False, nvl, rdma, 0, 512) == (512, 0))
+
+
 def main():
     ck = eptest.Checker()
     node_checks(ck)
+    size_checks(ck)
     import_checks(ck)
     tmp = tempfile.mkdtemp(prefix="ep-compat-")
     try:
