@@ -587,29 +587,7 @@ __global__ void __launch_bounds__(kPrepThreads) inter_prepare_kernel(ep_internod
     *p.handle.num_recv = offset;
     if (p.call.out_num_recv) *p.call.out_num_recv = offset;
   }
-  if (last_round && rounds > 1) {  // the round table, as the one-node prepare builds it
-    __syncthreads();
-    if (tid < R) {  // source tid: its rows of each round go after its rows of the rounds before
-      int out = p.handle.recv_offset[tid];
-      for (int r = 0; r < rounds; ++r) {
-        int* base = round_rows + (size_t)r * (2 * R + 1) + R + 1;
-        const int rows = base[tid];
-        base[tid] = out;
-        out += rows;
-      }
-    }
-    __syncthreads();
-    for (int r = tid; r < rounds; r += blockDim.x) {  // where each source's rows start among the round's rows
-      int* table = round_rows + (size_t)r * (2 * R + 1);
-      const int* next_base = r + 1 < rounds ? table + (2 * R + 1) + R + 1 : p.handle.recv_offset + 1;
-      int offset = 0;
-      for (int s = 0; s < R; ++s) {
-        table[s] = offset;
-        offset += next_base[s] - table[R + 1 + s];
-      }
-      table[R] = offset;
-    }
-  }
+  if (last_round && rounds > 1) rows::build_round_table(round_rows, p.handle.recv_offset, R, rounds);
   // As forwarder: where slot j of each remote source node lands on each local rank i (its row among i's rows of
   // the round, or -1), by a block-wide scan per local rank over the slots. kMask: a dropped source relayed nothing
   // (its meta_recv is stale), and a dropped local rank gets no slot.

@@ -267,29 +267,7 @@ __global__ void __launch_bounds__(kPrepareThreads) prepare_kernel(ep_intranode_l
     *p.handle.num_rounds = rounds;
     if (p.call.out_num_recv) *p.call.out_num_recv = offset;
   }
-  if (rounds > 1) {
-    __syncthreads();
-    if (tid < R) {  // source tid: its rows of each round go after its rows of the rounds before
-      int out = p.handle.recv_offset[tid];
-      for (int k = 0; k < rounds; ++k) {
-        int* base = round_rows + (size_t)k * (2 * R + 1) + R + 1;
-        const int rows = base[tid];
-        base[tid] = out;
-        out += rows;
-      }
-    }
-    __syncthreads();
-    for (int k = tid; k < rounds; k += blockDim.x) {  // where each source's rows start among the round's rows
-      int* table = round_rows + (size_t)k * (2 * R + 1);
-      const int* next_base = k + 1 < rounds ? table + (2 * R + 1) + R + 1 : p.handle.recv_offset + 1;
-      int offset = 0;
-      for (int s = 0; s < R; ++s) {
-        table[s] = offset;
-        offset += next_base[s] - table[R + 1 + s];
-      }
-      table[R] = offset;
-    }
-  }
+  if (rounds > 1) rows::build_round_table(round_rows, p.handle.recv_offset, R, rounds);
   for (int e = tid; e < E_loc; e += blockDim.x) {
     const int a = p.call.expert_alignment;
     const int c = (p.group.expert_sum[e] + a - 1) / a * a;

@@ -245,5 +245,34 @@ __device__ __forceinline__ void reduce_rows(const char* const* srcs, const float
   }
 }
 
+// The handle's round table (normal_region.h, round_rows) after the last round of a prepare, by the whole block: on
+// entry, round k's entry R + 1 + s holds source s's rows of that round; on return it holds where they go in my output
+// (recv_offset[s] plus s's rows of earlier rounds), and entries [0, R] where each source's rows start among the
+// round's rows. `rounds` must be the same in every thread (it is called by all of them).
+__device__ inline void build_round_table(int* round_rows, const int* recv_offset, int R, int rounds) {
+  const int tid = threadIdx.x;
+  __syncthreads();
+  if (tid < R) {  // source tid: its rows of each round go after its rows of the rounds before
+    int out = recv_offset[tid];
+    for (int k = 0; k < rounds; ++k) {
+      int* base = round_rows + (size_t)k * (2 * R + 1) + R + 1;
+      const int rows = base[tid];
+      base[tid] = out;
+      out += rows;
+    }
+  }
+  __syncthreads();
+  for (int k = tid; k < rounds; k += blockDim.x) {  // where each source's rows start among the round's rows
+    int* table = round_rows + (size_t)k * (2 * R + 1);
+    const int* next_base = k + 1 < rounds ? table + (2 * R + 1) + R + 1 : recv_offset + 1;
+    int offset = 0;
+    for (int s = 0; s < R; ++s) {
+      table[s] = offset;
+      offset += next_base[s] - table[R + 1 + s];
+    }
+    table[R] = offset;
+  }
+}
+
 }  // namespace rows
 }  // namespace ep
