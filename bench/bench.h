@@ -36,6 +36,8 @@ typedef struct bench_options {
                                    --ranks-per-node N is --shapes N */
   int num_shapes;
   int l2_flush;                /* 1 (default): empty L2 before each timed operation; 0: --no-l2-flush */
+  size_t pool_bytes;           /* config.normal_region_bytes (--pool-mib): 0 = the normal regions sized from the
+                                  shape, else a pool whose larger calls run in rounds */
 } bench_options_t;
 
 /* GB/s of one normal-path row (intranode or internode), kept by rank 0 for the ratio lines printed at the end. */

@@ -59,6 +59,8 @@ static void usage(FILE* f) {
              "                a divisor of the rank count smaller than it makes virtual nodes: internode rows\n"
              "  --shapes L    comma list of ranks-per-node values, one group each, created and destroyed in turn\n"
              "                (e.g. 0,2 on 4 GPUs: intranode EP4 rows, then 2x2 internode rows, then the ratios)\n"
+             "  --pool-mib N  the normal path's symmetric regions as a pool of N MiB (config.normal_region_bytes;\n"
+             "                0 = sized for --tokens): a call of more tokens than the pool holds runs in rounds (0)\n"
              "  --no-l2-flush do not empty L2 before each timed operation (warm-cache timings, for diagnosis: the\n"
              "                published figures of the field, ours included, are taken with the flush)\n");
 }
@@ -175,6 +177,7 @@ static bench_options_t parse_options(int argc, char** argv) {
     else if (!strcmp(name, "--iters")) o.iters = (int)parse_int(name, value, 1, 100000);
     else if (!strcmp(name, "--warmup")) o.warmup = (int)parse_int(name, value, 0, 100000);
     else if (!strcmp(name, "--family") && value) o.family = value;
+    else if (!strcmp(name, "--pool-mib")) o.pool_bytes = (size_t)parse_int(name, value, 0, 1 << 20) << 20;
     else if (!strcmp(name, "--ll-tokens")) o.ll_tokens = (int)parse_int(name, value, 1, 8192);
     else if (!strcmp(name, "--sms") || !strcmp(name, "--num-sms-list")) parse_sms_list(name, value, &o);
     else if (!strcmp(name, "--ranks-per-node")) {
@@ -323,6 +326,7 @@ static void setup_group(bench_t* b, int index) {
   config.hidden = o->hidden;
   config.max_tokens_per_rank = o->tokens > 0 ? o->tokens : 1;
   config.max_topk = o->topk;
+  config.normal_region_bytes = o->pool_bytes;
   /* The group's num_sms bounds what one call may ask for (each call passes its own num_sms): cover the largest
    * entry of --sms. */
   config.num_sms = o->max_sms;
@@ -341,6 +345,12 @@ static void setup_group(bench_t* b, int index) {
            o->shapes[index],
            b->num_nodes > 1 ? "virtual nodes, the normal path runs internode (rows `internode`)"
                             : "one NVLink domain, the normal path runs intranode (rows `intranode`)");
+    if (o->pool_bytes)
+      printf("normal regions: a pool of %zu MiB (--pool-mib), calls of more tokens than it holds run in rounds; "
+             "symmetric heap %.1f MiB\n", o->pool_bytes >> 20, b->info.symmetric_heap_bytes / 1048576.0);
+    else
+      printf("normal regions: sized for %d tokens a rank; symmetric heap %.1f MiB\n", config.max_tokens_per_rank,
+             b->info.symmetric_heap_bytes / 1048576.0);
     fflush(stdout);
   }
 }
