@@ -31,6 +31,9 @@ rank computes with torch what it must receive and what its tokens must combine t
   internode   a second Buffer of virtual nodes (ranks_per_node world / 2, or 1 at an odd world; none at 1 rank):
               dispatch, cached, worst-case rows
               exactly as torch gathers them; combine with a bias within bf16 rounding of the partial sums
+  rounds      a third Buffer of the same virtual nodes sized as DeepEP's users size it (num_nvl_bytes, no
+              max_tokens_per_rank) with a third of the second one's symmetric bytes: calls of up to 256 tokens run
+              in rounds of about 80, and the internode checks above hold unchanged
 Skips (77) without PyTorch, CUDA or enough GPUs."""
 
 import traceback
@@ -614,6 +617,25 @@ def worker(rank, world, init_method, seed):
             torch.cuda.synchronize()
             buf.get_async_error()
             ck.check("no pending device error after the virtual-node checks", True)
+            # DeepEP's call on the same virtual nodes: the bytes are a pool a third the size of the regions sized
+            # for T_HINT tokens, so these calls (up to T_HINT tokens a rank) run in rounds.
+            pool = buf.info["symmetric_heap_bytes"] // 3
+            dist.barrier()
+            buf.destroy()
+            buf = None
+            ep.buffer.host_id = lambda: f"virtual-node-{rank // rpn}/boot"
+            try:
+                buf = ep.Buffer(dist.group.WORLD, pool, 0, num_experts=2 * experts, hidden=H_HINT, max_topk=K_HINT,
+                                explicitly_destroy=True, **share_kwargs)
+            finally:
+                ep.buffer.host_id = real_host_id
+            ck.check(f"Buffer(group, num_nvl_bytes={pool}) on virtual nodes: nodes of {rpn}",
+                     buf.info["ranks_per_node"] == rpn, buf.info["ranks_per_node"])
+            c.buf = buf
+            check_virtual_nodes(ck, c)
+            torch.cuda.synchronize()
+            buf.get_async_error()
+            ck.check("no pending device error after the virtual-node checks in rounds", True)
     except Exception:
         ck.check("ran every check without an exception", False, traceback.format_exc())
     eptest.finish_rank(ck, buf)
