@@ -25,8 +25,8 @@ import threading
 __all__ = [
     "EpError", "EpLibraryError", "load", "library_path", "check", "status_name", "last_error",
     "UniqueId", "GroupConfig", "GroupInfo", "LayoutArgs", "DispatchPrepareArgs", "DispatchArgs", "CombineArgs",
-    "LLDispatchArgs", "LLCombineArgs", "Limits", "LLHandleState", "LimitValues", "ll_buffer_size_hint", "limits",
-    "ll_handle_state",
+    "LLDispatchArgs", "LLCombineArgs", "Limits", "LLHandleState", "LimitValues", "ll_buffer_size_hint",
+    "normal_region_size_hint", "limits", "ll_handle_state",
 ]
 
 # ---- Constants of include/ep.h -------------------------------------------------------------------------------
@@ -387,6 +387,7 @@ _PROTOTYPES = {
     "ep_handle_get_rank_prefix": (_S, [_ptr, _ptr, _ptr, _ptr]),
     "ep_dispatch": (_S, [_ptr, _ptr, _P(DispatchArgs), _ptr]),
     "ep_combine": (_S, [_ptr, _ptr, _P(CombineArgs), _ptr]),
+    "ep_normal_region_size_hint": (_S, [_int, _int, _int, _int, _int, _int, _P(_size)]),
     "ep_ll_buffer_size_hint": (_S, [_int, _int, _int, _int, _int, _P(_size)]),
     "ep_ll_handle_create": (_S, [_ptr, _P(_ptr)]),
     "ep_ll_handle_destroy": (_S, [_ptr]),
@@ -553,6 +554,16 @@ def check(status, group=None):
     """Raise EpError(status_name, ep_last_error(group)) unless status is EP_STATUS_SUCCESS."""
     if status != 0:
         raise EpError(status_name(status), last_error(group), status=int(status))
+
+
+def normal_region_size_hint(tokens_per_round, hidden, num_ranks, ranks_per_node, num_experts, max_topk):
+    """ep_normal_region_size_hint(): bytes of config.normal_region_bytes that hold tokens_per_round tokens a round
+    (on several nodes both normal regions). Raises EpError (EP_STATUS_INVALID_ARGUMENT naming the argument) for a
+    shape the library rejects."""
+    n = ctypes.c_size_t(0)
+    check(load().ep_normal_region_size_hint(int(tokens_per_round), int(hidden), int(num_ranks), int(ranks_per_node),
+                                            int(num_experts), int(max_topk), ctypes.byref(n)), None)
+    return n.value
 
 
 def ll_buffer_size_hint(max_tokens_per_rank, hidden, num_ranks, num_experts, max_topk):

@@ -4,9 +4,10 @@ Code written against `deep_ep.Buffer` runs with `import ep as deep_ep`, with the
 
 * Sizes: `Buffer(group, num_nvl_bytes, num_rdma_bytes, ...)` without `max_tokens_per_rank` (DeepEP's and
   Megatron-Core's call) gives the normal path regions of at most `num_nvl_bytes` bytes on one node, and of at most
-  `num_nvl_bytes + num_rdma_bytes` on several; calls of more tokens than they hold run in rounds inside the
-  library, with the same results (up to POOL_MAX_TOKENS_PER_RANK tokens a call). With `max_tokens_per_rank` (or
-  no bytes) the keyword-only hints `num_experts`, `hidden`, `max_tokens_per_rank`, `max_topk` (the largest shapes
+  `num_nvl_bytes + num_rdma_bytes` on several (in low-latency mode less the LL buffer's `num_rdma_bytes`; with only
+  those, a pool of LL_ONLY_TOKENS_PER_ROUND tokens a round); calls of more tokens than they hold run in rounds
+  inside the library, with the same results (up to POOL_MAX_TOKENS_PER_RANK tokens a call). With
+  `max_tokens_per_rank` (or no bytes) the keyword-only hints `num_experts`, `hidden`, `max_tokens_per_rank`, `max_topk` (the largest shapes
   any later call will use) size every buffer. Either way `hidden`, `max_topk` and `num_experts` bound the calls
   (defaults 7168, 8, 256): a call that exceeds a hint raises ValueError naming the hint to raise.
 * Streams as in DeepEP on the normal path (get_dispatch_layout, dispatch, combine): the kernels run on the
@@ -73,6 +74,11 @@ DEFAULT_MAX_TOKENS_PER_RANK = 4096  # the hint when none is given and the buffer
 # Calls' ceiling with a byte pool (num_nvl_bytes): the handle holds routing for this many tokens (about 8 bytes a
 # token and rank); the symmetric region holds what num_nvl_bytes holds, and larger calls run in rounds.
 POOL_MAX_TOKENS_PER_RANK = 65536
+# Tokens a round of the normal path on a low-latency-only Buffer (DeepEP's Buffer(group, 0, num_rdma_bytes,
+# low_latency_mode=True), which has no NVLink buffer and so no normal path in DeepEP): ep keeps one, this small, so
+# that such a Buffer takes about DeepEP's memory (EP8, hidden 7168: 31 MiB, against 506 MiB for the default
+# hint) and a normal call on it still runs, in rounds.
+LL_ONLY_TOKENS_PER_ROUND = 256
 
 __all__ = ["Buffer", "Config", "EventOverlap", "DispatchHandle", "LowLatencyHandle"]
 
@@ -135,17 +141,23 @@ class Config:
                 f"{self.num_max_rdma_chunked_recv_tokens})")
 
 
-def normal_sizes(one_node, num_nvl_bytes, num_rdma_bytes, ll_region_bytes, max_tokens_per_rank):
+def normal_sizes(one_node, num_nvl_bytes, num_rdma_bytes, ll_region_bytes, max_tokens_per_rank, pool_for_tokens):
     """(config.max_tokens_per_rank, config.normal_region_bytes) of a Buffer. With the max_tokens_per_rank hint: the
     hint, and regions sized from the hints. Else DeepEP's byte sizes are the pool of the normal path's regions:
     num_nvl_bytes on one node, num_nvl_bytes + num_rdma_bytes on several (DeepEP's NVLink and RDMA buffers of its
     internode path) less ll_region_bytes (DeepEP's low-latency mode uses its RDMA buffer too, so the LL buffer and the
     pool share those bytes and the Buffer takes no more than DeepEP's); calls of up to POOL_MAX_TOKENS_PER_RANK tokens
-    run in rounds of what it holds. No bytes: DEFAULT_MAX_TOKENS_PER_RANK, sized from the hints."""
+    run in rounds of what it holds. Only LL bytes (DeepEP's low-latency-only Buffer): a pool of
+    LL_ONLY_TOKENS_PER_ROUND tokens a round, pool_for_tokens(n) being the library's bytes for n tokens a round. No
+    bytes: DEFAULT_MAX_TOKENS_PER_RANK, sized from the hints."""
     if max_tokens_per_rank is not None:
         return max_tokens_per_rank, 0
     pool = num_nvl_bytes if one_node else num_nvl_bytes + num_rdma_bytes - ll_region_bytes
-    return (POOL_MAX_TOKENS_PER_RANK, pool) if pool > 0 else (DEFAULT_MAX_TOKENS_PER_RANK, 0)
+    if pool > 0:
+        return POOL_MAX_TOKENS_PER_RANK, pool
+    if ll_region_bytes > 0:
+        return POOL_MAX_TOKENS_PER_RANK, pool_for_tokens(LL_ONLY_TOKENS_PER_ROUND)
+    return DEFAULT_MAX_TOKENS_PER_RANK, 0
 
 
 def _align128(n):
@@ -195,7 +207,9 @@ class Buffer(NormalPath, LowLatencyPath, ExpertMapPath, metaclass=_BufferType):
       regions together): the regions hold as many tokens of `hidden` and `max_topk` a round as fit, and a call of
       more runs in rounds (same results); calls take up to POOL_MAX_TOKENS_PER_RANK (65536) tokens, a bound of the
       handle's routing arrays only (about 8 bytes a token and rank on one node, 16 on several). Fewer bytes than
-      one token needs raise EpError. Otherwise ignored.
+      one token needs raise EpError. In low-latency mode on several nodes the LL buffer's num_rdma_bytes are not
+      pooled again; num_nvl_bytes 0 in low-latency mode (DeepEP's LL-only Buffer) gives a pool of
+      LL_ONLY_TOKENS_PER_ROUND (256) tokens a round. Otherwise ignored.
     low_latency_mode: True reserves the low-latency buffer (symmetric memory) and two LL handles, so that the
       low_latency_* methods work; the normal path works either way. The buffer is num_rdma_bytes, as DeepEP's
       (e.g. get_low_latency_rdma_size_hint(T, hidden, R, E)), unless ll_max_tokens_per_rank is given or
@@ -303,8 +317,12 @@ class Buffer(NormalPath, LowLatencyPath, ExpertMapPath, metaclass=_BufferType):
                 hosts = [None] * size
                 dist.all_gather_object(hosts, host_id(), group=group)
             ranks_per_node = ranks_per_node_of(fn, hosts)
+        def pool_for_tokens(tokens):
+            return _capi.normal_region_size_hint(tokens, hidden, size, ranks_per_node, num_experts, max_topk)
+
         max_tokens_per_rank, normal_region_bytes = normal_sizes(ranks_per_node in (0, size), num_nvl_bytes,
-                                                                num_rdma_bytes, ll_region_bytes, max_tokens_per_rank)
+                                                                num_rdma_bytes, ll_region_bytes, max_tokens_per_rank,
+                                                                pool_for_tokens)
         uid = _capi.UniqueId()
         payload = None
         if rank == 0:

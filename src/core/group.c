@@ -85,10 +85,8 @@ static ep_status_t check_config(const ep_group_config_t* c, int num_ranks) {
                    c->timeout_seconds, EP_MIN_TIMEOUT_SECONDS, EP_MAX_TIMEOUT_SECONDS);
   const int num_nodes = c->ranks_per_node > 0 ? num_ranks / c->ranks_per_node : 1;
   if (c->normal_region_bytes > 0) {
-    /* One token a round; on several nodes in the internode region too (the pool holds both). */
-    size_t need = ep_normal_region(num_ranks, c->num_experts, 1, c->hidden, c->max_topk).total_bytes;
-    if (num_nodes > 1)
-      need += ep_internode_region(num_ranks, c->ranks_per_node, c->num_experts, 1, c->hidden, c->max_topk).total_bytes;
+    size_t need = 0; /* one token a round (on several nodes the pool holds both regions); the arguments are checked */
+    EP_TRY(ep_normal_region_size_hint(1, c->hidden, num_ranks, c->ranks_per_node, c->num_experts, c->max_topk, &need));
     if (c->normal_region_bytes < need)
       return ep_fail(NULL, EP_STATUS_INVALID_ARGUMENT,
                      "%s: config.normal_region_bytes is %zu; one token of hidden %d and top-k %d among %d ranks%s "

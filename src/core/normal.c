@@ -9,6 +9,34 @@
 
 #define FAIL_ARG(g, ...) ep_fail((g), EP_STATUS_INVALID_ARGUMENT, __VA_ARGS__)
 
+ep_status_t ep_normal_region_size_hint(int tokens_per_round, int hidden, int num_ranks, int ranks_per_node,
+                                       int num_experts, int max_topk, size_t* bytes) {
+  const char* fn = "ep_normal_region_size_hint";
+  if (!bytes) return FAIL_ARG(NULL, "%s: bytes is NULL", fn);
+  *bytes = 0;
+  if (num_ranks < 1 || num_ranks > EP_MAX_RANKS)
+    return FAIL_ARG(NULL, "%s: num_ranks is %d; it must be in [1, %d]", fn, num_ranks, EP_MAX_RANKS);
+  if (ranks_per_node < 0 || (ranks_per_node > 0 && num_ranks % ranks_per_node != 0))
+    return FAIL_ARG(NULL, "%s: ranks_per_node is %d; it must be 0 or divide num_ranks (%d)", fn, ranks_per_node,
+                    num_ranks);
+  const bool several_nodes = ranks_per_node > 0 && ranks_per_node < num_ranks;
+  const int most = several_nodes ? EP_INTERNODE_MAX_TOKENS_PER_RANK : INT32_MAX / num_ranks;
+  if (tokens_per_round < 1 || tokens_per_round > most)
+    return FAIL_ARG(NULL, "%s: tokens_per_round is %d; it must be in [1, %d] for %d ranks%s", fn, tokens_per_round,
+                    most, num_ranks, several_nodes ? " on several nodes" : "");
+  EP_TRY(ep_check_hidden(NULL, fn, "hidden", hidden, EP_ROWS_FP8)); /* the regions hold FP8 rows too */
+  if (num_experts <= 0 || num_experts % num_ranks != 0)
+    return FAIL_ARG(NULL, "%s: num_experts is %d; it must be a positive multiple of num_ranks (%d)", fn, num_experts,
+                    num_ranks);
+  if (max_topk < 1 || max_topk > EP_MAX_TOPK)
+    return FAIL_ARG(NULL, "%s: max_topk is %d; it must be in [1, %d]", fn, max_topk, EP_MAX_TOPK);
+  *bytes = ep_normal_region(num_ranks, num_experts, tokens_per_round, hidden, max_topk).total_bytes;
+  if (several_nodes)
+    *bytes +=
+        ep_internode_region(num_ranks, ranks_per_node, num_experts, tokens_per_round, hidden, max_topk).total_bytes;
+  return EP_STATUS_SUCCESS;
+}
+
 static size_t handle_bytes(ep_group_t g) {
   return ep_normal_handle_carve(&g->normal_region, g->num_nodes, g->ranks_per_node, NULL, NULL);
 }

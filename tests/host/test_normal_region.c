@@ -1,6 +1,7 @@
 /* test_normal_region: the normal region in a byte pool (config.normal_region_bytes): how many tokens a round holds
  * (ep_normal_region_pool, src/kernels/normal_region.h; on several nodes ep_internode_regions, both regions in one
- * pool), the rounds a handle is sized for, the handle's round arrays, and ep_group_create's checks of the pool.
+ * pool), the rounds a handle is sized for, the handle's round arrays, ep_group_create's checks of the pool and
+ * ep_normal_region_size_hint.
  * Runs without a GPU. */
 #include <stdio.h>
 #include <string.h>
@@ -165,12 +166,46 @@ static void test_create_checks(void) {
   CHECK(g == NULL, "group set on failure");
 }
 
+/* ep_normal_region_size_hint: the pool that holds T tokens a round holds T (and T - 1 tokens' pool less), on one
+ * node and on several; bad shapes are refused naming the argument. */
+static void test_size_hint(void) {
+  const int shapes[][3] = {{1, 0, 8}, {8, 0, 256}, {8, 4, 256}, {16, 8, 256}, {6, 3, 12}};
+  for (size_t i = 0; i < sizeof(shapes) / sizeof(shapes[0]); ++i) {
+    const int R = shapes[i][0], P = shapes[i][1], E = shapes[i][2];
+    for (int T = 1; T <= 300; T += 99) {
+      size_t bytes = 0, less = 0;
+      CHECK(ep_normal_region_size_hint(T, 7168, R, P, E, 8, &bytes) == EP_STATUS_SUCCESS, "hint R %d P %d T %d: %s", R,
+            P, T, ep_last_error(NULL));
+      CHECK(T == 1 || ep_normal_region_size_hint(T - 1, 7168, R, P, E, 8, &less) == EP_STATUS_SUCCESS, "hint T - 1");
+      const bool several = P > 0 && P < R;
+      const int got = several ? ep_internode_regions(R, P, E, bytes, 65536, 7168, 8).normal.max_tokens
+                              : ep_normal_region_pool(R, E, bytes, 65536, 7168, 8).max_tokens;
+      CHECK(got >= T, "R %d P %d: the pool of the hint for %d tokens holds %d", R, P, T, got);
+      CHECK(bytes == (several ? both_regions(R, P, E, T, 7168, 8) : ep_normal_region(R, E, T, 7168, 8).total_bytes),
+            "R %d P %d T %d: the hint is the regions' bytes", R, P, T);
+      CHECK(T == 1 || less < bytes, "R %d P %d: fewer tokens, fewer bytes", R, P);
+    }
+  }
+  size_t b = 0;
+  EXPECT_FAIL(ep_normal_region_size_hint(0, 7168, 8, 0, 256, 8, &b), EP_STATUS_INVALID_ARGUMENT,
+              "tokens_per_round is 0");
+  EXPECT_FAIL(ep_normal_region_size_hint(EP_INTERNODE_MAX_TOKENS_PER_RANK + 1, 7168, 8, 4, 256, 8, &b),
+              EP_STATUS_INVALID_ARGUMENT, "on several nodes");
+  EXPECT_FAIL(ep_normal_region_size_hint(64, 7168, 8, 3, 256, 8, &b), EP_STATUS_INVALID_ARGUMENT,
+              "ranks_per_node is 3");
+  EXPECT_FAIL(ep_normal_region_size_hint(64, 100, 8, 0, 256, 8, &b), EP_STATUS_INVALID_ARGUMENT, "hidden");
+  EXPECT_FAIL(ep_normal_region_size_hint(64, 7168, 8, 0, 12, 8, &b), EP_STATUS_INVALID_ARGUMENT, "num_experts is 12");
+  EXPECT_FAIL(ep_normal_region_size_hint(64, 7168, 8, 0, 256, 33, &b), EP_STATUS_INVALID_ARGUMENT, "max_topk is 33");
+  EXPECT_FAIL(ep_normal_region_size_hint(64, 7168, 8, 0, 256, 8, NULL), EP_STATUS_INVALID_ARGUMENT, "bytes is NULL");
+}
+
 int main(void) {
   test_pool_capacity();
   test_handle_rounds();
   test_internode_pool();
   test_internode_handle();
   test_create_checks();
+  test_size_hint();
   printf("test_normal_region: %d failed checks\n", g_check_failures);
   return TEST_RESULT();
 }

@@ -414,8 +414,12 @@ def node_checks(ck):
 
 def size_checks(ck):
     from ep import buffer
-    sizes, pool_max = buffer.normal_sizes, buffer.POOL_MAX_TOKENS_PER_RANK
+    pool_max, ll_only = buffer.POOL_MAX_TOKENS_PER_RANK, buffer.LL_ONLY_TOKENS_PER_ROUND
     nvl, rdma = 1 << 30, 3 << 29
+
+    def sizes(one_node, nvl_bytes, rdma_bytes, ll_bytes, hint):
+        return buffer.normal_sizes(one_node, nvl_bytes, rdma_bytes, ll_bytes, hint, lambda n: 1000 * n)
+
     ck.check("one node, DeepEP's bytes: num_nvl_bytes is the pool, calls up to the pool ceiling",
              sizes(True, nvl, rdma, 0, None) == (pool_max, nvl), sizes(True, nvl, rdma, 0, None))
     ck.check("several nodes, DeepEP's bytes: num_nvl_bytes + num_rdma_bytes is the pool (rounds on both paths)",
@@ -423,10 +427,25 @@ def size_checks(ck):
     ck.check("several nodes, RDMA bytes only: they are the pool", sizes(False, 0, rdma, 0, None) == (pool_max, rdma))
     ck.check("several nodes, low-latency mode: the LL buffer's RDMA bytes are not pooled again (DeepEP's total)",
              sizes(False, nvl, rdma, rdma, None) == (pool_max, nvl), sizes(False, nvl, rdma, rdma, None))
-    ck.check("one node, RDMA bytes only: no pool (they are the LL buffer's), the default hint",
-             sizes(True, 0, rdma, rdma, None) == (buffer.DEFAULT_MAX_TOKENS_PER_RANK, 0), sizes(True, 0, rdma, rdma, None))
+    for one_node in (True, False):
+        ck.check(f"{'one node' if one_node else 'several nodes'}, low-latency bytes only (DeepEP's LL Buffer): "
+                 f"a pool of {ll_only} tokens a round, not the default hint",
+                 sizes(one_node, 0, rdma, rdma, None) == (pool_max, 1000 * ll_only),
+                 sizes(one_node, 0, rdma, rdma, None))
+    ck.check("no bytes at all (ep's own call): sized from the hints",
+             sizes(True, 0, 0, 0, None) == (buffer.DEFAULT_MAX_TOKENS_PER_RANK, 0), sizes(True, 0, 0, 0, None))
     ck.check("the max_tokens_per_rank hint: sized from the hints, on one node and on several",
              sizes(True, nvl, rdma, 0, 512) == (512, 0) and sizes(False, nvl, rdma, 0, 512) == (512, 0))
+    try:
+        hint = _capi.normal_region_size_hint
+        small, default = hint(ll_only, 7168, 8, 0, 256, 8), hint(buffer.DEFAULT_MAX_TOKENS_PER_RANK, 7168, 8, 0, 256, 8)
+    except _capi.EpLibraryError as e:
+        print(f"SKIP the library's normal_region_size_hint: {e}")
+        return
+    ck.check(f"EP8, hidden 7168: the LL-only pool is {small >> 20} MiB, against {default >> 20} MiB sized for the "
+             "default hint", small * 10 < default, (small, default))
+    ck.raises("normal_region_size_hint of a bad shape -> EpError naming it", _capi.EpError,
+              lambda: hint(ll_only, 7168, 8, 3, 256, 8), "ranks_per_node is 3")
 
 
 def main():
