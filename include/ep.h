@@ -457,11 +457,12 @@ typedef struct ep_handle* ep_handle_t;
 
 /* Bytes of config.normal_region_bytes that hold `tokens_per_round` tokens a round: the normal path's symmetric
  * regions for that many tokens (on several nodes the intranode and the internode one together). A group given this
- * pool runs a call of more tokens, up to config.max_tokens_per_rank, in rounds of at least that many (DeepEP's NVLink
- * buffer hint plays this part for its ring buffers). tokens_per_round [IN] >= 1 (times num_ranks below 2^31; on several
- * nodes at most 2^23);  hidden [IN] as config.hidden;  num_ranks [IN] >= 1;  ranks_per_node [IN] 0 (one node) or a
- * divisor of num_ranks; num_experts [IN] positive multiple of num_ranks;  max_topk [IN] 1..32;  bytes [OUT] Collective:
- * no. Allocates: no. Graph-capturable: yes (host only). */
+ * pool runs a call of more tokens, up to config.max_tokens_per_rank, in rounds of at least that many (DeepEP's
+ * NVLink buffer hint plays this part for its ring buffers).
+ *   tokens_per_round [IN] >= 1 (times num_ranks below 2^31; on several nodes at most 2^23);
+ *   hidden [IN] as config.hidden;  num_ranks [IN] >= 1;  ranks_per_node [IN] 0 (one node) or a divisor of num_ranks;
+ *   num_experts [IN] positive multiple of num_ranks;  max_topk [IN] 1..32;  bytes [OUT]
+ * Collective: no. Allocates: no. Graph-capturable: yes (host only). */
 EP_API ep_status_t ep_normal_region_size_hint(int tokens_per_round, int hidden, int num_ranks, int ranks_per_node,
                                               int num_experts, int max_topk, size_t* bytes);
 

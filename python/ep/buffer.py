@@ -7,9 +7,10 @@ Code written against `deep_ep.Buffer` runs with `import ep as deep_ep`, with the
   `num_nvl_bytes + num_rdma_bytes` on several (in low-latency mode less the LL buffer's `num_rdma_bytes`; with only
   those, a pool of LL_ONLY_TOKENS_PER_ROUND tokens a round); calls of more tokens than they hold run in rounds
   inside the library, with the same results (up to POOL_MAX_TOKENS_PER_RANK tokens a call). With
-  `max_tokens_per_rank` (or no bytes) the keyword-only hints `num_experts`, `hidden`, `max_tokens_per_rank`, `max_topk` (the largest shapes
-  any later call will use) size every buffer. Either way `hidden`, `max_topk` and `num_experts` bound the calls
-  (defaults 7168, 8, 256): a call that exceeds a hint raises ValueError naming the hint to raise.
+  `max_tokens_per_rank` (or no bytes) the keyword-only hints `num_experts`, `hidden`, `max_tokens_per_rank`,
+  `max_topk` (the largest shapes any later call will use) size every buffer. Either way `hidden`, `max_topk` and
+  `num_experts` bound the calls (defaults 7168, 8, 256): a call that exceeds a hint raises ValueError naming the
+  hint to raise.
 * Streams as in DeepEP on the normal path (get_dispatch_layout, dispatch, combine): the kernels run on the
   Buffer's communication stream (`get_comm_stream()`, high priority), which first waits for `previous_event` or,
   without one, for the current stream. `async_finish=True` returns an `EventOverlap` recorded on the comm stream,
@@ -317,6 +318,7 @@ class Buffer(NormalPath, LowLatencyPath, ExpertMapPath, metaclass=_BufferType):
                 hosts = [None] * size
                 dist.all_gather_object(hosts, host_id(), group=group)
             ranks_per_node = ranks_per_node_of(fn, hosts)
+
         def pool_for_tokens(tokens):
             return _capi.normal_region_size_hint(tokens, hidden, size, ranks_per_node, num_experts, max_topk)
 
