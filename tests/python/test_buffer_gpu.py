@@ -599,43 +599,34 @@ def worker(rank, world, init_method, seed):
         dist.barrier()
         buf.destroy()
         buf = None
+        # The internode path on virtual nodes, each Buffer made without ranks_per_node: each rank names the host of
+        # its virtual node, and the Buffer finds the nodes as it finds real ones. First sized from the hints; then as
+        # DeepEP's users size it, by num_nvl_bytes: a pool a third of the first one's heap, so that these calls (up
+        # to T_HINT tokens a rank) run in rounds.
         rpn = eptest.virtual_ranks_per_node(world)
-        if rpn is not None:
-            # Made without ranks_per_node: each rank names the host of its virtual node, and the Buffer finds the
-            # nodes as it finds real ones.
+        pool = None
+        for sizing in ("hints", "pool") if rpn is not None else ():
+            if sizing == "pool":
+                pool = buf.info["symmetric_heap_bytes"] // 3
+                dist.barrier()
+                buf.destroy()
+                buf = None
+            nbytes, hint = (pool, {}) if pool else (0, {"max_tokens_per_rank": T_HINT})
             real_host_id = ep.buffer.host_id
             ep.buffer.host_id = lambda: f"virtual-node-{rank // rpn}/boot"
             try:
-                buf = ep.Buffer(dist.group.WORLD, num_experts=2 * experts, hidden=H_HINT, max_tokens_per_rank=T_HINT,
-                                max_topk=K_HINT, explicitly_destroy=True, **share_kwargs)
+                buf = ep.Buffer(dist.group.WORLD, nbytes, 0, num_experts=2 * experts, hidden=H_HINT, max_topk=K_HINT,
+                                explicitly_destroy=True, **hint, **share_kwargs)
             finally:
                 ep.buffer.host_id = real_host_id
-            ck.check(f"Buffer without ranks_per_node, hosts of {rpn} consecutive ranks: nodes of {rpn}",
-                     buf.info["ranks_per_node"] == rpn, buf.info["ranks_per_node"])
+            made = f"Buffer(group, num_nvl_bytes={pool})" if pool else "Buffer without ranks_per_node"
+            ck.check(f"{made}, hosts of {rpn} consecutive ranks: nodes of {rpn}", buf.info["ranks_per_node"] == rpn,
+                     buf.info["ranks_per_node"])
             c.buf = buf
             check_virtual_nodes(ck, c)
             torch.cuda.synchronize()
             buf.get_async_error()
-            ck.check("no pending device error after the virtual-node checks", True)
-            # DeepEP's call on the same virtual nodes: the bytes are a pool a third the size of the regions sized
-            # for T_HINT tokens, so these calls (up to T_HINT tokens a rank) run in rounds.
-            pool = buf.info["symmetric_heap_bytes"] // 3
-            dist.barrier()
-            buf.destroy()
-            buf = None
-            ep.buffer.host_id = lambda: f"virtual-node-{rank // rpn}/boot"
-            try:
-                buf = ep.Buffer(dist.group.WORLD, pool, 0, num_experts=2 * experts, hidden=H_HINT, max_topk=K_HINT,
-                                explicitly_destroy=True, **share_kwargs)
-            finally:
-                ep.buffer.host_id = real_host_id
-            ck.check(f"Buffer(group, num_nvl_bytes={pool}) on virtual nodes: nodes of {rpn}",
-                     buf.info["ranks_per_node"] == rpn, buf.info["ranks_per_node"])
-            c.buf = buf
-            check_virtual_nodes(ck, c)
-            torch.cuda.synchronize()
-            buf.get_async_error()
-            ck.check("no pending device error after the virtual-node checks in rounds", True)
+            ck.check(f"no pending device error after the virtual-node checks ({sizing})", True)
     except Exception:
         ck.check("ran every check without an exception", False, traceback.format_exc())
     eptest.finish_rank(ck, buf)
