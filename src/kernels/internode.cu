@@ -552,9 +552,8 @@ __global__ void __launch_bounds__(kPrepThreads) inter_prepare_kernel(ep_internod
   // The call takes as many rounds as the rank with the most tokens needs (at least one). kMask: every round the
   // group allows. A rank I dropped has no count here (it is 0), but a rank that did not drop it took its count:
   // a remote source whose forwarder on my node is masked is dropped by my node alone, and a rank dying during the
-  // prepare reaches some ranks' counts and not others'. Ranks that decided different rounds would pair one call's
-  // later rounds with the next call's first ones (the epochs move on per launch). Only the group's limit is the
-  // same on every rank.
+  // prepare reaches some ranks' counts and not others'. Every rank must run the same rounds (each launch moves the
+  // epochs on, and round k meets round k of the other ranks); only the group's limit is the same on every rank.
   if (k == 0) {
     if (tid == 0) s_rounds = kMask ? L.max_rounds : 1;
     __syncthreads();
