@@ -9,7 +9,9 @@
 # ../shared/third_party/deepep-v1-tests beside the repository root. Absent: one SKIP line, exit 77. Nothing is
 # fetched. EP_COMPAT_TIMEOUT: seconds per run (default 900). EP_COMPAT_LOG_DIR: where each run's full output goes
 # (default a fresh temporary folder). PYTHON: the interpreter (default python3). libep.so is found as the ep package
-# finds it (EP_LIBRARY_PATH, else build/lib of this repository).
+# finds it (EP_LIBRARY_PATH, else build/lib of this repository). EP_COMPAT_ONLY: an extended regular expression;
+# only the runs whose name matches it run (names: intranode, intranode-h4096-e64, low_latency, low_latency-logfmt,
+# low_latency-h4096-e32, low_latency-shrink).
 # Runs: test_intranode.py with its defaults and with hidden 4096 / 64 experts; test_low_latency.py with its
 # defaults, with --use-logfmt, and with hidden 4096 / 32 experts; with 6 or more processes also
 # test_low_latency.py --shrink-test (ranks 1, 3 and 5 stop calling at their first dispatch, combine and clean; the
@@ -40,6 +42,15 @@ runs=(
 [[ $procs -ge 6 ]] && runs+=("low_latency-shrink|test_low_latency.py --num-processes $procs --shrink-test")
 port=$((29500 + RANDOM % 2000))
 failed=0
+selected=()
+for run in "${runs[@]}"; do
+  [[ ${run%%|*} =~ ${EP_COMPAT_ONLY:-.} ]] && selected+=("$run")
+done
+if [[ ${#selected[@]} -eq 0 ]]; then
+  echo "EP_COMPAT_ONLY='${EP_COMPAT_ONLY}' matches no run" >&2
+  exit 2
+fi
+runs=("${selected[@]}")
 for run in "${runs[@]}"; do
   name=${run%%|*}
   args=${run#*|}
