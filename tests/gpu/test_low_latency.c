@@ -1,7 +1,7 @@
 /* test_low_latency: the low-latency path -- ep_ll_dispatch (+ _recv), ep_ll_combine (+ _recv), zero-copy,
- * CUDA graphs, timeouts -- against the pure-C reference (ep_ref_ll_dispatch / ep_ref_ll_combine_fn).
+ * CUDA graphs, timeouts -- against the pure-C reference (ep_ref_ll_dispatch_to / ep_ref_ll_combine_fn).
  *
- *   every rank:  all ranks' inputs from one shared seed ──> reference (whole world)
+ *   every rank:  all ranks' inputs from one shared seed ──> reference (what this rank receives and returns)
  *                its own inputs ──> the library ──> its outputs == the reference's outputs for this rank, bit for bit
  *
  * Shapes: one NVLink domain (peers by stores), then virtual nodes of one rank (every peer through the transport's
@@ -384,8 +384,8 @@ static long check_dispatch(const ctx_t* c, const mb_t* m, const world_t* w, cons
 
 static long check_combine(const ctx_t* c, const mb_t* m, const world_t* w) {
   const int H = w->k.hidden, n = w->num_tokens[c->me];
-  uint16_t* want[MAX_RANKS];
-  for (int r = 0; r < c->R; ++r) want[r] = xmalloc((size_t)w->num_tokens[r] * H * 2 + 2);
+  uint16_t* want[MAX_RANKS] = {NULL}; /* this rank's output only: the reference skips the others */
+  want[c->me] = xmalloc((size_t)n * H * 2 + 2);
   long bad = 0;
   const int rc = w->k.sums     ? ep_ref_ll_combine_sums_fn(&w->ref, expert_fn, (void*)&w->seed, want)
                  : w->k.logfmt ? ep_ref_ll_combine_logfmt_fn(&w->ref, expert_fn, (void*)&w->seed, want)
@@ -400,7 +400,7 @@ static long check_combine(const ctx_t* c, const mb_t* m, const world_t* w) {
       fprintf(stderr, "rank %d: out[%zu][%zu] = 0x%04x, want 0x%04x\n", c->me, i / H, i % H, got[i],
               want[c->me][i]);
   free(got);
-  for (int r = 0; r < c->R; ++r) free(want[r]);
+  free(want[c->me]);
   return bad;
 }
 
@@ -453,8 +453,8 @@ static int run_case(const ctx_t* c, const case_t* k_table, int idx) {
     uint16_t* y[2];
     for (int b = 0; b < nmb; ++b) {
       world_make(&w[b], k, c->R, c->seed ^ (0x9e3779b97f4a7c15ull * (uint64_t)(idx * 64 + rep * 2 + b + 1)));
-      CHECK(ep_ref_ll_dispatch(&w[b].ref, k->mode != BF16, k->mode == FP8_POW2 || k->mode == UE8M0, k->mode == UE8M0,
-                               &ref[b]) == 0,
+      CHECK(ep_ref_ll_dispatch_to(&w[b].ref, c->me, k->mode != BF16, k->mode == FP8_POW2 || k->mode == UE8M0,
+                                  k->mode == UE8M0, &ref[b]) == 0,
             "reference dispatch rejected case %d", idx);
       y[b] = expected_y(c, &m[b], &w[b], &ref[b]);
       mb_load(c, &m[b], &w[b]);
@@ -504,7 +504,7 @@ static int run_graph(const ctx_t* c, int sums) {
   for (int round = 0; round <= replays; ++round) {
     world_make(&w, &k, c->R, c->seed ^ (0xd1b54a32d192ed03ull * (uint64_t)(round + 1)));
     ep_ref_ll_dispatch_t ref;
-    CHECK(ep_ref_ll_dispatch(&w.ref, 1, 0, 0, &ref) == 0, "reference dispatch");
+    CHECK(ep_ref_ll_dispatch_to(&w.ref, c->me, 1, 0, 0, &ref) == 0, "reference dispatch");
     uint16_t* y = expected_y(c, &m, &w, &ref);
     mb_load(c, &m, &w);
     upload(y_src, y, m.y_bytes);
@@ -560,7 +560,7 @@ static int run_graph_pair(const ctx_t* c) {
     ep_ref_ll_dispatch_t ref[2];
     for (int b = 0; b < 2; ++b) {
       world_make(&w[b], &k, c->R, c->seed ^ (0x2545f4914f6cdd1dull * (uint64_t)(round * 2 + b + 1)));
-      CHECK(ep_ref_ll_dispatch(&w[b].ref, 1, 1, 1, &ref[b]) == 0, "reference dispatch");
+      CHECK(ep_ref_ll_dispatch_to(&w[b].ref, c->me, 1, 1, 1, &ref[b]) == 0, "reference dispatch");
       uint16_t* y = expected_y(c, &m[b], &w[b], &ref[b]);
       mb_load(c, &m[b], &w[b]);
       upload(y_src[b], y, m[b].y_bytes);
@@ -823,7 +823,7 @@ static void run_stats(const harness_t* h) {
     world_t w;
     ep_ref_ll_dispatch_t ref;
     world_make(&w, &k, R, c.seed ^ (0x51a7ull + (uint64_t)round));
-    CHECK(ep_ref_ll_dispatch(&w.ref, 1, 0, 0, &ref) == 0, "reference dispatch rejected the stats case");
+    CHECK(ep_ref_ll_dispatch_to(&w.ref, c.me, 1, 0, 0, &ref) == 0, "reference dispatch rejected the stats case");
     mb_t m;
     mb_alloc(&c, &m, &k);
     uint16_t* y = expected_y(&c, &m, &w, &ref);

@@ -985,6 +985,28 @@ static void test_random_worlds(void) {
         }
         CHECK_EQ_INT(sum, r->count[e], "ll ranges cover the expert");
       }
+      /* One destination's lists alone: the same as in the whole dispatch, the other ranks' empty. */
+      ep_ref_ll_dispatch_t one;
+      CHECK_EQ_INT(ep_ref_ll_dispatch_to(&lw, dst, 0, 0, 0, &one), 0, "ll dispatch to one rank");
+      if (!one.recv) continue;
+      const ep_ref_ll_recv_t* o = &one.recv[dst];
+      CHECK_EQ_INT(o->num_rows, r->num_rows, "ll dispatch to one rank: rows");
+      CHECK(memcmp(o->count, r->count, sizeof(int) * (size_t)(E / R)) == 0 &&
+                memcmp(o->range_count, r->range_count, sizeof(int) * (size_t)E) == 0 &&
+                memcmp(o->src_rank, r->src_rank, sizeof(int) * (size_t)r->num_rows) == 0 &&
+                memcmp(o->src_idx, r->src_idx, sizeof(int) * (size_t)r->num_rows) == 0 &&
+                memcmp(o->x, r->x, sizeof(uint16_t) * (size_t)r->num_rows * H) == 0,
+            "seed %d: ll dispatch to rank %d differs from the whole dispatch", seed, dst);
+      for (int other = 0; other < R; ++other)
+        CHECK(other == dst || (!one.recv[other].count && !one.recv[other].x), "ll dispatch to one rank: rank %d",
+              other);
+      for (int s = 0; s < R; ++s)
+        for (int i = 0; i < n[s] * K; ++i) {
+          const int e = (int)topk[s][i];
+          CHECK_EQ_INT(one.token_row[s][i], e >= 0 && e / (E / R) == dst ? ld.token_row[s][i] : -1,
+                       "ll dispatch to one rank: token_row");
+        }
+      ep_ref_ll_dispatch_free(&one);
     }
     static uint16_t out_f[R][TMAX * H];
     uint16_t* out_f_p[R];
@@ -1012,6 +1034,13 @@ static void test_random_worlds(void) {
                     seed, s, t, c);
           }
         }
+      /* One source rank's output alone: the same rows, the other outputs untouched. */
+      static uint16_t out_one[TMAX * H];
+      uint16_t* one_p[R];
+      for (int r = 0; r < R; ++r) one_p[r] = r == seed % R ? out_one : NULL;
+      CHECK_EQ_INT(ep_ref_ll_combine_fn(&lw, expert_fn, &ctx, one_p), 0, "ll combine fn, one rank");
+      CHECK(memcmp(out_one, out_f[seed % R], sizeof(uint16_t) * (size_t)n[seed % R] * H) == 0,
+            "seed %d: ll combine fn of rank %d alone differs", seed, seed % R);
     }
     for (int r = 0; r < R; ++r) free(ybuf[r]);
     ep_ref_ll_dispatch_free(&ld);

@@ -515,7 +515,8 @@ static int ll_recv_build(const ep_ref_ll_world_t* w, int d, int use_fp8, int rou
   return 0;
 }
 
-int ep_ref_ll_dispatch(const ep_ref_ll_world_t* w, int use_fp8, int round_scale, int use_ue8m0,
+/* Destination ranks [d_first, d_last] get their receive lists; the others stay empty. */
+static int ll_dispatch(const ep_ref_ll_world_t* w, int d_first, int d_last, int use_fp8, int round_scale, int use_ue8m0,
                        ep_ref_ll_dispatch_t* out) {
   if (!out) return -1;
   memset(out, 0, sizeof *out);
@@ -524,6 +525,7 @@ int ep_ref_ll_dispatch(const ep_ref_ll_world_t* w, int use_fp8, int round_scale,
   if (use_ue8m0 && (!use_fp8 || !round_scale || w->hidden % (4 * EP_REF_FP8_GROUP) != 0)) return -1;
 
   const int R = w->num_ranks, K = w->num_topk;
+  if (d_first < 0 || d_last >= R || d_first > d_last) return -1;
   out->num_ranks = R;
   out->num_local_experts = w->num_experts / R;
   out->num_topk = K;
@@ -539,13 +541,23 @@ int ep_ref_ll_dispatch(const ep_ref_ll_world_t* w, int use_fp8, int round_scale,
     if (!(out->token_row[s] = zalloc(slots, sizeof(int)))) goto fail;
     for (size_t i = 0; i < slots; ++i) out->token_row[s][i] = -1;
   }
-  for (int d = 0; d < R; ++d)
+  for (int d = d_first; d <= d_last; ++d)
     if (ll_recv_build(w, d, use_fp8, round_scale, use_ue8m0, out) != 0) goto fail;
   return 0;
 
 fail:
   ep_ref_ll_dispatch_free(out);
   return -1;
+}
+
+int ep_ref_ll_dispatch(const ep_ref_ll_world_t* w, int use_fp8, int round_scale, int use_ue8m0,
+                       ep_ref_ll_dispatch_t* out) {
+  return ll_dispatch(w, 0, w ? w->num_ranks - 1 : 0, use_fp8, round_scale, use_ue8m0, out);
+}
+
+int ep_ref_ll_dispatch_to(const ep_ref_ll_world_t* w, int dst_rank, int use_fp8, int round_scale, int use_ue8m0,
+                          ep_ref_ll_dispatch_t* out) {
+  return ll_dispatch(w, dst_rank, dst_rank, use_fp8, round_scale, use_ue8m0, out);
 }
 
 /* ================================================================================================
@@ -575,7 +587,7 @@ int ep_ref_ll_combine(const ep_ref_ll_world_t* w, const ep_ref_ll_dispatch_t* di
   const uint16_t** y_rows = zalloc((size_t)K, sizeof *y_rows);
   if (!y_rows) return -1;
   for (int s = 0; s < R; ++s)
-    for (int t = 0; t < w->num_tokens[s]; ++t) {
+    for (int t = 0; t < w->num_tokens[s] && out[s]; ++t) {
       for (int k = 0; k < K; ++k) {
         int64_t e = w->topk_idx[s][(size_t)t * K + k];
         int pos = disp->token_row[s][(size_t)t * K + k];
@@ -738,7 +750,7 @@ static int ll_combine_fn(const ep_ref_ll_world_t* w, ep_ref_expert_fn fn, void* 
     return -1;
   }
   for (int s = 0; s < R; ++s)
-    for (int t = 0; t < w->num_tokens[s]; ++t) {
+    for (int t = 0; t < w->num_tokens[s] && out[s]; ++t) {
       for (int k = 0; k < K; ++k) {
         int64_t e = w->topk_idx[s][(size_t)t * K + k];
         y_rows[k] = NULL;

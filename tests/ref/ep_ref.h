@@ -202,6 +202,10 @@ typedef struct {
  * scales. use_ue8m0: also pack the scales as UE8M0 (needs round_scale, hidden % 512 == 0). */
 int ep_ref_ll_dispatch(const ep_ref_ll_world_t* world, int use_fp8, int round_scale, int use_ue8m0,
                        ep_ref_ll_dispatch_t* out);
+/* ep_ref_ll_dispatch with only dst_rank's receive lists built: recv[d] of every other rank is empty (all NULL)
+ * and token_row holds dst_rank's positions only (-1 elsewhere). What one rank checks, in 1/R of the time. */
+int ep_ref_ll_dispatch_to(const ep_ref_ll_world_t* world, int dst_rank, int use_fp8, int round_scale, int use_ue8m0,
+                          ep_ref_ll_dispatch_t* out);
 void ep_ref_ll_dispatch_free(ep_ref_ll_dispatch_t* d);
 
 /* ------------------------------------------------------------------------------------------------
@@ -228,7 +232,8 @@ typedef void (*ep_ref_expert_fn)(void* ctx, int dst_rank, int local_expert, int 
                                  int hidden, uint16_t* y_row);
 
 /* Same result as ep_ref_ll_combine, with Y given by a function instead of arrays; needs no
- * dispatch. out: [R] -> [N_s, hidden] bf16. */
+ * dispatch. out: [R] -> [N_s, hidden] bf16; out[s] NULL skips source rank s (a rank checking its own output
+ * computes 1/R of the world). The same holds for the sums and LogFMT forms below. */
 int ep_ref_ll_combine_fn(const ep_ref_ll_world_t* world, ep_ref_expert_fn fn, void* ctx,
                          uint16_t* const* out);
 
