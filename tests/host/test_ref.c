@@ -1034,7 +1034,7 @@ static void test_random_worlds(void) {
                     seed, s, t, c);
           }
         }
-      /* One source rank's output alone: the same rows, the other outputs untouched. */
+      /* One source rank's output alone (the others NULL): the same rows as in the whole combine. */
       static uint16_t out_one[TMAX * H];
       uint16_t* one_p[R];
       for (int r = 0; r < R; ++r) one_p[r] = r == seed % R ? out_one : NULL;
