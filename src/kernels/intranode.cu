@@ -447,8 +447,9 @@ __device__ __forceinline__ void push_chunk(const ep_intranode_launch_t& p, int s
 // Both roles run at once, so the reduction hides under the NVLink transfer.
 //
 // kMask: nothing is pushed to a masked rank, and a masked rank's copies are left out of the sums (as if the token's
-// top-k did not name its experts); a wait on a rank that runs out of time masks it.
-template <int kMaxRanks, bool kMask>
+// top-k did not name its experts); a wait on a rank that runs out of time masks it. kRounds: the group's regions may
+// take a call in several rounds (region.max_rounds > 1); without it the call is one round and the loop goes.
+template <int kMaxRanks, bool kMask, bool kRounds>
 __global__ void __launch_bounds__(kCombineThreads, 1) combine_kernel(ep_intranode_launch_t p) {
   constexpr int kUnroll = 16 / kMaxRanks;
   const int R = p.group.num_ranks, me = p.group.rank, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -576,9 +577,9 @@ __global__ void __launch_bounds__(kCombineThreads, 1) combine_kernel(ep_intranod
       __syncthreads();
       if (tid < R && !peer_masked<kMask>(p.group.mask, me, tid))
         st_release_sys_u64(at<uint64_t>(peer_normal(p, tid), L.combine_ack) + me, epoch);
-      if (tid == 0 && k + 1 == *num_rounds) p.group.state->combine_epoch = epoch;
+      if (tid == 0 && (!kRounds || k + 1 == *num_rounds)) p.group.state->combine_epoch = epoch;
     }
-  } while (++k < *num_rounds);
+  } while (kRounds && ++k < *num_rounds);
   NORMAL_PROF_END(g_intra_prof_combine, me, kIntraProfCombine);
 }
 
@@ -620,12 +621,22 @@ extern "C" cudaError_t ep_launch_intranode_dispatch(const ep_intranode_launch_t*
   return cudaGetLastError();
 }
 
+// The combine also comes in a form for calls of one round (the regions hold config.max_tokens_per_rank tokens, the
+// default): the loop over rounds keeps values live through the push and reduce loops, which then spill (sm_90:
+// 77 local stores in combine_kernel<2, false, true>, none in the one-round form).
+using IntranodeKernel = void (*)(ep_intranode_launch_t);
+
+template <int kMaxRanks>
+static IntranodeKernel combine_kernel_for(bool mask, bool rounds) {
+  if (mask) return rounds ? ep::combine_kernel<kMaxRanks, true, true> : ep::combine_kernel<kMaxRanks, true, false>;
+  return rounds ? ep::combine_kernel<kMaxRanks, false, true> : ep::combine_kernel<kMaxRanks, false, false>;
+}
+
 extern "C" cudaError_t ep_launch_intranode_combine(const ep_intranode_launch_t* p, cudaStream_t stream) {
-  const bool mask = p->group.mask != nullptr;
-  void (*kernel)(ep_intranode_launch_t) = nullptr;
-  if (p->group.num_ranks <= 2) kernel = mask ? ep::combine_kernel<2, true> : ep::combine_kernel<2, false>;
-  else if (p->group.num_ranks <= 4) kernel = mask ? ep::combine_kernel<4, true> : ep::combine_kernel<4, false>;
-  else kernel = mask ? ep::combine_kernel<8, true> : ep::combine_kernel<8, false>;
+  const bool mask = p->group.mask != nullptr, rounds = p->group.region.max_rounds > 1;
+  const IntranodeKernel kernel = p->group.num_ranks <= 2   ? combine_kernel_for<2>(mask, rounds)
+                                 : p->group.num_ranks <= 4 ? combine_kernel_for<4>(mask, rounds)
+                                                           : combine_kernel_for<8>(mask, rounds);
   kernel<<<p->call.num_blocks, ep::kCombineThreads, 0, stream>>>(*p);
   return cudaGetLastError();
 }
