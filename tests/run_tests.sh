@@ -19,6 +19,8 @@
 # tail (4096-token and large-T cases, hidden 8192 and 16384, more shapes, more graph variants), several times
 # longer. The tests run at any rank count from 1 to 8 (EP_TEST_RANKS="1 2 3 4 5 6 7 8" with scripts/shared_gpu.sh
 # on one GPU); internode shapes need ranks_per_node to divide it, which the tests pick.
+# EP_TEST_ONLY="NAME..." runs only the GPU programs and scripts of those names (e.g. "test_intranode
+# test_buffer_gpu"), so that a long level can be split over several runs.
 set -u
 build=${1:-build}
 which=${2:-all}
@@ -77,8 +79,10 @@ fi
 if [[ $which == all || $which == gpu ]]; then
   num_gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
   rank_counts=${EP_TEST_RANKS:-2 4 8}
-  programs=(); for t in "$build"/tests/gpu/test_* "$build"/bin/example_*; do [[ -x $t ]] && programs+=("$t"); done
-  scripts=(); for t in "$tests_dir"/python/test_*_gpu.py; do [[ -f $t ]] && scripts+=("$t"); done
+  only=${EP_TEST_ONLY:-}
+  picked() { [[ -z $only || " $only " == *" $(basename "$1" .py) "* ]]; }
+  programs=(); for t in "$build"/tests/gpu/test_* "$build"/bin/example_*; do [[ -x $t ]] && picked "$t" && programs+=("$t"); done
+  scripts=(); for t in "$tests_dir"/python/test_*_gpu.py; do [[ -f $t ]] && picked "$t" && scripts+=("$t"); done
   if [[ ${num_gpus:-0} -eq 0 ]]; then
     runs=$(( (${#programs[@]} + ${#scripts[@]}) * $(wc -w <<< "$rank_counts") ))
     skip=$((skip + runs))

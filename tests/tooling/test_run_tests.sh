@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # test_run_tests (CPU): on a machine without a GPU (an nvidia-smi on PATH that lists none), the GPU section of
 # tests/run_tests.sh runs nothing and counts every run it would have made as skipped (each C GPU test and C
-# example, and each *_gpu.py script, once per rank count), says why in one line, and ends with the summary.
+# example, and each *_gpu.py script, once per rank count), says why in one line, and ends with the summary;
+# EP_TEST_ONLY narrows the count to the programs and scripts it names.
 #   tests/tooling/test_run_tests.sh BUILD_DIR
 set -u
 build=$(cd "${1:-build}" && pwd)
@@ -29,6 +30,11 @@ check "its last line is '0 passed, 0 failed, $expected skipped'" \
 check "one line says why" test "$(grep -c "no GPU" <<< "$out")" -eq 1
 check "nothing ran" test -z "$(grep -E '^(PASS|FAIL)' <<< "$out")"
 [[ $failed -eq 0 ]] || echo "$out"
+
+# EP_TEST_ONLY picks programs and scripts by name: one of each, on 2 rank counts.
+out=$(env PATH="$stage/bin:$PATH" EP_TEST_RANKS="2 4" EP_TEST_SHARE_GPU=0 EP_TEST_ONLY="test_intranode test_buffer_gpu" \
+        bash "$repo/tests/run_tests.sh" "$build" gpu 2>&1)
+check "EP_TEST_ONLY=\"test_intranode test_buffer_gpu\" counts 4 runs" test "$(tail -1 <<< "$out")" = "0 passed, 0 failed, 4 skipped"
 
 echo "test_run_tests: $failed failed"
 [[ $failed -eq 0 ]]
