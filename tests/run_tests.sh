@@ -20,7 +20,7 @@
 # longer. The tests run at any rank count from 1 to 8 (EP_TEST_RANKS="1 2 3 4 5 6 7 8" with scripts/shared_gpu.sh
 # on one GPU); internode shapes need ranks_per_node to divide it, which the tests pick.
 # EP_TEST_ONLY="NAME..." runs only the GPU programs and scripts of those names (e.g. "test_intranode
-# test_buffer_gpu"), so that a long level can be split over several runs.
+# test_buffer_gpu"; a name of no GPU test fails), so that a long level can be split over several runs.
 set -u
 build=${1:-build}
 which=${2:-all}
@@ -80,9 +80,14 @@ if [[ $which == all || $which == gpu ]]; then
   num_gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
   rank_counts=${EP_TEST_RANKS:-2 4 8}
   only=${EP_TEST_ONLY:-}
-  picked() { [[ -z $only || " $only " == *" $(basename "$1" .py) "* ]]; }
-  programs=(); for t in "$build"/tests/gpu/test_* "$build"/bin/example_*; do [[ -x $t ]] && picked "$t" && programs+=("$t"); done
-  scripts=(); for t in "$tests_dir"/python/test_*_gpu.py; do [[ -f $t ]] && picked "$t" && scripts+=("$t"); done
+  picked() { [[ -z $only || " $only " == *" $(basename "$1" .py) "* || " $only " == *" $(basename "$1") "* ]]; }
+  programs=(); scripts=()
+  for t in "$build"/tests/gpu/test_* "$build"/bin/example_*; do [[ -x $t ]] && picked "$t" && programs+=("$t"); done
+  for t in "$tests_dir"/python/test_*_gpu.py; do [[ -f $t ]] && picked "$t" && scripts+=("$t"); done
+  for name in $only; do  # a misspelt name fails rather than running nothing
+    [[ " ${programs[*]##*/} ${scripts[*]##*/} " == *" $name "* || " ${scripts[*]##*/} " == *" $name.py "* ]] ||
+      { echo "EP_TEST_ONLY names $name, which is no GPU test"; record "EP_TEST_ONLY/$name" 1; }
+  done
   if [[ ${num_gpus:-0} -eq 0 ]]; then
     runs=$(( (${#programs[@]} + ${#scripts[@]}) * $(wc -w <<< "$rank_counts") ))
     skip=$((skip + runs))

@@ -31,10 +31,15 @@ check "one line says why" test "$(grep -c "no GPU" <<< "$out")" -eq 1
 check "nothing ran" test -z "$(grep -E '^(PASS|FAIL)' <<< "$out")"
 [[ $failed -eq 0 ]] || echo "$out"
 
-# EP_TEST_ONLY picks programs and scripts by name: one of each, on 2 rank counts.
-out=$(env PATH="$stage/bin:$PATH" EP_TEST_RANKS="2 4" EP_TEST_SHARE_GPU=0 EP_TEST_ONLY="test_intranode test_buffer_gpu" \
-        bash "$repo/tests/run_tests.sh" "$build" gpu 2>&1)
-check "EP_TEST_ONLY=\"test_intranode test_buffer_gpu\" counts 4 runs" test "$(tail -1 <<< "$out")" = "0 passed, 0 failed, 4 skipped"
+# EP_TEST_ONLY picks programs and scripts by name: one of each, on 2 rank counts; a name of no test fails.
+only() { env PATH="$stage/bin:$PATH" EP_TEST_RANKS="2 4" EP_TEST_SHARE_GPU=0 EP_TEST_ONLY="$1" \
+           bash "$repo/tests/run_tests.sh" "$build" gpu 2>&1; }
+out=$(only "test_intranode test_buffer_gpu")
+check "EP_TEST_ONLY=\"test_intranode test_buffer_gpu\" counts 4 runs" \
+  test "$(tail -1 <<< "$out")" = "0 passed, 0 failed, 4 skipped"
+out=$(only "test_intranode test_intranod")
+check "EP_TEST_ONLY with a name of no test: that name fails" \
+  test "$(tail -1 <<< "$out")" = "0 passed, 1 failed, 2 skipped"
 
 echo "test_run_tests: $failed failed"
 [[ $failed -eq 0 ]]
