@@ -84,8 +84,9 @@ if [[ $which == all || $which == gpu ]]; then
   programs=(); scripts=()
   for t in "$build"/tests/gpu/test_* "$build"/bin/example_*; do [[ -x $t ]] && picked "$t" && programs+=("$t"); done
   for t in "$tests_dir"/python/test_*_gpu.py; do [[ -f $t ]] && picked "$t" && scripts+=("$t"); done
+  picked_names=" ${programs[*]##*/} ${scripts[*]##*/} "
   for name in $only; do  # a misspelt name fails rather than running nothing
-    [[ " ${programs[*]##*/} ${scripts[*]##*/} " == *" $name "* || " ${scripts[*]##*/} " == *" $name.py "* ]] ||
+    [[ $picked_names == *" $name "* || $picked_names == *" $name.py "* ]] ||
       { echo "EP_TEST_ONLY names $name, which is no GPU test"; record "EP_TEST_ONLY/$name" 1; }
   done
   if [[ ${num_gpus:-0} -eq 0 ]]; then
